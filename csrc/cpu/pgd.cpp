@@ -1,0 +1,338 @@
+// CPU kernels of the PGD family: pgd_step_, random_init, recycle_step_.
+//
+// Memory traffic: L-inf pgd_step_ and recycle_step_ read three tensors and write one, in a single
+// pass. L2 needs two per-sample reductions (||grad|| and ||x_adv + alpha*g/||g|| - x||); both come
+// out of one reading pass, because with a = x_adv - x and c = alpha/||g||,
+//   ||a + c g||^2 = sum a^2 + 2 c sum a.g + c^2 sum g^2,
+// so L2 costs one extra read pass, not two.
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/Dispatch.h>
+
+#include <cmath>
+#include <vector>
+
+#include "../common.h"
+
+namespace robustops {
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kV = Vec::size();
+constexpr int64_t kGrain = 16384;  // elements per parallel task
+
+template <typename T>
+inline Vec vload(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return Vec::loadu(p);
+  } else {
+    float buf[kV];
+    at::vec::convert(p, buf, kV);
+    return Vec::loadu(buf);
+  }
+}
+
+template <typename T>
+inline void vstore(T* p, const Vec& v) {
+  if constexpr (std::is_same_v<T, float>) {
+    v.store(p);
+  } else {
+    float buf[kV];
+    v.store(buf);
+    at::vec::convert(buf, p, kV);
+  }
+}
+
+// NaN-propagating, like torch.clamp / torch.sign (see common.h).
+inline Vec vclamp(const Vec& v, const Vec& lo, const Vec& hi) {
+  Vec r = Vec::blendv(v, lo, v < lo);
+  return Vec::blendv(r, hi, r > hi);
+}
+inline Vec vsign(const Vec& g) {
+  const Vec zero(0.f);
+  Vec s = Vec::blendv(g, Vec(1.f), g > zero);
+  return Vec::blendv(s, Vec(-1.f), g < zero);
+}
+
+// Calls fn(b, start, stop) for the pieces of the memory range [begin, end) that lie in one sample
+// (sample b covers [b*D, (b+1)*D)), so per-sample parameters are loop invariants inside fn.
+template <typename F>
+inline void for_each_sample_piece(int64_t begin, int64_t end, int64_t D, const F& fn) {
+  while (begin < end) {
+    const int64_t b = begin / D;
+    const int64_t stop = std::min(end, (b + 1) * D);
+    fn(b, begin, stop);
+    begin = stop;
+  }
+}
+
+// ---------------------------------------------------------------------------------- pgd_step_
+
+template <typename T>
+void linf_step(T* xa, const T* x, const T* g, int64_t numel, int64_t D, SampleParam eps, SampleParam alpha,
+               float lo, float hi) {
+  at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) {
+    for_each_sample_piece(begin, end, D, [&](int64_t b, int64_t i0, int64_t i1) {
+      const float e = eps.get(b), a = alpha.get(b);
+      const Vec ve(e), vne(-e), va(a), vlo(lo), vhi(hi);
+      int64_t i = i0;
+      for (; i + kV <= i1; i += kV) {
+        const Vec xv = vload(x + i);
+        const Vec d = vclamp(vload(xa + i) + va * vsign(vload(g + i)) - xv, vne, ve);
+        vstore(xa + i, vclamp(xv + d, vlo, vhi));
+      }
+      for (; i < i1; ++i) {
+        const float xv = static_cast<float>(x[i]);
+        const float d = clampf(static_cast<float>(xa[i]) + a * signf(static_cast<float>(g[i])) - xv, -e, e);
+        xa[i] = static_cast<T>(clampf(xv + d, lo, hi));
+      }
+    });
+  });
+}
+
+// Per-piece partial sums of a^2, a.g, g^2 with a = x_adv - x, accumulated in fp32 vectors
+// and combined in double.
+template <typename T>
+void l2_sums(const T* xa, const T* x, const T* g, int64_t i0, int64_t i1, double* out) {
+  Vec saa(0.f), sag(0.f), sgg(0.f);
+  int64_t i = i0;
+  for (; i + kV <= i1; i += kV) {
+    const Vec a = vload(xa + i) - vload(x + i);
+    const Vec gv = vload(g + i);
+    saa = at::vec::fmadd(a, a, saa);
+    sag = at::vec::fmadd(a, gv, sag);
+    sgg = at::vec::fmadd(gv, gv, sgg);
+  }
+  float baa[kV], bag[kV], bgg[kV];
+  saa.store(baa);
+  sag.store(bag);
+  sgg.store(bgg);
+  double daa = 0, dag = 0, dgg = 0;
+  for (int64_t j = 0; j < kV; ++j) {
+    daa += baa[j];
+    dag += bag[j];
+    dgg += bgg[j];
+  }
+  for (; i < i1; ++i) {
+    const double a = static_cast<double>(static_cast<float>(xa[i]) - static_cast<float>(x[i]));
+    const double gv = static_cast<float>(g[i]);
+    daa += a * a;
+    dag += a * gv;
+    dgg += gv * gv;
+  }
+  out[0] += daa;
+  out[1] += dag;
+  out[2] += dgg;
+}
+
+template <typename T>
+void l2_step(T* xa, const T* x, const T* g, int64_t B, int64_t D, SampleParam eps, SampleParam alpha, float lo,
+             float hi) {
+  // Pass 1: per-sample sums. Each sample is cut into chunks so small batches still use all threads.
+  const int64_t nchunk = (D + kGrain - 1) / kGrain;
+  std::vector<double> part(static_cast<size_t>(B * nchunk * 3), 0.0);
+  at::parallel_for(0, B * nchunk, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / nchunk, c = t % nchunk;
+      const int64_t i0 = b * D + c * kGrain, i1 = std::min(b * D + (c + 1) * kGrain, (b + 1) * D);
+      l2_sums(xa, x, g, i0, i1, &part[static_cast<size_t>(t * 3)]);
+    }
+  });
+  // Per sample: x_new = clamp(x + f (a + c g)), c = alpha/||g||, f = min(1, eps/||a + c g||).
+  std::vector<float> cf(static_cast<size_t>(B * 2));
+  for (int64_t b = 0; b < B; ++b) {
+    double s[3] = {0, 0, 0};
+    for (int64_t c = 0; c < nchunk; ++c)
+      for (int k = 0; k < 3; ++k) s[k] += part[static_cast<size_t>((b * nchunk + c) * 3 + k)];
+    const double c = alpha.get(b) / std::max(std::sqrt(s[2]), static_cast<double>(kTiny));
+    const double dn = std::sqrt(std::max(s[0] + 2.0 * c * s[1] + c * c * s[2], 0.0));
+    const double e = eps.get(b);
+    // NaN sums must stay NaN (only this sample is affected), so test "dn > e" rather than "dn <= e".
+    const double f = dn > e ? e / dn : (std::isnan(dn) ? dn : 1.0);
+    cf[b * 2] = static_cast<float>(c);
+    cf[b * 2 + 1] = static_cast<float>(f);
+  }
+  // Pass 2: the update.
+  at::parallel_for(0, B * D, kGrain, [&](int64_t begin, int64_t end) {
+    for_each_sample_piece(begin, end, D, [&](int64_t b, int64_t i0, int64_t i1) {
+      const float c = cf[b * 2], f = cf[b * 2 + 1];
+      const Vec vc(c), vf(f), vlo(lo), vhi(hi);
+      int64_t i = i0;
+      for (; i + kV <= i1; i += kV) {
+        const Vec xv = vload(x + i);
+        const Vec d = vf * at::vec::fmadd(vc, vload(g + i), vload(xa + i) - xv);
+        vstore(xa + i, vclamp(xv + d, vlo, vhi));
+      }
+      for (; i < i1; ++i) {
+        const float xv = static_cast<float>(x[i]);
+        const float d = f * (static_cast<float>(xa[i]) - xv + c * static_cast<float>(g[i]));
+        xa[i] = static_cast<T>(clampf(xv + d, lo, hi));
+      }
+    });
+  });
+}
+
+void pgd_step_cpu(at::Tensor& x_adv, const at::Tensor& x_in, const at::Tensor& grad_in, const at::Tensor& eps_t,
+                  const at::Tensor& alpha_t, c10::string_view norm_s, double lo, double hi) {
+  const Norm norm = parse_norm(norm_s);
+  check_float(x_adv, "x_adv");
+  check_batch_major(x_adv, "x_adv");
+  const at::Tensor x = like(x_in, x_adv, "x", "x_adv");
+  const at::Tensor grad = like(grad_in, x_adv, "grad", "x_adv");
+  at::Tensor eh, ah;
+  const SampleParam eps = make_sample_param(eps_t, "eps", x_adv, eh);
+  const SampleParam alpha = make_sample_param(alpha_t, "alpha", x_adv, ah);
+  const int64_t B = x_adv.size(0), numel = x_adv.numel();
+  if (numel == 0) return;
+  const int64_t D = numel / B;
+  RO_DISPATCH_FLOATING(x_adv.scalar_type(), "pgd_step_", [&] {
+    auto* xa = x_adv.data_ptr<scalar_t>();
+    const auto* xp = x.data_ptr<scalar_t>();
+    const auto* gp = grad.data_ptr<scalar_t>();
+    if (norm == Norm::Linf)
+      linf_step(xa, xp, gp, numel, D, eps, alpha, static_cast<float>(lo), static_cast<float>(hi));
+    else
+      l2_step(xa, xp, gp, B, D, eps, alpha, static_cast<float>(lo), static_cast<float>(hi));
+  });
+}
+
+// -------------------------------------------------------------------------------- random_init
+
+// Walks memory [i0, i1) and calls fn(i, n) with the element's standard normal (L2 direction) or
+// uniform (L-inf) draw. One Philox call serves the four logical neighbours of a group; the cache
+// makes contiguous tensors pay one call per four elements.
+template <bool NORMAL, typename F>
+inline void draw_range(int64_t i0, int64_t i1, const LogicalIndex& li, uint64_t seed, uint64_t offset,
+                       const F& fn) {
+  uint64_t cached = ~uint64_t(0);
+  Philox4x32 r{};
+  for (int64_t i = i0; i < i1; ++i) {
+    const int64_t l = li(i);
+    const uint64_t ctr = offset + static_cast<uint64_t>(l >> 2);
+    if (ctr != cached) {
+      r = philox4x32_10(seed, ctr, kStreamInitUniform);
+      cached = ctr;
+    }
+    const int w = static_cast<int>(l & 3);
+    fn(i, NORMAL ? normal_from(r, w) : uniform01(philox_word(r, w)));
+  }
+}
+
+template <typename T>
+void random_init_kernel(T* out, const T* x, int64_t B, int64_t D, const LogicalIndex& li, Norm norm,
+                        SampleParam eps, float lo, float hi, uint64_t seed, uint64_t offset) {
+  if (norm == Norm::Linf) {
+    at::parallel_for(0, B * D, kGrain, [&](int64_t begin, int64_t end) {
+      for_each_sample_piece(begin, end, D, [&](int64_t b, int64_t i0, int64_t i1) {
+        const float e = eps.get(b);
+        draw_range<false>(i0, i1, li, seed, offset, [&](int64_t i, float u) {
+          out[i] = static_cast<T>(clampf(static_cast<float>(x[i]) + e * (2.f * u - 1.f), lo, hi));
+        });
+      });
+    });
+    return;
+  }
+  // L2: direction z/||z|| with z ~ N(0, I), radius eps * U^(1/D): uniform in the ball because
+  // the volume within radius r grows like r^D. z is drawn twice (norm pass, write pass) rather
+  // than stored: recomputing Philox is cheaper than a temporary of the input's size.
+  const int64_t nchunk = (D + kGrain - 1) / kGrain;
+  std::vector<double> part(static_cast<size_t>(B * nchunk), 0.0);
+  at::parallel_for(0, B * nchunk, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / nchunk, c = t % nchunk;
+      const int64_t i0 = b * D + c * kGrain, i1 = std::min(b * D + (c + 1) * kGrain, (b + 1) * D);
+      double s = 0;
+      draw_range<true>(i0, i1, li, seed, offset, [&](int64_t, float z) { s += double(z) * z; });
+      part[static_cast<size_t>(t)] = s;
+    }
+  });
+  std::vector<float> scale(static_cast<size_t>(B));
+  for (int64_t b = 0; b < B; ++b) {
+    double s = 0;
+    for (int64_t c = 0; c < nchunk; ++c) s += part[static_cast<size_t>(b * nchunk + c)];
+    const float u = uniform01(philox4x32_10(seed, offset + static_cast<uint64_t>(b), kStreamInitRadius).c0);
+    const double radius = eps.get(b) * std::pow(static_cast<double>(u), 1.0 / static_cast<double>(D));
+    scale[b] = static_cast<float>(radius / std::max(std::sqrt(s), static_cast<double>(kTiny)));
+  }
+  at::parallel_for(0, B * D, kGrain, [&](int64_t begin, int64_t end) {
+    for_each_sample_piece(begin, end, D, [&](int64_t b, int64_t i0, int64_t i1) {
+      const float sc = scale[b];
+      draw_range<true>(i0, i1, li, seed, offset, [&](int64_t i, float z) {
+        out[i] = static_cast<T>(clampf(static_cast<float>(x[i]) + sc * z, lo, hi));
+      });
+    });
+  });
+}
+
+at::Tensor random_init_cpu(const at::Tensor& x_in, const at::Tensor& eps_t, c10::string_view norm_s, double lo,
+                           double hi, int64_t seed, int64_t offset) {
+  const Norm norm = parse_norm(norm_s);
+  check_float(x_in, "x");
+  TORCH_CHECK(x_in.dim() >= 1, "x must have a leading batch dimension, got a 0-dim tensor");
+  // Dense batch-major inputs keep their layout; anything else (a strided view) is made contiguous.
+  const bool dense = x_in.is_non_overlapping_and_dense() &&
+                     (x_in.size(0) <= 1 || x_in.stride(0) * x_in.size(0) == x_in.numel());
+  const at::Tensor x = dense ? x_in : x_in.contiguous();
+  at::Tensor out = at::empty_like(x);
+  at::Tensor eh;
+  const SampleParam eps = make_sample_param(eps_t, "eps", x, eh);
+  const int64_t B = x.size(0), numel = x.numel();
+  if (numel == 0) return out;
+  const LogicalIndex li = make_logical_index(x);
+  RO_DISPATCH_FLOATING(x.scalar_type(), "random_init", [&] {
+    random_init_kernel(out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), B, numel / B, li, norm, eps,
+                       static_cast<float>(lo), static_cast<float>(hi), static_cast<uint64_t>(seed),
+                       static_cast<uint64_t>(offset));
+  });
+  return out;
+}
+
+// ------------------------------------------------------------------------------ recycle_step_
+
+template <typename T>
+void recycle_kernel(T* delta, const T* g, const T* x, int64_t numel, int64_t D, SampleParam eps,
+                    SampleParam step, float lo, float hi) {
+  at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) {
+    for_each_sample_piece(begin, end, D, [&](int64_t b, int64_t i0, int64_t i1) {
+      const float e = eps.get(b), s = step.get(b);
+      const Vec ve(e), vne(-e), vs(s), vlo(lo), vhi(hi);
+      int64_t i = i0;
+      for (; i + kV <= i1; i += kV) {
+        const Vec xv = vload(x + i);
+        const Vec d = vclamp(at::vec::fmadd(vs, vsign(vload(g + i)), vload(delta + i)), vne, ve);
+        vstore(delta + i, vclamp(xv + d, vlo, vhi) - xv);
+      }
+      for (; i < i1; ++i) {
+        const float xv = static_cast<float>(x[i]);
+        const float d = clampf(static_cast<float>(delta[i]) + s * signf(static_cast<float>(g[i])), -e, e);
+        delta[i] = static_cast<T>(clampf(xv + d, lo, hi) - xv);
+      }
+    });
+  });
+}
+
+void recycle_step_cpu(at::Tensor& delta, const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& eps_t,
+                      const at::Tensor& step_t, double lo, double hi) {
+  check_float(delta, "delta");
+  check_batch_major(delta, "delta");
+  const at::Tensor grad = like(grad_in, delta, "grad", "delta");
+  const at::Tensor x = like(x_in, delta, "x", "delta");
+  at::Tensor eh, sh;
+  const SampleParam eps = make_sample_param(eps_t, "eps", delta, eh);
+  const SampleParam step = make_sample_param(step_t, "step", delta, sh);
+  const int64_t numel = delta.numel();
+  if (numel == 0) return;
+  RO_DISPATCH_FLOATING(delta.scalar_type(), "recycle_step_", [&] {
+    recycle_kernel(delta.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), numel,
+                   numel / delta.size(0), eps, step, static_cast<float>(lo), static_cast<float>(hi));
+  });
+}
+
+}  // namespace
+}  // namespace robustops
+
+TORCH_LIBRARY_IMPL(robustops, CPU, m) {
+  m.impl("pgd_step_", &robustops::pgd_step_cpu);
+  m.impl("random_init", &robustops::random_init_cpu);
+  m.impl("recycle_step_", &robustops::recycle_step_cpu);
+}

@@ -1,0 +1,68 @@
+// Every robustops op schema, declared once. Device kernels live in cpu/<family>.cpp and
+// cuda/<family>.cu and register with TORCH_LIBRARY_IMPL; fake kernels are in robustops/ops.py.
+//
+// Per-sample parameters (eps, alpha, step, sigma) are Tensors: a 0-dim CPU tensor carries one
+// value for the whole batch and is read on the host (no device sync), a Tensor[B] on the data's
+// device carries one value per sample. robustops/ops.py turns Python floats into the former.
+#include <torch/library.h>
+
+#include <sstream>
+#include <string>
+
+#include <torch/version.h>
+
+namespace {
+
+// Reported by robustops.build_info(): what this binary was really compiled with.
+std::string build_info() {
+  std::ostringstream s;
+  s << "{\"cuda\": " <<
+#ifdef ROBUSTOPS_WITH_CUDA
+      "true"
+#else
+      "false"
+#endif
+    << ", \"cuda_archs\": \"" <<
+#ifdef ROBUSTOPS_CUDA_ARCHS
+      ROBUSTOPS_CUDA_ARCHS
+#else
+      ""
+#endif
+    << "\", \"cuda_version\": \"" <<
+#ifdef ROBUSTOPS_CUDA_VERSION
+      ROBUSTOPS_CUDA_VERSION
+#else
+      ""
+#endif
+    << "\", \"torch_version\": \"" << TORCH_VERSION << "\", \"compiler\": \"" <<
+#if defined(__clang__)
+      "clang " __clang_version__
+#elif defined(__GNUC__)
+      "gcc " __VERSION__
+#else
+      "unknown"
+#endif
+    << "\", \"openmp\": " <<
+#ifdef _OPENMP
+      "true"
+#else
+      "false"
+#endif
+    << "}";
+  return s.str();
+}
+
+}  // namespace
+
+TORCH_LIBRARY(robustops, m) {
+  m.def("build_info() -> str", &build_info);
+
+  // PGD family (cpu/pgd.cpp, cuda/pgd.cu)
+  m.def(
+      "pgd_step_(Tensor(a!) x_adv, Tensor x, Tensor grad, Tensor eps, Tensor alpha, str norm, "
+      "float lo, float hi) -> ()");
+  m.def("random_init(Tensor x, Tensor eps, str norm, float lo, float hi, int seed, int offset) -> Tensor");
+  m.def(
+      "recycle_step_(Tensor(a!) delta, Tensor grad, Tensor x, Tensor eps, Tensor step, float lo, "
+      "float hi) -> ()");
+}

@@ -1,0 +1,165 @@
+"""Typed wrappers of the robustops ops: argument validation with messages that name the argument,
+Python floats turned into the kernels' per-sample convention, and the fake kernels that let
+torch.compile(fullgraph=True) trace every op.
+
+Per-sample parameters (eps, alpha, step) are a float (one value for the batch) or a Tensor[B].
+A float travels as a 0-dim CPU tensor that the kernel reads on the host, so no host-device
+transfer or sync happens per call.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+from .reference import batch_major_dense
+
+Param = Union[float, int, torch.Tensor]
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_NORMS = ("linf", "l2")
+
+
+def _tracing() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def _check_floating(t, name: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+    if t.dim() < 1:
+        raise ValueError(f"{name} must have a leading batch dimension [B, ...], got a 0-dim tensor")
+
+
+def _check_like(t, ref: torch.Tensor, name: str, refname: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.shape != ref.shape:
+        raise ValueError(f"{name} must have the same shape as {refname}, got {list(t.shape)} and {list(ref.shape)}")
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{name} must have the same dtype as {refname}, got {t.dtype} and {ref.dtype}")
+    if t.device != ref.device:
+        raise ValueError(f"{name} must be on the same device as {refname}, got {t.device} and {ref.device}")
+
+
+def _check_norm(norm) -> None:
+    if norm not in _NORMS:
+        raise ValueError(f'norm must be "linf" or "l2", got {norm!r}')
+
+
+def _check_bounds(lo, hi) -> None:
+    if not lo <= hi:
+        raise ValueError(f"lo must be <= hi, got lo={lo} and hi={hi}")
+
+
+def _param(p: Param, name: str, x: torch.Tensor, nonneg: bool = True) -> torch.Tensor:
+    """The kernels' form of a per-sample parameter: a 0-dim CPU float tensor or a float Tensor[B]
+    on x's device. Values are checked where that costs no device sync (floats, CPU tensors)."""
+    if isinstance(p, bool) or not isinstance(p, (int, float, torch.Tensor)):
+        raise TypeError(f"{name} must be a float or a Tensor[B], got {type(p).__name__}")
+    if not isinstance(p, torch.Tensor):
+        p = float(p)
+        if nonneg and not p >= 0:
+            raise ValueError(f"{name} must be >= 0, got {p}")
+        return torch.tensor(p, dtype=torch.float32)
+    B = x.shape[0]
+    if p.dim() > 1 or (p.dim() == 1 and p.shape[0] != B):
+        raise ValueError(f"{name} must be a float or a Tensor[B] with B = {B}, got shape {list(p.shape)}")
+    if not (p.dtype.is_floating_point or p.dtype in (torch.int32, torch.int64)):
+        raise TypeError(f"{name} must hold floating-point values, got {p.dtype}")
+    if nonneg and p.device.type == "cpu" and not _tracing():
+        bad = ~(p >= 0)
+        if bool(bad.any()):
+            raise ValueError(f"{name} must be >= 0 for every sample, got {p[bad][0].item()} "
+                             f"(at index {int(bad.nonzero()[0, 0]) if p.dim() else 0})")
+    if p.dim() == 0 and p.device.type == "cpu":
+        return p.float()
+    return p.to(device=x.device, dtype=torch.float32)
+
+
+def pgd_step_(x_adv: torch.Tensor, x: torch.Tensor, grad: torch.Tensor, eps: Param, alpha: Param,
+              norm: str = "linf", lo: float = 0.0, hi: float = 1.0) -> torch.Tensor:
+    """One projected-gradient step, in place on x_adv, fused into one kernel (L-inf) or two (L2).
+
+    x_adv, x, grad: Tensor[B, ...] of one dtype (float32/float16/bfloat16) and device.
+    eps, alpha: float or Tensor[B]. norm: "linf" or "l2". lo <= hi: the valid input range.
+
+    L-inf: x_adv = clamp(x + clamp(x_adv + alpha*sign(grad) - x, -eps, eps), lo, hi).
+    L2:    s = x_adv + alpha*grad/||grad||; d = s - x; d *= min(1, eps/||d||); x_adv = clamp(x + d, lo, hi),
+    norms taken per sample. Returns x_adv.
+    """
+    _check_floating(x_adv, "x_adv")
+    _check_like(x, x_adv, "x", "x_adv")
+    _check_like(grad, x_adv, "grad", "x_adv")
+    _check_norm(norm)
+    _check_bounds(lo, hi)
+    torch.ops.robustops.pgd_step_(x_adv, x, grad, _param(eps, "eps", x_adv), _param(alpha, "alpha", x_adv),
+                                  norm, float(lo), float(hi))
+    return x_adv
+
+
+def _seed(seed: Optional[int]) -> int:
+    if seed is None:
+        # Drawn from torch's default generator, so torch.manual_seed makes runs reproducible.
+        return int(torch.randint(0, 2 ** 62, (1,), dtype=torch.int64).item())
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+    return seed & ((1 << 63) - 1)
+
+
+def random_init(x: torch.Tensor, eps: Param, norm: str = "linf", lo: float = 0.0, hi: float = 1.0,
+                seed: Optional[int] = None, offset: int = 0) -> torch.Tensor:
+    """A random start point: x plus a draw uniform in the eps-ball (L-inf: each coordinate uniform in
+    [-eps, eps]; L2: uniform in the ball's volume), clamped to [lo, hi]. Returns a new Tensor[B, ...]
+    in x's dtype and layout.
+
+    The draw is Philox4x32-10 keyed by (seed, offset) and the element's logical index: the same on
+    CPU and CUDA and for contiguous and channels_last inputs. seed=None takes a seed from torch's
+    default generator (torch.manual_seed governs it). Calls whose offsets differ by at least
+    ceil(x.numel()/4) (and by B for L2) draw disjoint streams.
+    """
+    _check_floating(x, "x")
+    _check_norm(norm)
+    _check_bounds(lo, hi)
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        raise ValueError(f"offset must be a non-negative int, got {offset!r}")
+    return torch.ops.robustops.random_init(x, _param(eps, "eps", x), norm, float(lo), float(hi), _seed(seed),
+                                           offset)
+
+
+def recycle_step_(delta: torch.Tensor, grad: torch.Tensor, x: torch.Tensor, eps: Param, step: Param,
+                  lo: float = 0.0, hi: float = 1.0) -> torch.Tensor:
+    """Gradient-recycling ("free" AT) and FGSM-RS update of a persistent perturbation, in place:
+    delta = clamp(delta + step*sign(grad), -eps, eps), then clamped so that x + delta lies in [lo, hi].
+
+    delta, grad, x: Tensor[B, ...] of one dtype and device; eps, step: float or Tensor[B]. Returns delta.
+    """
+    _check_floating(delta, "delta")
+    _check_like(grad, delta, "grad", "delta")
+    _check_like(x, delta, "x", "delta")
+    _check_bounds(lo, hi)
+    torch.ops.robustops.recycle_step_(delta, grad, x, _param(eps, "eps", delta), _param(step, "step", delta),
+                                      float(lo), float(hi))
+    return delta
+
+
+# ------------------------------------------------------------------------------- fake kernels
+
+@torch.library.register_fake("robustops::pgd_step_")
+def _pgd_step_fake(x_adv, x, grad, eps, alpha, norm, lo, hi):
+    return None
+
+
+@torch.library.register_fake("robustops::recycle_step_")
+def _recycle_step_fake(delta, grad, x, eps, step, lo, hi):
+    return None
+
+
+@torch.library.register_fake("robustops::random_init")
+def _random_init_fake(x, eps, norm, lo, hi, seed, offset):
+    # Same layout rule as the kernels: dense batch-major inputs keep theirs, others become contiguous.
+    if batch_major_dense(x):
+        return torch.empty_like(x)
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)

@@ -1,0 +1,154 @@
+"""Plain-PyTorch reference of every robustops op: the tests' oracle and the eager baseline.
+
+Each function computes in float32 (like the kernels) and returns a new tensor in the input's
+dtype and memory layout; nothing here is fused or fast. The random ops re-implement the same
+Philox4x32-10 stream as csrc/philox.h (in numpy uint64 arithmetic), so their draws can be compared
+with the kernels' element for element.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+TINY = torch.finfo(torch.float32).tiny
+
+STREAM_INIT_UNIFORM = 0
+STREAM_INIT_RADIUS = 1
+STREAM_GAUSSIAN = 2
+
+
+def batch_major_dense(x: torch.Tensor) -> bool:
+    """True if x is dense and non-overlapping with the batch as its outermost memory dimension
+    (contiguous and channels_last tensors are): the layouts the kernels work on in place."""
+    dims = sorted((d for d in range(x.dim()) if x.shape[d] != 1), key=lambda d: -x.stride(d))
+    expected = 1
+    for d in reversed(dims):
+        if x.stride(d) != expected:
+            return False
+        expected *= x.shape[d]
+    return x.dim() >= 1 and (x.shape[0] <= 1 or not dims or dims[0] == 0)
+
+
+def _per_sample(p, x: torch.Tensor) -> torch.Tensor:
+    """A float or Tensor[B] as a float32 tensor broadcastable against x ([B, 1, 1, ...])."""
+    t = torch.as_tensor(p, dtype=torch.float32, device=x.device)
+    if t.dim() == 0:
+        return t
+    return t.reshape((-1,) + (1,) * (x.dim() - 1))
+
+
+def _sample_norm(t: torch.Tensor) -> torch.Tensor:
+    return t.flatten(1).norm(dim=1).reshape((-1,) + (1,) * (t.dim() - 1))
+
+
+def _restore(out32: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    out = torch.empty_like(like)
+    out.copy_(out32)
+    return out
+
+
+def pgd_step(x_adv, x, grad, eps, alpha, norm="linf", lo=0.0, hi=1.0):
+    """One PGD step, the torchattacks way: several small eager ops."""
+    xa, x32, g = x_adv.float(), x.float(), grad.float()
+    e, a = _per_sample(eps, xa), _per_sample(alpha, xa)
+    if norm == "linf":
+        adv = xa + a * g.sign()
+        d = torch.maximum(torch.minimum(adv - x32, e), -e)
+    elif norm == "l2":
+        s = xa + a * g / _sample_norm(g).clamp_min(TINY)
+        d = s - x32
+        d = d * torch.minimum(torch.ones_like(e), e / _sample_norm(d))
+    else:
+        raise ValueError(f'norm must be "linf" or "l2", got {norm!r}')
+    return _restore((x32 + d).clamp(lo, hi), x_adv)
+
+
+def recycle_step(delta, grad, x, eps, step, lo=0.0, hi=1.0):
+    """Free-AT / FGSM-RS update of a persistent perturbation."""
+    d32, x32 = delta.float(), x.float()
+    e, s = _per_sample(eps, d32), _per_sample(step, d32)
+    d = torch.maximum(torch.minimum(d32 + s * grad.float().sign(), e), -e)
+    return _restore((x32 + d).clamp(lo, hi) - x32, delta)
+
+
+# ------------------------------------------------------------------------------------- Philox
+
+_M0, _M1 = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
+_W0, _W1 = 0x9E3779B9, 0xBB67AE85
+_MASK = np.uint64(0xFFFFFFFF)
+
+
+def philox4x32_10(seed: int, counter: np.ndarray, stream: int) -> tuple:
+    """Philox4x32-10 of counters (uint64 array) under key seed: four uint64 arrays of 32-bit words."""
+    seed &= (1 << 64) - 1
+    k0, k1 = seed & 0xFFFFFFFF, seed >> 32
+    counter = counter.astype(np.uint64)
+    x0 = counter & _MASK
+    x1 = counter >> np.uint64(32)
+    x2 = np.full_like(x0, stream)
+    x3 = np.zeros_like(x0)
+    for _ in range(10):
+        p0 = _M0 * x0  # exact: both factors are below 2**32
+        p1 = _M1 * x2
+        hi0, lo0 = p0 >> np.uint64(32), p0 & _MASK
+        hi1, lo1 = p1 >> np.uint64(32), p1 & _MASK
+        x0, x1, x2, x3 = hi1 ^ x1 ^ np.uint64(k0), lo1, hi0 ^ x3 ^ np.uint64(k1), lo0
+        k0 = (k0 + _W0) & 0xFFFFFFFF
+        k1 = (k1 + _W1) & 0xFFFFFFFF
+    return x0, x1, x2, x3
+
+
+def _uniform01(w):
+    return (w >> np.uint64(8)).astype(np.float64) * 2.0 ** -24
+
+
+def _uniform01_open0(w):
+    return ((w >> np.uint64(8)) + np.uint64(1)).astype(np.float64) * 2.0 ** -24
+
+
+def philox_uniform(seed: int, offset: int, n: int, stream: int) -> np.ndarray:
+    """Uniform [0,1) draws for logical indices 0..n-1 (float64 array)."""
+    idx = np.arange(n, dtype=np.uint64)
+    words = philox4x32_10(seed, np.uint64(offset) + idx // np.uint64(4), stream)
+    w = np.choose((idx % np.uint64(4)).astype(np.int64), words)
+    return _uniform01(w).astype(np.float32).astype(np.float64)
+
+
+def philox_normal(seed: int, offset: int, n: int, stream: int) -> np.ndarray:
+    """Standard normals for logical indices 0..n-1 by Box-Muller on word pairs (0,1) and (2,3)."""
+    idx = np.arange(n, dtype=np.uint64)
+    c0, c1, c2, c3 = philox4x32_10(seed, np.uint64(offset) + idx // np.uint64(4), stream)
+    lane = (idx % np.uint64(4)).astype(np.int64)
+    first = lane < 2
+    u1 = _uniform01_open0(np.where(first, c0, c2))
+    u2 = _uniform01(np.where(first, c1, c3))
+    rad = np.sqrt(-2.0 * np.log(u1))
+    theta = 2.0 * math.pi * u2
+    return rad * np.where(lane % 2 == 0, np.cos(theta), np.sin(theta))
+
+
+def random_init(x, eps, norm="linf", lo=0.0, hi=1.0, seed=0, offset=0):
+    """A start point drawn uniformly from the eps-ball around x, clamped to [lo, hi]."""
+    B = x.shape[0]
+    n = x.numel()
+    D = n // B if B else 0
+    x32 = x.float()
+    e = _per_sample(eps, x32)
+    if norm == "linf":
+        u = torch.from_numpy(philox_uniform(seed, offset, n, STREAM_INIT_UNIFORM)).float()
+        delta = e * (2.0 * u.reshape(x.shape).to(x.device) - 1.0)
+    elif norm == "l2":
+        z = torch.from_numpy(philox_normal(seed, offset, n, STREAM_INIT_UNIFORM)).reshape(B, D)
+        ctr = np.uint64(offset) + np.arange(B, dtype=np.uint64)
+        u = torch.from_numpy(_uniform01(philox4x32_10(seed, ctr, STREAM_INIT_RADIUS)[0]))
+        radius = u.pow(1.0 / D) if D else u
+        scale = radius / z.norm(dim=1).clamp_min(TINY)
+        delta = (z * scale[:, None]).float().reshape(x.shape).to(x.device) * e
+    else:
+        raise ValueError(f'norm must be "linf" or "l2", got {norm!r}')
+    out32 = (x32 + delta).clamp(lo, hi)
+    if batch_major_dense(x):
+        return _restore(out32, x)
+    return out32.to(x.dtype).contiguous()

@@ -1,0 +1,127 @@
+"""Build robustops: the C++ ops always, the CUDA kernels when they can (or must) be compiled.
+
+Environment:
+  ROBUSTOPS_CPU_ONLY=1     never compile the CUDA kernels
+  FORCE_CUDA=1             compile them even without a visible GPU (needs nvcc, CUDA_HOME)
+  TORCH_CUDA_ARCH_LIST     architectures to compile for; without it and without a visible GPU the
+                           default below is used (Ampere and Hopper, with PTX for newer GPUs)
+  MAX_JOBS                 parallel compile jobs (ninja)
+"""
+import glob
+import os
+import sys
+import sysconfig
+
+from setuptools import find_packages, setup
+
+import torch
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def env_flag(name):
+    return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+
+
+def pip_cuda_include():
+    """The headers of the pip-installed CUDA packages (nvidia/cu13/include), if present."""
+    roots = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
+    roots.update(p for p in sys.path if p.endswith("site-packages"))
+    for root in sorted(roots):
+        for inc in sorted(glob.glob(os.path.join(root, "nvidia", "cu*", "include")), reverse=True):
+            if os.path.exists(os.path.join(inc, "cublas_v2.h")):
+                return inc
+    return None
+
+
+def nvcc_version(cuda_home):
+    import re
+    import subprocess
+
+    try:
+        out = subprocess.check_output([os.path.join(cuda_home, "bin", "nvcc"), "--version"], text=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    m = re.search(r"release (\d+\.\d+)", out)
+    return m.group(1) if m else None
+
+
+def resolve():
+    cpu_only = env_flag("ROBUSTOPS_CPU_ONLY")
+    force = env_flag("FORCE_CUDA")
+    nvcc = nvcc_version(CUDA_HOME) if CUDA_HOME else None
+    torch_cuda = torch.version.cuda
+    if cpu_only:
+        with_cuda, why = False, "ROBUSTOPS_CPU_ONLY=1"
+    elif force:
+        if nvcc is None:
+            sys.exit("robustops: FORCE_CUDA=1 but no nvcc was found; set CUDA_HOME to the CUDA toolkit")
+        with_cuda, why = True, "FORCE_CUDA=1"
+    elif torch_cuda is None:
+        with_cuda, why = False, "torch is a CPU build"
+    elif nvcc is None:
+        with_cuda, why = False, "no nvcc found (set CUDA_HOME)"
+    else:
+        with_cuda, why = True, "torch is a CUDA build and nvcc was found"
+    if with_cuda and torch_cuda and nvcc and nvcc.split(".")[0] != torch_cuda.split(".")[0]:
+        sys.exit(f"robustops: nvcc {nvcc} and torch's CUDA {torch_cuda} differ in major version; "
+                 "point CUDA_HOME at a matching toolkit")
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if with_cuda and not archs:
+        if torch.cuda.is_available():
+            archs = ";".join(sorted({"%d.%d" % torch.cuda.get_device_capability(i)
+                                     for i in range(torch.cuda.device_count())}))
+        else:
+            archs = DEFAULT_ARCH_LIST
+        os.environ["TORCH_CUDA_ARCH_LIST"] = archs
+    return with_cuda, why, archs or "", nvcc or ""
+
+
+def extensions():
+    with_cuda, why, archs, nvcc = resolve()
+    sources = ["csrc/robustops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    define = []
+    cxx = ["-O3", "-fopenmp", "-std=c++20"]
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    cuda_inc = None
+    if with_cuda:
+        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        define += [("ROBUSTOPS_WITH_CUDA", None),
+                   ("ROBUSTOPS_CUDA_ARCHS", '"%s"' % archs),
+                   ("ROBUSTOPS_CUDA_VERSION", '"%s"' % nvcc)]
+        # torch's headers include cusparse.h / cublas_v2.h, which a bare toolkit may lack.
+        if not os.path.exists(os.path.join(CUDA_HOME, "include", "cublas_v2.h")):
+            cuda_inc = pip_cuda_include()
+            if cuda_inc is None:
+                sys.exit("robustops: the CUDA toolkit lacks cublas_v2.h and no pip CUDA headers "
+                         "(site-packages/nvidia/cu*/include) were found; pip install nvidia-cublas")
+            include_dirs.append(cuda_inc)
+    print("robustops build configuration:\n"
+          f"  torch          {torch.__version__} (CUDA {torch.version.cuda})\n"
+          f"  CUDA kernels   {'yes' if with_cuda else 'no'} ({why})\n"
+          f"  CUDA_HOME      {CUDA_HOME} (nvcc {nvcc or '-'})\n"
+          f"  arch list      {archs or '-'}\n"
+          f"  extra includes {cuda_inc or '-'}\n"
+          f"  MAX_JOBS       {os.environ.get('MAX_JOBS', '-')}", flush=True)
+    common = dict(name="robustops._C", sources=sources, include_dirs=include_dirs,
+                  define_macros=define, extra_link_args=["-fopenmp"])
+    if with_cuda:
+        nvcc_flags = ["-O3", "-lineinfo", "-std=c++20", "--expt-relaxed-constexpr"]
+        return [CUDAExtension(**common, extra_compile_args={"cxx": cxx, "nvcc": nvcc_flags})]
+    return [CppExtension(**common, extra_compile_args={"cxx": cxx})]
+
+
+setup(
+    name="robustops",
+    version="0.1.0",
+    description="Fused C++/CUDA kernels for adversarial attacks, adversarial training and "
+                "randomized-smoothing certification in PyTorch",
+    packages=find_packages(include=["robustops", "robustops.*"]),
+    package_data={"robustops": ["data/*.npz"]},
+    ext_modules=extensions(),
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    entry_points={"console_scripts": ["robustops=robustops.cli:main"]},
+    python_requires=">=3.9",
+)
