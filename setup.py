@@ -119,7 +119,7 @@ setup(
     description="Fused C++/CUDA kernels for adversarial attacks, adversarial training and "
                 "randomized-smoothing certification in PyTorch",
     packages=find_packages(include=["robustops", "robustops.*"]),
-    package_data={"robustops": ["data/*.npz"]},
+    package_data={"robustops": ["_data/*.npz"]},
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     entry_points={"console_scripts": ["robustops=robustops.cli:main"]},

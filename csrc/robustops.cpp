@@ -65,4 +65,10 @@ TORCH_LIBRARY(robustops, m) {
   m.def(
       "recycle_step_(Tensor(a!) delta, Tensor grad, Tensor x, Tensor eps, Tensor step, float lo, "
       "float hi) -> ()");
+
+  // Smoothing family (cpu/smoothing.cpp, cuda/smoothing.cu)
+  m.def(
+      "gaussian_noise(Tensor x, int num, float sigma, int seed, int offset, Tensor? mean, Tensor? std, "
+      "ScalarType? out_dtype, bool channels_last) -> Tensor");
+  m.def("count_votes_(Tensor logits, Tensor(a!) counts) -> ()");
 }

@@ -39,6 +39,7 @@ def build_info() -> dict:
 
 
 from . import ops, reference  # noqa: E402
-from .ops import pgd_step_, random_init, recycle_step_  # noqa: E402
+from .ops import count_votes_, gaussian_noise, pgd_step_, random_init, recycle_step_  # noqa: E402
 
-__all__ = ["build_info", "ops", "reference", "pgd_step_", "random_init", "recycle_step_"]
+__all__ = ["build_info", "ops", "reference", "pgd_step_", "random_init", "recycle_step_", "gaussian_noise",
+           "count_votes_"]

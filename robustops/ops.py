@@ -163,3 +163,84 @@ def _random_init_fake(x, eps, norm, lo, hi, seed, offset):
     if batch_major_dense(x):
         return torch.empty_like(x)
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+# --------------------------------------------------------------------------- smoothing family
+
+def _channel_param(p, name: str, x: torch.Tensor) -> Optional[torch.Tensor]:
+    if p is None:
+        return None
+    t = torch.as_tensor(p, dtype=torch.float32)
+    C = x.shape[1] if x.dim() >= 2 else 1
+    if t.dim() > 1 or (t.dim() == 1 and t.shape[0] != C):
+        raise ValueError(f"{name} must be a float or a sequence / Tensor[C] with C = {C} channels, "
+                         f"got shape {list(t.shape)}")
+    if t.device.type == "cpu" and not _tracing() and name == "std" and not bool((t > 0).all()):
+        raise ValueError(f"std must be > 0 for every channel, got {t.tolist()}")
+    return t.expand(C).to(device=x.device).contiguous()
+
+
+def gaussian_noise(x: torch.Tensor, num: int, sigma: float, seed: Optional[int] = None, offset: int = 0,
+                   mean=None, std=None, out_dtype: Optional[torch.dtype] = None,
+                   channels_last: bool = False) -> torch.Tensor:
+    """Noisy copies for randomized smoothing, written once: Tensor[B*num, ...] whose rows
+    b*num .. b*num+num-1 are x[b] + sigma*N(0, I) (input-major), then (. - mean)/std per channel
+    (dim 1) when mean / std are given, stored in out_dtype (default x's dtype), in channels_last
+    when asked (4-D / 5-D outputs).
+
+    x: Tensor[B, ...]; num >= 1; sigma >= 0; mean, std: float or Tensor[C]. Noisy sample
+    offset + b*num + j draws from Philox (seed, that index) alone, so splitting the work into
+    batches (advancing offset by the rows already drawn) gives the same noise.
+    """
+    _check_floating(x, "x")
+    if isinstance(num, bool) or not isinstance(num, int) or num < 1:
+        raise ValueError(f"num must be an int >= 1, got {num!r}")
+    if not isinstance(sigma, (int, float)) or isinstance(sigma, bool) or not sigma >= 0:
+        raise ValueError(f"sigma must be a float >= 0, got {sigma!r}")
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        raise ValueError(f"offset must be a non-negative int, got {offset!r}")
+    if out_dtype is not None and out_dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
+    if channels_last and x.dim() not in (4, 5):
+        raise ValueError(f"channels_last needs a 4-D or 5-D x, got {x.dim()}-D")
+    return torch.ops.robustops.gaussian_noise(x, num, float(sigma), _seed(seed), offset,
+                                              _channel_param(mean, "mean", x), _channel_param(std, "std", x),
+                                              out_dtype, bool(channels_last))
+
+
+def count_votes_(logits: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Fused argmax + histogram, in place: counts[b, argmax_c logits[b*num + j, c]] += 1 for every
+    j < num = logits.shape[0] // B. Ties go to the lowest index and NaN counts as the maximum,
+    exactly like torch.argmax. No argmax tensor, no host sync.
+
+    logits: Tensor[B*num, C] (float32/float16/bfloat16); counts: int64 Tensor[B, C] on the same device.
+    """
+    _check_floating(logits, "logits")
+    if not isinstance(counts, torch.Tensor) or counts.dtype != torch.int64:
+        raise TypeError(f"counts must be an int64 tensor, got "
+                        f"{counts.dtype if isinstance(counts, torch.Tensor) else type(counts).__name__}")
+    if logits.dim() != 2 or counts.dim() != 2:
+        raise ValueError(f"logits must be [B*num, C] and counts [B, C], got {list(logits.shape)} "
+                         f"and {list(counts.shape)}")
+    if logits.shape[1] != counts.shape[1]:
+        raise ValueError(f"logits has {logits.shape[1]} classes but counts has {counts.shape[1]}")
+    if counts.shape[0] == 0 or logits.shape[0] % counts.shape[0] != 0:
+        raise ValueError(f"logits rows ({logits.shape[0]}) must be a multiple of counts rows (B = {counts.shape[0]})")
+    if logits.device != counts.device:
+        raise ValueError(f"counts must be on the same device as logits, got {counts.device} and {logits.device}")
+    torch.ops.robustops.count_votes_(logits, counts)
+    return counts
+
+
+@torch.library.register_fake("robustops::gaussian_noise")
+def _gaussian_noise_fake(x, num, sigma, seed, offset, mean, std, out_dtype, channels_last):
+    shape = (x.shape[0] * num,) + tuple(x.shape[1:])
+    out = torch.empty(shape, dtype=out_dtype or x.dtype, device=x.device)
+    if channels_last:
+        out = out.contiguous(memory_format=torch.channels_last if len(shape) == 4 else torch.channels_last_3d)
+    return out
+
+
+@torch.library.register_fake("robustops::count_votes_")
+def _count_votes_fake(logits, counts):
+    return None

@@ -152,3 +152,55 @@ def random_init(x, eps, norm="linf", lo=0.0, hi=1.0, seed=0, offset=0):
     if batch_major_dense(x):
         return _restore(out32, x)
     return out32.to(x.dtype).contiguous()
+
+
+# ------------------------------------------------------------------------- smoothing family
+
+def noise_counter_groups(D: int) -> int:
+    """Philox calls reserved per noisy sample by gaussian_noise: ceil(D / 4)."""
+    return (D + 3) // 4
+
+
+def gaussian_noise(x, num, sigma, seed=0, offset=0, mean=None, std=None, out_dtype=None,
+                   channels_last=False):
+    """[B*num, ...]: input b repeated num times (input-major) plus sigma*N(0, 1), then optionally
+    (. - mean)/std per channel (dim 1), in out_dtype (default: x's dtype).
+
+    Noisy sample s = offset + b*num + j, element e (logical order) takes the normal of Philox
+    counter s*ceil(D/4) + e//4, word e%4, stream 2: a draw fixed by (seed, global sample index),
+    whatever the batch split.
+    """
+    B = x.shape[0]
+    D = x[0].numel() if B else 0
+    G = noise_counter_groups(D)
+    s = np.uint64(offset) + np.arange(B * num, dtype=np.uint64)
+    e = np.arange(D, dtype=np.uint64)
+    ctr = (s[:, None] * np.uint64(G) + (e // np.uint64(4))[None, :]).reshape(-1)
+    c0, c1, c2, c3 = philox4x32_10(seed, ctr, STREAM_GAUSSIAN)
+    lane = np.tile((e % np.uint64(4)).astype(np.int64), B * num)
+    first = lane < 2
+    u1 = _uniform01_open0(np.where(first, c0, c2))
+    u2 = _uniform01(np.where(first, c1, c3))
+    z = np.sqrt(-2.0 * np.log(u1)) * np.where(lane % 2 == 0, np.cos(2 * math.pi * u2), np.sin(2 * math.pi * u2))
+    z = torch.from_numpy(z).float().reshape((B * num,) + tuple(x.shape[1:])).to(x.device)
+    out = x.float().repeat_interleave(num, dim=0) + float(sigma) * z
+    if mean is not None or std is not None:
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        if mean is not None:
+            out = out - torch.as_tensor(mean, dtype=torch.float32, device=x.device).reshape(shape)
+        if std is not None:
+            out = out / torch.as_tensor(std, dtype=torch.float32, device=x.device).reshape(shape)
+    out = out.to(out_dtype or x.dtype)
+    if channels_last:
+        out = out.contiguous(memory_format=torch.channels_last if out.dim() == 4 else torch.channels_last_3d)
+    return out
+
+
+def count_votes(logits, counts):
+    """counts[b, argmax_c logits[b*num + j, c]] += 1 for j < num, with num = rows / B.
+    torch.argmax's rules: ties go to the lowest index, a NaN counts as the maximum."""
+    B, C = counts.shape
+    pred = logits.argmax(dim=1).reshape(B, -1)
+    add = torch.zeros_like(counts)
+    add.scatter_add_(1, pred, torch.ones_like(pred, dtype=counts.dtype))
+    return counts + add
