@@ -1,0 +1,226 @@
+// CUDA kernels of the smoothing family: gaussian_noise and count_votes_.
+//
+// gaussian_noise: one thread per Philox call, i.e. per group of four logical elements of a noisy
+// sample; the four normals are written with one vector store (contiguous output). For channels_last
+// output with HW % 4 == 0 a thread instead takes four spatial positions across all C channels, so
+// its 4*C outputs are adjacent in memory. The input (num times smaller than the output) is read
+// through the cache. The kernel is bound by Philox + Box-Muller arithmetic as much as by the
+// stores, so it uses the fast __logf / __sincosf intrinsics (smoothing.h).
+//
+// count_votes_: the argmax of a row by one thread (C <= 32) or one warp (larger C); the histogram
+// update is aggregated across the warp with __match_any_sync, because consecutive rows belong to
+// the same input and mostly vote for the same class: one atomic per distinct (input, class) in a
+// warp instead of one per row.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAException.h>
+
+#include "../common.h"
+#include "../smoothing.h"
+
+namespace robustops {
+namespace {
+
+constexpr int kThreads = 256;
+
+int blocks_for(int64_t items) {
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((items + kThreads - 1) / kThreads, sms * 32LL)));
+}
+
+template <typename T>
+struct alignas(4 * sizeof(T)) Quad {
+  T v[4];
+};
+
+template <typename TI, typename TO, bool VEC>
+__global__ void noise_kernel(const TI* __restrict__ x, TO* __restrict__ out, NoiseGeometry g,
+                             const float* __restrict__ mean, const float* __restrict__ istd, float sigma,
+                             uint64_t seed, uint64_t offset) {
+  const int64_t total = g.B * g.num * g.groups;
+  for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < total;
+       t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = t / g.groups, q = t - r * g.groups;
+    float z[4];
+    normals4(philox4x32_10(seed, (offset + static_cast<uint64_t>(r)) * static_cast<uint64_t>(g.groups) +
+                                     static_cast<uint64_t>(q), kStreamGaussian),
+             z);
+    const TI* xr = x + (r / g.num) * g.D;
+    TO* orow = out + r * g.D;
+    const int64_t e0 = q * 4;
+    if (VEC) {  // D % 4 == 0, contiguous output, 4-element aligned: one vector store
+      const int64_t c = g.channel(e0);  // HW % 4 == 0 or C == 1: the group lies in one channel
+      const float m = mean ? mean[c] : 0.f, s = istd ? istd[c] : 1.f;
+      Quad<TO> o;
+#pragma unroll
+      for (int k = 0; k < 4; ++k) o.v[k] = static_cast<TO>((static_cast<float>(__ldg(xr + e0 + k)) + sigma * z[k] - m) * s);
+      *reinterpret_cast<Quad<TO>*>(orow + e0) = o;
+    } else {
+      const int64_t n = g.D - e0 < 4 ? g.D - e0 : 4;
+      for (int64_t k = 0; k < n; ++k) {
+        const int64_t e = e0 + k, c = g.channel(e);
+        float v = static_cast<float>(__ldg(xr + e)) + sigma * z[k];
+        if (mean) v -= mean[c];
+        if (istd) v *= istd[c];
+        orow[g.out_offset(e, c)] = static_cast<TO>(v);
+      }
+    }
+  }
+}
+
+// channels_last with HW % 4 == 0: thread = (row, four spatial positions), all channels.
+template <typename TI, typename TO>
+__global__ void noise_cl_kernel(const TI* __restrict__ x, TO* __restrict__ out, NoiseGeometry g,
+                                const float* __restrict__ mean, const float* __restrict__ istd, float sigma,
+                                uint64_t seed, uint64_t offset) {
+  const int64_t quads = g.HW / 4, total = g.B * g.num * quads;
+  for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < total;
+       t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = t / quads, p = t - r * quads;
+    const TI* xr = x + (r / g.num) * g.D;
+    TO* o = out + r * g.D + p * 4 * g.C;
+    const uint64_t base = (offset + static_cast<uint64_t>(r)) * static_cast<uint64_t>(g.groups);
+    for (int64_t c = 0; c < g.C; ++c) {
+      float z[4];
+      const int64_t e0 = c * g.HW + p * 4;
+      normals4(philox4x32_10(seed, base + static_cast<uint64_t>(e0 / 4), kStreamGaussian), z);
+      const float m = mean ? mean[c] : 0.f, s = istd ? istd[c] : 1.f;
+#pragma unroll
+      for (int k = 0; k < 4; ++k) o[k * g.C + c] = static_cast<TO>((static_cast<float>(__ldg(xr + e0 + k)) + sigma * z[k] - m) * s);
+    }
+  }
+}
+
+at::Tensor gaussian_noise_cuda(const at::Tensor& x_in, int64_t num, double sigma, int64_t seed, int64_t offset,
+                               const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& std_,
+                               std::optional<at::ScalarType> out_dtype, bool channels_last) {
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  NoiseArgs a = prepare_noise(x_in, num, sigma, offset, mean, std_, out_dtype, channels_last);
+  if (a.out.numel() == 0) return a.out;
+  const NoiseGeometry g = a.geo;
+  cudaStream_t st = at::cuda::getCurrentCUDAStream();
+  const float sg = static_cast<float>(sigma);
+  const auto sd = static_cast<uint64_t>(seed), of = static_cast<uint64_t>(offset);
+  RO_DISPATCH_FLOATING(a.x.scalar_type(), "gaussian_noise", [&] {
+    using TI = scalar_t;
+    RO_DISPATCH_FLOATING(a.out.scalar_type(), "gaussian_noise", [&] {
+      const TI* xp = a.x.data_ptr<TI>();
+      scalar_t* op = a.out.data_ptr<scalar_t>();
+      const bool group_in_channel = g.C <= 1 || g.HW % 4 == 0;
+      if (channels_last && g.HW % 4 == 0) {
+        noise_cl_kernel<TI, scalar_t><<<blocks_for(g.B * g.num * (g.HW / 4)), kThreads, 0, st>>>(
+            xp, op, g, a.mean_ptr(), a.istd_ptr(), sg, sd, of);
+      } else if (!channels_last && g.D % 4 == 0 && group_in_channel &&
+                 reinterpret_cast<uintptr_t>(op) % (4 * sizeof(scalar_t)) == 0) {
+        noise_kernel<TI, scalar_t, true><<<blocks_for(g.B * g.num * g.groups), kThreads, 0, st>>>(
+            xp, op, g, a.mean_ptr(), a.istd_ptr(), sg, sd, of);
+      } else {
+        noise_kernel<TI, scalar_t, false><<<blocks_for(g.B * g.num * g.groups), kThreads, 0, st>>>(
+            xp, op, g, a.mean_ptr(), a.istd_ptr(), sg, sd, of);
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return a.out;
+}
+
+// (value, index) order of torch.argmax: NaN beats everything (first NaN wins), then larger
+// values, then lower indices.
+__device__ __forceinline__ bool better(float v, int64_t i, float bv, int64_t bi) {
+  const bool vn = isnan(v), bn = isnan(bv);
+  if (vn || bn) return vn && (!bn || i < bi);
+  return v > bv || (v == bv && i < bi);
+}
+
+// Called by every lane of a full warp (the row loop keeps warps converged).
+__device__ __forceinline__ void vote(unsigned long long* counts, int64_t key, bool active) {
+  const unsigned voters = __ballot_sync(0xffffffffu, active);
+  if (!active) return;
+  const unsigned peers = __match_any_sync(voters, static_cast<unsigned long long>(key));
+  if ((threadIdx.x & 31) == __ffs(peers) - 1) atomicAdd(counts + key, static_cast<unsigned long long>(__popc(peers)));
+}
+
+template <typename T>
+__global__ void votes_row_kernel(const T* __restrict__ logits, unsigned long long* counts, int64_t rows, int64_t C,
+                                 int64_t num, int64_t s0, int64_t s1) {
+  for (int64_t base = static_cast<int64_t>(blockIdx.x) * blockDim.x; base < rows;
+       base += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t row = base + threadIdx.x;
+    const bool active = row < rows;
+    int64_t key = 0;
+    if (active) {
+      const T* p = logits + row * C;
+      float bv = static_cast<float>(p[0]);
+      int64_t bi = 0;
+      for (int64_t c = 1; c < C; ++c) {
+        const float v = static_cast<float>(p[c]);
+        if (better(v, c, bv, bi)) {
+          bv = v;
+          bi = c;
+        }
+      }
+      key = (row / num) * s0 + bi * s1;
+    }
+    vote(counts, key, active);
+  }
+}
+
+template <typename T>
+__global__ void votes_warp_kernel(const T* __restrict__ logits, unsigned long long* counts, int64_t rows, int64_t C,
+                                  int64_t num, int64_t s0, int64_t s1) {
+  const int lane = threadIdx.x & 31;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / 32);
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + (threadIdx.x >> 5); row < rows;
+       row += warps) {
+    const T* p = logits + row * C;
+    float bv = -INFINITY;
+    int64_t bi = C;  // sentinel: loses to any real element
+    for (int64_t c = lane; c < C; c += 32) {
+      const float v = static_cast<float>(p[c]);
+      if (bi == C || better(v, c, bv, bi)) {
+        bv = v;
+        bi = c;
+      }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+      const int64_t oi = __shfl_xor_sync(0xffffffffu, bi, o);
+      if (oi != C && (bi == C || better(ov, oi, bv, bi))) {
+        bv = ov;
+        bi = oi;
+      }
+    }
+    if (lane == 0) atomicAdd(counts + (row / num) * s0 + bi * s1, 1ull);
+  }
+}
+
+void count_votes_cuda(const at::Tensor& logits_in, at::Tensor& counts) {
+  check_votes(logits_in, counts);
+  const c10::cuda::CUDAGuard guard(logits_in.device());
+  const at::Tensor logits = logits_in.contiguous();
+  const int64_t B = counts.size(0), C = counts.size(1), rows = logits.size(0);
+  if (rows == 0) return;
+  const int64_t num = rows / B;
+  auto* cp = reinterpret_cast<unsigned long long*>(counts.data_ptr<int64_t>());
+  cudaStream_t st = at::cuda::getCurrentCUDAStream();
+  RO_DISPATCH_FLOATING(logits.scalar_type(), "count_votes_", [&] {
+    const scalar_t* lp = logits.data_ptr<scalar_t>();
+    if (C <= 32) {
+      votes_row_kernel<scalar_t><<<blocks_for(rows), kThreads, 0, st>>>(lp, cp, rows, C, num, counts.stride(0),
+                                                                          counts.stride(1));
+    } else {
+      votes_warp_kernel<scalar_t><<<blocks_for(rows * 32), kThreads, 0, st>>>(lp, cp, rows, C, num,
+                                                                                counts.stride(0), counts.stride(1));
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+}  // namespace
+}  // namespace robustops
+
+TORCH_LIBRARY_IMPL(robustops, CUDA, m) {
+  m.impl("gaussian_noise", &robustops::gaussian_noise_cuda);
+  m.impl("count_votes_", &robustops::count_votes_cuda);
+}
