@@ -1,0 +1,347 @@
+"""Reference models and checkpoints.
+
+- :class:`SmallCNN`: a small conv net for digits / MNIST-sized inputs.
+- :class:`PreActResNet18`: the pre-activation ResNet-18 used in the adversarial-training literature.
+- :func:`cifar_resnet`: He et al.'s CIFAR ResNets with 6n+2 layers (resnet20, resnet110, ...).
+- :class:`Normalize`: ``(x - mean) / std`` per channel, to put in front of a model.
+- :func:`get_model` builds one by name; :func:`save_checkpoint` / :func:`load_model` store and
+  restore ``{"model": name, "model_kwargs": {...}, "state_dict": ...}`` checkpoints, and also load
+  raw state dicts, TorchScript files and ``torch.export`` archives.
+"""
+from __future__ import annotations
+
+import os
+import re
+import zipfile
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["SmallCNN", "PreActResNet18", "CifarResNet", "cifar_resnet", "Normalize", "get_model", "MODEL_NAMES",
+           "save_checkpoint", "load_model"]
+
+
+class Normalize(nn.Module):
+    """``(x - mean) / std`` with per-channel mean / std (dim 1), kept as buffers so they follow the
+    module's device and are saved in its state dict."""
+
+    def __init__(self, mean: Union[float, Sequence[float]], std: Union[float, Sequence[float]]):
+        super().__init__()
+        mean_t = torch.as_tensor(mean, dtype=torch.float32).reshape(-1)
+        std_t = torch.as_tensor(std, dtype=torch.float32).reshape(-1)
+        if mean_t.numel() != std_t.numel() and 1 not in (mean_t.numel(), std_t.numel()):
+            raise ValueError(f"mean and std must have the same number of channels, got {mean_t.numel()} "
+                             f"and {std_t.numel()}")
+        if not bool((std_t > 0).all()):
+            raise ValueError(f"std must be > 0 for every channel, got {std_t.tolist()}")
+        self.register_buffer("mean", mean_t.reshape(1, -1, 1, 1))
+        self.register_buffer("std", std_t.reshape(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return (x - self.mean.reshape(shape).to(x.dtype)) / self.std.reshape(shape).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}"
+
+
+class SmallCNN(nn.Module):
+    """conv3x3(32) - ReLU - conv3x3(64) - ReLU - maxpool2 [- conv3x3(64) - ReLU - maxpool2 when
+    input_size >= 16] - fc(128) - ReLU - fc(num_classes). For 8x8 digits (default) and 28x28 MNIST."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, input_size: int = 8):
+        super().__init__()
+        if input_size < 2:
+            raise ValueError(f"input_size must be >= 2, got {input_size}")
+        layers = [nn.Conv2d(in_channels, 32, 3, padding=1), nn.ReLU(inplace=True),
+                  nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+        size = input_size // 2
+        if input_size >= 16:
+            layers += [nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+            size //= 2
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(64 * size * size, 128), nn.ReLU(inplace=True),
+                                        nn.Linear(128, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+# ------------------------------------------------------------------------ pre-activation ResNet
+
+class _PreActBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
+        self.shortcut = None
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(x))
+        skip = self.shortcut(out) if self.shortcut is not None else x
+        out = self.conv1(out)
+        out = self.conv2(F.relu(self.bn2(out)))
+        return out + skip
+
+
+class PreActResNet18(nn.Module):
+    """Pre-activation ResNet-18 (He et al. 2016, "Identity mappings"), the CIFAR variant: a 3x3 stem,
+    four stages of two blocks (64, 128, 256, 512 channels), global average pooling."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
+        stages, in_planes = [], 64
+        for planes, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+            stages.append(nn.Sequential(_PreActBlock(in_planes, planes, stride), _PreActBlock(planes, planes, 1)))
+            in_planes = planes
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.bn = nn.BatchNorm2d(512)
+        self.linear = nn.Linear(512, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv1(x)
+        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+        out = F.relu(self.bn(out))
+        out = F.adaptive_avg_pool2d(out, 1).flatten(1)
+        return self.linear(out)
+
+
+# ------------------------------------------------------------------------------ CIFAR ResNet
+
+class _BasicBlock(nn.Module):
+    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.stride = stride
+        self.pad = planes - in_planes  # option A: identity shortcut, subsampled and zero-padded
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        skip = x
+        if self.stride != 1:
+            skip = skip[:, :, ::self.stride, ::self.stride]
+        if self.pad:
+            skip = F.pad(skip, (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
+        return F.relu(out + skip)
+
+
+class CifarResNet(nn.Module):
+    """He et al. (2016) CIFAR ResNet with 6n+2 layers: a 3x3 conv (16), three stages of n basic blocks
+    (16, 32, 64 channels; stride 2 at stages 2 and 3; parameter-free shortcuts), global average
+    pooling and a linear layer."""
+
+    def __init__(self, depth: int = 20, num_classes: int = 10, in_channels: int = 3):
+        super().__init__()
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 8 or (depth - 2) % 6 != 0:
+            raise ValueError(f"depth must be 6n+2 with n >= 1 (20, 32, 44, 56, 110, ...), got {depth!r}")
+        n = (depth - 2) // 6
+        self.depth = depth
+        self.conv1 = nn.Conv2d(in_channels, 16, 3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        stages, in_planes = [], 16
+        for planes, stride in ((16, 1), (32, 2), (64, 2)):
+            blocks = []
+            for i in range(n):
+                blocks.append(_BasicBlock(in_planes, planes, stride if i == 0 else 1))
+                in_planes = planes
+            stages.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3 = stages
+        self.linear = nn.Linear(64, num_classes)
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(m.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.layer3(self.layer2(self.layer1(out)))
+        out = F.adaptive_avg_pool2d(out, 1).flatten(1)
+        return self.linear(out)
+
+
+def cifar_resnet(depth: int = 20, num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
+    """He et al.'s CIFAR ResNet with depth = 6n+2 layers (20 -> 0.27M parameters, 110 -> 1.7M)."""
+    return CifarResNet(depth=depth, num_classes=num_classes, in_channels=in_channels)
+
+
+# ------------------------------------------------------------------------------------ registry
+
+MODEL_NAMES = ("small_cnn", "preact_resnet18", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110")
+_RESNET = re.compile(r"^resnet(\d+)$")
+
+
+def get_model(name: str, num_classes: int = 10, in_channels: Optional[int] = None, input_size: Optional[int] = None,
+              mean=None, std=None) -> nn.Module:
+    """A model by name: "small_cnn", "preact_resnet18", "resnet20", "resnet110" (any "resnet<6n+2>").
+
+    num_classes; in_channels (default 1 for small_cnn, 3 otherwise); input_size (small_cnn: the
+    height / width of the input, default 8; the ResNets pool globally and take any size). With mean
+    and std, the model is ``nn.Sequential(Normalize(mean, std), model)``: it takes [0, 1] pixels."""
+    if not isinstance(name, str):
+        raise TypeError(f"model name must be a string, got {type(name).__name__}")
+    key = name.lower().replace("-", "_")
+    if key in ("small_cnn", "smallcnn"):
+        model = SmallCNN(in_channels=1 if in_channels is None else in_channels, num_classes=num_classes,
+                         input_size=8 if input_size is None else input_size)
+    elif key in ("preact_resnet18", "preactresnet18"):
+        model = PreActResNet18(num_classes=num_classes, in_channels=3 if in_channels is None else in_channels)
+    elif _RESNET.match(key) and key != "resnet18":
+        depth = int(_RESNET.match(key).group(1))
+        if (depth - 2) % 6 != 0 or depth < 8:
+            raise ValueError(f"unknown model {name!r}: CIFAR ResNets have depth 6n+2 (resnet20, resnet32, ..., "
+                             f"resnet110); known models: {', '.join(MODEL_NAMES)}")
+        model = cifar_resnet(depth, num_classes=num_classes, in_channels=3 if in_channels is None else in_channels)
+    else:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(MODEL_NAMES)}")
+    if (mean is None) != (std is None):
+        raise ValueError("give both mean and std (or neither)")
+    if mean is not None:
+        model = nn.Sequential(Normalize(mean, std), model)
+    return model
+
+
+# ---------------------------------------------------------------------------------- checkpoints
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    while True:
+        if hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):  # torch.compile
+            model = model._orig_mod
+        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        else:
+            return model
+
+
+def _plain(v):
+    """Checkpoint-safe form of a model kwarg (tensors and tuples become lists of floats)."""
+    if isinstance(v, torch.Tensor):
+        return v.tolist()
+    if isinstance(v, tuple):
+        return [_plain(e) for e in v]
+    return v
+
+
+def save_checkpoint(path: str, model: nn.Module, name: str, model_kwargs: Optional[dict] = None, **extra) -> str:
+    """Writes ``{"model": name, "model_kwargs": model_kwargs, "state_dict": model's state dict,
+    **extra}`` to path (atomically: a temporary file, then a rename), so that
+    ``load_model(path)`` rebuilds it with ``get_model(name, **model_kwargs)``. DDP / torch.compile
+    wrappers are unwrapped. Returns path."""
+    if not isinstance(name, str):
+        raise TypeError(f"name must be the model's registry name (a string), got {type(name).__name__}")
+    for reserved in ("model", "model_kwargs", "state_dict"):
+        if reserved in extra:
+            raise ValueError(f"{reserved!r} is a reserved checkpoint key; pass it another name")
+    kwargs = {k: _plain(v) for k, v in (model_kwargs or {}).items()}
+    state = {k: v.detach().cpu() for k, v in _unwrap(model).state_dict().items()}
+    ckpt = {"model": name, "model_kwargs": kwargs, "state_dict": state, **extra}
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        torch.save(ckpt, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def _archive_kind(path: str) -> Optional[str]:
+    """"jit" for a TorchScript archive, "export" for a torch.export archive, None otherwise."""
+    if not zipfile.is_zipfile(path):
+        return None
+    with zipfile.ZipFile(path) as z:
+        names = z.namelist()
+    if any(n.endswith("archive_format") or "/models/" in n and n.endswith(".json") for n in names) \
+            or path.endswith(".pt2"):
+        return "export"
+    if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
+        return "jit"
+    return None
+
+
+def _strip_prefixes(state: dict) -> dict:
+    for prefix in ("module.", "_orig_mod."):
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def _is_state_dict(obj) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(isinstance(k, str) for k in obj) \
+        and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def load_model(path: str, name: Optional[str] = None, map_location="cpu", trusted: bool = False,
+               **kwargs) -> nn.Module:
+    """A model from a file, in eval mode:
+
+    - a robustops checkpoint ``{"model", "model_kwargs", "state_dict"}`` (from :func:`save_checkpoint`);
+      keyword arguments override the saved model_kwargs;
+    - a raw state dict (or ``{"state_dict": ...}``): give the model ``name`` (and its kwargs);
+    - a TorchScript file (``torch.jit.save``) or a ``torch.export`` archive (``torch.export.save``).
+
+    Files are read with ``torch.load(weights_only=True)``; ``trusted=True`` allows arbitrary pickles
+    (a whole pickled nn.Module) from a source you trust."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no model file at {path!r}")
+    kind = _archive_kind(path)
+    if kind == "jit":
+        return torch.jit.load(path, map_location=map_location).eval()
+    if kind == "export":
+        module = torch.export.load(path).module()
+        try:
+            module.eval()
+        except (NotImplementedError, RuntimeError):
+            pass
+        return module
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=not trusted)
+    except Exception as e:  # noqa: BLE001
+        if trusted:
+            raise
+        raise ValueError(f"cannot read {path!r} as a weights-only checkpoint ({type(e).__name__}: {e}); "
+                         f"expected a robustops checkpoint, a state dict, a TorchScript or torch.export file. "
+                         f"If it is a pickled model from a source you trust, pass trusted=True") from e
+    if isinstance(obj, nn.Module):
+        return obj.eval()
+    if isinstance(obj, dict) and "state_dict" in obj and "model" in obj:
+        saved = obj["model"]
+        if not isinstance(saved, str):
+            raise ValueError(f"{path!r}: the checkpoint's 'model' entry must be a model name, got {type(saved).__name__}")
+        if name is not None and name.lower().replace("-", "_") != saved.lower().replace("-", "_"):
+            raise ValueError(f"{path!r} holds a {saved!r} model, but name={name!r} was asked for")
+        model_kwargs = dict(obj.get("model_kwargs") or {})
+        model_kwargs.update(kwargs)
+        try:
+            model = get_model(saved, **model_kwargs)
+        except ValueError as e:
+            raise ValueError(f"{path!r}: {e}") from e
+        state = obj["state_dict"]
+    else:
+        state = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
+        if not _is_state_dict(state):
+            raise ValueError(f"{path!r} is neither a robustops checkpoint ({{'model', 'model_kwargs', 'state_dict'}}) "
+                             f"nor a state dict nor a TorchScript / torch.export file")
+        if name is None:
+            raise ValueError(f"{path!r} is a raw state dict: pass the model name (name=... / --model) and its "
+                             f"kwargs; known models: {', '.join(MODEL_NAMES)}")
+        model = get_model(name, **kwargs)
+    state = _strip_prefixes(dict(state))
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise ValueError(f"{path!r}: the weights do not fit the model ({e})") from e
+    return model.eval()
