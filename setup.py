@@ -123,5 +123,7 @@ setup(
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     entry_points={"console_scripts": ["robustops=robustops.cli:main"]},
+    # The binary is tied to the torch it was compiled against.
+    install_requires=["torch==" + torch.__version__.split("+")[0], "numpy", "scipy", "tqdm", "matplotlib"],
     python_requires=">=3.9",
 )

@@ -1,0 +1,101 @@
+# One-command set-up and checks. `make test` and `make demo` work on a fresh clone: they create
+# .venv (torch pinned below), build the extension (CUDA kernels whenever nvcc is present) and run.
+# On a machine that already has torch, use its Python instead of .venv: `make test PY=python3`.
+TORCH_VERSION := 2.14.1
+CUDA_HOME ?= /usr/local/cuda
+export CUDA_HOME
+MAX_JOBS ?= 2
+export MAX_JOBS
+
+VENV := .venv
+ifdef PY
+PYTHON := $(PY)
+SETUP_STAMP :=
+else
+PYTHON := $(VENV)/bin/python
+SETUP_STAMP := $(VENV)/.stamp-$(TORCH_VERSION)
+endif
+
+# Compile the CUDA kernels whenever nvcc exists (and torch is a CUDA build): a CUDA compile error
+# then fails `make test`. No GPU is needed to compile; the default arch is Hopper (sm_90).
+NVCC := $(wildcard $(CUDA_HOME)/bin/nvcc)
+ifneq ($(NVCC),)
+BUILD_ENV := FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$${TORCH_CUDA_ARCH_LIST:-9.0}"
+CMAKE_CUDA ?= OFF
+else
+BUILD_ENV := ROBUSTOPS_CPU_ONLY=1
+CMAKE_CUDA ?= OFF
+endif
+
+SOURCES := $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu) setup.py
+EXT_STAMP := build/.ext-stamp
+CMAKE_STAMP := build/.cmake-stamp
+WHEEL_STAMP := build/.wheel-stamp
+PYTEST_ARGS ?=
+
+.PHONY: all setup build cmake wheel wheel-check test demo bench clean
+
+all: build
+
+$(VENV)/.stamp-$(TORCH_VERSION):
+	test -x $(VENV)/bin/python || python3 -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q --upgrade pip
+	$(VENV)/bin/python -m pip install -q torch==$(TORCH_VERSION) -r requirements-dev.txt
+	touch $@
+
+setup: $(SETUP_STAMP)
+
+$(EXT_STAMP): $(SETUP_STAMP) $(SOURCES)
+	mkdir -p build
+	$(BUILD_ENV) $(PYTHON) setup.py build_ext --inplace
+	$(PYTHON) -c "import robustops, json; print(json.dumps(robustops.build_info(), indent=1))"
+	touch $@
+
+build: $(EXT_STAMP)
+
+# The CMake target (librobustops.so). CPU-only by default here: on a machine without a full CUDA
+# toolkit torch's CMake config cannot be satisfied; `make cmake CMAKE_CUDA=ON` where it can.
+$(CMAKE_STAMP): $(SETUP_STAMP) $(SOURCES) CMakeLists.txt
+	cmake -S . -B build/cmake -G Ninja -DCMAKE_MAKE_PROGRAM="$$($(PYTHON) -c 'import ninja,os;print(os.path.join(ninja.BIN_DIR,"ninja"))')" \
+	  -DCMAKE_PREFIX_PATH="$$($(PYTHON) -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')" \
+	  -DROBUSTOPS_WITH_CUDA=$(CMAKE_CUDA)
+	cmake --build build/cmake -j $(MAX_JOBS)
+	touch $@
+
+cmake: $(CMAKE_STAMP)
+
+# A wheel, installed into a throwaway virtual environment and imported there (from /tmp, so the
+# source tree cannot shadow it). With .venv the throwaway venv is clean and pip installs torch and
+# the wheel's other requirements into it; with PY=... (a machine without internet) it sees PY's
+# packages and only the wheel is installed.
+ifdef PY
+WHEEL_VENV = $(PY) -m venv --system-site-packages build/wheel-venv
+WHEEL_INSTALL = build/wheel-venv/bin/python -m pip install -q --no-deps --no-index dist/robustops-*.whl
+else
+WHEEL_VENV = python3 -m venv build/wheel-venv
+WHEEL_INSTALL = build/wheel-venv/bin/python -m pip install -q dist/robustops-*.whl
+endif
+
+$(WHEEL_STAMP): $(EXT_STAMP)
+	rm -rf dist build/wheel-venv
+	$(BUILD_ENV) $(PYTHON) -m pip wheel -q --no-build-isolation --no-deps . -w dist
+	$(WHEEL_VENV)
+	$(WHEEL_INSTALL)
+	cd /tmp && $(CURDIR)/build/wheel-venv/bin/python -c "import robustops; \
+	  assert '/build/wheel-venv/' in robustops.__file__, robustops.__file__; \
+	  print('wheel imports:', robustops.__file__, robustops.build_info())"
+	touch $@
+
+wheel: $(WHEEL_STAMP)
+
+test: build cmake wheel
+	$(PYTHON) -m pytest tests -q $(PYTEST_ARGS)
+
+demo: build
+	$(PYTHON) -m robustops demo
+
+bench: build
+	$(PYTHON) benchmarks/bench_pgd_step.py
+
+clean:
+	rm -rf build dist robustops/_C*.so *.egg-info
