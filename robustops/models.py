@@ -48,21 +48,21 @@ class Normalize(nn.Module):
 
 
 class SmallCNN(nn.Module):
-    """conv3x3(32) - ReLU - conv3x3(64) - ReLU - maxpool2 [- conv3x3(64) - ReLU - maxpool2 when
+    """conv3x3(16) - ReLU - conv3x3(32) - ReLU - maxpool2 [- conv3x3(64) - ReLU - maxpool2 when
     input_size >= 16] - fc(128) - ReLU - fc(num_classes). For 8x8 digits (default) and 28x28 MNIST."""
 
     def __init__(self, in_channels: int = 1, num_classes: int = 10, input_size: int = 8):
         super().__init__()
         if input_size < 2:
             raise ValueError(f"input_size must be >= 2, got {input_size}")
-        layers = [nn.Conv2d(in_channels, 32, 3, padding=1), nn.ReLU(inplace=True),
-                  nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
-        size = input_size // 2
+        layers = [nn.Conv2d(in_channels, 16, 3, padding=1), nn.ReLU(inplace=True),
+                  nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+        size, channels = input_size // 2, 32
         if input_size >= 16:
-            layers += [nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
-            size //= 2
+            layers += [nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+            size, channels = size // 2, 64
         self.features = nn.Sequential(*layers)
-        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(64 * size * size, 128), nn.ReLU(inplace=True),
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(channels * size * size, 128), nn.ReLU(inplace=True),
                                         nn.Linear(128, num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
