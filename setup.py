@@ -79,11 +79,28 @@ def resolve():
     return with_cuda, why, archs or "", nvcc or ""
 
 
+def cpu_flags():
+    """AVX2 + FMA for the CPU kernels (at::vec then uses 256-bit vectors) when the build machine
+    has them, unless ROBUSTOPS_PORTABLE=1 asks for a baseline x86-64 binary."""
+    if env_flag("ROBUSTOPS_PORTABLE"):
+        return [], "baseline (ROBUSTOPS_PORTABLE=1)"
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        flags = []
+    if {"avx2", "fma", "f16c"} <= set(flags):
+        return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2",
+                '-DROBUSTOPS_CPU_CAPABILITY="avx2"'], "avx2"
+    return [], "baseline (no AVX2 on the build machine)"
+
+
 def extensions():
     with_cuda, why, archs, nvcc = resolve()
+    vec_flags, vec_why = cpu_flags()
     sources = ["csrc/robustops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     define = []
-    cxx = ["-O3", "-fopenmp", "-std=c++20"]
+    cxx = ["-O3", "-fopenmp", "-std=c++20"] + vec_flags
     include_dirs = [os.path.join(ROOT, "csrc")]
     cuda_inc = None
     if with_cuda:
@@ -103,6 +120,7 @@ def extensions():
           f"  CUDA kernels   {'yes' if with_cuda else 'no'} ({why})\n"
           f"  CUDA_HOME      {CUDA_HOME} (nvcc {nvcc or '-'})\n"
           f"  arch list      {archs or '-'}\n"
+          f"  CPU vectors    {vec_why}\n"
           f"  extra includes {cuda_inc or '-'}\n"
           f"  MAX_JOBS       {os.environ.get('MAX_JOBS', '-')}", flush=True)
     common = dict(name="robustops._C", sources=sources, include_dirs=include_dirs,

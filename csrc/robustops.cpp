@@ -42,6 +42,12 @@ std::string build_info() {
 #else
       "unknown"
 #endif
+    << "\", \"cpu_capability\": \"" <<
+#ifdef ROBUSTOPS_CPU_CAPABILITY
+      ROBUSTOPS_CPU_CAPABILITY
+#else
+      "baseline"
+#endif
     << "\", \"openmp\": " <<
 #ifdef _OPENMP
       "true"

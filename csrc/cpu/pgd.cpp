@@ -10,6 +10,8 @@
 #include <ATen/Dispatch.h>
 
 #include <cmath>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #include "../common.h"
@@ -20,6 +22,7 @@ namespace {
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kV = Vec::size();
 constexpr int64_t kGrain = 16384;  // elements per parallel task
+constexpr int64_t kCacheResident = 32768;  // samples up to this size are processed whole by one thread
 
 template <typename T>
 inline Vec vload(const T* p) {
@@ -125,10 +128,48 @@ void l2_sums(const T* xa, const T* x, const T* g, int64_t i0, int64_t i1, double
   out[2] += dgg;
 }
 
+// x_new = clamp(x + f (a + c g)) with c = alpha/||g||, f = min(1, eps/||a + c g||), from the sums
+// s = (sum a^2, sum a.g, sum g^2). Returns {c, f}; NaN sums stay NaN (only that sample is affected).
+inline std::pair<float, float> l2_factors(const double* s, float alpha, float eps) {
+  const double c = alpha / std::max(std::sqrt(s[2]), static_cast<double>(kTiny));
+  const double dn = std::sqrt(std::max(s[0] + 2.0 * c * s[1] + c * c * s[2], 0.0));
+  const double f = dn > eps ? eps / dn : (std::isnan(dn) ? dn : 1.0);
+  return {static_cast<float>(c), static_cast<float>(f)};
+}
+
+template <typename T>
+void l2_apply(T* xa, const T* x, const T* g, int64_t i0, int64_t i1, float c, float f, float lo, float hi) {
+  const Vec vc(c), vf(f), vlo(lo), vhi(hi);
+  int64_t i = i0;
+  for (; i + kV <= i1; i += kV) {
+    const Vec xv = vload(x + i);
+    const Vec d = vf * at::vec::fmadd(vc, vload(g + i), vload(xa + i) - xv);
+    vstore(xa + i, vclamp(xv + d, vlo, vhi));
+  }
+  for (; i < i1; ++i) {
+    const float xv = static_cast<float>(x[i]);
+    const float d = f * (static_cast<float>(xa[i]) - xv + c * static_cast<float>(g[i]));
+    xa[i] = static_cast<T>(clampf(xv + d, lo, hi));
+  }
+}
+
 template <typename T>
 void l2_step(T* xa, const T* x, const T* g, int64_t B, int64_t D, SampleParam eps, SampleParam alpha, float lo,
              float hi) {
-  // Pass 1: per-sample sums. Each sample is cut into chunks so small batches still use all threads.
+  // Enough samples to feed every thread and each small enough to stay in the core's cache: one task
+  // per sample, whose second (apply) pass re-reads the sample from cache instead of memory.
+  if (D <= kCacheResident && B >= 2 * at::get_num_threads()) {
+    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        double s[3] = {0, 0, 0};
+        l2_sums(xa, x, g, b * D, (b + 1) * D, s);
+        const auto [c, f] = l2_factors(s, alpha.get(b), eps.get(b));
+        l2_apply(xa, x, g, b * D, (b + 1) * D, c, f, lo, hi);
+      }
+    });
+    return;
+  }
+  // Otherwise: per-chunk partial sums over all threads, then the update.
   const int64_t nchunk = (D + kGrain - 1) / kGrain;
   std::vector<double> part(static_cast<size_t>(B * nchunk * 3), 0.0);
   at::parallel_for(0, B * nchunk, 1, [&](int64_t t0, int64_t t1) {
@@ -138,36 +179,16 @@ void l2_step(T* xa, const T* x, const T* g, int64_t B, int64_t D, SampleParam ep
       l2_sums(xa, x, g, i0, i1, &part[static_cast<size_t>(t * 3)]);
     }
   });
-  // Per sample: x_new = clamp(x + f (a + c g)), c = alpha/||g||, f = min(1, eps/||a + c g||).
   std::vector<float> cf(static_cast<size_t>(B * 2));
   for (int64_t b = 0; b < B; ++b) {
     double s[3] = {0, 0, 0};
     for (int64_t c = 0; c < nchunk; ++c)
       for (int k = 0; k < 3; ++k) s[k] += part[static_cast<size_t>((b * nchunk + c) * 3 + k)];
-    const double c = alpha.get(b) / std::max(std::sqrt(s[2]), static_cast<double>(kTiny));
-    const double dn = std::sqrt(std::max(s[0] + 2.0 * c * s[1] + c * c * s[2], 0.0));
-    const double e = eps.get(b);
-    // NaN sums must stay NaN (only this sample is affected), so test "dn > e" rather than "dn <= e".
-    const double f = dn > e ? e / dn : (std::isnan(dn) ? dn : 1.0);
-    cf[b * 2] = static_cast<float>(c);
-    cf[b * 2 + 1] = static_cast<float>(f);
+    std::tie(cf[b * 2], cf[b * 2 + 1]) = l2_factors(s, alpha.get(b), eps.get(b));
   }
-  // Pass 2: the update.
   at::parallel_for(0, B * D, kGrain, [&](int64_t begin, int64_t end) {
     for_each_sample_piece(begin, end, D, [&](int64_t b, int64_t i0, int64_t i1) {
-      const float c = cf[b * 2], f = cf[b * 2 + 1];
-      const Vec vc(c), vf(f), vlo(lo), vhi(hi);
-      int64_t i = i0;
-      for (; i + kV <= i1; i += kV) {
-        const Vec xv = vload(x + i);
-        const Vec d = vf * at::vec::fmadd(vc, vload(g + i), vload(xa + i) - xv);
-        vstore(xa + i, vclamp(xv + d, vlo, vhi));
-      }
-      for (; i < i1; ++i) {
-        const float xv = static_cast<float>(x[i]);
-        const float d = f * (static_cast<float>(xa[i]) - xv + c * static_cast<float>(g[i]));
-        xa[i] = static_cast<T>(clampf(xv + d, lo, hi));
-      }
+      l2_apply(xa, x, g, i0, i1, cf[b * 2], cf[b * 2 + 1], lo, hi);
     });
   });
 }

@@ -1,0 +1,83 @@
+"""pgd_step_ (and random_init / recycle_step_) against eager PyTorch and torch.compile, side by side.
+
+Eager is the torchattacks-style sequence of small ops (robustops.reference.pgd_step); torch.compile
+compiles that same function. Every figure is printed with the achieved bandwidth as a fraction of
+the device's copy bandwidth measured in this run. The useful bytes of a step are 3 reads + 1 write
+(x_adv, x, grad in; x_adv out) for both norms: the least any implementation must move.
+
+    python benchmarks/bench_pgd_step.py                 # GPU if present, else CPU
+    python benchmarks/bench_pgd_step.py --device cpu --sizes cifar
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [_HERE, os.path.dirname(_HERE)]  # benchmarks/common.py and the source tree
+import robustops as ro  # noqa: E402
+from robustops import reference as ref  # noqa: E402
+from common import append_csv, bench, copy_bandwidth, device_name, stamp  # noqa: E402
+
+SIZES = {"cifar": (512, 3, 32, 32), "imagenet": (256, 3, 224, 224)}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--sizes", default="cifar,imagenet")
+    p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--norms", default="linf,l2")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    p.add_argument("--min-time", type=float, default=0.5, help="seconds of timing per figure")
+    p.add_argument("--csv", default="pgd_step.csv")
+    args = p.parse_args(argv)
+    dev = args.device
+    torch.manual_seed(0)
+    bw = copy_bandwidth(dev)
+    name = device_name(dev)
+    print(f"device: {name}; copy bandwidth (read + write): {bw / 1e9:.1f} GB/s; torch {torch.__version__}")
+    compiled = None if args.no_compile else torch.compile(ref.pgd_step, dynamic=False)
+    rows = []
+    header = f"{'size':>18} {'dtype':>8} {'norm':>4} | {'provider':>13} {'time':>10} {'GB/s':>7} {'of copy':>7} {'vs eager':>8}"
+    print(header)
+    print("-" * len(header))
+    for size in args.sizes.split(","):
+        shape = SIZES[size]
+        for dt in args.dtypes.split(","):
+            dtype = getattr(torch, dt)
+            x = torch.rand(shape, device=dev).to(dtype)
+            grad = torch.randn(shape, device=dev).to(dtype)
+            x_adv = ro.random_init(x, 8 / 255, "linf", seed=0)
+            nbytes = 4 * x.numel() * x.element_size()
+            for norm in args.norms.split(","):
+                eps, alpha = (8 / 255, 2 / 255) if norm == "linf" else (0.5, 0.1)
+                providers = {
+                    "eager": lambda: ref.pgd_step(x_adv, x, grad, eps, alpha, norm, 0.0, 1.0),
+                    "robustops": lambda: ro.pgd_step_(x_adv, x, grad, eps, alpha, norm, 0.0, 1.0),
+                }
+                if compiled is not None:
+                    providers["torch_compile"] = lambda: compiled(x_adv, x, grad, eps, alpha, norm, 0.0, 1.0)
+                times = {k: bench(f, dev, min_time=args.min_time) for k, f in providers.items()}
+                for k in ("eager", "torch_compile", "robustops"):
+                    if k not in times:
+                        continue
+                    t = times[k]
+                    gbs = nbytes / t / 1e9
+                    frac = nbytes / t / bw
+                    print(f"{str(shape):>18} {dt:>8} {norm:>4} | {k:>13} {t * 1e3:>8.3f}ms {gbs:>7.1f} "
+                          f"{frac:>7.1%} {times['eager'] / t:>7.2f}x")
+                    rows.append(dict(**stamp(), device=name, op="pgd_step_", shape="x".join(map(str, shape)),
+                                     dtype=dt, norm=norm, provider=k, time_ms=round(t * 1e3, 5),
+                                     gb_per_s=round(gbs, 2), fraction_of_copy=round(frac, 4),
+                                     speedup_vs_eager=round(times["eager"] / t, 3),
+                                     copy_gb_per_s=round(bw / 1e9, 2)))
+    path = append_csv(args.csv, rows)
+    print(f"results appended to {path}")
+
+
+if __name__ == "__main__":
+    main()
