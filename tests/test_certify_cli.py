@@ -1,0 +1,199 @@
+"""`robustops certify` end to end on the embedded digits: the TSV, resuming after an interruption,
+checkpoint formats, torchrun sharding, errors."""
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from robustops import smoothing as sm
+from robustops.models import save_checkpoint
+
+from helpers import train_digits_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COMMON = ["--sigma", "0.25", "--N0", "16", "--N", "96", "--alpha", "0.01", "--batch", "300", "--skip", "12",
+          "--seed", "3", "--no-progress"]
+N_ROWS = len(range(0, 360, 12))  # the digits test split has 360 inputs
+
+
+def run(args):
+    """`robustops certify ARGS` in this process (the parser robustops.cli builds for the subcommand)."""
+    p = argparse.ArgumentParser(prog="robustops certify")
+    sm.cli_certify_args(p)
+    return sm.cli_certify(p.parse_args([str(a) for a in args]))
+
+
+def env():
+    e = dict(os.environ)
+    e["PYTHONPATH"] = ROOT + os.pathsep + e.get("PYTHONPATH", "")
+    e["OMP_NUM_THREADS"] = "1"
+    return e
+
+
+def rows(path):
+    """The rows without the time column."""
+    with open(path) as fh:
+        lines = fh.read().splitlines()
+    assert lines[0] == "idx\tlabel\tpredict\tradius\tcorrect\ttime"
+    return [tuple(line.split("\t")[:5]) for line in lines[1:]]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    d = tmp_path_factory.mktemp("certify")
+    model = train_digits_model(epochs=4, seed=0)
+    return save_checkpoint(str(d / "digits.pt"), model, "small_cnn", {}), model
+
+
+@pytest.fixture(scope="module")
+def reference_run(ckpt, tmp_path_factory):
+    """An uninterrupted single-process run."""
+    out = str(tmp_path_factory.mktemp("ref") / "ref.tsv")
+    assert run(["--checkpoint", ckpt[0], "-o", out] + COMMON) == 0
+    return out, rows(out)
+
+
+def test_reference_run_is_sensible(reference_run):
+    _, r = reference_run
+    assert [int(x[0]) for x in r] == list(range(0, 360, 12))
+    correct = np.array([int(x[4]) for x in r], dtype=bool)
+    radius = np.array([float(x[3]) for x in r])
+    pred, label = np.array([int(x[2]) for x in r]), np.array([int(x[1]) for x in r])
+    assert np.array_equal(correct, pred == label)
+    assert np.all(radius[pred == -1] == 0) and np.all(radius >= 0)
+    assert correct.mean() >= 0.7
+    assert radius.max() <= 0.25 * 2.33  # N = 96 at alpha 0.01 caps pA_lower at 0.01 ** (1/96)
+
+
+def test_cli_subprocess_end_to_end(ckpt, reference_run, tmp_path):
+    out, png = tmp_path / "run.tsv", tmp_path / "curve.png"
+    p = subprocess.run([sys.executable, "-m", "robustops", "certify", "--checkpoint", ckpt[0], "-o", str(out),
+                        "--plot", str(png)] + COMMON, cwd=ROOT, env=env(), capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert rows(out) == reference_run[1]
+    r = rows(out)
+    radius = np.array([float(x[3]) for x in r])
+    correct = np.array([int(x[4]) for x in r])
+    assert f"ACR {sm.acr(radius, correct):.4f}" in p.stdout
+    acc = sm.certified_accuracy(radius, correct, sm.STANDARD_RADII)
+    assert f"r=0.25: {acc[1]:.3f}" in p.stdout
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_resume_after_max(ckpt, reference_run, tmp_path):
+    out = str(tmp_path / "part.tsv")
+    assert run(["--checkpoint", ckpt[0], "-o", out, "--max", "150"] + COMMON) == 0
+    assert len(rows(out)) == len(range(0, 150, 12))
+    assert run(["--checkpoint", ckpt[0], "-o", out, "--resume"] + COMMON) == 0
+    assert rows(out) == reference_run[1]
+    # Resuming a finished run certifies nothing and changes nothing.
+    assert run(["--checkpoint", ckpt[0], "-o", out, "--resume"] + COMMON) == 0
+    assert rows(out) == reference_run[1]
+
+
+def test_resume_after_truncation(ckpt, reference_run, tmp_path):
+    ref_bytes = open(reference_run[0], "rb").read()
+    lines = ref_bytes.split(b"\n")
+    header = len(lines[0]) + 1
+    mid_row = header + sum(len(x) + 1 for x in lines[1:8]) + 5     # row 8 cut after 5 bytes
+    at_boundary = header + sum(len(x) + 1 for x in lines[1:12])    # exactly 11 complete rows
+    no_newline = at_boundary + len(lines[12])                      # row 12 complete but for its newline
+    for cut in (mid_row, at_boundary, no_newline, header, header - 3, 0):
+        out = str(tmp_path / f"cut{cut}.tsv")
+        with open(out, "wb") as fh:
+            fh.write(ref_bytes[:cut])
+        assert run(["--checkpoint", ckpt[0], "-o", out, "--resume"] + COMMON) == 0, cut
+        assert rows(out) == reference_run[1], cut
+
+
+def test_without_resume_starts_over(ckpt, reference_run, tmp_path):
+    out = str(tmp_path / "again.tsv")
+    shutil.copy(reference_run[0], out)
+    with open(out, "a") as fh:
+        fh.write("999\t1\t1\t0.5\t1\t0.1\n")
+    assert run(["--checkpoint", ckpt[0], "-o", out] + COMMON) == 0
+    assert rows(out) == reference_run[1]
+
+
+def test_checkpoint_formats(ckpt, reference_run, tmp_path):
+    model = ckpt[1]
+    sd = str(tmp_path / "sd.pt")
+    torch.save(model.state_dict(), sd)
+    out = str(tmp_path / "sd.tsv")
+    assert run(["--checkpoint", sd, "--model", "small_cnn", "-o", out] + COMMON) == 0
+    assert rows(out) == reference_run[1]
+    assert run(["--checkpoint", sd, "-o", out] + COMMON) == 2  # a raw state dict needs --model
+    ts = str(tmp_path / "model.ts")
+    torch.jit.script(model).save(ts)
+    out = str(tmp_path / "ts.tsv")
+    assert run(["--checkpoint", ts, "-o", out] + COMMON) == 0
+    assert rows(out) == reference_run[1]
+
+
+def test_normalize_layer_is_fused(tmp_path):
+    from robustops.models import Normalize, get_model
+
+    model = get_model("small_cnn", mean=[0.3], std=[0.4])
+    body, mean, std = sm._split_normalize(model)
+    assert body is model[1] and mean == pytest.approx([0.3]) and std == pytest.approx([0.4])
+    assert sm._split_normalize(model[1]) == (model[1], None, None)
+    path = save_checkpoint(str(tmp_path / "n.pt"), model, "small_cnn", {"mean": [0.3], "std": [0.4]})
+    out = str(tmp_path / "n.tsv")
+    assert run(["--checkpoint", path, "-o", out, "--max", "40"] + COMMON) == 0
+    assert len(rows(out)) == 4
+    assert isinstance(model[0], Normalize)
+
+
+def test_torchrun_two_processes_match_one(ckpt, reference_run, tmp_path):
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun not found")
+    out = tmp_path / "dist.tsv"
+    p = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "robustops", "certify",
+                        "--checkpoint", ckpt[0], "-o", str(out)] + COMMON, cwd=ROOT, env=env(),
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert rows(out) == reference_run[1]
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".part")]
+    assert "2 process(es)" in p.stdout
+
+
+def test_distributed_parts_are_merged_on_resume(ckpt, reference_run, tmp_path):
+    """Part files left by a killed 2-process run (with partial last lines) are picked up by a
+    single-process --resume: no row lost, none duplicated."""
+    out = str(tmp_path / "killed.tsv")
+    ref = open(reference_run[0]).read().splitlines()
+    body = ref[1:]
+    for rank in (0, 1):
+        mine = body[rank::2][:6]
+        with open(sm._part_path(out, rank), "w") as fh:
+            fh.write("\n".join([ref[0]] + mine) + "\n" + mine[-1][:7])
+    assert run(["--checkpoint", ckpt[0], "-o", out, "--resume"] + COMMON) == 0
+    assert rows(out) == reference_run[1]
+    assert not sm._part_files(out)
+
+
+def test_errors_name_the_argument(ckpt, tmp_path, capsys):
+    out = str(tmp_path / "e.tsv")
+    cases = [(["--sigma", "0"], "--sigma"), (["--alpha", "1.5"], "--alpha"), (["--N", "0"], "--N"),
+             (["--batch", "0"], "--batch"), (["--skip", "0"], "--skip"), (["--data", str(tmp_path / "none")], "--data")]
+    for extra, name in cases:
+        assert run(["--checkpoint", ckpt[0], "-o", out] + COMMON + extra) == 2, extra
+        assert name in capsys.readouterr().err
+    assert run(["--checkpoint", str(tmp_path / "missing.pt"), "-o", out] + COMMON) == 2
+    assert "--checkpoint" in capsys.readouterr().err
+    base = ["--checkpoint", ckpt[0], "-o", out] + COMMON
+    base[base.index("--sigma"):base.index("--sigma") + 2] = []
+    assert run(base) == 2  # a natural checkpoint does not say its sigma
+    assert "--sigma" in capsys.readouterr().err
+    with open(out, "w") as fh:
+        fh.write("something else\n")
+    assert run(["--checkpoint", ckpt[0], "-o", out, "--resume"] + COMMON) == 2
+    assert "not a robustops certify TSV" in capsys.readouterr().err
+    assert open(out).read() == "something else\n"
