@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 import zipfile
 from typing import Optional, Sequence, Union
 
@@ -299,7 +300,9 @@ def load_model(path: str, name: Optional[str] = None, map_location="cpu", truste
         raise FileNotFoundError(f"no model file at {path!r}")
     kind = _archive_kind(path)
     if kind == "jit":
-        return torch.jit.load(path, map_location=map_location).eval()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # TorchScript's deprecation notice
+            return torch.jit.load(path, map_location=map_location).eval()
     if kind == "export":
         module = torch.export.load(path).module()
         try:
