@@ -628,9 +628,14 @@ class PGD:
 
     def _graph_key(self, x, record):
         net = self._net
+        # The graph reads the model's parameters and buffers where they were at capture: a model moved
+        # or re-allocated since (.to(), new tensors) gets a new graph.
+        storage = tuple(t.data_ptr() for t in net.parameters()) + tuple(t.data_ptr() for t in net.buffers()) \
+            if isinstance(net, nn.Module) else ()
         return (tuple(x.shape), x.dtype, x.device, _memory_format(x), record, self.targeted, self.norm, self.clip,
                 id(self.loss) if callable(self.loss) else self.loss, self.dtype, self.train_mode, self.steps,
-                id(net), None if self.mean is None else (tuple(self.mean.tolist()), tuple(self.std.tolist())))
+                id(net), hash(storage),
+                None if self.mean is None else (tuple(self.mean.tolist()), tuple(self.std.tolist())))
 
     def _graph_run(self, x, xa0, y, t, eps, alpha, record, need_eval, skip) -> Optional[_Run]:
         key = self._graph_key(x, record)

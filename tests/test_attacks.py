@@ -521,3 +521,39 @@ def test_graph_capture_failure_falls_back_with_warning(data):
     with pytest.warns(UserWarning, match="capture failed"):
         g = A.PGD(m, eps=0.1, steps=3, seed=0, graph=True)(x, y)
     torch.testing.assert_close(g, eager, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["plain", "record", "early_stop", "restarts"])
+def test_graph_path_logic_with_simulated_replay(model, data, mode, monkeypatch):
+    """The graph path's bookkeeping (static buffers, in-graph step recording, restarts, re-capture for
+    new shapes) on CPU, with the capture replaced by calling the iteration directly: it must give the
+    eager path's answer. The real capture is tested on CUDA above."""
+    x, y = data
+
+    class FakeGraph:
+        def __init__(self, fn):
+            self.replay = fn
+
+    def fake_capture(self):
+        self.iteration()  # one warm-up step that must not leak into the results
+        self._restore([(b, b.detach().clone()) for b in self.attack._net.buffers()], self.xa.clone())
+        self.graph = FakeGraph(self.iteration)
+
+    monkeypatch.setattr(A._GraphIteration, "capture", fake_capture)
+    monkeypatch.setattr(A.PGD, "_use_graph", lambda self, x: self.graph)
+    kw = {"plain": {}, "record": {"record_steps": True}, "early_stop": {"early_stop": True},
+          "restarts": {"restarts": 2}}[mode]
+    eps = torch.full((N_EVAL,), 0.1)
+    eps[::3] = 0.05
+    eager = A.PGD(model, eps=eps, steps=6, seed=9, **kw).perturb(x, y)
+    atk = A.PGD(model, eps=eps, steps=6, seed=9, graph=True, **kw)
+    graph = atk.perturb(x, y)
+    assert len(atk._graphs) == 1
+    assert torch.equal(eager.success, graph.success)
+    assert torch.equal(eager.success_step, graph.success_step)
+    torch.testing.assert_close(graph.x_adv, eager.x_adv, atol=1e-6, rtol=0)
+    # a second batch shape captures a second graph, the first is reused afterwards
+    small = atk.perturb(x[:10], y[:10], eps=eps[:10], offset=0)
+    again = atk.perturb(x, y, eps=eps, offset=0)
+    assert len(atk._graphs) == 2
+    assert torch.equal(small.success, graph.success[:10]) and torch.equal(again.x_adv, graph.x_adv)
