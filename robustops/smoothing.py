@@ -129,6 +129,23 @@ def _check_seed(seed) -> int:
     return int(seed) & ((1 << 63) - 1)
 
 
+def _channel_stat(v, name: str) -> Optional[torch.Tensor]:
+    """mean / std as a float32 CPU tensor (a scalar or [C]), checked once here; each call moves it to
+    the device once, so that no per-batch host-to-device copy stalls the stream."""
+    if v is None:
+        return None
+    try:
+        t = torch.as_tensor(v, dtype=torch.float32).detach().cpu()
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{name} must be a float or a sequence / Tensor of per-channel floats, got {v!r}") from None
+    if t.dim() > 1:
+        raise ValueError(f"{name} must be a float or one value per channel, got shape {list(t.shape)}")
+    if not bool(torch.isfinite(t).all()) or (name == "std" and not bool((t > 0).all())):
+        raise ValueError(f"{name} must be finite{' and > 0' if name == 'std' else ''} for every channel, "
+                         f"got {t.tolist()}")
+    return t
+
+
 _AUTOCAST = {None: None, "none": None, "fp32": None, "float32": None,
              "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, torch.bfloat16: torch.bfloat16,
              "fp16": torch.float16, "float16": torch.float16, "half": torch.float16, torch.float16: torch.float16}
@@ -165,8 +182,8 @@ class Smooth:
         self.base_classifier = base_classifier
         self.num_classes = int(num_classes)
         self.sigma = float(sigma)
-        self.mean = mean
-        self.std = std
+        self.mean = _channel_stat(mean, "mean")
+        self.std = _channel_stat(std, "std")
         self.autocast = _AUTOCAST[autocast]
         self.channels_last = bool(channels_last)
         self.input_shape = None if input_shape is None else tuple(int(s) for s in input_shape)
@@ -259,6 +276,8 @@ class Smooth:
             raise ValueError(f"channels_last needs 4-D or 5-D inputs x, got x of shape {list(x.shape)}")
         if x.dtype == torch.float64:
             x = x.float()
+        if not (x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))):
+            x = x.contiguous()  # the slices x[i:j] handed to gaussian_noise must be dense
         device = self.device or x.device
         return x.to(device), x.shape[0]
 
@@ -301,6 +320,8 @@ class Smooth:
             return counts.cpu().numpy()
         keys = [_phase_seed(seed, p) for _, p in phases]
         noise_dtype = self.autocast or x.dtype
+        mean = None if self.mean is None else self.mean.to(x.device)
+        std = None if self.std is None else self.std.to(x.device)
         # Walk the stream: (row, first sample, count) pieces of each batch of batch_size samples.
         pieces: List[Tuple[int, int, int]] = []
         filled = 0
@@ -314,16 +335,17 @@ class Smooth:
                     filled += take
                     j += take
                     if filled == batch_size:
-                        self._run_batch(x, idx, phases, keys, pieces, counts, noise_dtype)
+                        self._run_batch(x, idx, phases, keys, pieces, counts, noise_dtype, mean, std)
                         pieces, filled = [], 0
             if pieces:
-                self._run_batch(x, idx, phases, keys, pieces, counts, noise_dtype)
+                self._run_batch(x, idx, phases, keys, pieces, counts, noise_dtype, mean, std)
         return counts.cpu().numpy()  # the one host synchronization
 
-    def _run_batch(self, x, idx, phases, keys, pieces, counts, noise_dtype) -> None:
+    def _run_batch(self, x, idx, phases, keys, pieces, counts, noise_dtype, mean, std) -> None:
         B = x.shape[0]
-        # Noise: one gaussian_noise call per run of whole inputs with consecutive global indices (their
-        # Philox samples are consecutive), one per partial input.
+        # The pieces of a batch hold consecutive count rows (the stream's order).
+        # Noise: one gaussian_noise call per run of whole inputs of one phase with consecutive global
+        # indices (their Philox samples are consecutive), one per partial input.
         noise = []
         k = 0
         while k < len(pieces):
@@ -332,11 +354,11 @@ class Smooth:
             m = phases[p][0]
             end = k + 1
             if take == m:
-                while (end < len(pieces) and pieces[end][2] == m and pieces[end][0] == row + (end - k)
-                       and (pieces[end][0] // B) == p and idx[i + end - k] == idx[i] + end - k):
+                while (end < len(pieces) and pieces[end][2] == m and pieces[end][0] // B == p
+                       and idx[i + end - k] == idx[i] + end - k):
                     end += 1
             noise.append(ops.gaussian_noise(x[i:i + end - k], take, self.sigma, seed=keys[p], offset=idx[i] * m + j,
-                                            mean=self.mean, std=self.std, out_dtype=noise_dtype,
+                                            mean=mean, std=std, out_dtype=noise_dtype,
                                             channels_last=self.channels_last))
             k = end
         batch = noise[0] if len(noise) == 1 else torch.cat(noise)

@@ -255,6 +255,9 @@ def test_results_do_not_depend_on_batching_or_neighbours():
     perm = [7, 2, 4]
     sub = smooth.certify(x[perm], 13, 37, 0.05, 50, seed=3, indices=idx[perm])
     assert torch.equal(sub.counts, runs[0].counts[perm])
+    # A non-contiguous x holding the same values.
+    strided = x.transpose(2, 3).contiguous().transpose(2, 3)
+    assert torch.equal(smooth.certify(strided, 13, 37, 0.05, 64, seed=3, indices=idx).counts, runs[0].counts)
     # Another seed gives other votes.
     other = smooth.certify(x, 13, 37, 0.05, 64, seed=4, indices=idx)
     assert not torch.equal(other.counts, runs[0].counts)
