@@ -703,7 +703,7 @@ def _certify_run(args, dataset, info, model, sigma, mean, std, rank, world, devi
     mine = [i for i in (rodata.shard(selected, rank, world) if world > 1 else selected) if i not in done]
     barrier()  # everyone has read the part files before any is truncated
 
-    model.to(device).eval()
+    model.to(device)  # load_model returns it in eval mode (exported programs refuse .eval())
     smooth = Smooth(model, int(info["num_classes"]), sigma, mean=mean, std=std,
                     autocast=None if args.amp == "none" else args.amp, channels_last=args.channels_last,
                     input_shape=tuple(info["input_shape"]), device=device)

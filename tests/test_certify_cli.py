@@ -134,6 +134,24 @@ def test_checkpoint_formats(ckpt, reference_run, tmp_path):
     out = str(tmp_path / "ts.tsv")
     assert run(["--checkpoint", ts, "-o", out] + COMMON) == 0
     assert rows(out) == reference_run[1]
+    ep = torch.export.export(model, (torch.rand(4, 1, 8, 8),),
+                             dynamic_shapes={"x": {0: torch.export.Dim("batch", max=1 << 20)}})
+    pt2 = str(tmp_path / "model.pt2")
+    torch.export.save(ep, pt2)
+    out = str(tmp_path / "pt2.tsv")
+    assert run(["--checkpoint", pt2, "-o", out, "--max", "100"] + COMMON) == 0
+    assert rows(out) == reference_run[1][:len(range(0, 100, 12))]
+
+
+def test_npz_dataset(ckpt, reference_run, tmp_path):
+    from robustops.data import load_digits
+
+    x, y = load_digits("test").tensors
+    path = str(tmp_path / "digits_test.npz")
+    np.savez(path, x_test=x.numpy(), y_test=y.numpy())
+    out = str(tmp_path / "npz.tsv")
+    assert run(["--checkpoint", ckpt[0], "--data", path, "-o", out] + COMMON) == 0
+    assert rows(out) == reference_run[1]
 
 
 def test_normalize_layer_is_fused(tmp_path):

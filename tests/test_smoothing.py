@@ -244,15 +244,15 @@ def test_noise_depends_only_on_seed_and_index():
 
 def test_results_do_not_depend_on_batching_or_neighbours():
     net = conv_net()
-    x = torch.rand(9, 3, 6, 6)
-    idx = torch.arange(100, 109)
+    x = torch.rand(6, 3, 6, 6)
+    idx = torch.arange(100, 106)
     smooth = Smooth(net, 5, 0.5)
-    runs = [smooth.certify(x, 13, 37, 0.05, bs, seed=3, indices=idx) for bs in (7, 10, 64, 1000)]
+    runs = [smooth.certify(x, 13, 37, 0.05, bs, seed=3, indices=idx) for bs in (7, 64, 1000)]
     for r in runs[1:]:
         assert torch.equal(r.counts, runs[0].counts) and torch.equal(r.selection_counts, runs[0].selection_counts)
         assert torch.equal(r.radius, runs[0].radius)
     # A subset, in another order, with other neighbours.
-    perm = [7, 2, 4]
+    perm = [5, 2, 4]
     sub = smooth.certify(x[perm], 13, 37, 0.05, 50, seed=3, indices=idx[perm])
     assert torch.equal(sub.counts, runs[0].counts[perm])
     # A non-contiguous x holding the same values.
