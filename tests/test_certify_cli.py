@@ -154,18 +154,37 @@ def test_npz_dataset(ckpt, reference_run, tmp_path):
     assert rows(out) == reference_run[1]
 
 
-def test_normalize_layer_is_fused(tmp_path):
-    from robustops.models import Normalize, get_model
+def test_normalize_layer_is_split_off():
+    from robustops.models import get_model
 
     model = get_model("small_cnn", mean=[0.3], std=[0.4])
     body, mean, std = sm._split_normalize(model)
     assert body is model[1] and mean == pytest.approx([0.3]) and std == pytest.approx([0.4])
     assert sm._split_normalize(model[1]) == (model[1], None, None)
-    path = save_checkpoint(str(tmp_path / "n.pt"), model, "small_cnn", {"mean": [0.3], "std": [0.4]})
-    out = str(tmp_path / "n.tsv")
-    assert run(["--checkpoint", path, "-o", out, "--max", "40"] + COMMON) == 0
-    assert len(rows(out)) == 4
-    assert isinstance(model[0], Normalize)
+
+
+def test_training_metadata_sets_sigma_and_normalization(ckpt, reference_run, tmp_path):
+    """A checkpoint of Gaussian-noise training (robustops train --method gaussian) carries its sigma,
+    and the mean / std its model was trained behind; certify uses both."""
+    path = save_checkpoint(str(tmp_path / "g.pt"), ckpt[1], "small_cnn", {}, method="gaussian", sigma=0.25,
+                           mean=None, std=None)
+    no_sigma = [a for a in COMMON if a not in ("--sigma", "0.25")]
+    out = str(tmp_path / "g.tsv")
+    assert run(["--checkpoint", path, "-o", out] + no_sigma) == 0
+    assert rows(out) == reference_run[1]
+    path = save_checkpoint(str(tmp_path / "gn.pt"), ckpt[1], "small_cnn", {}, method="gaussian", sigma=0.25,
+                           mean=[0.5], std=[0.5])
+    out_n = str(tmp_path / "gn.tsv")
+    assert run(["--checkpoint", path, "-o", out_n, "--max", "100"] + no_sigma) == 0
+    # The same as the model behind a Normalize layer (which certify also fuses into the noise).
+    from robustops.models import get_model
+
+    behind = get_model("small_cnn", mean=[0.5], std=[0.5])
+    behind[1].load_state_dict(ckpt[1].state_dict())
+    path = save_checkpoint(str(tmp_path / "behind.pt"), behind, "small_cnn", {"mean": [0.5], "std": [0.5]})
+    out_b = str(tmp_path / "behind.tsv")
+    assert run(["--checkpoint", path, "-o", out_b, "--max", "100"] + COMMON) == 0
+    assert rows(out_n) == rows(out_b) and rows(out_n) != reference_run[1][:len(rows(out_n))]
 
 
 def test_torchrun_two_processes_match_one(ckpt, reference_run, tmp_path):
