@@ -43,3 +43,14 @@ from .ops import count_votes_, gaussian_noise, pgd_step_, random_init, recycle_s
 
 __all__ = ["build_info", "ops", "reference", "pgd_step_", "random_init", "recycle_step_", "gaussian_noise",
            "count_votes_"]
+
+_SUBMODULES = ("attacks", "smoothing", "train", "data", "models", "cli")
+
+
+def __getattr__(name):
+    # ro.attacks, ro.smoothing, ro.train, ... load on first use, keeping `import robustops` light.
+    if name in _SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'robustops' has no attribute {name!r}")
