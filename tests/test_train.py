@@ -1,0 +1,361 @@
+"""robustops.train: the training methods on the digits data, exact resume, DDP, argument errors, CLI."""
+import csv
+import math
+import os
+import socket
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, Subset
+
+import robustops as ro
+from robustops import train as rt
+from robustops.data import load_digits
+
+EPS = 0.2  # L-inf budget on the [0, 1] digits
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine OpenMP
+    threads that wait on each other slow them down many times."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_cnn(seed=0, bn=False):
+    torch.manual_seed(seed)
+    layers = [nn.Conv2d(1, 16, 3, padding=1)]
+    if bn:
+        layers.append(nn.BatchNorm2d(16))
+    layers += [nn.ReLU(), nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(),
+               nn.Linear(32 * 4 * 4, 64), nn.ReLU(), nn.Linear(64, 10)]
+    return nn.Sequential(*layers)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_digits("train"), load_digits("test")
+
+
+def loader(ds, bs=64, shuffle=True, n=None):
+    if n is not None:
+        ds = Subset(ds, list(range(n)))
+    return DataLoader(ds, batch_size=bs, shuffle=shuffle)
+
+
+def pgd_accuracy(model, ds, eps=EPS, steps=10):
+    """Robust accuracy with an independent plain-PyTorch PGD (the reference op), eval mode."""
+    model.eval()
+    x, y = ds.tensors
+    g = torch.Generator().manual_seed(123)
+    x_adv = (x + (torch.rand(x.shape, generator=g) * 2 - 1) * eps).clamp(0, 1)
+    for _ in range(steps):
+        x_adv.requires_grad_(True)
+        loss = nn.functional.cross_entropy(model(x_adv), y)
+        (grad,) = torch.autograd.grad(loss, x_adv)
+        x_adv = ro.reference.pgd_step(x_adv.detach(), x, grad, eps, 2.5 * eps / steps)
+    with torch.no_grad():
+        clean = (model(x).argmax(1) == y).float().mean().item()
+        robust = (model(x_adv).argmax(1) == y).float().mean().item()
+    model.train()
+    return clean, robust
+
+
+# --------------------------------------------------------------------------- robustness
+
+def test_adversarial_training_beats_natural(digits):
+    train_ds, test_ds = digits
+    common = dict(eps=EPS, seed=0, progress=False, verbose=False)
+    acc = {}
+    runs = {"natural": dict(epochs=6, lr=0.1), "pgd": dict(epochs=8, steps=3, lr=0.1),
+            "fgsm": dict(epochs=8, lr=0.1), "free": dict(epochs=16, m=4, lr=0.05)}
+    for method, kw in runs.items():
+        model = tiny_cnn()
+        torch.manual_seed(1)
+        res = rt.fit(model, loader(train_ds, bs=32), method, **common, **kw)
+        assert res.epochs_run == (4 if method == "free" else kw["epochs"])
+        acc[method] = pgd_accuracy(model, test_ds)
+    print({k: (round(c, 3), round(r, 3)) for k, (c, r) in acc.items()})
+    nat_clean, nat_rob = acc["natural"]
+    assert nat_clean > 0.9
+    assert acc["pgd"][1] > nat_rob + 0.35, acc
+    assert acc["fgsm"][1] > nat_rob + 0.3, acc
+    assert acc["free"][1] > nat_rob + 0.3, acc
+    for method in ("pgd", "fgsm", "free"):
+        assert acc[method][0] > 0.85, acc
+
+
+@pytest.mark.parametrize("method,kw", [
+    ("trades", dict(steps=2, beta=3.0)),
+    ("gaussian", dict(sigma=0.25)),
+    ("pgd", dict(norm="l2", eps=1.0, steps=2)),
+    ("pgd", dict(amp="bf16", channels_last=True, steps=2)),
+    ("fgsm", dict(fgsm_init="previous", amp="fp16")),
+    ("fgsm", dict(fgsm_init="zero", optimizer="adam", schedule="multistep")),
+    ("free", dict(m=2, channels_last=True, schedule="cosine")),
+    ("natural", dict(mean=[0.3], std=[0.4], schedule="constant", nesterov=True)),
+])
+def test_methods_and_options_train(digits, method, kw):
+    train_ds, test_ds = digits
+    model = tiny_cnn(bn=True)
+    kw = {"eps": EPS, **kw}
+    res = rt.fit(model, loader(train_ds, n=256), method, epochs=2, val_loader=loader(test_ds, 128, False, n=128),
+                 seed=0, progress=False, verbose=False, **kw)
+    assert len(res.history) == (1 if method == "free" else 2)
+    row = res.history[-1]
+    assert math.isfinite(row["train_loss"]) and 0 <= row["train_acc"] <= 1
+    assert 0 <= row["clean_acc"] <= 1 and 0 <= row["robust_acc"] <= 1
+    if method == "gaussian":
+        assert 0 <= row["noise_acc"] <= 1
+        assert res.select == "noise_acc"
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_free_counts_passes_like_natural(digits):
+    """free with epochs=E, m replays: ceil(E/m) data passes, m optimizer steps per minibatch,
+    i.e. the same number of forward/backward passes as E natural epochs."""
+    train_ds, _ = digits
+    ld = loader(train_ds, n=128, bs=32)
+    model = tiny_cnn()
+    res = rt.fit(model, ld, "free", epochs=4, m=2, seed=0, progress=False, verbose=False)
+    assert res.epochs_run == 2 and res.history[-1]["equiv_epochs"] == 4
+    tr = rt.Trainer(tiny_cnn(), method="free", epochs=4, m=2, steps_per_epoch=len(ld))
+    assert tr.total_steps == 4 * len(ld)
+
+
+def test_lr_schedules():
+    f = rt._LRFactor("cyclic", 100, [])
+    vals = [f(i) for i in range(100)]
+    assert max(vals) == pytest.approx(1.0) and vals.index(max(vals)) == 39 and vals[-1] == pytest.approx(0.0)
+    f = rt._LRFactor("multistep", 100, [0.5, 0.75])
+    assert (f(0), f(49), f(50), f(75)) == (1.0, 1.0, pytest.approx(0.1), pytest.approx(0.01))
+
+
+# --------------------------------------------------------------------------- checkpoints / resume
+
+class Interrupt(Exception):
+    pass
+
+
+class CrashingLoader:
+    """A loader that dies (like a killed job) after `after` batches in total."""
+
+    def __init__(self, inner, after):
+        self.inner, self.after, self.count = inner, after, 0
+        self.sampler = inner.sampler
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __iter__(self):
+        for b in self.inner:
+            if self.count == self.after:
+                raise Interrupt()
+            self.count += 1
+            yield b
+
+
+@pytest.mark.parametrize("method,kw", [("free", dict(m=2)), ("pgd", dict(steps=2, patience=5)),
+                                       ("fgsm", dict(fgsm_init="previous"))])
+def test_resume_matches_uninterrupted(digits, tmp_path, method, kw):
+    train_ds, test_ds = digits
+    sub = Subset(train_ds, list(range(192)))
+    val = loader(test_ds, 96, False, n=96)
+    epochs = 8 if method == "free" else 4  # 4 data passes each
+    hp = dict(epochs=epochs, eps=EPS, seed=3, progress=False, verbose=False, **kw)
+
+    torch.manual_seed(0)
+    full = tiny_cnn(seed=5, bn=True)
+    ref = rt.fit(full, DataLoader(sub, batch_size=32, shuffle=True), method, val_loader=val,
+                 out_dir=str(tmp_path / "full"), **hp)
+
+    run = str(tmp_path / "run")
+    torch.manual_seed(0)
+    model = tiny_cnn(seed=5, bn=True)
+    ld = DataLoader(sub, batch_size=32, shuffle=True)
+    with pytest.raises(Interrupt):  # dies in the middle of the third pass
+        rt.fit(model, CrashingLoader(ld, after=2 * len(ld) + 3), method, val_loader=val, out_dir=run, **hp)
+    ck = torch.load(os.path.join(run, "last.pt"), weights_only=False)
+    assert ck["epoch"] == 2  # both finished epochs are on disk
+    with open(os.path.join(run, "log.csv")) as fh:
+        assert [r["epoch"] for r in csv.DictReader(fh)] == ["1", "2"]
+
+    torch.manual_seed(999)  # a fresh process: the global RNG is whatever it is
+    model2 = tiny_cnn(seed=77, bn=True)
+    res = rt.fit(model2, DataLoader(sub, batch_size=32, shuffle=True), method, val_loader=val, out_dir=run,
+                 resume=True, **hp)
+    assert res.epochs_run == ref.epochs_run == 4
+    sd1, sd2 = full.state_dict(), model2.state_dict()
+    for k in sd1:
+        assert torch.equal(sd1[k], sd2[k]), k
+    strip = lambda h: [{k: v for k, v in r.items() if "time" not in k} for r in h]  # noqa: E731
+    assert str(strip(res.history)) == str(strip(ref.history))
+    assert res.best_epoch == ref.best_epoch
+    with open(os.path.join(run, "log.csv")) as fh:
+        assert [r["epoch"] for r in csv.DictReader(fh)] == ["1", "2", "3", "4"]
+    # resuming a finished run trains nothing more
+    again = rt.fit(tiny_cnn(bn=True), DataLoader(sub, batch_size=32), method, val_loader=val, out_dir=run, resume=True, **hp)
+    assert again.epochs_run == 4
+
+
+def test_early_stopping_keeps_best(digits, tmp_path):
+    train_ds, test_ds = digits
+    val = loader(test_ds, 64, False, n=64)
+    # select="last": every validation is an improvement, never stops
+    res = rt.fit(tiny_cnn(), loader(train_ds, n=128), "natural", epochs=3, val_loader=val, val_eps=0, patience=1,
+                 progress=False, verbose=False, seed=0, select="last")
+    assert not res.stopped_early and res.best_epoch == 3
+    # lr 1e-9: nothing changes, epoch 1 stays best and training stops after `patience` more epochs
+    res = rt.fit(tiny_cnn(), loader(train_ds, n=128), "natural", epochs=10, schedule="constant",
+                 val_loader=val, val_eps=0, patience=2, out_dir=str(tmp_path), progress=False, verbose=False,
+                 seed=0, lr=1e-9, optimizer="adam")
+    assert res.stopped_early and res.best_epoch == 1 and res.epochs_run == 3
+    best = torch.load(tmp_path / "best.pt", weights_only=False)
+    assert best["epoch"] == 1 and set(best) >= {"model", "model_kwargs", "state_dict", "method", "eps"}
+    # robust overfitting: the model handed back holds the best epoch's weights, not the last
+    model = tiny_cnn()
+    res = rt.fit(model, loader(train_ds, n=256), "pgd", epochs=4, steps=2, eps=EPS, schedule="constant", lr=0.05,
+                 val_loader=val, progress=False, verbose=False, seed=0, out_dir=str(tmp_path / "r"))
+    best = torch.load(tmp_path / "r" / "best.pt", weights_only=False)
+    assert best["epoch"] == res.best_epoch
+    assert res.best_metric == max(r["robust_acc"] for r in res.history)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, best["state_dict"][k])
+
+
+# --------------------------------------------------------------------------- distributed
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world, port, method, out):
+    import torch.distributed as dist
+    from torch.utils.data.distributed import DistributedSampler
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        train_ds = Subset(load_digits("train"), list(range(256)))
+        test_ds = Subset(load_digits("test"), list(range(64)))
+        sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=False)
+        ld = DataLoader(train_ds, batch_size=32 // world, sampler=sampler)
+        val = DataLoader(ro.data.shard(test_ds, rank, world), batch_size=32)
+        model = tiny_cnn(seed=11)
+        res = rt.fit(model, ld, method, epochs=2, eps=EPS, steps=2, random_start=False, lr=0.05, val_loader=val,
+                     val_eps=0, progress=False, verbose=False, seed=0, out_dir=os.path.join(out, "ckpt"))
+        if rank == 0:
+            torch.save({"state_dict": model.state_dict(), "history": res.history}, os.path.join(out, "ddp.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("method", ["pgd"])
+def test_ddp_two_gloo_processes_match_single(digits, tmp_path, method):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_worker, args=(2, _free_port(), method, str(tmp_path)), nprocs=2, join=True)
+    got = torch.load(tmp_path / "ddp.pt", weights_only=False)
+
+    train_ds = Subset(digits[0], list(range(256)))
+    model = tiny_cnn(seed=11)
+    res = rt.fit(model, DataLoader(train_ds, batch_size=32, shuffle=False), method, epochs=2, eps=EPS, steps=2,
+                 random_start=False, lr=0.05, val_loader=DataLoader(Subset(digits[1], list(range(64))), batch_size=32),
+                 val_eps=0, progress=False, verbose=False, seed=0)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(got["state_dict"][k], v, rtol=1e-4, atol=1e-4)
+    for a, b in zip(got["history"], res.history):
+        assert a["clean_acc"] == pytest.approx(b["clean_acc"], abs=1 / 64 + 1e-9)
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-3)
+    ck = torch.load(tmp_path / "ckpt" / "last.pt", weights_only=False)
+    assert len(ck["rank_states"]) == 2
+
+
+# --------------------------------------------------------------------------- errors
+
+@pytest.mark.parametrize("kw,name", [
+    (dict(method="adversarial"), "method"),
+    (dict(method="pgd", eps=-0.1), "eps"),
+    (dict(method="free", m=0), "m "),
+    (dict(method="pgd", steps=0), "steps"),
+    (dict(method="pgd", norm="l1"), "norm"),
+    (dict(method="natural", optimizer="lbfgs"), "optimizer"),
+    (dict(method="natural", schedule="step"), "schedule"),
+    (dict(method="natural", amp="fp8"), "amp"),
+    (dict(method="gaussian", sigma=-1.0), "sigma"),
+    (dict(method="trades", beta=-1.0), "beta"),
+    (dict(method="natural", epochs=0), "epochs"),
+])
+def test_bad_arguments_name_the_argument(digits, kw, name):
+    with pytest.raises(ValueError) as e:
+        rt.fit(tiny_cnn(), loader(digits[0], n=64), progress=False, **kw)
+    assert str(e.value).startswith(name.strip()), str(e.value)
+
+
+def test_cli_errors(capsys, tmp_path):
+    from robustops.cli import main
+
+    assert main(["train", "--data", str(tmp_path / "missing.npz"), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "--data" in err and "missing.npz" in err and "does not exist" in err
+    assert main(["train", "--data", "cifar10:" + str(tmp_path / "nodir"), "--out", str(tmp_path / "r")]) == 2
+    assert "--data" in capsys.readouterr().err
+    assert main(["train", "--method", "madry", "--out", str(tmp_path / "r")]) == 2
+    assert "--method" in capsys.readouterr().err
+    assert main(["train", "--eps", "-1", "--out", str(tmp_path / "r")]) == 2
+    assert "eps must be" in capsys.readouterr().err
+    assert main(["train", "--method", "free", "-m", "0", "--out", str(tmp_path / "r")]) == 2
+    assert "m (free-AT replays" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--eps", "abc"])
+    assert "8/255" in capsys.readouterr().err
+
+
+def test_cli_train_digits(tmp_path, capsys):
+    pytest.importorskip("robustops.models")
+    from robustops.cli import main
+
+    out = tmp_path / "run"
+    rc = main(["train", "--method", "fgsm", "--epochs", "2", "--eps", "0.2", "--out", str(out), "--no-progress",
+               "--test-steps", "5", "--batch-size", "64"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "test: clean acc" in text
+    assert (out / "last.pt").exists() and (out / "best.pt").exists() and (out / "log.csv").exists()
+    from robustops import models
+
+    m = models.load_model(str(out / "best.pt"))
+    assert isinstance(m, nn.Module)
+    # --resume on a finished run continues nothing and succeeds
+    assert main(["train", "--method", "fgsm", "--epochs", "2", "--eps", "0.2", "--out", str(out), "--no-progress",
+                 "--test-steps", "0", "--batch-size", "64", "--resume"]) == 0
+
+
+def test_cli_demo_quick(tmp_path, capsys):
+    pytest.importorskip("robustops.smoothing")
+    from robustops.cli import main
+
+    out = tmp_path / "demo"
+    rc = main(["demo", "--out", str(out), "--epochs", "2", "--n0", "10", "--n", "50", "--certify-max", "20",
+               "--attack-steps", "3", "--no-progress", "--val-size", "64"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    for label in ("natural", "PGD-7 AT", "free AT (m=4)", "Gaussian noise (sigma=0.25)", "ACR", "train time"):
+        assert label in text
+    for f in ("results.md", "results.csv", "certified_accuracy.png", "certify_gaussian.tsv",
+              "pgd/last.pt", "pgd/log.csv", "gaussian/best.pt"):
+        assert (out / f).exists(), f
+    with open(out / "results.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["method"] for r in rows] == ["natural", "pgd", "free", "gaussian"]
+    assert rows[3]["acr"] != "" and rows[0]["acr"] == ""
+    with open(out / "certify_gaussian.tsv") as fh:
+        assert fh.readline().split() == ["idx", "label", "predict", "radius", "correct", "time"]
+    assert main(["demo", "--methods", "natural,bogus", "--out", str(out)]) == 2
+    assert "--methods" in capsys.readouterr().err
