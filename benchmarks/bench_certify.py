@@ -191,37 +191,32 @@ def main(argv=None):
         R = elems // C
         counts = torch.zeros(1, C, dtype=torch.int64, device=dev)
         print(f"{'op':>26} {'provider':>10} {'time':>11} {'GB/s':>8} {'of copy':>8}")
-        for out_dtype in (torch.float32, torch.bfloat16):
-            nbytes = num * D * torch.finfo(out_dtype).bits // 8 + xs.numel() * 4
 
+        def time_op(op, dtype, providers, nbytes, rows_per_call):
+            for prov, fn in providers.items():
+                t = bench(fn, dev, min_time=0.5)
+                dt = str(dtype).split(".")[-1]
+                print(f"{op + ' ' + dt:>26} {prov:>10} {t * 1e3:9.3f}ms {nbytes / t / 1e9:8.1f} {nbytes / t / bw:8.1%}")
+                rows.append(row(name, dev, args, bench="op", provider=f"{op.rstrip('_')}_{dt}_{prov}",
+                                N0="", N="", batch=rows_per_call, images=1, gb_per_s=round(nbytes / t / 1e9, 2),
+                                fraction_of_copy=round(nbytes / t / bw, 4), copy_gb_per_s=round(bw / 1e9, 2)))
+
+        for out_dtype in (torch.float32, torch.bfloat16):
             def eager_noise(out_dtype=out_dtype):
                 b = xs.repeat((num, 1, 1, 1))
                 return ((b + torch.randn_like(b) * args.sigma - mean_t) / std_t).to(out_dtype)
-            providers = {
+            # Bytes: the noisy output written plus the (tiny) input read.
+            time_op("gaussian_noise", out_dtype, {
                 "eager": eager_noise,
                 "robustops": lambda out_dtype=out_dtype: ro.gaussian_noise(xs, num, args.sigma, seed=0, mean=mean,
                                                                             std=std, out_dtype=out_dtype),
-            }
-            for prov, fn in providers.items():
-                t = bench(fn, dev, min_time=0.5)
-                label = f"gaussian_noise {str(out_dtype).split('.')[-1]}"
-                print(f"{label:>26} {prov:>10} {t * 1e3:9.3f}ms {nbytes / t / 1e9:8.1f} {nbytes / t / bw:8.1%}")
-                rows.append(row(name, dev, args, bench="op", provider=f"{label.replace(' ', '_')}_{prov}",
-                                N0="", N="", batch=num, images=1, gb_per_s=round(nbytes / t / 1e9, 2),
-                                fraction_of_copy=round(nbytes / t / bw, 4), copy_gb_per_s=round(bw / 1e9, 2)))
+            }, num * D * torch.finfo(out_dtype).bits // 8 + xs.numel() * 4, num)
             logits = torch.randn(R, C, device=dev).to(out_dtype)
-            nbytes = logits.numel() * logits.element_size()
-            providers = {
+            # Bytes: the logits read (the counts are tiny).
+            time_op("count_votes_", out_dtype, {
                 "eager": lambda logits=logits: counts.add_(torch.bincount(logits.argmax(1), minlength=C)),
                 "robustops": lambda logits=logits: ro.count_votes_(logits, counts),
-            }
-            for prov, fn in providers.items():
-                t = bench(fn, dev, min_time=0.5)
-                label = f"count_votes_ {str(out_dtype).split('.')[-1]}"
-                print(f"{label:>26} {prov:>10} {t * 1e3:9.3f}ms {nbytes / t / 1e9:8.1f} {nbytes / t / bw:8.1%}")
-                rows.append(row(name, dev, args, bench="op", provider=f"{label.replace(' ', '_')}_{prov}",
-                                N0="", N="", batch=R, images=1, gb_per_s=round(nbytes / t / 1e9, 2),
-                                fraction_of_copy=round(nbytes / t / bw, 4), copy_gb_per_s=round(bw / 1e9, 2)))
+            }, logits.numel() * logits.element_size(), R)
     path = append_csv(args.csv, rows)
     print(f"results appended to {path}")
 

@@ -253,7 +253,8 @@ class Smooth:
         pvalue = np.array([_binom_pvalue(a, b) for a, b in zip(n_a, n_b)], dtype=np.float64)
         prediction = torch.from_numpy(np.where(pvalue <= alpha, top, ABSTAIN).astype(np.int64))
         if return_details:
-            return PredictResult(prediction=prediction, counts=torch.from_numpy(counts), pvalue=torch.from_numpy(pvalue))
+            return PredictResult(prediction=prediction, counts=torch.from_numpy(counts),
+                                 pvalue=torch.from_numpy(pvalue))
         return prediction
 
     # ---------------------------------------------------------------------------- internals
@@ -300,7 +301,7 @@ class Smooth:
         else:
             with torch.autocast(device_type=batch.device.type, dtype=self.autocast):
                 logits = self.base_classifier(batch)
-        if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape != (batch.shape[0], self.num_classes):
+        if not isinstance(logits, torch.Tensor) or logits.shape != (batch.shape[0], self.num_classes):
             got = list(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
             raise ValueError(f"base_classifier must return logits [R, num_classes] = [{batch.shape[0]}, "
                              f"{self.num_classes}] for a batch of R = {batch.shape[0]} inputs, got {got}; "
