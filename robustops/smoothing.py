@@ -22,7 +22,6 @@ Carlo. What makes it fast here:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import glob
 import math

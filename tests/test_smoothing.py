@@ -10,7 +10,6 @@ import torch
 import torch.nn as nn
 from scipy import special, stats
 
-import robustops as ro
 from robustops import reference as ref
 from robustops import smoothing as sm
 from robustops.smoothing import Smooth
