@@ -6,6 +6,7 @@
 //   ||a + c g||^2 = sum a^2 + 2 c sum a.g + c^2 sum g^2,
 // so L2 costs one extra read pass, not two.
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/Dispatch.h>
 
@@ -24,26 +25,41 @@ constexpr int64_t kV = Vec::size();
 constexpr int64_t kGrain = 16384;  // elements per parallel task
 constexpr int64_t kCacheResident = 32768;  // samples up to this size are processed whole by one thread
 
+// Two float vectors (2 * kV elements) per step: one Vectorized<BFloat16/Half> widens into exactly
+// two float vectors and narrows back from two, so reduced types load and store at full width.
+constexpr int64_t kStep = 2 * kV;
+
 template <typename T>
-inline Vec vload(const T* p) {
+inline void vload2(const T* p, Vec& a, Vec& b) {
   if constexpr (std::is_same_v<T, float>) {
-    return Vec::loadu(p);
+    a = Vec::loadu(p);
+    b = Vec::loadu(p + kV);
   } else {
-    float buf[kV];
-    at::vec::convert(p, buf, kV);
-    return Vec::loadu(buf);
+    at::vec::load_to_float(p, a, b);
   }
 }
 
 template <typename T>
-inline void vstore(T* p, const Vec& v) {
+inline void vstore2(T* p, const Vec& a, const Vec& b) {
   if constexpr (std::is_same_v<T, float>) {
-    v.store(p);
+    a.store(p);
+    b.store(p + kV);
   } else {
-    float buf[kV];
-    v.store(buf);
-    at::vec::convert(buf, p, kV);
+    at::vec::convert_from_float<T>(a, b).store(p);
   }
+}
+
+// Runs f(xa_or_delta, x, g) -> new value over [i, i1) in steps of kStep; returns where it stopped.
+template <typename T, typename F>
+inline int64_t vec_update(T* out, const T* x, const T* g, int64_t i, int64_t i1, const F& f) {
+  for (; i + kStep <= i1; i += kStep) {
+    Vec o0, o1, x0, x1, g0, g1;
+    vload2(out + i, o0, o1);
+    vload2(x + i, x0, x1);
+    vload2(g + i, g0, g1);
+    vstore2(out + i, f(o0, x0, g0), f(o1, x1, g1));
+  }
+  return i;
 }
 
 // NaN-propagating, like torch.clamp / torch.sign (see common.h).
@@ -78,12 +94,9 @@ void linf_step(T* xa, const T* x, const T* g, int64_t numel, int64_t D, SamplePa
     for_each_sample_piece(begin, end, D, [&](int64_t b, int64_t i0, int64_t i1) {
       const float e = eps.get(b), a = alpha.get(b);
       const Vec ve(e), vne(-e), va(a), vlo(lo), vhi(hi);
-      int64_t i = i0;
-      for (; i + kV <= i1; i += kV) {
-        const Vec xv = vload(x + i);
-        const Vec d = vclamp(vload(xa + i) + va * vsign(vload(g + i)) - xv, vne, ve);
-        vstore(xa + i, vclamp(xv + d, vlo, vhi));
-      }
+      int64_t i = vec_update(xa, x, g, i0, i1, [&](const Vec& xav, const Vec& xv, const Vec& gv) {
+        return vclamp(xv + vclamp(xav + va * vsign(gv) - xv, vne, ve), vlo, vhi);
+      });
       for (; i < i1; ++i) {
         const float xv = static_cast<float>(x[i]);
         const float d = clampf(static_cast<float>(xa[i]) + a * signf(static_cast<float>(g[i])) - xv, -e, e);
@@ -99,12 +112,16 @@ template <typename T>
 void l2_sums(const T* xa, const T* x, const T* g, int64_t i0, int64_t i1, double* out) {
   Vec saa(0.f), sag(0.f), sgg(0.f);
   int64_t i = i0;
-  for (; i + kV <= i1; i += kV) {
-    const Vec a = vload(xa + i) - vload(x + i);
-    const Vec gv = vload(g + i);
-    saa = at::vec::fmadd(a, a, saa);
-    sag = at::vec::fmadd(a, gv, sag);
-    sgg = at::vec::fmadd(gv, gv, sgg);
+  for (; i + kStep <= i1; i += kStep) {
+    Vec a0, a1, x0, x1, g0, g1;
+    vload2(xa + i, a0, a1);
+    vload2(x + i, x0, x1);
+    vload2(g + i, g0, g1);
+    a0 = a0 - x0;
+    a1 = a1 - x1;
+    saa = at::vec::fmadd(a1, a1, at::vec::fmadd(a0, a0, saa));
+    sag = at::vec::fmadd(a1, g1, at::vec::fmadd(a0, g0, sag));
+    sgg = at::vec::fmadd(g1, g1, at::vec::fmadd(g0, g0, sgg));
   }
   float baa[kV], bag[kV], bgg[kV];
   saa.store(baa);
@@ -140,12 +157,9 @@ inline std::pair<float, float> l2_factors(const double* s, float alpha, float ep
 template <typename T>
 void l2_apply(T* xa, const T* x, const T* g, int64_t i0, int64_t i1, float c, float f, float lo, float hi) {
   const Vec vc(c), vf(f), vlo(lo), vhi(hi);
-  int64_t i = i0;
-  for (; i + kV <= i1; i += kV) {
-    const Vec xv = vload(x + i);
-    const Vec d = vf * at::vec::fmadd(vc, vload(g + i), vload(xa + i) - xv);
-    vstore(xa + i, vclamp(xv + d, vlo, vhi));
-  }
+  int64_t i = vec_update(xa, x, g, i0, i1, [&](const Vec& xav, const Vec& xv, const Vec& gv) {
+    return vclamp(xv + vf * at::vec::fmadd(vc, gv, xav - xv), vlo, vhi);
+  });
   for (; i < i1; ++i) {
     const float xv = static_cast<float>(x[i]);
     const float d = f * (static_cast<float>(xa[i]) - xv + c * static_cast<float>(g[i]));
@@ -317,12 +331,9 @@ void recycle_kernel(T* delta, const T* g, const T* x, int64_t numel, int64_t D, 
     for_each_sample_piece(begin, end, D, [&](int64_t b, int64_t i0, int64_t i1) {
       const float e = eps.get(b), s = step.get(b);
       const Vec ve(e), vne(-e), vs(s), vlo(lo), vhi(hi);
-      int64_t i = i0;
-      for (; i + kV <= i1; i += kV) {
-        const Vec xv = vload(x + i);
-        const Vec d = vclamp(at::vec::fmadd(vs, vsign(vload(g + i)), vload(delta + i)), vne, ve);
-        vstore(delta + i, vclamp(xv + d, vlo, vhi) - xv);
-      }
+      int64_t i = vec_update(delta, x, g, i0, i1, [&](const Vec& dv, const Vec& xv, const Vec& gv) {
+        return vclamp(xv + vclamp(at::vec::fmadd(vs, vsign(gv), dv), vne, ve), vlo, vhi) - xv;
+      });
       for (; i < i1; ++i) {
         const float xv = static_cast<float>(x[i]);
         const float d = clampf(static_cast<float>(delta[i]) + s * signf(static_cast<float>(g[i])), -e, e);
