@@ -326,11 +326,14 @@ class Trainer:
             self.net = _Forward(self.fwd)
 
         params = [p for p in model.parameters() if p.requires_grad]
+        # On CUDA the fused optimizer kernels: one launch for all parameters.
+        fused = {"fused": True} if self.device.type == "cuda" and all(p.is_cuda and p.is_floating_point()
+                                                                       for p in params) else {}
         if cfg.optimizer == "sgd":
-            self.optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
-                                             weight_decay=cfg.weight_decay, nesterov=cfg.nesterov and cfg.momentum > 0)
+            self.optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                                             nesterov=cfg.nesterov and cfg.momentum > 0, **fused)
         else:
-            self.optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+            self.optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
         self.steps_per_epoch = max(1, int(steps_per_epoch))
         per_batch = cfg.m if cfg.method == "free" else 1
         self.total_steps = cfg.passes * self.steps_per_epoch * per_batch
@@ -461,20 +464,24 @@ class Trainer:
 
     def _fgsm(self, x, y):
         c = self.cfg
-        if c.fgsm_init == "previous":
+        if c.fgsm_init == "previous":  # the perturbation left by the previous minibatch, updated in place
             delta = self._persistent(x)
+            xa = (x + delta).requires_grad_(True)
         elif c.fgsm_init == "random" and c.eps > 0:
-            delta = ops.random_init(x, c.eps, "linf", c.lo, c.hi, seed=self._seed()).sub_(x)
-            delta = self._fmt(delta)
+            xa = self._fmt(ops.random_init(x, c.eps, "linf", c.lo, c.hi, seed=self._seed())).requires_grad_(True)
         else:
-            delta = torch.zeros_like(x)
-        xa = (x + delta).requires_grad_(True)
+            xa = x.clone().requires_grad_(True)
         with self._autocast():
             loss0 = F.cross_entropy(self.fwd(xa), y)
         g = self._input_grad(loss0, xa)
-        ops.recycle_step_(delta, g, x, c.eps, c.alpha, c.lo, c.hi)
+        if c.fgsm_init == "previous":
+            ops.recycle_step_(delta, g, x, c.eps, c.alpha, c.lo, c.hi)
+            x_adv = x + delta
+        else:  # one L-inf step from the start point: x + clamp(start - x + alpha*sign(g), -eps, eps)
+            x_adv = xa.detach()
+            ops.pgd_step_(x_adv, x, g, c.eps, c.alpha, "linf", c.lo, c.hi)
         with self._autocast():
-            logits = self.net(x + delta)
+            logits = self.net(x_adv)
             loss = F.cross_entropy(logits, y)
         self._update(loss)
         return self._stats(loss, logits, y)
@@ -524,7 +531,8 @@ class Trainer:
     def evaluate(self, loader, eps: Optional[float] = None, progress: bool = False) -> Dict[str, float]:
         """Clean accuracy, PGD accuracy (val_eps / val_alpha / val_steps / val_norm; skipped when the
         eps is 0) and, for gaussian training, accuracy on noisy inputs (sigma), in eval mode.
-        Counts are summed over the processes of a distributed run."""
+        Counts are summed over the processes when the trainer runs distributed (ddp): every process
+        must call it then, each on its part of the data (or all on the same data)."""
         c = self.cfg
         eps = c.val_eps if eps is None else eps
         was = self.fwd.training
@@ -556,7 +564,7 @@ class Trainer:
         finally:
             self.fwd.train(was)
         vec = torch.stack([sums[k] for k in ("n", "clean", "robust", "noise", "loss")])
-        if self.world > 1:
+        if self.ddp and self.world > 1:
             import torch.distributed as dist
 
             dist.all_reduce(vec)

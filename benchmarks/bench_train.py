@@ -1,0 +1,161 @@
+"""Adversarial-training cost per iteration: natural, PGD-7, FGSM-RS and free (m=8) training steps of
+robustops.train, as ratios to a natural training step.
+
+Each method is timed through ``robustops.train.Trainer.train_step`` -- the code ``fit`` runs -- on one
+fixed synthetic CIFAR-shaped minibatch (random images and labels; the data loader is not timed):
+
+- natural: forward + backward + SGD step;
+- PGD-7: random_init, 7 x (forward, backward to the input only, pgd_step_), then a natural step on x_adv;
+- FGSM-RS: random start, one input-gradient pass, recycle_step_ (alpha = 1.25 eps), a natural step;
+- free (m=8): 8 replays of the minibatch, each one forward/backward giving the weight gradient (an
+  SGD step) and the input gradient (recycle_step_ of the persistent perturbation); reported per replay,
+  since a free epoch replays each minibatch m times and is counted as m natural epochs.
+
+GPU targets (H100, PreAct-ResNet-18, batch 128, bf16 autocast, channels_last): FGSM-RS <= 1.5x natural,
+free <= 1.2x natural per replay, PGD-7 <= 7.3x natural.
+
+    python benchmarks/bench_train.py                        # GPU: the setting above
+    python benchmarks/bench_train.py --device cpu --batch-size 16 --dtype fp32 --iters 3 --warmup 1
+    python benchmarks/bench_train.py --device cpu --model small_cnn --image-size 8 --channels 1
+
+Rows are appended to benchmarks/results/train.csv with the device name and date.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import time
+
+import torch
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [_HERE, os.path.dirname(_HERE)]  # benchmarks/common.py and the source tree
+from common import append_csv, device_name, stamp  # noqa: E402
+from robustops import models  # noqa: E402
+from robustops import train as rt  # noqa: E402
+
+TARGETS = {"natural": 1.0, "pgd": 7.3, "fgsm": 1.5, "free": 1.2}
+LABELS = {"natural": "natural", "pgd": "PGD-{steps}", "fgsm": "FGSM-RS", "free": "free (m={m}, per replay)"}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(trainers, x, y, iters: int, warmup: int, device: torch.device, reps: int):
+    """Seconds per train_step of each trainer: the fastest over reps of the mean over `iters`
+    back-to-back steps. The methods are timed in turn within every repeat (interleaved), so a change
+    in the machine's load hits them alike; the minimum, since on a shared machine noise only adds time."""
+    for tr in trainers.values():
+        for _ in range(warmup):
+            tr.train_step(x, y)
+    sync(device)
+    times = {k: [] for k in trainers}
+    for _ in range(reps):
+        for k, tr in trainers.items():
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                tr.train_step(x, y)
+            sync(device)
+            times[k].append((time.perf_counter() - t0) / iters)
+    return {k: (min(v), v) for k, v in times.items()}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--model", default="preact_resnet18", help="robustops.models name (default preact_resnet18)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--channels", type=int, default=3)
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--classes", type=int, default=10)
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="autocast dtype (default bf16)")
+    p.add_argument("--no-channels-last", action="store_true", help="keep the contiguous (NCHW) layout")
+    p.add_argument("--methods", default="natural,pgd,fgsm,free")
+    p.add_argument("--steps", type=int, default=7, help="PGD steps (default 7)")
+    p.add_argument("--m", type=int, default=8, help="free replays (default 8)")
+    p.add_argument("--eps", type=float, default=8 / 255)
+    p.add_argument("--iters", type=int, default=None, help="steps per timed repeat (default 20 GPU, 2 CPU)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5 GPU, 1 CPU)")
+    p.add_argument("--reps", type=int, default=3, help="timed repeats, the fastest counts (default 3)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--csv", default="train.csv", help="file under benchmarks/results (default train.csv)")
+    p.add_argument("--no-csv", action="store_true")
+    args = p.parse_args(argv)
+
+    dev = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    gpu = dev.type == "cuda"
+    iters = args.iters or (20 if gpu else 2)
+    warmup = args.warmup if args.warmup is not None else (5 if gpu else 1)
+    if gpu:
+        torch.backends.cudnn.benchmark = True
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for m in methods:
+        if m not in TARGETS:
+            p.error(f"--methods: unknown method {m!r} (natural, pgd, fgsm, free)")
+    if "natural" in methods:
+        methods.remove("natural")
+    methods.insert(0, "natural")  # the baseline of every ratio
+    amp = None if args.dtype == "fp32" else args.dtype
+    cl = not args.no_channels_last
+
+    torch.manual_seed(0)
+    kw = {"num_classes": args.classes, "in_channels": args.channels}
+    if args.model == "small_cnn":
+        kw["input_size"] = args.image_size
+    base = models.get_model(args.model, **kw)
+    x = torch.rand(args.batch_size, args.channels, args.image_size, args.image_size, device=dev)
+    y = torch.randint(0, args.classes, (args.batch_size,), device=dev)
+    name = device_name(str(dev))
+    print(f"device: {name}; torch {torch.__version__}")
+    print(f"{args.model}, batch {args.batch_size} x {args.channels}x{args.image_size}x{args.image_size}, "
+          f"{args.dtype}{', channels_last' if cl else ''}, eps {args.eps:.4g}; {iters} steps x {args.reps} repeats "
+          f"after {warmup} warm-up")
+
+    trainers = {}
+    for method in methods:
+        model = copy.deepcopy(base).to(dev)
+        trainers[method] = rt.Trainer(model, method=method, eps=args.eps, steps=args.steps, m=args.m, amp=amp,
+                                      channels_last=cl, schedule="constant", lr=0.01, weight_decay=5e-4,
+                                      device=dev, ddp=False, seed=0)
+    timed = time_steps(trainers, x, y, iters, warmup, dev, args.reps)
+    results = {}
+    for method, (t, all_t) in timed.items():
+        results[method] = (t, t / args.m if method == "free" else t, all_t)  # free: per replay
+
+    nat = results["natural"][1]
+    rows = []
+    print(f"\n{'method':<24} {'ms/iter':>10} {'ms/unit':>10} {'img/s':>9} {'x natural':>10} {'target':>8}")
+    for method in methods:
+        t, per_unit, all_t = results[method]
+        ratio = per_unit / nat
+        label = LABELS[method].format(steps=args.steps, m=args.m)
+        target = TARGETS[method]
+        meets = ratio <= target
+        mark = ("ok" if meets else "MISS") if gpu and method != "natural" else ""
+        imgs = args.batch_size * (args.m if method == "free" else 1) / t
+        print(f"{label:<24} {1e3 * t:>10.2f} {1e3 * per_unit:>10.2f} {imgs:>9.0f} {ratio:>10.2f} "
+              f"{('<= %.1f' % target) if method != 'natural' else '':>8} {mark}")
+        rows.append(dict(**stamp(), device=name, model=args.model, batch=args.batch_size,
+                         shape=f"{args.channels}x{args.image_size}x{args.image_size}", dtype=args.dtype,
+                         channels_last=int(cl), method=label, steps=args.steps if method == "pgd" else "",
+                         m=args.m if method == "free" else "", ms_per_iter=round(1e3 * t, 3),
+                         ms_per_unit=round(1e3 * per_unit, 3), images_per_s=round(imgs, 1),
+                         ratio_vs_natural=round(ratio, 3), target=target if method != "natural" else "",
+                         meets_target=(int(meets) if gpu and method != "natural" else ""), iters=iters, reps=args.reps,
+                         spread=round(max(all_t) / min(all_t), 3)))
+    print("(ms/unit: per minibatch, per replay for free; targets apply to an H100 with the default setting)")
+    if not args.no_csv:
+        path = append_csv(args.csv, rows)
+        print(f"appended {len(rows)} rows to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
