@@ -1032,9 +1032,15 @@ def cli_train(args) -> int:
         print(f"robustops train: {args.method} on {info['name']} ({len(train_ds)} train, {val_size} validation), "
               f"model {name}, {world} process(es) on {dev}", flush=True)
     model.to(dev)
-    res = fit(model, train_loader, args.method, val_loader=val_loader, out_dir=args.out,
-              resume=True if args.resume else None, progress=not args.no_progress, device=dev,
-              model_name=name, model_kwargs=model_kwargs, extra={"data": args.data}, **hp)
+    try:
+        res = fit(model, train_loader, args.method, val_loader=val_loader, out_dir=args.out,
+                  resume=True if args.resume else None, progress=not args.no_progress, device=dev,
+                  model_name=name, model_kwargs=model_kwargs, extra={"data": args.data}, **hp)
+    except KeyboardInterrupt:
+        if rank == 0:
+            print(f"\ninterrupted: every finished epoch is in {args.out}/last.pt; continue with the same "
+                  f"command and --resume", file=sys.stderr)
+        return 130
     if args.test_steps > 0 and rank == 0:
         test_ds, _ = rodata.get_dataset(args.data, "test")
         test_loader = DataLoader(test_ds, batch_size=256, shuffle=False)
@@ -1047,7 +1053,8 @@ def cli_train(args) -> int:
             w = csv.writer(fh)
             w.writerow(["method", "clean_acc", "robust_acc", "eps", "steps", "train_time"])
             w.writerow([args.method, m["clean_acc"], m["robust_acc"], eps, args.test_steps, res.train_time])
-    print(f"checkpoints and log in {args.out}/ (best epoch {res.best_epoch})" if rank == 0 else "", end="\n" if rank == 0 else "")
+    if rank == 0:
+        print(f"checkpoints and log in {args.out}/ (best epoch {res.best_epoch})")
     if world > 1:
         import torch.distributed as dist
 
@@ -1064,11 +1071,13 @@ DEMO_METHODS = ("natural", "pgd", "free", "gaussian")
 def cli_demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
     p.add_argument("--methods", default=",".join(DEMO_METHODS),
-                   help=f"comma-separated training methods (default {','.join(DEMO_METHODS)}; any of {', '.join(METHODS)})")
+                   help=f"comma-separated training methods (default {','.join(DEMO_METHODS)}; "
+                        f"any of {', '.join(METHODS)})")
     p.add_argument("--epochs", type=int, default=30,
                    help="epochs per method (default 30; free: counted in forward/backward passes, so the data are "
                         "traversed ceil(epochs/m) times)")
-    p.add_argument("--eps", type=_parse_float, default=0.2, help="L-inf budget for training and the attack (default 0.2)")
+    p.add_argument("--eps", type=_parse_float, default=0.2,
+                   help="L-inf budget for training and the attack (default 0.2)")
     p.add_argument("--steps", type=int, default=7, help="PGD-AT / TRADES inner steps (default 7)")
     p.add_argument("-m", "--m", "--replays", dest="m", type=int, default=4, help="free-AT replays (default 4)")
     p.add_argument("--sigma", type=float, default=0.25, help="Gaussian training / smoothing noise (default 0.25)")
@@ -1089,6 +1098,13 @@ def cli_demo_args(p: argparse.ArgumentParser) -> None:
 
 def _fmt_pct(v) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}%"
+
+
+def _max_radius(sigma: float, n: int, alpha: float) -> float:
+    """sigma * Phi^-1(pA_lower) when all n samples vote for the class: pA_lower = alpha^(1/n)."""
+    from scipy.stats import norm
+
+    return float(sigma * norm.ppf(alpha ** (1.0 / n)))
 
 
 def _demo_label(method: str, a) -> str:
@@ -1202,7 +1218,9 @@ def _demo(args, methods, dev, DataLoader, attacks, models, smoothing, rodata) ->
     for label, (radius, correct) in certified.items():
         accs = smoothing.certified_accuracy(radius, correct, radii)
         print(f"\ncertified accuracy of the smoothed {label} model (n0={args.n0}, n={args.n}, alpha={args.alpha:g}): "
-              + ", ".join(f"r={r:g}: {_fmt_pct(float(a))}" for r, a in zip(radii, accs)))
+              + ", ".join(f"r={r:g}: {_fmt_pct(float(a))}" for r, a in zip(radii, accs))
+              + f" (the largest radius n={args.n} samples can certify is "
+                f"{_max_radius(args.sigma, args.n, args.alpha):.2f})")
     with open(os.path.join(args.out, "results.md"), "w") as fh:
         fh.write("\n".join(md) + "\n")
     with open(os.path.join(args.out, "results.csv"), "w", newline="") as fh:

@@ -198,7 +198,8 @@ def test_resume_matches_uninterrupted(digits, tmp_path, method, kw):
     with open(os.path.join(run, "log.csv")) as fh:
         assert [r["epoch"] for r in csv.DictReader(fh)] == ["1", "2", "3", "4"]
     # resuming a finished run trains nothing more
-    again = rt.fit(tiny_cnn(bn=True), DataLoader(sub, batch_size=32), method, val_loader=val, out_dir=run, resume=True, **hp)
+    again = rt.fit(tiny_cnn(bn=True), DataLoader(sub, batch_size=32), method, val_loader=val, out_dir=run,
+                   resume=True, **hp)
     assert again.epochs_run == 4
 
 
@@ -359,3 +360,18 @@ def test_cli_demo_quick(tmp_path, capsys):
         assert fh.readline().split() == ["idx", "label", "predict", "radius", "correct", "time"]
     assert main(["demo", "--methods", "natural,bogus", "--out", str(out)]) == 2
     assert "--methods" in capsys.readouterr().err
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("method", ["natural", "pgd", "free", "fgsm", "trades", "gaussian"])
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_cuda_training_bf16_channels_last(digits, method, amp):
+    train_ds, test_ds = digits
+    model = tiny_cnn(bn=True).cuda()
+    res = rt.fit(model, loader(train_ds, n=256), method, epochs=2, m=2, steps=2, eps=EPS, amp=amp,
+                 channels_last=True, val_loader=loader(test_ds, 128, False, n=128), seed=0, progress=False,
+                 verbose=False)
+    row = res.history[-1]
+    assert math.isfinite(row["train_loss"]) and 0 <= row["clean_acc"] <= 1
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert next(model.parameters()).is_cuda
