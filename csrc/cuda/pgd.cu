@@ -80,7 +80,8 @@ constexpr int vec_width() {
   return 16 / static_cast<int>(sizeof(T));
 }
 
-// Launches K<VEC> with the widest VEC the data allows (see the header comment).
+// Whether the 16-byte path applies (see the header comment): aligned pointers, and no vector
+// straddling two samples.
 template <typename T>
 bool can_vectorize(int64_t D, std::initializer_list<const void*> ptrs) {
   if (D % vec_width<T>() != 0) return false;
