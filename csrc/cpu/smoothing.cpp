@@ -4,9 +4,11 @@
 // sample s = offset + b*num + j takes Philox counters s*ceil(D/4) + e/4 for its logical elements
 // e, so the noise depends only on (seed, s, e): not on the batch split, the layout or the device.
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
 
 #include <cmath>
 #include <limits>
+#include <vector>
 
 #include "../common.h"
 #include "../smoothing.h"
@@ -14,27 +16,73 @@
 namespace robustops {
 namespace {
 
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kV = Vec::size();
+
+// The standard normals of one noisy sample (counter base `base`) for its D logical elements, into z.
+// Philox runs scalar; Box-Muller runs on float vectors (log / sin / cos of at::vec), four groups'
+// worth of uniforms at a time per vector lane block.
+void row_normals(uint64_t seed, uint64_t base, int64_t groups, float* z, std::vector<float>& tmp) {
+  tmp.resize(static_cast<size_t>(4 * groups + 4 * kV));
+  float* u1a = tmp.data();  // word 0 (radius of pair a), word 1 (angle a), word 2 / 3 for pair b
+  float* u2a = u1a + groups + kV;
+  float* u1b = u2a + groups;
+  float* u2b = u1b + groups;
+  for (int64_t q = 0; q < groups; ++q) {
+    const Philox4x32 r = philox4x32_10(seed, base + static_cast<uint64_t>(q), kStreamGaussian);
+    u1a[q] = uniform01_open0(r.c0);
+    u2a[q] = uniform01(r.c1);
+    u1b[q] = uniform01_open0(r.c2);
+    u2b[q] = uniform01(r.c3);
+  }
+  const Vec m2(-2.f), tau(6.2831853071795864769f);
+  int64_t q = 0;
+  for (; q + kV <= groups; q += kV) {
+    const Vec ra = (m2 * Vec::loadu(u1a + q).log()).sqrt(), ta = tau * Vec::loadu(u2a + q);
+    const Vec rb = (m2 * Vec::loadu(u1b + q).log()).sqrt(), tb = tau * Vec::loadu(u2b + q);
+    float za[kV], zb[kV], zc[kV], zd[kV];
+    (ra * ta.cos()).store(za);
+    (ra * ta.sin()).store(zb);
+    (rb * tb.cos()).store(zc);
+    (rb * tb.sin()).store(zd);
+    for (int64_t k = 0; k < kV; ++k) {
+      float* o = z + 4 * (q + k);
+      o[0] = za[k];
+      o[1] = zb[k];
+      o[2] = zc[k];
+      o[3] = zd[k];
+    }
+  }
+  for (; q < groups; ++q) {
+    float v[4];
+    normals4(philox4x32_10(seed, base + static_cast<uint64_t>(q), kStreamGaussian), v);
+    for (int k = 0; k < 4; ++k) z[4 * q + k] = v[k];
+  }
+}
+
 template <typename TI, typename TO>
 void noise_kernel(const TI* x, TO* out, const NoiseGeometry& g, const float* mean, const float* istd, float sigma,
                   uint64_t seed, uint64_t offset) {
   const int64_t rows = g.B * g.num;
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(g.D, 1));
   at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+    std::vector<float> z(static_cast<size_t>(4 * g.groups)), tmp;
     for (int64_t r = r0; r < r1; ++r) {
       const TI* xr = x + (r / g.num) * g.D;
       TO* orow = out + r * g.D;
-      const uint64_t base = (offset + static_cast<uint64_t>(r)) * static_cast<uint64_t>(g.groups);
-      for (int64_t q = 0; q < g.groups; ++q) {
-        float z[4];
-        normals4(philox4x32_10(seed, base + static_cast<uint64_t>(q), kStreamGaussian), z);
-        const int64_t e0 = q * 4, n = std::min<int64_t>(4, g.D - e0);
-        for (int64_t k = 0; k < n; ++k) {
-          const int64_t e = e0 + k;
-          const int64_t c = g.channel(e);
-          float v = static_cast<float>(xr[e]) + sigma * z[k];
-          if (mean) v -= mean[c];
-          if (istd) v *= istd[c];
-          orow[g.out_offset(e, c)] = static_cast<TO>(v);
+      row_normals(seed, (offset + static_cast<uint64_t>(r)) * static_cast<uint64_t>(g.groups), g.groups, z.data(),
+                  tmp);
+      // One channel plane at a time, so the normalisation is a loop invariant.
+      const int64_t C = std::max<int64_t>(g.C, 1), HW = g.D / C;
+      for (int64_t c = 0; c < C; ++c) {
+        const float m = mean ? mean[c] : 0.f, s = istd ? istd[c] : 1.f;
+        const TI* xc = xr + c * HW;
+        const float* zc = z.data() + c * HW;
+        if (g.channels_last) {
+          for (int64_t i = 0; i < HW; ++i) orow[i * C + c] = static_cast<TO>((static_cast<float>(xc[i]) + sigma * zc[i] - m) * s);
+        } else {
+          TO* oc = orow + c * HW;
+          for (int64_t i = 0; i < HW; ++i) oc[i] = static_cast<TO>((static_cast<float>(xc[i]) + sigma * zc[i] - m) * s);
         }
       }
     }
