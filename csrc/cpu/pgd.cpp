@@ -15,7 +15,7 @@
 #include <utility>
 #include <vector>
 
-#include "../common.h"
+#include "../pgd.h"
 
 namespace robustops {
 namespace {
@@ -210,24 +210,16 @@ void l2_step(T* xa, const T* x, const T* g, int64_t B, int64_t D, SampleParam ep
 void pgd_step_cpu(at::Tensor& x_adv, const at::Tensor& x_in, const at::Tensor& grad_in, const at::Tensor& eps_t,
                   const at::Tensor& alpha_t, c10::string_view norm_s, double lo, double hi) {
   const Norm norm = parse_norm(norm_s);
-  check_float(x_adv, "x_adv");
-  check_batch_major(x_adv, "x_adv");
-  const at::Tensor x = like(x_in, x_adv, "x", "x_adv");
-  const at::Tensor grad = like(grad_in, x_adv, "grad", "x_adv");
-  at::Tensor eh, ah;
-  const SampleParam eps = make_sample_param(eps_t, "eps", x_adv, eh);
-  const SampleParam alpha = make_sample_param(alpha_t, "alpha", x_adv, ah);
-  const int64_t B = x_adv.size(0), numel = x_adv.numel();
-  if (numel == 0) return;
-  const int64_t D = numel / B;
+  const StepArgs s = prepare_step(x_adv, "x_adv", x_in, "x", grad_in, "grad", eps_t, "eps", alpha_t, "alpha");
+  if (s.numel == 0) return;
   RO_DISPATCH_FLOATING(x_adv.scalar_type(), "pgd_step_", [&] {
     auto* xa = x_adv.data_ptr<scalar_t>();
-    const auto* xp = x.data_ptr<scalar_t>();
-    const auto* gp = grad.data_ptr<scalar_t>();
+    const auto* xp = s.a.data_ptr<scalar_t>();
+    const auto* gp = s.b.data_ptr<scalar_t>();
     if (norm == Norm::Linf)
-      linf_step(xa, xp, gp, numel, D, eps, alpha, static_cast<float>(lo), static_cast<float>(hi));
+      linf_step(xa, xp, gp, s.numel, s.D, s.p, s.q, static_cast<float>(lo), static_cast<float>(hi));
     else
-      l2_step(xa, xp, gp, B, D, eps, alpha, static_cast<float>(lo), static_cast<float>(hi));
+      l2_step(xa, xp, gp, s.B, s.D, s.p, s.q, static_cast<float>(lo), static_cast<float>(hi));
   });
 }
 
@@ -302,24 +294,14 @@ void random_init_kernel(T* out, const T* x, int64_t B, int64_t D, const LogicalI
 at::Tensor random_init_cpu(const at::Tensor& x_in, const at::Tensor& eps_t, c10::string_view norm_s, double lo,
                            double hi, int64_t seed, int64_t offset) {
   const Norm norm = parse_norm(norm_s);
-  check_float(x_in, "x");
-  TORCH_CHECK(x_in.dim() >= 1, "x must have a leading batch dimension, got a 0-dim tensor");
-  // Dense batch-major inputs keep their layout; anything else (a strided view) is made contiguous.
-  const bool dense = x_in.is_non_overlapping_and_dense() &&
-                     (x_in.size(0) <= 1 || x_in.stride(0) * x_in.size(0) == x_in.numel());
-  const at::Tensor x = dense ? x_in : x_in.contiguous();
-  at::Tensor out = at::empty_like(x);
-  at::Tensor eh;
-  const SampleParam eps = make_sample_param(eps_t, "eps", x, eh);
-  const int64_t B = x.size(0), numel = x.numel();
-  if (numel == 0) return out;
-  const LogicalIndex li = make_logical_index(x);
-  RO_DISPATCH_FLOATING(x.scalar_type(), "random_init", [&] {
-    random_init_kernel(out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), B, numel / B, li, norm, eps,
+  const InitArgs s = prepare_init(x_in, eps_t);
+  if (s.numel == 0) return s.out;
+  RO_DISPATCH_FLOATING(s.x.scalar_type(), "random_init", [&] {
+    random_init_kernel(s.out.data_ptr<scalar_t>(), s.x.data_ptr<scalar_t>(), s.B, s.D, s.li, norm, s.eps,
                        static_cast<float>(lo), static_cast<float>(hi), static_cast<uint64_t>(seed),
                        static_cast<uint64_t>(offset));
   });
-  return out;
+  return s.out;
 }
 
 // ------------------------------------------------------------------------------ recycle_step_
@@ -345,18 +327,11 @@ void recycle_kernel(T* delta, const T* g, const T* x, int64_t numel, int64_t D, 
 
 void recycle_step_cpu(at::Tensor& delta, const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& eps_t,
                       const at::Tensor& step_t, double lo, double hi) {
-  check_float(delta, "delta");
-  check_batch_major(delta, "delta");
-  const at::Tensor grad = like(grad_in, delta, "grad", "delta");
-  const at::Tensor x = like(x_in, delta, "x", "delta");
-  at::Tensor eh, sh;
-  const SampleParam eps = make_sample_param(eps_t, "eps", delta, eh);
-  const SampleParam step = make_sample_param(step_t, "step", delta, sh);
-  const int64_t numel = delta.numel();
-  if (numel == 0) return;
+  const StepArgs s = prepare_step(delta, "delta", grad_in, "grad", x_in, "x", eps_t, "eps", step_t, "step");
+  if (s.numel == 0) return;
   RO_DISPATCH_FLOATING(delta.scalar_type(), "recycle_step_", [&] {
-    recycle_kernel(delta.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), numel,
-                   numel / delta.size(0), eps, step, static_cast<float>(lo), static_cast<float>(hi));
+    recycle_kernel(delta.data_ptr<scalar_t>(), s.a.data_ptr<scalar_t>(), s.b.data_ptr<scalar_t>(), s.numel, s.D,
+                   s.p, s.q, static_cast<float>(lo), static_cast<float>(hi));
   });
 }
 

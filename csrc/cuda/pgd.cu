@@ -14,12 +14,12 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAException.h>
 
-#include "../common.h"
+#include "../pgd.h"
+#include "launch.cuh"
 
 namespace robustops {
 namespace {
 
-constexpr int kThreads = 256;
 constexpr int64_t kChunk = 8192;  // elements per block in the per-sample reductions
 
 template <typename T, int VEC>
@@ -65,12 +65,6 @@ __device__ __forceinline__ void block_sum(float (&v)[N]) {
     for (int w = 0; w < kThreads / 32; ++w) s += sm[k][w];
     v[k] = s;
   }
-}
-
-int grid_for(int64_t work_items) {
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int64_t blocks = (work_items + kThreads - 1) / kThreads;
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(blocks, static_cast<int64_t>(sms) * 16)));
 }
 
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
@@ -178,7 +172,7 @@ void launch_pgd(T* xa, const T* xp, const T* gp, int64_t B, int64_t D, Norm norm
                 SampleParam alpha, float lo, float hi, cudaStream_t st) {
   const int64_t numel = B * D;
   if (norm == Norm::Linf) {
-    linf_step_kernel<T, VEC><<<grid_for(numel / VEC), kThreads, 0, st>>>(xa, xp, gp, numel, D, eps, alpha, lo, hi);
+    linf_step_kernel<T, VEC><<<blocks_for(numel / VEC), kThreads, 0, st>>>(xa, xp, gp, numel, D, eps, alpha, lo, hi);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
@@ -195,26 +189,18 @@ void launch_pgd(T* xa, const T* xp, const T* gp, int64_t B, int64_t D, Norm norm
 void pgd_step_cuda(at::Tensor& x_adv, const at::Tensor& x_in, const at::Tensor& grad_in, const at::Tensor& eps_t,
                    const at::Tensor& alpha_t, c10::string_view norm_s, double lo, double hi) {
   const Norm norm = parse_norm(norm_s);
-  check_float(x_adv, "x_adv");
-  check_batch_major(x_adv, "x_adv");
   const c10::cuda::CUDAGuard guard(x_adv.device());
-  const at::Tensor x = like(x_in, x_adv, "x", "x_adv");
-  const at::Tensor grad = like(grad_in, x_adv, "grad", "x_adv");
-  at::Tensor eh, ah;
-  const SampleParam eps = make_sample_param(eps_t, "eps", x_adv, eh);
-  const SampleParam alpha = make_sample_param(alpha_t, "alpha", x_adv, ah);
-  const int64_t B = x_adv.size(0), numel = x_adv.numel();
-  if (numel == 0) return;
-  const int64_t D = numel / B;
+  const StepArgs s = prepare_step(x_adv, "x_adv", x_in, "x", grad_in, "grad", eps_t, "eps", alpha_t, "alpha");
+  if (s.numel == 0) return;
   cudaStream_t st = at::cuda::getCurrentCUDAStream();
   RO_DISPATCH_FLOATING(x_adv.scalar_type(), "pgd_step_", [&] {
     auto* xa = x_adv.data_ptr<scalar_t>();
-    const auto* xp = x.data_ptr<scalar_t>();
-    const auto* gp = grad.data_ptr<scalar_t>();
-    if (can_vectorize<scalar_t>(D, {xa, xp, gp}))
-      launch_pgd<scalar_t, vec_width<scalar_t>()>(xa, xp, gp, B, D, norm, eps, alpha, lo, hi, st);
+    const auto* xp = s.a.data_ptr<scalar_t>();
+    const auto* gp = s.b.data_ptr<scalar_t>();
+    if (can_vectorize<scalar_t>(s.D, {xa, xp, gp}))
+      launch_pgd<scalar_t, vec_width<scalar_t>()>(xa, xp, gp, s.B, s.D, norm, s.p, s.q, lo, hi, st);
     else
-      launch_pgd<scalar_t, 1>(xa, xp, gp, B, D, norm, eps, alpha, lo, hi, st);
+      launch_pgd<scalar_t, 1>(xa, xp, gp, s.B, s.D, norm, s.p, s.q, lo, hi, st);
   });
 }
 
@@ -300,7 +286,7 @@ template <typename T, int VEC>
 void launch_init(T* out, const T* xp, int64_t B, int64_t D, const LogicalIndex& li, Norm norm, SampleParam eps,
                  float lo, float hi, uint64_t seed, uint64_t offset, cudaStream_t st) {
   if (norm == Norm::Linf) {
-    init_linf_kernel<T, VEC><<<grid_for(B * D / VEC), kThreads, 0, st>>>(out, xp, B * D, D, li, eps, lo, hi, seed,
+    init_linf_kernel<T, VEC><<<blocks_for(B * D / VEC), kThreads, 0, st>>>(out, xp, B * D, D, li, eps, lo, hi, seed,
                                                                           offset);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
@@ -319,31 +305,21 @@ void launch_init(T* out, const T* xp, int64_t B, int64_t D, const LogicalIndex& 
 at::Tensor random_init_cuda(const at::Tensor& x_in, const at::Tensor& eps_t, c10::string_view norm_s, double lo,
                             double hi, int64_t seed, int64_t offset) {
   const Norm norm = parse_norm(norm_s);
-  check_float(x_in, "x");
-  TORCH_CHECK(x_in.dim() >= 1, "x must have a leading batch dimension, got a 0-dim tensor");
   const c10::cuda::CUDAGuard guard(x_in.device());
-  const bool dense = x_in.is_non_overlapping_and_dense() &&
-                     (x_in.size(0) <= 1 || x_in.stride(0) * x_in.size(0) == x_in.numel());
-  const at::Tensor x = dense ? x_in : x_in.contiguous();
-  at::Tensor out = at::empty_like(x);
-  at::Tensor eh;
-  const SampleParam eps = make_sample_param(eps_t, "eps", x, eh);
-  const int64_t B = x.size(0), numel = x.numel();
-  if (numel == 0) return out;
-  const int64_t D = numel / B;
-  const LogicalIndex li = make_logical_index(x);
+  const InitArgs a = prepare_init(x_in, eps_t);
+  if (a.numel == 0) return a.out;
   cudaStream_t st = at::cuda::getCurrentCUDAStream();
-  RO_DISPATCH_FLOATING(x.scalar_type(), "random_init", [&] {
-    auto* op = out.data_ptr<scalar_t>();
-    const auto* xp = x.data_ptr<scalar_t>();
+  RO_DISPATCH_FLOATING(a.x.scalar_type(), "random_init", [&] {
+    auto* op = a.out.data_ptr<scalar_t>();
+    const auto* xp = a.x.data_ptr<scalar_t>();
     const float flo = static_cast<float>(lo), fhi = static_cast<float>(hi);
     const auto s = static_cast<uint64_t>(seed), o = static_cast<uint64_t>(offset);
-    if (can_vectorize<scalar_t>(D, {op, xp}))
-      launch_init<scalar_t, vec_width<scalar_t>()>(op, xp, B, D, li, norm, eps, flo, fhi, s, o, st);
+    if (can_vectorize<scalar_t>(a.D, {op, xp}))
+      launch_init<scalar_t, vec_width<scalar_t>()>(op, xp, a.B, a.D, a.li, norm, a.eps, flo, fhi, s, o, st);
     else
-      launch_init<scalar_t, 1>(op, xp, B, D, li, norm, eps, flo, fhi, s, o, st);
+      launch_init<scalar_t, 1>(op, xp, a.B, a.D, a.li, norm, a.eps, flo, fhi, s, o, st);
   });
-  return out;
+  return a.out;
 }
 
 // ------------------------------------------------------------------------------ recycle_step_
@@ -370,28 +346,21 @@ __global__ void recycle_kernel(T* __restrict__ delta, const T* __restrict__ g, c
 
 void recycle_step_cuda(at::Tensor& delta, const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& eps_t,
                        const at::Tensor& step_t, double lo, double hi) {
-  check_float(delta, "delta");
-  check_batch_major(delta, "delta");
   const c10::cuda::CUDAGuard guard(delta.device());
-  const at::Tensor grad = like(grad_in, delta, "grad", "delta");
-  const at::Tensor x = like(x_in, delta, "x", "delta");
-  at::Tensor eh, sh;
-  const SampleParam eps = make_sample_param(eps_t, "eps", delta, eh);
-  const SampleParam step = make_sample_param(step_t, "step", delta, sh);
-  const int64_t numel = delta.numel();
-  if (numel == 0) return;
-  const int64_t D = numel / delta.size(0);
+  const StepArgs s = prepare_step(delta, "delta", grad_in, "grad", x_in, "x", eps_t, "eps", step_t, "step");
+  if (s.numel == 0) return;
   cudaStream_t st = at::cuda::getCurrentCUDAStream();
   RO_DISPATCH_FLOATING(delta.scalar_type(), "recycle_step_", [&] {
     auto* dp = delta.data_ptr<scalar_t>();
-    const auto* gp = grad.data_ptr<scalar_t>();
-    const auto* xp = x.data_ptr<scalar_t>();
+    const auto* gp = s.a.data_ptr<scalar_t>();
+    const auto* xp = s.b.data_ptr<scalar_t>();
     const float flo = static_cast<float>(lo), fhi = static_cast<float>(hi);
-    if (can_vectorize<scalar_t>(D, {dp, gp, xp})) {
+    const int64_t n = s.numel;
+    if (can_vectorize<scalar_t>(s.D, {dp, gp, xp})) {
       constexpr int V = vec_width<scalar_t>();
-      recycle_kernel<scalar_t, V><<<grid_for(numel / V), kThreads, 0, st>>>(dp, gp, xp, numel, D, eps, step, flo, fhi);
+      recycle_kernel<scalar_t, V><<<blocks_for(n / V), kThreads, 0, st>>>(dp, gp, xp, n, s.D, s.p, s.q, flo, fhi);
     } else {
-      recycle_kernel<scalar_t, 1><<<grid_for(numel), kThreads, 0, st>>>(dp, gp, xp, numel, D, eps, step, flo, fhi);
+      recycle_kernel<scalar_t, 1><<<blocks_for(n), kThreads, 0, st>>>(dp, gp, xp, n, s.D, s.p, s.q, flo, fhi);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

@@ -17,16 +17,10 @@
 
 #include "../common.h"
 #include "../smoothing.h"
+#include "launch.cuh"
 
 namespace robustops {
 namespace {
-
-constexpr int kThreads = 256;
-
-int blocks_for(int64_t items) {
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((items + kThreads - 1) / kThreads, sms * 32LL)));
-}
 
 template <typename T>
 struct alignas(4 * sizeof(T)) Quad {
@@ -108,14 +102,14 @@ at::Tensor gaussian_noise_cuda(const at::Tensor& x_in, int64_t num, double sigma
       scalar_t* op = a.out.data_ptr<scalar_t>();
       const bool group_in_channel = g.C <= 1 || g.HW % 4 == 0;
       if (channels_last && g.HW % 4 == 0) {
-        noise_cl_kernel<TI, scalar_t><<<blocks_for(g.B * g.num * (g.HW / 4)), kThreads, 0, st>>>(
+        noise_cl_kernel<TI, scalar_t><<<blocks_for(g.B * g.num * (g.HW / 4), 32), kThreads, 0, st>>>(
             xp, op, g, a.mean_ptr(), a.istd_ptr(), sg, sd, of);
       } else if (!channels_last && g.D % 4 == 0 && group_in_channel &&
                  reinterpret_cast<uintptr_t>(op) % (4 * sizeof(scalar_t)) == 0) {
-        noise_kernel<TI, scalar_t, true><<<blocks_for(g.B * g.num * g.groups), kThreads, 0, st>>>(
+        noise_kernel<TI, scalar_t, true><<<blocks_for(g.B * g.num * g.groups, 32), kThreads, 0, st>>>(
             xp, op, g, a.mean_ptr(), a.istd_ptr(), sg, sd, of);
       } else {
-        noise_kernel<TI, scalar_t, false><<<blocks_for(g.B * g.num * g.groups), kThreads, 0, st>>>(
+        noise_kernel<TI, scalar_t, false><<<blocks_for(g.B * g.num * g.groups, 32), kThreads, 0, st>>>(
             xp, op, g, a.mean_ptr(), a.istd_ptr(), sg, sd, of);
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -207,10 +201,10 @@ void count_votes_cuda(const at::Tensor& logits_in, at::Tensor& counts) {
   RO_DISPATCH_FLOATING(logits.scalar_type(), "count_votes_", [&] {
     const scalar_t* lp = logits.data_ptr<scalar_t>();
     if (C <= 32) {
-      votes_row_kernel<scalar_t><<<blocks_for(rows), kThreads, 0, st>>>(lp, cp, rows, C, num, counts.stride(0),
+      votes_row_kernel<scalar_t><<<blocks_for(rows, 32), kThreads, 0, st>>>(lp, cp, rows, C, num, counts.stride(0),
                                                                           counts.stride(1));
     } else {
-      votes_warp_kernel<scalar_t><<<blocks_for(rows * 32), kThreads, 0, st>>>(lp, cp, rows, C, num,
+      votes_warp_kernel<scalar_t><<<blocks_for(rows * 32, 32), kThreads, 0, st>>>(lp, cp, rows, C, num,
                                                                                 counts.stride(0), counts.stride(1));
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
