@@ -425,6 +425,7 @@ class Trainer:
     # ---- methods: each returns (loss sum, correct count, samples) as device tensors / int
 
     def _natural(self, x, y):
+        """A cross-entropy step on x as given; the other methods call it on the inputs they made."""
         with self._autocast():
             logits = self.net(x)
             loss = F.cross_entropy(logits, y)
@@ -433,12 +434,7 @@ class Trainer:
 
     def _pgd(self, x, y):
         c = self.cfg
-        x_adv = self.pgd_attack(x, y, c.eps, c.alpha, c.steps, c.norm, c.random_start)
-        with self._autocast():
-            logits = self.net(x_adv)
-            loss = F.cross_entropy(logits, y)
-        self._update(loss)
-        return self._stats(loss, logits, y)
+        return self._natural(self.pgd_attack(x, y, c.eps, c.alpha, c.steps, c.norm, c.random_start), y)
 
     def _free(self, x, y):
         c = self.cfg
@@ -480,11 +476,7 @@ class Trainer:
         else:  # one L-inf step from the start point: x + clamp(start - x + alpha*sign(g), -eps, eps)
             x_adv = xa.detach()
             ops.pgd_step_(x_adv, x, g, c.eps, c.alpha, "linf", c.lo, c.hi)
-        with self._autocast():
-            logits = self.net(x_adv)
-            loss = F.cross_entropy(logits, y)
-        self._update(loss)
-        return self._stats(loss, logits, y)
+        return self._natural(x_adv, y)
 
     def _trades(self, x, y):
         c = self.cfg
@@ -513,11 +505,7 @@ class Trainer:
     def _gaussian(self, x, y):
         c = self.cfg
         xn = self._fmt(ops.gaussian_noise(x, 1, c.sigma, seed=self._seed())) if c.sigma > 0 else x
-        with self._autocast():
-            logits = self.net(xn)
-            loss = F.cross_entropy(logits, y)
-        self._update(loss)
-        return self._stats(loss, logits, y)
+        return self._natural(xn, y)
 
     # ---- public
 
