@@ -25,7 +25,6 @@ and the robust accuracy reached, and appends rows to benchmarks/results/attack.c
 """
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -39,7 +38,7 @@ sys.path[:0] = [_HERE, os.path.dirname(_HERE)]  # benchmarks/common.py and the s
 from robustops import attacks  # noqa: E402
 from robustops.data import load_digits  # noqa: E402
 from robustops.models import PreActResNet18, SmallCNN  # noqa: E402
-from common import append_csv, device_name, stamp  # noqa: E402
+from common import finish, parser, setup  # noqa: E402
 
 
 def torchattacks_style_pgd(model, images, labels, eps, alpha, steps):
@@ -162,8 +161,7 @@ def run_config(args, cfg, model, x, y, eps, alpha, steps, trained, rows, base):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p = parser(__doc__, "attack.csv")
     p.add_argument("--configs", default="cnn,rn18", help="comma list of cnn, rn18")
     p.add_argument("--cnn-batches", default=None, help="default 128,1024 (--small: 32,128)")
     p.add_argument("--cnn-steps", type=int, default=None, help="default 40 (--small: 10)")
@@ -175,20 +173,15 @@ def main(argv=None):
     p.add_argument("--extra", default="", help="comma list: bf16 (also time robustops eager with bf16 autocast)")
     p.add_argument("--reps", type=int, default=None, help="timed calls per method (default 10; 3 with --small)")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--csv", default="attack.csv")
     args = p.parse_args(argv)
     preset = dict(cnn_batches=("128,1024", "32,128"), cnn_steps=(40, 10), rn_batch=(256, 8), rn_steps=(20, 2),
                   reps=(10, 3))
     for k, (full, small) in preset.items():
         if getattr(args, k) is None:
             setattr(args, k, small if args.small else full)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     dev = args.device
-    name = device_name(dev)
-    print(f"device: {name}; torch {torch.__version__}")
-    base = dict(stamp(), device=name)
+    base = setup(args)
+    print(f"device: {base['device']}; torch {torch.__version__}")
     rows = []
     configs = args.configs.split(",")
     if "cnn" in configs:
@@ -208,9 +201,7 @@ def main(argv=None):
         x = torch.rand(args.rn_batch, 3, 32, 32, device=dev)
         y = torch.randint(0, 10, (args.rn_batch,), device=dev)
         run_config(args, "preact_resnet18_cifar", model, x, y, 8 / 255, 2 / 255, args.rn_steps, False, rows, base)
-    if rows:
-        path = append_csv(args.csv, rows)
-        print(f"\nappended {len(rows)} rows to {path}")
+    finish(args, rows)
 
 
 if __name__ == "__main__":

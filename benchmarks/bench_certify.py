@@ -19,7 +19,6 @@ Rows are appended to benchmarks/results/certify.csv with the device name and dat
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import os
 import sys
@@ -34,7 +33,7 @@ sys.path[:0] = [_HERE, os.path.dirname(_HERE)]  # benchmarks/common.py and the s
 import robustops as ro  # noqa: E402
 from robustops import models, smoothing  # noqa: E402
 from robustops.data import CIFAR10_MEAN, CIFAR10_STD  # noqa: E402
-from common import append_csv, bench, copy_bandwidth, device_name, stamp  # noqa: E402
+from common import bench, copy_bandwidth, finish, parser, setup  # noqa: E402
 
 
 def sync(device: str) -> None:
@@ -86,8 +85,8 @@ def timed(fn, device: str, repeats: int) -> float:
     return min(times)
 
 
-def row(name, device, args, **kw):
-    base = dict(**stamp(), device=name, bench="", provider="", model=args.model, N0=args.N0, N=args.N,
+def row(stamp, args, **kw):
+    base = dict(**stamp, bench="", provider="", model=args.model, N0=args.N0, N=args.N,
                 batch=args.batch, images=args.images, s_per_image="", vs_cohen="", vs_forward_bound="",
                 gb_per_s="", fraction_of_copy="", copy_gb_per_s="")
     base.update(kw)
@@ -95,8 +94,7 @@ def row(name, device, args, **kw):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p = parser(__doc__, "certify.csv")
     p.add_argument("--model", default="resnet110", help="a robustops.models name (random weights; default resnet110)")
     p.add_argument("--N0", type=int, default=100)
     p.add_argument("--N", type=int, default=100_000)
@@ -112,13 +110,12 @@ def main(argv=None):
     p.add_argument("--no-ops", action="store_true", help="skip the op bandwidth figures")
     p.add_argument("--op-elems", type=int, default=None,
                    help="elements of the noisy output in the op benchmark (default 2^26 GPU, 2^23 CPU)")
-    p.add_argument("--csv", default="certify.csv")
     args = p.parse_args(argv)
     dev = args.device
+    stamp = setup(args)
     torch.manual_seed(0)
-    name = device_name(dev)
     bw = copy_bandwidth(dev)
-    print(f"device: {name}; copy bandwidth (read + write): {bw / 1e9:.1f} GB/s; torch {torch.__version__}")
+    print(f"device: {stamp['device']}; copy bandwidth (read + write): {bw / 1e9:.1f} GB/s; torch {torch.__version__}")
     print(f"model {args.model} (random weights), N0 {args.N0}, N {args.N}, batch {args.batch}, "
           f"{args.images} images, sigma {args.sigma}")
     rows = []
@@ -175,7 +172,7 @@ def main(argv=None):
         if t_cohen and k.startswith("robustops"):
             notes.append(f"{t_cohen / t:.2f}x faster than Cohen")
         print(f"{k:>26}: {t:9.3f} s/image" + (f"  ({', '.join(notes)})" if notes else ""))
-        rows.append(row(name, dev, args, bench="certify", provider=k, s_per_image=round(t, 5),
+        rows.append(row(stamp, args, bench="certify", provider=k, s_per_image=round(t, 5),
                         vs_cohen=round(t_cohen / t, 3) if t_cohen and not k.startswith("forward_bound") else "",
                         vs_forward_bound=round(t / bound, 4) if bound and not k.startswith("forward_bound") else ""))
 
@@ -197,7 +194,7 @@ def main(argv=None):
                 t = bench(fn, dev, min_time=0.5)
                 dt = str(dtype).split(".")[-1]
                 print(f"{op + ' ' + dt:>26} {prov:>10} {t * 1e3:9.3f}ms {nbytes / t / 1e9:8.1f} {nbytes / t / bw:8.1%}")
-                rows.append(row(name, dev, args, bench="op", provider=f"{op.rstrip('_')}_{dt}_{prov}",
+                rows.append(row(stamp, args, bench="op", provider=f"{op.rstrip('_')}_{dt}_{prov}",
                                 N0="", N="", batch=rows_per_call, images=1, gb_per_s=round(nbytes / t / 1e9, 2),
                                 fraction_of_copy=round(nbytes / t / bw, 4), copy_gb_per_s=round(bw / 1e9, 2)))
 
@@ -217,8 +214,7 @@ def main(argv=None):
                 "eager": lambda logits=logits: counts.add_(torch.bincount(logits.argmax(1), minlength=C)),
                 "robustops": lambda logits=logits: ro.count_votes_(logits, counts),
             }, logits.numel() * logits.element_size(), R)
-    path = append_csv(args.csv, rows)
-    print(f"results appended to {path}")
+    finish(args, rows)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ the device's copy bandwidth measured in this run, for a copy moving as many byte
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -21,26 +20,24 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [_HERE, os.path.dirname(_HERE)]  # benchmarks/common.py and the source tree
 import robustops as ro  # noqa: E402
 from robustops import reference as ref  # noqa: E402
-from common import append_csv, bench, copy_bandwidth, device_name, stamp  # noqa: E402
+from common import bench, copy_bandwidth, finish, parser, setup  # noqa: E402
 
 SIZES = {"cifar": (512, 3, 32, 32), "imagenet": (256, 3, 224, 224)}
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p = parser(__doc__, "pgd_step.csv")
     p.add_argument("--sizes", default="cifar,imagenet")
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--norms", default="linf,l2")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     p.add_argument("--min-time", type=float, default=0.5, help="seconds of timing per figure")
-    p.add_argument("--csv", default="pgd_step.csv")
     args = p.parse_args(argv)
     dev = args.device
+    base = setup(args)
     torch.manual_seed(0)
     bw = copy_bandwidth(dev)
-    name = device_name(dev)
-    print(f"device: {name}; copy bandwidth (read + write): {bw / 1e9:.1f} GB/s; torch {torch.__version__}")
+    print(f"device: {base['device']}; copy bandwidth (read + write): {bw / 1e9:.1f} GB/s; torch {torch.__version__}")
     compiled = None if args.no_compile else torch.compile(ref.pgd_step, dynamic=False)
     rows = []
     header = f"{'size':>18} {'dtype':>8} {'norm':>4} | {'provider':>13} {'time':>10} {'GB/s':>7} {'of copy':>7} {'vs eager':>8}"
@@ -74,14 +71,13 @@ def main(argv=None):
                     frac = nbytes / t / bw_here
                     print(f"{str(shape):>18} {dt:>8} {norm:>4} | {k:>13} {t * 1e3:>8.3f}ms {gbs:>7.1f} "
                           f"{frac:>7.1%} {times['eager'] / t:>7.2f}x")
-                    rows.append(dict(**stamp(), device=name, op="pgd_step_", shape="x".join(map(str, shape)),
+                    rows.append(dict(**base, op="pgd_step_", shape="x".join(map(str, shape)),
                                      dtype=dt, norm=norm, provider=k, time_ms=round(t * 1e3, 5),
                                      gb_per_s=round(gbs, 2), fraction_of_copy=round(frac, 4),
                                      speedup_vs_eager=round(times["eager"] / t, 3),
                                      copy_gb_per_s_same_size=round(bw_here / 1e9, 2),
                                      copy_gb_per_s_large=round(bw / 1e9, 2)))
-    path = append_csv(args.csv, rows)
-    print(f"results appended to {path}")
+    finish(args, rows)
 
 
 if __name__ == "__main__":

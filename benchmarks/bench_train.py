@@ -22,7 +22,6 @@ Rows are appended to benchmarks/results/train.csv with the device name and date.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import os
 import sys
@@ -32,7 +31,7 @@ import torch
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [_HERE, os.path.dirname(_HERE)]  # benchmarks/common.py and the source tree
-from common import append_csv, device_name, stamp  # noqa: E402
+from common import finish, parser, setup  # noqa: E402
 from robustops import models  # noqa: E402
 from robustops import train as rt  # noqa: E402
 
@@ -66,8 +65,7 @@ def time_steps(trainers, x, y, iters: int, warmup: int, device: torch.device, re
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p = parser(__doc__, "train.csv")
     p.add_argument("--model", default="preact_resnet18", help="robustops.models name (default preact_resnet18)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--channels", type=int, default=3)
@@ -82,14 +80,10 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=None, help="steps per timed repeat (default 20 GPU, 2 CPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5 GPU, 1 CPU)")
     p.add_argument("--reps", type=int, default=3, help="timed repeats, the fastest counts (default 3)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
-    p.add_argument("--csv", default="train.csv", help="file under benchmarks/results (default train.csv)")
-    p.add_argument("--no-csv", action="store_true")
     args = p.parse_args(argv)
 
     dev = torch.device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    base_row = setup(args)
     gpu = dev.type == "cuda"
     iters = args.iters or (20 if gpu else 2)
     warmup = args.warmup if args.warmup is not None else (5 if gpu else 1)
@@ -112,8 +106,7 @@ def main(argv=None) -> int:
     base = models.get_model(args.model, **kw)
     x = torch.rand(args.batch_size, args.channels, args.image_size, args.image_size, device=dev)
     y = torch.randint(0, args.classes, (args.batch_size,), device=dev)
-    name = device_name(str(dev))
-    print(f"device: {name}; torch {torch.__version__}")
+    print(f"device: {base_row['device']}; torch {torch.__version__}")
     print(f"{args.model}, batch {args.batch_size} x {args.channels}x{args.image_size}x{args.image_size}, "
           f"{args.dtype}{', channels_last' if cl else ''}, eps {args.eps:.4g}; {iters} steps x {args.reps} repeats "
           f"after {warmup} warm-up")
@@ -142,7 +135,7 @@ def main(argv=None) -> int:
         imgs = args.batch_size * (args.m if method == "free" else 1) / t
         print(f"{label:<24} {1e3 * t:>10.2f} {1e3 * per_unit:>10.2f} {imgs:>9.0f} {ratio:>10.2f} "
               f"{('<= %.1f' % target) if method != 'natural' else '':>8} {mark}")
-        rows.append(dict(**stamp(), device=name, model=args.model, batch=args.batch_size,
+        rows.append(dict(**base_row, model=args.model, batch=args.batch_size,
                          shape=f"{args.channels}x{args.image_size}x{args.image_size}", dtype=args.dtype,
                          channels_last=int(cl), method=label, steps=args.steps if method == "pgd" else "",
                          m=args.m if method == "free" else "", ms_per_iter=round(1e3 * t, 3),
@@ -151,9 +144,7 @@ def main(argv=None) -> int:
                          meets_target=(int(meets) if gpu and method != "natural" else ""), iters=iters, reps=args.reps,
                          spread=round(max(all_t) / min(all_t), 3)))
     print("(ms/unit: per minibatch, per replay for free; targets apply to an H100 with the default setting)")
-    if not args.no_csv:
-        path = append_csv(args.csv, rows)
-        print(f"appended {len(rows)} rows to {path}")
+    finish(args, rows)
     return 0
 
 

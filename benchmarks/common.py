@@ -1,7 +1,10 @@
-"""Shared timing helpers for the benchmark scripts: median timings, the device's measured copy
-bandwidth (the memory-bound limit every figure is compared with), and CSV output."""
+"""What the benchmark scripts share: their common flags (``parser``), setting up the device and
+threads (``setup``), median timings, the device's measured copy bandwidth (the memory-bound limit
+every figure is compared with), and CSV output (``finish``: rows stamped with the date, torch and
+the device, appended to benchmarks/results/<name>.csv; ``benchmarks/plot.py`` draws them)."""
 from __future__ import annotations
 
+import argparse
 import csv
 import datetime
 import os
@@ -68,18 +71,53 @@ def copy_bandwidth(device: str, nbytes: int | None = None) -> float:
     return 2 * nbytes / t
 
 
+def parser(doc: str, csv_name: str) -> argparse.ArgumentParser:
+    """An argument parser with the flags every benchmark has: --device, --threads, --csv, --no-csv."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda, cuda:1 (default: cuda when available)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--csv", default=csv_name, help=f"file under benchmarks/results (default {csv_name})")
+    p.add_argument("--no-csv", action="store_true", help="print only, append nothing")
+    return p
+
+
+def setup(args) -> dict:
+    """Applies --threads and returns the stamp every row of this run carries (date, torch, device)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return {"date": datetime.date.today().isoformat(), "torch": torch.__version__,
+            "device": device_name(str(args.device))}
+
+
 def append_csv(name: str, rows: list[dict]) -> str:
+    """Appends rows to results/<name>; a file whose header lacks some of the rows' columns is
+    rewritten with the union of the columns first, so earlier rows are never misaligned."""
     os.makedirs(RESULTS, exist_ok=True)
     path = os.path.join(RESULTS, name)
-    new = not os.path.exists(path)
-    fields = list(rows[0].keys())
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        if new:
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    old_rows: list[dict] = []
+    if os.path.exists(path):
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            old_fields = list(reader.fieldnames or [])
+            if set(fields) <= set(old_fields):
+                fields = old_fields
+            else:
+                old_rows = list(reader)
+                fields = old_fields + [k for k in fields if k not in old_fields]
+    if old_rows or not os.path.exists(path):
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields)
             w.writeheader()
-        w.writerows(rows)
+            w.writerows(old_rows)
+    with open(path, "a", newline="") as f:
+        csv.DictWriter(f, fieldnames=fields).writerows(rows)
     return path
 
 
-def stamp() -> dict:
-    return {"date": datetime.date.today().isoformat(), "torch": torch.__version__}
+def finish(args, rows: list[dict]) -> None:
+    """Appends the run's rows to its CSV (unless --no-csv) and says where."""
+    if rows and not args.no_csv:
+        path = append_csv(args.csv, rows)
+        print(f"appended {len(rows)} rows to {path}")

@@ -14,29 +14,50 @@ import os
 import re
 import warnings
 import zipfile
-from typing import Optional, Sequence, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["SmallCNN", "PreActResNet18", "CifarResNet", "cifar_resnet", "Normalize", "get_model", "MODEL_NAMES",
-           "save_checkpoint", "load_model"]
+__all__ = ["SmallCNN", "PreActResNet18", "CifarResNet", "cifar_resnet", "Normalize", "channel_stats", "split_normalize",
+           "get_model", "MODEL_NAMES", "save_checkpoint", "load_model"]
+
+
+def channel_stats(mean, std) -> Tuple[torch.Tensor, torch.Tensor]:
+    """mean and std of a per-channel normalisation as float32 CPU tensors [C] (or [1] for one value),
+    validated: both given, one value or one per channel each (the same number when both have
+    several), finite, std > 0. The one check every user of :class:`Normalize` relies on."""
+    if mean is None or std is None:
+        raise ValueError("give both mean and std (per-channel normalisation), or neither")
+    out = []
+    for v, name in ((mean, "mean"), (std, "std")):
+        try:
+            t = torch.as_tensor(v, dtype=torch.float32).detach().cpu()
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"{name} must be a float or a sequence / Tensor of per-channel floats, got {v!r}") from None
+        if t.dim() > 1:
+            raise ValueError(f"{name} must be a float or one value per channel, got shape {list(t.shape)}")
+        t = t.reshape(-1)
+        if t.numel() == 0 or not bool(torch.isfinite(t).all()) or (name == "std" and not bool((t > 0).all())):
+            raise ValueError(f"{name} must be {'> 0 and finite' if name == 'std' else 'finite'} for every "
+                             f"channel, got {t.tolist()}")
+        out.append(t)
+    if out[0].numel() != out[1].numel() and 1 not in (out[0].numel(), out[1].numel()):
+        raise ValueError(f"mean and std must have the same number of channels, got {out[0].numel()} "
+                         f"and {out[1].numel()}")
+    return out[0], out[1]
 
 
 class Normalize(nn.Module):
     """``(x - mean) / std`` with per-channel mean / std (dim 1), kept as buffers so they follow the
-    module's device and are saved in its state dict."""
+    module's device and are saved in its state dict. The one normalisation of robustops: attacks
+    (``mean``/``std``), training (``FitConfig.mean``/``std``), smoothing (fused into the noise kernel)
+    and checkpoints all go through it; :func:`channel_stats` validates its arguments."""
 
     def __init__(self, mean: Union[float, Sequence[float]], std: Union[float, Sequence[float]]):
         super().__init__()
-        mean_t = torch.as_tensor(mean, dtype=torch.float32).reshape(-1)
-        std_t = torch.as_tensor(std, dtype=torch.float32).reshape(-1)
-        if mean_t.numel() != std_t.numel() and 1 not in (mean_t.numel(), std_t.numel()):
-            raise ValueError(f"mean and std must have the same number of channels, got {mean_t.numel()} "
-                             f"and {std_t.numel()}")
-        if not bool((std_t > 0).all()):
-            raise ValueError(f"std must be > 0 for every channel, got {std_t.tolist()}")
+        mean_t, std_t = channel_stats(mean, std)
         self.register_buffer("mean", mean_t.reshape(1, -1, 1, 1))
         self.register_buffer("std", std_t.reshape(1, -1, 1, 1))
 
@@ -44,8 +65,24 @@ class Normalize(nn.Module):
         shape = (1, -1) + (1,) * (x.dim() - 2)
         return (x - self.mean.reshape(shape).to(x.dtype)) / self.std.reshape(shape).to(x.dtype)
 
+    def values(self) -> Tuple[List[float], List[float]]:
+        """(mean, std) as lists of floats (one per channel, or one for all)."""
+        return self.mean.flatten().tolist(), self.std.flatten().tolist()
+
     def extra_repr(self) -> str:
         return f"mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}"
+
+
+def split_normalize(model):
+    """(body, mean, std): a model ``nn.Sequential(Normalize, ...)`` split into the rest of the model
+    and the normalisation's values (so that a fused kernel can apply them); (model, None, None)
+    when the model does not start with a :class:`Normalize`."""
+    if isinstance(model, nn.Sequential) and len(model) >= 2 and isinstance(model[0], Normalize):
+        rest = list(model)[1:]
+        body = rest[0] if len(rest) == 1 else nn.Sequential(*rest)
+        mean, std = model[0].values()
+        return body, mean, std
+    return model, None, None
 
 
 class SmallCNN(nn.Module):
@@ -206,9 +243,7 @@ def get_model(name: str, num_classes: int = 10, in_channels: Optional[int] = Non
         model = cifar_resnet(depth, num_classes=num_classes, in_channels=3 if in_channels is None else in_channels)
     else:
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(MODEL_NAMES)}")
-    if (mean is None) != (std is None):
-        raise ValueError("give both mean and std (or neither)")
-    if mean is not None:
+    if mean is not None or std is not None:
         model = nn.Sequential(Normalize(mean, std), model)
     return model
 

@@ -12,12 +12,29 @@ from typing import Optional, Union
 
 import torch
 
-from .reference import batch_major_dense
+from . import _rng
 
 Param = Union[float, int, torch.Tensor]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _NORMS = ("linf", "l2")
+
+
+def batch_major_dense(x: torch.Tensor) -> bool:
+    """True if x is dense and non-overlapping with the batch as its outermost memory dimension
+    (contiguous and channels_last tensors are): the layouts the kernels work on in place."""
+    dims = sorted((d for d in range(x.dim()) if x.shape[d] != 1), key=lambda d: -x.stride(d))
+    expected = 1
+    for d in reversed(dims):
+        if x.stride(d) != expected:
+            return False
+        expected *= x.shape[d]
+    return x.dim() >= 1 and (x.shape[0] <= 1 or not dims or dims[0] == 0)
+
+
+def build_info_json() -> str:
+    """The compiled library's own description of its build (JSON text)."""
+    return torch.ops.robustops.build_info()
 
 
 def _tracing() -> bool:
@@ -69,6 +86,10 @@ def _param(p: Param, name: str, x: torch.Tensor, nonneg: bool = True) -> torch.T
         raise ValueError(f"{name} must be a float or a Tensor[B] with B = {B}, got shape {list(p.shape)}")
     if not (p.dtype.is_floating_point or p.dtype in (torch.int32, torch.int64)):
         raise TypeError(f"{name} must hold floating-point values, got {p.dtype}")
+    if p.dim() == 0 and p.device.type == "cpu" and p.dtype == torch.float32 and not _tracing():
+        if nonneg and not p.item() >= 0:  # the common case, checked without tensor ops
+            raise ValueError(f"{name} must be >= 0 for every sample, got {p.item()} (at index 0)")
+        return p
     if nonneg and p.device.type == "cpu" and not _tracing():
         bad = ~(p >= 0)
         if bool(bad.any()):
@@ -100,15 +121,6 @@ def pgd_step_(x_adv: torch.Tensor, x: torch.Tensor, grad: torch.Tensor, eps: Par
     return x_adv
 
 
-def _seed(seed: Optional[int]) -> int:
-    if seed is None:
-        # Drawn from torch's default generator, so torch.manual_seed makes runs reproducible.
-        return int(torch.randint(0, 2 ** 62, (1,), dtype=torch.int64).item())
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
-    return seed & ((1 << 63) - 1)
-
-
 def random_init(x: torch.Tensor, eps: Param, norm: str = "linf", lo: float = 0.0, hi: float = 1.0,
                 seed: Optional[int] = None, offset: int = 0) -> torch.Tensor:
     """A random start point: x plus a draw uniform in the eps-ball (L-inf: each coordinate uniform in
@@ -118,14 +130,16 @@ def random_init(x: torch.Tensor, eps: Param, norm: str = "linf", lo: float = 0.0
     The draw is Philox4x32-10 keyed by (seed, offset) and the element's logical index: the same on
     CPU and CUDA and for contiguous and channels_last inputs. seed=None takes a seed from torch's
     default generator (torch.manual_seed governs it). Calls whose offsets differ by at least
-    ceil(x.numel()/4) (and by B for L2) draw disjoint streams.
+    ceil(x.numel()/4) (and by B for L2) draw disjoint streams; ``robustops._rng.random_init_offset``
+    gives the offset of a batch by its position in a dataset.
     """
     _check_floating(x, "x")
     _check_norm(norm)
     _check_bounds(lo, hi)
     if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
         raise ValueError(f"offset must be a non-negative int, got {offset!r}")
-    return torch.ops.robustops.random_init(x, _param(eps, "eps", x), norm, float(lo), float(hi), _seed(seed),
+    return torch.ops.robustops.random_init(x, _param(eps, "eps", x), norm, float(lo), float(hi),
+                                           _rng.resolve_seed(seed),
                                            offset)
 
 
@@ -203,7 +217,7 @@ def gaussian_noise(x: torch.Tensor, num: int, sigma: float, seed: Optional[int] 
         raise TypeError(f"out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
     if channels_last and x.dim() not in (4, 5):
         raise ValueError(f"channels_last needs a 4-D or 5-D x, got {x.dim()}-D")
-    return torch.ops.robustops.gaussian_noise(x, num, float(sigma), _seed(seed), offset,
+    return torch.ops.robustops.gaussian_noise(x, num, float(sigma), _rng.resolve_seed(seed), offset,
                                               _channel_param(mean, "mean", x), _channel_param(std, "std", x),
                                               out_dtype, bool(channels_last))
 

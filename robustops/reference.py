@@ -12,23 +12,14 @@ import math
 import numpy as np
 import torch
 
+from ._rng import noise_counter_groups
+from .ops import batch_major_dense
+
 TINY = torch.finfo(torch.float32).tiny
 
 STREAM_INIT_UNIFORM = 0
 STREAM_INIT_RADIUS = 1
 STREAM_GAUSSIAN = 2
-
-
-def batch_major_dense(x: torch.Tensor) -> bool:
-    """True if x is dense and non-overlapping with the batch as its outermost memory dimension
-    (contiguous and channels_last tensors are): the layouts the kernels work on in place."""
-    dims = sorted((d for d in range(x.dim()) if x.shape[d] != 1), key=lambda d: -x.stride(d))
-    expected = 1
-    for d in reversed(dims):
-        if x.stride(d) != expected:
-            return False
-        expected *= x.shape[d]
-    return x.dim() >= 1 and (x.shape[0] <= 1 or not dims or dims[0] == 0)
 
 
 def _per_sample(p, x: torch.Tensor) -> torch.Tensor:
@@ -155,11 +146,6 @@ def random_init(x, eps, norm="linf", lo=0.0, hi=1.0, seed=0, offset=0):
 
 
 # ------------------------------------------------------------------------- smoothing family
-
-def noise_counter_groups(D: int) -> int:
-    """Philox calls reserved per noisy sample by gaussian_noise: ceil(D / 4)."""
-    return (D + 3) // 4
-
 
 def gaussian_noise(x, num, sigma, seed=0, offset=0, mean=None, std=None, out_dtype=None,
                    channels_last=False):

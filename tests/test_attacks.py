@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from helpers import train_digits_model
 
 from robustops import attacks as A
+from robustops.attacks.graph import GraphRunner
 from robustops.data import load_digits
 from robustops.models import Normalize, SmallCNN, save_checkpoint
 
@@ -35,9 +36,10 @@ def data():
 
 # ------------------------------------------------------------------- independent reference PGD
 
-def plain_pgd(model, x, y, eps, alpha, steps, norm, random_start=False, generator=None):
+def plain_pgd(model, x, y, eps, alpha, steps, norm, random_start=False, generator=None, iterates=None,
+              reduction="mean"):
     """Textbook PGD in plain PyTorch (no robustops code): from the clean input, or from a uniform
-    draw in the eps-ball."""
+    draw in the eps-ball. iterates: a list that receives every iterate (start included)."""
     x = x.detach()
     xa = x.clone()
     if random_start:
@@ -49,8 +51,10 @@ def plain_pgd(model, x, y, eps, alpha, steps, norm, random_start=False, generato
             xa = x + (eps * r[:, None] * z / z.norm(dim=1, keepdim=True)).view_as(x)
         xa = xa.clamp(0, 1)
     for _ in range(steps):
+        if iterates is not None:
+            iterates.append(xa.detach().clone())
         xa.requires_grad_(True)
-        loss = F.cross_entropy(model(xa), y)
+        loss = F.cross_entropy(model(xa), y, reduction=reduction)
         (g,) = torch.autograd.grad(loss, xa)
         with torch.no_grad():
             if norm == "linf":
@@ -63,6 +67,8 @@ def plain_pgd(model, x, y, eps, alpha, steps, norm, random_start=False, generato
                 xa = x + d * torch.clamp(eps / dn, max=1.0)
             xa = xa.clamp(0, 1)
         xa = xa.detach()
+    if iterates is not None:
+        iterates.append(xa.clone())
     return xa
 
 
@@ -84,8 +90,16 @@ def test_at_least_as_strong_as_plain_pgd(model, data, norm, eps):
     alpha, steps = 2.5 * eps / 10, 10
     ref_acc = acc(model, plain_pgd(model, x, y, eps, alpha, steps, norm), y)
     assert ref_acc < acc(model, x, y) - 0.1  # the reference attack does something
-    # Same start, same steps: the fused step follows the same trajectory.
+    # Same start, same steps: the fused step follows the same trajectory. From every iterate of the
+    # reference (with the attack's summed objective), one engine step lands on the next iterate.
     atk = A.PGD(model, eps=eps, alpha=alpha, steps=steps, norm=norm, random_start=False)
+    traj = []
+    plain_pgd(model, x, y, eps, alpha, steps, norm, iterates=traj, reduction="sum")
+    for k in range(steps):
+        xa = traj[k].clone()
+        g, _, _ = atk.engine.gradient(xa, (y, None))
+        atk.engine.step_(xa, x, g, eps, alpha)
+        torch.testing.assert_close(xa, traj[k + 1], atol=2e-6, rtol=0, msg=f"step {k + 1}")
     assert acc(model, atk(x, y), y) <= ref_acc + 1e-9
     # Evaluation mode: a success at any step counts, so it is at least as strong again.
     atk = A.PGD(model, eps=eps, alpha=alpha, steps=steps, norm=norm, random_start=False, early_stop=True)
@@ -356,7 +370,9 @@ def test_robust_accuracy_results_and_tsv(model, data, tmp_path):
     assert r["clean_acc"] == pytest.approx(acc(model, x, y))
     assert r["robust_acc"] == pytest.approx(s["robust_correct"].float().mean().item())
     assert bool((s["linf"] <= 0.1 + 1e-6).all())
-    path = A.save_results(str(tmp_path / "r.tsv"), s)
+    from robustops.cli.attack import save_results
+
+    path = save_results(str(tmp_path / "r.tsv"), s)
     rows = list(csv.DictReader(open(path), delimiter="\t"))
     assert len(rows) == N_EVAL and rows[0].keys() >= {"index", "label", "clean_pred", "adv_pred", "robust_correct"}
     assert sum(int(row["robust_correct"]) for row in rows) == r["robust_correct"]
@@ -379,15 +395,12 @@ def _read_tsv(path):
 
 
 def run_attack_cli(argv):
-    """`robustops attack ARGV` through the attack module's own argument parser and runner (the ones
-    robustops/cli.py wires in): returns (exit code, stdout, stderr)."""
-    import argparse
+    """`robustops attack ARGV` in this process: returns (exit code, stdout, stderr)."""
+    from robustops.cli import main
 
-    parser = argparse.ArgumentParser(prog="robustops attack")
-    A.cli_attack_args(parser)
     out, err = io.StringIO(), io.StringIO()
     with redirect_stdout(out), redirect_stderr(err):
-        rc = A.cli_attack(parser.parse_args(argv))
+        rc = main(["attack"] + list(argv))
     return rc, out.getvalue(), err.getvalue()
 
 
@@ -433,11 +446,9 @@ def test_robustops_cli_dispatches_attack(checkpoint, tmp_path):
 
 
 _TORCHRUN_SCRIPT = """
-import argparse, sys
-from robustops.attacks import cli_attack, cli_attack_args
-p = argparse.ArgumentParser()
-cli_attack_args(p)
-sys.exit(cli_attack(p.parse_args()))
+import sys
+from robustops.cli import main
+sys.exit(main(["attack"] + sys.argv[1:]))
 """
 
 
@@ -536,10 +547,10 @@ def test_graph_path_logic_with_simulated_replay(model, data, mode, monkeypatch):
 
     def fake_capture(self):
         self.iteration()  # one warm-up step that must not leak into the results
-        self._restore([(b, b.detach().clone()) for b in self.attack._net.buffers()], self.xa.clone())
+        self._restore([(b, b.detach().clone()) for b in self.module.buffers()], self.xa.clone())
         self.graph = FakeGraph(self.iteration)
 
-    monkeypatch.setattr(A._GraphIteration, "capture", fake_capture)
+    monkeypatch.setattr(GraphRunner, "capture", fake_capture)
     monkeypatch.setattr(A.PGD, "_use_graph", lambda self, x: self.graph)
     kw = {"plain": {}, "record": {"record_steps": True}, "early_stop": {"early_stop": True},
           "restarts": {"restarts": 2}}[mode]
@@ -548,12 +559,12 @@ def test_graph_path_logic_with_simulated_replay(model, data, mode, monkeypatch):
     eager = A.PGD(model, eps=eps, steps=6, seed=9, **kw).perturb(x, y)
     atk = A.PGD(model, eps=eps, steps=6, seed=9, graph=True, **kw)
     graph = atk.perturb(x, y)
-    assert len(atk._graphs) == 1
+    assert len(atk._graphs.runners) == 1
     assert torch.equal(eager.success, graph.success)
     assert torch.equal(eager.success_step, graph.success_step)
     torch.testing.assert_close(graph.x_adv, eager.x_adv, atol=1e-6, rtol=0)
     # a second batch shape captures a second graph, the first is reused afterwards
     small = atk.perturb(x[:10], y[:10], eps=eps[:10], offset=0)
     again = atk.perturb(x, y, eps=eps, offset=0)
-    assert len(atk._graphs) == 2
+    assert len(atk._graphs.runners) == 2
     assert torch.equal(small.success, graph.success[:10]) and torch.equal(again.x_adv, graph.x_adv)

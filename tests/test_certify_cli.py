@@ -1,6 +1,5 @@
 """`robustops certify` end to end on the embedded digits: the TSV, resuming after an interruption,
 checkpoint formats, torchrun sharding, errors."""
-import argparse
 import os
 import shutil
 import subprocess
@@ -11,7 +10,9 @@ import pytest
 import torch
 
 from robustops import smoothing as sm
-from robustops.models import save_checkpoint
+from robustops.cli import certify as certify_cli
+from robustops.cli import main
+from robustops.models import save_checkpoint, split_normalize
 
 from helpers import train_digits_model
 
@@ -22,10 +23,8 @@ N_ROWS = len(range(0, 360, 12))  # the digits test split has 360 inputs
 
 
 def run(args):
-    """`robustops certify ARGS` in this process (the parser robustops.cli builds for the subcommand)."""
-    p = argparse.ArgumentParser(prog="robustops certify")
-    sm.cli_certify_args(p)
-    return sm.cli_certify(p.parse_args([str(a) for a in args]))
+    """`robustops certify ARGS` in this process."""
+    return main(["certify"] + [str(a) for a in args])
 
 
 def env():
@@ -158,9 +157,9 @@ def test_normalize_layer_is_split_off():
     from robustops.models import get_model
 
     model = get_model("small_cnn", mean=[0.3], std=[0.4])
-    body, mean, std = sm._split_normalize(model)
+    body, mean, std = split_normalize(model)
     assert body is model[1] and mean == pytest.approx([0.3]) and std == pytest.approx([0.4])
-    assert sm._split_normalize(model[1]) == (model[1], None, None)
+    assert split_normalize(model[1]) == (model[1], None, None)
 
 
 def test_training_metadata_sets_sigma_and_normalization(ckpt, reference_run, tmp_path):
@@ -209,11 +208,11 @@ def test_distributed_parts_are_merged_on_resume(ckpt, reference_run, tmp_path):
     body = ref[1:]
     for rank in (0, 1):
         mine = body[rank::2][:6]
-        with open(sm._part_path(out, rank), "w") as fh:
+        with open(certify_cli._part_path(out, rank), "w") as fh:
             fh.write("\n".join([ref[0]] + mine) + "\n" + mine[-1][:7])
     assert run(["--checkpoint", ckpt[0], "-o", out, "--resume"] + COMMON) == 0
     assert rows(out) == reference_run[1]
-    assert not sm._part_files(out)
+    assert not certify_cli._part_files(out)
 
 
 def test_errors_name_the_argument(ckpt, tmp_path, capsys):

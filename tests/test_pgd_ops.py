@@ -1,5 +1,6 @@
 """pgd_step_, random_init and recycle_step_ against robustops.reference, on every device present."""
 import math
+import zlib
 
 import numpy as np
 import pytest
@@ -58,7 +59,8 @@ def params(kind, B, device, gen):
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 @pytest.mark.parametrize("pkind", ["scalar", "per_sample"])
 def test_pgd_step_matches_reference(device, dtype, shape, layout, norm, pkind):
-    gen = torch.Generator().manual_seed(hash((shape, layout, norm, pkind)) % 2 ** 31)
+    # A fixed integer per case (crc32 of its parameters; hash() of a string is salted per process).
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((shape, layout, norm, pkind)).encode()))
     x = make(shape, dtype, device, layout, gen)
     # x_adv within a slightly-too-large ball so that the projection is exercised.
     x_adv = (x.float() + 0.3 * (torch.rand(shape, generator=gen).to(device) - 0.5)).clamp(0, 1).to(dtype)

@@ -230,8 +230,8 @@ def test_noise_depends_only_on_seed_and_index():
     assert [b.shape[0] for b in rec.batches] == [5] * 6 + [3]
     assert rows.shape[0] == 3 * (n0 + n)
     for i in range(3):
-        sel = ref.gaussian_noise(x[i:i + 1], n0, sigma, seed=sm._phase_seed(seed, 0), offset=idx[i] * n0)
-        est = ref.gaussian_noise(x[i:i + 1], n, sigma, seed=sm._phase_seed(seed, 1), offset=idx[i] * n)
+        sel = ref.gaussian_noise(x[i:i + 1], n0, sigma, seed=sm.phase_seed(seed, 0), offset=idx[i] * n0)
+        est = ref.gaussian_noise(x[i:i + 1], n, sigma, seed=sm.phase_seed(seed, 1), offset=idx[i] * n)
         torch.testing.assert_close(rows[i * n0:(i + 1) * n0], sel, atol=1e-5, rtol=0)
         torch.testing.assert_close(rows[3 * n0 + i * n:3 * n0 + (i + 1) * n], est, atol=1e-5, rtol=0)
     rec.batches.clear()

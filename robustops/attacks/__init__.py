@@ -1,0 +1,22 @@
+"""Attacks and robust-accuracy evaluation on the fused ``pgd_step_`` and ``random_init`` ops.
+
+    atk = PGD(model, eps=8/255, alpha=2/255, steps=10, norm="linf")
+    x_adv = atk(images, labels)                 # like torchattacks: images in clip=(0, 1)
+    res = atk.perturb(images, labels)           # AttackResult: x_adv, success, success_step, ...
+    robust_accuracy(model, loader, atk)         # {"clean_acc", "robust_acc", "n", ...}
+
+Per iteration an attack runs one forward and one backward with respect to the input only (the
+model's parameters are set not to require gradients for the duration) and one fused projection
+kernel. Options: restarts (per sample, the first restart that fools, else the one with the highest
+loss), early exit (samples that are already fooled leave the batch), per-sample eps / alpha, targeted
+attacks, CE / DLR / custom losses, normalization in front of the model (``mean`` / ``std``),
+train-mode attacks, autocast, and on CUDA a CUDA-graph replay of the whole iteration.
+
+Layout: ``engine`` (the one projected-gradient iteration, shared with training), ``pgd`` (PGD /
+FGSM: configuration and checks), ``graph`` (CUDA-graph replay), ``evaluation`` (robust accuracy).
+"""
+from .engine import STARTS, AttackResult, Engine, Recorder
+from .evaluation import robust_accuracy
+from .pgd import FGSM, PGD, dlr_loss
+
+__all__ = ["PGD", "FGSM", "AttackResult", "robust_accuracy", "dlr_loss", "Engine", "Recorder", "STARTS"]

@@ -1,0 +1,131 @@
+"""Clean and robust accuracy of a model over a data loader under an attack."""
+from __future__ import annotations
+
+import collections
+import contextlib
+import sys
+import time
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from .pgd import PGD
+
+__all__ = ["robust_accuracy"]
+
+
+def _model_device(model) -> torch.device:
+    if isinstance(model, nn.Module):
+        for p in model.parameters():
+            return p.device
+        for b in model.buffers():
+            return b.device
+    return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def _eval_mode(model):
+    was = model.training if isinstance(model, nn.Module) else None
+    try:
+        if was:
+            model.eval()
+        yield
+    finally:
+        if was:
+            model.train(True)
+
+
+def _targets(attack: PGD, batch, x, y, device):
+    if not attack.targeted:
+        return None
+    if len(batch) > 3:
+        return torch.as_tensor(batch[3]).to(device).long()
+    if attack.target_fn is not None:
+        return torch.as_tensor(attack.target_fn(x, y)).to(device).long()
+    raise ValueError("a targeted attack in robust_accuracy needs attack.target_fn (or a loader that "
+                     "yields (images, labels, indices, targets))")
+
+
+def _attack_batch(model, attack: PGD, batch, x, y, idx, n: int, device) -> dict:
+    """The per-sample columns (CPU tensors) of one attacked batch."""
+    with torch.no_grad(), _eval_mode(model):
+        clean_pred = model(attack.normalize(x)).argmax(1)
+    clean_ok = clean_pred == y
+    targets = _targets(attack, batch, x, y, device)
+    res = attack.perturb(x, y, targets, offset=int(idx[0]) if len(batch) > 2 else n,
+                         skip=~clean_ok if attack.early_stop else None, evaluate=True)
+    if attack.train_mode or res.pred is None:
+        with torch.no_grad(), _eval_mode(model):
+            adv_pred = model(attack.normalize(res.x_adv)).argmax(1)
+    else:
+        adv_pred = res.pred
+    if attack.targeted:
+        robust_ok = clean_ok & (adv_pred == y)
+    else:
+        robust_ok = clean_ok & ~res.success & (adv_pred == y)
+    delta = (res.x_adv.float() - x.float()).flatten(1)
+    cols = {"index": idx, "label": y, "clean_pred": clean_pred, "adv_pred": adv_pred, "clean_correct": clean_ok,
+            "robust_correct": robust_ok, "success": res.success, "success_step": res.success_step,
+            "restart": res.restart,
+            "linf": delta.abs().amax(1) if delta.shape[1] else torch.zeros(delta.shape[0], device=delta.device),
+            "l2": delta.norm(dim=1)}
+    if targets is not None:
+        cols["target"] = targets
+    return {k: v.cpu() for k, v in cols.items()}
+
+
+def robust_accuracy(model, loader, attack: PGD, device=None, progress: bool = True, desc: str = "attack",
+                    max_samples: Optional[int] = None) -> dict:
+    """Clean and robust accuracy of model over loader under attack.
+
+    loader yields (images, labels) or (images, labels, indices) batches (indices: the samples' dataset
+    indices, e.g. from ``robustops.data.IndexedDataset``). A sample is robust when it is classified
+    correctly clean and the attack does not succeed (with early_stop / record_steps: at no step).
+    With attack.early_stop, misclassified clean samples are not attacked.
+
+    Returns {"clean_acc", "robust_acc", "n", "clean_correct", "robust_correct", "time_s",
+    "samples_per_s", "samples"} where samples is a dict of per-sample CPU tensors (index, label,
+    clean_pred, adv_pred, clean_correct, robust_correct, success, success_step, restart, linf, l2,
+    and target for targeted attacks), one entry per attacked sample."""
+    from tqdm.auto import tqdm
+
+    if device is None:
+        device = _model_device(attack.model if model is None else model)
+    device = torch.device(device)
+    model = attack.model if model is None else model
+    cols = collections.defaultdict(list)
+    n = clean_ok_total = robust_ok_total = 0
+    t0 = time.perf_counter()
+    bar = tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True, file=sys.stderr)
+    for batch in bar:
+        if not isinstance(batch, (list, tuple)) or len(batch) < 2:
+            raise ValueError("the loader must yield (images, labels) or (images, labels, indices) batches")
+        x, y = batch[0], batch[1]
+        idx = batch[2] if len(batch) > 2 else torch.arange(n, n + x.shape[0])
+        if max_samples is not None and n + x.shape[0] > max_samples:
+            keep = max_samples - n
+            x, y, idx = x[:keep], y[:keep], idx[:keep]
+        if x.shape[0] == 0:
+            break
+        x = x.to(device, non_blocking=True)
+        y = y.to(device, non_blocking=True).long()
+        idx = torch.as_tensor(idx).long()
+        batch_cols = _attack_batch(model, attack, batch, x, y, idx, n, device)
+        for k, v in batch_cols.items():
+            cols[k].append(v)
+        clean_ok, robust_ok = batch_cols["clean_correct"], batch_cols["robust_correct"]
+        n += x.shape[0]
+        clean_ok_total += int(clean_ok.sum())
+        robust_ok_total += int(robust_ok.sum())
+        bar.set_postfix(clean=f"{clean_ok_total / n:.4f}", robust=f"{robust_ok_total / n:.4f}")
+        if max_samples is not None and n >= max_samples:
+            break
+    bar.close()
+    elapsed = time.perf_counter() - t0
+    samples = {k: torch.cat(v) for k, v in cols.items()}
+    return {"clean_acc": clean_ok_total / n if n else float("nan"),
+            "robust_acc": robust_ok_total / n if n else float("nan"),
+            "n": n, "clean_correct": clean_ok_total, "robust_correct": robust_ok_total,
+            "time_s": elapsed, "samples_per_s": n / elapsed if elapsed > 0 else float("nan"),
+            "samples": samples}

@@ -1,0 +1,40 @@
+"""`robustops demo|train|attack|certify|bench`: the command line, the only part of robustops that
+parses arguments, sets up torchrun process groups, or reads and writes run files.
+
+One module per subcommand, each with ``HELP``, ``add_arguments(parser)`` and ``run(args) -> int``;
+``common`` holds what they share. A subcommand reports a user error by raising ``CLIError``:
+:func:`main` prints it on one line and returns 2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import attack, bench, certify, demo, train
+from .common import CLIError
+
+__all__ = ["main", "build_parser", "CLIError", "COMMANDS"]
+
+COMMANDS = {"demo": demo, "train": train, "attack": attack, "certify": certify, "bench": bench}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="robustops", description="Fast robust machine learning in PyTorch.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, module in COMMANDS.items():
+        p = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        module.add_arguments(p)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(COMMANDS[args.command].run(args) or 0)
+    except CLIError as e:
+        print(f"robustops {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,312 @@
+"""Randomized smoothing (Cohen, Rosenfeld and Kolter 2019): batched CERTIFY and PREDICT.
+
+The smoothed classifier g(x) = argmax_c P(f(x + sigma*eps) = c), eps ~ N(0, I), is evaluated by Monte
+Carlo. What makes it fast here:
+
+- Many inputs share each forward pass. The noisy samples of one call form a single stream (all
+  inputs' selection samples, then all inputs' estimation samples) cut into forward batches of exactly
+  `batch_size` rows, so a batch can hold the tail of one input and the head of the next and no forward
+  pass is ever partly empty.
+- Noise is written once, already normalized and in the classifier's dtype / layout, by
+  `robustops.gaussian_noise`; votes go straight into an int64 count table on the device with
+  `robustops.count_votes_` (no argmax tensor). The host reads the table once per call.
+- Noise depends only on (seed, phase, global input index, sample number): input i of a call uses
+  `indices[i]` (default i) and its j-th sample of a phase with m samples is noisy row
+  `indices[i]*m + j` under the key `_rng.derive_seed(seed, phase + 1)`. So an input's result does not
+  depend on batch_size, on which other inputs share its forward passes, or on how a dataset is split
+  across processes. Selection, estimation and PREDICT use different keys: their draws are independent.
+  Because consecutive indices give consecutive rows, a run of consecutive inputs whose samples all
+  fall in one batch is drawn by a single `gaussian_noise` call.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from scipy import special, stats
+
+from .. import _checks, _rng, ops
+from ..models import Normalize
+
+__all__ = ["Smooth", "CertifyResult", "PredictResult", "clopper_pearson_lower", "ABSTAIN", "phase_seed",
+           "SELECTION", "ESTIMATION", "PREDICTION"]
+
+ABSTAIN = -1
+
+# The Monte-Carlo phases; each draws under its own key, so that their draws are independent.
+SELECTION, ESTIMATION, PREDICTION = 0, 1, 2
+
+
+def phase_seed(seed: int, phase: int) -> int:
+    """The Philox key of a Monte-Carlo phase (SELECTION, ESTIMATION, PREDICTION) of a run with seed."""
+    return _rng.derive_seed(seed, phase + 1)
+
+
+# ------------------------------------------------------------------------------- statistics
+
+def clopper_pearson_lower(n_a, n, alpha: float) -> np.ndarray:
+    """One-sided (1 - alpha) Clopper-Pearson lower confidence bound on a binomial proportion after
+    n_a successes in n trials: the alpha quantile of Beta(n_a, n - n_a + 1), and 0 when n_a = 0.
+    Vectorized over n_a (and n)."""
+    n_a = np.asarray(n_a, dtype=np.float64)
+    n = np.broadcast_to(np.asarray(n, dtype=np.float64), n_a.shape)
+    out = np.zeros(n_a.shape, dtype=np.float64)
+    pos = n_a > 0
+    out[pos] = special.betaincinv(n_a[pos], n[pos] - n_a[pos] + 1.0, alpha)
+    return out
+
+
+def _binom_pvalue(n_a: int, n_b: int) -> float:
+    return float(stats.binomtest(int(n_a), int(n_a + n_b), 0.5).pvalue)
+
+
+@dataclass
+class CertifyResult:
+    """Output of :meth:`Smooth.certify` for B inputs (CPU tensors).
+
+    prediction: int64 [B], the certified class or -1 (abstain).
+    radius: float64 [B], L2 radius sigma * Phi^-1(pA_lower) (0 where abstaining).
+    counts: int64 [B, C], votes of the n estimation samples.
+    selection_counts: int64 [B, C], votes of the n0 selection samples (they pick the class).
+    pA_lower: float64 [B], the lower confidence bound on the chosen class's probability.
+    """
+    prediction: torch.Tensor
+    radius: torch.Tensor
+    counts: torch.Tensor
+    selection_counts: torch.Tensor
+    pA_lower: torch.Tensor
+
+
+@dataclass
+class PredictResult:
+    """Output of :meth:`Smooth.predict` with ``return_details=True`` (CPU tensors).
+
+    prediction: int64 [B], the top class or -1 (abstain); counts: int64 [B, C];
+    pvalue: float64 [B], two-sided binomial-test p-value of the top two counts."""
+    prediction: torch.Tensor
+    counts: torch.Tensor
+    pvalue: torch.Tensor
+
+
+class Smooth:
+    """The smoothed classifier g(x) = argmax_c P(base_classifier(x + sigma*eps) = c), eps ~ N(0, I).
+
+    base_classifier: a module / callable mapping a batch [R, *input_shape] to logits [R, num_classes].
+        Its train / eval mode is left as it is (call .eval() first).
+    num_classes: int >= 2.  sigma: noise level > 0, in the units of x (pixels in [0, 1] for images).
+    mean, std: optional per-channel normalization applied *after* the noise, fused into the noise
+        kernel: for a classifier trained on (x - mean) / std of images x in [0, 1].
+    autocast: None, "bf16" or "fp16" (or the torch dtype): run the classifier under torch.autocast
+        and write the noisy batches in that dtype (the classifier's first layer would cast them anyway).
+    channels_last: write the noisy batches in channels_last (4-D / 5-D inputs) and convert the
+        classifier's parameters to channels_last, in place.
+    input_shape: optional shape of one input (without the batch dimension), checked on every call.
+    device: where the classifier runs; by default the device of its first parameter or buffer, else
+        that of the inputs.
+    """
+
+    def __init__(self, base_classifier, num_classes: int, sigma: float, mean=None, std=None, *,
+                 autocast=None, channels_last: bool = False, input_shape: Optional[Sequence[int]] = None,
+                 device=None):
+        if not callable(base_classifier):
+            raise TypeError(f"base_classifier must be a module or callable, got {type(base_classifier).__name__}")
+        self.base_classifier = base_classifier
+        self.num_classes = _checks.check_int(num_classes, "num_classes", 2)
+        self.sigma = _checks.check_number(sigma, "sigma", 0.0, strict=True)
+        # Fused into the noise kernel rather than run as a layer: one pass over memory fewer.
+        self.normalize = None if mean is None and std is None else Normalize(mean, std)
+        self.autocast = _checks.autocast_dtype(autocast, "autocast")
+        self.channels_last = bool(channels_last)
+        self.input_shape = None if input_shape is None else tuple(int(s) for s in input_shape)
+        if device is None and isinstance(base_classifier, torch.nn.Module):
+            for t in list(base_classifier.parameters()) + list(base_classifier.buffers()):
+                device = t.device
+                break
+        self.device = None if device is None else torch.device(device)
+        if self.channels_last and isinstance(base_classifier, torch.nn.Module):
+            base_classifier.to(memory_format=torch.channels_last)
+
+    # ------------------------------------------------------------------------------ public
+
+    def certify(self, x: torch.Tensor, n0: int, n: int, alpha: float, batch_size: int, *,
+                seed: Optional[int] = None, indices=None) -> CertifyResult:
+        """Cohen et al.'s CERTIFY for a batch of inputs x [B, ...].
+
+        For each input, n0 noisy samples choose the class cA (top count), n fresh samples count its
+        votes nA, and pA_lower = Clopper-Pearson one-sided lower bound at level alpha. If
+        pA_lower >= 1/2 the prediction is cA with L2 radius sigma * Phi^-1(pA_lower) (g is constant
+        on that ball with probability >= 1 - alpha), otherwise it abstains (-1, radius 0).
+
+        batch_size: noisy samples per forward pass (inputs share passes). seed: makes the run
+        reproducible (None: drawn from torch's generator). indices: the global index of each input
+        ([B] ints, default 0..B-1); an input's noise depends only on (seed, its index), so give each
+        input of a dataset its own index. One host synchronization per call."""
+        x, B = self._check_x(x)
+        n0 = _checks.check_int(n0, "n0", 1)
+        n = _checks.check_int(n, "n", 1)
+        alpha = _checks.check_probability(alpha, "alpha")
+        batch_size = _checks.check_int(batch_size, "batch_size", 1)
+        seed = _rng.resolve_seed(seed)
+        idx = self._check_indices(indices, B)
+        counts = self._sample(x, idx, [(n0, SELECTION), (n, ESTIMATION)], batch_size, seed)
+        selection, estimation = counts[:B], counts[B:]
+
+        c_a = selection.argmax(axis=1)  # ties -> lowest class, as torch.argmax
+        n_a = estimation[np.arange(B), c_a]
+        p_lower = clopper_pearson_lower(n_a, n, alpha)
+        certified = p_lower >= 0.5
+        radius = np.where(certified, self.sigma * stats.norm.ppf(np.where(certified, p_lower, 0.5)), 0.0)
+        return CertifyResult(
+            prediction=torch.from_numpy(np.where(certified, c_a, ABSTAIN).astype(np.int64)),
+            radius=torch.from_numpy(radius.astype(np.float64)),
+            counts=torch.from_numpy(estimation.copy()),
+            selection_counts=torch.from_numpy(selection.copy()),
+            pA_lower=torch.from_numpy(p_lower))
+
+    def predict(self, x: torch.Tensor, n: int, alpha: float, batch_size: int, *, seed: Optional[int] = None,
+                indices=None, return_details: bool = False):
+        """Cohen et al.'s PREDICT for a batch of inputs x [B, ...]: n noisy samples per input; returns
+        the top class when the two-sided binomial test of the top two counts (nA, nB) at p = 1/2 has
+        p-value <= alpha, else -1. The probability of returning a class other than g(x) is at most
+        alpha. Returns int64 [B], or a PredictResult with counts and p-values when return_details.
+        seed, indices, batch_size: as in certify. One host synchronization per call."""
+        x, B = self._check_x(x)
+        n = _checks.check_int(n, "n", 1)
+        alpha = _checks.check_probability(alpha, "alpha")
+        batch_size = _checks.check_int(batch_size, "batch_size", 1)
+        seed = _rng.resolve_seed(seed)
+        idx = self._check_indices(indices, B)
+        counts = self._sample(x, idx, [(n, PREDICTION)], batch_size, seed)
+
+        order = np.argsort(-counts, axis=1, kind="stable")  # stable: ties -> lowest class first
+        rows = np.arange(B)
+        top, n_a, n_b = order[:, 0], counts[rows, order[:, 0]], counts[rows, order[:, 1]]
+        pvalue = np.array([_binom_pvalue(a, b) for a, b in zip(n_a, n_b)], dtype=np.float64)
+        prediction = torch.from_numpy(np.where(pvalue <= alpha, top, ABSTAIN).astype(np.int64))
+        if return_details:
+            return PredictResult(prediction=prediction, counts=torch.from_numpy(counts),
+                                 pvalue=torch.from_numpy(pvalue))
+        return prediction
+
+    # ---------------------------------------------------------------------------- internals
+
+    def _check_x(self, x) -> Tuple[torch.Tensor, int]:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor [B, ...], got {type(x).__name__}")
+        if not x.dtype.is_floating_point:
+            raise TypeError(f"x must hold floating-point inputs, got {x.dtype}")
+        if self.input_shape is not None and tuple(x.shape[1:]) != self.input_shape:
+            if tuple(x.shape) == self.input_shape:
+                raise ValueError(f"x must be a batch [B, {', '.join(map(str, self.input_shape))}], got one input of "
+                                 f"shape {list(x.shape)}: add the batch dimension (x.unsqueeze(0))")
+            raise ValueError(f"x must have shape [B, {', '.join(map(str, self.input_shape))}] (input_shape), "
+                             f"got {list(x.shape)}")
+        if x.dim() < 2:
+            raise ValueError(f"x must be a batch of inputs [B, ...] with at least 2 dimensions, got {x.dim()}-D "
+                             f"shape {list(x.shape)}")
+        if self.channels_last and x.dim() not in (4, 5):
+            raise ValueError(f"channels_last needs 4-D or 5-D inputs x, got x of shape {list(x.shape)}")
+        if x.dtype == torch.float64:
+            x = x.float()
+        if not (x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))):
+            x = x.contiguous()  # the slices x[i:j] handed to gaussian_noise must be dense
+        device = self.device or x.device
+        return x.to(device), x.shape[0]
+
+    @staticmethod
+    def _check_indices(indices, B: int) -> List[int]:
+        if indices is None:
+            return list(range(B))
+        if isinstance(indices, torch.Tensor):
+            indices = indices.tolist()
+        idx = [int(i) for i in indices]
+        if len(idx) != B:
+            raise ValueError(f"indices must hold one index per input (B = {B}), got {len(idx)}")
+        if any(i < 0 for i in idx):
+            raise ValueError(f"indices must be non-negative, got {min(idx)}")
+        return idx
+
+    def _forward(self, batch: torch.Tensor) -> torch.Tensor:
+        if self.autocast is None:
+            logits = self.base_classifier(batch)
+        else:
+            with torch.autocast(device_type=batch.device.type, dtype=self.autocast):
+                logits = self.base_classifier(batch)
+        if not isinstance(logits, torch.Tensor) or logits.shape != (batch.shape[0], self.num_classes):
+            got = list(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+            raise ValueError(f"base_classifier must return logits [R, num_classes] = [{batch.shape[0]}, "
+                             f"{self.num_classes}] for a batch of R = {batch.shape[0]} inputs, got {got}; "
+                             f"check num_classes")
+        return logits
+
+    def _sample(self, x: torch.Tensor, idx: List[int], phases: List[Tuple[int, int]], batch_size: int,
+                seed: int) -> np.ndarray:
+        """Votes of the base classifier on noisy copies of x: int64 [len(phases)*B, C], row p*B + i
+        for input i in phase p (phase = (samples per input, Philox phase)).
+
+        The samples of all phases and inputs form one stream in row order; each forward pass takes the
+        next batch_size of them. Everything stays on the device until the final copy to the host."""
+        B, C = x.shape[0], self.num_classes
+        counts = torch.zeros(len(phases) * B, C, dtype=torch.int64, device=x.device)
+        if B == 0:
+            return counts.cpu().numpy()
+        keys = [phase_seed(seed, p) for _, p in phases]
+        noise_dtype = self.autocast or x.dtype
+        mean = std = None
+        if self.normalize is not None:  # moved to the device once per call, not per batch
+            mean, std = (t.flatten().to(x.device) for t in (self.normalize.mean, self.normalize.std))
+        # Walk the stream: (row, first sample, count) pieces of each batch of batch_size samples.
+        pieces: List[Tuple[int, int, int]] = []
+        filled = 0
+        with torch.inference_mode():
+            for row in range(len(phases) * B):
+                m = phases[row // B][0]
+                j = 0
+                while j < m:
+                    take = min(m - j, batch_size - filled)
+                    pieces.append((row, j, take))
+                    filled += take
+                    j += take
+                    if filled == batch_size:
+                        self._run_batch(x, idx, phases, keys, pieces, counts, noise_dtype, mean, std)
+                        pieces, filled = [], 0
+            if pieces:
+                self._run_batch(x, idx, phases, keys, pieces, counts, noise_dtype, mean, std)
+        return counts.cpu().numpy()  # the one host synchronization
+
+    def _run_batch(self, x, idx, phases, keys, pieces, counts, noise_dtype, mean, std) -> None:
+        B = x.shape[0]
+        # The pieces of a batch hold consecutive count rows (the stream's order).
+        # Noise: one gaussian_noise call per run of whole inputs of one phase with consecutive global
+        # indices (their Philox samples are consecutive), one per partial input.
+        noise = []
+        k = 0
+        while k < len(pieces):
+            row, j, take = pieces[k]
+            p, i = divmod(row, B)
+            m = phases[p][0]
+            end = k + 1
+            if take == m:
+                while (end < len(pieces) and pieces[end][2] == m and pieces[end][0] // B == p
+                       and idx[i + end - k] == idx[i] + end - k):
+                    end += 1
+            noise.append(ops.gaussian_noise(x[i:i + end - k], take, self.sigma, seed=keys[p], offset=idx[i] * m + j,
+                                            mean=mean, std=std, out_dtype=noise_dtype,
+                                            channels_last=self.channels_last))
+            k = end
+        batch = noise[0] if len(noise) == 1 else torch.cat(noise)
+        logits = self._forward(batch)
+        # Votes: pieces hold consecutive count rows; one count_votes_ per run of equal-sized pieces.
+        k = start = 0
+        while k < len(pieces):
+            end = k + 1
+            while end < len(pieces) and pieces[end][2] == pieces[k][2]:
+                end += 1
+            rows = (end - k) * pieces[k][2]
+            ops.count_votes_(logits[start:start + rows], counts[pieces[k][0]:pieces[k][0] + end - k])
+            start += rows
+            k = end
+
+

@@ -1,0 +1,45 @@
+"""Adversarial training: ``fit(model, train_loader, method, ...)`` trains a model in place and
+returns a :class:`FitResult`.
+
+Methods come from a registry (``robustops.train.registry``), one file each under
+``robustops/train/methods/``: natural, pgd (Madry et al. 2018), free (Shafahi et al. 2019), fgsm
+(Wong et al. 2020), trades (Zhang et al. 2019), gaussian (Cohen et al. 2019). ``METHODS`` lists the
+registered names; :func:`describe_methods` their one-line descriptions. Inner maximisations run on
+the projected-gradient engine the attacks use (``robustops.attacks.Engine``); free-AT and FGSM with
+the "previous" start update a persistent perturbation with ``recycle_step_``; noise comes from one
+fused ``gaussian_noise`` call per minibatch.
+
+Shared by every method: SGD / Adam; "cyclic" (one cycle, Wong et al.), "multistep", "cosine" and
+"constant" learning-rate schedules, stepped every optimizer step; bf16 / fp16 autocast (fp16 with a
+GradScaler); channels_last; validation every epoch (clean, PGD and, for methods that train for
+smoothing, noisy accuracy) with selection and early stopping on the robust metric (robust
+overfitting, Rice et al. 2020) that keeps the best checkpoint; a checkpoint every epoch (written
+atomically) and ``resume=`` that continues exactly (model, optimizer, scheduler, GradScaler, every
+RNG, the method's persistent state, the early-stopping state); a CSV log; tqdm progress.
+
+Distributed: when ``torch.distributed`` is initialised with more than one process, ``fit`` wraps
+the model in DistributedDataParallel (nccl on GPU, gloo on CPU). Give it a train loader whose
+sampler is a ``DistributedSampler`` (its ``set_epoch`` is called every epoch); validation counts
+are summed over the processes. ``robustops train`` run under ``torchrun`` sets all of this up.
+"""
+from . import methods as _methods  # noqa: F401  (registers the built-in methods)
+from . import registry
+from .config import AMP_MODES, METRICS, NORMS, OPTIMIZERS, SCHEDULES, FitConfig
+from .fit import CHECKPOINT_FORMAT, FitResult, fit
+from .registry import Hyper, Method, register
+from .trainer import LRFactor, Trainer
+
+__all__ = ["fit", "FitConfig", "FitResult", "Trainer", "METHODS", "Method", "Hyper", "register", "registry",
+           "describe_methods", "LRFactor", "CHECKPOINT_FORMAT", "OPTIMIZERS", "SCHEDULES", "AMP_MODES", "NORMS",
+           "METRICS"]
+
+
+def describe_methods():
+    """{method name: one-line description} of the registered training methods."""
+    return registry.describe()
+
+
+def __getattr__(name):
+    if name == "METHODS":  # live: includes methods registered after import
+        return registry.names()
+    raise AttributeError(f"module 'robustops.train' has no attribute {name!r}")

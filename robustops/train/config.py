@@ -1,0 +1,173 @@
+"""FitConfig: every setting of a training run, checked once, with the defaults that depend on the
+method filled in from the registry."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Sequence
+
+from .. import _checks
+from ..models import channel_stats
+from . import registry
+
+__all__ = ["FitConfig", "OPTIMIZERS", "SCHEDULES", "AMP_MODES", "NORMS", "METRICS"]
+
+OPTIMIZERS = ("sgd", "adam")
+SCHEDULES = ("cyclic", "multistep", "cosine", "constant")
+AMP_MODES = ("none", "bf16", "fp16")
+NORMS = ("linf", "l2")
+METRICS = ("robust_acc", "clean_acc", "noise_acc", "last")
+
+
+@dataclass
+class FitConfig:
+    """Every setting of a training run (saved in its checkpoints).
+
+    The threat model (eps, alpha, steps, norm, random_start) serves the adversarial methods and the
+    validation attack; the method's own hyperparameters (free's m, TRADES's beta, Gaussian's sigma,
+    ...) live in ``params`` and read as attributes (``cfg.beta``). Build one with
+    :meth:`FitConfig.make` (``fit`` and ``Trainer`` do) and call :meth:`resolved` for the checked copy.
+    """
+    method: str = "natural"
+    epochs: int = 10
+    # threat model / attack used in training
+    eps: float = 8 / 255
+    alpha: Optional[float] = None          # default: the method's (pgd/trades 2.5*eps/steps, fgsm 1.25*eps, free eps)
+    steps: int = 7
+    norm: str = "linf"
+    random_start: bool = True
+    lo: float = 0.0
+    hi: float = 1.0
+    mean: Optional[Sequence[float]] = None  # optional input normalisation (models.Normalize) inside the forward
+    std: Optional[Sequence[float]] = None
+    # optimisation
+    optimizer: str = "sgd"
+    lr: Optional[float] = None             # sgd: 0.1, adam: 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+    schedule: str = "cyclic"
+    milestones: Optional[Sequence[float]] = None  # multistep, in epochs of `epochs`; default 50% and 75%
+    gamma: float = 0.1
+    amp: Optional[str] = None              # None/"none", "bf16", "fp16"
+    channels_last: bool = False
+    seed: Optional[int] = None
+    # validation / early stopping
+    val_eps: Optional[float] = None        # default eps; 0 disables the PGD evaluation
+    val_alpha: Optional[float] = None      # default 2.5*val_eps/val_steps
+    val_steps: int = 10
+    val_norm: Optional[str] = None         # default norm
+    val_every: int = 1
+    select: Optional[str] = None           # default: the method's (robust_acc, clean_acc, noise_acc)
+    patience: Optional[int] = None         # stop after this many validations without improvement
+    restore_best: bool = True
+    keep_all: bool = False                 # also keep epoch_<k>.pt
+    # the method's own hyperparameters
+    params: Dict[str, Any] = field(default_factory=dict)
+
+    def __getattr__(self, name: str):
+        # Only called when normal lookup fails: the method's hyperparameters read as attributes.
+        if name != "params" and not name.startswith("__"):
+            params = self.__dict__.get("params")
+            if params is not None and name in params:
+                return params[name]
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
+    @classmethod
+    def make(cls, method: str = "natural", **hparams) -> "FitConfig":
+        """A config from keyword arguments: FitConfig fields, and hyperparameters of any registered
+        method (those of other methods than ``method`` are ignored, so one set of keyword arguments
+        can drive several methods). An unknown name is an error that lists the known ones."""
+        fields = {f.name for f in dataclasses.fields(cls)} - {"params"}
+        known = registry.hyperparameters()
+        unknown = sorted(k for k in hparams if k not in fields and k not in known)
+        if unknown:
+            raise ValueError(f"unknown training argument(s) {', '.join(unknown)}; settings are "
+                             f"{', '.join(sorted(fields))} and the methods' hyperparameters "
+                             f"{', '.join(sorted(known))}")
+        own = {h.name for h in registry.get(method).hyper} if method in registry.names() else set()
+        params = dict(hparams.pop("params", None) or {})
+        params.update({k: v for k, v in hparams.items() if k in own})
+        return cls(method=method, params=params, **{k: v for k, v in hparams.items() if k in fields})
+
+    @property
+    def method_class(self):
+        return registry.get(self.method)
+
+    def resolved(self) -> "FitConfig":
+        """A copy with every value checked and the defaults that depend on other fields filled in."""
+        c = dataclasses.replace(self, params=dict(self.params))
+        _validate(c)
+        m = c.method_class
+        c.params = {h.name: h.check(c.params.get(h.name, h.default)) for h in m.hyper}
+        if c.amp == "none":
+            c.amp = None
+        if c.alpha is None:
+            c.alpha = m.default_alpha(c)
+        if c.lr is None:
+            c.lr = 0.1 if c.optimizer == "sgd" else 1e-3
+        if c.val_eps is None:
+            c.val_eps = c.eps
+        if c.val_norm is None:
+            c.val_norm = c.norm
+        if c.val_alpha is None:
+            c.val_alpha = 2.5 * c.val_eps / c.val_steps
+        if c.milestones is None:
+            c.milestones = (0.5 * c.epochs, 0.75 * c.epochs)
+        c.milestones = tuple(float(v) for v in c.milestones)
+        if c.select is None:
+            c.select = m.select
+        if c.select == "robust_acc" and c.val_eps == 0:
+            c.select = "clean_acc"
+        if c.mean is not None or c.std is not None:
+            mean, std = channel_stats(c.mean, c.std)
+            c.mean, c.std = tuple(mean.tolist()), tuple(std.tolist())
+        return c
+
+    @property
+    def passes(self) -> int:
+        """Traversals of the training data (free-AT: ceil(epochs / m))."""
+        return self.method_class.passes(self)
+
+    @property
+    def updates_per_batch(self) -> int:
+        return self.method_class.updates_per_batch(self)
+
+    @property
+    def noise_sigma(self) -> Optional[float]:
+        return self.method_class.noise_sigma(self)
+
+
+def _validate(c: FitConfig) -> None:
+    def need(cond, msg):
+        if not cond:
+            raise ValueError(msg)
+
+    num, intg = _checks.is_number, _checks.is_int
+    registry.get(c.method)  # "method must be one of ..."
+    need(intg(c.epochs) and c.epochs >= 1, f"epochs must be an int >= 1, got {c.epochs!r}")
+    need(num(c.eps) and c.eps >= 0, f"eps must be a number >= 0, got {c.eps!r}")
+    need(c.alpha is None or (num(c.alpha) and c.alpha >= 0), f"alpha must be a number >= 0, got {c.alpha!r}")
+    need(intg(c.steps) and c.steps >= 1, f"steps must be an int >= 1, got {c.steps!r}")
+    need(c.norm in NORMS, f'norm must be "linf" or "l2", got {c.norm!r}')
+    need(num(c.lo) and num(c.hi) and c.lo <= c.hi, f"lo must be <= hi, got lo={c.lo!r}, hi={c.hi!r}")
+    need(c.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {c.optimizer!r}")
+    need(c.lr is None or (num(c.lr) and c.lr > 0), f"lr must be a number > 0, got {c.lr!r}")
+    need(num(c.momentum) and c.momentum >= 0, f"momentum must be >= 0, got {c.momentum!r}")
+    need(num(c.weight_decay) and c.weight_decay >= 0, f"weight_decay must be >= 0, got {c.weight_decay!r}")
+    need(c.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}; got {c.schedule!r}")
+    if c.milestones is not None:
+        need(all(num(v) and v > 0 for v in c.milestones),
+             f"milestones must be positive epoch numbers, got {list(c.milestones)!r}")
+    need(num(c.gamma) and c.gamma > 0, f"gamma must be > 0, got {c.gamma!r}")
+    need(c.amp in (None,) + AMP_MODES, f"amp must be None, 'none', 'bf16' or 'fp16'; got {c.amp!r}")
+    need(c.val_eps is None or (num(c.val_eps) and c.val_eps >= 0), f"val_eps must be >= 0, got {c.val_eps!r}")
+    need(c.val_alpha is None or (num(c.val_alpha) and c.val_alpha >= 0),
+         f"val_alpha must be >= 0, got {c.val_alpha!r}")
+    need(intg(c.val_steps) and c.val_steps >= 1, f"val_steps must be an int >= 1, got {c.val_steps!r}")
+    need(c.val_norm is None or c.val_norm in NORMS, f'val_norm must be "linf" or "l2", got {c.val_norm!r}')
+    need(intg(c.val_every) and c.val_every >= 1, f"val_every must be an int >= 1, got {c.val_every!r}")
+    need(c.select is None or c.select in METRICS, f"select must be one of {', '.join(METRICS)}; got {c.select!r}")
+    need(c.patience is None or (intg(c.patience) and c.patience >= 1),
+         f"patience must be None or an int >= 1, got {c.patience!r}")
+    need(c.seed is None or intg(c.seed), f"seed must be an int or None, got {c.seed!r}")

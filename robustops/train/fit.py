@@ -1,0 +1,312 @@
+"""fit: the training loop around a Trainer: epochs, validation, selection of the best epoch and
+early stopping, checkpoints written atomically every epoch, exact resume, the CSV log, progress."""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .config import FitConfig
+from .trainer import Trainer, dist_info
+
+__all__ = ["fit", "FitResult", "CHECKPOINT_FORMAT", "LOG_COLUMNS"]
+
+CHECKPOINT_FORMAT = "robustops.train/1"
+
+LOG_COLUMNS = ("epoch", "equiv_epochs", "lr", "train_loss", "train_acc", "clean_acc", "robust_acc", "noise_acc",
+               "val_loss", "train_time", "val_time", "total_train_time", "best")
+
+# Settings a resumed run must share with the checkpoint (the method's hyperparameters too).
+_RESUME_MUST_MATCH = ("method", "epochs", "eps", "alpha", "steps", "norm", "optimizer", "lr", "schedule", "amp")
+
+
+@dataclass
+class FitResult:
+    """What ``fit`` returns. The model itself is trained in place (holding the best weights when
+    validation ran and ``restore_best``)."""
+    history: List[Dict[str, Any]] = field(default_factory=list)
+    best_epoch: Optional[int] = None
+    best_metric: Optional[float] = None
+    select: str = "robust_acc"
+    epochs_run: int = 0
+    stopped_early: bool = False
+    train_time: float = 0.0                # seconds spent training (validation excluded)
+    out_dir: Optional[str] = None
+    config: Optional[FitConfig] = None
+
+    @property
+    def last(self) -> Dict[str, Any]:
+        return self.history[-1] if self.history else {}
+
+
+def _atomic_save(obj, path: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _write_log(path: str, history: List[Dict[str, Any]]) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=LOG_COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        for row in history:
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    os.replace(tmp, path)
+
+
+def _resume_path(resume, out_dir: Optional[str]) -> Optional[str]:
+    if resume is None or resume is False:
+        return None
+    if resume is True:
+        if out_dir is None:
+            raise ValueError("resume=True needs out_dir (the run's directory holding last.pt)")
+        p = os.path.join(out_dir, "last.pt")
+        return p if os.path.exists(p) else None  # nothing to resume yet: start fresh
+    p = os.fspath(resume)
+    if os.path.isdir(p):
+        p = os.path.join(p, "last.pt")
+    if not os.path.isfile(p):
+        raise FileNotFoundError(f"resume: no checkpoint at {p!r}")
+    return p
+
+
+def _differences(old: Dict[str, Any], cfg: FitConfig) -> List[str]:
+    """The settings of a checkpoint's config that differ from cfg, as "name=old (now new)"."""
+    diff = [(k, old.get(k), getattr(cfg, k)) for k in _RESUME_MUST_MATCH if old.get(k) != getattr(cfg, k)]
+    old_params = old.get("params") if isinstance(old.get("params"), dict) else old  # flat in older checkpoints
+    diff += [(k, old_params.get(k), v) for k, v in cfg.params.items() if old_params.get(k) != v]
+    return [f"{k}={a!r} (now {b!r})" for k, a, b in diff]
+
+
+class _FitRun:
+    """The state of one fit call: the trainer, the result so far, the best weights, the count of
+    validations without improvement; one method per part of the loop."""
+
+    def __init__(self, model: nn.Module, train_loader, cfg: FitConfig, *, val_loader, out_dir, progress, verbose,
+                 device, model_name, model_kwargs, extra):
+        self.model, self.loader, self.cfg, self.val_loader = model, train_loader, cfg, val_loader
+        self.out_dir, self.progress = out_dir, progress
+        self.rank, self.world = dist_info()
+        self.steps_per_epoch = len(train_loader)
+        if self.steps_per_epoch == 0:
+            raise ValueError("train_loader is empty")
+        self.trainer = Trainer(model, cfg, steps_per_epoch=self.steps_per_epoch, device=device)
+        self.dev = self.trainer.device
+        if cfg.seed is not None:
+            torch.manual_seed(cfg.seed + self.rank)
+            random.seed(cfg.seed + self.rank)
+            np.random.seed((cfg.seed + self.rank) % (1 << 32))
+        if out_dir is not None and self.rank == 0:
+            os.makedirs(out_dir, exist_ok=True)
+        self.verbose = verbose and self.rank == 0
+        self.meta = {"format": CHECKPOINT_FORMAT, "model": model_name, "model_kwargs": dict(model_kwargs or {}),
+                     "method": cfg.method, "eps": cfg.eps, "norm": cfg.norm, "sigma": cfg.noise_sigma,
+                     "mean": cfg.mean, "std": cfg.std, "lo": cfg.lo, "hi": cfg.hi,
+                     "config": dataclasses.asdict(cfg), **(extra or {})}
+        self.res = FitResult(select=cfg.select, out_dir=out_dir, config=cfg)
+        self.best_state = None
+        self.bad = 0
+        self.start = 0
+
+    def say(self, msg: str) -> None:
+        if self.verbose:
+            print(msg, flush=True)
+
+    def resume(self, ckpt_path: str) -> None:
+        """Loads a checkpoint written by a run with the same settings and continues after its epoch."""
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        if ck.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"resume: {ckpt_path!r} is not a robustops.train checkpoint")
+        diff = _differences(ck["config"], self.cfg)
+        if diff:
+            raise ValueError("resume: the checkpoint was trained with different settings: " + ", ".join(diff))
+        self.model.load_state_dict(ck["state_dict"])
+        self.trainer.load_state_dict(ck)
+        states = ck["rank_states"]
+        if len(states) != self.world:
+            raise ValueError(f"resume: the checkpoint was written by {len(states)} processes, this run has "
+                             f"{self.world}")
+        self.trainer.load_rank_state(states[self.rank])
+        self.start = ck["epoch"]
+        res = self.res
+        res.history = list(ck["history"])
+        res.best_epoch, res.best_metric = ck["best_epoch"], ck["best_metric"]
+        res.stopped_early = ck.get("stopped_early", False)
+        res.train_time = ck["train_time"]
+        self.bad = ck["bad_epochs"]
+        if res.best_epoch is not None and self.out_dir is not None:
+            bp = os.path.join(self.out_dir, "best.pt")
+            if os.path.exists(bp):
+                self.best_state = torch.load(bp, map_location="cpu", weights_only=True)["state_dict"]
+        self.say(f"resumed from {ckpt_path} after epoch {self.start}/{self.cfg.passes}")
+
+    def train_epoch(self, epoch: int):
+        """One pass over the training data; returns (the log row's training part, seconds)."""
+        from tqdm.auto import tqdm
+
+        cfg, tr = self.cfg, self.trainer
+        loader = self.loader
+        sampler = getattr(loader, "sampler", None)
+        batch_sampler = getattr(loader, "batch_sampler", None)
+        for s in (sampler, batch_sampler, getattr(batch_sampler, "sampler", None)):
+            if hasattr(s, "set_epoch"):
+                s.set_epoch(epoch)
+        t0 = time.perf_counter()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.dev)
+        correct = torch.zeros((), dtype=torch.int64, device=self.dev)
+        seen = 0
+        show = self.progress and self.rank == 0
+        # tqdm wraps the loader's iterator, not the loader: handed a DataLoader it draws from the
+        # global RNG itself, which would make the shuffling depend on whether the bar exists.
+        bar = tqdm(iter(loader), total=self.steps_per_epoch, desc=f"{cfg.method} {epoch}/{cfg.passes}",
+                   leave=False, disable=not show, dynamic_ncols=True)
+        for i, batch in enumerate(bar):
+            batch_loss, batch_correct, n = tr.train_step(batch[0], batch[1])
+            loss_sum += batch_loss
+            correct += batch_correct
+            seen += n
+            if show and (i % 20 == 0 or i == self.steps_per_epoch - 1):
+                bar.set_postfix(loss=f"{loss_sum.item() / max(seen, 1):.3f}",
+                                acc=f"{correct.item() / max(seen, 1):.3f}")
+        bar.close()
+        if self.dev.type == "cuda":
+            torch.cuda.synchronize(self.dev)
+        t_train = time.perf_counter() - t0
+        stats = torch.stack([loss_sum, correct.double(),
+                             torch.tensor(float(seen), dtype=torch.float64, device=self.dev)])
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(stats)
+        n = max(stats[2].item(), 1)
+        return {"epoch": epoch, "equiv_epochs": epoch * cfg.updates_per_batch,
+                "lr": tr.optimizer.param_groups[0]["lr"], "train_loss": stats[0].item() / n,
+                "train_acc": stats[1].item() / n}, t_train
+
+    def validate(self, row: Dict[str, Any], epoch: int) -> bool:
+        """Validation metrics into row; returns whether the selected metric improved."""
+        cfg, res = self.cfg, self.res
+        if self.val_loader is None or not (epoch % cfg.val_every == 0 or epoch == cfg.passes):
+            return False
+        t1 = time.perf_counter()
+        row.update(self.trainer.evaluate(self.val_loader, progress=self.progress))
+        row["val_time"] = time.perf_counter() - t1
+        value = row["epoch"] if cfg.select == "last" else row.get(cfg.select, float("nan"))
+        improved = False
+        if res.best_metric is None or value > res.best_metric:
+            res.best_metric, res.best_epoch, improved, self.bad = value, epoch, True, 0
+            self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+        else:
+            self.bad += 1
+        if cfg.patience is not None and self.bad >= cfg.patience and epoch < cfg.passes:
+            res.stopped_early = True
+        return improved
+
+    def report(self, row: Dict[str, Any], improved: bool) -> None:
+        cfg = self.cfg
+        msg = (f"[{cfg.method}] epoch {row['epoch']}/{cfg.passes} loss {row['train_loss']:.4f} "
+               f"train_acc {row['train_acc']:.4f}")
+        if self.val_loader is not None and row["val_time"] > 0:
+            msg += f" | clean {row['clean_acc']:.4f}"
+            if not math.isnan(row["robust_acc"]):
+                msg += f" robust {row['robust_acc']:.4f}"
+            if "noise_acc" in row and not math.isnan(row["noise_acc"]):
+                msg += f" noisy {row['noise_acc']:.4f}"
+            msg += " *" if improved else ""
+        msg += f" | {row['train_time']:.1f}s"
+        self.say(msg)
+        if self.res.stopped_early:
+            self.say(f"early stopping: no improvement of {cfg.select} in {self.bad} validations; "
+                     f"best epoch {self.res.best_epoch}")
+
+    def checkpoint(self, row: Dict[str, Any], improved: bool) -> None:
+        """Everything needed to continue exactly, captured after this epoch's last RNG use."""
+        res, tr = self.res, self.trainer
+        rank_states = [tr.rank_state()]
+        if self.world > 1:
+            import torch.distributed as dist
+
+            gathered = [None] * self.world
+            dist.all_gather_object(gathered, rank_states[0])
+            rank_states = gathered
+        if self.out_dir is not None and self.rank == 0:
+            epoch = row["epoch"]
+            if improved:
+                _atomic_save({**self.meta, "state_dict": self.best_state, "epoch": epoch, "metrics": row},
+                             os.path.join(self.out_dir, "best.pt"))
+            ck = {**self.meta, "state_dict": self.model.state_dict(), "epoch": epoch, "rank_states": rank_states,
+                  "history": res.history, "best_epoch": res.best_epoch, "best_metric": res.best_metric,
+                  "bad_epochs": self.bad, "stopped_early": res.stopped_early, "train_time": res.train_time,
+                  **tr.state_dict()}
+            _atomic_save(ck, os.path.join(self.out_dir, "last.pt"))
+            if self.cfg.keep_all:
+                _atomic_save(ck, os.path.join(self.out_dir, f"epoch_{epoch}.pt"))
+            _write_log(os.path.join(self.out_dir, "log.csv"), res.history)
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def run(self) -> FitResult:
+        res = self.res
+        for epoch in range(self.start + 1, self.cfg.passes + 1):
+            if res.stopped_early:
+                break
+            row, t_train = self.train_epoch(epoch)
+            res.train_time += t_train
+            row.update({"clean_acc": float("nan"), "robust_acc": float("nan"), "noise_acc": float("nan"),
+                        "val_loss": float("nan"), "train_time": t_train, "val_time": 0.0,
+                        "total_train_time": res.train_time, "best": False})
+            improved = self.validate(row, epoch)
+            row["best"] = improved
+            res.history.append(row)
+            self.report(row, improved)
+            self.checkpoint(row, improved)
+        res.epochs_run = len(res.history)
+        if self.cfg.restore_best and self.best_state is not None and res.best_epoch != res.epochs_run:
+            self.model.load_state_dict(self.best_state)
+            self.say(f"restored the best epoch ({res.best_epoch}, {self.cfg.select} {res.best_metric:.4f})")
+        return res
+
+
+def fit(model: nn.Module, train_loader, method: str = "natural", *, val_loader=None, out_dir: Optional[str] = None,
+        resume=None, progress: bool = True, verbose: bool = True, device=None, model_name: Optional[str] = None,
+        model_kwargs: Optional[Dict[str, Any]] = None, extra: Optional[Dict[str, Any]] = None,
+        **hparams) -> FitResult:
+    """Train ``model`` in place with ``method`` on ``train_loader`` (batches ``(x, y, ...)``, x in
+    [lo, hi]); returns a :class:`FitResult`.
+
+    method: a registered training method (``robustops.train.METHODS``: natural, pgd, free, fgsm,
+    trades, gaussian, ...).
+    hparams: the fields of :class:`FitConfig` (epochs, eps, alpha, steps, norm ("linf"/"l2"),
+    random_start, lo, hi, mean/std (input normalisation inside the forward), optimizer
+    ("sgd"/"adam"), lr, momentum, weight_decay, nesterov, schedule
+    ("cyclic"/"multistep"/"cosine"/"constant"), milestones, gamma, amp (None/"bf16"/"fp16"),
+    channels_last, seed, val_eps, val_alpha, val_steps, val_norm, val_every, select, patience,
+    restore_best, keep_all) and the methods' hyperparameters (m for free, fgsm_init for fgsm, beta
+    for trades, sigma for gaussian, ...; those of other methods are ignored).
+    val_loader: validation data (clean / PGD / noisy accuracy every ``val_every`` epochs; selection of
+    the best epoch and early stopping after ``patience`` validations without improvement).
+    out_dir: where last.pt (every epoch), best.pt, epoch_<k>.pt (keep_all) and log.csv go.
+    resume: a checkpoint path, a run directory, or True (out_dir/last.pt when it exists): continue
+    that run exactly where its last finished epoch left it.
+    model_name / model_kwargs / extra: stored in the checkpoints (``models.load_model`` rebuilds
+    the model from them).
+    """
+    cfg = FitConfig.make(method, **hparams).resolved()
+    run = _FitRun(model, train_loader, cfg, val_loader=val_loader, out_dir=out_dir, progress=progress,
+                  verbose=verbose, device=device, model_name=model_name, model_kwargs=model_kwargs, extra=extra)
+    ckpt_path = _resume_path(resume, out_dir)
+    if ckpt_path is not None:
+        run.resume(ckpt_path)
+    return run.run()

@@ -1,0 +1,47 @@
+"""Fast adversarial training with FGSM and a random start (Wong, Rice and Kolter 2020): one L-inf
+step of size alpha (1.25 eps by default) from a start that is uniform in the ball ("random"), the
+clean input ("zero"), or the perturbation left by the previous minibatch ("previous", updated in
+place with ``recycle_step_`` as free-AT does)."""
+from __future__ import annotations
+
+from ..registry import Hyper, Method, register
+from ... import ops
+from .free import PersistentPerturbation
+
+
+@register
+class FGSMTraining(Method):
+    name = "fgsm"
+    help = "FGSM adversarial training with a random start (Wong et al. 2020)"
+    hyper = (Hyper("fgsm_init", "random", "fgsm start: random, zero or previous", kind="choice",
+                   choices=("random", "zero", "previous")),)
+
+    @classmethod
+    def default_alpha(cls, cfg) -> float:
+        return 1.25 * cfg.eps
+
+    @classmethod
+    def label(cls, cfg) -> str:
+        return "FGSM-RS AT"
+
+    def __init__(self, trainer):
+        super().__init__(trainer)
+        self.perturbation = PersistentPerturbation(trainer)
+
+    def step(self, x, y):
+        c, tr = self.cfg, self.trainer
+        if c.fgsm_init == "previous":
+            delta = self.perturbation(x)
+            xa = (x + delta).detach()
+            g, _, _ = tr.engine("linf").gradient(xa, y)
+            ops.recycle_step_(delta, g, x, c.eps, c.alpha, c.lo, c.hi)
+            x_adv = x + delta
+        else:  # one L-inf step from the start point: x + clamp(start - x + alpha*sign(g), -eps, eps)
+            x_adv = tr.attack(x, y, c.eps, c.alpha, 1, "linf", c.fgsm_init == "random")
+        return tr.natural_step(x_adv, y)
+
+    def state_dict(self):
+        return self.perturbation.state_dict()
+
+    def load_state_dict(self, st) -> None:
+        self.perturbation.load_state_dict(st)

@@ -1,0 +1,45 @@
+"""TRADES (Zhang et al. 2019): minimise CE(f(x), y) + beta * KL(f(x) || f(x')), where x' maximises
+KL(f(x) || f(x')) over the threat model's ball. The inner maximisation runs on the shared
+projected-gradient engine with the model in eval mode (as in the paper's code), from
+x + 0.001 * N(0, I), with the KL summed over the batch as its objective."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..registry import Hyper, Method, register
+
+
+def _kl_objective(logits, p_nat):
+    return F.kl_div(F.log_softmax(logits.float(), dim=1), p_nat, reduction="sum")
+
+
+@register
+class Trades(Method):
+    name = "trades"
+    help = "TRADES: CE + beta * KL(f(x) || f(x')) (Zhang et al. 2019)"
+    hyper = (Hyper("beta", 6.0, "TRADES beta", minimum=0.0),)
+
+    @classmethod
+    def label(cls, cfg) -> str:
+        return f"TRADES (PGD-{cfg.steps})"
+
+    def __init__(self, trainer):
+        super().__init__(trainer)
+        self.engine = trainer.engine(self.cfg.norm, objective=_kl_objective)
+
+    def step(self, x, y):
+        c, tr = self.cfg, self.trainer
+        tr.fwd.eval()
+        with torch.no_grad(), tr.autocast():
+            p_nat = F.softmax(tr.fwd(x).float(), dim=1)
+        # The engine's "labels" are the clean prediction's probabilities: the KL's target.
+        x_adv = self.engine.run(x, p_nat, c.eps, c.alpha, c.steps, start="normal", start_sigma=0.001,
+                                seed=tr.seed(), evaluate=False).x_adv
+        tr.fwd.train()
+        with tr.autocast():
+            logits, logits_adv = tr.net(x, x_adv)
+            loss = F.cross_entropy(logits, y) + c.beta * F.kl_div(
+                F.log_softmax(logits_adv.float(), dim=1), F.softmax(logits.float(), dim=1), reduction="batchmean")
+        tr.update(loss)
+        return tr.stats(loss, logits, y)

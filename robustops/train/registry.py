@@ -1,0 +1,177 @@
+"""The registry of training methods: each method is one :class:`Method` subclass in its own file
+under ``robustops/train/methods/``, registered by name with :func:`register`.
+
+A method declares its own hyperparameters (:class:`Hyper`: name, default, check, help), the
+defaults that depend on them (step size, validation metric, passes over the data), and its
+per-batch ``step``; its persistent state (free-AT's perturbation, a dual variable, ...) goes in
+``state_dict`` / ``load_state_dict`` so that a resumed run continues exactly. ``fit``, the
+``FitConfig`` checks, the CLI's ``--method`` choices and flags, and the README's list all read the
+registry: adding a method is a new file plus its line in ``methods/__init__.py``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Dict, Optional, Sequence, Tuple, Type
+
+import torch
+
+from .. import _checks
+
+__all__ = ["Hyper", "Method", "register", "unregister", "get", "names", "hyperparameters", "describe", "StepStats"]
+
+#: What a method's step returns: (sum of losses, number correct, number of samples); the first two
+#: are device tensors, so a step needs no host synchronization.
+StepStats = Tuple[torch.Tensor, torch.Tensor, int]
+
+
+@dataclass(frozen=True)
+class Hyper:
+    """One hyperparameter of a training method.
+
+    kind: "int", "float" or "choice"; minimum: the smallest allowed value (strict: excluded);
+    choices: the allowed values of a "choice"; flags: the command-line spellings (default
+    ``--<name with dashes>``); help: one line for ``--help``.
+    """
+    name: str
+    default: Any
+    help: str
+    kind: str = "float"
+    minimum: Optional[float] = None
+    strict: bool = False
+    choices: Sequence[str] = ()
+    flags: Sequence[str] = ()
+
+    def check(self, value):
+        """value checked and converted; otherwise a ValueError that starts with the name (and says
+        what it is: "m (free-AT replays per minibatch) must be an int >= 1, got 0")."""
+        what = f"{self.name} ({self.help})"
+        if self.kind == "int":
+            return _checks.check_int(value, what, None if self.minimum is None else int(self.minimum))
+        if self.kind == "choice":
+            if value not in self.choices:
+                raise ValueError(f"{what} must be one of {', '.join(self.choices)}; got {value!r}")
+            return value
+        return _checks.check_number(value, what, self.minimum, strict=self.strict)
+
+    @property
+    def cli_flags(self) -> Sequence[str]:
+        return tuple(self.flags) or ("--" + self.name.replace("_", "-"),)
+
+
+class Method:
+    """One training method bound to a :class:`~robustops.train.Trainer`.
+
+    Class attributes: ``name`` (the registry key), ``help`` (one line), ``hyper`` (its
+    hyperparameters), ``select`` (the validation metric that picks the best epoch by default),
+    ``adversarial`` (whether it uses the threat model eps / alpha / steps / norm).
+
+    The trainer gives a method what it needs: ``trainer.cfg`` (the resolved :class:`FitConfig`;
+    the method's hyperparameters are its attributes), ``trainer.fwd`` (the model, with any
+    normalisation in front), ``trainer.net`` (what DDP wraps: call it for the forward whose loss is
+    back-propagated), ``trainer.autocast()``, ``trainer.update(loss)`` (backward, optimizer and
+    scheduler step), ``trainer.engine(norm)`` (the projected-gradient engine on the model),
+    ``trainer.seed()`` (a fresh Philox seed), ``trainer.fmt(x)`` (the configured layout) and
+    ``trainer.stats(loss, logits, y)``.
+    """
+
+    name: ClassVar[str] = ""
+    help: ClassVar[str] = ""
+    hyper: ClassVar[Tuple[Hyper, ...]] = ()
+    select: ClassVar[str] = "robust_acc"
+    adversarial: ClassVar[bool] = True
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+        self.cfg = trainer.cfg
+
+    # ---- defaults that depend on the configuration (class methods: no trainer needed)
+
+    @classmethod
+    def default_alpha(cls, cfg) -> float:
+        """The step size when none is given: 2.5 * eps / steps (Madry et al.'s rule)."""
+        return 2.5 * cfg.eps / cfg.steps
+
+    @classmethod
+    def updates_per_batch(cls, cfg) -> int:
+        """Optimizer steps per minibatch (free-AT replays each minibatch m times)."""
+        return 1
+
+    @classmethod
+    def passes(cls, cfg) -> int:
+        """Traversals of the training data for ``cfg.epochs`` epochs."""
+        return cfg.epochs
+
+    @classmethod
+    def noise_sigma(cls, cfg) -> Optional[float]:
+        """The noise level of a method that trains for randomized smoothing (validation then also
+        measures accuracy under that noise, and checkpoints record it for ``certify``); else None."""
+        return None
+
+    @classmethod
+    def label(cls, cfg) -> str:
+        """A short human-readable name of the configured method (tables, plots)."""
+        return cls.name
+
+    # ---- the work
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> StepStats:
+        """One minibatch (x on the device, float32, in the configured layout; y its labels)."""
+        raise NotImplementedError
+
+    def state_dict(self) -> Dict[str, Any]:
+        """This process's persistent state of the method (saved per rank in checkpoints)."""
+        return {}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        pass
+
+
+_REGISTRY: Dict[str, Type[Method]] = {}
+
+
+def register(cls: Type[Method]) -> Type[Method]:
+    """Class decorator: adds a Method subclass to the registry under ``cls.name``. A hyperparameter
+    name used by several methods must keep one kind and one set of command-line flags."""
+    if not (isinstance(cls, type) and issubclass(cls, Method)) or not cls.name:
+        raise TypeError("register() takes a Method subclass with a non-empty name")
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise ValueError(f"a training method named {cls.name!r} is already registered")
+    known = hyperparameters()
+    for h in cls.hyper:
+        other = known.get(h.name)
+        if other is not None and (other.kind != h.kind or tuple(other.cli_flags) != tuple(h.cli_flags)):
+            raise ValueError(f"hyperparameter {h.name!r} of method {cls.name!r} clashes with another method's "
+                             f"(kind / flags must agree)")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def unregister(name: str) -> None:
+    """Removes a method from the registry (for methods registered by a test or a notebook)."""
+    _REGISTRY.pop(name, None)
+
+
+def get(name: str) -> Type[Method]:
+    try:
+        return _REGISTRY[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"method must be one of {', '.join(names())}; got {name!r}") from None
+
+
+def names() -> Tuple[str, ...]:
+    """The registered method names, in registration order."""
+    return tuple(_REGISTRY)
+
+
+def hyperparameters() -> Dict[str, Hyper]:
+    """Every registered method's hyperparameters by name (the first declaration of a shared name)."""
+    out: Dict[str, Hyper] = {}
+    for cls in _REGISTRY.values():
+        for h in cls.hyper:
+            out.setdefault(h.name, h)
+    return out
+
+
+def describe() -> Dict[str, Callable]:
+    """{name: one-line help} of the registered methods (for --help and the README)."""
+    return {n: c.help for n, c in _REGISTRY.items()}

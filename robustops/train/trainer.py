@@ -1,0 +1,300 @@
+"""Trainer: one training method bound to a model, with the optimizer, schedule, mixed precision,
+the processes' random streams, the projected-gradient engine on the model, and evaluation."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+from typing import Any, Dict, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import _rng, ops
+from ..attacks.engine import Engine
+from ..models import Normalize
+from .config import FitConfig
+from .registry import StepStats
+
+__all__ = ["Trainer", "LRFactor", "dist_info"]
+
+
+class _Forward(nn.Module):
+    """What DistributedDataParallel wraps: one call may run the model on several inputs (TRADES'
+    clean and adversarial batches), so each parameter's gradient is accumulated and all-reduced once."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, *xs):
+        if len(xs) == 1:
+            return self.net(xs[0])
+        return tuple(self.net(x) for x in xs)
+
+
+class LRFactor:
+    """Learning-rate factor as a function of the optimizer step (a picklable LambdaLR callable)."""
+
+    def __init__(self, schedule: str, total_steps: int, milestones: Sequence[float], gamma: float = 0.1):
+        self.schedule = schedule
+        self.total = max(1, int(total_steps))
+        self.milestones = sorted(float(v) for v in milestones)  # fractions of training
+        self.gamma = gamma
+
+    def __call__(self, step: int) -> float:
+        t = min(1.0, (step + 1) / self.total)  # progress after this step
+        if self.schedule == "cyclic":  # 0 -> peak at 40% -> 0 (Wong et al.'s one cycle)
+            return t / 0.4 if t <= 0.4 else max(0.0, (1.0 - t) / 0.6)
+        if self.schedule == "multistep":
+            done = step / self.total
+            return self.gamma ** sum(1 for ms in self.milestones if done >= ms)
+        if self.schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * step / self.total))
+        return 1.0
+
+
+def dist_info():
+    """(rank, world size) of the initialised process group, else (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _rng_state(device: torch.device) -> Dict[str, Any]:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    # numpy's state as a tensor and plain numbers, so that checkpoints load with weights_only=True
+    st = {"torch": torch.get_rng_state(), "python": random.getstate(),
+          "numpy": (str(name), torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))}
+    if device.type == "cuda":
+        st["cuda"] = torch.cuda.get_rng_state(device)
+    return st
+
+
+def _set_rng_state(st: Dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(st["torch"])
+    random.setstate(st["python"])
+    name, keys, pos, has_gauss, cached = st["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if device.type == "cuda" and "cuda" in st:
+        torch.cuda.set_rng_state(st["cuda"], device)
+
+
+def _mean_ce(logits, y):
+    return F.cross_entropy(logits, y)
+
+
+class Trainer:
+    """One training method bound to a model: ``train_step(x, y)`` does the work of one minibatch
+    (the method's step: attack, forward/backward passes, optimizer and scheduler steps) and
+    ``evaluate`` measures clean / PGD / noisy accuracy. ``fit`` drives it; the benchmark times it.
+
+    cfg: a FitConfig, or its fields and the method's hyperparameters as keyword arguments.
+    steps_per_epoch: minibatches per data pass (sets the length of the learning-rate schedule)."""
+
+    def __init__(self, model: nn.Module, cfg: Optional[FitConfig] = None, *, steps_per_epoch: int = 1,
+                 device=None, ddp: Optional[bool] = None, **kwargs):
+        if cfg is None:
+            cfg = FitConfig.make(**kwargs)
+        elif kwargs:
+            cfg = FitConfig.make(**{**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
+                                       if f.name != "params"}, **cfg.params, **kwargs})
+        self.cfg = cfg = cfg.resolved()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if device is None:
+            p = next(model.parameters(), None)
+            device = p.device if p is not None else torch.device("cpu")
+        self.device = torch.device(device)
+        model.to(self.device)
+        if cfg.channels_last:
+            model.to(memory_format=torch.channels_last)
+        self.model = model
+        self.fwd = nn.Sequential(Normalize(cfg.mean, cfg.std), model).to(self.device) \
+            if cfg.mean is not None else model
+        self.rank, self.world = dist_info()
+        self.ddp = (self.world > 1) if ddp is None else bool(ddp)
+        if self.ddp:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [self.device.index if self.device.index is not None else torch.cuda.current_device()] \
+                if self.device.type == "cuda" else None
+            self.net = DDP(_Forward(self.fwd), device_ids=ids)
+        else:
+            self.net = _Forward(self.fwd)
+        self._build_optimizer(int(steps_per_epoch))
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
+        # Seeds of the ops' Philox streams: one generator per process, saved in checkpoints.
+        self.gen = _rng.process_generator(cfg.seed, self.rank)
+        self._engines: Dict[str, Engine] = {}
+        self.method = cfg.method_class(self)
+
+    def _build_optimizer(self, steps_per_epoch: int) -> None:
+        cfg = self.cfg
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        # On CUDA the fused optimizer kernels: one launch for all parameters.
+        fused = {"fused": True} if self.device.type == "cuda" and all(p.is_cuda and p.is_floating_point()
+                                                                       for p in params) else {}
+        if cfg.optimizer == "sgd":
+            self.optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                                             nesterov=cfg.nesterov and cfg.momentum > 0, **fused)
+        else:
+            self.optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
+        self.steps_per_epoch = max(1, steps_per_epoch)
+        self.total_steps = cfg.passes * self.steps_per_epoch * cfg.updates_per_batch
+        factor = LRFactor(cfg.schedule, self.total_steps, [min(1.0, ms / cfg.epochs) for ms in cfg.milestones],
+                          cfg.gamma)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
+
+    # ---- what methods use
+
+    def seed(self) -> int:
+        """A fresh Philox seed from this process's generator."""
+        return int(torch.randint(0, 1 << 62, (1,), generator=self.gen))
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+
+    def fmt(self, x: torch.Tensor) -> torch.Tensor:
+        """x in the configured layout (channels_last for 4-D inputs when asked)."""
+        if self.cfg.channels_last and x.dim() == 4:
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def prepare(self, x: torch.Tensor, y: torch.Tensor):
+        """A minibatch on the device, float32, in the configured layout."""
+        x = x.to(self.device, non_blocking=True)
+        if x.dtype != torch.float32:
+            x = x.float()
+        return self.fmt(x), y.to(self.device, non_blocking=True)
+
+    def engine(self, norm: Optional[str] = None, objective=None) -> Engine:
+        """The projected-gradient engine on the model (with its normalisation, under the run's
+        autocast, fp16 loss scaling): the same engine as ``attacks.PGD``. The default objective is
+        the mean cross-entropy; norm defaults to the configured one."""
+        norm = self.cfg.norm if norm is None else norm
+        if objective is not None:
+            return Engine(self.fwd, objective, norm=norm, lo=self.cfg.lo, hi=self.cfg.hi, dtype=self.amp_dtype,
+                          scaler=self.scaler)
+        if norm not in self._engines:
+            self._engines[norm] = Engine(self.fwd, _mean_ce, norm=norm, lo=self.cfg.lo, hi=self.cfg.hi,
+                                         dtype=self.amp_dtype, scaler=self.scaler)
+        return self._engines[norm]
+
+    def attack(self, x, y, eps, alpha, steps: int, norm: Optional[str] = None, random_start: bool = True,
+               engine: Optional[Engine] = None) -> torch.Tensor:
+        """PGD on the model in its current mode (training's adversary): a uniform random start
+        (when random_start and eps > 0) and ``steps`` fused steps. Returns x_adv."""
+        engine = self.engine(norm) if engine is None else engine
+        rand = random_start and eps > 0
+        return engine.run(x, y, eps, alpha, steps, start="uniform" if rand else "clean",
+                          seed=self.seed() if rand else 0, evaluate=False).x_adv
+
+    def update(self, loss: torch.Tensor) -> None:
+        """Backward of the (scaled) loss, optimizer and scheduler step."""
+        self.scaler.scale(loss).backward()
+        self.optimizer_step()
+
+    def optimizer_step(self) -> None:
+        """Optimizer and scheduler step after a backward pass (gradients scaled by the scaler)."""
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+
+    @staticmethod
+    def stats(loss, logits, y) -> StepStats:
+        return loss.detach().float() * y.shape[0], (logits.detach().argmax(1) == y).sum(), y.shape[0]
+
+    def natural_step(self, x: torch.Tensor, y: torch.Tensor) -> StepStats:
+        """A cross-entropy step on x as given; methods end in it on the inputs they made."""
+        with self.autocast():
+            logits = self.net(x)
+            loss = F.cross_entropy(logits, y)
+        self.update(loss)
+        return self.stats(loss, logits, y)
+
+    # ---- public
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> StepStats:
+        """One minibatch of the configured method (model in train mode). Returns (sum of losses,
+        number correct, number of samples); the first two are device tensors (no host sync)."""
+        self.fwd.train()
+        x, y = self.prepare(x, y)
+        return self.method.step(x, y)
+
+    def evaluate(self, loader, eps: Optional[float] = None, progress: bool = False) -> Dict[str, float]:
+        """Clean accuracy, PGD accuracy (val_eps / val_alpha / val_steps / val_norm; skipped when the
+        eps is 0) and, for methods that train for smoothing, accuracy on noisy inputs (their sigma),
+        in eval mode. Counts are summed over the processes when the trainer runs distributed (ddp):
+        every process must call it then, each on its part of the data (or all on the same data)."""
+        from tqdm.auto import tqdm
+
+        c = self.cfg
+        eps = c.val_eps if eps is None else eps
+        sigma = c.noise_sigma
+        was = self.fwd.training
+        self.fwd.eval()
+        sums = torch.zeros(5, dtype=torch.float64, device=self.device)  # n, clean, robust, noise, loss
+        try:
+            it = tqdm(iter(loader), total=len(loader), desc="  validate", leave=False,
+                      disable=not progress or self.rank != 0)
+            for batch in it:
+                x, y = self.prepare(batch[0], batch[1])
+                sums += self._evaluate_batch(x, y, eps, sigma)
+        finally:
+            self.fwd.train(was)
+        if self.ddp and self.world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(sums)
+        n, clean, robust, noise, loss = sums.tolist()
+        n = max(n, 1.0)
+        out = {"clean_acc": clean / n, "robust_acc": robust / n if eps > 0 else float("nan"), "val_loss": loss / n}
+        if sigma is not None:
+            out["noise_acc"] = noise / n
+        return out
+
+    def _evaluate_batch(self, x, y, eps, sigma) -> torch.Tensor:
+        c = self.cfg
+        zero = torch.zeros((), dtype=torch.float64, device=self.device)
+        with torch.no_grad(), self.autocast():
+            logits = self.fwd(x)
+            loss = F.cross_entropy(logits.float(), y, reduction="sum").double()
+        clean = (logits.argmax(1) == y).sum()
+        robust = noise = zero
+        if eps > 0:
+            x_adv = self.attack(x, y, eps, c.val_alpha, c.val_steps, c.val_norm, True)
+            with torch.no_grad(), self.autocast():
+                robust = (self.fwd(x_adv).argmax(1) == y).sum()
+        if sigma is not None:
+            with torch.no_grad(), self.autocast():
+                xn = self.fmt(ops.gaussian_noise(x, 1, sigma, seed=self.seed()))
+                noise = (self.fwd(xn).argmax(1) == y).sum()
+        return torch.stack([zero + y.shape[0], zero + clean, zero + robust, zero + noise, loss])
+
+    # ---- checkpoint parts
+
+    def rank_state(self) -> Dict[str, Any]:
+        """What differs between processes: the RNG states and the method's persistent state."""
+        return {"rng": _rng_state(self.device), "gen": self.gen.get_state(), "method": self.method.state_dict()}
+
+    def load_rank_state(self, st: Dict[str, Any]) -> None:
+        _set_rng_state(st["rng"], self.device)
+        self.gen.set_state(st["gen"])
+        self.method.load_state_dict(st.get("method") or {})
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict()}
+
+    def load_state_dict(self, sd: Dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(sd["optimizer"])
+        self.scheduler.load_state_dict(sd["scheduler"])
+        if sd.get("scaler"):
+            self.scaler.load_state_dict(sd["scaler"])
