@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Everything a lent GPU machine should run, in one command (build, CUDA tests, compute-sanitizer,
-# benchmarks), with logs under $OUT. From the repository root on the device machine:
+# Everything a lent GPU machine should run, in one command (build, CUDA tests, compute-sanitizer
+# memcheck / racecheck / initcheck, benchmarks and their plots), with logs under $OUT. From the
+# repository root on the device machine:
 #     bash benchmarks/gpu_session.sh
 set -uo pipefail
 OUT="${OUT:-/tmp/robustops-gpu}"
@@ -15,8 +16,11 @@ compute-sanitizer --tool memcheck --error-exitcode 1 python3 -m pytest -q -x -k 
   tests/test_pgd_ops.py tests/test_smoothing_ops.py > "$OUT/memcheck.log" 2>&1; echo "memcheck rc=$?" | tee -a "$OUT/gpu.txt"
 compute-sanitizer --tool racecheck --error-exitcode 1 python3 -m pytest -q -x -k "cuda and (l2 or count_votes)" \
   tests/test_pgd_ops.py tests/test_smoothing_ops.py > "$OUT/racecheck.log" 2>&1; echo "racecheck rc=$?" | tee -a "$OUT/gpu.txt"
+compute-sanitizer --tool initcheck --error-exitcode 1 python3 -m pytest -q -x -k cuda \
+  tests/test_pgd_ops.py tests/test_smoothing_ops.py > "$OUT/initcheck.log" 2>&1; echo "initcheck rc=$?" | tee -a "$OUT/gpu.txt"
 for b in benchmarks/bench_*.py; do
   echo "== $b" | tee -a "$OUT/bench.log"
   timeout 300 python3 "$b" 2>&1 | tee -a "$OUT/bench.log" | tail -30
 done
 cp benchmarks/results/*.csv "$OUT/" 2>/dev/null || true
+python3 benchmarks/plot.py --out "$OUT" 2>&1 | tail -5

@@ -277,3 +277,17 @@ def test_load_torchscript_and_export(small, tmp_path):
     ep = str(tmp_path / "m.pt2")
     torch.export.save(torch.export.export(small, (x,)), ep)
     torch.testing.assert_close(M.load_model(ep)(x), small(x))
+
+
+def test_import_refuses_a_library_built_for_another_torch():
+    """robustops checks at import that its compiled library matches the running torch (and CUDA
+    major version), and says how to rebuild."""
+    import robustops
+
+    info = robustops.build_info()
+    robustops._check_versions(info)  # the library loaded here matches
+    with pytest.raises(ImportError, match=r"(?s)built against torch 1\.0\.0.*pip install --no-build-isolation -e \."):
+        robustops._check_versions(dict(info, torch_version="1.0.0"))
+    if torch.version.cuda:
+        with pytest.raises(ImportError, match="compiled with CUDA 99.0"):
+            robustops._check_versions(dict(info, cuda=True, cuda_version="99.0"))

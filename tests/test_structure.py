@@ -141,3 +141,12 @@ def test_the_checker_sees_violations(tmp_path):
     targets, _, names, _ = imports("robustops.attacks.x", str(f))
     assert "robustops.cli.main" in targets or "robustops.cli" in targets
     assert "argparse" in names and any(layer(t) == "reference" for t in targets)
+
+
+def test_readme_lists_the_registered_methods():
+    """README.md's table of training methods is the registry's (ro.train.methods_table())."""
+    import robustops as ro
+
+    readme = open(os.path.join(os.path.dirname(PKG), "README.md")).read()
+    table = readme.split("<!-- methods -->\n", 1)[1].split("\n<!-- /methods -->", 1)[0]
+    assert table == ro.train.methods_table()

@@ -30,13 +30,22 @@ from .registry import Hyper, Method, register
 from .trainer import LRFactor, Trainer
 
 __all__ = ["fit", "FitConfig", "FitResult", "Trainer", "METHODS", "Method", "Hyper", "register", "registry",
-           "describe_methods", "LRFactor", "CHECKPOINT_FORMAT", "OPTIMIZERS", "SCHEDULES", "AMP_MODES", "NORMS",
+           "describe_methods", "methods_table", "LRFactor", "CHECKPOINT_FORMAT", "OPTIMIZERS", "SCHEDULES", "AMP_MODES", "NORMS",
            "METRICS"]
 
 
 def describe_methods():
     """{method name: one-line description} of the registered training methods."""
     return registry.describe()
+
+
+def methods_table() -> str:
+    """The registered methods as the Markdown table README.md shows (a test keeps the two equal)."""
+    lines = ["| method | what it does | hyperparameters (default) |", "|---|---|---|"]
+    for name, cls in ((n, registry.get(n)) for n in registry.names()):
+        hyper = ", ".join(f"`{h.name}` ({h.default})" for h in cls.hyper) or "-"
+        lines.append(f"| `{name}` | {cls.help} | {hyper} |")
+    return "\n".join(lines)
 
 
 def __getattr__(name):

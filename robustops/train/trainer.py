@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import _rng, ops
+from .. import _checks, _rng, ops
 from ..attacks.engine import Engine
 from ..models import Normalize
 from .config import FitConfig
@@ -127,7 +127,7 @@ class Trainer:
         else:
             self.net = _Forward(self.fwd)
         self._build_optimizer(int(steps_per_epoch))
-        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+        self.amp_dtype = _checks.autocast_dtype(cfg.amp, "amp")
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
         # Seeds of the ops' Philox streams: one generator per process, saved in checkpoints.
         self.gen = _rng.process_generator(cfg.seed, self.rank)

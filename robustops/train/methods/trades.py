@@ -17,7 +17,7 @@ def _kl_objective(logits, p_nat):
 @register
 class Trades(Method):
     name = "trades"
-    help = "TRADES: CE + beta * KL(f(x) || f(x')) (Zhang et al. 2019)"
+    help = "TRADES: cross-entropy + beta * KL(clean prediction, adversarial prediction) (Zhang et al. 2019)"
     hyper = (Hyper("beta", 6.0, "TRADES beta", minimum=0.0),)
 
     @classmethod
