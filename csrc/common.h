@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cstdlib>
 #include <numeric>
 
 #include "philox.h"
@@ -124,6 +125,16 @@ inline void check_float(const at::Tensor& t, const char* name) {
               " must be float32, float16 or bfloat16, got ", st);
 }
 
+inline void check_offset(int64_t offset) { TORCH_CHECK(offset >= 0, "offset must be >= 0, got ", offset); }
+
+// The offset of a device-offset op: a one-element int64 tensor on the data's device, which the op
+// reads on the device and advances in place (so a CUDA graph replays fresh draws).
+inline void check_offset_tensor(const at::Tensor& offset, const at::Tensor& x) {
+  TORCH_CHECK(offset.scalar_type() == at::kLong && offset.numel() == 1,
+              "offset must be a one-element int64 tensor, got ", offset.scalar_type(), " of shape ", offset.sizes());
+  TORCH_CHECK(offset.device() == x.device(), "offset must be on ", x.device(), " like x, got ", offset.device());
+}
+
 enum class Norm { Linf, L2 };
 inline Norm parse_norm(c10::string_view s) {
   if (s == "linf") return Norm::Linf;
@@ -135,6 +146,14 @@ inline Norm parse_norm(c10::string_view s) {
 // poisons only the element (L-inf) or the sample (L2) it belongs to.
 RO_HD float clampf(float v, float lo, float hi) { return v < lo ? lo : (v > hi ? hi : v); }
 RO_HD float signf(float g) { return g > 0.f ? 1.f : (g < 0.f ? -1.f : g); }
+
+// ROBUSTOPS_CPU_SCALAR=1 (read at every call; tests only): the CPU kernels skip their vector loops
+// and send every element through the scalar formulas that the CUDA kernels use, so the tests can
+// check that the vector loops compute the same thing.
+inline bool cpu_scalar_only() {
+  const char* v = std::getenv("ROBUSTOPS_CPU_SCALAR");
+  return v != nullptr && v[0] == '1';
+}
 
 // A tiny floor for the L2 normalisations (torch.finfo(float32).tiny).
 constexpr float kTiny = 1.17549435e-38f;

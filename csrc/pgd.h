@@ -28,6 +28,21 @@ inline StepArgs prepare_step(const at::Tensor& out, const char* out_name, const 
   return s;
 }
 
+// random_init's L2 radius law by name: "ball" (uniform in the ball's volume) or "uniform" (radius
+// uniform in [0, eps]); see init_l2_scale.
+inline int parse_radius_law(c10::string_view s) {
+  if (s == "ball") return 0;
+  if (s == "uniform") return 1;
+  TORCH_CHECK(false, "radius must be \"ball\" or \"uniform\", got \"", std::string(s), "\"");
+}
+
+// How far random_init_dev_offset advances its offset: past every counter the call used (element
+// groups, and the per-sample radii of L2), so the next call draws fresh numbers.
+inline int64_t init_offset_advance(const at::Tensor& x) {
+  const int64_t groups = (x.numel() + 3) / 4, B = x.dim() ? x.size(0) : 0;
+  return groups > B ? groups : B;
+}
+
 // random_init's input: dense batch-major tensors keep their layout, anything else (a strided view)
 // is made contiguous; the output is allocated like it.
 struct InitArgs {
@@ -51,6 +66,95 @@ inline InitArgs prepare_init(const at::Tensor& x_in, const at::Tensor& eps) {
   s.D = s.numel ? s.numel / s.B : 0;
   s.li = make_logical_index(s.x);
   return s;
+}
+
+}  // namespace robustops
+
+// ------------------------------------------------------------------ the formulas, written once
+// Every per-element and per-sample formula of the PGD family. The CUDA kernels and the CPU scalar
+// paths call these; the CPU vector paths compute the same operations in the same order, and
+// tests/test_pgd_ops.py checks them against these with ROBUSTOPS_CPU_SCALAR=1. Multiply-adds are
+// written as fmaf, so that nvcc (which contracts a*b+c by default) and the host compiler (which
+// does not, in ISO C++ mode) round alike.
+
+namespace robustops {
+
+// L-inf step: clamp(x + clamp(x_adv + alpha*sign(g) - x, -eps, eps), lo, hi). alpha*sign(g) is
+// exact, so the fmaf rounds like the plain sum.
+RO_HD float linf_update(float xa, float x, float g, float eps, float alpha, float lo, float hi) {
+  return clampf(x + clampf(fmaf(alpha, signf(g), xa) - x, -eps, eps), lo, hi);
+}
+
+// recycle_step_: delta' = clamp(delta + step*sign(g), -eps, eps), then clamped so that x + delta'
+// lies in [lo, hi].
+RO_HD float recycle_update(float delta, float g, float x, float eps, float step, float lo, float hi) {
+  const float d = clampf(fmaf(step, signf(g), delta), -eps, eps);
+  return clampf(x + d, lo, hi) - x;
+}
+
+// The per-sample sums of the L2 step over a = x_adv - x (rounded to float, as the update uses it)
+// and g: sum a^2, sum a*g, sum g^2, in double. The products of floats are exact in double, and
+// double's range holds any float's square, so neither tiny (1e-24) nor huge gradients under- or
+// overflow. How the sums are accumulated is the one device-specific part (cpu/pgd.cpp, cuda/pgd.cu).
+struct L2Sums {
+  double aa = 0.0, ag = 0.0, gg = 0.0;
+};
+
+RO_HD void l2_add(L2Sums& s, float xa, float x, float g) {
+  const double a = static_cast<double>(xa - x), gd = static_cast<double>(g);
+  s.aa += a * a;
+  s.ag += a * gd;
+  s.gg += gd * gd;
+}
+
+// The factors of x_new = clamp(x + f (a + c g), lo, hi), c = alpha / max(||g||, tiny),
+// f = min(1, eps / ||a + c g||), with ||a + c g||^2 = sum a^2 + 2 c sum a.g + c^2 sum g^2.
+// Computed in double; c is handed to the float update as c1 * c2 with c1 a power of two (1, or 2^100
+// when c is beyond float's comfortable range: gradients below ~1e-30), so g * c1 is exact and
+// fmaf(c2, g * c1, a) rounds exactly like fmaf(c, g, a) whenever c fits in a float. A NaN in the
+// sample makes f NaN and so the whole sample NaN, as in the reference.
+struct L2Factors {
+  float c1, c2, f;
+};
+
+RO_HD L2Factors l2_factors(const L2Sums& s, float alpha, float eps) {
+  const double tiny = static_cast<double>(kTiny);
+  const double gn = sqrt(s.gg);
+  const double c = static_cast<double>(alpha) / ((gn > tiny || gn != gn) ? gn : tiny);
+  double dn2 = s.aa + 2.0 * c * s.ag + c * c * s.gg;
+  dn2 = dn2 < 0.0 ? 0.0 : dn2;  // rounding of a cancelling sum; NaN passes through
+  const double dn = sqrt(dn2);
+  const double e = static_cast<double>(eps);
+  const double f = dn > e ? e / dn : (dn != dn ? dn : 1.0);
+  const double big = 1267650600228229401496703205376.0;  // 2^100
+  const double c1 = c > big ? big : 1.0;
+  return {static_cast<float>(c1), static_cast<float>(c / c1), static_cast<float>(f)};
+}
+
+RO_HD float l2_update(float xa, float x, float g, const L2Factors& k, float lo, float hi) {
+  return clampf(fmaf(k.f, fmaf(k.c2, g * k.c1, xa - x), x), lo, hi);
+}
+
+// random_init, L-inf: x + eps * (2u - 1), clamped; u uniform in [0, 1).
+RO_HD float init_linf_update(float x, float u, float eps, float lo, float hi) {
+  return clampf(fmaf(eps, fmaf(2.f, u, -1.f), x), lo, hi);
+}
+
+// random_init, L2: x + s z with z ~ N(0, I) the direction and s = radius / ||z||. The radius law:
+// kRadiusVolume draws the point uniform in the ball's volume (radius eps * u^(1/D): the volume within
+// r grows like r^D); kRadiusUniform draws the radius uniform in [0, eps] (eps * u). sumsq_z is
+// sum z^2 over the sample (double), u uniform in [0, 1).
+enum RadiusLaw : int { kRadiusVolume = 0, kRadiusUniform = 1 };
+
+RO_HD float init_l2_scale(double sumsq_z, float u, float eps, int64_t D, int law) {
+  const double ud = static_cast<double>(u);
+  const double radius = static_cast<double>(eps) * (law == kRadiusVolume ? pow(ud, 1.0 / static_cast<double>(D)) : ud);
+  const double zn = sqrt(sumsq_z);
+  return static_cast<float>(radius / (zn > static_cast<double>(kTiny) ? zn : static_cast<double>(kTiny)));
+}
+
+RO_HD float init_l2_update(float x, float z, float scale, float lo, float hi) {
+  return clampf(fmaf(scale, z, x), lo, hi);
 }
 
 }  // namespace robustops

@@ -74,14 +74,46 @@ RO_HD float uniform01_open0(uint32_t w) {
   return static_cast<float>((w >> 8) + 1u) * 5.9604644775390625e-8f;
 }
 
-// Box-Muller on words (2k, 2k+1) of one call: word pair 0/1 gives normals 0 and 1,
-// pair 2/3 gives normals 2 and 3. n = sqrt(-2 ln u1) * (cos | sin)(2 pi u2).
+// sin(2 pi u) and cos(2 pi u) for u in [0, 1), accurate: CUDA's sincospif (argument reduction on
+// 2u, exact), the host's sin / cos of the double 2 pi u. Both are within about an ulp of the true
+// values, so the CPU and the GPU draw the same normals to ~1e-7 relative. (The fast __sincosf of
+// 2 pi u in float was off by up to 2.4e-7 * radius and is not used.)
+RO_HD void sincos_2pi(float u, float* s, float* c) {
+#if defined(__CUDA_ARCH__)
+  sincospif(2.0f * u, s, c);
+#else
+  const double t = 6.283185307179586476925286766559 * static_cast<double>(u);
+  *s = static_cast<float>(std::sin(t));
+  *c = static_cast<float>(std::cos(t));
+#endif
+}
+
+// Box-Muller radius sqrt(-2 ln u) for u in (0, 1], with the accurate logf (not __logf, whose
+// result for u near 1 can be off enough to turn the argument of the square root negative).
+RO_HD float box_muller_radius(float u) {
+  const float t = -2.0f * logf(u);
+  return sqrtf(t > 0.f ? t : 0.f);
+}
+
+// Box-Muller on the four words of one Philox call: word pair 0/1 gives normals 0 and 1, pair 2/3
+// gives normals 2 and 3. n = sqrt(-2 ln u1) * (cos | sin)(2 pi u2).
+RO_HD void normals4(const Philox4x32& r, float (&z)[4]) {
+  const float r0 = box_muller_radius(uniform01_open0(r.c0)), r1 = box_muller_radius(uniform01_open0(r.c2));
+  float s0, c0, s1, c1;
+  sincos_2pi(uniform01(r.c1), &s0, &c0);
+  sincos_2pi(uniform01(r.c3), &s1, &c1);
+  z[0] = r0 * c0;
+  z[1] = r0 * s0;
+  z[2] = r1 * c1;
+  z[3] = r1 * s1;
+}
+
+// Normal i (0..3) of one call: the same as normals4's z[i].
 RO_HD float normal_from(const Philox4x32& r, int i) {
-  const uint32_t a = (i < 2) ? r.c0 : r.c2;
-  const uint32_t b = (i < 2) ? r.c1 : r.c3;
-  const float rad = sqrtf(-2.0f * logf(uniform01_open0(a)));
-  const float theta = 6.2831853071795864769f * uniform01(b);
-  return rad * ((i & 1) ? sinf(theta) : cosf(theta));
+  const float rad = box_muller_radius(uniform01_open0(i < 2 ? r.c0 : r.c2));
+  float s, c;
+  sincos_2pi(uniform01(i < 2 ? r.c1 : r.c3), &s, &c);
+  return rad * ((i & 1) ? s : c);
 }
 
 }  // namespace robustops

@@ -1,6 +1,10 @@
 // Every robustops op schema, declared once. Device kernels live in cpu/<family>.cpp and
 // cuda/<family>.cu and register with TORCH_LIBRARY_IMPL; fake kernels are in robustops/ops.py.
 //
+// Random ops take their Philox offset as a host int, or (the *_dev_offset ops) as a one-element
+// int64 tensor on the data's device that the op reads there and advances past what it drew: a CUDA
+// graph that captures the latter draws fresh numbers at every replay, the stream eager calls draw.
+//
 // Per-sample parameters (eps, alpha, step, sigma) are Tensors: a 0-dim CPU tensor carries one
 // value for the whole batch and is read on the host (no device sync), a Tensor[B] on the data's
 // device carries one value per sample. robustops/ops.py turns Python floats into the former.
@@ -67,7 +71,13 @@ TORCH_LIBRARY(robustops, m) {
   m.def(
       "pgd_step_(Tensor(a!) x_adv, Tensor x, Tensor grad, Tensor eps, Tensor alpha, str norm, "
       "float lo, float hi) -> ()");
-  m.def("random_init(Tensor x, Tensor eps, str norm, float lo, float hi, int seed, int offset) -> Tensor");
+  m.def(
+      "random_init(Tensor x, Tensor eps, str norm, float lo, float hi, int seed, int offset, str radius=\"ball\") "
+      "-> Tensor");
+  // The same draw with the offset in a device tensor that the op advances (CUDA-graph safe).
+  m.def(
+      "random_init_dev_offset(Tensor x, Tensor eps, str norm, float lo, float hi, int seed, Tensor(a!) offset, "
+      "str radius=\"ball\") -> Tensor");
   m.def(
       "recycle_step_(Tensor(a!) delta, Tensor grad, Tensor x, Tensor eps, Tensor step, float lo, "
       "float hi) -> ()");
@@ -76,5 +86,8 @@ TORCH_LIBRARY(robustops, m) {
   m.def(
       "gaussian_noise(Tensor x, int num, float sigma, int seed, int offset, Tensor? mean, Tensor? std, "
       "ScalarType? out_dtype, bool channels_last) -> Tensor");
+  m.def(
+      "gaussian_noise_dev_offset(Tensor x, int num, float sigma, int seed, Tensor(a!) offset, Tensor? mean, "
+      "Tensor? std, ScalarType? out_dtype, bool channels_last) -> Tensor");
   m.def("count_votes_(Tensor logits, Tensor(a!) counts) -> ()");
 }

@@ -6,25 +6,12 @@
 
 namespace robustops {
 
-// Box-Muller on the four words of one Philox call: normals for the four logical elements of a
-// group, sharing one log/sqrt per pair.
-RO_HD void normals4(const Philox4x32& r, float (&z)[4]) {
-#if defined(__CUDA_ARCH__)
-  const float r0 = sqrtf(-2.0f * __logf(uniform01_open0(r.c0)));
-  const float r1 = sqrtf(-2.0f * __logf(uniform01_open0(r.c2)));
-  float s0, c0, s1, c1;
-  __sincosf(6.2831853071795864769f * uniform01(r.c1), &s0, &c0);
-  __sincosf(6.2831853071795864769f * uniform01(r.c3), &s1, &c1);
-#else
-  const float r0 = std::sqrt(-2.0f * std::log(uniform01_open0(r.c0)));
-  const float r1 = std::sqrt(-2.0f * std::log(uniform01_open0(r.c2)));
-  const float t0 = 6.2831853071795864769f * uniform01(r.c1), t1 = 6.2831853071795864769f * uniform01(r.c3);
-  const float s0 = std::sin(t0), c0 = std::cos(t0), s1 = std::sin(t1), c1 = std::cos(t1);
-#endif
-  z[0] = r0 * c0;
-  z[1] = r0 * s0;
-  z[2] = r1 * c1;
-  z[3] = r1 * s1;
+// count_votes_'s argmax rule, torch.argmax's: in (value, index) order a NaN beats everything (the
+// first NaN wins), then larger values, then lower indices. Whether (v, i) beats (bv, bi).
+RO_HD bool vote_better(float v, int64_t i, float bv, int64_t bi) {
+  const bool vn = v != v, bn = bv != bv;
+  if (vn || bn) return vn && (!bn || i < bi);
+  return v > bv || (v == bv && i < bi);
 }
 
 // Shape facts of a gaussian_noise call. Logical element e of a sample lies in channel (e / HW) % C;

@@ -121,26 +121,50 @@ def pgd_step_(x_adv: torch.Tensor, x: torch.Tensor, grad: torch.Tensor, eps: Par
     return x_adv
 
 
+_RADII = ("ball", "uniform")
+
+
+def _offset(offset, x: torch.Tensor):
+    """An int offset (checked), or a one-element int64 tensor on x's device (the device-offset form)."""
+    if isinstance(offset, torch.Tensor):
+        if offset.dtype != torch.int64 or offset.numel() != 1:
+            raise TypeError(f"offset as a tensor must be a one-element int64 tensor, got {offset.dtype} of shape "
+                            f"{list(offset.shape)}")
+        if offset.device != x.device:
+            raise ValueError(f"offset must be on the same device as x, got {offset.device} and {x.device}")
+        return offset
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        raise ValueError(f"offset must be a non-negative int or a one-element int64 tensor, got {offset!r}")
+    return offset
+
+
 def random_init(x: torch.Tensor, eps: Param, norm: str = "linf", lo: float = 0.0, hi: float = 1.0,
-                seed: Optional[int] = None, offset: int = 0) -> torch.Tensor:
-    """A random start point: x plus a draw uniform in the eps-ball (L-inf: each coordinate uniform in
-    [-eps, eps]; L2: uniform in the ball's volume), clamped to [lo, hi]. Returns a new Tensor[B, ...]
-    in x's dtype and layout.
+                seed: Optional[int] = None, offset: Union[int, torch.Tensor] = 0, radius: str = "ball") -> torch.Tensor:
+    """A random start point: x plus a draw in the eps-ball, clamped to [lo, hi]. L-inf: each coordinate
+    uniform in [-eps, eps]. L2: a uniform direction and, by ``radius``, a point uniform in the ball's
+    volume ("ball": radius eps * U^(1/D)) or a radius uniform in [0, eps] ("uniform": eps * U).
+    Returns a new Tensor[B, ...] in x's dtype and layout.
 
     The draw is Philox4x32-10 keyed by (seed, offset) and the element's logical index: the same on
     CPU and CUDA and for contiguous and channels_last inputs. seed=None takes a seed from torch's
     default generator (torch.manual_seed governs it). Calls whose offsets differ by at least
     ceil(x.numel()/4) (and by B for L2) draw disjoint streams; ``robustops._rng.random_init_offset``
     gives the offset of a batch by its position in a dataset.
+
+    offset may also be a one-element int64 tensor on x's device: the op then reads it there and
+    advances it by max(ceil(x.numel()/4), B), so a CUDA graph that captures the call draws fresh
+    numbers at every replay (the integer form refuses capture).
     """
     _check_floating(x, "x")
     _check_norm(norm)
     _check_bounds(lo, hi)
-    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
-        raise ValueError(f"offset must be a non-negative int, got {offset!r}")
-    return torch.ops.robustops.random_init(x, _param(eps, "eps", x), norm, float(lo), float(hi),
-                                           _rng.resolve_seed(seed),
-                                           offset)
+    if radius not in _RADII:
+        raise ValueError(f'radius must be "ball" or "uniform", got {radius!r}')
+    offset = _offset(offset, x)
+    args = (x, _param(eps, "eps", x), norm, float(lo), float(hi), _rng.resolve_seed(seed))
+    if isinstance(offset, torch.Tensor):
+        return torch.ops.robustops.random_init_dev_offset(*args, offset, radius)
+    return torch.ops.robustops.random_init(*args, offset, radius)
 
 
 def recycle_step_(delta: torch.Tensor, grad: torch.Tensor, x: torch.Tensor, eps: Param, step: Param,
@@ -172,11 +196,16 @@ def _recycle_step_fake(delta, grad, x, eps, step, lo, hi):
 
 
 @torch.library.register_fake("robustops::random_init")
-def _random_init_fake(x, eps, norm, lo, hi, seed, offset):
+def _random_init_fake(x, eps, norm, lo, hi, seed, offset, radius="ball"):
     # Same layout rule as the kernels: dense batch-major inputs keep theirs, others become contiguous.
     if batch_major_dense(x):
         return torch.empty_like(x)
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+@torch.library.register_fake("robustops::random_init_dev_offset")
+def _random_init_dev_fake(x, eps, norm, lo, hi, seed, offset, radius="ball"):
+    return _random_init_fake(x, eps, norm, lo, hi, seed, 0, radius)
 
 
 # --------------------------------------------------------------------------- smoothing family
@@ -194,7 +223,8 @@ def _channel_param(p, name: str, x: torch.Tensor) -> Optional[torch.Tensor]:
     return t.expand(C).to(device=x.device).contiguous()
 
 
-def gaussian_noise(x: torch.Tensor, num: int, sigma: float, seed: Optional[int] = None, offset: int = 0,
+def gaussian_noise(x: torch.Tensor, num: int, sigma: float, seed: Optional[int] = None,
+                   offset: Union[int, torch.Tensor] = 0,
                    mean=None, std=None, out_dtype: Optional[torch.dtype] = None,
                    channels_last: bool = False) -> torch.Tensor:
     """Noisy copies for randomized smoothing, written once: Tensor[B*num, ...] whose rows
@@ -205,21 +235,27 @@ def gaussian_noise(x: torch.Tensor, num: int, sigma: float, seed: Optional[int] 
     x: Tensor[B, ...]; num >= 1; sigma >= 0; mean, std: float or Tensor[C]. Noisy sample
     offset + b*num + j draws from Philox (seed, that index) alone, so splitting the work into
     batches (advancing offset by the rows already drawn) gives the same noise.
+
+    offset may also be a one-element int64 tensor on x's device: the op reads it there and advances
+    it by B*num, the rows drawn, which is exactly that bookkeeping done on the device; a CUDA graph
+    that captures the call then draws the next rows at every replay (the integer form refuses
+    capture).
     """
     _check_floating(x, "x")
     if isinstance(num, bool) or not isinstance(num, int) or num < 1:
         raise ValueError(f"num must be an int >= 1, got {num!r}")
     if not isinstance(sigma, (int, float)) or isinstance(sigma, bool) or not sigma >= 0:
         raise ValueError(f"sigma must be a float >= 0, got {sigma!r}")
-    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
-        raise ValueError(f"offset must be a non-negative int, got {offset!r}")
+    offset = _offset(offset, x)
     if out_dtype is not None and out_dtype not in _FLOAT_DTYPES:
         raise TypeError(f"out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
     if channels_last and x.dim() not in (4, 5):
         raise ValueError(f"channels_last needs a 4-D or 5-D x, got {x.dim()}-D")
-    return torch.ops.robustops.gaussian_noise(x, num, float(sigma), _rng.resolve_seed(seed), offset,
-                                              _channel_param(mean, "mean", x), _channel_param(std, "std", x),
-                                              out_dtype, bool(channels_last))
+    op = torch.ops.robustops.gaussian_noise
+    if isinstance(offset, torch.Tensor):
+        op = torch.ops.robustops.gaussian_noise_dev_offset
+    return op(x, num, float(sigma), _rng.resolve_seed(seed), offset, _channel_param(mean, "mean", x),
+              _channel_param(std, "std", x), out_dtype, bool(channels_last))
 
 
 def count_votes_(logits: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -253,6 +289,11 @@ def _gaussian_noise_fake(x, num, sigma, seed, offset, mean, std, out_dtype, chan
     if channels_last:
         out = out.contiguous(memory_format=torch.channels_last if len(shape) == 4 else torch.channels_last_3d)
     return out
+
+
+@torch.library.register_fake("robustops::gaussian_noise_dev_offset")
+def _gaussian_noise_dev_fake(x, num, sigma, seed, offset, mean, std, out_dtype, channels_last):
+    return _gaussian_noise_fake(x, num, sigma, seed, 0, mean, std, out_dtype, channels_last)
 
 
 @torch.library.register_fake("robustops::count_votes_")

@@ -48,12 +48,27 @@ def pgd_step(x_adv, x, grad, eps, alpha, norm="linf", lo=0.0, hi=1.0):
         adv = xa + a * g.sign()
         d = torch.maximum(torch.minimum(adv - x32, e), -e)
     elif norm == "l2":
-        s = xa + a * g / _sample_norm(g).clamp_min(TINY)
-        d = s - x32
-        d = d * torch.minimum(torch.ones_like(e), e / _sample_norm(d))
+        d = _l2_direction_step(xa - x32, g, a, e)
     else:
         raise ValueError(f'norm must be "linf" or "l2", got {norm!r}')
     return _restore((x32 + d).clamp(lo, hi), x_adv)
+
+
+def _l2_direction_step(a, g, alpha, eps):
+    """d = f (a + c g) with c = alpha / max(||g||, tiny) and f = min(1, eps / ||a + c g||): the norms
+    and factors in float64 (so tiny and huge gradients neither under- nor overflow), the update in
+    float32, c applied as (g * c1) * c2 with c1 = 2^100 when c exceeds that (as the kernels do).
+    A NaN anywhere in a sample makes the whole sample NaN."""
+    shape = (-1,) + (1,) * (a.dim() - 1)
+    gn = torch.linalg.vector_norm(g.flatten(1), dim=1, dtype=torch.float64)
+    c = alpha.double().reshape(-1) / torch.maximum(gn, torch.tensor(TINY, dtype=torch.float64, device=g.device))
+    c1 = torch.where(c > 2.0 ** 100, torch.tensor(2.0 ** 100, dtype=torch.float64, device=g.device),
+                     torch.ones_like(c))
+    v = a + (g * c1.float().reshape(shape)) * (c / c1).float().reshape(shape)
+    dn = torch.linalg.vector_norm((a.double() + c.reshape(shape) * g.double()).flatten(1), dim=1)
+    e = eps.double().reshape(-1)
+    f = torch.where(dn > e, e / dn, torch.where(torch.isnan(dn), dn, torch.ones_like(dn)))
+    return f.float().reshape(shape) * v
 
 
 def recycle_step(delta, grad, x, eps, step, lo=0.0, hi=1.0):
@@ -120,8 +135,10 @@ def philox_normal(seed: int, offset: int, n: int, stream: int) -> np.ndarray:
     return rad * np.where(lane % 2 == 0, np.cos(theta), np.sin(theta))
 
 
-def random_init(x, eps, norm="linf", lo=0.0, hi=1.0, seed=0, offset=0):
-    """A start point drawn uniformly from the eps-ball around x, clamped to [lo, hi]."""
+def random_init(x, eps, norm="linf", lo=0.0, hi=1.0, seed=0, offset=0, radius="ball"):
+    """A start point drawn from the eps-ball around x, clamped to [lo, hi]: L-inf uniform in the box;
+    L2 a uniform direction with radius eps * U^(1/D) (radius="ball": uniform in the ball's volume)
+    or eps * U (radius="uniform")."""
     B = x.shape[0]
     n = x.numel()
     D = n // B if B else 0
@@ -134,8 +151,13 @@ def random_init(x, eps, norm="linf", lo=0.0, hi=1.0, seed=0, offset=0):
         z = torch.from_numpy(philox_normal(seed, offset, n, STREAM_INIT_UNIFORM)).reshape(B, D)
         ctr = np.uint64(offset) + np.arange(B, dtype=np.uint64)
         u = torch.from_numpy(_uniform01(philox4x32_10(seed, ctr, STREAM_INIT_RADIUS)[0]))
-        radius = u.pow(1.0 / D) if D else u
-        scale = radius / z.norm(dim=1).clamp_min(TINY)
+        if radius == "ball":
+            r = u.pow(1.0 / D) if D else u
+        elif radius == "uniform":
+            r = u
+        else:
+            raise ValueError(f'radius must be "ball" or "uniform", got {radius!r}')
+        scale = r / z.norm(dim=1).clamp_min(TINY)
         delta = (z * scale[:, None]).float().reshape(x.shape).to(x.device) * e
     else:
         raise ValueError(f'norm must be "linf" or "l2", got {norm!r}')

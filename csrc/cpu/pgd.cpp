@@ -4,13 +4,16 @@
 // pass. L2 needs two per-sample reductions (||grad|| and ||x_adv + alpha*g/||g|| - x||); both come
 // out of one reading pass, because with a = x_adv - x and c = alpha/||g||,
 //   ||a + c g||^2 = sum a^2 + 2 c sum a.g + c^2 sum g^2,
-// so L2 costs one extra read pass, not two.
+// so L2 costs one extra read pass, not two. The formulas themselves live in ../pgd.h (shared with
+// the CUDA kernels); the vector loops here compute the same operations in the same order, and
+// ROBUSTOPS_CPU_SCALAR=1 (read at every call) turns them off so the tests can compare the two.
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/Dispatch.h>
 
 #include <cmath>
+#include <limits>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -52,6 +55,7 @@ inline void vstore2(T* p, const Vec& a, const Vec& b) {
 // Runs f(xa_or_delta, x, g) -> new value over [i, i1) in steps of kStep; returns where it stopped.
 template <typename T, typename F>
 inline int64_t vec_update(T* out, const T* x, const T* g, int64_t i, int64_t i1, const F& f) {
+  if (cpu_scalar_only()) return i;
   for (; i + kStep <= i1; i += kStep) {
     Vec o0, o1, x0, x1, g0, g1;
     vload2(out + i, o0, o1);
@@ -97,112 +101,135 @@ void linf_step(T* xa, const T* x, const T* g, int64_t numel, int64_t D, SamplePa
       int64_t i = vec_update(xa, x, g, i0, i1, [&](const Vec& xav, const Vec& xv, const Vec& gv) {
         return vclamp(xv + vclamp(xav + va * vsign(gv) - xv, vne, ve), vlo, vhi);
       });
-      for (; i < i1; ++i) {
-        const float xv = static_cast<float>(x[i]);
-        const float d = clampf(static_cast<float>(xa[i]) + a * signf(static_cast<float>(g[i])) - xv, -e, e);
-        xa[i] = static_cast<T>(clampf(xv + d, lo, hi));
-      }
+      for (; i < i1; ++i)
+        xa[i] = static_cast<T>(linf_update(static_cast<float>(xa[i]), static_cast<float>(x[i]),
+                                           static_cast<float>(g[i]), e, a, lo, hi));
     });
   });
 }
 
-// Per-piece partial sums of a^2, a.g, g^2 with a = x_adv - x, accumulated in fp32 vectors
-// and combined in double.
+// max |g| over [i0, i1); a NaN anywhere makes it NaN.
 template <typename T>
-void l2_sums(const T* xa, const T* x, const T* g, int64_t i0, int64_t i1, double* out) {
-  Vec saa(0.f), sag(0.f), sgg(0.f);
+float max_abs(const T* g, int64_t i0, int64_t i1) {
   int64_t i = i0;
-  for (; i + kStep <= i1; i += kStep) {
-    Vec a0, a1, x0, x1, g0, g1;
-    vload2(xa + i, a0, a1);
-    vload2(x + i, x0, x1);
-    vload2(g + i, g0, g1);
-    a0 = a0 - x0;
-    a1 = a1 - x1;
-    saa = at::vec::fmadd(a1, a1, at::vec::fmadd(a0, a0, saa));
-    sag = at::vec::fmadd(a1, g1, at::vec::fmadd(a0, g0, sag));
-    sgg = at::vec::fmadd(g1, g1, at::vec::fmadd(g0, g0, sgg));
-  }
-  float baa[kV], bag[kV], bgg[kV];
-  saa.store(baa);
-  sag.store(bag);
-  sgg.store(bgg);
-  double daa = 0, dag = 0, dgg = 0;
-  for (int64_t j = 0; j < kV; ++j) {
-    daa += baa[j];
-    dag += bag[j];
-    dgg += bgg[j];
+  float m = 0.f;
+  if (!cpu_scalar_only() && i + kStep <= i1) {
+    Vec m0(0.f), m1(0.f);
+    for (; i + kStep <= i1; i += kStep) {
+      Vec g0, g1;
+      vload2(g + i, g0, g1);
+      m0 = at::vec::maximum(m0, g0.abs());
+      m1 = at::vec::maximum(m1, g1.abs());
+    }
+    float buf[kV];
+    at::vec::maximum(m0, m1).store(buf);
+    for (int64_t j = 0; j < kV; ++j) m = (buf[j] > m || buf[j] != buf[j]) ? buf[j] : m;
   }
   for (; i < i1; ++i) {
-    const double a = static_cast<double>(static_cast<float>(xa[i]) - static_cast<float>(x[i]));
-    const double gv = static_cast<float>(g[i]);
-    daa += a * a;
-    dag += a * gv;
-    dgg += gv * gv;
+    const float v = std::fabs(static_cast<float>(g[i]));
+    m = (v > m || v != v) ? v : m;
   }
-  out[0] += daa;
-  out[1] += dag;
-  out[2] += dgg;
+  return m;
 }
 
-// x_new = clamp(x + f (a + c g)) with c = alpha/||g||, f = min(1, eps/||a + c g||), from the sums
-// s = (sum a^2, sum a.g, sum g^2). Returns {c, f}; NaN sums stay NaN (only that sample is affected).
-inline std::pair<float, float> l2_factors(const double* s, float alpha, float eps) {
-  const double c = alpha / std::max(std::sqrt(s[2]), static_cast<double>(kTiny));
-  const double dn = std::sqrt(std::max(s[0] + 2.0 * c * s[1] + c * c * s[2], 0.0));
-  const double f = dn > eps ? eps / dn : (std::isnan(dn) ? dn : 1.0);
-  return {static_cast<float>(c), static_cast<float>(f)};
+// The L2 sums (pgd.h) over the piece [i0, i1) of one sample. The vector loop accumulates in float
+// at full width, on g scaled by a power of two 2^-e that brings max |g| into [0.5, 1): then no square
+// of g under- or overflows, whatever its scale, and the scaling is undone exactly in double.
+// (Accumulating in double instead would cost about a third of the L2 step's time on AVX2.)
+template <typename T>
+L2Sums l2_piece_sums(const T* xa, const T* x, const T* g, int64_t i0, int64_t i1) {
+  L2Sums s;
+  int64_t i = i0;
+  if (!cpu_scalar_only() && i + kStep <= i1) {
+    const float m = max_abs(g, i0, i1);
+    int e = 0;
+    if (m > 0.f && m < std::numeric_limits<float>::infinity()) {
+      std::frexp(m, &e);
+      e = std::min(std::max(e, -125), 126);  // 2^-e stays a normal float
+    }
+    const Vec vs(std::ldexp(1.f, -e));
+    Vec saa(0.f), sag(0.f), sgg(0.f);
+    for (; i + kStep <= i1; i += kStep) {
+      Vec a0, a1, x0, x1, g0, g1;
+      vload2(xa + i, a0, a1);
+      vload2(x + i, x0, x1);
+      vload2(g + i, g0, g1);
+      a0 = a0 - x0;
+      a1 = a1 - x1;
+      g0 = g0 * vs;
+      g1 = g1 * vs;
+      saa = at::vec::fmadd(a1, a1, at::vec::fmadd(a0, a0, saa));
+      sag = at::vec::fmadd(a1, g1, at::vec::fmadd(a0, g0, sag));
+      sgg = at::vec::fmadd(g1, g1, at::vec::fmadd(g0, g0, sgg));
+    }
+    float baa[kV], bag[kV], bgg[kV];
+    saa.store(baa);
+    sag.store(bag);
+    sgg.store(bgg);
+    double daa = 0, dag = 0, dgg = 0;
+    for (int64_t j = 0; j < kV; ++j) {
+      daa += baa[j];
+      dag += bag[j];
+      dgg += bgg[j];
+    }
+    s.aa = daa;
+    s.ag = std::ldexp(dag, e);
+    s.gg = std::ldexp(dgg, 2 * e);
+  }
+  for (; i < i1; ++i) l2_add(s, static_cast<float>(xa[i]), static_cast<float>(x[i]), static_cast<float>(g[i]));
+  return s;
+}
+
+inline void l2_merge(L2Sums& into, const L2Sums& s) {
+  into.aa += s.aa;
+  into.ag += s.ag;
+  into.gg += s.gg;
 }
 
 template <typename T>
-void l2_apply(T* xa, const T* x, const T* g, int64_t i0, int64_t i1, float c, float f, float lo, float hi) {
-  const Vec vc(c), vf(f), vlo(lo), vhi(hi);
+void l2_apply(T* xa, const T* x, const T* g, int64_t i0, int64_t i1, const L2Factors& k, float lo, float hi) {
+  const Vec vc1(k.c1), vc2(k.c2), vf(k.f), vlo(lo), vhi(hi);
   int64_t i = vec_update(xa, x, g, i0, i1, [&](const Vec& xav, const Vec& xv, const Vec& gv) {
-    return vclamp(xv + vf * at::vec::fmadd(vc, gv, xav - xv), vlo, vhi);
+    return vclamp(at::vec::fmadd(vf, at::vec::fmadd(vc2, gv * vc1, xav - xv), xv), vlo, vhi);
   });
-  for (; i < i1; ++i) {
-    const float xv = static_cast<float>(x[i]);
-    const float d = f * (static_cast<float>(xa[i]) - xv + c * static_cast<float>(g[i]));
-    xa[i] = static_cast<T>(clampf(xv + d, lo, hi));
-  }
+  for (; i < i1; ++i)
+    xa[i] = static_cast<T>(l2_update(static_cast<float>(xa[i]), static_cast<float>(x[i]), static_cast<float>(g[i]),
+                                     k, lo, hi));
 }
 
 template <typename T>
 void l2_step(T* xa, const T* x, const T* g, int64_t B, int64_t D, SampleParam eps, SampleParam alpha, float lo,
              float hi) {
   // Enough samples to feed every thread and each small enough to stay in the core's cache: one task
-  // per sample, whose second (apply) pass re-reads the sample from cache instead of memory.
+  // per sample, whose later passes re-read the sample from cache instead of memory.
   if (D <= kCacheResident && B >= 2 * at::get_num_threads()) {
     at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
-        double s[3] = {0, 0, 0};
-        l2_sums(xa, x, g, b * D, (b + 1) * D, s);
-        const auto [c, f] = l2_factors(s, alpha.get(b), eps.get(b));
-        l2_apply(xa, x, g, b * D, (b + 1) * D, c, f, lo, hi);
+        const L2Sums s = l2_piece_sums(xa, x, g, b * D, (b + 1) * D);
+        l2_apply(xa, x, g, b * D, (b + 1) * D, l2_factors(s, alpha.get(b), eps.get(b)), lo, hi);
       }
     });
     return;
   }
   // Otherwise: per-chunk partial sums over all threads, then the update.
   const int64_t nchunk = (D + kGrain - 1) / kGrain;
-  std::vector<double> part(static_cast<size_t>(B * nchunk * 3), 0.0);
+  std::vector<L2Sums> part(static_cast<size_t>(B * nchunk));
   at::parallel_for(0, B * nchunk, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / nchunk, c = t % nchunk;
       const int64_t i0 = b * D + c * kGrain, i1 = std::min(b * D + (c + 1) * kGrain, (b + 1) * D);
-      l2_sums(xa, x, g, i0, i1, &part[static_cast<size_t>(t * 3)]);
+      part[static_cast<size_t>(t)] = l2_piece_sums(xa, x, g, i0, i1);
     }
   });
-  std::vector<float> cf(static_cast<size_t>(B * 2));
+  std::vector<L2Factors> fac(static_cast<size_t>(B));
   for (int64_t b = 0; b < B; ++b) {
-    double s[3] = {0, 0, 0};
-    for (int64_t c = 0; c < nchunk; ++c)
-      for (int k = 0; k < 3; ++k) s[k] += part[static_cast<size_t>((b * nchunk + c) * 3 + k)];
-    std::tie(cf[b * 2], cf[b * 2 + 1]) = l2_factors(s, alpha.get(b), eps.get(b));
+    L2Sums s;
+    for (int64_t c = 0; c < nchunk; ++c) l2_merge(s, part[static_cast<size_t>(b * nchunk + c)]);
+    fac[static_cast<size_t>(b)] = l2_factors(s, alpha.get(b), eps.get(b));
   }
   at::parallel_for(0, B * D, kGrain, [&](int64_t begin, int64_t end) {
     for_each_sample_piece(begin, end, D, [&](int64_t b, int64_t i0, int64_t i1) {
-      l2_apply(xa, x, g, i0, i1, cf[b * 2], cf[b * 2 + 1], lo, hi);
+      l2_apply(xa, x, g, i0, i1, fac[static_cast<size_t>(b)], lo, hi);
     });
   });
 }
@@ -247,21 +274,20 @@ inline void draw_range(int64_t i0, int64_t i1, const LogicalIndex& li, uint64_t 
 
 template <typename T>
 void random_init_kernel(T* out, const T* x, int64_t B, int64_t D, const LogicalIndex& li, Norm norm,
-                        SampleParam eps, float lo, float hi, uint64_t seed, uint64_t offset) {
+                        SampleParam eps, float lo, float hi, uint64_t seed, uint64_t offset, int law) {
   if (norm == Norm::Linf) {
     at::parallel_for(0, B * D, kGrain, [&](int64_t begin, int64_t end) {
       for_each_sample_piece(begin, end, D, [&](int64_t b, int64_t i0, int64_t i1) {
         const float e = eps.get(b);
         draw_range<false>(i0, i1, li, seed, offset, [&](int64_t i, float u) {
-          out[i] = static_cast<T>(clampf(static_cast<float>(x[i]) + e * (2.f * u - 1.f), lo, hi));
+          out[i] = static_cast<T>(init_linf_update(static_cast<float>(x[i]), u, e, lo, hi));
         });
       });
     });
     return;
   }
-  // L2: direction z/||z|| with z ~ N(0, I), radius eps * U^(1/D): uniform in the ball because
-  // the volume within radius r grows like r^D. z is drawn twice (norm pass, write pass) rather
-  // than stored: recomputing Philox is cheaper than a temporary of the input's size.
+  // L2: direction z/||z|| with z ~ N(0, I), radius by `law` (pgd.h). z is drawn twice (norm pass,
+  // write pass) rather than stored: recomputing Philox is cheaper than a temporary of the input's size.
   const int64_t nchunk = (D + kGrain - 1) / kGrain;
   std::vector<double> part(static_cast<size_t>(B * nchunk), 0.0);
   at::parallel_for(0, B * nchunk, 1, [&](int64_t t0, int64_t t1) {
@@ -278,30 +304,47 @@ void random_init_kernel(T* out, const T* x, int64_t B, int64_t D, const LogicalI
     double s = 0;
     for (int64_t c = 0; c < nchunk; ++c) s += part[static_cast<size_t>(b * nchunk + c)];
     const float u = uniform01(philox4x32_10(seed, offset + static_cast<uint64_t>(b), kStreamInitRadius).c0);
-    const double radius = eps.get(b) * std::pow(static_cast<double>(u), 1.0 / static_cast<double>(D));
-    scale[b] = static_cast<float>(radius / std::max(std::sqrt(s), static_cast<double>(kTiny)));
+    scale[static_cast<size_t>(b)] = init_l2_scale(s, u, eps.get(b), D, law);
   }
   at::parallel_for(0, B * D, kGrain, [&](int64_t begin, int64_t end) {
     for_each_sample_piece(begin, end, D, [&](int64_t b, int64_t i0, int64_t i1) {
-      const float sc = scale[b];
+      const float sc = scale[static_cast<size_t>(b)];
       draw_range<true>(i0, i1, li, seed, offset, [&](int64_t i, float z) {
-        out[i] = static_cast<T>(clampf(static_cast<float>(x[i]) + sc * z, lo, hi));
+        out[i] = static_cast<T>(init_l2_update(static_cast<float>(x[i]), z, sc, lo, hi));
       });
     });
   });
 }
 
-at::Tensor random_init_cpu(const at::Tensor& x_in, const at::Tensor& eps_t, c10::string_view norm_s, double lo,
-                           double hi, int64_t seed, int64_t offset) {
+at::Tensor random_init_impl(const at::Tensor& x_in, const at::Tensor& eps_t, c10::string_view norm_s, double lo,
+                            double hi, int64_t seed, int64_t offset, c10::string_view radius) {
   const Norm norm = parse_norm(norm_s);
+  const int law = parse_radius_law(radius);
   const InitArgs s = prepare_init(x_in, eps_t);
   if (s.numel == 0) return s.out;
   RO_DISPATCH_FLOATING(s.x.scalar_type(), "random_init", [&] {
     random_init_kernel(s.out.data_ptr<scalar_t>(), s.x.data_ptr<scalar_t>(), s.B, s.D, s.li, norm, s.eps,
                        static_cast<float>(lo), static_cast<float>(hi), static_cast<uint64_t>(seed),
-                       static_cast<uint64_t>(offset));
+                       static_cast<uint64_t>(offset), law);
   });
   return s.out;
+}
+
+at::Tensor random_init_cpu(const at::Tensor& x, const at::Tensor& eps, c10::string_view norm, double lo, double hi,
+                           int64_t seed, int64_t offset, c10::string_view radius) {
+  check_offset(offset);
+  return random_init_impl(x, eps, norm, lo, hi, seed, offset, radius);
+}
+
+// The device-offset form: the offset is read from (and advanced in) a one-element int64 tensor.
+at::Tensor random_init_dev_cpu(const at::Tensor& x, const at::Tensor& eps, c10::string_view norm, double lo,
+                               double hi, int64_t seed, at::Tensor& offset, c10::string_view radius) {
+  check_offset_tensor(offset, x);
+  const int64_t off = offset.item<int64_t>();
+  check_offset(off);
+  at::Tensor out = random_init_impl(x, eps, norm, lo, hi, seed, off, radius);
+  offset.add_(init_offset_advance(x));
+  return out;
 }
 
 // ------------------------------------------------------------------------------ recycle_step_
@@ -316,11 +359,9 @@ void recycle_kernel(T* delta, const T* g, const T* x, int64_t numel, int64_t D, 
       int64_t i = vec_update(delta, x, g, i0, i1, [&](const Vec& dv, const Vec& xv, const Vec& gv) {
         return vclamp(xv + vclamp(at::vec::fmadd(vs, vsign(gv), dv), vne, ve), vlo, vhi) - xv;
       });
-      for (; i < i1; ++i) {
-        const float xv = static_cast<float>(x[i]);
-        const float d = clampf(static_cast<float>(delta[i]) + s * signf(static_cast<float>(g[i])), -e, e);
-        delta[i] = static_cast<T>(clampf(xv + d, lo, hi) - xv);
-      }
+      for (; i < i1; ++i)
+        delta[i] = static_cast<T>(recycle_update(static_cast<float>(delta[i]), static_cast<float>(g[i]),
+                                                 static_cast<float>(x[i]), e, s, lo, hi));
     });
   });
 }
@@ -341,5 +382,6 @@ void recycle_step_cpu(at::Tensor& delta, const at::Tensor& grad_in, const at::Te
 TORCH_LIBRARY_IMPL(robustops, CPU, m) {
   m.impl("pgd_step_", &robustops::pgd_step_cpu);
   m.impl("random_init", &robustops::random_init_cpu);
+  m.impl("random_init_dev_offset", &robustops::random_init_dev_cpu);
   m.impl("recycle_step_", &robustops::recycle_step_cpu);
 }

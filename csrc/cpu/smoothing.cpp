@@ -35,11 +35,15 @@ void row_normals(uint64_t seed, uint64_t base, int64_t groups, float* z, std::ve
     u1b[q] = uniform01_open0(r.c2);
     u2b[q] = uniform01(r.c3);
   }
-  const Vec m2(-2.f), tau(6.2831853071795864769f);
+  const Vec m2(-2.f), tau(6.2831853071795864769f), zero(0.f);
   int64_t q = 0;
-  for (; q + kV <= groups; q += kV) {
-    const Vec ra = (m2 * Vec::loadu(u1a + q).log()).sqrt(), ta = tau * Vec::loadu(u2a + q);
-    const Vec rb = (m2 * Vec::loadu(u1b + q).log()).sqrt(), tb = tau * Vec::loadu(u2b + q);
+  // The vector Box-Muller: log / sqrt / sin / cos of at::vec (Sleef, <= 1 ulp) on the float angle
+  // 2 pi u, within ~2e-6 of the scalar normals4 (philox.h) that the CUDA kernel runs; the tests
+  // compare the two (ROBUSTOPS_CPU_SCALAR=1).
+  const bool vec = !cpu_scalar_only();
+  for (; vec && q + kV <= groups; q += kV) {
+    const Vec ra = at::vec::maximum(m2 * Vec::loadu(u1a + q).log(), zero).sqrt(), ta = tau * Vec::loadu(u2a + q);
+    const Vec rb = at::vec::maximum(m2 * Vec::loadu(u1b + q).log(), zero).sqrt(), tb = tau * Vec::loadu(u2b + q);
     float za[kV], zb[kV], zc[kV], zd[kV];
     (ra * ta.cos()).store(za);
     (ra * ta.sin()).store(zb);
@@ -104,16 +108,25 @@ at::Tensor gaussian_noise_cpu(const at::Tensor& x_in, int64_t num, double sigma,
   return a.out;
 }
 
-// torch.argmax's rule: the first NaN wins; otherwise the first maximum.
+// The device-offset form: rows from offset[0], which then advances by the B*num rows drawn.
+at::Tensor gaussian_noise_dev_cpu(const at::Tensor& x_in, int64_t num, double sigma, int64_t seed, at::Tensor& offset,
+                                  const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& std_,
+                                  std::optional<at::ScalarType> out_dtype, bool channels_last) {
+  check_offset_tensor(offset, x_in);
+  at::Tensor out = gaussian_noise_cpu(x_in, num, sigma, seed, offset.item<int64_t>(), mean, std_, out_dtype,
+                                      channels_last);
+  offset.add_(x_in.size(0) * num);
+  return out;
+}
+
+// The argmax of one row under vote_better (smoothing.h), the rule the CUDA kernels use.
 template <typename T>
 int64_t row_argmax(const T* p, int64_t C) {
   int64_t best = 0;
   float bv = static_cast<float>(p[0]);
-  if (std::isnan(bv)) return 0;
   for (int64_t c = 1; c < C; ++c) {
     const float v = static_cast<float>(p[c]);
-    if (std::isnan(v)) return c;
-    if (v > bv) {
+    if (vote_better(v, c, bv, best)) {
       bv = v;
       best = c;
     }
@@ -142,5 +155,6 @@ void count_votes_cpu(const at::Tensor& logits_in, at::Tensor& counts) {
 
 TORCH_LIBRARY_IMPL(robustops, CPU, m) {
   m.impl("gaussian_noise", &robustops::gaussian_noise_cpu);
+  m.impl("gaussian_noise_dev_offset", &robustops::gaussian_noise_dev_cpu);
   m.impl("count_votes_", &robustops::count_votes_cpu);
 }

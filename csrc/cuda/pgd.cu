@@ -5,11 +5,15 @@
 // eight fp16/bf16 values) whenever the pointers are 16-byte aligned and a vector never straddles
 // two samples (D % VEC == 0); otherwise they fall back to one element per access.
 //
-// L2 kernels need per-sample sums. They use a two-kernel split over (chunk, sample) blocks:
-// the first writes per-chunk partial sums, the second lets every block of a sample re-reduce
-// that sample's few partials and then apply the update to its chunk. A block-per-sample kernel
-// would leave most of an H100 idle at ImageNet batch sizes (256 samples, 132 SMs, long serial
-// loops); the split keeps thousands of blocks in flight at both CIFAR and ImageNet sizes.
+// L2 kernels need per-sample sums. They use a two-kernel split over (sample, chunk) blocks, on a
+// 1-D grid of B * chunks blocks (no 65535 limit on the batch): the first writes per-chunk partial
+// sums, the second lets every block of a sample re-reduce that sample's few partials and then apply
+// the update to its chunk. A block-per-sample kernel would leave most of an H100 idle at ImageNet
+// batch sizes (256 samples, 132 SMs, long serial loops); the split keeps thousands of blocks in
+// flight at both CIFAR and ImageNet sizes. The sums are accumulated in double (exact products,
+// no under/overflow for any float gradient: pgd.h), which an H100's FP64 units do at memory speed.
+//
+// Every formula comes from ../pgd.h, shared with the CPU kernels.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAException.h>
@@ -42,10 +46,10 @@ __device__ __forceinline__ void store_f(T* p, const float (&f)[VEC]) {
   *reinterpret_cast<Pack<T, VEC>*>(p) = pk;
 }
 
-// Sum of a float over the block; every thread gets the result.
-template <int N>
-__device__ __forceinline__ void block_sum(float (&v)[N]) {
-  __shared__ float sm[N][kThreads / 32];
+// Sum over the block; every thread gets the result.
+template <typename F, int N>
+__device__ __forceinline__ void block_sum(F (&v)[N]) {
+  __shared__ F sm[N][kThreads / 32];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 #pragma unroll
   for (int k = 0; k < N; ++k) {
@@ -60,7 +64,7 @@ __device__ __forceinline__ void block_sum(float (&v)[N]) {
   __syncthreads();
 #pragma unroll
   for (int k = 0; k < N; ++k) {
-    float s = 0.f;
+    F s = F(0);
 #pragma unroll
     for (int w = 0; w < kThreads / 32; ++w) s += sm[k][w];
     v[k] = s;
@@ -99,37 +103,30 @@ __global__ void linf_step_kernel(T* __restrict__ xa, const T* __restrict__ x, co
     load_f<T, VEC>(x + i, fx);
     load_f<T, VEC>(g + i, fg);
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) {
-      const float d = clampf(fa[j] + a * signf(fg[j]) - fx[j], -e, e);
-      fa[j] = clampf(fx[j] + d, lo, hi);
-    }
+    for (int j = 0; j < VEC; ++j) fa[j] = linf_update(fa[j], fx[j], fg[j], e, a, lo, hi);
     store_f<T, VEC>(xa + i, fa);
   }
 }
 
-// Partial sums of a^2, a.g, g^2 (a = x_adv - x) over chunk blockIdx.x of sample blockIdx.y.
+// Partial sums (pgd.h's L2Sums) over one chunk of one sample: block = b * nchunk + c.
 template <typename T, int VEC>
 __global__ void l2_partial_kernel(const T* __restrict__ xa, const T* __restrict__ x, const T* __restrict__ g,
-                                  int64_t D, float* __restrict__ part) {
-  const int64_t b = blockIdx.y, c = blockIdx.x;
+                                  int64_t D, int64_t nchunk, double* __restrict__ part) {
+  const int64_t b = blockIdx.x / nchunk, c = blockIdx.x % nchunk;
   const int64_t i0 = b * D + c * kChunk, i1 = min(i0 + kChunk, (b + 1) * D);
-  float s[3] = {0.f, 0.f, 0.f};
+  L2Sums acc;
   for (int64_t i = i0 + static_cast<int64_t>(threadIdx.x) * VEC; i < i1; i += static_cast<int64_t>(kThreads) * VEC) {
     float fa[VEC], fx[VEC], fg[VEC];
     load_f<T, VEC>(xa + i, fa);
     load_f<T, VEC>(x + i, fx);
     load_f<T, VEC>(g + i, fg);
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) {
-      const float a = fa[j] - fx[j];
-      s[0] = fmaf(a, a, s[0]);
-      s[1] = fmaf(a, fg[j], s[1]);
-      s[2] = fmaf(fg[j], fg[j], s[2]);
-    }
+    for (int j = 0; j < VEC; ++j) l2_add(acc, fa[j], fx[j], fg[j]);
   }
-  block_sum<3>(s);
+  double s[3] = {acc.aa, acc.ag, acc.gg};
+  block_sum<double, 3>(s);
   if (threadIdx.x == 0) {
-    float* p = part + (b * gridDim.x + c) * 3;
+    double* p = part + blockIdx.x * 3;
     p[0] = s[0];
     p[1] = s[1];
     p[2] = s[2];
@@ -138,23 +135,22 @@ __global__ void l2_partial_kernel(const T* __restrict__ xa, const T* __restrict_
 
 template <typename T, int VEC>
 __global__ void l2_apply_kernel(T* __restrict__ xa, const T* __restrict__ x, const T* __restrict__ g, int64_t D,
-                                const float* __restrict__ part, SampleParam eps, SampleParam alpha, float lo,
-                                float hi) {
-  const int64_t b = blockIdx.y, c = blockIdx.x;
-  const int nchunk = gridDim.x;
-  float s[3] = {0.f, 0.f, 0.f};
-  for (int k = threadIdx.x; k < nchunk; k += kThreads) {
-    const float* p = part + (b * nchunk + k) * 3;
+                                int64_t nchunk, const double* __restrict__ part, SampleParam eps, SampleParam alpha,
+                                float lo, float hi) {
+  const int64_t b = blockIdx.x / nchunk, c = blockIdx.x % nchunk;
+  double s[3] = {0.0, 0.0, 0.0};
+  for (int64_t k = threadIdx.x; k < nchunk; k += kThreads) {
+    const double* p = part + (b * nchunk + k) * 3;
     s[0] += p[0];
     s[1] += p[1];
     s[2] += p[2];
   }
-  block_sum<3>(s);
-  // x_new = clamp(x + f (a + cg)), c = alpha/||g||, f = min(1, eps/||a + cg||) (see cpu/pgd.cpp).
-  const float cc = alpha.get(b) / fmaxf(sqrtf(s[2]), kTiny);
-  const float dn = sqrtf(fmaxf(s[0] + 2.f * cc * s[1] + cc * cc * s[2], 0.f));
-  const float e = eps.get(b);
-  const float f = dn > e ? e / dn : (isnan(dn) ? dn : 1.f);
+  block_sum<double, 3>(s);
+  L2Sums sums;
+  sums.aa = s[0];
+  sums.ag = s[1];
+  sums.gg = s[2];
+  const L2Factors k = l2_factors(sums, alpha.get(b), eps.get(b));
   const int64_t i0 = b * D + c * kChunk, i1 = min(i0 + kChunk, (b + 1) * D);
   for (int64_t i = i0 + static_cast<int64_t>(threadIdx.x) * VEC; i < i1; i += static_cast<int64_t>(kThreads) * VEC) {
     float fa[VEC], fx[VEC], fg[VEC];
@@ -162,9 +158,16 @@ __global__ void l2_apply_kernel(T* __restrict__ xa, const T* __restrict__ x, con
     load_f<T, VEC>(x + i, fx);
     load_f<T, VEC>(g + i, fg);
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) fa[j] = clampf(fx[j] + f * (fa[j] - fx[j] + cc * fg[j]), lo, hi);
+    for (int j = 0; j < VEC; ++j) fa[j] = l2_update(fa[j], fx[j], fg[j], k, lo, hi);
     store_f<T, VEC>(xa + i, fa);
   }
+}
+
+// Blocks of the L2 kernels' 1-D grid: one per (sample, chunk).
+inline unsigned l2_blocks(int64_t B, int64_t nchunk, const char* op) {
+  const int64_t n = B * nchunk;
+  TORCH_CHECK(n <= 2147483647, op, ": ", B, " samples of ", nchunk, " chunks exceed the grid (2^31 - 1 blocks)");
+  return static_cast<unsigned>(n);
 }
 
 template <typename T, int VEC>
@@ -177,12 +180,13 @@ void launch_pgd(T* xa, const T* xp, const T* gp, int64_t B, int64_t D, Norm norm
     return;
   }
   const int64_t nchunk = (D + kChunk - 1) / kChunk;
-  TORCH_CHECK(B <= 65535, "pgd_step_: the CUDA L2 kernel supports at most 65535 samples per call, got ", B);
-  at::Tensor part = at::empty({B * nchunk * 3}, at::TensorOptions().dtype(at::kFloat).device(at::kCUDA, c10::cuda::current_device()));
-  const dim3 grid(static_cast<unsigned>(nchunk), static_cast<unsigned>(B));
-  l2_partial_kernel<T, VEC><<<grid, kThreads, 0, st>>>(xa, xp, gp, D, part.data_ptr<float>());
+  const unsigned blocks = l2_blocks(B, nchunk, "pgd_step_");
+  at::Tensor part = at::empty({B * nchunk * 3},
+                              at::TensorOptions().dtype(at::kDouble).device(at::kCUDA, c10::cuda::current_device()));
+  l2_partial_kernel<T, VEC><<<blocks, kThreads, 0, st>>>(xa, xp, gp, D, nchunk, part.data_ptr<double>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  l2_apply_kernel<T, VEC><<<grid, kThreads, 0, st>>>(xa, xp, gp, D, part.data_ptr<float>(), eps, alpha, lo, hi);
+  l2_apply_kernel<T, VEC><<<blocks, kThreads, 0, st>>>(xa, xp, gp, D, nchunk, part.data_ptr<double>(), eps, alpha,
+                                                       lo, hi);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -221,10 +225,17 @@ __device__ __forceinline__ float draw(int64_t i, const LogicalIndex& li, uint64_
   return NORMAL ? normal_from(r, w) : uniform01(philox_word(r, w));
 }
 
+// The offset of a call: the host value, or (the device-offset form) the value in dev_off.
+struct Offset {
+  const int64_t* dev;
+  uint64_t host;
+  __device__ __forceinline__ uint64_t get() const { return read_offset(dev, host); }
+};
+
 template <typename T, int VEC>
 __global__ void init_linf_kernel(T* __restrict__ out, const T* __restrict__ x, int64_t numel, int64_t D,
-                                 LogicalIndex li, SampleParam eps, float lo, float hi, uint64_t seed,
-                                 uint64_t offset) {
+                                 LogicalIndex li, SampleParam eps, float lo, float hi, uint64_t seed, Offset off) {
+  const uint64_t offset = off.get();
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x * VEC;
   for (int64_t i = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * VEC; i < numel; i += stride) {
     const float e = eps.get(eps.ptr ? i / D : 0);
@@ -233,43 +244,43 @@ __global__ void init_linf_kernel(T* __restrict__ out, const T* __restrict__ x, i
     float f[VEC];
     load_f<T, VEC>(x + i, f);
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) f[j] = clampf(f[j] + e * (2.f * draw<false>(i + j, li, seed, offset, cached, r) - 1.f), lo, hi);
+    for (int j = 0; j < VEC; ++j)
+      f[j] = init_linf_update(f[j], draw<false>(i + j, li, seed, offset, cached, r), e, lo, hi);
     store_f<T, VEC>(out + i, f);
   }
 }
 
 template <int VEC>
-__global__ void init_l2_partial_kernel(int64_t D, LogicalIndex li, uint64_t seed, uint64_t offset,
-                                       float* __restrict__ part) {
-  const int64_t b = blockIdx.y, c = blockIdx.x;
+__global__ void init_l2_partial_kernel(int64_t D, int64_t nchunk, LogicalIndex li, uint64_t seed, Offset off,
+                                       double* __restrict__ part) {
+  const uint64_t offset = off.get();
+  const int64_t b = blockIdx.x / nchunk, c = blockIdx.x % nchunk;
   const int64_t i0 = b * D + c * kChunk, i1 = min(i0 + kChunk, (b + 1) * D);
-  float s[1] = {0.f};
+  double s[1] = {0.0};
   for (int64_t i = i0 + static_cast<int64_t>(threadIdx.x) * VEC; i < i1; i += static_cast<int64_t>(kThreads) * VEC) {
     uint64_t cached = ~uint64_t(0);
     Philox4x32 r;
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
-      const float z = draw<true>(i + j, li, seed, offset, cached, r);
-      s[0] = fmaf(z, z, s[0]);
+      const double z = draw<true>(i + j, li, seed, offset, cached, r);
+      s[0] += z * z;
     }
   }
-  block_sum<1>(s);
-  if (threadIdx.x == 0) part[b * gridDim.x + c] = s[0];
+  block_sum<double, 1>(s);
+  if (threadIdx.x == 0) part[blockIdx.x] = s[0];
 }
 
 template <typename T, int VEC>
-__global__ void init_l2_apply_kernel(T* __restrict__ out, const T* __restrict__ x, int64_t D, LogicalIndex li,
-                                     const float* __restrict__ part, SampleParam eps, float lo, float hi,
-                                     uint64_t seed, uint64_t offset) {
-  const int64_t b = blockIdx.y, c = blockIdx.x;
-  const int nchunk = gridDim.x;
-  float s[1] = {0.f};
-  for (int k = threadIdx.x; k < nchunk; k += kThreads) s[0] += part[b * nchunk + k];
-  block_sum<1>(s);
-  // Radius eps * U^(1/D): the uniform-ball law (volume within r grows like r^D).
+__global__ void init_l2_apply_kernel(T* __restrict__ out, const T* __restrict__ x, int64_t D, int64_t nchunk,
+                                     LogicalIndex li, const double* __restrict__ part, SampleParam eps, float lo,
+                                     float hi, uint64_t seed, Offset off, int law) {
+  const uint64_t offset = off.get();
+  const int64_t b = blockIdx.x / nchunk, c = blockIdx.x % nchunk;
+  double s[1] = {0.0};
+  for (int64_t k = threadIdx.x; k < nchunk; k += kThreads) s[0] += part[b * nchunk + k];
+  block_sum<double, 1>(s);
   const float u = uniform01(philox4x32_10(seed, offset + static_cast<uint64_t>(b), kStreamInitRadius).c0);
-  const float radius = eps.get(b) * static_cast<float>(pow(static_cast<double>(u), 1.0 / static_cast<double>(D)));
-  const float sc = radius / fmaxf(sqrtf(s[0]), kTiny);
+  const float sc = init_l2_scale(s[0], u, eps.get(b), D, law);
   const int64_t i0 = b * D + c * kChunk, i1 = min(i0 + kChunk, (b + 1) * D);
   for (int64_t i = i0 + static_cast<int64_t>(threadIdx.x) * VEC; i < i1; i += static_cast<int64_t>(kThreads) * VEC) {
     uint64_t cached = ~uint64_t(0);
@@ -277,35 +288,35 @@ __global__ void init_l2_apply_kernel(T* __restrict__ out, const T* __restrict__ 
     float f[VEC];
     load_f<T, VEC>(x + i, f);
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) f[j] = clampf(f[j] + sc * draw<true>(i + j, li, seed, offset, cached, r), lo, hi);
+    for (int j = 0; j < VEC; ++j) f[j] = init_l2_update(f[j], draw<true>(i + j, li, seed, offset, cached, r), sc, lo, hi);
     store_f<T, VEC>(out + i, f);
   }
 }
 
 template <typename T, int VEC>
 void launch_init(T* out, const T* xp, int64_t B, int64_t D, const LogicalIndex& li, Norm norm, SampleParam eps,
-                 float lo, float hi, uint64_t seed, uint64_t offset, cudaStream_t st) {
+                 float lo, float hi, uint64_t seed, Offset off, int law, cudaStream_t st) {
   if (norm == Norm::Linf) {
     init_linf_kernel<T, VEC><<<blocks_for(B * D / VEC), kThreads, 0, st>>>(out, xp, B * D, D, li, eps, lo, hi, seed,
-                                                                          offset);
+                                                                          off);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
   const int64_t nchunk = (D + kChunk - 1) / kChunk;
-  TORCH_CHECK(B <= 65535, "random_init: the CUDA L2 kernel supports at most 65535 samples per call, got ", B);
-  at::Tensor part = at::empty({B * nchunk}, at::TensorOptions().dtype(at::kFloat).device(at::kCUDA, c10::cuda::current_device()));
-  const dim3 grid(static_cast<unsigned>(nchunk), static_cast<unsigned>(B));
-  init_l2_partial_kernel<VEC><<<grid, kThreads, 0, st>>>(D, li, seed, offset, part.data_ptr<float>());
+  const unsigned blocks = l2_blocks(B, nchunk, "random_init");
+  at::Tensor part = at::empty({B * nchunk},
+                              at::TensorOptions().dtype(at::kDouble).device(at::kCUDA, c10::cuda::current_device()));
+  init_l2_partial_kernel<VEC><<<blocks, kThreads, 0, st>>>(D, nchunk, li, seed, off, part.data_ptr<double>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  init_l2_apply_kernel<T, VEC><<<grid, kThreads, 0, st>>>(out, xp, D, li, part.data_ptr<float>(), eps, lo, hi, seed,
-                                                          offset);
+  init_l2_apply_kernel<T, VEC><<<blocks, kThreads, 0, st>>>(out, xp, D, nchunk, li, part.data_ptr<double>(), eps, lo,
+                                                            hi, seed, off, law);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-at::Tensor random_init_cuda(const at::Tensor& x_in, const at::Tensor& eps_t, c10::string_view norm_s, double lo,
-                            double hi, int64_t seed, int64_t offset) {
+at::Tensor random_init_impl(const at::Tensor& x_in, const at::Tensor& eps_t, c10::string_view norm_s, double lo,
+                            double hi, int64_t seed, Offset off, c10::string_view radius) {
   const Norm norm = parse_norm(norm_s);
-  const c10::cuda::CUDAGuard guard(x_in.device());
+  const int law = parse_radius_law(radius);
   const InitArgs a = prepare_init(x_in, eps_t);
   if (a.numel == 0) return a.out;
   cudaStream_t st = at::cuda::getCurrentCUDAStream();
@@ -313,13 +324,30 @@ at::Tensor random_init_cuda(const at::Tensor& x_in, const at::Tensor& eps_t, c10
     auto* op = a.out.data_ptr<scalar_t>();
     const auto* xp = a.x.data_ptr<scalar_t>();
     const float flo = static_cast<float>(lo), fhi = static_cast<float>(hi);
-    const auto s = static_cast<uint64_t>(seed), o = static_cast<uint64_t>(offset);
+    const auto s = static_cast<uint64_t>(seed);
     if (can_vectorize<scalar_t>(a.D, {op, xp}))
-      launch_init<scalar_t, vec_width<scalar_t>()>(op, xp, a.B, a.D, a.li, norm, a.eps, flo, fhi, s, o, st);
+      launch_init<scalar_t, vec_width<scalar_t>()>(op, xp, a.B, a.D, a.li, norm, a.eps, flo, fhi, s, off, law, st);
     else
-      launch_init<scalar_t, 1>(op, xp, a.B, a.D, a.li, norm, a.eps, flo, fhi, s, o, st);
+      launch_init<scalar_t, 1>(op, xp, a.B, a.D, a.li, norm, a.eps, flo, fhi, s, off, law, st);
   });
   return a.out;
+}
+
+at::Tensor random_init_cuda(const at::Tensor& x, const at::Tensor& eps, c10::string_view norm, double lo, double hi,
+                            int64_t seed, int64_t offset, c10::string_view radius) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  check_offset(offset);
+  refuse_capture("random_init");
+  return random_init_impl(x, eps, norm, lo, hi, seed, Offset{nullptr, static_cast<uint64_t>(offset)}, radius);
+}
+
+at::Tensor random_init_dev_cuda(const at::Tensor& x, const at::Tensor& eps, c10::string_view norm, double lo,
+                                double hi, int64_t seed, at::Tensor& offset, c10::string_view radius) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  check_offset_tensor(offset, x);
+  at::Tensor out = random_init_impl(x, eps, norm, lo, hi, seed, Offset{offset.data_ptr<int64_t>(), 0}, radius);
+  offset.add_(init_offset_advance(x));  // after the kernels, in stream order
+  return out;
 }
 
 // ------------------------------------------------------------------------------ recycle_step_
@@ -336,10 +364,7 @@ __global__ void recycle_kernel(T* __restrict__ delta, const T* __restrict__ g, c
     load_f<T, VEC>(x + i, fx);
     load_f<T, VEC>(g + i, fg);
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) {
-      const float d = clampf(fmaf(s, signf(fg[j]), fd[j]), -e, e);
-      fd[j] = clampf(fx[j] + d, lo, hi) - fx[j];
-    }
+    for (int j = 0; j < VEC; ++j) fd[j] = recycle_update(fd[j], fg[j], fx[j], e, s, lo, hi);
     store_f<T, VEC>(delta + i, fd);
   }
 }
@@ -372,5 +397,6 @@ void recycle_step_cuda(at::Tensor& delta, const at::Tensor& grad_in, const at::T
 TORCH_LIBRARY_IMPL(robustops, CUDA, m) {
   m.impl("pgd_step_", &robustops::pgd_step_cuda);
   m.impl("random_init", &robustops::random_init_cuda);
+  m.impl("random_init_dev_offset", &robustops::random_init_dev_cuda);
   m.impl("recycle_step_", &robustops::recycle_step_cuda);
 }

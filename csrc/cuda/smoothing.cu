@@ -4,8 +4,10 @@
 // sample; the four normals are written with one vector store (contiguous output). For channels_last
 // output with HW % 4 == 0 a thread instead takes four spatial positions across all C channels, so
 // its 4*C outputs are adjacent in memory. The input (num times smaller than the output) is read
-// through the cache. The kernel is bound by Philox + Box-Muller arithmetic as much as by the
-// stores, so it uses the fast __logf / __sincosf intrinsics (smoothing.h).
+// through the cache. Box-Muller uses the accurate logf and sincospif (philox.h's normals4, the
+// same function the CPU kernel's scalar path runs), so the GPU draws the CPU's normals to ~1e-7.
+// The offset is a host int, or (gaussian_noise_dev_offset) a device int64 that the op advances by
+// the rows it drew, so that a CUDA graph replays fresh noise.
 //
 // count_votes_: the argmax of a row by one thread (C <= 32) or one warp (larger C); the histogram
 // update is aggregated across the warp with __match_any_sync, because consecutive rows belong to
@@ -30,7 +32,8 @@ struct alignas(4 * sizeof(T)) Quad {
 template <typename TI, typename TO, bool VEC>
 __global__ void noise_kernel(const TI* __restrict__ x, TO* __restrict__ out, NoiseGeometry g,
                              const float* __restrict__ mean, const float* __restrict__ istd, float sigma,
-                             uint64_t seed, uint64_t offset) {
+                             uint64_t seed, const int64_t* dev_offset, uint64_t host_offset) {
+  const uint64_t offset = read_offset(dev_offset, host_offset);
   const int64_t total = g.B * g.num * g.groups;
   for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < total;
        t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -66,7 +69,8 @@ __global__ void noise_kernel(const TI* __restrict__ x, TO* __restrict__ out, Noi
 template <typename TI, typename TO>
 __global__ void noise_cl_kernel(const TI* __restrict__ x, TO* __restrict__ out, NoiseGeometry g,
                                 const float* __restrict__ mean, const float* __restrict__ istd, float sigma,
-                                uint64_t seed, uint64_t offset) {
+                                uint64_t seed, const int64_t* dev_offset, uint64_t host_offset) {
+  const uint64_t offset = read_offset(dev_offset, host_offset);
   const int64_t quads = g.HW / 4, total = g.B * g.num * quads;
   for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < total;
        t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -85,16 +89,16 @@ __global__ void noise_cl_kernel(const TI* __restrict__ x, TO* __restrict__ out, 
   }
 }
 
-at::Tensor gaussian_noise_cuda(const at::Tensor& x_in, int64_t num, double sigma, int64_t seed, int64_t offset,
-                               const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& std_,
-                               std::optional<at::ScalarType> out_dtype, bool channels_last) {
-  const c10::cuda::CUDAGuard guard(x_in.device());
-  NoiseArgs a = prepare_noise(x_in, num, sigma, offset, mean, std_, out_dtype, channels_last);
+at::Tensor gaussian_noise_impl(const at::Tensor& x_in, int64_t num, double sigma, int64_t seed,
+                               const int64_t* dev_offset, int64_t host_offset, const std::optional<at::Tensor>& mean,
+                               const std::optional<at::Tensor>& std_, std::optional<at::ScalarType> out_dtype,
+                               bool channels_last) {
+  NoiseArgs a = prepare_noise(x_in, num, sigma, host_offset, mean, std_, out_dtype, channels_last);
   if (a.out.numel() == 0) return a.out;
   const NoiseGeometry g = a.geo;
   cudaStream_t st = at::cuda::getCurrentCUDAStream();
   const float sg = static_cast<float>(sigma);
-  const auto sd = static_cast<uint64_t>(seed), of = static_cast<uint64_t>(offset);
+  const auto sd = static_cast<uint64_t>(seed), of = static_cast<uint64_t>(host_offset);
   RO_DISPATCH_FLOATING(a.x.scalar_type(), "gaussian_noise", [&] {
     using TI = scalar_t;
     RO_DISPATCH_FLOATING(a.out.scalar_type(), "gaussian_noise", [&] {
@@ -103,14 +107,14 @@ at::Tensor gaussian_noise_cuda(const at::Tensor& x_in, int64_t num, double sigma
       const bool group_in_channel = g.C <= 1 || g.HW % 4 == 0;
       if (channels_last && g.HW % 4 == 0) {
         noise_cl_kernel<TI, scalar_t><<<blocks_for(g.B * g.num * (g.HW / 4), 32), kThreads, 0, st>>>(
-            xp, op, g, a.mean_ptr(), a.istd_ptr(), sg, sd, of);
+            xp, op, g, a.mean_ptr(), a.istd_ptr(), sg, sd, dev_offset, of);
       } else if (!channels_last && g.D % 4 == 0 && group_in_channel &&
                  reinterpret_cast<uintptr_t>(op) % (4 * sizeof(scalar_t)) == 0) {
         noise_kernel<TI, scalar_t, true><<<blocks_for(g.B * g.num * g.groups, 32), kThreads, 0, st>>>(
-            xp, op, g, a.mean_ptr(), a.istd_ptr(), sg, sd, of);
+            xp, op, g, a.mean_ptr(), a.istd_ptr(), sg, sd, dev_offset, of);
       } else {
         noise_kernel<TI, scalar_t, false><<<blocks_for(g.B * g.num * g.groups, 32), kThreads, 0, st>>>(
-            xp, op, g, a.mean_ptr(), a.istd_ptr(), sg, sd, of);
+            xp, op, g, a.mean_ptr(), a.istd_ptr(), sg, sd, dev_offset, of);
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
@@ -118,12 +122,24 @@ at::Tensor gaussian_noise_cuda(const at::Tensor& x_in, int64_t num, double sigma
   return a.out;
 }
 
-// (value, index) order of torch.argmax: NaN beats everything (first NaN wins), then larger
-// values, then lower indices.
-__device__ __forceinline__ bool better(float v, int64_t i, float bv, int64_t bi) {
-  const bool vn = isnan(v), bn = isnan(bv);
-  if (vn || bn) return vn && (!bn || i < bi);
-  return v > bv || (v == bv && i < bi);
+at::Tensor gaussian_noise_cuda(const at::Tensor& x_in, int64_t num, double sigma, int64_t seed, int64_t offset,
+                               const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& std_,
+                               std::optional<at::ScalarType> out_dtype, bool channels_last) {
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  refuse_capture("gaussian_noise");
+  return gaussian_noise_impl(x_in, num, sigma, seed, nullptr, offset, mean, std_, out_dtype, channels_last);
+}
+
+at::Tensor gaussian_noise_dev_cuda(const at::Tensor& x_in, int64_t num, double sigma, int64_t seed,
+                                   at::Tensor& offset, const std::optional<at::Tensor>& mean,
+                                   const std::optional<at::Tensor>& std_, std::optional<at::ScalarType> out_dtype,
+                                   bool channels_last) {
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  check_offset_tensor(offset, x_in);
+  at::Tensor out = gaussian_noise_impl(x_in, num, sigma, seed, offset.data_ptr<int64_t>(), 0, mean, std_, out_dtype,
+                                       channels_last);
+  offset.add_(x_in.size(0) * num);  // after the noise kernel, in stream order
+  return out;
 }
 
 // Called by every lane of a full warp (the row loop keeps warps converged).
@@ -148,7 +164,7 @@ __global__ void votes_row_kernel(const T* __restrict__ logits, unsigned long lon
       int64_t bi = 0;
       for (int64_t c = 1; c < C; ++c) {
         const float v = static_cast<float>(p[c]);
-        if (better(v, c, bv, bi)) {
+        if (vote_better(v, c, bv, bi)) {
           bv = v;
           bi = c;
         }
@@ -171,7 +187,7 @@ __global__ void votes_warp_kernel(const T* __restrict__ logits, unsigned long lo
     int64_t bi = C;  // sentinel: loses to any real element
     for (int64_t c = lane; c < C; c += 32) {
       const float v = static_cast<float>(p[c]);
-      if (bi == C || better(v, c, bv, bi)) {
+      if (bi == C || vote_better(v, c, bv, bi)) {
         bv = v;
         bi = c;
       }
@@ -180,7 +196,7 @@ __global__ void votes_warp_kernel(const T* __restrict__ logits, unsigned long lo
     for (int o = 16; o > 0; o >>= 1) {
       const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
       const int64_t oi = __shfl_xor_sync(0xffffffffu, bi, o);
-      if (oi != C && (bi == C || better(ov, oi, bv, bi))) {
+      if (oi != C && (bi == C || vote_better(ov, oi, bv, bi))) {
         bv = ov;
         bi = oi;
       }
@@ -216,5 +232,6 @@ void count_votes_cuda(const at::Tensor& logits_in, at::Tensor& counts) {
 
 TORCH_LIBRARY_IMPL(robustops, CUDA, m) {
   m.impl("gaussian_noise", &robustops::gaussian_noise_cuda);
+  m.impl("gaussian_noise_dev_offset", &robustops::gaussian_noise_dev_cuda);
   m.impl("count_votes_", &robustops::count_votes_cuda);
 }
