@@ -418,3 +418,34 @@ def test_plot_writes_a_png(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 1000
     sm.plot_certified_accuracy(str(tmp_path / "one.png"), (r, c), max_radius=1.0, title="digits")
     assert (tmp_path / "one.png").stat().st_size > 1000
+
+
+def test_graph_option_on_cpu_warns_and_gives_the_eager_answer():
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    x = torch.rand(2, 3, 2, 2)
+    eager = Smooth(model, 3, 0.5).certify(x, 20, 200, 0.01, 64, seed=1)
+    with pytest.warns(UserWarning, match="needs CUDA"):
+        g = Smooth(model, 3, 0.5, graph=True).certify(x, 20, 200, 0.01, 64, seed=1)
+    assert torch.equal(g.counts, eager.counts) and torch.equal(g.selection_counts, eager.selection_counts)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("autocast", [None, "bf16"])
+def test_graph_replays_give_the_eager_votes(autocast):
+    """Full single-input batches replayed from a CUDA graph (device-offset noise) vote exactly as the
+    eager path does: same noise rows, same counts; remainders and shared batches run eagerly."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(8 * 8 * 8, 10)).cuda().eval()
+    x = torch.rand(3, 3, 8, 8, device="cuda")
+    kw = dict(seed=5, indices=[4, 9, 10])
+    eager = Smooth(model, 10, 0.25, autocast=autocast).certify(x, 30, 1000, 0.001, 128, **kw)
+    sm_g = Smooth(model, 10, 0.25, autocast=autocast, graph=True)
+    graph = sm_g.certify(x, 30, 1000, 0.001, 128, **kw)
+    assert len(sm_g._graphs.runners) == 1  # estimation: 1000 // 128 = 7 replays per input
+    # The same noise rows; a row's logits may differ in the last bit with the batch it shares a
+    # forward pass with (other kernels per batch size), which can flip a near tie: allow 0.2%.
+    assert int((graph.counts - eager.counts).abs().sum()) <= 6
+    assert torch.equal(graph.selection_counts, eager.selection_counts)  # no full batch: eager
+    again = sm_g.certify(x, 30, 1000, 0.001, 128, **kw)  # the cached graph, fresh offsets
+    assert torch.equal(again.counts, graph.counts)

@@ -161,6 +161,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--amp", "--autocast", dest="amp", default="none", choices=("none", "bf16", "fp16"),
                    help="autocast dtype of the base classifier (default none)")
     g.add_argument("--channels-last", action="store_true", help="channels_last noisy batches and model")
+    g.add_argument("--graph", action="store_true", help="replay full single-input batches from a CUDA graph "
+                                                         "(CUDA only; same votes, no launch overhead)")
     add_common(g)
 
 
@@ -276,7 +278,7 @@ def _certify_run(args, dataset, info, model, sigma, mean, std, d) -> int:
     model.to(d.device)  # load_model returns it in eval mode (exported programs refuse .eval())
     smooth = Smooth(model, int(info["num_classes"]), sigma, mean=mean, std=std,
                     autocast=None if args.amp == "none" else args.amp, channels_last=args.channels_last,
-                    input_shape=tuple(info["input_shape"]), device=d.device)
+                    input_shape=tuple(info["input_shape"]), device=d.device, graph=args.graph)
     k = args.inputs_per_call or max(1, min(256, math.ceil(4 * args.batch / (args.N0 + args.N))))
     if d.rank == 0:
         print(f"robustops certify: {info['name']} {args.split} ({len(selected)} inputs, {len(selected) - len(done)} "
