@@ -150,9 +150,15 @@ RO_HD float signf(float g) { return g > 0.f ? 1.f : (g < 0.f ? -1.f : g); }
 // ROBUSTOPS_CPU_SCALAR=1 (read at every call; tests only): the CPU kernels skip their vector loops
 // and send every element through the scalar formulas that the CUDA kernels use, so the tests can
 // check that the vector loops compute the same thing.
-inline bool cpu_scalar_only() {
+// Read once per op call (a getenv per sample would cost more than the work); the kernels' worker
+// threads read the value set before their parallel region.
+inline bool& cpu_vector_loops() {
+  static bool on = true;
+  return on;
+}
+inline void read_cpu_scalar_switch() {
   const char* v = std::getenv("ROBUSTOPS_CPU_SCALAR");
-  return v != nullptr && v[0] == '1';
+  cpu_vector_loops() = !(v != nullptr && v[0] == '1');
 }
 
 // A tiny floor for the L2 normalisations (torch.finfo(float32).tiny).

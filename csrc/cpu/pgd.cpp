@@ -55,7 +55,7 @@ inline void vstore2(T* p, const Vec& a, const Vec& b) {
 // Runs f(xa_or_delta, x, g) -> new value over [i, i1) in steps of kStep; returns where it stopped.
 template <typename T, typename F>
 inline int64_t vec_update(T* out, const T* x, const T* g, int64_t i, int64_t i1, const F& f) {
-  if (cpu_scalar_only()) return i;
+  if (!cpu_vector_loops()) return i;
   for (; i + kStep <= i1; i += kStep) {
     Vec o0, o1, x0, x1, g0, g1;
     vload2(out + i, o0, o1);
@@ -108,73 +108,81 @@ void linf_step(T* xa, const T* x, const T* g, int64_t numel, int64_t D, SamplePa
   });
 }
 
-// max |g| over [i0, i1); a NaN anywhere makes it NaN.
+// max |g| over the vector body of [i, i1); a NaN anywhere makes it NaN.
 template <typename T>
-float max_abs(const T* g, int64_t i0, int64_t i1) {
-  int64_t i = i0;
+float max_abs(const T* g, int64_t i, int64_t i1) {
+  Vec m0(0.f), m1(0.f);
+  for (; i + kStep <= i1; i += kStep) {
+    Vec g0, g1;
+    vload2(g + i, g0, g1);
+    m0 = at::vec::maximum(m0, g0.abs());
+    m1 = at::vec::maximum(m1, g1.abs());
+  }
+  float buf[kV];
+  at::vec::maximum(m0, m1).store(buf);
   float m = 0.f;
-  if (!cpu_scalar_only() && i + kStep <= i1) {
-    Vec m0(0.f), m1(0.f);
-    for (; i + kStep <= i1; i += kStep) {
-      Vec g0, g1;
-      vload2(g + i, g0, g1);
-      m0 = at::vec::maximum(m0, g0.abs());
-      m1 = at::vec::maximum(m1, g1.abs());
-    }
-    float buf[kV];
-    at::vec::maximum(m0, m1).store(buf);
-    for (int64_t j = 0; j < kV; ++j) m = (buf[j] > m || buf[j] != buf[j]) ? buf[j] : m;
-  }
-  for (; i < i1; ++i) {
-    const float v = std::fabs(static_cast<float>(g[i]));
-    m = (v > m || v != v) ? v : m;
-  }
+  for (int64_t j = 0; j < kV; ++j) m = (buf[j] > m || buf[j] != buf[j]) ? buf[j] : m;
   return m;
 }
 
-// The L2 sums (pgd.h) over the piece [i0, i1) of one sample. The vector loop accumulates in float
-// at full width, on g scaled by a power of two 2^-e that brings max |g| into [0.5, 1): then no square
-// of g under- or overflows, whatever its scale, and the scaling is undone exactly in double.
-// (Accumulating in double instead would cost about a third of the L2 step's time on AVX2.)
+// Float-vector sums of a^2, a*(g*scale), (g*scale)^2 over the vector body of [i, i1), combined in
+// double. Returns where the body stopped.
+template <typename T>
+int64_t l2_vector_sums(const T* xa, const T* x, const T* g, int64_t i, int64_t i1, float scale, double (&out)[3]) {
+  const Vec vs(scale);
+  Vec saa(0.f), sag(0.f), sgg(0.f);
+  for (; i + kStep <= i1; i += kStep) {
+    Vec a0, a1, x0, x1, g0, g1;
+    vload2(xa + i, a0, a1);
+    vload2(x + i, x0, x1);
+    vload2(g + i, g0, g1);
+    a0 = a0 - x0;
+    a1 = a1 - x1;
+    g0 = g0 * vs;
+    g1 = g1 * vs;
+    saa = at::vec::fmadd(a1, a1, at::vec::fmadd(a0, a0, saa));
+    sag = at::vec::fmadd(a1, g1, at::vec::fmadd(a0, g0, sag));
+    sgg = at::vec::fmadd(g1, g1, at::vec::fmadd(g0, g0, sgg));
+  }
+  float baa[kV], bag[kV], bgg[kV];
+  saa.store(baa);
+  sag.store(bag);
+  sgg.store(bgg);
+  out[0] = out[1] = out[2] = 0.0;
+  for (int64_t j = 0; j < kV; ++j) {
+    out[0] += baa[j];
+    out[1] += bag[j];
+    out[2] += bgg[j];
+  }
+  return i;
+}
+
+// The L2 sums (pgd.h) over the piece [i0, i1) of one sample. The vector body accumulates in float at
+// full width. A float sum of g^2 below 2^-60 (squares may have underflowed: max |g| could be below
+// 2^-40, or g is zero) or above 2^100 (they may overflow) is not trusted: the body is summed again on
+// g scaled by the power of two 2^-e that brings max |g| into [0.5, 1), and the scaling is undone
+// exactly in double. Ordinary gradients pay one pass, tiny (1e-24) and huge ones three; NaN passes
+// through. (Accumulating in double instead would cost about a third of the L2 step's time on AVX2,
+// and tracking max |g| in the first pass about a tenth.) The scalar tail adds exact double products.
 template <typename T>
 L2Sums l2_piece_sums(const T* xa, const T* x, const T* g, int64_t i0, int64_t i1) {
   L2Sums s;
   int64_t i = i0;
-  if (!cpu_scalar_only() && i + kStep <= i1) {
-    const float m = max_abs(g, i0, i1);
+  if (cpu_vector_loops() && i + kStep <= i1) {
+    double v[3];
+    i = l2_vector_sums(xa, x, g, i0, i1, 1.f, v);
     int e = 0;
-    if (m > 0.f && m < std::numeric_limits<float>::infinity()) {
-      std::frexp(m, &e);
-      e = std::min(std::max(e, -125), 126);  // 2^-e stays a normal float
+    if (!(v[2] >= 0x1p-60 && v[2] <= 0x1p100) && v[2] == v[2]) {
+      const float m = max_abs(g, i0, i1);
+      if (m > 0.f && m < std::numeric_limits<float>::infinity()) {
+        std::frexp(m, &e);
+        e = std::min(std::max(e, -125), 126);  // 2^-e stays a normal float
+        l2_vector_sums(xa, x, g, i0, i1, std::ldexp(1.f, -e), v);
+      }
     }
-    const Vec vs(std::ldexp(1.f, -e));
-    Vec saa(0.f), sag(0.f), sgg(0.f);
-    for (; i + kStep <= i1; i += kStep) {
-      Vec a0, a1, x0, x1, g0, g1;
-      vload2(xa + i, a0, a1);
-      vload2(x + i, x0, x1);
-      vload2(g + i, g0, g1);
-      a0 = a0 - x0;
-      a1 = a1 - x1;
-      g0 = g0 * vs;
-      g1 = g1 * vs;
-      saa = at::vec::fmadd(a1, a1, at::vec::fmadd(a0, a0, saa));
-      sag = at::vec::fmadd(a1, g1, at::vec::fmadd(a0, g0, sag));
-      sgg = at::vec::fmadd(g1, g1, at::vec::fmadd(g0, g0, sgg));
-    }
-    float baa[kV], bag[kV], bgg[kV];
-    saa.store(baa);
-    sag.store(bag);
-    sgg.store(bgg);
-    double daa = 0, dag = 0, dgg = 0;
-    for (int64_t j = 0; j < kV; ++j) {
-      daa += baa[j];
-      dag += bag[j];
-      dgg += bgg[j];
-    }
-    s.aa = daa;
-    s.ag = std::ldexp(dag, e);
-    s.gg = std::ldexp(dgg, 2 * e);
+    s.aa = v[0];
+    s.ag = std::ldexp(v[1], e);
+    s.gg = std::ldexp(v[2], 2 * e);
   }
   for (; i < i1; ++i) l2_add(s, static_cast<float>(xa[i]), static_cast<float>(x[i]), static_cast<float>(g[i]));
   return s;
@@ -237,6 +245,7 @@ void l2_step(T* xa, const T* x, const T* g, int64_t B, int64_t D, SampleParam ep
 void pgd_step_cpu(at::Tensor& x_adv, const at::Tensor& x_in, const at::Tensor& grad_in, const at::Tensor& eps_t,
                   const at::Tensor& alpha_t, c10::string_view norm_s, double lo, double hi) {
   const Norm norm = parse_norm(norm_s);
+  read_cpu_scalar_switch();
   const StepArgs s = prepare_step(x_adv, "x_adv", x_in, "x", grad_in, "grad", eps_t, "eps", alpha_t, "alpha");
   if (s.numel == 0) return;
   RO_DISPATCH_FLOATING(x_adv.scalar_type(), "pgd_step_", [&] {
@@ -368,6 +377,7 @@ void recycle_kernel(T* delta, const T* g, const T* x, int64_t numel, int64_t D, 
 
 void recycle_step_cpu(at::Tensor& delta, const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& eps_t,
                       const at::Tensor& step_t, double lo, double hi) {
+  read_cpu_scalar_switch();
   const StepArgs s = prepare_step(delta, "delta", grad_in, "grad", x_in, "x", eps_t, "eps", step_t, "step");
   if (s.numel == 0) return;
   RO_DISPATCH_FLOATING(delta.scalar_type(), "recycle_step_", [&] {

@@ -40,7 +40,7 @@ void row_normals(uint64_t seed, uint64_t base, int64_t groups, float* z, std::ve
   // The vector Box-Muller: log / sqrt / sin / cos of at::vec (Sleef, <= 1 ulp) on the float angle
   // 2 pi u, within ~2e-6 of the scalar normals4 (philox.h) that the CUDA kernel runs; the tests
   // compare the two (ROBUSTOPS_CPU_SCALAR=1).
-  const bool vec = !cpu_scalar_only();
+  const bool vec = cpu_vector_loops();
   for (; vec && q + kV <= groups; q += kV) {
     const Vec ra = at::vec::maximum(m2 * Vec::loadu(u1a + q).log(), zero).sqrt(), ta = tau * Vec::loadu(u2a + q);
     const Vec rb = at::vec::maximum(m2 * Vec::loadu(u1b + q).log(), zero).sqrt(), tb = tau * Vec::loadu(u2b + q);
@@ -98,6 +98,7 @@ at::Tensor gaussian_noise_cpu(const at::Tensor& x_in, int64_t num, double sigma,
                               std::optional<at::ScalarType> out_dtype, bool channels_last) {
   NoiseArgs a = prepare_noise(x_in, num, sigma, offset, mean, std_, out_dtype, channels_last);
   if (a.out.numel() == 0) return a.out;
+  read_cpu_scalar_switch();
   RO_DISPATCH_FLOATING(a.x.scalar_type(), "gaussian_noise", [&] {
     using TI = scalar_t;
     RO_DISPATCH_FLOATING(a.out.scalar_type(), "gaussian_noise", [&] {
