@@ -13,7 +13,7 @@ PYTHON := $(PY)
 SETUP_STAMP :=
 else
 PYTHON := $(VENV)/bin/python
-SETUP_STAMP := $(VENV)/.stamp-$(TORCH_VERSION)
+SETUP_STAMP := $(VENV)/.stamp-$(TORCH_VERSION)-2
 endif
 
 # Compile the CUDA kernels whenever nvcc exists (and torch is a CUDA build): a CUDA compile error
@@ -37,10 +37,13 @@ PYTEST_ARGS ?=
 
 all: build
 
-$(VENV)/.stamp-$(TORCH_VERSION):
+# torchattacks (tests/test_torchattacks.py compares against it) is installed without its stale pins
+# (requests ~= 2.25, torchvision): it imports neither.
+$(VENV)/.stamp-$(TORCH_VERSION)-2:
 	test -x $(VENV)/bin/python || python3 -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip
 	$(VENV)/bin/python -m pip install -q torch==$(TORCH_VERSION) -r requirements-dev.txt
+	$(VENV)/bin/python -m pip install -q --no-deps torchattacks==3.5.1
 	touch $@
 
 setup: $(SETUP_STAMP)

@@ -28,6 +28,8 @@ LAYOUTS = {
     "certify": dict(case=("bench", "model", "N0", "N", "batch"), provider="provider", metric="s_per_image",
                     unit="s per image", where=("bench", "certify")),
     "train": dict(case=("model", "batch", "shape", "dtype"), provider="method", metric="ms_per_unit", unit="ms"),
+    "l2_start": dict(case=("eps", "steps", "restarts"), provider="law", metric="robust_acc_mean",
+                     unit="robust accuracy: lower = stronger attack", log=False),
 }
 LABEL_COLUMNS = (("fraction_of_copy", "{:.0%} of copy"), ("speedup_vs_eager", "{:.2f}x"),
                  ("vs_cohen", "{:.2f}x vs Cohen"), ("ratio_vs_natural", "{:.2f}x natural"))
@@ -37,7 +39,9 @@ def _layout(name: str, fields):
     if name in LAYOUTS:
         return LAYOUTS[name]
     provider = "provider" if "provider" in fields else "method"
-    metric = next(f for f in fields if "time" in f or f.startswith("ms_") or f.startswith("s_per"))
+    metric = next((f for f in fields if "time" in f or f.startswith("ms_") or f.startswith("s_per")), None)
+    if metric is None:
+        return None
     skip = {"date", "torch", "device", provider, metric}
     return dict(case=tuple(f for f in fields if f not in skip)[:3], provider=provider, metric=metric, unit=metric)
 
@@ -75,6 +79,9 @@ def plot(path: str, out_dir: str) -> str:
         reader = csv.DictReader(f)
         rows = list(reader)
         layout = _layout(name, reader.fieldnames or [])
+    if layout is None:
+        print(f"{path}: no time column and no layout in benchmarks/plot.py; skipped")
+        return None
     data = latest(rows, layout)
     if not data:
         raise SystemExit(f"{path}: no rows to plot")
@@ -95,10 +102,12 @@ def plot(path: str, out_dir: str) -> str:
             ax.bar_label(bars, labels=labels, fontsize=6, rotation=90, padding=2)
         ax.set_xticks(range(len(cases)))
         ax.set_xticklabels(list(cases), fontsize=7, rotation=15, ha="right")
-        ax.set_ylabel(f"{layout['metric']} ({layout['unit']}, lower is better)", fontsize=8)
-        ax.set_yscale("log")
-        lo, hi = ax.get_ylim()
-        ax.set_ylim(lo, hi * 10)  # room for the labels above the tallest bar
+        note = "" if "lower" in layout["unit"] else ", lower is better"
+        ax.set_ylabel(f"{layout['metric']} ({layout['unit']}{note})", fontsize=8)
+        if layout.get("log", True):
+            ax.set_yscale("log")
+            lo, hi = ax.get_ylim()
+            ax.set_ylim(lo, hi * 10)  # room for the labels above the tallest bar
         ax.set_title(f"{name} on {device}", fontsize=9)
         ax.legend(fontsize=7, ncol=min(4, len(providers)))
         ax.grid(True, axis="y", alpha=0.3)
@@ -116,7 +125,9 @@ def main(argv=None) -> int:
                                                                             "the CSVs in benchmarks/results)")
     args = p.parse_args(argv)
     for path in args.csvs or sorted(glob.glob(os.path.join(_HERE, "results", "*.csv"))):
-        print(f"{path} -> {plot(path, args.out)}")
+        png = plot(path, args.out)
+        if png:
+            print(f"{path} -> {png}")
     return 0
 
 

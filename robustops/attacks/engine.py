@@ -136,12 +136,16 @@ class Engine:
       taken and non-finite gradient entries are zeroed (their sign is what the step uses).
     step: the projection op, ``step(x_adv, x, grad, eps, alpha, norm, lo, hi)`` in place; default
       ``ops.pgd_step_``.
+    l2_radius: the radius law of L2 uniform starts: "uniform" (radius eps * U, the default: measured
+      the stronger attack, benchmarks/l2_start.py) or "ball" (uniform in the ball's volume, radius
+      eps * U^(1/D), which in D dimensions starts almost on the sphere).
     capturing: set by the CUDA-graph runner while it captures (autocast's weight cache is off then).
     """
 
     def __init__(self, forward: Callable, objective: Callable, *, norm: str = "linf", lo: float = 0.0,
                  hi: float = 1.0, dtype: Optional[torch.dtype] = None, success: Optional[Callable] = None,
-                 score: Optional[Callable] = None, scaler=None, step: Optional[Callable] = None):
+                 score: Optional[Callable] = None, scaler=None, step: Optional[Callable] = None,
+                 l2_radius: str = "uniform"):
         if norm not in ("linf", "l2"):
             raise ValueError(f'norm must be "linf" or "l2", got {norm!r}')
         self.forward = forward
@@ -153,6 +157,9 @@ class Engine:
         self.score_fn = score
         self.scaler = scaler
         self.step_op = ops.pgd_step_ if step is None else step
+        if l2_radius not in ("uniform", "ball"):
+            raise ValueError(f'l2_radius must be "uniform" or "ball", got {l2_radius!r}')
+        self.l2_radius = l2_radius
         self.capturing = False
 
     # ------------------------------------------------------------------------ one iteration
@@ -213,7 +220,8 @@ class Engine:
             return x.clone(memory_format=torch.preserve_format)
         if start == "uniform":
             return ops.random_init(x, eps, self.norm, self.lo, self.hi, seed=seed,
-                                   offset=_rng.random_init_offset(offset, x[0].numel() if x.shape[0] else 0))
+                                   offset=_rng.random_init_offset(offset, x[0].numel() if x.shape[0] else 0),
+                                   radius=self.l2_radius)
         if start == "normal":
             fmt = memory_format(x)
             return ops.gaussian_noise(x, 1, start_sigma, seed=seed, offset=offset,

@@ -30,8 +30,8 @@ from .registry import Hyper, Method, register
 from .trainer import LRFactor, Trainer
 
 __all__ = ["fit", "FitConfig", "FitResult", "Trainer", "METHODS", "Method", "Hyper", "register", "registry",
-           "describe_methods", "methods_table", "LRFactor", "CHECKPOINT_FORMAT", "OPTIMIZERS", "SCHEDULES", "AMP_MODES", "NORMS",
-           "METRICS"]
+           "describe_methods", "methods_table", "LRFactor", "CHECKPOINT_FORMAT", "OPTIMIZERS", "SCHEDULES",
+           "AMP_MODES", "NORMS", "METRICS"]
 
 
 def describe_methods():
