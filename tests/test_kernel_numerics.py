@@ -209,16 +209,27 @@ def test_integer_offset_refuses_graph_capture_device_offset_replays_fresh_noise(
     ro.gaussian_noise(x, 4, 0.5, seed=1, offset=off)  # warm-up, draws rows 0..31
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        noise = ro.gaussian_noise(x, 4, 0.5, seed=1, offset=off)  # captured: rows 32..63 once
+    with torch.cuda.graph(g):  # recorded, not run: the offset stays at 32
+        noise = ro.gaussian_noise(x, 4, 0.5, seed=1, offset=off)
     draws = []
     for _ in range(3):
         g.replay()
         draws.append(noise.clone())
     torch.cuda.synchronize()
-    assert int(off) == 32 * 5
-    for k, d in enumerate(draws):  # replay k draws rows (2 + k) * 32 onwards, as the eager calls would
-        assert torch.equal(d, ro.gaussian_noise(x, 4, 0.5, seed=1, offset=(2 + k) * 32))
+    assert int(off) == 32 * 4
+    for k, d in enumerate(draws):  # replay k draws rows (1 + k) * 32 onwards, as the eager calls would
+        assert torch.equal(d, ro.gaussian_noise(x, 4, 0.5, seed=1, offset=(1 + k) * 32))
+    # random_init likewise, L2 (two kernels and the radius stream)
+    off = torch.zeros((), dtype=torch.int64, device="cuda")
+    adv = max(math.ceil(x.numel() / 4), x.shape[0])
+    ro.random_init(x, 0.5, "l2", seed=3, offset=off)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        start = ro.random_init(x, 0.5, "l2", seed=3, offset=off)
+    for k in range(2):
+        g.replay()
+        assert torch.equal(start, ro.random_init(x, 0.5, "l2", seed=3, offset=(1 + k) * adv))
 
 
 @pytest.mark.cuda
