@@ -1,5 +1,7 @@
 // Argument handling shared by the CPU and CUDA kernels of the PGD family.
 #pragma once
+#include <type_traits>
+
 #include "common.h"
 
 namespace robustops {
@@ -36,12 +38,9 @@ inline int parse_radius_law(c10::string_view s) {
   TORCH_CHECK(false, "radius must be \"ball\" or \"uniform\", got \"", std::string(s), "\"");
 }
 
-// How far random_init_dev_offset advances its offset: past every counter the call used (element
-// groups, and the per-sample radii of L2), so the next call draws fresh numbers.
-inline int64_t init_offset_advance(const at::Tensor& x) {
-  const int64_t groups = (x.numel() + 3) / 4, B = x.dim() ? x.size(0) : 0;
-  return groups > B ? groups : B;
-}
+// How far random_init_dev_offset advances its offset: by the B samples drawn (the offset counts
+// samples, see init_counter), so the next call draws the next samples' numbers.
+inline int64_t init_offset_advance(const at::Tensor& x) { return x.dim() ? x.size(0) : 0; }
 
 // random_init's input: dense batch-major tensors keep their layout, anything else (a strided view)
 // is made contiguous; the output is allocated like it.
@@ -133,6 +132,48 @@ RO_HD L2Factors l2_factors(const L2Sums& s, float alpha, float eps) {
 
 RO_HD float l2_update(float xa, float x, float g, const L2Factors& k, float lo, float hi) {
   return clampf(fmaf(k.f, fmaf(k.c2, g * k.c1, xa - x), x), lo, hi);
+}
+
+// random_init's Philox layout: logical element l = b*D + e (sample b, element e) takes word e % 4 of
+// counter (offset + b) * ceil(D/4) + e / 4 of the uniform / direction stream, and sample b's L2 radius
+// counter offset + b of the radius stream. The offset counts samples, so a batch split at sample k and
+// drawn with offset + k gives the same numbers, whatever D.
+struct InitCounter {
+  uint64_t ctr;
+  int word;
+};
+
+RO_HD InitCounter init_counter(int64_t l, int64_t D, uint64_t offset) {
+  const int64_t b = l / D, e = l - b * D;
+  const uint64_t groups = static_cast<uint64_t>((D + 3) / 4);
+  return {(offset + static_cast<uint64_t>(b)) * groups + static_cast<uint64_t>(e >> 2), static_cast<int>(e & 3)};
+}
+
+// t moved one representable step down (dir < 0) or up (dir > 0): for the 16-bit types by their bit
+// patterns (sign-magnitude), for float unchanged (a float result is exact, never past a bound).
+template <typename T>
+RO_HD T step_ulp(T t, int dir) {
+  if constexpr (std::is_same_v<T, float>) {
+    return t;
+  } else {
+    const uint16_t bits = t.x, mag = bits & 0x7FFFu;
+    const bool neg = (bits & 0x8000u) != 0;
+    uint16_t out;
+    if (mag == 0) out = dir < 0 ? 0x8001u : 0x0001u;             // from zero to the smallest subnormal
+    else out = ((dir > 0) != neg) ? bits + 1u : bits - 1u;      // away from or toward zero
+    return T(out, T::from_bits());
+  }
+}
+
+// v stored in T within [lo, hi]: round-to-nearest can step past a bound that T cannot represent
+// (an fp16 / bf16 start point one ulp outside the box or the range); one step back fixes that.
+template <typename T>
+RO_HD T store_within(float v, float lo, float hi) {
+  T t = static_cast<T>(v);
+  const float tf = static_cast<float>(t);
+  if (tf > hi) t = step_ulp(t, -1);
+  else if (tf < lo) t = step_ulp(t, +1);
+  return t;
 }
 
 // random_init, L-inf: x + eps * (2u - 1), clamped; u uniform in [0, 1).

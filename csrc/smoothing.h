@@ -1,5 +1,8 @@
 // Shared host-side preparation and geometry of the smoothing-family kernels (CPU and CUDA).
 #pragma once
+#include <ATen/MemoryOverlap.h>
+
+#include <cmath>
 #include <optional>
 
 #include "common.h"
@@ -45,7 +48,7 @@ inline NoiseArgs prepare_noise(const at::Tensor& x_in, int64_t num, double sigma
   check_float(x_in, "x");
   TORCH_CHECK(x_in.dim() >= 1, "x must have a leading batch dimension, got a 0-dim tensor");
   TORCH_CHECK(num >= 1, "num must be >= 1, got ", num);
-  TORCH_CHECK(sigma >= 0, "sigma must be >= 0, got ", sigma);
+  TORCH_CHECK(sigma >= 0 && std::isfinite(sigma), "sigma must be a finite number >= 0, got ", sigma);
   TORCH_CHECK(offset >= 0, "offset must be >= 0, got ", offset);
   TORCH_CHECK(!channels_last || x_in.dim() == 4 || x_in.dim() == 5, "channels_last needs a 4-D or 5-D x, got ",
               x_in.dim(), "-D");
@@ -81,8 +84,10 @@ inline void check_votes(const at::Tensor& logits, const at::Tensor& counts) {
               logits.sizes(), " and ", counts.sizes());
   TORCH_CHECK(logits.size(1) == counts.size(1), "logits has ", logits.size(1), " classes but counts has ",
               counts.size(1));
-  TORCH_CHECK(counts.size(0) > 0 && logits.size(0) % counts.size(0) == 0, "logits rows (", logits.size(0),
-              ") must be a multiple of counts rows (B = ", counts.size(0), ")");
+  TORCH_CHECK(counts.size(0) > 0 ? logits.size(0) % counts.size(0) == 0 : logits.size(0) == 0, "logits rows (",
+              logits.size(0), ") must be a multiple of counts rows (B = ", counts.size(0), ")");
+  TORCH_CHECK(at::has_internal_overlap(counts) != at::MemOverlap::Yes,
+              "counts must not overlap itself (an expanded tensor): every (input, class) needs its own element");
   TORCH_CHECK(logits.device() == counts.device(), "counts must be on the same device as logits, got ",
               counts.device(), " and ", logits.device());
   TORCH_CHECK(logits.size(1) > 0 || logits.size(0) == 0, "logits must have at least one class");

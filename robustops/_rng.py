@@ -5,12 +5,13 @@ Every random op (``random_init``, ``gaussian_noise``) draws from Philox4x32-10 k
 seed, with a 64-bit counter built from an ``offset`` and the element's logical index
 (csrc/philox.h):
 
-- ``random_init``: element e (logical, row-major) of a [B, D] batch uses counter
-  ``offset + e // 4`` (L-inf uniform; L2 direction) and, for L2, sample b's radius uses counter
-  ``offset + b`` of a separate stream. :func:`random_init_offset` gives the offset at which the
-  draw of dataset sample n starts, so batches at different sample positions never share counters.
+- ``random_init``: element e of sample b of a [B, D] batch uses counter
+  ``(offset + b) * noise_counter_groups(D) + e // 4`` (L-inf uniform; L2 direction) and, for L2, sample
+  b's radius uses counter ``offset + b`` of a separate stream. The offset counts samples: the draw of
+  dataset sample n is the one at offset n, so any split of a dataset into batches, each drawn at the
+  offset of its first sample, gives the same numbers.
 - ``gaussian_noise``: noisy row s of D elements uses counters ``s * noise_counter_groups(D) + e // 4``,
-  with ``s = offset + b * num + j``: its offset counts rows, not counters.
+  with ``s = offset + b * num + j``: its offset counts noisy rows.
 
 Seeds: :func:`resolve_seed` turns ``None`` into a seed drawn from torch's default generator (so
 ``torch.manual_seed`` makes a run reproducible) and checks an int; :func:`derive_seed` gives the
@@ -22,8 +23,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["SEED_BITS", "resolve_seed", "derive_seed", "random_init_offset", "noise_counter_groups",
-           "process_generator"]
+__all__ = ["SEED_BITS", "resolve_seed", "derive_seed", "noise_counter_groups", "process_generator"]
 
 SEED_BITS = 63
 _MASK63 = (1 << SEED_BITS) - 1
@@ -64,14 +64,6 @@ def noise_counter_groups(sample_numel: int) -> int:
     """Philox counters that ``gaussian_noise`` reserves per noisy row of ``sample_numel`` elements:
     ceil(D / 4) (each counter yields four 32-bit words)."""
     return (int(sample_numel) + 3) // 4
-
-
-def random_init_offset(first_sample: int, sample_numel: int) -> int:
-    """The ``offset`` argument of ``random_init`` for a batch whose first sample is sample
-    ``first_sample`` of a dataset of samples with ``sample_numel`` elements each: each sample owns
-    ceil(D / 4) counters, so batches drawn at their own sample positions use disjoint counters
-    (L-inf draws and L2 directions; the L2 radii use one counter per sample of another stream)."""
-    return int(first_sample) * noise_counter_groups(sample_numel)
 
 
 def process_generator(seed: Optional[int], rank: int = 0) -> torch.Generator:

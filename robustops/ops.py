@@ -8,6 +8,8 @@ transfer or sync happens per call.
 """
 from __future__ import annotations
 
+import math
+
 from typing import Optional, Union
 
 import torch
@@ -133,8 +135,8 @@ def _offset(offset, x: torch.Tensor):
         if offset.device != x.device:
             raise ValueError(f"offset must be on the same device as x, got {offset.device} and {x.device}")
         return offset
-    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
-        raise ValueError(f"offset must be a non-negative int or a one-element int64 tensor, got {offset!r}")
+    if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset < 2 ** 63:
+        raise ValueError(f"offset must be an int in [0, 2^63) or a one-element int64 tensor, got {offset!r}")
     return offset
 
 
@@ -145,15 +147,15 @@ def random_init(x: torch.Tensor, eps: Param, norm: str = "linf", lo: float = 0.0
     volume ("ball": radius eps * U^(1/D)) or a radius uniform in [0, eps] ("uniform": eps * U).
     Returns a new Tensor[B, ...] in x's dtype and layout.
 
-    The draw is Philox4x32-10 keyed by (seed, offset) and the element's logical index: the same on
-    CPU and CUDA and for contiguous and channels_last inputs. seed=None takes a seed from torch's
-    default generator (torch.manual_seed governs it). Calls whose offsets differ by at least
-    ceil(x.numel()/4) (and by B for L2) draw disjoint streams; ``robustops._rng.random_init_offset``
-    gives the offset of a batch by its position in a dataset.
+    The draw is Philox4x32-10 keyed by (seed, offset + sample index) and the element's index in its
+    sample: the same on CPU and CUDA, for contiguous and channels_last inputs, and for any split of a
+    batch (draw the part starting at sample k with offset + k). The offset counts samples: calls
+    whose sample ranges [offset, offset + B) are disjoint draw disjoint streams. seed=None takes a
+    seed from torch's default generator (torch.manual_seed governs it).
 
     offset may also be a one-element int64 tensor on x's device: the op then reads it there and
-    advances it by max(ceil(x.numel()/4), B), so a CUDA graph that captures the call draws fresh
-    numbers at every replay (the integer form refuses capture).
+    advances it by B, so a CUDA graph that captures the call draws fresh numbers at every replay
+    (the integer form refuses capture).
     """
     _check_floating(x, "x")
     _check_norm(norm)
@@ -244,8 +246,8 @@ def gaussian_noise(x: torch.Tensor, num: int, sigma: float, seed: Optional[int] 
     _check_floating(x, "x")
     if isinstance(num, bool) or not isinstance(num, int) or num < 1:
         raise ValueError(f"num must be an int >= 1, got {num!r}")
-    if not isinstance(sigma, (int, float)) or isinstance(sigma, bool) or not sigma >= 0:
-        raise ValueError(f"sigma must be a float >= 0, got {sigma!r}")
+    if not isinstance(sigma, (int, float)) or isinstance(sigma, bool) or not 0 <= sigma < math.inf:
+        raise ValueError(f"sigma must be a finite float >= 0, got {sigma!r}")
     offset = _offset(offset, x)
     if out_dtype is not None and out_dtype not in _FLOAT_DTYPES:
         raise TypeError(f"out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
@@ -274,8 +276,11 @@ def count_votes_(logits: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
                          f"and {list(counts.shape)}")
     if logits.shape[1] != counts.shape[1]:
         raise ValueError(f"logits has {logits.shape[1]} classes but counts has {counts.shape[1]}")
-    if counts.shape[0] == 0 or logits.shape[0] % counts.shape[0] != 0:
+    if (logits.shape[0] % counts.shape[0] != 0) if counts.shape[0] else logits.shape[0] != 0:
         raise ValueError(f"logits rows ({logits.shape[0]}) must be a multiple of counts rows (B = {counts.shape[0]})")
+    if not _tracing() and torch._debug_has_internal_overlap(counts) == 1:  # MemOverlap::Yes (the kernel checks too)
+        raise ValueError("counts must not overlap itself (an expanded tensor): every (input, class) needs its own "
+                         "element")
     if logits.device != counts.device:
         raise ValueError(f"counts must be on the same device as logits, got {counts.device} and {logits.device}")
     torch.ops.robustops.count_votes_(logits, counts)

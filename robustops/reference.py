@@ -114,41 +114,48 @@ def _uniform01_open0(w):
     return ((w >> np.uint64(8)) + np.uint64(1)).astype(np.float64) * 2.0 ** -24
 
 
-def philox_uniform(seed: int, offset: int, n: int, stream: int) -> np.ndarray:
-    """Uniform [0,1) draws for logical indices 0..n-1 (float64 array)."""
-    idx = np.arange(n, dtype=np.uint64)
-    words = philox4x32_10(seed, np.uint64(offset) + idx // np.uint64(4), stream)
-    w = np.choose((idx % np.uint64(4)).astype(np.int64), words)
-    return _uniform01(w).astype(np.float32).astype(np.float64)
+def philox_rows(seed: int, offset: int, rows: int, D: int, stream: int):
+    """The Philox words of every logical element of `rows` rows of D elements (row r, element e: word
+    e % 4 of counter (offset + r) * ceil(D/4) + e // 4): the four word arrays and each element's word
+    index ("lane"), flattened in row-major order. random_init (offset in samples) and gaussian_noise
+    (offset in noisy rows) both use this layout."""
+    G = noise_counter_groups(D)
+    r = np.uint64(offset) + np.arange(rows, dtype=np.uint64)
+    e = np.arange(D, dtype=np.uint64)
+    ctr = (r[:, None] * np.uint64(G) + (e // np.uint64(4))[None, :]).reshape(-1)
+    lane = np.tile((e % np.uint64(4)).astype(np.int64), rows)
+    return philox4x32_10(seed, ctr, stream), lane
 
 
-def philox_normal(seed: int, offset: int, n: int, stream: int) -> np.ndarray:
-    """Standard normals for logical indices 0..n-1 by Box-Muller on word pairs (0,1) and (2,3)."""
-    idx = np.arange(n, dtype=np.uint64)
-    c0, c1, c2, c3 = philox4x32_10(seed, np.uint64(offset) + idx // np.uint64(4), stream)
-    lane = (idx % np.uint64(4)).astype(np.int64)
+def uniforms(words, lane) -> np.ndarray:
+    """Uniform [0, 1) draws (float64 holding float32 values) of philox_rows' elements."""
+    return _uniform01(np.choose(lane, words)).astype(np.float32).astype(np.float64)
+
+
+def normals(words, lane) -> np.ndarray:
+    """Standard normals by Box-Muller on word pairs (0, 1) and (2, 3) of philox_rows' elements."""
+    c0, c1, c2, c3 = words
     first = lane < 2
     u1 = _uniform01_open0(np.where(first, c0, c2))
     u2 = _uniform01(np.where(first, c1, c3))
-    rad = np.sqrt(-2.0 * np.log(u1))
-    theta = 2.0 * math.pi * u2
-    return rad * np.where(lane % 2 == 0, np.cos(theta), np.sin(theta))
+    return np.sqrt(-2.0 * np.log(u1)) * np.where(lane % 2 == 0, np.cos(2 * math.pi * u2), np.sin(2 * math.pi * u2))
 
 
 def random_init(x, eps, norm="linf", lo=0.0, hi=1.0, seed=0, offset=0, radius="ball"):
     """A start point drawn from the eps-ball around x, clamped to [lo, hi]: L-inf uniform in the box;
     L2 a uniform direction with radius eps * U^(1/D) (radius="ball": uniform in the ball's volume)
-    or eps * U (radius="uniform")."""
+    or eps * U (radius="uniform"). offset counts samples (philox_rows)."""
     B = x.shape[0]
     n = x.numel()
     D = n // B if B else 0
     x32 = x.float()
     e = _per_sample(eps, x32)
+    words, lane = philox_rows(seed, offset, B, D, STREAM_INIT_UNIFORM)  # offset counts samples
     if norm == "linf":
-        u = torch.from_numpy(philox_uniform(seed, offset, n, STREAM_INIT_UNIFORM)).float()
+        u = torch.from_numpy(uniforms(words, lane)).float()
         delta = e * (2.0 * u.reshape(x.shape).to(x.device) - 1.0)
     elif norm == "l2":
-        z = torch.from_numpy(philox_normal(seed, offset, n, STREAM_INIT_UNIFORM)).reshape(B, D)
+        z = torch.from_numpy(normals(words, lane)).reshape(B, D)
         ctr = np.uint64(offset) + np.arange(B, dtype=np.uint64)
         u = torch.from_numpy(_uniform01(philox4x32_10(seed, ctr, STREAM_INIT_RADIUS)[0]))
         if radius == "ball":
@@ -180,17 +187,7 @@ def gaussian_noise(x, num, sigma, seed=0, offset=0, mean=None, std=None, out_dty
     """
     B = x.shape[0]
     D = x[0].numel() if B else 0
-    G = noise_counter_groups(D)
-    s = np.uint64(offset) + np.arange(B * num, dtype=np.uint64)
-    e = np.arange(D, dtype=np.uint64)
-    ctr = (s[:, None] * np.uint64(G) + (e // np.uint64(4))[None, :]).reshape(-1)
-    c0, c1, c2, c3 = philox4x32_10(seed, ctr, STREAM_GAUSSIAN)
-    lane = np.tile((e % np.uint64(4)).astype(np.int64), B * num)
-    first = lane < 2
-    u1 = _uniform01_open0(np.where(first, c0, c2))
-    u2 = _uniform01(np.where(first, c1, c3))
-    z = np.sqrt(-2.0 * np.log(u1)) * np.where(lane % 2 == 0, np.cos(2 * math.pi * u2), np.sin(2 * math.pi * u2))
-    z = torch.from_numpy(z).float().reshape((B * num,) + tuple(x.shape[1:])).to(x.device)
+    z = torch.from_numpy(normals(*philox_rows(seed, offset, B * num, D, STREAM_GAUSSIAN))).float().reshape((B * num,) + tuple(x.shape[1:])).to(x.device)
     out = x.float().repeat_interleave(num, dim=0) + float(sigma) * z
     if mean is not None or std is not None:
         shape = (1, -1) + (1,) * (x.dim() - 2)

@@ -173,7 +173,7 @@ def test_device_offset_forms_draw_the_integer_forms_stream(device):
     for norm, radius in (("linf", "ball"), ("l2", "ball"), ("l2", "uniform")):
         off = torch.zeros((), dtype=torch.int64, device=device)
         r1 = ro.random_init(x, 0.3, norm, seed=8, offset=off, radius=radius)
-        adv = max(math.ceil(x.numel() / 4), x.shape[0])
+        adv = x.shape[0]  # the offset counts samples
         assert int(off) == adv
         r2 = ro.random_init(x, 0.3, norm, seed=8, offset=off, radius=radius)
         assert torch.equal(r1, ro.random_init(x, 0.3, norm, seed=8, offset=0, radius=radius))
@@ -221,7 +221,7 @@ def test_integer_offset_refuses_graph_capture_device_offset_replays_fresh_noise(
         assert torch.equal(d, ro.gaussian_noise(x, 4, 0.5, seed=1, offset=(1 + k) * 32))
     # random_init likewise, L2 (two kernels and the radius stream)
     off = torch.zeros((), dtype=torch.int64, device="cuda")
-    adv = max(math.ceil(x.numel() / 4), x.shape[0])
+    adv = x.shape[0]
     ro.random_init(x, 0.5, "l2", seed=3, offset=off)
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
@@ -249,3 +249,33 @@ def test_more_than_2_31_elements_and_other_streams():
     if torch.cuda.device_count() > 1:
         x1 = xs.to("cuda:1")
         torch.testing.assert_close(ro.random_init(x1, 0.1, "l2", seed=2).cpu(), a.cpu(), atol=0, rtol=0)
+
+
+# ------------------------------------------------------------------------- random_init contract
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("D", [5, 7, 64])
+def test_random_init_any_batch_split_gives_the_same_draw(device, norm, D):
+    """The offset counts samples: the part of a batch from sample k, drawn at offset + k, equals that
+    part of the whole batch's draw, for any per-sample size (not only multiples of 4) and for L2."""
+    x = torch.rand(9, D, device=device)
+    whole = ro.random_init(x, 0.3, norm, seed=21, offset=4)
+    for k in (1, 3, 8):
+        head = ro.random_init(x[:k], 0.3, norm, seed=21, offset=4)
+        tail = ro.random_init(x[k:], 0.3, norm, seed=21, offset=4 + k)
+        assert torch.equal(torch.cat([head, tail]), whole), k
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_reduced_precision_starts_stay_inside_the_bounds(device, dtype, norm):
+    """Bounds that fp16 / bf16 cannot represent: round-to-nearest used to step one ulp past them."""
+    gen = torch.Generator().manual_seed(4)
+    lo, hi, eps = -0.3003, 0.7007, 0.1001
+    x = (torch.rand(64, 3, 8, 8, generator=gen) * (hi - lo) + lo).to(device=device, dtype=dtype)
+    out = ro.random_init(x, eps, norm, lo, hi, seed=3)
+    assert float(out.float().min()) >= lo and float(out.float().max()) <= hi
+    if norm == "linf":
+        assert float((out.float() - x.float()).abs().max()) <= eps * (1 + 1e-6)

@@ -153,8 +153,12 @@ def test_smoothing_ops_bad_inputs():
     x = torch.rand(2, 3, 4, 4)
     with pytest.raises(ValueError, match="num must be an int >= 1"):
         ro.gaussian_noise(x, 0, 0.5)
-    with pytest.raises(ValueError, match="sigma must be a float >= 0"):
+    with pytest.raises(ValueError, match="sigma must be a finite float >= 0"):
         ro.gaussian_noise(x, 2, -0.5)
+    with pytest.raises(ValueError, match="sigma must be a finite float >= 0"):
+        ro.gaussian_noise(x, 2, float("inf"))
+    with pytest.raises(RuntimeError, match="sigma must be a finite number >= 0"):
+        torch.ops.robustops.gaussian_noise(x, 2, float("inf"), 0, 0, None, None, None, False)
     with pytest.raises(ValueError, match=r"mean must be a float or a sequence / Tensor\[C\] with C = 3"):
         ro.gaussian_noise(x, 2, 0.5, mean=[0.1, 0.2])
     with pytest.raises(ValueError, match="std must be > 0"):
@@ -172,6 +176,15 @@ def test_smoothing_ops_bad_inputs():
         ro.count_votes_(logits, torch.zeros(4, 4, dtype=torch.long))
     with pytest.raises(RuntimeError, match="counts must be int64"):
         torch.ops.robustops.count_votes_(logits, torch.zeros(2, 4))
+    # an expanded counts would add every vote into one element
+    with pytest.raises(ValueError, match="counts must not overlap itself"):
+        ro.count_votes_(logits, torch.zeros(1, 4, dtype=torch.long).expand(2, 4))
+    with pytest.raises(RuntimeError, match="counts must not overlap itself"):
+        torch.ops.robustops.count_votes_(logits, torch.zeros(1, 4, dtype=torch.long).expand(2, 4))
+    # B = 0: nothing to count, no error
+    empty = torch.zeros(0, 4, dtype=torch.long)
+    assert ro.count_votes_(torch.randn(0, 4), empty) is empty
+    torch.ops.robustops.count_votes_(torch.randn(0, 4), empty)
 
 
 @pytest.mark.parametrize("device", devices())

@@ -265,19 +265,17 @@ void pgd_step_cpu(at::Tensor& x_adv, const at::Tensor& x_in, const at::Tensor& g
 // uniform (L-inf) draw. One Philox call serves the four logical neighbours of a group; the cache
 // makes contiguous tensors pay one call per four elements.
 template <bool NORMAL, typename F>
-inline void draw_range(int64_t i0, int64_t i1, const LogicalIndex& li, uint64_t seed, uint64_t offset,
+inline void draw_range(int64_t i0, int64_t i1, const LogicalIndex& li, int64_t D, uint64_t seed, uint64_t offset,
                        const F& fn) {
   uint64_t cached = ~uint64_t(0);
   Philox4x32 r{};
   for (int64_t i = i0; i < i1; ++i) {
-    const int64_t l = li(i);
-    const uint64_t ctr = offset + static_cast<uint64_t>(l >> 2);
-    if (ctr != cached) {
-      r = philox4x32_10(seed, ctr, kStreamInitUniform);
-      cached = ctr;
+    const InitCounter c = init_counter(li(i), D, offset);
+    if (c.ctr != cached) {
+      r = philox4x32_10(seed, c.ctr, kStreamInitUniform);
+      cached = c.ctr;
     }
-    const int w = static_cast<int>(l & 3);
-    fn(i, NORMAL ? normal_from(r, w) : uniform01(philox_word(r, w)));
+    fn(i, NORMAL ? normal_from(r, c.word) : uniform01(philox_word(r, c.word)));
   }
 }
 
@@ -288,8 +286,9 @@ void random_init_kernel(T* out, const T* x, int64_t B, int64_t D, const LogicalI
     at::parallel_for(0, B * D, kGrain, [&](int64_t begin, int64_t end) {
       for_each_sample_piece(begin, end, D, [&](int64_t b, int64_t i0, int64_t i1) {
         const float e = eps.get(b);
-        draw_range<false>(i0, i1, li, seed, offset, [&](int64_t i, float u) {
-          out[i] = static_cast<T>(init_linf_update(static_cast<float>(x[i]), u, e, lo, hi));
+        draw_range<false>(i0, i1, li, D, seed, offset, [&](int64_t i, float u) {
+          const float xv = static_cast<float>(x[i]);
+          out[i] = store_within<T>(init_linf_update(xv, u, e, lo, hi), std::max(lo, xv - e), std::min(hi, xv + e));
         });
       });
     });
@@ -304,7 +303,7 @@ void random_init_kernel(T* out, const T* x, int64_t B, int64_t D, const LogicalI
       const int64_t b = t / nchunk, c = t % nchunk;
       const int64_t i0 = b * D + c * kGrain, i1 = std::min(b * D + (c + 1) * kGrain, (b + 1) * D);
       double s = 0;
-      draw_range<true>(i0, i1, li, seed, offset, [&](int64_t, float z) { s += double(z) * z; });
+      draw_range<true>(i0, i1, li, D, seed, offset, [&](int64_t, float z) { s += double(z) * z; });
       part[static_cast<size_t>(t)] = s;
     }
   });
@@ -318,8 +317,8 @@ void random_init_kernel(T* out, const T* x, int64_t B, int64_t D, const LogicalI
   at::parallel_for(0, B * D, kGrain, [&](int64_t begin, int64_t end) {
     for_each_sample_piece(begin, end, D, [&](int64_t b, int64_t i0, int64_t i1) {
       const float sc = scale[static_cast<size_t>(b)];
-      draw_range<true>(i0, i1, li, seed, offset, [&](int64_t i, float z) {
-        out[i] = static_cast<T>(init_l2_update(static_cast<float>(x[i]), z, sc, lo, hi));
+      draw_range<true>(i0, i1, li, D, seed, offset, [&](int64_t i, float z) {
+        out[i] = store_within<T>(init_l2_update(static_cast<float>(x[i]), z, sc, lo, hi), lo, hi);
       });
     });
   });

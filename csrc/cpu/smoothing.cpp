@@ -137,6 +137,7 @@ int64_t row_argmax(const T* p, int64_t C) {
 
 void count_votes_cpu(const at::Tensor& logits_in, at::Tensor& counts) {
   check_votes(logits_in, counts);
+  if (counts.size(0) == 0 || logits_in.size(0) == 0) return;
   const at::Tensor logits = logits_in.contiguous();
   const int64_t B = counts.size(0), C = counts.size(1), num = logits.size(0) / B;
   const int64_t s0 = counts.stride(0), s1 = counts.stride(1);

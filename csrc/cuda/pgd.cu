@@ -213,16 +213,14 @@ void pgd_step_cuda(at::Tensor& x_adv, const at::Tensor& x_in, const at::Tensor& 
 // The draw for memory element i. `cached`/`r` remember the last Philox call, so a thread that walks
 // a contiguous group of four pays one call for all four.
 template <bool NORMAL>
-__device__ __forceinline__ float draw(int64_t i, const LogicalIndex& li, uint64_t seed, uint64_t offset,
+__device__ __forceinline__ float draw(int64_t i, const LogicalIndex& li, int64_t D, uint64_t seed, uint64_t offset,
                                       uint64_t& cached, Philox4x32& r) {
-  const int64_t l = li(i);
-  const uint64_t ctr = offset + static_cast<uint64_t>(l >> 2);
-  if (ctr != cached) {
-    r = philox4x32_10(seed, ctr, kStreamInitUniform);
-    cached = ctr;
+  const InitCounter c = init_counter(li(i), D, offset);
+  if (c.ctr != cached) {
+    r = philox4x32_10(seed, c.ctr, kStreamInitUniform);
+    cached = c.ctr;
   }
-  const int w = static_cast<int>(l & 3);
-  return NORMAL ? normal_from(r, w) : uniform01(philox_word(r, w));
+  return NORMAL ? normal_from(r, c.word) : uniform01(philox_word(r, c.word));
 }
 
 // The offset of a call: the host value, or (the device-offset form) the value in dev_off.
@@ -243,10 +241,12 @@ __global__ void init_linf_kernel(T* __restrict__ out, const T* __restrict__ x, i
     Philox4x32 r;
     float f[VEC];
     load_f<T, VEC>(x + i, f);
+    Pack<T, VEC> pk;
 #pragma unroll
     for (int j = 0; j < VEC; ++j)
-      f[j] = init_linf_update(f[j], draw<false>(i + j, li, seed, offset, cached, r), e, lo, hi);
-    store_f<T, VEC>(out + i, f);
+      pk.v[j] = store_within<T>(init_linf_update(f[j], draw<false>(i + j, li, D, seed, offset, cached, r), e, lo, hi),
+                                fmaxf(lo, f[j] - e), fminf(hi, f[j] + e));
+    *reinterpret_cast<Pack<T, VEC>*>(out + i) = pk;
   }
 }
 
@@ -262,7 +262,7 @@ __global__ void init_l2_partial_kernel(int64_t D, int64_t nchunk, LogicalIndex l
     Philox4x32 r;
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
-      const double z = draw<true>(i + j, li, seed, offset, cached, r);
+      const double z = draw<true>(i + j, li, D, seed, offset, cached, r);
       s[0] += z * z;
     }
   }
@@ -287,9 +287,12 @@ __global__ void init_l2_apply_kernel(T* __restrict__ out, const T* __restrict__ 
     Philox4x32 r;
     float f[VEC];
     load_f<T, VEC>(x + i, f);
+    Pack<T, VEC> pk;
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) f[j] = init_l2_update(f[j], draw<true>(i + j, li, seed, offset, cached, r), sc, lo, hi);
-    store_f<T, VEC>(out + i, f);
+    for (int j = 0; j < VEC; ++j)
+      pk.v[j] = store_within<T>(init_l2_update(f[j], draw<true>(i + j, li, D, seed, offset, cached, r), sc, lo, hi),
+                                lo, hi);
+    *reinterpret_cast<Pack<T, VEC>*>(out + i) = pk;
   }
 }
 

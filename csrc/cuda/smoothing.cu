@@ -210,7 +210,7 @@ void count_votes_cuda(const at::Tensor& logits_in, at::Tensor& counts) {
   const c10::cuda::CUDAGuard guard(logits_in.device());
   const at::Tensor logits = logits_in.contiguous();
   const int64_t B = counts.size(0), C = counts.size(1), rows = logits.size(0);
-  if (rows == 0) return;
+  if (rows == 0 || B == 0) return;
   const int64_t num = rows / B;
   auto* cp = reinterpret_cast<unsigned long long*>(counts.data_ptr<int64_t>());
   cudaStream_t st = at::cuda::getCurrentCUDAStream();

@@ -219,8 +219,7 @@ class Engine:
         if start == "clean":
             return x.clone(memory_format=torch.preserve_format)
         if start == "uniform":
-            return ops.random_init(x, eps, self.norm, self.lo, self.hi, seed=seed,
-                                   offset=_rng.random_init_offset(offset, x[0].numel() if x.shape[0] else 0),
+            return ops.random_init(x, eps, self.norm, self.lo, self.hi, seed=seed, offset=offset,
                                    radius=self.l2_radius)
         if start == "normal":
             fmt = memory_format(x)
