@@ -568,3 +568,31 @@ def test_graph_path_logic_with_simulated_replay(model, data, mode, monkeypatch):
     again = atk.perturb(x, y, eps=eps, offset=0)
     assert len(atk._graphs.runners) == 2
     assert torch.equal(small.success, graph.success[:10]) and torch.equal(again.x_adv, graph.x_adv)
+
+
+def test_nan_logits_are_no_misclassification_to_claim(data):
+    """A model whose logits turn NaN away from the clean input: torch.argmax would name the NaN's
+    class, which the attack used to count as a success; now there is no prediction (-1) and no
+    success, and robust_accuracy does not count the sample as robust either."""
+    x, y = data
+    x, y = x[:32], y[:32]
+
+    class NaNAway(nn.Module):
+        def __init__(self, x0):
+            super().__init__()
+            self.register_buffer("x0", x0)
+
+        def forward(self, z):
+            out = torch.nn.functional.one_hot(y[:z.shape[0]], 10).float() * 5
+            far = (z - self.x0[:z.shape[0]]).flatten(1).abs().amax(1) > 0.01
+            return torch.where(far[:, None], torch.full_like(out, float("nan")), out)
+
+    m = NaNAway(x)
+    res = A.PGD(m, eps=0.1, steps=3, seed=0).perturb(x, y)
+    assert not bool(res.success.any())
+    assert bool((res.pred == -1).all())
+    res = A.PGD(m, eps=0.1, steps=3, seed=0, early_stop=True).perturb(x, y)
+    assert not bool(res.success.any())
+    r = A.robust_accuracy(m, [(x, y)], A.PGD(m, eps=0.1, steps=3, seed=0), progress=False)
+    assert r["clean_acc"] == 1.0 and r["robust_acc"] == 0.0
+    assert bool((r["samples"]["adv_pred"] == -1).all()) and not bool(r["samples"]["success"].any())

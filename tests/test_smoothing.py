@@ -449,3 +449,41 @@ def test_graph_replays_give_the_eager_votes(autocast):
     assert torch.equal(graph.selection_counts, eager.selection_counts)  # no full batch: eager
     again = sm_g.certify(x, 30, 1000, 0.001, 128, **kw)  # the cached graph, fresh offsets
     assert torch.equal(again.counts, graph.counts)
+
+
+class _NaNSome(torch.nn.Module):
+    """Class 0 always, except that a noisy sample whose first feature exceeds t gets NaN logits."""
+
+    def __init__(self, t):
+        super().__init__()
+        self.t = t
+
+    def forward(self, z):
+        z = z.flatten(1)
+        out = torch.zeros(z.shape[0], 3, device=z.device)
+        out[:, 0] = 1.0
+        return torch.where((z[:, :1] > self.t), torch.full_like(out, float("nan")), out)
+
+
+def test_nan_logits_are_votes_for_no_class():
+    """The issue's example certified a NaN input with radius 0.616; and a sample with NaN logits used
+    to vote for class 0 (torch.argmax lets NaN win)."""
+    with pytest.warns(UserWarning, match="NaN / Inf"):
+        res = Smooth(torch.nn.Linear(4, 2), 2, 0.25).certify(torch.full((1, 4), float("nan")), 100, 1000, 0.001,
+                                                             1000)
+    assert int(res.prediction[0]) == -1 and float(res.radius[0]) == 0.0 and not bool(res.finite_input[0])
+    # 16% of the noisy samples (N(0, 0.25^2) > 0.25) give NaN logits, the rest class 0
+    x = torch.zeros(2, 4)
+    sm_ = Smooth(_NaNSome(0.25), 3, 0.25)
+    res = sm_.certify(x, 100, 2000, 0.001, 500, seed=3)
+    nan = res.nan_votes
+    assert bool((nan > 200).all()) and bool((nan < 450).all())
+    assert torch.equal(res.counts[:, 0] + nan, torch.full((2,), 2000))  # NaN votes are no class's
+    expected = 0.25 * stats.norm.ppf(sm.clopper_pearson_lower(res.counts[:, 0].numpy(), 2000, 0.001))
+    np.testing.assert_allclose(res.radius.numpy(), expected)
+    assert float(res.radius.max()) < 0.25 * stats.norm.ppf(sm.clopper_pearson_lower(2000, 2000, 0.001)) - 0.1
+    # every sample NaN: abstain (certify and predict)
+    all_nan = Smooth(_NaNSome(-1e9), 3, 0.25)
+    assert int(all_nan.certify(x, 50, 200, 0.01, 100).prediction[0]) == -1
+    det = all_nan.predict(x, 200, 0.01, 100, return_details=True)
+    assert det.prediction.tolist() == [-1, -1] and det.nan_votes.tolist() == [200, 200]

@@ -29,7 +29,7 @@ import torch
 
 from .. import _rng, ops
 
-__all__ = ["Engine", "Recorder", "AttackResult", "STARTS", "memory_format", "batch_view_shape"]
+__all__ = ["Engine", "Recorder", "AttackResult", "STARTS", "memory_format", "batch_view_shape", "predictions"]
 
 Labels = Union[torch.Tensor, Tuple[torch.Tensor, ...]]
 Param = Union[float, torch.Tensor]
@@ -50,6 +50,12 @@ def memory_format(x: torch.Tensor) -> torch.memory_format:
     if x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
         return torch.channels_last_3d
     return torch.contiguous_format
+
+
+def predictions(logits: torch.Tensor) -> torch.Tensor:
+    """argmax per row, and -1 (no prediction) for a row whose logits hold a NaN: torch.argmax would
+    name the NaN's class, a "prediction" that is neither correct nor a misclassification to claim."""
+    return torch.where(torch.isnan(logits).any(1), -1, logits.argmax(1))
 
 
 def _rows(v, idx: torch.Tensor):
@@ -109,7 +115,7 @@ class Recorder:
         self.step.copy_(torch.where(new, k, self.step))
         self.x_first.copy_(torch.where(new.view(batch_view_shape(xa)), xa, self.x_first))
         self.score_first.copy_(torch.where(new, score, self.score_first))
-        self.pred_first.copy_(torch.where(new, logits.argmax(1), self.pred_first))
+        self.pred_first.copy_(torch.where(new, predictions(logits), self.pred_first))
 
     def finish(self, xa: torch.Tensor, steps: int, success, score, pred) -> AttackResult:
         """The result after the last step: a sample that first succeeds at the final iterate xa
@@ -198,7 +204,8 @@ class Engine:
             total = obj.sum() if obj.dim() else obj
             if self.scaler is not None and self.scaler.is_enabled():
                 total = self.scaler.scale(total)
-            (g,) = torch.autograd.grad(total, xin, allow_unused=True)
+            # an objective that does not depend on the input (a piecewise-constant model) has no gradient
+            (g,) = torch.autograd.grad(total, xin, allow_unused=True) if total.requires_grad else (None,)
         if g is None:
             g = torch.zeros_like(xa)
         elif self.scaler is not None and self.scaler.is_enabled():
@@ -232,7 +239,7 @@ class Engine:
         with torch.no_grad():
             logits = self.logits(xa)
         success = self._success(logits, y)
-        return logits, success, self.score(logits, y), logits.argmax(1)
+        return logits, success, self.score(logits, y), predictions(logits)
 
     def _success(self, logits, y):
         if self.success is None:
@@ -356,11 +363,11 @@ class Engine:
                 # Samples still standing: keep this restart's final iterate if its score is higher.
                 take = fooled | (score > res.loss.index_select(0, idx))
                 self._keep(res, idx[take], xa[take], fooled[take], torch.where(fooled[take], k, -1), r,
-                           score[take], logits.argmax(1)[take])
+                           score[take], predictions(logits)[take])
                 return
             n_fooled = int(fooled.sum())
             if n_fooled:
-                self._keep(res, idx[fooled], xa[fooled], True, k, r, score[fooled], logits.argmax(1)[fooled])
+                self._keep(res, idx[fooled], xa[fooled], True, k, r, score[fooled], predictions(logits)[fooled])
                 if n_fooled == idx.numel():
                     return
                 keep = (~fooled).nonzero().squeeze(1)

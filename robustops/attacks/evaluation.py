@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from .engine import predictions
 from .pgd import PGD
 
 __all__ = ["robust_accuracy"]
@@ -50,14 +51,14 @@ def _targets(attack: PGD, batch, x, y, device):
 def _attack_batch(model, attack: PGD, batch, x, y, idx, n: int, device) -> dict:
     """The per-sample columns (CPU tensors) of one attacked batch."""
     with torch.no_grad(), _eval_mode(model):
-        clean_pred = model(attack.normalize(x)).argmax(1)
+        clean_pred = predictions(model(attack.normalize(x)).float())
     clean_ok = clean_pred == y
     targets = _targets(attack, batch, x, y, device)
     res = attack.perturb(x, y, targets, offset=int(idx[0]) if len(batch) > 2 else n,
                          skip=~clean_ok if attack.early_stop else None, evaluate=True)
     if attack.train_mode or res.pred is None:
         with torch.no_grad(), _eval_mode(model):
-            adv_pred = model(attack.normalize(res.x_adv)).argmax(1)
+            adv_pred = predictions(model(attack.normalize(res.x_adv)).float())
     else:
         adv_pred = res.pred
     if attack.targeted:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from .. import _checks, _rng
 from ..models import Normalize
-from .engine import AttackResult, Engine, memory_format
+from .engine import AttackResult, Engine, memory_format, predictions
 from .graph import GraphCache
 
 __all__ = ["PGD", "FGSM", "dlr_loss"]
@@ -209,9 +209,11 @@ class PGD:
 
     @staticmethod
     def _success(logits, y):
+        """The model is fooled: it predicts another class than the label (the target when targeted).
+        Logits with a NaN predict nothing (engine.predictions): no success to claim."""
         labels, targets = y
-        pred = logits.argmax(1)
-        return (pred != labels) if targets is None else (pred == targets)
+        pred = predictions(logits)
+        return ((pred != labels) & (pred >= 0)) if targets is None else (pred == targets)
 
     # ------------------------------------------------------------------------------- checks
 

@@ -9,7 +9,9 @@ import datetime
 import glob
 import math
 import os
+import sys
 import time
+import warnings
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -222,8 +224,9 @@ def _pending(args, outfile: str, selected: List[int], d) -> Tuple[set, List[int]
     return done, mine
 
 
-def _certify_rows(args, dataset, smooth: Smooth, mine: List[int], out, k: int, device, show: bool) -> None:
-    """Certifies the inputs `mine`, k per call, writing one row per input as soon as it is done."""
+def _certify_rows(args, dataset, smooth: Smooth, mine: List[int], out, k: int, device, show: bool) -> dict:
+    """Certifies the inputs `mine`, k per call, writing one row per input as soon as it is done.
+    Returns what went wrong on the way: inputs with NaN votes, their total, non-finite inputs."""
     from torch.utils.data import DataLoader, Subset
     from tqdm.auto import tqdm
 
@@ -232,13 +235,16 @@ def _certify_rows(args, dataset, smooth: Smooth, mine: List[int], out, k: int, d
         loader = DataLoader(Subset(dataset, mine), batch_size=k, shuffle=False, num_workers=args.workers,
                             pin_memory=device.type == "cuda")
         n_done = n_correct = pos = 0
+        issues = {"nan_inputs": 0, "nan_votes": 0, "nonfinite_inputs": 0}
         for x, y in loader:
             ids = mine[pos:pos + x.shape[0]]
             pos += x.shape[0]
             t0 = time.perf_counter()
             try:
-                res = smooth.certify(x.to(device, non_blocking=True), args.N0, args.N, args.alpha, args.batch,
-                                     seed=args.seed, indices=ids)
+                with warnings.catch_warnings():  # non-finite inputs: reported once, at the end
+                    warnings.simplefilter("ignore", UserWarning)
+                    res = smooth.certify(x.to(device, non_blocking=True), args.N0, args.N, args.alpha, args.batch,
+                                         seed=args.seed, indices=ids)
             except ValueError as e:
                 raise CLIError(str(e)) from None
             per_input = (time.perf_counter() - t0) / len(ids)
@@ -249,10 +255,15 @@ def _certify_rows(args, dataset, smooth: Smooth, mine: List[int], out, k: int, d
                 out.flush()
                 n_correct += int(pred == label)
             n_done += len(ids)
+            nan = res.nan_votes + res.selection_nan_votes
+            issues["nan_inputs"] += int((nan > 0).sum())
+            issues["nan_votes"] += int(nan.sum())
+            issues["nonfinite_inputs"] += int((~res.finite_input).sum())
             bar.update(len(ids))
             bar.set_postfix(acc=f"{n_correct / n_done:.3f}")
     finally:
         bar.close()
+    return issues
 
 
 def _summary(args, info, outfile: str, sigma: float) -> None:
@@ -286,9 +297,16 @@ def _certify_run(args, dataset, info, model, sigma, mean, std, d) -> int:
               f"{d.world} process(es) on {d.device}", flush=True)
     out = _open_rows_file(outfile if d.world == 1 else _part_path(outfile, d.rank), args.resume)
     try:
-        _certify_rows(args, dataset, smooth, mine, out, k, d.device, args.progress and d.rank == 0)
+        issues = _certify_rows(args, dataset, smooth, mine, out, k, d.device, args.progress and d.rank == 0)
     finally:
         out.close()
+    who = f"rank {d.rank}: " if d.world > 1 else ""
+    if issues["nan_inputs"]:
+        print(f"robustops certify: warning: {who}{issues['nan_inputs']} input(s) had noisy samples with NaN logits "
+              f"({issues['nan_votes']} samples, counted as votes for no class)", file=sys.stderr)
+    if issues["nonfinite_inputs"]:
+        print(f"robustops certify: warning: {who}{issues['nonfinite_inputs']} input(s) held NaN / Inf values and "
+              f"abstained", file=sys.stderr)
     d.barrier()
     if d.rank == 0:
         _summary(args, info, outfile, sigma)

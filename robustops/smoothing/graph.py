@@ -29,14 +29,14 @@ class _Runner:
         self.x = torch.empty_like(x1, memory_format=torch.preserve_format)
         self.x.copy_(x1)
         self.offset = torch.zeros((), dtype=torch.int64, device=x1.device)
-        self.counts = torch.zeros(1, smooth.num_classes, dtype=torch.int64, device=x1.device)
+        self.counts = torch.zeros(1, smooth.num_classes + 1, dtype=torch.int64, device=x1.device)  # + NaN votes
         self.graph: Optional[torch.cuda.CUDAGraph] = None
 
     def body(self, capturing: bool) -> None:
         s = self.smooth
         noise = ops.gaussian_noise(self.x, self.batch, s.sigma, seed=self.key, offset=self.offset, mean=self.mean,
                                    std=self.std, out_dtype=self.noise_dtype, channels_last=s.channels_last)
-        ops.count_votes_(s._forward(noise, cache=not capturing), self.counts)
+        ops.count_votes_(s._with_nan_column(s._forward(noise, cache=not capturing)), self.counts)
 
     def capture(self) -> None:
         dev = self.x.device

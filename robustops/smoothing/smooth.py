@@ -73,12 +73,19 @@ class CertifyResult:
     counts: int64 [B, C], votes of the n estimation samples.
     selection_counts: int64 [B, C], votes of the n0 selection samples (they pick the class).
     pA_lower: float64 [B], the lower confidence bound on the chosen class's probability.
+    nan_votes: int64 [B], estimation samples whose logits held a NaN: a vote for no class (they count
+      among the n samples but never for cA, so they can only lower pA_lower).
+    selection_nan_votes: int64 [B], the same among the n0 selection samples.
+    finite_input: bool [B], whether the input's values were all finite (a NaN / Inf input abstains).
     """
     prediction: torch.Tensor
     radius: torch.Tensor
     counts: torch.Tensor
     selection_counts: torch.Tensor
     pA_lower: torch.Tensor
+    nan_votes: Optional[torch.Tensor] = None
+    selection_nan_votes: Optional[torch.Tensor] = None
+    finite_input: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -86,10 +93,13 @@ class PredictResult:
     """Output of :meth:`Smooth.predict` with ``return_details=True`` (CPU tensors).
 
     prediction: int64 [B], the top class or -1 (abstain); counts: int64 [B, C];
-    pvalue: float64 [B], two-sided binomial-test p-value of the top two counts."""
+    pvalue: float64 [B], two-sided binomial-test p-value of the top two counts; nan_votes: int64 [B],
+    samples whose logits held a NaN (votes for no class); finite_input: bool [B]."""
     prediction: torch.Tensor
     counts: torch.Tensor
     pvalue: torch.Tensor
+    nan_votes: Optional[torch.Tensor] = None
+    finite_input: Optional[torch.Tensor] = None
 
 
 class Smooth:
@@ -153,7 +163,11 @@ class Smooth:
         batch_size: noisy samples per forward pass (inputs share passes). seed: makes the run
         reproducible (None: drawn from torch's generator). indices: the global index of each input
         ([B] ints, default 0..B-1); an input's noise depends only on (seed, its index), so give each
-        input of a dataset its own index. One host synchronization per call."""
+        input of a dataset its own index. One host synchronization per call.
+
+        A noisy sample whose logits hold a NaN is a vote for no class (counted in ``nan_votes``), so
+        NaN never wins: it only lowers pA_lower. An input with NaN / Inf values abstains, with a
+        warning."""
         x, B = self._check_x(x)
         n0 = _checks.check_int(n0, "n0", 1)
         n = _checks.check_int(n, "n", 1)
@@ -161,12 +175,14 @@ class Smooth:
         batch_size = _checks.check_int(batch_size, "batch_size", 1)
         seed = _rng.resolve_seed(seed)
         idx = self._check_indices(indices, B)
-        counts = self._sample(x, idx, [(n0, SELECTION), (n, ESTIMATION)], batch_size, seed)
+        counts, nan, finite = self._sample(x, idx, [(n0, SELECTION), (n, ESTIMATION)], batch_size, seed)
         selection, estimation = counts[:B], counts[B:]
 
         c_a = selection.argmax(axis=1)  # ties -> lowest class, as torch.argmax
         n_a = estimation[np.arange(B), c_a]
         p_lower = clopper_pearson_lower(n_a, n, alpha)
+        # no class from the selection samples (all NaN), or a non-finite input: abstain
+        p_lower = np.where(finite & (selection.sum(axis=1) > 0), p_lower, 0.0)
         certified = p_lower >= 0.5
         radius = np.where(certified, self.sigma * stats.norm.ppf(np.where(certified, p_lower, 0.5)), 0.0)
         return CertifyResult(
@@ -174,7 +190,9 @@ class Smooth:
             radius=torch.from_numpy(radius.astype(np.float64)),
             counts=torch.from_numpy(estimation.copy()),
             selection_counts=torch.from_numpy(selection.copy()),
-            pA_lower=torch.from_numpy(p_lower))
+            pA_lower=torch.from_numpy(p_lower),
+            nan_votes=torch.from_numpy(nan[B:].copy()), selection_nan_votes=torch.from_numpy(nan[:B].copy()),
+            finite_input=torch.from_numpy(finite.copy()))
 
     def predict(self, x: torch.Tensor, n: int, alpha: float, batch_size: int, *, seed: Optional[int] = None,
                 indices=None, return_details: bool = False):
@@ -182,23 +200,26 @@ class Smooth:
         the top class when the two-sided binomial test of the top two counts (nA, nB) at p = 1/2 has
         p-value <= alpha, else -1. The probability of returning a class other than g(x) is at most
         alpha. Returns int64 [B], or a PredictResult with counts and p-values when return_details.
-        seed, indices, batch_size: as in certify. One host synchronization per call."""
+        seed, indices, batch_size: as in certify. One host synchronization per call. NaN logits are
+        votes for no class; an input with NaN / Inf values abstains, with a warning."""
         x, B = self._check_x(x)
         n = _checks.check_int(n, "n", 1)
         alpha = _checks.check_probability(alpha, "alpha")
         batch_size = _checks.check_int(batch_size, "batch_size", 1)
         seed = _rng.resolve_seed(seed)
         idx = self._check_indices(indices, B)
-        counts = self._sample(x, idx, [(n, PREDICTION)], batch_size, seed)
+        counts, nan, finite = self._sample(x, idx, [(n, PREDICTION)], batch_size, seed)
 
         order = np.argsort(-counts, axis=1, kind="stable")  # stable: ties -> lowest class first
         rows = np.arange(B)
         top, n_a, n_b = order[:, 0], counts[rows, order[:, 0]], counts[rows, order[:, 1]]
-        pvalue = np.array([_binom_pvalue(a, b) for a, b in zip(n_a, n_b)], dtype=np.float64)
+        pvalue = np.array([_binom_pvalue(a, b) if a + b > 0 else 1.0 for a, b in zip(n_a, n_b)], dtype=np.float64)
+        pvalue = np.where(finite, pvalue, 1.0)
         prediction = torch.from_numpy(np.where(pvalue <= alpha, top, ABSTAIN).astype(np.int64))
         if return_details:
             return PredictResult(prediction=prediction, counts=torch.from_numpy(counts),
-                                 pvalue=torch.from_numpy(pvalue))
+                                 pvalue=torch.from_numpy(pvalue), nan_votes=torch.from_numpy(nan),
+                                 finite_input=torch.from_numpy(finite))
         return prediction
 
     # ---------------------------------------------------------------------------- internals
@@ -239,6 +260,14 @@ class Smooth:
             raise ValueError(f"indices must be non-negative, got {min(idx)}")
         return idx
 
+    @staticmethod
+    def _with_nan_column(logits: torch.Tensor) -> torch.Tensor:
+        """[R, C + 1]: a row whose logits hold a NaN becomes -inf everywhere but +inf in column C, so
+        count_votes_ (whose argmax, like torch's, lets a NaN win) counts it in column C, for no class."""
+        bad = torch.isnan(logits).any(1, keepdim=True)
+        inf = torch.tensor(float("inf"), dtype=logits.dtype, device=logits.device)
+        return torch.cat([logits.masked_fill(bad, -inf), torch.where(bad, inf, -inf)], dim=1)
+
     def _forward(self, batch: torch.Tensor, cache: bool = True) -> torch.Tensor:
         if self.autocast is None:
             logits = self.base_classifier(batch)
@@ -253,16 +282,21 @@ class Smooth:
         return logits
 
     def _sample(self, x: torch.Tensor, idx: List[int], phases: List[Tuple[int, int]], batch_size: int,
-                seed: int) -> np.ndarray:
-        """Votes of the base classifier on noisy copies of x: int64 [len(phases)*B, C], row p*B + i
-        for input i in phase p (phase = (samples per input, Philox phase)).
+                seed: int):
+        """Votes of the base classifier on noisy copies of x: (counts int64 [len(phases)*B, C], row
+        p*B + i for input i in phase p (phase = (samples per input, Philox phase)); NaN votes int64
+        [len(phases)*B]; finite bool [B], whether input i's values are all finite).
 
         The samples of all phases and inputs form one stream in row order; each forward pass takes the
-        next batch_size of them. Everything stays on the device until the final copy to the host."""
+        next batch_size of them. Everything stays on the device until the final copy to the host.
+        Column C of the device table counts the samples whose logits held a NaN (votes for no class)."""
         B, C = x.shape[0], self.num_classes
-        counts = torch.zeros(len(phases) * B, C, dtype=torch.int64, device=x.device)
+        rows = len(phases) * B
+        counts = torch.zeros(rows, C + 1, dtype=torch.int64, device=x.device)
+        finite_dev = torch.isfinite(x).flatten(1).all(1) if B else torch.zeros(0, dtype=torch.bool, device=x.device)
         if B == 0:
-            return counts.cpu().numpy()
+            host = counts.cpu().numpy()
+            return host[:rows, :C], host[:rows, C], np.zeros(0, dtype=bool)
         keys = [phase_seed(seed, p) for _, p in phases]
         noise_dtype = self.autocast or x.dtype
         mean = std = None
@@ -286,7 +320,15 @@ class Smooth:
                         pieces, filled = [], 0
             if pieces:
                 self._run_batch(x, idx, phases, keys, pieces, counts, noise_dtype, mean, std)
-        return counts.cpu().numpy()  # the one host synchronization
+            # the one host synchronization: the votes and the inputs' finiteness in one copy
+            host = torch.cat([counts.flatten(), finite_dev.long()]).cpu().numpy()
+        table = host[:rows * (C + 1)].reshape(rows, C + 1)
+        finite = host[rows * (C + 1):].astype(bool)
+        if not finite.all():
+            bad = [idx[i] for i in np.flatnonzero(~finite)]
+            warnings.warn(f"Smooth: inputs with NaN / Inf values abstain (indices {bad[:10]}"
+                          f"{' ...' if len(bad) > 10 else ''})", stacklevel=3)
+        return table[:, :C], table[:, C], finite
 
     def _graph_rows(self, x, idx, phases, keys, batch_size, counts, noise_dtype, mean, std) -> List[int]:
         """With graph=True on CUDA: every full batch of one input's samples as a graph replay.
@@ -331,7 +373,7 @@ class Smooth:
                                             channels_last=self.channels_last))
             k = end
         batch = noise[0] if len(noise) == 1 else torch.cat(noise)
-        logits = self._forward(batch)
+        logits = self._with_nan_column(self._forward(batch))
         # Votes: pieces hold consecutive count rows; one count_votes_ per run of equal-sized pieces.
         k = start = 0
         while k < len(pieces):
