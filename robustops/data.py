@@ -94,6 +94,12 @@ def _to_labels(a: np.ndarray, n: int, what: str) -> torch.Tensor:
     a = np.asarray(a).reshape(-1)
     if a.shape[0] != n:
         raise ValueError(f"{what} must have one label per image ({n}), got {a.shape[0]}")
+    if np.issubdtype(a.dtype, np.floating):
+        if not np.all(np.isfinite(a)) or not np.all(a == np.round(a)):
+            bad = int(np.flatnonzero(~np.isfinite(a) | (a != np.round(a)))[0])
+            raise ValueError(f"{what} must hold integer class labels, got the non-integer {a[bad]!r} at index {bad}")
+    elif not np.issubdtype(a.dtype, np.integer) and a.dtype != np.bool_:
+        raise ValueError(f"{what} must hold integer class labels, got dtype {a.dtype}")
     return torch.from_numpy(a.astype(np.int64))
 
 
@@ -303,8 +309,9 @@ def _npz(path: str, split: str):
         except KeyError:
             ref_x = ds.tensors[0]
         label_keys = [k for k in f.files if k in ("y", "labels") or k.startswith(("y_", "labels_"))]
-        num_classes = max(int(np.asarray(f[k]).max()) for k in label_keys) + 1 if label_keys else 0
-    mean, std = _channel_stats(ref_x)
+        maxima = [int(np.asarray(f[k]).max()) for k in label_keys if np.asarray(f[k]).size]
+        num_classes = max(maxima) + 1 if maxima else 0
+    mean, std = _channel_stats(ref_x) if ref_x.shape[0] else (None, None)  # an empty file: validate() says so
     x = ds.tensors[0]
     return ds, {"name": os.path.splitext(os.path.basename(path))[0], "num_classes": num_classes,
                 "input_shape": tuple(x.shape[1:]), "mean": mean, "std": std}
@@ -335,6 +342,41 @@ def _folder(root: str, split: str, size):
         mean, std = _channel_stats(torch.stack(imgs))
     return ds, {"name": os.path.basename(os.path.normpath(root)), "num_classes": len(ref.classes),
                 "input_shape": tuple(ds[0][0].shape), "mean": mean, "std": std, "classes": list(ref.classes)}
+
+
+# ---------------------------------------------------------------------------------- validation
+
+def validate(dataset, info: dict, source: str, lo: float = 0.0, hi: float = 1.0) -> None:
+    """Everything robustops' commands need of a dataset, checked before any work: samples, at least
+    two classes, finite pixels in [lo, hi] (the attacks' and the noise's pixel space), integer labels
+    in [0, num_classes). A ValueError with one line that names ``source`` and the problem otherwise.
+    Tensor datasets are checked whole; others (image folders) through their first sample."""
+    n = len(dataset)
+    if n == 0:
+        raise ValueError(f"{source}: no samples")
+    k = int(info.get("num_classes") or 0)
+    if k < 2:
+        raise ValueError(f"{source}: classification needs at least 2 classes, the labels name {k}")
+    if isinstance(dataset, TensorDataset):
+        x, y = dataset.tensors[0], dataset.tensors[1]
+    else:
+        x0, y0 = dataset[0][0], dataset[0][1]
+        x, y = torch.as_tensor(x0)[None], torch.as_tensor(y0).reshape(1)
+    if not x.dtype.is_floating_point:
+        raise ValueError(f"{source}: images must be floating point in [{lo:g}, {hi:g}], got {x.dtype}")
+    finite = torch.isfinite(x.reshape(x.shape[0], -1)).all(1)
+    if not bool(finite.all()):
+        raise ValueError(f"{source}: images hold NaN or Inf values (first at sample {int((~finite).nonzero()[0, 0])})")
+    xmin, xmax = float(x.min()), float(x.max())
+    if xmin < lo or xmax > hi:
+        hint = " (images in 0..255 or 0..16? scale them into [0, 1]; uint8 arrays are scaled automatically)" \
+            if xmax > 1.5 * hi else ""
+        raise ValueError(f"{source}: pixel values must lie in [{lo:g}, {hi:g}], found [{xmin:g}, {xmax:g}]{hint}")
+    if y.dtype.is_floating_point or y.dtype == torch.bool:
+        raise ValueError(f"{source}: labels must be integer class indices, got {y.dtype}")
+    ymin, ymax = int(y.min()), int(y.max())
+    if ymin < 0 or ymax >= k:
+        raise ValueError(f"{source}: labels must lie in [0, {k - 1}] ({k} classes), found [{ymin}, {ymax}]")
 
 
 # --------------------------------------------------------------------------------------- shard

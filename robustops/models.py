@@ -269,19 +269,46 @@ def _plain(v):
     return v
 
 
+def state_dict_digest(state: dict) -> str:
+    """SHA-256 of a state dict's tensors (names, dtypes, shapes and bytes, in name order): stored in
+    robustops checkpoints and checked when they load, so a corrupted file is refused instead of
+    silently giving a broken model."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k in sorted(state):
+        t = state[k]
+        if not isinstance(t, torch.Tensor):
+            continue
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def verify_checkpoint(obj: dict, path: str) -> None:
+    """ValueError when a robustops checkpoint's weights do not match the checksum stored with them
+    (files without a checksum, from older versions or elsewhere, pass)."""
+    want = obj.get("sha256") if isinstance(obj, dict) else None
+    if want is None or "state_dict" not in obj:
+        return
+    if state_dict_digest(obj["state_dict"]) != want:
+        raise ValueError(f"{path!r} is corrupt: its weights do not match the SHA-256 checksum stored with them")
+
+
 def save_checkpoint(path: str, model: nn.Module, name: str, model_kwargs: Optional[dict] = None, **extra) -> str:
     """Writes ``{"model": name, "model_kwargs": model_kwargs, "state_dict": model's state dict,
-    **extra}`` to path (atomically: a temporary file, then a rename), so that
+    "sha256": its checksum, **extra}`` to path (atomically: a temporary file, then a rename), so that
     ``load_model(path)`` rebuilds it with ``get_model(name, **model_kwargs)``. DDP / torch.compile
     wrappers are unwrapped. Returns path."""
     if not isinstance(name, str):
         raise TypeError(f"name must be the model's registry name (a string), got {type(name).__name__}")
-    for reserved in ("model", "model_kwargs", "state_dict"):
+    for reserved in ("model", "model_kwargs", "state_dict", "sha256"):
         if reserved in extra:
             raise ValueError(f"{reserved!r} is a reserved checkpoint key; pass it another name")
     kwargs = {k: _plain(v) for k, v in (model_kwargs or {}).items()}
     state = {k: v.detach().cpu() for k, v in _unwrap(model).state_dict().items()}
-    ckpt = {"model": name, "model_kwargs": kwargs, "state_dict": state, **extra}
+    ckpt = {"model": name, "model_kwargs": kwargs, "state_dict": state, "sha256": state_dict_digest(state), **extra}
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     tmp = f"{path}.tmp.{os.getpid()}"
@@ -355,6 +382,7 @@ def load_model(path: str, name: Optional[str] = None, map_location="cpu", truste
                          f"If it is a pickled model from a source you trust, pass trusted=True") from e
     if isinstance(obj, nn.Module):
         return obj.eval()
+    verify_checkpoint(obj, path)
     if isinstance(obj, dict) and "state_dict" in obj and "model" in obj:
         saved = obj["model"]
         if not isinstance(saved, str):

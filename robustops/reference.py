@@ -187,7 +187,8 @@ def gaussian_noise(x, num, sigma, seed=0, offset=0, mean=None, std=None, out_dty
     """
     B = x.shape[0]
     D = x[0].numel() if B else 0
-    z = torch.from_numpy(normals(*philox_rows(seed, offset, B * num, D, STREAM_GAUSSIAN))).float().reshape((B * num,) + tuple(x.shape[1:])).to(x.device)
+    z = torch.from_numpy(normals(*philox_rows(seed, offset, B * num, D, STREAM_GAUSSIAN))).float()
+    z = z.reshape((B * num,) + tuple(x.shape[1:])).to(x.device)
     out = x.float().repeat_interleave(num, dim=0) + float(sigma) * z
     if mean is not None or std is not None:
         shape = (1, -1) + (1,) * (x.dim() - 2)

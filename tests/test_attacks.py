@@ -433,7 +433,7 @@ def test_cli_attack_raw_state_dict_needs_model(model, tmp_path):
     assert rc == 0 and "n 8" in text
     rc, _, err = run_attack_cli(["--checkpoint", raw, "--model", "small_cnn", "--data", str(tmp_path / "nope"),
                                  "--no-progress"])
-    assert rc == 2 and "unknown dataset" in err
+    assert rc == 2 and "does not exist" in err
 
 
 def test_robustops_cli_dispatches_attack(checkpoint, tmp_path):

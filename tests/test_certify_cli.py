@@ -111,12 +111,15 @@ def test_resume_after_truncation(ckpt, reference_run, tmp_path):
         assert rows(out) == reference_run[1], cut
 
 
-def test_without_resume_starts_over(ckpt, reference_run, tmp_path):
+def test_an_existing_result_is_kept_unless_forced(ckpt, reference_run, tmp_path, capsys):
     out = str(tmp_path / "again.tsv")
     shutil.copy(reference_run[0], out)
     with open(out, "a") as fh:
         fh.write("999\t1\t1\t0.5\t1\t0.1\n")
-    assert run(["--checkpoint", ckpt[0], "-o", out] + COMMON) == 0
+    before = open(out).read()
+    assert run(["--checkpoint", ckpt[0], "-o", out] + COMMON) == 2
+    assert "--force" in capsys.readouterr().err and open(out).read() == before
+    assert run(["--checkpoint", ckpt[0], "-o", out, "--force"] + COMMON) == 0
     assert rows(out) == reference_run[1]
 
 
@@ -244,18 +247,20 @@ def test_resume_after_sigkill(ckpt, tmp_path):
     args = ["--sigma", "0.25", "--N0", "16", "--N", "1000", "--alpha", "0.01", "--batch", "400", "--skip", "6",
             "--seed", "5", "--no-progress"]
     out = tmp_path / "killed.tsv"
+    part = tmp_path / "killed.tsv.rank0.part"  # rows go here as they are certified; the TSV comes at the end
     proc = subprocess.Popen([sys.executable, "-m", "robustops", "certify", "--checkpoint", ckpt[0], "-o", str(out)]
                             + args, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 240
     while proc.poll() is None and time.time() < deadline:
-        if out.exists() and out.read_text().count("\n") >= 4:
+        if part.exists() and part.read_text().count("\n") >= 4:
             break
         time.sleep(0.02)
     assert proc.poll() is None, "the run finished before it could be killed: " + proc.stderr.read().decode()[-500:]
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    written = len(rows(out))
+    written = len(rows(part))
     assert 3 <= written < 60
+    assert not out.exists()  # no incomplete result under the final name
     assert run(["--checkpoint", ckpt[0], "-o", str(out), "--resume"] + args) == 0
     ref = tmp_path / "uninterrupted.tsv"
     assert run(["--checkpoint", ckpt[0], "-o", str(ref)] + args) == 0

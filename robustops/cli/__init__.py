@@ -11,7 +11,7 @@ import argparse
 import sys
 
 from . import attack, bench, certify, demo, train
-from .common import CLIError
+from .common import CLIError, Parser
 
 __all__ = ["main", "build_parser", "CLIError", "COMMANDS"]
 
@@ -19,7 +19,7 @@ COMMANDS = {"demo": demo, "train": train, "attack": attack, "certify": certify, 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="robustops", description="Fast robust machine learning in PyTorch.")
+    parser = Parser(prog="robustops", description="Fast robust machine learning in PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, module in COMMANDS.items():
         p = sub.add_parser(name, help=module.HELP, description=module.HELP)

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import argparse
 import csv
+import math
 import os
+
+import torch
 
 from .. import _rng, attacks
 from .. import data as rodata
 from .. import models
-from .common import CLIError, add_common, distributed, parse_fraction, require_min
+from .common import (CLIError, add_common, check_model_accepts, check_writable, distributed, load_data,
+                     parse_fraction, require_min)
 
 HELP = "robust accuracy of a checkpoint under PGD / FGSM"
 
@@ -39,7 +43,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max", "--max-samples", dest="max", type=int, default=None,
                    help="attack only the first MAX samples (--max-samples: the same, for use under torchrun, "
                         "whose own --max-restarts option makes --max ambiguous)")
-    p.add_argument("--out", default=None, help="per-sample results TSV")
+    p.add_argument("--out", default=None, help="per-sample results TSV (written when the attack has run)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.add_argument("--early-stop", action="store_true", help="samples that are fooled leave the batch")
     p.add_argument("--graph", action="store_true", help="CUDA-graph replay of the attack iteration (CUDA only)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "bf16", "float16", "fp16"],
@@ -106,36 +111,58 @@ def _gather(d, rows, stats):
             [sum(s[0] for s in parts), sum(s[1] for s in parts), sum(s[2] for s in parts), max(s[3] for s in parts)])
 
 
+def _load(args):
+    """Everything checked before the attack runs: (model, dataset, info, eps)."""
+    require_min(steps=(args.steps, 1), restarts=(args.restarts, 1), batch=(args.batch, 1))
+    eps = args.eps if args.eps is not None else (8 / 255 if args.norm == "linf" else 0.5)
+    for flag, v in (("--eps", eps), ("--alpha", args.alpha)):
+        if v is not None and not 0.0 <= v < math.inf:
+            raise CLIError(f"{flag} must be a finite number >= 0, got {v}")
+    if args.out:
+        check_writable(args.out, "--out")
+        if os.path.exists(args.out) and not args.force:
+            raise CLIError(f"--out {args.out} already exists; --force replaces it")
+    dataset, info = load_data(args.data, args.split)
+    try:
+        model = models.load_model(args.checkpoint, name=args.model)
+    except (ValueError, FileNotFoundError, KeyError, RuntimeError) as e:
+        raise CLIError(str(e) if str(e).startswith("--") else f"--checkpoint {args.checkpoint!r}: {e}") from None
+    check_model_accepts(model, info, torch.device("cpu"))
+    return model, dataset, info, eps
+
+
 def run(args) -> int:
     from torch.utils.data import DataLoader, Subset
 
-    require_min(steps=(args.steps, 1), restarts=(args.restarts, 1), batch=(args.batch, 1))
+    model, dataset, info, eps = _load(args)
     with distributed(args.device) as d:
-        try:
-            model = models.load_model(args.checkpoint, name=args.model).to(d.device)
-            dataset, info = rodata.get_dataset(args.data, args.split)
-        except (ValueError, FileNotFoundError, KeyError) as e:
-            raise CLIError(str(e)) from None
+        model = model.to(d.device)
         if args.max is not None:
             dataset = Subset(dataset, list(range(min(args.max, len(dataset)))))
         part = rodata.shard(dataset, d.rank, d.world) if d.distributed else dataset
         loader = DataLoader(rodata.IndexedDataset(part), batch_size=args.batch, shuffle=False)
-        eps = args.eps if args.eps is not None else (8 / 255 if args.norm == "linf" else 0.5)
-        attack = _attack(args, model, info, eps, d.rank)
+        try:
+            attack = _attack(args, model, info, eps, d.rank)
+        except (ValueError, TypeError) as e:
+            raise CLIError(str(e)) from None
         res = attacks.robust_accuracy(model, loader, attack, device=d.device, progress=args.progress and d.rank == 0)
         rows = result_rows(res["samples"])
         stats = [res["n"], res["clean_correct"], res["robust_correct"], res["time_s"]]
         if d.distributed:
             rows, stats = _gather(d, rows, stats)
         if d.rank == 0:
-            n, clean, robust, elapsed = stats
-            if args.out:
-                save_results(args.out, rows)
-            what = "FGSM" if args.fgsm else f"PGD-{args.steps}"
-            print(f"{what} {args.norm} eps={eps:.6g} restarts={args.restarts} on {info['name']}/{args.split} "
-                  f"({n} samples, {d.world} rank{'s' if d.world > 1 else ''}, {d.device.type}, {elapsed:.1f}s)")
-            print(f"clean_acc {clean / max(n, 1):.4f}  robust_acc {robust / max(n, 1):.4f}  n {n}  "
-                  f"clean_correct {clean}  robust_correct {robust}")
-            if args.out:
-                print(f"per-sample results: {args.out}")
+            _report(args, info, eps, d, rows, stats)
     return 0
+
+
+def _report(args, info, eps, d, rows, stats) -> None:
+    n, clean, robust, elapsed = stats
+    if args.out:
+        save_results(args.out, rows)
+    what = "FGSM" if args.fgsm else f"PGD-{args.steps}"
+    print(f"{what} {args.norm} eps={eps:.6g} restarts={args.restarts} on {info['name']}/{args.split} "
+          f"({n} samples, {d.world} rank{'s' if d.world > 1 else ''}, {d.device.type}, {elapsed:.1f}s)")
+    print(f"clean_acc {clean / max(n, 1):.4f}  robust_acc {robust / max(n, 1):.4f}  n {n}  "
+          f"clean_correct {clean}  robust_correct {robust}")
+    if args.out:
+        print(f"per-sample results: {args.out}")

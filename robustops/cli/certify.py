@@ -5,8 +5,10 @@ part files that rank 0 merges."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import glob
+import json
 import math
 import os
 import sys
@@ -20,7 +22,8 @@ import torch
 from .. import data as rodata
 from .. import models as romodels
 from ..smoothing import STANDARD_RADII, Smooth, acr, certified_accuracy, plot_certified_accuracy
-from .common import CLIError, add_common, distributed, require_min
+from .common import (CLIError, add_common, agree, check_model_accepts, check_writable, distributed, exclusive,
+                     load_data, require_min)
 
 HELP = "randomized-smoothing certification (Cohen et al.'s CERTIFY)"
 
@@ -157,7 +160,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("output")
     g.add_argument("--outfile", "-o", required=True, help="TSV with columns idx label predict radius correct time")
     g.add_argument("--resume", action="store_true",
-                   help="continue an interrupted run: keep the complete rows of --outfile, certify the rest")
+                   help="continue an interrupted run: keep the complete rows of --outfile, certify the rest "
+                        "(refused when a setting that changes the rows differs from the run's)")
+    g.add_argument("--force", action="store_true",
+                   help="replace an existing --outfile (without --resume or --force an existing result is kept "
+                        "and the run refuses to start)")
     g.add_argument("--plot", default=None, help="also write certified accuracy against radius to this PNG")
     g = p.add_argument_group("execution")
     g.add_argument("--amp", "--autocast", dest="amp", default="none", choices=("none", "bf16", "fp16"),
@@ -168,15 +175,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_common(g)
 
 
-def run(args) -> int:
+# Settings that change the rows: a resumed run must have the same ones (stored beside the TSV).
+ROW_SETTINGS = ("checkpoint", "model", "data", "split", "normalize", "sigma", "N0", "N", "alpha", "seed", "amp")
+
+
+def _settings(args, sigma: float) -> dict:
+    out = {k: getattr(args, k) for k in ROW_SETTINGS}
+    out["checkpoint"] = os.path.abspath(args.checkpoint)
+    out["sigma"] = float(sigma)
+    return out
+
+
+def _load(args):
+    """Everything validated before any output is touched: (dataset, info, model, sigma, mean, std)."""
     require_min(N0=(args.N0, 1), N=(args.N, 1), batch=(args.batch, 1), skip=(args.skip, 1), workers=(args.workers, 0),
                 inputs_per_call=(args.inputs_per_call, 1))
     if not 0.0 < args.alpha < 1.0:
         raise CLIError(f"--alpha must be in (0, 1), got {args.alpha}")
-    try:
-        dataset, info = rodata.get_dataset(args.data, args.split)
-    except (FileNotFoundError, KeyError, ValueError, TypeError) as e:
-        raise CLIError(f"--data {args.data!r}: {e}") from None
+    if args.sigma is not None and not 0.0 < args.sigma < math.inf:
+        raise CLIError(f"--sigma must be a finite number > 0, got {args.sigma}")
+    if args.resume and args.force:
+        raise CLIError("--resume continues a result and --force replaces it: give one of them")
+    check_writable(args.outfile, "--outfile")
+    if args.plot:
+        check_writable(args.plot, "--plot")
+    dataset, info = load_data(args.data, args.split)
     C, H, W = info["input_shape"]
     kwargs = {"num_classes": int(info["num_classes"]), "in_channels": C, "input_size": H} if args.model else {}
     try:
@@ -187,8 +210,8 @@ def run(args) -> int:
     sigma = args.sigma if args.sigma is not None else meta.get("sigma")
     if sigma is None:
         raise CLIError("--sigma is required (the checkpoint does not say which noise level it was trained with)")
-    if not sigma > 0:
-        raise CLIError(f"--sigma must be > 0, got {sigma}")
+    if not 0.0 < sigma < math.inf:
+        raise CLIError(f"--sigma must be a finite number > 0, got {sigma}")
     mean = std = None
     if args.normalize == "auto":
         if meta.get("mean") is not None and meta.get("std") is not None:
@@ -197,28 +220,74 @@ def run(args) -> int:
             model, mean, std = romodels.split_normalize(model)
     elif args.normalize == "data":
         mean, std = info.get("mean"), info.get("std")
+    check_model_accepts(model, info, torch.device("cpu"))
+    return dataset, info, model, float(sigma), mean, std
 
+
+def run(args) -> int:
+    dataset, info, model, sigma, mean, std = _load(args)
     # gloo: the ranks only meet at barriers, possibly after days of work (hence the timeout).
-    with distributed(args.device, backend="gloo", timeout=datetime.timedelta(days=7)) as d:
-        return _certify_run(args, dataset, info, model, float(sigma), mean, std, d)
+    with distributed(args.device, backend="gloo", timeout=datetime.timedelta(days=7)) as d, \
+            contextlib.ExitStack() as stack:
+        error = None
+        if d.rank == 0:
+            try:
+                stack.enter_context(exclusive(args.outfile + ".lock", f"--outfile {args.outfile}"))
+                _prepare_output(args, _settings(args, sigma))
+            except CLIError as e:
+                error = str(e)
+        agree(d, error)
+        return _certify_run(args, dataset, info, model, sigma, mean, std, d)
+
+
+def _settings_path(outfile: str) -> str:
+    return outfile + ".json"
+
+
+def _prepare_output(args, settings: dict) -> None:
+    """Rank 0, holding the output's lock: a fresh run refuses an existing result unless --force
+    (then removes it); a resumed run must have the settings of the one it continues. Writes the
+    settings file beside the TSV."""
+    outfile, spath = args.outfile, _settings_path(args.outfile)
+    existing = [p for p in [outfile, spath] + _part_files(outfile) if os.path.exists(p)]
+    if args.resume:
+        if os.path.exists(spath):
+            with open(spath) as fh:
+                try:
+                    old = json.load(fh).get("settings", {})
+                except ValueError:
+                    raise CLIError(f"--resume: {spath} is not a robustops certify settings file") from None
+            diff = [f"--{k} {old.get(k)!r} (now {settings[k]!r})" for k in ROW_SETTINGS if old.get(k) != settings[k]]
+            if diff:
+                raise CLIError(f"--resume: {outfile} was certified with other settings: {', '.join(diff)}; "
+                               f"use the same settings, or another --outfile")
+        elif existing:
+            print(f"robustops certify: warning: {outfile} has no settings file ({spath}); resuming without "
+                  f"checking that the settings match", file=sys.stderr)
+        for p in [outfile] + _part_files(outfile):
+            try:
+                _read_tsv(p)
+            except ValueError as e:
+                raise CLIError(str(e)) from None
+    elif existing and not args.force:
+        names = ", ".join(os.path.basename(p) for p in existing)
+        raise CLIError(f"--outfile {outfile} already holds a result ({names}); --resume continues it, --force "
+                       f"replaces it")
+    else:
+        for p in existing:
+            os.remove(p)
+    tmp = f"{spath}.tmp.{os.getpid()}"
+    with open(tmp, "w") as fh:
+        json.dump({"format": "robustops.certify/1", "settings": settings}, fh, indent=1)
+    os.replace(tmp, spath)
 
 
 def _pending(args, outfile: str, selected: List[int], d) -> Tuple[set, List[int]]:
-    """(indices already certified, this rank's indices still to certify). Without --resume, earlier
-    output is removed first."""
-    if not args.resume and d.rank == 0:
-        for p in _part_files(outfile) + ([outfile] if os.path.exists(outfile) else []):
-            os.remove(p)
-    d.barrier()
-    # Rows already certified: in the merged file and in any rank's part file (from a run with any
-    # number of processes). This rank then certifies its share of the rest.
-    try:
-        done = set(_read_tsv(outfile)[0]) if args.resume else set()
-        if args.resume:
-            for p in _part_files(outfile):
-                done.update(_read_tsv(p)[0])
-    except ValueError as e:
-        raise CLIError(str(e)) from None
+    """(indices already certified, this rank's indices still to certify): the rows of the merged TSV
+    and of every rank's part file (from a run with any number of processes)."""
+    done: set = set()
+    for p in [outfile] + _part_files(outfile):
+        done.update(_read_tsv(p)[0])
     mine = [i for i in (rodata.shard(selected, d.rank, d.world) if d.world > 1 else selected) if i not in done]
     d.barrier()  # everyone has read the part files before any is truncated
     return done, mine
@@ -282,7 +351,6 @@ def _summary(args, info, outfile: str, sigma: float) -> None:
 
 def _certify_run(args, dataset, info, model, sigma, mean, std, d) -> int:
     outfile = args.outfile
-    os.makedirs(os.path.dirname(os.path.abspath(outfile)), exist_ok=True)
     stop = len(dataset) if args.max is None or args.max < 0 else min(args.max, len(dataset))
     selected = list(range(0, stop, args.skip))
     done, mine = _pending(args, outfile, selected, d)
@@ -295,7 +363,9 @@ def _certify_run(args, dataset, info, model, sigma, mean, std, d) -> int:
         print(f"robustops certify: {info['name']} {args.split} ({len(selected)} inputs, {len(selected) - len(done)} "
               f"to go), sigma {sigma:g}, N0 {args.N0}, N {args.N}, alpha {args.alpha:g}, batch {args.batch}, "
               f"{d.world} process(es) on {d.device}", flush=True)
-    out = _open_rows_file(outfile if d.world == 1 else _part_path(outfile, d.rank), args.resume)
+    # Rows go to this rank's part file as they are certified; the TSV itself is written (atomically)
+    # only when the run completes, merged from the part files.
+    out = _open_rows_file(_part_path(outfile, d.rank), resume=True)
     try:
         issues = _certify_rows(args, dataset, smooth, mine, out, k, d.device, args.progress and d.rank == 0)
     finally:

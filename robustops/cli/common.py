@@ -12,13 +12,22 @@ from typing import Optional
 
 import torch
 
-__all__ = ["CLIError", "parse_fraction", "pick_device", "Dist", "distributed", "add_common", "require_min",
-           "check_data_spec", "split_holdout"]
+__all__ = ["CLIError", "Parser", "parse_fraction", "pick_device", "Dist", "distributed", "add_common", "require_min",
+           "check_data_spec", "split_holdout", "load_data", "check_model_accepts", "check_writable", "exclusive",
+           "agree"]
 
 
 class CLIError(Exception):
     """A user error: ``robustops.cli.main`` prints ``robustops <command>: error: <message>`` and
     exits with status 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``robustops <command>: error: <message>`` and exit status 2
+    (argparse's own prints the whole usage first)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def parse_fraction(s: str) -> float:
@@ -132,6 +141,86 @@ def check_data_spec(spec: str) -> None:
     if not os.path.exists(path):
         raise CLIError(f"--data: {path!r} does not exist (expected \"digits\", a .npz file, cifar10:DIR or "
                        f"imagefolder:DIR)")
+
+
+def load_data(spec: str, split: str, flag: str = "--data"):
+    """(dataset, info) of a data spec, validated (robustops.data.validate) before any work; every
+    problem becomes one CLIError line that names the flag and the source."""
+    from .. import data as rodata
+
+    check_data_spec(spec)
+    try:
+        ds, info = rodata.get_dataset(spec, split)
+        rodata.validate(ds, info, f"{flag} {spec} ({split})")
+    except (FileNotFoundError, KeyError, ValueError, TypeError, OSError) as e:
+        msg = str(e)
+        raise CLIError(msg if msg.startswith(flag) else f"{flag} {spec!r}: {msg}") from None
+    return ds, info
+
+
+def check_model_accepts(model, info: dict, device, flag: str = "--checkpoint") -> None:
+    """A forward pass on one zero input of the data's shape: a model that cannot take the data (a
+    digits model given 3x32x32 images) or names fewer classes fails here, in one line, before work."""
+    shape = tuple(info["input_shape"])
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros((1,) + shape, device=device))
+    except (RuntimeError, ValueError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CLIError(f"{flag}: the model does not accept {info['name']} inputs of shape {list(shape)} ({first})") \
+            from None
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[1] < int(info["num_classes"]):
+        got = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise CLIError(f"{flag}: the model must return logits [B, >= {info['num_classes']}] for {info['name']} "
+                       f"({info['num_classes']} classes), got {got}")
+
+
+def check_writable(path: str, flag: str) -> None:
+    """CLIError unless a file can be created at path (its directory is made if missing): checked
+    before the work whose result it will hold."""
+    import tempfile
+
+    d = os.path.dirname(os.path.abspath(path)) or "."
+    try:
+        os.makedirs(d, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=d, prefix=".robustops-write-check-"):
+            pass
+    except OSError as e:
+        raise CLIError(f"{flag} {path!r}: cannot write there ({e.strerror or e})") from None
+    if os.path.isdir(path):
+        raise CLIError(f"{flag} {path!r} is a directory; give a file name")
+
+
+@contextlib.contextmanager
+def exclusive(lock_path: str, what: str):
+    """An exclusive lock (fcntl.flock on lock_path) for the duration: a second run on the same output
+    fails at once with a clear message instead of interleaving its writes with the first's."""
+    import fcntl
+
+    os.makedirs(os.path.dirname(os.path.abspath(lock_path)) or ".", exist_ok=True)
+    fh = open(lock_path, "a+")
+    try:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CLIError(f"{what} is in use by another robustops run (lock {lock_path}); wait for it to finish "
+                           f"or choose another output") from None
+        yield
+    finally:
+        fh.close()  # closing releases the lock
+
+
+def agree(d: "Dist", error: Optional[str]) -> None:
+    """Every rank raises CLIError(rank 0's message) when rank 0 found an error (a check only rank 0
+    can make, like taking the output's lock), so that no rank waits at a barrier for a rank that left."""
+    if d.world > 1:
+        import torch.distributed as dist
+
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error:
+        raise CLIError(error)
 
 
 def split_holdout(ds, val_size: int, seed: int):

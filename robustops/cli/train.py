@@ -3,6 +3,7 @@ torchrun. The methods and their flags come from the training registry."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import os
 import sys
@@ -12,7 +13,8 @@ import torch
 
 from .. import data as rodata
 from .. import models, train
-from .common import CLIError, add_common, check_data_spec, distributed, parse_fraction, require_min, split_holdout
+from .common import (CLIError, add_common, agree, check_data_spec, check_writable, distributed, exclusive, load_data,
+                     parse_fraction, require_min, split_holdout)
 
 HELP = "adversarial training (" + ", ".join(train.METHODS) + ")"
 
@@ -129,7 +131,7 @@ def _loaders(args, train_ds, rank: int, world: int, device: torch.device):
 def _test(args, model, hp, dev, train_time) -> None:
     from torch.utils.data import DataLoader
 
-    test_ds, _ = rodata.get_dataset(args.data, "test")
+    test_ds, _ = load_data(args.data, "test")
     test_loader = DataLoader(test_ds, batch_size=256, shuffle=False)
     tr = train.Trainer(model, train.FitConfig.make(args.method, **{**hp, "val_steps": args.test_steps}),
                        device=dev, ddp=False)
@@ -147,10 +149,10 @@ def run(args) -> int:
     if args.method not in train.METHODS:
         raise CLIError(f"--method must be one of {', '.join(train.METHODS)}; got {args.method!r}")
     require_min(batch_size=(args.batch_size, 1))
-    try:
-        train_ds, info = rodata.get_dataset(args.data, "train")
-    except (FileNotFoundError, KeyError, ValueError) as e:
-        raise CLIError(f"--data {args.data!r}: {e}") from None
+    check_writable(os.path.join(args.out, "last.pt"), "--out")
+    train_ds, info = load_data(args.data, "train")
+    if args.test_steps > 0:
+        load_data(args.data, "test")  # the final evaluation's data, checked now rather than after training
     eps = args.eps if args.eps is not None else (0.2 if info["name"] == "digits" else 8 / 255)
     hp = dict(epochs=args.epochs, eps=eps, alpha=args.alpha, steps=args.steps, norm=args.norm,
               random_start=not args.no_random_start, optimizer=args.optimizer, lr=args.lr, momentum=args.momentum,
@@ -163,7 +165,14 @@ def run(args) -> int:
     except ValueError as e:
         raise CLIError(f"{e} (see --help)") from None
     try:
-        with distributed(args.device) as d:
+        with distributed(args.device) as d, contextlib.ExitStack() as stack:
+            error = None
+            if d.rank == 0:
+                try:
+                    stack.enter_context(exclusive(os.path.join(args.out, ".lock"), f"--out {args.out}"))
+                except CLIError as e:
+                    error = str(e)
+            agree(d, error)
             _train(args, info, train_ds, hp, d)
     except KeyboardInterrupt:
         if int(os.environ.get("RANK", "0")) == 0:

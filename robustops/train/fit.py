@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ..models import state_dict_digest, verify_checkpoint
 from .config import FitConfig
 from .trainer import Trainer, dist_info
 
@@ -124,9 +125,14 @@ class _FitRun:
 
     def resume(self, ckpt_path: str) -> None:
         """Loads a checkpoint written by a run with the same settings and continues after its epoch."""
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        if ck.get("format") != CHECKPOINT_FORMAT:
+        try:
+            ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - a truncated or corrupt file: any unpickling error
+            raise ValueError(f"resume: cannot read {ckpt_path!r} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                             f"the file is damaged: resume from another checkpoint or start afresh") from None
+        if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"resume: {ckpt_path!r} is not a robustops.train checkpoint")
+        verify_checkpoint(ck, ckpt_path)
         diff = _differences(ck["config"], self.cfg)
         if diff:
             raise ValueError("resume: the checkpoint was trained with different settings: " + ", ".join(diff))
@@ -147,7 +153,9 @@ class _FitRun:
         if res.best_epoch is not None and self.out_dir is not None:
             bp = os.path.join(self.out_dir, "best.pt")
             if os.path.exists(bp):
-                self.best_state = torch.load(bp, map_location="cpu", weights_only=True)["state_dict"]
+                best = torch.load(bp, map_location="cpu", weights_only=True)
+                verify_checkpoint(best, bp)
+                self.best_state = best["state_dict"]
         self.say(f"resumed from {ckpt_path} after epoch {self.start}/{self.cfg.passes}")
 
     def train_epoch(self, epoch: int):
@@ -242,9 +250,11 @@ class _FitRun:
         if self.out_dir is not None and self.rank == 0:
             epoch = row["epoch"]
             if improved:
-                _atomic_save({**self.meta, "state_dict": self.best_state, "epoch": epoch, "metrics": row},
-                             os.path.join(self.out_dir, "best.pt"))
-            ck = {**self.meta, "state_dict": self.model.state_dict(), "epoch": epoch, "rank_states": rank_states,
+                _atomic_save({**self.meta, "state_dict": self.best_state, "sha256": state_dict_digest(self.best_state),
+                              "epoch": epoch, "metrics": row}, os.path.join(self.out_dir, "best.pt"))
+            state = self.model.state_dict()
+            ck = {**self.meta, "state_dict": state, "sha256": state_dict_digest(state), "epoch": epoch,
+                  "rank_states": rank_states,
                   "history": res.history, "best_epoch": res.best_epoch, "best_metric": res.best_metric,
                   "bad_epochs": self.bad, "stopped_early": res.stopped_early, "train_time": res.train_time,
                   **tr.state_dict()}

@@ -1,0 +1,196 @@
+"""The command line refuses what it should, in one line, before it touches anything: every case runs
+the real command in a subprocess and checks a non-zero exit, exactly one line on stderr, and that
+the previous output is intact. Also: two runs on one output, resumed runs with other settings,
+corrupt checkpoints, data that cannot be trained on."""
+import hashlib
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import train_digits_model
+from robustops.models import save_checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def env():
+    e = dict(os.environ)
+    e["PYTHONPATH"] = ROOT + os.pathsep + e.get("PYTHONPATH", "")
+    e["OMP_NUM_THREADS"] = "1"
+    return e
+
+
+def robustops(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "robustops"] + [str(a) for a in args], cwd=ROOT, env=env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def digest(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest() if os.path.exists(path) else None
+
+
+def assert_one_line_error(p, *words):
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode != 0, p.stdout
+    assert len(lines) == 1, p.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli_errors")
+    return save_checkpoint(str(d / "digits.pt"), train_digits_model(epochs=2, seed=0), "small_cnn", {})
+
+
+CERT = ["--sigma", "0.25", "--N0", "8", "--N", "40", "--alpha", "0.01", "--batch", "200", "--skip", "60",
+        "--no-progress"]
+
+
+@pytest.mark.parametrize("args,words", [
+    (["attack", "--eps", "-1"], ["--eps", ">= 0"]),
+    (["attack", "--alpha", "-0.1"], ["--alpha", ">= 0"]),
+    (["attack", "--eps", "8/0"], ["--eps", "8/0"]),
+    (["certify", "--sigma", "inf"], ["--sigma", "finite"]),
+])
+def test_bad_numbers_are_one_line_and_leave_the_output(ckpt, tmp_path, args, words):
+    out = tmp_path / "previous.tsv"
+    out.write_text("idx\tlabel\tpredict\tradius\tcorrect\ttime\n0\t1\t1\t0.5\t1\t0.1\n")
+    before = digest(out)
+    flag = "--out" if args[0] == "attack" else "-o"
+    extra = ["--N0", "8", "--N", "40"] if args[0] == "certify" else []
+    p = robustops(*args, "--checkpoint", ckpt, flag, out, *extra, "--no-progress")
+    assert_one_line_error(p, *words)
+    assert digest(out) == before
+
+
+def test_unwritable_outputs_are_refused_before_any_work(ckpt, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    p = robustops("attack", "--checkpoint", ckpt, "--out", blocker / "sub" / "r.tsv", "--steps", "200", "--no-progress")
+    assert_one_line_error(p, "--out", "cannot write")
+    out = tmp_path / "c.tsv"
+    p = robustops("certify", "--checkpoint", ckpt, "-o", out, "--plot", blocker / "p.png", *CERT)
+    assert_one_line_error(p, "--plot")
+    assert not out.exists()
+
+
+def test_corrupt_checkpoints_are_refused(ckpt, tmp_path):
+    bad = tmp_path / "flipped.pt"
+    data = bytearray(open(ckpt, "rb").read())
+    mid = len(data) // 2
+    data[mid:mid + 64] = bytes(b ^ 0xFF for b in data[mid:mid + 64])  # 64 bytes inside the weights
+    bad.write_bytes(bytes(data))
+    p = robustops("attack", "--checkpoint", bad, "--steps", "1", "--max", "8", "--no-progress")
+    assert_one_line_error(p, "corrupt")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "last.pt").write_bytes(b"not a checkpoint at all")
+    p = robustops("train", "--method", "natural", "--epochs", "1", "--out", run, "--resume", "--no-progress")
+    assert_one_line_error(p, "resume", "last.pt")
+
+
+def _npz(path, x, y):
+    np.savez(path, x_train=x, y_train=y, x_test=x, y_test=y)
+    return path
+
+
+@pytest.mark.parametrize("case,words", [
+    ("empty", ["no samples"]),
+    ("range_255", ["[0, 1]", "255"]),
+    ("float_labels", ["integer class labels"]),
+    ("negative_label", ["labels must lie in"]),
+    ("one_class", ["at least 2 classes"]),
+    ("nan_pixel", ["NaN"]),
+])
+def test_data_that_cannot_be_trained_on(tmp_path, case, words):
+    rng = np.random.default_rng(0)
+    x = rng.random((40, 1, 8, 8)).astype(np.float32)
+    y = rng.integers(0, 3, 40)
+    if case == "empty":
+        x, y = x[:0], y[:0]
+    elif case == "range_255":
+        x = x * 255
+    elif case == "float_labels":
+        y = y + 0.5
+    elif case == "negative_label":
+        y[3] = -1
+    elif case == "one_class":
+        y = np.zeros_like(y)
+    elif case == "nan_pixel":
+        x[5, 0, 2, 2] = np.nan
+    path = _npz(tmp_path / f"{case}.npz", x, y)
+    p = robustops("train", "--data", path, "--epochs", "1", "--out", tmp_path / "run", "--no-progress")
+    assert_one_line_error(p, "--data", *words)
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_a_model_that_cannot_take_the_data(ckpt, tmp_path):
+    x = np.random.default_rng(0).random((20, 3, 32, 32)).astype(np.float32)
+    path = _npz(tmp_path / "rgb.npz", x, np.arange(20) % 10)
+    p = robustops("attack", "--checkpoint", ckpt, "--data", path, "--no-progress")
+    assert_one_line_error(p, "--checkpoint", "does not accept", "[3, 32, 32]")
+
+
+def test_certify_resume_refuses_other_settings_and_failed_reruns_keep_the_result(ckpt, tmp_path):
+    out = tmp_path / "cert.tsv"
+    assert robustops("certify", "--checkpoint", ckpt, "-o", out, *CERT).returncode == 0
+    before = digest(out)
+    other = [a if a != "0.25" else "0.5" for a in CERT]
+    p = robustops("certify", "--checkpoint", ckpt, "-o", out, "--resume", *other)
+    assert_one_line_error(p, "--resume", "--sigma 0.25", "0.5")
+    p = robustops("certify", "--checkpoint", ckpt, "-o", out, "--data", tmp_path / "missing.npz", *CERT)
+    assert_one_line_error(p, "--data")
+    p = robustops("certify", "--checkpoint", ckpt, "-o", out, *CERT)  # neither --resume nor --force
+    assert_one_line_error(p, "--force")
+    assert digest(out) == before
+    assert robustops("certify", "--checkpoint", ckpt, "-o", out, "--resume", *CERT).returncode == 0
+    assert digest(out) == before
+
+
+def _wait_for(path, proc, deadline=120):
+    end = time.time() + deadline
+    while time.time() < end and proc.poll() is None:
+        if os.path.exists(path):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{path} never appeared: " + (proc.stderr.read() if proc.poll() is not None else ""))
+
+
+def test_a_second_run_on_the_same_output_fails_at_once(ckpt, tmp_path):
+    out = tmp_path / "busy.tsv"
+    slow = ["--sigma", "0.25", "--N0", "16", "--N", "20000", "--alpha", "0.01", "--batch", "500", "--no-progress"]
+    first = subprocess.Popen([sys.executable, "-m", "robustops", "certify", "--checkpoint", ckpt, "-o", str(out)]
+                             + slow, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(str(out) + ".rank0.part", first)
+        t0 = time.time()
+        p = robustops("certify", "--checkpoint", ckpt, "-o", out, "--resume", *slow)
+        assert_one_line_error(p, "in use by another robustops run")
+        assert time.time() - t0 < 60
+    finally:
+        first.kill()
+        first.wait()
+    run = tmp_path / "trainrun"
+    first = subprocess.Popen([sys.executable, "-m", "robustops", "train", "--method", "pgd", "--epochs", "50",
+                              "--out", str(run), "--no-progress"], cwd=ROOT, env=env(), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(str(run / "log.csv"), first)
+        p = robustops("train", "--method", "pgd", "--epochs", "50", "--out", run, "--no-progress")
+        assert_one_line_error(p, "--out", "in use by another robustops run")
+    finally:
+        first.kill()
+        first.wait()
+
+
+def test_random_init_offset_past_63_bits_is_a_clear_error():
+    import robustops as ro
+
+    with pytest.raises(ValueError, match=r"offset must be an int in \[0, 2\^63\)"):
+        ro.random_init(torch.rand(2, 3), 0.1, offset=2 ** 63)
