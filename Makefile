@@ -13,7 +13,7 @@ PYTHON := $(PY)
 SETUP_STAMP :=
 else
 PYTHON := $(VENV)/bin/python
-SETUP_STAMP := $(VENV)/.stamp-$(TORCH_VERSION)-2
+SETUP_STAMP := $(VENV)/.stamp-$(TORCH_VERSION)-3
 endif
 
 # Compile the CUDA kernels whenever nvcc exists (and torch is a CUDA build): a CUDA compile error
@@ -33,13 +33,13 @@ CMAKE_STAMP := build/.cmake-stamp
 WHEEL_STAMP := build/.wheel-stamp
 PYTEST_ARGS ?=
 
-.PHONY: all setup build cmake wheel wheel-check test demo bench clean
+.PHONY: all setup build cmake wheel wheel-check test fuzz demo bench clean
 
 all: build
 
 # torchattacks (tests/test_torchattacks.py compares against it) is installed without its stale pins
 # (requests ~= 2.25, torchvision): it imports neither.
-$(VENV)/.stamp-$(TORCH_VERSION)-2:
+$(VENV)/.stamp-$(TORCH_VERSION)-3:
 	test -x $(VENV)/bin/python || python3 -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip
 	$(VENV)/bin/python -m pip install -q torch==$(TORCH_VERSION) -r requirements-dev.txt
@@ -93,6 +93,10 @@ wheel: $(WHEEL_STAMP)
 
 test: build cmake wheel
 	$(PYTHON) -m pytest tests -q $(PYTEST_ARGS)
+
+# The property tests at length (3000 examples per property instead of make test's 200).
+fuzz: build
+	HYPOTHESIS_PROFILE=long $(PYTHON) -m pytest tests/test_fuzz.py -q $(PYTEST_ARGS)
 
 demo: build
 	$(PYTHON) -m robustops demo

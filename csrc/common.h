@@ -7,7 +7,9 @@
 
 #include <algorithm>
 #include <array>
+#include <cmath>
 #include <cstdlib>
+#include <limits>
 #include <numeric>
 
 #include "philox.h"
@@ -133,6 +135,20 @@ inline void check_offset_tensor(const at::Tensor& offset, const at::Tensor& x) {
   TORCH_CHECK(offset.scalar_type() == at::kLong && offset.numel() == 1,
               "offset must be a one-element int64 tensor, got ", offset.scalar_type(), " of shape ", offset.sizes());
   TORCH_CHECK(offset.device() == x.device(), "offset must be on ", x.device(), " like x, got ", offset.device());
+}
+
+// [lo, hi] as float bounds rounded inward (the smallest float >= lo, the largest <= hi), so that a
+// float result clamped to them lies in the double interval the caller gave; an interval too narrow
+// to hold a float (lo == hi = 0.3) gets its nearest float at both ends.
+struct Bounds {
+  float lo, hi;
+};
+inline Bounds float_bounds(double lo, double hi) {
+  float l = static_cast<float>(lo), h = static_cast<float>(hi);
+  if (static_cast<double>(l) < lo) l = std::nextafter(l, std::numeric_limits<float>::infinity());
+  if (static_cast<double>(h) > hi) h = std::nextafter(h, -std::numeric_limits<float>::infinity());
+  if (l > h) l = h = static_cast<float>(lo);
+  return {l, h};
 }
 
 enum class Norm { Linf, L2 };

@@ -194,3 +194,18 @@ def test_random_init_offset_past_63_bits_is_a_clear_error():
 
     with pytest.raises(ValueError, match=r"offset must be an int in \[0, 2\^63\)"):
         ro.random_init(torch.rand(2, 3), 0.1, offset=2 ** 63)
+
+
+def test_a_new_run_in_a_used_out_is_refused_or_starts_clean(tmp_path):
+    """A fresh run in a directory holding a run used to leave that run's best.pt beside the new
+    last.pt (with --val-size 0 the new run writes none)."""
+    out = tmp_path / "run"
+    common = ["--method", "natural", "--epochs", "1", "--test-steps", "0", "--out", out, "--no-progress"]
+    assert robustops("train", *common).returncode == 0
+    assert (out / "best.pt").exists()
+    before = digest(out / "last.pt")
+    p = robustops("train", *common, "--val-size", "0")
+    assert_one_line_error(p, "--out", "--resume", "--force")
+    assert digest(out / "last.pt") == before
+    assert robustops("train", *common, "--val-size", "0", "--force").returncode == 0
+    assert (out / "last.pt").exists() and not (out / "best.pt").exists()

@@ -246,6 +246,7 @@ void pgd_step_cpu(at::Tensor& x_adv, const at::Tensor& x_in, const at::Tensor& g
                   const at::Tensor& alpha_t, c10::string_view norm_s, double lo, double hi) {
   const Norm norm = parse_norm(norm_s);
   read_cpu_scalar_switch();
+  const Bounds bd = float_bounds(lo, hi);
   const StepArgs s = prepare_step(x_adv, "x_adv", x_in, "x", grad_in, "grad", eps_t, "eps", alpha_t, "alpha");
   if (s.numel == 0) return;
   RO_DISPATCH_FLOATING(x_adv.scalar_type(), "pgd_step_", [&] {
@@ -253,9 +254,9 @@ void pgd_step_cpu(at::Tensor& x_adv, const at::Tensor& x_in, const at::Tensor& g
     const auto* xp = s.a.data_ptr<scalar_t>();
     const auto* gp = s.b.data_ptr<scalar_t>();
     if (norm == Norm::Linf)
-      linf_step(xa, xp, gp, s.numel, s.D, s.p, s.q, static_cast<float>(lo), static_cast<float>(hi));
+      linf_step(xa, xp, gp, s.numel, s.D, s.p, s.q, bd.lo, bd.hi);
     else
-      l2_step(xa, xp, gp, s.B, s.D, s.p, s.q, static_cast<float>(lo), static_cast<float>(hi));
+      l2_step(xa, xp, gp, s.B, s.D, s.p, s.q, bd.lo, bd.hi);
   });
 }
 
@@ -332,7 +333,7 @@ at::Tensor random_init_impl(const at::Tensor& x_in, const at::Tensor& eps_t, c10
   if (s.numel == 0) return s.out;
   RO_DISPATCH_FLOATING(s.x.scalar_type(), "random_init", [&] {
     random_init_kernel(s.out.data_ptr<scalar_t>(), s.x.data_ptr<scalar_t>(), s.B, s.D, s.li, norm, s.eps,
-                       static_cast<float>(lo), static_cast<float>(hi), static_cast<uint64_t>(seed),
+                       float_bounds(lo, hi).lo, float_bounds(lo, hi).hi, static_cast<uint64_t>(seed),
                        static_cast<uint64_t>(offset), law);
   });
   return s.out;
@@ -381,7 +382,7 @@ void recycle_step_cpu(at::Tensor& delta, const at::Tensor& grad_in, const at::Te
   if (s.numel == 0) return;
   RO_DISPATCH_FLOATING(delta.scalar_type(), "recycle_step_", [&] {
     recycle_kernel(delta.data_ptr<scalar_t>(), s.a.data_ptr<scalar_t>(), s.b.data_ptr<scalar_t>(), s.numel, s.D,
-                   s.p, s.q, static_cast<float>(lo), static_cast<float>(hi));
+                   s.p, s.q, float_bounds(lo, hi).lo, float_bounds(lo, hi).hi);
   });
 }
 

@@ -196,15 +196,16 @@ void pgd_step_cuda(at::Tensor& x_adv, const at::Tensor& x_in, const at::Tensor& 
   const c10::cuda::CUDAGuard guard(x_adv.device());
   const StepArgs s = prepare_step(x_adv, "x_adv", x_in, "x", grad_in, "grad", eps_t, "eps", alpha_t, "alpha");
   if (s.numel == 0) return;
+  const Bounds bd = float_bounds(lo, hi);
   cudaStream_t st = at::cuda::getCurrentCUDAStream();
   RO_DISPATCH_FLOATING(x_adv.scalar_type(), "pgd_step_", [&] {
     auto* xa = x_adv.data_ptr<scalar_t>();
     const auto* xp = s.a.data_ptr<scalar_t>();
     const auto* gp = s.b.data_ptr<scalar_t>();
     if (can_vectorize<scalar_t>(s.D, {xa, xp, gp}))
-      launch_pgd<scalar_t, vec_width<scalar_t>()>(xa, xp, gp, s.B, s.D, norm, s.p, s.q, lo, hi, st);
+      launch_pgd<scalar_t, vec_width<scalar_t>()>(xa, xp, gp, s.B, s.D, norm, s.p, s.q, bd.lo, bd.hi, st);
     else
-      launch_pgd<scalar_t, 1>(xa, xp, gp, s.B, s.D, norm, s.p, s.q, lo, hi, st);
+      launch_pgd<scalar_t, 1>(xa, xp, gp, s.B, s.D, norm, s.p, s.q, bd.lo, bd.hi, st);
   });
 }
 
@@ -326,7 +327,8 @@ at::Tensor random_init_impl(const at::Tensor& x_in, const at::Tensor& eps_t, c10
   RO_DISPATCH_FLOATING(a.x.scalar_type(), "random_init", [&] {
     auto* op = a.out.data_ptr<scalar_t>();
     const auto* xp = a.x.data_ptr<scalar_t>();
-    const float flo = static_cast<float>(lo), fhi = static_cast<float>(hi);
+    const Bounds bd = float_bounds(lo, hi);
+    const float flo = bd.lo, fhi = bd.hi;
     const auto s = static_cast<uint64_t>(seed);
     if (can_vectorize<scalar_t>(a.D, {op, xp}))
       launch_init<scalar_t, vec_width<scalar_t>()>(op, xp, a.B, a.D, a.li, norm, a.eps, flo, fhi, s, off, law, st);
@@ -382,7 +384,8 @@ void recycle_step_cuda(at::Tensor& delta, const at::Tensor& grad_in, const at::T
     auto* dp = delta.data_ptr<scalar_t>();
     const auto* gp = s.a.data_ptr<scalar_t>();
     const auto* xp = s.b.data_ptr<scalar_t>();
-    const float flo = static_cast<float>(lo), fhi = static_cast<float>(hi);
+    const Bounds bd = float_bounds(lo, hi);
+    const float flo = bd.lo, fhi = bd.hi;
     const int64_t n = s.numel;
     if (can_vectorize<scalar_t>(s.D, {dp, gp, xp})) {
       constexpr int V = vec_width<scalar_t>();

@@ -77,6 +77,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--keep-all", action="store_true", help="keep a checkpoint file per epoch")
     g.add_argument("--out", default="runs/train", help="run directory: last.pt, best.pt, log.csv (default runs/train)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its last finished epoch")
+    g.add_argument("--force", action="store_true",
+                   help="start afresh in an --out that holds a previous run, removing its checkpoints and logs "
+                        "(without --resume or --force such a directory is refused)")
     g.add_argument("--test-steps", type=int, default=20, help="PGD steps of the final test evaluation (0: skip)")
     add_common(p)
 
@@ -170,6 +173,7 @@ def run(args) -> int:
             if d.rank == 0:
                 try:
                     stack.enter_context(exclusive(os.path.join(args.out, ".lock"), f"--out {args.out}"))
+                    _prepare_run_dir(args)
                 except CLIError as e:
                     error = str(e)
             agree(d, error)
@@ -180,6 +184,26 @@ def run(args) -> int:
                   f"command and --resume", file=sys.stderr)
         return 130
     return 0
+
+
+RUN_FILES = ("last.pt", "best.pt", "log.csv", "test.csv")
+
+
+def _prepare_run_dir(args) -> None:
+    """Rank 0, holding the directory's lock: a fresh run refuses a directory that holds a previous
+    run unless --force (then its files go, so no stale best.pt or log sits beside the new run's)."""
+    old = [f for f in RUN_FILES if os.path.exists(os.path.join(args.out, f))]
+    old += sorted(f for f in os.listdir(args.out) if f.startswith("epoch_") and f.endswith(".pt")) \
+        if os.path.isdir(args.out) else []
+    if args.resume and args.force:
+        raise CLIError("--resume continues the run in --out and --force replaces it: give one of them")
+    if args.resume or not old:
+        return
+    if not args.force:
+        raise CLIError(f"--out {args.out} holds a previous run ({', '.join(old)}); --resume continues it, --force "
+                       f"starts afresh (removing it)")
+    for f in old:
+        os.remove(os.path.join(args.out, f))
 
 
 def _train(args, info, train_ds, hp, d) -> None:
