@@ -13,7 +13,7 @@ PYTHON := $(PY)
 SETUP_STAMP :=
 else
 PYTHON := $(VENV)/bin/python
-SETUP_STAMP := $(VENV)/.stamp-$(TORCH_VERSION)-3
+SETUP_STAMP := $(VENV)/.stamp-$(TORCH_VERSION)-4
 endif
 
 # Compile the CUDA kernels whenever nvcc exists (and torch is a CUDA build): a CUDA compile error
@@ -39,7 +39,7 @@ all: build
 
 # torchattacks (tests/test_torchattacks.py compares against it) is installed without its stale pins
 # (requests ~= 2.25, torchvision): it imports neither.
-$(VENV)/.stamp-$(TORCH_VERSION)-3:
+$(VENV)/.stamp-$(TORCH_VERSION)-4:
 	test -x $(VENV)/bin/python || python3 -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip
 	$(VENV)/bin/python -m pip install -q torch==$(TORCH_VERSION) -r requirements-dev.txt
@@ -54,7 +54,19 @@ $(EXT_STAMP): $(SETUP_STAMP) $(SOURCES)
 	$(PYTHON) -c "import robustops, json; print(json.dumps(robustops.build_info(), indent=1))"
 	touch $@
 
-build: $(EXT_STAMP)
+# With .venv: the checkout is installed into it, editable, with the `robustops` command
+# (.venv/bin/robustops; torchrun and imports from any directory find the package). The extension is
+# compiled in place above; the install only registers the package.
+ifdef PY
+INSTALL_STAMP :=
+else
+INSTALL_STAMP := $(VENV)/bin/robustops
+$(INSTALL_STAMP): $(SETUP_STAMP) setup.py pyproject.toml
+	ROBUSTOPS_NO_EXT=1 $(PYTHON) -m pip install -q --no-build-isolation --no-deps -e .
+	test -x $@
+endif
+
+build: $(EXT_STAMP) $(INSTALL_STAMP)
 
 # The CMake target (librobustops.so). CPU-only by default here: on a machine without a full CUDA
 # toolkit torch's CMake config cannot be satisfied; `make cmake CMAKE_CUDA=ON` where it can.

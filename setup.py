@@ -6,6 +6,9 @@ Environment:
   TORCH_CUDA_ARCH_LIST     architectures to compile for; without it and without a visible GPU the
                            default below is used (Ampere and Hopper, with PTX for newer GPUs)
   MAX_JOBS                 parallel compile jobs (ninja)
+  ROBUSTOPS_NO_EXT=1       register the package (pip install -e .) without compiling: `make build`
+                           compiles in place with build_ext --inplace, then installs this way so that
+                           the `robustops` command and imports from anywhere use the checkout
 """
 import glob
 import os
@@ -15,7 +18,8 @@ import sysconfig
 from setuptools import find_packages, setup
 
 import torch
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+import torch.utils.cpp_extension as cpp_extension
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
 DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -48,23 +52,66 @@ def nvcc_version(cuda_home):
     return m.group(1) if m else None
 
 
+def toolkit_problem(home):
+    """Why `home` cannot build and link the CUDA kernels (None when it can): nvcc, the runtime
+    headers and the runtime library must all be there."""
+    if not home:
+        return "no CUDA toolkit found (set CUDA_HOME)"
+    if nvcc_version(home) is None:
+        return f"no working nvcc in {home}/bin"
+    if not os.path.exists(os.path.join(home, "include", "cuda_runtime.h")):
+        return f"no CUDA headers (include/cuda_runtime.h) in {home}"
+    if not any(os.path.exists(os.path.join(home, d, "libcudart.so")) for d in ("lib64", "lib")):
+        return f"no CUDA runtime library (lib64/libcudart.so) in {home}"
+    return None
+
+
+def find_toolkit():
+    """(CUDA_HOME to use, why not, if none): $CUDA_HOME when set; else torch's guess (which is
+    /usr/local when nvcc is /usr/local/bin/nvcc), the toolkit nvcc's real path lives in, and
+    /usr/local/cuda, the first complete one."""
+    if os.environ.get("CUDA_HOME"):
+        home = os.environ["CUDA_HOME"]
+        return (home, None) if toolkit_problem(home) is None else (None, toolkit_problem(home) + " ($CUDA_HOME)")
+    candidates = [cpp_extension.CUDA_HOME]
+    import shutil
+
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    candidates.append("/usr/local/cuda")
+    first_problem = None
+    for home in candidates:
+        problem = toolkit_problem(home)
+        if problem is None:
+            return home, None
+        first_problem = first_problem or problem
+    return None, first_problem
+
+
 def resolve():
     cpu_only = env_flag("ROBUSTOPS_CPU_ONLY")
     force = env_flag("FORCE_CUDA")
-    nvcc = nvcc_version(CUDA_HOME) if CUDA_HOME else None
     torch_cuda = torch.version.cuda
+    home, problem = (None, "ROBUSTOPS_CPU_ONLY=1") if cpu_only else find_toolkit()
+    nvcc = nvcc_version(home) if home else None
     if cpu_only:
         with_cuda, why = False, "ROBUSTOPS_CPU_ONLY=1"
     elif force:
-        if nvcc is None:
-            sys.exit("robustops: FORCE_CUDA=1 but no nvcc was found; set CUDA_HOME to the CUDA toolkit")
+        if home is None:
+            sys.exit(f"robustops: FORCE_CUDA=1 but {problem}; set CUDA_HOME to a complete CUDA toolkit")
         with_cuda, why = True, "FORCE_CUDA=1"
     elif torch_cuda is None:
         with_cuda, why = False, "torch is a CPU build"
-    elif nvcc is None:
-        with_cuda, why = False, "no nvcc found (set CUDA_HOME)"
+    elif home is None:
+        with_cuda, why = False, problem
+        print(f"robustops: building the CPU kernels only: {problem}. Set CUDA_HOME to a complete toolkit (nvcc, "
+              f"include/cuda_runtime.h, lib64/libcudart.so) or FORCE_CUDA=1 to insist.", flush=True)
     else:
-        with_cuda, why = True, "torch is a CUDA build and nvcc was found"
+        with_cuda, why = True, "torch is a CUDA build and a complete CUDA toolkit was found"
+    if with_cuda:
+        cpp_extension.CUDA_HOME = home  # what CUDAExtension compiles and links against
+        os.environ["CUDA_HOME"] = home
     if with_cuda and torch_cuda and nvcc and nvcc.split(".")[0] != torch_cuda.split(".")[0]:
         sys.exit(f"robustops: nvcc {nvcc} and torch's CUDA {torch_cuda} differ in major version; "
                  "point CUDA_HOME at a matching toolkit")
@@ -109,7 +156,7 @@ def extensions():
                    ("ROBUSTOPS_CUDA_ARCHS", '"%s"' % archs),
                    ("ROBUSTOPS_CUDA_VERSION", '"%s"' % nvcc)]
         # torch's headers include cusparse.h / cublas_v2.h, which a bare toolkit may lack.
-        if not os.path.exists(os.path.join(CUDA_HOME, "include", "cublas_v2.h")):
+        if not os.path.exists(os.path.join(cpp_extension.CUDA_HOME, "include", "cublas_v2.h")):
             cuda_inc = pip_cuda_include()
             if cuda_inc is None:
                 sys.exit("robustops: the CUDA toolkit lacks cublas_v2.h and no pip CUDA headers "
@@ -118,7 +165,7 @@ def extensions():
     print("robustops build configuration:\n"
           f"  torch          {torch.__version__} (CUDA {torch.version.cuda})\n"
           f"  CUDA kernels   {'yes' if with_cuda else 'no'} ({why})\n"
-          f"  CUDA_HOME      {CUDA_HOME} (nvcc {nvcc or '-'})\n"
+          f"  CUDA_HOME      {cpp_extension.CUDA_HOME if with_cuda else '-'} (nvcc {nvcc or '-'})\n"
           f"  arch list      {archs or '-'}\n"
           f"  CPU vectors    {vec_why}\n"
           f"  extra includes {cuda_inc or '-'}\n"
@@ -138,10 +185,12 @@ setup(
                 "randomized-smoothing certification in PyTorch",
     packages=find_packages(include=["robustops", "robustops.*"]),
     package_data={"robustops": ["_data/*.npz"]},
-    ext_modules=extensions(),
+    ext_modules=[] if env_flag("ROBUSTOPS_NO_EXT") else extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     entry_points={"console_scripts": ["robustops=robustops.cli:main"]},
     # The binary is tied to the torch it was compiled against.
     install_requires=["torch==" + torch.__version__.split("+")[0], "numpy", "scipy", "tqdm", "matplotlib"],
+    # Optional: TensorBoard logging of training (`robustops train --tensorboard`, fit(tensorboard=dir)).
+    extras_require={"tensorboard": ["tensorboard"]},
     python_requires=">=3.9",
 )

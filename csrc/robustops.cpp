@@ -79,7 +79,7 @@ TORCH_LIBRARY(robustops, m) {
       "random_init_dev_offset(Tensor x, Tensor eps, str norm, float lo, float hi, int seed, Tensor(a!) offset, "
       "str radius=\"ball\") -> Tensor");
   m.def(
-      "recycle_step_(Tensor(a!) delta, Tensor grad, Tensor x, Tensor eps, Tensor step, float lo, "
+      "recycle_step_(Tensor(a!) delta, Tensor x, Tensor grad, Tensor eps, Tensor step, float lo, "
       "float hi) -> ()");
 
   // Smoothing family (cpu/smoothing.cpp, cuda/smoothing.cu)

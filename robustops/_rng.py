@@ -35,6 +35,9 @@ def resolve_seed(seed: Optional[int], name: str = "seed") -> int:
     """The 63-bit Philox key for ``seed``: a seed drawn from torch's default CPU generator when it
     is None (torch.manual_seed governs it), else the int itself (masked to 63 bits)."""
     if seed is None:
+        if torch.compiler.is_compiling():
+            raise ValueError(f"{name}=None draws a seed from torch's generator on the host, which torch.compile "
+                             f"cannot trace; pass {name} as an int (e.g. one drawn outside the compiled function)")
         return int(torch.randint(0, 2 ** 62, (1,), dtype=torch.int64).item())
     if isinstance(seed, bool) or not isinstance(seed, int) and not _is_numpy_int(seed):
         raise TypeError(f"{name} must be an int or None, got {type(seed).__name__}")

@@ -3,10 +3,13 @@
 - :class:`SmallCNN`: a small conv net for digits / MNIST-sized inputs.
 - :class:`PreActResNet18`: the pre-activation ResNet-18 used in the adversarial-training literature.
 - :func:`cifar_resnet`: He et al.'s CIFAR ResNets with 6n+2 layers (resnet20, resnet110, ...).
+- :func:`cohen_cifar_resnet`: the CIFAR ResNet of Cohen, Rosenfeld and Kolter's randomized-smoothing
+  code (locuslab/smoothing), with its layer names, so that their released checkpoints load.
 - :class:`Normalize`: ``(x - mean) / std`` per channel, to put in front of a model.
 - :func:`get_model` builds one by name; :func:`save_checkpoint` / :func:`load_model` store and
   restore ``{"model": name, "model_kwargs": {...}, "state_dict": ...}`` checkpoints, and also load
-  raw state dicts, TorchScript files and ``torch.export`` archives.
+  raw state dicts, TorchScript files and ``torch.export`` archives, and the checkpoints of Cohen et
+  al.'s code (``{"arch": "cifar_resnet110", "state_dict": ...}``, see :func:`load_model`).
 """
 from __future__ import annotations
 
@@ -20,8 +23,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["SmallCNN", "PreActResNet18", "CifarResNet", "cifar_resnet", "Normalize", "channel_stats", "split_normalize",
-           "get_model", "MODEL_NAMES", "save_checkpoint", "load_model"]
+__all__ = ["SmallCNN", "PreActResNet18", "CifarResNet", "cifar_resnet", "CohenCifarResNet", "cohen_cifar_resnet",
+           "Normalize", "channel_stats", "split_normalize", "get_model", "MODEL_NAMES", "save_checkpoint", "load_model",
+           "COHEN_CIFAR10_MEAN", "COHEN_CIFAR10_STD", "COHEN_IMAGENET_MEAN", "COHEN_IMAGENET_STD"]
 
 
 def channel_stats(mean, std) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -62,6 +66,11 @@ class Normalize(nn.Module):
         self.register_buffer("std", std_t.reshape(1, -1, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.mean.numel()
+        if c > 1 and (x.dim() < 2 or x.shape[1] != c):
+            # broadcasting would silently turn a 1-channel batch into c identical channels
+            raise ValueError(f"Normalize: expected inputs [B, {c}, ...] ({c} channels, one mean/std each), got "
+                             f"{list(x.shape)}")
         shape = (1, -1) + (1,) * (x.dim() - 2)
         return (x - self.mean.reshape(shape).to(x.dtype)) / self.std.reshape(shape).to(x.dtype)
 
@@ -214,15 +223,100 @@ def cifar_resnet(depth: int = 20, num_classes: int = 10, in_channels: int = 3) -
     return CifarResNet(depth=depth, num_classes=num_classes, in_channels=in_channels)
 
 
+# -------------------------------------------------------- Cohen et al.'s CIFAR ResNet (locuslab/smoothing)
+
+# The normalisations of Cohen et al.'s code (its datasets.py): their NormalizeLayer keeps them as plain
+# tensors, not buffers, so their checkpoints do not hold them; load_model recreates the layer from these.
+COHEN_CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+COHEN_CIFAR10_STD = (0.2023, 0.1994, 0.2010)
+COHEN_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+COHEN_IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class _CohenBasicBlock(nn.Module):
+    """conv3x3(stride) - bn - relu - conv3x3 - bn, plus the shortcut (a 1x1 conv + bn named
+    ``downsample`` when the stride or the width changes, else the identity), then relu."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.stride = stride
+        if stride != 1 or in_planes != planes:
+            self.downsample = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False),
+                                            nn.BatchNorm2d(planes))
+        else:
+            self.downsample = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        skip = x if self.downsample is None else self.downsample(x)
+        return self.relu(out + skip)
+
+
+class CohenCifarResNet(nn.Module):
+    """The CIFAR ResNet (6n+2 layers, basic blocks) of Cohen, Rosenfeld and Kolter's randomized-smoothing
+    code, itself the "pytorch-classification" CIFAR ResNet: a 3x3 conv (16, no bias) ``conv1``, ``bn1``,
+    ``relu``; ``layer1`` / ``layer2`` / ``layer3`` of n blocks (16 / 32 / 64 planes, strides 1 / 2 / 2)
+    whose first block of a new width has a projection shortcut ``downsample`` (1x1 conv + BN); an 8x8
+    average pool ``avgpool`` and a linear ``fc``. The parameter names are theirs, so the weights of their
+    checkpoints load strictly (after their "1.module." prefix, see :func:`load_model`).
+
+    Differs from :class:`CifarResNet` (parameter-free shortcuts, global pooling, ``linear``). Like theirs,
+    it is sized for 32x32 inputs (the fixed 8x8 pool), and takes normalised inputs: their model is
+    ``nn.Sequential(NormalizeLayer(CIFAR-10 means, sds), this)``."""
+
+    def __init__(self, depth: int = 110, num_classes: int = 10, in_channels: int = 3):
+        super().__init__()
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 8 or (depth - 2) % 6 != 0:
+            raise ValueError(f"depth must be 6n+2 with n >= 1 (20, 32, 44, 56, 110, ...), got {depth!r}")
+        n = (depth - 2) // 6
+        self.depth = depth
+        self.conv1 = nn.Conv2d(in_channels, 16, 3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.relu = nn.ReLU(inplace=True)
+        stages, width = [], 16
+        for planes, stride in ((16, 1), (32, 2), (64, 2)):
+            blocks = [_CohenBasicBlock(width, planes, stride)]
+            blocks += [_CohenBasicBlock(planes, planes, 1) for _ in range(n - 1)]
+            stages.append(nn.Sequential(*blocks))
+            width = planes
+        self.layer1, self.layer2, self.layer3 = stages
+        self.avgpool = nn.AvgPool2d(8)
+        self.fc = nn.Linear(64, num_classes)
+        for m in self.modules():  # He initialisation (fan-out) of the convolutions, as theirs
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.layer3(self.layer2(self.layer1(out)))
+        out = self.avgpool(out).flatten(1)
+        return self.fc(out)
+
+
+def cohen_cifar_resnet(depth: int = 110, num_classes: int = 10, in_channels: int = 3) -> CohenCifarResNet:
+    """Cohen et al.'s CIFAR ResNet ("cifar_resnet20", "cifar_resnet110" in their code) with depth 6n+2,
+    with their layer names (110 -> 1.7M parameters). See :class:`CohenCifarResNet`."""
+    return CohenCifarResNet(depth=depth, num_classes=num_classes, in_channels=in_channels)
+
+
 # ------------------------------------------------------------------------------------ registry
 
-MODEL_NAMES = ("small_cnn", "preact_resnet18", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110")
+MODEL_NAMES = ("small_cnn", "preact_resnet18", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
+               "cohen_cifar_resnet20", "cohen_cifar_resnet110")
 _RESNET = re.compile(r"^resnet(\d+)$")
+_COHEN_RESNET = re.compile(r"^cohen_(?:cifar_)?resnet(\d+)$")  # cohen_cifar_resnet110, cohen_resnet110
 
 
 def get_model(name: str, num_classes: int = 10, in_channels: Optional[int] = None, input_size: Optional[int] = None,
               mean=None, std=None) -> nn.Module:
-    """A model by name: "small_cnn", "preact_resnet18", "resnet20", "resnet110" (any "resnet<6n+2>").
+    """A model by name: "small_cnn", "preact_resnet18", "resnet20", "resnet110" (any "resnet<6n+2>"),
+    "cohen_cifar_resnet110" (or "cohen_resnet110"; any depth 6n+2): Cohen et al.'s CIFAR ResNet.
 
     num_classes; in_channels (default 1 for small_cnn, 3 otherwise); input_size (small_cnn: the
     height / width of the input, default 8; the ResNets pool globally and take any size). With mean
@@ -235,6 +329,14 @@ def get_model(name: str, num_classes: int = 10, in_channels: Optional[int] = Non
                          input_size=8 if input_size is None else input_size)
     elif key in ("preact_resnet18", "preactresnet18"):
         model = PreActResNet18(num_classes=num_classes, in_channels=3 if in_channels is None else in_channels)
+    elif _COHEN_RESNET.match(key):
+        depth = int(_COHEN_RESNET.match(key).group(1))
+        if (depth - 2) % 6 != 0 or depth < 8:
+            raise ValueError(f"unknown model {name!r}: Cohen et al.'s CIFAR ResNets have depth 6n+2 "
+                             f"(cohen_cifar_resnet20, cohen_cifar_resnet110, ...); "
+                             f"known models: {', '.join(MODEL_NAMES)}")
+        model = cohen_cifar_resnet(depth, num_classes=num_classes,
+                                   in_channels=3 if in_channels is None else in_channels)
     elif _RESNET.match(key) and key != "resnet18":
         depth = int(_RESNET.match(key).group(1))
         if (depth - 2) % 6 != 0 or depth < 8:
@@ -347,6 +449,95 @@ def _is_state_dict(obj) -> bool:
         and all(isinstance(v, torch.Tensor) for v in obj.values())
 
 
+# Cohen et al.'s checkpoints: {"arch": ..., "state_dict": ..., "epoch": ..., "optimizer": ...}
+_COHEN_CIFAR_ARCH = re.compile(r"^cifar_resnet(\d+)$")
+_COHEN_KWARGS = ("num_classes", "in_channels", "input_size", "mean", "std")
+
+
+def _cohen_arch(arch) -> Optional[Tuple[str, int]]:
+    """("cifar", depth) or ("imagenet", 50) for an arch of Cohen et al.'s code that robustops builds
+    (any "cifar_resnet<6n+2>", "resnet50"); None for any other."""
+    if not isinstance(arch, str):
+        return None
+    m = _COHEN_CIFAR_ARCH.match(arch)
+    if m:
+        depth = int(m.group(1))
+        return ("cifar", depth) if depth >= 8 and (depth - 2) % 6 == 0 else None
+    return ("imagenet", 50) if arch == "resnet50" else None
+
+
+def _is_cohen_checkpoint(obj) -> bool:
+    """A dict with "arch" and "state_dict" entries and no robustops "model" entry."""
+    return isinstance(obj, dict) and "arch" in obj and "state_dict" in obj and "model" not in obj
+
+
+def _strip_cohen_prefixes(state: dict) -> dict:
+    """Their model is ``nn.Sequential(NormalizeLayer, DataParallel(net))``: keys "1.module.<name>".
+    Also "1.<name>" (no DataParallel), "module.<name>", "0.<name>" and "_orig_mod.<name>", repeatedly,
+    while every key has the prefix."""
+    stripped = True
+    while stripped and state:
+        stripped = False
+        for prefix in ("1.module.", "module.", "1.", "0.", "_orig_mod."):
+            if all(k.startswith(prefix) for k in state):
+                state = {k[len(prefix):]: v for k, v in state.items()}
+                stripped = True
+                break
+    return state
+
+
+def _load_cohen(obj: dict, path: str, name: Optional[str], kwargs: dict) -> nn.Module:
+    """``nn.Sequential(Normalize(their mean, std), net)`` in eval mode from a checkpoint of Cohen et
+    al.'s code whose arch _cohen_arch knows."""
+    arch = obj["arch"]
+    family, depth = _cohen_arch(arch)
+    if name is not None:
+        key = name.lower().replace("-", "_")
+        accepted = {arch}
+        if family == "cifar":
+            accepted |= {f"cohen_{arch}", f"cohen_resnet{depth}"}
+        if key not in accepted:
+            raise ValueError(f"{path!r} holds Cohen et al.'s {arch!r} model (a locuslab/smoothing checkpoint), but "
+                             f"name={name!r} was asked for; leave the name out: the checkpoint's arch says which model")
+    unknown = sorted(set(kwargs) - set(_COHEN_KWARGS))
+    if unknown:
+        raise TypeError(f"load_model() got unexpected keyword arguments for Cohen et al.'s {arch!r}: "
+                        f"{', '.join(unknown)} (it takes {', '.join(_COHEN_KWARGS)})")
+    state = obj["state_dict"]
+    if not _is_state_dict(state):
+        raise ValueError(f"{path!r}: the 'state_dict' entry of this Cohen et al. checkpoint ({arch!r}) is not a "
+                         f"state dict (names -> tensors)")
+    state = _strip_cohen_prefixes(dict(state))
+    num_classes = kwargs.get("num_classes")
+    if num_classes is None:  # their CIFAR-10 models have 10 classes, ImageNet 1000: read it from fc
+        fc = state.get("fc.weight")
+        num_classes = int(fc.shape[0]) if isinstance(fc, torch.Tensor) and fc.dim() == 2 else \
+            (10 if family == "cifar" else 1000)
+    in_channels = kwargs.get("in_channels")
+    in_channels = 3 if in_channels is None else in_channels
+    if family == "cifar":
+        net = cohen_cifar_resnet(depth, num_classes=num_classes, in_channels=in_channels)
+        mean, std = COHEN_CIFAR10_MEAN, COHEN_CIFAR10_STD
+    else:
+        try:
+            from torchvision.models import resnet50
+        except ImportError:
+            raise ValueError(f"{path!r} is Cohen et al.'s ImageNet 'resnet50', torchvision's ResNet-50: install "
+                             f"torchvision (pip install torchvision) to load it") from None
+        if in_channels != 3:
+            raise ValueError(f"{path!r}: Cohen et al.'s ImageNet 'resnet50' takes 3 input channels, got "
+                             f"in_channels={in_channels}")
+        net = resnet50(num_classes=num_classes)
+        mean, std = COHEN_IMAGENET_MEAN, COHEN_IMAGENET_STD
+    if kwargs.get("mean") is not None or kwargs.get("std") is not None:
+        mean, std = kwargs.get("mean"), kwargs.get("std")
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as e:
+        raise ValueError(f"{path!r}: the weights do not fit Cohen et al.'s {arch!r} ({e})") from e
+    return nn.Sequential(Normalize(mean, std), net).eval()
+
+
 def load_model(path: str, name: Optional[str] = None, map_location="cpu", trusted: bool = False,
                **kwargs) -> nn.Module:
     """A model from a file, in eval mode:
@@ -354,7 +545,19 @@ def load_model(path: str, name: Optional[str] = None, map_location="cpu", truste
     - a robustops checkpoint ``{"model", "model_kwargs", "state_dict"}`` (from :func:`save_checkpoint`);
       keyword arguments override the saved model_kwargs;
     - a raw state dict (or ``{"state_dict": ...}``): give the model ``name`` (and its kwargs);
-    - a TorchScript file (``torch.jit.save``) or a ``torch.export`` archive (``torch.export.save``).
+    - a TorchScript file (``torch.jit.save``) or a ``torch.export`` archive (``torch.export.save``);
+    - a checkpoint of Cohen, Rosenfeld and Kolter's randomized-smoothing code (locuslab/smoothing):
+      ``{"arch": "cifar_resnet110", "state_dict": ..., "epoch": ..., "optimizer": ...}`` (a dict with
+      "arch" and "state_dict" and no "model" entry). arch "cifar_resnet<6n+2>" (cifar_resnet20,
+      cifar_resnet110) builds :func:`cohen_cifar_resnet`, "resnet50" torchvision's ResNet-50 (needs
+      torchvision). Their "1.module." key prefix (and "1.", "module.", "0.") is stripped and the
+      weights load strictly. Returns ``nn.Sequential(Normalize(mean, std), net)``, which takes [0, 1]
+      pixels as their model does: their NormalizeLayer holds its means / sds as plain tensors, not
+      in the state dict, so it is recreated from the constants their code publishes
+      (COHEN_CIFAR10_MEAN / _STD for the CIFAR archs, COHEN_IMAGENET_MEAN / _STD for resnet50;
+      ``mean=`` / ``std=`` replace them). num_classes is read from the fc layer; name, when given,
+      must be the arch (or "cohen_<arch>"). With an arch robustops does not build, pass name= to
+      load the state dict into that model.
 
     Files are read with ``torch.load(weights_only=True)``; ``trusted=True`` allows arbitrary pickles
     (a whole pickled nn.Module) from a source you trust."""
@@ -383,6 +586,15 @@ def load_model(path: str, name: Optional[str] = None, map_location="cpu", truste
     if isinstance(obj, nn.Module):
         return obj.eval()
     verify_checkpoint(obj, path)
+    if _is_cohen_checkpoint(obj):
+        if _cohen_arch(obj["arch"]) is not None:
+            return _load_cohen(obj, path, name, kwargs)
+        if name is None:
+            raise ValueError(f"{path!r} looks like a checkpoint of Cohen et al.'s randomized-smoothing code ('arch' "
+                             f"and 'state_dict' entries), but its arch {obj['arch']!r} is none robustops builds: "
+                             f"cifar_resnet<6n+2> (cifar_resnet20, cifar_resnet110, ...) or resnet50 (with "
+                             f"torchvision). For another model, pass its name (name=... / --model) to load the "
+                             f"state dict; known models: {', '.join(MODEL_NAMES)}")
     if isinstance(obj, dict) and "state_dict" in obj and "model" in obj:
         saved = obj["model"]
         if not isinstance(saved, str):
@@ -404,6 +616,11 @@ def load_model(path: str, name: Optional[str] = None, map_location="cpu", truste
         if name is None:
             raise ValueError(f"{path!r} is a raw state dict: pass the model name (name=... / --model) and its "
                              f"kwargs; known models: {', '.join(MODEL_NAMES)}")
+        m = re.match(r"^cohen_(?:cifar_)?resnet(\d+)$", name.lower().replace("-", "_"))
+        if m and any(k.startswith(("1.", "0.")) for k in state):
+            # the bare state dict of Cohen et al.'s Sequential(NormalizeLayer, net): their prefixes and
+            # their normalisation, as for a checkpoint that names its arch
+            return _load_cohen({"arch": f"cifar_resnet{m.group(1)}", "state_dict": state}, path, name, kwargs)
         model = get_model(name, **kwargs)
     state = _strip_prefixes(dict(state))
     try:

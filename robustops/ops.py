@@ -14,7 +14,9 @@ from typing import Optional, Union
 
 import torch
 
-from . import _rng
+from . import _library, _rng
+
+_library.load()
 
 Param = Union[float, int, torch.Tensor]
 
@@ -32,11 +34,6 @@ def batch_major_dense(x: torch.Tensor) -> bool:
             return False
         expected *= x.shape[d]
     return x.dim() >= 1 and (x.shape[0] <= 1 or not dims or dims[0] == 0)
-
-
-def build_info_json() -> str:
-    """The compiled library's own description of its build (JSON text)."""
-    return torch.ops.robustops.build_info()
 
 
 def _tracing() -> bool:
@@ -169,18 +166,19 @@ def random_init(x: torch.Tensor, eps: Param, norm: str = "linf", lo: float = 0.0
     return torch.ops.robustops.random_init(*args, offset, radius)
 
 
-def recycle_step_(delta: torch.Tensor, grad: torch.Tensor, x: torch.Tensor, eps: Param, step: Param,
+def recycle_step_(delta: torch.Tensor, x: torch.Tensor, grad: torch.Tensor, *, eps: Param, step: Param,
                   lo: float = 0.0, hi: float = 1.0) -> torch.Tensor:
     """Gradient-recycling ("free" AT) and FGSM-RS update of a persistent perturbation, in place:
     delta = clamp(delta + step*sign(grad), -eps, eps), then clamped so that x + delta lies in [lo, hi].
 
-    delta, grad, x: Tensor[B, ...] of one dtype and device; eps, step: float or Tensor[B]. Returns delta.
+    delta, x, grad: Tensor[B, ...] of one dtype and device, in pgd_step_'s order (the updated tensor,
+    the clean input, the gradient); eps, step (keyword-only): float or Tensor[B]. Returns delta.
     """
     _check_floating(delta, "delta")
-    _check_like(grad, delta, "grad", "delta")
     _check_like(x, delta, "x", "delta")
+    _check_like(grad, delta, "grad", "delta")
     _check_bounds(lo, hi)
-    torch.ops.robustops.recycle_step_(delta, grad, x, _param(eps, "eps", delta), _param(step, "step", delta),
+    torch.ops.robustops.recycle_step_(delta, x, grad, _param(eps, "eps", delta), _param(step, "step", delta),
                                       float(lo), float(hi))
     return delta
 
@@ -193,7 +191,7 @@ def _pgd_step_fake(x_adv, x, grad, eps, alpha, norm, lo, hi):
 
 
 @torch.library.register_fake("robustops::recycle_step_")
-def _recycle_step_fake(delta, grad, x, eps, step, lo, hi):
+def _recycle_step_fake(delta, x, grad, eps, step, lo, hi):
     return None
 
 

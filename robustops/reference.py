@@ -71,7 +71,7 @@ def _l2_direction_step(a, g, alpha, eps):
     return f.float().reshape(shape) * v
 
 
-def recycle_step(delta, grad, x, eps, step, lo=0.0, hi=1.0):
+def recycle_step(delta, x, grad, eps, step, lo=0.0, hi=1.0):
     """Free-AT / FGSM-RS update of a persistent perturbation."""
     d32, x32 = delta.float(), x.float()
     e, s = _per_sample(eps, d32), _per_sample(step, d32)

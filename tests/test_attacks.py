@@ -1,5 +1,6 @@
 """robustops.attacks: PGD / FGSM against an independent plain-PyTorch PGD, constraints, restarts,
 early exit, targeted attacks, input validation, robust_accuracy and the `robustops attack` CLI."""
+import copy
 import csv
 import io
 import os
@@ -14,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from helpers import train_digits_model
 
+import robustops as ro
 from robustops import attacks as A
 from robustops.attacks.graph import GraphRunner
 from robustops.data import load_digits
@@ -596,3 +598,29 @@ def test_nan_logits_are_no_misclassification_to_claim(data):
     r = A.robust_accuracy(m, [(x, y)], A.PGD(m, eps=0.1, steps=3, seed=0), progress=False)
     assert r["clean_acc"] == 1.0 and r["robust_acc"] == 0.0
     assert bool((r["samples"]["adv_pred"] == -1).all()) and not bool(r["samples"]["success"].any())
+
+
+# ------------------------------------------------------------- the README's compiled attack step
+
+def test_a_whole_attack_step_compiles_with_fullgraph(model, data):
+    """README's pattern: torch.func.grad for the input gradient, then pgd_step_, in one
+    torch.compile(fullgraph=True) graph; the same iterates as the eager step. torch.autograd.grad
+    breaks the graph (dynamo's default), and seed=None cannot be traced: its error says so."""
+    x, y = data
+    x, y = x[:32], y[:32]
+    frozen = copy.deepcopy(model).requires_grad_(False)
+
+    def step(x_adv, x, y):
+        g = torch.func.grad(lambda z: F.cross_entropy(frozen(z), y, reduction="sum"))(x_adv)
+        return ro.pgd_step_(x_adv, x, g, eps=0.1, alpha=0.025, norm="linf")
+
+    compiled = torch.compile(step, fullgraph=True)
+    start = ro.random_init(x, eps=0.1, norm="linf", seed=3)
+    xa_eager, xa_comp = start.clone(), start.clone()
+    for _ in range(4):
+        step(xa_eager, x, y)
+        compiled(xa_comp, x, y)
+    torch.testing.assert_close(xa_comp, xa_eager, rtol=0, atol=1e-6)
+    assert float((xa_eager - x).abs().amax()) <= 0.1 + 1e-6 and not torch.equal(xa_eager, start)
+    with pytest.raises(Exception, match="seed=None draws a seed"):
+        torch.compile(lambda t: ro.random_init(t, eps=0.1, norm="linf"), fullgraph=True)(x)

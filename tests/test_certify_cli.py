@@ -220,8 +220,9 @@ def test_distributed_parts_are_merged_on_resume(ckpt, reference_run, tmp_path):
 
 def test_errors_name_the_argument(ckpt, tmp_path, capsys):
     out = str(tmp_path / "e.tsv")
-    cases = [(["--sigma", "0"], "--sigma"), (["--alpha", "1.5"], "--alpha"), (["--N", "0"], "--N"),
-             (["--batch", "0"], "--batch"), (["--skip", "0"], "--skip"), (["--data", str(tmp_path / "none")], "--data")]
+    cases = [(["--sigma", "0"], "--sigma"), (["--alpha", "1.5"], "--alpha"), (["--N", "0"], "--n"),
+             (["--batch", "0"], "--batch-size"), (["--skip", "0"], "--skip"),
+             (["--data", str(tmp_path / "none")], "--data")]
     for extra, name in cases:
         assert run(["--checkpoint", ckpt[0], "-o", out] + COMMON + extra) == 2, extra
         assert name in capsys.readouterr().err
@@ -234,7 +235,7 @@ def test_errors_name_the_argument(ckpt, tmp_path, capsys):
     with open(out, "w") as fh:
         fh.write("something else\n")
     assert run(["--checkpoint", ckpt[0], "-o", out, "--resume"] + COMMON) == 2
-    assert "not a robustops certify TSV" in capsys.readouterr().err
+    assert "not a robustops TSV of this kind" in capsys.readouterr().err
     assert open(out).read() == "something else\n"
 
 

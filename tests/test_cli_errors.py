@@ -54,7 +54,8 @@ CERT = ["--sigma", "0.25", "--N0", "8", "--N", "40", "--alpha", "0.01", "--batch
 
 @pytest.mark.parametrize("args,words", [
     (["attack", "--eps", "-1"], ["--eps", ">= 0"]),
-    (["attack", "--alpha", "-0.1"], ["--alpha", ">= 0"]),
+    (["attack", "--step-size", "-0.1"], ["--step-size", ">= 0"]),
+    (["attack", "--alpha", "0.1"], ["--alpha", "use --step-size"]),
     (["attack", "--eps", "8/0"], ["--eps", "8/0"]),
     (["certify", "--sigma", "inf"], ["--sigma", "finite"]),
 ])

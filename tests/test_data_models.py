@@ -291,3 +291,13 @@ def test_import_refuses_a_library_built_for_another_torch():
     if torch.version.cuda:
         with pytest.raises(ImportError, match="compiled with CUDA 99.0"):
             robustops._check_versions(dict(info, cuda=True, cuda_version="99.0"))
+
+
+def test_normalize_refuses_inputs_with_other_channel_counts():
+    from robustops.models import Normalize
+
+    norm = Normalize([0.4, 0.5, 0.6], [0.2, 0.2, 0.2])
+    assert norm(torch.rand(2, 3, 4, 4)).shape == (2, 3, 4, 4)
+    with pytest.raises(ValueError, match=r"expected inputs \[B, 3, \.\.\.\].*\[2, 1, 4, 4\]"):
+        norm(torch.rand(2, 1, 4, 4))  # would broadcast to 3 identical channels
+    assert Normalize(0.5, 0.25)(torch.rand(2, 1, 4, 4)).shape == (2, 1, 4, 4)  # one value: any channel count

@@ -135,7 +135,7 @@ def test_recycle_step_against_float64(case):
     x0 = x.double()
     expected = torch.where(torch.isnan(d), d, (x0 + d).clamp(lo, hi) - x0)
     out = delta.clone()
-    ro.recycle_step_(out, grad, x, eps, step, lo, hi)
+    ro.recycle_step_(out, x, grad, eps=eps, step=step, lo=lo, hi=hi)
     assert torch.equal(torch.isnan(out.double()), torch.isnan(expected))
     ok = ~torch.isnan(expected)
     tol = 4 * EPS32[x.dtype] * max(1.0, abs(lo), abs(hi)) + 1e-6

@@ -142,7 +142,7 @@ def test_cpu_vector_loops_compute_the_scalar_formulas(monkeypatch, dtype):
 
     def recycle():
         d = (xa.float() - x.float()).to(dtype)
-        ro.recycle_step_(d, g, x, eps, 0.03)
+        ro.recycle_step_(d, x, g, eps=eps, step=0.03)
         return d
 
     for fn, exact in ((step("linf"), True), (recycle, True), (step("l2"), False)):

@@ -95,9 +95,9 @@ def test_recycle_step_matches_reference(device, dtype, shape, layout, pkind):
     delta = (0.1 * make(shape, torch.float32, device, layout, gen, kind="normal")).to(dtype)
     grad = make(shape, dtype, device, layout, gen, kind="normal")
     eps, step = params(pkind, shape[0], device, gen)
-    expected = ref.recycle_step(delta, grad, x, eps, step, 0.0, 1.0)
+    expected = ref.recycle_step(delta, x, grad, eps, step, 0.0, 1.0)
     out = delta.clone()
-    assert ro.recycle_step_(out, grad, x, eps, step, 0.0, 1.0) is out
+    assert ro.recycle_step_(out, x, grad, eps=eps, step=step, lo=0.0, hi=1.0) is out
     torch.testing.assert_close(out.float(), expected.float(), atol=2 * ULP[dtype], rtol=0)
 
 
@@ -212,7 +212,7 @@ def test_nan_grad_stays_in_its_sample(device, norm):
         torch.testing.assert_close(x_adv[b], expected[b], atol=1e-5, rtol=0)
     assert torch.isnan(x_adv[1]).any()
     delta = torch.zeros_like(x)
-    ro.recycle_step_(delta, g, x, 0.1, 0.05)
+    ro.recycle_step_(delta, x, g, eps=0.1, step=0.05)
     assert torch.isfinite(delta[[0, 2, 3]]).all()
 
 
@@ -271,11 +271,15 @@ def test_bad_inputs_other_ops():
     with pytest.raises(TypeError, match="seed must be an int"):
         ro.random_init(x, 0.1, seed=1.5)
     with pytest.raises(ValueError, match="step must be >= 0"):
-        ro.recycle_step_(torch.zeros_like(x), x, x, 0.1, -0.5)
+        ro.recycle_step_(torch.zeros_like(x), x, x, eps=0.1, step=-0.5)
     with pytest.raises(ValueError, match="x must have the same shape as delta"):
-        ro.recycle_step_(torch.zeros_like(x), x, torch.rand(4, 4), 0.1, 0.5)
+        ro.recycle_step_(torch.zeros_like(x), torch.rand(4, 4), x, eps=0.1, step=0.5)
     with pytest.raises(TypeError, match="grad must be a torch.Tensor"):
-        ro.recycle_step_(torch.zeros_like(x), 1.0, x, 0.1, 0.5)
+        ro.recycle_step_(torch.zeros_like(x), x, 1.0, eps=0.1, step=0.5)
+    # pgd_step_'s order (out, x, grad); eps and step by keyword, so the old order (delta, grad, x, eps,
+    # step), which would swap x and grad silently, fails loudly instead
+    with pytest.raises(TypeError):
+        ro.recycle_step_(torch.zeros_like(x), x, x, 0.1, 0.5)
     # The C++ layer has its own checks for callers that use torch.ops directly.
     with pytest.raises(RuntimeError, match='norm must be "linf" or "l2"'):
         torch.ops.robustops.pgd_step_(x.clone(), x, x, torch.tensor(0.1), torch.tensor(0.1), "l3", 0.0, 1.0)
@@ -314,7 +318,7 @@ def test_opcheck(device):
                                   (x.clone(), x, g, torch.tensor(0.1), per, norm, 0.0, 1.0))
             torch.library.opcheck(torch.ops.robustops.random_init, (x, per, norm, 0.0, 1.0, 3, 0))
         torch.library.opcheck(torch.ops.robustops.recycle_step_,
-                              (torch.zeros_like(x), g, x, per, torch.tensor(0.01), 0.0, 1.0))
+                              (torch.zeros_like(x), x, g, per, torch.tensor(0.01), 0.0, 1.0))
 
 
 @pytest.mark.parametrize("device", devices())
@@ -325,7 +329,7 @@ def test_torch_compile_fullgraph(device):
             ro.pgd_step_(x_adv, x, g, eps, 0.01, "linf", 0.0, 1.0)
         ro.pgd_step_(x_adv, x, g, eps, 0.05, "l2", 0.0, 1.0)
         delta = x_adv - x
-        ro.recycle_step_(delta, g, x, eps, 0.02, 0.0, 1.0)
+        ro.recycle_step_(delta, x, g, eps=eps, step=0.02, lo=0.0, hi=1.0)
         return x + delta
 
     x = torch.rand(8, 3, 8, 8, device=device)

@@ -375,7 +375,7 @@ void recycle_kernel(T* delta, const T* g, const T* x, int64_t numel, int64_t D, 
   });
 }
 
-void recycle_step_cpu(at::Tensor& delta, const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& eps_t,
+void recycle_step_cpu(at::Tensor& delta, const at::Tensor& x_in, const at::Tensor& grad_in, const at::Tensor& eps_t,
                       const at::Tensor& step_t, double lo, double hi) {
   read_cpu_scalar_switch();
   const StepArgs s = prepare_step(delta, "delta", grad_in, "grad", x_in, "x", eps_t, "eps", step_t, "step");

@@ -374,7 +374,7 @@ __global__ void recycle_kernel(T* __restrict__ delta, const T* __restrict__ g, c
   }
 }
 
-void recycle_step_cuda(at::Tensor& delta, const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& eps_t,
+void recycle_step_cuda(at::Tensor& delta, const at::Tensor& x_in, const at::Tensor& grad_in, const at::Tensor& eps_t,
                        const at::Tensor& step_t, double lo, double hi) {
   const c10::cuda::CUDAGuard guard(delta.device());
   const StepArgs s = prepare_step(delta, "delta", grad_in, "grad", x_in, "x", eps_t, "eps", step_t, "step");

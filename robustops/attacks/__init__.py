@@ -12,11 +12,16 @@ loss), early exit (samples that are already fooled leave the batch), per-sample 
 attacks, CE / DLR / custom losses, normalization in front of the model (``mean`` / ``std``),
 train-mode attacks, autocast, and on CUDA a CUDA-graph replay of the whole iteration.
 
+APGD-CE / APGD-DLR (``APGD``) and APGD-T (``APGDT``), Croce & Hein 2020's Auto-PGD, run on the same
+engine with their step-size schedule and momentum.
+
 Layout: ``engine`` (the one projected-gradient iteration, shared with training), ``pgd`` (PGD /
-FGSM: configuration and checks), ``graph`` (CUDA-graph replay), ``evaluation`` (robust accuracy).
+FGSM: configuration and checks), ``apgd`` (Auto-PGD), ``graph`` (CUDA-graph replay), ``evaluation`` (robust accuracy).
 """
+from .apgd import APGD, APGDT
 from .engine import STARTS, AttackResult, Engine, Recorder
 from .evaluation import robust_accuracy
 from .pgd import FGSM, PGD, dlr_loss
 
-__all__ = ["PGD", "FGSM", "AttackResult", "robust_accuracy", "dlr_loss", "Engine", "Recorder", "STARTS"]
+__all__ = ["PGD", "FGSM", "APGD", "APGDT", "AttackResult", "robust_accuracy", "dlr_loss", "Engine", "Recorder",
+           "STARTS"]

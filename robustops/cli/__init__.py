@@ -1,4 +1,4 @@
-"""`robustops demo|train|attack|certify|bench`: the command line, the only part of robustops that
+"""`robustops demo|train|attack|certify|predict|plot|bench`: the command line, the only part of robustops that
 parses arguments, sets up torchrun process groups, or reads and writes run files.
 
 One module per subcommand, each with ``HELP``, ``add_arguments(parser)`` and ``run(args) -> int``;
@@ -9,26 +9,41 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Optional
 
-from . import attack, bench, certify, demo, train
+from . import attack, bench, certify, demo, plot, predict, train
 from .common import CLIError, Parser
 
 __all__ = ["main", "build_parser", "CLIError", "COMMANDS"]
 
-COMMANDS = {"demo": demo, "train": train, "attack": attack, "certify": certify, "bench": bench}
+COMMANDS = {"demo": demo, "train": train, "attack": attack, "certify": certify, "predict": predict, "plot": plot,
+            "bench": bench}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: Optional[str] = "*") -> argparse.ArgumentParser:
+    """The parser of ``robustops``: every subcommand's arguments (command "*"), only those of one
+    command, or none (None: ``robustops --help``, which then needs no torch)."""
     parser = Parser(prog="robustops", description="Fast robust machine learning in PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, module in COMMANDS.items():
-        p = sub.add_parser(name, help=module.HELP, description=module.HELP)
-        module.add_arguments(p)
+        p = sub.add_parser(name, help=module.HELP, description=module.HELP,
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        if command == "*" or command == name:
+            module.add_arguments(p)
     return parser
 
 
+def _command(argv) -> Optional[str]:
+    """The subcommand named in argv (the first word that is one), if any."""
+    for a in argv:
+        if a in COMMANDS:
+            return a
+    return None
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(_command(argv)).parse_args(argv)
     try:
         return int(COMMANDS[args.command].run(args) or 0)
     except CLIError as e:

@@ -1,5 +1,6 @@
-"""`robustops attack`: clean and robust accuracy of a checkpoint under PGD / FGSM, per-sample results
-as a TSV, inputs sharded over torchrun processes."""
+"""`robustops attack`: clean and robust accuracy of a checkpoint under PGD / FGSM / APGD-CE / APGD-DLR /
+APGD-T or the AutoAttack-style suite (APGD-CE then APGD-T on what survives), per-sample results as a
+TSV, a robust-accuracy-against-eps sweep, inputs sharded over torchrun processes."""
 from __future__ import annotations
 
 import argparse
@@ -7,48 +8,83 @@ import csv
 import math
 import os
 
-import torch
+from .common import (
+    CLIError,
+    Renamed,
+    add_common,
+    alias,
+    check_model_accepts,
+    check_writable,
+    checkpoint_meta,
+    distributed,
+    fraction,
+    fractions,
+    load_data,
+    require_min,
+    setup_run,
+    write_summary,
+)
 
-from .. import _rng, attacks
-from .. import data as rodata
-from .. import models
-from .common import (CLIError, add_common, check_model_accepts, check_writable, distributed, load_data,
-                     parse_fraction, require_min)
+HELP = "robust accuracy of a checkpoint under PGD / FGSM / APGD / an AutoAttack-style suite"
 
-HELP = "robust accuracy of a checkpoint under PGD / FGSM"
-
-#: Columns of the per-sample TSV, in order (target only for targeted attacks).
+#: Columns of the per-sample TSV, in order (target only for targeted attacks, attack only for --suite).
 RESULT_COLUMNS = ("index", "label", "clean_pred", "adv_pred", "clean_correct", "robust_correct", "success",
-                  "success_step", "restart", "linf", "l2", "target")
+                  "success_step", "restart", "linf", "l2", "target", "attack")
+
+ATTACKS = ("pgd", "fgsm", "apgd-ce", "apgd-dlr", "apgd-t")
+
+#: --suite name -> the attacks it runs in order, each on the samples that all earlier ones left robust.
+#: AutoAttack's standard suite is APGD-CE, APGD-T, FAB-T and Square; FAB-T and Square are not in
+#: robustops, so this suite's robust accuracy is an upper bound of AutoAttack's.
+SUITES = {"autoattack": ("apgd-ce", "apgd-t")}
+SUITE_MISSING = {"autoattack": ("FAB-T", "Square")}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="model file: a robustops checkpoint, a raw state dict "
                    "(with --model), a TorchScript or a torch.export file")
     p.add_argument("--model", default=None, help="model name for a raw state dict (small_cnn, preact_resnet18, "
-                   "resnet20, resnet110)")
+                   "resnet20, resnet110, ...)")
     p.add_argument("--data", default="digits", help='"digits" (embedded), a .npz file, "cifar10:DIR" or '
-                   '"imagefolder:DIR" (default: digits)')
-    p.add_argument("--split", default="test", help="train or test (default: test)")
-    p.add_argument("--norm", default="linf", choices=["linf", "l2"])
-    p.add_argument("--eps", type=parse_fraction, default=None, help="radius, e.g. 0.1 or 8/255 (default: 8/255 "
-                   "for linf, 0.5 for l2)")
-    p.add_argument("--alpha", type=parse_fraction, default=None, help="step size (default: 2.5 * eps / steps)")
-    p.add_argument("--steps", type=int, default=10)
+                   '"imagefolder:DIR"')
+    p.add_argument("--split", default="test", choices=["train", "test"])
+    p.add_argument("--norm", default=None, choices=["linf", "l2"],
+                   help="threat model (None: the checkpoint's, else linf)")
+    p.add_argument("--eps", type=fraction("eps"), default=None,
+                   help="radius, e.g. 0.1 or 8/255 (None: the eps the checkpoint was trained with, else 8/255 for "
+                        "linf and 0.5 for l2)")
+    p.add_argument("--eps-sweep", type=fractions("eps"), default=None, metavar="EPS,EPS,...",
+                   help="robust accuracy at each of these radii (e.g. 0,1/255,2/255,4/255,8/255): a table, and with "
+                        "-o a CSV, a plot (PNG and PDF) and a JSON summary")
+    p.add_argument("--step-size", dest="alpha", type=fraction("step size"), default=None,
+                   help="step size (None: 2.5 * eps / steps; FGSM eps)")
+    p.add_argument("--alpha", action=Renamed, new="--step-size", why="is the step size here")
+    p.add_argument("--attack", default="pgd", choices=ATTACKS,
+                   help="pgd, fgsm (one step of size eps), apgd-ce / apgd-dlr (Auto-PGD, Croce & Hein 2020) or "
+                        "apgd-t (targeted DLR over the top classes)")
+    p.add_argument("--fgsm", dest="attack", action="store_const", const="fgsm", help=argparse.SUPPRESS)
+    p.add_argument("--suite", default=None, choices=sorted(SUITES),
+                   help="autoattack: APGD-CE, then APGD-T on the samples it left robust (FAB-T and Square are "
+                        "not implemented: the robust accuracy is an upper bound of AutoAttack's)")
+    p.add_argument("--steps", type=int, default=None, help="iterations (None: 10 for pgd, 100 for apgd-* and --suite)")
     p.add_argument("--restarts", type=int, default=1)
-    p.add_argument("--loss", default="ce", choices=["ce", "dlr"])
-    p.add_argument("--fgsm", action="store_true", help="FGSM instead of PGD (one step of size eps)")
+    p.add_argument("--n-target-classes", type=int, default=9, help="apgd-t: target classes per sample (capped at "
+                   "classes - 1)")
+    p.add_argument("--loss", default="ce", choices=["ce", "dlr"], help="pgd / fgsm objective")
     p.add_argument("--no-random-start", dest="random_start", action="store_false")
-    p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--max", "--max-samples", dest="max", type=int, default=None,
-                   help="attack only the first MAX samples (--max-samples: the same, for use under torchrun, "
-                        "whose own --max-restarts option makes --max ambiguous)")
-    p.add_argument("--out", default=None, help="per-sample results TSV (written when the attack has run)")
+    p.add_argument("--batch-size", type=int, default=256, help="images per attacked batch")
+    alias(p, "--batch", dest="batch_size", type=int)
+    p.add_argument("--max-samples", dest="max", type=int, default=None, help="attack only the first MAX samples")
+    alias(p, "--max", dest="max", type=int)
+    p.add_argument("-o", "--out", default=None,
+                   help="per-sample results TSV (with --eps-sweep: the sweep's CSV), written when the attack has "
+                        "run, with a JSON summary beside it")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.add_argument("--early-stop", action="store_true", help="samples that are fooled leave the batch")
-    p.add_argument("--graph", action="store_true", help="CUDA-graph replay of the attack iteration (CUDA only)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "bf16", "float16", "fp16"],
-                   help="autocast dtype of the model's forward")
+    p.add_argument("--graph", action="store_true", help="CUDA-graph replay of the attack iteration (CUDA only; pgd "
+                   "and fgsm)")
+    p.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"], help="autocast of the model's forward")
+    alias(p, "--dtype", dest="amp", choices=["float32", "none", "bfloat16", "bf16", "float16", "fp16"])
     p.add_argument("--normalize", action="store_true", help="the model takes inputs normalized with the "
                    "dataset's mean/std: the attack normalizes in front of it")
     add_common(p, workers=False)
@@ -84,18 +120,35 @@ def save_results(path: str, samples_or_rows) -> str:
     return path
 
 
-def _attack(args, model, info, eps, rank: int):
+def _attacks(args) -> tuple:
+    """The attacks this run applies in order (one, or a suite's)."""
+    return SUITES[args.suite] if args.suite else (args.attack,)
+
+
+def _steps(args, name: str) -> int:
+    return args.steps if args.steps is not None else (10 if name in ("pgd", "fgsm") else 100)
+
+
+def _attack(args, model, info, norm: str, eps: float, rank: int, name: str):
+    from .. import _rng, attacks
+
     mean = std = None
     if args.normalize:
         if info.get("mean") is None:
             raise CLIError(f"--normalize: dataset {info['name']} has no mean/std")
         mean, std = info["mean"], info["std"]
-    common = dict(norm=args.norm, loss=args.loss, mean=mean, std=std, early_stop=args.early_stop,
-                  seed=_rng.derive_seed(args.seed, rank), graph=args.graph, dtype=args.dtype,
-                  random_start=args.random_start, restarts=args.restarts)
-    if args.fgsm:
+    amp = {"float32": "none", "bfloat16": "bf16", "float16": "fp16"}.get(args.amp, args.amp)
+    common = dict(norm=norm, mean=mean, std=std, early_stop=args.early_stop, seed=_rng.derive_seed(args.seed, rank),
+                  dtype=amp, restarts=args.restarts)
+    if name.startswith("apgd"):
+        if name == "apgd-t":
+            return attacks.APGDT(model, eps=eps, steps=_steps(args, name), n_target_classes=min(
+                args.n_target_classes, max(int(info["num_classes"]) - 1, 1)), **common)
+        return attacks.APGD(model, eps=eps, steps=_steps(args, name), loss=name[5:], **common)
+    common.update(loss=args.loss, graph=args.graph, random_start=args.random_start)
+    if name == "fgsm":
         return attacks.FGSM(model, eps=eps, alpha=args.alpha, **common)
-    return attacks.PGD(model, eps=eps, alpha=args.alpha, steps=args.steps, **common)
+    return attacks.PGD(model, eps=eps, alpha=args.alpha, steps=_steps(args, name), **common)
 
 
 def _gather(d, rows, stats):
@@ -107,15 +160,39 @@ def _gather(d, rows, stats):
     if d.rank != 0:
         return rows, stats
     parts = [s for _, s in gathered]
-    return ([r for part_rows, _ in gathered for r in part_rows],
-            [sum(s[0] for s in parts), sum(s[1] for s in parts), sum(s[2] for s in parts), max(s[3] for s in parts)])
+    summed = [sum(s[k] for s in parts) for k in range(len(parts[0]))]
+    summed[3] = max(s[3] for s in parts)  # seconds: the slowest rank
+    return [r for part_rows, _ in gathered for r in part_rows], summed
+
+
+def _threat_model(args, meta: dict):
+    """(norm, eps, where eps came from): the flags win, then the checkpoint's training threat model."""
+    norm = args.norm or (meta.get("norm") if meta.get("norm") in ("linf", "l2") else None) or "linf"
+    if args.eps is not None:
+        return norm, args.eps, "--eps"
+    if isinstance(meta.get("eps"), (int, float)) and meta.get("norm", norm) == norm and meta.get("method") not in (
+            None, "natural", "gaussian"):
+        return norm, float(meta["eps"]), f"the checkpoint ({meta.get('method')} training)"
+    return norm, (8 / 255 if norm == "linf" else 0.5), f"the default for {norm}"
 
 
 def _load(args):
-    """Everything checked before the attack runs: (model, dataset, info, eps)."""
-    require_min(steps=(args.steps, 1), restarts=(args.restarts, 1), batch=(args.batch, 1))
-    eps = args.eps if args.eps is not None else (8 / 255 if args.norm == "linf" else 0.5)
-    for flag, v in (("--eps", eps), ("--alpha", args.alpha)):
+    """Everything checked before the attack runs: (model, dataset, info, norm, eps, its source)."""
+    import torch
+
+    from .. import models
+
+    require_min(steps=(args.steps if args.steps is not None else 1, 1), restarts=(args.restarts, 1),
+                batch_size=(args.batch_size, 1), n_target_classes=(args.n_target_classes, 1))
+    names = _attacks(args)
+    if args.suite and args.attack != "pgd":
+        raise CLIError(f"--suite {args.suite} runs its own attacks ({', '.join(names)}); drop --attack {args.attack}")
+    if args.graph and any(n.startswith("apgd") for n in names):
+        raise CLIError("--graph replays pgd / fgsm iterations only; APGD runs eagerly")
+    if args.alpha is not None and any(n.startswith("apgd") for n in names):
+        raise CLIError("--step-size: APGD chooses its own step sizes (2 * eps, halved at its checkpoints)")
+    for flag, v in [("--eps", args.eps), ("--step-size", args.alpha)] + [("--eps-sweep", e) for e in
+                                                                         (args.eps_sweep or [])]:
         if v is not None and not 0.0 <= v < math.inf:
             raise CLIError(f"{flag} must be a finite number >= 0, got {v}")
     if args.out:
@@ -128,41 +205,135 @@ def _load(args):
     except (ValueError, FileNotFoundError, KeyError, RuntimeError) as e:
         raise CLIError(str(e) if str(e).startswith("--") else f"--checkpoint {args.checkpoint!r}: {e}") from None
     check_model_accepts(model, info, torch.device("cpu"))
-    return model, dataset, info, eps
+    norm, eps, source = _threat_model(args, checkpoint_meta(args.checkpoint, model))
+    return model, dataset, info, norm, eps, source
+
+
+def _evaluate(args, model, dataset, info, norm, eps, d):
+    """(rows, [n, clean, robust, seconds, robust after each attack...]) of this run's attacks at eps,
+    gathered on rank 0. Each attack after the first sees only the samples all earlier ones left
+    robust; a sample's row is the one of the attack that broke it (else the last attack's)."""
+    from torch.utils.data import DataLoader, Subset
+
+    from .. import attacks
+    from .. import data as rodata
+
+    if args.max is not None:
+        dataset = Subset(dataset, list(range(min(args.max, len(dataset)))))
+    part = rodata.shard(dataset, d.rank, d.world) if d.distributed else dataset
+    if not isinstance(part, Subset):
+        part = Subset(part, list(range(len(part))))
+    names = _attacks(args)
+    by_index, stats, seconds = {}, None, 0.0
+    for stage, name in enumerate(names):
+        if stage:
+            part = Subset(part.dataset, [i for i in part.indices if by_index[i]["robust_correct"]])
+            if not len(part):
+                stats.append(0)
+                continue
+        loader = DataLoader(rodata.IndexedDataset(part), batch_size=args.batch_size, shuffle=False)
+        try:
+            attack = _attack(args, model, info, norm, eps, d.rank, name)
+        except (ValueError, TypeError) as e:
+            raise CLIError(str(e)) from None
+        res = attacks.robust_accuracy(model, loader, attack, device=d.device, progress=args.progress and d.rank == 0,
+                                      desc=name)
+        seconds += res["time_s"]
+        for row in result_rows(res["samples"]):
+            if len(names) > 1:
+                row["attack"] = name
+            by_index[int(row["index"])] = row
+        if stats is None:
+            stats = [res["n"], res["clean_correct"], 0, 0.0]
+        stats.append(sum(1 for r in by_index.values() if r["robust_correct"]))
+    stats[2], stats[3] = stats[-1], seconds
+    rows = list(by_index.values())
+    if d.distributed:
+        rows, stats = _gather(d, rows, stats)
+    return rows, stats
 
 
 def run(args) -> int:
-    from torch.utils.data import DataLoader, Subset
-
-    model, dataset, info, eps = _load(args)
+    model, dataset, info, norm, eps, source = _load(args)
+    setup_run(args, sample_numel=math.prod(info["input_shape"]))
     with distributed(args.device) as d:
         model = model.to(d.device)
-        if args.max is not None:
-            dataset = Subset(dataset, list(range(min(args.max, len(dataset)))))
-        part = rodata.shard(dataset, d.rank, d.world) if d.distributed else dataset
-        loader = DataLoader(rodata.IndexedDataset(part), batch_size=args.batch, shuffle=False)
-        try:
-            attack = _attack(args, model, info, eps, d.rank)
-        except (ValueError, TypeError) as e:
-            raise CLIError(str(e)) from None
-        res = attacks.robust_accuracy(model, loader, attack, device=d.device, progress=args.progress and d.rank == 0)
-        rows = result_rows(res["samples"])
-        stats = [res["n"], res["clean_correct"], res["robust_correct"], res["time_s"]]
-        if d.distributed:
-            rows, stats = _gather(d, rows, stats)
+        if args.eps_sweep:
+            table = []
+            for e in args.eps_sweep:
+                _, stats = _evaluate(args, model, dataset, info, norm, e, d)
+                table.append((e, stats))
+                if d.rank == 0:
+                    n, clean, robust, elapsed = stats[:4]
+                    print(f"eps {e:.6g}: robust_acc {robust / max(n, 1):.4f} (clean {clean / max(n, 1):.4f}, n {n}, "
+                          f"{elapsed:.1f}s)", flush=True)
+            if d.rank == 0:
+                _report_sweep(args, info, norm, table)
+            return 0
+        rows, stats = _evaluate(args, model, dataset, info, norm, eps, d)
         if d.rank == 0:
-            _report(args, info, eps, d, rows, stats)
+            _report(args, info, norm, eps, source, d, rows, stats)
     return 0
 
 
-def _report(args, info, eps, d, rows, stats) -> None:
-    n, clean, robust, elapsed = stats
-    if args.out:
-        save_results(args.out, rows)
-    what = "FGSM" if args.fgsm else f"PGD-{args.steps}"
-    print(f"{what} {args.norm} eps={eps:.6g} restarts={args.restarts} on {info['name']}/{args.split} "
+def _describe(args, norm: str) -> str:
+    label = {"pgd": "PGD", "fgsm": "FGSM", "apgd-ce": "APGD-CE", "apgd-dlr": "APGD-DLR", "apgd-t": "APGD-T"}
+    parts = [label[n] if n == "fgsm" else f"{label[n]}-{_steps(args, n)}" for n in _attacks(args)]
+    return " + ".join(parts)
+
+
+def _report(args, info, norm, eps, source, d, rows, stats) -> None:
+    n, clean, robust, elapsed = stats[:4]
+    what = _describe(args, norm)
+    print(f"{what} {norm} eps={eps:.6g} (from {source}) restarts={args.restarts} on {info['name']}/{args.split} "
           f"({n} samples, {d.world} rank{'s' if d.world > 1 else ''}, {d.device.type}, {elapsed:.1f}s)")
+    names = _attacks(args)
+    stages = {}
+    if len(names) > 1:
+        stages = {name: stats[4 + k] / max(n, 1) for k, name in enumerate(names)}
+        print("robust accuracy after each attack: " + ", ".join(f"{k} {v:.4f}" for k, v in stages.items()))
+        print(f"not run: {', '.join(SUITE_MISSING[args.suite])} (not in robustops); this robust accuracy is an upper "
+              f"bound of full AutoAttack's")
     print(f"clean_acc {clean / max(n, 1):.4f}  robust_acc {robust / max(n, 1):.4f}  n {n}  "
           f"clean_correct {clean}  robust_correct {robust}")
     if args.out:
-        print(f"per-sample results: {args.out}")
+        save_results(args.out, rows)
+        record = {"command": "attack", "attack": what, "attacks": list(names), "norm": norm, "eps": eps,
+                  "eps_source": source, "steps": {k: _steps(args, k) for k in names}, "restarts": args.restarts,
+                  "checkpoint": os.path.abspath(args.checkpoint), "data": args.data, "split": args.split, "n": n,
+                  "clean_acc": clean / max(n, 1), "robust_acc": robust / max(n, 1), "seconds": elapsed,
+                  "threads": args.threads,
+                  "results": os.path.abspath(args.out)}
+        if "pgd" in names or "fgsm" in names:
+            record["loss"] = args.loss
+        if stages:
+            record.update(robust_acc_after=stages, not_run=list(SUITE_MISSING[args.suite]))
+        summary = write_summary(args.out + ".json", record)
+        print(f"per-sample results: {args.out}; summary: {summary}")
+
+
+def _report_sweep(args, info, norm, table) -> None:
+    rows = [{"eps": e, "clean_acc": c / max(n, 1), "robust_acc": r / max(n, 1), "n": n, "seconds": t}
+            for e, (n, c, r, t, *_) in table]
+    print(f"\n{_describe(args, norm)} {norm} on {info['name']}/{args.split}")
+    print("| eps | clean acc | robust acc |\n|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['eps']:.6g} | {r['clean_acc']:.4f} | {r['robust_acc']:.4f} |")
+    if not args.out:
+        return
+    with open(args.out, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    stem = os.path.splitext(args.out)[0]
+    from ..smoothing.curves import plot_curve
+
+    plots = plot_curve(stem, [r["eps"] for r in rows], {f"{_describe(args, norm)} ({rows[0]['n']} inputs)":
+                                                       [r["robust_acc"] for r in rows]},
+                       xlabel=f"eps ({norm})", ylabel="robust accuracy",
+                       title=f"{info['name']}: robust accuracy against eps")
+    summary = write_summary(args.out + ".json", {"command": "attack --eps-sweep", "attack": _describe(args, norm),
+                                             "norm": norm, "checkpoint": os.path.abspath(args.checkpoint),
+                                             "data": args.data, "split": args.split, "threads": args.threads,
+                                             "sweep": rows})
+    print(f"sweep: {args.out}, {', '.join(plots)}, {summary}")

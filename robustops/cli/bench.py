@@ -17,8 +17,10 @@ SUITES = ("pgd_step", "attack", "certify", "train")
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("suites", nargs="*", default=list(SUITES), metavar="SUITE",
-                   help=f"which benchmarks to run: {', '.join(SUITES)} (default: all)")
+                   help=f"which benchmarks to run: {', '.join(SUITES)}")
     p.add_argument("--args", default="", help="extra arguments passed to every script, e.g. \"--device cpu\"")
+    p.add_argument("--save", action="store_true",
+                   help="append the figures to benchmarks/results/*.csv (tracked files; by default only printed)")
 
 
 def run(args) -> int:
@@ -32,5 +34,5 @@ def run(args) -> int:
     for s in args.suites:
         script = os.path.join(_BENCH_DIR, f"bench_{s}.py")
         print(f"== {os.path.relpath(script, _ROOT)}", flush=True)
-        rc |= subprocess.call([sys.executable, script] + args.args.split())
+        rc |= subprocess.call([sys.executable, script] + args.args.split() + ([] if args.save else ["--no-csv"]))
     return rc

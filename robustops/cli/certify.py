@@ -1,7 +1,8 @@
-"""`robustops certify`: randomized-smoothing certification (Cohen et al.'s CERTIFY) of a dataset,
-written row by row to Cohen et al.'s TSV (idx label predict radius correct time); an interrupted run
-resumes with no lost and no duplicated rows, and torchrun processes certify disjoint shards into
-part files that rank 0 merges."""
+"""`robustops certify` and `robustops predict`: randomized smoothing (Cohen et al.'s CERTIFY and
+PREDICT) over a dataset, written row by row in Cohen et al.'s TSV formats (certify: idx label predict
+radius correct time; predict: idx label predict correct time). An interrupted run resumes with no
+lost and no duplicated rows, torchrun processes work on disjoint shards in part files that rank 0
+merges, and the finished TSV comes with a JSON summary (and, for certify, a plot on request)."""
 from __future__ import annotations
 
 import argparse
@@ -16,33 +17,45 @@ import time
 import warnings
 from typing import Dict, List, Optional, Tuple
 
-import numpy as np
-import torch
-
-from .. import data as rodata
-from .. import models as romodels
-from ..smoothing import STANDARD_RADII, Smooth, acr, certified_accuracy, plot_certified_accuracy
-from .common import (CLIError, add_common, agree, check_model_accepts, check_writable, distributed, exclusive,
-                     load_data, require_min)
+from .common import (
+    CLIError,
+    add_common,
+    agree,
+    alias,
+    check_model_accepts,
+    check_writable,
+    checkpoint_meta,
+    distributed,
+    exclusive,
+    fraction,
+    load_data,
+    require_min,
+    setup_run,
+    write_summary,
+)
 
 HELP = "randomized-smoothing certification (Cohen et al.'s CERTIFY)"
 
-TSV_HEADER = "idx\tlabel\tpredict\tradius\tcorrect\ttime"
+HEADERS = {"certify": "idx\tlabel\tpredict\tradius\tcorrect\ttime", "predict": "idx\tlabel\tpredict\tcorrect\ttime"}
+TSV_HEADER = HEADERS["certify"]
 
 
 def _parse_row(line: str) -> Optional[int]:
-    """The idx of a complete TSV row, or None if the line is not one."""
+    """The idx of a complete row of either TSV (6 fields: certify; 5: predict), or None."""
     f = line.split("\t")
-    if len(f) != 6:
-        return None
     try:
-        int(f[1]), int(f[2]), float(f[3]), int(f[4]), float(f[5])
+        if len(f) == 6:
+            int(f[1]), int(f[2]), float(f[3]), int(f[4]), float(f[5])
+        elif len(f) == 5:
+            int(f[1]), int(f[2]), int(f[3]), float(f[4])
+        else:
+            return None
         return int(f[0])
     except ValueError:
         return None
 
 
-def _read_tsv(path: str) -> Tuple[Dict[int, str], int]:
+def _read_tsv(path: str, header: str = TSV_HEADER) -> Tuple[Dict[int, str], int]:
     """The complete rows of a certify TSV ({idx: line}) and the length in bytes of the valid prefix
     (header and complete rows; 0 when even the header is incomplete). A row cut short by a kill, and
     anything after it, is not valid."""
@@ -50,12 +63,12 @@ def _read_tsv(path: str) -> Tuple[Dict[int, str], int]:
         return {}, 0
     with open(path, "rb") as fh:
         data = fh.read()
-    head = (TSV_HEADER + "\n").encode()
+    head = (header + "\n").encode()
     if not data.startswith(head):
         if head.startswith(data):
             return {}, 0  # killed while writing the header
-        raise ValueError(f"{path!r} exists but is not a robustops certify TSV (its first line is not "
-                         f"{TSV_HEADER!r}); remove it or choose another --outfile")
+        raise ValueError(f"{path!r} exists but is not a robustops TSV of this kind (its first line is not "
+                         f"{header!r}); remove it or choose another -o")
     rows: Dict[int, str] = {}
     valid = len(head)
     lines = data[len(head):].split(b"\n")
@@ -80,32 +93,32 @@ def _part_files(outfile: str) -> List[str]:
     return sorted(glob.glob(glob.escape(outfile) + ".rank*.part"))
 
 
-def _open_rows_file(path: str, resume: bool):
-    """A TSV opened for appending rows: with resume, what is there is kept up to its last complete
-    row; otherwise it starts empty. Returns the file handle."""
-    valid = _read_tsv(path)[1] if resume else 0
+def _open_rows_file(path: str, header: str):
+    """A part file opened for appending rows: what is there is kept up to its last complete row.
+    Returns the file handle."""
+    valid = _read_tsv(path, header)[1]
     if valid:
         with open(path, "r+b") as fh:
             fh.truncate(valid)
         return open(path, "a", buffering=1)
     fh = open(path, "w", buffering=1)
-    fh.write(TSV_HEADER + "\n")
+    fh.write(header + "\n")
     fh.flush()
     return fh
 
 
-def _merge(outfile: str) -> List[str]:
+def _merge(outfile: str, header: str) -> List[str]:
     """Rows of outfile and of every rank's part file, one per idx, sorted by idx, written atomically to
     outfile; part files are removed. Returns the rows."""
-    rows = _read_tsv(outfile)[0]
+    rows = _read_tsv(outfile, header)[0]
     parts = _part_files(outfile)
     for p in parts:
-        for idx, line in _read_tsv(p)[0].items():
+        for idx, line in _read_tsv(p, header)[0].items():
             rows.setdefault(idx, line)
     lines = [rows[i] for i in sorted(rows)]
     tmp = f"{outfile}.tmp.{os.getpid()}"
     with open(tmp, "w") as fh:
-        fh.write(TSV_HEADER + "\n")
+        fh.write(header + "\n")
         for line in lines:
             fh.write(line + "\n")
     os.replace(tmp, outfile)
@@ -114,61 +127,55 @@ def _merge(outfile: str) -> List[str]:
     return lines
 
 
-def _checkpoint_meta(path: str, model) -> dict:
-    """Entries of a robustops checkpoint besides the weights (mean, std, sigma, ...), if it is one."""
-    if isinstance(model, (torch.jit.ScriptModule, torch.fx.GraphModule)):
-        return {}
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - not a plain checkpoint: no metadata
-        return {}
-    if not isinstance(obj, dict):
-        return {}
-    meta = {k: v for k, v in obj.items() if k in ("mean", "std", "sigma", "method", "model")}
-    config = obj.get("config")
-    if isinstance(config, dict) and "params" not in config and meta.get("method") != "gaussian":
-        meta.pop("sigma", None)  # training checkpoints before the method registry stored a sigma for every method
-    return meta
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
+def add_arguments(p: argparse.ArgumentParser, mode: str = "certify") -> None:
     g = p.add_argument_group("model and data")
-    g.add_argument("--checkpoint", "--ckpt", required=True,
+    g.add_argument("--checkpoint", required=True,
                    help="model file: a robustops checkpoint (robustops train / save_checkpoint), a state dict "
-                        "(give --model), a TorchScript or a torch.export file")
+                        "(give --model), Cohen et al.'s released checkpoints, a TorchScript or a torch.export file")
+    alias(g, "--ckpt", dest="checkpoint")
     g.add_argument("--model", default=None, help="model name for a raw state dict (small_cnn, preact_resnet18, "
                                                  "resnet20, resnet110, ...)")
-    g.add_argument("--data", "--dataset", default="digits",
+    g.add_argument("--data", default="digits",
                    help='"digits" (embedded), a .npz file, "cifar10:DIR" or "imagefolder:DIR"; read from local '
-                        "disk, never downloaded (default digits)")
-    g.add_argument("--split", default="test", help="train or test (default test)")
+                        "disk, never downloaded")
+    alias(g, "--dataset", dest="data")
+    g.add_argument("--split", default="test", choices=["train", "test"])
     g.add_argument("--normalize", default="auto", choices=("auto", "data", "none"),
                    help="input normalization fused into the noise: auto = the checkpoint's mean/std or the "
                         "model's leading Normalize layer (else none); data = the dataset's statistics")
-    g = p.add_argument_group("CERTIFY (Cohen et al. 2019)")
-    g.add_argument("--sigma", type=float, default=None,
-                   help="noise level (default: the sigma the checkpoint was trained with)")
-    g.add_argument("--N0", type=int, default=100, help="selection samples per input (default 100)")
-    g.add_argument("--N", type=int, default=100_000, help="estimation samples per input (default 100000)")
-    g.add_argument("--alpha", type=float, default=0.001, help="failure probability (default 0.001)")
-    g.add_argument("--batch", type=int, default=1000, help="noisy samples per forward pass (default 1000)")
-    g.add_argument("--skip", type=int, default=1, help="certify every skip-th input (default 1)")
-    g.add_argument("--max", type=int, default=-1, help="stop before input index max (default: all)")
+    g = p.add_argument_group("CERTIFY (Cohen et al. 2019)" if mode == "certify" else "PREDICT (Cohen et al. 2019)")
+    g.add_argument("--sigma", type=fraction("sigma"), default=None,
+                   help="noise level (None: the sigma the checkpoint was trained with)")
+    if mode == "certify":
+        g.add_argument("--n0", type=int, default=100, help="selection samples per input")
+        alias(g, "--N0", dest="n0", type=int)
+    g.add_argument("--n", type=int, default=100_000, help="estimation samples per input")
+    alias(g, "--N", dest="n", type=int)
+    g.add_argument("--alpha", type=fraction("alpha"), default=0.001, help="failure probability")
+    g.add_argument("--batch-size", type=int, default=1000, help="noisy samples per forward pass")
+    alias(g, "--batch", dest="batch_size", type=int)
+    g.add_argument("--skip", type=int, default=1, help="every skip-th input")
+    g.add_argument("--max-samples", dest="max", type=int, default=-1, help="stop before input index max (-1: all)")
+    alias(g, "--max", dest="max", type=int)
     g.add_argument("--inputs-per-call", type=int, default=None,
-                   help="inputs certified together between host syncs and row writes (default: enough for "
-                        "about 4 forward passes)")
+                   help="inputs handled together between host syncs and row writes (None: enough for about 4 "
+                        "forward passes)")
     g = p.add_argument_group("output")
-    g.add_argument("--outfile", "-o", required=True, help="TSV with columns idx label predict radius correct time")
+    columns = HEADERS[mode].replace("\t", " ")
+    g.add_argument("-o", "--out", required=True, help=f"TSV with columns {columns} (a JSON summary goes beside it)")
+    alias(g, "--outfile", dest="out")
     g.add_argument("--resume", action="store_true",
-                   help="continue an interrupted run: keep the complete rows of --outfile, certify the rest "
-                        "(refused when a setting that changes the rows differs from the run's)")
+                   help="continue an interrupted run: keep the complete rows of -o, do the rest (refused when a "
+                        "setting that changes the rows differs from the run's)")
     g.add_argument("--force", action="store_true",
-                   help="replace an existing --outfile (without --resume or --force an existing result is kept "
-                        "and the run refuses to start)")
-    g.add_argument("--plot", default=None, help="also write certified accuracy against radius to this PNG")
+                   help="replace an existing -o (without --resume or --force an existing result is kept and the "
+                        "run refuses to start)")
+    if mode == "certify":
+        g.add_argument("--plot", default=None,
+                       help="also write certified accuracy against radius to this PNG (and a PDF beside it)")
     g = p.add_argument_group("execution")
-    g.add_argument("--amp", "--autocast", dest="amp", default="none", choices=("none", "bf16", "fp16"),
-                   help="autocast dtype of the base classifier (default none)")
+    g.add_argument("--amp", default="none", choices=("none", "bf16", "fp16"), help="autocast of the base classifier")
+    alias(g, "--autocast", dest="amp", choices=("none", "bf16", "fp16"))
     g.add_argument("--channels-last", action="store_true", help="channels_last noisy batches and model")
     g.add_argument("--graph", action="store_true", help="replay full single-input batches from a CUDA graph "
                                                          "(CUDA only; same votes, no launch overhead)")
@@ -176,11 +183,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 # Settings that change the rows: a resumed run must have the same ones (stored beside the TSV).
-ROW_SETTINGS = ("checkpoint", "model", "data", "split", "normalize", "sigma", "N0", "N", "alpha", "seed", "amp")
+ROW_SETTINGS = ("checkpoint", "model", "data", "split", "normalize", "sigma", "n0", "n", "alpha", "seed", "amp")
 
 
 def _settings(args, sigma: float) -> dict:
-    out = {k: getattr(args, k) for k in ROW_SETTINGS}
+    out = {k: getattr(args, k, None) for k in ROW_SETTINGS}
     out["checkpoint"] = os.path.abspath(args.checkpoint)
     out["sigma"] = float(sigma)
     return out
@@ -188,16 +195,20 @@ def _settings(args, sigma: float) -> dict:
 
 def _load(args):
     """Everything validated before any output is touched: (dataset, info, model, sigma, mean, std)."""
-    require_min(N0=(args.N0, 1), N=(args.N, 1), batch=(args.batch, 1), skip=(args.skip, 1), workers=(args.workers, 0),
-                inputs_per_call=(args.inputs_per_call, 1))
+    import torch
+
+    from .. import models as romodels
+
+    require_min(n0=(getattr(args, "n0", None), 1), n=(args.n, 1), batch_size=(args.batch_size, 1),
+                skip=(args.skip, 1), workers=(args.workers, 0), inputs_per_call=(args.inputs_per_call, 1))
     if not 0.0 < args.alpha < 1.0:
         raise CLIError(f"--alpha must be in (0, 1), got {args.alpha}")
     if args.sigma is not None and not 0.0 < args.sigma < math.inf:
         raise CLIError(f"--sigma must be a finite number > 0, got {args.sigma}")
     if args.resume and args.force:
         raise CLIError("--resume continues a result and --force replaces it: give one of them")
-    check_writable(args.outfile, "--outfile")
-    if args.plot:
+    check_writable(args.out, "-o")
+    if getattr(args, "plot", None):
         check_writable(args.plot, "--plot")
     dataset, info = load_data(args.data, args.split)
     C, H, W = info["input_shape"]
@@ -206,7 +217,7 @@ def _load(args):
         model = romodels.load_model(args.checkpoint, name=args.model, **kwargs)
     except (FileNotFoundError, ValueError, TypeError, RuntimeError) as e:
         raise CLIError(f"--checkpoint {args.checkpoint!r}: {e}") from None
-    meta = _checkpoint_meta(args.checkpoint, model)
+    meta = checkpoint_meta(args.checkpoint, model)
     sigma = args.sigma if args.sigma is not None else meta.get("sigma")
     if sigma is None:
         raise CLIError("--sigma is required (the checkpoint does not say which noise level it was trained with)")
@@ -224,31 +235,32 @@ def _load(args):
     return dataset, info, model, float(sigma), mean, std
 
 
-def run(args) -> int:
+def run(args, mode: str = "certify") -> int:
     dataset, info, model, sigma, mean, std = _load(args)
+    setup_run(args, sample_numel=math.prod(info["input_shape"]))
     # gloo: the ranks only meet at barriers, possibly after days of work (hence the timeout).
     with distributed(args.device, backend="gloo", timeout=datetime.timedelta(days=7)) as d, \
             contextlib.ExitStack() as stack:
         error = None
         if d.rank == 0:
             try:
-                stack.enter_context(exclusive(args.outfile + ".lock", f"--outfile {args.outfile}"))
-                _prepare_output(args, _settings(args, sigma))
+                stack.enter_context(exclusive(args.out + ".lock", f"-o {args.out}"))
+                _prepare_output(args, _settings(args, sigma), mode)
             except CLIError as e:
                 error = str(e)
         agree(d, error)
-        return _certify_run(args, dataset, info, model, sigma, mean, std, d)
+        return _run(args, mode, dataset, info, model, sigma, mean, std, d)
 
 
 def _settings_path(outfile: str) -> str:
     return outfile + ".json"
 
 
-def _prepare_output(args, settings: dict) -> None:
+def _prepare_output(args, settings: dict, mode: str) -> None:
     """Rank 0, holding the output's lock: a fresh run refuses an existing result unless --force
     (then removes it); a resumed run must have the settings of the one it continues. Writes the
     settings file beside the TSV."""
-    outfile, spath = args.outfile, _settings_path(args.outfile)
+    outfile, spath, header = args.out, _settings_path(args.out), HEADERS[mode]
     existing = [p for p in [outfile, spath] + _part_files(outfile) if os.path.exists(p)]
     if args.resume:
         if os.path.exists(spath):
@@ -256,35 +268,37 @@ def _prepare_output(args, settings: dict) -> None:
                 try:
                     old = json.load(fh).get("settings", {})
                 except ValueError:
-                    raise CLIError(f"--resume: {spath} is not a robustops certify settings file") from None
+                    raise CLIError(f"--resume: {spath} is not a robustops {mode} settings file") from None
             diff = [f"--{k} {old.get(k)!r} (now {settings[k]!r})" for k in ROW_SETTINGS if old.get(k) != settings[k]]
             if diff:
-                raise CLIError(f"--resume: {outfile} was certified with other settings: {', '.join(diff)}; "
-                               f"use the same settings, or another --outfile")
+                raise CLIError(f"--resume: {outfile} was made with other settings: {', '.join(diff)}; "
+                               f"use the same settings, or another -o")
         elif existing:
-            print(f"robustops certify: warning: {outfile} has no settings file ({spath}); resuming without "
+            print(f"robustops {mode}: warning: {outfile} has no settings file ({spath}); resuming without "
                   f"checking that the settings match", file=sys.stderr)
         for p in [outfile] + _part_files(outfile):
             try:
-                _read_tsv(p)
+                _read_tsv(p, header)
             except ValueError as e:
                 raise CLIError(str(e)) from None
     elif existing and not args.force:
         names = ", ".join(os.path.basename(p) for p in existing)
-        raise CLIError(f"--outfile {outfile} already holds a result ({names}); --resume continues it, --force "
+        raise CLIError(f"-o {outfile} already holds a result ({names}); --resume continues it, --force "
                        f"replaces it")
     else:
         for p in existing:
             os.remove(p)
     tmp = f"{spath}.tmp.{os.getpid()}"
     with open(tmp, "w") as fh:
-        json.dump({"format": "robustops.certify/1", "settings": settings}, fh, indent=1)
+        json.dump({"format": f"robustops.{mode}/1", "settings": settings}, fh, indent=1)
     os.replace(tmp, spath)
 
 
 def _pending(args, outfile: str, selected: List[int], d) -> Tuple[set, List[int]]:
     """(indices already certified, this rank's indices still to certify): the rows of the merged TSV
     and of every rank's part file (from a run with any number of processes)."""
+    from .. import data as rodata
+
     done: set = set()
     for p in [outfile] + _part_files(outfile):
         done.update(_read_tsv(p)[0])
@@ -293,18 +307,18 @@ def _pending(args, outfile: str, selected: List[int], d) -> Tuple[set, List[int]
     return done, mine
 
 
-def _certify_rows(args, dataset, smooth: Smooth, mine: List[int], out, k: int, device, show: bool) -> dict:
-    """Certifies the inputs `mine`, k per call, writing one row per input as soon as it is done.
-    Returns what went wrong on the way: inputs with NaN votes, their total, non-finite inputs."""
+def _rows(args, mode: str, dataset, smooth, mine: List[int], out, k: int, device, show: bool) -> dict:
+    """Certifies (or predicts) the inputs `mine`, k per call, writing one row per input as soon as it
+    is done. Returns what went wrong on the way: inputs with NaN votes, their total, non-finite inputs."""
     from torch.utils.data import DataLoader, Subset
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(mine), desc="certify", unit="input", disable=not show, dynamic_ncols=True)
+    bar = tqdm(total=len(mine), desc=mode, unit="input", disable=not show, dynamic_ncols=True)
+    issues = {"nan_inputs": 0, "nan_votes": 0, "nonfinite_inputs": 0}
     try:
         loader = DataLoader(Subset(dataset, mine), batch_size=k, shuffle=False, num_workers=args.workers,
                             pin_memory=device.type == "cuda")
         n_done = n_correct = pos = 0
-        issues = {"nan_inputs": 0, "nan_votes": 0, "nonfinite_inputs": 0}
         for x, y in loader:
             ids = mine[pos:pos + x.shape[0]]
             pos += x.shape[0]
@@ -312,19 +326,25 @@ def _certify_rows(args, dataset, smooth: Smooth, mine: List[int], out, k: int, d
             try:
                 with warnings.catch_warnings():  # non-finite inputs: reported once, at the end
                     warnings.simplefilter("ignore", UserWarning)
-                    res = smooth.certify(x.to(device, non_blocking=True), args.N0, args.N, args.alpha, args.batch,
-                                         seed=args.seed, indices=ids)
+                    xd = x.to(device, non_blocking=True)
+                    if mode == "certify":
+                        res = smooth.certify(xd, args.n0, args.n, args.alpha, args.batch_size, seed=args.seed,
+                                             indices=ids)
+                        nan = res.nan_votes + res.selection_nan_votes
+                    else:
+                        res = smooth.predict(xd, args.n, args.alpha, args.batch_size, seed=args.seed, indices=ids,
+                                             return_details=True)
+                        nan = res.nan_votes
             except ValueError as e:
                 raise CLIError(str(e)) from None
             per_input = (time.perf_counter() - t0) / len(ids)
             for j, idx in enumerate(ids):
                 label, pred = int(y[j]), int(res.prediction[j])
-                out.write(f"{idx}\t{label}\t{pred}\t{float(res.radius[j]):.6g}\t{int(pred == label)}\t"
-                          f"{per_input:.4f}\n")
+                radius = f"{float(res.radius[j]):.6g}\t" if mode == "certify" else ""
+                out.write(f"{idx}\t{label}\t{pred}\t{radius}{int(pred == label)}\t{per_input:.4f}\n")
                 out.flush()
                 n_correct += int(pred == label)
             n_done += len(ids)
-            nan = res.nan_votes + res.selection_nan_votes
             issues["nan_inputs"] += int((nan > 0).sum())
             issues["nan_votes"] += int(nan.sum())
             issues["nonfinite_inputs"] += int((~res.finite_input).sum())
@@ -335,50 +355,80 @@ def _certify_rows(args, dataset, smooth: Smooth, mine: List[int], out, k: int, d
     return issues
 
 
-def _summary(args, info, outfile: str, sigma: float) -> None:
-    lines = _merge(outfile)
-    radius = np.array([float(line.split("\t")[3]) for line in lines])
-    correct = np.array([int(line.split("\t")[4]) for line in lines], dtype=bool)
-    acc = certified_accuracy(radius, correct, STANDARD_RADII)
-    print(f"{len(lines)} inputs certified -> {outfile}")
-    print(f"ACR {acr(radius, correct):.4f}")
-    print("certified accuracy: " + "  ".join(f"r={r:g}: {a:.3f}" for r, a in zip(STANDARD_RADII, acc)))
-    if args.plot:
-        plot_certified_accuracy(args.plot, {f"sigma = {sigma:g}": (radius, correct)},
-                                title=f"{info['name']}: N={args.N}, alpha={args.alpha:g}")
-        print(f"plot -> {args.plot}")
+def _finish(args, mode: str, info, sigma: float) -> None:
+    """Rank 0, after every rank's rows: the merged TSV, the table, the summary (and plot)."""
+    import numpy as np
+
+    from ..smoothing import STANDARD_RADII, acr, certified_accuracy, largest_certifiable_radius, plot_certified_accuracy
+
+    lines = _merge(args.out, HEADERS[mode])
+    fields = [line.split("\t") for line in lines]
+    summary = {"command": mode, "inputs": len(lines), "sigma": sigma, "n": args.n, "alpha": args.alpha,
+               "tsv": os.path.abspath(args.out), "threads": args.threads}
+    print(f"{len(lines)} inputs {'certified' if mode == 'certify' else 'predicted'} -> {args.out}")
+    if mode == "predict":
+        correct = np.array([int(f[3]) for f in fields], dtype=bool)
+        abstain = np.array([int(f[2]) == -1 for f in fields], dtype=bool)
+        summary.update(accuracy=float(correct.mean()) if len(lines) else 0.0,
+                       abstain_rate=float(abstain.mean()) if len(lines) else 0.0)
+        print(f"accuracy {summary['accuracy']:.4f}  abstained {summary['abstain_rate']:.4f}")
+    else:
+        radius = np.array([float(f[3]) for f in fields])
+        correct = np.array([int(f[4]) for f in fields], dtype=bool)
+        acc = certified_accuracy(radius, correct, STANDARD_RADII)
+        limit = largest_certifiable_radius(sigma, args.n, args.alpha)
+        summary.update(n0=args.n0, acr=acr(radius, correct), largest_certifiable_radius=limit,
+                       certified_accuracy={f"{r:g}": float(a) for r, a in zip(STANDARD_RADII, acc)})
+        print(f"ACR {summary['acr']:.4f}")
+        print("certified accuracy: " + "  ".join(f"r={r:g}: {a:.3f}" for r, a in zip(STANDARD_RADII, acc)))
+        if args.plot:
+            label = f"sigma = {sigma:g}"
+            plot_certified_accuracy(args.plot, {label: (radius, correct)}, certifiable={label: limit},
+                                    title=f"{info['name']}: n={args.n}, alpha={args.alpha:g}")
+            summary["plot"] = os.path.abspath(args.plot)
+            print(f"plot -> {args.plot} (and .pdf)")
+    spath = _settings_path(args.out)
+    with open(spath) as fh:
+        record = json.load(fh)
+    record["summary"] = summary
+    write_summary(spath, record)
+    print(f"summary -> {spath}")
 
 
-def _certify_run(args, dataset, info, model, sigma, mean, std, d) -> int:
-    outfile = args.outfile
+def _run(args, mode: str, dataset, info, model, sigma, mean, std, d) -> int:
+    from ..smoothing import Smooth
+
+    outfile, header = args.out, HEADERS[mode]
     stop = len(dataset) if args.max is None or args.max < 0 else min(args.max, len(dataset))
     selected = list(range(0, stop, args.skip))
-    done, mine = _pending(args, outfile, selected, d)
+    done, mine = _pending(outfile, header, selected, d)
     model.to(d.device)  # load_model returns it in eval mode (exported programs refuse .eval())
     smooth = Smooth(model, int(info["num_classes"]), sigma, mean=mean, std=std,
                     autocast=None if args.amp == "none" else args.amp, channels_last=args.channels_last,
                     input_shape=tuple(info["input_shape"]), device=d.device, graph=args.graph)
-    k = args.inputs_per_call or max(1, min(256, math.ceil(4 * args.batch / (args.N0 + args.N))))
+    per_input = (getattr(args, "n0", 0) or 0) + args.n
+    k = args.inputs_per_call or max(1, min(256, math.ceil(4 * args.batch_size / per_input)))
     if d.rank == 0:
-        print(f"robustops certify: {info['name']} {args.split} ({len(selected)} inputs, {len(selected) - len(done)} "
-              f"to go), sigma {sigma:g}, N0 {args.N0}, N {args.N}, alpha {args.alpha:g}, batch {args.batch}, "
+        n0 = f"n0 {args.n0}, " if mode == "certify" else ""
+        print(f"robustops {mode}: {info['name']} {args.split} ({len(selected)} inputs, {len(selected) - len(done)} "
+              f"to go), sigma {sigma:g}, {n0}n {args.n}, alpha {args.alpha:g}, batch {args.batch_size}, "
               f"{d.world} process(es) on {d.device}", flush=True)
-    # Rows go to this rank's part file as they are certified; the TSV itself is written (atomically)
-    # only when the run completes, merged from the part files.
-    out = _open_rows_file(_part_path(outfile, d.rank), resume=True)
+    # Rows go to this rank's part file as they are done; the TSV itself is written (atomically) only
+    # when the run completes, merged from the part files.
+    out = _open_rows_file(_part_path(outfile, d.rank), header)
     try:
-        issues = _certify_rows(args, dataset, smooth, mine, out, k, d.device, args.progress and d.rank == 0)
+        issues = _rows(args, mode, dataset, smooth, mine, out, k, d.device, args.progress and d.rank == 0)
     finally:
         out.close()
     who = f"rank {d.rank}: " if d.world > 1 else ""
     if issues["nan_inputs"]:
-        print(f"robustops certify: warning: {who}{issues['nan_inputs']} input(s) had noisy samples with NaN logits "
+        print(f"robustops {mode}: warning: {who}{issues['nan_inputs']} input(s) had noisy samples with NaN logits "
               f"({issues['nan_votes']} samples, counted as votes for no class)", file=sys.stderr)
     if issues["nonfinite_inputs"]:
-        print(f"robustops certify: warning: {who}{issues['nonfinite_inputs']} input(s) held NaN / Inf values and "
+        print(f"robustops {mode}: warning: {who}{issues['nonfinite_inputs']} input(s) held NaN / Inf values and "
               f"abstained", file=sys.stderr)
     d.barrier()
     if d.rank == 0:
-        _summary(args, info, outfile, sigma)
+        _finish(args, mode, info, sigma)
     d.barrier()
     return 0

@@ -8,13 +8,15 @@ import datetime
 import os
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-import torch
+if TYPE_CHECKING:  # annotations only: torch is imported where it is used
+    import torch
 
-__all__ = ["CLIError", "Parser", "parse_fraction", "pick_device", "Dist", "distributed", "add_common", "require_min",
-           "check_data_spec", "split_holdout", "load_data", "check_model_accepts", "check_writable", "exclusive",
-           "agree"]
+__all__ = ["CLIError", "Parser", "fraction", "fractions", "parse_fraction", "alias", "Renamed", "pick_device", "Dist",
+           "distributed", "add_common", "setup_run", "physical_cores", "require_min", "check_data_spec",
+           "split_holdout", "load_data", "check_model_accepts", "check_writable", "exclusive", "agree",
+           "checkpoint_meta", "write_summary"]
 
 
 class CLIError(Exception):
@@ -29,13 +31,65 @@ class Parser(argparse.ArgumentParser):
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
+    def parse_known_args(self, args=None, namespace=None):
+        ns, rest = super().parse_known_args(args, namespace)
+        # required options that have an alias (see alias()): given under either spelling
+        missing = ["/".join(a.option_strings) for a in self._actions
+                   if getattr(a, "required_with_aliases", False) and getattr(ns, a.dest, None) is None]
+        if missing:
+            self.error(f"the following arguments are required: {', '.join(missing)}")
+        return ns, rest
 
-def parse_fraction(s: str) -> float:
-    """An argparse type: a float, also written as a fraction ("8/255")."""
-    try:
-        return float(Fraction(s.strip())) if "/" in s else float(s)
-    except (ValueError, ZeroDivisionError):
-        raise argparse.ArgumentTypeError(f"expected a number or a fraction like 8/255, got {s!r}") from None
+
+def fraction(what: str):
+    """An argparse type for a float, also written as a fraction ("8/255"); its error says
+    "invalid <what> '...': expected a number or a fraction like 8/255"."""
+
+    def parse(s: str) -> float:
+        try:
+            return float(Fraction(s.strip())) if "/" in s else float(s)
+        except (ValueError, ZeroDivisionError):
+            raise argparse.ArgumentTypeError(f"invalid {what} {s!r}: expected a number or a fraction like 8/255") \
+                from None
+
+    parse.__name__ = what
+    return parse
+
+
+parse_fraction = fraction("number")
+
+
+def fractions(what: str):
+    """An argparse type for a comma-separated list of fractions ("0,1/255,2/255")."""
+    one = fraction(what)
+
+    def parse(s: str):
+        vals = [one(v) for v in s.split(",") if v.strip()]
+        if not vals:
+            raise argparse.ArgumentTypeError(f"invalid {what} {s!r}: expected a comma-separated list like 0,2/255")
+        return vals
+
+    return parse
+
+
+def alias(p, *names: str, dest: str, **kw) -> None:
+    """Another spelling of an option, accepted but not shown in --help (one spelling each there). A
+    required option stays required, satisfied by either spelling (checked by Parser)."""
+    for action in p._actions:
+        if action.dest == dest and action.required:
+            action.required, action.required_with_aliases = False, True
+    p.add_argument(*names, dest=dest, help=argparse.SUPPRESS, default=argparse.SUPPRESS, **kw)
+
+
+class Renamed(argparse.Action):
+    """An option that exists under another name in this command: a one-line error naming it."""
+
+    def __init__(self, option_strings, dest, new: str = "", why: str = "", **kw):
+        super().__init__(option_strings, dest, nargs=1, default=argparse.SUPPRESS, help=argparse.SUPPRESS, **kw)
+        self.new, self.why = new, why
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string} {self.why}; use {self.new}")
 
 
 def require_min(**flags_and_minimums) -> None:
@@ -48,6 +102,8 @@ def require_min(**flags_and_minimums) -> None:
 
 def pick_device(name: Optional[str]) -> torch.device:
     """The device a flag names, else cuda when available, else cpu."""
+    import torch
+
     if name:
         try:
             return torch.device(name)
@@ -76,6 +132,8 @@ class Dist:
 
 
 def _init(device_arg: Optional[str], backend: Optional[str], timeout: Optional[datetime.timedelta]) -> Dist:
+    import torch
+
     world = int(os.environ.get("WORLD_SIZE", "1"))
     dev = pick_device(device_arg)
     if world <= 1:
@@ -117,12 +175,54 @@ def distributed(device_arg: Optional[str], backend: Optional[str] = None,
 
 
 def add_common(p: argparse.ArgumentParser, workers: bool = True) -> None:
-    """--device, --seed, --workers, --no-progress."""
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    """--device, --seed, --threads, --workers, --no-progress / --progress."""
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (None: cuda when available)")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads of torch (None: the physical cores this process may use, divided among the "
+                        "torchrun processes of this machine, at most 8; 1 for inputs under 1024 values such as "
+                        "the 8x8 digits, which gain nothing from more)")
     if workers:
-        p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default 0)")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm progress bars")
+        p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--progress", dest="progress", action="store_true", default=None,
+                   help="progress bars (None: only when stderr is a terminal; otherwise one line per epoch / part)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=argparse.SUPPRESS,
+                   help="no progress bars")
+
+
+def physical_cores() -> int:
+    """Physical cores this process may run on (hyperthread siblings counted once)."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    cores = set()
+    for c in cpus:
+        try:
+            with open(f"/sys/devices/system/cpu/cpu{c}/topology/thread_siblings_list") as fh:
+                cores.add(fh.read().strip())
+        except OSError:
+            cores.add(str(c))
+    return max(1, len(cores))
+
+
+def setup_run(args, sample_numel: Optional[int] = None) -> int:
+    """Applies --threads (or the default, see add_common) and --progress's default; returns the
+    thread count. Call once per command, before the work."""
+    import sys
+
+    import torch
+
+    threads = getattr(args, "threads", None)
+    if threads is not None and threads < 1:
+        raise CLIError(f"--threads must be >= 1, got {threads}")
+    if threads is None:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        threads = max(1, min(8, physical_cores() // max(local, 1)))
+        if sample_numel is not None and sample_numel < 1024:
+            threads = 1
+    torch.set_num_threads(threads)
+    args.threads = threads  # what ran, for the command's JSON summary
+    if getattr(args, "progress", False) is None:
+        args.progress = sys.stderr.isatty()
+    return threads
 
 
 def check_data_spec(spec: str) -> None:
@@ -161,6 +261,8 @@ def load_data(spec: str, split: str, flag: str = "--data"):
 def check_model_accepts(model, info: dict, device, flag: str = "--checkpoint") -> None:
     """A forward pass on one zero input of the data's shape: a model that cannot take the data (a
     digits model given 3x32x32 images) or names fewer classes fails here, in one line, before work."""
+    import torch
+
     shape = tuple(info["input_shape"])
     try:
         with torch.no_grad():
@@ -223,8 +325,41 @@ def agree(d: "Dist", error: Optional[str]) -> None:
         raise CLIError(error)
 
 
+def checkpoint_meta(path: str, model) -> dict:
+    """Entries of a robustops checkpoint besides the weights (eps, norm, sigma, mean, std, method,
+    model, config), if it is one; {} for TorchScript / export / foreign files."""
+    import torch
+
+    if isinstance(model, (torch.jit.ScriptModule, torch.fx.GraphModule)):
+        return {}
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - not a plain checkpoint: no metadata
+        return {}
+    if not isinstance(obj, dict):
+        return {}
+    meta = {k: v for k, v in obj.items() if k in ("mean", "std", "sigma", "method", "model", "eps", "norm", "config")}
+    config = obj.get("config")
+    if isinstance(config, dict) and "params" not in config and meta.get("method") != "gaussian":
+        meta.pop("sigma", None)  # training checkpoints before the method registry stored a sigma for every method
+    return meta
+
+
+def write_summary(path: str, summary: dict) -> str:
+    """A machine-readable summary of a command (JSON), written atomically next to its table."""
+    import json
+
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as fh:
+        json.dump(summary, fh, indent=1, default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v))
+        fh.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
 def split_holdout(ds, val_size: int, seed: int):
     """(train part, validation part): val_size samples of ds held out at random (seeded)."""
+    import torch
     from torch.utils.data import Subset
 
     n = len(ds)

@@ -7,12 +7,9 @@ import csv
 import math
 import os
 import time
+from typing import List
 
-import torch
-
-from .. import attacks, models, smoothing, train
-from .. import data as rodata
-from .common import CLIError, add_common, parse_fraction, pick_device, require_min, split_holdout
+from .common import CLIError, add_common, fraction, pick_device, require_min, setup_run, split_holdout, write_summary
 from .train import add_method_flags, method_hparams
 
 HELP = ("train natural / PGD / free / Gaussian models on the embedded digits data, evaluate and certify "
@@ -23,29 +20,31 @@ DIGITS_MODEL = {"num_classes": 10, "in_channels": 1, "input_size": 8}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
+    from .. import train
+
+    p.add_argument("-o", "--out", default="runs/demo", help="output directory")
     p.add_argument("--methods", default=",".join(DEMO_METHODS),
-                   help=f"comma-separated training methods (default {','.join(DEMO_METHODS)}; "
-                        f"any of {', '.join(train.METHODS)})")
+                   help=f"comma-separated training methods (any of {', '.join(train.METHODS)})")
     p.add_argument("--epochs", type=int, default=30,
-                   help="epochs per method (default 30; free: counted in forward/backward passes, so the data are "
+                   help="epochs per method (free: counted in forward/backward passes, so the data are "
                         "traversed ceil(epochs/m) times)")
-    p.add_argument("--eps", type=parse_fraction, default=0.2,
-                   help="L-inf budget for training and the attack (default 0.2)")
-    p.add_argument("--steps", type=int, default=7, help="PGD-AT / TRADES inner steps (default 7)")
+    p.add_argument("--eps", type=fraction("eps"), default=0.2,
+                   help="L-inf budget for training and the attack")
+    p.add_argument("--steps", type=int, default=7, help="PGD-AT / TRADES inner steps")
     add_method_flags(p, defaults={"m": 4, "sigma": 0.25})
-    p.add_argument("--lr", type=float, default=0.05, help="peak learning rate of the cyclic schedule (default 0.05)")
+    p.add_argument("--lr", type=float, default=0.05, help="peak learning rate of the cyclic schedule")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--val-size", type=int, default=144,
-                   help="training images held out to pick each method's best epoch (default 144; 0: last epoch)")
-    p.add_argument("--attack-steps", type=int, default=20, help="steps of the evaluation PGD attack (default 20)")
-    p.add_argument("--n0", type=int, default=100, help="CERTIFY selection samples (default 100)")
-    p.add_argument("--n", type=int, default=2000, help="CERTIFY estimation samples (default 2000)")
-    p.add_argument("--alpha", type=float, default=0.001, help="CERTIFY failure probability (default 0.001)")
-    p.add_argument("--certify-max", type=int, default=None, help="certify only the first N test images (default all)")
-    p.add_argument("--certify-batch", type=int, default=2000, help="noisy samples per forward pass (default 2000)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads (default 1: the digits models are too small to gain from more)")
+                   help="training images held out to pick each method's best epoch (0: last epoch)")
+    p.add_argument("--attack-steps", type=int, default=20, help="steps of the evaluation PGD attack")
+    p.add_argument("--n0", type=int, default=100, help="CERTIFY selection samples")
+    p.add_argument("--n", type=int, default=2000, help="CERTIFY estimation samples")
+    p.add_argument("--alpha", type=float, default=0.001, help="CERTIFY failure probability")
+    p.add_argument("--certify-max", type=int, default=None, help="certify only the first N test images")
+    p.add_argument("--certify-batch", type=int, default=2000, help="noisy samples per forward pass")
+    p.add_argument("--readme", default=None, metavar="README.md",
+                   help="also replace the demo block of this README (between its <!-- demo --> markers) with the "
+                        "table and the certified-accuracy line printed here")
     add_common(p)
 
 
@@ -53,30 +52,29 @@ def _fmt_pct(v) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}%"
 
 
-def _max_radius(sigma: float, n: int, alpha: float) -> float:
-    """sigma * Phi^-1(pA_lower) when all n samples vote for the class: pA_lower = alpha^(1/n)."""
-    from scipy.stats import norm
-
-    return float(sigma * norm.ppf(alpha ** (1.0 / n)))
-
-
 def run(args) -> int:
+    import torch
+
+    from .. import train
+
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in train.METHODS]
     if bad or not methods:
         raise CLIError(f"--methods must be a comma-separated list of {', '.join(train.METHODS)}; got {args.methods!r}")
     require_min(epochs=(args.epochs, 1), steps=(args.steps, 1), m=(args.m, 1), batch_size=(args.batch_size, 1),
                 attack_steps=(args.attack_steps, 1), n0=(args.n0, 1), n=(args.n, 1),
-                certify_batch=(args.certify_batch, 1), val_size=(args.val_size, 0), threads=(args.threads, 1))
+                certify_batch=(args.certify_batch, 1), val_size=(args.val_size, 0))
     if not args.eps >= 0:
         raise CLIError(f"--eps must be >= 0, got {args.eps}")
     if not args.sigma > 0:
         raise CLIError(f"--sigma must be > 0, got {args.sigma}")
     if not 0 < args.alpha < 1:
         raise CLIError(f"--alpha must be in (0, 1), got {args.alpha}")
+    if args.readme and not os.path.isfile(args.readme):
+        raise CLIError(f"--readme {args.readme!r}: no such file")
     dev = pick_device(args.device)
     old_threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads if args.threads is not None else 1)
+    setup_run(args, sample_numel=64)  # 8x8 digits: one thread unless --threads says otherwise
     try:
         return _demo(args, methods, dev)
     finally:
@@ -88,6 +86,8 @@ class _Data:
 
     def __init__(self, args):
         from torch.utils.data import DataLoader
+
+        from .. import data as rodata
 
         self.train_ds, _ = rodata.get_dataset("digits", "train")
         self.test_ds, _ = rodata.get_dataset("digits", "test")
@@ -107,6 +107,10 @@ class _Data:
 
 
 def _train_and_evaluate(args, method: str, data: _Data, dev) -> dict:
+    import torch
+
+    from .. import attacks, models, train
+
     torch.manual_seed(args.seed)
     model = models.get_model("small_cnn", **DIGITS_MODEL).to(dev)
     hp = dict(epochs=args.epochs, eps=args.eps, steps=args.steps, lr=args.lr, seed=args.seed, val_steps=10,
@@ -128,6 +132,8 @@ def _train_and_evaluate(args, method: str, data: _Data, dev) -> dict:
 
 def _certify(args, row: dict, data: _Data, dev) -> None:
     """Certifies the first k test images with the row's model smoothed at its training sigma."""
+    from .. import smoothing
+
     k = data.k
     t0 = time.perf_counter()
     smooth = smoothing.Smooth(row["model"], 10, row["sigma"])
@@ -157,7 +163,9 @@ def _table(args, rows) -> list:
     return md
 
 
-def _write_outputs(args, rows, md, certified) -> list:
+def _write_outputs(args, rows, md, certified, lines) -> list:
+    from .. import smoothing
+
     with open(os.path.join(args.out, "results.md"), "w") as fh:
         fh.write("\n".join(md) + "\n")
     with open(os.path.join(args.out, "results.csv"), "w", newline="") as fh:
@@ -168,15 +176,42 @@ def _write_outputs(args, rows, md, certified) -> list:
             w.writerow([r["method"], r["label"], f"{r['clean_acc']:.4f}", f"{r['robust_acc']:.4f}", args.eps,
                         args.attack_steps, "" if r["acr"] is None else f"{r['acr']:.4f}", args.sigma,
                         f"{r['train_time_s']:.2f}", r["epochs_run"], r["best_epoch"]])
-    outputs = ["results.md", "results.csv"]
+    write_summary(os.path.join(args.out, "results.json"), {
+        "command": "demo", "eps": args.eps, "attack_steps": args.attack_steps, "n0": args.n0, "n": args.n,
+        "alpha": args.alpha, "epochs": args.epochs, "seed": args.seed, "table": md, "lines": lines,
+        "rows": [{k: v for k, v in r.items() if k not in ("model", "radius", "correct")} for r in rows]})
+    outputs = ["results.md", "results.csv", "results.json"]
     if certified:
+        limits = {r["label"]: smoothing.largest_certifiable_radius(r["sigma"], args.n, args.alpha)
+                  for r in rows if r["acr"] is not None}
         smoothing.plot_certified_accuracy(os.path.join(args.out, "certified_accuracy.png"), certified,
-                                          title=f"digits, randomized smoothing (n={args.n}, alpha={args.alpha:g})")
-        outputs += ["certified_accuracy.png"] + [f"certify_{r['method']}.tsv" for r in rows if r["acr"] is not None]
+                                          title=f"digits, randomized smoothing (n={args.n}, alpha={args.alpha:g})",
+                                          certifiable=limits)
+        outputs += ["certified_accuracy.png", "certified_accuracy.pdf"] + [
+            f"certify_{r['method']}.tsv" for r in rows if r["acr"] is not None]
     return outputs
 
 
+def update_readme(path: str, block: List[str]) -> None:
+    """Replaces the lines between "<!-- demo -->" and "<!-- /demo -->" of a README with a code block."""
+    with open(path) as fh:
+        text = fh.read()
+    start, end = "<!-- demo -->\n", "<!-- /demo -->"
+    if start not in text or end not in text:
+        raise CLIError(f"--readme {path}: no <!-- demo --> ... <!-- /demo --> block to replace")
+    head, rest = text.split(start, 1)
+    tail = rest.split(end, 1)[1]
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as fh:
+        fh.write(head + start + "```\n" + "\n".join(block) + "\n```\n" + end + tail)
+    os.replace(tmp, path)
+
+
 def _demo(args, methods, dev) -> int:
+    import torch
+
+    from .. import smoothing
+
     os.makedirs(args.out, exist_ok=True)
     data = _Data(args)
     print(f"robustops demo: digits 8x8 ({len(data.train_ds)} train, {args.val_size} validation, "
@@ -196,15 +231,21 @@ def _demo(args, methods, dev) -> int:
     print("\n".join(md))
     radii = [0.0, 0.25, 0.5, 0.75, 1.0]
     certified = {r["label"]: (r["radius"], r["correct"]) for r in rows if r["acr"] is not None}
+    lines = []
     for r in rows:
         if r["acr"] is None:
             continue
         accs = smoothing.certified_accuracy(r["radius"], r["correct"], radii)
-        print(f"\ncertified accuracy of the smoothed {r['label']} model (n0={args.n0}, n={args.n}, "
-              f"alpha={args.alpha:g}): " + ", ".join(f"r={x:g}: {_fmt_pct(float(a))}" for x, a in zip(radii, accs))
-              + f" (the largest radius n={args.n} samples can certify is "
-                f"{_max_radius(r['sigma'], args.n, args.alpha):.2f})")
-    outputs = _write_outputs(args, rows, md, certified)
+        lines.append(f"certified accuracy of the smoothed {r['label']} model (n0={args.n0}, n={args.n}, "
+                     f"alpha={args.alpha:g}):\n" + ", ".join(f"r={x:g}: {_fmt_pct(float(a))}" for x, a in
+                                                             zip(radii, accs))
+                     + f" (the largest radius n={args.n} samples can certify is "
+                       f"{smoothing.largest_certifiable_radius(r['sigma'], args.n, args.alpha):.2f})")
+        print("\n" + lines[-1].replace(":\n", ": "))
+    outputs = _write_outputs(args, rows, md, certified, lines)
+    if args.readme:
+        update_readme(args.readme, md + [""] + lines)
+        print(f"\nupdated the demo block of {args.readme}")
     print(f"\nwrote {', '.join(os.path.join(args.out, o) for o in outputs)} and one checkpoint directory per method "
           f"({time.perf_counter() - t_start:.0f} s in all)")
     return 0

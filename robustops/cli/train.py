@@ -5,87 +5,112 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import dataclasses
 import os
 import sys
-from typing import Any, Dict
+from typing import TYPE_CHECKING, Any, Dict
 
-import torch
+from .common import (
+    CLIError,
+    Renamed,
+    add_common,
+    agree,
+    check_data_spec,
+    check_writable,
+    distributed,
+    exclusive,
+    fraction,
+    load_data,
+    require_min,
+    setup_run,
+    split_holdout,
+    write_summary,
+)
 
-from .. import data as rodata
-from .. import models, train
-from .common import (CLIError, add_common, agree, check_data_spec, check_writable, distributed, exclusive, load_data,
-                     parse_fraction, require_min, split_holdout)
+if TYPE_CHECKING:  # annotations only: torch is imported where it is used
+    import torch
 
-HELP = "adversarial training (" + ", ".join(train.METHODS) + ")"
+HELP = "adversarial training with a method of the training registry (natural, pgd, free, fgsm, trades, gaussian, ...)"
 
 
 def add_method_flags(g, defaults: Dict[str, Any] = None) -> None:
-    """One flag per hyperparameter of the registered methods (default: the method's own)."""
+    """One flag per hyperparameter of the registered methods (None: the method's own default)."""
+    from .. import train
+
     defaults = defaults or {}
     owners: Dict[str, list] = {}
     for name in train.METHODS:
         for h in train.registry.get(name).hyper:
             owners.setdefault(h.name, []).append(name)
     for hname, h in train.registry.hyperparameters().items():
-        kw: Dict[str, Any] = {"type": int if h.kind == "int" else parse_fraction} if h.kind != "choice" \
+        kw: Dict[str, Any] = {"type": int if h.kind == "int" else fraction(hname)} if h.kind != "choice" \
             else {"choices": list(h.choices)}
         default = defaults.get(hname)
-        shown = h.default if default is None else default
-        g.add_argument(*h.cli_flags, dest=hname, default=default,
-                       help=f"{h.help} ({', '.join(owners[hname])}; default {shown})", **kw)
+        note = "" if default is not None else f"; None: the method's default, {h.default}"
+        g.add_argument(*h.cli_flags, dest=hname, default=default, help=f"{h.help} ({', '.join(owners[hname])}{note})",
+                       **kw)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from .. import train
+
     g = p.add_argument_group("data and model")
     g.add_argument("--data", default="digits",
-                   help='"digits" (embedded), a .npz file, "cifar10:DIR" or "imagefolder:DIR" (default digits)')
+                   help='"digits" (embedded), a .npz file, "cifar10:DIR" or "imagefolder:DIR"')
     g.add_argument("--model", default=None,
-                   help="small_cnn, preact_resnet18, resnet20, resnet110 (default: small_cnn for 8x8 data, "
-                        "preact_resnet18 otherwise)")
+                   help="small_cnn, preact_resnet18, resnet20, resnet110, ... (None: small_cnn for inputs up to "
+                        "16x16, preact_resnet18 otherwise)")
     g.add_argument("--val-size", type=int, default=None,
-                   help="training samples held out for validation / early stopping (default 10%% up to 1000; 0: none)")
+                   help="training samples held out for validation / early stopping (None: 10%% up to 1000; 0: none)")
     g.add_argument("--batch-size", type=int, default=128, help="global batch size (split over torchrun processes)")
     g = p.add_argument_group("method")
-    g.add_argument("--method", default="pgd",
-                   help="; ".join(f"{k}: {v}" for k, v in train.describe_methods().items()) + " (default pgd)")
+    g.add_argument("--method", default="pgd", choices=list(train.METHODS),
+                   help="; ".join(f"{k}: {v}" for k, v in train.describe_methods().items()))
     g.add_argument("--epochs", type=int, default=10,
                    help="epochs; for free, forward/backward passes counted as epochs (data passes = ceil(epochs/m))")
-    g.add_argument("--eps", type=parse_fraction, default=None, help="perturbation budget (default 8/255; digits 0.2)")
-    g.add_argument("--alpha", type=parse_fraction, default=None,
-                   help="step size (default: the method's; pgd/trades 2.5*eps/steps, fgsm 1.25*eps, free eps)")
-    g.add_argument("--steps", type=int, default=7, help="PGD / TRADES inner steps (default 7)")
-    g.add_argument("--norm", default="linf", help="linf or l2")
+    g.add_argument("--eps", type=fraction("eps"), default=None,
+                   help="perturbation budget (None: 8/255, or 0.2 on the digits)")
+    g.add_argument("--step-size", dest="alpha", type=fraction("step size"), default=None,
+                   help="step size (None: the method's; pgd/trades 2.5*eps/steps, fgsm 1.25*eps, free eps)")
+    g.add_argument("--alpha", action=Renamed, new="--step-size", why="is the step size here")
+    g.add_argument("--steps", type=int, default=7, help="PGD / TRADES inner steps")
+    g.add_argument("--norm", default="linf", choices=list(train.NORMS))
     g.add_argument("--no-random-start", action="store_true", help="PGD training without a random start")
     add_method_flags(g)
     g = p.add_argument_group("optimisation")
-    g.add_argument("--optimizer", default="sgd", help="sgd or adam")
-    g.add_argument("--lr", type=float, default=None, help="peak learning rate (default sgd 0.1, adam 1e-3)")
+    g.add_argument("--optimizer", default="sgd", choices=list(train.OPTIMIZERS))
+    g.add_argument("--lr", type=float, default=None, help="peak learning rate (None: sgd 0.1, adam 1e-3)")
     g.add_argument("--momentum", type=float, default=0.9)
     g.add_argument("--weight-decay", type=float, default=5e-4)
     g.add_argument("--nesterov", action="store_true")
-    g.add_argument("--schedule", default="cyclic", help=f"{', '.join(train.SCHEDULES)} (default cyclic)")
+    g.add_argument("--schedule", default="cyclic", choices=list(train.SCHEDULES))
     g.add_argument("--milestones", type=float, nargs="*", default=None,
-                   help="multistep milestones in epochs (default 50%% and 75%% of --epochs)")
+                   help="multistep milestones in epochs (None: 50%% and 75%% of --epochs)")
     g.add_argument("--gamma", type=float, default=0.1, help="multistep factor")
-    g.add_argument("--amp", default="none", help="none, bf16 or fp16 autocast")
+    g.add_argument("--amp", default="none", choices=list(train.AMP_MODES), help="autocast")
     g.add_argument("--channels-last", action="store_true")
     g = p.add_argument_group("validation, checkpoints")
-    g.add_argument("--val-eps", type=parse_fraction, default=None, help="validation PGD eps (default eps; 0: none)")
-    g.add_argument("--val-steps", type=int, default=10, help="validation PGD steps (default 10)")
+    g.add_argument("--val-eps", type=fraction("eps"), default=None, help="validation PGD eps (None: eps; 0: none)")
+    g.add_argument("--val-steps", type=int, default=10, help="validation PGD steps")
     g.add_argument("--patience", type=int, default=None, help="early stopping after this many epochs without "
-                                                              "improvement of the robust validation accuracy")
+                                                              "improvement of the selected validation metric")
     g.add_argument("--keep-all", action="store_true", help="keep a checkpoint file per epoch")
-    g.add_argument("--out", default="runs/train", help="run directory: last.pt, best.pt, log.csv (default runs/train)")
+    g.add_argument("-o", "--out", default="runs/train",
+                   help="run directory: last.pt, best.pt, log.csv, summary.json (and tb/ with --tensorboard)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its last finished epoch")
     g.add_argument("--force", action="store_true",
                    help="start afresh in an --out that holds a previous run, removing its checkpoints and logs "
                         "(without --resume or --force such a directory is refused)")
     g.add_argument("--test-steps", type=int, default=20, help="PGD steps of the final test evaluation (0: skip)")
+    g.add_argument("--tensorboard", action="store_true",
+                   help="also log every epoch's metrics for TensorBoard in --out/tb (needs the tensorboard package)")
     add_common(p)
 
 
 def method_hparams(args) -> Dict[str, Any]:
     """The methods' hyperparameters given on the command line."""
+    from .. import train
+
     return {k: getattr(args, k) for k in train.registry.hyperparameters() if getattr(args, k, None) is not None}
 
 
@@ -97,6 +122,8 @@ def default_model(info: Dict[str, Any]) -> str:
 def build_model(name: str, info: Dict[str, Any]):
     """models.get_model for the data; with the data's mean / std the model normalises inside
     (``Sequential(Normalize, net)``), so it takes [0, 1] pixels and its checkpoint rebuilds it."""
+    from .. import models
+
     C, H, W = info["input_shape"]
     kw: Dict[str, Any] = {"num_classes": int(info["num_classes"]), "in_channels": int(C)}
     if name.lower().replace("-", "_") in ("small_cnn", "smallcnn"):
@@ -108,6 +135,8 @@ def build_model(name: str, info: Dict[str, Any]):
 
 def _loaders(args, train_ds, rank: int, world: int, device: torch.device):
     from torch.utils.data import DataLoader, DistributedSampler
+
+    from .. import data as rodata
 
     n = len(train_ds)
     val_size = args.val_size if args.val_size is not None else min(1000, n // 10)
@@ -131,8 +160,10 @@ def _loaders(args, train_ds, rank: int, world: int, device: torch.device):
     return train_loader, val_loader, len(train_ds), val_size
 
 
-def _test(args, model, hp, dev, train_time) -> None:
+def _test(args, model, hp, dev, train_time) -> dict:
     from torch.utils.data import DataLoader
+
+    from .. import train
 
     test_ds, _ = load_data(args.data, "test")
     test_loader = DataLoader(test_ds, batch_size=256, shuffle=False)
@@ -145,15 +176,26 @@ def _test(args, model, hp, dev, train_time) -> None:
         w = csv.writer(fh)
         w.writerow(["method", "clean_acc", "robust_acc", "eps", "steps", "train_time"])
         w.writerow([args.method, m["clean_acc"], m["robust_acc"], hp["eps"], args.test_steps, train_time])
+    return m
 
 
 def run(args) -> int:
+    import math
+
+    from .. import train
+
     check_data_spec(args.data)
     if args.method not in train.METHODS:
         raise CLIError(f"--method must be one of {', '.join(train.METHODS)}; got {args.method!r}")
     require_min(batch_size=(args.batch_size, 1))
     check_writable(os.path.join(args.out, "last.pt"), "--out")
+    if args.tensorboard:
+        try:
+            import torch.utils.tensorboard  # noqa: F401
+        except ImportError:
+            raise CLIError("--tensorboard needs the tensorboard package (pip install tensorboard)") from None
     train_ds, info = load_data(args.data, "train")
+    setup_run(args, sample_numel=math.prod(info["input_shape"]))
     if args.test_steps > 0:
         load_data(args.data, "test")  # the final evaluation's data, checked now rather than after training
     eps = args.eps if args.eps is not None else (0.2 if info["name"] == "digits" else 8 / 255)
@@ -186,7 +228,7 @@ def run(args) -> int:
     return 0
 
 
-RUN_FILES = ("last.pt", "best.pt", "log.csv", "test.csv")
+RUN_FILES = ("last.pt", "best.pt", "log.csv", "test.csv", "summary.json")
 
 
 def _prepare_run_dir(args) -> None:
@@ -195,6 +237,7 @@ def _prepare_run_dir(args) -> None:
     old = [f for f in RUN_FILES if os.path.exists(os.path.join(args.out, f))]
     old += sorted(f for f in os.listdir(args.out) if f.startswith("epoch_") and f.endswith(".pt")) \
         if os.path.isdir(args.out) else []
+    old += ["tb"] if os.path.isdir(os.path.join(args.out, "tb")) else []
     if args.resume and args.force:
         raise CLIError("--resume continues the run in --out and --force replaces it: give one of them")
     if args.resume or not old:
@@ -202,11 +245,18 @@ def _prepare_run_dir(args) -> None:
     if not args.force:
         raise CLIError(f"--out {args.out} holds a previous run ({', '.join(old)}); --resume continues it, --force "
                        f"starts afresh (removing it)")
+    import shutil
+
     for f in old:
-        os.remove(os.path.join(args.out, f))
+        path = os.path.join(args.out, f)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
 
 def _train(args, info, train_ds, hp, d) -> None:
+    import torch
+
+    from .. import train
+
     if args.batch_size % d.world:
         raise CLIError(f"--batch-size {args.batch_size} must be divisible by the number of processes ({d.world})")
     torch.manual_seed(args.seed)
@@ -223,10 +273,17 @@ def _train(args, info, train_ds, hp, d) -> None:
     try:
         res = train.fit(model, train_loader, args.method, val_loader=val_loader, out_dir=args.out,
                         resume=True if args.resume else None, progress=args.progress, device=d.device,
-                        model_name=name, model_kwargs=model_kwargs, extra={"data": args.data}, **hp)
+                        model_name=name, model_kwargs=model_kwargs, extra={"data": args.data},
+                        tensorboard=os.path.join(args.out, "tb") if args.tensorboard else None, **hp)
     except (ValueError, FileNotFoundError) as e:
         raise CLIError(str(e)) from None
-    if args.test_steps > 0 and d.rank == 0:
-        _test(args, model, hp, d.device, res.train_time)
-    if d.rank == 0:
-        print(f"checkpoints and log in {args.out}/ (best epoch {res.best_epoch})")
+    if d.rank != 0:
+        return
+    test = _test(args, model, hp, d.device, res.train_time) if args.test_steps > 0 else None
+    summary = write_summary(os.path.join(args.out, "summary.json"), {
+        "command": "train", "method": args.method, "model": name, "data": args.data, "eps": hp["eps"],
+        "norm": args.norm, "epochs_run": res.epochs_run, "best_epoch": res.best_epoch, "select": res.select,
+        "best_metric": res.best_metric, "stopped_early": res.stopped_early, "train_time_s": res.train_time,
+        "last_epoch": res.last, "test": test, "threads": args.threads,
+        "config": dataclasses.asdict(res.config) if res.config else None})
+    print(f"checkpoints and log in {args.out}/ (best epoch {res.best_epoch}); summary -> {summary}")

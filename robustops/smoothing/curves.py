@@ -1,12 +1,14 @@
 """Average certified radius, certified accuracy against radius, and its plot."""
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import os
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
-__all__ = ["acr", "certified_accuracy", "plot_certified_accuracy", "STANDARD_RADII"]
+__all__ = ["acr", "certified_accuracy", "plot_certified_accuracy", "plot_curve", "largest_certifiable_radius",
+           "STANDARD_RADII"]
 
 #: Radii at which `robustops certify` reports certified accuracy (Cohen et al.'s CIFAR-10 and ImageNet tables).
 STANDARD_RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 2.5, 3.0)
@@ -48,34 +50,86 @@ def certified_accuracy(radius, correct, radii):
     return float(out) if out.ndim == 0 else out
 
 
-def plot_certified_accuracy(path: str, curves, max_radius: Optional[float] = None, title: Optional[str] = None) -> str:
-    """Certified accuracy against radius, written as a PNG to path (matplotlib's Agg canvas; pyplot's
-    global state is not touched). curves: (radius, correct) for one curve, or {label: (radius, correct)}.
-    Returns path."""
+def largest_certifiable_radius(sigma: float, n: int, alpha: float) -> float:
+    """sigma * Phi^-1(pA_lower) when all n samples vote for the class (pA_lower = alpha^(1/n)): no
+    input can be certified beyond it with n samples at level alpha."""
+    from scipy.stats import norm
+
+    return float(sigma * norm.ppf(alpha ** (1.0 / n)))
+
+
+def _figure():
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    fig = Figure(figsize=(6, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig, fig.add_subplot(1, 1, 1)
+
+
+def _save(fig, path: str) -> List[str]:
+    """The figure at 300 dpi as PNG and as PDF (vector) beside it; returns both paths."""
+    stem, ext = os.path.splitext(path)
+    png = path if ext.lower() == ".png" else stem + ".png"
+    pdf = stem + ".pdf"
+    fig.tight_layout()
+    fig.savefig(png, format="png", dpi=300)
+    fig.savefig(pdf, format="pdf")
+    return [png, pdf]
+
+
+def _frame(ax, xmax: float, ylabel: str, xlabel: str, title: Optional[str]) -> None:
+    # a margin around [0, 1], so that no curve runs along the frame and disappears in it
+    ax.set_xlim(-0.01 * xmax, xmax * 1.01)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    if title:
+        ax.set_title(title, fontsize=10)
+
+
+def plot_curve(path: str, xs, curves: Dict[str, Sequence[float]], xlabel: str, ylabel: str,
+               title: Optional[str] = None) -> List[str]:
+    """Curves y(x) (one per label, points marked) overlaid, as PNG and PDF at 300 dpi (path: a file
+    name, its extension replaced). Returns the paths written."""
+    fig, ax = _figure()
+    for label, ys in curves.items():
+        ax.plot(xs, ys, marker="o", markersize=3, label=label)
+    _frame(ax, max(xs) if len(xs) and max(xs) > 0 else 1.0, ylabel, xlabel, title)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_certified_accuracy(path: str, curves, max_radius: Optional[float] = None, title: Optional[str] = None,
+                            certifiable: Optional[Dict[str, float]] = None) -> str:
+    """Certified accuracy against radius, several curves overlaid, written at 300 dpi as a PNG to path
+    and as a PDF beside it (matplotlib's Agg canvas; pyplot's global state is not touched).
+
+    curves: (radius, correct) for one curve, or {label: (radius, correct)}; each legend entry says
+    how many inputs its curve has. certifiable: {label: the largest radius its n samples can certify}
+    (largest_certifiable_radius): a marker on the curve there, since no input can reach beyond it.
+    Returns path."""
     if not isinstance(curves, dict):
         curves = {None: curves}
     data = {label: _radius_correct(*rc) for label, rc in curves.items()}
+    certifiable = certifiable or {}
     top = max_radius
     if top is None:
-        top = max([float(r[c].max()) for r, c in data.values() if c.any()] + [0.0]) * 1.05 or 1.0
+        top = max([float(r[c].max()) for r, c in data.values() if c.any()] + list(certifiable.values()) + [0.0])
+        top = top * 1.05 or 1.0
     grid = np.linspace(0.0, top, 400)
-    fig = Figure(figsize=(6, 4), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
+    fig, ax = _figure()
     for label, (r, c) in data.items():
-        ax.plot(grid, certified_accuracy(r, c, grid), label=label)
-    ax.set_xlabel("radius (L2)")
-    ax.set_ylabel("certified accuracy")
-    ax.set_xlim(0.0, top)
-    ax.set_ylim(0.0, 1.0)
-    ax.grid(True, alpha=0.3)
-    if title:
-        ax.set_title(title)
-    if any(label is not None for label in data):
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, format="png")
+        name = f"{label} ({r.size} inputs)" if label is not None else f"{r.size} inputs"
+        line, = ax.plot(grid, certified_accuracy(r, c, grid), label=name)
+        limit = certifiable.get(label)
+        if limit is not None and limit <= top:
+            ax.plot([limit], [certified_accuracy(r, c, limit)], marker="v", color=line.get_color(), markersize=7,
+                    linestyle="none")
+    if certifiable:
+        ax.plot([], [], marker="v", color="gray", linestyle="none", label="largest radius n samples can certify")
+    _frame(ax, top, "certified accuracy", "radius (L2)", title)
+    ax.legend(fontsize=8)
+    _save(fig, path)
     return path

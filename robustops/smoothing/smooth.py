@@ -17,6 +17,14 @@ Carlo. What makes it fast here:
   across processes. Selection, estimation and PREDICT use different keys: their draws are independent.
   Because consecutive indices give consecutive rows, a run of consecutive inputs whose samples all
   fall in one batch is drawn by a single `gaussian_noise` call.
+
+Coming from Cohen et al.'s code (locuslab/smoothing), where ``certify(x, n0, n, alpha, batch)`` takes
+one input x [C, H, W] and returns ``(prediction, radius)``: here x is a batch [B, C, H, W], so write
+``prediction, radius = smooth.certify(x[None], n0, n, alpha, batch)`` (a result for one input unpacks
+to an int and a float) and ``int(smooth.predict(x[None], n, alpha, batch)[0])`` for their
+``predict``. With ``Smooth(..., input_shape=(C, H, W))``, x [C, H, W] itself is taken as a batch of
+one; without input_shape a lone input cannot be told from a batch, and when the classifier then fails
+on it the error says to add the batch dimension (see :meth:`Smooth.certify`).
 """
 from __future__ import annotations
 
@@ -64,6 +72,27 @@ def _binom_pvalue(n_a: int, n_b: int) -> float:
     return float(stats.binomtest(int(n_a), int(n_a + n_b), 0.5).pvalue)
 
 
+class _LogitsShapeError(ValueError):
+    """The base classifier returned something other than logits [R, num_classes]."""
+
+
+def _first_conv(model):
+    """The first Conv1d / Conv2d / Conv3d among an nn.Module's submodules (registration order), or None."""
+    if not isinstance(model, torch.nn.Module):
+        return None
+    for m in model.modules():
+        if isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)):
+            return m
+    return None
+
+
+def _is_out_of_memory(e: BaseException) -> bool:
+    oom = tuple(t for t in (getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None))
+                if isinstance(t, type))
+    return (bool(oom) and isinstance(e, oom)) or "out of memory" in str(e).lower() \
+        or "can't allocate memory" in str(e).lower()
+
+
 @dataclass
 class CertifyResult:
     """Output of :meth:`Smooth.certify` for B inputs (CPU tensors).
@@ -86,6 +115,13 @@ class CertifyResult:
     nan_votes: Optional[torch.Tensor] = None
     selection_nan_votes: Optional[torch.Tensor] = None
     finite_input: Optional[torch.Tensor] = None
+
+    def __iter__(self):
+        """``prediction, radius = result``, as Cohen et al.'s certify returns them: for one input
+        (B = 1) a Python int (-1: abstain) and a float, otherwise the [B] tensors."""
+        if self.prediction.numel() == 1 and self.radius.numel() == 1:
+            return iter((int(self.prediction.reshape(-1)[0]), float(self.radius.reshape(-1)[0])))
+        return iter((self.prediction, self.radius))
 
 
 @dataclass
@@ -114,7 +150,9 @@ class Smooth:
         and write the noisy batches in that dtype (the classifier's first layer would cast them anyway).
     channels_last: write the noisy batches in channels_last (4-D / 5-D inputs) and convert the
         classifier's parameters to channels_last, in place.
-    input_shape: optional shape of one input (without the batch dimension), checked on every call.
+    input_shape: optional shape of one input (without the batch dimension), checked on every call;
+        with it, an x of exactly that shape (one input, as Cohen et al.'s certify takes it) is taken
+        as a batch of one.
     device: where the classifier runs; by default the device of its first parameter or buffer, else
         that of the inputs.
     graph: on CUDA, run every full forward batch of a single input's noisy copies (noise, forward,
@@ -154,6 +192,17 @@ class Smooth:
     def certify(self, x: torch.Tensor, n0: int, n: int, alpha: float, batch_size: int, *,
                 seed: Optional[int] = None, indices=None) -> CertifyResult:
         """Cohen et al.'s CERTIFY for a batch of inputs x [B, ...].
+
+        One input: ``prediction, radius = smooth.certify(x[None], n0, n, alpha, batch_size)`` gives
+        an int (-1: abstain) and a float, as Cohen et al.'s ``certify(x, ...)`` does (see
+        CertifyResult.__iter__; for B > 1 the same unpacking gives the [B] tensors). The rule for a
+        lone input x [C, H, W] without its batch dimension: with ``input_shape`` given to Smooth and
+        x.shape == input_shape, x is a batch of one. Without input_shape, x is always read as a
+        batch (x [C, H, W] = C inputs of shape [H, W]: never guessed, since a batch of C
+        one-channel inputs looks the same); when the base classifier then fails on the noisy batch
+        and x looks like one input (x is 2-D or 3-D, or x is the shape of one input of the
+        classifier's first convolution), the error is a ValueError that says to add the batch
+        dimension, with the classifier's own error attached.
 
         For each input, n0 noisy samples choose the class cA (top count), n fresh samples count its
         votes nA, and pA_lower = Clopper-Pearson one-sided lower bound at level alpha. If
@@ -201,7 +250,11 @@ class Smooth:
         p-value <= alpha, else -1. The probability of returning a class other than g(x) is at most
         alpha. Returns int64 [B], or a PredictResult with counts and p-values when return_details.
         seed, indices, batch_size: as in certify. One host synchronization per call. NaN logits are
-        votes for no class; an input with NaN / Inf values abstains, with a warning."""
+        votes for no class; an input with NaN / Inf values abstains, with a warning.
+
+        One input, as Cohen et al.'s ``predict(x, ...)`` returning an int:
+        ``int(smooth.predict(x[None], n, alpha, batch_size)[0])``. A lone x [C, H, W] is handled
+        as in certify (a batch of one when x.shape == input_shape)."""
         x, B = self._check_x(x)
         n = _checks.check_int(n, "n", 1)
         alpha = _checks.check_probability(alpha, "alpha")
@@ -231,10 +284,10 @@ class Smooth:
             raise TypeError(f"x must hold floating-point inputs, got {x.dtype}")
         if self.input_shape is not None and tuple(x.shape[1:]) != self.input_shape:
             if tuple(x.shape) == self.input_shape:
-                raise ValueError(f"x must be a batch [B, {', '.join(map(str, self.input_shape))}], got one input of "
-                                 f"shape {list(x.shape)}: add the batch dimension (x.unsqueeze(0))")
-            raise ValueError(f"x must have shape [B, {', '.join(map(str, self.input_shape))}] (input_shape), "
-                             f"got {list(x.shape)}")
+                x = x.unsqueeze(0)  # one input (Cohen et al.'s certify(x) habit): a batch of one
+            else:
+                raise ValueError(f"x must have shape [B, {', '.join(map(str, self.input_shape))}] (input_shape) "
+                                 f"or be one input of shape input_shape, got {list(x.shape)}")
         if x.dim() < 2:
             raise ValueError(f"x must be a batch of inputs [B, ...] with at least 2 dimensions, got {x.dim()}-D "
                              f"shape {list(x.shape)}")
@@ -246,6 +299,42 @@ class Smooth:
             x = x.contiguous()  # the slices x[i:j] handed to gaussian_noise must be dense
         device = self.device or x.device
         return x.to(device), x.shape[0]
+
+    def _unbatched_hint(self, x: torch.Tensor, batch: torch.Tensor, e: BaseException) -> Optional[str]:
+        """The message of the ValueError that replaces the error e of the base classifier on a noisy
+        batch of x when x looks like one input given without its batch dimension; None to let e
+        through. Never with input_shape (x was checked against it), never for out-of-memory errors.
+
+        x looks like one input when the classifier's first convolution (an nn.Module's first Conv1d /
+        2d / 3d) takes inputs of x's rank (x = [C, H, W] for a Conv2d) or takes another number of
+        channels than x.shape[1]; or, for an error raised by the classifier itself (not a wrong
+        logits shape), when x is 2-D or 3-D (one input [H, W] or [C, H, W]) unless x is a batch of
+        exactly what that first convolution takes."""
+        if self.input_shape is not None or _is_out_of_memory(e):
+            return None
+        shape = list(x.shape)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        cause = f"(base_classifier on a noisy batch of shape {list(batch.shape)}: {type(e).__name__}: {first})"
+        add = ("add the batch dimension (x.unsqueeze(0) or x[None]; Smooth's certify / predict take a batch "
+               "[B, ...]), or give Smooth input_shape= to accept single inputs")
+        conv = _first_conv(self.base_classifier)
+        if conv is not None:
+            k, c = len(conv.kernel_size), conv.in_channels
+            if x.dim() == k + 1 and shape[0] == c:
+                return f"x of shape {shape} looks like one input (the classifier takes {c} channels): {add} {cause}"
+            if x.dim() == k + 1:
+                return (f"x of shape {shape} has one dimension fewer than the classifier's first convolution takes "
+                        f"([B, {c}, ...]): if x is one input, {add}; if it is a batch without its channel "
+                        f"dimension, add that (x.unsqueeze(1)) {cause}")
+            if x.dim() == k + 2 and shape[1] != c:
+                return (f"x of shape {shape} is read as a batch of {shape[0]} inputs with {shape[1]} channels, but the "
+                        f"classifier's first convolution takes {c}: if x is one input, {add} {cause}")
+            if x.dim() == k + 2:
+                return None  # a batch of what the first convolution takes: the error is about something else
+        if x.dim() in (2, 3) and not isinstance(e, _LogitsShapeError):
+            return (f"base_classifier failed on x of shape {shape}, read as a batch of {shape[0]} inputs of shape "
+                    f"{shape[1:]}: if x is one input, {add} {cause}")
+        return None
 
     @staticmethod
     def _check_indices(indices, B: int) -> List[int]:
@@ -276,9 +365,9 @@ class Smooth:
                 logits = self.base_classifier(batch)
         if not isinstance(logits, torch.Tensor) or logits.shape != (batch.shape[0], self.num_classes):
             got = list(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-            raise ValueError(f"base_classifier must return logits [R, num_classes] = [{batch.shape[0]}, "
-                             f"{self.num_classes}] for a batch of R = {batch.shape[0]} inputs, got {got}; "
-                             f"check num_classes")
+            raise _LogitsShapeError(f"base_classifier must return logits [R, num_classes] = [{batch.shape[0]}, "
+                                    f"{self.num_classes}] for a batch of R = {batch.shape[0]} inputs, got {got}; "
+                                    f"check num_classes")
         return logits
 
     def _sample(self, x: torch.Tensor, idx: List[int], phases: List[Tuple[int, int]], batch_size: int,
@@ -373,7 +462,14 @@ class Smooth:
                                             channels_last=self.channels_last))
             k = end
         batch = noise[0] if len(noise) == 1 else torch.cat(noise)
-        logits = self._with_nan_column(self._forward(batch))
+        try:
+            logits = self._forward(batch)
+        except (RuntimeError, ValueError) as e:
+            hint = self._unbatched_hint(x, batch, e)
+            if hint is None:
+                raise
+            raise ValueError(hint) from e
+        logits = self._with_nan_column(logits)
         # Votes: pieces hold consecutive count rows; one count_votes_ per run of equal-sized pieces.
         k = start = 0
         while k < len(pieces):

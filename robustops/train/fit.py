@@ -94,7 +94,7 @@ class _FitRun:
     validations without improvement; one method per part of the loop."""
 
     def __init__(self, model: nn.Module, train_loader, cfg: FitConfig, *, val_loader, out_dir, progress, verbose,
-                 device, model_name, model_kwargs, extra):
+                 device, model_name, model_kwargs, extra, tensorboard=None):
         self.model, self.loader, self.cfg, self.val_loader = model, train_loader, cfg, val_loader
         self.out_dir, self.progress = out_dir, progress
         self.rank, self.world = dist_info()
@@ -115,6 +115,11 @@ class _FitRun:
                      "mean": cfg.mean, "std": cfg.std, "lo": cfg.lo, "hi": cfg.hi,
                      "config": dataclasses.asdict(cfg), **(extra or {})}
         self.res = FitResult(select=cfg.select, out_dir=out_dir, config=cfg)
+        self.writer = None
+        if tensorboard is not None and self.rank == 0:
+            from torch.utils.tensorboard import SummaryWriter  # ImportError without the tensorboard package
+
+            self.writer = SummaryWriter(log_dir=tensorboard)
         self.best_state = None
         self.bad = 0
         self.start = 0
@@ -281,7 +286,14 @@ class _FitRun:
             row["best"] = improved
             res.history.append(row)
             self.report(row, improved)
+            if self.writer is not None:
+                for k, v in row.items():
+                    if isinstance(v, (int, float)) and k != "epoch" and not (isinstance(v, float) and math.isnan(v)):
+                        self.writer.add_scalar(k, v, epoch)
+                self.writer.flush()
             self.checkpoint(row, improved)
+        if self.writer is not None:
+            self.writer.close()
         res.epochs_run = len(res.history)
         if self.cfg.restore_best and self.best_state is not None and res.best_epoch != res.epochs_run:
             self.model.load_state_dict(self.best_state)
@@ -292,7 +304,7 @@ class _FitRun:
 def fit(model: nn.Module, train_loader, method: str = "natural", *, val_loader=None, out_dir: Optional[str] = None,
         resume=None, progress: bool = True, verbose: bool = True, device=None, model_name: Optional[str] = None,
         model_kwargs: Optional[Dict[str, Any]] = None, extra: Optional[Dict[str, Any]] = None,
-        **hparams) -> FitResult:
+        tensorboard: Optional[str] = None, **hparams) -> FitResult:
     """Train ``model`` in place with ``method`` on ``train_loader`` (batches ``(x, y, ...)``, x in
     [lo, hi]); returns a :class:`FitResult`.
 
@@ -312,10 +324,13 @@ def fit(model: nn.Module, train_loader, method: str = "natural", *, val_loader=N
     that run exactly where its last finished epoch left it.
     model_name / model_kwargs / extra: stored in the checkpoints (``models.load_model`` rebuilds
     the model from them).
+    tensorboard: a directory for TensorBoard event files (every epoch's log row as scalars); needs
+    the tensorboard package.
     """
     cfg = FitConfig.make(method, **hparams).resolved()
     run = _FitRun(model, train_loader, cfg, val_loader=val_loader, out_dir=out_dir, progress=progress,
-                  verbose=verbose, device=device, model_name=model_name, model_kwargs=model_kwargs, extra=extra)
+                  verbose=verbose, device=device, model_name=model_name, model_kwargs=model_kwargs, extra=extra,
+                  tensorboard=tensorboard)
     ckpt_path = _resume_path(resume, out_dir)
     if ckpt_path is not None:
         run.resume(ckpt_path)

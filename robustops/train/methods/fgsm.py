@@ -34,7 +34,7 @@ class FGSMTraining(Method):
             delta = self.perturbation(x)
             xa = (x + delta).detach()
             g, _, _ = tr.engine("linf").gradient(xa, y)
-            ops.recycle_step_(delta, g, x, c.eps, c.alpha, c.lo, c.hi)
+            ops.recycle_step_(delta, x, g, eps=c.eps, step=c.alpha, lo=c.lo, hi=c.hi)
             x_adv = x + delta
         else:  # one L-inf step from the start point: x + clamp(start - x + alpha*sign(g), -eps, eps)
             x_adv = tr.attack(x, y, c.eps, c.alpha, 1, "linf", c.fgsm_init == "random")

@@ -86,7 +86,7 @@ class Free(Method):
             g = xa.grad
             if c.amp == "fp16":
                 g = torch.nan_to_num(g, nan=0.0, posinf=1.0, neginf=-1.0)
-            ops.recycle_step_(delta, tr.fmt(g), x, c.eps, c.alpha, c.lo, c.hi)
+            ops.recycle_step_(delta, x, tr.fmt(g), eps=c.eps, step=c.alpha, lo=c.lo, hi=c.hi)
             tr.optimizer_step()
             step_loss, step_correct, b = tr.stats(loss, logits, y)
             tot_loss, tot_correct, n = tot_loss + step_loss, tot_correct + step_correct, n + b
