@@ -1,5 +1,6 @@
 """PGD evaluation end to end: an eager torchattacks-style loop against robustops.attacks.PGD eager,
-CUDA-graph replay (fp32 and bf16 autocast) and early exit, side by side in one run.
+CUDA-graph replay (fp32 and bf16 autocast) and early exit, side by side in one run; and APGD-CE:
+torchattacks.APGD eager and with a torch.compile'd model against robustops.attacks.APGD.
 
 Configurations (GPU defaults):
 - cnn: a small MNIST-shaped CNN (robustops.models.SmallCNN, 1x28x28), L-inf PGD-40, eps 0.3,
@@ -127,6 +128,14 @@ def run_config(args, cfg, model, x, y, eps, alpha, steps, trained, rows, base):
 
     print(f"\n{cfg}: batch {B}, L-inf PGD-{steps}, eps {eps:.4g}, alpha {alpha:.4g}"
           f"{' (trained model)' if trained else ' (random weights)'}")
+    time_methods(args, methods, B, rows, dict(base, config=cfg, batch=B, steps=steps, eps=round(eps, 6),
+                                              trained=int(trained)))
+
+
+def time_methods(args, methods, B, rows, fields):
+    """Warm-up, then the methods (name, dtype, fn, robust_of_output) timed round-robin; prints a table
+    (the first method is the baseline of the speedup column) and appends one row per method."""
+    dev = args.device
     header = f"  {'method':<28} {'dtype':>8} {'time/attack':>12} {'img/s':>10} {'vs eager':>9} {'robust acc':>10}"
     print(header)
     print("  " + "-" * (len(header) - 2))
@@ -155,14 +164,45 @@ def run_config(args, cfg, model, x, y, eps, alpha, steps, trained, rows, base):
         speed = eager_t / t
         acc = accs[name]
         print(f"  {name:<28} {dtype:>8} {t * 1e3:10.2f}ms {B / t:10.0f} {speed:8.2f}x {acc:10.4f}")
-        rows.append(dict(base, config=cfg, batch=B, steps=steps, eps=round(eps, 6), method=name, dtype=dtype,
-                         time_s=f"{t:.6g}", images_per_s=f"{B / t:.6g}", speedup_vs_eager=f"{speed:.4g}",
-                         robust_acc=f"{acc:.4f}", trained=int(trained), reps=args.reps))
+        rows.append(dict(fields, method=name, dtype=dtype, time_s=f"{t:.6g}", images_per_s=f"{B / t:.6g}",
+                         speedup_vs_eager=f"{speed:.4g}", robust_acc=f"{acc:.4f}", reps=args.reps))
+
+
+def run_apgd(args, model, x, y, eps, steps, rows, base):
+    """APGD-CE (Croce & Hein 2020) on the trained CNN: torchattacks.APGD (eager; and with the model
+    under torch.compile, the compiled baseline) against robustops.attacks.APGD (early exit at the
+    checkpoints, its default; fused steps)."""
+    B = x.shape[0]
+
+    def robust_of_adv(adv):
+        with torch.no_grad():
+            return (model(adv).argmax(1) == y).float().mean().item()
+
+    methods = []
+    try:
+        import torchattacks
+    except ImportError:
+        torchattacks = None
+        print("  (torchattacks is not installed: no eager APGD baseline)")
+    if torchattacks is not None:
+        ta = torchattacks.APGD(model, norm="Linf", eps=eps, steps=steps, n_restarts=1, seed=0, loss="ce")
+        methods.append(("torchattacks APGD (eager)", "float32", lambda: ta(x, y), robust_of_adv))
+        if not args.no_compile:
+            compiled = torch.compile(model)
+            ta_c = torchattacks.APGD(compiled, norm="Linf", eps=eps, steps=steps, n_restarts=1, seed=0, loss="ce")
+            methods.append(("torchattacks APGD compiled", "float32", lambda: ta_c(x, y), robust_of_adv))
+    ours = attacks.APGD(model, eps=eps, steps=steps, seed=0)
+    methods.append(("robustops APGD", "float32", lambda: ours(x, y), robust_of_adv))
+    print(f"\nsmall_cnn_mnist: batch {B}, L-inf APGD-CE-{steps}, eps {eps:.4g} (trained model)")
+    time_methods(args, methods, B, rows, dict(base, config="small_cnn_mnist_apgd", batch=B, steps=steps,
+                                             eps=round(eps, 6), trained=1))
 
 
 def main(argv=None):
     p = parser(__doc__, "attack.csv")
-    p.add_argument("--configs", default="cnn,rn18", help="comma list of cnn, rn18")
+    p.add_argument("--configs", default="cnn,rn18,apgd", help="comma list of cnn, rn18, apgd (APGD-CE on the CNN)")
+    p.add_argument("--apgd-steps", type=int, default=None, help="APGD-CE steps (default 100; --small: 20)")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline of APGD")
     p.add_argument("--cnn-batches", default=None, help="default 128,1024 (--small: 32,128)")
     p.add_argument("--cnn-steps", type=int, default=None, help="default 40 (--small: 10)")
     p.add_argument("--rn-batch", type=int, default=None, help="default 256 (--small: 8)")
@@ -175,7 +215,7 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     args = p.parse_args(argv)
     preset = dict(cnn_batches=("128,1024", "32,128"), cnn_steps=(40, 10), rn_batch=(256, 8), rn_steps=(20, 2),
-                  reps=(10, 3))
+                  reps=(10, 3), apgd_steps=(100, 20))
     for k, (full, small) in preset.items():
         if getattr(args, k) is None:
             setattr(args, k, small if args.small else full)
@@ -184,7 +224,7 @@ def main(argv=None):
     print(f"device: {base['device']}; torch {torch.__version__}")
     rows = []
     configs = args.configs.split(",")
-    if "cnn" in configs:
+    if "cnn" in configs or "apgd" in configs:
         t0 = time.perf_counter()
         model = train_cnn(dev, args.train_epochs)
         xt, yt = digits28("test", dev)
@@ -192,9 +232,13 @@ def main(argv=None):
             clean = (model(xt).argmax(1) == yt).float().mean().item()
         print(f"SmallCNN(28x28) trained on upsampled digits: {args.train_epochs} epochs, "
               f"{time.perf_counter() - t0:.1f}s, clean test accuracy {clean:.4f}")
-        for b in (int(v) for v in args.cnn_batches.split(",")):
+        batches = [int(v) for v in args.cnn_batches.split(",")]
+        for b in batches if "cnn" in configs else []:
             x, y = batch_of(xt, yt, b)
             run_config(args, "small_cnn_mnist", model, x, y, 0.3, 0.01, args.cnn_steps, True, rows, base)
+        if "apgd" in configs:
+            x, y = batch_of(xt, yt, batches[-1])
+            run_apgd(args, model, x, y, 0.3, args.apgd_steps, rows, base)
     if "rn18" in configs:
         torch.manual_seed(0)
         model = PreActResNet18().to(dev).eval()

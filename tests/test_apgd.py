@@ -438,3 +438,31 @@ def test_apgd_t_not_weaker_than_torchattacks(model, digits, norm, eps):
     theirs = [torchattacks_acc(model, torchattacks.APGDT, x, y, ok, norm=ta_norm, eps=eps, steps=STEPS, n_restarts=1,
                                seed=s, n_classes=10) for s in seeds]
     assert_not_weaker(ours, theirs, x.shape[0], f"APGD-T {norm} eps {eps}")
+
+
+def test_robust_accuracy_runs_an_ensemble_in_order():
+    """robust_accuracy([APGD, APGDT]): the first attack's figures are APGD's alone (it sees every
+    sample), the second attacks only what the first left robust, and a sample is robust when it
+    survives both; the rows say which attack they hold."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from helpers import train_digits_model
+    from robustops.attacks import APGD, APGDT, robust_accuracy
+    from robustops.data import IndexedDataset, load_digits
+
+    model = train_digits_model(epochs=3, seed=0)
+    x, y = load_digits("test").tensors
+    loader = DataLoader(IndexedDataset(TensorDataset(x[:120], y[:120])), batch_size=50)
+    ce = robust_accuracy(model, loader, APGD(model, eps=0.1, steps=10, seed=0), progress=False)
+    both = robust_accuracy(model, loader, [APGD(model, eps=0.1, steps=10, seed=0),
+                                           APGDT(model, eps=0.1, steps=10, seed=0, n_target_classes=3)],
+                           progress=False)
+    assert both["robust_acc_after"][0] == ce["robust_acc"]
+    assert both["robust_acc_after"][1] == both["robust_acc"] <= ce["robust_acc"]
+    s, s_ce = both["samples"], ce["samples"]
+    assert torch.equal(s["index"], s_ce["index"]) and torch.equal(s["clean_correct"], s_ce["clean_correct"])
+    assert not (s["robust_correct"] & ~s_ce["robust_correct"]).any()  # robust under both => under the first
+    broken_first = s_ce["clean_correct"] & ~s_ce["robust_correct"]
+    assert (s["attack"][broken_first] == 0).all() and (s["attack"][s_ce["robust_correct"]] == 1).all()
+    with pytest.raises(ValueError, match="empty"):
+        robust_accuracy(model, loader, [], progress=False)

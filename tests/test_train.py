@@ -429,7 +429,7 @@ def test_cli_demo_quick(tmp_path, capsys):
 
     out = tmp_path / "demo"
     rc = main(["demo", "--out", str(out), "--epochs", "2", "--n0", "10", "--n", "50", "--certify-max", "20",
-               "--attack-steps", "3", "--no-progress", "--val-size", "64"])
+               "--attack-steps", "3", "--apgd-steps", "3", "--no-progress", "--val-size", "64"])
     assert rc == 0
     text = capsys.readouterr().out
     for label in ("natural", "PGD-7 AT", "free AT (m=4)", "Gaussian noise (sigma=0.25)", "ACR", "train time"):
@@ -441,6 +441,9 @@ def test_cli_demo_quick(tmp_path, capsys):
         rows = list(csv.DictReader(fh))
     assert [r["method"] for r in rows] == ["natural", "pgd", "free", "gaussian"]
     assert rows[3]["acr"] != "" and rows[0]["acr"] == ""
+    assert "APGD-CE+T acc (3 steps)" in text
+    for r in rows:  # APGD-CE + APGD-T at 3 steps each vs PGD-3: never more robust than clean
+        assert 0 <= float(r["apgd_acc"]) <= float(r["clean_acc"])
     with open(out / "certify_gaussian.tsv") as fh:
         assert fh.readline().split() == ["idx", "label", "predict", "radius", "correct", "time"]
     assert main(["demo", "--methods", "natural,bogus", "--out", str(out)]) == 2

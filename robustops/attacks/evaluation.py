@@ -1,11 +1,12 @@
-"""Clean and robust accuracy of a model over a data loader under an attack."""
+"""Clean and robust accuracy of a model over a data loader under an attack, or under an ensemble of
+attacks run in order (AutoAttack's way: each attacks only what the earlier ones left robust)."""
 from __future__ import annotations
 
 import collections
 import contextlib
 import sys
 import time
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -76,9 +77,40 @@ def _attack_batch(model, attack: PGD, batch, x, y, idx, n: int, device) -> dict:
     return {k: v.cpu() for k, v in cols.items()}
 
 
-def robust_accuracy(model, loader, attack: PGD, device=None, progress: bool = True, desc: str = "attack",
-                    max_samples: Optional[int] = None) -> dict:
+def _ensemble_batch(model, attacks, batch, x, y, idx, n: int, device, after: list) -> dict:
+    """_attack_batch under each attack in turn, each on the samples all earlier ones left robust; a
+    row holds the result of the attack that broke the sample (else the last one's) and "attack" its
+    position. after[k] += the samples still robust after attack k."""
+    cols = _attack_batch(model, attacks[0], batch, x, y, idx, n, device)
+    cols["attack"] = torch.zeros(x.shape[0], dtype=torch.int64)
+    if any(a.targeted for a in attacks) and "target" not in cols:  # the same columns in every batch
+        cols["target"] = torch.full((x.shape[0],), -1, dtype=torch.int64)
+    after[0] += int(cols["robust_correct"].sum())
+    for k, atk in enumerate(attacks[1:], 1):
+        keep = cols["robust_correct"].nonzero().squeeze(1)
+        if keep.numel():
+            kd = keep.to(device)
+            sub = (x[kd], y[kd], idx[keep]) + ((torch.as_tensor(batch[3])[keep],) if len(batch) > 3 else ())
+            sub_cols = _attack_batch(model, atk, sub, sub[0], sub[1], sub[2], n, device)
+            sub_cols["attack"] = torch.full((keep.numel(),), k, dtype=torch.int64)
+            for c, v in sub_cols.items():
+                if c not in cols:  # a column only this attack has (target): -1 elsewhere
+                    cols[c] = torch.full((x.shape[0],) + tuple(v.shape[1:]), -1, dtype=v.dtype)
+                cols[c][keep] = v
+        after[k] += int(cols["robust_correct"].sum())
+    return cols
+
+
+def robust_accuracy(model, loader, attack: Union[PGD, Sequence[PGD]], device=None, progress: bool = True,
+                    desc: str = "attack", max_samples: Optional[int] = None) -> dict:
     """Clean and robust accuracy of model over loader under attack.
+
+    attack may be a sequence of attacks (an ensemble, e.g. ``[APGD(...), APGDT(...)]`` for the
+    AutoAttack-style evaluation): per batch they run in order, each on the samples that every earlier
+    one left robust, and a sample is robust when it survives all. The result then also has
+    "robust_acc_after" (robust accuracy after each attack, in order) and the per-sample column
+    "attack" (the position of the attack whose result the row holds: the first that broke the sample,
+    else the last).
 
     loader yields (images, labels) or (images, labels, indices) batches (indices: the samples' dataset
     indices, e.g. from ``robustops.data.IndexedDataset``). A sample is robust when it is classified
@@ -91,10 +123,15 @@ def robust_accuracy(model, loader, attack: PGD, device=None, progress: bool = Tr
     and target for targeted attacks), one entry per attacked sample."""
     from tqdm.auto import tqdm
 
+    ensemble = list(attack) if isinstance(attack, (list, tuple)) else None
+    if ensemble is not None and not ensemble:
+        raise ValueError("attack: an empty sequence of attacks")
+    first = ensemble[0] if ensemble else attack
     if device is None:
-        device = _model_device(attack.model if model is None else model)
+        device = _model_device(first.model if model is None else model)
     device = torch.device(device)
-    model = attack.model if model is None else model
+    model = first.model if model is None else model
+    after = [0] * len(ensemble or ())
     cols = collections.defaultdict(list)
     n = clean_ok_total = robust_ok_total = 0
     t0 = time.perf_counter()
@@ -112,7 +149,10 @@ def robust_accuracy(model, loader, attack: PGD, device=None, progress: bool = Tr
         x = x.to(device, non_blocking=True)
         y = y.to(device, non_blocking=True).long()
         idx = torch.as_tensor(idx).long()
-        batch_cols = _attack_batch(model, attack, batch, x, y, idx, n, device)
+        if ensemble:
+            batch_cols = _ensemble_batch(model, ensemble, batch, x, y, idx, n, device, after)
+        else:
+            batch_cols = _attack_batch(model, attack, batch, x, y, idx, n, device)
         for k, v in batch_cols.items():
             cols[k].append(v)
         clean_ok, robust_ok = batch_cols["clean_correct"], batch_cols["robust_correct"]
@@ -125,7 +165,8 @@ def robust_accuracy(model, loader, attack: PGD, device=None, progress: bool = Tr
     bar.close()
     elapsed = time.perf_counter() - t0
     samples = {k: torch.cat(v) for k, v in cols.items()}
-    return {"clean_acc": clean_ok_total / n if n else float("nan"),
+    extra = {"robust_acc_after": [a / n if n else float("nan") for a in after]} if ensemble else {}
+    return {**extra, "clean_acc": clean_ok_total / n if n else float("nan"),
             "robust_acc": robust_ok_total / n if n else float("nan"),
             "n": n, "clean_correct": clean_ok_total, "robust_correct": robust_ok_total,
             "time_s": elapsed, "samples_per_s": n / elapsed if elapsed > 0 else float("nan"),

@@ -210,9 +210,8 @@ def _load(args):
 
 
 def _evaluate(args, model, dataset, info, norm, eps, d):
-    """(rows, [n, clean, robust, seconds, robust after each attack...]) of this run's attacks at eps,
-    gathered on rank 0. Each attack after the first sees only the samples all earlier ones left
-    robust; a sample's row is the one of the attack that broke it (else the last attack's)."""
+    """(rows, [n, clean, robust, seconds, robust after each attack...]) of this run's attack (or its
+    suite, through robust_accuracy's ensemble) at eps, gathered on rank 0."""
     from torch.utils.data import DataLoader, Subset
 
     from .. import attacks
@@ -221,33 +220,20 @@ def _evaluate(args, model, dataset, info, norm, eps, d):
     if args.max is not None:
         dataset = Subset(dataset, list(range(min(args.max, len(dataset)))))
     part = rodata.shard(dataset, d.rank, d.world) if d.distributed else dataset
-    if not isinstance(part, Subset):
-        part = Subset(part, list(range(len(part))))
+    loader = DataLoader(rodata.IndexedDataset(part), batch_size=args.batch_size, shuffle=False)
     names = _attacks(args)
-    by_index, stats, seconds = {}, None, 0.0
-    for stage, name in enumerate(names):
-        if stage:
-            part = Subset(part.dataset, [i for i in part.indices if by_index[i]["robust_correct"]])
-            if not len(part):
-                stats.append(0)
-                continue
-        loader = DataLoader(rodata.IndexedDataset(part), batch_size=args.batch_size, shuffle=False)
-        try:
-            attack = _attack(args, model, info, norm, eps, d.rank, name)
-        except (ValueError, TypeError) as e:
-            raise CLIError(str(e)) from None
-        res = attacks.robust_accuracy(model, loader, attack, device=d.device, progress=args.progress and d.rank == 0,
-                                      desc=name)
-        seconds += res["time_s"]
-        for row in result_rows(res["samples"]):
-            if len(names) > 1:
-                row["attack"] = name
-            by_index[int(row["index"])] = row
-        if stats is None:
-            stats = [res["n"], res["clean_correct"], 0, 0.0]
-        stats.append(sum(1 for r in by_index.values() if r["robust_correct"]))
-    stats[2], stats[3] = stats[-1], seconds
-    rows = list(by_index.values())
+    try:
+        chosen = [_attack(args, model, info, norm, eps, d.rank, name) for name in names]
+    except (ValueError, TypeError) as e:
+        raise CLIError(str(e)) from None
+    res = attacks.robust_accuracy(model, loader, chosen if len(chosen) > 1 else chosen[0], device=d.device,
+                                  progress=args.progress and d.rank == 0, desc="+".join(names))
+    rows = result_rows(res["samples"])
+    if len(names) > 1:
+        for row in rows:
+            row["attack"] = names[int(row["attack"])]
+    stats = [res["n"], res["clean_correct"], res["robust_correct"], res["time_s"]]
+    stats += [round(a * res["n"]) for a in res.get("robust_acc_after", [])]
     if d.distributed:
         rows, stats = _gather(d, rows, stats)
     return rows, stats

@@ -37,6 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-size", type=int, default=144,
                    help="training images held out to pick each method's best epoch (0: last epoch)")
     p.add_argument("--attack-steps", type=int, default=20, help="steps of the evaluation PGD attack")
+    p.add_argument("--apgd-steps", type=int, default=100,
+                   help="steps of APGD-CE and of APGD-T (each target) in the AutoAttack-style column (0: skip it)")
     p.add_argument("--n0", type=int, default=100, help="CERTIFY selection samples")
     p.add_argument("--n", type=int, default=2000, help="CERTIFY estimation samples")
     p.add_argument("--alpha", type=float, default=0.001, help="CERTIFY failure probability")
@@ -62,7 +64,7 @@ def run(args) -> int:
     if bad or not methods:
         raise CLIError(f"--methods must be a comma-separated list of {', '.join(train.METHODS)}; got {args.methods!r}")
     require_min(epochs=(args.epochs, 1), steps=(args.steps, 1), m=(args.m, 1), batch_size=(args.batch_size, 1),
-                attack_steps=(args.attack_steps, 1), n0=(args.n0, 1), n=(args.n, 1),
+                attack_steps=(args.attack_steps, 1), apgd_steps=(args.apgd_steps, 0), n0=(args.n0, 1), n=(args.n, 1),
                 certify_batch=(args.certify_batch, 1), val_size=(args.val_size, 0))
     if not args.eps >= 0:
         raise CLIError(f"--eps must be >= 0, got {args.eps}")
@@ -121,8 +123,13 @@ def _train_and_evaluate(args, method: str, data: _Data, dev) -> dict:
     model.eval()
     atk = attacks.PGD(model, eps=args.eps, steps=args.attack_steps, norm="linf", random_start=True, seed=args.seed)
     ev = attacks.robust_accuracy(model, data.test_loader, atk, device=dev, progress=False)
+    aa = None
+    if args.apgd_steps:
+        suite = [attacks.APGD(model, eps=args.eps, steps=args.apgd_steps, seed=args.seed),
+                 attacks.APGDT(model, eps=args.eps, steps=args.apgd_steps, seed=args.seed)]
+        aa = attacks.robust_accuracy(model, data.test_loader, suite, device=dev, progress=False)["robust_acc"]
     row = {"method": method, "label": res.config.method_class.label(res.config), "clean_acc": ev["clean_acc"],
-           "robust_acc": ev["robust_acc"], "acr": None, "train_time_s": res.train_time,
+           "robust_acc": ev["robust_acc"], "apgd_acc": aa, "acr": None, "train_time_s": res.train_time,
            "epochs_run": res.epochs_run, "best_epoch": res.best_epoch, "model": model,
            "sigma": res.config.noise_sigma}
     if row["sigma"] is not None:
@@ -151,10 +158,12 @@ def _certify(args, row: dict, data: _Data, dev) -> None:
 
 
 def _table(args, rows) -> list:
-    header = ["method", "clean acc", f"PGD-{args.attack_steps} acc (eps={args.eps:g})",
-              f"ACR (sigma={args.sigma:g})", "train time"]
-    table = [[r["label"], _fmt_pct(r["clean_acc"]), _fmt_pct(r["robust_acc"]),
-              "-" if r["acr"] is None else f"{r['acr']:.3f}", f"{r['train_time_s']:.1f} s"] for r in rows]
+    header = ["method", "clean acc", f"PGD-{args.attack_steps} acc (eps={args.eps:g})"]
+    header += [f"APGD-CE+T acc ({args.apgd_steps} steps)"] if args.apgd_steps else []
+    header += [f"ACR (sigma={args.sigma:g})", "train time"]
+    table = [[r["label"], _fmt_pct(r["clean_acc"]), _fmt_pct(r["robust_acc"])]
+             + ([_fmt_pct(r["apgd_acc"])] if args.apgd_steps else [])
+             + ["-" if r["acr"] is None else f"{r['acr']:.3f}", f"{r['train_time_s']:.1f} s"] for r in rows]
     widths = [max(len(h), *(len(t[i]) for t in table)) for i, h in enumerate(header)]
     md = ["| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |",
           "|" + "|".join(("-" * (w + 1) + ":") if i else ("-" * (w + 2)) for i, w in enumerate(widths)) + "|"]
@@ -170,14 +179,16 @@ def _write_outputs(args, rows, md, certified, lines) -> list:
         fh.write("\n".join(md) + "\n")
     with open(os.path.join(args.out, "results.csv"), "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["method", "label", "clean_acc", "robust_acc", "eps", "attack_steps", "acr", "sigma",
-                    "train_time_s", "epochs_run", "best_epoch"])
+        w.writerow(["method", "label", "clean_acc", "robust_acc", "eps", "attack_steps", "apgd_acc", "apgd_steps",
+                    "acr", "sigma", "train_time_s", "epochs_run", "best_epoch"])
         for r in rows:
             w.writerow([r["method"], r["label"], f"{r['clean_acc']:.4f}", f"{r['robust_acc']:.4f}", args.eps,
-                        args.attack_steps, "" if r["acr"] is None else f"{r['acr']:.4f}", args.sigma,
+                        args.attack_steps, "" if r["apgd_acc"] is None else f"{r['apgd_acc']:.4f}", args.apgd_steps,
+                        "" if r["acr"] is None else f"{r['acr']:.4f}", args.sigma,
                         f"{r['train_time_s']:.2f}", r["epochs_run"], r["best_epoch"]])
     write_summary(os.path.join(args.out, "results.json"), {
-        "command": "demo", "eps": args.eps, "attack_steps": args.attack_steps, "n0": args.n0, "n": args.n,
+        "command": "demo", "eps": args.eps, "attack_steps": args.attack_steps, "apgd_steps": args.apgd_steps,
+        "n0": args.n0, "n": args.n,
         "alpha": args.alpha, "epochs": args.epochs, "seed": args.seed, "table": md, "lines": lines,
         "rows": [{k: v for k, v in r.items() if k not in ("model", "radius", "correct")} for r in rows]})
     outputs = ["results.md", "results.csv", "results.json"]
@@ -224,8 +235,9 @@ def _demo(args, methods, dev) -> int:
         rows.append(row)
         extra = (f", ACR {row['acr']:.3f} ({data.k} images, n={args.n}, certified in {row['certify_time_s']:.1f}s)"
                  if row["acr"] is not None else "")
+        aa = f"  APGD-CE+T {_fmt_pct(row['apgd_acc']):>6}" if row["apgd_acc"] is not None else ""
         print(f"  {row['label']:<28} clean {_fmt_pct(row['clean_acc']):>6}  PGD-{args.attack_steps} "
-              f"{_fmt_pct(row['robust_acc']):>6}{extra}  (trained {row['train_time_s']:.1f}s)", flush=True)
+              f"{_fmt_pct(row['robust_acc']):>6}{aa}{extra}  (trained {row['train_time_s']:.1f}s)", flush=True)
     md = _table(args, rows)
     print()
     print("\n".join(md))
