@@ -164,6 +164,13 @@ class PreActResNet18(nn.Module):
 
 # ------------------------------------------------------------------------------ CIFAR ResNet
 
+def _cifar_resnet_blocks(depth) -> int:
+    """n, the blocks per stage of a CIFAR ResNet of depth 6n + 2 (He et al. 2016, section 4.2)."""
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 8 or (depth - 2) % 6 != 0:
+        raise ValueError(f"depth must be 6n+2 with n >= 1 (20, 32, 44, 56, 110, ...), got {depth!r}")
+    return (depth - 2) // 6
+
+
 class _BasicBlock(nn.Module):
     def __init__(self, in_planes: int, planes: int, stride: int = 1):
         super().__init__()
@@ -192,9 +199,7 @@ class CifarResNet(nn.Module):
 
     def __init__(self, depth: int = 20, num_classes: int = 10, in_channels: int = 3):
         super().__init__()
-        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 8 or (depth - 2) % 6 != 0:
-            raise ValueError(f"depth must be 6n+2 with n >= 1 (20, 32, 44, 56, 110, ...), got {depth!r}")
-        n = (depth - 2) // 6
+        n = _cifar_resnet_blocks(depth)
         self.depth = depth
         self.conv1 = nn.Conv2d(in_channels, 16, 3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
@@ -272,9 +277,7 @@ class CohenCifarResNet(nn.Module):
 
     def __init__(self, depth: int = 110, num_classes: int = 10, in_channels: int = 3):
         super().__init__()
-        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 8 or (depth - 2) % 6 != 0:
-            raise ValueError(f"depth must be 6n+2 with n >= 1 (20, 32, 44, 56, 110, ...), got {depth!r}")
-        n = (depth - 2) // 6
+        n = _cifar_resnet_blocks(depth)
         self.depth = depth
         self.conv1 = nn.Conv2d(in_channels, 16, 3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
@@ -598,7 +601,8 @@ def load_model(path: str, name: Optional[str] = None, map_location="cpu", truste
     if isinstance(obj, dict) and "state_dict" in obj and "model" in obj:
         saved = obj["model"]
         if not isinstance(saved, str):
-            raise ValueError(f"{path!r}: the checkpoint's 'model' entry must be a model name, got {type(saved).__name__}")
+            raise ValueError(f"{path!r}: the checkpoint's 'model' entry must be a model name, got "
+                             f"{type(saved).__name__}")
         if name is not None and name.lower().replace("-", "_") != saved.lower().replace("-", "_"):
             raise ValueError(f"{path!r} holds a {saved!r} model, but name={name!r} was asked for")
         model_kwargs = dict(obj.get("model_kwargs") or {})

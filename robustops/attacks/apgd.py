@@ -199,17 +199,9 @@ class APGD(PGD):
         eps = _checks.sample_param_on(self.eps if eps is None else eps, "eps", B, device)
         if not isinstance(eps, torch.Tensor):
             eps = torch.full((B,), float(eps), dtype=torch.float32, device=device)
-        if skip is not None:
-            if not isinstance(skip, torch.Tensor) or skip.dtype != torch.bool or skip.shape != (B,):
-                raise ValueError(f"skip must be a BoolTensor[B] with B = {B}, got "
-                                 f"{list(skip.shape) if isinstance(skip, torch.Tensor) else type(skip).__name__}")
-            skip = skip.to(device)
-        if offset is None:
-            offset = self._samples_seen
-        self._samples_seen = offset + B
-        if B == 0:
-            empty = torch.zeros(0, dtype=torch.int64, device=device)
-            return AttackResult(x.clone(), empty.bool(), empty, empty, torch.zeros(0, device=device), empty)
+        skip, offset, empty = self._start_run(x, skip, offset)
+        if empty is not None:
+            return empty
         seed = _rng.resolve_seed(self.seed)
         with self._model_state():
             return self._attack(x, y, eps, seed, offset, skip)

@@ -253,6 +253,25 @@ class PGD:
         """Adversarial examples for (images, labels): a tensor like images."""
         return self.perturb(images, labels, targets, evaluate=False, **kwargs).x_adv
 
+    def _start_run(self, x: torch.Tensor, skip, offset):
+        """(skip on x's device, the run's random-stream offset, an empty AttackResult for B = 0 or
+        None): the bookkeeping every perturb starts with. offset None continues after the samples
+        this attack has seen."""
+        B, device = x.shape[0], x.device
+        if skip is not None:
+            if not isinstance(skip, torch.Tensor) or skip.dtype != torch.bool or skip.shape != (B,):
+                raise ValueError(f"skip must be a BoolTensor[B] with B = {B}, got "
+                                 f"{list(skip.shape) if isinstance(skip, torch.Tensor) else type(skip).__name__}")
+            skip = skip.to(device)
+        if offset is None:
+            offset = self._samples_seen
+        self._samples_seen = offset + B
+        empty = None
+        if B == 0:
+            none = torch.zeros(0, dtype=torch.int64, device=device)
+            empty = AttackResult(x.clone(), none.bool(), none, none, torch.zeros(0, device=device), none)
+        return skip, offset, empty
+
     def perturb(self, images: torch.Tensor, labels: torch.Tensor, targets: Optional[torch.Tensor] = None,
                 eps: Optional[Param] = None, alpha: Optional[Param] = None, offset: Optional[int] = None,
                 skip: Optional[torch.Tensor] = None, evaluate: bool = True) -> AttackResult:
@@ -274,17 +293,9 @@ class PGD:
         if alpha is None:
             alpha = (eps * (2.5 / self.steps)) if isinstance(eps, torch.Tensor) else 2.5 * eps / self.steps
         alpha = _checks.sample_param_on(alpha, "alpha", B, device)
-        if skip is not None:
-            if not isinstance(skip, torch.Tensor) or skip.dtype != torch.bool or skip.shape != (B,):
-                raise ValueError(f"skip must be a BoolTensor[B] with B = {B}, got "
-                                 f"{list(skip.shape) if isinstance(skip, torch.Tensor) else type(skip).__name__}")
-            skip = skip.to(device)
-        if offset is None:
-            offset = self._samples_seen
-        self._samples_seen = offset + B
-        if B == 0:
-            empty = torch.zeros(0, dtype=torch.int64, device=device)
-            return AttackResult(x.clone(), empty.bool(), empty, empty, torch.zeros(0, device=device), empty)
+        skip, offset, empty = self._start_run(x, skip, offset)
+        if empty is not None:
+            return empty
         seed = _rng.resolve_seed(self.seed)
         loop = self._graph_loop(x) if self._use_graph(x) else None
         with self._model_state():
