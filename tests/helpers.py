@@ -2,6 +2,9 @@
 with tests/ on sys.path, which pytest's rootdir-relative import mode provides)."""
 from __future__ import annotations
 
+import math
+import statistics
+
 import torch
 import torch.nn.functional as F
 
@@ -45,3 +48,44 @@ def train_digits_model(epochs: int = 5, seed: int = 0, batch_size: int = 64, lr:
 def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     with torch.no_grad():
         return (model(x).argmax(1) == y).float().mean().item()
+
+
+def assert_in_ball(xa: torch.Tensor, x: torch.Tensor, eps, norm: str) -> None:
+    """xa lies in [0, 1] and within eps (a float or Tensor[B]) of x in the norm; eps = 0 samples are
+    unchanged."""
+    assert xa.shape == x.shape and xa.dtype == x.dtype
+    assert float(xa.min()) >= 0.0 and float(xa.max()) <= 1.0
+    d = (xa - x).flatten(1)
+    if norm == "linf":
+        assert bool((d.abs().amax(1) <= eps + 1e-6).all())
+    else:
+        assert bool((d.norm(dim=1) <= eps * (1 + 1e-5) + 1e-6).all())
+    zero = torch.as_tensor(eps).expand(x.shape[0]) == 0
+    assert torch.equal(xa[zero], x[zero])
+
+
+#: standard errors of margin in assert_not_weaker
+T_MARGIN = 3.0
+
+
+def assert_not_weaker(ours, theirs, n_images: int, what: str) -> None:
+    """Paired per-seed robust accuracies: ours may exceed theirs (be weaker) by at most
+    max(3 SE of the paired differences, one image)."""
+    d = [a - b for a, b in zip(ours, theirs, strict=True)]
+    mean = statistics.fmean(d)
+    se = statistics.stdev(d) / math.sqrt(len(d)) if len(d) > 1 else 0.0
+    margin = max(T_MARGIN * se, 1.0 / n_images)
+    assert mean <= margin, (
+        f"{what}: robustops robust accuracy {statistics.fmean(ours):.4f} vs torchattacks "
+        f"{statistics.fmean(theirs):.4f} over {len(d)} seeds: robustops weaker by {mean:+.4f} "
+        f"> margin {margin:.4f} ({T_MARGIN:g} x SE {se:.4f})")
+
+
+def assert_one_line_error(p, *words) -> str:
+    """A finished subprocess failed with exactly one line on stderr that holds every word; returns it."""
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode != 0, p.stdout
+    assert len(lines) == 1, p.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+    return lines[0]

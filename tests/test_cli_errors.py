@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import train_digits_model
+from helpers import assert_one_line_error, train_digits_model
 from robustops.models import save_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,14 +32,6 @@ def robustops(*args, timeout=120):
 
 def digest(path):
     return hashlib.sha256(open(path, "rb").read()).hexdigest() if os.path.exists(path) else None
-
-
-def assert_one_line_error(p, *words):
-    lines = p.stderr.strip().splitlines()
-    assert p.returncode != 0, p.stdout
-    assert len(lines) == 1, p.stderr
-    for w in words:
-        assert w in lines[0], lines[0]
 
 
 @pytest.fixture(scope="module")

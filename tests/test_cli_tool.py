@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import train_digits_model
+from helpers import assert_one_line_error, train_digits_model
 from robustops.models import save_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,15 +39,6 @@ def robustops(*args, timeout=300, cwd=ROOT, **extra_env):
 def ok(p):
     assert p.returncode == 0, p.stdout + p.stderr
     return p
-
-
-def one_line_error(p, *words):
-    lines = p.stderr.strip().splitlines()
-    assert p.returncode != 0, p.stdout
-    assert len(lines) == 1, p.stderr
-    for w in words:
-        assert w in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +155,8 @@ def test_images_in_0_to_16_are_refused_the_same_way_everywhere(ckpts, tmp_path, 
     args = {"train": ["--epochs", "1", "--out", tmp_path / "run"],
             "attack": ["--checkpoint", ckpts["pgd"]],
             "certify": ["--checkpoint", ckpts["gaussian"], "-o", tmp_path / "c.tsv"]}[command]
-    line = one_line_error(robustops(command, "--data", path, *args, "--no-progress"), "--data", "[0, 1]", "0..16")
+    p = robustops(command, "--data", path, *args, "--no-progress")
+    line = assert_one_line_error(p, "--data", "[0, 1]", "0..16")
     assert "found [0" in line
 
 
@@ -174,7 +166,8 @@ def test_threads_flag_and_defaults(ckpts, tmp_path, monkeypatch):
     out = tmp_path / "t.tsv"
     ok(robustops("attack", "--checkpoint", ckpts["pgd"], *ATTACK, "--threads", "2", "-o", out))
     assert json.loads(open(str(out) + ".json").read())["threads"] == 2
-    one_line_error(robustops("attack", "--checkpoint", ckpts["pgd"], *ATTACK, "--threads", "0"), "--threads", ">= 1")
+    assert_one_line_error(robustops("attack", "--checkpoint", ckpts["pgd"], *ATTACK, "--threads", "0"),
+                          "--threads", ">= 1")
     for command in ("train", "attack", "certify", "predict", "demo"):
         assert "--threads" in ok(robustops(command, "--help")).stdout
 
@@ -212,7 +205,7 @@ def test_every_option_shows_its_default_and_choices():
 
 @pytest.mark.parametrize("command", ["train", "attack"])
 def test_alpha_is_not_a_step_size_anymore(command):
-    one_line_error(robustops(command, "--alpha", "0.01"), "--alpha", "--step-size")
+    assert_one_line_error(robustops(command, "--alpha", "0.01"), "--alpha", "--step-size")
 
 
 def test_spellings_and_cohen_aliases_parse_alike():
@@ -230,9 +223,9 @@ def test_spellings_and_cohen_aliases_parse_alike():
 
 
 def test_eps_parse_errors_say_what_is_expected():
-    line = one_line_error(robustops("attack", "--checkpoint", "m.pt", "--eps", "8/x"))
+    line = assert_one_line_error(robustops("attack", "--checkpoint", "m.pt", "--eps", "8/x"))
     assert "invalid eps '8/x': expected a number or a fraction like 8/255" in line
-    one_line_error(robustops("attack", "--checkpoint", "m.pt", "--norm", "l3"), "--norm", "linf", "l2")
+    assert_one_line_error(robustops("attack", "--checkpoint", "m.pt", "--norm", "l3"), "--norm", "linf", "l2")
 
 
 # ------------------------------------------------------------------ 8. Cohen's predict.py
@@ -283,8 +276,8 @@ def test_certify_plot_and_the_plot_command_overlay_curves(ckpts, tmp_path):
     # the n-limited radius: sigma * Phi^-1(alpha^(1/n)), twice as large at twice the sigma
     assert curves[1]["largest_certifiable_radius"] == pytest.approx(2 * curves[0]["largest_certifiable_radius"])
     assert "a (sigma 0.25): 20 inputs" in p.stdout
-    one_line_error(robustops("plot", a, tmp_path / "missing.tsv", "-o", png), "missing.tsv")
-    one_line_error(robustops("plot", a, b, "-o", png, "--labels", "only-one"), "--labels")
+    assert_one_line_error(robustops("plot", a, tmp_path / "missing.tsv", "-o", png), "missing.tsv")
+    assert_one_line_error(robustops("plot", a, b, "-o", png, "--labels", "only-one"), "--labels")
 
 
 def test_eps_sweep_writes_csv_plot_and_json(ckpts, tmp_path):
@@ -322,8 +315,8 @@ def test_autoattack_suite_runs_apgd_ce_then_apgd_t_and_names_what_is_missing(ckp
                      "--max-samples", "60", "-o", tmp_path / "ce.tsv", "--no-progress"))
     ce = json.loads(open(str(tmp_path / "ce.tsv") + ".json").read())
     assert ce["robust_acc"] == pytest.approx(after["apgd-ce"])
-    one_line_error(robustops("attack", "--checkpoint", ckpts["pgd"], "--attack", "apgd-ce", "--step-size", "0.1"),
-                   "--step-size")
+    p = robustops("attack", "--checkpoint", ckpts["pgd"], "--attack", "apgd-ce", "--step-size", "0.1")
+    assert_one_line_error(p, "--step-size")
 
 
 def test_training_is_quiet_off_a_terminal_and_logs_to_tensorboard(tmp_path):

@@ -23,20 +23,16 @@ default L2 start (uniform in the ball's volume) was ~0.010 weaker than torchatta
 """
 from __future__ import annotations
 
-import math
-import statistics
-
 import pytest
 import torch
 
 torchattacks = pytest.importorskip("torchattacks")
 
-from helpers import train_digits_model  # noqa: E402
+from helpers import assert_not_weaker, train_digits_model  # noqa: E402
 from robustops.attacks import FGSM, PGD  # noqa: E402
 from robustops.data import load_digits  # noqa: E402
 
 SEEDS = range(12)
-T = 3.0
 STEPS = 10
 
 
@@ -71,17 +67,6 @@ def torchattacks_acc(model, make_attack, x, y, clean_ok, seed: int) -> float:
         x_adv = make_attack()(x, y)
     model.eval()
     return robust_acc(model, x_adv, y, clean_ok)
-
-
-def assert_not_weaker(ours, theirs, n_images: int, what: str) -> None:
-    d = [a - b for a, b in zip(ours, theirs)]
-    mean = statistics.fmean(d)
-    se = statistics.stdev(d) / math.sqrt(len(d)) if len(d) > 1 else 0.0
-    margin = max(T * se, 1.0 / n_images)
-    assert mean <= margin, (
-        f"{what}: robustops robust accuracy {statistics.fmean(ours):.4f} vs torchattacks "
-        f"{statistics.fmean(theirs):.4f} over {len(d)} seeds: robustops weaker by {mean:+.4f} "
-        f"> margin {margin:.4f} ({T:g} x SE {se:.4f})")
 
 
 def test_linf_pgd_not_weaker_than_torchattacks(digits):
