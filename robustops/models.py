@@ -23,9 +23,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["SmallCNN", "PreActResNet18", "CifarResNet", "cifar_resnet", "CohenCifarResNet", "cohen_cifar_resnet",
-           "Normalize", "channel_stats", "split_normalize", "get_model", "MODEL_NAMES", "save_checkpoint", "load_model",
-           "COHEN_CIFAR10_MEAN", "COHEN_CIFAR10_STD", "COHEN_IMAGENET_MEAN", "COHEN_IMAGENET_STD"]
+__all__ = ["SmallCNN", "PreActResNet18", "PreActBlock", "CifarResNet", "BasicBlock", "CohenBasicBlock",
+           "cifar_resnet", "CohenCifarResNet", "cohen_cifar_resnet", "Normalize", "channel_stats", "split_normalize",
+           "get_model", "MODEL_NAMES", "save_checkpoint", "load_model", "COHEN_CIFAR10_MEAN", "COHEN_CIFAR10_STD",
+           "COHEN_IMAGENET_MEAN", "COHEN_IMAGENET_STD"]
 
 
 def channel_stats(mean, std) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -118,7 +119,7 @@ class SmallCNN(nn.Module):
 
 # ------------------------------------------------------------------------ pre-activation ResNet
 
-class _PreActBlock(nn.Module):
+class PreActBlock(nn.Module):
     expansion = 1
 
     def __init__(self, in_planes: int, planes: int, stride: int = 1):
@@ -148,7 +149,7 @@ class PreActResNet18(nn.Module):
         self.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
         stages, in_planes = [], 64
         for planes, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
-            stages.append(nn.Sequential(_PreActBlock(in_planes, planes, stride), _PreActBlock(planes, planes, 1)))
+            stages.append(nn.Sequential(PreActBlock(in_planes, planes, stride), PreActBlock(planes, planes, 1)))
             in_planes = planes
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.bn = nn.BatchNorm2d(512)
@@ -171,7 +172,7 @@ def _cifar_resnet_blocks(depth) -> int:
     return (depth - 2) // 6
 
 
-class _BasicBlock(nn.Module):
+class BasicBlock(nn.Module):
     def __init__(self, in_planes: int, planes: int, stride: int = 1):
         super().__init__()
         self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
@@ -207,7 +208,7 @@ class CifarResNet(nn.Module):
         for planes, stride in ((16, 1), (32, 2), (64, 2)):
             blocks = []
             for i in range(n):
-                blocks.append(_BasicBlock(in_planes, planes, stride if i == 0 else 1))
+                blocks.append(BasicBlock(in_planes, planes, stride if i == 0 else 1))
                 in_planes = planes
             stages.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3 = stages
@@ -238,7 +239,7 @@ COHEN_IMAGENET_MEAN = (0.485, 0.456, 0.406)
 COHEN_IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class _CohenBasicBlock(nn.Module):
+class CohenBasicBlock(nn.Module):
     """conv3x3(stride) - bn - relu - conv3x3 - bn, plus the shortcut (a 1x1 conv + bn named
     ``downsample`` when the stride or the width changes, else the identity), then relu."""
 
@@ -284,8 +285,8 @@ class CohenCifarResNet(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         stages, width = [], 16
         for planes, stride in ((16, 1), (32, 2), (64, 2)):
-            blocks = [_CohenBasicBlock(width, planes, stride)]
-            blocks += [_CohenBasicBlock(planes, planes, 1) for _ in range(n - 1)]
+            blocks = [CohenBasicBlock(width, planes, stride)]
+            blocks += [CohenBasicBlock(planes, planes, 1) for _ in range(n - 1)]
             stages.append(nn.Sequential(*blocks))
             width = planes
         self.layer1, self.layer2, self.layer3 = stages
