@@ -85,14 +85,18 @@ def test_cli_subprocess_end_to_end(ckpt, reference_run, tmp_path):
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 
-def test_resume_after_max(ckpt, reference_run, tmp_path):
+def test_resume_after_max(ckpt, reference_run, tmp_path, capsys):
     out = str(tmp_path / "part.tsv")
     assert run(["--checkpoint", ckpt[0], "-o", out, "--max", "150"] + COMMON) == 0
-    assert len(rows(out)) == len(range(0, 150, 12))
+    done = len(range(0, 150, 12))
+    assert len(rows(out)) == done
+    capsys.readouterr()
     assert run(["--checkpoint", ckpt[0], "-o", out, "--resume"] + COMMON) == 0
+    assert f"({N_ROWS} inputs, {N_ROWS - done} to go)" in capsys.readouterr().out  # finished work is not redone
     assert rows(out) == reference_run[1]
     # Resuming a finished run certifies nothing and changes nothing.
     assert run(["--checkpoint", ckpt[0], "-o", out, "--resume"] + COMMON) == 0
+    assert f"({N_ROWS} inputs, 0 to go)" in capsys.readouterr().out
     assert rows(out) == reference_run[1]
 
 

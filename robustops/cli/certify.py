@@ -294,14 +294,14 @@ def _prepare_output(args, settings: dict, mode: str) -> None:
     os.replace(tmp, spath)
 
 
-def _pending(args, outfile: str, selected: List[int], d) -> Tuple[set, List[int]]:
+def _pending(outfile: str, header: str, selected: List[int], d) -> Tuple[set, List[int]]:
     """(indices already certified, this rank's indices still to certify): the rows of the merged TSV
     and of every rank's part file (from a run with any number of processes)."""
     from .. import data as rodata
 
     done: set = set()
     for p in [outfile] + _part_files(outfile):
-        done.update(_read_tsv(p)[0])
+        done.update(_read_tsv(p, header)[0])
     mine = [i for i in (rodata.shard(selected, d.rank, d.world) if d.world > 1 else selected) if i not in done]
     d.barrier()  # everyone has read the part files before any is truncated
     return done, mine
