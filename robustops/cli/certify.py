@@ -1,8 +1,10 @@
 """`robustops certify` and `robustops predict`: randomized smoothing (Cohen et al.'s CERTIFY and
 PREDICT) over a dataset, written row by row in Cohen et al.'s TSV formats (certify: idx label predict
-radius correct time; predict: idx label predict correct time). An interrupted run resumes with no
-lost and no duplicated rows, torchrun processes work on disjoint shards in part files that rank 0
-merges, and the finished TSV comes with a JSON summary (and, for certify, a plot on request)."""
+radius correct time; predict: idx label predict correct time); `certify --method ibp`: the
+deterministic L-inf radius of interval bound propagation (robustops.bounds) in the same TSV. An
+interrupted run resumes with no lost and no duplicated rows, torchrun processes work on disjoint shards
+in part files that rank 0 merges, and the finished TSV comes with a JSON summary (and, for certify, a
+plot on request)."""
 from __future__ import annotations
 
 import argparse
@@ -34,7 +36,7 @@ from .common import (
     write_summary,
 )
 
-HELP = "randomized-smoothing certification (Cohen et al.'s CERTIFY)"
+HELP = "certification: randomized smoothing (Cohen et al.'s CERTIFY) or interval bound propagation (--method ibp)"
 
 HEADERS = {"certify": "idx\tlabel\tpredict\tradius\tcorrect\ttime", "predict": "idx\tlabel\tpredict\tcorrect\ttime"}
 TSV_HEADER = HEADERS["certify"]
@@ -143,6 +145,16 @@ def add_arguments(p: argparse.ArgumentParser, mode: str = "certify") -> None:
     g.add_argument("--normalize", default="auto", choices=("auto", "data", "none"),
                    help="input normalization fused into the noise: auto = the checkpoint's mean/std or the "
                         "model's leading Normalize layer (else none); data = the dataset's statistics")
+    if mode == "certify":
+        g = p.add_argument_group("method")
+        g.add_argument("--method", default="smoothing", choices=("smoothing", "ibp"),
+                       help="smoothing: L2 radii of the smoothed classifier (randomized smoothing); ibp: L-inf radii "
+                            "of the classifier itself, proven by interval bound propagation")
+        g = p.add_argument_group("--method ibp (deterministic, L-inf)")
+        g.add_argument("--eps-max", type=fraction("eps-max"), default=None,
+                       help="largest radius searched (None: the eps the checkpoint was trained with)")
+        g.add_argument("--tol", type=fraction("tol"), default=1e-3,
+                       help="radius resolution: a grid step 2^floor(log2(tol)) <= tol")
     g = p.add_argument_group("CERTIFY (Cohen et al. 2019)" if mode == "certify" else "PREDICT (Cohen et al. 2019)")
     g.add_argument("--sigma", type=fraction("sigma"), default=None,
                    help="noise level (None: the sigma the checkpoint was trained with)")
@@ -152,7 +164,8 @@ def add_arguments(p: argparse.ArgumentParser, mode: str = "certify") -> None:
     g.add_argument("--n", type=int, default=100_000, help="estimation samples per input")
     alias(g, "--N", dest="n", type=int)
     g.add_argument("--alpha", type=fraction("alpha"), default=0.001, help="failure probability")
-    g.add_argument("--batch-size", type=int, default=1000, help="noisy samples per forward pass")
+    g.add_argument("--batch-size", type=int, default=1000,
+                   help="noisy samples per forward pass (--method ibp: inputs per bound pass)")
     alias(g, "--batch", dest="batch_size", type=int)
     g.add_argument("--skip", type=int, default=1, help="every skip-th input")
     g.add_argument("--max-samples", dest="max", type=int, default=-1, help="stop before input index max (-1: all)")
@@ -184,12 +197,24 @@ def add_arguments(p: argparse.ArgumentParser, mode: str = "certify") -> None:
 
 # Settings that change the rows: a resumed run must have the same ones (stored beside the TSV).
 ROW_SETTINGS = ("checkpoint", "model", "data", "split", "normalize", "sigma", "n0", "n", "alpha", "seed", "amp")
+IBP_ROW_SETTINGS = ("method", "checkpoint", "model", "data", "split", "normalize", "eps_max", "tol")
 
 
-def _settings(args, sigma: float) -> dict:
-    out = {k: getattr(args, k, None) for k in ROW_SETTINGS}
+def _method(args) -> str:
+    return getattr(args, "method", "smoothing")
+
+
+def _row_settings(args) -> tuple:
+    return IBP_ROW_SETTINGS if _method(args) == "ibp" else ROW_SETTINGS
+
+
+def _settings(args, sigma: Optional[float]) -> dict:
+    out = {k: getattr(args, k, None) for k in _row_settings(args)}
     out["checkpoint"] = os.path.abspath(args.checkpoint)
-    out["sigma"] = float(sigma)
+    if _method(args) == "ibp":
+        out["eps_max"] = float(args.eps_max)
+    else:
+        out["sigma"] = float(sigma)
     return out
 
 
@@ -218,6 +243,8 @@ def _load(args):
     except (FileNotFoundError, ValueError, TypeError, RuntimeError) as e:
         raise CLIError(f"--checkpoint {args.checkpoint!r}: {e}") from None
     meta = checkpoint_meta(args.checkpoint, model)
+    if _method(args) == "ibp":
+        return _load_ibp(args, dataset, info, model, meta)
     sigma = args.sigma if args.sigma is not None else meta.get("sigma")
     if sigma is None:
         raise CLIError("--sigma is required (the checkpoint does not say which noise level it was trained with)")
@@ -233,6 +260,42 @@ def _load(args):
         mean, std = info.get("mean"), info.get("std")
     check_model_accepts(model, info, torch.device("cpu"))
     return dataset, info, model, float(sigma), mean, std
+
+
+def _load_ibp(args, dataset, info, model, meta):
+    """--method ibp: the model with its normalisation in front (IBP propagates through it), eps_max,
+    and a check that IBP supports every layer, before any output is touched."""
+    import torch
+
+    from .. import bounds
+    from .. import models as romodels
+
+    for flag, given in (("--sigma", args.sigma is not None), ("--graph", args.graph), ("--amp", args.amp != "none")):
+        if given:
+            raise CLIError(f"{flag} is a randomized-smoothing setting; --method ibp certifies the model itself (in "
+                           f"float32)")
+    if args.eps_max is None:
+        eps = meta.get("eps")
+        if not isinstance(eps, (int, float)) or meta.get("norm", "linf") != "linf" or not eps > 0:
+            raise CLIError("--eps-max is required (the checkpoint does not say which L-inf eps it was trained with)")
+        args.eps_max = float(eps)
+    if not 0.0 < args.eps_max < math.inf:
+        raise CLIError(f"--eps-max must be a finite number > 0, got {args.eps_max}")
+    if not 0.0 < args.tol <= args.eps_max:
+        raise CLIError(f"--tol must be > 0 and <= --eps-max ({args.eps_max:g}), got {args.tol}")
+    mean = std = None
+    if args.normalize == "auto" and meta.get("mean") is not None and meta.get("std") is not None:
+        mean, std = list(meta["mean"]), list(meta["std"])
+    elif args.normalize == "data":
+        mean, std = info.get("mean"), info.get("std")
+    if mean is not None:
+        model = torch.nn.Sequential(romodels.Normalize(mean, std), model).eval()
+    check_model_accepts(model, info, torch.device("cpu"))
+    try:
+        bounds.interval_bounds(model, dataset[0][0].unsqueeze(0).float(), 0.0)
+    except bounds.UnsupportedLayerError as e:
+        raise CLIError(f"--method ibp: {e}") from None
+    return dataset, info, model, None, None, None
 
 
 def run(args, mode: str = "certify") -> int:
@@ -269,7 +332,11 @@ def _prepare_output(args, settings: dict, mode: str) -> None:
                     old = json.load(fh).get("settings", {})
                 except ValueError:
                     raise CLIError(f"--resume: {spath} is not a robustops {mode} settings file") from None
-            diff = [f"--{k} {old.get(k)!r} (now {settings[k]!r})" for k in ROW_SETTINGS if old.get(k) != settings[k]]
+            if old.get("method", "smoothing") != settings.get("method", "smoothing"):
+                raise CLIError(f"--resume: {outfile} was made with --method {old.get('method', 'smoothing')}, not "
+                               f"{settings.get('method', 'smoothing')}; use the same method, or another -o")
+            diff = [f"--{k.replace('_', '-')} {old.get(k)!r} (now {settings[k]!r})" for k in _row_settings(args)
+                    if old.get(k) != settings[k]]
             if diff:
                 raise CLIError(f"--resume: {outfile} was made with other settings: {', '.join(diff)}; "
                                f"use the same settings, or another -o")
@@ -307,8 +374,9 @@ def _pending(outfile: str, header: str, selected: List[int], d) -> Tuple[set, Li
     return done, mine
 
 
-def _rows(args, mode: str, dataset, smooth, mine: List[int], out, k: int, device, show: bool) -> dict:
-    """Certifies (or predicts) the inputs `mine`, k per call, writing one row per input as soon as it
+def _rows(args, mode: str, dataset, step, mine: List[int], out, k: int, device, show: bool) -> dict:
+    """Certifies (or predicts) the inputs `mine`, k per call of step(x, indices) -> (prediction,
+    radius or None, NaN votes per input, finite-input flags), writing one row per input as soon as it
     is done. Returns what went wrong on the way: inputs with NaN votes, their total, non-finite inputs."""
     from torch.utils.data import DataLoader, Subset
     from tqdm.auto import tqdm
@@ -326,28 +394,22 @@ def _rows(args, mode: str, dataset, smooth, mine: List[int], out, k: int, device
             try:
                 with warnings.catch_warnings():  # non-finite inputs: reported once, at the end
                     warnings.simplefilter("ignore", UserWarning)
-                    xd = x.to(device, non_blocking=True)
-                    if mode == "certify":
-                        res = smooth.certify(xd, args.n0, args.n, args.alpha, args.batch_size, seed=args.seed,
-                                             indices=ids)
-                        nan = res.nan_votes + res.selection_nan_votes
-                    else:
-                        res = smooth.predict(xd, args.n, args.alpha, args.batch_size, seed=args.seed, indices=ids,
-                                             return_details=True)
-                        nan = res.nan_votes
+                    prediction, radii, nan, finite = step(x.to(device, non_blocking=True), ids)
+                    prediction = prediction.cpu()
+                    radii = None if radii is None else radii.cpu()
             except ValueError as e:
                 raise CLIError(str(e)) from None
             per_input = (time.perf_counter() - t0) / len(ids)
             for j, idx in enumerate(ids):
-                label, pred = int(y[j]), int(res.prediction[j])
-                radius = f"{float(res.radius[j]):.6g}\t" if mode == "certify" else ""
+                label, pred = int(y[j]), int(prediction[j])
+                radius = f"{float(radii[j]):.6g}\t" if mode == "certify" else ""
                 out.write(f"{idx}\t{label}\t{pred}\t{radius}{int(pred == label)}\t{per_input:.4f}\n")
                 out.flush()
                 n_correct += int(pred == label)
             n_done += len(ids)
             issues["nan_inputs"] += int((nan > 0).sum())
             issues["nan_votes"] += int(nan.sum())
-            issues["nonfinite_inputs"] += int((~res.finite_input).sum())
+            issues["nonfinite_inputs"] += int((~finite).sum())
             bar.update(len(ids))
             bar.set_postfix(acc=f"{n_correct / n_done:.3f}")
     finally:
@@ -366,7 +428,23 @@ def _finish(args, mode: str, info, sigma: float) -> None:
     summary = {"command": mode, "inputs": len(lines), "sigma": sigma, "n": args.n, "alpha": args.alpha,
                "tsv": os.path.abspath(args.out), "threads": args.threads}
     print(f"{len(lines)} inputs {'certified' if mode == 'certify' else 'predicted'} -> {args.out}")
-    if mode == "predict":
+    if _method(args) == "ibp":
+        radius = np.array([float(f[3]) for f in fields])
+        correct = np.array([int(f[4]) for f in fields], dtype=bool)
+        radii = sorted({0.0, args.eps_max / 8, args.eps_max / 4, args.eps_max / 2, args.eps_max})
+        acc = certified_accuracy(radius, correct, radii)
+        summary = {"command": "certify --method ibp", "inputs": len(lines), "eps_max": args.eps_max, "tol": args.tol,
+                   "norm": "linf", "tsv": os.path.abspath(args.out), "threads": args.threads,
+                   "acr": acr(radius, correct), "clean_accuracy": float(correct.mean()) if len(lines) else 0.0,
+                   "certified_accuracy": {f"{r:g}": float(a) for r, a in zip(radii, acc)}}
+        print(f"ACR (L-inf) {summary['acr']:.4f}  clean accuracy {summary['clean_accuracy']:.4f}")
+        print("certified accuracy: " + "  ".join(f"r={r:.4g}: {a:.3f}" for r, a in zip(radii, acc)))
+        if args.plot:
+            plot_certified_accuracy(args.plot, {"IBP": (radius, correct)}, max_radius=args.eps_max * 1.02,
+                                    title=f"{info['name']}: interval bound propagation", norm="L-inf")
+            summary["plot"] = os.path.abspath(args.plot)
+            print(f"plot -> {args.plot} (and .pdf)")
+    elif mode == "predict":
         correct = np.array([int(f[3]) for f in fields], dtype=bool)
         abstain = np.array([int(f[2]) == -1 for f in fields], dtype=bool)
         summary.update(accuracy=float(correct.mean()) if len(lines) else 0.0,
@@ -395,29 +473,61 @@ def _finish(args, mode: str, info, sigma: float) -> None:
     print(f"summary -> {spath}")
 
 
-def _run(args, mode: str, dataset, info, model, sigma, mean, std, d) -> int:
+def _smoothing_step(args, mode: str, info, model, sigma, mean, std, device):
+    """step(x, indices) of randomized smoothing (see _rows) and the inputs per call."""
     from ..smoothing import Smooth
 
+    smooth = Smooth(model, int(info["num_classes"]), sigma, mean=mean, std=std,
+                    autocast=None if args.amp == "none" else args.amp, channels_last=args.channels_last,
+                    input_shape=tuple(info["input_shape"]), device=device, graph=args.graph)
+
+    def step(x, ids):
+        if mode == "certify":
+            res = smooth.certify(x, args.n0, args.n, args.alpha, args.batch_size, seed=args.seed, indices=ids)
+            return res.prediction, res.radius, res.nan_votes + res.selection_nan_votes, res.finite_input
+        res = smooth.predict(x, args.n, args.alpha, args.batch_size, seed=args.seed, indices=ids, return_details=True)
+        return res.prediction, None, res.nan_votes, res.finite_input
+
+    per_input = (getattr(args, "n0", 0) or 0) + args.n
+    return step, args.inputs_per_call or max(1, min(256, math.ceil(4 * args.batch_size / per_input)))
+
+
+def _ibp_step(args, model):
+    """step(x, indices) of --method ibp: the IBP radius of the predicted class (an input with NaN / Inf
+    values abstains: prediction -1, radius 0), and the inputs per call."""
+    import torch
+
+    from .. import bounds
+
+    def step(x, ids):
+        finite = torch.isfinite(x.flatten(1)).all(1)
+        res = bounds.certified_radius(model, torch.nan_to_num(x.float()), eps_max=args.eps_max, tol=args.tol)
+        pred = torch.where(finite, res.prediction, torch.full_like(res.prediction, -1))
+        radius = torch.where(finite, res.radius, torch.zeros_like(res.radius))
+        return pred, radius, torch.zeros_like(pred), finite.cpu()
+
+    return step, args.inputs_per_call or args.batch_size
+
+
+def _run(args, mode: str, dataset, info, model, sigma, mean, std, d) -> int:
     outfile, header = args.out, HEADERS[mode]
     stop = len(dataset) if args.max is None or args.max < 0 else min(args.max, len(dataset))
     selected = list(range(0, stop, args.skip))
     done, mine = _pending(outfile, header, selected, d)
     model.to(d.device)  # load_model returns it in eval mode (exported programs refuse .eval())
-    smooth = Smooth(model, int(info["num_classes"]), sigma, mean=mean, std=std,
-                    autocast=None if args.amp == "none" else args.amp, channels_last=args.channels_last,
-                    input_shape=tuple(info["input_shape"]), device=d.device, graph=args.graph)
-    per_input = (getattr(args, "n0", 0) or 0) + args.n
-    k = args.inputs_per_call or max(1, min(256, math.ceil(4 * args.batch_size / per_input)))
+    ibp = _method(args) == "ibp"
+    step, k = _ibp_step(args, model) if ibp else _smoothing_step(args, mode, info, model, sigma, mean, std, d.device)
     if d.rank == 0:
         n0 = f"n0 {args.n0}, " if mode == "certify" else ""
+        what = (f"IBP, eps-max {args.eps_max:g}, tol {args.tol:g}, {k} inputs per pass" if ibp else
+                f"sigma {sigma:g}, {n0}n {args.n}, alpha {args.alpha:g}, batch {args.batch_size}")
         print(f"robustops {mode}: {info['name']} {args.split} ({len(selected)} inputs, {len(selected) - len(done)} "
-              f"to go), sigma {sigma:g}, {n0}n {args.n}, alpha {args.alpha:g}, batch {args.batch_size}, "
-              f"{d.world} process(es) on {d.device}", flush=True)
+              f"to go), {what}, {d.world} process(es) on {d.device}", flush=True)
     # Rows go to this rank's part file as they are done; the TSV itself is written (atomically) only
     # when the run completes, merged from the part files.
     out = _open_rows_file(_part_path(outfile, d.rank), header)
     try:
-        issues = _rows(args, mode, dataset, smooth, mine, out, k, d.device, args.progress and d.rank == 0)
+        issues = _rows(args, mode, dataset, step, mine, out, k, d.device, args.progress and d.rank == 0)
     finally:
         out.close()
     who = f"rank {d.rank}: " if d.world > 1 else ""

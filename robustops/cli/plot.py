@@ -58,22 +58,34 @@ def run(args) -> int:
         raise CLIError(f"--labels names {len(labels)} curves for {len(args.tsvs)} files")
     check_writable(args.out, "-o")
     curves, limits, summary = {}, {}, {"command": "plot", "curves": []}
+    norms = {}
     for k, path in enumerate(args.tsvs):
         radius, correct, st = read_tsv(path)
+        ibp = st.get("method") == "ibp"
+        norms[path] = "L-inf" if ibp else "L2"
         name = labels[k] if labels else os.path.splitext(os.path.basename(path))[0] + (
-            f" (sigma {st['sigma']:g})" if isinstance(st.get("sigma"), (int, float)) else "")
+            f" (sigma {st['sigma']:g})" if isinstance(st.get("sigma"), (int, float)) else " (IBP)" if ibp else "")
         if name in curves:
             name = f"{name} [{k + 1}]"
         curves[name] = (radius, correct)
         if all(isinstance(st.get(key), (int, float)) for key in ("sigma", "n", "alpha")):
             limits[name] = largest_certifiable_radius(st["sigma"], int(st["n"]), st["alpha"])
-        acc = certified_accuracy(radius, correct, STANDARD_RADII)
+        radii = STANDARD_RADII
+        if ibp:  # L-inf radii: fractions of the largest searched
+            top = float(st["eps_max"]) if isinstance(st.get("eps_max"), (int, float)) else float(radius.max(initial=0))
+            radii = sorted({0.0, top / 8, top / 4, top / 2, top})
+        acc = certified_accuracy(radius, correct, radii)
         summary["curves"].append({"label": name, "tsv": os.path.abspath(path), "inputs": int(radius.size),
                                   "acr": acr(radius, correct), "largest_certifiable_radius": limits.get(name),
-                                  "certified_accuracy": {f"{r:g}": float(a) for r, a in zip(STANDARD_RADII, acc)}})
+                                  "certified_accuracy": {f"{r:g}": float(a) for r, a in zip(radii, acc)}})
         print(f"{name}: {radius.size} inputs, ACR {summary['curves'][-1]['acr']:.4f}, "
-              + "  ".join(f"r={r:g}: {a:.3f}" for r, a in zip(STANDARD_RADII, acc)))
-    plot_certified_accuracy(args.out, curves, max_radius=args.max_radius, title=args.title, certifiable=limits)
+              + "  ".join(f"r={r:.4g}: {a:.3f}" for r, a in zip(radii, acc)))
+    if len(set(norms.values())) > 1:
+        raise CLIError("these TSVs hold radii of different norms (L2 from randomized smoothing, L-inf from "
+                       f"--method ibp: {', '.join(f'{os.path.basename(p)} {n}' for p, n in norms.items())}); plot "
+                       "them separately")
+    plot_certified_accuracy(args.out, curves, max_radius=args.max_radius, title=args.title, certifiable=limits,
+                            norm=next(iter(norms.values())))
     out_json = write_summary(args.out + ".json", summary)
     print(f"plot -> {args.out} and {os.path.splitext(args.out)[0]}.pdf; summary -> {out_json}")
     return 0

@@ -102,14 +102,14 @@ def plot_curve(path: str, xs, curves: Dict[str, Sequence[float]], xlabel: str, y
 
 
 def plot_certified_accuracy(path: str, curves, max_radius: Optional[float] = None, title: Optional[str] = None,
-                            certifiable: Optional[Dict[str, float]] = None) -> str:
+                            certifiable: Optional[Dict[str, float]] = None, norm: str = "L2") -> str:
     """Certified accuracy against radius, several curves overlaid, written at 300 dpi as a PNG to path
     and as a PDF beside it (matplotlib's Agg canvas; pyplot's global state is not touched).
 
     curves: (radius, correct) for one curve, or {label: (radius, correct)}; each legend entry says
     how many inputs its curve has. certifiable: {label: the largest radius its n samples can certify}
     (largest_certifiable_radius): a marker on the curve there, since no input can reach beyond it.
-    Returns path."""
+    norm: the radius axis's norm ("L2" for randomized smoothing, "L-inf" for IBP). Returns path."""
     if not isinstance(curves, dict):
         curves = {None: curves}
     data = {label: _radius_correct(*rc) for label, rc in curves.items()}
@@ -129,7 +129,7 @@ def plot_certified_accuracy(path: str, curves, max_radius: Optional[float] = Non
                     linestyle="none")
     if certifiable:
         ax.plot([], [], marker="v", color="gray", linestyle="none", label="largest radius n samples can certify")
-    _frame(ax, top, "certified accuracy", "radius (L2)", title)
+    _frame(ax, top, "certified accuracy", f"radius ({norm})", title)
     ax.legend(fontsize=8)
     _save(fig, path)
     return path
