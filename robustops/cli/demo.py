@@ -17,6 +17,8 @@ HELP = ("train natural / PGD / free / Gaussian models on the embedded digits dat
 
 DEMO_METHODS = ("natural", "pgd", "free", "gaussian")
 DIGITS_MODEL = {"num_classes": 10, "in_channels": 1, "input_size": 8}
+#: The models whose IBP-certified accuracy against radius the demo plots.
+IBP_PLOT_METHODS = ("natural", "pgd", "ibp", "acert")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -39,6 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attack-steps", type=int, default=20, help="steps of the evaluation PGD attack")
     p.add_argument("--apgd-steps", type=int, default=100,
                    help="steps of APGD-CE and of APGD-T (each target) in the AutoAttack-style column (0: skip it)")
+    p.add_argument("--ibp-eps-max", type=fraction("ibp-eps-max"), default=None,
+                   help="largest L-inf radius of the IBP certification of every model (None: --eps; 0: skip it)")
     p.add_argument("--n0", type=int, default=100, help="CERTIFY selection samples")
     p.add_argument("--n", type=int, default=2000, help="CERTIFY estimation samples")
     p.add_argument("--alpha", type=float, default=0.001, help="CERTIFY failure probability")
@@ -72,6 +76,10 @@ def run(args) -> int:
         raise CLIError(f"--sigma must be > 0, got {args.sigma}")
     if not 0 < args.alpha < 1:
         raise CLIError(f"--alpha must be in (0, 1), got {args.alpha}")
+    if args.ibp_eps_max is None:
+        args.ibp_eps_max = args.eps
+    if not 0 <= args.ibp_eps_max < math.inf:
+        raise CLIError(f"--ibp-eps-max must be a finite number >= 0, got {args.ibp_eps_max}")
     if args.readme and not os.path.isfile(args.readme):
         raise CLIError(f"--readme {args.readme!r}: no such file")
     dev = pick_device(args.device)
@@ -129,12 +137,25 @@ def _train_and_evaluate(args, method: str, data: _Data, dev) -> dict:
                  attacks.APGDT(model, eps=args.eps, steps=args.apgd_steps, seed=args.seed)]
         aa = attacks.robust_accuracy(model, data.test_loader, suite, device=dev, progress=False)["robust_acc"]
     row = {"method": method, "label": res.config.method_class.label(res.config), "clean_acc": ev["clean_acc"],
-           "robust_acc": ev["robust_acc"], "apgd_acc": aa, "acr": None, "train_time_s": res.train_time,
+           "robust_acc": ev["robust_acc"], "apgd_acc": aa, "acr": None, "ibp_acr": None, "train_time_s": res.train_time,
            "epochs_run": res.epochs_run, "best_epoch": res.best_epoch, "model": model,
            "sigma": res.config.noise_sigma}
     if row["sigma"] is not None:
         _certify(args, row, data, dev)
+    if args.ibp_eps_max > 0:
+        _certify_ibp(args, row, data, dev)
     return row
+
+
+def _certify_ibp(args, row: dict, data: _Data, dev) -> None:
+    """The IBP-certified L-inf radius of every test image for the row's model (robustops.bounds)."""
+    from .. import bounds, smoothing
+
+    res = bounds.certified_radius(row["model"], data.x_test.to(dev), eps_max=args.ibp_eps_max, tol=1e-3)
+    correct = (res.prediction.cpu() == data.y_test).numpy()
+    radius = res.radius.cpu().numpy()
+    row.update(ibp_radius=radius, ibp_correct=correct, ibp_acr=smoothing.acr(radius, correct),
+               ibp_cert_acc=float(((radius >= args.eps - 1e-9) & correct).mean()))
 
 
 def _certify(args, row: dict, data: _Data, dev) -> None:
@@ -160,10 +181,14 @@ def _certify(args, row: dict, data: _Data, dev) -> None:
 def _table(args, rows) -> list:
     header = ["method", "clean acc", f"PGD-{args.attack_steps} acc (eps={args.eps:g})"]
     header += [f"APGD-CE+T acc ({args.apgd_steps} steps)"] if args.apgd_steps else []
-    header += [f"ACR (sigma={args.sigma:g})", "train time"]
+    header += [f"ACR (sigma={args.sigma:g})"]
+    header += [f"IBP ACR (L-inf, <= {args.ibp_eps_max:g})"] if args.ibp_eps_max > 0 else []
+    header += ["train time"]
     table = [[r["label"], _fmt_pct(r["clean_acc"]), _fmt_pct(r["robust_acc"])]
              + ([_fmt_pct(r["apgd_acc"])] if args.apgd_steps else [])
-             + ["-" if r["acr"] is None else f"{r['acr']:.3f}", f"{r['train_time_s']:.1f} s"] for r in rows]
+             + ["-" if r["acr"] is None else f"{r['acr']:.3f}"]
+             + ([f"{r['ibp_acr']:.4f}"] if args.ibp_eps_max > 0 else [])
+             + [f"{r['train_time_s']:.1f} s"] for r in rows]
     widths = [max(len(h), *(len(t[i]) for t in table)) for i, h in enumerate(header)]
     md = ["| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |",
           "|" + "|".join(("-" * (w + 1) + ":") if i else ("-" * (w + 2)) for i, w in enumerate(widths)) + "|"]
@@ -180,17 +205,19 @@ def _write_outputs(args, rows, md, certified, lines) -> list:
     with open(os.path.join(args.out, "results.csv"), "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["method", "label", "clean_acc", "robust_acc", "eps", "attack_steps", "apgd_acc", "apgd_steps",
-                    "acr", "sigma", "train_time_s", "epochs_run", "best_epoch"])
+                    "acr", "sigma", "ibp_acr", "ibp_eps_max", "train_time_s", "epochs_run", "best_epoch"])
         for r in rows:
             w.writerow([r["method"], r["label"], f"{r['clean_acc']:.4f}", f"{r['robust_acc']:.4f}", args.eps,
                         args.attack_steps, "" if r["apgd_acc"] is None else f"{r['apgd_acc']:.4f}", args.apgd_steps,
                         "" if r["acr"] is None else f"{r['acr']:.4f}", args.sigma,
+                        "" if r["ibp_acr"] is None else f"{r['ibp_acr']:.5f}", args.ibp_eps_max,
                         f"{r['train_time_s']:.2f}", r["epochs_run"], r["best_epoch"]])
     write_summary(os.path.join(args.out, "results.json"), {
         "command": "demo", "eps": args.eps, "attack_steps": args.attack_steps, "apgd_steps": args.apgd_steps,
         "n0": args.n0, "n": args.n,
         "alpha": args.alpha, "epochs": args.epochs, "seed": args.seed, "table": md, "lines": lines,
-        "rows": [{k: v for k, v in r.items() if k not in ("model", "radius", "correct")} for r in rows]})
+        "rows": [{k: v for k, v in r.items() if k not in ("model", "radius", "correct", "ibp_radius", "ibp_correct")}
+                 for r in rows]})
     outputs = ["results.md", "results.csv", "results.json"]
     if certified:
         limits = {r["label"]: smoothing.largest_certifiable_radius(r["sigma"], args.n, args.alpha)
@@ -200,6 +227,13 @@ def _write_outputs(args, rows, md, certified, lines) -> list:
                                           certifiable=limits)
         outputs += ["certified_accuracy.png", "certified_accuracy.pdf"] + [
             f"certify_{r['method']}.tsv" for r in rows if r["acr"] is not None]
+    ibp_rows = [r for r in rows if r["ibp_acr"] is not None and r["method"] in IBP_PLOT_METHODS]
+    if ibp_rows:
+        smoothing.plot_certified_accuracy(
+            os.path.join(args.out, "ibp_certified_accuracy.png"),
+            {r["label"]: (r["ibp_radius"], r["ibp_correct"]) for r in ibp_rows}, max_radius=args.ibp_eps_max,
+            title="digits, interval bound propagation (deterministic)", norm="L-inf")
+        outputs += ["ibp_certified_accuracy.png", "ibp_certified_accuracy.pdf"]
     return outputs
 
 
