@@ -39,14 +39,19 @@ def add_method_flags(g, defaults: Dict[str, Any] = None) -> None:
 
     defaults = defaults or {}
     owners: Dict[str, list] = {}
+    method_defaults: Dict[str, Dict[str, Any]] = {}
     for name in train.METHODS:
         for h in train.registry.get(name).hyper:
             owners.setdefault(h.name, []).append(name)
+            method_defaults.setdefault(h.name, {})[name] = h.default
     for hname, h in train.registry.hyperparameters().items():
         kw: Dict[str, Any] = {"type": int if h.kind == "int" else fraction(hname)} if h.kind != "choice" \
             else {"choices": list(h.choices)}
         default = defaults.get(hname)
-        note = "" if default is not None else f"; None: the method's default, {h.default}"
+        per = method_defaults[hname]
+        own = f"{h.default}" if len(set(map(str, per.values()))) == 1 else \
+            ", ".join(f"{m} {v}" for m, v in per.items())
+        note = "" if default is not None else f"; None: the method's default, {own}"
         g.add_argument(*h.cli_flags, dest=hname, default=default, help=f"{h.help} ({', '.join(owners[hname])}{note})",
                        **kw)
 
@@ -171,11 +176,15 @@ def _test(args, model, hp, dev, train_time) -> dict:
                        device=dev, ddp=False)
     m = tr.evaluate(test_loader)
     print(f"test: clean acc {m['clean_acc']:.4f}, PGD-{args.test_steps} acc {m['robust_acc']:.4f} "
-          f"(eps {hp['eps']:.4g}, {args.norm})" + (f", noisy acc {m['noise_acc']:.4f}" if "noise_acc" in m else ""))
+          f"(eps {hp['eps']:.4g}, {args.norm})" + (f", noisy acc {m['noise_acc']:.4f}" if "noise_acc" in m else "")
+          + (f", IBP-certified acc {m['cert_acc']:.4f}" if "cert_acc" in m else ""))
+    cols = ["method", "clean_acc", "robust_acc", "eps", "steps", "train_time"] + (["cert_acc"] if "cert_acc" in m
+                                                                                   else [])
     with open(os.path.join(args.out, "test.csv"), "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["method", "clean_acc", "robust_acc", "eps", "steps", "train_time"])
-        w.writerow([args.method, m["clean_acc"], m["robust_acc"], hp["eps"], args.test_steps, train_time])
+        w.writerow(cols)
+        w.writerow([args.method, m["clean_acc"], m["robust_acc"], hp["eps"], args.test_steps, train_time]
+                   + ([m["cert_acc"]] if "cert_acc" in m else []))
     return m
 
 

@@ -3,7 +3,10 @@ returns a :class:`FitResult`.
 
 Methods come from a registry (``robustops.train.registry``), one file each under
 ``robustops/train/methods/``: natural, pgd (Madry et al. 2018), free (Shafahi et al. 2019), fgsm
-(Wong et al. 2020), trades (Zhang et al. 2019), gaussian (Cohen et al. 2019). ``METHODS`` lists the
+(Wong et al. 2020), trades (Zhang et al. 2019), gaussian (Cohen et al. 2019), and the certified
+ones on interval bound propagation (``robustops.bounds``): ibp (Gowal et al. 2018) and acert (Nurlanov
+et al. 2023, per-sample certified radii), validated and selected by IBP-certified accuracy
+(``cert_acc``). ``METHODS`` lists the
 registered names; :func:`describe_methods` their one-line descriptions. Inner maximisations run on
 the projected-gradient engine the attacks use (``robustops.attacks.Engine``); free-AT and FGSM with
 the "previous" start update a persistent perturbation with ``recycle_step_``; noise comes from one

@@ -16,7 +16,7 @@ OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("cyclic", "multistep", "cosine", "constant")
 AMP_MODES = ("none", "bf16", "fp16")
 NORMS = ("linf", "l2")
-METRICS = ("robust_acc", "clean_acc", "noise_acc", "last")
+METRICS = ("robust_acc", "clean_acc", "noise_acc", "cert_acc", "last")
 
 
 @dataclass
@@ -58,7 +58,7 @@ class FitConfig:
     val_steps: int = 10
     val_norm: Optional[str] = None         # default norm
     val_every: int = 1
-    select: Optional[str] = None           # default: the method's (robust_acc, clean_acc, noise_acc)
+    select: Optional[str] = None           # default: the method's (robust_acc, clean_acc, noise_acc, cert_acc)
     patience: Optional[int] = None         # stop after this many validations without improvement
     restore_best: bool = True
     keep_all: bool = False                 # also keep epoch_<k>.pt
@@ -100,6 +100,7 @@ class FitConfig:
         _validate(c)
         m = c.method_class
         c.params = {h.name: h.check(c.params.get(h.name, h.default)) for h in m.hyper}
+        m.check_config(c)
         if c.amp == "none":
             c.amp = None
         if c.alpha is None:

@@ -19,12 +19,21 @@ from ..models import state_dict_digest, verify_checkpoint
 from .config import FitConfig
 from .trainer import Trainer, dist_info
 
-__all__ = ["fit", "FitResult", "CHECKPOINT_FORMAT", "LOG_COLUMNS"]
+__all__ = ["fit", "FitResult", "CHECKPOINT_FORMAT", "LOG_COLUMNS", "log_columns"]
 
 CHECKPOINT_FORMAT = "robustops.train/1"
 
 LOG_COLUMNS = ("epoch", "equiv_epochs", "lr", "train_loss", "train_acc", "clean_acc", "robust_acc", "noise_acc",
                "val_loss", "train_time", "val_time", "total_train_time", "best")
+
+
+def log_columns(cfg: FitConfig):
+    """The CSV log's columns for a run: LOG_COLUMNS, with cert_acc after noise_acc for the methods that
+    train for deterministic certification."""
+    if not cfg.method_class.certified:
+        return LOG_COLUMNS
+    i = LOG_COLUMNS.index("noise_acc") + 1
+    return LOG_COLUMNS[:i] + ("cert_acc",) + LOG_COLUMNS[i:]
 
 # Settings a resumed run must share with the checkpoint (the method's hyperparameters too).
 _RESUME_MUST_MATCH = ("method", "epochs", "eps", "alpha", "steps", "norm", "optimizer", "lr", "schedule", "amp")
@@ -55,10 +64,10 @@ def _atomic_save(obj, path: str) -> None:
     os.replace(tmp, path)
 
 
-def _write_log(path: str, history: List[Dict[str, Any]]) -> None:
+def _write_log(path: str, history: List[Dict[str, Any]], columns=LOG_COLUMNS) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=LOG_COLUMNS, extrasaction="ignore")
+        w = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
         w.writeheader()
         for row in history:
             w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
@@ -235,6 +244,8 @@ class _FitRun:
                 msg += f" robust {row['robust_acc']:.4f}"
             if "noise_acc" in row and not math.isnan(row["noise_acc"]):
                 msg += f" noisy {row['noise_acc']:.4f}"
+            if "cert_acc" in row and not math.isnan(row["cert_acc"]):
+                msg += f" certified {row['cert_acc']:.4f}"
             msg += " *" if improved else ""
         msg += f" | {row['train_time']:.1f}s"
         self.say(msg)
@@ -266,7 +277,7 @@ class _FitRun:
             _atomic_save(ck, os.path.join(self.out_dir, "last.pt"))
             if self.cfg.keep_all:
                 _atomic_save(ck, os.path.join(self.out_dir, f"epoch_{epoch}.pt"))
-            _write_log(os.path.join(self.out_dir, "log.csv"), res.history)
+            _write_log(os.path.join(self.out_dir, "log.csv"), res.history, log_columns(self.cfg))
         if self.world > 1:
             import torch.distributed as dist
 
@@ -279,9 +290,9 @@ class _FitRun:
                 break
             row, t_train = self.train_epoch(epoch)
             res.train_time += t_train
-            row.update({"clean_acc": float("nan"), "robust_acc": float("nan"), "noise_acc": float("nan"),
-                        "val_loss": float("nan"), "train_time": t_train, "val_time": 0.0,
-                        "total_train_time": res.train_time, "best": False})
+            metrics = ("clean_acc", "robust_acc", "noise_acc") + (("cert_acc",) if self.trainer.certified else ())
+            row.update({**{k: float("nan") for k in metrics}, "val_loss": float("nan"), "train_time": t_train,
+                        "val_time": 0.0, "total_train_time": res.train_time, "best": False})
             improved = self.validate(row, epoch)
             row["best"] = improved
             res.history.append(row)

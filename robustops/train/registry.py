@@ -29,7 +29,8 @@ class Hyper:
     """One hyperparameter of a training method.
 
     kind: "int", "float" or "choice"; minimum: the smallest allowed value (strict: excluded);
-    choices: the allowed values of a "choice"; flags: the command-line spellings (default
+    maximum: the largest allowed value of a "float" (included); choices: the allowed values of a
+    "choice"; flags: the command-line spellings (default
     ``--<name with dashes>``); help: one line for ``--help``.
     """
     name: str
@@ -40,6 +41,7 @@ class Hyper:
     strict: bool = False
     choices: Sequence[str] = ()
     flags: Sequence[str] = ()
+    maximum: Optional[float] = None
 
     def check(self, value):
         """value checked and converted; otherwise a ValueError that starts with the name (and says
@@ -51,7 +53,7 @@ class Hyper:
             if value not in self.choices:
                 raise ValueError(f"{what} must be one of {', '.join(self.choices)}; got {value!r}")
             return value
-        return _checks.check_number(value, what, self.minimum, strict=self.strict)
+        return _checks.check_number(value, what, self.minimum, strict=self.strict, maximum=self.maximum)
 
     @property
     def cli_flags(self) -> Sequence[str]:
@@ -63,7 +65,9 @@ class Method:
 
     Class attributes: ``name`` (the registry key), ``help`` (one line), ``hyper`` (its
     hyperparameters), ``select`` (the validation metric that picks the best epoch by default),
-    ``adversarial`` (whether it uses the threat model eps / alpha / steps / norm).
+    ``adversarial`` (whether it uses the threat model eps / alpha / steps / norm), ``certified``
+    (whether it trains for deterministic L-inf certification: validation then also reports
+    ``cert_acc``, the fraction of samples that interval bound propagation verifies at val_eps).
 
     The trainer gives a method what it needs: ``trainer.cfg`` (the resolved :class:`FitConfig`;
     the method's hyperparameters are its attributes), ``trainer.fwd`` (the model, with any
@@ -79,6 +83,7 @@ class Method:
     hyper: ClassVar[Tuple[Hyper, ...]] = ()
     select: ClassVar[str] = "robust_acc"
     adversarial: ClassVar[bool] = True
+    certified: ClassVar[bool] = False
 
     def __init__(self, trainer):
         self.trainer = trainer
@@ -106,6 +111,11 @@ class Method:
         """The noise level of a method that trains for randomized smoothing (validation then also
         measures accuracy under that noise, and checkpoints record it for ``certify``); else None."""
         return None
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        """Refuses (ValueError naming the setting) a configuration the method cannot train with; called
+        by ``FitConfig.resolved`` once the hyperparameters are checked, before any work."""
 
     @classmethod
     def label(cls, cfg) -> str:

@@ -12,9 +12,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import _checks, _rng, ops
+from .. import _checks, _rng, bounds, ops
 from ..attacks.engine import Engine
 from ..models import Normalize
+from . import registry
 from .config import FitConfig
 from .registry import StepStats
 
@@ -132,6 +133,12 @@ class Trainer:
         # Seeds of the ops' Philox streams: one generator per process, saved in checkpoints.
         self.gen = _rng.process_generator(cfg.seed, self.rank)
         self._engines: Dict[str, Engine] = {}
+        # Methods that train for deterministic certification also report cert_acc in validation.
+        self.certified = bool(cfg.method_class.certified)
+        if cfg.select == "cert_acc" and not self.certified:
+            certified = [n for n in registry.names() if registry.get(n).certified]
+            raise ValueError(f"select='cert_acc' needs a certified training method ({', '.join(certified)}); "
+                             f"{cfg.method!r} is not one")
         self.method = cfg.method_class(self)
 
     def _build_optimizer(self, steps_per_epoch: int) -> None:
@@ -230,9 +237,12 @@ class Trainer:
 
     def evaluate(self, loader, eps: Optional[float] = None, progress: bool = False) -> Dict[str, float]:
         """Clean accuracy, PGD accuracy (val_eps / val_alpha / val_steps / val_norm; skipped when the
-        eps is 0) and, for methods that train for smoothing, accuracy on noisy inputs (their sigma),
-        in eval mode. Counts are summed over the processes when the trainer runs distributed (ddp):
-        every process must call it then, each on its part of the data (or all on the same data)."""
+        eps is 0), for methods that train for smoothing, accuracy on noisy inputs (their sigma), and
+        for certified methods ``cert_acc``: the fraction of samples whose label interval bound
+        propagation proves on the L-inf box of radius eps (every margin bound > 0, in fp32 without
+        autocast; at eps 0 the fraction whose label is the strict argmax), in eval mode. Counts are
+        summed over the processes when the trainer runs distributed (ddp): every process must call it
+        then, each on its part of the data (or all on the same data)."""
         from tqdm.auto import tqdm
 
         c = self.cfg
@@ -240,7 +250,7 @@ class Trainer:
         sigma = c.noise_sigma
         was = self.fwd.training
         self.fwd.eval()
-        sums = torch.zeros(5, dtype=torch.float64, device=self.device)  # n, clean, robust, noise, loss
+        sums = torch.zeros(6, dtype=torch.float64, device=self.device)  # n, clean, robust, noise, loss, cert
         try:
             it = tqdm(iter(loader), total=len(loader), desc="  validate", leave=False,
                       disable=not progress or self.rank != 0)
@@ -253,11 +263,13 @@ class Trainer:
             import torch.distributed as dist
 
             dist.all_reduce(sums)
-        n, clean, robust, noise, loss = sums.tolist()
+        n, clean, robust, noise, loss, cert = sums.tolist()
         n = max(n, 1.0)
         out = {"clean_acc": clean / n, "robust_acc": robust / n if eps > 0 else float("nan"), "val_loss": loss / n}
         if sigma is not None:
             out["noise_acc"] = noise / n
+        if self.certified:
+            out["cert_acc"] = cert / n
         return out
 
     def _evaluate_batch(self, x, y, eps, sigma) -> torch.Tensor:
@@ -267,7 +279,7 @@ class Trainer:
             logits = self.fwd(x)
             loss = F.cross_entropy(logits.float(), y, reduction="sum").double()
         clean = (logits.argmax(1) == y).sum()
-        robust = noise = zero
+        robust = noise = cert = zero
         if eps > 0:
             x_adv = self.attack(x, y, eps, c.val_alpha, c.val_steps, c.val_norm, True)
             with torch.no_grad(), self.autocast():
@@ -276,7 +288,10 @@ class Trainer:
             with torch.no_grad(), self.autocast():
                 xn = self.fmt(ops.gaussian_noise(x, 1, sigma, seed=self.seed()))
                 noise = (self.fwd(xn).argmax(1) == y).sum()
-        return torch.stack([zero + y.shape[0], zero + clean, zero + robust, zero + noise, loss])
+        if self.certified:
+            with torch.no_grad():  # outside autocast: the proof is computed in fp32
+                cert = bounds.verified(self.fwd, x, y, eps, c.lo, c.hi, num_classes=logits.shape[1]).sum()
+        return torch.stack([zero + y.shape[0], zero + clean, zero + robust, zero + noise, loss, zero + cert])
 
     # ---- checkpoint parts
 
