@@ -381,6 +381,10 @@ def _ddp_worker(rank, world, port, method, out):
                      warmup=0.0, ramp=0.5, lr=0.05, seed=0, progress=False, verbose=False)
         if rank == 0:
             torch.save({"state_dict": model.state_dict(), "history": res.history}, os.path.join(out, "ddp.pt"))
+        # Meet before tearing down (only on success, so a failing rank cannot hang its peer here): a rank that
+        # leaves while its peer still talks to it can abort gloo's background thread ("terminate called
+        # without an active exception"), which the CLI's teardown avoids the same way.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
