@@ -22,5 +22,7 @@ for b in benchmarks/bench_*.py; do
   echo "== $b" | tee -a "$OUT/bench.log"
   timeout 300 python3 "$b" 2>&1 | tee -a "$OUT/bench.log" | tail -30
 done
+# bench_bounds.py (run by the loop above): its STACKED_CONV line decides bounds.STACKED_CONV["cuda"]
+grep -hE "^(STACKED_CONV\[|target IBP|target radius)" "$OUT/bench.log" | tee -a "$OUT/gpu.txt"
 cp benchmarks/results/*.csv "$OUT/" 2>/dev/null || true
 python3 benchmarks/plot.py --out "$OUT" 2>&1 | tail -5

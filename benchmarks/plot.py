@@ -6,7 +6,7 @@ per device, from the newest run of each (device, case, provider).
 
 A bar's height is the time (lower is better); its label is the figure the benchmark reports as a
 ratio: the fraction of the copy bandwidth where the CSV has one, else the speed-up over the eager
-baseline, else the ratio to natural training.
+baseline, else the ratio to natural training, else the ratio to the plain forward pass (bounds).
 """
 from __future__ import annotations
 
@@ -28,11 +28,13 @@ LAYOUTS = {
     "certify": dict(case=("bench", "model", "N0", "N", "batch"), provider="provider", metric="s_per_image",
                     unit="s per image", where=("bench", "certify")),
     "train": dict(case=("model", "batch", "shape", "dtype"), provider="method", metric="ms_per_unit", unit="ms"),
+    "bounds": dict(case=("model", "batch", "shape"), provider="provider", metric="time_ms", unit="ms"),
     "l2_start": dict(case=("eps", "steps", "restarts"), provider="law", metric="robust_acc_mean",
                      unit="robust accuracy: lower = stronger attack", log=False),
 }
 LABEL_COLUMNS = (("fraction_of_copy", "{:.0%} of copy"), ("speedup_vs_eager", "{:.2f}x"),
-                 ("vs_cohen", "{:.2f}x vs Cohen"), ("ratio_vs_natural", "{:.2f}x natural"))
+                 ("vs_cohen", "{:.2f}x vs Cohen"), ("ratio_vs_natural", "{:.2f}x natural"),
+                 ("ratio_vs_forward", "{:.2f}x forward"))
 
 
 def _layout(name: str, fields):
@@ -93,7 +95,7 @@ def plot(path: str, out_dir: str) -> str:
         width = 0.8 / max(1, len(providers))
         for j, prov in enumerate(providers):
             xs, hs, labels = [], [], []
-            for k, (case, by_prov) in enumerate(cases.items()):
+            for k, (_case, by_prov) in enumerate(cases.items()):
                 if prov in by_prov:
                     xs.append(k + (j - (len(providers) - 1) / 2) * width)
                     hs.append(float(by_prov[prov][layout["metric"]]))

@@ -3,6 +3,7 @@
 - :class:`SmallCNN`: a small conv net for digits / MNIST-sized inputs.
 - :class:`PreActResNet18`: the pre-activation ResNet-18 used in the adversarial-training literature.
 - :func:`cifar_resnet`: He et al.'s CIFAR ResNets with 6n+2 layers (resnet20, resnet110, ...).
+- :class:`CNN7`: the 7-layer CNN of the IBP certified-training benchmarks (Shi et al. 2021).
 - :func:`cohen_cifar_resnet`: the CIFAR ResNet of Cohen, Rosenfeld and Kolter's randomized-smoothing
   code (locuslab/smoothing), with its layer names, so that their released checkpoints load.
 - :class:`Normalize`: ``(x - mean) / std`` per channel, to put in front of a model.
@@ -23,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["SmallCNN", "PreActResNet18", "PreActBlock", "CifarResNet", "BasicBlock", "CohenBasicBlock",
+__all__ = ["SmallCNN", "CNN7", "PreActResNet18", "PreActBlock", "CifarResNet", "BasicBlock", "CohenBasicBlock",
            "cifar_resnet", "CohenCifarResNet", "cohen_cifar_resnet", "Normalize", "channel_stats", "split_normalize",
            "get_model", "MODEL_NAMES", "save_checkpoint", "load_model", "COHEN_CIFAR10_MEAN", "COHEN_CIFAR10_STD",
            "COHEN_IMAGENET_MEAN", "COHEN_IMAGENET_STD"]
@@ -309,10 +310,42 @@ def cohen_cifar_resnet(depth: int = 110, num_classes: int = 10, in_channels: int
     return CohenCifarResNet(depth=depth, num_classes=num_classes, in_channels=in_channels)
 
 
+# ---------------------------------------------------------------------------------------- CNN-7
+
+class CNN7(nn.Module):
+    """CNN-7, the 7-layer network of the IBP / certified-training benchmarks (Shi, Wang, Zhang, Yi and
+    Hsieh 2021, "Fast certified robust training with short warmup", NeurIPS; the "CNN-7" of their
+    MNIST and CIFAR-10 experiments): five 3x3 convolutions (padding 1) with
+    64, 64, 128, 128, 128 channels, the third of stride 2, each followed by BatchNorm and ReLU; then
+    flatten, a linear layer of 512 units with BatchNorm and ReLU, and the linear classifier.
+
+    in_channels (3), num_classes (10), input_size: the height / width of the (square) input, 32 for
+    CIFAR-10 (17.2M parameters), 28 for MNIST; the stride-2 convolution halves it (rounding up). The
+    layers are one ``self.net`` Sequential, so robustops.bounds propagates intervals through it."""
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 10, input_size: int = 32):
+        super().__init__()
+        if input_size < 1:
+            raise ValueError(f"input_size must be >= 1, got {input_size}")
+        layers: List[nn.Module] = []
+        width = in_channels
+        for out, stride in ((64, 1), (64, 1), (128, 2), (128, 1), (128, 1)):
+            layers += [nn.Conv2d(width, out, 3, stride=stride, padding=1), nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
+            width = out
+        side = (input_size + 1) // 2  # the one stride-2 convolution (3x3, padding 1)
+        layers += [nn.Flatten(), nn.Linear(width * side * side, 512), nn.BatchNorm1d(512), nn.ReLU(inplace=True),
+                   nn.Linear(512, num_classes)]
+        self.input_size = input_size
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
 # ------------------------------------------------------------------------------------ registry
 
 MODEL_NAMES = ("small_cnn", "preact_resnet18", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
-               "cohen_cifar_resnet20", "cohen_cifar_resnet110")
+               "cohen_cifar_resnet20", "cohen_cifar_resnet110", "cnn7")
 _RESNET = re.compile(r"^resnet(\d+)$")
 _COHEN_RESNET = re.compile(r"^cohen_(?:cifar_)?resnet(\d+)$")  # cohen_cifar_resnet110, cohen_resnet110
 
@@ -320,10 +353,11 @@ _COHEN_RESNET = re.compile(r"^cohen_(?:cifar_)?resnet(\d+)$")  # cohen_cifar_res
 def get_model(name: str, num_classes: int = 10, in_channels: Optional[int] = None, input_size: Optional[int] = None,
               mean=None, std=None) -> nn.Module:
     """A model by name: "small_cnn", "preact_resnet18", "resnet20", "resnet110" (any "resnet<6n+2>"),
-    "cohen_cifar_resnet110" (or "cohen_resnet110"; any depth 6n+2): Cohen et al.'s CIFAR ResNet.
+    "cohen_cifar_resnet110" (or "cohen_resnet110"; any depth 6n+2): Cohen et al.'s CIFAR ResNet;
+    "cnn7" (or "cnn_7"): :class:`CNN7`, the IBP benchmark network.
 
-    num_classes; in_channels (default 1 for small_cnn, 3 otherwise); input_size (small_cnn: the
-    height / width of the input, default 8; the ResNets pool globally and take any size). With mean
+    num_classes; in_channels (default 1 for small_cnn, 3 otherwise); input_size (the height / width
+    of the input: small_cnn default 8, cnn7 default 32; the ResNets pool globally and take any size). With mean
     and std, the model is ``nn.Sequential(Normalize(mean, std), model)``: it takes [0, 1] pixels."""
     if not isinstance(name, str):
         raise TypeError(f"model name must be a string, got {type(name).__name__}")
@@ -333,6 +367,9 @@ def get_model(name: str, num_classes: int = 10, in_channels: Optional[int] = Non
                          input_size=8 if input_size is None else input_size)
     elif key in ("preact_resnet18", "preactresnet18"):
         model = PreActResNet18(num_classes=num_classes, in_channels=3 if in_channels is None else in_channels)
+    elif key in ("cnn7", "cnn_7"):
+        model = CNN7(in_channels=3 if in_channels is None else in_channels, num_classes=num_classes,
+                     input_size=32 if input_size is None else input_size)
     elif _COHEN_RESNET.match(key):
         depth = int(_COHEN_RESNET.match(key).group(1))
         if (depth - 2) % 6 != 0 or depth < 8:
