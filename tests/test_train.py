@@ -338,6 +338,10 @@ def _ddp_worker(rank, world, port, method, out):
                      val_eps=0, progress=False, verbose=False, seed=0, out_dir=os.path.join(out, "ckpt"))
         if rank == 0:
             torch.save({"state_dict": model.state_dict(), "history": res.history}, os.path.join(out, "ddp.pt"))
+        # Meet before tearing down (only on success, so a failing rank cannot hang its peer here): a rank that
+        # leaves while its peer still talks to it can abort gloo's background thread ("terminate called
+        # without an active exception"), which the CLI's teardown avoids the same way.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -432,14 +436,19 @@ def test_cli_demo_quick(tmp_path, capsys):
                "--attack-steps", "3", "--apgd-steps", "3", "--no-progress", "--val-size", "64"])
     assert rc == 0
     text = capsys.readouterr().out
-    for label in ("natural", "PGD-7 AT", "free AT (m=4)", "Gaussian noise (sigma=0.25)", "ACR", "train time"):
+    for label in ("natural", "PGD-7 AT", "free AT (m=4)", "Gaussian noise (sigma=0.25)", "IBP (kappa=0.5)",
+                  "ACERT (kappa=0)", "ACR", "IBP ACR (L-inf", "train time"):
         assert label in text
     for f in ("results.md", "results.csv", "certified_accuracy.png", "certify_gaussian.tsv",
               "pgd/last.pt", "pgd/log.csv", "gaussian/best.pt"):
         assert (out / f).exists(), f
     with open(out / "results.csv") as fh:
         rows = list(csv.DictReader(fh))
-    assert [r["method"] for r in rows] == ["natural", "pgd", "free", "gaussian"]
+    assert [r["method"] for r in rows] == ["natural", "pgd", "free", "gaussian", "ibp", "acert"]
+    for r in rows:  # every model has an IBP-certified L-inf ACR, within [0, eps]
+        assert 0 <= float(r["ibp_acr"]) <= 0.2
+    assert (out / "ibp_certified_accuracy.png").exists() and (out / "ibp_certified_accuracy.pdf").exists()
+    assert "IBP-certified accuracy of the ACERT" in text
     assert rows[3]["acr"] != "" and rows[0]["acr"] == ""
     assert "APGD-CE+T acc (3 steps)" in text
     for r in rows:  # APGD-CE + APGD-T at 3 steps each vs PGD-3: never more robust than clean

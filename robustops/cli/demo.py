@@ -1,5 +1,6 @@
-"""`robustops demo`: the main job on the embedded digits data: train several methods, evaluate clean
-and PGD accuracy, certify the models trained for smoothing, print and write a comparison table."""
+"""`robustops demo`: the main job on the embedded digits data: train several methods, evaluate clean,
+PGD and APGD-CE+T accuracy, certify the models trained for smoothing (randomized smoothing, L2) and
+every model with interval bound propagation (L-inf), print and write a comparison table and plots."""
 from __future__ import annotations
 
 import argparse
@@ -12,10 +13,10 @@ from typing import List
 from .common import CLIError, add_common, fraction, pick_device, require_min, setup_run, split_holdout, write_summary
 from .train import add_method_flags, method_hparams
 
-HELP = ("train natural / PGD / free / Gaussian models on the embedded digits data, evaluate and certify "
-        "them, print a comparison table")
+HELP = ("train natural / PGD / free / Gaussian / IBP / ACERT models on the embedded digits data, evaluate and "
+        "certify them, print a comparison table")
 
-DEMO_METHODS = ("natural", "pgd", "free", "gaussian")
+DEMO_METHODS = ("natural", "pgd", "free", "gaussian", "ibp", "acert")
 DIGITS_MODEL = {"num_classes": 10, "in_channels": 1, "input_size": 8}
 #: The models whose IBP-certified accuracy against radius the demo plots.
 IBP_PLOT_METHODS = ("natural", "pgd", "ibp", "acert")
@@ -288,6 +289,14 @@ def _demo(args, methods, dev) -> int:
                      + f" (the largest radius n={args.n} samples can certify is "
                        f"{smoothing.largest_certifiable_radius(r['sigma'], args.n, args.alpha):.2f})")
         print("\n" + lines[-1].replace(":\n", ": "))
+    for r in rows:
+        if r["ibp_acr"] is None or r["method"] not in ("ibp", "acert"):
+            continue
+        ibp_radii = sorted({args.ibp_eps_max / 4, args.ibp_eps_max / 2, args.ibp_eps_max})
+        accs = smoothing.certified_accuracy(r["ibp_radius"], r["ibp_correct"], ibp_radii)
+        lines.append(f"IBP-certified accuracy of the {r['label']} model (L-inf): "
+                     + ", ".join(f"r={x:g}: {_fmt_pct(float(a))}" for x, a in zip(ibp_radii, accs)))
+        print("\n" + lines[-1])
     outputs = _write_outputs(args, rows, md, certified, lines)
     if args.readme:
         update_readme(args.readme, md + [""] + lines)
