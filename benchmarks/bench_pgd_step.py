@@ -40,7 +40,8 @@ def main(argv=None):
     print(f"device: {base['device']}; copy bandwidth (read + write): {bw / 1e9:.1f} GB/s; torch {torch.__version__}")
     compiled = None if args.no_compile else torch.compile(ref.pgd_step, dynamic=False)
     rows = []
-    header = f"{'size':>18} {'dtype':>8} {'norm':>4} | {'provider':>13} {'time':>10} {'GB/s':>7} {'of copy':>7} {'vs eager':>8}"
+    header = (f"{'size':>18} {'dtype':>8} {'norm':>4} | {'provider':>13} {'time':>10} {'GB/s':>7} {'of copy':>7} "
+              f"{'vs eager':>8}")
     print(header)
     print("-" * len(header))
     for size in args.sizes.split(","):

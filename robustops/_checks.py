@@ -98,14 +98,15 @@ def check_sample_param(p, name: str) -> Union[float, torch.Tensor]:
             return p
         p = float(p)
     p = float(p)
-    if not (p >= 0 and math.isfinite(p)):
+    if not (p >= 0 and p < math.inf):  # not NaN, not negative, not inf (written so torch.compile can trace it)
         raise ValueError(f"{name} must be a finite float >= 0, got {p}")
     return p
 
 
 def sample_param_on(p, name: str, B: int, device) -> Union[float, torch.Tensor]:
     """A per-sample parameter for a batch of B on device: a float, or a float32 Tensor[B] there whose
-    values are all finite and >= 0 (checked here, one host sync)."""
+    values are all finite and >= 0 (checked here in eager mode, one host sync; under torch.compile the
+    value check is left out: it is data-dependent and would break the graph)."""
     p = check_sample_param(p, name)
     if not isinstance(p, torch.Tensor):
         return p
@@ -115,6 +116,8 @@ def sample_param_on(p, name: str, B: int, device) -> Union[float, torch.Tensor]:
     if not p.dtype.is_floating_point and p.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"{name} must hold floating-point values, got {p.dtype}")
     p = p.to(device=device, dtype=torch.float32)
+    if torch.compiler.is_compiling():
+        return p
     bad = ~((p >= 0) & torch.isfinite(p))
     if bool(bad.any()):
         i = int(bad.nonzero()[0, 0])

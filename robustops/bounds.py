@@ -359,7 +359,8 @@ def margin_bounds(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Param
     into the specification. num_classes: K (None: one forward pass of one input finds it)."""
     y = _checks.check_labels(y, x.shape[0], x.device, "y")
     k = _num_classes(model, x) if num_classes is None else int(num_classes)
-    if x.shape[0] and int(y.max()) >= k:
+    # data-dependent: checked in eager mode only (a compiled graph would have to break for it)
+    if x.shape[0] and not torch.compiler.is_compiling() and int(y.max()) >= k:
         raise ValueError(f"y must lie in [0, {k - 1}] for a model with {k} outputs, got {int(y.max())}")
     iv = input_box(x, eps, lo, hi)
     out = propagate(model, iv, margin_spec(y, k, dtype=torch.float32 if x.dtype != torch.float64 else x.dtype))
@@ -383,7 +384,7 @@ def verified(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Param, lo:
 
 @dataclass
 class RadiusResult:
-    """prediction: the clean prediction [B]; radius [B]: the largest grid radius at which IBP proves the
+    """prediction: the clean prediction [B]; radius [B] (float64): the largest grid radius at which IBP proves the
     certified class (the label if given, else the prediction; 0 when the label is not predicted or
     nothing is proven); passes: bound passes done; step: the grid spacing."""
     prediction: torch.Tensor
@@ -405,17 +406,20 @@ def _eval_no_autocast(model: nn.Module):
 
 def certified_radius(model: nn.Module, x: torch.Tensor, y: Optional[torch.Tensor] = None, *, eps_max: float,
                      tol: float = 1e-3, lo: float = 0.0, hi: float = 1.0) -> RadiusResult:
-    """Per-sample L-inf certified radius by IBP: the largest radius r <= eps_max on a grid of spacing
-    h = 2^floor(log2(tol)) (so h <= tol) at which IBP proves the class, found by bisection over the grid
-    indices of all samples at once (ceil(log2(floor(eps_max / h) + 1)) bound passes, no per-sample
-    loop). IBP's enclosures grow with the box, so the proven radii form an interval [0, r*] and the result
-    is h * floor(min(r*, eps_max) / h) up to rounding: at most h below r* (or eps_max), and the grids of
-    smaller tolerances refine those of larger ones, so the radius never shrinks as eps_max grows or tol
-    shrinks.
+    """Per-sample L-inf certified radius by IBP: the largest radius on the grid
+    G = {k h : k h < eps_max} + {eps_max}, h = 2^floor(log2(tol)) (so h <= tol), at which IBP proves the
+    class, found by bisection over the grid indices of all samples at once
+    (ceil(log2(ceil(eps_max / h) + 1)) bound passes, no per-sample loop). eps_max itself is on the grid,
+    so a sample IBP proves at eps_max gets exactly eps_max (certified accuracy at the training radius,
+    8/255 say, is not lost to the grid). IBP's enclosures grow with the box, so the proven radii form an
+    interval [0, r*] and the result is the largest grid point <= r*: at most h below min(r*, eps_max).
+    The grids of smaller tolerances refine those of larger ones (the radius never shrinks as tol
+    shrinks); a larger eps_max never gives a smaller radius except that one proven at the smaller cap
+    may fall back to the grid point below it (less than h).
 
     y: the labels (certify the true class: radius 0 where the prediction is wrong) or None (certify the
     predicted class). Runs in eval mode, without gradients or autocast, in x's precision (float32 for
-    half inputs)."""
+    half inputs); the radii are float64 (grid points and eps_max exactly)."""
     eps_max = _checks.check_number(eps_max, "eps_max", 0.0, strict=True)
     tol = _checks.check_number(tol, "tol", 0.0, strict=True)
     if not math.isfinite(eps_max):
@@ -423,7 +427,11 @@ def certified_radius(model: nn.Module, x: torch.Tensor, y: Optional[torch.Tensor
     if x.dtype in (torch.float16, torch.bfloat16):
         x = x.float()
     h = 2.0 ** math.floor(math.log2(tol))
-    top = int(math.floor(eps_max / h))
+    top = int(math.ceil(eps_max / h))  # grid index top is eps_max itself (k h for k < top lie below it)
+
+    def grid(k: torch.Tensor) -> torch.Tensor:
+        return torch.where(k >= top, torch.full_like(k, eps_max, dtype=torch.float64), k.to(torch.float64) * h)
+
     with _eval_no_autocast(model):
         logits = model(x)
         pred = logits.argmax(1)
@@ -440,10 +448,9 @@ def certified_radius(model: nn.Module, x: torch.Tensor, y: Optional[torch.Tensor
             mid = (lo_k + hi_k) // 2
             active = hi_k - lo_k > 1
             idx = active.nonzero().squeeze(1)
-            ok = verified(model, x[idx], target[idx], mid[idx].to(x.dtype) * h, lo, hi, num_classes=k)
+            ok = verified(model, x[idx], target[idx], grid(mid[idx]).to(x.dtype), lo, hi, num_classes=k)
             passes += 1
             lo_k[idx] = torch.where(ok, mid[idx], lo_k[idx])
             hi_k[idx] = torch.where(ok, hi_k[idx], mid[idx])
-    radius = (lo_k.to(torch.float64) * h).to(torch.float32)
-    radius = torch.where(ok0, radius, torch.zeros_like(radius))
+    radius = torch.where(ok0, grid(lo_k), torch.zeros(lo_k.shape, dtype=torch.float64, device=lo_k.device))
     return RadiusResult(pred, radius, passes, h)

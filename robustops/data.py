@@ -195,7 +195,8 @@ class ImageFolder(Dataset):
                     if n.lower().endswith(IMAGE_EXTENSIONS):
                         self.samples.append((os.path.join(dirpath, n), self.class_to_idx[c]))
         if not self.samples:
-            raise FileNotFoundError(f"image folder {root!r} has no images with extensions {', '.join(IMAGE_EXTENSIONS)}")
+            raise FileNotFoundError(f"image folder {root!r} has no images with extensions "
+                                    f"{', '.join(IMAGE_EXTENSIONS)}")
         self.targets = [t for _, t in self.samples]
         if isinstance(size, int):
             size = (size, size)

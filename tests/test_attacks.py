@@ -285,7 +285,8 @@ def test_model_mode_and_parameter_flags_restored(data):
                         nn.Linear(256, 10))
     net.train()
     seen = []
-    net.register_forward_pre_hook(lambda m, inp: seen.append((m.training, any(p.requires_grad for p in m.parameters()))))
+    net.register_forward_pre_hook(
+        lambda m, inp: seen.append((m.training, any(p.requires_grad for p in m.parameters()))))
     running = net[1].running_mean.clone()
     A.PGD(net, eps=0.1, steps=2, seed=0)(x, y)
     assert net.training and all(p.requires_grad and p.grad is None for p in net.parameters())

@@ -209,6 +209,26 @@ def test_stacked_and_separate_convolutions_agree(monkeypatch):
         torch.testing.assert_close(u, v, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("stacked", [False, True])
+def test_margin_bounds_compile_fullgraph(monkeypatch, stacked):
+    """torch.compile(fullgraph=True) traces the bound pass whole (float and per-sample eps, with and
+    without the stacked convolution) and gives the eager margins; the data-dependent argument checks
+    run in eager mode only."""
+    monkeypatch.setitem(B.STACKED_CONV, "cpu", stacked)
+    torch._dynamo.reset()
+    net = tiny_nets(torch.float32)["cnn"]
+    gen = torch.Generator().manual_seed(8)
+    x = input_for("cnn", 6, torch.float32, gen)
+    y = torch.randint(0, 5, (6,), generator=gen)
+    fn = torch.compile(B.margin_bounds, fullgraph=True)
+    with torch.no_grad():
+        for eps in (0.02, torch.rand(6, generator=gen) * 0.05, 0.05):
+            torch.testing.assert_close(fn(net, x, y, eps, num_classes=5), B.margin_bounds(net, x, y, eps),
+                                       rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="y must lie in"):  # eager: still checked
+        B.margin_bounds(net, x, y + 5, 0.02)
+
+
 def test_batchnorm_in_training_mode_uses_the_centres_statistics():
     net = tiny_nets(torch.float64)["cnn"]
     bn = net[2]
@@ -278,7 +298,7 @@ def test_certified_radius_is_never_broken_by_pgd(digits_model):
     x, y = load_digits("test").tensors
     x, y = x[:48], y[:48]
     res = B.certified_radius(digits_model, x, y, eps_max=0.2, tol=1e-3)
-    assert res.passes == math.ceil(math.log2(math.floor(0.2 / res.step) + 1)) <= 12
+    assert res.passes == math.ceil(math.log2(math.ceil(0.2 / res.step) + 1)) <= 12
     assert res.step <= 1e-3
     assert bool((res.radius >= 0).all()) and bool((res.radius <= 0.2).all())
     with torch.no_grad():
@@ -293,20 +313,45 @@ def test_certified_radius_is_never_broken_by_pgd(digits_model):
 
     atk = PGD(digits_model, eps=res.radius[cert], steps=40, restarts=5, seed=0)
     assert not bool(atk.perturb(x[cert], y[cert]).success.any())
-    # one grid step further is not proven (the bisection found the edge), unless capped by eps_max
-    below_cap = cert & (res.radius + res.step <= 0.2)
-    assert not bool(B.verified(digits_model, x[below_cap], y[below_cap], res.radius[below_cap] + res.step).any())
+    # the next grid point is not proven (the bisection found the edge), unless the radius is eps_max
+    below_cap = cert & (res.radius < 0.2)
+    nxt = torch.clamp(res.radius[below_cap] + res.step, max=0.2)
+    assert not bool(B.verified(digits_model, x[below_cap], y[below_cap], nxt).any())
+
+
+def test_a_sample_proven_at_eps_max_gets_eps_max_exactly(digits_model):
+    """eps_max is on the grid even when it is not a multiple of the step (2/255 with tol 1e-3): samples
+    IBP proves there get exactly eps_max, so the certified accuracy at eps_max counts them, and it equals
+    the fraction verified() proves at eps_max directly."""
+    from robustops.smoothing import certified_accuracy
+
+    x, y = load_digits("test").tensors
+    x, y = x[:64], y[:64]
+    eps_max = 2 / 255  # this naturally trained model's radii are around 0.01
+    res = B.certified_radius(digits_model, x, y, eps_max=eps_max, tol=1e-3)
+    assert eps_max / res.step != math.floor(eps_max / res.step)
+    capped = res.radius == eps_max
+    proven = B.verified(digits_model, x, y, eps_max)
+    assert int(capped.sum()) >= 5 and torch.equal(capped, proven)
+    acc = certified_accuracy(res.radius.numpy(), (res.prediction == y).numpy(), eps_max)
+    assert acc == float(proven.float().mean())
+    # below the cap the radii are grid points
+    below = res.radius[~capped]
+    torch.testing.assert_close(below / res.step, torch.round(below / res.step), rtol=0, atol=0)
 
 
 def test_certified_radius_grows_with_eps_max_and_finer_tolerance(digits_model):
     x, y = load_digits("test").tensors
     x = x[:64]
-    prev = None
+    prev = prev_cap = None
     for eps_max in (0.002, 0.005, 0.01, 0.05, 0.4):
-        r = B.certified_radius(digits_model, x, eps_max=eps_max, tol=1e-3).radius
-        if prev is not None:
-            assert bool((r >= prev).all())
-        prev = r
+        res = B.certified_radius(digits_model, x, eps_max=eps_max, tol=1e-3)
+        r = res.radius
+        assert r.dtype == torch.float64 and bool((r <= eps_max).all())
+        if prev is not None:  # never smaller, except a radius at the old cap may drop to the grid point below it
+            below_cap = res.step * math.floor(prev_cap / res.step)
+            assert bool((r >= torch.clamp(prev, max=below_cap)).all())
+        prev, prev_cap = r, eps_max
     prev = prev_step = None
     for tol in (0.05, 0.01, 3e-3, 1e-3, 1e-4):
         res = B.certified_radius(digits_model, x, eps_max=0.3, tol=tol)
@@ -329,6 +374,6 @@ def test_certified_radius_restores_the_mode_and_ignores_autocast(digits_model):
     digits_model.train()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         r = B.certified_radius(digits_model, x[:16], eps_max=0.1).radius
-    assert digits_model.training and r.dtype == torch.float32
+    assert digits_model.training and r.dtype == torch.float64
     digits_model.eval()
     torch.testing.assert_close(r, B.certified_radius(digits_model, x[:16], eps_max=0.1).radius)

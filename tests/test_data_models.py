@@ -200,7 +200,8 @@ def test_models_forward_and_size(name, shape, params):
 
 def test_model_options():
     assert M.get_model("small_cnn", input_size=28)(torch.rand(3, 1, 28, 28)).shape == (3, 10)
-    assert M.get_model("small_cnn", in_channels=3, num_classes=5, input_size=32)(torch.rand(1, 3, 32, 32)).shape == (1, 5)
+    small = M.get_model("small_cnn", in_channels=3, num_classes=5, input_size=32)
+    assert small(torch.rand(1, 3, 32, 32)).shape == (1, 5)
     assert M.get_model("resnet20", in_channels=1, num_classes=4)(torch.rand(2, 1, 8, 8)).shape == (2, 4)
     assert M.PreActResNet18(num_classes=7, in_channels=1)(torch.rand(2, 1, 32, 32)).shape == (2, 7)
     assert M.cifar_resnet(32).depth == 32

@@ -195,7 +195,8 @@ def test_smoothing_ops_opcheck_and_compile(device):
     torch.library.opcheck(torch.ops.robustops.gaussian_noise, (x, 3, 0.5, 1, 0, mean, std, torch.bfloat16, True))
     torch.library.opcheck(torch.ops.robustops.gaussian_noise, (x.half(), 2, 0.5, 1, 4, None, None, None, False))
     logits = torch.randn(6, 5, device=device)
-    torch.library.opcheck(torch.ops.robustops.count_votes_, (logits, torch.zeros(2, 5, dtype=torch.long, device=device)))
+    counts = torch.zeros(2, 5, dtype=torch.long, device=device)
+    torch.library.opcheck(torch.ops.robustops.count_votes_, (logits, counts))
 
     def step(x, w, counts):
         noisy = ro.gaussian_noise(x, 4, 0.5, seed=0, mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25])

@@ -128,7 +128,7 @@ def test_no_private_names_of_other_modules(mod):
 
 
 def test_cli_uses_plain_imports():
-    for mod, (_, _, names, _, path) in GRAPH.items():
+    for mod, (_, _, names, _, _path) in GRAPH.items():
         if layer(mod) == "cli":
             assert "importlib" not in names, f"{mod}: wire subcommands with plain imports"
 

@@ -378,6 +378,7 @@ def _rows(args, mode: str, dataset, step, mine: List[int], out, k: int, device, 
     """Certifies (or predicts) the inputs `mine`, k per call of step(x, indices) -> (prediction,
     radius or None, NaN votes per input, finite-input flags), writing one row per input as soon as it
     is done. Returns what went wrong on the way: inputs with NaN votes, their total, non-finite inputs."""
+    import torch
     from torch.utils.data import DataLoader, Subset
     from tqdm.auto import tqdm
 
@@ -402,7 +403,10 @@ def _rows(args, mode: str, dataset, step, mine: List[int], out, k: int, device, 
             per_input = (time.perf_counter() - t0) / len(ids)
             for j, idx in enumerate(ids):
                 label, pred = int(y[j]), int(prediction[j])
-                radius = f"{float(radii[j]):.6g}\t" if mode == "certify" else ""
+                # IBP radii exactly (grid points and eps-max: certified accuracy at eps-max must read back
+                # true); smoothing's radii to 6 digits
+                radius = "" if mode != "certify" else (f"{float(radii[j])!r}\t" if radii.dtype == torch.float64
+                                                       else f"{float(radii[j]):.6g}\t")
                 out.write(f"{idx}\t{label}\t{pred}\t{radius}{int(pred == label)}\t{per_input:.4f}\n")
                 out.flush()
                 n_correct += int(pred == label)

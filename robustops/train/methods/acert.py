@@ -24,10 +24,11 @@ accuracy-robustness tradeoff; the authors report kappa = 0 on MNIST and sweep it
 
 How the radii are computed: ``robustops.bounds.certified_radius(trainer.fwd, x, y, eps_max=eps_max(p),
 tol=radius_tol * eps_max(p))``: a bisection of all samples at once on a grid of spacing
-h = 2^floor(log2(tol)) <= tol, about log2(1 / radius_tol) + 1 bound passes (8 at the default 0.01),
-without gradient or autocast, in eval mode. It returns the largest grid radius at which IBP proves the
-label, i.e. at most h below the exact IBP radius (the root of min_j m_j(x, y, e) = 0), and never above
-it: the robust loss is taken at a radius that is still proven.
+h = 2^floor(log2(tol)) <= tol whose last point is eps_max(p) itself, about log2(1 / radius_tol) + 1
+bound passes (8 at the default 0.01), without gradient or autocast, in eval mode. It returns the
+largest grid radius at which IBP proves the label (exactly eps_max(p) where it proves it there),
+i.e. at most h below the exact IBP radius (the root of min_j m_j(x, y, e) = 0) or eps_max(p), and
+never above it: the robust loss is taken at a radius that is still proven.
 
 Choices the paper (and its code) leave open, and what this implementation does:
 - root finding: batched grid bisection to a tolerance relative to eps_max(p) (the authors run
@@ -95,7 +96,7 @@ class ACERT(Method):
         c = self.cfg
         res = bounds.certified_radius(self.trainer.fwd, x, y, eps_max=eps_max, tol=c.radius_tol * eps_max,
                                       lo=c.lo, hi=c.hi)
-        return res.radius
+        return res.radius.float()
 
     def loss(self, logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor, radii: torch.Tensor) -> torch.Tensor:
         """The ACERT loss given the clean logits and the radii (call it under the run's autocast)."""
