@@ -13,7 +13,8 @@ __all__ = ["build_info", "ops", "reference", "pgd_step_", "random_init", "recycl
            "count_votes_"]
 
 _OPS = ("pgd_step_", "random_init", "recycle_step_", "gaussian_noise", "count_votes_")
-_SUBMODULES = ("ops", "attacks", "smoothing", "train", "data", "models", "cli", "reference", "bounds")
+_SUBMODULES = ("ops", "attacks", "smoothing", "train", "data", "models", "cli", "reference", "bounds",
+               "perturbation")
 
 
 def build_info() -> dict:
