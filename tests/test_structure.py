@@ -10,7 +10,7 @@ import pytest
 PKG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "robustops")
 
 # helpers every layer may use; they import no robustops module (_library loads the compiled library)
-BASE = {"robustops._rng", "robustops._checks", "robustops._library"}
+BASE = {"robustops._rng", "robustops._checks", "robustops._library", "robustops._runfiles"}
 OPS = "robustops.ops"
 REFERENCE = "robustops.reference"
 CLI = "robustops.cli"

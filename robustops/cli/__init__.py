@@ -11,13 +11,13 @@ import argparse
 import sys
 from typing import Optional
 
-from . import attack, bench, certify, demo, plot, predict, train
+from . import attack, bench, certify, demo, perturbation, plot, predict, train
 from .common import CLIError, Parser
 
 __all__ = ["main", "build_parser", "CLIError", "COMMANDS"]
 
 COMMANDS = {"demo": demo, "train": train, "attack": attack, "certify": certify, "predict": predict, "plot": plot,
-            "bench": bench}
+            "bench": bench, "perturbation": perturbation}
 
 
 def build_parser(command: Optional[str] = "*") -> argparse.ArgumentParser:

@@ -2,7 +2,6 @@
 early stopping, checkpoints written atomically every epoch, exact resume, the CSV log, progress."""
 from __future__ import annotations
 
-import csv
 import dataclasses
 import math
 import os
@@ -15,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .._runfiles import atomic_save, resume_path, write_csv_log
 from ..models import state_dict_digest, verify_checkpoint
 from .config import FitConfig
 from .trainer import Trainer, dist_info
@@ -56,38 +56,6 @@ class FitResult:
     @property
     def last(self) -> Dict[str, Any]:
         return self.history[-1] if self.history else {}
-
-
-def _atomic_save(obj, path: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _write_log(path: str, history: List[Dict[str, Any]], columns=LOG_COLUMNS) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
-        w.writeheader()
-        for row in history:
-            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-    os.replace(tmp, path)
-
-
-def _resume_path(resume, out_dir: Optional[str]) -> Optional[str]:
-    if resume is None or resume is False:
-        return None
-    if resume is True:
-        if out_dir is None:
-            raise ValueError("resume=True needs out_dir (the run's directory holding last.pt)")
-        p = os.path.join(out_dir, "last.pt")
-        return p if os.path.exists(p) else None  # nothing to resume yet: start fresh
-    p = os.fspath(resume)
-    if os.path.isdir(p):
-        p = os.path.join(p, "last.pt")
-    if not os.path.isfile(p):
-        raise FileNotFoundError(f"resume: no checkpoint at {p!r}")
-    return p
 
 
 def _differences(old: Dict[str, Any], cfg: FitConfig) -> List[str]:
@@ -266,7 +234,7 @@ class _FitRun:
         if self.out_dir is not None and self.rank == 0:
             epoch = row["epoch"]
             if improved:
-                _atomic_save({**self.meta, "state_dict": self.best_state, "sha256": state_dict_digest(self.best_state),
+                atomic_save({**self.meta, "state_dict": self.best_state, "sha256": state_dict_digest(self.best_state),
                               "epoch": epoch, "metrics": row}, os.path.join(self.out_dir, "best.pt"))
             state = self.model.state_dict()
             ck = {**self.meta, "state_dict": state, "sha256": state_dict_digest(state), "epoch": epoch,
@@ -274,10 +242,10 @@ class _FitRun:
                   "history": res.history, "best_epoch": res.best_epoch, "best_metric": res.best_metric,
                   "bad_epochs": self.bad, "stopped_early": res.stopped_early, "train_time": res.train_time,
                   **tr.state_dict()}
-            _atomic_save(ck, os.path.join(self.out_dir, "last.pt"))
+            atomic_save(ck, os.path.join(self.out_dir, "last.pt"))
             if self.cfg.keep_all:
-                _atomic_save(ck, os.path.join(self.out_dir, f"epoch_{epoch}.pt"))
-            _write_log(os.path.join(self.out_dir, "log.csv"), res.history, log_columns(self.cfg))
+                atomic_save(ck, os.path.join(self.out_dir, f"epoch_{epoch}.pt"))
+            write_csv_log(os.path.join(self.out_dir, "log.csv"), res.history, log_columns(self.cfg))
         if self.world > 1:
             import torch.distributed as dist
 
@@ -342,7 +310,7 @@ def fit(model: nn.Module, train_loader, method: str = "natural", *, val_loader=N
     run = _FitRun(model, train_loader, cfg, val_loader=val_loader, out_dir=out_dir, progress=progress,
                   verbose=verbose, device=device, model_name=model_name, model_kwargs=model_kwargs, extra=extra,
                   tensorboard=tensorboard)
-    ckpt_path = _resume_path(resume, out_dir)
+    ckpt_path = resume_path(resume, out_dir)
     if ckpt_path is not None:
         run.resume(ckpt_path)
     return run.run()
