@@ -13,15 +13,18 @@ attacks, CE / DLR / custom losses, normalization in front of the model (``mean``
 train-mode attacks, autocast, and on CUDA a CUDA-graph replay of the whole iteration.
 
 APGD-CE / APGD-DLR (``APGD``) and APGD-T (``APGDT``), Croce & Hein 2020's Auto-PGD, run on the same
-engine with their step-size schedule and momentum.
+engine with their step-size schedule and momentum. ``LatentPGD`` attacks in a learned perturbation set
+(Wong & Kolter 2021): PGD over the latent offset of a perturbation model, on the same engine.
 
 Layout: ``engine`` (the one projected-gradient iteration, shared with training), ``pgd`` (PGD /
-FGSM: configuration and checks), ``apgd`` (Auto-PGD), ``graph`` (CUDA-graph replay), ``evaluation`` (robust accuracy).
+FGSM: configuration and checks), ``apgd`` (Auto-PGD), ``latent`` (learned perturbation sets), ``graph``
+(CUDA-graph replay), ``evaluation`` (robust accuracy).
 """
 from .apgd import APGD, APGDT
 from .engine import STARTS, AttackResult, Engine, Recorder
 from .evaluation import robust_accuracy
+from .latent import LatentAttackResult, LatentPGD, nearest_member, random_members
 from .pgd import FGSM, PGD, dlr_loss
 
-__all__ = ["PGD", "FGSM", "APGD", "APGDT", "AttackResult", "robust_accuracy", "dlr_loss", "Engine", "Recorder",
-           "STARTS"]
+__all__ = ["PGD", "FGSM", "APGD", "APGDT", "LatentPGD", "AttackResult", "LatentAttackResult", "robust_accuracy",
+           "dlr_loss", "Engine", "Recorder", "STARTS", "nearest_member", "random_members"]

@@ -15,9 +15,12 @@ succeeded, and that iterate), and early exit (samples that succeed leave the bat
 compute only on those still standing).
 
 ``y`` is whatever the objective needs besides the logits: labels, a tuple (labels, targets), or the
-clean prediction's probabilities (TRADES); the engine only selects rows of it. A CUDA-graph runner
+clean prediction's probabilities (TRADES); the engine only selects rows of it. ``context`` (optional) is
+per-sample data the forward needs besides the iterate (a Tensor[B, ...] or a tuple of them): the
+engine selects its rows exactly as y's and calls ``forward(x_adv, context)``. The latent attack
+(``attacks.latent``) iterates a latent offset u and passes (x, mu, sigma) as context. A CUDA-graph runner
 (``attacks.graph``) replays :meth:`Engine.gradient` / :meth:`Engine.step_` / :meth:`Recorder.update`
-instead of the eager loop; it uses nothing else of the engine.
+instead of the eager loop; it uses nothing else of the engine (and takes no context).
 """
 from __future__ import annotations
 
@@ -29,10 +32,12 @@ import torch
 
 from .. import _rng, ops
 
-__all__ = ["Engine", "Recorder", "AttackResult", "STARTS", "memory_format", "batch_view_shape", "predictions"]
+__all__ = ["Engine", "Recorder", "AttackResult", "STARTS", "memory_format", "batch_view_shape", "predictions",
+           "check_context"]
 
 Labels = Union[torch.Tensor, Tuple[torch.Tensor, ...]]
 Param = Union[float, torch.Tensor]
+Context = Optional[Union[torch.Tensor, Tuple[torch.Tensor, ...]]]
 
 #: Start points: the clean input, a uniform draw in the eps-ball, or x + start_sigma * N(0, I).
 STARTS = ("clean", "uniform", "normal")
@@ -65,6 +70,20 @@ def _rows(v, idx: torch.Tensor):
     if isinstance(v, tuple):
         return tuple(_rows(e, idx) for e in v)
     return v if v.dim() == 0 else v.index_select(0, idx)
+
+
+def check_context(context: Context, B: int) -> Context:
+    """context as given, if it is None, a Tensor[B, ...] or a tuple of them; else a clear error."""
+    if context is None:
+        return None
+    parts = context if isinstance(context, tuple) else (context,)
+    for k, c in enumerate(parts):
+        what = "context" if not isinstance(context, tuple) else f"context[{k}]"
+        if not isinstance(c, torch.Tensor):
+            raise TypeError(f"{what} must be a Tensor[B, ...] (or context a tuple of them), got {type(c).__name__}")
+        if c.dim() == 0 or c.shape[0] != B:
+            raise ValueError(f"{what} must have the batch dimension B = {B} first, got shape {list(c.shape)}")
+    return context
 
 
 def _kernel_param(p: Param) -> torch.Tensor:
@@ -132,8 +151,9 @@ class Engine:
     """Projected gradient ascent of ``objective(forward(x'), y)`` over x' in the eps-ball around x
     (L-inf or L2, per-sample eps) intersected with the box [lo, hi].
 
-    forward: x -> logits [B, C] (the model, with any normalisation in front). It runs under
-      autocast when ``dtype`` (torch.bfloat16 / torch.float16) is given; logits are used in float32.
+    forward: x -> logits [B, C] (the model, with any normalisation in front); called as
+      ``forward(x, context)`` when a run is given a per-sample context. It runs under autocast when
+      ``dtype`` (torch.bfloat16 / torch.float16) is given; logits are used in float32.
     objective: (logits, y) -> per-sample values [B] (their sum is ascended) or a scalar.
     success: (logits, y) -> BoolTensor[B], needed for recording, early exit and restarts.
     score: (logits, y) -> [B], ranks restarts and is reported as the loss; default the objective
@@ -175,10 +195,10 @@ class Engine:
             return contextlib.nullcontext()
         return torch.autocast(device_type=device.type, dtype=self.dtype, cache_enabled=not self.capturing)
 
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """forward(x) under the engine's autocast, as float32 logits."""
+    def logits(self, x: torch.Tensor, context: Context = None) -> torch.Tensor:
+        """forward(x) (forward(x, context) with a context) under the engine's autocast, as float32 logits."""
         with self._autocast(x.device):
-            out = self.forward(x)
+            out = self.forward(x) if context is None else self.forward(x, context)
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"the model must return a logits tensor [B, classes], got {type(out).__name__}")
         return out.float()
@@ -194,12 +214,12 @@ class Engine:
             raise ValueError("an objective that returns a scalar needs a per-sample score function")
         return self.score_fn(logits, y)
 
-    def gradient(self, xa: torch.Tensor, y: Labels):
+    def gradient(self, xa: torch.Tensor, y: Labels, context: Context = None):
         """(gradient of the objective with respect to the input only, logits, objective), at xa.
         The gradient has xa's layout."""
         xin = xa.detach().requires_grad_(True)
         with torch.enable_grad():
-            logits = self.logits(xin)
+            logits = self.logits(xin, context)
             obj = self.objective(logits, y)
             total = obj.sum() if obj.dim() else obj
             if self.scaler is not None and self.scaler.is_enabled():
@@ -234,10 +254,10 @@ class Engine:
                                       channels_last=fmt is not torch.contiguous_format)
         raise ValueError(f"start must be one of {', '.join(STARTS)}, got {start!r}")
 
-    def evaluate(self, xa: torch.Tensor, y: Labels):
+    def evaluate(self, xa: torch.Tensor, y: Labels, context: Context = None):
         """(logits, success, score, prediction) at xa, without gradients."""
         with torch.no_grad():
-            logits = self.logits(xa)
+            logits = self.logits(xa, context)
         success = self._success(logits, y)
         return logits, success, self.score(logits, y), predictions(logits)
 
@@ -250,12 +270,12 @@ class Engine:
     # -------------------------------------------------------------------------------- loops
 
     def iterate(self, x: torch.Tensor, xa: torch.Tensor, y: Labels, eps, alpha, steps: int,
-                recorder: Optional[Recorder] = None) -> torch.Tensor:
+                recorder: Optional[Recorder] = None, context: Context = None) -> torch.Tensor:
         """``steps`` iterations from xa, in place (the eager loop). With a recorder, each iterate is
         checked for success before its step."""
         eps_k, alpha_k = _kernel_param(eps), _kernel_param(alpha)
         for k in range(steps):
-            g, logits, obj = self.gradient(xa, y)
+            g, logits, obj = self.gradient(xa, y, context)
             if recorder is not None:
                 recorder.update(k, xa, logits, self.score(logits, y, obj), self._success(logits, y))
             self.step_(xa, x, g, eps_k, alpha_k)
@@ -264,7 +284,7 @@ class Engine:
     def run(self, x: torch.Tensor, y: Labels, eps: Param, alpha: Param, steps: int, *, start: str = "uniform",
             seed: int = 0, offset: int = 0, start_sigma: float = 0.0, restarts: int = 1, record: bool = False,
             early_exit: bool = False, evaluate: bool = True, skip: Optional[torch.Tensor] = None,
-            loop: Optional[Callable] = None) -> AttackResult:
+            loop: Optional[Callable] = None, context: Context = None) -> AttackResult:
         """The attack on x [B, ...] (in [lo, hi]) with y, eps / alpha floats or Tensor[B] (float32 on
         x's device), ``steps`` >= 1.
 
@@ -275,12 +295,18 @@ class Engine:
         also compute success / score / prediction at the result when nothing else needs them.
         loop: a replacement for the eager loop (the CUDA-graph runner), called as
         ``loop(x, xa0, y, eps, alpha, record, skip)`` and returning (x_adv, recorder or None), or
-        None to fall back to the eager loop.
+        None to fall back to the eager loop. context: per-sample data for ``forward(x_adv, context)``
+        (a Tensor[B, ...] or a tuple of them), row-selected with y when samples leave the batch; the
+        CUDA-graph loop takes none.
 
         Without success, record, early exit, restarts or evaluate, only x_adv is filled in."""
+        context = check_context(context, x.shape[0])
+        if context is not None and loop is not None:
+            raise ValueError("the CUDA-graph loop does not take a per-sample context: run eagerly (loop=None)")
         n_restarts = restarts if start != "clean" else 1
         if early_exit and loop is None:
-            return self._run_early_exit(x, y, eps, alpha, steps, start, seed, offset, start_sigma, n_restarts, skip)
+            return self._run_early_exit(x, y, eps, alpha, steps, start, seed, offset, start_sigma, n_restarts, skip,
+                                        context)
         record = record or early_exit
         need_eval = evaluate or n_restarts > 1
         best, best_restart = None, None
@@ -293,8 +319,8 @@ class Engine:
             out = loop(x, xa0, y, eps, alpha, record, skip) if loop is not None else None
             if out is None:
                 recorder = Recorder(xa0) if record else None
-                out = (self.iterate(x, xa0, y, eps, alpha, steps, recorder), recorder)
-            run = self._finish(out[0], y, steps, out[1], need_eval)
+                out = (self.iterate(x, xa0, y, eps, alpha, steps, recorder, context), recorder)
+            run = self._finish(out[0], y, steps, out[1], need_eval, context)
             if best is None or not need_eval:
                 best = run
                 best_restart = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
@@ -312,17 +338,18 @@ class Engine:
             best.success_step = torch.where(skip & (best.success_step < 0), 0, best.success_step)
         return best
 
-    def _finish(self, xa, y, steps: int, recorder: Optional[Recorder], need_eval: bool) -> AttackResult:
+    def _finish(self, xa, y, steps: int, recorder: Optional[Recorder], need_eval: bool,
+                context: Context = None) -> AttackResult:
         if recorder is None and not need_eval:
             return AttackResult(xa)
-        _, success, score, pred = self.evaluate(xa, y)
+        _, success, score, pred = self.evaluate(xa, y, context)
         if recorder is not None:
             return recorder.finish(xa, steps, success, score, pred)
         step = torch.where(success, steps, -1)
         return AttackResult(xa, success, step, None, score, pred)
 
     def _run_early_exit(self, x, y, eps, alpha, steps, start, seed, offset, start_sigma, n_restarts,
-                        skip) -> AttackResult:
+                        skip, context=None) -> AttackResult:
         """Early exit by compaction: the batch shrinks to the samples still standing after every
         step that fooled some, and later restarts attack only those."""
         B, device = x.shape[0], x.device
@@ -343,19 +370,20 @@ class Engine:
             xs = _rows(x, idx).contiguous(memory_format=fmt)
             xa = _rows(xa_full, idx).contiguous(memory_format=fmt)
             del xa_full
-            ys = _rows(y, idx)
+            ys, cs = _rows(y, idx), _rows(context, idx)
             es, als = _kernel_param(_rows(eps, idx)), _kernel_param(_rows(alpha, idx))
-            self._early_exit_restart(res, r, idx, xs, xa, ys, es, als, steps, fmt)
+            self._early_exit_restart(res, r, idx, xs, xa, ys, es, als, steps, fmt, cs)
         return res
 
-    def _early_exit_restart(self, res: AttackResult, r: int, idx, xs, xa, ys, es, als, steps: int, fmt) -> None:
+    def _early_exit_restart(self, res: AttackResult, r: int, idx, xs, xa, ys, es, als, steps: int, fmt,
+                            cs: Context = None) -> None:
         for k in range(steps + 1):
             last = k == steps
             if not last:
-                g, logits, obj = self.gradient(xa, ys)
+                g, logits, obj = self.gradient(xa, ys, cs)
             else:
                 with torch.no_grad():
-                    logits = self.logits(xa)
+                    logits = self.logits(xa, cs)
                 obj = None
             fooled = self._success(logits, ys)
             score = self.score(logits, ys, obj)
@@ -371,7 +399,7 @@ class Engine:
                 if n_fooled == idx.numel():
                     return
                 keep = (~fooled).nonzero().squeeze(1)
-                idx, ys, g = _rows(idx, keep), _rows(ys, keep), _rows(g, keep)
+                idx, ys, cs, g = _rows(idx, keep), _rows(ys, keep), _rows(cs, keep), _rows(g, keep)
                 es, als = _rows(es, keep), _rows(als, keep)
                 xs = _rows(xs, keep).contiguous(memory_format=fmt)
                 xa = _rows(xa, keep).contiguous(memory_format=fmt)

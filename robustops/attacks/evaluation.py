@@ -72,6 +72,9 @@ def _attack_batch(model, attack: PGD, batch, x, y, idx, n: int, device) -> dict:
             "restart": res.restart,
             "linf": delta.abs().amax(1) if delta.shape[1] else torch.zeros(delta.shape[0], device=delta.device),
             "l2": delta.norm(dim=1)}
+    u = getattr(res, "u", None)
+    if u is not None:  # a latent attack (attacks.latent): the offset's norm in the latent space
+        cols["latent_l2"] = u.float().flatten(1).norm(dim=1)
     if targets is not None:
         cols["target"] = targets
     return {k: v.cpu() for k, v in cols.items()}
@@ -120,7 +123,8 @@ def robust_accuracy(model, loader, attack: Union[PGD, Sequence[PGD]], device=Non
     Returns {"clean_acc", "robust_acc", "n", "clean_correct", "robust_correct", "time_s",
     "samples_per_s", "samples"} where samples is a dict of per-sample CPU tensors (index, label,
     clean_pred, adv_pred, clean_correct, robust_correct, success, success_step, restart, linf, l2,
-    and target for targeted attacks), one entry per attacked sample."""
+    target for targeted attacks, and latent_l2, the latent offset's norm ||u||_2, for latent attacks such
+    as ``LatentPGD``), one entry per attacked sample."""
     from tqdm.auto import tqdm
 
     ensemble = list(attack) if isinstance(attack, (list, tuple)) else None

@@ -1,6 +1,7 @@
 """`robustops attack`: clean and robust accuracy of a checkpoint under PGD / FGSM / APGD-CE / APGD-DLR /
-APGD-T or the AutoAttack-style suite (APGD-CE then APGD-T on what survives), per-sample results as a
-TSV, a robust-accuracy-against-eps sweep, inputs sharded over torchrun processes."""
+APGD-T or the AutoAttack-style suite (APGD-CE then APGD-T on what survives), or under latent PGD in a
+learned perturbation set (--threat learned), per-sample results as a TSV, a robust-accuracy-against-eps
+sweep, inputs sharded over torchrun processes."""
 from __future__ import annotations
 
 import argparse
@@ -29,7 +30,7 @@ HELP = "robust accuracy of a checkpoint under PGD / FGSM / APGD / an AutoAttack-
 
 #: Columns of the per-sample TSV, in order (target only for targeted attacks, attack only for --suite).
 RESULT_COLUMNS = ("index", "label", "clean_pred", "adv_pred", "clean_correct", "robust_correct", "success",
-                  "success_step", "restart", "linf", "l2", "target", "attack")
+                  "success_step", "restart", "linf", "l2", "latent_l2", "target", "attack")
 
 ATTACKS = ("pgd", "fgsm", "apgd-ce", "apgd-dlr", "apgd-t")
 
@@ -48,11 +49,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="digits", help='"digits" (embedded), a .npz file, "cifar10:DIR" or '
                    '"imagefolder:DIR"')
     p.add_argument("--split", default="test", choices=["train", "test"])
+    p.add_argument("--threat", default="norm", choices=["norm", "learned"],
+                   help="norm: the --norm ball around each image; learned: a learned perturbation set (the latent "
+                        "L2 ball of radius --eps of --perturbation-model, attacked with latent PGD)")
+    p.add_argument("--perturbation-model", default=None, metavar="CKPT",
+                   help="--threat learned: the perturbation model's checkpoint (a conditional VAE; read by "
+                        "robustops.perturbation.load_perturbation_model)")
     p.add_argument("--norm", default=None, choices=["linf", "l2"],
                    help="threat model (None: the checkpoint's, else linf)")
     p.add_argument("--eps", type=fraction("eps"), default=None,
                    help="radius, e.g. 0.1 or 8/255 (None: the eps the checkpoint was trained with, else 8/255 for "
-                        "linf and 0.5 for l2)")
+                        "linf and 0.5 for l2; --threat learned: the latent radius, None: the perturbation "
+                        "model's)")
     p.add_argument("--eps-sweep", type=fractions("eps"), default=None, metavar="EPS,EPS,...",
                    help="robust accuracy at each of these radii (e.g. 0,1/255,2/255,4/255,8/255): a table, and with "
                         "-o a CSV, a plot (PNG and PDF) and a JSON summary")
@@ -129,7 +137,7 @@ def _steps(args, name: str) -> int:
     return args.steps if args.steps is not None else (10 if name in ("pgd", "fgsm") else 100)
 
 
-def _attack(args, model, info, norm: str, eps: float, rank: int, name: str):
+def _attack(args, model, info, norm: str, eps: float, rank: int, name: str, pmodel=None):
     from .. import _rng, attacks
 
     mean = std = None
@@ -138,6 +146,11 @@ def _attack(args, model, info, norm: str, eps: float, rank: int, name: str):
             raise CLIError(f"--normalize: dataset {info['name']} has no mean/std")
         mean, std = info["mean"], info["std"]
     amp = {"float32": "none", "bfloat16": "bf16", "float16": "fp16"}.get(args.amp, args.amp)
+    if pmodel is not None:
+        return attacks.LatentPGD(model, pmodel, eps=eps, alpha=args.alpha, steps=_steps(args, name),
+                                 restarts=args.restarts, random_start=args.random_start, early_stop=args.early_stop,
+                                 loss=args.loss, seed=_rng.derive_seed(args.seed, rank), dtype=amp, mean=mean,
+                                 std=std)
     common = dict(norm=norm, mean=mean, std=std, early_stop=args.early_stop, seed=_rng.derive_seed(args.seed, rank),
                   dtype=amp, restarts=args.restarts)
     if name.startswith("apgd"):
@@ -176,8 +189,51 @@ def _threat_model(args, meta: dict):
     return norm, (8 / 255 if norm == "linf" else 0.5), f"the default for {norm}"
 
 
+def _check_learned(args) -> None:
+    """The options --threat learned takes (latent PGD: one attack, eager, in the latent ball)."""
+    if args.perturbation_model is None:
+        raise CLIError("--threat learned needs --perturbation-model CKPT (a perturbation model checkpoint)")
+    for bad, flag in [(args.suite, f"--suite {args.suite}"), (args.attack != "pgd", f"--attack {args.attack}"),
+                      (args.graph, "--graph"), (args.norm, f"--norm {args.norm}")]:
+        if bad:
+            raise CLIError(f"{flag}: --threat learned runs latent PGD in the perturbation model's latent L2 ball; "
+                           f"drop {flag.split()[0]}")
+    if not os.path.isfile(args.perturbation_model):
+        raise CLIError(f"--perturbation-model {args.perturbation_model!r}: no such file")
+
+
+def _load_perturbation_model(args):
+    """(the perturbation model on the CPU, eps, where eps came from) for --threat learned: --eps, else
+    the "eps" the perturbation model's checkpoint holds."""
+    import torch
+
+    from .. import perturbation
+
+    loader = getattr(perturbation, "load_perturbation_model", None)
+    if loader is None:
+        raise CLIError("--perturbation-model: this robustops has no perturbation-model loader "
+                       "(robustops.perturbation.load_perturbation_model)")
+    try:
+        pmodel = perturbation.check_perturbation_model(loader(args.perturbation_model, torch.device("cpu")))
+    except (ValueError, TypeError, KeyError, RuntimeError, FileNotFoundError) as e:
+        raise CLIError(f"--perturbation-model {args.perturbation_model!r}: {e}") from None
+    if args.eps is not None:
+        return pmodel, args.eps, "--eps"
+    eps = getattr(pmodel, "eps", None)
+    if not isinstance(eps, (int, float)):
+        try:
+            ck = torch.load(args.perturbation_model, map_location="cpu", weights_only=True)
+        except Exception:  # a format the loader reads but a plain dict load does not: no eps there
+            ck = None
+        eps = ck.get("eps") if isinstance(ck, dict) else None
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0.0 <= float(eps) < math.inf:
+        raise CLIError(f"--perturbation-model {args.perturbation_model!r} stores no latent radius (eps): give --eps")
+    return pmodel, float(eps), "the perturbation model"
+
+
 def _load(args):
-    """Everything checked before the attack runs: (model, dataset, info, norm, eps, its source)."""
+    """Everything checked before the attack runs: (model, dataset, info, norm, eps, its source, the
+    perturbation model or None); norm is "learned" for --threat learned."""
     import torch
 
     from .. import models
@@ -185,6 +241,10 @@ def _load(args):
     require_min(steps=(args.steps if args.steps is not None else 1, 1), restarts=(args.restarts, 1),
                 batch_size=(args.batch_size, 1), n_target_classes=(args.n_target_classes, 1))
     names = _attacks(args)
+    if args.threat == "learned":
+        _check_learned(args)
+    elif args.perturbation_model is not None:
+        raise CLIError("--perturbation-model is for --threat learned; add --threat learned or drop it")
     if args.suite and args.attack != "pgd":
         raise CLIError(f"--suite {args.suite} runs its own attacks ({', '.join(names)}); drop --attack {args.attack}")
     if args.graph and any(n.startswith("apgd") for n in names):
@@ -205,11 +265,14 @@ def _load(args):
     except (ValueError, FileNotFoundError, KeyError, RuntimeError) as e:
         raise CLIError(str(e) if str(e).startswith("--") else f"--checkpoint {args.checkpoint!r}: {e}") from None
     check_model_accepts(model, info, torch.device("cpu"))
+    if args.threat == "learned":
+        pmodel, eps, source = _load_perturbation_model(args)
+        return model, dataset, info, "learned", eps, source, pmodel
     norm, eps, source = _threat_model(args, checkpoint_meta(args.checkpoint, model))
-    return model, dataset, info, norm, eps, source
+    return model, dataset, info, norm, eps, source, None
 
 
-def _evaluate(args, model, dataset, info, norm, eps, d):
+def _evaluate(args, model, dataset, info, norm, eps, d, pmodel=None):
     """(rows, [n, clean, robust, seconds, robust after each attack...]) of this run's attack (or its
     suite, through robust_accuracy's ensemble) at eps, gathered on rank 0."""
     from torch.utils.data import DataLoader, Subset
@@ -223,7 +286,7 @@ def _evaluate(args, model, dataset, info, norm, eps, d):
     loader = DataLoader(rodata.IndexedDataset(part), batch_size=args.batch_size, shuffle=False)
     names = _attacks(args)
     try:
-        chosen = [_attack(args, model, info, norm, eps, d.rank, name) for name in names]
+        chosen = [_attack(args, model, info, norm, eps, d.rank, name, pmodel) for name in names]
     except (ValueError, TypeError) as e:
         raise CLIError(str(e)) from None
     res = attacks.robust_accuracy(model, loader, chosen if len(chosen) > 1 else chosen[0], device=d.device,
@@ -240,14 +303,16 @@ def _evaluate(args, model, dataset, info, norm, eps, d):
 
 
 def run(args) -> int:
-    model, dataset, info, norm, eps, source = _load(args)
+    model, dataset, info, norm, eps, source, pmodel = _load(args)
     setup_run(args, sample_numel=math.prod(info["input_shape"]))
     with distributed(args.device) as d:
         model = model.to(d.device)
+        if pmodel is not None:
+            pmodel = pmodel.to(d.device)
         if args.eps_sweep:
             table = []
             for e in args.eps_sweep:
-                _, stats = _evaluate(args, model, dataset, info, norm, e, d)
+                _, stats = _evaluate(args, model, dataset, info, norm, e, d, pmodel)
                 table.append((e, stats))
                 if d.rank == 0:
                     n, clean, robust, elapsed = stats[:4]
@@ -256,7 +321,7 @@ def run(args) -> int:
             if d.rank == 0:
                 _report_sweep(args, info, norm, table)
             return 0
-        rows, stats = _evaluate(args, model, dataset, info, norm, eps, d)
+        rows, stats = _evaluate(args, model, dataset, info, norm, eps, d, pmodel)
         if d.rank == 0:
             _report(args, info, norm, eps, source, d, rows, stats)
     return 0
@@ -264,6 +329,8 @@ def run(args) -> int:
 
 def _describe(args, norm: str) -> str:
     label = {"pgd": "PGD", "fgsm": "FGSM", "apgd-ce": "APGD-CE", "apgd-dlr": "APGD-DLR", "apgd-t": "APGD-T"}
+    if norm == "learned":
+        return f"latent PGD-{_steps(args, 'pgd')}"
     parts = [label[n] if n == "fgsm" else f"{label[n]}-{_steps(args, n)}" for n in _attacks(args)]
     return " + ".join(parts)
 
@@ -292,6 +359,8 @@ def _report(args, info, norm, eps, source, d, rows, stats) -> None:
                   "results": os.path.abspath(args.out)}
         if "pgd" in names or "fgsm" in names:
             record["loss"] = args.loss
+        if norm == "learned":
+            record["perturbation_model"] = os.path.abspath(args.perturbation_model)
         if stages:
             record.update(robust_acc_after=stages, not_run=list(SUITE_MISSING[args.suite]))
         summary = write_summary(args.out + ".json", record)

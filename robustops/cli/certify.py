@@ -1,7 +1,9 @@
 """`robustops certify` and `robustops predict`: randomized smoothing (Cohen et al.'s CERTIFY and
 PREDICT) over a dataset, written row by row in Cohen et al.'s TSV formats (certify: idx label predict
 radius correct time; predict: idx label predict correct time); `certify --method ibp`: the
-deterministic L-inf radius of interval bound propagation (robustops.bounds) in the same TSV. An
+deterministic L-inf radius of interval bound propagation (robustops.bounds) in the same TSV; `certify --threat
+learned --perturbation-model CKPT`: smoothing over the latent offsets of a learned perturbation set
+(robustops.smoothing.LatentSmooth), the radius column then holding certified latent L2 radii. An
 interrupted run resumes with no lost and no duplicated rows, torchrun processes work on disjoint shards
 in part files that rank 0 merges, and the finished TSV comes with a JSON summary (and, for certify, a
 plot on request)."""
@@ -155,6 +157,14 @@ def add_arguments(p: argparse.ArgumentParser, mode: str = "certify") -> None:
                        help="largest radius searched (None: the eps the checkpoint was trained with)")
         g.add_argument("--tol", type=fraction("tol"), default=1e-3,
                        help="radius resolution: a grid step 2^floor(log2(tol)) <= tol")
+    g = p.add_argument_group("threat model")
+    g.add_argument("--threat", default="norm", choices=("norm", "learned"),
+                   help="norm: smoothing over pixel noise (L2 radii of the image); learned: smoothing over the latent "
+                        "offsets u of a learned perturbation set, h(u) = f(member(x, u)), certified at u = 0 (latent "
+                        "L2 radii: no member of the set within that latent radius changes the smoothed prediction)")
+    g.add_argument("--perturbation-model", default=None, metavar="CKPT",
+                   help="--threat learned: the perturbation model's checkpoint (robustops.perturbation."
+                        "load_perturbation_model); --sigma is then the latent noise level")
     g = p.add_argument_group("CERTIFY (Cohen et al. 2019)" if mode == "certify" else "PREDICT (Cohen et al. 2019)")
     g.add_argument("--sigma", type=fraction("sigma"), default=None,
                    help="noise level (None: the sigma the checkpoint was trained with)")
@@ -197,6 +207,7 @@ def add_arguments(p: argparse.ArgumentParser, mode: str = "certify") -> None:
 
 # Settings that change the rows: a resumed run must have the same ones (stored beside the TSV).
 ROW_SETTINGS = ("checkpoint", "model", "data", "split", "normalize", "sigma", "n0", "n", "alpha", "seed", "amp")
+LEARNED_ROW_SETTINGS = ROW_SETTINGS + ("threat", "perturbation_model")
 IBP_ROW_SETTINGS = ("method", "checkpoint", "model", "data", "split", "normalize", "eps_max", "tol")
 
 
@@ -204,8 +215,14 @@ def _method(args) -> str:
     return getattr(args, "method", "smoothing")
 
 
+def _threat(args) -> str:
+    return getattr(args, "threat", "norm")
+
+
 def _row_settings(args) -> tuple:
-    return IBP_ROW_SETTINGS if _method(args) == "ibp" else ROW_SETTINGS
+    if _method(args) == "ibp":
+        return IBP_ROW_SETTINGS
+    return LEARNED_ROW_SETTINGS if _threat(args) == "learned" else ROW_SETTINGS
 
 
 def _settings(args, sigma: Optional[float]) -> dict:
@@ -215,6 +232,8 @@ def _settings(args, sigma: Optional[float]) -> dict:
         out["eps_max"] = float(args.eps_max)
     else:
         out["sigma"] = float(sigma)
+    if _threat(args) == "learned":
+        out["perturbation_model"] = os.path.abspath(args.perturbation_model)
     return out
 
 
@@ -244,7 +263,14 @@ def _load(args):
         raise CLIError(f"--checkpoint {args.checkpoint!r}: {e}") from None
     meta = checkpoint_meta(args.checkpoint, model)
     if _method(args) == "ibp":
+        if _threat(args) != "norm" or getattr(args, "perturbation_model", None) is not None:
+            raise CLIError("--method ibp certifies L-inf boxes of the image: --threat learned / --perturbation-model "
+                           "are for randomized smoothing")
         return _load_ibp(args, dataset, info, model, meta)
+    if _threat(args) == "learned":
+        _check_learned(args)
+    elif getattr(args, "perturbation_model", None) is not None:
+        raise CLIError("--perturbation-model is for --threat learned")
     sigma = args.sigma if args.sigma is not None else meta.get("sigma")
     if sigma is None:
         raise CLIError("--sigma is required (the checkpoint does not say which noise level it was trained with)")
@@ -259,7 +285,45 @@ def _load(args):
     elif args.normalize == "data":
         mean, std = info.get("mean"), info.get("std")
     check_model_accepts(model, info, torch.device("cpu"))
+    if _threat(args) == "learned":
+        _check_members(args, dataset, info)
     return dataset, info, model, float(sigma), mean, std
+
+
+def _check_members(args, dataset, info) -> None:
+    """The perturbation model takes the data's images and decodes images of their shape."""
+    import torch
+
+    from ..perturbation import member, prior_scale
+
+    x = dataset[0][0].unsqueeze(0).float()
+    try:
+        with torch.no_grad():
+            mu, scale = prior_scale(args.perturbation, x)
+            member(args.perturbation, x, torch.zeros_like(mu), mu, scale)
+    except (ValueError, RuntimeError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CLIError(f"--perturbation-model does not fit the data's images {list(info['input_shape'])}: "
+                       f"{first}") from None
+
+
+def _check_learned(args) -> None:
+    """--threat learned: the perturbation model's checkpoint loads (once here, before any output), and the
+    options latent smoothing takes. Sets args.perturbation (the model, on the CPU)."""
+    from ..perturbation import load_perturbation_model
+
+    if args.perturbation_model is None:
+        raise CLIError("--threat learned needs --perturbation-model CKPT (the learned perturbation set's checkpoint)")
+    if args.sigma is None:
+        raise CLIError("--threat learned needs --sigma: the latent noise level (the classifier's checkpoint "
+                       "records pixel noise only)")
+    for flag, given in (("--graph", args.graph), ("--channels-last", args.channels_last)):
+        if given:
+            raise CLIError(f"{flag} is not supported with --threat learned (the noise is on latent codes)")
+    try:
+        args.perturbation = load_perturbation_model(args.perturbation_model, "cpu")
+    except (FileNotFoundError, ValueError) as e:
+        raise CLIError(f"--perturbation-model: {e}") from None
 
 
 def _load_ibp(args, dataset, info, model, meta):
@@ -335,6 +399,9 @@ def _prepare_output(args, settings: dict, mode: str) -> None:
             if old.get("method", "smoothing") != settings.get("method", "smoothing"):
                 raise CLIError(f"--resume: {outfile} was made with --method {old.get('method', 'smoothing')}, not "
                                f"{settings.get('method', 'smoothing')}; use the same method, or another -o")
+            if old.get("threat", "norm") != settings.get("threat", "norm"):
+                raise CLIError(f"--resume: {outfile} was made with --threat {old.get('threat', 'norm')}, not "
+                               f"{settings.get('threat', 'norm')}; use the same threat model, or another -o")
             diff = [f"--{k.replace('_', '-')} {old.get(k)!r} (now {settings[k]!r})" for k in _row_settings(args)
                     if old.get(k) != settings[k]]
             if diff:
@@ -461,12 +528,16 @@ def _finish(args, mode: str, info, sigma: float) -> None:
         limit = largest_certifiable_radius(sigma, args.n, args.alpha)
         summary.update(n0=args.n0, acr=acr(radius, correct), largest_certifiable_radius=limit,
                        certified_accuracy={f"{r:g}": float(a) for r, a in zip(STANDARD_RADII, acc)})
+        if _threat(args) == "learned":  # radii and sigma are in the latent space of the perturbation model
+            summary.update(threat="learned", radius="latent L2", perturbation_model=os.path.abspath(
+                args.perturbation_model), perturbation_eps=getattr(args.perturbation, "eps", None))
         print(f"ACR {summary['acr']:.4f}")
         print("certified accuracy: " + "  ".join(f"r={r:g}: {a:.3f}" for r, a in zip(STANDARD_RADII, acc)))
         if args.plot:
             label = f"sigma = {sigma:g}"
             plot_certified_accuracy(args.plot, {label: (radius, correct)}, certifiable={label: limit},
-                                    title=f"{info['name']}: n={args.n}, alpha={args.alpha:g}")
+                                    title=f"{info['name']}: n={args.n}, alpha={args.alpha:g}",
+                                    norm="latent L2" if _threat(args) == "learned" else "L2")
             summary["plot"] = os.path.abspath(args.plot)
             print(f"plot -> {args.plot} (and .pdf)")
     spath = _settings_path(args.out)
@@ -479,11 +550,15 @@ def _finish(args, mode: str, info, sigma: float) -> None:
 
 def _smoothing_step(args, mode: str, info, model, sigma, mean, std, device):
     """step(x, indices) of randomized smoothing (see _rows) and the inputs per call."""
-    from ..smoothing import Smooth
+    from ..smoothing import LatentSmooth, Smooth
 
-    smooth = Smooth(model, int(info["num_classes"]), sigma, mean=mean, std=std,
-                    autocast=None if args.amp == "none" else args.amp, channels_last=args.channels_last,
-                    input_shape=tuple(info["input_shape"]), device=device, graph=args.graph)
+    if _threat(args) == "learned":
+        smooth = LatentSmooth(model, args.perturbation.to(device), int(info["num_classes"]), sigma, mean=mean,
+                              std=std, autocast=None if args.amp == "none" else args.amp, device=device)
+    else:
+        smooth = Smooth(model, int(info["num_classes"]), sigma, mean=mean, std=std,
+                        autocast=None if args.amp == "none" else args.amp, channels_last=args.channels_last,
+                        input_shape=tuple(info["input_shape"]), device=device, graph=args.graph)
 
     def step(x, ids):
         if mode == "certify":
@@ -525,6 +600,8 @@ def _run(args, mode: str, dataset, info, model, sigma, mean, std, d) -> int:
         n0 = f"n0 {args.n0}, " if mode == "certify" else ""
         what = (f"IBP, eps-max {args.eps_max:g}, tol {args.tol:g}, {k} inputs per pass" if ibp else
                 f"sigma {sigma:g}, {n0}n {args.n}, alpha {args.alpha:g}, batch {args.batch_size}")
+        if _threat(args) == "learned":
+            what = f"latent smoothing in {args.perturbation_model}, " + what
         print(f"robustops {mode}: {info['name']} {args.split} ({len(selected)} inputs, {len(selected) - len(done)} "
               f"to go), {what}, {d.world} process(es) on {d.device}", flush=True)
     # Rows go to this rank's part file as they are done; the TSV itself is written (atomically) only

@@ -81,6 +81,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--steps", type=int, default=7, help="PGD / TRADES inner steps")
     g.add_argument("--norm", default="linf", choices=list(train.NORMS))
     g.add_argument("--no-random-start", action="store_true", help="PGD training without a random start")
+    learned = [m for m in train.METHODS if getattr(train.registry.get(m), "uses_perturbation_model", False)]
+    g.add_argument("--perturbation-model", default=None, metavar="CKPT",
+                   help=f"checkpoint of a learned perturbation set (robustops.perturbation; {', '.join(learned)}): "
+                        f"--eps is then the latent L2 radius, by default the checkpoint's eps")
     add_method_flags(g)
     g = p.add_argument_group("optimisation")
     g.add_argument("--optimizer", default="sgd", choices=list(train.OPTIMIZERS))
@@ -175,16 +179,25 @@ def _test(args, model, hp, dev, train_time) -> dict:
     tr = train.Trainer(model, train.FitConfig.make(args.method, **{**hp, "val_steps": args.test_steps}),
                        device=dev, ddp=False)
     m = tr.evaluate(test_loader)
-    print(f"test: clean acc {m['clean_acc']:.4f}, PGD-{args.test_steps} acc {m['robust_acc']:.4f} "
-          f"(eps {hp['eps']:.4g}, {args.norm})" + (f", noisy acc {m['noise_acc']:.4f}" if "noise_acc" in m else "")
-          + (f", IBP-certified acc {m['cert_acc']:.4f}" if "cert_acc" in m else ""))
-    cols = ["method", "clean_acc", "robust_acc", "eps", "steps", "train_time"] + (["cert_acc"] if "cert_acc" in m
-                                                                                   else [])
+    if _uses_perturbation_model(args.method):
+        # the threat model of these methods: accuracy under latent PGD in the learned set at eps
+        from ..train.methods.learned import set_accuracy
+
+        m["set_acc"] = set_accuracy(model, hp["perturbation_model"], test_loader, hp["eps"], steps=args.test_steps,
+                                    seed=args.seed, device=dev)["set_acc"]
+        print(f"test: clean acc {m['clean_acc']:.4f}, learned-set PGD-{args.test_steps} acc {m['set_acc']:.4f} "
+              f"(latent eps {hp['eps']:.4g})")
+    else:
+        print(f"test: clean acc {m['clean_acc']:.4f}, PGD-{args.test_steps} acc {m['robust_acc']:.4f} "
+              f"(eps {hp['eps']:.4g}, {args.norm})" + (f", noisy acc {m['noise_acc']:.4f}" if "noise_acc" in m else "")
+              + (f", IBP-certified acc {m['cert_acc']:.4f}" if "cert_acc" in m else ""))
+    extra = [k for k in ("cert_acc", "set_acc") if k in m]
+    cols = ["method", "clean_acc", "robust_acc", "eps", "steps", "train_time"] + extra
     with open(os.path.join(args.out, "test.csv"), "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(cols)
         w.writerow([args.method, m["clean_acc"], m["robust_acc"], hp["eps"], args.test_steps, train_time]
-                   + ([m["cert_acc"]] if "cert_acc" in m else []))
+                   + [m[k] for k in extra])
     return m
 
 
@@ -207,13 +220,17 @@ def run(args) -> int:
     setup_run(args, sample_numel=math.prod(info["input_shape"]))
     if args.test_steps > 0:
         load_data(args.data, "test")  # the final evaluation's data, checked now rather than after training
-    eps = args.eps if args.eps is not None else (0.2 if info["name"] == "digits" else 8 / 255)
+    eps = _learned_eps(args)
+    if eps is None:
+        eps = args.eps if args.eps is not None else (0.2 if info["name"] == "digits" else 8 / 255)
     hp = dict(epochs=args.epochs, eps=eps, alpha=args.alpha, steps=args.steps, norm=args.norm,
               random_start=not args.no_random_start, optimizer=args.optimizer, lr=args.lr, momentum=args.momentum,
               weight_decay=args.weight_decay, nesterov=args.nesterov, schedule=args.schedule,
               milestones=args.milestones, gamma=args.gamma, amp=args.amp, channels_last=args.channels_last,
               seed=args.seed, val_eps=args.val_eps, val_steps=args.val_steps, patience=args.patience,
               keep_all=args.keep_all, **method_hparams(args))
+    if args.perturbation_model is not None:
+        hp["perturbation_model"] = os.path.abspath(args.perturbation_model)
     try:
         train.FitConfig.make(args.method, **hp).resolved()
     except ValueError as e:
@@ -235,6 +252,43 @@ def run(args) -> int:
                   f"command and --resume", file=sys.stderr)
         return 130
     return 0
+
+
+def _uses_perturbation_model(method: str) -> bool:
+    from .. import train
+
+    return bool(getattr(train.registry.get(method), "uses_perturbation_model", False))
+
+
+def _learned_eps(args):
+    """For the methods that train against a learned perturbation set: --perturbation-model checked, and the
+    latent radius (--eps, else the checkpoint's eps); None for the other methods."""
+    uses = _uses_perturbation_model(args.method)
+    if not uses:
+        if args.perturbation_model is not None:
+            from .. import train
+
+            learned = [m for m in train.METHODS if _uses_perturbation_model(m)]
+            raise CLIError(f"--perturbation-model is a setting of the methods {', '.join(learned)}, not of "
+                           f"--method {args.method}")
+        return None
+    if args.perturbation_model is None:
+        raise CLIError(f"--method {args.method} needs --perturbation-model CKPT (a learned perturbation set: "
+                       f"robustops.perturbation's checkpoint)")
+    if args.eps is not None:
+        if not os.path.isfile(args.perturbation_model):
+            raise CLIError(f"--perturbation-model: no checkpoint at {args.perturbation_model!r}")
+        return args.eps
+    from ..perturbation import load_perturbation_model
+
+    try:
+        pm = load_perturbation_model(args.perturbation_model, "cpu")
+    except (FileNotFoundError, ValueError) as e:
+        raise CLIError(f"--perturbation-model: {e}") from None
+    if getattr(pm, "eps", None) is None:
+        raise CLIError(f"--eps is required: the perturbation checkpoint {args.perturbation_model!r} stores no eps "
+                       f"(the latent radius of its set)")
+    return float(pm.eps)
 
 
 RUN_FILES = ("last.pt", "best.pt", "log.csv", "test.csv", "summary.json")

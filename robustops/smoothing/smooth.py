@@ -160,7 +160,15 @@ class Smooth:
         noise and votes as the eager path without its launch overhead, which dominates on small
         models. The classifier must be capturable (no host synchronization in its forward); where
         capture fails, a warning and the eager path. Inputs whose samples do not fill a batch, and
-        the remainders, run eagerly. Ignored (with a warning) on CPU.
+        the remainders, run eagerly. Ignored (with a warning) on CPU. Not with ``context``.
+
+    Per-input context: ``certify`` / ``predict`` take an optional ``context``, a tensor [B, ...] or a
+    tuple / list of tensors [B, ...] (one row per input of x). The noisy rows of many inputs share each
+    forward pass, so the base classifier is then called as ``base_classifier(noisy, context_rows)``:
+    context_rows has the structure of ``context`` and holds, for each noisy row, the row of the input it
+    belongs to (``context[i]`` repeated over input i's samples in that batch). Latent smoothing
+    (``robustops.smoothing.latent``) smooths over latent codes this way, with the image as context.
+    Without context the classifier is called as ``base_classifier(noisy)``, as always.
     """
 
     def __init__(self, base_classifier, num_classes: int, sigma: float, mean=None, std=None, *,
@@ -190,7 +198,7 @@ class Smooth:
     # ------------------------------------------------------------------------------ public
 
     def certify(self, x: torch.Tensor, n0: int, n: int, alpha: float, batch_size: int, *,
-                seed: Optional[int] = None, indices=None) -> CertifyResult:
+                seed: Optional[int] = None, indices=None, context=None) -> CertifyResult:
         """Cohen et al.'s CERTIFY for a batch of inputs x [B, ...].
 
         One input: ``prediction, radius = smooth.certify(x[None], n0, n, alpha, batch_size)`` gives
@@ -212,7 +220,8 @@ class Smooth:
         batch_size: noisy samples per forward pass (inputs share passes). seed: makes the run
         reproducible (None: drawn from torch's generator). indices: the global index of each input
         ([B] ints, default 0..B-1); an input's noise depends only on (seed, its index), so give each
-        input of a dataset its own index. One host synchronization per call.
+        input of a dataset its own index. One host synchronization per call. context: optional
+        per-input context for the base classifier (see the class docstring).
 
         A noisy sample whose logits hold a NaN is a vote for no class (counted in ``nan_votes``), so
         NaN never wins: it only lowers pA_lower. An input with NaN / Inf values abstains, with a
@@ -224,7 +233,8 @@ class Smooth:
         batch_size = _checks.check_int(batch_size, "batch_size", 1)
         seed = _rng.resolve_seed(seed)
         idx = self._check_indices(indices, B)
-        counts, nan, finite = self._sample(x, idx, [(n0, SELECTION), (n, ESTIMATION)], batch_size, seed)
+        context = self._check_context(context, B, x.device)
+        counts, nan, finite = self._sample(x, idx, [(n0, SELECTION), (n, ESTIMATION)], batch_size, seed, context)
         selection, estimation = counts[:B], counts[B:]
 
         c_a = selection.argmax(axis=1)  # ties -> lowest class, as torch.argmax
@@ -244,12 +254,12 @@ class Smooth:
             finite_input=torch.from_numpy(finite.copy()))
 
     def predict(self, x: torch.Tensor, n: int, alpha: float, batch_size: int, *, seed: Optional[int] = None,
-                indices=None, return_details: bool = False):
+                indices=None, return_details: bool = False, context=None):
         """Cohen et al.'s PREDICT for a batch of inputs x [B, ...]: n noisy samples per input; returns
         the top class when the two-sided binomial test of the top two counts (nA, nB) at p = 1/2 has
         p-value <= alpha, else -1. The probability of returning a class other than g(x) is at most
         alpha. Returns int64 [B], or a PredictResult with counts and p-values when return_details.
-        seed, indices, batch_size: as in certify. One host synchronization per call. NaN logits are
+        seed, indices, batch_size, context: as in certify. One host synchronization per call. NaN logits are
         votes for no class; an input with NaN / Inf values abstains, with a warning.
 
         One input, as Cohen et al.'s ``predict(x, ...)`` returning an int:
@@ -261,7 +271,8 @@ class Smooth:
         batch_size = _checks.check_int(batch_size, "batch_size", 1)
         seed = _rng.resolve_seed(seed)
         idx = self._check_indices(indices, B)
-        counts, nan, finite = self._sample(x, idx, [(n, PREDICTION)], batch_size, seed)
+        context = self._check_context(context, B, x.device)
+        counts, nan, finite = self._sample(x, idx, [(n, PREDICTION)], batch_size, seed, context)
 
         order = np.argsort(-counts, axis=1, kind="stable")  # stable: ties -> lowest class first
         rows = np.arange(B)
@@ -349,6 +360,33 @@ class Smooth:
             raise ValueError(f"indices must be non-negative, got {min(idx)}")
         return idx
 
+    def _check_context(self, context, B: int, device):
+        """None, or the context on the classifier's device: a tensor [B, ...] or a tuple of them."""
+        if context is None:
+            return None
+        if self.graph:
+            raise ValueError("context is not supported with graph=True (a captured graph has no per-row context "
+                             "input): create Smooth with graph=False")
+        single = isinstance(context, torch.Tensor)
+        parts = (context,) if single else context
+        if not isinstance(parts, (tuple, list)) or not parts or \
+                not all(isinstance(t, torch.Tensor) for t in parts):
+            raise TypeError(f"context must be a tensor [B, ...] or a non-empty tuple / list of tensors [B, ...], got "
+                            f"{type(context).__name__}")
+        for k, t in enumerate(parts):
+            if t.dim() < 1 or t.shape[0] != B:
+                what = "context" if single else f"context[{k}]"
+                raise ValueError(f"{what} must have one row per input of x (shape [{B}, ...]), got {list(t.shape)}")
+        parts = tuple(t.to(device) for t in parts)
+        return parts[0] if single else parts
+
+    @staticmethod
+    def _context_rows(context, rows: torch.Tensor):
+        """The context of each noisy row of a batch: rows [R] holds the input of each noisy row."""
+        if isinstance(context, torch.Tensor):
+            return context.index_select(0, rows)
+        return tuple(t.index_select(0, rows) for t in context)
+
     @staticmethod
     def _with_nan_column(logits: torch.Tensor) -> torch.Tensor:
         """[R, C + 1]: a row whose logits hold a NaN becomes -inf everywhere but +inf in column C, so
@@ -357,12 +395,13 @@ class Smooth:
         inf = torch.tensor(float("inf"), dtype=logits.dtype, device=logits.device)
         return torch.cat([logits.masked_fill(bad, -inf), torch.where(bad, inf, -inf)], dim=1)
 
-    def _forward(self, batch: torch.Tensor, cache: bool = True) -> torch.Tensor:
+    def _forward(self, batch: torch.Tensor, cache: bool = True, context=None) -> torch.Tensor:
+        args = (batch,) if context is None else (batch, context)
         if self.autocast is None:
-            logits = self.base_classifier(batch)
+            logits = self.base_classifier(*args)
         else:  # no autocast weight cache while a CUDA graph is captured
             with torch.autocast(device_type=batch.device.type, dtype=self.autocast, cache_enabled=cache):
-                logits = self.base_classifier(batch)
+                logits = self.base_classifier(*args)
         if not isinstance(logits, torch.Tensor) or logits.shape != (batch.shape[0], self.num_classes):
             got = list(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
             raise _LogitsShapeError(f"base_classifier must return logits [R, num_classes] = [{batch.shape[0]}, "
@@ -371,7 +410,7 @@ class Smooth:
         return logits
 
     def _sample(self, x: torch.Tensor, idx: List[int], phases: List[Tuple[int, int]], batch_size: int,
-                seed: int):
+                seed: int, context=None):
         """Votes of the base classifier on noisy copies of x: (counts int64 [len(phases)*B, C], row
         p*B + i for input i in phase p (phase = (samples per input, Philox phase)); NaN votes int64
         [len(phases)*B]; finite bool [B], whether input i's values are all finite).
@@ -405,10 +444,10 @@ class Smooth:
                     filled += take
                     j += take
                     if filled == batch_size:
-                        self._run_batch(x, idx, phases, keys, pieces, counts, noise_dtype, mean, std)
+                        self._run_batch(x, idx, phases, keys, pieces, counts, noise_dtype, mean, std, context)
                         pieces, filled = [], 0
             if pieces:
-                self._run_batch(x, idx, phases, keys, pieces, counts, noise_dtype, mean, std)
+                self._run_batch(x, idx, phases, keys, pieces, counts, noise_dtype, mean, std, context)
             # the one host synchronization: the votes and the inputs' finiteness in one copy
             host = torch.cat([counts.flatten(), finite_dev.long()]).cpu().numpy()
         table = host[:rows * (C + 1)].reshape(rows, C + 1)
@@ -441,7 +480,7 @@ class Smooth:
                 start[row] = full * batch_size
         return start
 
-    def _run_batch(self, x, idx, phases, keys, pieces, counts, noise_dtype, mean, std) -> None:
+    def _run_batch(self, x, idx, phases, keys, pieces, counts, noise_dtype, mean, std, context=None) -> None:
         B = x.shape[0]
         # The pieces of a batch hold consecutive count rows (the stream's order).
         # Noise: one gaussian_noise call per run of whole inputs of one phase with consecutive global
@@ -462,8 +501,13 @@ class Smooth:
                                             channels_last=self.channels_last))
             k = end
         batch = noise[0] if len(noise) == 1 else torch.cat(noise)
+        ctx = None
+        if context is not None:  # input i's context row for each of its noisy rows (row = phase * B + i)
+            owner = torch.tensor([row % B for row, _, _ in pieces], dtype=torch.int64)
+            takes = torch.tensor([take for _, _, take in pieces], dtype=torch.int64)
+            ctx = self._context_rows(context, owner.repeat_interleave(takes).to(x.device))
         try:
-            logits = self._forward(batch)
+            logits = self._forward(batch, context=ctx)
         except (RuntimeError, ValueError) as e:
             hint = self._unbatched_hint(x, batch, e)
             if hint is None:

@@ -3,6 +3,7 @@ method filled in from the registry."""
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Sequence
 
@@ -10,13 +11,36 @@ from .. import _checks
 from ..models import channel_stats
 from . import registry
 
-__all__ = ["FitConfig", "OPTIMIZERS", "SCHEDULES", "AMP_MODES", "NORMS", "METRICS"]
+__all__ = ["FitConfig", "OPTIMIZERS", "SCHEDULES", "AMP_MODES", "NORMS", "METRICS", "ModelObject"]
 
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("cyclic", "multistep", "cosine", "constant")
 AMP_MODES = ("none", "bf16", "fp16")
 NORMS = ("linf", "l2")
-METRICS = ("robust_acc", "clean_acc", "noise_acc", "cert_acc", "last")
+METRICS = ("robust_acc", "clean_acc", "noise_acc", "cert_acc", "set_acc", "last")
+
+
+class ModelObject(str):
+    """A model given to a config as an object (``perturbation_model=module``): it reads as a short
+    description (a str, "<CVAE object>") and copies / pickles as that plain str, so configs stored in
+    checkpoints stay plain data that loads with ``weights_only=True``; ``.module`` is the object. A run
+    resumed from Python gets the object again from its caller (give a checkpoint path instead to make
+    the run resumable from the command line)."""
+
+    module: Any
+
+    def __new__(cls, module):
+        if isinstance(module, ModelObject):
+            return module
+        out = super().__new__(cls, f"<{type(module).__name__} object>")
+        out.module = module
+        return out
+
+    def __deepcopy__(self, memo):
+        return str(self)
+
+    def __reduce__(self):
+        return (str, (str(self),))
 
 
 @dataclass
@@ -62,6 +86,9 @@ class FitConfig:
     patience: Optional[int] = None         # stop after this many validations without improvement
     restore_best: bool = True
     keep_all: bool = False                 # also keep epoch_<k>.pt
+    # learned perturbation sets (methods learned, learned_aug): a perturbation model (nn.Module with the
+    # protocol of robustops.perturbation) or the path of its checkpoint; see ModelObject
+    perturbation_model: Any = None
     # the method's own hyperparameters
     params: Dict[str, Any] = field(default_factory=dict)
 
@@ -100,6 +127,10 @@ class FitConfig:
         _validate(c)
         m = c.method_class
         c.params = {h.name: h.check(c.params.get(h.name, h.default)) for h in m.hyper}
+        if isinstance(c.perturbation_model, os.PathLike):
+            c.perturbation_model = os.fspath(c.perturbation_model)
+        elif c.perturbation_model is not None and not isinstance(c.perturbation_model, str):
+            c.perturbation_model = ModelObject(c.perturbation_model)  # checkpoints record a description
         m.check_config(c)
         if c.amp == "none":
             c.amp = None

@@ -29,11 +29,10 @@ LOG_COLUMNS = ("epoch", "equiv_epochs", "lr", "train_loss", "train_acc", "clean_
 
 def log_columns(cfg: FitConfig):
     """The CSV log's columns for a run: LOG_COLUMNS, with cert_acc after noise_acc for the methods that
-    train for deterministic certification."""
-    if not cfg.method_class.certified:
-        return LOG_COLUMNS
+    train for deterministic certification, then the method's own val_metrics."""
+    extra = (("cert_acc",) if cfg.method_class.certified else ()) + tuple(cfg.method_class.val_metrics)
     i = LOG_COLUMNS.index("noise_acc") + 1
-    return LOG_COLUMNS[:i] + ("cert_acc",) + LOG_COLUMNS[i:]
+    return LOG_COLUMNS[:i] + extra + LOG_COLUMNS[i:]
 
 # Settings a resumed run must share with the checkpoint (the method's hyperparameters too).
 _RESUME_MUST_MATCH = ("method", "epochs", "eps", "alpha", "steps", "norm", "optimizer", "lr", "schedule", "amp")
@@ -214,6 +213,9 @@ class _FitRun:
                 msg += f" noisy {row['noise_acc']:.4f}"
             if "cert_acc" in row and not math.isnan(row["cert_acc"]):
                 msg += f" certified {row['cert_acc']:.4f}"
+            for k in self.trainer.val_metrics:
+                if not math.isnan(row.get(k, float("nan"))):
+                    msg += f" {k} {row[k]:.4f}"
             msg += " *" if improved else ""
         msg += f" | {row['train_time']:.1f}s"
         self.say(msg)
@@ -258,7 +260,8 @@ class _FitRun:
                 break
             row, t_train = self.train_epoch(epoch)
             res.train_time += t_train
-            metrics = ("clean_acc", "robust_acc", "noise_acc") + (("cert_acc",) if self.trainer.certified else ())
+            metrics = (("clean_acc", "robust_acc", "noise_acc") + (("cert_acc",) if self.trainer.certified else ())
+                       + self.trainer.val_metrics)
             row.update({**{k: float("nan") for k in metrics}, "val_loss": float("nan"), "train_time": t_train,
                         "val_time": 0.0, "total_train_time": res.train_time, "best": False})
             improved = self.validate(row, epoch)

@@ -67,7 +67,10 @@ class Method:
     hyperparameters), ``select`` (the validation metric that picks the best epoch by default),
     ``adversarial`` (whether it uses the threat model eps / alpha / steps / norm), ``certified``
     (whether it trains for deterministic L-inf certification: validation then also reports
-    ``cert_acc``, the fraction of samples that interval bound propagation verifies at val_eps).
+    ``cert_acc``, the fraction of samples that interval bound propagation verifies at val_eps),
+    ``val_metrics`` (names of further validation accuracies the method measures itself: validation
+    sums the counts :meth:`validation_counts` returns per batch and reports count / n; each may be
+    selected with ``select``).
 
     The trainer gives a method what it needs: ``trainer.cfg`` (the resolved :class:`FitConfig`;
     the method's hyperparameters are its attributes), ``trainer.fwd`` (the model, with any
@@ -84,6 +87,7 @@ class Method:
     select: ClassVar[str] = "robust_acc"
     adversarial: ClassVar[bool] = True
     certified: ClassVar[bool] = False
+    val_metrics: ClassVar[Tuple[str, ...]] = ()
 
     def __init__(self, trainer):
         self.trainer = trainer
@@ -123,6 +127,11 @@ class Method:
         return cls.name
 
     # ---- the work
+
+    def validation_counts(self, x: torch.Tensor, y: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """For each name of ``val_metrics``: the number of samples of a validation batch (x in the
+        configured layout, model in eval mode) counted as correct under that metric, a device tensor."""
+        return {}
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> StepStats:
         """One minibatch (x on the device, float32, in the configured layout; y its labels)."""

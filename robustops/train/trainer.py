@@ -139,6 +139,13 @@ class Trainer:
             certified = [n for n in registry.names() if registry.get(n).certified]
             raise ValueError(f"select='cert_acc' needs a certified training method ({', '.join(certified)}); "
                              f"{cfg.method!r} is not one")
+        # Further validation accuracies a method measures itself (e.g. set_acc of the learned-set methods).
+        self.val_metrics = tuple(cfg.method_class.val_metrics)
+        own = ("clean_acc", "robust_acc", "noise_acc", "cert_acc", "last")
+        if cfg.select not in own and cfg.select not in self.val_metrics:
+            having = [n for n in registry.names() if cfg.select in registry.get(n).val_metrics]
+            raise ValueError(f"select={cfg.select!r} is measured by the methods {', '.join(having) or '(none)'}; "
+                             f"{cfg.method!r} does not measure it")
         self.method = cfg.method_class(self)
 
     def _build_optimizer(self, steps_per_epoch: int) -> None:
@@ -240,7 +247,8 @@ class Trainer:
         eps is 0), for methods that train for smoothing, accuracy on noisy inputs (their sigma), and
         for certified methods ``cert_acc``: the fraction of samples whose label interval bound
         propagation proves on the L-inf box of radius eps (every margin bound > 0, in fp32 without
-        autocast; at eps 0 the fraction whose label is the strict argmax), in eval mode. Counts are
+        autocast; at eps 0 the fraction whose label is the strict argmax), and the method's own
+        ``val_metrics`` (e.g. ``set_acc``), in eval mode. Counts are
         summed over the processes when the trainer runs distributed (ddp): every process must call it
         then, each on its part of the data (or all on the same data)."""
         from tqdm.auto import tqdm
@@ -250,7 +258,8 @@ class Trainer:
         sigma = c.noise_sigma
         was = self.fwd.training
         self.fwd.eval()
-        sums = torch.zeros(6, dtype=torch.float64, device=self.device)  # n, clean, robust, noise, loss, cert
+        # n, clean, robust, noise, loss, cert, then the method's val_metrics
+        sums = torch.zeros(6 + len(self.val_metrics), dtype=torch.float64, device=self.device)
         try:
             it = tqdm(iter(loader), total=len(loader), desc="  validate", leave=False,
                       disable=not progress or self.rank != 0)
@@ -263,13 +272,14 @@ class Trainer:
             import torch.distributed as dist
 
             dist.all_reduce(sums)
-        n, clean, robust, noise, loss, cert = sums.tolist()
+        n, clean, robust, noise, loss, cert, *own = sums.tolist()
         n = max(n, 1.0)
         out = {"clean_acc": clean / n, "robust_acc": robust / n if eps > 0 else float("nan"), "val_loss": loss / n}
         if sigma is not None:
             out["noise_acc"] = noise / n
         if self.certified:
             out["cert_acc"] = cert / n
+        out.update({name: v / n for name, v in zip(self.val_metrics, own)})
         return out
 
     def _evaluate_batch(self, x, y, eps, sigma) -> torch.Tensor:
@@ -291,7 +301,12 @@ class Trainer:
         if self.certified:
             with torch.no_grad():  # outside autocast: the proof is computed in fp32
                 cert = bounds.verified(self.fwd, x, y, eps, c.lo, c.hi, num_classes=logits.shape[1]).sum()
-        return torch.stack([zero + y.shape[0], zero + clean, zero + robust, zero + noise, loss, zero + cert])
+        counts = self.method.validation_counts(x, y) if self.val_metrics else {}
+        missing = [k for k in self.val_metrics if k not in counts]
+        if missing:
+            raise RuntimeError(f"method {c.method!r}: validation_counts returned no {', '.join(missing)}")
+        return torch.stack([zero + y.shape[0], zero + clean, zero + robust, zero + noise, loss, zero + cert]
+                           + [zero + counts[k] for k in self.val_metrics])
 
     # ---- checkpoint parts
 

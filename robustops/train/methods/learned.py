@@ -1,0 +1,197 @@
+"""Training against a learned perturbation set (Wong and Kolter 2021, "Learning perturbation sets for
+robust machine learning", ICLR; their section on robust training with learned sets).
+
+A frozen perturbation model (``robustops.perturbation``: ``prior``, ``decode``; e.g. a trained CVAE)
+defines S_eps(x) = { m(x, u) : ||u||_2 <= eps }, m(x, u) = clamp(g(mu(x) + sigma(x) * u, x), lo, hi).
+Two methods use it:
+
+- ``learned``: adversarial training in the set. Each minibatch, latent PGD
+  (``robustops.attacks.LatentPGD``: steps of size alpha on u, projected on the L2 ball of radius eps, on
+  the shared projected-gradient engine) finds the member that maximises the cross-entropy, and the model
+  takes a cross-entropy step on it: min_theta E max_{||u|| <= eps} CE(f(m(x, u)), y), the robust objective
+  of the paper with the latent ball in place of an L_p ball. As in the paper (and Madry et al.), the loss
+  is the adversarial one alone, with no clean term.
+- ``learned_aug``: data augmentation with the set, the paper's comparison: each sample is replaced by a
+  random member, u uniform in the volume of the eps-ball (``ops.random_init``, seeded).
+
+Settings: ``eps`` is the *latent* radius (the perturbation checkpoint's chosen eps is the natural
+value; ``robustops train`` uses it by default); ``steps`` / ``alpha`` (default 2 * eps / steps, the
+latent attack's own default) / ``random_start`` drive the inner attack; ``norm`` does not apply (the
+latent ball is L2). The perturbation model comes through the config, ``perturbation_model=``: an
+nn.Module with the protocol or the path of a checkpoint of ``robustops.perturbation``
+(``load_perturbation_model``). It is moved to the trainer's device, put in eval mode and its parameters
+stop requiring gradients; it is not saved in the run's checkpoints (a module given as an object is
+recorded by a description; give it again, or give a path, to resume).
+
+With the trainer: the attack runs on the local batch of each process with the model in train mode (as
+PGD training does) under the run's autocast; the training step goes through ``trainer.net`` (DDP);
+members come back in the configured layout (channels_last). Validation measures clean accuracy and,
+when asked with ``val_eps`` > 0, the pixel-space PGD accuracy (the default ``val_eps`` of these methods
+is 0: the pixel attack is not their threat model), and ``set_acc``: accuracy under the latent attack at
+eps (val_steps steps), by which the best epoch is chosen. :func:`set_accuracy` measures the same for a
+trained model over a loader.
+"""
+from __future__ import annotations
+
+import os
+from typing import Dict
+
+import torch
+import torch.nn as nn
+
+from ... import ops, perturbation
+from ...attacks.latent import LatentPGD
+from ..registry import Method, register
+
+__all__ = ["LearnedSet", "LearnedAugmentation", "resolve_perturbation_model", "set_accuracy"]
+
+_INF = float("inf")
+
+
+def _check_source(cfg, method: str) -> None:
+    """perturbation_model is given: a module with the protocol or an existing file (ValueError otherwise)."""
+    pm = cfg.perturbation_model
+    if pm is None:
+        raise ValueError(f"perturbation_model is required for method {method!r}: give a perturbation model (an "
+                         f"nn.Module with latent_dim, prior(x) -> (mu, logvar) and decode(z, x), e.g. a trained "
+                         f"robustops.perturbation.CVAE) or the path of its checkpoint")
+    if isinstance(pm, str) and not hasattr(pm, "module"):
+        if not os.path.isfile(pm):
+            raise ValueError(f"perturbation_model: no perturbation-model checkpoint at {pm!r}")
+        return
+    module = getattr(pm, "module", pm)
+    if not isinstance(module, nn.Module):
+        raise ValueError(f"perturbation_model must be an nn.Module with the perturbation-model protocol or a "
+                         f"checkpoint path, got {type(module).__name__}")
+    try:
+        perturbation.check_perturbation_model(module, "perturbation_model")
+    except TypeError as e:
+        raise ValueError(str(e)) from None
+
+
+def resolve_perturbation_model(source, device) -> nn.Module:
+    """The perturbation model of a config value (module, ModelObject or checkpoint path) on device, in eval
+    mode, with no parameter requiring gradients."""
+    module = getattr(source, "module", source)
+    if isinstance(module, (str, os.PathLike)):
+        module = perturbation.load_perturbation_model(os.fspath(module), device)
+    module = module.to(device).eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module
+
+
+class _LearnedBase(Method):
+    select = "set_acc"
+    val_metrics = ("set_acc",)
+    #: the method trains against the set of ``cfg.perturbation_model`` (the CLI's --perturbation-model)
+    uses_perturbation_model = True
+
+    @classmethod
+    def default_alpha(cls, cfg) -> float:
+        return 2.0 * cfg.eps / cfg.steps
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        _check_source(cfg, cls.name)
+        if cfg.val_eps is None:
+            cfg.val_eps = 0.0  # the pixel PGD of validation is not this threat model
+
+    def __init__(self, trainer):
+        super().__init__(trainer)
+        self.pm = resolve_perturbation_model(self.cfg.perturbation_model, trainer.device)
+        self._checked = False
+
+    def validation_counts(self, x: torch.Tensor, y: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """{"set_acc": the number of samples of a validation batch that the latent attack at eps
+        (val_steps steps, model in eval mode, early stop) does not fool} (a device tensor): validation
+        reports the learned set's robust accuracy and selects the best epoch by it."""
+        c, tr = self.cfg, self.trainer
+        if c.eps <= 0:
+            with torch.no_grad(), tr.autocast():
+                return {"set_acc": (tr.fwd(x).argmax(1) == y).sum()}
+        atk = LatentPGD(tr.fwd, self.pm, eps=c.eps, steps=c.val_steps, seed=tr.seed(), lo=c.lo, hi=c.hi,
+                        dtype=tr.amp_dtype)
+        x_adv = tr.fmt(atk.perturb(x, y, evaluate=False).x_adv.float())
+        with torch.no_grad(), tr.autocast():
+            return {"set_acc": (tr.fwd(x_adv).argmax(1) == y).sum()}
+
+    def _check_fit(self, x: torch.Tensor) -> None:
+        """One prior / decode pass on a sample: a model that does not fit the data fails at the first step
+        with an error that says so."""
+        try:
+            with torch.no_grad():
+                mu, sigma = perturbation.prior_scale(self.pm, x[:1])
+                if mu.shape[1] != int(self.pm.latent_dim):
+                    raise ValueError(f"prior(x) returned codes of dimension {mu.shape[1]}, latent_dim is "
+                                     f"{self.pm.latent_dim}")
+                perturbation.member(self.pm, x[:1], torch.zeros_like(mu), mu, sigma, self.cfg.lo, self.cfg.hi)
+        except (ValueError, RuntimeError) as e:
+            raise ValueError(f"perturbation_model does not fit the training data (inputs of shape "
+                             f"{list(x.shape[1:])}): {e}") from None
+        self._checked = True
+
+
+@register
+class LearnedSet(_LearnedBase):
+    name = "learned"
+    help = ("adversarial training in a learned perturbation set: latent PGD in the eps-ball of a CVAE's latent "
+            "space, CE on the worst member (Wong and Kolter 2021)")
+
+    @classmethod
+    def label(cls, cfg) -> str:
+        return f"learned-set AT (eps={cfg.eps:g}, {cfg.steps} steps)"
+
+    def __init__(self, trainer):
+        super().__init__(trainer)
+        c = self.cfg
+        # the model as the trainer sees it (its normalisation in front), in train mode as PGD-AT attacks it
+        self.attack = LatentPGD(trainer.fwd, self.pm, eps=c.eps, alpha=c.alpha, steps=c.steps, restarts=1,
+                                random_start=c.random_start, early_stop=False, seed=0, lo=c.lo, hi=c.hi,
+                                dtype=trainer.amp_dtype, train_mode=True)
+
+    def step(self, x, y):
+        tr = self.trainer
+        if not self._checked:
+            self._check_fit(x)
+        if self.cfg.eps > 0:
+            self.attack.seed = tr.seed()
+            x = tr.fmt(self.attack.perturb(x, y, offset=0, evaluate=False).x_adv.float())  # a fresh seed per step
+        return tr.natural_step(x, y)
+
+
+@register
+class LearnedAugmentation(_LearnedBase):
+    name = "learned_aug"
+    help = "data augmentation with a learned perturbation set: a random member, u uniform in the latent eps-ball"
+
+    @classmethod
+    def label(cls, cfg) -> str:
+        return f"learned-set augmentation (eps={cfg.eps:g})"
+
+    def step(self, x, y):
+        tr, c = self.trainer, self.cfg
+        if not self._checked:
+            self._check_fit(x)
+        with torch.no_grad():
+            mu, sigma = perturbation.prior_scale(self.pm, x)
+            u = ops.random_init(torch.zeros_like(mu), c.eps, "l2", -_INF, _INF, seed=tr.seed(), radius="ball")
+            x = tr.fmt(perturbation.member(self.pm, x, u, mu, sigma, c.lo, c.hi).float())
+        return tr.natural_step(x, y)
+
+
+def set_accuracy(model: nn.Module, perturbation_model: nn.Module, loader, eps: float, steps: int = 10,
+                 alpha=None, restarts: int = 1, seed: int = 0, lo: float = 0.0, hi: float = 1.0,
+                 device=None) -> Dict[str, float]:
+    """Clean accuracy and accuracy under the latent attack (LatentPGD at radius eps, ``steps`` steps,
+    model in eval mode) of a model over a loader of (x, y, ...): {"clean_acc", "set_acc", "n"}, measured
+    by ``attacks.robust_accuracy``."""
+    from ...attacks import robust_accuracy
+
+    if device is None:
+        p = next(model.parameters(), None)
+        device = p.device if p is not None else torch.device("cpu")
+    pm = resolve_perturbation_model(perturbation_model, device)
+    atk = LatentPGD(model, pm, eps=eps, alpha=alpha, steps=steps, restarts=restarts, seed=seed, lo=lo, hi=hi)
+    res = robust_accuracy(model, loader, atk, device=device, progress=False)
+    return {"clean_acc": res["clean_acc"], "set_acc": res["robust_acc"], "n": res["n"]}
