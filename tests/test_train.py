@@ -1,5 +1,6 @@
 """robustops.train: the training methods on the digits data, exact resume, DDP, argument errors, CLI."""
 import csv
+import json
 import math
 import os
 import socket
@@ -433,9 +434,23 @@ def test_cli_demo_quick(tmp_path, capsys):
 
     out = tmp_path / "demo"
     rc = main(["demo", "--out", str(out), "--epochs", "2", "--n0", "10", "--n", "50", "--certify-max", "20",
-               "--attack-steps", "3", "--apgd-steps", "3", "--no-progress", "--val-size", "64"])
+               "--attack-steps", "3", "--apgd-steps", "3", "--no-progress", "--val-size", "64",
+               "--cvae-epochs", "2", "--learned-steps", "2", "--set-attack-steps", "3", "--latent-n", "50",
+               "--latent-certify-max", "10"])
     assert rc == 0
     text = capsys.readouterr().out
+    # the learned-perturbation-set section: the set's quality, three models, the picture, the JSON rows
+    for label in ("learned perturbation set (CVAE, 2 epochs", "coverage", "learned-set augmentation (eps=",
+                  "learned-set AT (eps=", "adversarial-set acc (latent PGD-3)", "latent ACR (sigma=1)"):
+        assert label in text
+    for f in ("perturbation_sets.png", "perturbation_sets.pdf", "cvae/model.pt", "learned/last.pt"):
+        assert (out / f).exists(), f
+    with open(out / "results.json") as fh:
+        learned = json.load(fh)["learned_perturbation_sets"]
+    assert learned[0]["eps"] > 0 and 0 <= learned[0]["quality"]["coverage"] <= 1
+    assert [r["method"] for r in learned[1:]] == ["natural", "learned_aug", "learned"]
+    for r in learned[1:]:
+        assert 0 <= r["set_acc"] <= 1 and 0 <= r["random_acc"] <= 1 and r["latent_acr"] >= 0
     for label in ("natural", "PGD-7 AT", "free AT (m=4)", "Gaussian noise (sigma=0.25)", "IBP (kappa=0.5)",
                   "ACERT (kappa=0)", "ACR", "IBP ACR (L-inf", "train time"):
         assert label in text

@@ -1,6 +1,7 @@
 """`robustops demo`: the main job on the embedded digits data: train several methods, evaluate clean,
 PGD and APGD-CE+T accuracy, certify the models trained for smoothing (randomized smoothing, L2) and
-every model with interval bound propagation (L-inf), print and write a comparison table and plots."""
+every model with interval bound propagation (L-inf), print and write a comparison table and plots;
+then the section on learned perturbation sets (``demo_learned``)."""
 from __future__ import annotations
 
 import argparse
@@ -10,11 +11,12 @@ import os
 import time
 from typing import List
 
+from . import demo_learned
 from .common import CLIError, add_common, fraction, pick_device, require_min, setup_run, split_holdout, write_summary
 from .train import add_method_flags, method_hparams
 
 HELP = ("train natural / PGD / free / Gaussian / IBP / ACERT models on the embedded digits data, evaluate and "
-        "certify them, print a comparison table")
+        "certify them, print a comparison table; learn a perturbation set and train / attack / certify against it")
 
 DEMO_METHODS = ("natural", "pgd", "free", "gaussian", "ibp", "acert")
 DIGITS_MODEL = {"num_classes": 10, "in_channels": 1, "input_size": 8}
@@ -53,6 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also replace the demo block of this README (between its <!-- demo --> markers) with the "
                         "table and the certified-accuracy line printed here")
     add_common(p)
+    demo_learned.add_arguments(p)
 
 
 def _fmt_pct(v) -> str:
@@ -81,6 +84,7 @@ def run(args) -> int:
         args.ibp_eps_max = args.eps
     if not 0 <= args.ibp_eps_max < math.inf:
         raise CLIError(f"--ibp-eps-max must be a finite number >= 0, got {args.ibp_eps_max}")
+    demo_learned.check_arguments(args)
     if args.readme and not os.path.isfile(args.readme):
         raise CLIError(f"--readme {args.readme!r}: no such file")
     dev = pick_device(args.device)
@@ -198,7 +202,7 @@ def _table(args, rows) -> list:
     return md
 
 
-def _write_outputs(args, rows, md, certified, lines) -> list:
+def _write_outputs(args, rows, md, certified, lines, learned=None) -> list:
     from .. import smoothing
 
     with open(os.path.join(args.out, "results.md"), "w") as fh:
@@ -218,7 +222,8 @@ def _write_outputs(args, rows, md, certified, lines) -> list:
         "n0": args.n0, "n": args.n,
         "alpha": args.alpha, "epochs": args.epochs, "seed": args.seed, "table": md, "lines": lines,
         "rows": [{k: v for k, v in r.items() if k not in ("model", "radius", "correct", "ibp_radius", "ibp_correct")}
-                 for r in rows]})
+                 for r in rows],
+        "learned_perturbation_sets": learned})
     outputs = ["results.md", "results.csv", "results.json"]
     if certified:
         limits = {r["label"]: smoothing.largest_certifiable_radius(r["sigma"], args.n, args.alpha)
@@ -297,9 +302,14 @@ def _demo(args, methods, dev) -> int:
         lines.append(f"IBP-certified accuracy of the {r['label']} model (L-inf): "
                      + ", ".join(f"r={x:g}: {_fmt_pct(float(a))}" for x, a in zip(ibp_radii, accs)))
         print("\n" + lines[-1])
-    outputs = _write_outputs(args, rows, md, certified, lines)
+    block = md + [""] + lines
+    learned_outputs, learned = [], None
+    if args.learned:
+        learned_lines, learned_outputs, learned = demo_learned.run_section(args, data, rows, dev)
+        block += [""] + learned_lines
+    outputs = _write_outputs(args, rows, md, certified, lines, learned) + learned_outputs
     if args.readme:
-        update_readme(args.readme, md + [""] + lines)
+        update_readme(args.readme, block)
         print(f"\nupdated the demo block of {args.readme}")
     print(f"\nwrote {', '.join(os.path.join(args.out, o) for o in outputs)} and one checkpoint directory per method "
           f"({time.perf_counter() - t_start:.0f} s in all)")

@@ -140,7 +140,7 @@ class LearnedSet(_LearnedBase):
 
     @classmethod
     def label(cls, cfg) -> str:
-        return f"learned-set AT (eps={cfg.eps:g}, {cfg.steps} steps)"
+        return f"learned-set AT (eps={cfg.eps:.3g}, {cfg.steps} steps)"
 
     def __init__(self, trainer):
         super().__init__(trainer)
@@ -167,7 +167,7 @@ class LearnedAugmentation(_LearnedBase):
 
     @classmethod
     def label(cls, cfg) -> str:
-        return f"learned-set augmentation (eps={cfg.eps:g})"
+        return f"learned-set augmentation (eps={cfg.eps:.3g})"
 
     def step(self, x, y):
         tr, c = self.trainer, self.cfg
