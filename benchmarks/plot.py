@@ -29,6 +29,8 @@ LAYOUTS = {
                     unit="s per image", where=("bench", "certify")),
     "train": dict(case=("model", "batch", "shape", "dtype"), provider="method", metric="ms_per_unit", unit="ms"),
     "bounds": dict(case=("model", "batch", "shape"), provider="provider", metric="time_ms", unit="ms"),
+    "perturbation": dict(case=("bench", "config", "batch", "N"), provider="provider", metric="time_s",
+                         unit="s per attack (pgd) or per input (certify)"),
     "l2_start": dict(case=("eps", "steps", "restarts"), provider="law", metric="robust_acc_mean",
                      unit="robust accuracy: lower = stronger attack", log=False),
 }
