@@ -24,6 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ._runfiles import atomic_save
+
 __all__ = ["SmallCNN", "CNN7", "PreActResNet18", "PreActBlock", "CifarResNet", "BasicBlock", "CohenBasicBlock",
            "cifar_resnet", "CohenCifarResNet", "cohen_cifar_resnet", "Normalize", "channel_stats", "split_normalize",
            "get_model", "MODEL_NAMES", "save_checkpoint", "load_model", "COHEN_CIFAR10_MEAN", "COHEN_CIFAR10_STD",
@@ -452,15 +454,8 @@ def save_checkpoint(path: str, model: nn.Module, name: str, model_kwargs: Option
     kwargs = {k: _plain(v) for k, v in (model_kwargs or {}).items()}
     state = {k: v.detach().cpu() for k, v in _unwrap(model).state_dict().items()}
     ckpt = {"model": name, "model_kwargs": kwargs, "state_dict": state, "sha256": state_dict_digest(state), **extra}
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        torch.save(ckpt, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_save(ckpt, path)
     return path
 
 

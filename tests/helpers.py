@@ -89,3 +89,27 @@ def assert_one_line_error(p, *words) -> str:
     for w in words:
         assert w in lines[0], lines[0]
     return lines[0]
+
+
+def tiny_cnn(seed: int = 0, bn: bool = False, width: int = 16) -> torch.nn.Module:
+    """A small digits CNN (1x8x8 -> 10 logits): conv(width) [BatchNorm] ReLU, conv(2 width, stride 2), ReLU,
+    linear(4 width), ReLU, linear(10); its weights seeded."""
+    nn = torch.nn
+    torch.manual_seed(seed)
+    layers = [nn.Conv2d(1, width, 3, padding=1)] + ([nn.BatchNorm2d(width)] if bn else [])
+    layers += [nn.ReLU(), nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(),
+               nn.Linear(2 * width * 4 * 4, 4 * width), nn.ReLU(), nn.Linear(4 * width, 10)]
+    return nn.Sequential(*layers)
+
+
+class Linear2(torch.nn.Module):
+    """A linear two-class classifier: logits [0, w.x + b]."""
+
+    def __init__(self, w, b=0.0):
+        super().__init__()
+        self.register_buffer("w", torch.as_tensor(w, dtype=torch.float32))
+        self.b = float(b)
+
+    def forward(self, x):
+        z = x.flatten(1) @ self.w.to(x.dtype) + self.b
+        return torch.stack([torch.zeros_like(z), z], 1)

@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from helpers import tiny_cnn as _tiny_cnn
 from torch.utils.data import DataLoader, Subset
 
 from robustops import bounds
@@ -41,13 +42,7 @@ def digits():
 
 
 def tiny_cnn(seed=0, bn=False):
-    torch.manual_seed(seed)
-    layers = [nn.Conv2d(1, 8, 3, padding=1)]
-    if bn:
-        layers.append(nn.BatchNorm2d(8))
-    layers += [nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(),
-               nn.Linear(16 * 4 * 4, 32), nn.ReLU(), nn.Linear(32, 10)]
-    return nn.Sequential(*layers)
+    return _tiny_cnn(seed, bn, width=8)
 
 
 def mlp(seed=0):

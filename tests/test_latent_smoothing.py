@@ -8,26 +8,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from conftest import devices
+from helpers import Linear2
 from scipy import stats
 
 from robustops.smoothing import LatentSmooth, Smooth, clopper_pearson_lower
 
-from conftest import devices
-
 BIG = 1e6  # a clamp range that never binds: the decoder stays linear
-
-
-class Linear2(nn.Module):
-    """Logits [0, w.x + b]."""
-
-    def __init__(self, w, b=0.0):
-        super().__init__()
-        self.register_buffer("w", torch.as_tensor(w, dtype=torch.float32))
-        self.b = float(b)
-
-    def forward(self, x):
-        z = x.flatten(1) @ self.w.to(x.dtype) + self.b
-        return torch.stack([torch.zeros_like(z), z], 1)
 
 
 class LinearSet(nn.Module):

@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 import torch.nn as nn
+from helpers import tiny_cnn
 from torch.utils.data import DataLoader, Subset
 
 from robustops import train as rt
@@ -40,14 +41,6 @@ class LinearSet(nn.Module):
 
     def decode(self, z, x):
         return x + (z.to(self.A.dtype) @ self.A.t()).view_as(x).to(x.dtype)
-
-
-def tiny_cnn(seed=0, bn=False):
-    torch.manual_seed(seed)
-    layers = [nn.Conv2d(1, 16, 3, padding=1)] + ([nn.BatchNorm2d(16)] if bn else [])
-    layers += [nn.ReLU(), nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(),
-               nn.Linear(32 * 4 * 4, 64), nn.ReLU(), nn.Linear(64, 10)]
-    return nn.Sequential(*layers)
 
 
 @pytest.fixture(scope="module")

@@ -8,28 +8,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from conftest import devices
+from helpers import Linear2
 from scipy import special, stats
 
 from robustops import reference as ref
 from robustops import smoothing as sm
 from robustops.smoothing import Smooth
-
-from conftest import devices
-
-
-class Linear2(nn.Module):
-    """Two-class linear classifier: logits [0, w.x + b]. Under N(0, sigma^2 I) noise the smoothed
-    probability of class 1 is Phi((w.x + b) / (sigma |w|)), so g's decision boundary is the hyperplane
-    and its true robust radius at x is |w.x + b| / |w|."""
-
-    def __init__(self, w, b=0.0):
-        super().__init__()
-        self.register_buffer("w", torch.as_tensor(w, dtype=torch.float32))
-        self.b = float(b)
-
-    def forward(self, x):
-        z = x.flatten(1) @ self.w.to(x.dtype) + self.b
-        return torch.stack([torch.zeros_like(z), z], 1)
 
 
 class Constant(nn.Module):

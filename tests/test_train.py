@@ -8,6 +8,7 @@ import socket
 import pytest
 import torch
 import torch.nn as nn
+from helpers import tiny_cnn
 from torch.utils.data import DataLoader, Subset
 
 import robustops as ro
@@ -25,16 +26,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-def tiny_cnn(seed=0, bn=False):
-    torch.manual_seed(seed)
-    layers = [nn.Conv2d(1, 16, 3, padding=1)]
-    if bn:
-        layers.append(nn.BatchNorm2d(16))
-    layers += [nn.ReLU(), nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(),
-               nn.Linear(32 * 4 * 4, 64), nn.ReLU(), nn.Linear(64, 10)]
-    return nn.Sequential(*layers)
 
 
 @pytest.fixture(scope="module")

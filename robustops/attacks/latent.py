@@ -96,6 +96,8 @@ class LatentPGD(PGD):
     offsets, success / loss / pred evaluated at x_adv); ``atk(x, y)`` returns x_adv.
     """
 
+    ALPHA_PER_STEP = 2.0  # the default step size 2 * eps / steps
+
     def __init__(self, classifier, perturbation_model, eps: Param, alpha: Optional[Param] = None, steps: int = 10,
                  restarts: int = 1, random_start: bool = True, early_stop: bool = True,
                  loss: Union[str, Callable] = "ce", targeted: bool = False, seed: Optional[int] = 0, lo: float = 0.0,
@@ -139,17 +141,8 @@ class LatentPGD(PGD):
                 skip: Optional[torch.Tensor] = None, evaluate: bool = True) -> LatentAttackResult:
         """Runs the attack on images [B, ...] in [lo, hi] with labels [B] (targets [B] when targeted).
         eps / alpha / offset / skip / evaluate as :meth:`PGD.perturb`; eps is the latent radius."""
-        x = self._check_images(images)
+        x, y, t, eps, alpha, skip, offset, empty = self._run_args(images, labels, targets, eps, alpha, skip, offset)
         B, device = x.shape[0], x.device
-        y = _checks.check_labels(labels, B, device, "labels")
-        t = self._targets(x, y, targets, B, device)
-        eps = _checks.sample_param_on(self.eps if eps is None else eps, "eps", B, device)
-        if alpha is None:
-            alpha = self.alpha
-        if alpha is None:
-            alpha = (eps * (2.0 / self.steps)) if isinstance(eps, torch.Tensor) else 2.0 * eps / self.steps
-        alpha = _checks.sample_param_on(alpha, "alpha", B, device)
-        skip, offset, empty = self._start_run(x, skip, offset)
         u0 = _latent_start(B, self.perturbation_model, device)
         if empty is not None:
             return LatentAttackResult(**vars(empty), u=u0)

@@ -253,6 +253,27 @@ class PGD:
         """Adversarial examples for (images, labels): a tensor like images."""
         return self.perturb(images, labels, targets, evaluate=False, **kwargs).x_adv
 
+    #: the default step size is ALPHA_PER_STEP * eps / steps (Madry et al.'s 2.5)
+    ALPHA_PER_STEP = 2.5
+
+    def _run_args(self, images, labels, targets, eps, alpha, skip, offset):
+        """The checked arguments of one perturb call: (x, y, targets, eps, alpha, skip, offset, empty)
+        with eps / alpha per-sample values on x's device (alpha by default ALPHA_PER_STEP * eps / steps)
+        and empty the result when no sample is left to attack (see :meth:`_start_run`)."""
+        x = self._check_images(images)
+        B, device = x.shape[0], x.device
+        y = _checks.check_labels(labels, B, device, "labels")
+        t = self._targets(x, y, targets, B, device)
+        eps = _checks.sample_param_on(self.eps if eps is None else eps, "eps", B, device)
+        if alpha is None:
+            alpha = self.alpha
+        if alpha is None:
+            k = self.ALPHA_PER_STEP / self.steps
+            alpha = eps * k if isinstance(eps, torch.Tensor) else k * eps
+        alpha = _checks.sample_param_on(alpha, "alpha", B, device)
+        skip, offset, empty = self._start_run(x, skip, offset)
+        return x, y, t, eps, alpha, skip, offset, empty
+
     def _start_run(self, x: torch.Tensor, skip, offset):
         """(skip on x's device, the run's random-stream offset, an empty AttackResult for B = 0 or
         None): the bookkeeping every perturb starts with. offset None continues after the samples
@@ -283,17 +304,7 @@ class PGD:
         samples counted as already fooled (e.g. misclassified clean inputs); with early_stop they are
         not attacked. evaluate: also compute success / loss / prediction at x_adv (one more forward
         when neither early_stop nor record_steps is on)."""
-        x = self._check_images(images)
-        B, device = x.shape[0], x.device
-        y = _checks.check_labels(labels, B, device, "labels")
-        t = self._targets(x, y, targets, B, device)
-        eps = _checks.sample_param_on(self.eps if eps is None else eps, "eps", B, device)
-        if alpha is None:
-            alpha = self.alpha
-        if alpha is None:
-            alpha = (eps * (2.5 / self.steps)) if isinstance(eps, torch.Tensor) else 2.5 * eps / self.steps
-        alpha = _checks.sample_param_on(alpha, "alpha", B, device)
-        skip, offset, empty = self._start_run(x, skip, offset)
+        x, y, t, eps, alpha, skip, offset, empty = self._run_args(images, labels, targets, eps, alpha, skip, offset)
         if empty is not None:
             return empty
         seed = _rng.resolve_seed(self.seed)
