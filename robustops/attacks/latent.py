@@ -14,17 +14,15 @@ per-sample context, so early exit and restarts select their rows together with u
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple, Union
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import _checks, _rng, ops, perturbation
 from .engine import AttackResult, Engine, predictions
-from .pgd import PGD, Param
+from .pgd import PGD, Param, frozen
 
 __all__ = ["LatentPGD", "LatentAttackResult", "nearest_member", "random_members"]
 
@@ -36,28 +34,6 @@ class LatentAttackResult(AttackResult):
     """An :class:`AttackResult` whose x_adv are decoded members of the set, plus u: the latent
     offsets [B, D] (float32, ||u||_2 <= eps per sample) that decode to them."""
     u: Optional[torch.Tensor] = None
-
-
-@contextlib.contextmanager
-def _frozen(module):
-    """module (an nn.Module, else nothing happens) in eval mode with its parameters not requiring
-    gradients; both restored afterwards."""
-    if not isinstance(module, nn.Module):
-        yield
-        return
-    was_training = module.training
-    flags = [(p, p.requires_grad) for p in module.parameters()]
-    try:
-        module.eval()
-        for p, rg in flags:
-            if rg:
-                p.requires_grad_(False)
-        yield
-    finally:
-        for p, rg in flags:
-            if rg:
-                p.requires_grad_(True)
-        module.train(was_training)
 
 
 def _check_pair(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -132,7 +108,7 @@ class LatentPGD(PGD):
 
     def members(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """The members of S(x) at offsets u [B, D], without gradient."""
-        with torch.no_grad(), _frozen(self.perturbation_model):
+        with torch.no_grad(), frozen(self.perturbation_model):
             mu, sigma = perturbation.prior_scale(self.perturbation_model, x)
             return perturbation.member(self.perturbation_model, x, u, mu, sigma, *self.clip)
 
@@ -147,7 +123,7 @@ class LatentPGD(PGD):
         if empty is not None:
             return LatentAttackResult(**vars(empty), u=u0)
         seed = _rng.resolve_seed(self.seed)
-        with self._model_state(), _frozen(self.perturbation_model):
+        with self._model_state(), frozen(self.perturbation_model):
             mu, sigma = perturbation.prior_scale(self.perturbation_model, x)
             mu, sigma = mu.to(device), sigma.to(device)
             if mu.shape[1] != u0.shape[1]:
@@ -204,7 +180,7 @@ def nearest_member(model, x: torch.Tensor, x_tilde: torch.Tensor, eps: Param, st
     engine = Engine(forward, objective, norm="l2", lo=-_INF, hi=_INF, success=never)
     target = x_tilde.flatten(1).float()
     first = (steps + 1) // 2
-    with _frozen(model):
+    with frozen(model):
         mu, sigma = perturbation.prior_scale(model, x)
         context = (x, mu.to(device), sigma.to(device))
         u = engine.run(u0, target, eps, alpha, first, start="clean" if restarts == 1 else "uniform",
@@ -234,7 +210,7 @@ def random_members(classifier, model, x: torch.Tensor, y: torch.Tensor, eps: Par
     u0 = _latent_start(B, model, device)
     losses = torch.empty(B, n, device=device)
     fooled = torch.empty(B, n, dtype=torch.bool, device=device)
-    with torch.no_grad(), _frozen(model), _frozen(classifier):
+    with torch.no_grad(), frozen(model), frozen(classifier):
         mu, sigma = perturbation.prior_scale(model, x)
         for k in range(n):
             u = ops.random_init(u0, eps, "l2", -_INF, _INF, seed=_rng.derive_seed(int(seed), k), radius="ball")

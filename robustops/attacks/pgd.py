@@ -168,27 +168,10 @@ class PGD:
         """The model's logits for pixels x (normalized as the attack does), in the current model mode."""
         return self.engine.logits(x)
 
-    @contextlib.contextmanager
     def _model_state(self):
         """Model in eval (or train, with train_mode) mode and its parameters not requiring gradients;
         both restored afterwards."""
-        net = self._net
-        is_module = isinstance(net, nn.Module)
-        was_training = net.training if is_module else None
-        flags = [(p, p.requires_grad) for p in net.parameters()] if is_module else []
-        try:
-            if is_module:
-                _set_mode(net, self.train_mode)
-            for p, rg in flags:
-                if rg:
-                    p.requires_grad_(False)
-            yield
-        finally:
-            for p, rg in flags:
-                if rg:
-                    p.requires_grad_(True)
-            if is_module:
-                _set_mode(net, was_training)
+        return frozen(self._net, self.train_mode)
 
     # ------------------------------------------------------------------------ the objective
     # The engine's y is the pair (labels, targets); targets is None for untargeted attacks.
@@ -346,6 +329,29 @@ def _set_mode(net: nn.Module, training: bool) -> None:
         net.train(training)
     except (NotImplementedError, RuntimeError):
         pass  # e.g. torch.export modules, whose mode is fixed
+
+
+@contextlib.contextmanager
+def frozen(module, training: bool = False):
+    """module (an nn.Module, else nothing happens) in eval mode (train mode with training=True) with its
+    parameters not requiring gradients, for an attack that differentiates through it only to the input;
+    mode and flags restored afterwards."""
+    if not isinstance(module, nn.Module):
+        yield
+        return
+    was_training = module.training
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    try:
+        _set_mode(module, training)
+        for p, rg in flags:
+            if rg:
+                p.requires_grad_(False)
+        yield
+    finally:
+        for p, rg in flags:
+            if rg:
+                p.requires_grad_(True)
+        _set_mode(module, was_training)
 
 
 class FGSM(PGD):
