@@ -199,3 +199,46 @@ RO_HD float init_l2_update(float x, float z, float scale, float lo, float hi) {
 }
 
 }  // namespace robustops
+
+// ------------------------------------------------------------------------------ langevin_step_
+// The hybrid Langevin step of DALE (Robey et al. 2021). Its noise uses random_init's counter layout
+// (init_counter: the offset counts samples) on a stream of its own, so it is fixed by (seed, offset +
+// sample index, element index) whatever the layout, the device or the batch split.
+
+namespace robustops {
+
+enum LangevinForm : int { kLangevinGaussian = 0, kLangevinLaplace = 1 };
+
+inline int parse_langevin_form(c10::string_view s) {
+  if (s == "gaussian") return kLangevinGaussian;
+  if (s == "laplace") return kLangevinLaplace;
+  TORCH_CHECK(false, "form must be \"gaussian\" or \"laplace\", got \"", std::string(s), "\"");
+}
+
+// Laplace(0, 1) from one 32-bit word: an Exp(1) magnitude -ln u (u in (0, 1] from the top 24 bits)
+// given the sign of bit 0. The two bit fields are disjoint, so sign and magnitude are independent,
+// and the density is exp(-|l|) / 2. The accurate logf on both devices (not __logf).
+RO_HD float laplace_from(uint32_t w) {
+  const float e = -logf(uniform01_open0(w));
+  return (w & 1u) ? -e : e;
+}
+
+// The noise of word i (0..3) of one Philox call: a standard normal (Box-Muller pairs, as
+// gaussian_noise and random_init draw them) or a standard Laplace.
+RO_HD float langevin_draw(const Philox4x32& r, int i, int form) {
+  return form == kLangevinGaussian ? normal_from(r, i) : laplace_from(philox_word(r, i));
+}
+
+// One element of the step, on x_adv = x + delta, with n the element's noise and c its scale:
+//   Gaussian: v = x_adv + alpha*sign(g) + c*n      Laplace: v = x_adv + alpha*sign(g + c*n)
+// then x_adv' = clamp(x + clamp(v - x, -eps, eps), lo, hi), the projection of pgd_step_'s L-inf
+// step. With c = 0 both forms round exactly like linf_update: c*n is a zero, and adding a zero
+// leaves a float unchanged (up to the sign of a zero result).
+RO_HD float langevin_update(float xa, float x, float g, float n, float eps, float alpha, float c, int form, float lo,
+                            float hi) {
+  const float v = form == kLangevinGaussian ? fmaf(c, n, fmaf(alpha, signf(g), xa))
+                                            : fmaf(alpha, signf(fmaf(c, n, g)), xa);
+  return clampf(x + clampf(v - x, -eps, eps), lo, hi);
+}
+
+}  // namespace robustops

@@ -25,6 +25,7 @@ enum PhiloxStream : uint32_t {
   kStreamInitUniform = 0,  // random_init: per-element uniforms (L-inf) / normals (L2 direction)
   kStreamInitRadius = 1,   // random_init: per-sample radius of the L2 ball
   kStreamGaussian = 2,     // gaussian_noise
+  kStreamLangevin = 3,     // langevin_step_: per-element Laplace / Gaussian noise
 };
 
 struct Philox4x32 {

@@ -5,7 +5,7 @@
 // int64 tensor on the data's device that the op reads there and advances past what it drew: a CUDA
 // graph that captures the latter draws fresh numbers at every replay, the stream eager calls draw.
 //
-// Per-sample parameters (eps, alpha, step, sigma) are Tensors: a 0-dim CPU tensor carries one
+// Per-sample parameters (eps, alpha, step, noise, sigma) are Tensors: a 0-dim CPU tensor carries one
 // value for the whole batch and is read on the host (no device sync), a Tensor[B] on the data's
 // device carries one value per sample. robustops/ops.py turns Python floats into the former.
 #include <torch/library.h>
@@ -81,6 +81,11 @@ TORCH_LIBRARY(robustops, m) {
   m.def(
       "recycle_step_(Tensor(a!) delta, Tensor x, Tensor grad, Tensor eps, Tensor step, float lo, "
       "float hi) -> ()");
+  // DALE's hybrid Langevin step (Robey et al. 2021): form "gaussian" or "laplace"; noise is the
+  // per-sample scale c of the Philox noise keyed by (seed, offset + sample index).
+  m.def(
+      "langevin_step_(Tensor(a!) x_adv, Tensor x, Tensor grad, Tensor eps, Tensor alpha, Tensor noise, str form, "
+      "float lo, float hi, int seed, int offset) -> ()");
 
   // Smoothing family (cpu/smoothing.cpp, cuda/smoothing.cu)
   m.def(

@@ -1,7 +1,7 @@
 """The one home of randomness: seeds, independent sub-seeds, and the Philox counter layout of the
 random ops, so that callers pick disjoint streams without restating the kernels' arithmetic.
 
-Every random op (``random_init``, ``gaussian_noise``) draws from Philox4x32-10 keyed by a 63-bit
+Every random op (``random_init``, ``gaussian_noise``, ``langevin_step_``) draws from Philox4x32-10 keyed by a 63-bit
 seed, with a 64-bit counter built from an ``offset`` and the element's logical index
 (csrc/philox.h):
 
@@ -12,6 +12,8 @@ seed, with a 64-bit counter built from an ``offset`` and the element's logical i
   offset of its first sample, gives the same numbers.
 - ``gaussian_noise``: noisy row s of D elements uses counters ``s * noise_counter_groups(D) + e // 4``,
   with ``s = offset + b * num + j``: its offset counts noisy rows.
+- ``langevin_step_``: random_init's per-element layout (the offset counts samples) on its own stream
+  (kStreamLangevin), so a Langevin step and a random start at the same (seed, offset) are independent.
 
 Seeds: :func:`resolve_seed` turns ``None`` into a seed drawn from torch's default generator (so
 ``torch.manual_seed`` makes a run reproducible) and checks an int; :func:`derive_seed` gives the

@@ -183,6 +183,50 @@ def recycle_step_(delta: torch.Tensor, x: torch.Tensor, grad: torch.Tensor, *, e
     return delta
 
 
+_LANGEVIN_FORMS = ("gaussian", "laplace")
+
+
+def langevin_step_(x_adv: torch.Tensor, x: torch.Tensor, grad: torch.Tensor, eps: Param, alpha: Param,
+                   noise: Param, form: str = "laplace", lo: float = 0.0, hi: float = 1.0,
+                   seed: Optional[int] = None, offset: int = 0) -> torch.Tensor:
+    """One hybrid Langevin step of DALE (Robey et al. 2021), in place on x_adv = x + delta, fused into
+    one pass over memory:
+
+    - form="gaussian": delta <- P(delta + alpha*sign(grad) + noise*xi), xi ~ N(0, I)
+    - form="laplace":  delta <- P(delta + alpha*sign(grad + noise*l)),  l ~ Laplace(0, 1) per element
+
+    where P projects onto the L-inf ball of radius eps and keeps x + delta in [lo, hi] (exactly
+    pgd_step_'s L-inf projection: x_adv = clamp(x + clamp(v - x, -eps, eps), lo, hi)). With noise = 0
+    both forms equal ``pgd_step_(..., norm="linf")`` bit for bit and draw nothing.
+
+    x_adv, x, grad: Tensor[B, ...] of one dtype (float32/float16/bfloat16) and device, contiguous or
+    channels_last. eps, alpha, noise: float or Tensor[B], >= 0 (noise finite). In the Langevin
+    reading, the Gaussian form with noise = sqrt(2*alpha*T) is the projected, sign-gradient
+    discretisation at temperature T.
+
+    The noise is Philox4x32-10 keyed by (seed, offset + sample index) and the element's index in its
+    sample (random_init's layout, on a stream of its own): the same on CPU and CUDA, for contiguous and
+    channels_last tensors and for any split of the batch (the part starting at sample k draws with
+    offset + k). Calls whose sample ranges [offset, offset + B) are disjoint draw independent noise;
+    successive steps of one chain should change the seed (``_rng.derive_seed(seed, step)``) or move
+    the offset past the batch. seed=None takes a seed from torch's default generator. Returns x_adv.
+    """
+    _check_floating(x_adv, "x_adv")
+    _check_like(x, x_adv, "x", "x_adv")
+    _check_like(grad, x_adv, "grad", "x_adv")
+    _check_bounds(lo, hi)
+    if form not in _LANGEVIN_FORMS:
+        raise ValueError(f'form must be "gaussian" or "laplace", got {form!r}')
+    if isinstance(noise, (int, float)) and not isinstance(noise, bool) and not math.isfinite(noise):
+        raise ValueError(f"noise must be finite, got {noise}")
+    if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset < 2 ** 63:
+        raise ValueError(f"offset must be an int in [0, 2^63), got {offset!r}")
+    torch.ops.robustops.langevin_step_(x_adv, x, grad, _param(eps, "eps", x_adv), _param(alpha, "alpha", x_adv),
+                                       _param(noise, "noise", x_adv), form, float(lo), float(hi),
+                                       _rng.resolve_seed(seed), offset)
+    return x_adv
+
+
 # ------------------------------------------------------------------------------- fake kernels
 
 @torch.library.register_fake("robustops::pgd_step_")
@@ -192,6 +236,11 @@ def _pgd_step_fake(x_adv, x, grad, eps, alpha, norm, lo, hi):
 
 @torch.library.register_fake("robustops::recycle_step_")
 def _recycle_step_fake(delta, x, grad, eps, step, lo, hi):
+    return None
+
+
+@torch.library.register_fake("robustops::langevin_step_")
+def _langevin_step_fake(x_adv, x, grad, eps, alpha, noise, form, lo, hi, seed, offset):
     return None
 
 

@@ -20,6 +20,7 @@ TINY = torch.finfo(torch.float32).tiny
 STREAM_INIT_UNIFORM = 0
 STREAM_INIT_RADIUS = 1
 STREAM_GAUSSIAN = 2
+STREAM_LANGEVIN = 3
 
 
 def _per_sample(p, x: torch.Tensor) -> torch.Tensor:
@@ -139,6 +140,43 @@ def normals(words, lane) -> np.ndarray:
     u1 = _uniform01_open0(np.where(first, c0, c2))
     u2 = _uniform01(np.where(first, c1, c3))
     return np.sqrt(-2.0 * np.log(u1)) * np.where(lane % 2 == 0, np.cos(2 * math.pi * u2), np.sin(2 * math.pi * u2))
+
+
+def laplaces(words, lane) -> np.ndarray:
+    """Standard Laplace draws of philox_rows' elements: magnitude -ln u with u in (0, 1] from the top
+    24 bits of the element's word, sign negative when the word's bit 0 is set."""
+    w = np.choose(lane, words)
+    e = -np.log(_uniform01_open0(w))
+    return np.where((w & np.uint64(1)) != 0, -e, e)
+
+
+def langevin_noise(shape, seed=0, offset=0, form="laplace") -> torch.Tensor:
+    """The float32 noise langevin_step_ draws for a batch of the given shape (logical order), on the CPU."""
+    B = shape[0]
+    D = int(np.prod(shape[1:])) if B else 0
+    words, lane = philox_rows(seed, offset, B, D, STREAM_LANGEVIN)  # offset counts samples
+    if form == "gaussian":
+        n = normals(words, lane)
+    elif form == "laplace":
+        n = laplaces(words, lane)
+    else:
+        raise ValueError(f'form must be "gaussian" or "laplace", got {form!r}')
+    return torch.from_numpy(n.astype(np.float32)).reshape(shape)
+
+
+def langevin_step(x_adv, x, grad, eps, alpha, noise, form="laplace", lo=0.0, hi=1.0, seed=0, offset=0):
+    """DALE's hybrid Langevin step on x_adv = x + delta. Gaussian: v = x_adv + alpha*sign(g) + c*xi;
+    Laplace: v = x_adv + alpha*sign(g + c*l); then pgd_step's L-inf projection. The products c*n are
+    exact in float64 and the sums rounded once to float32, like the kernels' fmaf."""
+    xa, x32, g = x_adv.float(), x.float(), grad.float()
+    e, a, c = _per_sample(eps, xa), _per_sample(alpha, xa), _per_sample(noise, xa)
+    n = langevin_noise(tuple(x.shape), seed, offset, form).to(x.device)
+    if form == "gaussian":
+        v = (c.double() * n.double() + (xa + a * g.sign()).double()).float()
+    else:
+        v = xa + a * (c.double() * n.double() + g.double()).float().sign()
+    d = torch.maximum(torch.minimum(v - x32, e), -e)
+    return _restore((x32 + d).clamp(lo, hi), x_adv)
 
 
 def random_init(x, eps, norm="linf", lo=0.0, hi=1.0, seed=0, offset=0, radius="ball"):

@@ -201,3 +201,32 @@ def test_gaussian_noise_against_float64(B, num, shape, sigma, offset, dtype, nor
                                   out_dtype=torch.float32)
     assert out.shape == (B * num,) + shape
     assert torch.allclose(out, expected, atol=2e-5 * max(1.0, sigma) * (3.0 if normalize else 1.0), rtol=1e-5)
+
+
+@given(batches(), st.sampled_from([0.0, 0.01, 0.3]), st.sampled_from(["gaussian", "laplace"]),
+       st.integers(0, 2 ** 40))
+def test_langevin_step_against_float64(case, noise, form, offset):
+    """noise 0: pgd_step_'s L-inf step exactly; Gaussian noise: the float64 step with the reference's draw;
+    Laplace noise: inside the ball and the box, NaN only where the gradient is NaN."""
+    x_adv, x, grad, eps, alpha, lo, hi, _ = case
+    out = x_adv.clone(memory_format=torch.preserve_format)
+    ro.langevin_step_(out, x, grad, eps, alpha, noise, form, lo, hi, seed=5, offset=offset)
+    if noise == 0.0:
+        expected = x_adv.clone(memory_format=torch.preserve_format)
+        ro.pgd_step_(expected, x, grad, eps, alpha, "linf", lo, hi)
+        torch.testing.assert_close(out, expected, atol=0, rtol=0, equal_nan=True)
+        return
+    B = x.shape[0]
+    xa, x0, g = x_adv.double(), x.double(), grad.double()
+    e, a = _ps(eps, B, xa.shape), _ps(alpha, B, xa.shape)
+    got = out.double()
+    assert torch.equal(torch.isnan(got), torch.isnan(g))
+    ok = ~torch.isnan(g)
+    tol = 4 * EPS32[x.dtype] * max(1.0, abs(lo), abs(hi)) + 1e-6
+    if form == "gaussian":
+        n = ref.langevin_noise(tuple(x.shape), 5, offset, "gaussian").double()
+        d = torch.clamp(xa + a * torch.sign(g) + noise * n - x0, -e, e)
+        expected = (x0 + d).clamp(lo, hi)
+        assert torch.allclose(got[ok], expected[ok], atol=tol + noise * 1e-5, rtol=0)
+    assert bool(((got[ok] - x0[ok]).abs() <= e.expand_as(got)[ok] + tol).all() | (lo == hi))
+    assert bool(((got[ok] >= lo - tol) & (got[ok] <= hi + tol)).all())

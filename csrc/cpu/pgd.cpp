@@ -1,4 +1,4 @@
-// CPU kernels of the PGD family: pgd_step_, random_init, recycle_step_.
+// CPU kernels of the PGD family: pgd_step_, random_init, recycle_step_, langevin_step_.
 //
 // Memory traffic: L-inf pgd_step_ and recycle_step_ read three tensors and write one, in a single
 // pass. L2 needs two per-sample reductions (||grad|| and ||x_adv + alpha*g/||g|| - x||); both come
@@ -91,19 +91,24 @@ inline void for_each_sample_piece(int64_t begin, int64_t end, int64_t D, const F
 
 // ---------------------------------------------------------------------------------- pgd_step_
 
+// The L-inf step over [i0, i1), one sample's piece (eps e, step a).
+template <typename T>
+void linf_piece(T* xa, const T* x, const T* g, int64_t i0, int64_t i1, float e, float a, float lo, float hi) {
+  const Vec ve(e), vne(-e), va(a), vlo(lo), vhi(hi);
+  int64_t i = vec_update(xa, x, g, i0, i1, [&](const Vec& xav, const Vec& xv, const Vec& gv) {
+    return vclamp(xv + vclamp(xav + va * vsign(gv) - xv, vne, ve), vlo, vhi);
+  });
+  for (; i < i1; ++i)
+    xa[i] = static_cast<T>(linf_update(static_cast<float>(xa[i]), static_cast<float>(x[i]), static_cast<float>(g[i]),
+                                       e, a, lo, hi));
+}
+
 template <typename T>
 void linf_step(T* xa, const T* x, const T* g, int64_t numel, int64_t D, SampleParam eps, SampleParam alpha,
                float lo, float hi) {
   at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) {
     for_each_sample_piece(begin, end, D, [&](int64_t b, int64_t i0, int64_t i1) {
-      const float e = eps.get(b), a = alpha.get(b);
-      const Vec ve(e), vne(-e), va(a), vlo(lo), vhi(hi);
-      int64_t i = vec_update(xa, x, g, i0, i1, [&](const Vec& xav, const Vec& xv, const Vec& gv) {
-        return vclamp(xv + vclamp(xav + va * vsign(gv) - xv, vne, ve), vlo, vhi);
-      });
-      for (; i < i1; ++i)
-        xa[i] = static_cast<T>(linf_update(static_cast<float>(xa[i]), static_cast<float>(x[i]),
-                                           static_cast<float>(g[i]), e, a, lo, hi));
+      linf_piece(xa, x, g, i0, i1, eps.get(b), alpha.get(b), lo, hi);
     });
   });
 }
@@ -386,6 +391,81 @@ void recycle_step_cpu(at::Tensor& delta, const at::Tensor& x_in, const at::Tenso
   });
 }
 
+// ----------------------------------------------------------------------------- langevin_step_
+
+// The noise is drawn in blocks of kNoiseBlock elements into a stack buffer (scalar Philox, one call
+// per four logical neighbours), then the step runs over the block at full vector width with the same
+// operations, in the same order, as langevin_update. A sample whose noise scale is 0 draws nothing and
+// takes the L-inf step itself (the same numbers: pgd.h).
+constexpr int64_t kNoiseBlock = 512;
+
+template <typename T>
+void langevin_kernel(T* xa, const T* x, const T* g, int64_t numel, int64_t D, const LogicalIndex& li,
+                     SampleParam eps, SampleParam alpha, SampleParam noise, int form, float lo, float hi,
+                     uint64_t seed, uint64_t offset) {
+  at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) {
+    for_each_sample_piece(begin, end, D, [&](int64_t b, int64_t i0, int64_t i1) {
+      const float e = eps.get(b), a = alpha.get(b), c = noise.get(b);
+      if (c == 0.f) {
+        linf_piece(xa, x, g, i0, i1, e, a, lo, hi);
+        return;
+      }
+      const Vec ve(e), vne(-e), va(a), vc(c), vlo(lo), vhi(hi);
+      float buf[kNoiseBlock];
+      for (int64_t j0 = i0; j0 < i1; j0 += kNoiseBlock) {
+        const int64_t j1 = std::min(j0 + kNoiseBlock, i1);
+        uint64_t cached = ~uint64_t(0);
+        Philox4x32 r{};
+        for (int64_t i = j0; i < j1; ++i) {
+          const InitCounter ic = init_counter(li(i), D, offset);
+          if (ic.ctr != cached) {
+            r = philox4x32_10(seed, ic.ctr, kStreamLangevin);
+            cached = ic.ctr;
+          }
+          buf[i - j0] = langevin_draw(r, ic.word, form);
+        }
+        int64_t i = j0;
+        if (cpu_vector_loops()) {
+          for (; i + kStep <= j1; i += kStep) {
+            Vec o[2], xv[2], gv[2];
+            vload2(xa + i, o[0], o[1]);
+            vload2(x + i, xv[0], xv[1]);
+            vload2(g + i, gv[0], gv[1]);
+            for (int k = 0; k < 2; ++k) {
+              const Vec n = Vec::loadu(buf + (i - j0) + k * kV);
+              const Vec v = form == kLangevinGaussian ? at::vec::fmadd(vc, n, o[k] + va * vsign(gv[k]))
+                                                      : o[k] + va * vsign(at::vec::fmadd(vc, n, gv[k]));
+              o[k] = vclamp(xv[k] + vclamp(v - xv[k], vne, ve), vlo, vhi);
+            }
+            vstore2(xa + i, o[0], o[1]);
+          }
+        }
+        for (; i < j1; ++i)
+          xa[i] = static_cast<T>(langevin_update(static_cast<float>(xa[i]), static_cast<float>(x[i]),
+                                                 static_cast<float>(g[i]), buf[i - j0], e, a, c, form, lo, hi));
+      }
+    });
+  });
+}
+
+void langevin_step_cpu(at::Tensor& x_adv, const at::Tensor& x_in, const at::Tensor& grad_in, const at::Tensor& eps_t,
+                       const at::Tensor& alpha_t, const at::Tensor& noise_t, c10::string_view form_s, double lo,
+                       double hi, int64_t seed, int64_t offset) {
+  const int form = parse_langevin_form(form_s);
+  check_offset(offset);
+  read_cpu_scalar_switch();
+  const StepArgs s = prepare_step(x_adv, "x_adv", x_in, "x", grad_in, "grad", eps_t, "eps", alpha_t, "alpha");
+  at::Tensor noise_holder;
+  const SampleParam noise = make_sample_param(noise_t, "noise", x_adv, noise_holder);
+  if (s.numel == 0) return;
+  const LogicalIndex li = make_logical_index(x_adv);
+  const Bounds bd = float_bounds(lo, hi);
+  RO_DISPATCH_FLOATING(x_adv.scalar_type(), "langevin_step_", [&] {
+    langevin_kernel(x_adv.data_ptr<scalar_t>(), s.a.data_ptr<scalar_t>(), s.b.data_ptr<scalar_t>(), s.numel, s.D, li,
+                    s.p, s.q, noise, form, bd.lo, bd.hi, static_cast<uint64_t>(seed), static_cast<uint64_t>(offset));
+  });
+}
+
 }  // namespace
 }  // namespace robustops
 
@@ -394,4 +474,5 @@ TORCH_LIBRARY_IMPL(robustops, CPU, m) {
   m.impl("random_init", &robustops::random_init_cpu);
   m.impl("random_init_dev_offset", &robustops::random_init_dev_cpu);
   m.impl("recycle_step_", &robustops::recycle_step_cpu);
+  m.impl("langevin_step_", &robustops::langevin_step_cpu);
 }

@@ -1,4 +1,4 @@
-// CUDA kernels of the PGD family: pgd_step_, random_init, recycle_step_.
+// CUDA kernels of the PGD family: pgd_step_, random_init, recycle_step_, langevin_step_.
 //
 // All kernels run on the current stream, never synchronize with the host, and compute in fp32
 // whatever the storage type. Elementwise kernels move 16 bytes per thread access (float4, or
@@ -397,6 +397,75 @@ void recycle_step_cuda(at::Tensor& delta, const at::Tensor& x_in, const at::Tens
   });
 }
 
+// ----------------------------------------------------------------------------- langevin_step_
+
+// One pass: three reads and one write per element, like the L-inf pgd_step_, plus one Philox call per
+// four logical neighbours (a vector of a contiguous tensor holds whole groups of four, so a thread
+// pays one call per group; the 10 rounds are integer multiplies, far below the memory time on a GPU).
+// A sample whose noise scale is 0 draws nothing: the result is the L-inf step's (pgd.h).
+template <typename T, int VEC>
+__global__ void langevin_kernel(T* __restrict__ xa, const T* __restrict__ x, const T* __restrict__ g,
+                                int64_t numel, int64_t D, LogicalIndex li, SampleParam eps, SampleParam alpha,
+                                SampleParam noise, int form, float lo, float hi, uint64_t seed, uint64_t offset) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x * VEC;
+  for (int64_t i = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * VEC; i < numel; i += stride) {
+    const int64_t b = (eps.ptr || alpha.ptr || noise.ptr) ? i / D : 0;
+    const float e = eps.get(b), a = alpha.get(b), c = noise.get(b);
+    float fa[VEC], fx[VEC], fg[VEC];
+    load_f<T, VEC>(xa + i, fa);
+    load_f<T, VEC>(x + i, fx);
+    load_f<T, VEC>(g + i, fg);
+    uint64_t cached = ~uint64_t(0);
+    Philox4x32 r;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      float n = 0.f;
+      if (c != 0.f) {
+        const InitCounter ic = init_counter(li(i + j), D, offset);
+        if (ic.ctr != cached) {
+          r = philox4x32_10(seed, ic.ctr, kStreamLangevin);
+          cached = ic.ctr;
+        }
+        n = langevin_draw(r, ic.word, form);
+      }
+      fa[j] = langevin_update(fa[j], fx[j], fg[j], n, e, a, c, form, lo, hi);
+    }
+    store_f<T, VEC>(xa + i, fa);
+  }
+}
+
+void langevin_step_cuda(at::Tensor& x_adv, const at::Tensor& x_in, const at::Tensor& grad_in, const at::Tensor& eps_t,
+                        const at::Tensor& alpha_t, const at::Tensor& noise_t, c10::string_view form_s, double lo,
+                        double hi, int64_t seed, int64_t offset) {
+  const int form = parse_langevin_form(form_s);
+  const c10::cuda::CUDAGuard guard(x_adv.device());
+  check_offset(offset);
+  refuse_capture("langevin_step_");
+  const StepArgs s = prepare_step(x_adv, "x_adv", x_in, "x", grad_in, "grad", eps_t, "eps", alpha_t, "alpha");
+  at::Tensor noise_holder;
+  const SampleParam noise = make_sample_param(noise_t, "noise", x_adv, noise_holder);
+  if (s.numel == 0) return;
+  const LogicalIndex li = make_logical_index(x_adv);
+  const Bounds bd = float_bounds(lo, hi);
+  cudaStream_t st = at::cuda::getCurrentCUDAStream();
+  RO_DISPATCH_FLOATING(x_adv.scalar_type(), "langevin_step_", [&] {
+    auto* xa = x_adv.data_ptr<scalar_t>();
+    const auto* xp = s.a.data_ptr<scalar_t>();
+    const auto* gp = s.b.data_ptr<scalar_t>();
+    const int64_t n = s.numel;
+    const auto sd = static_cast<uint64_t>(seed), off = static_cast<uint64_t>(offset);
+    if (can_vectorize<scalar_t>(s.D, {xa, xp, gp})) {
+      constexpr int V = vec_width<scalar_t>();
+      langevin_kernel<scalar_t, V><<<blocks_for(n / V), kThreads, 0, st>>>(xa, xp, gp, n, s.D, li, s.p, s.q, noise,
+                                                                          form, bd.lo, bd.hi, sd, off);
+    } else {
+      langevin_kernel<scalar_t, 1><<<blocks_for(n), kThreads, 0, st>>>(xa, xp, gp, n, s.D, li, s.p, s.q, noise, form,
+                                                                       bd.lo, bd.hi, sd, off);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
 }  // namespace
 }  // namespace robustops
 
@@ -405,4 +474,5 @@ TORCH_LIBRARY_IMPL(robustops, CUDA, m) {
   m.impl("random_init", &robustops::random_init_cuda);
   m.impl("random_init_dev_offset", &robustops::random_init_dev_cuda);
   m.impl("recycle_step_", &robustops::recycle_step_cuda);
+  m.impl("langevin_step_", &robustops::langevin_step_cuda);
 }
