@@ -1,5 +1,6 @@
 """Adversarial-training cost per iteration: natural, PGD-7, FGSM-RS and free (m=8) training steps of
-robustops.train, as ratios to a natural training step.
+robustops.train, as ratios to a natural training step; and the cost of the training options AWP and
+EMA on PGD-7 AT, as ratios to a plain PGD-7 step.
 
 Each method is timed through ``robustops.train.Trainer.train_step`` -- the code ``fit`` runs -- on one
 fixed synthetic CIFAR-shaped minibatch (random images and labels; the data loader is not timed):
@@ -9,14 +10,19 @@ fixed synthetic CIFAR-shaped minibatch (random images and labels; the data loade
 - FGSM-RS: random start, one input-gradient pass, recycle_step_ (alpha = 1.25 eps), a natural step;
 - free (m=8): 8 replays of the minibatch, each one forward/backward giving the weight gradient (an
   SGD step) and the input gradient (recycle_step_ of the persistent perturbation); reported per replay,
-  since a free epoch replays each minibatch m times and is counted as m natural epochs.
+  since a free epoch replays each minibatch m times and is counted as m natural epochs;
+- PGD-7 + AWP (gamma 5e-3): PGD-7 plus the weight perturbation: one more forward/backward for the
+  ascent gradient (weights only), per-layer norms, a saved copy of the weights and its restore;
+- PGD-7 + EMA (decay 0.999): PGD-7 plus one fused lerp of the weights and buffers per step.
 
 GPU targets (H100, PreAct-ResNet-18, batch 128, bf16 autocast, channels_last): FGSM-RS <= 1.5x natural,
-free <= 1.2x natural per replay, PGD-7 <= 7.3x natural.
+free <= 1.2x natural per replay, PGD-7 <= 7.3x natural; AWP <= 1.2x PGD-7, EMA <= 1.05x PGD-7.
 
     python benchmarks/bench_train.py                        # GPU: the setting above
     python benchmarks/bench_train.py --device cpu --batch-size 16 --dtype fp32 --iters 3 --warmup 1
     python benchmarks/bench_train.py --device cpu --model small_cnn --image-size 8 --channels 1
+    python benchmarks/bench_train.py --device cpu --model small_cnn --image-size 8 --channels 1 \
+        --methods pgd,pgd+awp,pgd+ema --iters 20 --reps 5
 
 Rows are appended to benchmarks/results/train.csv with the device name and date.
 """
@@ -36,7 +42,10 @@ from robustops import models  # noqa: E402
 from robustops import train as rt  # noqa: E402
 
 TARGETS = {"natural": 1.0, "pgd": 7.3, "fgsm": 1.5, "free": 1.2}
-LABELS = {"natural": "natural", "pgd": "PGD-{steps}", "fgsm": "FGSM-RS", "free": "free (m={m}, per replay)"}
+LABELS = {"natural": "natural", "pgd": "PGD-{steps}", "fgsm": "FGSM-RS", "free": "free (m={m}, per replay)",
+          "pgd+awp": "PGD-{steps} + AWP", "pgd+ema": "PGD-{steps} + EMA"}
+# The training options, timed on PGD-k AT: (the Trainer's options, the target as a ratio to plain PGD-k).
+OPTION_RUNS = {"pgd+awp": ({"awp": 5e-3}, 1.2), "pgd+ema": ({"ema": 0.999}, 1.05)}
 
 
 def sync(device: torch.device) -> None:
@@ -73,7 +82,8 @@ def main(argv=None) -> int:
     p.add_argument("--classes", type=int, default=10)
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="autocast dtype (default bf16)")
     p.add_argument("--no-channels-last", action="store_true", help="keep the contiguous (NCHW) layout")
-    p.add_argument("--methods", default="natural,pgd,fgsm,free")
+    p.add_argument("--methods", default="natural,pgd,fgsm,free,pgd+awp,pgd+ema",
+                   help="natural, pgd, fgsm, free and the options on pgd: pgd+awp, pgd+ema")
     p.add_argument("--steps", type=int, default=7, help="PGD steps (default 7)")
     p.add_argument("--m", type=int, default=8, help="free replays (default 8)")
     p.add_argument("--eps", type=float, default=8 / 255)
@@ -91,11 +101,13 @@ def main(argv=None) -> int:
         torch.backends.cudnn.benchmark = True
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in methods:
-        if m not in TARGETS:
-            p.error(f"--methods: unknown method {m!r} (natural, pgd, fgsm, free)")
+        if m not in TARGETS and m not in OPTION_RUNS:
+            p.error(f"--methods: unknown method {m!r} (natural, pgd, fgsm, free, {', '.join(OPTION_RUNS)})")
     if "natural" in methods:
         methods.remove("natural")
     methods.insert(0, "natural")  # the baseline of every ratio
+    if any(m in OPTION_RUNS for m in methods) and "pgd" not in methods:
+        methods.insert(1, "pgd")  # the baseline of the options' ratios
     amp = None if args.dtype == "fp32" else args.dtype
     cl = not args.no_channels_last
 
@@ -114,36 +126,45 @@ def main(argv=None) -> int:
     trainers = {}
     for method in methods:
         model = copy.deepcopy(base).to(dev)
-        trainers[method] = rt.Trainer(model, method=method, eps=args.eps, steps=args.steps, m=args.m, amp=amp,
-                                      channels_last=cl, schedule="constant", lr=0.01, weight_decay=5e-4,
-                                      device=dev, ddp=False, seed=0)
+        options = OPTION_RUNS[method][0] if method in OPTION_RUNS else {}
+        trainers[method] = rt.Trainer(model, method=method.split("+")[0], eps=args.eps, steps=args.steps, m=args.m,
+                                      amp=amp, channels_last=cl, schedule="constant", lr=0.01, weight_decay=5e-4,
+                                      device=dev, ddp=False, seed=0, **options)
     timed = time_steps(trainers, x, y, iters, warmup, dev, args.reps)
     results = {}
     for method, (t, all_t) in timed.items():
         results[method] = (t, t / args.m if method == "free" else t, all_t)  # free: per replay
 
     nat = results["natural"][1]
+    pgd = results["pgd"][1] if "pgd" in results else None
     rows = []
-    print(f"\n{'method':<24} {'ms/iter':>10} {'ms/unit':>10} {'img/s':>9} {'x natural':>10} {'target':>8}")
+    print(f"\n{'method':<24} {'ms/iter':>10} {'ms/unit':>10} {'img/s':>9} {'x natural':>10} {'x PGD':>7} "
+          f"{'target':>12}")
     for method in methods:
         t, per_unit, all_t = results[method]
         ratio = per_unit / nat
+        ratio_pgd = per_unit / pgd if pgd is not None and method.startswith("pgd") else None
         label = LABELS[method].format(steps=args.steps, m=args.m)
-        target = TARGETS[method]
-        meets = ratio <= target
+        option = method in OPTION_RUNS
+        target = OPTION_RUNS[method][1] if option else TARGETS[method]
+        meets = (ratio_pgd if option else ratio) <= target
         mark = ("ok" if meets else "MISS") if gpu and method != "natural" else ""
         imgs = args.batch_size * (args.m if method == "free" else 1) / t
+        shown = "" if method == "natural" else ("<= %.2f PGD" % target if option else "<= %.1f" % target)
         print(f"{label:<24} {1e3 * t:>10.2f} {1e3 * per_unit:>10.2f} {imgs:>9.0f} {ratio:>10.2f} "
-              f"{('<= %.1f' % target) if method != 'natural' else '':>8} {mark}")
+              f"{'' if ratio_pgd is None else '%.3f' % ratio_pgd:>7} {shown:>12} {mark}")
         rows.append(dict(**base_row, model=args.model, batch=args.batch_size,
                          shape=f"{args.channels}x{args.image_size}x{args.image_size}", dtype=args.dtype,
-                         channels_last=int(cl), method=label, steps=args.steps if method == "pgd" else "",
+                         channels_last=int(cl), method=label, steps=args.steps if method.startswith("pgd") else "",
                          m=args.m if method == "free" else "", ms_per_iter=round(1e3 * t, 3),
                          ms_per_unit=round(1e3 * per_unit, 3), images_per_s=round(imgs, 1),
-                         ratio_vs_natural=round(ratio, 3), target=target if method != "natural" else "",
+                         ratio_vs_natural=round(ratio, 3), target="" if option or method == "natural" else target,
                          meets_target=(int(meets) if gpu and method != "natural" else ""), iters=iters, reps=args.reps,
-                         spread=round(max(all_t) / min(all_t), 3)))
-    print("(ms/unit: per minibatch, per replay for free; targets apply to an H100 with the default setting)")
+                         spread=round(max(all_t) / min(all_t), 3),
+                         ratio_vs_pgd="" if ratio_pgd is None else round(ratio_pgd, 3),
+                         target_vs_pgd=target if option else ""))
+    print("(ms/unit: per minibatch, per replay for free; x PGD: the options' cost over a plain PGD step; targets "
+          "apply to an H100 with the default setting)")
     finish(args, rows)
     return 0
 

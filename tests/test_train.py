@@ -427,7 +427,7 @@ def test_cli_demo_quick(tmp_path, capsys):
     rc = main(["demo", "--out", str(out), "--epochs", "2", "--n0", "10", "--n", "50", "--certify-max", "20",
                "--attack-steps", "3", "--apgd-steps", "3", "--no-progress", "--val-size", "64",
                "--cvae-epochs", "2", "--learned-steps", "2", "--set-attack-steps", "3", "--latent-n", "50",
-               "--latent-certify-max", "10"])
+               "--latent-certify-max", "10", "--proxy-n", "500"])
     assert rc == 0
     text = capsys.readouterr().out
     # the learned-perturbation-set section: the set's quality, three models, the picture, the JSON rows
@@ -443,14 +443,16 @@ def test_cli_demo_quick(tmp_path, capsys):
     for r in learned[1:]:
         assert 0 <= r["set_acc"] <= 1 and 0 <= r["random_acc"] <= 1 and r["latent_acr"] >= 0
     for label in ("natural", "PGD-7 AT", "free AT (m=4)", "Gaussian noise (sigma=0.25)", "IBP (kappa=0.5)",
-                  "ACERT (kappa=0)", "ACR", "IBP ACR (L-inf", "train time"):
+                  "ACERT (kappa=0)", "DALE-PD", "PGD-7 AT + AWP (gamma=0.005)", "PGD-7 AT + EMA (0.999)",
+                  "PGD-7 AT + proxy data (50%)", "robust discrimination", "ACR", "IBP ACR (L-inf", "train time"):
         assert label in text
     for f in ("results.md", "results.csv", "certified_accuracy.png", "certify_gaussian.tsv",
               "pgd/last.pt", "pgd/log.csv", "gaussian/best.pt"):
         assert (out / f).exists(), f
     with open(out / "results.csv") as fh:
         rows = list(csv.DictReader(fh))
-    assert [r["method"] for r in rows] == ["natural", "pgd", "free", "gaussian", "ibp", "acert"]
+    assert [r["method"] for r in rows] == ["natural", "pgd", "free", "gaussian", "ibp", "acert", "dale_pd", "pgd+awp",
+                                           "pgd+ema", "pgd+proxy"]
     for r in rows:  # every model has an IBP-certified L-inf ACR, within [0, eps]
         assert 0 <= float(r["ibp_acr"]) <= 0.2
     assert (out / "ibp_certified_accuracy.png").exists() and (out / "ibp_certified_accuracy.pdf").exists()

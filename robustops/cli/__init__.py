@@ -1,5 +1,5 @@
-"""`robustops demo|train|attack|certify|predict|plot|bench`: the command line, the only part of robustops that
-parses arguments, sets up torchrun process groups, or reads and writes run files.
+"""`robustops demo|train|attack|certify|predict|plot|perturbation|generate|bench`: the command line, the only
+part of robustops that parses arguments, sets up torchrun process groups, or reads and writes run files.
 
 One module per subcommand, each with ``HELP``, ``add_arguments(parser)`` and ``run(args) -> int``;
 ``common`` holds what they share. A subcommand reports a user error by raising ``CLIError``:
@@ -11,13 +11,13 @@ import argparse
 import sys
 from typing import Optional
 
-from . import attack, bench, certify, demo, perturbation, plot, predict, train
+from . import attack, bench, certify, demo, generate, perturbation, plot, predict, train
 from .common import CLIError, Parser
 
 __all__ = ["main", "build_parser", "CLIError", "COMMANDS"]
 
 COMMANDS = {"demo": demo, "train": train, "attack": attack, "certify": certify, "predict": predict, "plot": plot,
-            "bench": bench, "perturbation": perturbation}
+            "bench": bench, "perturbation": perturbation, "generate": generate}
 
 
 def build_parser(command: Optional[str] = "*") -> argparse.ArgumentParser:

@@ -15,10 +15,15 @@ from . import demo_learned
 from .common import CLIError, add_common, fraction, pick_device, require_min, setup_run, split_holdout, write_summary
 from .train import add_method_flags, method_hparams
 
-HELP = ("train natural / PGD / free / Gaussian / IBP / ACERT models on the embedded digits data, evaluate and "
-        "certify them, print a comparison table; learn a perturbation set and train / attack / certify against it")
+HELP = ("train natural / PGD / free / Gaussian / IBP / ACERT / DALE-PD / PGD+AWP / PGD+EMA / PGD+proxy-data models "
+        "on the embedded digits data, evaluate and certify them, print a comparison table; learn a perturbation set "
+        "and train / attack / certify against it")
 
-DEMO_METHODS = ("natural", "pgd", "free", "gaussian", "ibp", "acert")
+DEMO_METHODS = ("natural", "pgd", "free", "gaussian", "ibp", "acert", "dale_pd", "pgd+awp", "pgd+ema", "pgd+proxy")
+#: demo rows that are a method with options: row -> (method, options). "proxy" mixes generated digits
+#: (a class-conditional PCA + Gaussian-mixture generator fit on the training split) into every batch.
+ROW_SPECS = {"pgd+awp": ("pgd", {"awp": 5e-3}), "pgd+ema": ("pgd", {"ema": 0.999}),
+             "pgd+proxy": ("pgd", {"proxy": 0.5})}
 DIGITS_MODEL = {"num_classes": 10, "in_channels": 1, "input_size": 8}
 #: The models whose IBP-certified accuracy against radius the demo plots.
 IBP_PLOT_METHODS = ("natural", "pgd", "ibp", "acert")
@@ -29,7 +34,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("-o", "--out", default="runs/demo", help="output directory")
     p.add_argument("--methods", default=",".join(DEMO_METHODS),
-                   help=f"comma-separated training methods (any of {', '.join(train.METHODS)})")
+                   help=f"comma-separated rows: training methods (any of {', '.join(train.METHODS)}) or "
+                        f"{', '.join(ROW_SPECS)} (a method with an option)")
+    p.add_argument("--proxy-n", type=int, default=10000, help="generated digits for the pgd+proxy row")
     p.add_argument("--epochs", type=int, default=30,
                    help="epochs per method (free: counted in forward/backward passes, so the data are "
                         "traversed ceil(epochs/m) times)")
@@ -68,12 +75,13 @@ def run(args) -> int:
     from .. import train
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = [m for m in methods if m not in train.METHODS]
+    bad = [m for m in methods if m not in train.METHODS and m not in ROW_SPECS]
     if bad or not methods:
-        raise CLIError(f"--methods must be a comma-separated list of {', '.join(train.METHODS)}; got {args.methods!r}")
+        raise CLIError(f"--methods must be a comma-separated list of {', '.join(train.METHODS)} or "
+                       f"{', '.join(ROW_SPECS)}; got {args.methods!r}")
     require_min(epochs=(args.epochs, 1), steps=(args.steps, 1), m=(args.m, 1), batch_size=(args.batch_size, 1),
                 attack_steps=(args.attack_steps, 1), apgd_steps=(args.apgd_steps, 0), n0=(args.n0, 1), n=(args.n, 1),
-                certify_batch=(args.certify_batch, 1), val_size=(args.val_size, 0))
+                certify_batch=(args.certify_batch, 1), val_size=(args.val_size, 0), proxy_n=(args.proxy_n, 1))
     if not args.eps >= 0:
         raise CLIError(f"--eps must be >= 0, got {args.eps}")
     if not args.sigma > 0:
@@ -121,18 +129,51 @@ class _Data:
         return DataLoader(self.train_ds, batch_size=args.batch_size, shuffle=True, num_workers=args.workers)
 
 
-def _train_and_evaluate(args, method: str, data: _Data, dev) -> dict:
+def _proxy_data(args, data: _Data) -> dict:
+    """The generated digits of the pgd+proxy row: a class-conditional PCA + Gaussian-mixture generator
+    fit on the training split, proxy_n samples, and its robust-discrimination score (an adversarially
+    trained real-vs-generated classifier's held-out robust accuracy over eps; 0.5 = indistinguishable)."""
+    from .. import proxy
+
+    t0 = time.perf_counter()
+    x = _stack_dataset(data.train_ds)
+    gen = proxy.fit_generator(x[0], x[1], seed=args.seed)
+    gx, gy = gen.generate(args.proxy_n, seed=args.seed)
+    score = proxy.robust_discrimination(x[0], gx, (0.0, 1 / 32, 1 / 16), epochs=10, max_samples=1000,
+                                        seed=args.seed)
+    return {"x": gx, "y": gy, "score": score, "time_s": time.perf_counter() - t0}
+
+
+def _stack_dataset(ds):
+    """(images, labels) of a dataset of (image, label) pairs, stacked."""
     import torch
 
-    from .. import attacks, models, train
+    xs, ys = zip(*(ds[i][:2] for i in range(len(ds))))
+    return torch.stack(xs), torch.as_tensor([int(v) for v in ys])
 
+
+def _train_and_evaluate(args, key: str, data: _Data, dev, proxy_data=None) -> dict:
+    import torch
+
+    from .. import attacks, models, proxy, train
+
+    method, opts = ROW_SPECS.get(key, (key, {}))
+    opts = dict(opts)
+    ratio = opts.pop("proxy", None)
     torch.manual_seed(args.seed)
     model = models.get_model("small_cnn", **DIGITS_MODEL).to(dev)
-    hp = dict(epochs=args.epochs, eps=args.eps, steps=args.steps, lr=args.lr, seed=args.seed, val_steps=10,
-              **method_hparams(args))
-    res = train.fit(model, data.train_loader(args), method, val_loader=data.val_loader,
-                    out_dir=os.path.join(args.out, method), progress=args.progress, verbose=False, device=dev,
-                    model_name="small_cnn", model_kwargs=dict(DIGITS_MODEL), extra={"data": "digits"}, **hp)
+    epochs = args.epochs
+    loader = data.train_loader(args)
+    if ratio is not None:  # generated digits in every batch; epochs cut so the run takes the same steps
+        loader = proxy.MixedLoader(data.train_ds, (proxy_data["x"], proxy_data["y"]), args.batch_size, ratio,
+                                   seed=args.seed)
+        epochs = max(1, round(args.epochs * len(data.train_loader(args)) / len(loader)))
+    hp = dict(epochs=epochs, eps=args.eps, steps=args.steps, lr=args.lr, seed=args.seed, val_steps=10,
+              **method_hparams(args), **opts)
+    res = train.fit(model, loader, method, val_loader=data.val_loader,
+                    out_dir=os.path.join(args.out, key.replace("+", "_")), progress=args.progress, verbose=False,
+                    device=dev, model_name="small_cnn", model_kwargs=dict(DIGITS_MODEL), extra={"data": "digits"},
+                    **hp)
     model.eval()
     atk = attacks.PGD(model, eps=args.eps, steps=args.attack_steps, norm="linf", random_start=True, seed=args.seed)
     ev = attacks.robust_accuracy(model, data.test_loader, atk, device=dev, progress=False)
@@ -141,7 +182,8 @@ def _train_and_evaluate(args, method: str, data: _Data, dev) -> dict:
         suite = [attacks.APGD(model, eps=args.eps, steps=args.apgd_steps, seed=args.seed),
                  attacks.APGDT(model, eps=args.eps, steps=args.apgd_steps, seed=args.seed)]
         aa = attacks.robust_accuracy(model, data.test_loader, suite, device=dev, progress=False)["robust_acc"]
-    row = {"method": method, "label": res.config.method_class.label(res.config), "clean_acc": ev["clean_acc"],
+    label = res.config.label + (f" + proxy data ({ratio:.0%})" if ratio is not None else "")
+    row = {"method": key, "label": label, "clean_acc": ev["clean_acc"],
            "robust_acc": ev["robust_acc"], "apgd_acc": aa, "acr": None, "ibp_acr": None, "train_time_s": res.train_time,
            "epochs_run": res.epochs_run, "best_epoch": res.best_epoch, "model": model,
            "sigma": res.config.noise_sigma}
@@ -270,8 +312,18 @@ def _demo(args, methods, dev) -> int:
           f"({torch.get_num_threads()} thread(s))", flush=True)
     rows = []
     t_start = time.perf_counter()
+    proxy_data, proxy_line = None, None
+    if any("proxy" in ROW_SPECS.get(m, ("", {}))[1] for m in methods):
+        proxy_data = _proxy_data(args, data)
+        sc = proxy_data["score"]
+        proxy_line = (f"generated digits for the proxy row: {args.proxy_n} from a class-conditional PCA + Gaussian "
+                      f"mixture fit on the training split ({proxy_data['time_s']:.1f}s with its score); robust "
+                      f"discrimination (real-vs-generated classifiers, PGD-trained at each eps, held-out robust "
+                      f"accuracy; 50% = indistinguishable): "
+                      + ", ".join(f"eps {e:.3g}: {_fmt_pct(a)}" for e, a in zip(sc["eps"], sc["robust_acc"])))
+        print("  " + proxy_line, flush=True)
     for method in methods:
-        row = _train_and_evaluate(args, method, data, dev)
+        row = _train_and_evaluate(args, method, data, dev, proxy_data)
         rows.append(row)
         extra = (f", ACR {row['acr']:.3f} ({data.k} images, n={args.n}, certified in {row['certify_time_s']:.1f}s)"
                  if row["acr"] is not None else "")
@@ -294,6 +346,9 @@ def _demo(args, methods, dev) -> int:
                      + f" (the largest radius n={args.n} samples can certify is "
                        f"{smoothing.largest_certifiable_radius(r['sigma'], args.n, args.alpha):.2f})")
         print("\n" + lines[-1].replace(":\n", ": "))
+    if proxy_line is not None:
+        lines.append(proxy_line)
+        print("\n" + proxy_line)
     for r in rows:
         if r["ibp_acr"] is None or r["method"] not in ("ibp", "acert"):
             continue

@@ -24,11 +24,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cvae-epochs", type=int, default=10, help="epochs of the CVAE perturbation model")
     g.add_argument("--set-percentile", type=float, default=95.0,
                    help="the set's radius eps: this percentile of the training pairs' latent norms")
-    g.add_argument("--learned-steps", type=int, default=5, help="latent PGD steps of learned-set training")
+    g.add_argument("--learned-steps", type=int, default=3, help="latent PGD steps of learned-set training")
     g.add_argument("--set-attack-steps", type=int, default=20, help="latent PGD steps of the evaluation attack")
     g.add_argument("--latent-sigma", type=fraction("latent-sigma"), default=1.0,
                    help="noise level of latent randomized smoothing (in units of the prior's scale)")
-    g.add_argument("--latent-n", type=int, default=1000, help="CERTIFY estimation samples in latent space")
+    g.add_argument("--latent-n", type=int, default=500, help="CERTIFY estimation samples in latent space")
     g.add_argument("--latent-certify-max", type=int, default=120,
                    help="certify the first N test images in latent space")
 

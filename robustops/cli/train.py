@@ -68,6 +68,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--val-size", type=int, default=None,
                    help="training samples held out for validation / early stopping (None: 10%% up to 1000; 0: none)")
     g.add_argument("--batch-size", type=int, default=128, help="global batch size (split over torchrun processes)")
+    g.add_argument("--extra-data", default=None, metavar="GEN.npz",
+                   help="generated (proxy) images and labels (x, y) mixed into every training batch (robustops "
+                        "generate writes one)")
+    g.add_argument("--extra-ratio", type=fraction("extra-ratio"), default=0.5,
+                   help="with --extra-data: the fraction of generated samples in each batch, in [0, 1)")
     g = p.add_argument_group("method")
     g.add_argument("--method", default="pgd", choices=list(train.METHODS),
                    help="; ".join(f"{k}: {v}" for k, v in train.describe_methods().items()))
@@ -86,6 +91,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"checkpoint of a learned perturbation set (robustops.perturbation; {', '.join(learned)}): "
                         f"--eps is then the latent L2 radius, by default the checkpoint's eps")
     add_method_flags(g)
+    g = p.add_argument_group("training options (see robustops.train.awp, robustops.train.ema; off by default)")
+    g.add_argument("--awp", type=float, default=None, metavar="GAMMA",
+                   help="adversarial weight perturbation of relative size GAMMA per layer (pgd, trades; "
+                        "Wu et al. 2020 use 5e-3)")
+    g.add_argument("--ema", type=float, default=None, metavar="DECAY",
+                   help="validate, select and keep an exponential moving average of the weights with this decay "
+                        "and the warm-up min(DECAY, (1+t)/(10+t)) (every method; e.g. 0.999)")
+    g.add_argument("--mixup", type=float, default=None, metavar="ALPHA",
+                   help="mixup with lam ~ Beta(ALPHA, ALPHA) per batch (natural); for pgd interpolated adversarial "
+                        "training: mixed clean and mixed adversarial losses averaged (Lamb et al. 2019)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--optimizer", default="sgd", choices=list(train.OPTIMIZERS))
     g.add_argument("--lr", type=float, default=None, help="peak learning rate (None: sgd 0.1, adam 1e-3)")
@@ -156,7 +171,17 @@ def _loaders(args, train_ds, rank: int, world: int, device: torch.device):
         train_ds, val_ds = split_holdout(train_ds, val_size, args.seed)
     bs = args.batch_size // world
     pin = device.type == "cuda"
-    if world > 1:
+    if args.extra_data is not None:  # real and generated samples mixed per batch, sharded by rank
+        from .. import proxy
+
+        if not os.path.isfile(args.extra_data):
+            raise CLIError(f"--extra-data {args.extra_data!r}: no such file")
+        try:
+            train_loader = proxy.MixedLoader(train_ds, args.extra_data, bs, args.extra_ratio, seed=args.seed,
+                                             rank=rank, world_size=world, pin_memory=pin)
+        except ValueError as e:
+            raise CLIError(f"--extra-data / --extra-ratio: {e}") from None
+    elif world > 1:
         sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
         train_loader = DataLoader(train_ds, batch_size=bs, sampler=sampler, num_workers=args.workers,
                                   pin_memory=pin, drop_last=True)
@@ -176,7 +201,8 @@ def _test(args, model, hp, dev, train_time) -> dict:
 
     test_ds, _ = load_data(args.data, "test")
     test_loader = DataLoader(test_ds, batch_size=256, shuffle=False)
-    tr = train.Trainer(model, train.FitConfig.make(args.method, **{**hp, "val_steps": args.test_steps}),
+    # the model holds the run's final weights already (the weight average under --ema): no average here
+    tr = train.Trainer(model, train.FitConfig.make(args.method, **{**hp, "val_steps": args.test_steps, "ema": None}),
                        device=dev, ddp=False)
     m = tr.evaluate(test_loader)
     if _uses_perturbation_model(args.method):
@@ -228,7 +254,7 @@ def run(args) -> int:
               weight_decay=args.weight_decay, nesterov=args.nesterov, schedule=args.schedule,
               milestones=args.milestones, gamma=args.gamma, amp=args.amp, channels_last=args.channels_last,
               seed=args.seed, val_eps=args.val_eps, val_steps=args.val_steps, patience=args.patience,
-              keep_all=args.keep_all, **method_hparams(args))
+              keep_all=args.keep_all, awp=args.awp, ema=args.ema, mixup=args.mixup, **method_hparams(args))
     if args.perturbation_model is not None:
         hp["perturbation_model"] = os.path.abspath(args.perturbation_model)
     try:
@@ -344,9 +370,12 @@ def _train(args, info, train_ds, hp, d) -> None:
         return
     test = _test(args, model, hp, d.device, res.train_time) if args.test_steps > 0 else None
     summary = write_summary(os.path.join(args.out, "summary.json"), {
-        "command": "train", "method": args.method, "model": name, "data": args.data, "eps": hp["eps"],
+        "command": "train", "method": args.method, "label": res.config.label if res.config else args.method,
+        "model": name, "data": args.data, "eps": hp["eps"],
         "norm": args.norm, "epochs_run": res.epochs_run, "best_epoch": res.best_epoch, "select": res.select,
         "best_metric": res.best_metric, "stopped_early": res.stopped_early, "train_time_s": res.train_time,
         "last_epoch": res.last, "test": test, "threads": args.threads,
+        "extra_data": None if args.extra_data is None else {"path": os.path.abspath(args.extra_data),
+                                                            "ratio": args.extra_ratio},
         "config": dataclasses.asdict(res.config) if res.config else None})
     print(f"checkpoints and log in {args.out}/ (best epoch {res.best_epoch}); summary -> {summary}")

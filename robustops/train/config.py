@@ -11,13 +11,35 @@ from .. import _checks
 from ..models import channel_stats
 from . import registry
 
-__all__ = ["FitConfig", "OPTIMIZERS", "SCHEDULES", "AMP_MODES", "NORMS", "METRICS", "ModelObject"]
+__all__ = ["FitConfig", "OPTIMIZERS", "SCHEDULES", "AMP_MODES", "NORMS", "METRICS", "OPTIONS", "ModelObject"]
 
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("cyclic", "multistep", "cosine", "constant")
 AMP_MODES = ("none", "bf16", "fp16")
 NORMS = ("linf", "l2")
 METRICS = ("robust_acc", "clean_acc", "noise_acc", "cert_acc", "set_acc", "last")
+
+#: The training options that any method may accept: {name: what it is}. A method lists those it
+#: supports in its class attribute ``options`` (a tuple of names); ``ema`` applies to every method.
+OPTIONS = {"awp": "adversarial weight perturbation", "ema": "weight averaging decay",
+           "mixup": "mixup Beta(alpha, alpha)"}
+
+
+def method_options(cls) -> tuple:
+    """The training options a registered method class accepts."""
+    return ("ema",) + tuple(o for o in getattr(cls, "options", ()) if o != "ema")
+
+
+def options_label(cfg) -> str:
+    """The options of a config for a run's label: " + AWP (gamma=0.005) + EMA (0.999) + mixup (alpha=1)"."""
+    parts = []
+    if cfg.awp is not None:
+        parts.append(f"AWP (gamma={cfg.awp:g})")
+    if cfg.mixup is not None:
+        parts.append(("IAT" if cfg.method_class.adversarial else "mixup") + f" (alpha={cfg.mixup:g})")
+    if cfg.ema is not None:
+        parts.append(f"EMA ({cfg.ema:g})")
+    return "".join(" + " + p for p in parts)
 
 
 class ModelObject(str):
@@ -89,6 +111,12 @@ class FitConfig:
     # learned perturbation sets (methods learned, learned_aug): a perturbation model (nn.Module with the
     # protocol of robustops.perturbation) or the path of its checkpoint; see ModelObject
     perturbation_model: Any = None
+    # training options (None: off; see OPTIONS): adversarial weight perturbation of relative size gamma
+    # (pgd, trades), an exponential moving average of the weights with this decay (every method),
+    # mixup / interpolated adversarial training with lam ~ Beta(alpha, alpha) (natural, pgd)
+    awp: Optional[float] = None
+    ema: Optional[float] = None
+    mixup: Optional[float] = None
     # the method's own hyperparameters
     params: Dict[str, Any] = field(default_factory=dict)
 
@@ -132,6 +160,9 @@ class FitConfig:
         elif c.perturbation_model is not None and not isinstance(c.perturbation_model, str):
             c.perturbation_model = ModelObject(c.perturbation_model)  # checkpoints record a description
         m.check_config(c)
+        for opt in OPTIONS:
+            if getattr(c, opt) is not None:
+                setattr(c, opt, float(getattr(c, opt)))
         if c.amp == "none":
             c.amp = None
         if c.alpha is None:
@@ -155,6 +186,11 @@ class FitConfig:
             mean, std = channel_stats(c.mean, c.std)
             c.mean, c.std = tuple(mean.tolist()), tuple(std.tolist())
         return c
+
+    @property
+    def label(self) -> str:
+        """The run's short name for tables: the method's label and its options ("PGD-7 AT + AWP (gamma=0.005)")."""
+        return self.method_class.label(self) + options_label(self)
 
     @property
     def passes(self) -> int:
@@ -203,3 +239,15 @@ def _validate(c: FitConfig) -> None:
     need(c.patience is None or (intg(c.patience) and c.patience >= 1),
          f"patience must be None or an int >= 1, got {c.patience!r}")
     need(c.seed is None or intg(c.seed), f"seed must be an int or None, got {c.seed!r}")
+    need(c.awp is None or (num(c.awp) and 0 <= c.awp < float("inf")),
+         f"awp (adversarial weight perturbation, gamma) must be None or a finite number >= 0, got {c.awp!r}")
+    need(c.ema is None or (num(c.ema) and 0 <= c.ema < 1),
+         f"ema (weight averaging decay) must be None or a number in [0, 1), got {c.ema!r}")
+    need(c.mixup is None or (num(c.mixup) and 0 < c.mixup < float("inf")),
+         f"mixup (Beta(alpha, alpha) of mixup) must be None or a finite number > 0, got {c.mixup!r}")
+    cls = registry.get(c.method)
+    for opt, what in OPTIONS.items():
+        if getattr(c, opt) is not None and opt not in method_options(cls):
+            having = [n for n in registry.names() if opt in method_options(registry.get(n))]
+            raise ValueError(f"{opt} ({what}) is an option of the methods {', '.join(having) or '(none)'}, "
+                             f"not of {c.method!r}")

@@ -28,20 +28,25 @@ LOG_COLUMNS = ("epoch", "equiv_epochs", "lr", "train_loss", "train_acc", "clean_
 
 
 def log_columns(cfg: FitConfig):
-    """The CSV log's columns for a run: LOG_COLUMNS, with cert_acc after noise_acc for the methods that
-    train for deterministic certification, then the method's own val_metrics."""
+    """The CSV log's columns for a run: LOG_COLUMNS, with the method's log_metrics after train_acc,
+    cert_acc after noise_acc for the methods that train for deterministic certification, then the
+    method's own val_metrics."""
+    own = tuple(cfg.method_class.log_metrics)
     extra = (("cert_acc",) if cfg.method_class.certified else ()) + tuple(cfg.method_class.val_metrics)
+    j = LOG_COLUMNS.index("train_acc") + 1
     i = LOG_COLUMNS.index("noise_acc") + 1
-    return LOG_COLUMNS[:i] + extra + LOG_COLUMNS[i:]
+    return LOG_COLUMNS[:j] + own + LOG_COLUMNS[j:i] + extra + LOG_COLUMNS[i:]
 
 # Settings a resumed run must share with the checkpoint (the method's hyperparameters too).
-_RESUME_MUST_MATCH = ("method", "epochs", "eps", "alpha", "steps", "norm", "optimizer", "lr", "schedule", "amp")
+_RESUME_MUST_MATCH = ("method", "epochs", "eps", "alpha", "steps", "norm", "optimizer", "lr", "schedule", "amp",
+                      "awp", "ema", "mixup")
 
 
 @dataclass
 class FitResult:
     """What ``fit`` returns. The model itself is trained in place (holding the best weights when
-    validation ran and ``restore_best``)."""
+    validation ran and ``restore_best``; under ``ema`` the weight average's: the last one, or the
+    best epoch's)."""
     history: List[Dict[str, Any]] = field(default_factory=list)
     best_epoch: Optional[int] = None
     best_metric: Optional[float] = None
@@ -117,7 +122,12 @@ class _FitRun:
         diff = _differences(ck["config"], self.cfg)
         if diff:
             raise ValueError("resume: the checkpoint was trained with different settings: " + ", ".join(diff))
-        self.model.load_state_dict(ck["state_dict"])
+        if "train_state_dict" in ck:  # under ema: state_dict holds the weight average, this the trained weights
+            if state_dict_digest(ck["train_state_dict"]) != ck.get("train_sha256"):
+                raise ValueError(f"{ckpt_path!r} is corrupt: its trained weights do not match their checksum")
+            self.model.load_state_dict(ck["train_state_dict"])
+        else:
+            self.model.load_state_dict(ck["state_dict"])
         self.trainer.load_state_dict(ck)
         states = ck["rank_states"]
         if len(states) != self.world:
@@ -194,7 +204,7 @@ class _FitRun:
         improved = False
         if res.best_metric is None or value > res.best_metric:
             res.best_metric, res.best_epoch, improved, self.bad = value, epoch, True, 0
-            self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+            self.best_state = self.trainer.evaluated_state_dict()  # under ema: the weight average
         else:
             self.bad += 1
         if cfg.patience is not None and self.bad >= cfg.patience and epoch < cfg.passes:
@@ -205,6 +215,9 @@ class _FitRun:
         cfg = self.cfg
         msg = (f"[{cfg.method}] epoch {row['epoch']}/{cfg.passes} loss {row['train_loss']:.4f} "
                f"train_acc {row['train_acc']:.4f}")
+        for k in cfg.method_class.log_metrics:
+            if k in row:
+                msg += f" {k} {row[k]:.4g}"
         if self.val_loader is not None and row["val_time"] > 0:
             msg += f" | clean {row['clean_acc']:.4f}"
             if not math.isnan(row["robust_acc"]):
@@ -224,7 +237,9 @@ class _FitRun:
                      f"best epoch {self.res.best_epoch}")
 
     def checkpoint(self, row: Dict[str, Any], improved: bool) -> None:
-        """Everything needed to continue exactly, captured after this epoch's last RNG use."""
+        """Everything needed to continue exactly, captured after this epoch's last RNG use. Under
+        ``ema`` the checkpoint's ``state_dict`` is the weight average (what validation measured and
+        what ``load_model`` gives), ``train_state_dict`` the trained weights, ``ema`` its update count."""
         res, tr = self.res, self.trainer
         rank_states = [tr.rank_state()]
         if self.world > 1:
@@ -239,11 +254,15 @@ class _FitRun:
                 atomic_save({**self.meta, "state_dict": self.best_state, "sha256": state_dict_digest(self.best_state),
                               "epoch": epoch, "metrics": row}, os.path.join(self.out_dir, "best.pt"))
             state = self.model.state_dict()
+            weights = {}
+            if tr.ema is not None:
+                weights = {"train_state_dict": state, "train_sha256": state_dict_digest(state)}
+                state = tr.ema.averaged_state_dict()
             ck = {**self.meta, "state_dict": state, "sha256": state_dict_digest(state), "epoch": epoch,
                   "rank_states": rank_states,
                   "history": res.history, "best_epoch": res.best_epoch, "best_metric": res.best_metric,
                   "bad_epochs": self.bad, "stopped_early": res.stopped_early, "train_time": res.train_time,
-                  **tr.state_dict()}
+                  **weights, **tr.state_dict(ema_weights=False)}
             atomic_save(ck, os.path.join(self.out_dir, "last.pt"))
             if self.cfg.keep_all:
                 atomic_save(ck, os.path.join(self.out_dir, f"epoch_{epoch}.pt"))
@@ -259,6 +278,7 @@ class _FitRun:
             if res.stopped_early:
                 break
             row, t_train = self.train_epoch(epoch)
+            row.update(self.trainer.method.log_values())
             res.train_time += t_train
             metrics = (("clean_acc", "robust_acc", "noise_acc") + (("cert_acc",) if self.trainer.certified else ())
                        + self.trainer.val_metrics)
@@ -277,6 +297,8 @@ class _FitRun:
         if self.writer is not None:
             self.writer.close()
         res.epochs_run = len(res.history)
+        if self.trainer.ema is not None:  # the run's model is the weight average
+            self.trainer.ema.copy_to_model()
         if self.cfg.restore_best and self.best_state is not None and res.best_epoch != res.epochs_run:
             self.model.load_state_dict(self.best_state)
             self.say(f"restored the best epoch ({res.best_epoch}, {self.cfg.select} {res.best_metric:.4f})")
@@ -297,8 +319,12 @@ def fit(model: nn.Module, train_loader, method: str = "natural", *, val_loader=N
     ("sgd"/"adam"), lr, momentum, weight_decay, nesterov, schedule
     ("cyclic"/"multistep"/"cosine"/"constant"), milestones, gamma, amp (None/"bf16"/"fp16"),
     channels_last, seed, val_eps, val_alpha, val_steps, val_norm, val_every, select, patience,
-    restore_best, keep_all) and the methods' hyperparameters (m for free, fgsm_init for fgsm, beta
-    for trades, sigma for gaussian, ...; those of other methods are ignored).
+    restore_best, keep_all), the training options (awp=gamma: adversarial weight perturbation, pgd and
+    trades; ema=decay: weight averaging, every method; mixup=alpha: mixup, natural, and interpolated
+    adversarial training, pgd; see robustops.train.awp / .ema and the methods) and the methods'
+    hyperparameters (m for free, fgsm_init for fgsm, beta for trades, sigma for gaussian, ...; those
+    of other methods are ignored). Under ema, validation, the selection of the best epoch, best.pt and
+    the returned model are the weight average's.
     val_loader: validation data (clean / PGD / noisy accuracy every ``val_every`` epochs; selection of
     the best epoch and early stopping after ``patience`` validations without improvement).
     out_dir: where last.pt (every epoch), best.pt, epoch_<k>.pt (keep_all) and log.csv go.

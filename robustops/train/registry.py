@@ -70,7 +70,8 @@ class Method:
     ``cert_acc``, the fraction of samples that interval bound propagation verifies at val_eps),
     ``val_metrics`` (names of further validation accuracies the method measures itself: validation
     sums the counts :meth:`validation_counts` returns per batch and reports count / n; each may be
-    selected with ``select``).
+    selected with ``select``), ``log_metrics`` (names of the per-epoch values :meth:`log_values`
+    returns, e.g. a dual variable: columns of the epoch log).
 
     The trainer gives a method what it needs: ``trainer.cfg`` (the resolved :class:`FitConfig`;
     the method's hyperparameters are its attributes), ``trainer.fwd`` (the model, with any
@@ -88,6 +89,7 @@ class Method:
     adversarial: ClassVar[bool] = True
     certified: ClassVar[bool] = False
     val_metrics: ClassVar[Tuple[str, ...]] = ()
+    log_metrics: ClassVar[Tuple[str, ...]] = ()
 
     def __init__(self, trainer):
         self.trainer = trainer
@@ -136,6 +138,12 @@ class Method:
     def step(self, x: torch.Tensor, y: torch.Tensor) -> StepStats:
         """One minibatch (x on the device, float32, in the configured layout; y its labels)."""
         raise NotImplementedError
+
+    def log_values(self) -> Dict[str, float]:
+        """At the end of each training epoch: {name: value} for each of ``log_metrics`` (plain floats),
+        merged into the epoch's log row. Called once per epoch on every process (a collective is
+        allowed here), so reading device values costs one sync per epoch, not per step."""
+        return {}
 
     def state_dict(self) -> Dict[str, Any]:
         """This process's persistent state of the method (saved per rank in checkpoints)."""

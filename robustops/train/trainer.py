@@ -1,11 +1,14 @@
 """Trainer: one training method bound to a model, with the optimizer, schedule, mixed precision,
-the processes' random streams, the projected-gradient engine on the model, and evaluation."""
+the processes' random streams, the projected-gradient engine on the model, and evaluation; and the
+training options that any method's step goes through: adversarial weight perturbation (``awp``,
+:mod:`.awp`), weight averaging (``ema``, :mod:`.ema`) and mixup (``mixup``, :meth:`Trainer.mixup`)."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import random
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -16,7 +19,9 @@ from .. import _checks, _rng, bounds, ops
 from ..attacks.engine import Engine
 from ..models import Normalize
 from . import registry
+from .awp import WeightPerturbation
 from .config import FitConfig
+from .ema import WeightAverage
 from .registry import StepStats
 
 __all__ = ["Trainer", "LRFactor", "dist_info"]
@@ -119,14 +124,16 @@ class Trainer:
             if cfg.mean is not None else model
         self.rank, self.world = dist_info()
         self.ddp = (self.world > 1) if ddp is None else bool(ddp)
+        # local: the forward without DDP (AWP's ascent gradient must not start DDP's gradient reduction)
+        self.local = _Forward(self.fwd)
         if self.ddp:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             ids = [self.device.index if self.device.index is not None else torch.cuda.current_device()] \
                 if self.device.type == "cuda" else None
-            self.net = DDP(_Forward(self.fwd), device_ids=ids)
+            self.net = DDP(self.local, device_ids=ids)
         else:
-            self.net = _Forward(self.fwd)
+            self.net = self.local
         self._build_optimizer(int(steps_per_epoch))
         self.amp_dtype = _checks.autocast_dtype(cfg.amp, "amp")
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
@@ -147,6 +154,13 @@ class Trainer:
             raise ValueError(f"select={cfg.select!r} is measured by the methods {', '.join(having) or '(none)'}; "
                              f"{cfg.method!r} does not measure it")
         self.method = cfg.method_class(self)
+        # The training options (None: off). AWP has no state of its own; the weight average is
+        # checkpointed with the model; mixup draws from its own generator (saved per rank), so that
+        # it leaves the seeds of the attacks as they are without it.
+        self.awp = WeightPerturbation(self, cfg.awp) if cfg.awp is not None else None
+        self.ema = WeightAverage(self.model, cfg.ema) if cfg.ema is not None else None
+        self.mix_gen = torch.Generator().manual_seed(_rng.derive_seed(self.gen.initial_seed(), 1)) \
+            if cfg.mixup is not None else None
 
     def _build_optimizer(self, steps_per_epoch: int) -> None:
         cfg = self.cfg
@@ -214,23 +228,75 @@ class Trainer:
         self.scaler.scale(loss).backward()
         self.optimizer_step()
 
+    def loss_update(self, closure: Callable[[nn.Module], Tuple[torch.Tensor, torch.Tensor]]):
+        """One training update on the loss ``closure(net)`` returns as (loss, logits), with the
+        training options applied: under ``awp`` the weights are first perturbed in the direction
+        that raises closure's loss (``closure(trainer.local)``, see :mod:`.awp`), the training
+        gradient is taken there (``closure(trainer.net)``, under autocast), the weights are
+        restored exactly, then the optimizer steps (and the weight average, under ``ema``, follows).
+        Without ``awp`` it is ``update(loss)`` on closure's loss. Returns (loss, logits)."""
+        awp = self.awp
+        try:
+            if awp is not None:
+                awp.perturb(closure)
+            with self.autocast():
+                loss, logits = closure(self.net)
+            self.scaler.scale(loss).backward()
+        finally:
+            if awp is not None:
+                awp.restore()
+        self.optimizer_step()
+        return loss, logits
+
     def optimizer_step(self) -> None:
-        """Optimizer and scheduler step after a backward pass (gradients scaled by the scaler)."""
+        """Optimizer and scheduler step after a backward pass (gradients scaled by the scaler), then
+        the weight average's update when the run keeps one."""
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update()
+
+    def mixup(self, x: torch.Tensor, y: torch.Tensor):
+        """Mixup of a minibatch (Zhang et al. 2018): lam ~ Beta(alpha, alpha) once per batch
+        (alpha = cfg.mixup), folded to max(lam, 1 - lam) so that every mixed sample is dominated by
+        its own input, and a uniform permutation pi of the batch:
+
+            x_mix = lam * x + (1 - lam) * x[pi],   loss = lam * L(x_mix, y) + (1 - lam) * L(x_mix, y[pi]).
+
+        The fold leaves the distribution of the mixed batch unchanged (Beta(alpha, alpha) is
+        symmetric and pi^-1 is as uniform as pi) and makes lam = 1 return x itself: as alpha -> 0
+        mixup turns into no mixup exactly. lam and pi come from the trainer's mixup generator (saved in
+        checkpoints). Returns (x_mix, y, y[pi], lam), lam a Python float (no host synchronisation)."""
+        seed = int(torch.randint(0, 1 << 62, (1,), generator=self.mix_gen))
+        lam = float(np.random.default_rng(seed).beta(self.cfg.mixup, self.cfg.mixup))
+        lam = max(lam, 1.0 - lam)
+        perm = torch.randperm(x.shape[0], generator=self.mix_gen).to(x.device, non_blocking=True)
+        if lam == 1.0:
+            return x, y, y[perm], 1.0
+        x_mix = self.fmt(torch.lerp(x[perm], x, lam))  # lam * x + (1 - lam) * x[perm]
+        return x_mix, y, y[perm], lam
+
+    @staticmethod
+    def mixed_ce(logits: torch.Tensor, y: torch.Tensor, y2: torch.Tensor, lam: float) -> torch.Tensor:
+        """lam * CE(logits, y) + (1 - lam) * CE(logits, y2) (CE(logits, y) when lam = 1)."""
+        if lam == 1.0:
+            return F.cross_entropy(logits, y)
+        return lam * F.cross_entropy(logits, y) + (1.0 - lam) * F.cross_entropy(logits, y2)
 
     @staticmethod
     def stats(loss, logits, y) -> StepStats:
         return loss.detach().float() * y.shape[0], (logits.detach().argmax(1) == y).sum(), y.shape[0]
 
     def natural_step(self, x: torch.Tensor, y: torch.Tensor) -> StepStats:
-        """A cross-entropy step on x as given; methods end in it on the inputs they made."""
-        with self.autocast():
-            logits = self.net(x)
-            loss = F.cross_entropy(logits, y)
-        self.update(loss)
+        """A cross-entropy step on x as given; methods end in it on the inputs they made (through
+        :meth:`loss_update`, so with AWP when the run asks for it)."""
+        def closure(net):
+            logits = net(x)
+            return F.cross_entropy(logits, y), logits
+
+        loss, logits = self.loss_update(closure)
         return self.stats(loss, logits, y)
 
     # ---- public
@@ -250,9 +316,8 @@ class Trainer:
         autocast; at eps 0 the fraction whose label is the strict argmax), and the method's own
         ``val_metrics`` (e.g. ``set_acc``), in eval mode. Counts are
         summed over the processes when the trainer runs distributed (ddp): every process must call it
-        then, each on its part of the data (or all on the same data)."""
-        from tqdm.auto import tqdm
-
+        then, each on its part of the data (or all on the same data). Under ``ema`` these are the
+        metrics of the averaged weights (swapped into the model for the evaluation, then back)."""
         c = self.cfg
         eps = c.val_eps if eps is None else eps
         sigma = c.noise_sigma
@@ -261,11 +326,8 @@ class Trainer:
         # n, clean, robust, noise, loss, cert, then the method's val_metrics
         sums = torch.zeros(6 + len(self.val_metrics), dtype=torch.float64, device=self.device)
         try:
-            it = tqdm(iter(loader), total=len(loader), desc="  validate", leave=False,
-                      disable=not progress or self.rank != 0)
-            for batch in it:
-                x, y = self.prepare(batch[0], batch[1])
-                sums += self._evaluate_batch(x, y, eps, sigma)
+            with self.ema.applied() if self.ema is not None else contextlib.nullcontext():
+                self._evaluate_loop(loader, sums, eps, sigma, progress)
         finally:
             self.fwd.train(was)
         if self.ddp and self.world > 1:
@@ -281,6 +343,15 @@ class Trainer:
             out["cert_acc"] = cert / n
         out.update({name: v / n for name, v in zip(self.val_metrics, own)})
         return out
+
+    def _evaluate_loop(self, loader, sums, eps, sigma, progress) -> None:
+        from tqdm.auto import tqdm
+
+        it = tqdm(iter(loader), total=len(loader), desc="  validate", leave=False,
+                  disable=not progress or self.rank != 0)
+        for batch in it:
+            x, y = self.prepare(batch[0], batch[1])
+            sums += self._evaluate_batch(x, y, eps, sigma)
 
     def _evaluate_batch(self, x, y, eps, sigma) -> torch.Tensor:
         c = self.cfg
@@ -311,20 +382,50 @@ class Trainer:
     # ---- checkpoint parts
 
     def rank_state(self) -> Dict[str, Any]:
-        """What differs between processes: the RNG states and the method's persistent state."""
-        return {"rng": _rng_state(self.device), "gen": self.gen.get_state(), "method": self.method.state_dict()}
+        """What differs between processes: the RNG states (the mixup generator's too) and the method's
+        persistent state."""
+        st = {"rng": _rng_state(self.device), "gen": self.gen.get_state(), "method": self.method.state_dict()}
+        if self.mix_gen is not None:
+            st["mix_gen"] = self.mix_gen.get_state()
+        return st
 
     def load_rank_state(self, st: Dict[str, Any]) -> None:
         _set_rng_state(st["rng"], self.device)
         self.gen.set_state(st["gen"])
+        if self.mix_gen is not None:
+            if st.get("mix_gen") is None:
+                raise ValueError("resume: the checkpoint holds no mixup generator state (written without mixup)")
+            self.mix_gen.set_state(st["mix_gen"])
         self.method.load_state_dict(st.get("method") or {})
 
-    def state_dict(self) -> Dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict()}
+    def evaluated_state_dict(self) -> Dict[str, torch.Tensor]:
+        """A CPU copy of the weights validation measures: the weight average under ``ema``, else the model's."""
+        if self.ema is not None:
+            return self.ema.averaged_state_dict()
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+
+    def state_dict(self, ema_weights: bool = True) -> Dict[str, Any]:
+        """Optimizer, scheduler, GradScaler and, under ``ema``, the weight average's update count and (unless
+        ema_weights=False: ``fit`` stores them as the checkpoint's state_dict) its weights."""
+        sd = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+              "scaler": self.scaler.state_dict()}
+        if self.ema is not None:
+            st = self.ema.state_dict()
+            if not ema_weights:
+                del st["state_dict"]
+            sd["ema"] = st
+        return sd
 
     def load_state_dict(self, sd: Dict[str, Any]) -> None:
+        """The inverse of state_dict; under ``ema`` the averaged weights are sd["ema"]["state_dict"], else
+        sd["state_dict"] (a ``fit`` checkpoint)."""
         self.optimizer.load_state_dict(sd["optimizer"])
         self.scheduler.load_state_dict(sd["scheduler"])
         if sd.get("scaler"):
             self.scaler.load_state_dict(sd["scaler"])
+        if self.ema is not None:
+            st = sd.get("ema")
+            if not isinstance(st, dict):
+                raise ValueError("resume: the checkpoint holds no weight average (written without ema)")
+            weights = st.get("state_dict", sd.get("state_dict"))
+            self.ema.load_state_dict({"updates": st["updates"], "state_dict": weights})

@@ -1,4 +1,9 @@
-"""Natural training: cross-entropy on the clean inputs."""
+"""Natural training: cross-entropy on the clean inputs.
+
+Options (see ``FitConfig``): ``ema`` (weight averaging) and ``mixup`` (Zhang et al. 2018: one
+lam ~ Beta(alpha, alpha) and one permutation pi per batch, ``Trainer.mixup``; the loss is
+lam CE(f(x_mix), y) + (1 - lam) CE(f(x_mix), y[pi]) on x_mix = lam x + (1 - lam) x[pi]; the reported
+accuracy counts the dominant labels y)."""
 from __future__ import annotations
 
 from ..registry import Method, register
@@ -10,6 +15,17 @@ class Natural(Method):
     help = "cross-entropy on clean inputs"
     select = "clean_acc"
     adversarial = False
+    options = ("ema", "mixup")
 
     def step(self, x, y):
-        return self.trainer.natural_step(x, y)
+        tr = self.trainer
+        if self.cfg.mixup is None:
+            return tr.natural_step(x, y)
+        xm, _, y2, lam = tr.mixup(x, y)
+
+        def closure(net):
+            logits = net(xm)
+            return tr.mixed_ce(logits, y, y2, lam), logits
+
+        loss, logits = tr.loss_update(closure)
+        return tr.stats(loss, logits, y)

@@ -1,6 +1,21 @@
-"""PGD adversarial training (Madry et al. 2018): the model is trained on the output of a PGD-k
-attack (eps, alpha, steps, norm, random_start of the threat model) run with the model in train mode
-on the shared projected-gradient engine."""
+"""PGD adversarial training (Madry et al. 2018): the model is trained on the output of a PGD-k attack
+(eps, alpha, steps, norm, random_start of the threat model) run with the model in train mode on the
+shared projected-gradient engine.
+
+Options (see ``FitConfig``): ``awp`` (adversarial weight perturbation on CE(f(x_adv), y), Wu et al.
+2020), ``ema`` (weight averaging) and ``mixup``, which makes it interpolated adversarial training
+(IAT, Lamb et al. 2019): the attack runs on the unmixed batch, then the clean batch and the adversarial
+batch are each mixed (lam_c, pi_c and lam_a, pi_a drawn independently, ``Trainer.mixup``) and the loss
+is the mean of the two mixup losses,
+
+    L = 1/2 [ lam_c CE(f(x_c), y) + (1 - lam_c) CE(f(x_c), y[pi_c])
+            + lam_a CE(f(x_a), y) + (1 - lam_a) CE(f(x_a), y[pi_a]) ],
+    x_c = lam_c x + (1 - lam_c) x[pi_c],   x_a = lam_a x_adv + (1 - lam_a) x_adv[pi_a].
+
+The training loss and accuracy it reports are those of L and of the mixed adversarial batch against
+its dominant labels y. As alpha -> 0 (lam = 1) it is the 50 % clean / 50 % adversarial loss
+(CE(f(x), y) + CE(f(x_adv), y)) / 2, not plain PGD-AT.
+"""
 from __future__ import annotations
 
 from ..registry import Method, register
@@ -10,12 +25,23 @@ from ..registry import Method, register
 class PGDTraining(Method):
     name = "pgd"
     help = "PGD-k adversarial training (Madry et al. 2018)"
+    options = ("awp", "ema", "mixup")
 
     @classmethod
     def label(cls, cfg) -> str:
         return f"PGD-{cfg.steps} AT"
 
     def step(self, x, y):
-        c = self.cfg
-        x_adv = self.trainer.attack(x, y, c.eps, c.alpha, c.steps, c.norm, c.random_start)
-        return self.trainer.natural_step(x_adv, y)
+        c, tr = self.cfg, self.trainer
+        x_adv = tr.attack(x, y, c.eps, c.alpha, c.steps, c.norm, c.random_start)
+        if c.mixup is None:
+            return tr.natural_step(x_adv, y)
+        xc, _, yc, lc = tr.mixup(x, y)
+        xa, _, ya, la = tr.mixup(x_adv, y)
+
+        def closure(net):
+            logits_c, logits_a = net(xc, xa)
+            return 0.5 * (tr.mixed_ce(logits_c, y, yc, lc) + tr.mixed_ce(logits_a, y, ya, la)), logits_a
+
+        loss, logits = tr.loss_update(closure)
+        return tr.stats(loss, logits, y)

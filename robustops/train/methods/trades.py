@@ -1,7 +1,12 @@
 """TRADES (Zhang et al. 2019): minimise CE(f(x), y) + beta * KL(f(x) || f(x')), where x' maximises
 KL(f(x) || f(x')) over the threat model's ball. The inner maximisation runs on the shared
 projected-gradient engine with the model in eval mode (as in the paper's code), from
-x + 0.001 * N(0, I), with the KL summed over the batch as its objective."""
+x + 0.001 * N(0, I), with the KL summed over the batch as its objective.
+
+Options (see ``FitConfig``): ``ema`` (weight averaging) and ``awp`` (adversarial weight perturbation,
+Wu et al. 2020): the weights are perturbed to raise the TRADES loss itself, CE(f(x), y) + beta *
+KL(f(x) || f(x')), at the x' found on the unperturbed weights (as the AWP authors do for TRADES), and
+the training gradient of that loss is taken at the perturbed weights."""
 from __future__ import annotations
 
 import torch
@@ -19,6 +24,7 @@ class Trades(Method):
     name = "trades"
     help = "TRADES: cross-entropy + beta * KL(clean prediction, adversarial prediction) (Zhang et al. 2019)"
     hyper = (Hyper("beta", 6.0, "TRADES beta", minimum=0.0),)
+    options = ("awp", "ema")
 
     @classmethod
     def label(cls, cfg) -> str:
@@ -37,9 +43,12 @@ class Trades(Method):
         x_adv = self.engine.run(x, p_nat, c.eps, c.alpha, c.steps, start="normal", start_sigma=0.001,
                                 seed=tr.seed(), evaluate=False).x_adv
         tr.fwd.train()
-        with tr.autocast():
-            logits, logits_adv = tr.net(x, x_adv)
+
+        def closure(net):
+            logits, logits_adv = net(x, x_adv)
             loss = F.cross_entropy(logits, y) + c.beta * F.kl_div(
                 F.log_softmax(logits_adv.float(), dim=1), F.softmax(logits.float(), dim=1), reduction="batchmean")
-        tr.update(loss)
+            return loss, logits
+
+        loss, logits = tr.loss_update(closure)
         return tr.stats(loss, logits, y)
