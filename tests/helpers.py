@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import statistics
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -113,3 +114,44 @@ class Linear2(torch.nn.Module):
     def forward(self, x):
         z = x.flatten(1) @ self.w.to(x.dtype) + self.b
         return torch.stack([torch.zeros_like(z), z], 1)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One torch thread for a test module (import it into the module to apply it): the small models of
+    these tests only lose time to threading, and their timings stay comparable."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def free_port() -> int:
+    """A free TCP port on localhost (for a gloo process group in a test)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Interrupt(Exception):
+    """Raised by :class:`CrashingLoader`: a killed job."""
+
+
+class CrashingLoader:
+    """A loader that dies (like a killed job) after `after` batches in total."""
+
+    def __init__(self, inner, after):
+        self.inner, self.after, self.count = inner, after, 0
+        self.sampler = inner.sampler
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __iter__(self):
+        for b in self.inner:
+            if self.count == self.after:
+                raise Interrupt()
+            self.count += 1
+            yield b

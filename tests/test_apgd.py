@@ -35,7 +35,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from helpers import assert_in_ball, assert_not_weaker, train_digits_model
+from helpers import assert_in_ball, assert_not_weaker, one_thread, train_digits_model  # noqa: F401 (one_thread: an autouse fixture)
 
 from robustops import attacks as A
 from robustops.attacks.apgd import APGD, APGDT, checkpoints
@@ -44,14 +44,6 @@ from robustops.data import load_digits
 STEPS = 20
 SEEDS = range(8)
 CASES = [("linf", 0.1), ("l2", 1.0)]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -425,9 +417,9 @@ def test_robust_accuracy_runs_an_ensemble_in_order():
     """robust_accuracy([APGD, APGDT]): the first attack's figures are APGD's alone (it sees every
     sample), the second attacks only what the first left robust, and a sample is robust when it
     survives both; the rows say which attack they hold."""
+    from helpers import train_digits_model
     from torch.utils.data import DataLoader, TensorDataset
 
-    from helpers import train_digits_model
     from robustops.attacks import APGD, APGDT, robust_accuracy
     from robustops.data import IndexedDataset, load_digits
 

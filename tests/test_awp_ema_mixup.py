@@ -1,13 +1,12 @@
 """The training options: adversarial weight perturbation (awp), weight averaging (ema), mixup / IAT."""
 import json
 import os
-import socket
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from helpers import tiny_cnn
+from helpers import CrashingLoader, Interrupt, free_port, one_thread, tiny_cnn  # noqa: F401 (one_thread: an autouse fixture)
 from torch.utils.data import DataLoader, Subset
 
 import robustops as ro
@@ -16,14 +15,6 @@ from robustops.data import load_digits
 from robustops.train.ema import ema_decay
 
 EPS = 0.2
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -237,26 +228,6 @@ def test_mixup_digits_run_trains(digits):
 
 # --------------------------------------------------------------------------- all of them: resume, config, CLI
 
-class Interrupt(Exception):
-    pass
-
-
-class CrashingLoader:
-    def __init__(self, inner, after):
-        self.inner, self.after, self.count = inner, after, 0
-        self.sampler = inner.sampler
-
-    def __len__(self):
-        return len(self.inner)
-
-    def __iter__(self):
-        for b in self.inner:
-            if self.count == self.after:
-                raise Interrupt()
-            self.count += 1
-            yield b
-
-
 def test_resume_with_awp_ema_mixup_matches_uninterrupted(digits, tmp_path):
     train_ds, test_ds = digits
     sub = Subset(train_ds, list(range(160)))
@@ -336,12 +307,6 @@ def test_cli_train_with_options(tmp_path, capsys):
 
 # --------------------------------------------------------------------------- distributed
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 OPTION_RUNS = {"awp": dict(method="pgd", awp=0.01), "ema": dict(method="pgd", ema=0.9),
                "trades_awp": dict(method="trades", awp=0.01)}
 
@@ -376,7 +341,7 @@ def test_ddp_two_gloo_processes_match_single_with_options(digits, tmp_path, whic
     averaged over the processes, the weight average follows identical weights."""
     import torch.multiprocessing as mp
 
-    mp.spawn(_ddp_worker, args=(2, _free_port(), which, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), which, str(tmp_path)), nprocs=2, join=True)
     got = torch.load(tmp_path / "ddp.pt", weights_only=False)
     kw = dict(OPTION_RUNS[which])
     model = tiny_cnn(seed=11)

@@ -6,7 +6,6 @@ import csv
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 
@@ -14,6 +13,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from helpers import CrashingLoader, Interrupt, free_port, one_thread  # noqa: F401 (one_thread: an autouse fixture)
 from helpers import tiny_cnn as _tiny_cnn
 from torch.utils.data import DataLoader, Subset
 
@@ -25,15 +25,6 @@ from robustops.train.fit import LOG_COLUMNS, log_columns
 from robustops.train.methods.ibp import progress, ramp_fraction
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -305,28 +296,6 @@ def test_unsupported_layer_fails_at_the_first_step(digits, method):
 
 # --------------------------------------------------------------------------- resume, DDP, AMP
 
-class Interrupt(Exception):
-    pass
-
-
-class CrashingLoader:
-    """A loader that dies (like a killed job) after `after` batches in total."""
-
-    def __init__(self, inner, after):
-        self.inner, self.after, self.count = inner, after, 0
-        self.sampler = inner.sampler
-
-    def __len__(self):
-        return len(self.inner)
-
-    def __iter__(self):
-        for b in self.inner:
-            if self.count == self.after:
-                raise Interrupt()
-            self.count += 1
-            yield b
-
-
 @pytest.mark.parametrize("method", ["ibp", "acert"])
 def test_resume_matches_uninterrupted(digits, tmp_path, method):
     train_ds, test_ds = digits
@@ -354,12 +323,6 @@ def test_resume_matches_uninterrupted(digits, tmp_path, method):
         assert torch.equal(v, model.state_dict()[k]), k
     strip = lambda h: [{k: v for k, v in r.items() if "time" not in k} for r in h]  # noqa: E731
     assert str(strip(res.history)) == str(strip(ref.history)) and res.best_epoch == ref.best_epoch
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _ddp_worker(rank, world, port, method, out):
@@ -390,7 +353,7 @@ def test_ddp_two_gloo_processes_match_single(digits, tmp_path, method):
     with the clean forward's: two processes on half-batches end where one process on whole batches does."""
     import torch.multiprocessing as mp
 
-    mp.spawn(_ddp_worker, args=(2, _free_port(), method, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), method, str(tmp_path)), nprocs=2, join=True)
     got = torch.load(tmp_path / "ddp.pt", weights_only=False)
     model = tiny_cnn(seed=11)
     res = rt.fit(model, DataLoader(Subset(digits[0], list(range(128))), batch_size=32, shuffle=False), method,

@@ -3,10 +3,10 @@ per-epoch log, exact resume and DDP."""
 import argparse
 import csv
 import os
-import socket
 
 import pytest
 import torch
+from helpers import CrashingLoader, Interrupt, free_port, one_thread  # noqa: F401 (one_thread: an autouse fixture)
 from helpers import tiny_cnn as _tiny_cnn
 from torch.utils.data import DataLoader, Subset
 
@@ -14,14 +14,6 @@ from robustops import train as rt
 from robustops.data import load_digits
 from robustops.train.fit import log_columns
 from robustops.train.methods.dale import log1m_softmax
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -133,28 +125,6 @@ def test_amp_and_channels_last(digits, amp):
 
 # --------------------------------------------------------------------------- resume, DDP
 
-class Interrupt(Exception):
-    pass
-
-
-class CrashingLoader:
-    """A loader that dies (like a killed job) after `after` batches in total."""
-
-    def __init__(self, inner, after):
-        self.inner, self.after, self.count = inner, after, 0
-        self.sampler = inner.sampler
-
-    def __len__(self):
-        return len(self.inner)
-
-    def __iter__(self):
-        for b in self.inner:
-            if self.count == self.after:
-                raise Interrupt()
-            self.count += 1
-            yield b
-
-
 @pytest.mark.parametrize("method", ["dale_pd"])
 def test_resume_matches_uninterrupted(digits, tmp_path, method):
     train_ds, test_ds = digits
@@ -186,12 +156,6 @@ def test_resume_matches_uninterrupted(digits, tmp_path, method):
     assert len({r["nu"] for r in res.history}) == 3
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 _DDP_KW = dict(epochs=2, eps=0.1, steps=2, random_start=False, langevin_noise=0.0, margin=0.3, dual_lr=0.1, lr=0.05,
                seed=0, progress=False, verbose=False)
 
@@ -220,7 +184,7 @@ def test_ddp_two_gloo_processes_match_single(digits, tmp_path, method):
     batches does, with the same dual variable on both ranks (the clean loss is averaged over them)."""
     import torch.multiprocessing as mp
 
-    mp.spawn(_ddp_worker, args=(2, _free_port(), method, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), method, str(tmp_path)), nprocs=2, join=True)
     got = [torch.load(tmp_path / f"ddp{r}.pt", weights_only=False) for r in (0, 1)]
     model = tiny_cnn(seed=11)
     res = rt.fit(model, DataLoader(Subset(digits[0], list(range(128))), batch_size=32, shuffle=False), method,

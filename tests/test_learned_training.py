@@ -8,19 +8,11 @@ import os
 import pytest
 import torch
 import torch.nn as nn
-from helpers import tiny_cnn
+from helpers import CrashingLoader, Interrupt, one_thread, tiny_cnn  # noqa: F401 (one_thread: an autouse fixture)
 from torch.utils.data import DataLoader, Subset
 
 from robustops import train as rt
 from robustops.data import load_digits
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 class LinearSet(nn.Module):
@@ -113,25 +105,6 @@ def test_learned_method_uses_the_latent_attack(digits):
         out[(method, eps)] = torch.cat([p.detach().flatten() for p in model.parameters()])
     assert torch.equal(out[("natural", 0.5)], out[("learned", 0.0)])
     assert not torch.allclose(out[("natural", 0.5)], out[("learned", 0.5)])
-
-
-class Interrupt(Exception):
-    pass
-
-
-class CrashingLoader:
-    def __init__(self, loader, after):
-        self.loader, self.after, self.n = loader, after, 0
-
-    def __len__(self):
-        return len(self.loader)
-
-    def __iter__(self):
-        for batch in self.loader:
-            self.n += 1
-            if self.n > self.after:
-                raise Interrupt()
-            yield batch
 
 
 @pytest.mark.parametrize("method", ["learned", "learned_aug"])

@@ -3,12 +3,11 @@ import csv
 import json
 import math
 import os
-import socket
 
 import pytest
 import torch
 import torch.nn as nn
-from helpers import tiny_cnn
+from helpers import CrashingLoader, Interrupt, free_port, one_thread, tiny_cnn  # noqa: F401 (one_thread: an autouse fixture)
 from torch.utils.data import DataLoader, Subset
 
 import robustops as ro
@@ -16,16 +15,6 @@ from robustops import train as rt
 from robustops.data import load_digits
 
 EPS = 0.2  # L-inf budget on the [0, 1] digits
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine OpenMP
-    threads that wait on each other slow them down many times."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -214,28 +203,6 @@ def test_lr_schedules():
 
 # --------------------------------------------------------------------------- checkpoints / resume
 
-class Interrupt(Exception):
-    pass
-
-
-class CrashingLoader:
-    """A loader that dies (like a killed job) after `after` batches in total."""
-
-    def __init__(self, inner, after):
-        self.inner, self.after, self.count = inner, after, 0
-        self.sampler = inner.sampler
-
-    def __len__(self):
-        return len(self.inner)
-
-    def __iter__(self):
-        for b in self.inner:
-            if self.count == self.after:
-                raise Interrupt()
-            self.count += 1
-            yield b
-
-
 @pytest.mark.parametrize("method,kw", [("free", dict(m=2)), ("pgd", dict(steps=2, patience=5)),
                                        ("fgsm", dict(fgsm_init="previous"))])
 def test_resume_matches_uninterrupted(digits, tmp_path, method, kw):
@@ -307,12 +274,6 @@ def test_early_stopping_keeps_best(digits, tmp_path):
 
 # --------------------------------------------------------------------------- distributed
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank, world, port, method, out):
     import torch.distributed as dist
     from torch.utils.data.distributed import DistributedSampler
@@ -342,7 +303,7 @@ def _ddp_worker(rank, world, port, method, out):
 def test_ddp_two_gloo_processes_match_single(digits, tmp_path, method):
     import torch.multiprocessing as mp
 
-    mp.spawn(_ddp_worker, args=(2, _free_port(), method, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), method, str(tmp_path)), nprocs=2, join=True)
     got = torch.load(tmp_path / "ddp.pt", weights_only=False)
 
     train_ds = Subset(digits[0], list(range(256)))
