@@ -1,2 +1,6 @@
 """The built-in training methods, one file each; importing a module registers its method."""
 from . import natural, pgd, free, fgsm, trades, gaussian, ibp, acert, learned, dale  # noqa: F401  (registration order = listing order)
+from . import consistency  # noqa: F401
+from . import macer  # noqa: F401
+from . import smoothadv  # noqa: F401
+from . import smoothmix  # noqa: F401
