@@ -1,5 +1,6 @@
-"""Mixup and proxy-data training under DDP (two gloo processes): they cannot equal a single process
-on whole batches (mixup permutes within each process's half; the proxy loader shards batches by rank),
+"""Mixup, proxy-data and the smoothing-training methods under DDP (two gloo processes): they cannot equal
+a single process on whole batches (mixup permutes within each process's half; the proxy loader shards
+batches by rank; each rank draws its own noise),
 so what is checked is what DDP must guarantee: every rank ends with the same finite weights, the
 weights moved, the ranks saw disjoint real and generated samples, and the mixed batches kept their
 ratio."""
@@ -31,16 +32,17 @@ def _worker(rank, world, port, which, out):
             kw = {}
         else:
             ld = DataLoader(real, batch_size=16, sampler=DistributedSampler(real, world, rank, shuffle=True, seed=0))
-            kw = {"mixup": 1.0}
+            kw = {"mixup": 1.0} if which == "mixup" else {"noise_copies": 2}
         model = tiny_cnn(seed=11)
-        rt.fit(model, ld, "pgd", epochs=2, eps=0.1, steps=2, lr=0.05, progress=False, verbose=False, seed=0, **kw)
+        method = "pgd" if which in ("mixup", "proxy") else which
+        rt.fit(model, ld, method, epochs=2, eps=0.1, steps=2, lr=0.05, progress=False, verbose=False, seed=0, **kw)
         torch.save({"state_dict": model.state_dict(), "seen": seen}, os.path.join(out, f"rank{rank}.pt"))
         dist.barrier()  # meet before tearing down (see tests/test_train.py)
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("which", ["mixup", "proxy"])
+@pytest.mark.parametrize("which", ["mixup", "proxy", "consistency", "macer", "smoothadv", "smoothmix"])
 def test_two_gloo_processes_stay_in_sync(tmp_path, which):
     import torch.multiprocessing as mp
 
