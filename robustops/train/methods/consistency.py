@@ -34,9 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from ... import ops
-from ..registry import Hyper, Method, register
-
-NOISE_COPIES_HELP = "Gaussian-noise copies of each input per training step"
+from ..registry import Hyper, register
+from .gaussian import SIGMA, SmoothingMethod, noise_copies
 
 
 def consistency_terms(logits: torch.Tensor, m: int):
@@ -51,21 +50,14 @@ def consistency_terms(logits: torch.Tensor, m: int):
 
 
 @register
-class Consistency(Method):
+class Consistency(SmoothingMethod):
     name = "consistency"
     help = ("Gaussian noise on m copies + lambda * KL(mean prediction, each copy) + eta * entropy of the mean "
             "(Jeong & Shin 2020)")
-    hyper = (Hyper("sigma", 0.25, "Gaussian noise level (training and smoothing)", minimum=0.0),
-             Hyper("noise_copies", 2, NOISE_COPIES_HELP, kind="int", minimum=1),
+    hyper = (SIGMA, noise_copies(2),
              Hyper("consistency_lambda", 10.0, "consistency: weight lambda of the KL term", minimum=0.0),
              Hyper("consistency_eta", 0.5, "consistency: weight eta of the entropy of the mean prediction",
                    minimum=0.0))
-    select = "noise_acc"
-
-    @classmethod
-    def noise_sigma(cls, cfg):
-        return cfg.sigma
-
     @classmethod
     def label(cls, cfg) -> str:
         return (f"consistency (sigma={cfg.sigma:g}, m={cfg.noise_copies}, lambda={cfg.consistency_lambda:g}, "

@@ -6,16 +6,32 @@ from ... import ops
 from ..registry import Hyper, Method, register
 
 
-@register
-class Gaussian(Method):
-    name = "gaussian"
-    help = "Gaussian noise augmentation at sigma, for randomized smoothing (Cohen et al. 2019)"
-    hyper = (Hyper("sigma", 0.25, "Gaussian noise level (training and smoothing)", minimum=0.0),)
+#: the noise level every smoothing-training method shares (one --sigma flag)
+SIGMA = Hyper("sigma", 0.25, "Gaussian noise level (training and smoothing)", minimum=0.0)
+NOISE_COPIES_HELP = "Gaussian-noise copies of each input per training step"
+
+
+def noise_copies(default: int) -> Hyper:
+    """The number of noisy copies per input (one --noise-copies flag; its default is the method's)."""
+    return Hyper("noise_copies", default, NOISE_COPIES_HELP, kind="int", minimum=1)
+
+
+class SmoothingMethod(Method):
+    """Base of the methods that train for randomized smoothing at ``cfg.sigma``: validation measures
+    accuracy under that noise and selects by it, checkpoints record sigma for ``certify``."""
+
     select = "noise_acc"
 
     @classmethod
     def noise_sigma(cls, cfg):
         return cfg.sigma
+
+
+@register
+class Gaussian(SmoothingMethod):
+    name = "gaussian"
+    help = "Gaussian noise augmentation at sigma, for randomized smoothing (Cohen et al. 2019)"
+    hyper = (SIGMA,)
 
     @classmethod
     def label(cls, cfg) -> str:

@@ -54,8 +54,8 @@ import torch
 import torch.nn.functional as F
 
 from ... import ops
-from ..registry import Hyper, Method, register
-from .consistency import NOISE_COPIES_HELP
+from ..registry import Hyper, register
+from .gaussian import SIGMA, SmoothingMethod, noise_copies
 
 #: The clamp of the soft-smoothed probabilities before Phi^-1 (float64): [PROB_EPS, 1 - PROB_EPS].
 PROB_EPS = 1e-12
@@ -79,23 +79,16 @@ def radius_hinge(logits: torch.Tensor, y: torch.Tensor, k: int, sigma: float, be
 
 
 @register
-class Macer(Method):
+class Macer(SmoothingMethod):
     name = "macer"
     help = "MACER: smoothed cross-entropy + lambda * hinge on the soft certified radius (Zhai et al. 2020)"
-    hyper = (Hyper("sigma", 0.25, "Gaussian noise level (training and smoothing)", minimum=0.0),
-             Hyper("noise_copies", 16, NOISE_COPIES_HELP, kind="int", minimum=1),
+    hyper = (SIGMA, noise_copies(16),
              Hyper("macer_beta", 16.0, "macer: inverse temperature beta of the soft smoothed classifier",
                    minimum=0.0, strict=True),
              Hyper("macer_gamma", 8.0, "macer: hinge margin gamma on Phi^-1(p_y) - Phi^-1(p_second)", minimum=0.0),
              Hyper("macer_lambda", 12.0, "macer: weight lambda of the radius hinge", minimum=0.0),
              Hyper("macer_warmup", 0, "macer: epochs of warm-up with lambda = 0 (smoothed cross-entropy only)",
                    kind="int", minimum=0))
-    select = "noise_acc"
-
-    @classmethod
-    def noise_sigma(cls, cfg):
-        return cfg.sigma
-
     @classmethod
     def label(cls, cfg) -> str:
         warm = f", warm-up {cfg.macer_warmup}" if cfg.macer_warmup else ""

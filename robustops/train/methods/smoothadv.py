@@ -46,7 +46,8 @@ import torch.nn.functional as F
 
 from ... import ops
 from ...attacks.engine import Engine
-from ..registry import Hyper, Method, register
+from ..registry import Hyper, register
+from .gaussian import SIGMA, SmoothingMethod, noise_copies
 
 __all__ = ["SmoothAdv", "smoothed_nll", "draw_noise", "add_noise"]
 
@@ -94,19 +95,12 @@ def smoothed_engine(trainer) -> Engine:
 
 
 @register
-class SmoothAdv(Method):
+class SmoothAdv(SmoothingMethod):
     name = "smoothadv"
     help = "SmoothAdv: L2 PGD on the smoothed soft classifier, then training on its noisy copies (Salman et al. 2019)"
-    hyper = (Hyper("sigma", 0.25, "Gaussian noise level (training and smoothing)", minimum=0.0),
-             Hyper("noise_copies", 2, "Gaussian noise copies per input", kind="int", minimum=1),
+    hyper = (SIGMA, noise_copies(2),
              Hyper("adv_eps", 0.5, "L2 radius of the SmoothAdv attack", minimum=0.0),
              Hyper("adv_steps", 2, "PGD steps of the SmoothAdv attack (0: Gaussian training)", kind="int", minimum=0))
-    select = "noise_acc"
-
-    @classmethod
-    def noise_sigma(cls, cfg):
-        return cfg.sigma
-
     @classmethod
     def label(cls, cfg) -> str:
         return f"SmoothAdv (sigma={cfg.sigma:g}, eps={cfg.adv_eps:g}, PGD-{cfg.adv_steps}, m={cfg.noise_copies})"

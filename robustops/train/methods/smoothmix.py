@@ -47,7 +47,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..registry import Hyper, Method, register
+from ..registry import Hyper, register
+from .gaussian import SIGMA, SmoothingMethod, noise_copies
 from .smoothadv import add_noise, draw_noise, smoothed_engine
 
 __all__ = ["SmoothMix", "smoothmix_loss"]
@@ -72,20 +73,13 @@ def smoothmix_loss(logits_c: torch.Tensor, logits_mix: torch.Tensor, y: torch.Te
 
 
 @register
-class SmoothMix(Method):
+class SmoothMix(SmoothingMethod):
     name = "smoothmix"
     help = "SmoothMix: mixup towards a smoothed adversarial point with labels calibrated to uniform (Jeong et al. 2021)"
-    hyper = (Hyper("sigma", 0.25, "Gaussian noise level (training and smoothing)", minimum=0.0),
-             Hyper("noise_copies", 2, "Gaussian noise copies per input", kind="int", minimum=1),
+    hyper = (SIGMA, noise_copies(2),
              Hyper("mix_steps", 4, "SmoothMix attack steps T (0: no attack)", kind="int", minimum=0),
              Hyper("mix_alpha", 0.5, "SmoothMix attack L2 step size", minimum=0.0),
              Hyper("mix_eta", 5.0, "weight eta of the SmoothMix mixup loss", minimum=0.0))
-    select = "noise_acc"
-
-    @classmethod
-    def noise_sigma(cls, cfg):
-        return cfg.sigma
-
     @classmethod
     def label(cls, cfg) -> str:
         return f"SmoothMix (sigma={cfg.sigma:g}, T={cfg.mix_steps}, eta={cfg.mix_eta:g}, m={cfg.noise_copies})"
