@@ -54,34 +54,24 @@ import torch
 import torch.nn.functional as F
 
 from ... import bounds
-from ..registry import Hyper, Method, register
-from .ibp import check_linf, check_supported, kappa_hyper, progress, ramp_fraction, schedule_hypers
+from ..registry import Hyper, register
+from .ibp import CertifiedMethod, kappa_hyper, progress, ramp_fraction, schedule_hypers
 
 __all__ = ["ACERT"]
 
 
 @register
-class ACERT(Method):
+class ACERT(CertifiedMethod):
     name = "acert"
     help = ("adaptive certified training: kappa * CE(clean) + (1 - kappa) * IBP loss at each sample's own "
             "certified radius (Nurlanov et al. 2023)")
     hyper = (kappa_hyper(0.0),) + schedule_hypers(0.05, 0.4, "smooth") + (
         Hyper("radius_tol", 0.01, "tolerance of ACERT's per-sample radius search, as a fraction of the current "
                                   "eps cap", minimum=0.0, strict=True, maximum=1.0),)
-    select = "cert_acc"
-    certified = True
 
     @classmethod
     def label(cls, cfg) -> str:
         return f"ACERT (kappa={cfg.kappa:g})"
-
-    @classmethod
-    def check_config(cls, cfg) -> None:
-        check_linf(cfg, cls.name)
-
-    def __init__(self, trainer):
-        super().__init__(trainer)
-        self._checked = False
 
     def eps_max(self, p: float) -> float:
         """The cap of the radii at training progress p."""
@@ -110,9 +100,7 @@ class ACERT(Method):
 
     def step(self, x, y):
         tr = self.trainer
-        if not self._checked:
-            check_supported(tr, x, y)
-            self._checked = True
+        self.check_model(x, y)
         radii = self.radii(x, y, self.eps_max(progress(tr)) if self.cfg.kappa < 1 else 0.0)
         with tr.autocast():
             logits = tr.net(x)

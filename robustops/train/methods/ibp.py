@@ -136,18 +136,12 @@ def schedule_hypers(warmup: float, ramp: float, shape: str) -> Tuple[Hyper, ...]
                   choices=SCHEDULE_SHAPES))
 
 
-@register
-class IBP(Method):
-    name = "ibp"
-    help = ("interval bound propagation: kappa * CE(clean) + (1 - kappa) * CE(worst-case logits at eps), eps "
-            "and kappa ramped (Gowal et al. 2018)")
-    hyper = (kappa_hyper(0.5),) + schedule_hypers(0.05, 0.4, "linear")
+class CertifiedMethod(Method):
+    """Base of the IBP-based methods: validated and selected by cert_acc, L-inf only, and the model's
+    layers checked for IBP rules at the first step (:meth:`check_model`)."""
+
     select = "cert_acc"
     certified = True
-
-    @classmethod
-    def label(cls, cfg) -> str:
-        return f"IBP (kappa={cfg.kappa:g})"
 
     @classmethod
     def check_config(cls, cfg) -> None:
@@ -156,6 +150,24 @@ class IBP(Method):
     def __init__(self, trainer):
         super().__init__(trainer)
         self._checked = False
+
+    def check_model(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """check_supported once, at the first step."""
+        if not self._checked:
+            check_supported(self.trainer, x, y)
+            self._checked = True
+
+
+@register
+class IBP(CertifiedMethod):
+    name = "ibp"
+    help = ("interval bound propagation: kappa * CE(clean) + (1 - kappa) * CE(worst-case logits at eps), eps "
+            "and kappa ramped (Gowal et al. 2018)")
+    hyper = (kappa_hyper(0.5),) + schedule_hypers(0.05, 0.4, "linear")
+
+    @classmethod
+    def label(cls, cfg) -> str:
+        return f"IBP (kappa={cfg.kappa:g})"
 
     def schedule(self, p: float) -> Tuple[float, float]:
         """(eps_t, kappa_t) at training progress p."""
@@ -175,9 +187,7 @@ class IBP(Method):
 
     def step(self, x, y):
         tr = self.trainer
-        if not self._checked:
-            check_supported(tr, x, y)
-            self._checked = True
+        self.check_model(x, y)
         eps_t, kappa_t = self.schedule(progress(tr))
         with tr.autocast():
             logits = tr.net(x)
