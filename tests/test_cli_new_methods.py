@@ -1,0 +1,34 @@
+"""The training methods of issues 14 and 15 through the real command line: `robustops train` parses
+their flags, trains one epoch on the digits, and writes the summary with the method's settings."""
+import json
+import os
+
+import pytest
+from helpers import one_thread  # noqa: F401 (one_thread: an autouse fixture)
+
+from robustops.cli import main
+
+CASES = {
+    "dale_pd": (["--nu", "0.5", "--margin", "0.2", "--dual-lr", "0.01", "--langevin-form", "gaussian"],
+                {"nu": 0.5, "margin": 0.2, "dual_lr": 0.01, "langevin_form": "gaussian"}),
+    "consistency": (["--noise-copies", "3", "--consistency-lambda", "5"],
+                    {"noise_copies": 3, "consistency_lambda": 5.0}),
+    "macer": (["--noise-copies", "4", "--macer-lambda", "1", "--macer-warmup", "0"],
+              {"noise_copies": 4, "macer_lambda": 1.0, "macer_warmup": 0}),
+    "smoothadv": (["--adv-eps", "0.25", "--adv-steps", "1"], {"adv_eps": 0.25, "adv_steps": 1}),
+    "smoothmix": (["--mix-steps", "2", "--noise-copies", "2"], {"mix_steps": 2, "noise_copies": 2}),
+}
+
+
+@pytest.mark.parametrize("method", sorted(CASES))
+def test_train_command(tmp_path, method):
+    flags, expect = CASES[method]
+    out = str(tmp_path / method)
+    assert main(["train", "--data", "digits", "--method", method, "--epochs", "1", "--batch-size", "256",
+                 "--steps", "2", "--test-steps", "0", "--val-size", "64", "-o", out, "--no-progress"] + flags) == 0
+    with open(os.path.join(out, "summary.json")) as fh:
+        s = json.load(fh)
+    assert s["method"] == method and s["epochs_run"] == 1
+    for k, v in expect.items():
+        assert s["config"]["params"][k] == v, k
+    assert os.path.exists(os.path.join(out, "last.pt"))
