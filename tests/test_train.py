@@ -388,7 +388,8 @@ def test_cli_demo_quick(tmp_path, capsys):
     rc = main(["demo", "--out", str(out), "--epochs", "2", "--n0", "10", "--n", "50", "--certify-max", "20",
                "--attack-steps", "3", "--apgd-steps", "3", "--no-progress", "--val-size", "64",
                "--cvae-epochs", "2", "--learned-steps", "2", "--set-attack-steps", "3", "--latent-n", "50",
-               "--latent-certify-max", "10", "--proxy-n", "500"])
+               "--latent-certify-max", "10", "--proxy-n", "500", "--sequential-images", "6",
+               "--sequential-n-max", "2000"])
     assert rc == 0
     text = capsys.readouterr().out
     # the learned-perturbation-set section: the set's quality, three models, the picture, the JSON rows
@@ -406,7 +407,9 @@ def test_cli_demo_quick(tmp_path, capsys):
     for label in ("natural", "PGD-7 AT", "free AT (m=4)", "Gaussian noise (sigma=0.25)", "IBP (kappa=0.5)",
                   "ACERT (kappa=0)", "DALE-PD", "PGD-7 AT + AWP (gamma=0.005)", "PGD-7 AT + EMA (0.999)",
                   "PGD-7 AT + proxy data (50%)", "robust discrimination", "consistency (sigma=0.25, m=2",
-                  "MACER (sigma=0.25, k=8, lambda=1", "warm-up 10", "ACR", "IBP ACR (L-inf", "train time"):
+                  "MACER (sigma=0.25, k=8, lambda=1", "warm-up 10", "ACR", "IBP ACR (L-inf", "train time",
+                  "sequential certification of the smoothed Gaussian noise (sigma=0.25) model at r=0.25 (6 images",
+                  "fewer than fixed n=2,000 CERTIFY's 2,010"):
         assert label in text
     for f in ("results.md", "results.csv", "certified_accuracy.png", "certify_gaussian.tsv",
               "pgd/last.pt", "pgd/log.csv", "gaussian/best.pt"):

@@ -34,11 +34,13 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from scipy import special, stats
+from scipy import stats
 
 from .. import _checks, _rng, ops
 from ..models import Normalize
 from .graph import VoteGraphs
+from .sequential import clopper_pearson_lower
+from .stream import SequentialResult, certify_stream, check_radii
 
 __all__ = ["Smooth", "CertifyResult", "PredictResult", "clopper_pearson_lower", "ABSTAIN", "phase_seed",
            "SELECTION", "ESTIMATION", "PREDICTION"]
@@ -55,18 +57,6 @@ def phase_seed(seed: int, phase: int) -> int:
 
 
 # ------------------------------------------------------------------------------- statistics
-
-def clopper_pearson_lower(n_a, n, alpha: float) -> np.ndarray:
-    """One-sided (1 - alpha) Clopper-Pearson lower confidence bound on a binomial proportion after
-    n_a successes in n trials: the alpha quantile of Beta(n_a, n - n_a + 1), and 0 when n_a = 0.
-    Vectorized over n_a (and n)."""
-    n_a = np.asarray(n_a, dtype=np.float64)
-    n = np.broadcast_to(np.asarray(n, dtype=np.float64), n_a.shape)
-    out = np.zeros(n_a.shape, dtype=np.float64)
-    pos = n_a > 0
-    out[pos] = special.betaincinv(n_a[pos], n[pos] - n_a[pos] + 1.0, alpha)
-    return out
-
 
 def _binom_pvalue(n_a: int, n_b: int) -> float:
     return float(stats.binomtest(int(n_a), int(n_a + n_b), 0.5).pvalue)
@@ -285,6 +275,92 @@ class Smooth:
                                  pvalue=torch.from_numpy(pvalue), nan_votes=torch.from_numpy(nan),
                                  finite_input=torch.from_numpy(finite))
         return prediction
+
+    # ------------------------------------------------------------------- sequential certification
+
+    def certify_radius(self, x: torch.Tensor, radius: float, alpha: float = 0.001, batch_size: int = 1000, *,
+                       test: str = "cp", n0: int = 100, n_max: int = 100_000, n_min: int = 100,
+                       beta: Optional[float] = None, seed: Optional[int] = None, indices=None,
+                       max_active: Optional[int] = None) -> SequentialResult:
+        """Is g certified at L2 radius ``radius``? For each input of x [B, ...]: certified (with the
+        class), not certified, or abstained, with as few noisy samples as the input needs and the
+        guarantee of CERTIFY (a certificate is wrong with probability <= alpha).
+
+        As in :meth:`certify`, n0 separate selection samples choose the class cA; then estimation
+        samples are drawn in chunks up to the looks n_min, 2 n_min, 4 n_min, ..., n_max, and after each
+        look a confidence sequence on pA decides (``test``: "cp", Clopper-Pearson with alpha split over
+        the looks, the default, which needs as few or fewer samples in simulation with doubling looks;
+        or "betting", an anytime-valid betting confidence sequence; see robustops.smoothing.sequential):
+        certified once its lower bound reaches Phi(radius / sigma), not certified once its upper bound
+        (error beta, default alpha) falls below it, abstained when n_max samples did not decide. An input
+        leaves the forward passes as soon as it is decided and the next input takes its place (batch
+        refill, robustops.smoothing.stream), so the passes stay full.
+
+        Returns a SequentialResult: prediction (cA if certified, else -1), radius (``radius`` if certified,
+        else 0), decisions [B, 1], samples [B] (n0 + estimation samples spent), pA_lower / pA_upper,
+        counts, selection_counts. Noise: the selection samples and the first estimation samples of an
+        input are those of ``certify(x, n0, n_max, alpha, ..., seed=seed, indices=indices)``; an input's
+        result depends only on (seed, its index). batch_size: noisy samples per forward pass.
+        max_active: inputs in flight at once (None: enough to keep the passes full). Not with context
+        or graph (the eager path is used)."""
+        return self._sequential(x, indices, radii=check_radii(radius, "radius"), precision=None, alpha=alpha,
+                                batch_size=batch_size, test=test, n0=n0, n_max=n_max, n_min=n_min, beta=beta,
+                                seed=seed, max_active=max_active)
+
+    def certify_radii(self, x: torch.Tensor, radii, alpha: float = 0.001, batch_size: int = 1000, *,
+                      test: str = "cp", n0: int = 100, n_max: int = 100_000, n_min: int = 100,
+                      beta: Optional[float] = None, seed: Optional[int] = None, indices=None,
+                      max_active: Optional[int] = None) -> SequentialResult:
+        """:meth:`certify_radius` for a grid of radii in one run: each input stops when every radius is
+        decided. decisions [B, R] (CERTIFIED 1 / NOT_CERTIFIED 0 / ABSTAINED -1, in the order of radii);
+        radius = the largest certified radius of the grid (0 if none), so certified_accuracy(radius,
+        correct, radii) is the certified accuracy at each radius. Every decision is read off one
+        confidence sequence at level alpha, so the probability that *any* radius of an input is wrongly
+        certified is <= alpha: the budget needs no split across radii (a split, alpha / R per radius, would
+        only be needed for separate per-radius tests; see robustops.smoothing.sequential)."""
+        return self._sequential(x, indices, radii=check_radii(radii), precision=None, alpha=alpha,
+                                batch_size=batch_size, test=test, n0=n0, n_max=n_max, n_min=n_min, beta=beta,
+                                seed=seed, max_active=max_active)
+
+    def certify_sequential(self, x: torch.Tensor, alpha: float = 0.001, batch_size: int = 1000, *,
+                           precision: float = 0.05, test: str = "cp", n0: int = 100, n_max: int = 100_000,
+                           n_min: int = 100, beta: Optional[float] = None, seed: Optional[int] = None, indices=None,
+                           max_active: Optional[int] = None) -> SequentialResult:
+        """Full-radius mode: the largest certified radius sigma * Phi^-1(pA_lower), stopping an input once
+        that radius is within ``precision`` (in the units of sigma's radii) of what fixed-n_max CERTIFY would
+        certify if pA were as large as the confidence sequence's upper bound, or once the upper bound falls
+        below 1/2 (abstain), or at n_max. The radius is valid at level alpha like CERTIFY's. It saves most
+        on inputs with pA well inside (1/2, 1); with pA near 1 the fixed-n radius needs nearly all of
+        n_max (the benchmark reports the saving honestly). Other arguments as in :meth:`certify_radius`; decisions is
+        [B, 0]."""
+        return self._sequential(x, indices, radii=None, precision=precision, alpha=alpha, batch_size=batch_size,
+                                test=test, n0=n0, n_max=n_max, n_min=n_min, beta=beta, seed=seed,
+                                max_active=max_active)
+
+    def certify_stream(self, inputs, alpha: float = 0.001, batch_size: int = 1000, *, radii=None,
+                       precision: Optional[float] = None, test: str = "cp", n0: int = 100, n_max: int = 100_000,
+                       n_min: int = 100, beta: Optional[float] = None, seed: Optional[int] = None,
+                       max_active: Optional[int] = None):
+        """The generator behind the sequential modes, for data sets larger than a batch: ``inputs`` is an
+        iterable of (index, x_i) pairs (x_i one input, without the batch dimension), read lazily as
+        inputs finish; yields a ``SequentialRecord`` per input as soon as it is decided (completion
+        order). Give radii (grid / fixed-radius mode) or precision (full-radius mode)."""
+        return certify_stream(self, inputs, alpha=alpha, radii=radii, precision=precision, test=test, beta=beta,
+                              n0=n0, n_min=n_min, n_max=n_max, batch_size=batch_size, seed=seed,
+                              max_active=max_active)
+
+    def _sequential(self, x, indices, *, radii, **kw) -> SequentialResult:
+        if self.graph and not self._warned_graph:
+            self._warned_graph = True
+            warnings.warn("Smooth(graph=True): the sequential modes run eagerly", stacklevel=3)
+        x, B = self._check_x(x)
+        idx = self._check_indices(indices, B)
+        records = list(certify_stream(self, zip(idx, x), radii=radii, **kw))
+        bad = [r.index for r in records if not r.finite]
+        if bad:
+            warnings.warn(f"Smooth: inputs with NaN / Inf values abstain (indices {bad[:10]}"
+                          f"{' ...' if len(bad) > 10 else ''})", stacklevel=3)
+        return SequentialResult.collect(records, radii or [], self.num_classes, kw["test"])
 
     # ---------------------------------------------------------------------------- internals
 
