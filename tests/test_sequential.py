@@ -341,3 +341,15 @@ def test_devices_agree(device):
     assert torch.equal(res.decisions, cpu.decisions)
     assert (res.samples - cpu.samples).abs().max() <= 0 or device == "cuda"
     assert math.isclose(float(res.samples.float().mean()), float(cpu.samples.float().mean()), rel_tol=0.1)
+
+
+@pytest.mark.parametrize("test", ["betting", "cp"])
+def test_selection_votes_steer_the_bets_but_never_count(test):
+    """A huge pilot (selection) count for cA with no estimation successes certifies nothing: the bounds
+    come from the estimation samples alone; and the pilot does not change the CP bounds at all."""
+    t = SequentialTest(2, test=test, alpha=0.01, thresholds=[0.6], n_min=100, n_max=400)
+    t.start([0, 1], [10**6, 0], [10**6, 10**6])
+    t.update([0, 1], [0, 0])
+    assert np.all(t.lower == 0.0) and np.all(t.decisions[:, 0] != CERTIFIED)
+    if test == "cp":
+        assert t.upper[0] == t.upper[1]
