@@ -207,11 +207,10 @@ class _Engine:
         if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point:
             raise TypeError(f"each input must be a floating-point tensor, got "
                             f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__} (input {position})")
+        if isinstance(index, torch.Tensor) and index.numel() == 1 and not index.dtype.is_floating_point:
+            index = int(index)
         if not _checks.is_int(index) or index < 0:
-            if isinstance(index, torch.Tensor) and index.numel() == 1:
-                index = int(index)
-            else:
-                raise ValueError(f"input indices must be ints >= 0, got {index!r} (input {position})")
+            raise ValueError(f"input indices must be ints >= 0, got {index!r} (input {position})")
         if self.xs is None:
             self._alloc(x)
         elif tuple(x.shape) != self.shape:
