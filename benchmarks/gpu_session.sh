@@ -20,8 +20,12 @@ compute-sanitizer --tool initcheck --error-exitcode 1 python3 -m pytest -q -x -k
   tests/test_pgd_ops.py tests/test_smoothing_ops.py tests/test_kernel_numerics.py > "$OUT/initcheck.log" 2>&1; echo "initcheck rc=$?" | tee -a "$OUT/gpu.txt"
 for b in benchmarks/bench_*.py; do
   echo "== $b" | tee -a "$OUT/bench.log"
-  timeout 300 python3 "$b" 2>&1 | tee -a "$OUT/bench.log" | tail -30
+  extra=""; [ "$b" = benchmarks/bench_certify.py ] && extra="--no-sequential"
+  timeout 300 python3 "$b" $extra 2>&1 | tee -a "$OUT/bench.log" | tail -30
 done
+# sequential vs fixed-n CERTIFY (ResNet-110, random weights): samples saved, wall time, refill efficiency
+echo "== benchmarks/bench_certify.py --sequential-only" | tee -a "$OUT/bench.log"
+timeout 400 python3 benchmarks/bench_certify.py --sequential-only 2>&1 | tee -a "$OUT/bench.log" | tail -30
 # bench_bounds.py (run by the loop above): its STACKED_CONV line decides bounds.STACKED_CONV["cuda"]
 grep -hE "^(STACKED_CONV\[|target IBP|target radius)" "$OUT/bench.log" | tee -a "$OUT/gpu.txt"
 cp benchmarks/results/*.csv "$OUT/" 2>/dev/null || true
