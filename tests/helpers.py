@@ -3,6 +3,7 @@ with tests/ on sys.path, which pytest's rootdir-relative import mode provides)."
 from __future__ import annotations
 
 import math
+import os
 import statistics
 
 import pytest
@@ -155,3 +156,44 @@ class CrashingLoader:
                 raise Interrupt()
             self.count += 1
             yield b
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_certify(args) -> int:
+    """`robustops certify ARGS` in this process."""
+    from robustops.cli import main
+
+    return main(["certify"] + [str(a) for a in args])
+
+
+def subprocess_env() -> dict:
+    """The environment of a robustops subprocess (torchrun, a killed run): the source tree first, one thread."""
+    e = dict(os.environ)
+    e["PYTHONPATH"] = ROOT + os.pathsep + e.get("PYTHONPATH", "")
+    e["OMP_NUM_THREADS"] = "1"
+    return e
+
+
+def digits_checkpoint(directory) -> tuple:
+    """(path, model): a small_cnn trained 4 epochs on digits, saved as a robustops checkpoint in directory."""
+    from robustops.models import save_checkpoint
+
+    model = train_digits_model(epochs=4, seed=0)
+    return save_checkpoint(os.path.join(str(directory), "digits.pt"), model, "small_cnn", {}), model
+
+
+def torchrun_certify(args, nproc: int = 2):
+    """`torchrun --standalone --nproc_per_node nproc -m robustops certify ARGS` (skips the test without
+    torchrun); returns the CompletedProcess, output captured."""
+    import shutil
+    import subprocess
+    import sys
+
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun not found")
+    return subprocess.run([torchrun, "--standalone", "--nproc_per_node", str(nproc), "-m", "robustops", "certify"]
+                          + [str(a) for a in args], cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
+                          timeout=300)

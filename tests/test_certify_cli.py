@@ -11,27 +11,16 @@ import torch
 
 from robustops import smoothing as sm
 from robustops.cli import certify as certify_cli
-from robustops.cli import main
 from robustops.models import save_checkpoint, split_normalize
 
-from helpers import train_digits_model
+from helpers import ROOT, digits_checkpoint, torchrun_certify, subprocess_env
+from helpers import run_certify as run
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMON = ["--sigma", "0.25", "--N0", "16", "--N", "96", "--alpha", "0.01", "--batch", "300", "--skip", "12",
           "--seed", "3", "--no-progress"]
 N_ROWS = len(range(0, 360, 12))  # the digits test split has 360 inputs
 
 
-def run(args):
-    """`robustops certify ARGS` in this process."""
-    return main(["certify"] + [str(a) for a in args])
-
-
-def env():
-    e = dict(os.environ)
-    e["PYTHONPATH"] = ROOT + os.pathsep + e.get("PYTHONPATH", "")
-    e["OMP_NUM_THREADS"] = "1"
-    return e
 
 
 def rows(path):
@@ -44,9 +33,7 @@ def rows(path):
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    d = tmp_path_factory.mktemp("certify")
-    model = train_digits_model(epochs=4, seed=0)
-    return save_checkpoint(str(d / "digits.pt"), model, "small_cnn", {}), model
+    return digits_checkpoint(tmp_path_factory.mktemp("certify"))
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +59,7 @@ def test_reference_run_is_sensible(reference_run):
 def test_cli_subprocess_end_to_end(ckpt, reference_run, tmp_path):
     out, png = tmp_path / "run.tsv", tmp_path / "curve.png"
     p = subprocess.run([sys.executable, "-m", "robustops", "certify", "--checkpoint", ckpt[0], "-o", str(out),
-                        "--plot", str(png)] + COMMON, cwd=ROOT, env=env(), capture_output=True, text=True,
+                        "--plot", str(png)] + COMMON, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
                        timeout=300)
     assert p.returncode == 0, p.stderr
     assert rows(out) == reference_run[1]
@@ -194,13 +181,8 @@ def test_training_metadata_sets_sigma_and_normalization(ckpt, reference_run, tmp
 
 
 def test_torchrun_two_processes_match_one(ckpt, reference_run, tmp_path):
-    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
-    if torchrun is None:
-        pytest.skip("torchrun not found")
     out = tmp_path / "dist.tsv"
-    p = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "robustops", "certify",
-                        "--checkpoint", ckpt[0], "-o", str(out)] + COMMON, cwd=ROOT, env=env(),
-                       capture_output=True, text=True, timeout=300)
+    p = torchrun_certify(["--checkpoint", ckpt[0], "-o", out] + COMMON)
     assert p.returncode == 0, p.stdout + p.stderr
     assert rows(out) == reference_run[1]
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".part")]
@@ -254,7 +236,7 @@ def test_resume_after_sigkill(ckpt, tmp_path):
     out = tmp_path / "killed.tsv"
     part = tmp_path / "killed.tsv.rank0.part"  # rows go here as they are certified; the TSV comes at the end
     proc = subprocess.Popen([sys.executable, "-m", "robustops", "certify", "--checkpoint", ckpt[0], "-o", str(out)]
-                            + args, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            + args, cwd=ROOT, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 240
     while proc.poll() is None and time.time() < deadline:
         if part.exists() and part.read_text().count("\n") >= 4:

@@ -4,21 +4,17 @@ torchrun sharding, errors."""
 import json
 import os
 import shutil
-import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 
-from helpers import one_thread, train_digits_model  # noqa: F401 (one_thread: a module fixture)
+from helpers import ROOT, digits_checkpoint, torchrun_certify, one_thread, subprocess_env, train_digits_model  # noqa: F401 (one_thread: a fixture)
+from helpers import run_certify as run
 from robustops import smoothing as sm
 from robustops.cli import certify as certify_cli
-from robustops.cli import main
 from robustops.data import load_digits
-from robustops.models import save_checkpoint
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N0, N, ALPHA, BATCH, SEED, SIGMA = 50, 2000, 0.01, 500, 3, 0.25
 COMMON = ["--sigma", SIGMA, "--N0", N0, "--N", N, "--alpha", ALPHA, "--batch", BATCH, "--skip", "24", "--seed", SEED,
           "--no-progress"]
@@ -27,16 +23,6 @@ GRID = ["--radii", "0.1,0.25", "--test", "betting"]
 HEADER = "idx\tlabel\tpredict\tradius\tcorrect\ttime\tsamples\tdecisions"
 
 
-def run(args):
-    """`robustops certify ARGS` in this process."""
-    return main(["certify"] + [str(a) for a in args])
-
-
-def env():
-    e = dict(os.environ)
-    e["PYTHONPATH"] = ROOT + os.pathsep + e.get("PYTHONPATH", "")
-    e["OMP_NUM_THREADS"] = "1"
-    return e
 
 
 def table(path):
@@ -59,9 +45,7 @@ def summary(path):
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    d = tmp_path_factory.mktemp("seq")
-    model = train_digits_model(epochs=4, seed=0)
-    return save_checkpoint(str(d / "digits.pt"), model, "small_cnn", {}), model
+    return digits_checkpoint(tmp_path_factory.mktemp("seq"))
 
 
 @pytest.fixture(scope="module")
@@ -276,13 +260,8 @@ def test_errors_name_the_argument(ckpt, tmp_path, capsys, extra, words):
 
 
 def test_torchrun_two_processes_match_one(ckpt, grid_run, tmp_path):
-    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
-    if torchrun is None:
-        pytest.skip("torchrun not found")
     out = tmp_path / "dist.tsv"
-    p = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "robustops", "certify",
-                        "--checkpoint", ckpt[0], "-o", str(out), "--sequential"] + [str(a) for a in GRID + COMMON],
-                       cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    p = torchrun_certify(["--checkpoint", ckpt[0], "-o", out, "--sequential"] + GRID + COMMON)
     assert p.returncode == 0, p.stdout + p.stderr
     assert rows(out) == rows(grid_run[0])
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".part")]

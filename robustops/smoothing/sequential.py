@@ -24,6 +24,10 @@ stopping rule (optional stopping), and they hold for every threshold at once:
 - ABSTAINED: still undecided when the row reaches n_max samples, or undecidable within n_max (even
   all-successes on the samples left could not certify and the upper bound has not ruled it out).
 
+With "betting" the bets aim at the grid's thresholds, so one radius can be decided differently alone and
+within a grid (both sound); the "cp" bounds do not depend on the grid. A grid row can read "abstained"
+at a small radius and "not certified" at a larger one: the small one was still open at n_max.
+
 A grid of radii therefore needs no split of alpha across radii: all decisions are read off one
 simultaneous confidence sequence, and the family-wise error (any radius wrongly certified) is <= alpha.
 The per-threshold alternative (one test per radius at alpha / R, the union bound) is strictly weaker.
