@@ -353,3 +353,26 @@ def test_selection_votes_steer_the_bets_but_never_count(test):
     assert np.all(t.lower == 0.0) and np.all(t.decisions[:, 0] != CERTIFIED)
     if test == "cp":
         assert t.upper[0] == t.upper[1]
+
+
+@pytest.mark.cuda
+def test_at_most_one_host_sync_per_forward_pass():
+    """On CUDA the vote table is read one pass late through a pinned buffer and an event: at most one
+    synchronization per forward pass (torch's sync debug mode counts them)."""
+    net, x = _linear_inputs(np.linspace(0.6, 0.999, 24), seed=2)
+    rec = Recorder(net.cuda())
+    smooth = Smooth(rec, 2, SIGMA)
+    x = x.cuda()
+    smooth.certify_radii(x[:2], [0.25], 0.001, 500, seed=0)  # warm-up
+    rec.rows.clear()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            res = smooth.certify_radii(x, [0.25, 0.5], 0.001, 500, seed=0)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) <= len(rec.rows) + 1, [str(w.message) for w in syncs][:5]
+    assert int(res.samples.sum()) == sum(rec.rows)

@@ -468,7 +468,7 @@ class Smooth:
         """[R, C + 1]: a row whose logits hold a NaN becomes -inf everywhere but +inf in column C, so
         count_votes_ (whose argmax, like torch's, lets a NaN win) counts it in column C, for no class."""
         bad = torch.isnan(logits).any(1, keepdim=True)
-        inf = torch.tensor(float("inf"), dtype=logits.dtype, device=logits.device)
+        inf = logits.new_full((), float("inf"))  # a fill on the device: no host-to-device copy (and sync)
         return torch.cat([logits.masked_fill(bad, -inf), torch.where(bad, inf, -inf)], dim=1)
 
     def _forward(self, batch: torch.Tensor, cache: bool = True, context=None) -> torch.Tensor:
