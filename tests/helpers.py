@@ -197,3 +197,34 @@ def torchrun_certify(args, nproc: int = 2):
     return subprocess.run([torchrun, "--standalone", "--nproc_per_node", str(nproc), "-m", "robustops", "certify"]
                           + [str(a) for a in args], cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
                           timeout=300)
+
+
+def resume_matches_uninterrupted(method, train_set, val, tmp_path, hp: dict, *, crash_after, width: int = 16,
+                                 weights_only: bool = True):
+    """The kill-and-resume check of a training method: fit(method) uninterrupted (ref), then the same run
+    killed after crash_after(len(loader)) batches (CrashingLoader) and resumed from its last.pt by a fresh
+    process-like start (other global seed, other initial weights) must end with bit-identical weights.
+    Returns (ref, res, crash): the two FitResults and the checkpoint the killed run left (loaded with
+    weights_only)."""
+    from torch.utils.data import DataLoader
+
+    from robustops import train as rt
+
+    torch.manual_seed(0)
+    full = tiny_cnn(seed=5, bn=True, width=width)
+    ref = rt.fit(full, DataLoader(train_set, batch_size=32, shuffle=True), method, val_loader=val,
+                 out_dir=str(tmp_path / "full"), **hp)
+    run = str(tmp_path / "run")
+    torch.manual_seed(0)
+    ld = DataLoader(train_set, batch_size=32, shuffle=True)
+    with pytest.raises(Interrupt):
+        rt.fit(tiny_cnn(seed=5, bn=True, width=width), CrashingLoader(ld, after=crash_after(len(ld))), method,
+               val_loader=val, out_dir=run, **hp)
+    crash = torch.load(os.path.join(run, "last.pt"), weights_only=weights_only)
+    torch.manual_seed(999)
+    model = tiny_cnn(seed=77, bn=True, width=width)
+    res = rt.fit(model, DataLoader(train_set, batch_size=32, shuffle=True), method, val_loader=val, out_dir=run,
+                 resume=True, **hp)
+    for k, v in full.state_dict().items():
+        assert torch.equal(v, model.state_dict()[k]), k
+    return ref, res, crash

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from helpers import CrashingLoader, Interrupt, free_port, one_thread  # noqa: F401 (one_thread: an autouse fixture)
+from helpers import free_port, one_thread, resume_matches_uninterrupted  # noqa: F401 (one_thread: an autouse fixture)
 from helpers import tiny_cnn as _tiny_cnn
 from torch.utils.data import DataLoader, Subset
 
@@ -302,25 +302,11 @@ def test_resume_matches_uninterrupted(digits, tmp_path, method):
     sub = Subset(train_ds, list(range(192)))
     val = DataLoader(Subset(test_ds, list(range(64))), batch_size=64)
     hp = dict(epochs=4, eps=0.05, warmup=0.0, ramp=0.6, seed=3, patience=5, progress=False, verbose=False)
-    torch.manual_seed(0)
-    full = tiny_cnn(seed=5, bn=True)
-    ref = rt.fit(full, DataLoader(sub, batch_size=32, shuffle=True), method, val_loader=val,
-                 out_dir=str(tmp_path / "full"), **hp)
-
-    run = str(tmp_path / "run")
-    torch.manual_seed(0)
-    ld = DataLoader(sub, batch_size=32, shuffle=True)
-    with pytest.raises(Interrupt):  # dies in the middle of the third epoch, inside the eps ramp
-        rt.fit(tiny_cnn(seed=5, bn=True), CrashingLoader(ld, after=2 * len(ld) + 3), method, val_loader=val,
-               out_dir=run, **hp)
-    assert torch.load(os.path.join(run, "last.pt"), weights_only=False)["epoch"] == 2
-    torch.manual_seed(999)
-    model = tiny_cnn(seed=77, bn=True)
-    res = rt.fit(model, DataLoader(sub, batch_size=32, shuffle=True), method, val_loader=val, out_dir=run,
-                 resume=True, **hp)
+    # dies in the middle of the third epoch, inside the eps ramp
+    ref, res, crash = resume_matches_uninterrupted(method, sub, val, tmp_path, hp, crash_after=lambda n: 2 * n + 3,
+                                                   width=8, weights_only=False)
+    assert crash["epoch"] == 2
     assert res.epochs_run == ref.epochs_run == 4
-    for k, v in full.state_dict().items():
-        assert torch.equal(v, model.state_dict()[k]), k
     strip = lambda h: [{k: v for k, v in r.items() if "time" not in k} for r in h]  # noqa: E731
     assert str(strip(res.history)) == str(strip(ref.history)) and res.best_epoch == ref.best_epoch
 

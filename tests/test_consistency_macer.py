@@ -3,13 +3,12 @@ losses against plain-PyTorch computations of the papers' formulas, the reduction
 Gaussian-noise training, exact resume, bf16 autocast + channels_last, and a small certified-radius
 comparison with Gaussian-noise training on the embedded digits."""
 import math
-import os
 from statistics import NormalDist
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import CrashingLoader, Interrupt, one_thread, tiny_cnn  # noqa: F401 (one_thread: an autouse fixture)
+from helpers import one_thread, resume_matches_uninterrupted, tiny_cnn  # noqa: F401 (one_thread: an autouse fixture)
 from torch.utils.data import DataLoader, Subset
 
 from robustops import train as rt
@@ -151,27 +150,12 @@ def test_resume_matches_uninterrupted(digits, tmp_path, method, hp):
     val = DataLoader(Subset(test_ds, list(range(64))), batch_size=64)
     hp = dict(epochs=3, sigma=0.5, seed=3, lr=0.05, progress=False, verbose=False, **hp)
 
-    torch.manual_seed(0)
-    full = tiny_cnn(seed=5, bn=True)
-    ref = rt.fit(full, DataLoader(sub, batch_size=32, shuffle=True), method, val_loader=val,
-                 out_dir=str(tmp_path / "full"), **hp)
+    # dies in epoch 2: for macer, after its warm-up epoch
+    ref, res, crash = resume_matches_uninterrupted(method, sub, val, tmp_path, hp, crash_after=lambda n: n + 2)
     assert ref.select == "noise_acc"
     assert all(0 <= row["noise_acc"] <= 1 for row in ref.history)
-    run = str(tmp_path / "run")
-    torch.manual_seed(0)
-    model = tiny_cnn(seed=5, bn=True)
-    ld = DataLoader(sub, batch_size=32, shuffle=True)
-    with pytest.raises(Interrupt):  # dies in epoch 2: for macer, after its warm-up epoch
-        rt.fit(model, CrashingLoader(ld, after=len(ld) + 2), method, val_loader=val, out_dir=run, **hp)
-    ck = torch.load(os.path.join(run, "last.pt"), weights_only=True)
-    assert ck["epoch"] == 1
-    torch.manual_seed(999)
-    model2 = tiny_cnn(seed=77, bn=True)
-    res = rt.fit(model2, DataLoader(sub, batch_size=32, shuffle=True), method, val_loader=val, out_dir=run,
-                 resume=True, **hp)
+    assert crash["epoch"] == 1
     assert res.epochs_run == 3
-    for k, v in full.state_dict().items():
-        assert torch.equal(v, model2.state_dict()[k]), k
 
 
 @pytest.mark.parametrize("method", ["consistency", "macer"])

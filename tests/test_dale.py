@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from helpers import CrashingLoader, Interrupt, free_port, one_thread  # noqa: F401 (one_thread: an autouse fixture)
+from helpers import free_port, one_thread, resume_matches_uninterrupted  # noqa: F401 (one_thread: an autouse fixture)
 from helpers import tiny_cnn as _tiny_cnn
 from torch.utils.data import DataLoader, Subset
 
@@ -132,25 +132,11 @@ def test_resume_matches_uninterrupted(digits, tmp_path, method):
     val = DataLoader(Subset(test_ds, list(range(64))), batch_size=64)
     hp = dict(epochs=3, eps=0.1, steps=2, seed=3, margin=0.5, dual_lr=0.05, langevin_noise=0.01, progress=False,
               verbose=False)
-    torch.manual_seed(0)
-    full = tiny_cnn(seed=5, bn=True)
-    ref = rt.fit(full, DataLoader(sub, batch_size=32, shuffle=True), method, val_loader=val,
-                 out_dir=str(tmp_path / "full"), **hp)
-
-    run = str(tmp_path / "run")
-    torch.manual_seed(0)
-    ld = DataLoader(sub, batch_size=32, shuffle=True)
-    with pytest.raises(Interrupt):  # dies in the middle of the second epoch
-        rt.fit(tiny_cnn(seed=5, bn=True), CrashingLoader(ld, after=len(ld) + 2), method, val_loader=val,
-               out_dir=run, **hp)
-    assert torch.load(os.path.join(run, "last.pt"), weights_only=False)["epoch"] == 1
-    torch.manual_seed(999)
-    model = tiny_cnn(seed=77, bn=True)
-    res = rt.fit(model, DataLoader(sub, batch_size=32, shuffle=True), method, val_loader=val, out_dir=run,
-                 resume=True, **hp)
+    # dies in the middle of the second epoch
+    ref, res, crash = resume_matches_uninterrupted(method, sub, val, tmp_path, hp, crash_after=lambda n: n + 2,
+                                                   width=8, weights_only=False)
+    assert crash["epoch"] == 1
     assert res.epochs_run == ref.epochs_run == 3
-    for k, v in full.state_dict().items():
-        assert torch.equal(v, model.state_dict()[k]), k
     strip = lambda h: [{k: v for k, v in r.items() if "time" not in k} for r in h]  # noqa: E731
     assert str(strip(res.history)) == str(strip(ref.history))
     assert len({r["nu"] for r in res.history}) == 3

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 import torch.nn as nn
-from helpers import CrashingLoader, Interrupt, one_thread, tiny_cnn  # noqa: F401 (one_thread: an autouse fixture)
+from helpers import one_thread, resume_matches_uninterrupted, tiny_cnn  # noqa: F401 (one_thread: an autouse fixture)
 from torch.utils.data import DataLoader, Subset
 
 from robustops import train as rt
@@ -114,29 +114,13 @@ def test_resume_matches_uninterrupted(digits, tmp_path, method):
     val = DataLoader(Subset(test_ds, list(range(64))), batch_size=64)
     hp = dict(epochs=3, eps=1.0, steps=2, seed=3, progress=False, verbose=False, perturbation_model=LinearSet())
 
-    torch.manual_seed(0)
-    full = tiny_cnn(seed=5, bn=True)
-    ref = rt.fit(full, DataLoader(sub, batch_size=32, shuffle=True), method, val_loader=val,
-                 out_dir=str(tmp_path / "full"), **hp)
+    ref, res, crash = resume_matches_uninterrupted(method, sub, val, tmp_path, hp, crash_after=lambda n: n + 2)
     assert ref.select == "set_acc"  # validation measures the latent attack and selects by it
     assert all(0 <= row["set_acc"] <= 1 for row in ref.history)
-    run = str(tmp_path / "run")
-    torch.manual_seed(0)
-    model = tiny_cnn(seed=5, bn=True)
-    ld = DataLoader(sub, batch_size=32, shuffle=True)
-    with pytest.raises(Interrupt):
-        rt.fit(model, CrashingLoader(ld, after=len(ld) + 2), method, val_loader=val, out_dir=run, **hp)
     # the checkpoint holds plain data: it loads with weights_only, the model recorded by a description
-    ck = torch.load(os.path.join(run, "last.pt"), weights_only=True)
-    assert ck["epoch"] == 1 and ck["config"]["perturbation_model"] == "<LinearSet object>"
-
-    torch.manual_seed(999)
-    model2 = tiny_cnn(seed=77, bn=True)
-    res = rt.fit(model2, DataLoader(sub, batch_size=32, shuffle=True), method, val_loader=val, out_dir=run,
-                 resume=True, **hp)
+    assert crash["epoch"] == 1 and crash["config"]["perturbation_model"] == "<LinearSet object>"
     assert res.epochs_run == 3
-    for k, v in full.state_dict().items():
-        assert torch.equal(v, model2.state_dict()[k]), k
+    run = str(tmp_path / "run")
     with open(os.path.join(run, "log.csv")) as fh:
         rows = list(csv.DictReader(fh))
     assert [r["epoch"] for r in rows] == ["1", "2", "3"] and all(r["set_acc"] != "" for r in rows)

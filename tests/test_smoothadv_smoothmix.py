@@ -4,12 +4,11 @@ the SmoothMix loss against a plain transcription, exact resume, bf16 + channels_
 certified with randomized smoothing."""
 import copy
 import math
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import CrashingLoader, Interrupt, one_thread, tiny_cnn  # noqa: F401 (one_thread: an autouse fixture)
+from helpers import one_thread, resume_matches_uninterrupted, tiny_cnn  # noqa: F401 (one_thread: an autouse fixture)
 from torch.utils.data import DataLoader, Subset
 
 from robustops import ops
@@ -177,27 +176,10 @@ def test_resume_matches_uninterrupted(digits, tmp_path, method, hp):
     val = DataLoader(Subset(test_ds, list(range(32))), batch_size=32)
     hp = dict(hp, epochs=3, seed=3, sigma=0.25, noise_copies=2, val_eps=0.0, progress=False, verbose=False)
 
-    torch.manual_seed(0)
-    full = tiny_cnn(seed=5, bn=True)
-    ref = rt.fit(full, DataLoader(sub, batch_size=32, shuffle=True), method, val_loader=val,
-                 out_dir=str(tmp_path / "full"), **hp)
+    ref, res, crash = resume_matches_uninterrupted(method, sub, val, tmp_path, hp, crash_after=lambda n: n + 2)
     assert ref.select == "noise_acc" and all(0 <= row["noise_acc"] <= 1 for row in ref.history)
-    run = str(tmp_path / "run")
-    torch.manual_seed(0)
-    model = tiny_cnn(seed=5, bn=True)
-    ld = DataLoader(sub, batch_size=32, shuffle=True)
-    with pytest.raises(Interrupt):
-        rt.fit(model, CrashingLoader(ld, after=len(ld) + 2), method, val_loader=val, out_dir=run, **hp)
-    ck = torch.load(os.path.join(run, "last.pt"), weights_only=True)
-    assert ck["epoch"] == 1
-
-    torch.manual_seed(999)
-    model2 = tiny_cnn(seed=77, bn=True)
-    res = rt.fit(model2, DataLoader(sub, batch_size=32, shuffle=True), method, val_loader=val, out_dir=run,
-                 resume=True, **hp)
+    assert crash["epoch"] == 1
     assert res.epochs_run == 3
-    for k, v in full.state_dict().items():
-        assert torch.equal(v, model2.state_dict()[k]), k
 
 
 @pytest.mark.parametrize("method", ["smoothadv", "smoothmix"])
