@@ -2,6 +2,7 @@
 with tests/ on sys.path, which pytest's rootdir-relative import mode provides)."""
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import statistics
@@ -228,3 +229,30 @@ def resume_matches_uninterrupted(method, train_set, val, tmp_path, hp: dict, *, 
     for k, v in full.state_dict().items():
         assert torch.equal(v, model.state_dict()[k]), k
     return ref, res, crash
+
+
+@contextlib.contextmanager
+def gloo_group(rank: int, world: int, port: int):
+    """The process group of a DDP test worker (one torch thread, gloo on localhost). On success the ranks
+    meet at a barrier before tearing down, so a failing rank cannot hang its peer there: a rank that leaves
+    while its peer still talks to it can abort gloo's background thread ("terminate called without an
+    active exception"), which the CLI's teardown avoids the same way. Torn down in any case."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        yield
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def rank_loader(dataset, rank: int, world: int, batch_size: int = 32):
+    """This rank's share of each batch of batch_size (a DistributedSampler, no shuffling): world ranks on
+    batch_size // world each see what one process sees on whole batches."""
+    from torch.utils.data import DataLoader
+    from torch.utils.data.distributed import DistributedSampler
+
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False)
+    return DataLoader(dataset, batch_size=batch_size // world, sampler=sampler)

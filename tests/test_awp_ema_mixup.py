@@ -6,7 +6,15 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from helpers import CrashingLoader, Interrupt, free_port, one_thread, tiny_cnn  # noqa: F401 (one_thread: an autouse fixture)
+from helpers import (  # noqa: F401 (one_thread: an autouse fixture)
+    CrashingLoader,
+    Interrupt,
+    free_port,
+    gloo_group,
+    one_thread,
+    rank_loader,
+    tiny_cnn,
+)
 from torch.utils.data import DataLoader, Subset
 
 import robustops as ro
@@ -312,27 +320,17 @@ OPTION_RUNS = {"awp": dict(method="pgd", awp=0.01), "ema": dict(method="pgd", em
 
 
 def _ddp_worker(rank, world, port, which, out):
-    import torch.distributed as dist
-    from torch.utils.data.distributed import DistributedSampler
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port):
         train_ds = Subset(load_digits("train"), list(range(256)))
         test_ds = Subset(load_digits("test"), list(range(64)))
-        sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=False)
-        ld = DataLoader(train_ds, batch_size=32 // world, sampler=sampler)
         val = DataLoader(ro.data.shard(test_ds, rank, world), batch_size=32)
         model = tiny_cnn(seed=11)
         kw = dict(OPTION_RUNS[which])
-        res = rt.fit(model, ld, kw.pop("method"), epochs=2, eps=EPS, steps=2, random_start=False, lr=0.05,
-                     val_loader=val, val_eps=0, progress=False, verbose=False, seed=0,
+        res = rt.fit(model, rank_loader(train_ds, rank, world), kw.pop("method"), epochs=2, eps=EPS, steps=2,
+                     random_start=False, lr=0.05, val_loader=val, val_eps=0, progress=False, verbose=False, seed=0,
                      out_dir=os.path.join(out, "ckpt"), **kw)
         if rank == 0:
             torch.save({"state_dict": model.state_dict(), "history": res.history}, os.path.join(out, "ddp.pt"))
-        dist.barrier()  # meet before tearing down (see tests/test_train.py)
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("which", ["awp", "ema"])

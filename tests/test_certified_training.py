@@ -13,7 +13,13 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from helpers import free_port, one_thread, resume_matches_uninterrupted  # noqa: F401 (one_thread: an autouse fixture)
+from helpers import (  # noqa: F401 (one_thread: an autouse fixture)
+    free_port,
+    gloo_group,
+    one_thread,
+    rank_loader,
+    resume_matches_uninterrupted,
+)
 from helpers import tiny_cnn as _tiny_cnn
 from torch.utils.data import DataLoader, Subset
 
@@ -312,25 +318,13 @@ def test_resume_matches_uninterrupted(digits, tmp_path, method):
 
 
 def _ddp_worker(rank, world, port, method, out):
-    import torch.distributed as dist
-    from torch.utils.data.distributed import DistributedSampler
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port):
         train_ds = Subset(load_digits("train"), list(range(128)))
-        sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=False)
         model = tiny_cnn(seed=11)
-        res = rt.fit(model, DataLoader(train_ds, batch_size=32 // world, sampler=sampler), method, epochs=2, eps=0.05,
-                     warmup=0.0, ramp=0.5, lr=0.05, seed=0, progress=False, verbose=False)
+        res = rt.fit(model, rank_loader(train_ds, rank, world), method, epochs=2, eps=0.05, warmup=0.0, ramp=0.5,
+                     lr=0.05, seed=0, progress=False, verbose=False)
         if rank == 0:
             torch.save({"state_dict": model.state_dict(), "history": res.history}, os.path.join(out, "ddp.pt"))
-        # Meet before tearing down (only on success, so a failing rank cannot hang its peer here): a rank that
-        # leaves while its peer still talks to it can abort gloo's background thread ("terminate called
-        # without an active exception"), which the CLI's teardown avoids the same way.
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("method", ["ibp", "acert"])

@@ -8,7 +8,7 @@ import os
 
 import pytest
 import torch
-from helpers import free_port, one_thread, tiny_cnn  # noqa: F401 (one_thread: an autouse fixture)
+from helpers import free_port, gloo_group, one_thread, tiny_cnn  # noqa: F401 (one_thread: an autouse fixture)
 from torch.utils.data import DataLoader, Subset
 from torch.utils.data.distributed import DistributedSampler
 
@@ -18,11 +18,7 @@ from robustops.data import load_digits
 
 
 def _worker(rank, world, port, which, out):
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port):
         real = Subset(load_digits("train"), list(range(256)))
         seen = []
         if which == "proxy":
@@ -37,9 +33,6 @@ def _worker(rank, world, port, which, out):
         method = "pgd" if which in ("mixup", "proxy") else which
         rt.fit(model, ld, method, epochs=2, eps=0.1, steps=2, lr=0.05, progress=False, verbose=False, seed=0, **kw)
         torch.save({"state_dict": model.state_dict(), "seen": seen}, os.path.join(out, f"rank{rank}.pt"))
-        dist.barrier()  # meet before tearing down (see tests/test_train.py)
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("which", ["mixup", "proxy", "consistency", "macer", "smoothadv", "smoothmix"])

@@ -7,7 +7,15 @@ import os
 import pytest
 import torch
 import torch.nn as nn
-from helpers import CrashingLoader, Interrupt, free_port, one_thread, tiny_cnn  # noqa: F401 (one_thread: an autouse fixture)
+from helpers import (  # noqa: F401 (one_thread: an autouse fixture)
+    CrashingLoader,
+    Interrupt,
+    free_port,
+    gloo_group,
+    one_thread,
+    rank_loader,
+    tiny_cnn,
+)
 from torch.utils.data import DataLoader, Subset
 
 import robustops as ro
@@ -275,28 +283,16 @@ def test_early_stopping_keeps_best(digits, tmp_path):
 # --------------------------------------------------------------------------- distributed
 
 def _ddp_worker(rank, world, port, method, out):
-    import torch.distributed as dist
-    from torch.utils.data.distributed import DistributedSampler
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port):
         train_ds = Subset(load_digits("train"), list(range(256)))
         test_ds = Subset(load_digits("test"), list(range(64)))
-        sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=False)
-        ld = DataLoader(train_ds, batch_size=32 // world, sampler=sampler)
         val = DataLoader(ro.data.shard(test_ds, rank, world), batch_size=32)
         model = tiny_cnn(seed=11)
-        res = rt.fit(model, ld, method, epochs=2, eps=EPS, steps=2, random_start=False, lr=0.05, val_loader=val,
-                     val_eps=0, progress=False, verbose=False, seed=0, out_dir=os.path.join(out, "ckpt"))
+        res = rt.fit(model, rank_loader(train_ds, rank, world), method, epochs=2, eps=EPS, steps=2, random_start=False,
+                     lr=0.05, val_loader=val, val_eps=0, progress=False, verbose=False, seed=0,
+                     out_dir=os.path.join(out, "ckpt"))
         if rank == 0:
             torch.save({"state_dict": model.state_dict(), "history": res.history}, os.path.join(out, "ddp.pt"))
-        # Meet before tearing down (only on success, so a failing rank cannot hang its peer here): a rank that
-        # leaves while its peer still talks to it can abort gloo's background thread ("terminate called
-        # without an active exception"), which the CLI's teardown avoids the same way.
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("method", ["pgd"])
