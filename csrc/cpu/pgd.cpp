@@ -267,22 +267,31 @@ void pgd_step_cpu(at::Tensor& x_adv, const at::Tensor& x_in, const at::Tensor& g
 
 // -------------------------------------------------------------------------------- random_init
 
-// Walks memory [i0, i1) and calls fn(i, n) with the element's standard normal (L2 direction) or
-// uniform (L-inf) draw. One Philox call serves the four logical neighbours of a group; the cache
-// makes contiguous tensors pay one call per four elements.
-template <bool NORMAL, typename F>
-inline void draw_range(int64_t i0, int64_t i1, const LogicalIndex& li, int64_t D, uint64_t seed, uint64_t offset,
-                       const F& fn) {
+// Walks memory [i0, i1) and calls fn(i, v) with the element's draw v = draw(r, word) from its Philox
+// group r of `stream`. One Philox call serves the four logical neighbours of a group; the cache makes
+// contiguous tensors pay one call per four elements.
+template <typename Draw, typename F>
+inline void draw_stream(int64_t i0, int64_t i1, const LogicalIndex& li, int64_t D, uint64_t seed, uint64_t offset,
+                        uint32_t stream, const Draw& draw, const F& fn) {
   uint64_t cached = ~uint64_t(0);
   Philox4x32 r{};
   for (int64_t i = i0; i < i1; ++i) {
     const InitCounter c = init_counter(li(i), D, offset);
     if (c.ctr != cached) {
-      r = philox4x32_10(seed, c.ctr, kStreamInitUniform);
+      r = philox4x32_10(seed, c.ctr, stream);
       cached = c.ctr;
     }
-    fn(i, NORMAL ? normal_from(r, c.word) : uniform01(philox_word(r, c.word)));
+    fn(i, draw(r, c.word));
   }
+}
+
+// random_init's draws: the standard normal (L2 direction) or uniform (L-inf) of each element.
+template <bool NORMAL, typename F>
+inline void draw_range(int64_t i0, int64_t i1, const LogicalIndex& li, int64_t D, uint64_t seed, uint64_t offset,
+                       const F& fn) {
+  draw_stream(i0, i1, li, D, seed, offset, kStreamInitUniform, [](const Philox4x32& r, int w) {
+    return NORMAL ? normal_from(r, w) : uniform01(philox_word(r, w));
+  }, fn);
 }
 
 template <typename T>
@@ -414,16 +423,9 @@ void langevin_kernel(T* xa, const T* x, const T* g, int64_t numel, int64_t D, co
       float buf[kNoiseBlock];
       for (int64_t j0 = i0; j0 < i1; j0 += kNoiseBlock) {
         const int64_t j1 = std::min(j0 + kNoiseBlock, i1);
-        uint64_t cached = ~uint64_t(0);
-        Philox4x32 r{};
-        for (int64_t i = j0; i < j1; ++i) {
-          const InitCounter ic = init_counter(li(i), D, offset);
-          if (ic.ctr != cached) {
-            r = philox4x32_10(seed, ic.ctr, kStreamLangevin);
-            cached = ic.ctr;
-          }
-          buf[i - j0] = langevin_draw(r, ic.word, form);
-        }
+        draw_stream(j0, j1, li, D, seed, offset, kStreamLangevin,
+                    [form](const Philox4x32& r, int w) { return langevin_draw(r, w, form); },
+                    [&](int64_t i, float v) { buf[i - j0] = v; });
         int64_t i = j0;
         if (cpu_vector_loops()) {
           for (; i + kStep <= j1; i += kStep) {
