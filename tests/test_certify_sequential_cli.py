@@ -267,3 +267,17 @@ def test_torchrun_two_processes_match_one(ckpt, grid_run, tmp_path):
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".part")]
     assert "2 process(es)" in p.stdout
     assert summary(out)["summary"]["radii"] == summary(grid_run[0])["summary"]["radii"]
+
+
+def test_help_states_the_api_defaults(capsys):
+    """--help names the defaults of the sequential modes as robustops.smoothing.sequential defines them (the
+    help cannot import them: `robustops --help` stays torch-free)."""
+    from robustops.cli import main
+    from robustops.smoothing.sequential import DEFAULT_N_MIN, DEFAULT_PRECISION, DEFAULT_TEST
+
+    with pytest.raises(SystemExit):
+        main(["certify", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for words in (f"(None: {DEFAULT_PRECISION:g})", f"None: {DEFAULT_TEST}, as in the Smooth methods",
+                  f"first look (None: {DEFAULT_N_MIN})"):
+        assert words in text, words

@@ -376,17 +376,19 @@ def _check_sequential(args) -> None:
         raise CLIError(f"--radius must be a finite number >= 0, got {args.radius}")
     if args.radii is not None:
         args.radii = _parse_radii(args.radii)
+    from ..smoothing.sequential import DEFAULT_N_MIN, DEFAULT_PRECISION, DEFAULT_TEST  # (--help stays torch-free)
+
     grid = _grid(args)
     if grid is not None and args.precision is not None:
         raise CLIError("--precision is for full-radius mode; --radius / --radii decide given radii")
     if args.radius is not None and getattr(args, "plot", None):
         raise CLIError("--plot draws certified accuracy against radius: use --radii (a grid) or full-radius mode, "
                        "not one --radius")
-    args.precision = 0.05 if grid is None and args.precision is None else args.precision
+    args.precision = DEFAULT_PRECISION if grid is None and args.precision is None else args.precision
     if grid is None and not 0.0 < args.precision < math.inf:
         raise CLIError(f"--precision must be a finite number > 0, got {args.precision}")
-    args.test = args.test or "cp"  # as Smooth.certify_radius / certify_radii / certify_sequential
-    args.n_min = 100 if args.n_min is None else args.n_min
+    args.test = args.test or DEFAULT_TEST  # the defaults of Smooth.certify_radius / certify_radii / ...
+    args.n_min = DEFAULT_N_MIN if args.n_min is None else args.n_min
     require_min(n_min=(args.n_min, 1), max_active=(args.max_active, 1))
     if args.n_min > args.n:
         raise CLIError(f"--n-min ({args.n_min}) must be <= --n ({args.n}, the most estimation samples per input)")

@@ -78,11 +78,14 @@ from scipy import special, stats
 from .. import _checks
 
 __all__ = ["SequentialTest", "look_schedule", "simulate", "clopper_pearson_lower", "clopper_pearson_upper", "TESTS",
-           "CERTIFIED", "NOT_CERTIFIED", "ABSTAINED"]
+           "CERTIFIED", "NOT_CERTIFIED", "ABSTAINED", "DEFAULT_TEST", "DEFAULT_N_MIN", "DEFAULT_PRECISION"]
 
 #: Decision codes for one radius of one input.
 CERTIFIED, NOT_CERTIFIED, ABSTAINED = 1, 0, -1
 TESTS = ("betting", "cp")
+#: The defaults of the sequential modes (Smooth.certify_radius / certify_radii / certify_sequential and
+#: `robustops certify --sequential`): the test, the first look, full-radius mode's precision.
+DEFAULT_TEST, DEFAULT_N_MIN, DEFAULT_PRECISION = "cp", 100, 0.05
 
 _BISECT = 64  # bisection steps of the betting bounds (2^-64: below float64 resolution)
 
@@ -142,8 +145,8 @@ class SequentialTest:
 
     UNDECIDED = -2
 
-    def __init__(self, rows: int, *, test: str = "cp", alpha: float = 0.001, beta: Optional[float] = None,
-                 n_min: int = 100, n_max: int = 100_000, thresholds: Optional[Sequence[float]] = None,
+    def __init__(self, rows: int, *, test: str = DEFAULT_TEST, alpha: float = 0.001, beta: Optional[float] = None,
+                 n_min: int = DEFAULT_N_MIN, n_max: int = 100_000, thresholds: Optional[Sequence[float]] = None,
                  precision_z: Optional[float] = None, kelly: float = 1.0, max_bet: float = 0.9):
         if test not in TESTS:
             raise ValueError(f"test must be one of {', '.join(map(repr, TESTS))}, got {test!r}")
@@ -198,6 +201,14 @@ class SequentialTest:
         self._decide_budget(rows)
         self._bet(rows[~self.done[rows]])
 
+    def abstain(self, rows) -> None:
+        """Rows that stop before any estimation sample (a non-finite input, no class selected): every
+        radius ABSTAINED, L = 0."""
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        self.start(rows)
+        self.decisions[rows] = ABSTAINED
+        self.done[rows] = True
+
     def chunk(self, rows) -> np.ndarray:
         """Samples each row needs before its next look."""
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
@@ -248,8 +259,8 @@ class SequentialTest:
             cert = self.lower[rows, None] >= t
             futile = self.upper[rows, None] < t
         else:  # exact, without the bisection's rounding: K+(p0) >= 1/alpha <=> L >= p0 (K+ decreasing)
-            cert = (self._log_capital(rows, t, +1) >= self._log_a) | (self.lower[rows, None] >= t)
-            futile = (self._log_capital(rows, t, -1) >= self._log_b) | (self.upper[rows, None] < t)
+            cert = self._log_capital(rows, t, +1) >= self._log_a
+            futile = self._log_capital(rows, t, -1) >= self._log_b
         d[open_ & cert] = CERTIFIED
         d[open_ & ~cert & futile] = NOT_CERTIFIED
         self.decisions[rows] = d
@@ -297,23 +308,22 @@ class SequentialTest:
         return out.sum(1)
 
     def _betting_bounds(self, rows):
+        """(L, U) of the current capitals: L rounded down, U rounded up (bisection over m in [0, 1])."""
+        return self._root(rows, +1, self._log_a), self._root(rows, -1, self._log_b)
+
+    def _root(self, rows, side: int, level: float) -> np.ndarray:
+        """K+ decreases in m: L = inf{m : log K+(m) < level}, the last m still rejected, 0 if even m = 0 is
+        not. K- increases: U = sup{m : log K-(m) < level}, the first m rejected, 1 if even m = 1 is not."""
         r = len(rows)
-        lo, hi = np.zeros(r), np.ones(r)  # L: K+(lo) >= 1/alpha always holds at lo
-        ok = self._log_capital(rows, np.zeros((r, 1)), +1)[:, 0] >= self._log_a
-        a, b = np.zeros(r), np.ones(r)
+        edge = np.full((r, 1), 0.0 if side > 0 else 1.0)
+        ok = self._log_capital(rows, edge, side)[:, 0] >= level
+        a, b = np.zeros(r), np.ones(r)  # side +1: a rejected, b not; side -1: a not rejected, b rejected
         for _ in range(_BISECT):
             mid = 0.5 * (a + b)
-            rej = self._log_capital(rows, mid[:, None], +1)[:, 0] >= self._log_a
-            a, b = np.where(rej, mid, a), np.where(rej, b, mid)
-        lo = np.where(ok, a, 0.0)
-        ok = self._log_capital(rows, np.ones((r, 1)), -1)[:, 0] >= self._log_b
-        a, b = np.zeros(r), np.ones(r)
-        for _ in range(_BISECT):
-            mid = 0.5 * (a + b)
-            rej = self._log_capital(rows, mid[:, None], -1)[:, 0] >= self._log_b
-            a, b = np.where(rej, a, mid), np.where(rej, mid, b)
-        hi = np.where(ok, b, 1.0)
-        return lo, hi
+            rej = self._log_capital(rows, mid[:, None], side)[:, 0] >= level
+            moves_a = rej if side > 0 else ~rej
+            a, b = np.where(moves_a, mid, a), np.where(moves_a, b, mid)
+        return np.where(ok, a, 0.0) if side > 0 else np.where(ok, b, 1.0)
 
     def _bet(self, rows) -> None:
         """The bets of each row's next chunk, from what is known now (predictable)."""

@@ -39,7 +39,7 @@ from scipy import stats
 from .. import _checks, _rng, ops
 from ..models import Normalize
 from .graph import VoteGraphs
-from .sequential import clopper_pearson_lower
+from .sequential import DEFAULT_N_MIN, DEFAULT_PRECISION, DEFAULT_TEST, clopper_pearson_lower
 from .stream import SequentialResult, certify_stream, check_radii
 
 __all__ = ["Smooth", "CertifyResult", "PredictResult", "clopper_pearson_lower", "ABSTAIN", "phase_seed",
@@ -60,6 +60,13 @@ def phase_seed(seed: int, phase: int) -> int:
 
 def _binom_pvalue(n_a: int, n_b: int) -> float:
     return float(stats.binomtest(int(n_a), int(n_a + n_b), 0.5).pvalue)
+
+
+def _warn_nonfinite(indices: List[int]) -> None:
+    """The one warning about inputs with NaN / Inf values (they abstain), at the caller of certify / predict."""
+    if indices:
+        warnings.warn(f"Smooth: inputs with NaN / Inf values abstain (indices {indices[:10]}"
+                      f"{' ...' if len(indices) > 10 else ''})", stacklevel=4)
 
 
 class _LogitsShapeError(ValueError):
@@ -279,7 +286,7 @@ class Smooth:
     # ------------------------------------------------------------------- sequential certification
 
     def certify_radius(self, x: torch.Tensor, radius: float, alpha: float = 0.001, batch_size: int = 1000, *,
-                       test: str = "cp", n0: int = 100, n_max: int = 100_000, n_min: int = 100,
+                       test: str = DEFAULT_TEST, n0: int = 100, n_max: int = 100_000, n_min: int = DEFAULT_N_MIN,
                        beta: Optional[float] = None, seed: Optional[int] = None, indices=None,
                        max_active: Optional[int] = None) -> SequentialResult:
         """Is g certified at L2 radius ``radius``? For each input of x [B, ...]: certified (with the
@@ -308,7 +315,7 @@ class Smooth:
                                 seed=seed, max_active=max_active)
 
     def certify_radii(self, x: torch.Tensor, radii, alpha: float = 0.001, batch_size: int = 1000, *,
-                      test: str = "cp", n0: int = 100, n_max: int = 100_000, n_min: int = 100,
+                      test: str = DEFAULT_TEST, n0: int = 100, n_max: int = 100_000, n_min: int = DEFAULT_N_MIN,
                       beta: Optional[float] = None, seed: Optional[int] = None, indices=None,
                       max_active: Optional[int] = None) -> SequentialResult:
         """:meth:`certify_radius` for a grid of radii in one run: each input stops when every radius is
@@ -323,8 +330,9 @@ class Smooth:
                                 seed=seed, max_active=max_active)
 
     def certify_sequential(self, x: torch.Tensor, alpha: float = 0.001, batch_size: int = 1000, *,
-                           precision: float = 0.05, test: str = "cp", n0: int = 100, n_max: int = 100_000,
-                           n_min: int = 100, beta: Optional[float] = None, seed: Optional[int] = None, indices=None,
+                           precision: float = DEFAULT_PRECISION, test: str = DEFAULT_TEST, n0: int = 100,
+                           n_max: int = 100_000, n_min: int = DEFAULT_N_MIN, beta: Optional[float] = None,
+                           seed: Optional[int] = None, indices=None,
                            max_active: Optional[int] = None) -> SequentialResult:
         """Full-radius mode: the largest certified radius sigma * Phi^-1(pA_lower), stopping an input once
         that radius is within ``precision`` (in the units of sigma's radii) of what fixed-n_max CERTIFY would
@@ -338,8 +346,8 @@ class Smooth:
                                 max_active=max_active)
 
     def certify_stream(self, inputs, alpha: float = 0.001, batch_size: int = 1000, *, radii=None,
-                       precision: Optional[float] = None, test: str = "cp", n0: int = 100, n_max: int = 100_000,
-                       n_min: int = 100, beta: Optional[float] = None, seed: Optional[int] = None,
+                       precision: Optional[float] = None, test: str = DEFAULT_TEST, n0: int = 100, n_max: int = 100_000,
+                       n_min: int = DEFAULT_N_MIN, beta: Optional[float] = None, seed: Optional[int] = None,
                        max_active: Optional[int] = None):
         """The generator behind the sequential modes, for data sets larger than a batch: ``inputs`` is an
         iterable of (index, x_i) pairs (x_i one input, without the batch dimension), read lazily as
@@ -356,10 +364,7 @@ class Smooth:
         x, B = self._check_x(x)
         idx = self._check_indices(indices, B)
         records = list(certify_stream(self, zip(idx, x), radii=radii, **kw))
-        bad = [r.index for r in records if not r.finite]
-        if bad:
-            warnings.warn(f"Smooth: inputs with NaN / Inf values abstain (indices {bad[:10]}"
-                          f"{' ...' if len(bad) > 10 else ''})", stacklevel=3)
+        _warn_nonfinite([r.index for r in records if not r.finite])
         return SequentialResult.collect(records, radii or [], self.num_classes, kw["test"])
 
     # ---------------------------------------------------------------------------- internals
@@ -528,10 +533,7 @@ class Smooth:
             host = torch.cat([counts.flatten(), finite_dev.long()]).cpu().numpy()
         table = host[:rows * (C + 1)].reshape(rows, C + 1)
         finite = host[rows * (C + 1):].astype(bool)
-        if not finite.all():
-            bad = [idx[i] for i in np.flatnonzero(~finite)]
-            warnings.warn(f"Smooth: inputs with NaN / Inf values abstain (indices {bad[:10]}"
-                          f"{' ...' if len(bad) > 10 else ''})", stacklevel=3)
+        _warn_nonfinite([idx[i] for i in np.flatnonzero(~finite)])
         return table[:, :C], table[:, C], finite
 
     def _graph_rows(self, x, idx, phases, keys, batch_size, counts, noise_dtype, mean, std) -> List[int]:

@@ -33,7 +33,7 @@ import torch
 from scipy import stats
 
 from .. import _checks, _rng, ops
-from .sequential import ABSTAINED, CERTIFIED, TESTS, SequentialTest
+from .sequential import CERTIFIED, DEFAULT_N_MIN, DEFAULT_TEST, TESTS, SequentialTest
 
 __all__ = ["SequentialRecord", "SequentialResult", "certify_stream", "check_radii"]
 
@@ -120,9 +120,9 @@ def check_radii(radii, name: str = "radii") -> List[float]:
 
 
 def certify_stream(smooth, inputs: Iterable[Tuple[int, torch.Tensor]], *, alpha: float, radii=None,
-                   precision: Optional[float] = None, test: str = "cp", beta: Optional[float] = None, n0: int = 100,
-                   n_min: int = 100, n_max: int = 100_000, batch_size: int = 1000, seed: Optional[int] = None,
-                   max_active: Optional[int] = None) -> Iterator[SequentialRecord]:
+                   precision: Optional[float] = None, test: str = DEFAULT_TEST, beta: Optional[float] = None,
+                   n0: int = 100, n_min: int = DEFAULT_N_MIN, n_max: int = 100_000, batch_size: int = 1000,
+                   seed: Optional[int] = None, max_active: Optional[int] = None) -> Iterator[SequentialRecord]:
     """Sequential certification of the inputs of an iterator of (index, x_i) pairs, x_i one input
     (a tensor without the batch dimension); yields a SequentialRecord per input as soon as it is
     decided (completion order, not input order). radii: decide these radii (grid mode; one radius:
@@ -315,9 +315,7 @@ class _Engine:
         for s, row, fin in sel:
             self.selection[s], self.sel_nan[s] = row[:C].copy(), int(row[C])
             if not fin or row[:C].sum() == 0:  # a non-finite input, or no class: abstain
-                test.start([s])
-                test.decisions[s] = ABSTAINED
-                test.done[s] = True
+                test.abstain([s])
                 yield self._finish(s, np.zeros(C + 1, np.int64), fin)
                 continue
             self.c_a[s] = int(np.argmax(row[:C]))  # ties -> lowest class, as Smooth.certify
@@ -354,8 +352,6 @@ class _Engine:
             ok = lower >= 0.5
             radius = float(self.smooth.sigma * test.radius_z([s])[0]) if ok else 0.0
             prediction = self.c_a[s] if ok else -1
-        if not finite or self.selection[s][:C].sum() == 0:
-            prediction, radius = -1, 0.0
         rec = SequentialRecord(
             position=self.position[s], index=self.index[s], prediction=int(prediction), radius=float(radius),
             decisions=dec.astype(np.int8), samples=int(self.n0 + test.n[s]), counts=row[:C].astype(np.int64),
@@ -363,5 +359,4 @@ class _Engine:
             nan_votes=int(row[C]) + self.sel_nan[s], finite=bool(finite))
         del self.order[s]
         self.free.append(s)
-        test.done[s] = True
         return rec
