@@ -113,14 +113,20 @@ def cohen_certify(model, x, n0, n, alpha, batch_size, sigma, num_classes):
 def timed(fn, device: str, repeats: int) -> float:
     """Fastest wall seconds of fn() over repeats runs (each run is long: no event timing needed). The
     minimum, not the median: on a shared machine the noise only ever adds time."""
-    times = []
-    for _ in range(repeats):
+    return timed_call(fn, device, repeats)[0]
+
+
+def timed_call(fn, device: str, repeats: int):
+    """(fastest wall seconds of fn() over repeats runs, the result of the last run; the runs are seeded, so
+    every run gives the same one)."""
+    best, out = float("inf"), None
+    for _ in range(max(1, repeats)):
         sync(device)
         t0 = time.perf_counter()
-        fn()
+        out = fn()
         sync(device)
-        times.append(time.perf_counter() - t0)
-    return min(times)
+        best = min(best, time.perf_counter() - t0)
+    return best, out
 
 
 def row(stamp, args, **kw):
@@ -307,19 +313,6 @@ def classic(args, stamp):
 SEQ_TARGET_RATIO = 10.0  # >= 10x fewer samples than fixed n at r = 0.25 (sigma 0.25) for inputs with pA >= 0.9
 SEQ_TARGET_EFFICIENCY = 1.2  # (t_seq / t_fixed) / (samples_seq / samples_fixed) <= 1.2
 DECISION_NAMES = {CERTIFIED: "certified", NOT_CERTIFIED: "not_certified", ABSTAINED: "abstained"}
-
-
-def timed_call(fn, device: str, repeats: int):
-    """(fastest wall seconds of fn() over repeats runs, the result of the last run): ``timed`` keeping the
-    result (the runs are seeded, so every run gives the same one)."""
-    best, out = float("inf"), None
-    for _ in range(max(1, repeats)):
-        sync(device)
-        t0 = time.perf_counter()
-        out = fn()
-        sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return best, out
 
 
 def train_digits(args, dev: str):
