@@ -38,7 +38,8 @@ from .common import (
     write_summary,
 )
 
-HELP = "certification: randomized smoothing (Cohen et al.'s CERTIFY) or interval bound propagation (--method ibp)"
+HELP = ("certification: randomized smoothing (Cohen et al.'s CERTIFY; --sequential: as few samples as each input "
+        "needs) or interval bound propagation (--method ibp)")
 
 HEADERS = {"certify": "idx\tlabel\tpredict\tradius\tcorrect\ttime", "predict": "idx\tlabel\tpredict\tcorrect\ttime",
            "sequential": "idx\tlabel\tpredict\tradius\tcorrect\ttime\tsamples\tdecisions"}
