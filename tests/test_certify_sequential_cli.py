@@ -139,19 +139,20 @@ def test_grid_mode_decisions_summary_and_plot(ckpt, data, grid_run, tmp_path, ca
 
 def test_full_radius_mode_matches_certify_sequential(ckpt, data, tmp_path):
     out = tmp_path / "full.tsv"
-    assert run(["--checkpoint", ckpt[0], "-o", out, "--sequential", "--precision", "0.1"] + COMMON) == 0
+    assert run(["--checkpoint", ckpt[0], "-o", out, "--sequential", "--precision", "0.1", "--beta", "0.05",
+                "--max-active", "3"] + COMMON) == 0
     t = table(out)
     radius, correct = np.array([float(f[3]) for f in t]), np.array([int(f[4]) for f in t], dtype=bool)
     samples = [int(f[6]) for f in t]
     assert [f[7] for f in t] == ["-"] * len(IDX)
     res = smooth(ckpt).certify_sequential(data[0], ALPHA, BATCH, precision=0.1, n0=N0, n_max=N, seed=SEED,
-                                          indices=IDX)
+                                          indices=IDX, beta=0.05)
     assert res.test == "cp"
     assert radius == pytest.approx(res.radius.numpy(), rel=1e-5, abs=1e-6)
     assert res.samples.tolist() == samples and res.prediction.tolist() == [int(f[2]) for f in t]
     assert radius.max() > 0.3 and len(set(samples)) > 2
     s = summary(out)
-    assert s["settings"]["precision"] == 0.1 and s["settings"]["test"] == "cp"
+    assert s["settings"]["precision"] == 0.1 and s["settings"]["test"] == "cp" and s["settings"]["beta"] == 0.05
     s = s["summary"]
     assert s["mode"] == "full-radius" and s["test"] == "cp" and s["precision"] == 0.1
     assert s["acr"] == pytest.approx(sm.acr(radius, correct))

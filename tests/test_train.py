@@ -385,7 +385,7 @@ def test_cli_demo_quick(tmp_path, capsys):
                "--attack-steps", "3", "--apgd-steps", "3", "--no-progress", "--val-size", "64",
                "--cvae-epochs", "2", "--learned-steps", "2", "--set-attack-steps", "3", "--latent-n", "50",
                "--latent-certify-max", "10", "--proxy-n", "500", "--sequential-images", "6",
-               "--sequential-n-max", "2000"])
+               "--sequential-n-max", "2000", "--sequential-radius", "0.2"])
     assert rc == 0
     text = capsys.readouterr().out
     # the learned-perturbation-set section: the set's quality, three models, the picture, the JSON rows
@@ -404,7 +404,7 @@ def test_cli_demo_quick(tmp_path, capsys):
                   "ACERT (kappa=0)", "DALE-PD", "PGD-7 AT + AWP (gamma=0.005)", "PGD-7 AT + EMA (0.999)",
                   "PGD-7 AT + proxy data (50%)", "robust discrimination", "consistency (sigma=0.25, m=2",
                   "MACER (sigma=0.25, k=8, lambda=1", "warm-up 10", "ACR", "IBP ACR (L-inf", "train time",
-                  "sequential certification of the smoothed Gaussian noise (sigma=0.25) model at r=0.25 (6 images",
+                  "sequential certification of the smoothed Gaussian noise (sigma=0.25) model at r=0.2 (6 images",
                   "fewer than fixed n=2,000 CERTIFY's 2,010"):
         assert label in text
     for f in ("results.md", "results.csv", "certified_accuracy.png", "certify_gaussian.tsv",
