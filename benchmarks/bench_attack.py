@@ -39,7 +39,7 @@ sys.path[:0] = [_HERE, os.path.dirname(_HERE)]  # benchmarks/common.py and the s
 from robustops import attacks  # noqa: E402
 from robustops.data import load_digits  # noqa: E402
 from robustops.models import PreActResNet18, SmallCNN  # noqa: E402
-from common import finish, parser, setup  # noqa: E402
+from common import finish, fit_classifier, parser, setup  # noqa: E402
 
 
 def torchattacks_style_pgd(model, images, labels, eps, alpha, steps):
@@ -68,17 +68,7 @@ def train_cnn(device: str, epochs: int, seed: int = 0):
     torch.manual_seed(seed)
     model = SmallCNN(in_channels=1, num_classes=10, input_size=28).to(device)
     x, y = digits28("train", device)
-    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    model.train()
-    for _ in range(epochs):
-        perm = torch.randperm(x.shape[0], device=device)
-        for i in range(0, x.shape[0], 64):
-            b = perm[i:i + 64]
-            loss = F.cross_entropy(model(x[b]), y[b])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-    return model.eval()
+    return fit_classifier(model, x, y, epochs)
 
 
 def batch_of(x, y, n):
@@ -144,7 +134,7 @@ def time_methods(args, methods, B, rows, fields):
     accs = {}
     for name, _, fn, robust in methods:
         torch.manual_seed(0)
-        for _ in range(args.warmup):
+        for _ in range(max(1, args.warmup)):  # at least one run: its output gives the robust accuracy
             out = fn()
         sync(dev)
         accs[name] = robust(out)

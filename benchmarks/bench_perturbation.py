@@ -79,7 +79,7 @@ from robustops import attacks, smoothing  # noqa: E402
 from robustops.data import load_digits  # noqa: E402
 from robustops.models import SmallCNN  # noqa: E402
 from robustops.perturbation import CVAE, DigitsPairs, fit_perturbation  # noqa: E402
-from common import copy_bandwidth, finish, parser, setup  # noqa: E402
+from common import copy_bandwidth, finish, fit_classifier, parser, setup  # noqa: E402
 
 EPS, ALPHA, STEPS = 1.0, 0.2, 10  # Wong and Kolter's latent attack: radius 1, step 0.2, 10 steps
 NUM_CLASSES = 10
@@ -156,17 +156,7 @@ def digits_models(args, dev):
     """(classifier, cvae, x, y): SmallCNN and the digits CVAE, both trained briefly; test digits."""
     torch.manual_seed(0)
     xtr, ytr = (t.to(dev) for t in load_digits("train").tensors)
-    clf = SmallCNN(1, NUM_CLASSES, 8).to(dev)
-    opt = torch.optim.Adam(clf.parameters(), lr=2e-3)
-    for _ in range(args.cnn_epochs):
-        perm = torch.randperm(xtr.shape[0], device=dev)
-        for i in range(0, xtr.shape[0], 64):
-            b = perm[i:i + 64]
-            loss = F.cross_entropy(clf(xtr[b]), ytr[b])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-    clf.eval()
+    clf = fit_classifier(SmallCNN(1, NUM_CLASSES, 8).to(dev), xtr, ytr, args.cnn_epochs)
     pairs = DigitsPairs("train", seed=0)
     xp, xt, yp = pairs.pair(list(range(len(pairs))))
     cvae = CVAE(1, 8, 8)

@@ -121,3 +121,21 @@ def finish(args, rows: list[dict]) -> None:
     if rows and not args.no_csv:
         path = append_csv(args.csv, rows)
         print(f"appended {len(rows)} rows to {path}")
+
+
+def fit_classifier(model, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: float = 2e-3, batch: int = 64):
+    """A quick classifier for a benchmark: Adam at lr on shuffled minibatches of (x, y) (already on the
+    model's device) for epochs passes; returns the model in eval mode."""
+    import torch.nn.functional as F
+
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(epochs):
+        perm = torch.randperm(x.shape[0], device=x.device)
+        for i in range(0, x.shape[0], batch):
+            b = perm[i:i + batch]
+            loss = F.cross_entropy(model(x[b]), y[b])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return model.eval()
