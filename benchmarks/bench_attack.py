@@ -26,20 +26,16 @@ and the robust accuracy reached, and appends rows to benchmarks/results/attack.c
 """
 from __future__ import annotations
 
-import os
 import statistics
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [_HERE, os.path.dirname(_HERE)]  # benchmarks/common.py and the source tree
-from robustops import attacks  # noqa: E402
-from robustops.data import load_digits  # noqa: E402
-from robustops.models import PreActResNet18, SmallCNN  # noqa: E402
-from common import finish, fit_classifier, parser, setup  # noqa: E402
+from robustops import attacks
+from robustops.data import load_digits
+from robustops.models import PreActResNet18, SmallCNN
+from common import finish, fit_classifier, parser, setup
 
 
 def torchattacks_style_pgd(model, images, labels, eps, alpha, steps):

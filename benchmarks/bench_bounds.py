@@ -42,18 +42,15 @@ from __future__ import annotations
 import math
 import os
 import statistics
-import sys
 import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [_HERE, os.path.dirname(_HERE)]  # benchmarks/common.py and the source tree
-from robustops import bounds  # noqa: E402
-from robustops.models import CNN7  # noqa: E402
-from common import copy_bandwidth, finish, parser, setup  # noqa: E402
+from robustops import bounds
+from robustops.models import CNN7
+from common import copy_bandwidth, finish, parser, setup
 
 EPS_MAX = 8 / 255  # CIFAR-10's usual L-inf radius
 TOL = 1e-3

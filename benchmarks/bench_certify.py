@@ -57,7 +57,6 @@ import argparse
 import copy
 import csv
 import os
-import sys
 import time
 
 import numpy as np
@@ -65,13 +64,11 @@ import torch
 import torch.nn as nn
 from scipy import stats
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [_HERE, os.path.dirname(_HERE)]  # benchmarks/common.py and the source tree
-import robustops as ro  # noqa: E402
-from robustops import models, smoothing  # noqa: E402
-from robustops.data import CIFAR10_MEAN, CIFAR10_STD  # noqa: E402
-from robustops.smoothing.sequential import ABSTAINED, CERTIFIED, NOT_CERTIFIED  # noqa: E402
-from common import RESULTS, bench, copy_bandwidth, finish, parser, setup  # noqa: E402
+import robustops as ro
+from robustops import models, smoothing
+from robustops.data import CIFAR10_MEAN, CIFAR10_STD
+from robustops.smoothing.sequential import ABSTAINED, CERTIFIED, NOT_CERTIFIED
+from common import RESULTS, bench, copy_bandwidth, finish, parser, setup
 
 
 def sync(device: str) -> None:

@@ -64,7 +64,6 @@ from __future__ import annotations
 
 import os
 import statistics
-import sys
 import time
 
 import numpy as np
@@ -73,13 +72,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [_HERE, os.path.dirname(_HERE)]  # benchmarks/common.py and the source tree
-from robustops import attacks, smoothing  # noqa: E402
-from robustops.data import load_digits  # noqa: E402
-from robustops.models import SmallCNN  # noqa: E402
-from robustops.perturbation import CVAE, DigitsPairs, fit_perturbation  # noqa: E402
-from common import copy_bandwidth, finish, fit_classifier, parser, setup  # noqa: E402
+from robustops import attacks, smoothing
+from robustops.data import load_digits
+from robustops.models import SmallCNN
+from robustops.perturbation import CVAE, DigitsPairs, fit_perturbation
+from common import copy_bandwidth, finish, fit_classifier, parser, setup
 
 EPS, ALPHA, STEPS = 1.0, 0.2, 10  # Wong and Kolter's latent attack: radius 1, step 0.2, 10 steps
 NUM_CLASSES = 10

@@ -14,16 +14,12 @@ the device's copy bandwidth measured in this run, for a copy moving as many byte
 """
 from __future__ import annotations
 
-import os
-import sys
 
 import torch
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [_HERE, os.path.dirname(_HERE)]  # benchmarks/common.py and the source tree
-import robustops as ro  # noqa: E402
-from robustops import reference as ref  # noqa: E402
-from common import bench, copy_bandwidth, finish, parser, setup  # noqa: E402
+import robustops as ro
+from robustops import reference as ref
+from common import bench, copy_bandwidth, finish, parser, setup
 
 SIZES = {"cifar": (512, 3, 32, 32), "imagenet": (256, 3, 224, 224)}
 

@@ -35,17 +35,14 @@ Rows are appended to benchmarks/results/train.csv with the device name and date.
 from __future__ import annotations
 
 import copy
-import os
 import sys
 import time
 
 import torch
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [_HERE, os.path.dirname(_HERE)]  # benchmarks/common.py and the source tree
-from common import finish, parser, setup  # noqa: E402
-from robustops import models  # noqa: E402
-from robustops import train as rt  # noqa: E402
+from common import finish, parser, setup
+from robustops import models
+from robustops import train as rt
 
 TARGETS = {"natural": 1.0, "pgd": 7.3, "fgsm": 1.5, "free": 1.2}
 LABELS = {"natural": "natural", "pgd": "PGD-{steps}", "fgsm": "FGSM-RS", "free": "free (m={m}, per replay)",

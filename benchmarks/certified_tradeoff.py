@@ -15,17 +15,14 @@ from __future__ import annotations
 
 import os
 import statistics
-import sys
 import time
 
 import torch
 from torch.utils.data import DataLoader
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [_HERE, os.path.dirname(_HERE)]  # benchmarks/common.py and the source tree
-from robustops import bounds, models, smoothing, train  # noqa: E402
-from robustops.data import get_dataset  # noqa: E402
-from common import RESULTS, finish, parser, setup  # noqa: E402
+from robustops import bounds, models, smoothing, train
+from robustops.data import get_dataset
+from common import RESULTS, finish, parser, setup
 
 
 def run_one(method: str, kappa: float, seed: int, args, train_ds, x_test, y_test) -> dict:

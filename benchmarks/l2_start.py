@@ -49,7 +49,6 @@ robust_acc_std, diff_vs_volume, p_vs_volume, then restarts, diff_vs_radius, p_vs
 from __future__ import annotations
 
 import math
-import os
 import statistics
 import sys
 import time
@@ -58,13 +57,11 @@ import torch
 from scipy import stats
 from torch.utils.data import DataLoader
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [_HERE, os.path.dirname(_HERE)]  # benchmarks/common.py and the source tree
-from common import finish, parser, setup  # noqa: E402
-import robustops  # noqa: E402
-from robustops.data import load_digits  # noqa: E402
-from robustops.models import SmallCNN  # noqa: E402
-from robustops.train import fit  # noqa: E402
+from common import finish, parser, setup
+import robustops
+from robustops.data import load_digits
+from robustops.models import SmallCNN
+from robustops.train import fit
 
 # radius(eps, U, D) per law; None: no random start.
 LAWS = {

@@ -23,16 +23,14 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import sys
 import time
 
 import numpy as np
 from scipy import stats
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [_HERE, os.path.dirname(_HERE)]  # benchmarks/common.py and the source tree
-from robustops.smoothing.sequential import ABSTAINED, CERTIFIED, simulate  # noqa: E402
-from common import RESULTS  # noqa: E402
+from robustops.smoothing.sequential import ABSTAINED, CERTIFIED, simulate
+from common import RESULTS
 
 DOCS = os.path.join(os.path.dirname(_HERE), "docs")
 TESTS = ("betting", "cp")

@@ -301,10 +301,9 @@ def _register_models() -> None:
         out = propagate(m.avgpool, out).map(lambda t: t.flatten(1))
         return propagate(m.fc, out, spec)
 
-    for name in ("CNN7",):
-        cls = getattr(M, name, None)
-        if cls is not None and cls not in _RULES:
-            register(cls)(lambda m, iv, spec: propagate(m.net, iv, spec, "net"))
+    @register(M.CNN7)
+    def _cnn7(m, iv, spec):
+        return propagate(m.net, iv, spec, "net")
 
 
 _register_models()
