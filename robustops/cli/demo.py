@@ -77,7 +77,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     demo_learned.add_arguments(p)
 
 
-def _fmt_pct(v) -> str:
+def fmt_pct(v) -> str:
+    """A fraction as a percentage with one decimal ("-" for None or NaN): the demo tables' format."""
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}%"
 
 
@@ -260,7 +261,7 @@ def _sequential_line(args, rows, data, dev) -> Optional[str]:
     undecided = int((res.decisions[:, 0] == smoothing.ABSTAINED).sum())
     return (f"sequential certification of the smoothed {row['label']} model at r={r:g} ({k} images, Clopper-Pearson "
             f"at doubling looks, n0={args.n0}, n_max={n_max:,}, alpha={args.alpha:g}): certified accuracy "
-            f"{_fmt_pct(acc)} (fixed CERTIFY with n={args.n}: {_fmt_pct(fixed)}) with {mean:,.0f} samples per image "
+            f"{fmt_pct(acc)} (fixed CERTIFY with n={args.n}: {fmt_pct(fixed)}) with {mean:,.0f} samples per image "
             f"on average, {(args.n0 + n_max) / mean:.0f}x fewer than fixed n={n_max:,} CERTIFY's {args.n0 + n_max:,}; "
             f"{undecided} undecided at n_max; {elapsed:.1f}s")
 
@@ -271,8 +272,8 @@ def _table(args, rows) -> list:
     header += [f"ACR (sigma={args.sigma:g})"]
     header += [f"IBP ACR (L-inf, <= {args.ibp_eps_max:g})"] if args.ibp_eps_max > 0 else []
     header += ["train time"]
-    table = [[r["label"], _fmt_pct(r["clean_acc"]), _fmt_pct(r["robust_acc"])]
-             + ([_fmt_pct(r["apgd_acc"])] if args.apgd_steps else [])
+    table = [[r["label"], fmt_pct(r["clean_acc"]), fmt_pct(r["robust_acc"])]
+             + ([fmt_pct(r["apgd_acc"])] if args.apgd_steps else [])
              + ["-" if r["acr"] is None else f"{r['acr']:.3f}"]
              + ([f"{r['ibp_acr']:.4f}"] if args.ibp_eps_max > 0 else [])
              + [f"{r['train_time_s']:.1f} s"] for r in rows]
@@ -360,16 +361,16 @@ def _demo(args, methods, dev) -> int:
                       f"mixture fit on the training split ({proxy_data['time_s']:.1f}s with its score); robust "
                       f"discrimination (real-vs-generated classifiers, PGD-trained at each eps, held-out robust "
                       f"accuracy; 50% = indistinguishable): "
-                      + ", ".join(f"eps {e:.3g}: {_fmt_pct(a)}" for e, a in zip(sc["eps"], sc["robust_acc"])))
+                      + ", ".join(f"eps {e:.3g}: {fmt_pct(a)}" for e, a in zip(sc["eps"], sc["robust_acc"])))
         print("  " + proxy_line, flush=True)
     for method in methods:
         row = _train_and_evaluate(args, method, data, dev, proxy_data)
         rows.append(row)
         extra = (f", ACR {row['acr']:.3f} ({data.k} images, n={args.n}, certified in {row['certify_time_s']:.1f}s)"
                  if row["acr"] is not None else "")
-        aa = f"  APGD-CE+T {_fmt_pct(row['apgd_acc']):>6}" if row["apgd_acc"] is not None else ""
-        print(f"  {row['label']:<28} clean {_fmt_pct(row['clean_acc']):>6}  PGD-{args.attack_steps} "
-              f"{_fmt_pct(row['robust_acc']):>6}{aa}{extra}  (trained {row['train_time_s']:.1f}s)", flush=True)
+        aa = f"  APGD-CE+T {fmt_pct(row['apgd_acc']):>6}" if row["apgd_acc"] is not None else ""
+        print(f"  {row['label']:<28} clean {fmt_pct(row['clean_acc']):>6}  PGD-{args.attack_steps} "
+              f"{fmt_pct(row['robust_acc']):>6}{aa}{extra}  (trained {row['train_time_s']:.1f}s)", flush=True)
     md = _table(args, rows)
     print()
     print("\n".join(md))
@@ -381,7 +382,7 @@ def _demo(args, methods, dev) -> int:
             continue
         accs = smoothing.certified_accuracy(r["radius"], r["correct"], radii)
         lines.append(f"certified accuracy of the smoothed {r['label']} model (n0={args.n0}, n={args.n}, "
-                     f"alpha={args.alpha:g}):\n" + ", ".join(f"r={x:g}: {_fmt_pct(float(a))}" for x, a in
+                     f"alpha={args.alpha:g}):\n" + ", ".join(f"r={x:g}: {fmt_pct(float(a))}" for x, a in
                                                              zip(radii, accs))
                      + f" (the largest radius n={args.n} samples can certify is "
                        f"{smoothing.largest_certifiable_radius(r['sigma'], args.n, args.alpha):.2f})")
@@ -399,7 +400,7 @@ def _demo(args, methods, dev) -> int:
         ibp_radii = sorted({args.ibp_eps_max / 4, args.ibp_eps_max / 2, args.ibp_eps_max})
         accs = smoothing.certified_accuracy(r["ibp_radius"], r["ibp_correct"], ibp_radii)
         lines.append(f"IBP-certified accuracy of the {r['label']} model (L-inf): "
-                     + ", ".join(f"r={x:g}: {_fmt_pct(float(a))}" for x, a in zip(ibp_radii, accs)))
+                     + ", ".join(f"r={x:g}: {fmt_pct(float(a))}" for x, a in zip(ibp_radii, accs)))
         print("\n" + lines[-1])
     block = md + [""] + lines
     learned_outputs, learned = [], None

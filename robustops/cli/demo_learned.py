@@ -140,12 +140,12 @@ def _picture(args, pm, eps: float, model, dev) -> List[str]:
 def run_section(args, data, rows, dev) -> Tuple[List[str], List[str], List[dict]]:
     """Runs the section; returns (the lines it prints and puts in the README block, the files it wrote
     under args.out, its rows for results.json)."""
-    from .demo import _fmt_pct
+    from .demo import fmt_pct
 
     pm, eps, q, t_fit = _perturbation_model(args, dev)
     head = (f"learned perturbation set (CVAE, {args.cvae_epochs} epochs, {t_fit:.1f}s): eps {eps:.2f} (the "
             f"{args.set_percentile:g}th percentile of the training pairs' latent norms); held-out pairs: coverage "
-            f"{_fmt_pct(q['coverage'])}, reconstruction MSE {q['recon_mse']:.4f} (identity map "
+            f"{fmt_pct(q['coverage'])}, reconstruction MSE {q['recon_mse']:.4f} (identity map "
             f"{q['identity_mse']:.4f}), nearest member of S(x) {q['approx_mse']:.4f}")
     print("\n" + head, flush=True)
     own = {r["method"]: r for r in rows}
@@ -157,14 +157,14 @@ def run_section(args, data, rows, dev) -> Tuple[List[str], List[str], List[dict]
             model, label, t_train = _train(args, method, pm, eps, data, dev)
         ev = _evaluate(args, model, pm, eps, data, dev)
         results.append({"method": method, "label": label, "train_time_s": t_train, **ev, "model": model})
-        print(f"  {label:<36} clean {_fmt_pct(ev['clean_acc']):>6}  random-set {_fmt_pct(ev['random_acc']):>6}  "
-              f"adversarial-set {_fmt_pct(ev['set_acc']):>6}  latent ACR {ev['latent_acr']:.3f}  "
+        print(f"  {label:<36} clean {fmt_pct(ev['clean_acc']):>6}  random-set {fmt_pct(ev['random_acc']):>6}  "
+              f"adversarial-set {fmt_pct(ev['set_acc']):>6}  latent ACR {ev['latent_acr']:.3f}  "
               f"(trained {t_train:.1f}s, certified in {ev['latent_certify_s']:.1f}s)", flush=True)
     outputs = _picture(args, pm, eps, results[0]["model"], dev)
     header = ["model", "clean acc", f"random-set acc ({RANDOM_MEMBERS} members)",
               f"adversarial-set acc (latent PGD-{args.set_attack_steps})",
               f"latent ACR (sigma={args.latent_sigma:g})", "train time"]
-    table = [[r["label"], _fmt_pct(r["clean_acc"]), _fmt_pct(r["random_acc"]), _fmt_pct(r["set_acc"]),
+    table = [[r["label"], fmt_pct(r["clean_acc"]), fmt_pct(r["random_acc"]), fmt_pct(r["set_acc"]),
               f"{r['latent_acr']:.3f}", f"{r['train_time_s']:.1f} s"] for r in results]
     widths = [max(len(h), *(len(t[i]) for t in table)) for i, h in enumerate(header)]
     md = ["| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |",

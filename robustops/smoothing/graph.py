@@ -36,7 +36,7 @@ class _Runner:
         s = self.smooth
         noise = ops.gaussian_noise(self.x, self.batch, s.sigma, seed=self.key, offset=self.offset, mean=self.mean,
                                    std=self.std, out_dtype=self.noise_dtype, channels_last=s.channels_last)
-        ops.count_votes_(s._with_nan_column(s._forward(noise, cache=not capturing)), self.counts)
+        ops.count_votes_(s.vote_logits(noise, cache=not capturing), self.counts)
 
     def capture(self) -> None:
         dev = self.x.device

@@ -490,6 +490,12 @@ class Smooth:
                                     f"check num_classes")
         return logits
 
+    def vote_logits(self, batch: torch.Tensor, cache: bool = True) -> torch.Tensor:
+        """The base classifier's logits on a noisy batch [R, ...] as count_votes_ takes them: [R, C + 1],
+        a row with a NaN logit counted in column C (for no class). cache=False while a CUDA graph is
+        captured (no autocast weight cache). The one forward of the stream engine and the graph runner."""
+        return self._with_nan_column(self._forward(batch, cache=cache))
+
     def _sample(self, x: torch.Tensor, idx: List[int], phases: List[Tuple[int, int]], batch_size: int,
                 seed: int, context=None):
         """Votes of the base classifier on noisy copies of x: (counts int64 [len(phases)*B, C], row

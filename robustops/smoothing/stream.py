@@ -281,7 +281,7 @@ class _Engine:
                                             offset=self.index[s] * stride + j, mean=self.mean, std=self.std,
                                             out_dtype=self.noise_dtype, channels_last=sm.channels_last))
         batch = noise[0] if len(noise) == 1 else torch.cat(noise)
-        logits = sm._with_nan_column(sm._forward(batch))
+        logits = sm.vote_logits(batch)
         start = 0
         for s, _, take in pieces:
             ops.count_votes_(logits[start:start + take], self.counts[s:s + 1])
