@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import math
 import os
 from dataclasses import dataclass
 from fractions import Fraction
@@ -16,7 +17,16 @@ if TYPE_CHECKING:  # annotations only: torch is imported where it is used
 __all__ = ["CLIError", "Parser", "fraction", "fractions", "parse_fraction", "alias", "Renamed", "pick_device", "Dist",
            "distributed", "add_common", "setup_run", "physical_cores", "require_min", "check_data_spec",
            "split_holdout", "load_data", "check_model_accepts", "check_writable", "exclusive", "agree",
-           "checkpoint_meta", "write_summary"]
+           "checkpoint_meta", "write_summary", "DIGITS_MODEL", "fmt_pct"]
+
+
+#: The small CNN of the embedded digits data (8x8 grey images, 10 classes): the demo's model.
+DIGITS_MODEL = {"num_classes": 10, "in_channels": 1, "input_size": 8}
+
+
+def fmt_pct(v) -> str:
+    """A fraction as a percentage with one decimal ("-" for None or NaN): the demo tables' format."""
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}%"
 
 
 class CLIError(Exception):

@@ -12,7 +12,8 @@ import time
 from typing import List, Optional
 
 from . import demo_learned
-from .common import CLIError, add_common, fraction, pick_device, require_min, setup_run, split_holdout, write_summary
+from .common import (DIGITS_MODEL, CLIError, add_common, fmt_pct, fraction, pick_device, require_min, setup_run,
+                     split_holdout, write_summary)
 from .train import add_method_flags, method_hparams
 
 HELP = ("train natural / PGD / free / Gaussian / consistency / MACER / IBP / ACERT / DALE-PD / PGD+AWP / PGD+EMA / "
@@ -29,7 +30,6 @@ DEMO_METHODS = ("natural", "pgd", "free", "gaussian", "consistency", "macer", "i
 ROW_SPECS = {"macer": ("macer", {"macer_lambda": 1.0, "macer_warmup": 10, "noise_copies": 8}),
              "pgd+awp": ("pgd", {"awp": 5e-3}), "pgd+ema": ("pgd", {"ema": 0.999}),
              "pgd+proxy": ("pgd", {"proxy": 0.5})}
-DIGITS_MODEL = {"num_classes": 10, "in_channels": 1, "input_size": 8}
 #: The models whose IBP-certified accuracy against radius the demo plots.
 IBP_PLOT_METHODS = ("natural", "pgd", "ibp", "acert")
 
@@ -75,11 +75,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "table and the certified-accuracy line printed here")
     add_common(p)
     demo_learned.add_arguments(p)
-
-
-def fmt_pct(v) -> str:
-    """A fraction as a percentage with one decimal ("-" for None or NaN): the demo tables' format."""
-    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}%"
 
 
 def run(args) -> int:

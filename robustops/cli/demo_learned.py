@@ -10,7 +10,7 @@ import os
 import time
 from typing import List, Tuple
 
-from .common import CLIError, fraction
+from .common import DIGITS_MODEL, CLIError, fmt_pct, fraction
 
 #: the models the section compares (the natural one is the demo's own when it trained one)
 LEARNED_METHODS = ("natural", "learned_aug", "learned")
@@ -76,7 +76,6 @@ def _train(args, method: str, pm, eps: float, data, dev):
     import torch
 
     from .. import models, train
-    from .demo import DIGITS_MODEL
 
     torch.manual_seed(args.seed)
     model = models.get_model("small_cnn", **DIGITS_MODEL).to(dev)
@@ -140,7 +139,6 @@ def _picture(args, pm, eps: float, model, dev) -> List[str]:
 def run_section(args, data, rows, dev) -> Tuple[List[str], List[str], List[dict]]:
     """Runs the section; returns (the lines it prints and puts in the README block, the files it wrote
     under args.out, its rows for results.json)."""
-    from .demo import fmt_pct
 
     pm, eps, q, t_fit = _perturbation_model(args, dev)
     head = (f"learned perturbation set (CVAE, {args.cvae_epochs} epochs, {t_fit:.1f}s): eps {eps:.2f} (the "
