@@ -574,6 +574,41 @@ def _load_cohen(obj: dict, path: str, name: Optional[str], kwargs: dict) -> nn.M
     return nn.Sequential(Normalize(mean, std), net).eval()
 
 
+def _from_checkpoint(obj: dict, path: str, name: Optional[str], kwargs: dict):
+    """(model, state dict) of a robustops checkpoint {"model", "model_kwargs", "state_dict"}; kwargs
+    override the saved model_kwargs."""
+    saved = obj["model"]
+    if not isinstance(saved, str):
+        raise ValueError(f"{path!r}: the checkpoint's 'model' entry must be a model name, got "
+                         f"{type(saved).__name__}")
+    if name is not None and name.lower().replace("-", "_") != saved.lower().replace("-", "_"):
+        raise ValueError(f"{path!r} holds a {saved!r} model, but name={name!r} was asked for")
+    model_kwargs = dict(obj.get("model_kwargs") or {})
+    model_kwargs.update(kwargs)
+    try:
+        model = get_model(saved, **model_kwargs)
+    except ValueError as e:
+        raise ValueError(f"{path!r}: {e}") from e
+    return model, obj["state_dict"]
+
+
+def _load_archive(path: str, map_location) -> Optional[nn.Module]:
+    """The model of a TorchScript or torch.export file, in eval mode; None for any other file."""
+    kind = _archive_kind(path)
+    if kind == "jit":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # TorchScript's deprecation notice
+            return torch.jit.load(path, map_location=map_location).eval()
+    if kind == "export":
+        module = torch.export.load(path).module()
+        try:
+            module.eval()
+        except (NotImplementedError, RuntimeError):
+            pass
+        return module
+    return None
+
+
 def load_model(path: str, name: Optional[str] = None, map_location="cpu", trusted: bool = False,
                **kwargs) -> nn.Module:
     """A model from a file, in eval mode:
@@ -599,18 +634,9 @@ def load_model(path: str, name: Optional[str] = None, map_location="cpu", truste
     (a whole pickled nn.Module) from a source you trust."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no model file at {path!r}")
-    kind = _archive_kind(path)
-    if kind == "jit":
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # TorchScript's deprecation notice
-            return torch.jit.load(path, map_location=map_location).eval()
-    if kind == "export":
-        module = torch.export.load(path).module()
-        try:
-            module.eval()
-        except (NotImplementedError, RuntimeError):
-            pass
-        return module
+    archive = _load_archive(path, map_location)
+    if archive is not None:
+        return archive
     try:
         obj = torch.load(path, map_location=map_location, weights_only=not trusted)
     except Exception as e:  # noqa: BLE001
@@ -632,19 +658,7 @@ def load_model(path: str, name: Optional[str] = None, map_location="cpu", truste
                              f"torchvision). For another model, pass its name (name=... / --model) to load the "
                              f"state dict; known models: {', '.join(MODEL_NAMES)}")
     if isinstance(obj, dict) and "state_dict" in obj and "model" in obj:
-        saved = obj["model"]
-        if not isinstance(saved, str):
-            raise ValueError(f"{path!r}: the checkpoint's 'model' entry must be a model name, got "
-                             f"{type(saved).__name__}")
-        if name is not None and name.lower().replace("-", "_") != saved.lower().replace("-", "_"):
-            raise ValueError(f"{path!r} holds a {saved!r} model, but name={name!r} was asked for")
-        model_kwargs = dict(obj.get("model_kwargs") or {})
-        model_kwargs.update(kwargs)
-        try:
-            model = get_model(saved, **model_kwargs)
-        except ValueError as e:
-            raise ValueError(f"{path!r}: {e}") from e
-        state = obj["state_dict"]
+        model, state = _from_checkpoint(obj, path, name, kwargs)
     else:
         state = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
         if not _is_state_dict(state):
