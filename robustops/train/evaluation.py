@@ -16,15 +16,15 @@ from .context import MethodContext, bind_model, dist_info, prepare_batch
 __all__ = ["evaluate", "evaluate_context"]
 
 
-def evaluate(model: nn.Module, loader, cfg: Optional[FitConfig] = None, *, eps: Optional[float] = None,
-             progress: bool = False, device=None, **settings) -> Dict[str, float]:
+def evaluate(model: nn.Module, loader, cfg: Optional[FitConfig] = None, *, progress: bool = False, device=None,
+             **settings) -> Dict[str, float]:
     """What ``Trainer(model, cfg).evaluate(loader)`` measures, without a trainer: clean accuracy, PGD
     accuracy (val_eps / val_alpha / val_steps / val_norm; skipped when the eps is 0), for methods that
     train for smoothing the accuracy under their noise, for certified methods ``cert_acc``, and the
     method's own ``val_metrics`` (e.g. ``set_acc``), in eval mode, as a dict (val_loss too).
 
     cfg: a FitConfig, or its fields and the method's hyperparameters as keyword ``settings`` (as
-    ``Trainer`` takes them); the seeds of the attack and the noise come from the process generator of
+    ``Trainer`` takes them; ``eps`` is the config's, the PGD radius is val_eps); the seeds of the attack and the noise come from the process generator of
     cfg.seed (``_rng.process_generator``), as a fresh trainer's would. device: default the model's.
     Counts are not summed over processes (each process evaluates what it is given)."""
     cfg = resolve_config(cfg, settings)
@@ -33,14 +33,15 @@ def evaluate(model: nn.Module, loader, cfg: Optional[FitConfig] = None, *, eps: 
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     ctx = MethodContext(cfg, fwd, device, _rng.process_generator(cfg.seed, rank), scaler=scaler, rank=rank)
     method = cfg.method_class(ctx) if cfg.method_class.val_metrics else None
-    return evaluate_context(ctx, loader, eps=eps, progress=progress, method=method)
+    return evaluate_context(ctx, loader, progress=progress, method=method)
 
 
 def evaluate_context(ctx: MethodContext, loader, *, eps: Optional[float] = None, progress: bool = False,
                      method=None) -> Dict[str, float]:
     """:func:`evaluate` on a method context (its forward, seeds, autocast; counts summed over its
-    processes when world_size > 1: every process must call it then). method: the Method whose
-    ``validation_counts`` give the cfg's method's ``val_metrics`` (needed when it has any)."""
+    processes when world_size > 1: every process must call it then). eps: the PGD radius (default
+    cfg.val_eps). method: the Method whose ``validation_counts`` give the cfg's method's
+    ``val_metrics`` (needed when it has any)."""
     c = ctx.cfg
     eps = c.val_eps if eps is None else eps
     sigma = c.noise_sigma
