@@ -180,15 +180,15 @@ class HalfAdversarial(rt.Method):
     help = "(CE(x) + CE(x_adv)) / 2 (test only)"
 
     def step(self, x, y):
-        c, tr = self.cfg, self.trainer
-        x_adv = tr.attack(x, y, c.eps, c.alpha, c.steps, c.norm, c.random_start)
+        c, ctx = self.cfg, self.ctx
+        x_adv = ctx.attack(x, y, c.eps, c.alpha, c.steps, c.norm, c.random_start)
 
         def closure(net):
             lc, la = net(x, x_adv)
             return 0.5 * (F.cross_entropy(lc, y) + F.cross_entropy(la, y)), la
 
-        loss, logits = tr.loss_update(closure)
-        return tr.stats(loss, logits, y)
+        loss, logits = ctx.update(closure)
+        return ctx.stats(loss, logits, y)
 
 
 @pytest.mark.parametrize("method,ref", [("natural", "natural"), ("pgd", "test_half_adversarial")])

@@ -168,12 +168,14 @@ def test_registry_drives_config_and_cli():
         hyper = (rt.Hyper("scale", 2.0, "loss scale", minimum=0.0),)
 
         def step(self, x, y):
-            tr = self.trainer
-            with tr.autocast():
-                logits = tr.net(x)
-                loss = self.cfg.scale * nn.functional.cross_entropy(logits, y)
-            tr.update(loss)
-            return tr.stats(loss, logits, y)
+            ctx = self.ctx
+
+            def closure(net):
+                logits = net(x)
+                return self.cfg.scale * nn.functional.cross_entropy(logits, y), logits
+
+            loss, logits = ctx.update(closure)
+            return ctx.stats(loss, logits, y)
 
     rt.register(Doubled)
     try:

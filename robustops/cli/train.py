@@ -201,10 +201,9 @@ def _test(args, model, hp, dev, train_time) -> dict:
 
     test_ds, _ = load_data(args.data, "test")
     test_loader = DataLoader(test_ds, batch_size=256, shuffle=False)
-    # the model holds the run's final weights already (the weight average under --ema): no average here
-    tr = train.Trainer(model, train.FitConfig.make(args.method, **{**hp, "val_steps": args.test_steps, "ema": None}),
-                       device=dev, ddp=False)
-    m = tr.evaluate(test_loader)
+    # the model holds the run's final weights already (the weight average under --ema)
+    m = train.evaluate(model, test_loader, train.FitConfig.make(args.method, **{**hp, "val_steps": args.test_steps}),
+                       device=dev)
     if _uses_perturbation_model(args.method):
         # the threat model of these methods: accuracy under latent PGD in the learned set at eps
         from ..train.methods.learned import set_accuracy
@@ -283,7 +282,7 @@ def run(args) -> int:
 def _uses_perturbation_model(method: str) -> bool:
     from .. import train
 
-    return bool(getattr(train.registry.get(method), "uses_perturbation_model", False))
+    return train.registry.get(method).uses_perturbation_model
 
 
 def _learned_eps(args):

@@ -7,8 +7,11 @@ Methods come from a registry (``robustops.train.registry``), one file each under
 ones on interval bound propagation (``robustops.bounds``): ibp (Gowal et al. 2018) and acert (Nurlanov
 et al. 2023, per-sample certified radii), validated and selected by IBP-certified accuracy
 (``cert_acc``). ``METHODS`` lists the
-registered names; :func:`describe_methods` their one-line descriptions. Inner maximisations run on
-the projected-gradient engine the attacks use (``robustops.attacks.Engine``); free-AT and FGSM with
+registered names; :func:`describe_methods` their one-line descriptions. A method sees its run only
+through a :class:`MethodContext` (its forward, seeds, autocast, the one step path ``update(closure)``,
+the run's progress, per-sample loss weights); :func:`evaluate` measures a model as validation does.
+Inner maximisations run on the projected-gradient engine the attacks use
+(``robustops.attacks.Engine``); free-AT and FGSM with
 the "previous" start update a persistent perturbation with ``recycle_step_``; noise comes from one
 fused ``gaussian_noise`` call per minibatch.
 
@@ -28,11 +31,14 @@ are summed over the processes. ``robustops train`` run under ``torchrun`` sets a
 from . import methods as _methods  # noqa: F401  (registers the built-in methods)
 from . import registry
 from .config import AMP_MODES, METRICS, NORMS, OPTIMIZERS, SCHEDULES, FitConfig
+from .context import MethodContext
+from .evaluation import evaluate
 from .fit import CHECKPOINT_FORMAT, FitResult, fit
 from .registry import Hyper, Method, register
 from .trainer import LRFactor, Trainer
 
-__all__ = ["fit", "FitConfig", "FitResult", "Trainer", "METHODS", "Method", "Hyper", "register", "registry",
+__all__ = ["fit", "evaluate", "FitConfig", "FitResult", "Trainer", "MethodContext", "METHODS", "Method", "Hyper",
+           "register", "registry",
            "describe_methods", "methods_table", "LRFactor", "CHECKPOINT_FORMAT", "OPTIMIZERS", "SCHEDULES",
            "AMP_MODES", "NORMS", "METRICS"]
 

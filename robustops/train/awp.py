@@ -39,15 +39,15 @@ Choices, stated:
 """
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
 __all__ = ["WeightPerturbation"]
 
-#: closure(net) -> (loss, logits): the method's training loss computed through ``net``.
-Closure = Callable[[nn.Module], Tuple[torch.Tensor, torch.Tensor]]
+#: closure(net) -> (loss, aux): the method's training loss computed through ``net`` (``MethodContext.update``'s).
+Closure = Callable[[nn.Module], Tuple[torch.Tensor, Any]]
 
 
 class WeightPerturbation:

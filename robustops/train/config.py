@@ -11,7 +11,8 @@ from .. import _checks
 from ..models import channel_stats
 from . import registry
 
-__all__ = ["FitConfig", "OPTIMIZERS", "SCHEDULES", "AMP_MODES", "NORMS", "METRICS", "OPTIONS", "ModelObject"]
+__all__ = ["FitConfig", "OPTIMIZERS", "SCHEDULES", "AMP_MODES", "NORMS", "METRICS", "OPTIONS", "ModelObject",
+           "resolve_config"]
 
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("cyclic", "multistep", "cosine", "constant")
@@ -20,14 +21,14 @@ NORMS = ("linf", "l2")
 METRICS = ("robust_acc", "clean_acc", "noise_acc", "cert_acc", "set_acc", "last")
 
 #: The training options that any method may accept: {name: what it is}. A method lists those it
-#: supports in its class attribute ``options`` (a tuple of names); ``ema`` applies to every method.
+#: supports in its class attribute ``Method.options`` (a tuple of names); ``ema`` applies to every method.
 OPTIONS = {"awp": "adversarial weight perturbation", "ema": "weight averaging decay",
            "mixup": "mixup Beta(alpha, alpha)"}
 
 
 def method_options(cls) -> tuple:
     """The training options a registered method class accepts."""
-    return ("ema",) + tuple(o for o in getattr(cls, "options", ()) if o != "ema")
+    return ("ema",) + tuple(o for o in cls.options if o != "ema")
 
 
 def options_label(cfg) -> str:
@@ -251,3 +252,15 @@ def _validate(c: FitConfig) -> None:
             having = [n for n in registry.names() if opt in method_options(registry.get(n))]
             raise ValueError(f"{opt} ({what}) is an option of the methods {', '.join(having) or '(none)'}, "
                              f"not of {c.method!r}")
+
+
+def resolve_config(cfg: Optional[FitConfig] = None, settings: Optional[Dict[str, Any]] = None) -> FitConfig:
+    """The resolved config of a FitConfig and / or keyword settings (its fields and the methods'
+    hyperparameters; settings override cfg's values), as ``Trainer`` and ``evaluate`` take them."""
+    settings = dict(settings or {})
+    if cfg is None:
+        cfg = FitConfig.make(**settings)
+    elif settings:
+        cfg = FitConfig.make(**{**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name != "params"},
+                                **cfg.params, **settings})
+    return cfg.resolved()

@@ -61,7 +61,7 @@ class Hyper:
 
 
 class Method:
-    """One training method bound to a :class:`~robustops.train.Trainer`.
+    """One training method bound to a :class:`~robustops.train.MethodContext` (``self.ctx``).
 
     Class attributes: ``name`` (the registry key), ``help`` (one line), ``hyper`` (its
     hyperparameters), ``select`` (the validation metric that picks the best epoch by default),
@@ -71,15 +71,17 @@ class Method:
     ``val_metrics`` (names of further validation accuracies the method measures itself: validation
     sums the counts :meth:`validation_counts` returns per batch and reports count / n; each may be
     selected with ``select``), ``log_metrics`` (names of the per-epoch values :meth:`log_values`
-    returns, e.g. a dual variable: columns of the epoch log).
+    returns, e.g. a dual variable: columns of the epoch log), ``options`` (the training options of
+    ``FitConfig`` it supports: "awp", "ema", "mixup"; ``ema`` applies to every method),
+    ``uses_perturbation_model`` (whether it trains against the learned perturbation set of
+    ``cfg.perturbation_model``: the CLI's --perturbation-model) and ``sample_weights`` (whether its
+    loss applies per-sample loss weights: every loss goes through the context's ``cross_entropy`` /
+    ``mixed_ce`` / ``natural_step``; the trainer refuses weights for the other methods).
 
-    The trainer gives a method what it needs: ``trainer.cfg`` (the resolved :class:`FitConfig`;
-    the method's hyperparameters are its attributes), ``trainer.fwd`` (the model, with any
-    normalisation in front), ``trainer.net`` (what DDP wraps: call it for the forward whose loss is
-    back-propagated), ``trainer.autocast()``, ``trainer.update(loss)`` (backward, optimizer and
-    scheduler step), ``trainer.engine(norm)`` (the projected-gradient engine on the model),
-    ``trainer.seed()`` (a fresh Philox seed), ``trainer.fmt(x)`` (the configured layout) and
-    ``trainer.stats(loss, logits, y)``.
+    The context is all a method uses of its run: ``ctx.cfg`` (the resolved :class:`FitConfig`; the
+    method's hyperparameters are its attributes), ``ctx.forward``, ``ctx.update(closure)`` (the one
+    step path), ``ctx.seed()``, ``ctx.autocast()``, ``ctx.progress``, ... (see
+    :class:`~robustops.train.MethodContext` for the whole, documented set).
     """
 
     name: ClassVar[str] = ""
@@ -90,12 +92,15 @@ class Method:
     certified: ClassVar[bool] = False
     val_metrics: ClassVar[Tuple[str, ...]] = ()
     log_metrics: ClassVar[Tuple[str, ...]] = ()
+    options: ClassVar[Tuple[str, ...]] = ("ema",)
+    uses_perturbation_model: ClassVar[bool] = False
+    sample_weights: ClassVar[bool] = False
 
-    def __init__(self, trainer):
-        self.trainer = trainer
-        self.cfg = trainer.cfg
+    def __init__(self, ctx):
+        self.ctx = ctx
+        self.cfg = ctx.cfg
 
-    # ---- defaults that depend on the configuration (class methods: no trainer needed)
+    # ---- defaults that depend on the configuration (class methods: no context needed)
 
     @classmethod
     def default_alpha(cls, cfg) -> float:

@@ -14,7 +14,7 @@ m_j(x, y, e): the IBP lower bound of z_y - z_j over {x' : |x' - x|_inf <= e} int
 with the last linear layer elided (Gowal et al. 2018), ``robustops.bounds.margin_bounds``;
 z_hat = -m, the worst-case logits (``bounds.worst_case_logits``), so CE(z_hat(x_i, eps_i), y_i) is the
 certified (upper-bound) cross-entropy at the sample's own radius; z(x): the clean logits through
-``trainer.net``. A sample certified at eps_max(p) is trained at eps_max(p); a misclassified one at
+``ctx.update``'s net. A sample certified at eps_max(p) is trained at eps_max(p); a misclassified one at
 radius 0, where CE(z_hat(x, 0), y) = CE(z(x), y): it gets the clean loss. The radii are constants in
 the loss (computed without gradient); the gradient of the robust term at eps_i pushes the margins at
 the sample's current radius up, which is what enlarges the radius. The ramp u(p) is
@@ -22,7 +22,7 @@ the sample's current radius up, which is what enlarges the radius. The ramp u(p)
 al. 2021 that the authors' training setup uses; kappa is constant (the paper's knob for the
 accuracy-robustness tradeoff; the authors report kappa = 0 on MNIST and sweep it on CIFAR-10).
 
-How the radii are computed: ``robustops.bounds.certified_radius(trainer.fwd, x, y, eps_max=eps_max(p),
+How the radii are computed: ``robustops.bounds.certified_radius(ctx.forward, x, y, eps_max=eps_max(p),
 tol=radius_tol * eps_max(p))``: a bisection of all samples at once on a grid of spacing
 h = 2^floor(log2(tol)) <= tol whose last point is eps_max(p) itself, about log2(1 / radius_tol) + 1
 bound passes (8 at the default 0.01), without gradient or autocast, in eval mode. It returns the
@@ -55,7 +55,7 @@ import torch.nn.functional as F
 
 from ... import bounds
 from ..registry import Hyper, register
-from .ibp import CertifiedMethod, kappa_hyper, progress, ramp_fraction, schedule_hypers
+from .ibp import CertifiedMethod, kappa_hyper, ramp_fraction, schedule_hypers
 
 __all__ = ["ACERT"]
 
@@ -84,7 +84,7 @@ class ACERT(CertifiedMethod):
         if eps_max <= 0:
             return torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
         c = self.cfg
-        res = bounds.certified_radius(self.trainer.fwd, x, y, eps_max=eps_max, tol=c.radius_tol * eps_max,
+        res = bounds.certified_radius(self.ctx.forward, x, y, eps_max=eps_max, tol=c.radius_tol * eps_max,
                                       lo=c.lo, hi=c.hi)
         return res.radius.float()
 
@@ -94,16 +94,18 @@ class ACERT(CertifiedMethod):
         if self.cfg.kappa >= 1 or not bool((radii > 0).any()):
             return ce  # kappa 1; or every radius 0, where CE(z_hat(x_i, 0), y_i) is the clean cross-entropy
         c = self.cfg
-        worst = bounds.worst_case_logits(self.trainer.fwd, x, y, radii.to(x.dtype), c.lo, c.hi,
+        worst = bounds.worst_case_logits(self.ctx.forward, x, y, radii.to(x.dtype), c.lo, c.hi,
                                          num_classes=logits.shape[1])
         return c.kappa * ce + (1.0 - c.kappa) * F.cross_entropy(worst.float(), y)
 
     def step(self, x, y):
-        tr = self.trainer
+        ctx = self.ctx
         self.check_model(x, y)
-        radii = self.radii(x, y, self.eps_max(progress(tr)) if self.cfg.kappa < 1 else 0.0)
-        with tr.autocast():
-            logits = tr.net(x)
-            loss = self.loss(logits, x, y, radii)
-        tr.update(loss)
-        return tr.stats(loss, logits, y)
+        radii = self.radii(x, y, self.eps_max(ctx.progress) if self.cfg.kappa < 1 else 0.0)
+
+        def closure(net):
+            logits = net(x)
+            return self.loss(logits, x, y, radii), logits
+
+        loss, logits = ctx.update(closure)
+        return ctx.stats(loss, logits, y)

@@ -78,11 +78,11 @@ class Consistency(SmoothingMethod):
         return loss, pbar
 
     def step(self, x, y):
-        c, tr = self.cfg, self.trainer
-        xn = tr.fmt(ops.gaussian_noise(x, c.noise_copies, c.sigma, seed=tr.seed()))
+        c, ctx = self.cfg, self.ctx
+        xn = ctx.fmt(ops.gaussian_noise(x, c.noise_copies, c.sigma, seed=ctx.seed()))
 
         def closure(net):
             return self.loss(net(xn), y)
 
-        loss, pbar = tr.loss_update(closure)
-        return tr.stats(loss, pbar, y)
+        loss, pbar = ctx.update(closure)
+        return ctx.stats(loss, pbar, y)

@@ -59,7 +59,6 @@ import torch
 import torch.nn.functional as F
 
 from ... import _rng, ops
-from ...attacks.engine import Engine
 from ..registry import Hyper, Method, register
 
 __all__ = ["Dale", "DalePD", "LangevinStep", "log1m_softmax", "OBJECTIVES"]
@@ -136,53 +135,53 @@ class Dale(Method):
     def label(cls, cfg) -> str:
         return f"DALE ({cfg.langevin_form}, {cfg.steps} steps)"
 
-    def __init__(self, trainer):
-        super().__init__(trainer)
+    def __init__(self, ctx):
+        super().__init__(ctx)
         c = self.cfg
         objective = _batch_mean(log1m_softmax if c.langevin_objective == "log1m_softmax" else _ce)
         self.langevin = LangevinStep(c.langevin_noise, c.langevin_form)
-        self.engine = Engine(trainer.fwd, objective, norm="linf", lo=c.lo, hi=c.hi, dtype=trainer.amp_dtype,
-                             scaler=trainer.scaler, step=self.langevin)
-        self.nu = torch.tensor(float(c.nu), dtype=torch.float32, device=trainer.device)
+        self.engine = ctx.engine("linf", objective, step=self.langevin)
+        self.nu = torch.tensor(float(c.nu), dtype=torch.float32, device=ctx.device)
         # the epoch's clean-loss sum and sample count (device tensors: no sync per step)
-        self._clean_sum = torch.zeros((), dtype=torch.float64, device=trainer.device)
-        self._seen = torch.zeros((), dtype=torch.float64, device=trainer.device)
+        self._clean_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
+        self._seen = torch.zeros((), dtype=torch.float64, device=ctx.device)
 
     def perturb(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The chain's last iterate x + delta_L, model in eval mode."""
-        c, tr = self.cfg, self.trainer
-        seed = tr.seed()
+        c, ctx = self.cfg, self.ctx
+        seed = ctx.seed()
         self.langevin.reset(seed)
-        was = tr.fwd.training
-        tr.fwd.eval()
+        was = ctx.forward.training
+        ctx.forward.eval()
         try:
             start = "normal" if c.random_start else "clean"
             return self.engine.run(x, y, c.eps, c.alpha, c.steps, start=start, start_sigma=0.001, seed=seed,
                                    evaluate=False).x_adv
         finally:
-            tr.fwd.train(was)
+            ctx.forward.train(was)
 
     def step(self, x, y):
-        tr = self.trainer
+        ctx = self.ctx
         x_adv = self.perturb(x, y)
-        with tr.autocast():
-            logits, logits_adv = tr.net(x, x_adv)
+        def closure(net):
+            logits, logits_adv = net(x, x_adv)
             clean = F.cross_entropy(logits.float(), y)
             robust = F.cross_entropy(logits_adv.float(), y)
-            loss = robust + self.nu * clean
-        tr.update(loss)
+            return robust + self.nu * clean, (robust, clean, logits_adv)
+
+        _, (robust, clean, logits_adv) = ctx.update(closure)
         clean = clean.detach()
         self._clean_sum += clean.double() * y.shape[0]
         self._seen += y.shape[0]
         self.dual_step(clean)
-        return tr.stats(robust, logits_adv, y)
+        return ctx.stats(robust, logits_adv, y)
 
     def dual_step(self, clean: torch.Tensor) -> None:
         """dale: nu stays fixed."""
 
     def log_values(self) -> Dict[str, float]:
         s = torch.stack([self._clean_sum, self._seen])
-        if self.trainer.world > 1 and self.trainer.ddp:
+        if self.ctx.world_size > 1:
             import torch.distributed as dist
 
             dist.all_reduce(s)
@@ -212,13 +211,13 @@ class DalePD(Dale):
     def dual_step(self, clean: torch.Tensor) -> None:
         """nu <- max(0, nu + dual_lr * (clean - margin)), on the device; the clean loss is the mean over
         all processes' batches."""
-        tr = self.trainer
-        if tr.world > 1 and tr.ddp:
+        ctx = self.ctx
+        if ctx.world_size > 1:
             import torch.distributed as dist
 
             clean = clean.clone()
             dist.all_reduce(clean)
-            clean /= tr.world
+            clean /= ctx.world_size
         self.nu.add_(clean.float() - self.cfg.margin, alpha=self.cfg.dual_lr).clamp_(min=0.0)
 
     def state_dict(self):

@@ -15,6 +15,7 @@ class FGSMTraining(Method):
     help = "FGSM adversarial training with a random start (Wong et al. 2020)"
     hyper = (Hyper("fgsm_init", "random", "fgsm start: random, zero or previous", kind="choice",
                    choices=("random", "zero", "previous")),)
+    sample_weights = True
 
     @classmethod
     def default_alpha(cls, cfg) -> float:
@@ -24,21 +25,21 @@ class FGSMTraining(Method):
     def label(cls, cfg) -> str:
         return "FGSM-RS AT"
 
-    def __init__(self, trainer):
-        super().__init__(trainer)
-        self.perturbation = PersistentPerturbation(trainer)
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self.perturbation = PersistentPerturbation(ctx)
 
     def step(self, x, y):
-        c, tr = self.cfg, self.trainer
+        c, ctx = self.cfg, self.ctx
         if c.fgsm_init == "previous":
             delta = self.perturbation(x)
             xa = (x + delta).detach()
-            g, _, _ = tr.engine("linf").gradient(xa, y)
+            g, _, _ = ctx.engine("linf").gradient(xa, y)
             ops.recycle_step_(delta, x, g, eps=c.eps, step=c.alpha, lo=c.lo, hi=c.hi)
             x_adv = x + delta
         else:  # one L-inf step from the start point: x + clamp(start - x + alpha*sign(g), -eps, eps)
-            x_adv = tr.attack(x, y, c.eps, c.alpha, 1, "linf", c.fgsm_init == "random")
-        return tr.natural_step(x_adv, y)
+            x_adv = ctx.attack(x, y, c.eps, c.alpha, 1, "linf", c.fgsm_init == "random")
+        return ctx.natural_step(x_adv, y)
 
     def state_dict(self):
         return self.perturbation.state_dict()

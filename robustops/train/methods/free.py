@@ -12,7 +12,6 @@ import math
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from ... import ops
 from ..registry import Hyper, Method, register
@@ -24,8 +23,8 @@ class PersistentPerturbation:
     """A perturbation that persists across minibatches (free-AT, FGSM with the "previous" start):
     a buffer as large as the largest batch seen, whose first B rows serve a batch of B."""
 
-    def __init__(self, trainer):
-        self.trainer = trainer
+    def __init__(self, ctx):
+        self.ctx = ctx
         self.delta: Optional[torch.Tensor] = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -33,7 +32,7 @@ class PersistentPerturbation:
         B = x.shape[0]
         d = self.delta
         if d is None or d.shape[1:] != x.shape[1:] or d.shape[0] < B or d.device != x.device:
-            self.delta = self.trainer.fmt(torch.zeros_like(x, memory_format=torch.contiguous_format))
+            self.delta = self.ctx.fmt(torch.zeros_like(x, memory_format=torch.contiguous_format))
             if d is not None and d.shape[1:] == x.shape[1:]:
                 k = min(d.shape[0], B)
                 self.delta[:k].copy_(d[:k])
@@ -44,7 +43,7 @@ class PersistentPerturbation:
 
     def load_state_dict(self, st) -> None:
         d = st.get("delta")
-        self.delta = None if d is None else self.trainer.fmt(d.to(self.trainer.device))
+        self.delta = None if d is None else self.ctx.fmt(d.to(self.ctx.device))
 
 
 @register
@@ -52,6 +51,7 @@ class Free(Method):
     name = "free"
     help = "free adversarial training: m replays per minibatch with gradient recycling (Shafahi et al. 2019)"
     hyper = (Hyper("m", 8, "free-AT replays per minibatch", kind="int", minimum=1, flags=("-m", "--m", "--replays")),)
+    sample_weights = True
 
     @classmethod
     def default_alpha(cls, cfg) -> float:
@@ -69,26 +69,29 @@ class Free(Method):
     def label(cls, cfg) -> str:
         return f"free AT (m={cfg.m})"
 
-    def __init__(self, trainer):
-        super().__init__(trainer)
-        self.perturbation = PersistentPerturbation(trainer)
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self.perturbation = PersistentPerturbation(ctx)
 
     def step(self, x, y):
-        c, tr = self.cfg, self.trainer
+        c, ctx = self.cfg, self.ctx
         delta = self.perturbation(x)
         tot_loss, tot_correct, n = 0.0, 0, 0
         for _ in range(c.m):
             xa = (x + delta).requires_grad_(True)
-            with tr.autocast():
-                logits = tr.net(xa)
-                loss = F.cross_entropy(logits, y)
-            tr.scaler.scale(loss).backward()  # one pass: weight gradients and the input gradient
+
+            def closure(net):
+                logits = net(xa)
+                return ctx.cross_entropy(logits, y), logits
+
+            # one backward: the weight gradients (the update's step) and the input gradient, which
+            # only moves the perturbation, so it may follow the optimizer step
+            loss, logits = ctx.update(closure)
             g = xa.grad
             if c.amp == "fp16":
                 g = torch.nan_to_num(g, nan=0.0, posinf=1.0, neginf=-1.0)
-            ops.recycle_step_(delta, x, tr.fmt(g), eps=c.eps, step=c.alpha, lo=c.lo, hi=c.hi)
-            tr.optimizer_step()
-            step_loss, step_correct, b = tr.stats(loss, logits, y)
+            ops.recycle_step_(delta, x, ctx.fmt(g), eps=c.eps, step=c.alpha, lo=c.lo, hi=c.hi)
+            step_loss, step_correct, b = ctx.stats(loss, logits, y)
             tot_loss, tot_correct, n = tot_loss + step_loss, tot_correct + step_correct, n + b
         return tot_loss, tot_correct, n
 

@@ -32,12 +32,13 @@ class Gaussian(SmoothingMethod):
     name = "gaussian"
     help = "Gaussian noise augmentation at sigma, for randomized smoothing (Cohen et al. 2019)"
     hyper = (SIGMA,)
+    sample_weights = True
 
     @classmethod
     def label(cls, cfg) -> str:
         return f"Gaussian noise (sigma={cfg.sigma:g})"
 
     def step(self, x, y):
-        c, tr = self.cfg, self.trainer
-        xn = tr.fmt(ops.gaussian_noise(x, 1, c.sigma, seed=tr.seed())) if c.sigma > 0 else x
-        return tr.natural_step(xn, y)
+        c, ctx = self.cfg, self.ctx
+        xn = ctx.fmt(ops.gaussian_noise(x, 1, c.sigma, seed=ctx.seed())) if c.sigma > 0 else x
+        return ctx.natural_step(xn, y)

@@ -6,7 +6,7 @@ paper's hybrid loss (its section 3, the training procedure):
 
     L = kappa_t * CE(z(x), y) + (1 - kappa_t) * CE(z_hat(x, eps_t), y)
 
-z(x): the logits of the clean input, through ``trainer.net``. z_hat(x, eps_t): the worst-case logits
+z(x): the logits of the clean input, through the net ``ctx.update`` hands the step. z_hat(x, eps_t): the worst-case logits
 over the box {x' : |x' - x|_inf <= eps_t} intersected with [lo, hi], obtained by interval bound
 propagation with the last linear layer elided into the margin specification (section 3: z_hat_y is
 an upper bound of z_y - z_true for y != true and 0 for the true class), i.e.
@@ -28,8 +28,8 @@ CIFAR-like ramp, which also suits the short digits runs: with 30 epochs, 1.5 war
 epochs), eps_scale 1.1 (the paper's CIFAR-10 rule; validation and certification stay at eps / val_eps).
 
 Choices the paper leaves open, and what this implementation does:
-- progress is ``trainer.scheduler.last_epoch / trainer.total_steps`` read before the step's update:
-  the schedule follows from the optimizer-step counter, which a resumed run restores, so a resumed run
+- progress is ``ctx.progress`` (optimizer steps done / all) read before the step's update: the
+  schedule follows from the optimizer-step counter, which a resumed run restores, so a resumed run
   continues the schedule exactly (no state of its own);
 - when eps_t = 0 or kappa_t = 1 the bound pass is skipped: at eps 0 the worst-case logits are the clean
   margins and CE(z_hat(x, 0), y) = CE(z(x), y), so the loss is the same;
@@ -41,7 +41,7 @@ Choices the paper leaves open, and what this implementation does:
   (``robustops.bounds``); the paper's networks have no BatchNorm;
 - the bound pass runs under the run's autocast (bf16 / fp16 products, fp32 cross-entropy); the
   certification in validation (``cert_acc``) runs in fp32 without autocast;
-- distributed data parallel: the clean forward goes through ``trainer.net`` (the DDP wrapper), which
+- distributed data parallel: the clean forward goes through ``ctx.update``'s net (the DDP wrapper), which
   prepares the gradient all-reduce; the bound pass calls the same modules directly (interval rules per
   layer, not their forward). Every parameter's gradient from both terms is summed by autograd before
   the parameter's accumulation hook fires, so DDP all-reduces the whole gradient once, as for a single
@@ -94,9 +94,10 @@ def ramp_fraction(progress: float, warmup: float, ramp: float, shape: str = "lin
     return _SMOOTH_AT_MID + (1.0 - _SMOOTH_AT_MID) * (u - _SMOOTH_MID) / (1.0 - _SMOOTH_MID)
 
 
-def progress(trainer) -> float:
-    """The fraction of the run's optimizer steps done (restored with the scheduler on resume)."""
-    return min(1.0, trainer.scheduler.last_epoch / max(1, trainer.total_steps))
+def progress(ctx) -> float:
+    """The fraction of the run's optimizer steps done (restored with the scheduler on resume):
+    ``ctx.progress`` of a method context (or of whatever holds one and has ``progress``)."""
+    return ctx.progress
 
 
 def check_linf(cfg, method: str) -> None:
@@ -104,16 +105,16 @@ def check_linf(cfg, method: str) -> None:
         raise ValueError(f'norm must be "linf" for {method} (interval bounds are L-inf boxes), got {cfg.norm!r}')
 
 
-def check_supported(trainer, x: torch.Tensor, y: torch.Tensor) -> None:
+def check_supported(ctx, x: torch.Tensor, y: torch.Tensor) -> None:
     """One bound pass on one sample at radius 0 (eval mode, no gradient): a model with a layer that
     interval bound propagation has no rule for fails at the first step (bounds.UnsupportedLayerError,
     naming the layer) rather than when the eps ramp starts."""
-    fwd = trainer.fwd
+    fwd = ctx.forward
     was = fwd.training
     fwd.eval()
     try:
         with torch.no_grad():
-            bounds.margin_bounds(fwd, x[:1], y[:1], 0.0, trainer.cfg.lo, trainer.cfg.hi)
+            bounds.margin_bounds(fwd, x[:1], y[:1], 0.0, ctx.cfg.lo, ctx.cfg.hi)
     finally:
         fwd.train(was)
 
@@ -147,14 +148,14 @@ class CertifiedMethod(Method):
     def check_config(cls, cfg) -> None:
         check_linf(cfg, cls.name)
 
-    def __init__(self, trainer):
-        super().__init__(trainer)
+    def __init__(self, ctx):
+        super().__init__(ctx)
         self._checked = False
 
     def check_model(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """check_supported once, at the first step."""
         if not self._checked:
-            check_supported(self.trainer, x, y)
+            check_supported(self.ctx, x, y)
             self._checked = True
 
 
@@ -182,15 +183,17 @@ class IBP(CertifiedMethod):
         if eps_t <= 0 or kappa_t >= 1:
             return ce
         c = self.cfg
-        worst = bounds.worst_case_logits(self.trainer.fwd, x, y, eps_t, c.lo, c.hi, num_classes=logits.shape[1])
+        worst = bounds.worst_case_logits(self.ctx.forward, x, y, eps_t, c.lo, c.hi, num_classes=logits.shape[1])
         return kappa_t * ce + (1.0 - kappa_t) * F.cross_entropy(worst.float(), y)
 
     def step(self, x, y):
-        tr = self.trainer
+        ctx = self.ctx
         self.check_model(x, y)
-        eps_t, kappa_t = self.schedule(progress(tr))
-        with tr.autocast():
-            logits = tr.net(x)
-            loss = self.loss(logits, x, y, eps_t, kappa_t)
-        tr.update(loss)
-        return tr.stats(loss, logits, y)
+        eps_t, kappa_t = self.schedule(ctx.progress)
+
+        def closure(net):
+            logits = net(x)
+            return self.loss(logits, x, y, eps_t, kappa_t), logits
+
+        loss, logits = ctx.update(closure)
+        return ctx.stats(loss, logits, y)

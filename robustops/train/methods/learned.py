@@ -19,12 +19,12 @@ value; ``robustops train`` uses it by default); ``steps`` / ``alpha`` (default 2
 latent attack's own default) / ``random_start`` drive the inner attack; ``norm`` does not apply (the
 latent ball is L2). The perturbation model comes through the config, ``perturbation_model=``: an
 nn.Module with the protocol or the path of a checkpoint of ``robustops.perturbation``
-(``load_perturbation_model``). It is moved to the trainer's device, put in eval mode and its parameters
+(``load_perturbation_model``). It is moved to the run's device, put in eval mode and its parameters
 stop requiring gradients; it is not saved in the run's checkpoints (a module given as an object is
 recorded by a description; give it again, or give a path, to resume).
 
-With the trainer: the attack runs on the local batch of each process with the model in train mode (as
-PGD training does) under the run's autocast; the training step goes through ``trainer.net`` (DDP);
+In the run: the attack runs on the local batch of each process with the model in train mode (as
+PGD training does) under the run's autocast; the training step goes through ``ctx.update`` (DDP);
 members come back in the configured layout (channels_last). Validation measures clean accuracy and,
 when asked with ``val_eps`` > 0, the pixel-space PGD accuracy (the default ``val_eps`` of these methods
 is 0: the pixel attack is not their threat model), and ``set_acc``: accuracy under the latent attack at
@@ -86,6 +86,7 @@ class _LearnedBase(Method):
     val_metrics = ("set_acc",)
     #: the method trains against the set of ``cfg.perturbation_model`` (the CLI's --perturbation-model)
     uses_perturbation_model = True
+    sample_weights = True
 
     @classmethod
     def default_alpha(cls, cfg) -> float:
@@ -97,24 +98,24 @@ class _LearnedBase(Method):
         if cfg.val_eps is None:
             cfg.val_eps = 0.0  # the pixel PGD of validation is not this threat model
 
-    def __init__(self, trainer):
-        super().__init__(trainer)
-        self.pm = resolve_perturbation_model(self.cfg.perturbation_model, trainer.device)
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self.pm = resolve_perturbation_model(self.cfg.perturbation_model, ctx.device)
         self._checked = False
 
     def validation_counts(self, x: torch.Tensor, y: torch.Tensor) -> Dict[str, torch.Tensor]:
         """{"set_acc": the number of samples of a validation batch that the latent attack at eps
         (val_steps steps, model in eval mode, early stop) does not fool} (a device tensor): validation
         reports the learned set's robust accuracy and selects the best epoch by it."""
-        c, tr = self.cfg, self.trainer
+        c, ctx = self.cfg, self.ctx
         if c.eps <= 0:
-            with torch.no_grad(), tr.autocast():
-                return {"set_acc": (tr.fwd(x).argmax(1) == y).sum()}
-        atk = LatentPGD(tr.fwd, self.pm, eps=c.eps, steps=c.val_steps, seed=tr.seed(), lo=c.lo, hi=c.hi,
-                        dtype=tr.amp_dtype)
-        x_adv = tr.fmt(atk.perturb(x, y, evaluate=False).x_adv.float())
-        with torch.no_grad(), tr.autocast():
-            return {"set_acc": (tr.fwd(x_adv).argmax(1) == y).sum()}
+            with torch.no_grad(), ctx.autocast():
+                return {"set_acc": (ctx.forward(x).argmax(1) == y).sum()}
+        atk = LatentPGD(ctx.forward, self.pm, eps=c.eps, steps=c.val_steps, seed=ctx.seed(), lo=c.lo, hi=c.hi,
+                        dtype=ctx.amp_dtype)
+        x_adv = ctx.fmt(atk.perturb(x, y, evaluate=False).x_adv.float())
+        with torch.no_grad(), ctx.autocast():
+            return {"set_acc": (ctx.forward(x_adv).argmax(1) == y).sum()}
 
     def _check_fit(self, x: torch.Tensor) -> None:
         """One prior / decode pass on a sample: a model that does not fit the data fails at the first step
@@ -142,22 +143,22 @@ class LearnedSet(_LearnedBase):
     def label(cls, cfg) -> str:
         return f"learned-set AT (eps={cfg.eps:.3g}, {cfg.steps} steps)"
 
-    def __init__(self, trainer):
-        super().__init__(trainer)
+    def __init__(self, ctx):
+        super().__init__(ctx)
         c = self.cfg
-        # the model as the trainer sees it (its normalisation in front), in train mode as PGD-AT attacks it
-        self.attack = LatentPGD(trainer.fwd, self.pm, eps=c.eps, alpha=c.alpha, steps=c.steps, restarts=1,
+        # the model as the run sees it (its normalisation in front), in train mode as PGD-AT attacks it
+        self.attack = LatentPGD(ctx.forward, self.pm, eps=c.eps, alpha=c.alpha, steps=c.steps, restarts=1,
                                 random_start=c.random_start, early_stop=False, seed=0, lo=c.lo, hi=c.hi,
-                                dtype=trainer.amp_dtype, train_mode=True)
+                                dtype=ctx.amp_dtype, train_mode=True)
 
     def step(self, x, y):
-        tr = self.trainer
+        ctx = self.ctx
         if not self._checked:
             self._check_fit(x)
         if self.cfg.eps > 0:
-            self.attack.seed = tr.seed()
-            x = tr.fmt(self.attack.perturb(x, y, offset=0, evaluate=False).x_adv.float())  # a fresh seed per step
-        return tr.natural_step(x, y)
+            self.attack.seed = ctx.seed()
+            x = ctx.fmt(self.attack.perturb(x, y, offset=0, evaluate=False).x_adv.float())  # a fresh seed per step
+        return ctx.natural_step(x, y)
 
 
 @register
@@ -170,14 +171,14 @@ class LearnedAugmentation(_LearnedBase):
         return f"learned-set augmentation (eps={cfg.eps:.3g})"
 
     def step(self, x, y):
-        tr, c = self.trainer, self.cfg
+        ctx, c = self.ctx, self.cfg
         if not self._checked:
             self._check_fit(x)
         with torch.no_grad():
             mu, sigma = perturbation.prior_scale(self.pm, x)
-            u = ops.random_init(torch.zeros_like(mu), c.eps, "l2", -_INF, _INF, seed=tr.seed(), radius="ball")
-            x = tr.fmt(perturbation.member(self.pm, x, u, mu, sigma, c.lo, c.hi).float())
-        return tr.natural_step(x, y)
+            u = ops.random_init(torch.zeros_like(mu), c.eps, "l2", -_INF, _INF, seed=ctx.seed(), radius="ball")
+            x = ctx.fmt(perturbation.member(self.pm, x, u, mu, sigma, c.lo, c.hi).float())
+        return ctx.natural_step(x, y)
 
 
 def set_accuracy(model: nn.Module, perturbation_model: nn.Module, loader, eps: float, steps: int = 10,

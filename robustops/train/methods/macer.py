@@ -35,9 +35,9 @@ Choices, stated:
   model trains on the smoothed cross-entropy alone (Gaussian-noise training on k copies through
   g(x)). The authors' main script has no warm-up (440 CIFAR-10 epochs with lambda throughout);
   Jeong and Shin's re-runs of MACER defer the radius term for the first learning-rate phase (30 of
-  90 MNIST epochs), which ``macer_warmup=30`` reproduces. The epoch is read from the trainer's
-  scheduler step count (optimizer steps // steps per epoch), which checkpoints restore, so a
-  resumed run leaves warm-up at the same step; a Trainer built without ``steps_per_epoch`` counts
+  90 MNIST epochs), which ``macer_warmup=30`` reproduces. The epoch is the context's ``epoch``, read off the
+  optimizer-step count (optimizer steps // steps per epoch), which checkpoints restore, so a
+  resumed run leaves warm-up at the same step; a run built without ``steps_per_epoch`` counts
   each optimizer step as an epoch.
 - The training accuracy of the epoch log counts argmax g(x) == y.
 
@@ -96,9 +96,8 @@ class Macer(SmoothingMethod):
                 f"gamma={cfg.macer_gamma:g}, beta={cfg.macer_beta:g}{warm})")
 
     def epoch(self) -> int:
-        """The current (0-based) training epoch, from the scheduler's step count."""
-        tr = self.trainer
-        return int(tr.scheduler.last_epoch) // (tr.steps_per_epoch * tr.cfg.updates_per_batch)
+        """The current (0-based) training epoch, from the optimizer-step count."""
+        return self.ctx.epoch
 
     def loss(self, logits: torch.Tensor, y: torch.Tensor, lam: float):
         """MACER's loss of logits [B*k, C] (input-major), labels y [B] and the weight lam: (loss, g(x))."""
@@ -111,12 +110,12 @@ class Macer(SmoothingMethod):
         return loss, g
 
     def step(self, x, y):
-        c, tr = self.cfg, self.trainer
+        c, ctx = self.cfg, self.ctx
         lam = 0.0 if self.epoch() < c.macer_warmup else c.macer_lambda
-        xn = tr.fmt(ops.gaussian_noise(x, c.noise_copies, c.sigma, seed=tr.seed()))
+        xn = ctx.fmt(ops.gaussian_noise(x, c.noise_copies, c.sigma, seed=ctx.seed()))
 
         def closure(net):
             return self.loss(net(xn), y, lam)
 
-        loss, g = tr.loss_update(closure)
-        return tr.stats(loss, g, y)
+        loss, g = ctx.update(closure)
+        return ctx.stats(loss, g, y)

@@ -1,7 +1,7 @@
 """Natural training: cross-entropy on the clean inputs.
 
 Options (see ``FitConfig``): ``ema`` (weight averaging) and ``mixup`` (Zhang et al. 2018: one
-lam ~ Beta(alpha, alpha) and one permutation pi per batch, ``Trainer.mixup``; the loss is
+lam ~ Beta(alpha, alpha) and one permutation pi per batch, ``MethodContext.mixup``; the loss is
 lam CE(f(x_mix), y) + (1 - lam) CE(f(x_mix), y[pi]) on x_mix = lam x + (1 - lam) x[pi]; the reported
 accuracy counts the dominant labels y)."""
 from __future__ import annotations
@@ -16,16 +16,17 @@ class Natural(Method):
     select = "clean_acc"
     adversarial = False
     options = ("ema", "mixup")
+    sample_weights = True
 
     def step(self, x, y):
-        tr = self.trainer
+        ctx = self.ctx
         if self.cfg.mixup is None:
-            return tr.natural_step(x, y)
-        xm, _, y2, lam = tr.mixup(x, y)
+            return ctx.natural_step(x, y)
+        xm, _, y2, lam = ctx.mixup(x, y)
 
         def closure(net):
             logits = net(xm)
-            return tr.mixed_ce(logits, y, y2, lam), logits
+            return ctx.mixed_ce(logits, y, y2, lam), logits
 
-        loss, logits = tr.loss_update(closure)
-        return tr.stats(loss, logits, y)
+        loss, logits = ctx.update(closure)
+        return ctx.stats(loss, logits, y)

@@ -5,7 +5,7 @@ shared projected-gradient engine.
 Options (see ``FitConfig``): ``awp`` (adversarial weight perturbation on CE(f(x_adv), y), Wu et al.
 2020), ``ema`` (weight averaging) and ``mixup``, which makes it interpolated adversarial training
 (IAT, Lamb et al. 2019): the attack runs on the unmixed batch, then the clean batch and the adversarial
-batch are each mixed (lam_c, pi_c and lam_a, pi_a drawn independently, ``Trainer.mixup``) and the loss
+batch are each mixed (lam_c, pi_c and lam_a, pi_a drawn independently, ``MethodContext.mixup``) and the loss
 is the mean of the two mixup losses,
 
     L = 1/2 [ lam_c CE(f(x_c), y) + (1 - lam_c) CE(f(x_c), y[pi_c])
@@ -26,22 +26,23 @@ class PGDTraining(Method):
     name = "pgd"
     help = "PGD-k adversarial training (Madry et al. 2018)"
     options = ("awp", "ema", "mixup")
+    sample_weights = True
 
     @classmethod
     def label(cls, cfg) -> str:
         return f"PGD-{cfg.steps} AT"
 
     def step(self, x, y):
-        c, tr = self.cfg, self.trainer
-        x_adv = tr.attack(x, y, c.eps, c.alpha, c.steps, c.norm, c.random_start)
+        c, ctx = self.cfg, self.ctx
+        x_adv = ctx.attack(x, y, c.eps, c.alpha, c.steps, c.norm, c.random_start)
         if c.mixup is None:
-            return tr.natural_step(x_adv, y)
-        xc, _, yc, lc = tr.mixup(x, y)
-        xa, _, ya, la = tr.mixup(x_adv, y)
+            return ctx.natural_step(x_adv, y)
+        xc, _, yc, lc = ctx.mixup(x, y)
+        xa, _, ya, la = ctx.mixup(x_adv, y)
 
         def closure(net):
             logits_c, logits_a = net(xc, xa)
-            return 0.5 * (tr.mixed_ce(logits_c, y, yc, lc) + tr.mixed_ce(logits_a, y, ya, la)), logits_a
+            return 0.5 * (ctx.mixed_ce(logits_c, y, yc, lc) + ctx.mixed_ce(logits_a, y, ya, la)), logits_a
 
-        loss, logits = tr.loss_update(closure)
-        return tr.stats(loss, logits, y)
+        loss, logits = ctx.update(closure)
+        return ctx.stats(loss, logits, y)

@@ -78,20 +78,18 @@ def add_noise(x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
 class _NoisyForward:
     """The engine's forward: model(fmt(x' + noise)) over the m fixed noisy copies of each sample."""
 
-    def __init__(self, trainer):
-        self.trainer = trainer
+    def __init__(self, ctx):
+        self.ctx = ctx
 
     def __call__(self, xa, noise):
-        tr = self.trainer
-        return tr.fwd(tr.fmt(add_noise(xa, noise)))
+        ctx = self.ctx
+        return ctx.forward(ctx.fmt(add_noise(xa, noise)))
 
 
-def smoothed_engine(trainer) -> Engine:
+def smoothed_engine(ctx) -> Engine:
     """The shared projected-gradient engine on the smoothed soft classifier's loss (L2, the run's box,
     autocast and fp16 loss scaling); its forward takes the fixed noise as context."""
-    c = trainer.cfg
-    return Engine(_NoisyForward(trainer), smoothed_nll, norm="l2", lo=c.lo, hi=c.hi, dtype=trainer.amp_dtype,
-                  scaler=trainer.scaler)
+    return ctx.engine("l2", smoothed_nll, forward=_NoisyForward(ctx))
 
 
 @register
@@ -105,34 +103,34 @@ class SmoothAdv(SmoothingMethod):
     def label(cls, cfg) -> str:
         return f"SmoothAdv (sigma={cfg.sigma:g}, eps={cfg.adv_eps:g}, PGD-{cfg.adv_steps}, m={cfg.noise_copies})"
 
-    def __init__(self, trainer):
-        super().__init__(trainer)
-        self.engine = smoothed_engine(trainer)
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self.engine = smoothed_engine(ctx)
 
     def attack(self, x: torch.Tensor, y: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """x_adv: the SmoothAdv PGD on x with the fixed noise [B, m, ...] (x itself when there is no attack).
         The model is put in eval mode for the attack and back in train mode after it."""
-        c, tr = self.cfg, self.trainer
+        c, ctx = self.cfg, self.ctx
         if c.adv_steps == 0 or c.adv_eps == 0:
             return x
-        tr.fwd.eval()
+        ctx.forward.eval()
         try:
             return self.engine.run(x, y, c.adv_eps, 2.0 * c.adv_eps / c.adv_steps, c.adv_steps, start="clean",
                                    evaluate=False, context=noise).x_adv
         finally:
-            tr.fwd.train()
+            ctx.forward.train()
 
     def step(self, x, y):
-        c, tr = self.cfg, self.trainer
+        c, ctx = self.cfg, self.ctx
         m = c.noise_copies
-        noise = draw_noise(x, m, c.sigma, tr.seed())
+        noise = draw_noise(x, m, c.sigma, ctx.seed())
         x_adv = self.attack(x, y, noise)
-        xn = tr.fmt(add_noise(x_adv, noise))
+        xn = ctx.fmt(add_noise(x_adv, noise))
         yn = y.repeat_interleave(m)
 
         def closure(net):
             logits = net(xn)
             return F.cross_entropy(logits.float(), yn), logits
 
-        loss, logits = tr.loss_update(closure)
-        return tr.stats(loss, logits, yn)
+        loss, logits = ctx.update(closure)
+        return ctx.stats(loss, logits, yn)

@@ -19,7 +19,7 @@ step; F(x) = (1/m) sum_i softmax(f(x + delta_i)) the smoothed soft classifier on
    with F(x) the smoothed soft prediction on the clean input (from the training forward, detached):
    the further along the adversarial direction, the closer to uniform the target (the paper's
    confidence calibration).
-3. Loss, with every noisy forward in train mode in one call of the trainer's net (DDP):
+3. Loss, with every noisy forward in train mode in one call of the net ``ctx.update`` hands the step (DDP):
        L = (1/m) sum_i CE(f(x + delta_i), y)
            + eta * 1[argmax F(x) = y] * (1/m) sum_i KL(y_mix || softmax(f(x_mix + delta_i))),
    averaged over the batch; eta = ``mix_eta``. The mixup term applies only to inputs the smoothed
@@ -35,7 +35,7 @@ Open choices, as made here:
   mixes from an intermediate iterate is not offered).
 - The noisy mixed copies use the same noise as the clean ones and the attack.
 - lam is drawn per sample from U[0, 1/2] (the paper's range), on the host from a generator seeded by the
-  trainer's stream (resumable; no device synchronisation).
+  run's stream (resumable; no device synchronisation).
 - Defaults: ``mix_steps`` 4, ``mix_alpha`` 0.5, ``mix_eta`` 5, ``noise_copies`` 2, ``sigma`` 0.25: in the range
   of the paper's CIFAR-10 settings (T in {2, 4, 8}, eta of a few units, m of 2-4), with fewer noise samples
   for cost. ``mix_steps`` = 0 or ``mix_eta`` = 0 makes x_adv = x or drops the term.
@@ -84,39 +84,39 @@ class SmoothMix(SmoothingMethod):
     def label(cls, cfg) -> str:
         return f"SmoothMix (sigma={cfg.sigma:g}, T={cfg.mix_steps}, eta={cfg.mix_eta:g}, m={cfg.noise_copies})"
 
-    def __init__(self, trainer):
-        super().__init__(trainer)
-        self.engine = smoothed_engine(trainer)
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self.engine = smoothed_engine(ctx)
 
     def attack(self, x: torch.Tensor, y: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """x^(T) with the fixed noise [B, m, ...] (x itself when T or alpha is 0); eval mode during the attack."""
-        c, tr = self.cfg, self.trainer
+        c, ctx = self.cfg, self.ctx
         if c.mix_steps == 0 or c.mix_alpha == 0:
             return x
-        tr.fwd.eval()
+        ctx.forward.eval()
         try:
             return self.engine.run(x, y, c.mix_steps * c.mix_alpha, c.mix_alpha, c.mix_steps, start="clean",
                                    evaluate=False, context=noise).x_adv
         finally:
-            tr.fwd.train()
+            ctx.forward.train()
 
     def mix_weights(self, n: int, device) -> torch.Tensor:
-        """lam ~ U[0, 1/2] per sample, from a host generator seeded by the trainer's stream."""
-        g = torch.Generator().manual_seed(self.trainer.seed())
+        """lam ~ U[0, 1/2] per sample, from a host generator seeded by the run's stream."""
+        g = torch.Generator().manual_seed(self.ctx.seed())
         return (0.5 * torch.rand(n, generator=g)).to(device, non_blocking=True)
 
     def step(self, x, y):
-        c, tr = self.cfg, self.trainer
+        c, ctx = self.cfg, self.ctx
         m = c.noise_copies
-        noise = draw_noise(x, m, c.sigma, tr.seed())
+        noise = draw_noise(x, m, c.sigma, ctx.seed())
         x_adv = self.attack(x, y, noise)
         lam = self.mix_weights(x.shape[0], x.device)
         x_mix = torch.lerp(x, x_adv, lam.view((-1,) + (1,) * (x.dim() - 1)))  # (1 - lam) x + lam x_adv
-        xn, xn_mix = tr.fmt(add_noise(x, noise)), tr.fmt(add_noise(x_mix, noise))
+        xn, xn_mix = ctx.fmt(add_noise(x, noise)), ctx.fmt(add_noise(x_mix, noise))
 
         def closure(net):
             logits_c, logits_mix = net(xn, xn_mix)
             return smoothmix_loss(logits_c, logits_mix, y, lam, c.mix_eta), logits_c
 
-        loss, logits = tr.loss_update(closure)
-        return tr.stats(loss, logits, y.repeat_interleave(m))
+        loss, logits = ctx.update(closure)
+        return ctx.stats(loss, logits, y.repeat_interleave(m))

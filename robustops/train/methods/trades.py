@@ -30,19 +30,19 @@ class Trades(Method):
     def label(cls, cfg) -> str:
         return f"TRADES (PGD-{cfg.steps})"
 
-    def __init__(self, trainer):
-        super().__init__(trainer)
-        self.engine = trainer.engine(self.cfg.norm, objective=_kl_objective)
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self.engine = ctx.engine(self.cfg.norm, objective=_kl_objective)
 
     def step(self, x, y):
-        c, tr = self.cfg, self.trainer
-        tr.fwd.eval()
-        with torch.no_grad(), tr.autocast():
-            p_nat = F.softmax(tr.fwd(x).float(), dim=1)
+        c, ctx = self.cfg, self.ctx
+        ctx.forward.eval()
+        with torch.no_grad(), ctx.autocast():
+            p_nat = F.softmax(ctx.forward(x).float(), dim=1)
         # The engine's "labels" are the clean prediction's probabilities: the KL's target.
         x_adv = self.engine.run(x, p_nat, c.eps, c.alpha, c.steps, start="normal", start_sigma=0.001,
-                                seed=tr.seed(), evaluate=False).x_adv
-        tr.fwd.train()
+                                seed=ctx.seed(), evaluate=False).x_adv
+        ctx.forward.train()
 
         def closure(net):
             logits, logits_adv = net(x, x_adv)
@@ -50,5 +50,5 @@ class Trades(Method):
                 F.log_softmax(logits_adv.float(), dim=1), F.softmax(logits.float(), dim=1), reduction="batchmean")
             return loss, logits
 
-        loss, logits = tr.loss_update(closure)
-        return tr.stats(loss, logits, y)
+        loss, logits = ctx.update(closure)
+        return ctx.stats(loss, logits, y)
