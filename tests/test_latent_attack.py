@@ -264,7 +264,7 @@ def test_latent_pgd_errors(classifier, digits):
         LatentPGD(classifier, LinearSet(), eps=torch.ones(3)).perturb(x, y)
     with pytest.raises(ValueError, match="clip"):
         LatentPGD(classifier, LinearSet(), eps=1.0).perturb(x + 2, y)
-    assert isinstance(LatentPGD(classifier, LinearSet(), eps=1.0), PGD)
+    assert not isinstance(LatentPGD(classifier, LinearSet(), eps=1.0), PGD)  # siblings on attacks.Attack
     empty = LatentPGD(classifier, LinearSet(), eps=1.0).perturb(x[:0], y[:0])
     assert empty.x_adv.shape[0] == 0 and empty.u.shape == (0, 6)
 

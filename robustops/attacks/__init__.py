@@ -16,15 +16,20 @@ APGD-CE / APGD-DLR (``APGD``) and APGD-T (``APGDT``), Croce & Hein 2020's Auto-P
 engine with their step-size schedule and momentum. ``LatentPGD`` attacks in a learned perturbation set
 (Wong & Kolter 2021): PGD over the latent offset of a perturbation model, on the same engine.
 
-Layout: ``engine`` (the one projected-gradient iteration, shared with training), ``pgd`` (PGD /
-FGSM: configuration and checks), ``apgd`` (Auto-PGD), ``latent`` (learned perturbation sets), ``graph``
-(CUDA-graph replay), ``evaluation`` (robust accuracy).
+Every attack is an :class:`Attack` (``base``: the model's mode, the clipping box, normalisation,
+targets, seeds, the autocast dtype and the ``perturb`` template; its docstring says how to write a new
+attack). ``madry_step(eps, steps)`` is Madry et al.'s default step size 2.5 * eps / steps.
+
+Layout: ``base`` (Attack, the losses, the default step sizes), ``engine`` (the one projected-gradient
+iteration, shared with training), ``pgd`` (PGD / FGSM), ``apgd`` (Auto-PGD), ``latent`` (learned
+perturbation sets), ``graph`` (CUDA-graph replay), ``evaluation`` (robust accuracy).
 """
 from .apgd import APGD, APGDT
+from .base import Attack, madry_step
 from .engine import STARTS, AttackResult, Engine, Recorder
 from .evaluation import robust_accuracy
 from .latent import LatentAttackResult, LatentPGD, nearest_member, random_members
 from .pgd import FGSM, PGD, dlr_loss
 
-__all__ = ["PGD", "FGSM", "APGD", "APGDT", "LatentPGD", "AttackResult", "LatentAttackResult", "robust_accuracy",
-           "dlr_loss", "Engine", "Recorder", "STARTS", "nearest_member", "random_members"]
+__all__ = ["Attack", "madry_step", "PGD", "FGSM", "APGD", "APGDT", "LatentPGD", "AttackResult", "LatentAttackResult",
+           "robust_accuracy", "dlr_loss", "Engine", "Recorder", "STARTS", "nearest_member", "random_members"]

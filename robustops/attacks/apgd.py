@@ -35,7 +35,7 @@ eps-ball around x intersected with the box [lo, hi], eta: a per-sample step size
   (the step size was not halved at the previous checkpoint and the best objective did not improve).
 - The losses: cross entropy (APGD-CE); DLR(x, y) = -(z_y - max_{i != y} z_i) /
   (z_pi1 - z_pi3) (APGD-DLR); targeted DLR(x, y, t) = -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2)
-  for APGD-T, z_pi_k being the k-th largest logit (``pgd.dlr_loss``).
+  for APGD-T, z_pi_k being the k-th largest logit (``base.dlr_loss``).
 
 Choices the paper leaves open, and the ones made here:
 
@@ -77,17 +77,15 @@ Choices the paper leaves open, and the ones made here:
 """
 from __future__ import annotations
 
-from typing import List, Optional, Union
+from typing import List, Optional
 
 import torch
 
 from .. import _checks, _rng
+from .base import Attack, Param
 from .engine import AttackResult, Recorder, batch_view_shape, memory_format, predictions
-from .pgd import PGD
 
 __all__ = ["APGD", "APGDT", "checkpoints"]
-
-Param = Union[float, int, torch.Tensor]
 
 
 def checkpoints(steps: int) -> List[int]:
@@ -135,13 +133,13 @@ class _Run:
         self.rec.pred_first.copy_(rec.pred_first.index_select(0, keep))
 
 
-class APGD(PGD):
+class APGD(Attack):
     """Auto-PGD (Croce & Hein 2020, Algorithm 1): APGD-CE (``loss="ce"``) or APGD-DLR
     (``loss="dlr"``), untargeted, L-inf or L2, in pixel space. See the module docstring for the
     equations implemented and the choices the paper leaves open.
 
-    model, clip, mean / std, dtype, train_mode, seed: as :class:`PGD` (the model's mode and its
-    parameters' requires_grad flags are restored after each call).
+    model, clip, mean / std, dtype, train_mode, seed: as :class:`~robustops.attacks.base.Attack` (the
+    model's mode and its parameters' requires_grad flags are restored after each call).
     eps: radius, a float or a Tensor[B] (per sample); the initial step size is 2 eps per sample.
     steps: the iteration budget N >= 1 (N gradient evaluations and one final forward pass).
     norm: "linf" or "l2". loss: "ce" or "dlr" (needs >= 3 classes).
@@ -153,7 +151,8 @@ class APGD(PGD):
     l2_radius: the L2 start's radius law (``Engine``): "uniform" (radius eps * U, the default; see
       the module docstring for the measurement) or "ball" (uniform in the ball's volume).
 
-    ``targeted`` is False and ``target_fn`` None: the attack is untargeted.
+    ``targeted`` is False and ``target_fn`` None: the attack is untargeted. alpha (None), random_start
+    (True), record_steps and graph (False) are kept for PGD's interface.
     """
 
     def __init__(self, model, eps: Param, steps: int = 100, norm: str = "linf", loss: str = "ce",
@@ -162,9 +161,19 @@ class APGD(PGD):
                  l2_radius: str = "uniform"):
         if loss not in ("ce", "dlr"):
             raise ValueError(f'loss must be "ce" or "dlr", got {loss!r}')
-        super().__init__(model, eps=eps, steps=steps, norm=norm, random_start=True, restarts=restarts,
-                         targeted=False, loss=loss, clip=clip, mean=mean, std=std, early_stop=early_stop,
-                         seed=seed, train_mode=train_mode, dtype=dtype, l2_radius=l2_radius)
+        super().__init__(model, loss=loss, clip=clip, mean=mean, std=std, seed=seed, train_mode=train_mode,
+                         dtype=dtype)
+        self.eps = _checks.check_sample_param(eps, "eps")
+        self.alpha = None
+        self.steps = _checks.check_int(steps, "steps", 1)
+        if norm not in ("linf", "l2"):
+            raise ValueError(f'norm must be "linf" or "l2", got {norm!r}')
+        self.norm = norm
+        self.random_start = True
+        self.restarts = _checks.check_int(restarts, "restarts", 1)
+        self.early_stop = bool(early_stop)
+        self.record_steps = self.graph = False
+        self.engine = self.make_engine(self.norm, l2_radius)
         self.rho = _checks.check_number(rho, "rho", 0.0, strict=True, maximum=1.0)
         self.momentum = _checks.check_number(momentum, "momentum", 0.0, strict=True, maximum=1.0)
         self.checkpoints = checkpoints(self.steps)
@@ -175,7 +184,7 @@ class APGD(PGD):
                 f"restarts={self.restarts}, rho={self.rho}, early_stop={self.early_stop})")
 
     @staticmethod
-    def _success(logits, y):
+    def success(logits, y):
         """Untargeted: the model predicts another class than the label (targets, if any, only steer
         the objective). A prediction of NaN logits (-1) is no success."""
         pred = predictions(logits)
@@ -192,25 +201,22 @@ class APGD(PGD):
         already fooled (success, step 0); with early_stop they are not attacked. evaluate is
         accepted for PGD's signature: success / loss / pred are always known here at no extra cost.
         ``targets`` must be None (the attack is untargeted)."""
-        x = self._check_images(images)
+        return super().perturb(images, labels, targets, offset=offset, skip=skip, evaluate=evaluate, eps=eps)
+
+    def prepare(self, x: torch.Tensor, eps: Optional[Param] = None) -> dict:
+        """eps per sample: a float32 Tensor[B] on x's device."""
         B, device = x.shape[0], x.device
-        y = _checks.check_labels(labels, B, device, "labels")
-        self._targets(x, y, targets, B, device)  # refuses targets
         eps = _checks.sample_param_on(self.eps if eps is None else eps, "eps", B, device)
         if not isinstance(eps, torch.Tensor):
             eps = torch.full((B,), float(eps), dtype=torch.float32, device=device)
-        skip, offset, empty = self._start_run(x, skip, offset)
-        if empty is not None:
-            return empty
-        seed = _rng.resolve_seed(self.seed)
-        with self._model_state():
-            return self._attack(x, y, eps, seed, offset, skip)
+        return {"eps": eps}
 
     def _run_targets(self, x, y):
         """The per-run extra labels: [None] (untargeted); APGD-T lists its target classes."""
         return [None]
 
-    def _attack(self, x, y, eps, seed: int, offset: int, skip) -> AttackResult:
+    def attack(self, x, y, targets, *, seed: int, offset: int, skip, evaluate, eps) -> AttackResult:
+        """Algorithm 1 per run (target and restart), each on the samples no earlier run fooled."""
         B, device = x.shape[0], x.device
         res = AttackResult(x.clone(memory_format=torch.preserve_format),
                            torch.zeros(B, dtype=torch.bool, device=device),
@@ -251,7 +257,7 @@ class APGD(PGD):
         del x0
         s.g, logits, s.f = engine.gradient(s.xk, s.ys)
         s.rec = Recorder(s.xk)
-        s.rec.update(0, s.xk, logits, s.f, self._success(logits, s.ys))
+        s.rec.update(0, s.xk, logits, s.f, self.success(logits, s.ys))
         s.x_max, s.f_max, s.g_max, s.pred_max = s.xk.clone(memory_format=torch.preserve_format), s.f, s.g, \
             predictions(logits)
         s.count = torch.zeros_like(s.idx)
@@ -273,7 +279,7 @@ class APGD(PGD):
                 s.f = engine.score(logits, s.ys)
             else:
                 s.g, logits, s.f = engine.gradient(s.xk, s.ys)
-            s.rec.update(k, s.xk, logits, s.f, self._success(logits, s.ys))
+            s.rec.update(k, s.xk, logits, s.f, self.success(logits, s.ys))
             up = s.f > s.f_max                                      # lines 2-3 and 7-9
             v = up.view(batch_view_shape(s.xk))
             s.x_max = torch.where(v, s.xk, s.x_max)

@@ -11,8 +11,8 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
+from .base import Attack
 from .engine import predictions
-from .pgd import PGD
 
 __all__ = ["robust_accuracy"]
 
@@ -38,7 +38,7 @@ def _eval_mode(model):
             model.train(True)
 
 
-def _targets(attack: PGD, batch, x, y, device):
+def _targets(attack: Attack, batch, x, y, device):
     if not attack.targeted:
         return None
     if len(batch) > 3:
@@ -49,7 +49,7 @@ def _targets(attack: PGD, batch, x, y, device):
                      "yields (images, labels, indices, targets))")
 
 
-def _attack_batch(model, attack: PGD, batch, x, y, idx, n: int, device) -> dict:
+def _attack_batch(model, attack: Attack, batch, x, y, idx, n: int, device) -> dict:
     """The per-sample columns (CPU tensors) of one attacked batch."""
     with torch.no_grad(), _eval_mode(model):
         clean_pred = predictions(model(attack.normalize(x)).float())
@@ -104,7 +104,7 @@ def _ensemble_batch(model, attacks, batch, x, y, idx, n: int, device, after: lis
     return cols
 
 
-def robust_accuracy(model, loader, attack: Union[PGD, Sequence[PGD]], device=None, progress: bool = True,
+def robust_accuracy(model, loader, attack: Union[Attack, Sequence[Attack]], device=None, progress: bool = True,
                     desc: str = "attack", max_samples: Optional[int] = None) -> dict:
     """Clean and robust accuracy of model over loader under attack.
 

@@ -14,6 +14,7 @@ per-sample context, so early exit and restarts select their rows together with u
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple, Union
 
@@ -21,8 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import _checks, _rng, ops, perturbation
+from .base import Attack, Param, frozen, madry_step, step_params
 from .engine import AttackResult, Engine, predictions
-from .pgd import PGD, Param, frozen
 
 __all__ = ["LatentPGD", "LatentAttackResult", "nearest_member", "random_members"]
 
@@ -52,7 +53,7 @@ def _latent_start(B: int, model, device) -> torch.Tensor:
     return torch.zeros(B, D, device=device)
 
 
-class LatentPGD(PGD):
+class LatentPGD(Attack):
     """PGD in a learned perturbation set: maximises the classifier's loss at the decoded member
     x'(u) over ||u||_2 <= eps (Wong and Kolter 2021's latent attack), with the fused L2 step.
 
@@ -66,7 +67,7 @@ class LatentPGD(PGD):
       u = 0, the prior's mean, otherwise). lo, hi: the data range the members are clamped to (and the
       images must lie in). dtype: autocast dtype of the decoder and classifier forward.
     early_stop (default on) / record_steps / restarts / targeted / target_fn / loss / seed /
-    train_mode: as :class:`PGD`. No CUDA-graph replay.
+    train_mode: as :class:`~robustops.attacks.PGD`. No CUDA-graph replay (``graph`` is False).
 
     ``perturb(x, y)`` returns a :class:`LatentAttackResult` (x_adv: the decoded members, u: the
     offsets, success / loss / pred evaluated at x_adv); ``atk(x, y)`` returns x_adv.
@@ -80,14 +81,21 @@ class LatentPGD(PGD):
                  hi: float = 1.0, dtype=None, record_steps: bool = False, mean=None, std=None,
                  train_mode: bool = False, target_fn: Optional[Callable] = None):
         perturbation.check_perturbation_model(perturbation_model, "perturbation_model")
-        super().__init__(classifier, eps, alpha=alpha, steps=steps, norm="l2", random_start=random_start,
-                         restarts=restarts, targeted=targeted, loss=loss, clip=(lo, hi), mean=mean, std=std,
-                         early_stop=early_stop, record_steps=record_steps, seed=seed, train_mode=train_mode,
-                         dtype=dtype, graph=False, target_fn=target_fn, l2_radius="uniform")
+        super().__init__(classifier, loss=loss, targeted=targeted, target_fn=target_fn, clip=(lo, hi), mean=mean,
+                         std=std, seed=seed, train_mode=train_mode, dtype=dtype)
+        self.eps = _checks.check_sample_param(eps, "eps")
+        self.alpha = None if alpha is None else _checks.check_sample_param(alpha, "alpha")
+        self.steps = _checks.check_int(steps, "steps", 1)
+        self.norm = "l2"
+        self.random_start = bool(random_start)
+        self.restarts = _checks.check_int(restarts, "restarts", 1)
+        self.early_stop = bool(early_stop)
+        self.record_steps = bool(record_steps)
+        self.graph = False
         self.perturbation_model = perturbation_model
-        self.pixel_engine = self.engine  # the classifier on images: predict()
-        self.engine = Engine(self._latent_forward, self._objective, norm="l2", lo=-_INF, hi=_INF,
-                             dtype=self.dtype, success=self._success, score=self.pixel_engine.score_fn,
+        self.pixel_engine = self.make_engine("l2")  # the classifier on images: predict()
+        self.engine = Engine(self._latent_forward, self.objective, norm="l2", lo=-_INF, hi=_INF,
+                             dtype=self.dtype, success=self.success, score=self.pixel_engine.score_fn,
                              l2_radius="uniform")
 
     def __repr__(self) -> str:
@@ -99,7 +107,7 @@ class LatentPGD(PGD):
     def _latent_forward(self, u: torch.Tensor, context) -> torch.Tensor:
         x, mu, sigma = context
         lo, hi = self.clip
-        return self._forward(perturbation.member(self.perturbation_model, x, u, mu, sigma, lo, hi))
+        return self.forward(perturbation.member(self.perturbation_model, x, u, mu, sigma, lo, hi))
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
@@ -117,24 +125,42 @@ class LatentPGD(PGD):
                 skip: Optional[torch.Tensor] = None, evaluate: bool = True) -> LatentAttackResult:
         """Runs the attack on images [B, ...] in [lo, hi] with labels [B] (targets [B] when targeted).
         eps / alpha / offset / skip / evaluate as :meth:`PGD.perturb`; eps is the latent radius."""
-        x, y, t, eps, alpha, skip, offset, empty = self._run_args(images, labels, targets, eps, alpha, skip, offset)
+        return super().perturb(images, labels, targets, offset=offset, skip=skip, evaluate=evaluate, eps=eps,
+                               alpha=alpha)
+
+    def prepare(self, x: torch.Tensor, eps: Optional[Param] = None, alpha: Optional[Param] = None) -> dict:
+        """eps / alpha per sample on x's device (alpha by default ALPHA_PER_STEP * eps / steps)."""
+        return step_params(x, self.eps if eps is None else eps, self.alpha if alpha is None else alpha, self.steps,
+                           self.ALPHA_PER_STEP)
+
+    def empty_result(self, x: torch.Tensor, **params) -> LatentAttackResult:
+        """No member and no offset [0, D]."""
+        u0 = _latent_start(0, self.perturbation_model, x.device)
+        return LatentAttackResult(**vars(super().empty_result(x)), u=u0)
+
+    @contextlib.contextmanager
+    def model_state(self):
+        """The classifier's attack state (:meth:`Attack.model_state`) and the perturbation model in
+        eval mode without parameter gradients."""
+        with super().model_state(), frozen(self.perturbation_model):
+            yield
+
+    def attack(self, x, y, targets, *, seed, offset, skip, evaluate, eps, alpha) -> LatentAttackResult:
+        """The engine's run on the offset u from the centre 0 (a uniform start with random_start), the
+        images and their prior's (mu, sigma) as its context; x_adv the decoded members."""
         B, device = x.shape[0], x.device
         u0 = _latent_start(B, self.perturbation_model, device)
-        if empty is not None:
-            return LatentAttackResult(**vars(empty), u=u0)
-        seed = _rng.resolve_seed(self.seed)
-        with self._model_state(), frozen(self.perturbation_model):
-            mu, sigma = perturbation.prior_scale(self.perturbation_model, x)
-            mu, sigma = mu.to(device), sigma.to(device)
-            if mu.shape[1] != u0.shape[1]:
-                raise ValueError(f"the perturbation model's prior has dimension {mu.shape[1]}, its latent_dim is "
-                                 f"{u0.shape[1]}")
-            res = self.engine.run(u0, (y, t), eps, alpha, self.steps,
-                                  start="uniform" if self.random_start else "clean", seed=seed, offset=offset,
-                                  restarts=self.restarts, record=self.record_steps, early_exit=self.early_stop,
-                                  evaluate=evaluate, skip=skip, context=(x, mu, sigma))
-            with torch.no_grad():
-                x_adv = perturbation.member(self.perturbation_model, x, res.x_adv, mu, sigma, *self.clip)
+        mu, sigma = perturbation.prior_scale(self.perturbation_model, x)
+        mu, sigma = mu.to(device), sigma.to(device)
+        if mu.shape[1] != u0.shape[1]:
+            raise ValueError(f"the perturbation model's prior has dimension {mu.shape[1]}, its latent_dim is "
+                             f"{u0.shape[1]}")
+        res = self.engine.run(u0, (y, targets), eps, alpha, self.steps,
+                              start="uniform" if self.random_start else "clean", seed=seed, offset=offset,
+                              restarts=self.restarts, record=self.record_steps, early_exit=self.early_stop,
+                              evaluate=evaluate, skip=skip, context=(x, mu, sigma))
+        with torch.no_grad():
+            x_adv = perturbation.member(self.perturbation_model, x, res.x_adv, mu, sigma, *self.clip)
         return LatentAttackResult(x_adv, res.success, res.success_step, res.restart, res.loss, res.pred, u=res.x_adv)
 
 
@@ -160,7 +186,7 @@ def nearest_member(model, x: torch.Tensor, x_tilde: torch.Tensor, eps: Param, st
     B, device = x.shape[0], x.device
     eps = _checks.sample_param_on(eps, "eps", B, device)
     if alpha is None:
-        alpha = (eps * (2.5 / steps)) if isinstance(eps, torch.Tensor) else 2.5 * eps / steps
+        alpha = madry_step(eps, steps)
     alpha = _checks.sample_param_on(alpha, "alpha", B, device)
     lo, hi = float(lo), float(hi)
     u0 = _latent_start(B, model, device)

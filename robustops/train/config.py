@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Sequence
 
 from .. import _checks
+from ..attacks.base import madry_step
 from ..models import channel_stats
 from . import registry
 
@@ -175,7 +176,7 @@ class FitConfig:
         if c.val_norm is None:
             c.val_norm = c.norm
         if c.val_alpha is None:
-            c.val_alpha = 2.5 * c.val_eps / c.val_steps
+            c.val_alpha = madry_step(c.val_eps, c.val_steps)
         if c.milestones is None:
             c.milestones = (0.5 * c.epochs, 0.75 * c.epochs)
         c.milestones = tuple(float(v) for v in c.milestones)

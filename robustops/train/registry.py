@@ -16,6 +16,7 @@ from typing import Any, Callable, ClassVar, Dict, Optional, Sequence, Tuple, Typ
 import torch
 
 from .. import _checks
+from ..attacks.base import madry_step
 
 __all__ = ["Hyper", "Method", "register", "unregister", "get", "names", "hyperparameters", "describe", "StepStats"]
 
@@ -105,7 +106,7 @@ class Method:
     @classmethod
     def default_alpha(cls, cfg) -> float:
         """The step size when none is given: 2.5 * eps / steps (Madry et al.'s rule)."""
-        return 2.5 * cfg.eps / cfg.steps
+        return madry_step(cfg.eps, cfg.steps)
 
     @classmethod
     def updates_per_batch(cls, cfg) -> int:
