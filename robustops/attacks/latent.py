@@ -20,7 +20,8 @@ from typing import Callable, Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from .. import _checks, _rng, ops, perturbation
+from .. import _checks, _rng, ops
+from ..perturbation import protocol as perturbation  # the protocol only: the rest of the package uses the attacks
 from .engine import AttackResult, Engine, predictions
 from .pgd import PGD, Param, frozen
 
