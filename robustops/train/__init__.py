@@ -28,13 +28,14 @@ are summed over the processes. ``robustops train`` run under ``torchrun`` sets a
 from . import methods as _methods  # noqa: F401  (registers the built-in methods)
 from . import registry
 from .config import AMP_MODES, METRICS, NORMS, OPTIMIZERS, SCHEDULES, FitConfig
+from .discrimination import robust_discrimination
 from .fit import CHECKPOINT_FORMAT, FitResult, fit
 from .registry import Hyper, Method, register
 from .trainer import LRFactor, Trainer
 
 __all__ = ["fit", "FitConfig", "FitResult", "Trainer", "METHODS", "Method", "Hyper", "register", "registry",
            "describe_methods", "methods_table", "LRFactor", "CHECKPOINT_FORMAT", "OPTIMIZERS", "SCHEDULES",
-           "AMP_MODES", "NORMS", "METRICS"]
+           "AMP_MODES", "NORMS", "METRICS", "robust_discrimination"]
 
 
 def describe_methods():
