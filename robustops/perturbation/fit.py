@@ -272,8 +272,8 @@ def fit_perturbation(model: nn.Module, loader, epochs: int = 20, lr: float = 2e-
     """Trains a perturbation model (a :class:`CVAE`, or any module with prior / posterior / decode) on
     a loader of pairs (x, x_tilde[, y]) by the beta-weighted ELBO (:func:`perturbation_loss`), with Adam.
 
-    beta: the KL weight (loss per pair = squared error summed over pixels + beta * KL; see the module's
-    docstring); warmup: epochs over which beta rises linearly from 0 (per step; 0: none);
+    beta: the KL weight (loss per pair = squared error summed over pixels + beta * KL; see
+    ``robustops.perturbation.cvae``); warmup: epochs over which beta rises linearly from 0 (per step; 0: none);
     schedule: "constant" or "cosine" (cosine annealing of lr to 0 over all steps); amp: None / "none",
     "bf16" or "fp16" (autocast; fp16 with gradient scaling); grad_clip: max gradient norm (None: off);
     seed: seeds torch's generator (the loader's shuffling) and the latent noise (None: not seeded).
