@@ -1,15 +1,16 @@
 """Run files shared by every trainer (classifiers in train/fit.py, perturbation models in
-perturbation.py): atomic checkpoint writes, the per-epoch CSV log and where a resume reads from.
+perturbation/fit.py): atomic checkpoint writes, the per-epoch CSV log, where a resume reads from, and
+the checks every resume makes (a readable checkpoint of the right kind, written with the same settings).
 Imports no robustops module."""
 from __future__ import annotations
 
 import csv
 import os
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["atomic_save", "write_csv_log", "resume_path"]
+__all__ = ["atomic_save", "write_csv_log", "resume_path", "read_checkpoint", "check_settings"]
 
 
 def atomic_save(obj, path: str) -> None:
@@ -51,3 +52,28 @@ def resume_path(resume, out_dir: Optional[str]) -> Optional[str]:
     if not os.path.isfile(p):
         raise FileNotFoundError(f"resume: no checkpoint at {p!r}")
     return p
+
+
+def read_checkpoint(path: str, fmt: str, kind: str, *, requires: Sequence[str] = (),
+                    detail: bool = True) -> Dict[str, Any]:
+    """The checkpoint a run resumes from, read on the CPU with weights_only=True. A ValueError when the
+    file cannot be read (damaged; detail: the message names the error and what to do) or is not a
+    ``kind`` (its "format" is not fmt, or it lacks one of the keys ``requires``)."""
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a truncated or corrupt file: any unpickling error
+        if detail:
+            raise ValueError(f"resume: cannot read {path!r} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                             f"the file is damaged: resume from another checkpoint or start afresh") from None
+        raise ValueError(f"resume: cannot read {path!r} ({type(e).__name__}); the file is damaged") from None
+    if not isinstance(ck, dict) or ck.get("format") != fmt or any(k not in ck for k in requires):
+        raise ValueError(f"resume: {path!r} is not a {kind}")
+    return ck
+
+
+def check_settings(*pairs: Tuple[Mapping[str, Any], Mapping[str, Any]]) -> None:
+    """A ValueError naming every setting a resumed run does not share with its checkpoint: pairs of
+    (the checkpoint's settings, this run's), compared over this run's names, in their order."""
+    diff = [f"{k}={old.get(k)!r} (now {v!r})" for old, new in pairs for k, v in new.items() if old.get(k) != v]
+    if diff:
+        raise ValueError("resume: the checkpoint was trained with different settings: " + ", ".join(diff))

@@ -29,7 +29,7 @@ from ._runfiles import atomic_save
 __all__ = ["SmallCNN", "CNN7", "PreActResNet18", "PreActBlock", "CifarResNet", "BasicBlock", "CohenBasicBlock",
            "cifar_resnet", "CohenCifarResNet", "cohen_cifar_resnet", "Normalize", "channel_stats", "split_normalize",
            "get_model", "MODEL_NAMES", "save_checkpoint", "load_model", "COHEN_CIFAR10_MEAN", "COHEN_CIFAR10_STD",
-           "COHEN_IMAGENET_MEAN", "COHEN_IMAGENET_STD"]
+           "COHEN_IMAGENET_MEAN", "COHEN_IMAGENET_STD", "unwrap", "model_device"]
 
 
 def channel_stats(mean, std) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -395,7 +395,9 @@ def get_model(name: str, num_classes: int = 10, in_channels: Optional[int] = Non
 
 # ---------------------------------------------------------------------------------- checkpoints
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside torch.compile's, DDP's and DataParallel's wrappers (nested ones too): the one whose
+    state dict has plain parameter names."""
     while True:
         if hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):  # torch.compile
             model = model._orig_mod
@@ -403,6 +405,12 @@ def _unwrap(model: nn.Module) -> nn.Module:
             model = model.module
         else:
             return model
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of a model's first parameter (the CPU for a model without parameters)."""
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
 
 
 def _plain(v):
@@ -452,7 +460,7 @@ def save_checkpoint(path: str, model: nn.Module, name: str, model_kwargs: Option
         if reserved in extra:
             raise ValueError(f"{reserved!r} is a reserved checkpoint key; pass it another name")
     kwargs = {k: _plain(v) for k, v in (model_kwargs or {}).items()}
-    state = {k: v.detach().cpu() for k, v in _unwrap(model).state_dict().items()}
+    state = {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
     ckpt = {"model": name, "model_kwargs": kwargs, "state_dict": state, "sha256": state_dict_digest(state), **extra}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     atomic_save(ckpt, path)

@@ -1,5 +1,5 @@
-"""Proxy distributions: adversarial training on real data mixed with generated samples, a small
-class-conditional generator for the demo, and a robust real-vs-generated discrimination score.
+"""Proxy distributions: adversarial training on real data mixed with generated samples, and a small
+class-conditional generator for the demo.
 
 Background (Sehwag et al., "Robust learning meets generative models: can proxy distributions improve
 adversarial robustness?", ICLR 2022; Gowal et al., "Improving robustness using generated data",
@@ -9,7 +9,7 @@ the proxy distribution and on the real one by the conditional Wasserstein distan
 so a proxy helps the more the closer it is to the real data; to *rank* proxies they measure how well a
 robust binary classifier tells real from generated images as the perturbation budget grows.
 
-Three parts:
+Three parts (the third in ``robustops.train``):
 
 :class:`ProxyBatchSampler` / :class:`MixedLoader` (training)
     Every batch of B samples holds exactly ``g = floor(ratio * B + 1/2)`` generated and ``r = B - g``
@@ -50,31 +50,16 @@ Three parts:
     image = ``clip(z W + m, 0, 1)`` (W the PCA components, m the mean). Sampling is ours (numpy,
     seeded), so ``generate(n, seed)`` is reproducible whatever sklearn's version.
 
-:func:`robust_discrimination` (ranking proxies)
-    Real images get label 0, generated ones label 1, on a balanced set split into training and held-out
-    parts. For each eps in eps_list a binary classifier is adversarially trained at that eps (PGD-AT,
-    Madry et al.; natural training at eps = 0) and its robust accuracy ``a(eps)`` is measured on the
-    held-out part with a stronger PGD at the same eps. The score is the area under a(eps), by the
-    trapezoidal rule over eps_list: ``arc = sum_i (eps_{i+1} - eps_i) (a_i + a_{i+1}) / 2``, and the
-    same divided by the eps range (``arc_norm``, the mean robust accuracy over the range: 0.5 is
-    chance, 1 is a proxy told apart at every budget). Lower = the proxy is harder to tell from real
-    data = closer. Also ``eps50``: the smallest eps at which a(eps) falls to ``chance_margin`` above
-    0.5, linearly interpolated between the listed eps (None when it never does in the range).
-    Why robust: a non-robust classifier separates almost any generator from real data by tiny
-    artefacts (here: real digits take only the 17 values k/16 while generated pixels are continuous),
-    so its accuracy is near 1 for good and bad proxies alike; an eps-robust classifier must rely on
-    differences larger than eps, which is what the Wasserstein bound is about.
-    Our reading of the paper's measure, stated as such: the full text was not available to us, and
-    the choices below are ours: a classifier per eps (not one evaluated at several eps), the eps grid,
-    the architecture (``models.SmallCNN`` with 2 outputs), the training schedule, the attack (PGD,
-    L-inf, 10 steps, one random start), the balanced subsampling and the held-out fraction.
-    ``train_eps`` gives the cheaper variant: one classifier trained at train_eps, evaluated at every eps.
+:func:`robustops.train.robust_discrimination` (ranking proxies)
+    How well a robust classifier tells real from generated images as the perturbation budget grows;
+    it trains with ``robustops.train.fit``, so it lives in ``robustops/train/discrimination.py``, above
+    this file, and uses its :func:`as_tensors` and :func:`check_images`.
 """
 from __future__ import annotations
 
 import math
 import os
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -84,7 +69,7 @@ from . import _checks
 from ._rng import derive_seed
 
 __all__ = ["ProxyBatchSampler", "MixedLoader", "load_generated", "save_generated", "PCAGMMGenerator",
-           "fit_generator", "robust_discrimination", "split_counts"]
+           "fit_generator", "split_counts", "as_tensors", "check_images"]
 
 _REAL_STREAM, _GEN_STREAM = 1, 2
 
@@ -204,7 +189,7 @@ class ProxyBatchSampler:
             yield real[t].tolist() + gen[t].tolist()
 
 
-def _as_tensors(data, what: str) -> Tuple[torch.Tensor, torch.Tensor]:
+def as_tensors(data, what: str) -> Tuple[torch.Tensor, torch.Tensor]:
     """(x float [N, ...], y int64 [N]) from a pair of tensors / arrays, a TensorDataset or a Dataset."""
     if isinstance(data, TensorDataset):
         x, y = data.tensors[0], data.tensors[1]
@@ -237,7 +222,8 @@ def _as_tensors(data, what: str) -> Tuple[torch.Tensor, torch.Tensor]:
     return x, y.long()
 
 
-def _check_images(x: torch.Tensor, what: str, lo: float, hi: float) -> None:
+def check_images(x: torch.Tensor, what: str, lo: float, hi: float) -> None:
+    """A ValueError naming ``what`` when images [N, ...] hold NaN / Inf or pixels outside [lo, hi]."""
     if x.shape[0] == 0:
         return
     flat = x.reshape(x.shape[0], -1)
@@ -304,7 +290,7 @@ def load_generated(path: str, image_shape: Optional[Sequence[int]] = None, num_c
         raise ValueError(f"{what}: no samples")
     if image_shape is not None and tuple(x.shape[1:]) != tuple(int(s) for s in image_shape):
         raise ValueError(f"{what}: images have shape {list(x.shape[1:])}, the real data {list(image_shape)}")
-    _check_images(x, what, lo, hi)
+    check_images(x, what, lo, hi)
     if num_classes is not None:
         _check_labels(y, what, int(num_classes))
     elif int(y.min()) < 0:
@@ -341,10 +327,10 @@ class MixedLoader:
     def __init__(self, real, generated, batch_size: int, ratio: float, *, seed: int = 0,
                  rank: Optional[int] = None, world_size: Optional[int] = None, num_classes: Optional[int] = None,
                  return_source: bool = False, lo: float = 0.0, hi: float = 1.0, pin_memory: bool = False):
-        self.real_x, self.real_y = _as_tensors(real, "real")
+        self.real_x, self.real_y = as_tensors(real, "real")
         if self.real_x.shape[0] == 0:
             raise ValueError("real: no samples")
-        _check_images(self.real_x, "real", lo, hi)
+        check_images(self.real_x, "real", lo, hi)
         if num_classes is None:
             if int(self.real_y.min()) < 0:
                 raise ValueError(f"real: labels must be >= 0, found {int(self.real_y.min())}")
@@ -357,11 +343,11 @@ class MixedLoader:
         elif isinstance(generated, (str, os.PathLike)):
             self.gen_x, self.gen_y = load_generated(os.fspath(generated), shape, self.num_classes, lo, hi)
         else:
-            self.gen_x, self.gen_y = _as_tensors(generated, "generated")
+            self.gen_x, self.gen_y = as_tensors(generated, "generated")
             if tuple(self.gen_x.shape[1:]) != shape:
                 raise ValueError(f"generated: images have shape {list(self.gen_x.shape[1:])}, the real data "
                                  f"{list(shape)}")
-            _check_images(self.gen_x, "generated", lo, hi)
+            check_images(self.gen_x, "generated", lo, hi)
             _check_labels(self.gen_y, "generated", self.num_classes)
         self.gen_x = self.gen_x.to(self.real_x.dtype)
         self.batch_sampler = ProxyBatchSampler(self.real_x.shape[0], self.gen_x.shape[0], batch_size, ratio,
@@ -467,7 +453,7 @@ def fit_generator(x, y, components: int = 4, pca_dim: Optional[int] = 24, seed: 
     from sklearn.decomposition import PCA
     from sklearn.mixture import GaussianMixture
 
-    xt, yt = _as_tensors((x, y), "fit_generator")
+    xt, yt = as_tensors((x, y), "fit_generator")
     n = xt.shape[0]
     components = _checks.check_int(components, "components", 1)
     if n < 2:
@@ -504,132 +490,3 @@ def fit_generator(x, y, components: int = 4, pca_dim: Optional[int] = 24, seed: 
         means.append(gm.means_)
         chol.append(np.linalg.cholesky(gm.covariances_))
     return PCAGMMGenerator(pca.mean_, pca.components_, weights, means, chol, priors, tuple(xt.shape[1:]))
-
-
-# ------------------------------------------------------------------------ robust discrimination
-
-def _area(eps: Sequence[float], acc: Sequence[float]) -> float:
-    return float(sum((eps[i + 1] - eps[i]) * (acc[i] + acc[i + 1]) / 2 for i in range(len(eps) - 1)))
-
-
-def _eps_at(eps: Sequence[float], acc: Sequence[float], level: float) -> Optional[float]:
-    """The smallest eps where the piecewise-linear a(eps) reaches level (from above); None if never."""
-    if acc[0] <= level:
-        return float(eps[0])
-    for i in range(len(eps) - 1):
-        if acc[i + 1] <= level < acc[i]:
-            t = (acc[i] - level) / (acc[i] - acc[i + 1])
-            return float(eps[i] + t * (eps[i + 1] - eps[i]))
-    return None
-
-
-def robust_discrimination(real_x, gen_x, eps_list: Sequence[float] = (0.0, 1 / 32, 1 / 16, 1 / 8, 1 / 4), *,
-                          train_eps: Optional[float] = None, epochs: int = 10, batch_size: int = 128,
-                          steps: int = 5, eval_steps: int = 10, lr: float = 1e-3, holdout: float = 0.25,
-                          max_samples: Optional[int] = None, chance_margin: float = 0.05, seed: int = 0,
-                          device=None, model_fn=None) -> Dict[str, Any]:
-    """How well an adversarially trained binary classifier tells real images (label 0) from generated
-    ones (label 1), as the L-inf budget grows: lower = the proxy is closer to the real data. The
-    measure and its open choices are in the module's docstring.
-
-    real_x, gen_x: image tensors (float in [0, 1], or uint8) of one shape; each source is subsampled
-    (seeded) to the smaller size (and to max_samples), then split into training and held-out parts
-    (holdout: the held-out fraction). eps_list: increasing budgets >= 0. train_eps: None trains one
-    classifier per eps (the paper's way); a float trains one classifier at train_eps and evaluates
-    it at every eps. epochs / batch_size / steps (PGD steps in training) / lr: the training (Adam,
-    constant lr, ``robustops.train.fit`` with method "pgd", "natural" at eps 0); eval_steps: PGD steps
-    of the held-out evaluation (alpha 2.5 eps / steps, one random start). model_fn: () -> a model with
-    2 outputs (default ``models.SmallCNN`` sized to the images). device: None = cuda when available.
-
-    Returns {"eps", "robust_acc" (held-out, per eps), "clean_acc" (per classifier), "arc" (area under
-    robust_acc over eps), "arc_norm" (arc / eps range), "eps50" (eps where robust_acc falls to 0.5 +
-    chance_margin; None if it stays above), "n_train", "n_test", "settings"}."""
-    from torch.utils.data import DataLoader
-
-    from . import attacks
-    from . import models as romodels
-    from . import train as rotrain
-
-    eps_list = [float(_checks.check_number(e, "eps_list", minimum=0.0)) for e in eps_list]
-    if len(eps_list) < 2 or any(b <= a for a, b in zip(eps_list, eps_list[1:])):
-        raise ValueError(f"eps_list must hold at least two increasing budgets, got {eps_list}")
-    if not 0 < holdout < 1:
-        raise ValueError(f"holdout must lie in (0, 1), got {holdout}")
-    epochs = _checks.check_int(epochs, "epochs", 1)
-    if isinstance(seed, bool) or not _checks.is_int(seed):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-    rx, _ = _as_tensors((real_x, torch.zeros(len(real_x), dtype=torch.int64)), "real_x")
-    gx, _ = _as_tensors((gen_x, torch.zeros(len(gen_x), dtype=torch.int64)), "gen_x")
-    if rx.shape[1:] != gx.shape[1:]:
-        raise ValueError(f"gen_x: images have shape {list(gx.shape[1:])}, real_x {list(rx.shape[1:])}")
-    if rx.dim() != 4:
-        raise ValueError(f"real_x: expected images [N, C, H, W], got shape {list(rx.shape)}")
-    _check_images(rx, "real_x", 0.0, 1.0)
-    _check_images(gx, "gen_x", 0.0, 1.0)
-    m = min(rx.shape[0], gx.shape[0], max_samples or rx.shape[0])
-    n_test = max(1, int(round(m * holdout)))
-    if m - n_test < 2:
-        raise ValueError(f"robust_discrimination: {m} samples per source leave too few for training; give more")
-    g = torch.Generator().manual_seed(derive_seed(int(seed), 3))
-    rx = rx[torch.randperm(rx.shape[0], generator=g)[:m]].float()
-    gx = gx[torch.randperm(gx.shape[0], generator=g)[:m]].float()
-    lab = lambda k, v: torch.full((k,), v, dtype=torch.int64)  # noqa: E731
-    tr_x = torch.cat([rx[n_test:], gx[n_test:]])
-    tr_y = torch.cat([lab(m - n_test, 0), lab(m - n_test, 1)])
-    te_x = torch.cat([rx[:n_test], gx[:n_test]])
-    te_y = torch.cat([lab(n_test, 0), lab(n_test, 1)])
-    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    C, H, W = tr_x.shape[1:]
-
-    def make_model():
-        if model_fn is not None:
-            return model_fn()
-        return romodels.SmallCNN(in_channels=int(C), num_classes=2, input_size=int(H))
-
-    def train_at(e: float, k: int):
-        torch.manual_seed(derive_seed(int(seed), 10 + k))
-        model = make_model()
-        loader = DataLoader(TensorDataset(tr_x, tr_y), batch_size=batch_size, shuffle=True,
-                            generator=torch.Generator().manual_seed(derive_seed(int(seed), 100 + k)))
-        kw = dict(epochs=epochs, optimizer="adam", lr=lr, schedule="constant", weight_decay=0.0,
-                  seed=derive_seed(int(seed), 1000 + k), progress=False, verbose=False, device=dev)
-        if e > 0:
-            rotrain.fit(model, loader, "pgd", eps=e, steps=steps, **kw)
-        else:
-            rotrain.fit(model, loader, "natural", **kw)
-        return model.eval()
-
-    def accuracy(model, e: float, k: int):
-        loader = DataLoader(TensorDataset(te_x, te_y), batch_size=512)
-        if e == 0:
-            correct = 0
-            with torch.no_grad():
-                for xb, yb in loader:
-                    correct += int((model(xb.to(dev)).argmax(1).cpu() == yb).sum())
-            acc = correct / te_x.shape[0]
-            return acc, acc
-        atk = attacks.PGD(model, eps=e, steps=eval_steps, random_start=True, seed=derive_seed(int(seed), 5000 + k))
-        res = attacks.robust_accuracy(model, loader, atk, device=dev, progress=False)
-        return float(res["clean_acc"]), float(res["robust_acc"])
-
-    robust, clean = [], []
-    if train_eps is None:
-        for k, e in enumerate(eps_list):
-            ca, ra = accuracy(train_at(e, k), e, k)
-            clean.append(ca)
-            robust.append(ra)
-    else:
-        te = float(_checks.check_number(train_eps, "train_eps", minimum=0.0))
-        model = train_at(te, 0)
-        for k, e in enumerate(eps_list):
-            ca, ra = accuracy(model, e, k)
-            clean.append(ca)
-            robust.append(ra)
-    arc = _area(eps_list, robust)
-    span = eps_list[-1] - eps_list[0]
-    return {"eps": eps_list, "robust_acc": robust, "clean_acc": clean, "arc": arc, "arc_norm": arc / span,
-            "eps50": _eps_at(eps_list, robust, 0.5 + chance_margin), "n_train": int(tr_x.shape[0]),
-            "n_test": int(te_x.shape[0]),
-            "settings": {"train_eps": train_eps, "epochs": epochs, "batch_size": batch_size, "steps": steps,
-                         "eval_steps": eval_steps, "lr": lr, "holdout": holdout, "seed": int(seed),
-                         "chance_margin": chance_margin, "model": "custom" if model_fn else "SmallCNN"}}

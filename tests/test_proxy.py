@@ -10,6 +10,7 @@ import torch
 
 import robustops as ro
 from robustops import proxy as P
+from robustops.train import discrimination as D
 
 
 @pytest.fixture(autouse=True)
@@ -269,7 +270,7 @@ def test_score_ranks_the_good_generator_closest(digits):
     for name, gx in (("good", P.fit_generator(x, y, 4, 24).generate(len(x), seed=1)[0]),
                      ("lowdim", P.fit_generator(x, y, 1, 2).generate(len(x), seed=1)[0]),
                      ("noise", torch.rand(x.shape, generator=torch.Generator().manual_seed(0)))):
-        scores[name] = P.robust_discrimination(x, gx, **kw)
+        scores[name] = ro.train.robust_discrimination(x, gx, **kw)
     arc = {k: v["arc_norm"] for k, v in scores.items()}
     assert arc["good"] + 0.1 < arc["lowdim"] < arc["noise"], arc
     assert scores["noise"]["robust_acc"][-1] > 0.8  # noise stays recognisable at every budget
@@ -281,17 +282,17 @@ def test_score_ranks_the_good_generator_closest(digits):
 def test_score_errors(digits):
     x, _ = digits
     with pytest.raises(ValueError, match="eps_list"):
-        P.robust_discrimination(x, x, eps_list=(0.1, 0.05))
+        ro.train.robust_discrimination(x, x, eps_list=(0.1, 0.05))
     with pytest.raises(ValueError, match="gen_x: images have shape"):
-        P.robust_discrimination(x, torch.rand(10, 1, 5, 5))
+        ro.train.robust_discrimination(x, torch.rand(10, 1, 5, 5))
     with pytest.raises(ValueError, match="gen_x: pixel values"):
-        P.robust_discrimination(x, x * 3)
+        ro.train.robust_discrimination(x, x * 3)
 
 
 def test_area_and_eps50():
-    assert P._area([0, 1, 3], [1.0, 0.5, 0.5]) == pytest.approx(0.75 + 1.0)
-    assert P._eps_at([0, 1, 2], [1.0, 0.6, 0.5], 0.55) == pytest.approx(1.5)
-    assert P._eps_at([0, 1], [1.0, 0.9], 0.55) is None
+    assert D._area([0, 1, 3], [1.0, 0.5, 0.5]) == pytest.approx(0.75 + 1.0)
+    assert D._eps_at([0, 1, 2], [1.0, 0.6, 0.5], 0.55) == pytest.approx(1.5)
+    assert D._eps_at([0, 1], [1.0, 0.9], 0.55) is None
 
 
 # ----------------------------------------------------------------------------------- CLI

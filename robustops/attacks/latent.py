@@ -21,7 +21,8 @@ from typing import Callable, Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from .. import _checks, _rng, ops, perturbation
+from .. import _checks, _rng, ops
+from ..perturbation import protocol as perturbation  # the protocol only: the rest of the package uses the attacks
 from .base import Attack, Param, frozen, madry_step, step_params
 from .engine import AttackResult, Engine, predictions
 

@@ -142,13 +142,13 @@ def _proxy_data(args, data: _Data) -> dict:
     """The generated digits of the pgd+proxy row: a class-conditional PCA + Gaussian-mixture generator
     fit on the training split, proxy_n samples, and its robust-discrimination score (an adversarially
     trained real-vs-generated classifier's held-out robust accuracy over eps; 0.5 = indistinguishable)."""
-    from .. import proxy
+    from .. import proxy, train
 
     t0 = time.perf_counter()
     x = _stack_dataset(data.train_ds)
     gen = proxy.fit_generator(x[0], x[1], seed=args.seed)
     gx, gy = gen.generate(args.proxy_n, seed=args.seed)
-    score = proxy.robust_discrimination(x[0], gx, (0.0, 1 / 32, 1 / 16), epochs=10, max_samples=1000,
+    score = train.robust_discrimination(x[0], gx, (0.0, 1 / 32, 1 / 16), epochs=10, max_samples=1000,
                                         seed=args.seed)
     return {"x": gx, "y": gy, "score": score, "time_s": time.perf_counter() - t0}
 

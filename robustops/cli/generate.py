@@ -61,7 +61,7 @@ def _print_score(s: dict) -> None:
 def run(args) -> int:
     import torch
 
-    from .. import proxy
+    from .. import proxy, train
 
     require_min(n=(args.n, 1), components=(args.components, 1), pca_dim=(args.pca_dim, 1),
                 score_epochs=(args.score_epochs, 1), score_samples=(args.score_samples, 4))
@@ -108,7 +108,7 @@ def run(args) -> int:
               f"(PCA {args.pca_dim} dims, {args.components} components per class) in {dt:.1f}s")
     if args.score or args.score_of is not None:
         t0 = time.perf_counter()
-        s = proxy.robust_discrimination(x, gx, eps, epochs=args.score_epochs, max_samples=args.score_samples,
+        s = train.robust_discrimination(x, gx, eps, epochs=args.score_epochs, max_samples=args.score_samples,
                                         seed=args.seed, device=dev)
         s["time_s"] = time.perf_counter() - t0
         record["score"] = s

@@ -32,6 +32,7 @@ from . import methods as _methods  # noqa: F401  (registers the built-in methods
 from . import registry
 from .config import AMP_MODES, METRICS, NORMS, OPTIMIZERS, SCHEDULES, FitConfig
 from .context import MethodContext
+from .discrimination import robust_discrimination
 from .evaluation import evaluate
 from .fit import CHECKPOINT_FORMAT, FitResult, fit
 from .registry import Hyper, Method, register
@@ -40,7 +41,7 @@ from .trainer import LRFactor, Trainer
 __all__ = ["fit", "evaluate", "FitConfig", "FitResult", "Trainer", "MethodContext", "METHODS", "Method", "Hyper",
            "register", "registry",
            "describe_methods", "methods_table", "LRFactor", "CHECKPOINT_FORMAT", "OPTIMIZERS", "SCHEDULES",
-           "AMP_MODES", "NORMS", "METRICS"]
+           "AMP_MODES", "NORMS", "METRICS", "robust_discrimination"]
 
 
 def describe_methods():

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .._runfiles import atomic_save, resume_path, write_csv_log
+from .._runfiles import atomic_save, check_settings, read_checkpoint, resume_path, write_csv_log
 from ..models import state_dict_digest, verify_checkpoint
 from .config import FitConfig
 from .trainer import Trainer, dist_info
@@ -62,12 +62,10 @@ class FitResult:
         return self.history[-1] if self.history else {}
 
 
-def _differences(old: Dict[str, Any], cfg: FitConfig) -> List[str]:
-    """The settings of a checkpoint's config that differ from cfg, as "name=old (now new)"."""
-    diff = [(k, old.get(k), getattr(cfg, k)) for k in _RESUME_MUST_MATCH if old.get(k) != getattr(cfg, k)]
+def _settings_pairs(old: Dict[str, Any], cfg: FitConfig):
+    """(the checkpoint's settings, cfg's) for ``check_settings``: the shared ones, then the method's."""
     old_params = old.get("params") if isinstance(old.get("params"), dict) else old  # flat in older checkpoints
-    diff += [(k, old_params.get(k), v) for k, v in cfg.params.items() if old_params.get(k) != v]
-    return [f"{k}={a!r} (now {b!r})" for k, a, b in diff]
+    return (old, {k: getattr(cfg, k) for k in _RESUME_MUST_MATCH}), (old_params, cfg.params)
 
 
 class _FitRun:
@@ -111,17 +109,9 @@ class _FitRun:
 
     def resume(self, ckpt_path: str) -> None:
         """Loads a checkpoint written by a run with the same settings and continues after its epoch."""
-        try:
-            ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - a truncated or corrupt file: any unpickling error
-            raise ValueError(f"resume: cannot read {ckpt_path!r} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                             f"the file is damaged: resume from another checkpoint or start afresh") from None
-        if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"resume: {ckpt_path!r} is not a robustops.train checkpoint")
+        ck = read_checkpoint(ckpt_path, CHECKPOINT_FORMAT, "robustops.train checkpoint")
         verify_checkpoint(ck, ckpt_path)
-        diff = _differences(ck["config"], self.cfg)
-        if diff:
-            raise ValueError("resume: the checkpoint was trained with different settings: " + ", ".join(diff))
+        check_settings(*_settings_pairs(ck["config"], self.cfg))
         if "train_state_dict" in ck:  # under ema: state_dict holds the weight average, this the trained weights
             if state_dict_digest(ck["train_state_dict"]) != ck.get("train_sha256"):
                 raise ValueError(f"{ckpt_path!r} is corrupt: its trained weights do not match their checksum")

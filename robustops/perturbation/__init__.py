@@ -1,0 +1,35 @@
+"""Learned perturbation sets (Wong and Kolter 2021, "Learning perturbation sets for robust machine
+learning", ICLR): a conditional VAE whose prior p(z|x) = N(mu(x), diag(sigma(x)^2)) and decoder g(z, x)
+define the set
+
+    S(x) = { g(mu(x) + sigma(x) * u, x) : ||u||_2 <= eps }
+
+of perturbed versions of x. Attacks, training and certification then work in the latent ball of u
+(``robustops.attacks.latent``, the ``learned`` training method, latent randomized smoothing).
+
+One file per part, every public name re-exported here (``robustops.perturbation.X``):
+
+- ``protocol.py``: the perturbation-model protocol every other module relies on (any nn.Module that
+  has it works, not only :class:`CVAE`), :func:`prior_scale`, :func:`member`; the only file the
+  attacks import;
+- ``pairs.py``: pair data, :class:`DigitsPairs` (the embedded digits and a known family of
+  perturbations, with the true parameters of every pair) and :class:`NpzPairs` (a user's pairs);
+- ``cvae.py``: :class:`CVAE` (prior network p(z|x), encoder q(z|x, x~), decoder g(z, x)) and the
+  paper's objective, the beta-weighted ELBO (:func:`perturbation_loss`, :func:`kl_gaussians`);
+- ``fit.py``: :func:`fit_perturbation` (training, checkpoints every epoch, exact resume) and the
+  checkpoints (:func:`save_perturbation_model`, :func:`load_perturbation_model`);
+- ``quality.py``: the paper's measures of a learned set (:func:`quality`, :func:`choose_eps`,
+  :func:`latent_norms`), :func:`sample` and :func:`plot_perturbations`; it uses the attacks' latent PGD.
+"""
+from .cvae import CVAE, kl_gaussians, perturbation_loss
+from .fit import (CHECKPOINT_FORMAT, LOG_COLUMNS, PerturbationFit, fit_perturbation, load_perturbation_model,
+                  save_perturbation_model)
+from .pairs import DigitsPairs, NpzPairs, transform_images
+from .protocol import check_perturbation_model, member, prior_scale
+# Last, and after the submodule of the same name: robustops.perturbation.quality is the function.
+from .quality import choose_eps, latent_norms, plot_perturbations, quality, sample
+
+__all__ = ["prior_scale", "member", "check_perturbation_model", "DigitsPairs", "NpzPairs", "transform_images",
+           "CVAE", "kl_gaussians", "perturbation_loss", "fit_perturbation", "PerturbationFit",
+           "load_perturbation_model", "save_perturbation_model", "latent_norms", "choose_eps", "quality",
+           "sample", "plot_perturbations", "CHECKPOINT_FORMAT"]
