@@ -45,30 +45,30 @@ MADRY_FACTOR = 2.5
 
 def scaled_step(eps: Param, steps: int, factor: float) -> Param:
     """factor * eps / steps, computed as ``eps * (factor / steps)`` (a float, or a Tensor[B] like
-    eps): PGD's default step size (factor :data:`MADRY_FACTOR`) and LatentPGD's (factor 2)."""
+    eps): LatentPGD's default step size (factor 2) and madry_step's for a Tensor eps."""
     return eps * (factor / steps)
 
 
 def madry_step(eps: Param, steps: int) -> Param:
     """Madry et al.'s default step size 2.5 * eps / steps for eps a float or a Tensor[B] (per sample):
-    training's default (threat model and validation attack), nearest_member's, and PGD's.
+    the one default of PGD, nearest_member and training (threat model and validation attack).
 
-    A Tensor is computed as ``eps * (2.5 / steps)`` (:func:`scaled_step`, PGD's arithmetic), a float
-    as ``2.5 * eps / steps``. For a float eps PGD computes ``eps * (2.5 / steps)``, which may differ
-    from this in the last bit of the double; both round to the same float32, the precision the
-    kernels take a step size in, for every eps = k/255, k/100, k/1000 and steps <= 1000 tried."""
+    A float is computed as ``2.5 * eps / steps``, a Tensor as ``eps * (2.5 / steps)`` (one multiply
+    per sample, on eps's device)."""
     if isinstance(eps, torch.Tensor):
         return scaled_step(eps, steps, MADRY_FACTOR)
     return MADRY_FACTOR * eps / steps
 
 
-def step_params(x: torch.Tensor, eps: Param, alpha: Optional[Param], steps: int, factor: float) -> dict:
+def step_params(x: torch.Tensor, eps: Param, alpha: Optional[Param], steps: int,
+                default_step: Callable[[Param, int], Param] = madry_step) -> dict:
     """A run's {"eps", "alpha"}: floats, or float32 Tensor[B] on x's device (B = x.shape[0]), checked;
-    alpha None is :func:`scaled_step` (eps, steps, factor). The per-call parameters of PGD and LatentPGD."""
+    alpha None is ``default_step(eps, steps)`` (:func:`madry_step` unless an attack has its own rule).
+    The per-call parameters of PGD and LatentPGD."""
     B, device = x.shape[0], x.device
     eps = _checks.sample_param_on(eps, "eps", B, device)
     if alpha is None:
-        alpha = scaled_step(eps, steps, factor)
+        alpha = default_step(eps, steps)
     return {"eps": eps, "alpha": _checks.sample_param_on(alpha, "alpha", B, device)}
 
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from .. import _checks, _rng, ops
 from ..perturbation import protocol as perturbation  # the protocol only: the rest of the package uses the attacks
-from .base import Attack, Param, frozen, madry_step, step_params
+from .base import Attack, Param, frozen, madry_step, scaled_step, step_params
 from .engine import AttackResult, Engine, predictions
 
 __all__ = ["LatentPGD", "LatentAttackResult", "nearest_member", "random_members"]
@@ -132,7 +132,11 @@ class LatentPGD(Attack):
     def prepare(self, x: torch.Tensor, eps: Optional[Param] = None, alpha: Optional[Param] = None) -> dict:
         """eps / alpha per sample on x's device (alpha by default ALPHA_PER_STEP * eps / steps)."""
         return step_params(x, self.eps if eps is None else eps, self.alpha if alpha is None else alpha, self.steps,
-                           self.ALPHA_PER_STEP)
+                           self.default_step)
+
+    def default_step(self, eps: Param, steps: int) -> Param:
+        """The latent step size when none is given: ALPHA_PER_STEP * eps / steps."""
+        return scaled_step(eps, steps, self.ALPHA_PER_STEP)
 
     def empty_result(self, x: torch.Tensor, **params) -> LatentAttackResult:
         """No member and no offset [0, D]."""

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from .. import _checks
-from .base import MADRY_FACTOR, Attack, Param, dlr_loss, frozen, step_params  # noqa: F401 -- frozen, Param: old home
+from .base import Attack, Param, dlr_loss, frozen, step_params  # noqa: F401 -- frozen, Param: old home
 from .engine import AttackResult, memory_format
 from .graph import GraphCache
 
@@ -84,9 +84,6 @@ class PGD(Attack):
                 f"random_start={self.random_start}, restarts={self.restarts}, targeted={self.targeted}, "
                 f"loss={self.loss!r}, early_stop={self.early_stop}, graph={self.graph})")
 
-    #: the default step size is ALPHA_PER_STEP * eps / steps (Madry et al.'s 2.5: base.madry_step)
-    ALPHA_PER_STEP = MADRY_FACTOR
-
     def perturb(self, images: torch.Tensor, labels: torch.Tensor, targets: Optional[torch.Tensor] = None,
                 eps: Optional[Param] = None, alpha: Optional[Param] = None, offset: Optional[int] = None,
                 skip: Optional[torch.Tensor] = None, evaluate: bool = True) -> AttackResult:
@@ -102,9 +99,8 @@ class PGD(Attack):
                                alpha=alpha)
 
     def prepare(self, x: torch.Tensor, eps: Optional[Param] = None, alpha: Optional[Param] = None) -> dict:
-        """eps / alpha per sample on x's device (alpha by default ALPHA_PER_STEP * eps / steps)."""
-        return step_params(x, self.eps if eps is None else eps, self.alpha if alpha is None else alpha, self.steps,
-                           self.ALPHA_PER_STEP)
+        """eps / alpha per sample on x's device (alpha by default Madry et al.'s :func:`~.base.madry_step`)."""
+        return step_params(x, self.eps if eps is None else eps, self.alpha if alpha is None else alpha, self.steps)
 
     def attack(self, x, y, targets, *, seed, offset, skip, evaluate, eps, alpha) -> AttackResult:
         """The engine's run from a uniform (random_start) or clean start, replayed as a CUDA graph
