@@ -77,17 +77,25 @@ def _to_images(a: np.ndarray, what: str) -> torch.Tensor:
         t = torch.from_numpy(a.astype(np.float32))
     else:
         raise TypeError(f"{what} must hold uint8 or floating-point images, got dtype {a.dtype}")
-    if t.dim() == 3:
-        t = t.unsqueeze(1)
-    elif t.dim() == 4:
-        if t.shape[1] not in (1, 3) and t.shape[-1] in (1, 3):
-            t = t.permute(0, 3, 1, 2)
-    elif t.dim() == 2:
+    out = as_nchw(t)
+    if out is not None:
+        return out
+    if t.dim() == 2:
         raise ValueError(f"{what} must be images [N, H, W], [N, C, H, W] or [N, H, W, C], got a 2-D array "
                          f"of shape {list(a.shape)}; reshape flat images before saving")
-    else:
-        raise ValueError(f"{what} must be images [N, H, W], [N, C, H, W] or [N, H, W, C], got shape {list(a.shape)}")
-    return t.contiguous()
+    raise ValueError(f"{what} must be images [N, H, W], [N, C, H, W] or [N, H, W, C], got shape {list(a.shape)}")
+
+
+def as_nchw(t: torch.Tensor) -> Optional[torch.Tensor]:
+    """Images [N, H, W], [N, C, H, W] or [N, H, W, C] (C in {1, 3}, read as NHWC only when dim 1 is not
+    a channel count) as a contiguous NCHW tensor; None for any other number of dimensions."""
+    if t.dim() == 3:
+        return t.unsqueeze(1).contiguous()
+    if t.dim() == 4:
+        if t.shape[1] not in (1, 3) and t.shape[-1] in (1, 3):
+            t = t.permute(0, 3, 1, 2)
+        return t.contiguous()
+    return None
 
 
 def _to_labels(a: np.ndarray, n: int, what: str) -> torch.Tensor:

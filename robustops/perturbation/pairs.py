@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from .. import _rng
-from ..data import load_digits
+from ..data import as_nchw, load_digits
 
 __all__ = ["transform_images", "DigitsPairs", "NpzPairs", "batch_pairs"]
 
@@ -155,14 +155,10 @@ def _pair_images(a: np.ndarray, what: str) -> torch.Tensor:
                              f"[{float(t.min())}, {float(t.max())}]")
     else:
         raise TypeError(f"{what} must be uint8 or floating-point {expected}, got dtype {a.dtype}")
-    if t.dim() == 3:
-        t = t.unsqueeze(1)
-    elif t.dim() == 4:
-        if t.shape[1] not in (1, 3) and t.shape[-1] in (1, 3):
-            t = t.permute(0, 3, 1, 2)
-    else:
+    out = as_nchw(t)
+    if out is None:
         raise ValueError(f"{what} must be {expected}, got shape {list(a.shape)}")
-    return t.contiguous()
+    return out
 
 
 class NpzPairs(Dataset):
