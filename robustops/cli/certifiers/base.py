@@ -177,9 +177,9 @@ class Certifier:
         return args.inputs_per_call or args.batch_size
 
     def run(self, args, s: Settings, step: Callable, inputs: Inputs, rows: Rows) -> None:
-        """A row per input, k per call of step (from self.step); a row's time is its share of its call's. IBP's radii
-        (float64) are written exactly (certified accuracy at a grid point must read back true), smoothing's
-        to 6 digits."""
+        """A row per input, k per call of step (from self.step); a row's time is its share of its call's.
+        IBP's radii (float64) are written exactly (certified accuracy at a grid point must read back true),
+        smoothing's to 6 digits."""
         import torch
 
         k, pos, mine = self.inputs_per_call(args, s), 0, inputs.indices

@@ -38,8 +38,9 @@ class IbpCertifier(Certifier):
         if getattr(args, "threat", "norm") != "norm" or getattr(args, "perturbation_model", None) is not None:
             raise CLIError("--method ibp certifies L-inf boxes of the image: --threat learned / --perturbation-model "
                            "are for randomized smoothing")
-        for flag, given in (("--sigma", args.sigma is not None), ("--graph", args.graph), ("--amp", args.amp != "none")):
-            if given:
+        given = (("--sigma", args.sigma is not None), ("--graph", args.graph), ("--amp", args.amp != "none"))
+        for flag, refused in given:
+            if refused:
                 raise CLIError(f"{flag} is a randomized-smoothing setting; --method ibp certifies the model itself (in "
                                f"float32)")
         eps_max = args.eps_max

@@ -124,9 +124,10 @@ class SequentialCertifier(SmoothingCertifier):
             max_active=args.max_active)
 
     def run(self, args, s: SequentialSettings, step, inputs: Inputs, rows: Rows) -> None:
-        """The inputs, read lazily as step (the stream, from self.step) takes them, a row per SequentialRecord as it comes
-        (completion order), its time the wall time since the previous row. Grid radii are written exactly
-        (certified accuracy at a grid radius must read back true), full-radius mode's to 6 digits."""
+        """The inputs, read lazily as step (the stream, from self.step) takes them, a row per
+        SequentialRecord as it comes (completion order), its time the wall time since the previous row.
+        Grid radii are written exactly (certified accuracy at a grid radius must read back true),
+        full-radius mode's to 6 digits."""
         labels: Dict[int, int] = {}
 
         def pairs():
