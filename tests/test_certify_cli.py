@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from robustops import smoothing as sm
-from robustops.cli import certify as certify_cli
+from robustops.cli.certifiers import results_file
 from robustops.models import save_checkpoint, split_normalize
 
 from helpers import ROOT, digits_checkpoint, torchrun_certify, subprocess_env
@@ -197,11 +197,11 @@ def test_distributed_parts_are_merged_on_resume(ckpt, reference_run, tmp_path):
     body = ref[1:]
     for rank in (0, 1):
         mine = body[rank::2][:6]
-        with open(certify_cli._part_path(out, rank), "w") as fh:
+        with open(results_file(out, "certify").part_path(rank), "w") as fh:
             fh.write("\n".join([ref[0]] + mine) + "\n" + mine[-1][:7])
     assert run(["--checkpoint", ckpt[0], "-o", out, "--resume"] + COMMON) == 0
     assert rows(out) == reference_run[1]
-    assert not certify_cli._part_files(out)
+    assert not results_file(out, "certify").part_files()
 
 
 def test_errors_name_the_argument(ckpt, tmp_path, capsys):

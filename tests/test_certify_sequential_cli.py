@@ -13,6 +13,7 @@ from helpers import ROOT, digits_checkpoint, torchrun_certify, one_thread, subpr
 from helpers import run_certify as run
 from robustops import smoothing as sm
 from robustops.cli import certify as certify_cli
+from robustops.cli.certifiers import results_file
 from robustops.data import load_digits
 
 N0, N, ALPHA, BATCH, SEED, SIGMA = 50, 2000, 0.01, 500, 3, 0.25
@@ -175,11 +176,11 @@ def test_resume_after_max_and_after_truncation(ckpt, grid_run, tmp_path, capsys)
     data = open(grid_run[0], "rb").read().split(b"\n")
     out = str(tmp_path / "killed.tsv")
     shutil.copy(str(grid_run[0]) + ".json", out + ".json")
-    with open(certify_cli._part_path(out, 0), "wb") as fh:
+    with open(results_file(out, "sequential").part_path(0), "wb") as fh:
         fh.write(b"\n".join([data[0]] + data[9:2:-1]) + b"\n" + data[2][:-3])
     assert run(["--checkpoint", ckpt[0], "-o", out, "--resume"] + grid + COMMON) == 0
     assert f", {len(IDX) - 7} to go)" in capsys.readouterr().out
-    assert rows(out) == ref and not certify_cli._part_files(out)
+    assert rows(out) == ref and not results_file(out, "sequential").part_files()
     # The merged TSV cut in the middle of a row (no settings file: resumed unchecked).
     out = str(tmp_path / "cut.tsv")
     with open(out, "wb") as fh:
@@ -217,12 +218,13 @@ def test_resume_refuses_other_settings(ckpt, radius_run, tmp_path, capsys):
 
 
 def test_rows_of_each_tsv_parse(tmp_path):
-    parse = certify_cli._parse_row
+    parse = results_file("x.tsv", "sequential").parse_row
     assert parse("3\t1\t1\t0.25\t1\t0.01\t150\tcn") == 3
     assert parse("3\t1\t-1\t0.0\t0\t0.01\t150\t-") == 3
-    assert parse("3\t1\t1\t0.25\t1\t0.01") == 3 and parse("3\t1\t1\t1\t0.01") == 3
+    assert results_file("x.tsv", "certify").parse_row("3\t1\t1\t0.25\t1\t0.01") == 3
+    assert results_file("x.tsv", "predict").parse_row("3\t1\t1\t1\t0.01") == 3
     for bad in ("3\t1\t1\t0.25\t1\t0.01\t150\tcx", "3\t1\t1\t0.25\t1\t0.01\t150\t", "3\t1\t1\t0.25\t1\t0.01\tc\tcn",
-                "3\t1\t1\t0.25\t1\t0.01\t150", "x\t1\t1\t0.25\t1\t0.01\t150\tc"):
+                "3\t1\t1\t0.25\t1\t0.01\t150", "x\t1\t1\t0.25\t1\t0.01\t150\tc", "3\t1\t1\t0.25\t1\t0.01"):
         assert parse(bad) is None, bad
     headers = list(certify_cli.HEADERS.values())
     assert len(set(headers)) == 3 and HEADER in headers
@@ -230,7 +232,7 @@ def test_rows_of_each_tsv_parse(tmp_path):
     path = tmp_path / "mixed.tsv"
     good = "0\t1\t1\t0.25\t1\t0.01\t150\tcn\n"
     path.write_text(HEADER + "\n" + good + "12\t1\t1\t0.25\t1\t0.01\n" + good.replace("0", "24", 1))
-    assert certify_cli._read_tsv(str(path), HEADER) == ({0: good[:-1]}, len(HEADER) + 1 + len(good))
+    assert results_file(str(path), "sequential").read() == ({0: good[:-1]}, len(HEADER) + 1 + len(good))
 
 
 @pytest.mark.parametrize("extra,words", [

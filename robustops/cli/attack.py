@@ -25,6 +25,7 @@ from .common import (
     setup_run,
     write_summary,
 )
+from .rows import ResultsFile
 
 HELP = "robust accuracy of a checkpoint under PGD / FGSM / APGD / an AutoAttack-style suite"
 
@@ -113,18 +114,11 @@ def result_rows(samples: dict) -> list:
 
 def save_results(path: str, samples_or_rows) -> str:
     """Writes per-sample results (robust_accuracy's "samples" dict, or a list of row dicts) as a TSV
-    sorted by index, with a header line, atomically. Returns path."""
+    sorted by index, with a header line, atomically (a robustops.cli.rows.ResultsFile). Returns path."""
     rows = result_rows(samples_or_rows) if isinstance(samples_or_rows, dict) else list(samples_or_rows)
     rows.sort(key=lambda r: int(r["index"]))
     cols = [c for c in RESULT_COLUMNS if rows and c in rows[0]] or list(RESULT_COLUMNS[:-1])
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", newline="") as f:
-        w = csv.writer(f, delimiter="\t", lineterminator="\n")
-        w.writerow(cols)
-        for r in rows:
-            w.writerow([r[c] for c in cols])
-    os.replace(tmp, path)
+    ResultsFile(path, "\t".join(cols)).write("\t".join("" if r[c] is None else str(r[c]) for c in cols) for r in rows)
     return path
 
 
@@ -381,7 +375,7 @@ def _report_sweep(args, info, norm, table) -> None:
         w.writeheader()
         w.writerows(rows)
     stem = os.path.splitext(args.out)[0]
-    from ..smoothing.curves import plot_curve
+    from ..plotting import plot_curve
 
     plots = plot_curve(stem, [r["eps"] for r in rows], {f"{_describe(args, norm)} ({rows[0]['n']} inputs)":
                                                        [r["robust_acc"] for r in rows]},

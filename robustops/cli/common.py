@@ -9,7 +9,7 @@ import math
 import os
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Optional, Tuple
 
 if TYPE_CHECKING:  # annotations only: torch is imported where it is used
     import torch
@@ -214,8 +214,18 @@ def physical_cores() -> int:
 
 
 def setup_run(args, sample_numel: Optional[int] = None) -> int:
-    """Applies --threads (or the default, see add_common) and --progress's default; returns the
-    thread count. Call once per command, before the work."""
+    """Applies --threads (or the default, see add_common) and --progress's default, recorded on args;
+    returns the thread count. Call once per command, before the work."""
+    threads, progress = run_setup(args, sample_numel)
+    args.threads = threads  # what ran, for the command's JSON summary
+    if getattr(args, "progress", False) is None:
+        args.progress = progress
+    return threads
+
+
+def run_setup(args, sample_numel: Optional[int] = None) -> Tuple[int, bool]:
+    """setup_run without writing to args: applies --threads (or the default, see add_common) and returns
+    (the thread count, whether to show progress bars: --progress, else whether stderr is a terminal)."""
     import sys
 
     import torch
@@ -229,10 +239,8 @@ def setup_run(args, sample_numel: Optional[int] = None) -> int:
         if sample_numel is not None and sample_numel < 1024:
             threads = 1
     torch.set_num_threads(threads)
-    args.threads = threads  # what ran, for the command's JSON summary
-    if getattr(args, "progress", False) is None:
-        args.progress = sys.stderr.isatty()
-    return threads
+    progress = getattr(args, "progress", False)
+    return threads, sys.stderr.isatty() if progress is None else progress
 
 
 def check_data_spec(spec: str) -> None:

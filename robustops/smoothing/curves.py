@@ -1,11 +1,13 @@
-"""Average certified radius, certified accuracy against radius, and its plot."""
+"""Average certified radius, certified accuracy against radius, and its plot (plot_curve, robust accuracy
+against eps and the like, lives in robustops.plotting and is re-exported here)."""
 from __future__ import annotations
 
-import os
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
+
+from ..plotting import figure, frame, plot_curve, save_figure
 
 __all__ = ["acr", "certified_accuracy", "plot_certified_accuracy", "plot_curve", "largest_certifiable_radius",
            "STANDARD_RADII"]
@@ -58,49 +60,6 @@ def largest_certifiable_radius(sigma: float, n: int, alpha: float) -> float:
     return float(sigma * norm.ppf(alpha ** (1.0 / n)))
 
 
-def _figure():
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6, 4), dpi=100)
-    FigureCanvasAgg(fig)
-    return fig, fig.add_subplot(1, 1, 1)
-
-
-def _save(fig, path: str) -> List[str]:
-    """The figure at 300 dpi as PNG and as PDF (vector) beside it; returns both paths."""
-    stem, ext = os.path.splitext(path)
-    png = path if ext.lower() == ".png" else stem + ".png"
-    pdf = stem + ".pdf"
-    fig.tight_layout()
-    fig.savefig(png, format="png", dpi=300)
-    fig.savefig(pdf, format="pdf")
-    return [png, pdf]
-
-
-def _frame(ax, xmax: float, ylabel: str, xlabel: str, title: Optional[str]) -> None:
-    # a margin around [0, 1], so that no curve runs along the frame and disappears in it
-    ax.set_xlim(-0.01 * xmax, xmax * 1.01)
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.grid(True, alpha=0.3)
-    if title:
-        ax.set_title(title, fontsize=10)
-
-
-def plot_curve(path: str, xs, curves: Dict[str, Sequence[float]], xlabel: str, ylabel: str,
-               title: Optional[str] = None) -> List[str]:
-    """Curves y(x) (one per label, points marked) overlaid, as PNG and PDF at 300 dpi (path: a file
-    name, its extension replaced). Returns the paths written."""
-    fig, ax = _figure()
-    for label, ys in curves.items():
-        ax.plot(xs, ys, marker="o", markersize=3, label=label)
-    _frame(ax, max(xs) if len(xs) and max(xs) > 0 else 1.0, ylabel, xlabel, title)
-    ax.legend(fontsize=8)
-    return _save(fig, path)
-
-
 def plot_certified_accuracy(path: str, curves, max_radius: Optional[float] = None, title: Optional[str] = None,
                             certifiable: Optional[Dict[str, float]] = None, norm: str = "L2") -> str:
     """Certified accuracy against radius, several curves overlaid, written at 300 dpi as a PNG to path
@@ -119,7 +78,7 @@ def plot_certified_accuracy(path: str, curves, max_radius: Optional[float] = Non
         top = max([float(r[c].max()) for r, c in data.values() if c.any()] + list(certifiable.values()) + [0.0])
         top = top * 1.05 or 1.0
     grid = np.linspace(0.0, top, 400)
-    fig, ax = _figure()
+    fig, ax = figure()
     for label, (r, c) in data.items():
         name = f"{label} ({r.size} inputs)" if label is not None else f"{r.size} inputs"
         line, = ax.plot(grid, certified_accuracy(r, c, grid), label=name)
@@ -129,7 +88,7 @@ def plot_certified_accuracy(path: str, curves, max_radius: Optional[float] = Non
                     linestyle="none")
     if certifiable:
         ax.plot([], [], marker="v", color="gray", linestyle="none", label="largest radius n samples can certify")
-    _frame(ax, top, "certified accuracy", f"radius ({norm})", title)
+    frame(ax, top, "certified accuracy", f"radius ({norm})", title)
     ax.legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
     return path

@@ -1,0 +1,54 @@
+"""Figures of robustops's curves (certified accuracy, robust accuracy against eps, ...), drawn on
+matplotlib's Agg canvas (pyplot's global state is never touched) and written at 300 dpi as a PNG with
+a PDF (vector) beside it. Imports no robustops module."""
+from __future__ import annotations
+
+import os
+from typing import Dict, List, Optional, Sequence
+
+__all__ = ["plot_curve", "figure", "save_figure", "frame"]
+
+
+def figure():
+    """(figure, axes): a 6 x 4 inch figure on its own Agg canvas."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig, fig.add_subplot(1, 1, 1)
+
+
+def save_figure(fig, path: str) -> List[str]:
+    """The figure at 300 dpi as PNG and as PDF (vector) beside it; returns both paths."""
+    stem, ext = os.path.splitext(path)
+    png = path if ext.lower() == ".png" else stem + ".png"
+    pdf = stem + ".pdf"
+    fig.tight_layout()
+    fig.savefig(png, format="png", dpi=300)
+    fig.savefig(pdf, format="pdf")
+    return [png, pdf]
+
+
+def frame(ax, xmax: float, ylabel: str, xlabel: str, title: Optional[str]) -> None:
+    """Axes for a fraction (accuracy) against x in [0, xmax]: labels, grid and title."""
+    # a margin around [0, 1], so that no curve runs along the frame and disappears in it
+    ax.set_xlim(-0.01 * xmax, xmax * 1.01)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    if title:
+        ax.set_title(title, fontsize=10)
+
+
+def plot_curve(path: str, xs, curves: Dict[str, Sequence[float]], xlabel: str, ylabel: str,
+               title: Optional[str] = None) -> List[str]:
+    """Curves y(x) (one per label, points marked) overlaid, as PNG and PDF at 300 dpi (path: a file
+    name, its extension replaced). Returns the paths written."""
+    fig, ax = figure()
+    for label, ys in curves.items():
+        ax.plot(xs, ys, marker="o", markersize=3, label=label)
+    frame(ax, max(xs) if len(xs) and max(xs) > 0 else 1.0, ylabel, xlabel, title)
+    ax.legend(fontsize=8)
+    return save_figure(fig, path)
