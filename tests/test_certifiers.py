@@ -30,10 +30,14 @@ def files(tmp_path_factory):
 
 class LatentSequential(certifiers.Certifier):
     """A toy mode for --threat learned --sequential (refused by the modes of robustops): each input's
-    prediction is the classifier's, certified at a radius of 0.5."""
+    prediction is the classifier's, certified at the radius of its own flag --toy-radius."""
 
     when = {"threat": "learned", "sequential": True}
-    settings_keys = ("checkpoint", "threat", "sequential", "perturbation_model")
+    settings_keys = ("checkpoint", "threat", "sequential", "perturbation_model", "toy_radius")
+
+    @classmethod
+    def add_arguments(cls, p):
+        p.add_argument_group("toy").add_argument("--toy-radius", type=float, default=0.5)
 
     def check_flags(self, args):
         pass
@@ -48,7 +52,7 @@ class LatentSequential(certifiers.Certifier):
         def step(x, ids):
             with torch.no_grad():
                 pred = s.model(x).argmax(1)
-            return pred, torch.full(pred.shape, 0.5), torch.zeros_like(pred), torch.ones_like(pred, dtype=torch.bool)
+            return pred, torch.full(pred.shape, args.toy_radius), torch.zeros_like(pred), torch.ones_like(pred, dtype=torch.bool)
 
         return step
 
@@ -68,14 +72,15 @@ def test_a_new_mode_is_one_class(files, tmp_path, monkeypatch, capsys):
     assert isinstance(certifiers.choose(args, "certify"), LatentSequential)
     assert type(certifiers.choose(build_parser("certify").parse_args(argv[:-len(SMALL)] + ["--threat", "norm"]),
                                   "certify")) is certifiers.SequentialCertifier
+    argv += ["--toy-radius", "0.25"]  # the mode's own flag, added by its add_arguments
     assert main(argv) == 0
     assert "toy" in capsys.readouterr().out
     lines = open(out).read().splitlines()
     assert lines[0] == certify.HEADERS["certify"] and len(lines) == 1 + len(range(0, 360, 40))
-    assert all(line.split("\t")[3] == "0.5" for line in lines[1:])
+    assert all(line.split("\t")[3] == "0.25" for line in lines[1:])
     record = json.load(open(out + ".json"))
     assert record["settings"] == {"checkpoint": os.path.abspath(ckpt), "threat": "learned", "sequential": True,
-                                  "perturbation_model": pm}
+                                  "perturbation_model": pm, "toy_radius": 0.25}
     assert record["summary"] == {"command": "toy", "inputs": len(lines) - 1}
 
 

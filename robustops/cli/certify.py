@@ -109,43 +109,13 @@ def add_arguments(p: argparse.ArgumentParser, mode: str = "certify") -> None:
 
 
 def _add_method_arguments(p: argparse.ArgumentParser) -> None:
-    """certify's --method, the options of --method ibp and of --sequential."""
+    """certify's --method and the flags of each mode (Certifier.add_arguments)."""
     g = p.add_argument_group("method")
     g.add_argument("--method", default="smoothing", choices=certifiers.choices("method"),
                    help="smoothing: L2 radii of the smoothed classifier (randomized smoothing); ibp: L-inf radii "
                         "of the classifier itself, proven by interval bound propagation")
-    g = p.add_argument_group("--method ibp (deterministic, L-inf)")
-    g.add_argument("--eps-max", type=fraction("eps-max"), default=None,
-                   help="largest radius searched (None: the eps the checkpoint was trained with)")
-    g.add_argument("--tol", type=fraction("tol"), default=1e-3,
-                   help="radius resolution: a grid step 2^floor(log2(tol)) <= tol")
-    _add_sequential_arguments(p)
-
-
-def _add_sequential_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("--sequential (randomized smoothing with as few samples as each input needs)")
-    g.add_argument("--sequential", action="store_true",
-                   help="sequential certification (Smooth.certify_radius / certify_radii / certify_sequential): each "
-                        "input draws estimation samples up to looks at --n-min, 2 --n-min, ... --n and stops as soon "
-                        "as a confidence sequence decides; --n is then the most estimation samples per input. TSV "
-                        "columns " + HEADERS["sequential"].replace("\t", " "))
-    g.add_argument("--radius", type=fraction("radius"), default=None,
-                   help="fixed-radius mode: is each input certified at this L2 radius?")
-    g.add_argument("--radii", default=None, metavar="R1,R2,...",
-                   help="grid mode: decide each of these L2 radii (comma-separated, >= 0); the radius column holds "
-                        "the largest certified one, the decisions column one letter per radius (c certified, n not "
-                        "certified, a abstained)")
-    g.add_argument("--precision", type=fraction("precision"), default=None,
-                   help="full-radius mode (neither --radius nor --radii): the largest certified radius, to this "
-                        "precision (None: 0.05)")
-    g.add_argument("--test", default=None, choices=("betting", "cp"),
-                   help="the confidence sequence: cp (Clopper-Pearson at each look, alpha split over the looks; "
-                        "None: cp, as in the Smooth methods) or betting (anytime-valid, by betting)")
-    g.add_argument("--n-min", type=int, default=None, help="estimation samples at the first look (None: 100)")
-    g.add_argument("--beta", type=fraction("beta"), default=None,
-                   help="error of a 'not certified' stop (None: --alpha); it never makes a certificate wrong")
-    g.add_argument("--max-active", type=int, default=None,
-                   help="inputs in flight at once (None: enough to fill the forward passes)")
+    for cls in certifiers.CERTIFIERS:  # each mode's own flags
+        cls.add_arguments(p)
 
 
 def run(args, mode: str = "certify") -> int:

@@ -5,7 +5,8 @@ sequential smoothing (--sequential) and interval bound propagation (--method ibp
 
 A mode is chosen by the flag values in its ``when`` (over AXES, whose defaults need no flag); the most
 specific mode that matches wins, the earlier one in CERTIFIERS on a tie, and it refuses with a CLIError
-the flags it cannot honour. A new mode is one Certifier subclass in this table."""
+the flags it cannot honour. A new mode is one Certifier subclass in this table, its own flags added
+by its add_arguments."""
 from __future__ import annotations
 
 from typing import List, Tuple, Type

@@ -137,6 +137,11 @@ class Certifier:
     def __init__(self, command: str):
         self.command = command
 
+    @classmethod
+    def add_arguments(cls, p) -> None:
+        """The flags only this mode reads, added to certify's parser (an argparse.ArgumentParser) in an
+        argument group of their own; none by default."""
+
     @property
     def kind(self) -> str:
         """The TSV kind this mode writes (a key of COLUMNS)."""

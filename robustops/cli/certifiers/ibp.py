@@ -2,12 +2,13 @@
 bound propagation (robustops.bounds.certified_radius), in certify's TSV."""
 from __future__ import annotations
 
+import argparse
 import math
 import os
 from dataclasses import dataclass
 from typing import List
 
-from ..common import CLIError, check_model_accepts
+from ..common import CLIError, check_model_accepts, fraction
 from .base import Certifier, Checkpoint, Settings, certified_table, radius_correct
 
 __all__ = ["IbpCertifier", "IbpSettings"]
@@ -27,6 +28,15 @@ class IbpCertifier(Certifier):
 
     when = {"method": "ibp"}
     settings_keys = ("method", "checkpoint", "model", "data", "split", "normalize", "eps_max", "tol")
+
+    @classmethod
+    def add_arguments(cls, p: argparse.ArgumentParser) -> None:
+        """certify's flags of this mode, in their own argument group."""
+        g = p.add_argument_group("--method ibp (deterministic, L-inf)")
+        g.add_argument("--eps-max", type=fraction("eps-max"), default=None,
+                       help="largest radius searched (None: the eps the checkpoint was trained with)")
+        g.add_argument("--tol", type=fraction("tol"), default=1e-3,
+                       help="radius resolution: a grid step 2^floor(log2(tol)) <= tol")
 
     def check(self, args, ckpt: Checkpoint) -> IbpSettings:
         """eps-max (else the checkpoint's training eps), tol, and a check that IBP supports every layer."""

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 from ..common import CLIError, fraction, require_min
-from .base import DECISION_LETTERS, Checkpoint, Inputs, Rows, radius_correct
+from .base import DECISION_LETTERS, HEADERS, Checkpoint, Inputs, Rows, radius_correct
 from .smoothing import SmoothingCertifier, SmoothingSettings
 
 __all__ = ["SequentialCertifier", "SequentialSettings", "SequentialOptions", "sequential_options", "parse_radii"]
@@ -82,6 +82,33 @@ class SequentialCertifier(SmoothingCertifier):
     commands = ("certify",)
     settings_keys = SmoothingCertifier.settings_keys + ("sequential", "radius", "radii", "precision", "test",
                                                         "n_min", "beta")
+
+    @classmethod
+    def add_arguments(cls, p: argparse.ArgumentParser) -> None:
+        """certify's flags of this mode, in their own argument group."""
+        g = p.add_argument_group("--sequential (randomized smoothing with as few samples as each input needs)")
+        g.add_argument("--sequential", action="store_true",
+                       help="sequential certification (Smooth.certify_radius / certify_radii / certify_sequential): each "
+                            "input draws estimation samples up to looks at --n-min, 2 --n-min, ... --n and stops as soon "
+                            "as a confidence sequence decides; --n is then the most estimation samples per input. TSV "
+                            "columns " + HEADERS["sequential"].replace("\t", " "))
+        g.add_argument("--radius", type=fraction("radius"), default=None,
+                       help="fixed-radius mode: is each input certified at this L2 radius?")
+        g.add_argument("--radii", default=None, metavar="R1,R2,...",
+                       help="grid mode: decide each of these L2 radii (comma-separated, >= 0); the radius column holds "
+                            "the largest certified one, the decisions column one letter per radius (c certified, n not "
+                            "certified, a abstained)")
+        g.add_argument("--precision", type=fraction("precision"), default=None,
+                       help="full-radius mode (neither --radius nor --radii): the largest certified radius, to this "
+                            "precision (None: 0.05)")
+        g.add_argument("--test", default=None, choices=("betting", "cp"),
+                       help="the confidence sequence: cp (Clopper-Pearson at each look, alpha split over the looks; "
+                            "None: cp, as in the Smooth methods) or betting (anytime-valid, by betting)")
+        g.add_argument("--n-min", type=int, default=None, help="estimation samples at the first look (None: 100)")
+        g.add_argument("--beta", type=fraction("beta"), default=None,
+                       help="error of a 'not certified' stop (None: --alpha); it never makes a certificate wrong")
+        g.add_argument("--max-active", type=int, default=None,
+                       help="inputs in flight at once (None: enough to fill the forward passes)")
 
     @property
     def kind(self) -> str:
