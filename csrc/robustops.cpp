@@ -95,4 +95,11 @@ TORCH_LIBRARY(robustops, m) {
       "gaussian_noise_dev_offset(Tensor x, int num, float sigma, int seed, Tensor(a!) offset, Tensor? mean, "
       "Tensor? std, ScalarType? out_dtype, bool channels_last) -> Tensor");
   m.def("count_votes_(Tensor logits, Tensor(a!) counts) -> ()");
+  // The many-input forms of one smoothing pass: noisy row r is x[source[r]] + sigma*N(Philox key[r],
+  // noisy row row[r]) (gaussian_noise's numbers for that key and row), and row r's vote goes to
+  // counts[segment[r]]: one launch each for a forward batch cut from many inputs and phases.
+  m.def(
+      "gaussian_noise_rows(Tensor x, Tensor source, Tensor key, Tensor row, float sigma, Tensor? mean, "
+      "Tensor? std, ScalarType? out_dtype, bool channels_last) -> Tensor");
+  m.def("count_votes_segments_(Tensor logits, Tensor segment, Tensor(a!) counts) -> ()");
 }

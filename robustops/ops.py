@@ -334,6 +334,69 @@ def count_votes_(logits: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     return counts
 
 
+def _check_rows_table(t, name: str, x: torch.Tensor, R: int, what: str = "source") -> None:
+    if not isinstance(t, torch.Tensor) or t.dtype != torch.int64 or t.dim() != 1:
+        got = f"{t.dtype} of shape {list(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+        raise TypeError(f"{name} must be a 1-D int64 tensor [R] (one entry per output row), got {got}")
+    if t.shape[0] != R:
+        raise ValueError(f"{name} must have as many rows as {what} ({R}), got {t.shape[0]}")
+    if t.device != x.device:
+        raise ValueError(f"{name} must be on the same device as {'logits' if what == 'logits' else 'x'}, got "
+                         f"{t.device} and {x.device}")
+
+
+def gaussian_noise_rows(x: torch.Tensor, source: torch.Tensor, key: torch.Tensor, row: torch.Tensor,
+                        sigma: float, mean=None, std=None, out_dtype: Optional[torch.dtype] = None,
+                        channels_last: bool = False) -> torch.Tensor:
+    """gaussian_noise for a batch cut from many inputs and Philox streams, in one launch:
+    Tensor[R, ...] whose row r is x[source[r]] + sigma*N(0, I) drawn as noisy row row[r] of the key
+    key[r] (bit for bit the row gaussian_noise(x[source[r]:source[r]+1], 1, sigma, seed=key[r],
+    offset=row[r]) draws), then (. - mean)/std, in out_dtype (default x's dtype) and channels_last when
+    asked.
+
+    x: Tensor[B, ...]; source, key, row: int64 Tensor[R] on x's device, 0 <= source < B and row >= 0
+    (checked on the CPU; a device assertion on CUDA, where checking on the host would synchronize).
+    """
+    _check_floating(x, "x")
+    R = source.shape[0] if isinstance(source, torch.Tensor) and source.dim() == 1 else -1
+    for t, name in ((source, "source"), (key, "key"), (row, "row")):
+        _check_rows_table(t, name, x, R)
+    if not isinstance(sigma, (int, float)) or isinstance(sigma, bool) or not 0 <= sigma < math.inf:
+        raise ValueError(f"sigma must be a finite float >= 0, got {sigma!r}")
+    if out_dtype is not None and out_dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
+    if channels_last and x.dim() not in (4, 5):
+        raise ValueError(f"channels_last needs a 4-D or 5-D x, got {x.dim()}-D")
+    return torch.ops.robustops.gaussian_noise_rows(x, source, key, row, float(sigma), _channel_param(mean, "mean", x),
+                                                   _channel_param(std, "std", x), out_dtype, bool(channels_last))
+
+
+def count_votes_segments_(logits: torch.Tensor, segment: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """count_votes_ with a count row per logits row, in place: counts[segment[r], argmax_c logits[r, c]] += 1
+    for every row r (torch.argmax's rule: ties to the lowest index, a NaN counts as the maximum). The
+    votes of a forward batch cut from many inputs in one launch.
+
+    logits: Tensor[R, C] (float32/float16/bfloat16); segment: int64 Tensor[R] with 0 <= segment < S
+    (checked on the CPU, a device assertion on CUDA); counts: int64 Tensor[S, C]; all on one device.
+    """
+    _check_floating(logits, "logits")
+    if not isinstance(counts, torch.Tensor) or counts.dtype != torch.int64:
+        raise TypeError(f"counts must be an int64 tensor, got "
+                        f"{counts.dtype if isinstance(counts, torch.Tensor) else type(counts).__name__}")
+    if logits.dim() != 2 or counts.dim() != 2:
+        raise ValueError(f"logits must be [R, C] and counts [S, C], got {list(logits.shape)} and {list(counts.shape)}")
+    if logits.shape[1] != counts.shape[1]:
+        raise ValueError(f"logits has {logits.shape[1]} classes but counts has {counts.shape[1]}")
+    _check_rows_table(segment, "segment", logits, logits.shape[0], "logits")
+    if not _tracing() and torch._debug_has_internal_overlap(counts) == 1:
+        raise ValueError("counts must not overlap itself (an expanded tensor): every (segment, class) needs its own "
+                         "element")
+    if logits.device != counts.device:
+        raise ValueError(f"counts must be on the same device as logits, got {counts.device} and {logits.device}")
+    torch.ops.robustops.count_votes_segments_(logits, segment, counts)
+    return counts
+
+
 @torch.library.register_fake("robustops::gaussian_noise")
 def _gaussian_noise_fake(x, num, sigma, seed, offset, mean, std, out_dtype, channels_last):
     shape = (x.shape[0] * num,) + tuple(x.shape[1:])
@@ -350,4 +413,20 @@ def _gaussian_noise_dev_fake(x, num, sigma, seed, offset, mean, std, out_dtype, 
 
 @torch.library.register_fake("robustops::count_votes_")
 def _count_votes_fake(logits, counts):
+    return None
+
+
+@torch.library.register_fake("robustops::gaussian_noise_rows")
+def _gaussian_noise_rows_fake(x, source, key, row, sigma, mean, std, out_dtype, channels_last):
+    torch._check(source.shape[0] == key.shape[0] and source.shape[0] == row.shape[0],
+                 lambda: "source, key and row must have one entry per output row")
+    shape = (source.shape[0],) + tuple(x.shape[1:])
+    out = torch.empty(shape, dtype=out_dtype or x.dtype, device=x.device)
+    if channels_last:
+        out = out.contiguous(memory_format=torch.channels_last if len(shape) == 4 else torch.channels_last_3d)
+    return out
+
+
+@torch.library.register_fake("robustops::count_votes_segments_")
+def _count_votes_segments_fake(logits, segment, counts):
     return None

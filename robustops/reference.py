@@ -240,6 +240,27 @@ def gaussian_noise(x, num, sigma, seed=0, offset=0, mean=None, std=None, out_dty
     return out
 
 
+def gaussian_noise_rows(x, source, key, row, sigma, mean=None, std=None, out_dtype=None, channels_last=False):
+    """[R, ...]: row r is gaussian_noise(x[source[r]:source[r] + 1], 1, sigma, seed=key[r], offset=row[r], ...)."""
+    if len(source) == 0:
+        out = gaussian_noise(x[:0], 1, sigma, mean=mean, std=std, out_dtype=out_dtype, channels_last=channels_last)
+        return out
+    rows = [gaussian_noise(x[int(s):int(s) + 1], 1, sigma, seed=int(k), offset=int(o), mean=mean, std=std,
+                           out_dtype=out_dtype) for s, k, o in zip(source.tolist(), key.tolist(), row.tolist())]
+    out = torch.cat(rows)
+    if channels_last:
+        out = out.contiguous(memory_format=torch.channels_last if out.dim() == 4 else torch.channels_last_3d)
+    return out
+
+
+def count_votes_segments(logits, segment, counts):
+    """counts[segment[r], argmax_c logits[r, c]] += 1 for every row r (torch.argmax's rules)."""
+    add = torch.zeros_like(counts)
+    flat = segment.to(counts.device) * counts.shape[1] + logits.argmax(dim=1)
+    add.view(-1).index_add_(0, flat, torch.ones_like(flat))
+    return counts + add
+
+
 def count_votes(logits, counts):
     """counts[b, argmax_c logits[b*num + j, c]] += 1 for j < num, with num = rows / B.
     torch.argmax's rules: ties go to the lowest index, a NaN counts as the maximum."""

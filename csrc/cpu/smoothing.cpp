@@ -1,4 +1,5 @@
-// CPU kernels of the smoothing family: gaussian_noise and count_votes_.
+// CPU kernels of the smoothing family: gaussian_noise (and its per-row form gaussian_noise_rows) and
+// count_votes_ (and count_votes_segments_).
 //
 // gaussian_noise writes its [B*num, ...] output once: no repeat-then-add temporaries. Noisy
 // sample s = offset + b*num + j takes Philox counters s*ceil(D/4) + e/4 for its logical elements
@@ -66,16 +67,15 @@ void row_normals(uint64_t seed, uint64_t base, int64_t groups, float* z, std::ve
 
 template <typename TI, typename TO>
 void noise_kernel(const TI* x, TO* out, const NoiseGeometry& g, const float* mean, const float* istd, float sigma,
-                  uint64_t seed, uint64_t offset) {
+                  const NoiseRows& map) {
   const int64_t rows = g.B * g.num;
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(g.D, 1));
   at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
     std::vector<float> z(static_cast<size_t>(4 * g.groups)), tmp;
     for (int64_t r = r0; r < r1; ++r) {
-      const TI* xr = x + (r / g.num) * g.D;
+      const TI* xr = x + map.input(r) * g.D;
       TO* orow = out + r * g.D;
-      row_normals(seed, (offset + static_cast<uint64_t>(r)) * static_cast<uint64_t>(g.groups), g.groups, z.data(),
-                  tmp);
+      row_normals(map.philox_key(r), map.philox_row(r) * static_cast<uint64_t>(g.groups), g.groups, z.data(), tmp);
       // One channel plane at a time, so the normalisation is a loop invariant.
       const int64_t C = std::max<int64_t>(g.C, 1), HW = g.D / C;
       for (int64_t c = 0; c < C; ++c) {
@@ -83,13 +83,24 @@ void noise_kernel(const TI* x, TO* out, const NoiseGeometry& g, const float* mea
         const TI* xc = xr + c * HW;
         const float* zc = z.data() + c * HW;
         if (g.channels_last) {
-          for (int64_t i = 0; i < HW; ++i) orow[i * C + c] = static_cast<TO>((static_cast<float>(xc[i]) + sigma * zc[i] - m) * s);
+          for (int64_t i = 0; i < HW; ++i) orow[i * C + c] = static_cast<TO>(noise_value(static_cast<float>(xc[i]), zc[i], sigma, m, s));
         } else {
           TO* oc = orow + c * HW;
-          for (int64_t i = 0; i < HW; ++i) oc[i] = static_cast<TO>((static_cast<float>(xc[i]) + sigma * zc[i] - m) * s);
+          for (int64_t i = 0; i < HW; ++i) oc[i] = static_cast<TO>(noise_value(static_cast<float>(xc[i]), zc[i], sigma, m, s));
         }
       }
     }
+  });
+}
+
+void run_noise(const NoiseArgs& a, double sigma, const NoiseRows& map) {
+  read_cpu_scalar_switch();
+  RO_DISPATCH_FLOATING(a.x.scalar_type(), "gaussian_noise", [&] {
+    using TI = scalar_t;
+    RO_DISPATCH_FLOATING(a.out.scalar_type(), "gaussian_noise", [&] {
+      noise_kernel<TI, scalar_t>(a.x.data_ptr<TI>(), a.out.data_ptr<scalar_t>(), a.geo, a.mean_ptr(), a.istd_ptr(),
+                                 static_cast<float>(sigma), map);
+    });
   });
 }
 
@@ -98,14 +109,32 @@ at::Tensor gaussian_noise_cpu(const at::Tensor& x_in, int64_t num, double sigma,
                               std::optional<at::ScalarType> out_dtype, bool channels_last) {
   NoiseArgs a = prepare_noise(x_in, num, sigma, offset, mean, std_, out_dtype, channels_last);
   if (a.out.numel() == 0) return a.out;
-  read_cpu_scalar_switch();
-  RO_DISPATCH_FLOATING(a.x.scalar_type(), "gaussian_noise", [&] {
-    using TI = scalar_t;
-    RO_DISPATCH_FLOATING(a.out.scalar_type(), "gaussian_noise", [&] {
-      noise_kernel<TI, scalar_t>(a.x.data_ptr<TI>(), a.out.data_ptr<scalar_t>(), a.geo, a.mean_ptr(), a.istd_ptr(),
-                                 static_cast<float>(sigma), static_cast<uint64_t>(seed), static_cast<uint64_t>(offset));
-    });
-  });
+  NoiseRows map;
+  map.num = num;
+  map.seed = static_cast<uint64_t>(seed);
+  map.offset = static_cast<uint64_t>(offset);
+  run_noise(a, sigma, map);
+  return a.out;
+}
+
+at::Tensor gaussian_noise_rows_cpu(const at::Tensor& x_in, const at::Tensor& source, const at::Tensor& key,
+                                   const at::Tensor& row, double sigma, const std::optional<at::Tensor>& mean,
+                                   const std::optional<at::Tensor>& std_, std::optional<at::ScalarType> out_dtype,
+                                   bool channels_last) {
+  const auto tables = check_noise_rows(x_in, source, key, row);
+  NoiseArgs a = prepare_noise(x_in, 1, sigma, 0, mean, std_, out_dtype, channels_last, source.size(0));
+  const int64_t R = source.size(0), B = x_in.size(0);
+  const int64_t *sp = tables[0].data_ptr<int64_t>(), *rp = tables[2].data_ptr<int64_t>();
+  for (int64_t r = 0; r < R; ++r) {
+    TORCH_CHECK(sp[r] >= 0 && sp[r] < B, "source[", r, "] must index a row of x (0 <= source < ", B, "), got ", sp[r]);
+    TORCH_CHECK(rp[r] >= 0, "row[", r, "] must be >= 0, got ", rp[r]);
+  }
+  if (a.out.numel() == 0) return a.out;
+  NoiseRows map;
+  map.source = sp;
+  map.key = tables[1].data_ptr<int64_t>();
+  map.row = rp;
+  run_noise(a, sigma, map);
   return a.out;
 }
 
@@ -135,6 +164,29 @@ int64_t row_argmax(const T* p, int64_t C) {
   return best;
 }
 
+// Rows of different segments may share a count row in any order, so the argmaxes run in parallel and
+// the histogram update runs serially (integer adds: the order does not change the counts).
+void count_votes_segments_cpu(const at::Tensor& logits_in, const at::Tensor& segment_in, at::Tensor& counts) {
+  check_votes_segments(logits_in, segment_in, counts);
+  const int64_t R = logits_in.size(0), S = counts.size(0), C = counts.size(1);
+  if (R == 0) return;
+  const at::Tensor logits = logits_in.contiguous(), segment = segment_in.contiguous();
+  const int64_t* sp = segment.data_ptr<int64_t>();
+  for (int64_t r = 0; r < R; ++r)  // before any count moves: a bad call changes nothing
+    TORCH_CHECK(sp[r] >= 0 && sp[r] < S, "segment[", r, "] must index a row of counts (0 <= segment < ", S,
+                "), got ", sp[r]);
+  std::vector<int64_t> best(static_cast<size_t>(R));
+  RO_DISPATCH_FLOATING(logits.scalar_type(), "count_votes_segments_", [&] {
+    const scalar_t* lp = logits.data_ptr<scalar_t>();
+    at::parallel_for(0, R, std::max<int64_t>(1, 4096 / C), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) best[r] = row_argmax(lp + r * C, C);
+    });
+  });
+  int64_t* cp = counts.data_ptr<int64_t>();
+  const int64_t s0 = counts.stride(0), s1 = counts.stride(1);
+  for (int64_t r = 0; r < R; ++r) cp[sp[r] * s0 + best[r] * s1] += 1;
+}
+
 void count_votes_cpu(const at::Tensor& logits_in, at::Tensor& counts) {
   check_votes(logits_in, counts);
   if (counts.size(0) == 0 || logits_in.size(0) == 0) return;
@@ -159,4 +211,6 @@ TORCH_LIBRARY_IMPL(robustops, CPU, m) {
   m.impl("gaussian_noise", &robustops::gaussian_noise_cpu);
   m.impl("gaussian_noise_dev_offset", &robustops::gaussian_noise_dev_cpu);
   m.impl("count_votes_", &robustops::count_votes_cpu);
+  m.impl("gaussian_noise_rows", &robustops::gaussian_noise_rows_cpu);
+  m.impl("count_votes_segments_", &robustops::count_votes_segments_cpu);
 }

@@ -1,4 +1,6 @@
-// CUDA kernels of the smoothing family: gaussian_noise and count_votes_.
+// CUDA kernels of the smoothing family: gaussian_noise (gaussian_noise_rows: the same kernels reading each
+// output row's input, key and noisy-row number from tables) and count_votes_ (count_votes_segments_: the
+// count row from a table).
 //
 // gaussian_noise: one thread per Philox call, i.e. per group of four logical elements of a noisy
 // sample; the four normals are written with one vector store (contiguous output). For channels_last
@@ -32,17 +34,19 @@ struct alignas(4 * sizeof(T)) Quad {
 template <typename TI, typename TO, bool VEC>
 __global__ void noise_kernel(const TI* __restrict__ x, TO* __restrict__ out, NoiseGeometry g,
                              const float* __restrict__ mean, const float* __restrict__ istd, float sigma,
-                             uint64_t seed, const int64_t* dev_offset, uint64_t host_offset) {
-  const uint64_t offset = read_offset(dev_offset, host_offset);
+                             NoiseRows map, const int64_t* dev_offset, int64_t inputs) {
+  map.offset = read_offset(dev_offset, map.offset);
   const int64_t total = g.B * g.num * g.groups;
   for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < total;
        t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t r = t / g.groups, q = t - r * g.groups;
     float z[4];
-    normals4(philox4x32_10(seed, (offset + static_cast<uint64_t>(r)) * static_cast<uint64_t>(g.groups) +
-                                     static_cast<uint64_t>(q), kStreamGaussian),
+    normals4(philox4x32_10(map.philox_key(r), map.philox_row(r) * static_cast<uint64_t>(g.groups) +
+                                                   static_cast<uint64_t>(q), kStreamGaussian),
              z);
-    const TI* xr = x + (r / g.num) * g.D;
+    const int64_t in = map.input(r);
+    CUDA_KERNEL_ASSERT(in >= 0 && in < inputs);
+    const TI* xr = x + in * g.D;
     TO* orow = out + r * g.D;
     const int64_t e0 = q * 4;
     if (VEC) {  // D % 4 == 0, contiguous output, 4-element aligned: one vector store
@@ -50,15 +54,14 @@ __global__ void noise_kernel(const TI* __restrict__ x, TO* __restrict__ out, Noi
       const float m = mean ? mean[c] : 0.f, s = istd ? istd[c] : 1.f;
       Quad<TO> o;
 #pragma unroll
-      for (int k = 0; k < 4; ++k) o.v[k] = static_cast<TO>((static_cast<float>(__ldg(xr + e0 + k)) + sigma * z[k] - m) * s);
+      for (int k = 0; k < 4; ++k) o.v[k] = static_cast<TO>(noise_value(static_cast<float>(__ldg(xr + e0 + k)), z[k], sigma, m, s));
       *reinterpret_cast<Quad<TO>*>(orow + e0) = o;
     } else {
       const int64_t n = g.D - e0 < 4 ? g.D - e0 : 4;
       for (int64_t k = 0; k < n; ++k) {
         const int64_t e = e0 + k, c = g.channel(e);
-        float v = static_cast<float>(__ldg(xr + e)) + sigma * z[k];
-        if (mean) v -= mean[c];
-        if (istd) v *= istd[c];
+        const float v = noise_value(static_cast<float>(__ldg(xr + e)), z[k], sigma, mean ? mean[c] : 0.f,
+                                    istd ? istd[c] : 1.f);
         orow[g.out_offset(e, c)] = static_cast<TO>(v);
       }
     }
@@ -69,24 +72,53 @@ __global__ void noise_kernel(const TI* __restrict__ x, TO* __restrict__ out, Noi
 template <typename TI, typename TO>
 __global__ void noise_cl_kernel(const TI* __restrict__ x, TO* __restrict__ out, NoiseGeometry g,
                                 const float* __restrict__ mean, const float* __restrict__ istd, float sigma,
-                                uint64_t seed, const int64_t* dev_offset, uint64_t host_offset) {
-  const uint64_t offset = read_offset(dev_offset, host_offset);
+                                NoiseRows map, const int64_t* dev_offset, int64_t inputs) {
+  map.offset = read_offset(dev_offset, map.offset);
   const int64_t quads = g.HW / 4, total = g.B * g.num * quads;
   for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < total;
        t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t r = t / quads, p = t - r * quads;
-    const TI* xr = x + (r / g.num) * g.D;
+    const int64_t in = map.input(r);
+    CUDA_KERNEL_ASSERT(in >= 0 && in < inputs);
+    const TI* xr = x + in * g.D;
     TO* o = out + r * g.D + p * 4 * g.C;
-    const uint64_t base = (offset + static_cast<uint64_t>(r)) * static_cast<uint64_t>(g.groups);
+    const uint64_t key = map.philox_key(r), base = map.philox_row(r) * static_cast<uint64_t>(g.groups);
     for (int64_t c = 0; c < g.C; ++c) {
       float z[4];
       const int64_t e0 = c * g.HW + p * 4;
-      normals4(philox4x32_10(seed, base + static_cast<uint64_t>(e0 / 4), kStreamGaussian), z);
+      normals4(philox4x32_10(key, base + static_cast<uint64_t>(e0 / 4), kStreamGaussian), z);
       const float m = mean ? mean[c] : 0.f, s = istd ? istd[c] : 1.f;
 #pragma unroll
-      for (int k = 0; k < 4; ++k) o[k * g.C + c] = static_cast<TO>((static_cast<float>(__ldg(xr + e0 + k)) + sigma * z[k] - m) * s);
+      for (int k = 0; k < 4; ++k) o[k * g.C + c] = static_cast<TO>(noise_value(static_cast<float>(__ldg(xr + e0 + k)), z[k], sigma, m, s));
     }
   }
+}
+
+void launch_noise(const NoiseArgs& a, double sigma, const NoiseRows& map, const int64_t* dev_offset) {
+  const NoiseGeometry g = a.geo;
+  cudaStream_t st = at::cuda::getCurrentCUDAStream();
+  const float sg = static_cast<float>(sigma);
+  const int64_t inputs = a.x.size(0);
+  RO_DISPATCH_FLOATING(a.x.scalar_type(), "gaussian_noise", [&] {
+    using TI = scalar_t;
+    RO_DISPATCH_FLOATING(a.out.scalar_type(), "gaussian_noise", [&] {
+      const TI* xp = a.x.data_ptr<TI>();
+      scalar_t* op = a.out.data_ptr<scalar_t>();
+      const bool group_in_channel = g.C <= 1 || g.HW % 4 == 0;
+      if (g.channels_last && g.HW % 4 == 0) {
+        noise_cl_kernel<TI, scalar_t><<<blocks_for(g.B * g.num * (g.HW / 4), 32), kThreads, 0, st>>>(
+            xp, op, g, a.mean_ptr(), a.istd_ptr(), sg, map, dev_offset, inputs);
+      } else if (!g.channels_last && g.D % 4 == 0 && group_in_channel &&
+                 reinterpret_cast<uintptr_t>(op) % (4 * sizeof(scalar_t)) == 0) {
+        noise_kernel<TI, scalar_t, true><<<blocks_for(g.B * g.num * g.groups, 32), kThreads, 0, st>>>(
+            xp, op, g, a.mean_ptr(), a.istd_ptr(), sg, map, dev_offset, inputs);
+      } else {
+        noise_kernel<TI, scalar_t, false><<<blocks_for(g.B * g.num * g.groups, 32), kThreads, 0, st>>>(
+            xp, op, g, a.mean_ptr(), a.istd_ptr(), sg, map, dev_offset, inputs);
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
 }
 
 at::Tensor gaussian_noise_impl(const at::Tensor& x_in, int64_t num, double sigma, int64_t seed,
@@ -95,30 +127,11 @@ at::Tensor gaussian_noise_impl(const at::Tensor& x_in, int64_t num, double sigma
                                bool channels_last) {
   NoiseArgs a = prepare_noise(x_in, num, sigma, host_offset, mean, std_, out_dtype, channels_last);
   if (a.out.numel() == 0) return a.out;
-  const NoiseGeometry g = a.geo;
-  cudaStream_t st = at::cuda::getCurrentCUDAStream();
-  const float sg = static_cast<float>(sigma);
-  const auto sd = static_cast<uint64_t>(seed), of = static_cast<uint64_t>(host_offset);
-  RO_DISPATCH_FLOATING(a.x.scalar_type(), "gaussian_noise", [&] {
-    using TI = scalar_t;
-    RO_DISPATCH_FLOATING(a.out.scalar_type(), "gaussian_noise", [&] {
-      const TI* xp = a.x.data_ptr<TI>();
-      scalar_t* op = a.out.data_ptr<scalar_t>();
-      const bool group_in_channel = g.C <= 1 || g.HW % 4 == 0;
-      if (channels_last && g.HW % 4 == 0) {
-        noise_cl_kernel<TI, scalar_t><<<blocks_for(g.B * g.num * (g.HW / 4), 32), kThreads, 0, st>>>(
-            xp, op, g, a.mean_ptr(), a.istd_ptr(), sg, sd, dev_offset, of);
-      } else if (!channels_last && g.D % 4 == 0 && group_in_channel &&
-                 reinterpret_cast<uintptr_t>(op) % (4 * sizeof(scalar_t)) == 0) {
-        noise_kernel<TI, scalar_t, true><<<blocks_for(g.B * g.num * g.groups, 32), kThreads, 0, st>>>(
-            xp, op, g, a.mean_ptr(), a.istd_ptr(), sg, sd, dev_offset, of);
-      } else {
-        noise_kernel<TI, scalar_t, false><<<blocks_for(g.B * g.num * g.groups, 32), kThreads, 0, st>>>(
-            xp, op, g, a.mean_ptr(), a.istd_ptr(), sg, sd, dev_offset, of);
-      }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  });
+  NoiseRows map;
+  map.num = num;
+  map.seed = static_cast<uint64_t>(seed);
+  map.offset = static_cast<uint64_t>(host_offset);
+  launch_noise(a, sigma, map, dev_offset);
   return a.out;
 }
 
@@ -142,6 +155,24 @@ at::Tensor gaussian_noise_dev_cuda(const at::Tensor& x_in, int64_t num, double s
   return out;
 }
 
+// The tables live on the device: capturable as they are (a graph replays whatever they hold then). The
+// source range is checked by a device assertion, the others need none (any key and row are valid).
+at::Tensor gaussian_noise_rows_cuda(const at::Tensor& x_in, const at::Tensor& source, const at::Tensor& key,
+                                    const at::Tensor& row, double sigma, const std::optional<at::Tensor>& mean,
+                                    const std::optional<at::Tensor>& std_, std::optional<at::ScalarType> out_dtype,
+                                    bool channels_last) {
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const auto tables = check_noise_rows(x_in, source, key, row);
+  NoiseArgs a = prepare_noise(x_in, 1, sigma, 0, mean, std_, out_dtype, channels_last, source.size(0));
+  if (a.out.numel() == 0) return a.out;
+  NoiseRows map;
+  map.source = tables[0].data_ptr<int64_t>();
+  map.key = tables[1].data_ptr<int64_t>();
+  map.row = tables[2].data_ptr<int64_t>();
+  launch_noise(a, sigma, map, nullptr);
+  return a.out;
+}
+
 // Called by every lane of a full warp (the row loop keeps warps converged).
 __device__ __forceinline__ void vote(unsigned long long* counts, int64_t key, bool active) {
   const unsigned voters = __ballot_sync(0xffffffffu, active);
@@ -150,9 +181,17 @@ __device__ __forceinline__ void vote(unsigned long long* counts, int64_t key, bo
   if ((threadIdx.x & 31) == __ffs(peers) - 1) atomicAdd(counts + key, static_cast<unsigned long long>(__popc(peers)));
 }
 
+// The count row of logits row `row`: segment[row] (count_votes_segments_) or row / num (count_votes_).
+__device__ __forceinline__ int64_t count_row(const int64_t* segment, int64_t S, int64_t row, int64_t num) {
+  if (segment == nullptr) return row / num;
+  const int64_t s = segment[row];
+  CUDA_KERNEL_ASSERT(s >= 0 && s < S);
+  return s;
+}
+
 template <typename T>
 __global__ void votes_row_kernel(const T* __restrict__ logits, unsigned long long* counts, int64_t rows, int64_t C,
-                                 int64_t num, int64_t s0, int64_t s1) {
+                                 int64_t num, int64_t s0, int64_t s1, const int64_t* segment, int64_t S) {
   for (int64_t base = static_cast<int64_t>(blockIdx.x) * blockDim.x; base < rows;
        base += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t row = base + threadIdx.x;
@@ -169,7 +208,7 @@ __global__ void votes_row_kernel(const T* __restrict__ logits, unsigned long lon
           bi = c;
         }
       }
-      key = (row / num) * s0 + bi * s1;
+      key = count_row(segment, S, row, num) * s0 + bi * s1;
     }
     vote(counts, key, active);
   }
@@ -177,7 +216,7 @@ __global__ void votes_row_kernel(const T* __restrict__ logits, unsigned long lon
 
 template <typename T>
 __global__ void votes_warp_kernel(const T* __restrict__ logits, unsigned long long* counts, int64_t rows, int64_t C,
-                                  int64_t num, int64_t s0, int64_t s1) {
+                                  int64_t num, int64_t s0, int64_t s1, const int64_t* segment, int64_t S) {
   const int lane = threadIdx.x & 31;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / 32);
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + (threadIdx.x >> 5); row < rows;
@@ -201,30 +240,42 @@ __global__ void votes_warp_kernel(const T* __restrict__ logits, unsigned long lo
         bi = oi;
       }
     }
-    if (lane == 0) atomicAdd(counts + (row / num) * s0 + bi * s1, 1ull);
+    if (lane == 0) atomicAdd(counts + count_row(segment, S, row, num) * s0 + bi * s1, 1ull);
   }
 }
 
-void count_votes_cuda(const at::Tensor& logits_in, at::Tensor& counts) {
-  check_votes(logits_in, counts);
-  const c10::cuda::CUDAGuard guard(logits_in.device());
-  const at::Tensor logits = logits_in.contiguous();
-  const int64_t B = counts.size(0), C = counts.size(1), rows = logits.size(0);
-  if (rows == 0 || B == 0) return;
-  const int64_t num = rows / B;
+// Integer atomics: the counts are exact whatever order the rows land in.
+void launch_votes(const at::Tensor& logits, at::Tensor& counts, int64_t num, const int64_t* segment) {
+  const int64_t S = counts.size(0), C = counts.size(1), rows = logits.size(0);
   auto* cp = reinterpret_cast<unsigned long long*>(counts.data_ptr<int64_t>());
   cudaStream_t st = at::cuda::getCurrentCUDAStream();
   RO_DISPATCH_FLOATING(logits.scalar_type(), "count_votes_", [&] {
     const scalar_t* lp = logits.data_ptr<scalar_t>();
     if (C <= 32) {
       votes_row_kernel<scalar_t><<<blocks_for(rows, 32), kThreads, 0, st>>>(lp, cp, rows, C, num, counts.stride(0),
-                                                                          counts.stride(1));
+                                                                          counts.stride(1), segment, S);
     } else {
-      votes_warp_kernel<scalar_t><<<blocks_for(rows * 32, 32), kThreads, 0, st>>>(lp, cp, rows, C, num,
-                                                                                counts.stride(0), counts.stride(1));
+      votes_warp_kernel<scalar_t><<<blocks_for(rows * 32, 32), kThreads, 0, st>>>(
+          lp, cp, rows, C, num, counts.stride(0), counts.stride(1), segment, S);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+}
+
+void count_votes_cuda(const at::Tensor& logits_in, at::Tensor& counts) {
+  check_votes(logits_in, counts);
+  const c10::cuda::CUDAGuard guard(logits_in.device());
+  const int64_t B = counts.size(0), rows = logits_in.size(0);
+  if (rows == 0 || B == 0) return;
+  launch_votes(logits_in.contiguous(), counts, rows / B, nullptr);
+}
+
+void count_votes_segments_cuda(const at::Tensor& logits_in, const at::Tensor& segment_in, at::Tensor& counts) {
+  check_votes_segments(logits_in, segment_in, counts);
+  const c10::cuda::CUDAGuard guard(logits_in.device());
+  if (logits_in.size(0) == 0) return;
+  const at::Tensor segment = segment_in.contiguous();
+  launch_votes(logits_in.contiguous(), counts, 1, segment.data_ptr<int64_t>());
 }
 
 }  // namespace
@@ -234,4 +285,6 @@ TORCH_LIBRARY_IMPL(robustops, CUDA, m) {
   m.impl("gaussian_noise", &robustops::gaussian_noise_cuda);
   m.impl("gaussian_noise_dev_offset", &robustops::gaussian_noise_dev_cuda);
   m.impl("count_votes_", &robustops::count_votes_cuda);
+  m.impl("gaussian_noise_rows", &robustops::gaussian_noise_rows_cuda);
+  m.impl("count_votes_segments_", &robustops::count_votes_segments_cuda);
 }
