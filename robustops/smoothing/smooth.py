@@ -15,8 +15,8 @@ Carlo. What makes it fast here:
   `indices[i]*m + j` under the key `_rng.derive_seed(seed, phase + 1)`. So an input's result does not
   depend on batch_size, on which other inputs share its forward passes, or on how a dataset is split
   across processes. Selection, estimation and PREDICT use different keys: their draws are independent.
-  Because consecutive indices give consecutive rows, a run of consecutive inputs whose samples all
-  fall in one batch is drawn by a single `gaussian_noise` call.
+  A forward batch, however many inputs and phases it holds, is one noise launch and one vote count
+  (robustops.smoothing.votes).
 
 Coming from Cohen et al.'s code (locuslab/smoothing), where ``certify(x, n0, n, alpha, batch)`` takes
 one input x [C, H, W] and returns ``(prediction, radius)``: here x is a batch [B, C, H, W], so write
@@ -36,24 +36,17 @@ import numpy as np
 import torch
 from scipy import stats
 
-from .. import _checks, _rng, ops
+from .. import _checks, _rng
 from ..models import Normalize
-from .graph import VoteGraphs
+from .graph import VoteGraphs, model_fingerprint
 from .sequential import DEFAULT_N_MIN, DEFAULT_PRECISION, DEFAULT_TEST, clopper_pearson_lower
 from .stream import SequentialResult, certify_stream, check_radii
+from .votes import ESTIMATION, PREDICTION, SELECTION, Piece, VoteSampler, phase_seed
 
 __all__ = ["Smooth", "CertifyResult", "PredictResult", "clopper_pearson_lower", "ABSTAIN", "phase_seed",
            "SELECTION", "ESTIMATION", "PREDICTION"]
 
 ABSTAIN = -1
-
-# The Monte-Carlo phases; each draws under its own key, so that their draws are independent.
-SELECTION, ESTIMATION, PREDICTION = 0, 1, 2
-
-
-def phase_seed(seed: int, phase: int) -> int:
-    """The Philox key of a Monte-Carlo phase (SELECTION, ESTIMATION, PREDICTION) of a run with seed."""
-    return _rng.derive_seed(seed, phase + 1)
 
 
 # ------------------------------------------------------------------------------- statistics
@@ -468,14 +461,6 @@ class Smooth:
             return context.index_select(0, rows)
         return tuple(t.index_select(0, rows) for t in context)
 
-    @staticmethod
-    def _with_nan_column(logits: torch.Tensor) -> torch.Tensor:
-        """[R, C + 1]: a row whose logits hold a NaN becomes -inf everywhere but +inf in column C, so
-        count_votes_ (whose argmax, like torch's, lets a NaN win) counts it in column C, for no class."""
-        bad = torch.isnan(logits).any(1, keepdim=True)
-        inf = logits.new_full((), float("inf"))  # a fill on the device: no host-to-device copy (and sync)
-        return torch.cat([logits.masked_fill(bad, -inf), torch.where(bad, inf, -inf)], dim=1)
-
     def _forward(self, batch: torch.Tensor, cache: bool = True, context=None) -> torch.Tensor:
         args = (batch,) if context is None else (batch, context)
         if self.autocast is None:
@@ -490,11 +475,27 @@ class Smooth:
                                     f"check num_classes")
         return logits
 
-    def vote_logits(self, batch: torch.Tensor, cache: bool = True) -> torch.Tensor:
-        """The base classifier's logits on a noisy batch [R, ...] as count_votes_ takes them: [R, C + 1],
-        a row with a NaN logit counted in column C (for no class). cache=False while a CUDA graph is
-        captured (no autocast weight cache). The one forward of the stream engine and the graph runner."""
-        return self._with_nan_column(self._forward(batch, cache=cache))
+    def vote_sampler(self, device, *, cache: bool = True, context=None,
+                     hint_x: Optional[torch.Tensor] = None) -> VoteSampler:
+        """The one smoothing pass (robustops.smoothing.votes) with this Smooth's noise and classifier, for
+        data on ``device``: mean / std moved there once. cache=False while a CUDA graph is captured (no
+        autocast weight cache). context: per-input context on the device (rows picked per noisy row).
+        hint_x: the inputs of a certify / predict call, for the error that says to add a batch dimension."""
+        mean = std = None
+        if self.normalize is not None:
+            mean, std = (t.flatten().to(device) for t in (self.normalize.mean, self.normalize.std))
+
+        def forward(batch, sources):
+            ctx = None if context is None else self._context_rows(context, sources())
+            try:
+                return self._forward(batch, cache=cache, context=ctx)
+            except (RuntimeError, ValueError) as e:
+                hint = None if hint_x is None else self._unbatched_hint(hint_x, batch, e)
+                if hint is None:
+                    raise
+                raise ValueError(hint) from e
+        return VoteSampler(sigma=self.sigma, forward=forward, noise_dtype=self.autocast,
+                           channels_last=self.channels_last, mean=mean, std=std)
 
     def _sample(self, x: torch.Tensor, idx: List[int], phases: List[Tuple[int, int]], batch_size: int,
                 seed: int, context=None):
@@ -503,8 +504,9 @@ class Smooth:
         [len(phases)*B]; finite bool [B], whether input i's values are all finite).
 
         The samples of all phases and inputs form one stream in row order; each forward pass takes the
-        next batch_size of them. Everything stays on the device until the final copy to the host.
-        Column C of the device table counts the samples whose logits held a NaN (votes for no class)."""
+        next batch_size of them (a VoteSampler pass over its pieces). Everything stays on the device
+        until the final copy to the host. Column C of the device table counts the samples whose logits
+        held a NaN (votes for no class)."""
         B, C = x.shape[0], self.num_classes
         rows = len(phases) * B
         counts = torch.zeros(rows, C + 1, dtype=torch.int64, device=x.device)
@@ -513,28 +515,25 @@ class Smooth:
             host = counts.cpu().numpy()
             return host[:rows, :C], host[:rows, C], np.zeros(0, dtype=bool)
         keys = [phase_seed(seed, p) for _, p in phases]
-        noise_dtype = self.autocast or x.dtype
-        mean = std = None
-        if self.normalize is not None:  # moved to the device once per call, not per batch
-            mean, std = (t.flatten().to(x.device) for t in (self.normalize.mean, self.normalize.std))
-        # Walk the stream: (row, first sample, count) pieces of each batch of batch_size samples.
-        pieces: List[Tuple[int, int, int]] = []
+        sampler = self.vote_sampler(x.device, context=context, hint_x=x)
+        xs = x.contiguous()  # the noise ops read the inputs in logical order: one copy per call, not per pass
+        pieces: List[Piece] = []
         filled = 0
         with torch.inference_mode():
-            start = self._graph_rows(x, idx, phases, keys, batch_size, counts, noise_dtype, mean, std)
-            for row in range(len(phases) * B):
-                m = phases[row // B][0]
+            start = self._graph_rows(x, idx, phases, keys, batch_size, counts)
+            for row in range(rows):
+                (m, _), i = phases[row // B], row % B
                 j = start[row]
                 while j < m:
                     take = min(m - j, batch_size - filled)
-                    pieces.append((row, j, take))
+                    pieces.append(Piece(i, keys[row // B], idx[i] * m + j, take, row))
                     filled += take
                     j += take
                     if filled == batch_size:
-                        self._run_batch(x, idx, phases, keys, pieces, counts, noise_dtype, mean, std, context)
+                        sampler.run(xs, pieces, counts)
                         pieces, filled = [], 0
             if pieces:
-                self._run_batch(x, idx, phases, keys, pieces, counts, noise_dtype, mean, std, context)
+                sampler.run(xs, pieces, counts)
             # the one host synchronization: the votes and the inputs' finiteness in one copy
             host = torch.cat([counts.flatten(), finite_dev.long()]).cpu().numpy()
         table = host[:rows * (C + 1)].reshape(rows, C + 1)
@@ -542,7 +541,7 @@ class Smooth:
         _warn_nonfinite([idx[i] for i in np.flatnonzero(~finite)])
         return table[:, :C], table[:, C], finite
 
-    def _graph_rows(self, x, idx, phases, keys, batch_size, counts, noise_dtype, mean, std) -> List[int]:
+    def _graph_rows(self, x, idx, phases, keys, batch_size, counts) -> List[int]:
         """With graph=True on CUDA: every full batch of one input's samples as a graph replay.
         Returns, per count row, the first sample left to the eager stream (0 without graphs)."""
         rows = len(phases) * x.shape[0]
@@ -556,57 +555,11 @@ class Smooth:
                               stacklevel=4)
             return start
         B = x.shape[0]
+        model = model_fingerprint(self.base_classifier)  # once per call: the graph cache keys on it
         for row in range(rows):
             (m, _), i = phases[row // B], row % B
             full = m // batch_size
-            if full and self._graphs.run(self, x[i:i + 1], keys[row // B], batch_size, noise_dtype, mean, std,
-                                         idx[i] * m, full, counts[row:row + 1]):
+            if full and self._graphs.run(self, x[i:i + 1], keys[row // B], batch_size, idx[i] * m, full,
+                                         counts[row:row + 1], model):
                 start[row] = full * batch_size
         return start
-
-    def _run_batch(self, x, idx, phases, keys, pieces, counts, noise_dtype, mean, std, context=None) -> None:
-        B = x.shape[0]
-        # The pieces of a batch hold consecutive count rows (the stream's order).
-        # Noise: one gaussian_noise call per run of whole inputs of one phase with consecutive global
-        # indices (their Philox samples are consecutive), one per partial input.
-        noise = []
-        k = 0
-        while k < len(pieces):
-            row, j, take = pieces[k]
-            p, i = divmod(row, B)
-            m = phases[p][0]
-            end = k + 1
-            if take == m:
-                while (end < len(pieces) and pieces[end][2] == m and pieces[end][0] // B == p
-                       and idx[i + end - k] == idx[i] + end - k):
-                    end += 1
-            noise.append(ops.gaussian_noise(x[i:i + end - k], take, self.sigma, seed=keys[p], offset=idx[i] * m + j,
-                                            mean=mean, std=std, out_dtype=noise_dtype,
-                                            channels_last=self.channels_last))
-            k = end
-        batch = noise[0] if len(noise) == 1 else torch.cat(noise)
-        ctx = None
-        if context is not None:  # input i's context row for each of its noisy rows (row = phase * B + i)
-            owner = torch.tensor([row % B for row, _, _ in pieces], dtype=torch.int64)
-            takes = torch.tensor([take for _, _, take in pieces], dtype=torch.int64)
-            ctx = self._context_rows(context, owner.repeat_interleave(takes).to(x.device))
-        try:
-            logits = self._forward(batch, context=ctx)
-        except (RuntimeError, ValueError) as e:
-            hint = self._unbatched_hint(x, batch, e)
-            if hint is None:
-                raise
-            raise ValueError(hint) from e
-        logits = self._with_nan_column(logits)
-        # Votes: pieces hold consecutive count rows; one count_votes_ per run of equal-sized pieces.
-        k = start = 0
-        while k < len(pieces):
-            end = k + 1
-            while end < len(pieces) and pieces[end][2] == pieces[k][2]:
-                end += 1
-            rows = (end - k) * pieces[k][2]
-            ops.count_votes_(logits[start:start + rows], counts[pieces[k][0]:pieces[k][0] + end - k])
-            start += rows
-            k = end
-
-

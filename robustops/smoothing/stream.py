@@ -25,6 +25,7 @@ How it runs:
 from __future__ import annotations
 
 import collections
+import contextlib
 from dataclasses import dataclass
 from typing import Iterable, Iterator, List, Optional, Sequence, Tuple
 
@@ -32,13 +33,11 @@ import numpy as np
 import torch
 from scipy import stats
 
-from .. import _checks, _rng, ops
+from .. import _checks, _rng
 from .sequential import CERTIFIED, DEFAULT_N_MIN, DEFAULT_TEST, TESTS, SequentialTest
+from .votes import ESTIMATION, SELECTION, Piece, phase_seed
 
 __all__ = ["SequentialRecord", "SequentialResult", "certify_stream", "check_radii"]
-
-_SELECTION, _ESTIMATION = 0, 1  # Smooth's SELECTION / ESTIMATION phases (the Philox keys)
-
 
 @dataclass
 class SequentialRecord:
@@ -166,7 +165,7 @@ class _Engine:
     def __init__(self, smooth, test: SequentialTest, radii, n0, n_max, batch_size, seed):
         self.smooth, self.test, self.radii = smooth, test, list(radii)
         self.n0, self.n_max, self.batch_size = n0, n_max, batch_size
-        self.keys = (_rng.derive_seed(seed, _SELECTION + 1), _rng.derive_seed(seed, _ESTIMATION + 1))
+        self.keys = (phase_seed(seed, SELECTION), phase_seed(seed, ESTIMATION))
         S = len(test.n)
         self.S, self.C = S, smooth.num_classes
         self.xs = self.counts = self.finite = None
@@ -197,10 +196,7 @@ class _Engine:
         self.xs = torch.empty((self.S,) + self.shape, dtype=torch.float32, device=device)
         self.counts = torch.zeros(self.S, self.C + 1, dtype=torch.int64, device=device)
         self.finite = torch.zeros(self.S, dtype=torch.bool, device=device)
-        self.noise_dtype = sm.autocast or torch.float32
-        self.mean = self.std = None
-        if sm.normalize is not None:
-            self.mean, self.std = (t.flatten().to(device) for t in (sm.normalize.mean, sm.normalize.std))
+        self.sampler = sm.vote_sampler(device)
         self.lag = 1 if device.type == "cuda" else 0
 
     def _admit(self, slot: int, position: int, index, x) -> None:
@@ -220,7 +216,7 @@ class _Engine:
         self.finite[slot] = torch.isfinite(self.xs[slot]).all()
         self.counts[slot].zero_()
         self.index[slot], self.position[slot] = int(index), position
-        self.phase[slot], self.drawn[slot], self.target[slot] = _SELECTION, 0, self.n0
+        self.phase[slot], self.drawn[slot], self.target[slot] = SELECTION, 0, self.n0
         self.parked[slot] = False
         self.order[slot] = None
 
@@ -257,7 +253,6 @@ class _Engine:
     def _pass(self):
         """One forward pass of up to batch_size noisy rows; returns the lagged read of the slots whose
         chunk it completed (or None)."""
-        sm = self.smooth
         pieces, filled, completed = [], 0, []
         for s in self.order:
             if self.parked[s]:
@@ -273,30 +268,24 @@ class _Engine:
                 completed.append(s)
             if filled == self.batch_size:
                 break
-        noise = []
-        for s, j, take in pieces:
-            ph = self.phase[s]
-            stride = self.n0 if ph == _SELECTION else self.n_max
-            noise.append(ops.gaussian_noise(self.xs[s:s + 1], take, sm.sigma, seed=self.keys[ph],
-                                            offset=self.index[s] * stride + j, mean=self.mean, std=self.std,
-                                            out_dtype=self.noise_dtype, channels_last=sm.channels_last))
-        batch = noise[0] if len(noise) == 1 else torch.cat(noise)
-        logits = sm.vote_logits(batch)
-        start = 0
-        for s, _, take in pieces:
-            ops.count_votes_(logits[start:start + take], self.counts[s:s + 1])
-            start += take
+        with _on_device(self.device):
+            return self._launch(pieces, completed)
+
+    def _launch(self, pieces, completed):
+        """The pass's noise, forward and votes, then the asynchronous copy of the completed slots' votes,
+        all on the data device's current stream (the caller made that device current)."""
+        self.sampler.run(self.xs, [Piece(s, self.keys[self.phase[s]], self.index[s] * self._stride(s) + j, take, s)
+                                   for s, j, take in pieces], self.counts)
         if not completed:
             return None
-        rows = torch.tensor(completed, dtype=torch.int64).to(self.device, non_blocking=True)
+        rows = torch.tensor(completed, dtype=torch.int64)
+        rows = (rows.pin_memory() if self.device.type == "cuda" else rows).to(self.device, non_blocking=True)
         snap = torch.cat([self.counts.index_select(0, rows).flatten(), self.finite.index_select(0, rows).long()])
-        if self.device.type == "cuda":
-            host = torch.empty(snap.shape, dtype=snap.dtype, pin_memory=True)
-            host.copy_(snap, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-            return completed, host, event
-        return completed, snap, None
+        return (completed,) + _copy_to_host(snap, self.device)
+
+    def _stride(self, s: int) -> int:
+        """Noisy rows per input of the slot's phase: an input's samples of a phase are rows index * stride + j."""
+        return self.n0 if self.phase[s] == SELECTION else self.n_max
 
     def _read(self, item) -> Iterator[SequentialRecord]:
         if item is None:
@@ -308,8 +297,8 @@ class _Engine:
         k, C = len(slots), self.C
         table = data[:k * (C + 1)].reshape(k, C + 1)
         finite = data[k * (C + 1):].astype(bool)
-        sel = [(s, table[r], finite[r]) for r, s in enumerate(slots) if self.phase[s] == _SELECTION]
-        est = [(s, table[r]) for r, s in enumerate(slots) if self.phase[s] == _ESTIMATION]
+        sel = [(s, table[r], finite[r]) for r, s in enumerate(slots) if self.phase[s] == SELECTION]
+        est = [(s, table[r]) for r, s in enumerate(slots) if self.phase[s] == ESTIMATION]
         test = self.test
         started = []
         for s, row, fin in sel:
@@ -323,7 +312,7 @@ class _Engine:
         if started:
             test.start(started, [self.selection[s][self.c_a[s]] for s in started], self.n0)
             for s in started:
-                self.phase[s], self.drawn[s] = _ESTIMATION, 0
+                self.phase[s], self.drawn[s] = ESTIMATION, 0
                 self.counts[s].zero_()
                 if test.done[s]:  # no radius of the grid can be certified within n_max
                     yield self._finish(s, np.zeros(C + 1, np.int64), True)
@@ -360,3 +349,23 @@ class _Engine:
         del self.order[s]
         self.free.append(s)
         return rec
+
+
+def _on_device(device: torch.device):
+    """The data's CUDA device made current (its stream is the current stream there), else nothing."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def _copy_to_host(snap: torch.Tensor, device: torch.device):
+    """(host copy of snap, event or None). On CUDA the copy is asynchronous into pinned memory and the
+    event is recorded on the current stream of the data's device, where the copy was queued: an event
+    on another device's stream would complete before the copy lands, and the host would read stale
+    votes. The reader waits on the event one pass later."""
+    if device.type != "cuda":
+        return snap, None
+    host = snap.to("cpu", non_blocking=True)  # a non-blocking device-to-host copy lands in pinned memory
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(device))
+    return host, event
