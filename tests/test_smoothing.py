@@ -295,21 +295,21 @@ def test_autocast_and_channels_last():
 
 
 @pytest.mark.parametrize("device", devices())
-def test_one_host_sync_per_call(device):
+def test_one_host_sync_per_call(device, monkeypatch):
+    """One sync per call (the final copy of the vote table); the forward passes themselves run under
+    sync debug mode "error" (a 0-dim device tensor as masked_fill's value was an .item() per pass)."""
     net = conv_net().to(device)
     x = torch.rand(5, 3, 6, 6, device=device)
     smooth = Smooth(net, 5, 0.25)
     if device == "cuda":
+        from sync_budget import counted_syncs, forbid_syncs_in
+        from robustops.smoothing.votes import VoteSampler
+        forbid_syncs_in(monkeypatch, VoteSampler, "run")
+        smooth.certify(x, 10, 300, 0.1, 256, seed=0)  # warm-up (lazy initialisation)
         torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                res = smooth.certify(x, 10, 300, 0.1, 256, seed=0)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-        syncs = [w for w in caught if "synchroniz" in str(w.message)]
-        assert len(syncs) == 1, [str(w.message) for w in syncs]
+        with counted_syncs() as syncs:
+            res = smooth.certify(x, 10, 300, 0.1, 256, seed=0)
+        assert len(syncs) == 1, syncs
     else:
         res = smooth.certify(x, 10, 300, 0.1, 256, seed=0)
     assert res.counts.device.type == "cpu" and res.counts.sum().item() == 5 * 300
@@ -415,9 +415,14 @@ def test_graph_option_on_cpu_warns_and_gives_the_eager_answer():
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("autocast", [None, "bf16"])
-def test_graph_replays_give_the_eager_votes(autocast):
+def test_graph_replays_give_the_eager_votes(autocast, monkeypatch):
     """Full single-input batches replayed from a CUDA graph (device-offset noise) vote exactly as the
-    eager path does: same noise rows, same counts; remainders and shared batches run eagerly."""
+    eager path does: same noise rows, same counts; remainders and shared batches run eagerly. No pass
+    and no replay synchronizes (sync debug mode "error"): capture does not fall back."""
+    from sync_budget import counted_syncs, forbid_syncs_in
+    from robustops.smoothing.graph import VoteGraphs
+    from robustops.smoothing.votes import VoteSampler
+    forbid_syncs_in(monkeypatch, VoteSampler, "run")
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
                                 torch.nn.Linear(8 * 8 * 8, 10)).cuda().eval()
@@ -425,13 +430,18 @@ def test_graph_replays_give_the_eager_votes(autocast):
     kw = dict(seed=5, indices=[4, 9, 10])
     eager = Smooth(model, 10, 0.25, autocast=autocast).certify(x, 30, 1000, 0.001, 128, **kw)
     sm_g = Smooth(model, 10, 0.25, autocast=autocast, graph=True)
-    graph = sm_g.certify(x, 30, 1000, 0.001, 128, **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a capture failure warns: fail instead
+        graph = sm_g.certify(x, 30, 1000, 0.001, 128, **kw)
     assert len(sm_g._graphs.runners) == 1  # estimation: 1000 // 128 = 7 replays per input
     # The same noise rows; a row's logits may differ in the last bit with the batch it shares a
     # forward pass with (other kernels per batch size), which can flip a near tie: allow 0.2%.
     assert int((graph.counts - eager.counts).abs().sum()) <= 6
     assert torch.equal(graph.selection_counts, eager.selection_counts)  # no full batch: eager
-    again = sm_g.certify(x, 30, 1000, 0.001, 128, **kw)  # the cached graph, fresh offsets
+    forbid_syncs_in(monkeypatch, VoteGraphs, "run")  # the cached graph: no capture, no sync
+    with counted_syncs() as syncs:
+        again = sm_g.certify(x, 30, 1000, 0.001, 128, **kw)  # the cached graph, fresh offsets
+    assert len(syncs) == 1, syncs
     assert torch.equal(again.counts, graph.counts)
 
 
