@@ -42,6 +42,23 @@ struct NoiseRows {
   }
 };
 
+inline NoiseRows dense_rows(int64_t num, int64_t seed, int64_t offset) {
+  NoiseRows m;
+  m.num = num;
+  m.seed = static_cast<uint64_t>(seed);
+  m.offset = static_cast<uint64_t>(offset);
+  return m;
+}
+
+// tables: check_noise_rows' (source, key, row), kept alive by the caller while the kernel runs.
+inline NoiseRows table_rows(const std::array<at::Tensor, 3>& tables) {
+  NoiseRows m;
+  m.source = tables[0].data_ptr<int64_t>();
+  m.key = tables[1].data_ptr<int64_t>();
+  m.row = tables[2].data_ptr<int64_t>();
+  return m;
+}
+
 // Shape facts of a gaussian_noise call. Logical element e of a sample lies in channel (e / HW) % C;
 // its position in the output row is e (contiguous) or hw*C + c (channels_last, hw = e % HW).
 // B * num is the number of output rows (gaussian_noise_rows: B = rows, num = 1).

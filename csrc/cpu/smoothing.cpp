@@ -109,11 +109,7 @@ at::Tensor gaussian_noise_cpu(const at::Tensor& x_in, int64_t num, double sigma,
                               std::optional<at::ScalarType> out_dtype, bool channels_last) {
   NoiseArgs a = prepare_noise(x_in, num, sigma, offset, mean, std_, out_dtype, channels_last);
   if (a.out.numel() == 0) return a.out;
-  NoiseRows map;
-  map.num = num;
-  map.seed = static_cast<uint64_t>(seed);
-  map.offset = static_cast<uint64_t>(offset);
-  run_noise(a, sigma, map);
+  run_noise(a, sigma, dense_rows(num, seed, offset));
   return a.out;
 }
 
@@ -130,11 +126,7 @@ at::Tensor gaussian_noise_rows_cpu(const at::Tensor& x_in, const at::Tensor& sou
     TORCH_CHECK(rp[r] >= 0, "row[", r, "] must be >= 0, got ", rp[r]);
   }
   if (a.out.numel() == 0) return a.out;
-  NoiseRows map;
-  map.source = sp;
-  map.key = tables[1].data_ptr<int64_t>();
-  map.row = rp;
-  run_noise(a, sigma, map);
+  run_noise(a, sigma, table_rows(tables));
   return a.out;
 }
 

@@ -127,11 +127,7 @@ at::Tensor gaussian_noise_impl(const at::Tensor& x_in, int64_t num, double sigma
                                bool channels_last) {
   NoiseArgs a = prepare_noise(x_in, num, sigma, host_offset, mean, std_, out_dtype, channels_last);
   if (a.out.numel() == 0) return a.out;
-  NoiseRows map;
-  map.num = num;
-  map.seed = static_cast<uint64_t>(seed);
-  map.offset = static_cast<uint64_t>(host_offset);
-  launch_noise(a, sigma, map, dev_offset);
+  launch_noise(a, sigma, dense_rows(num, seed, host_offset), dev_offset);
   return a.out;
 }
 
@@ -165,11 +161,7 @@ at::Tensor gaussian_noise_rows_cuda(const at::Tensor& x_in, const at::Tensor& so
   const auto tables = check_noise_rows(x_in, source, key, row);
   NoiseArgs a = prepare_noise(x_in, 1, sigma, 0, mean, std_, out_dtype, channels_last, source.size(0));
   if (a.out.numel() == 0) return a.out;
-  NoiseRows map;
-  map.source = tables[0].data_ptr<int64_t>();
-  map.key = tables[1].data_ptr<int64_t>();
-  map.row = tables[2].data_ptr<int64_t>();
-  launch_noise(a, sigma, map, nullptr);
+  launch_noise(a, sigma, table_rows(tables), nullptr);
   return a.out;
 }
 
