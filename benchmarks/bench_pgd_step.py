@@ -21,7 +21,7 @@ import robustops as ro
 from robustops import reference as ref
 from common import bench, copy_bandwidth, finish, parser, setup
 
-# The L2 step's three CUDA paths: "tiny" (D = 32) one sample per 8-lane group, "mnist" (D = 784) and
+# The L2 step's three CUDA paths: "tiny" (D = 32) one sample per group of 4 or 8 lanes, "mnist" (D = 784) and
 # "cifar" (D = 3072) one sample per block, both in one pass; "imagenet" (D = 150528) two passes.
 SIZES = {"cifar": (512, 3, 32, 32), "imagenet": (256, 3, 224, 224), "mnist": (2048, 1, 28, 28),
          "tiny": (65536, 1, 4, 8)}

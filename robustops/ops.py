@@ -101,7 +101,8 @@ def _param(p: Param, name: str, x: torch.Tensor, nonneg: bool = True) -> torch.T
 
 def pgd_step_(x_adv: torch.Tensor, x: torch.Tensor, grad: torch.Tensor, eps: Param, alpha: Param,
               norm: str = "linf", lo: float = 0.0, hi: float = 1.0) -> torch.Tensor:
-    """One projected-gradient step, in place on x_adv, fused into one kernel (L-inf) or two (L2).
+    """One projected-gradient step, in place on x_adv, fused into one kernel (L-inf; on CUDA also L2
+    for samples of up to 8192 elements) or two (larger L2 samples: a sums pass, then the update).
 
     x_adv, x, grad: Tensor[B, ...] of one dtype (float32/float16/bfloat16) and device.
     eps, alpha: float or Tensor[B]. norm: "linf" or "l2". lo <= hi: the valid input range.

@@ -13,9 +13,9 @@ from conftest import devices
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 ULP = {torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
-# D <= 8192: one pass (32 and 1000 take the 16-byte loads in fp32, 1, 31 and 33 one element at a time;
-# up to 512 a warp or less per sample, above it a block)
-ONE_PASS_D = [1, 31, 32, 33, 1000, 8192]
+# D <= 8192: one pass (32, 256, 1000 and 8192 take the 16-byte loads, the odd sizes one element at a
+# time; up to 256 a warp or less per sample, above it a block holding up to 8, 16 or 32 elements a thread)
+ONE_PASS_D = [1, 31, 32, 33, 256, 257, 1000, 4097, 8192]
 
 
 def _inputs(shape, dtype, device, gen, fmt=None, misaligned=False):

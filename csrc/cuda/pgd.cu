@@ -89,8 +89,10 @@ __device__ __forceinline__ void block_sum(F (&v)[N]) {
 // up to 32) or the whole block (G == kThreads). Lane t of a group owns the sample's packs t, t + G,
 // t + 2G, ... (coalesced), at most MAXI of them, kept in registers between the sums and the writes.
 
-constexpr int64_t kWarpMaxD = 512;      // samples up to this size: a warp or less, <= 16 elements a lane
-constexpr int64_t kBlockSmallD = 2048;  // up to this size the block's threads hold <= 8 elements, else <= 32
+// Samples of up to kWarpMaxD elements take a warp or less (<= 8 elements a lane), larger ones the
+// block. A thread holds up to 8, 16 or 32 elements (D <= 2048, 4096, 8192): its registers are sized
+// for the most it may hold, so the smaller tiers keep more blocks resident per SM.
+constexpr int64_t kWarpMaxD = 256;
 
 struct OnePass {
   int64_t B, D, P;  // samples, elements per sample, packs of VEC elements per sample
@@ -132,6 +134,21 @@ __device__ __forceinline__ int64_t pack_index(const OnePass& geo, int64_t b, int
   return p < geo.P ? b * geo.D + p * VEC : -1;
 }
 
+// Stores this lane's packs of sample b, element j of pack k being value(k, j) (unrolled: the packs
+// stay in registers).
+template <typename T, int VEC, int MAXI, typename Value>
+__device__ __forceinline__ void write_packs(T* out, const OnePass& geo, int64_t b, int lane, const Value& value) {
+#pragma unroll
+  for (int k = 0; k < MAXI; ++k) {
+    const int64_t i = pack_index<VEC>(geo, b, lane, k);
+    if (i < 0) continue;
+    Pack<T, VEC> pk;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) pk.v[j] = value(k, j);
+    *reinterpret_cast<Pack<T, VEC>*>(out + i) = pk;
+  }
+}
+
 // Picks the group size and the registers per thread (MAXI packs) for D <= kChunk elements in packs
 // of VEC, and calls launch(std::integral_constant<int, MAXI>, geometry, blocks).
 template <int VEC, typename Launch>
@@ -147,9 +164,10 @@ void launch_onepass(int64_t B, int64_t D, const Launch& launch) {
     TORCH_INTERNAL_ASSERT(items <= decltype(maxi)::value, "one-pass L2: ", items, " packs per thread");
     launch(maxi, geo, blocks);
   };
-  if (D <= kWarpMaxD) go(std::integral_constant<int, 16 / VEC>{});
-  else if (D <= kBlockSmallD) go(std::integral_constant<int, static_cast<int>(kBlockSmallD / kThreads) / VEC>{});
-  else go(std::integral_constant<int, static_cast<int>(kChunk / kThreads) / VEC>{});
+  static_assert(kChunk == 32 * kThreads, "the largest tier holds kChunk elements in 32 per thread");
+  if (D <= 8 * kThreads) go(std::integral_constant<int, 8 / VEC>{});
+  else if (D <= 16 * kThreads) go(std::integral_constant<int, 16 / VEC>{});
+  else go(std::integral_constant<int, 32 / VEC>{});
 }
 
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
@@ -272,17 +290,10 @@ __global__ void __launch_bounds__(kThreads) l2_onepass_kernel(T* __restrict__ xa
     sums.ag = s[1];
     sums.gg = s[2];
     const L2Factors f = l2_factors(sums, alpha.get(b), eps.get(b));
-#pragma unroll
-    for (int k = 0; k < MAXI; ++k) {
-      const int64_t i = pack_index<VEC>(geo, b, lane, k);
-      if (i < 0) continue;
-      Pack<T, VEC> out;
-#pragma unroll
-      for (int j = 0; j < VEC; ++j)
-        out.v[j] = static_cast<T>(l2_update(static_cast<float>(pa[k].v[j]), static_cast<float>(px[k].v[j]),
-                                            static_cast<float>(pg[k].v[j]), f, lo, hi));
-      *reinterpret_cast<Pack<T, VEC>*>(xa + i) = out;
-    }
+    write_packs<T, VEC, MAXI>(xa, geo, b, lane, [&](int k, int j) {
+      return static_cast<T>(l2_update(static_cast<float>(pa[k].v[j]), static_cast<float>(px[k].v[j]),
+                                      static_cast<float>(pg[k].v[j]), f, lo, hi));
+    });
   });
 }
 
@@ -455,16 +466,9 @@ __global__ void __launch_bounds__(kThreads) init_l2_onepass_kernel(T* __restrict
     group_sum<1>(s, geo.G);
     if (!valid) return;
     const float sc = init_l2_scale(s[0], init_radius_u(seed, offset, b), eps.get(b), geo.D, law);
-#pragma unroll
-    for (int k = 0; k < MAXI; ++k) {
-      const int64_t i = pack_index<VEC>(geo, b, lane, k);
-      if (i < 0) continue;
-      Pack<T, VEC> pk;
-#pragma unroll
-      for (int j = 0; j < VEC; ++j)
-        pk.v[j] = store_within<T>(init_l2_update(static_cast<float>(px[k].v[j]), z[k][j], sc, lo, hi), lo, hi);
-      *reinterpret_cast<Pack<T, VEC>*>(out + i) = pk;
-    }
+    write_packs<T, VEC, MAXI>(out, geo, b, lane, [&](int k, int j) {
+      return store_within<T>(init_l2_update(static_cast<float>(px[k].v[j]), z[k][j], sc, lo, hi), lo, hi);
+    });
   });
 }
 
