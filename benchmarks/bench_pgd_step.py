@@ -21,7 +21,10 @@ import robustops as ro
 from robustops import reference as ref
 from common import bench, copy_bandwidth, finish, parser, setup
 
-SIZES = {"cifar": (512, 3, 32, 32), "imagenet": (256, 3, 224, 224)}
+# The L2 step's three CUDA paths: "tiny" (D = 32) one sample per group of 4 or 8 lanes, "mnist" (D = 784) and
+# "cifar" (D = 3072) one sample per block, both in one pass; "imagenet" (D = 150528) two passes.
+SIZES = {"cifar": (512, 3, 32, 32), "imagenet": (256, 3, 224, 224), "mnist": (2048, 1, 28, 28),
+         "tiny": (65536, 1, 4, 8)}
 
 
 def eager_langevin(x_adv, x, grad, eps, alpha, c, lo=0.0, hi=1.0):
@@ -35,7 +38,7 @@ def eager_langevin(x_adv, x, grad, eps, alpha, c, lo=0.0, hi=1.0):
 
 def main(argv=None):
     p = parser(__doc__, "pgd_step.csv")
-    p.add_argument("--sizes", default="cifar,imagenet")
+    p.add_argument("--sizes", default="cifar,imagenet,mnist,tiny")
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--norms", default="linf,l2")
     p.add_argument("--ops", default="pgd_step_,langevin_step_", help="ops to time (langevin_step_: L-inf only)")

@@ -38,8 +38,9 @@ inline int parse_radius_law(c10::string_view s) {
   TORCH_CHECK(false, "radius must be \"ball\" or \"uniform\", got \"", std::string(s), "\"");
 }
 
-// How far random_init_dev_offset advances its offset: by the B samples drawn (the offset counts
-// samples, see init_counter), so the next call draws the next samples' numbers.
+// How far random_init_dev_offset and langevin_step_dev_offset_ advance their offset: by the B
+// samples drawn (the offset counts samples, see init_counter), so the next call draws the next
+// samples' numbers.
 inline int64_t init_offset_advance(const at::Tensor& x) { return x.dim() ? x.size(0) : 0; }
 
 // random_init's input: dense batch-major tensors keep their layout, anything else (a strided view)
@@ -192,6 +193,11 @@ RO_HD float init_l2_scale(double sumsq_z, float u, float eps, int64_t D, int law
   const double radius = static_cast<double>(eps) * (law == kRadiusVolume ? pow(ud, 1.0 / static_cast<double>(D)) : ud);
   const double zn = sqrt(sumsq_z);
   return static_cast<float>(radius / (zn > static_cast<double>(kTiny) ? zn : static_cast<double>(kTiny)));
+}
+
+// Sample b's uniform for its L2 radius: counter offset + b of the radius stream (see init_counter).
+RO_HD float init_radius_u(uint64_t seed, uint64_t offset, int64_t b) {
+  return uniform01(philox4x32_10(seed, offset + static_cast<uint64_t>(b), kStreamInitRadius).c0);
 }
 
 RO_HD float init_l2_update(float x, float z, float scale, float lo, float hi) {

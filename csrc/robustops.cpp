@@ -86,6 +86,10 @@ TORCH_LIBRARY(robustops, m) {
   m.def(
       "langevin_step_(Tensor(a!) x_adv, Tensor x, Tensor grad, Tensor eps, Tensor alpha, Tensor noise, str form, "
       "float lo, float hi, int seed, int offset) -> ()");
+  // The same step with the offset in a device tensor that the op advances by B (CUDA-graph safe).
+  m.def(
+      "langevin_step_dev_offset_(Tensor(a!) x_adv, Tensor x, Tensor grad, Tensor eps, Tensor alpha, Tensor noise, "
+      "str form, float lo, float hi, int seed, Tensor(b!) offset) -> ()");
 
   // Smoothing family (cpu/smoothing.cpp, cuda/smoothing.cu)
   m.def(

@@ -101,7 +101,8 @@ def _param(p: Param, name: str, x: torch.Tensor, nonneg: bool = True) -> torch.T
 
 def pgd_step_(x_adv: torch.Tensor, x: torch.Tensor, grad: torch.Tensor, eps: Param, alpha: Param,
               norm: str = "linf", lo: float = 0.0, hi: float = 1.0) -> torch.Tensor:
-    """One projected-gradient step, in place on x_adv, fused into one kernel (L-inf) or two (L2).
+    """One projected-gradient step, in place on x_adv, fused into one kernel (L-inf; on CUDA also L2
+    for samples of up to 8192 elements) or two (larger L2 samples: a sums pass, then the update).
 
     x_adv, x, grad: Tensor[B, ...] of one dtype (float32/float16/bfloat16) and device.
     eps, alpha: float or Tensor[B]. norm: "linf" or "l2". lo <= hi: the valid input range.
@@ -188,7 +189,7 @@ _LANGEVIN_FORMS = ("gaussian", "laplace")
 
 def langevin_step_(x_adv: torch.Tensor, x: torch.Tensor, grad: torch.Tensor, eps: Param, alpha: Param,
                    noise: Param, form: str = "laplace", lo: float = 0.0, hi: float = 1.0,
-                   seed: Optional[int] = None, offset: int = 0) -> torch.Tensor:
+                   seed: Optional[int] = None, offset: Union[int, torch.Tensor] = 0) -> torch.Tensor:
     """One hybrid Langevin step of DALE (Robey et al. 2021), in place on x_adv = x + delta, fused into
     one pass over memory:
 
@@ -210,6 +211,11 @@ def langevin_step_(x_adv: torch.Tensor, x: torch.Tensor, grad: torch.Tensor, eps
     offset + k). Calls whose sample ranges [offset, offset + B) are disjoint draw independent noise;
     successive steps of one chain should change the seed (``_rng.derive_seed(seed, step)``) or move
     the offset past the batch. seed=None takes a seed from torch's default generator. Returns x_adv.
+
+    offset may also be a one-element int64 tensor on x_adv's device (the device-offset form, like
+    random_init's): the op reads it there and advances it by B, so successive calls walk the noise
+    stream as the integer offsets 0, B, 2B, ... would, and a CUDA graph that captures the call draws
+    fresh noise at every replay (the integer form refuses capture).
     """
     _check_floating(x_adv, "x_adv")
     _check_like(x, x_adv, "x", "x_adv")
@@ -219,11 +225,12 @@ def langevin_step_(x_adv: torch.Tensor, x: torch.Tensor, grad: torch.Tensor, eps
         raise ValueError(f'form must be "gaussian" or "laplace", got {form!r}')
     if isinstance(noise, (int, float)) and not isinstance(noise, bool) and not math.isfinite(noise):
         raise ValueError(f"noise must be finite, got {noise}")
-    if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset < 2 ** 63:
-        raise ValueError(f"offset must be an int in [0, 2^63), got {offset!r}")
-    torch.ops.robustops.langevin_step_(x_adv, x, grad, _param(eps, "eps", x_adv), _param(alpha, "alpha", x_adv),
-                                       _param(noise, "noise", x_adv), form, float(lo), float(hi),
-                                       _rng.resolve_seed(seed), offset)
+    offset = _offset(offset, x_adv)
+    op = torch.ops.robustops.langevin_step_
+    if isinstance(offset, torch.Tensor):
+        op = torch.ops.robustops.langevin_step_dev_offset_
+    op(x_adv, x, grad, _param(eps, "eps", x_adv), _param(alpha, "alpha", x_adv), _param(noise, "noise", x_adv), form,
+       float(lo), float(hi), _rng.resolve_seed(seed), offset)
     return x_adv
 
 
@@ -241,6 +248,11 @@ def _recycle_step_fake(delta, x, grad, eps, step, lo, hi):
 
 @torch.library.register_fake("robustops::langevin_step_")
 def _langevin_step_fake(x_adv, x, grad, eps, alpha, noise, form, lo, hi, seed, offset):
+    return None
+
+
+@torch.library.register_fake("robustops::langevin_step_dev_offset_")
+def _langevin_step_dev_fake(x_adv, x, grad, eps, alpha, noise, form, lo, hi, seed, offset):
     return None
 
 

@@ -179,6 +179,14 @@ def langevin_step(x_adv, x, grad, eps, alpha, noise, form="laplace", lo=0.0, hi=
     return _restore((x32 + d).clamp(lo, hi), x_adv)
 
 
+def langevin_step_dev_offset(x_adv, x, grad, eps, alpha, noise, form="laplace", lo=0.0, hi=1.0, seed=0, offset=0):
+    """langevin_step_dev_offset_: the step drawn at the offset tensor's value, and that offset advanced
+    by the B samples drawn (returned as a new int64 tensor; the op advances its argument in place)."""
+    start = int(offset)
+    out = langevin_step(x_adv, x, grad, eps, alpha, noise, form, lo, hi, seed, start)
+    return out, torch.tensor(start + x.shape[0], dtype=torch.int64)
+
+
 def random_init(x, eps, norm="linf", lo=0.0, hi=1.0, seed=0, offset=0, radius="ball"):
     """A start point drawn from the eps-ball around x, clamped to [lo, hi]: L-inf uniform in the box;
     L2 a uniform direction with radius eps * U^(1/D) (radius="ball": uniform in the ball's volume)

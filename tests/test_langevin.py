@@ -313,6 +313,107 @@ def test_cuda_noise_matches_cpu():
     torch.testing.assert_close(l_gpu, l_cpu, atol=1e-5, rtol=1e-5)
 
 
+# ------------------------------------------------------------------------- the device-offset form
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("form", FORMS)
+def test_device_offset_draws_the_integer_forms_stream(device, form):
+    """offset as a one-element int64 tensor: the step at its value, and the offset advanced by B, so two
+    calls draw what the integer offsets 7 and 7 + B draw."""
+    gen = torch.Generator().manual_seed(8)
+    x, x_adv, grad = inputs((5, 3, 6, 7), torch.float32, device, "channels_last", gen)
+    eps, alpha, c = params("per_sample", 5, device, gen, 0.05 if form == "gaussian" else 0.7)
+    off = torch.tensor(7, dtype=torch.int64, device=device)
+    a, b = x_adv.clone(), x_adv.clone()
+    assert ro.langevin_step_(a, x, grad, eps, alpha, c, form, seed=3, offset=off) is a
+    assert int(off) == 7 + 5
+    ro.langevin_step_(b, x, grad, eps, alpha, c, form, seed=3, offset=off)
+    assert int(off) == 7 + 10
+    for out, start in ((a, 7), (b, 12)):
+        eager = x_adv.clone()
+        ro.langevin_step_(eager, x, grad, eps, alpha, c, form, seed=3, offset=start)
+        assert torch.equal(out, eager)
+    expected, new_off = ref.langevin_step_dev_offset(x_adv, x, grad, eps, alpha, c, form, 0.0, 1.0, 3,
+                                                     torch.tensor(7))
+    assert int(new_off) == 12
+    _check_against_reference(a, expected, x_adv, x, grad, eps, alpha, c, form, 3, 7, torch.float32)
+    # a zero noise scale draws nothing but still advances the offset (the stream position counts samples)
+    ro.langevin_step_(x_adv.clone(), x, grad, 0.1, 0.01, 0.0, form, seed=3, offset=off)
+    assert int(off) == 22
+
+
+@pytest.mark.parametrize("device", devices())
+def test_device_offset_bad_inputs(device):
+    x = torch.zeros(2, 4, device=device)
+    with pytest.raises(TypeError, match="one-element int64"):
+        ro.langevin_step_(x.clone(), x, x, 0.1, 0.01, 0.1, offset=torch.zeros(2, dtype=torch.int64, device=device))
+    with pytest.raises(TypeError, match="one-element int64"):
+        ro.langevin_step_(x.clone(), x, x, 0.1, 0.01, 0.1, offset=torch.zeros((), device=device))
+    with pytest.raises(RuntimeError, match="offset must be a one-element int64 tensor"):
+        torch.ops.robustops.langevin_step_dev_offset_(x.clone(), x, x, torch.tensor(0.1), torch.tensor(0.1),
+                                                      torch.tensor(0.1), "laplace", 0.0, 1.0, 0,
+                                                      torch.zeros(3, dtype=torch.int64, device=device))
+
+
+@pytest.mark.parametrize("device", devices())
+def test_opcheck_device_offset(device):
+    gen = torch.Generator().manual_seed(1)
+    for shape, layout, dtype in [((4, 3, 8, 8), "contiguous", torch.float32),
+                                 ((3, 3, 5, 7), "channels_last", torch.bfloat16)]:
+        x, x_adv, g = inputs(shape, dtype, device, layout, gen)
+        per = torch.rand(shape[0], generator=gen).to(device)
+        for form in FORMS:
+            off = torch.tensor(2, dtype=torch.int64, device=device)
+            torch.library.opcheck(torch.ops.robustops.langevin_step_dev_offset_,
+                                  (x_adv.clone(), x, g, torch.tensor(0.1), per, per * 0.1, form, 0.0, 1.0, 3, off))
+
+
+@pytest.mark.parametrize("device", devices())
+def test_torch_compile_fullgraph_device_offset(device):
+    def chain(x, g, eps, off):
+        x_adv = x.clone()
+        for _ in range(3):
+            ro.langevin_step_(x_adv, x, g, eps, 0.02, 0.05, "gaussian", 0.0, 1.0, seed=11, offset=off)
+        ro.langevin_step_(x_adv, x, g, eps, 0.02, 0.3, "laplace", 0.0, 1.0, seed=12, offset=off)
+        return x_adv * 2
+
+    x = torch.rand(8, 3, 8, 8, device=device)
+    g = torch.randn_like(x)
+    eps = torch.full((8,), 0.1, device=device)
+    off_c, off_e = (torch.tensor(5, dtype=torch.int64, device=device) for _ in range(2))
+    compiled = torch.compile(chain, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
+    torch.testing.assert_close(compiled(x, g, eps, off_c), chain(x, g, eps, off_e), atol=0, rtol=0)
+    assert int(off_c) == int(off_e) == 5 + 4 * 8
+
+
+@pytest.mark.cuda
+def test_cuda_graph_device_offset_replays_fresh_noise():
+    """Captured with a device offset, each replay draws the next B samples' noise, exactly as the
+    eager integer-offset calls at 8, 16, ... would."""
+    gen = torch.Generator().manual_seed(4)
+    x, x_adv, grad = inputs((8, 3, 8, 8), torch.float32, "cuda", "contiguous", gen)
+    off = torch.zeros((), dtype=torch.int64, device="cuda")
+    work = x_adv.clone()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        ro.langevin_step_(work, x, grad, 0.1, 0.01, 0.3, "laplace", seed=6, offset=off)  # warm-up: samples 0..7
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):  # recorded, not run: the offset stays at 8
+        ro.langevin_step_(work, x, grad, 0.1, 0.01, 0.3, "laplace", seed=6, offset=off)
+    assert int(off) == 8
+    for k in range(3):
+        work.copy_(x_adv)
+        graph.replay()
+        torch.cuda.synchronize()
+        eager = x_adv.clone()
+        ro.langevin_step_(eager, x, grad, 0.1, 0.01, 0.3, "laplace", seed=6, offset=8 * (1 + k))
+        assert torch.equal(work, eager), k
+    assert int(off) == 32
+
+
 @pytest.mark.cuda
 def test_cuda_graph_capture_is_refused():
     x = torch.rand(4, 8, device="cuda")

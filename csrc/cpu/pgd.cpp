@@ -326,8 +326,7 @@ void random_init_kernel(T* out, const T* x, int64_t B, int64_t D, const LogicalI
   for (int64_t b = 0; b < B; ++b) {
     double s = 0;
     for (int64_t c = 0; c < nchunk; ++c) s += part[static_cast<size_t>(b * nchunk + c)];
-    const float u = uniform01(philox4x32_10(seed, offset + static_cast<uint64_t>(b), kStreamInitRadius).c0);
-    scale[static_cast<size_t>(b)] = init_l2_scale(s, u, eps.get(b), D, law);
+    scale[static_cast<size_t>(b)] = init_l2_scale(s, init_radius_u(seed, offset, b), eps.get(b), D, law);
   }
   at::parallel_for(0, B * D, kGrain, [&](int64_t begin, int64_t end) {
     for_each_sample_piece(begin, end, D, [&](int64_t b, int64_t i0, int64_t i1) {
@@ -468,6 +467,16 @@ void langevin_step_cpu(at::Tensor& x_adv, const at::Tensor& x_in, const at::Tens
   });
 }
 
+// The device-offset form: the offset is read from (and advanced by the B samples drawn in) a
+// one-element int64 tensor, so the step draws what the integer form draws at that offset.
+void langevin_step_dev_cpu(at::Tensor& x_adv, const at::Tensor& x, const at::Tensor& grad, const at::Tensor& eps,
+                           const at::Tensor& alpha, const at::Tensor& noise, c10::string_view form, double lo,
+                           double hi, int64_t seed, at::Tensor& offset) {
+  check_offset_tensor(offset, x_adv);
+  langevin_step_cpu(x_adv, x, grad, eps, alpha, noise, form, lo, hi, seed, offset.item<int64_t>());
+  offset.add_(init_offset_advance(x_adv));
+}
+
 }  // namespace
 }  // namespace robustops
 
@@ -477,4 +486,5 @@ TORCH_LIBRARY_IMPL(robustops, CPU, m) {
   m.impl("random_init_dev_offset", &robustops::random_init_dev_cpu);
   m.impl("recycle_step_", &robustops::recycle_step_cpu);
   m.impl("langevin_step_", &robustops::langevin_step_cpu);
+  m.impl("langevin_step_dev_offset_", &robustops::langevin_step_dev_cpu);
 }

@@ -5,13 +5,21 @@
 // eight fp16/bf16 values) whenever the pointers are 16-byte aligned and a vector never straddles
 // two samples (D % VEC == 0); otherwise they fall back to one element per access.
 //
-// L2 kernels need per-sample sums. They use a two-kernel split over (sample, chunk) blocks, on a
-// 1-D grid of B * chunks blocks (no 65535 limit on the batch): the first writes per-chunk partial
-// sums, the second lets every block of a sample re-reduce that sample's few partials and then apply
-// the update to its chunk. A block-per-sample kernel would leave most of an H100 idle at ImageNet
-// batch sizes (256 samples, 132 SMs, long serial loops); the split keeps thousands of blocks in
-// flight at both CIFAR and ImageNet sizes. The sums are accumulated in double (exact products,
-// no under/overflow for any float gradient: pgd.h), which an H100's FP64 units do at memory speed.
+// L2 kernels need per-sample sums. A sample of at most kChunk elements is done in one pass by one
+// group of threads that holds the sample in registers: it reads x_adv, x and grad once and writes
+// x_adv once (4 memory passes, the least an L2 step can move), in one launch. The group is G lanes of
+// a warp (G a power of two up to 32) for samples of up to kWarpMaxD elements, so tiny samples do not
+// leave whole blocks idle (a block holds kThreads / G samples), and the whole block above that.
+// Larger samples use a two-kernel split over (sample, chunk) blocks, on a 1-D grid of B * chunks
+// blocks (no 65535 limit on the batch): the first writes per-chunk partial sums, the second lets
+// every block of a sample re-reduce that sample's few partials and then apply the update to its
+// chunk (7 passes). A block-per-sample kernel would leave most of an H100 idle at ImageNet batch
+// sizes (256 samples, 132 SMs, long serial loops); the split keeps thousands of blocks in flight.
+// The sums are accumulated in double (exact products, no under/overflow for any float gradient:
+// pgd.h), which an H100's FP64 units do at memory speed. random_init's L2 start is split the same way.
+//
+// Indices are int64 throughout (tensors may hold more than 2^31 elements): blockIdx.x, blockDim.x
+// and threadIdx.x are widened before any product.
 //
 // Every formula comes from ../pgd.h, shared with the CPU kernels.
 #include <ATen/cuda/CUDAContext.h>
@@ -32,8 +40,13 @@ struct alignas(sizeof(T) * VEC) Pack {
 };
 
 template <typename T, int VEC>
+__device__ __forceinline__ Pack<T, VEC> load_pack(const T* p) {
+  return *reinterpret_cast<const Pack<T, VEC>*>(p);
+}
+
+template <typename T, int VEC>
 __device__ __forceinline__ void load_f(const T* p, float (&f)[VEC]) {
-  const Pack<T, VEC> pk = *reinterpret_cast<const Pack<T, VEC>*>(p);
+  const Pack<T, VEC> pk = load_pack<T, VEC>(p);
 #pragma unroll
   for (int j = 0; j < VEC; ++j) f[j] = static_cast<float>(pk.v[j]);
 }
@@ -69,6 +82,92 @@ __device__ __forceinline__ void block_sum(F (&v)[N]) {
     for (int w = 0; w < kThreads / 32; ++w) s += sm[k][w];
     v[k] = s;
   }
+}
+
+// ------------------------------------------------------------------ one-pass groups (D <= kChunk)
+// The one-pass L2 kernels give each sample a group of G threads: G lanes of one warp (a power of two
+// up to 32) or the whole block (G == kThreads). Lane t of a group owns the sample's packs t, t + G,
+// t + 2G, ... (coalesced), at most MAXI of them, kept in registers between the sums and the writes.
+
+// Samples of up to kWarpMaxD elements take a warp or less (<= 8 elements a lane), larger ones the
+// block. A thread holds up to 8, 16 or 32 elements (D <= 2048, 4096, 8192): its registers are sized
+// for the most it may hold, so the smaller tiers keep more blocks resident per SM.
+constexpr int64_t kWarpMaxD = 256;
+
+struct OnePass {
+  int64_t B, D, P;  // samples, elements per sample, packs of VEC elements per sample
+  int G;            // threads per sample
+};
+
+// Sum over a sample's group; every thread of the group gets it. Lanes xor-shuffle within their
+// aligned G-lane group (o < G keeps the partner inside it); the whole block uses block_sum.
+template <int N>
+__device__ __forceinline__ void group_sum(double (&v)[N], int G) {
+  if (G == kThreads) {
+    block_sum<double, N>(v);
+    return;
+  }
+  for (int o = G >> 1; o > 0; o >>= 1) {
+#pragma unroll
+    for (int k = 0; k < N; ++k) v[k] += __shfl_xor_sync(0xffffffffu, v[k], o);
+  }
+}
+
+// Calls body(b, valid, lane) for every sample slot of this thread. The loop bound is uniform over
+// the block (a slot past B runs with valid = false and loads nothing), so every thread reaches its
+// group's shuffles and barriers.
+template <typename Body>
+__device__ __forceinline__ void for_each_group_sample(const OnePass& geo, const Body& body) {
+  const int per_block = kThreads / geo.G;
+  const int slot = static_cast<int>(threadIdx.x) / geo.G, lane = static_cast<int>(threadIdx.x) % geo.G;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * per_block;
+  for (int64_t base = static_cast<int64_t>(blockIdx.x) * per_block; base < geo.B; base += stride) {
+    const int64_t b = base + slot;
+    body(b, b < geo.B, lane);
+  }
+}
+
+// The memory index of pack k of lane `lane` in sample b, or -1 when the sample has no such pack.
+template <int VEC>
+__device__ __forceinline__ int64_t pack_index(const OnePass& geo, int64_t b, int lane, int k) {
+  const int64_t p = lane + static_cast<int64_t>(k) * geo.G;
+  return p < geo.P ? b * geo.D + p * VEC : -1;
+}
+
+// Stores this lane's packs of sample b, element j of pack k being value(k, j) (unrolled: the packs
+// stay in registers).
+template <typename T, int VEC, int MAXI, typename Value>
+__device__ __forceinline__ void write_packs(T* out, const OnePass& geo, int64_t b, int lane, const Value& value) {
+#pragma unroll
+  for (int k = 0; k < MAXI; ++k) {
+    const int64_t i = pack_index<VEC>(geo, b, lane, k);
+    if (i < 0) continue;
+    Pack<T, VEC> pk;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) pk.v[j] = value(k, j);
+    *reinterpret_cast<Pack<T, VEC>*>(out + i) = pk;
+  }
+}
+
+// Picks the group size and the registers per thread (MAXI packs) for D <= kChunk elements in packs
+// of VEC, and calls launch(std::integral_constant<int, MAXI>, geometry, blocks).
+template <int VEC, typename Launch>
+void launch_onepass(int64_t B, int64_t D, const Launch& launch) {
+  OnePass geo{B, D, D / VEC, kThreads};  // VEC > 1 only when VEC divides D (can_vectorize)
+  if (D <= kWarpMaxD) {
+    geo.G = 1;
+    while (geo.G < 32 && geo.G < geo.P) geo.G *= 2;
+  }
+  const int64_t per_block = kThreads / geo.G, items = (geo.P + geo.G - 1) / geo.G;
+  const auto blocks = static_cast<unsigned>(std::min<int64_t>((B + per_block - 1) / per_block, 2147483647));
+  auto go = [&](auto maxi) {
+    TORCH_INTERNAL_ASSERT(items <= decltype(maxi)::value, "one-pass L2: ", items, " packs per thread");
+    launch(maxi, geo, blocks);
+  };
+  static_assert(kChunk == 32 * kThreads, "the largest tier holds kChunk elements in 32 per thread");
+  if (D <= 8 * kThreads) go(std::integral_constant<int, 8 / VEC>{});
+  else if (D <= 16 * kThreads) go(std::integral_constant<int, 16 / VEC>{});
+  else go(std::integral_constant<int, 32 / VEC>{});
 }
 
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
@@ -126,7 +225,7 @@ __global__ void l2_partial_kernel(const T* __restrict__ xa, const T* __restrict_
   double s[3] = {acc.aa, acc.ag, acc.gg};
   block_sum<double, 3>(s);
   if (threadIdx.x == 0) {
-    double* p = part + blockIdx.x * 3;
+    double* p = part + static_cast<int64_t>(blockIdx.x) * 3;  // 64-bit: B * chunks * 3 may pass 2^32
     p[0] = s[0];
     p[1] = s[1];
     p[2] = s[2];
@@ -163,6 +262,41 @@ __global__ void l2_apply_kernel(T* __restrict__ xa, const T* __restrict__ x, con
   }
 }
 
+// The one-pass L2 step (D <= kChunk): the group's packs of x_adv, x and grad stay in registers
+// from the sums to the update.
+template <typename T, int VEC, int MAXI>
+__global__ void __launch_bounds__(kThreads) l2_onepass_kernel(T* __restrict__ xa, const T* __restrict__ x,
+                                                              const T* __restrict__ g, OnePass geo, SampleParam eps,
+                                                              SampleParam alpha, float lo, float hi) {
+  for_each_group_sample(geo, [&](int64_t b, bool valid, int lane) {
+    Pack<T, VEC> pa[MAXI], px[MAXI], pg[MAXI];
+    L2Sums acc;
+#pragma unroll
+    for (int k = 0; k < MAXI; ++k) {
+      const int64_t i = valid ? pack_index<VEC>(geo, b, lane, k) : -1;
+      if (i < 0) continue;
+      pa[k] = load_pack<T, VEC>(xa + i);
+      px[k] = load_pack<T, VEC>(x + i);
+      pg[k] = load_pack<T, VEC>(g + i);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j)
+        l2_add(acc, static_cast<float>(pa[k].v[j]), static_cast<float>(px[k].v[j]), static_cast<float>(pg[k].v[j]));
+    }
+    double s[3] = {acc.aa, acc.ag, acc.gg};
+    group_sum<3>(s, geo.G);
+    if (!valid) return;
+    L2Sums sums;
+    sums.aa = s[0];
+    sums.ag = s[1];
+    sums.gg = s[2];
+    const L2Factors f = l2_factors(sums, alpha.get(b), eps.get(b));
+    write_packs<T, VEC, MAXI>(xa, geo, b, lane, [&](int k, int j) {
+      return static_cast<T>(l2_update(static_cast<float>(pa[k].v[j]), static_cast<float>(px[k].v[j]),
+                                      static_cast<float>(pg[k].v[j]), f, lo, hi));
+    });
+  });
+}
+
 // Blocks of the L2 kernels' 1-D grid: one per (sample, chunk).
 inline unsigned l2_blocks(int64_t B, int64_t nchunk, const char* op) {
   const int64_t n = B * nchunk;
@@ -176,6 +310,14 @@ void launch_pgd(T* xa, const T* xp, const T* gp, int64_t B, int64_t D, Norm norm
   const int64_t numel = B * D;
   if (norm == Norm::Linf) {
     linf_step_kernel<T, VEC><<<blocks_for(numel / VEC), kThreads, 0, st>>>(xa, xp, gp, numel, D, eps, alpha, lo, hi);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+  if (D <= kChunk) {
+    launch_onepass<VEC>(B, D, [&](auto maxi, const OnePass& geo, unsigned blocks) {
+      l2_onepass_kernel<T, VEC, decltype(maxi)::value><<<blocks, kThreads, 0, st>>>(xa, xp, gp, geo, eps, alpha, lo,
+                                                                                    hi);
+    });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
@@ -280,8 +422,7 @@ __global__ void init_l2_apply_kernel(T* __restrict__ out, const T* __restrict__ 
   double s[1] = {0.0};
   for (int64_t k = threadIdx.x; k < nchunk; k += kThreads) s[0] += part[b * nchunk + k];
   block_sum<double, 1>(s);
-  const float u = uniform01(philox4x32_10(seed, offset + static_cast<uint64_t>(b), kStreamInitRadius).c0);
-  const float sc = init_l2_scale(s[0], u, eps.get(b), D, law);
+  const float sc = init_l2_scale(s[0], init_radius_u(seed, offset, b), eps.get(b), D, law);
   const int64_t i0 = b * D + c * kChunk, i1 = min(i0 + kChunk, (b + 1) * D);
   for (int64_t i = i0 + static_cast<int64_t>(threadIdx.x) * VEC; i < i1; i += static_cast<int64_t>(kThreads) * VEC) {
     uint64_t cached = ~uint64_t(0);
@@ -297,12 +438,54 @@ __global__ void init_l2_apply_kernel(T* __restrict__ out, const T* __restrict__ 
   }
 }
 
+// The one-pass L2 start (D <= kChunk): each thread keeps its packs of x and their normals in
+// registers, so x is read once, the output written once and every normal drawn once.
+template <typename T, int VEC, int MAXI>
+__global__ void __launch_bounds__(kThreads) init_l2_onepass_kernel(T* __restrict__ out, const T* __restrict__ x,
+                                                                   OnePass geo, LogicalIndex li, SampleParam eps,
+                                                                   float lo, float hi, uint64_t seed, Offset off,
+                                                                   int law) {
+  const uint64_t offset = off.get();
+  for_each_group_sample(geo, [&](int64_t b, bool valid, int lane) {
+    Pack<T, VEC> px[MAXI];
+    float z[MAXI][VEC];
+    double s[1] = {0.0};
+#pragma unroll
+    for (int k = 0; k < MAXI; ++k) {
+      const int64_t i = valid ? pack_index<VEC>(geo, b, lane, k) : -1;
+      if (i < 0) continue;
+      px[k] = load_pack<T, VEC>(x + i);
+      uint64_t cached = ~uint64_t(0);
+      Philox4x32 r;
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        z[k][j] = draw<true>(i + j, li, geo.D, seed, offset, cached, r);
+        s[0] += static_cast<double>(z[k][j]) * z[k][j];
+      }
+    }
+    group_sum<1>(s, geo.G);
+    if (!valid) return;
+    const float sc = init_l2_scale(s[0], init_radius_u(seed, offset, b), eps.get(b), geo.D, law);
+    write_packs<T, VEC, MAXI>(out, geo, b, lane, [&](int k, int j) {
+      return store_within<T>(init_l2_update(static_cast<float>(px[k].v[j]), z[k][j], sc, lo, hi), lo, hi);
+    });
+  });
+}
+
 template <typename T, int VEC>
 void launch_init(T* out, const T* xp, int64_t B, int64_t D, const LogicalIndex& li, Norm norm, SampleParam eps,
                  float lo, float hi, uint64_t seed, Offset off, int law, cudaStream_t st) {
   if (norm == Norm::Linf) {
     init_linf_kernel<T, VEC><<<blocks_for(B * D / VEC), kThreads, 0, st>>>(out, xp, B * D, D, li, eps, lo, hi, seed,
                                                                           off);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+  if (D <= kChunk) {
+    launch_onepass<VEC>(B, D, [&](auto maxi, const OnePass& geo, unsigned blocks) {
+      init_l2_onepass_kernel<T, VEC, decltype(maxi)::value><<<blocks, kThreads, 0, st>>>(out, xp, geo, li, eps, lo, hi,
+                                                                                         seed, off, law);
+    });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
@@ -406,7 +589,8 @@ void recycle_step_cuda(at::Tensor& delta, const at::Tensor& x_in, const at::Tens
 template <typename T, int VEC>
 __global__ void langevin_kernel(T* __restrict__ xa, const T* __restrict__ x, const T* __restrict__ g,
                                 int64_t numel, int64_t D, LogicalIndex li, SampleParam eps, SampleParam alpha,
-                                SampleParam noise, int form, float lo, float hi, uint64_t seed, uint64_t offset) {
+                                SampleParam noise, int form, float lo, float hi, uint64_t seed, Offset off) {
+  const uint64_t offset = off.get();
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x * VEC;
   for (int64_t i = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * VEC; i < numel; i += stride) {
     const int64_t b = (eps.ptr || alpha.ptr || noise.ptr) ? i / D : 0;
@@ -434,13 +618,10 @@ __global__ void langevin_kernel(T* __restrict__ xa, const T* __restrict__ x, con
   }
 }
 
-void langevin_step_cuda(at::Tensor& x_adv, const at::Tensor& x_in, const at::Tensor& grad_in, const at::Tensor& eps_t,
-                        const at::Tensor& alpha_t, const at::Tensor& noise_t, c10::string_view form_s, double lo,
-                        double hi, int64_t seed, int64_t offset) {
-  const int form = parse_langevin_form(form_s);
-  const c10::cuda::CUDAGuard guard(x_adv.device());
-  check_offset(offset);
-  refuse_capture("langevin_step_");
+// Shared by the integer and the device-offset forms; the caller holds the device guard.
+void langevin_impl(at::Tensor& x_adv, const at::Tensor& x_in, const at::Tensor& grad_in, const at::Tensor& eps_t,
+                   const at::Tensor& alpha_t, const at::Tensor& noise_t, int form, double lo, double hi, int64_t seed,
+                   Offset off) {
   const StepArgs s = prepare_step(x_adv, "x_adv", x_in, "x", grad_in, "grad", eps_t, "eps", alpha_t, "alpha");
   at::Tensor noise_holder;
   const SampleParam noise = make_sample_param(noise_t, "noise", x_adv, noise_holder);
@@ -453,7 +634,7 @@ void langevin_step_cuda(at::Tensor& x_adv, const at::Tensor& x_in, const at::Ten
     const auto* xp = s.a.data_ptr<scalar_t>();
     const auto* gp = s.b.data_ptr<scalar_t>();
     const int64_t n = s.numel;
-    const auto sd = static_cast<uint64_t>(seed), off = static_cast<uint64_t>(offset);
+    const auto sd = static_cast<uint64_t>(seed);
     if (can_vectorize<scalar_t>(s.D, {xa, xp, gp})) {
       constexpr int V = vec_width<scalar_t>();
       langevin_kernel<scalar_t, V><<<blocks_for(n / V), kThreads, 0, st>>>(xa, xp, gp, n, s.D, li, s.p, s.q, noise,
@@ -466,6 +647,28 @@ void langevin_step_cuda(at::Tensor& x_adv, const at::Tensor& x_in, const at::Ten
   });
 }
 
+void langevin_step_cuda(at::Tensor& x_adv, const at::Tensor& x, const at::Tensor& grad, const at::Tensor& eps,
+                        const at::Tensor& alpha, const at::Tensor& noise, c10::string_view form_s, double lo,
+                        double hi, int64_t seed, int64_t offset) {
+  const int form = parse_langevin_form(form_s);
+  const c10::cuda::CUDAGuard guard(x_adv.device());
+  check_offset(offset);
+  refuse_capture("langevin_step_");
+  langevin_impl(x_adv, x, grad, eps, alpha, noise, form, lo, hi, seed, Offset{nullptr, static_cast<uint64_t>(offset)});
+}
+
+// The device-offset form: the kernel reads the offset on the device, and the op advances it by the B
+// samples drawn after the kernel, in stream order, so a captured graph draws fresh noise at every replay.
+void langevin_step_dev_cuda(at::Tensor& x_adv, const at::Tensor& x, const at::Tensor& grad, const at::Tensor& eps,
+                            const at::Tensor& alpha, const at::Tensor& noise, c10::string_view form_s, double lo,
+                            double hi, int64_t seed, at::Tensor& offset) {
+  const int form = parse_langevin_form(form_s);
+  const c10::cuda::CUDAGuard guard(x_adv.device());
+  check_offset_tensor(offset, x_adv);
+  langevin_impl(x_adv, x, grad, eps, alpha, noise, form, lo, hi, seed, Offset{offset.data_ptr<int64_t>(), 0});
+  offset.add_(init_offset_advance(x_adv));
+}
+
 }  // namespace
 }  // namespace robustops
 
@@ -475,4 +678,5 @@ TORCH_LIBRARY_IMPL(robustops, CUDA, m) {
   m.impl("random_init_dev_offset", &robustops::random_init_dev_cuda);
   m.impl("recycle_step_", &robustops::recycle_step_cuda);
   m.impl("langevin_step_", &robustops::langevin_step_cuda);
+  m.impl("langevin_step_dev_offset_", &robustops::langevin_step_dev_cuda);
 }
