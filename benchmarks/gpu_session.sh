@@ -118,33 +118,33 @@ for tool in memcheck racecheck initcheck; do
 done
 
 # ------------------------------------------------------------------------------- benchmarks
+# bench CAP LABEL SCRIPT [ARGS...]: one benchmark, appended to bench.log.
+bench() {
+  local cap t0=$SECONDS label=$2
+  cap=$(budget "$1")
+  shift 2
+  if [ "$cap" -eq 0 ]; then
+    note bench "$label" "SKIP (no time left)" 0
+    return
+  fi
+  echo "== $*" >> "$OUT/bench.log"
+  if timeout "$cap" python3 "$@" >> "$OUT/bench.log" 2>&1; then
+    note bench "$label" PASS $((SECONDS - t0))
+  else
+    note bench "$label" "FAIL or cut at ${cap}s" $((SECONDS - t0))
+  fi
+}
+
 if [ "${BENCH:-1}" != 0 ]; then
   for b in benchmarks/bench_*.py; do
-    extra=()
-    [ "$b" = benchmarks/bench_certify.py ] && extra=(--no-sequential)
-    cap=$(budget 300)
-    t0=$SECONDS
-    if [ "$cap" -eq 0 ]; then
-      note bench "$b" "SKIP (no time left)" 0
-      continue
-    fi
-    echo "== $b" >> "$OUT/bench.log"
-    if timeout "$cap" python3 "$b" "${extra[@]}" >> "$OUT/bench.log" 2>&1; then
-      note bench "$b" PASS $((SECONDS - t0))
+    if [ "$b" = benchmarks/bench_certify.py ]; then
+      bench 300 "$b" "$b" --no-sequential
     else
-      note bench "$b" "FAIL or cut at ${cap}s" $((SECONDS - t0))
+      bench 300 "$b" "$b"
     fi
   done
   # sequential vs fixed-n CERTIFY (ResNet-110, random weights): samples saved, wall time, refill efficiency
-  cap=$(budget 400)
-  t0=$SECONDS
-  if [ "$cap" -eq 0 ]; then
-    note bench "bench_certify.py --sequential-only" "SKIP (no time left)" 0
-  else
-    echo "== benchmarks/bench_certify.py --sequential-only" >> "$OUT/bench.log"
-    timeout "$cap" python3 benchmarks/bench_certify.py --sequential-only >> "$OUT/bench.log" 2>&1
-    note bench "bench_certify.py --sequential-only" "rc=$?" $((SECONDS - t0))
-  fi
+  bench 400 "bench_certify.py --sequential-only" benchmarks/bench_certify.py --sequential-only
   # bench_bounds.py (run by the loop above): its STACKED_CONV line decides bounds.STACKED_CONV["cuda"]
   grep -hE "^(STACKED_CONV\[|target IBP|target radius)" "$OUT/bench.log" | tee -a "$OUT/gpu.txt"
   cp benchmarks/results/*.csv "$OUT/" 2> /dev/null || true
