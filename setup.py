@@ -147,7 +147,12 @@ def extensions():
     vec_flags, vec_why = cpu_flags()
     sources = ["csrc/robustops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     define = []
-    cxx = ["-O3", "-fopenmp", "-std=c++20"] + vec_flags
+    # -ffp-contract=off: g++ (even with -std=c++20) fuses any a*b + c into an FMA under -mfma, wherever
+    # inlining and vectorisation put one, so the CPU scalar emulation (ROBUSTOPS_CPU_SCALAR=1) could
+    # round unlike the device it stands in for. Off, the host fuses exactly the fmaf the shared RO_HD
+    # formulas write; nvcc fuses those and any plain a*b + c too (--fmad=true), so every multiply-add
+    # in code the device runs must be written fmaf for the CPU to round alike.
+    cxx = ["-O3", "-fopenmp", "-std=c++20", "-ffp-contract=off"] + vec_flags
     include_dirs = [os.path.join(ROOT, "csrc")]
     cuda_inc = None
     if with_cuda:

@@ -524,9 +524,12 @@ def test_graph_capture_failure_falls_back_with_warning(data):
             return self.net(z)
 
     m = Syncing().eval()
+    device, stream = torch.cuda.current_device(), torch.cuda.current_stream()
     eager = A.PGD(m, eps=0.1, steps=3, seed=0)(x, y)
     with pytest.warns(UserWarning, match="capture failed"):
         g = A.PGD(m, eps=0.1, steps=3, seed=0, graph=True)(x, y)
+    # torch.cuda.graph leaves its capture stream current when capture_end raises: the runner puts it back
+    assert torch.cuda.current_device() == device and torch.cuda.current_stream() == stream
     torch.testing.assert_close(g, eager, atol=1e-5, rtol=0)
 
 

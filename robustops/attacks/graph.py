@@ -4,10 +4,16 @@ times, so a PGD step costs one graph launch instead of dozens of kernel launches
 
 Only the engine's public surface is used: :meth:`Engine.gradient`, :meth:`Engine.score`,
 :meth:`Engine.step_`, ``Engine.success``, ``Engine.capturing`` and :class:`Recorder`.
+
+The capture runs on a side stream of the data's GPU, under ``torch.cuda.device`` of it: a capture
+stream of another device records none of the data's kernels (they run once, eagerly, on their own
+device's stream) and leaves an empty graph whose replays would return the random start. So each
+capture is checked by one replay that must advance a device-side marker.
 """
 from __future__ import annotations
 
 import collections
+import contextlib
 import warnings
 from typing import Callable, Optional
 
@@ -16,7 +22,27 @@ import torch.nn as nn
 
 from .engine import Engine, Recorder
 
-__all__ = ["GraphRunner", "GraphCache"]
+__all__ = ["GraphRunner", "GraphCache", "EmptyGraphError", "streams_kept"]
+
+
+class EmptyGraphError(RuntimeError):
+    """A captured graph whose replay did not run the captured work on the data's device."""
+
+
+@contextlib.contextmanager
+def streams_kept(device: torch.device):
+    """Puts back the current device and the current streams of it and of ``device`` on exit, even
+    when a capture fails: ``torch.cuda.graph`` leaves its capture stream current when capture_end
+    raises, and every later kernel of the process would then go to that stream."""
+    prev_device = torch.cuda.current_device()
+    prev_here = torch.cuda.current_stream(prev_device)
+    prev_there = torch.cuda.current_stream(device)
+    try:
+        yield prev_there
+    finally:
+        torch.cuda.set_stream(prev_there)
+        torch.cuda.set_stream(prev_here)  # set_stream also makes the stream's device current
+        torch.cuda.set_device(prev_device)
 
 
 class GraphRunner:
@@ -28,6 +54,7 @@ class GraphRunner:
         self.engine = engine
         self.module = module
         B, dev = x.shape[0], x.device
+        self.device = dev
         self.x = torch.empty_like(x, memory_format=torch.preserve_format)
         self.xa = torch.empty_like(x, memory_format=torch.preserve_format)
         self.y = tuple(None if t is None else torch.empty_like(t) for t in y) if isinstance(y, tuple) \
@@ -36,6 +63,8 @@ class GraphRunner:
         self.alpha = torch.empty(B, dtype=torch.float32, device=dev)
         self.recorder = Recorder(self.xa) if record else None
         self.k = torch.zeros((), dtype=torch.int64, device=dev)
+        # Advanced once by every replay: the proof that the graph holds the data device's kernels.
+        self.marker = torch.zeros((), dtype=torch.int64, device=dev)
         self.graph = None
 
     def load(self, x, xa0, y, eps, alpha) -> None:
@@ -62,28 +91,50 @@ class GraphRunner:
         eng.step_(self.xa, self.x, g, self.eps, self.alpha)
 
     def capture(self) -> None:
-        dev = self.x.device
+        """Warm-up, capture and one checking replay, on a side stream of the data's device; the
+        model's buffers, the iterate and the recorder are put back as they were either way, and so
+        are the current device and streams. Raises EmptyGraphError when the replay ran nothing."""
+        dev = self.device
         # Warm-up iterations run for real: the model's buffers (batch-norm statistics in train mode)
         # and the loaded inputs are put back as they were, whether capture succeeds or not.
         saved_buffers = [(b, b.detach().clone()) for b in self.module.buffers()] if self.module is not None else []
         saved_xa = self.xa.clone(memory_format=torch.preserve_format)
+        current = torch.cuda.current_stream(dev)  # the caller's stream on the data's device
         side = torch.cuda.Stream(device=dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
+        side.wait_stream(current)
         self.engine.capturing = True
         try:
-            with torch.cuda.stream(side):
-                for _ in range(3):
-                    self.iteration()
-            torch.cuda.current_stream(dev).wait_stream(side)
-            self._restore(saved_buffers, saved_xa)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self.iteration()
-            self.graph = graph
+            with streams_kept(dev), torch.cuda.device(dev):
+                self._capture(side, current, saved_buffers, saved_xa)
         finally:
+            # After the streams are back: these copies must be ordered before the caller's next kernels.
             self.engine.capturing = False
-            torch.cuda.current_stream(dev).wait_stream(side)
+            current.wait_stream(side)
             self._restore(saved_buffers, saved_xa)
+
+    def _capture(self, side, current, saved_buffers, saved_xa) -> None:
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                self.iteration()
+        current.wait_stream(side)
+        self._restore(saved_buffers, saved_xa)
+        side.wait_stream(current)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=side):
+            self.iteration()
+            self.marker.add_(1)
+        self._check_replay(graph)
+        self.graph = graph
+
+    def _check_replay(self, graph) -> None:
+        """One replay (of the real iteration: _restore undoes it) must advance the marker on the
+        data's device; one host sync per capture."""
+        self.marker.zero_()
+        graph.replay()
+        ran = int(self.marker)
+        if ran != 1:
+            raise EmptyGraphError(f"the captured CUDA graph did not run on {self.device} (its replay advanced the "
+                                  f"marker by {ran}, expected 1): captured on another device's stream?")
 
     def _restore(self, saved_buffers, saved_xa) -> None:
         with torch.no_grad():
@@ -96,7 +147,8 @@ class GraphRunner:
 
     def replay(self, steps: int, check_every: int = 0, skip: Optional[torch.Tensor] = None):
         """steps replays (stopping early, checked every check_every steps, once every sample has
-        succeeded or is in skip); returns (a copy of the iterate, the recorder or None)."""
+        succeeded or is in skip); returns (a copy of the iterate, the recorder or None). A replay
+        runs on the current stream of the capture's device (CUDAGraph.replay's device guard)."""
         for k in range(steps):
             self.graph.replay()
             if check_every and self.recorder is not None and (k + 1) % check_every == 0 and k + 1 < steps:
