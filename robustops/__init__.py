@@ -10,9 +10,10 @@ import sys as _sys
 __version__ = "0.1.0"
 
 __all__ = ["build_info", "ops", "reference", "pgd_step_", "random_init", "recycle_step_", "langevin_step_",
-           "gaussian_noise", "count_votes_"]
+           "gaussian_noise", "count_votes_", "gaussian_noise_rows", "count_votes_segments_"]
 
-_OPS = ("pgd_step_", "random_init", "recycle_step_", "langevin_step_", "gaussian_noise", "count_votes_")
+_OPS = ("pgd_step_", "random_init", "recycle_step_", "langevin_step_", "gaussian_noise", "count_votes_",
+        "gaussian_noise_rows", "count_votes_segments_")
 _SUBMODULES = ("ops", "attacks", "smoothing", "train", "data", "models", "cli", "reference", "bounds",
                "perturbation", "proxy")
 

@@ -13,36 +13,20 @@ capture is checked by one replay that must advance a device-side marker.
 from __future__ import annotations
 
 import collections
-import contextlib
 import warnings
 from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
 
+from .._cuda import streams_kept
 from .engine import Engine, Recorder
 
-__all__ = ["GraphRunner", "GraphCache", "EmptyGraphError", "streams_kept"]
+__all__ = ["GraphRunner", "GraphCache", "EmptyGraphError"]
 
 
 class EmptyGraphError(RuntimeError):
     """A captured graph whose replay did not run the captured work on the data's device."""
-
-
-@contextlib.contextmanager
-def streams_kept(device: torch.device):
-    """Puts back the current device and the current streams of it and of ``device`` on exit, even
-    when a capture fails: ``torch.cuda.graph`` leaves its capture stream current when capture_end
-    raises, and every later kernel of the process would then go to that stream."""
-    prev_device = torch.cuda.current_device()
-    prev_here = torch.cuda.current_stream(prev_device)
-    prev_there = torch.cuda.current_stream(device)
-    try:
-        yield prev_there
-    finally:
-        torch.cuda.set_stream(prev_there)
-        torch.cuda.set_stream(prev_here)  # set_stream also makes the stream's device current
-        torch.cuda.set_device(prev_device)
 
 
 class GraphRunner:

@@ -23,6 +23,7 @@ from typing import Optional
 
 import torch
 
+from .._cuda import streams_kept
 from .votes import Piece
 
 __all__ = ["VoteGraphs", "cache_key", "model_fingerprint"]
@@ -80,20 +81,18 @@ class _Runner:
 
     def capture(self) -> None:
         dev = self.x.device
-        with torch.cuda.device(dev):
-            previous = torch.cuda.current_stream(dev)
+        # streams_kept: a failed capture leaves torch.cuda.graph's stream current; the caller's comes back
+        with streams_kept(dev) as previous, torch.cuda.device(dev):
             side = torch.cuda.Stream(device=dev)
             side.wait_stream(previous)
             graph = torch.cuda.CUDAGraph()
-            try:
-                with torch.cuda.stream(side):
-                    for _ in range(2):  # warm-up: lazy initialisation, cuDNN autotuning
-                        self.body()
-                with torch.cuda.graph(graph, stream=side):
+            with torch.cuda.stream(side):
+                for _ in range(2):  # warm-up: lazy initialisation, cuDNN autotuning
                     self.body()
-            finally:  # a failed capture leaves torch.cuda.graph's stream current: restore the caller's
-                torch.cuda.set_stream(previous)
-            previous.wait_stream(side)
+            with torch.cuda.graph(graph, stream=side):
+                self.body()
+        previous.wait_stream(side)
+        with torch.cuda.device(dev):
             self.graph = graph
             self._check_not_empty()
 
