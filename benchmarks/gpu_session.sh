@@ -69,8 +69,8 @@ if command -v compute-sanitizer > /dev/null; then
 fi
 # The 2^31-element tests (4+ GB, minutes under a sanitizer) and torch.compile tests stay out.
 NOT_BIG="not 2_31 and not fullgraph and not compile"
-OPS=(tests/test_pgd_ops.py tests/test_smoothing_ops.py tests/test_kernel_numerics.py)
-GRAPHS=(tests/test_attacks.py tests/test_smoothing.py tests/test_graph_capture.py)
+OPS=(tests/test_pgd_ops.py tests/test_pgd_paths.py tests/test_smoothing_ops.py tests/test_smoothing_rows.py tests/test_kernel_numerics.py)
+GRAPHS=(tests/test_attacks.py tests/test_smoothing.py tests/test_smoothing_pass.py tests/test_graph_capture.py)
 ENGINE=(tests/test_sequential.py tests/test_langevin.py)
 
 # sanitize TOOL LABEL CAP K-EXPRESSION FILE...: one sanitizer run of the CUDA tests selected.
