@@ -10,7 +10,13 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["atomic_save", "write_csv_log", "resume_path", "read_checkpoint", "check_settings"]
+__all__ = ["atomic_save", "write_csv_log", "resume_path", "read_checkpoint", "check_settings", "entry_digest",
+           "seal_entries", "check_entries", "UNSEALED_ENTRIES"]
+
+#: Checkpoint entries that seal_entries leaves out: the weights (which carry checksums of their own,
+#: "sha256" / "train_sha256", checked by models.verify_checkpoint and the resume) and the entries'
+#: checksums themselves.
+UNSEALED_ENTRIES = ("state_dict", "sha256", "train_state_dict", "train_sha256", "entries_sha256")
 
 
 def atomic_save(obj, path: str) -> None:
@@ -77,3 +83,68 @@ def check_settings(*pairs: Tuple[Mapping[str, Any], Mapping[str, Any]]) -> None:
     diff = [f"{k}={old.get(k)!r} (now {v!r})" for old, new in pairs for k, v in new.items() if old.get(k) != v]
     if diff:
         raise ValueError("resume: the checkpoint was trained with different settings: " + ", ".join(diff))
+
+
+def _feed(h, v) -> None:
+    """A canonical, type-tagged encoding of a checkpoint value into the hash h: dicts in key order,
+    floats exactly (float.hex), tensors by dtype, shape and bytes."""
+    if v is None or isinstance(v, bool):
+        h.update(f"<{v}>".encode())
+    elif isinstance(v, (int, float, str)):
+        h.update(f"{type(v).__name__}:{v.hex() if isinstance(v, float) else v};".encode())
+    elif isinstance(v, torch.Tensor):
+        t = v.detach().to("cpu").contiguous()
+        h.update(f"tensor:{t.dtype}:{tuple(t.shape)}:".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    elif isinstance(v, dict):
+        h.update(f"dict:{len(v)}:".encode())
+        for k in sorted(v, key=lambda k: (type(k).__name__, str(k))):
+            _feed(h, k)
+            _feed(h, v[k])
+    elif isinstance(v, (list, tuple)):
+        h.update(f"{type(v).__name__}:{len(v)}:".encode())
+        for e in v:
+            _feed(h, e)
+    else:
+        h.update(f"{type(v).__name__}:{v!r};".encode())
+
+
+def entry_digest(value) -> str:
+    """SHA-256 of one checkpoint entry (any nesting of dicts, lists, tuples, numbers, strings, None and
+    tensors), independent of dict order."""
+    import hashlib
+
+    h = hashlib.sha256()
+    _feed(h, value)
+    return h.hexdigest()
+
+
+def seal_entries(ckpt: Dict[str, Any]) -> Dict[str, Any]:
+    """ckpt with "entries_sha256": {entry: entry_digest} for every entry but UNSEALED_ENTRIES (method,
+    eps, norm, sigma, mean / std, model and model_kwargs, config, data, optimizer and RNG states, ...),
+    so that a corrupted setting is refused on load (check_entries) as a corrupted weight is."""
+    sealed = {k: entry_digest(v) for k, v in ckpt.items() if k not in UNSEALED_ENTRIES}
+    return {**ckpt, "entries_sha256": sealed}
+
+
+def check_entries(ckpt: Mapping[str, Any], path: str) -> None:
+    """ValueError naming path and the first entry that does not match the checksums seal_entries stored
+    (changed, missing, or not covered). Checkpoints without "entries_sha256" (written before it existed,
+    whose checksum covers the weights only) pass, as they always did."""
+    want = ckpt.get("entries_sha256")
+    if want is None:
+        return
+    if not isinstance(want, dict):
+        raise ValueError(f"{path!r} is corrupt: its 'entries_sha256' entry is not a table of checksums")
+    have = [k for k in ckpt if k not in UNSEALED_ENTRIES]
+    for k, digest in want.items():
+        if k not in ckpt:
+            raise ValueError(f"{path!r} is corrupt: its {k!r} entry is missing (the checksums stored with it "
+                             f"cover one); use another copy or write the checkpoint again")
+        if entry_digest(ckpt[k]) != digest:
+            raise ValueError(f"{path!r} is corrupt: its {k!r} entry does not match the SHA-256 checksum stored "
+                             f"with it; use another copy or write the checkpoint again")
+    extra = [k for k in have if k not in want]
+    if extra:
+        raise ValueError(f"{path!r} is corrupt: its {extra[0]!r} entry is not covered by the checksums stored with "
+                         f"it; use another copy or write the checkpoint again")

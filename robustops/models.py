@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._runfiles import atomic_save
+from ._runfiles import atomic_save, check_entries, seal_entries
 
 __all__ = ["SmallCNN", "CNN7", "PreActResNet18", "PreActBlock", "CifarResNet", "BasicBlock", "CohenBasicBlock",
            "cifar_resnet", "CohenCifarResNet", "cohen_cifar_resnet", "Normalize", "channel_stats", "split_normalize",
@@ -440,9 +440,14 @@ def state_dict_digest(state: dict) -> str:
 
 
 def verify_checkpoint(obj: dict, path: str) -> None:
-    """ValueError when a robustops checkpoint's weights do not match the checksum stored with them
-    (files without a checksum, from older versions or elsewhere, pass)."""
-    want = obj.get("sha256") if isinstance(obj, dict) else None
+    """ValueError when a robustops checkpoint's weights, or any of its other entries (method, eps, norm,
+    sigma, mean / std, model, model_kwargs, config, data, ...), do not match the checksums stored with
+    them; the message names the file and the entry. Files without a checksum (from elsewhere), or with
+    one over the weights only (older versions), pass as they always did."""
+    if not isinstance(obj, dict):
+        return
+    check_entries(obj, path)
+    want = obj.get("sha256")
     if want is None or "state_dict" not in obj:
         return
     if state_dict_digest(obj["state_dict"]) != want:
@@ -451,19 +456,19 @@ def verify_checkpoint(obj: dict, path: str) -> None:
 
 def save_checkpoint(path: str, model: nn.Module, name: str, model_kwargs: Optional[dict] = None, **extra) -> str:
     """Writes ``{"model": name, "model_kwargs": model_kwargs, "state_dict": model's state dict,
-    "sha256": its checksum, **extra}`` to path (atomically: a temporary file, then a rename), so that
+    "sha256": its checksum, **extra, "entries_sha256": the checksums of every other entry}`` to path (atomically: a temporary file, then a rename), so that
     ``load_model(path)`` rebuilds it with ``get_model(name, **model_kwargs)``. DDP / torch.compile
     wrappers are unwrapped. Returns path."""
     if not isinstance(name, str):
         raise TypeError(f"name must be the model's registry name (a string), got {type(name).__name__}")
-    for reserved in ("model", "model_kwargs", "state_dict", "sha256"):
+    for reserved in ("model", "model_kwargs", "state_dict", "sha256", "entries_sha256"):
         if reserved in extra:
             raise ValueError(f"{reserved!r} is a reserved checkpoint key; pass it another name")
     kwargs = {k: _plain(v) for k, v in (model_kwargs or {}).items()}
     state = {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
     ckpt = {"model": name, "model_kwargs": kwargs, "state_dict": state, "sha256": state_dict_digest(state), **extra}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    atomic_save(ckpt, path)
+    atomic_save(seal_entries(ckpt), path)
     return path
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .._runfiles import atomic_save, check_settings, read_checkpoint, resume_path, write_csv_log
+from .._runfiles import atomic_save, check_settings, read_checkpoint, resume_path, seal_entries, write_csv_log
 from ..models import state_dict_digest, verify_checkpoint
 from .config import FitConfig
 from .trainer import Trainer, dist_info
@@ -241,8 +241,9 @@ class _FitRun:
         if self.out_dir is not None and self.rank == 0:
             epoch = row["epoch"]
             if improved:
-                atomic_save({**self.meta, "state_dict": self.best_state, "sha256": state_dict_digest(self.best_state),
-                              "epoch": epoch, "metrics": row}, os.path.join(self.out_dir, "best.pt"))
+                atomic_save(seal_entries({**self.meta, "state_dict": self.best_state,
+                                          "sha256": state_dict_digest(self.best_state), "epoch": epoch,
+                                          "metrics": row}), os.path.join(self.out_dir, "best.pt"))
             state = self.model.state_dict()
             weights = {}
             if tr.ema is not None:
@@ -253,6 +254,7 @@ class _FitRun:
                   "history": res.history, "best_epoch": res.best_epoch, "best_metric": res.best_metric,
                   "bad_epochs": self.bad, "stopped_early": res.stopped_early, "train_time": res.train_time,
                   **weights, **tr.state_dict(ema_weights=False)}
+            ck = seal_entries(ck)
             atomic_save(ck, os.path.join(self.out_dir, "last.pt"))
             if self.cfg.keep_all:
                 atomic_save(ck, os.path.join(self.out_dir, f"epoch_{epoch}.pt"))
