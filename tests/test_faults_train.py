@@ -3,6 +3,8 @@
 - checkpoints: a flipped bit in any entry (eps, method, norm, sigma, mean / std, model, model_kwargs,
   config, data, ...) is refused in one line that names the file and the entry; old checkpoints
   (a checksum over the weights only) still load;
+- fit stops at the first non-finite loss (NaN data, a diverging run) naming the epoch and the batch,
+  and keeps the last good checkpoint;
 """
 import os
 import struct
@@ -146,3 +148,54 @@ def test_perturbation_checkpoint_entries_are_covered(tmp_path):
     torch.save({**ck, "eps": flip(ck["eps"])}, bad)
     with pytest.raises(ValueError, match="'eps' entry"):
         load_perturbation_model(bad)
+
+
+# ------------------------------------------------------------------ item 4: NaN data / a diverging run
+
+class _PoisonedLoader:
+    """Fixed batches of digits (not shuffled); from epoch ``bad_epoch`` on, batch ``bad_batch`` holds a NaN."""
+
+    def __init__(self, bad_epoch, bad_batch, n_batches=4, bs=32):
+        from robustops.data import load_digits
+
+        x, y = load_digits("train").tensors
+        self.batches = [(x[i * bs:(i + 1) * bs], y[i * bs:(i + 1) * bs]) for i in range(n_batches)]
+        self.bad_epoch, self.bad_batch, self.epoch = bad_epoch, bad_batch, 0
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __iter__(self):
+        self.epoch += 1
+        for i, (x, y) in enumerate(self.batches):
+            if self.epoch >= self.bad_epoch and i == self.bad_batch:
+                x = x.clone()
+                x[0, 0, 0, 0] = float("nan")
+            yield x, y
+
+
+@pytest.mark.parametrize("method,progress", [("natural", False), ("pgd", True), ("gaussian", False)])
+def test_fit_stops_at_the_first_non_finite_loss_and_keeps_the_last_good_checkpoint(tmp_path, method, progress):
+    from robustops import train
+    from robustops.models import SmallCNN
+
+    torch.manual_seed(0)
+    model = SmallCNN()
+    out = str(tmp_path / "run")
+    with pytest.raises(train.NonFiniteLoss) as e:
+        train.fit(model, _PoisonedLoader(bad_epoch=2, bad_batch=2), method, out_dir=out, epochs=3, eps=0.2, steps=2,
+                  progress=progress, verbose=False, model_name="small_cnn")
+    msg = str(e.value)
+    assert "\n" not in msg and "epoch 2, batch 3 of 4" in msg and "last.pt keeps epoch 1" in msg, msg
+    ck = torch.load(os.path.join(out, "last.pt"), weights_only=True)
+    assert ck["epoch"] == 1
+    assert all(bool(torch.isfinite(v).all()) for v in ck["state_dict"].values() if v.is_floating_point())
+
+
+def test_fit_on_nan_data_fails_in_the_first_batch():
+    from robustops import train
+    from robustops.models import SmallCNN
+
+    with pytest.raises(ValueError, match="epoch 1, batch 1 of 4; no checkpoint was written"):
+        train.fit(SmallCNN(), _PoisonedLoader(bad_epoch=1, bad_batch=0), "natural", epochs=2, progress=False,
+                  verbose=False)

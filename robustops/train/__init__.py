@@ -34,12 +34,12 @@ from .config import AMP_MODES, METRICS, NORMS, OPTIMIZERS, SCHEDULES, FitConfig
 from .context import MethodContext
 from .discrimination import robust_discrimination
 from .evaluation import evaluate
-from .fit import CHECKPOINT_FORMAT, FitResult, fit
+from .fit import CHECKPOINT_FORMAT, FitResult, NonFiniteLoss, fit
 from .registry import Hyper, Method, register
 from .trainer import LRFactor, Trainer
 
 __all__ = ["fit", "evaluate", "FitConfig", "FitResult", "Trainer", "MethodContext", "METHODS", "Method", "Hyper",
-           "register", "registry",
+           "register", "registry", "NonFiniteLoss",
            "describe_methods", "methods_table", "LRFactor", "CHECKPOINT_FORMAT", "OPTIMIZERS", "SCHEDULES",
            "AMP_MODES", "NORMS", "METRICS", "robust_discrimination"]
 

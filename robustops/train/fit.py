@@ -19,7 +19,7 @@ from ..models import state_dict_digest, verify_checkpoint
 from .config import FitConfig
 from .trainer import Trainer, dist_info
 
-__all__ = ["fit", "FitResult", "CHECKPOINT_FORMAT", "LOG_COLUMNS", "log_columns"]
+__all__ = ["fit", "FitResult", "NonFiniteLoss", "CHECKPOINT_FORMAT", "LOG_COLUMNS", "log_columns"]
 
 CHECKPOINT_FORMAT = "robustops.train/1"
 
@@ -40,6 +40,12 @@ def log_columns(cfg: FitConfig):
 # Settings a resumed run must share with the checkpoint (the method's hyperparameters too).
 _RESUME_MUST_MATCH = ("method", "epochs", "eps", "alpha", "steps", "norm", "optimizer", "lr", "schedule", "amp",
                       "awp", "ema", "mixup")
+
+
+class NonFiniteLoss(ValueError):
+    """Training stopped at the first batch whose loss is NaN or infinite (NaN / inf data, or a diverging
+    run); the message names the epoch and the batch. The epoch's weights are not checkpointed: last.pt
+    and best.pt keep the last finished epoch."""
 
 
 @dataclass
@@ -153,6 +159,9 @@ class _FitRun:
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.dev)
         correct = torch.zeros((), dtype=torch.int64, device=self.dev)
+        # batches before the first non-finite loss: a NaN / inf loss keeps the running sum non-finite, so
+        # counting the steps whose sum is still finite finds the first bad batch on the device (no sync)
+        finite = torch.zeros((), dtype=torch.int64, device=self.dev)
         seen = 0
         show = self.progress and self.rank == 0
         # tqdm wraps the loader's iterator, not the loader: handed a DataLoader it draws from the
@@ -162,12 +171,17 @@ class _FitRun:
         for i, batch in enumerate(bar):
             batch_loss, batch_correct, n = tr.train_step(batch[0], batch[1])
             loss_sum += batch_loss
+            finite += torch.isfinite(loss_sum)
             correct += batch_correct
             seen += n
             if show and (i % 20 == 0 or i == self.steps_per_epoch - 1):
-                bar.set_postfix(loss=f"{loss_sum.item() / max(seen, 1):.3f}",
-                                acc=f"{correct.item() / max(seen, 1):.3f}")
+                shown = loss_sum.item()  # read for the bar anyway: stop here rather than at the epoch's end
+                if self.world == 1 and not math.isfinite(shown):
+                    bar.close()
+                    self.check_finite(epoch, loss_sum, finite)
+                bar.set_postfix(loss=f"{shown / max(seen, 1):.3f}", acc=f"{correct.item() / max(seen, 1):.3f}")
         bar.close()
+        self.check_finite(epoch, loss_sum, finite)
         if self.dev.type == "cuda":
             torch.cuda.synchronize(self.dev)
         t_train = time.perf_counter() - t0
@@ -181,6 +195,24 @@ class _FitRun:
         return {"epoch": epoch, "equiv_epochs": epoch * cfg.updates_per_batch,
                 "lr": tr.optimizer.param_groups[0]["lr"], "train_loss": stats[0].item() / n,
                 "train_acc": stats[1].item() / n}, t_train
+
+    def check_finite(self, epoch: int, loss_sum: torch.Tensor, finite: torch.Tensor) -> None:
+        """NonFiniteLoss naming the epoch and the first batch (over all processes) whose loss was not
+        finite, if any; one host read (and one all-reduce when distributed)."""
+        first = torch.where(torch.isfinite(loss_sum), torch.full_like(finite, self.steps_per_epoch), finite)
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(first, op=dist.ReduceOp.MIN)
+        b = int(first.item())
+        if b >= self.steps_per_epoch:
+            return
+        kept = "no checkpoint was written (no out_dir)" if self.out_dir is None else \
+            f"{os.path.join(self.out_dir, 'last.pt')} keeps epoch {epoch - 1}" if epoch > 1 else \
+            "no epoch finished, so no checkpoint was written"
+        raise NonFiniteLoss(f"training stopped: the loss is not finite (NaN or inf) at epoch {epoch}, batch {b + 1} "
+                            f"of {self.steps_per_epoch}; {kept}. Check the data for NaN / inf values, or lower the "
+                            f"learning rate")
 
     def validate(self, row: Dict[str, Any], epoch: int) -> bool:
         """Validation metrics into row; returns whether the selected metric improved."""
