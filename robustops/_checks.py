@@ -41,6 +41,11 @@ def is_number(v) -> bool:
     return isinstance(v, (np.integer, np.floating))
 
 
+def is_finite_number(v) -> bool:
+    """A real number (see is_number) that is neither infinite nor NaN."""
+    return is_number(v) and math.isfinite(float(v))
+
+
 def check_int(v, name: str, minimum: Optional[int] = None) -> int:
     """v as an int, or a ValueError: "<name> must be an int >= <minimum>, got <v>"."""
     if not is_int(v) or (minimum is not None and v < minimum):

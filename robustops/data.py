@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import zipfile
 from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -132,6 +133,9 @@ def load_npz(path: str, split: Optional[str] = None) -> TensorDataset:
     used whole). uint8 images are scaled to [0, 1]; NHWC with C in {1, 3} becomes NCHW."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no .npz file at {path!r}")
+    if not zipfile.is_zipfile(path):  # np.load would call a text file "pickled data"
+        raise ValueError(f"{path!r} is not a .npz file (the zip archive of arrays that numpy.savez writes); "
+                         f"save the images and labels with numpy.savez(path, x=..., y=...)")
     with np.load(path, allow_pickle=False) as f:
         xk, yk = _npz_keys(f.files, split)
         x = _to_images(f[xk], f"{os.path.basename(path)}[{xk!r}]")

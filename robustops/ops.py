@@ -279,8 +279,11 @@ def _channel_param(p, name: str, x: torch.Tensor) -> Optional[torch.Tensor]:
     if t.dim() > 1 or (t.dim() == 1 and t.shape[0] != C):
         raise ValueError(f"{name} must be a float or a sequence / Tensor[C] with C = {C} channels, "
                          f"got shape {list(t.shape)}")
-    if t.device.type == "cpu" and not _tracing() and name == "std" and not bool((t > 0).all()):
-        raise ValueError(f"std must be > 0 for every channel, got {t.tolist()}")
+    if t.device.type == "cpu" and not _tracing():
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name} must be finite for every channel, got {t.tolist()}")
+        if name == "std" and not bool((t > 0).all()):
+            raise ValueError(f"std must be > 0 for every channel, got {t.tolist()}")
     return t.expand(C).to(device=x.device).contiguous()
 
 

@@ -5,6 +5,8 @@
   (a checksum over the weights only) still load;
 - fit stops at the first non-finite loss (NaN data, a diverging run) naming the epoch and the batch,
   and keeps the last good checkpoint;
+- refused, not accepted silently: --max-samples 0 / -5, train --eps inf, --sigma 0, a NaN mean in
+  ops.gaussian_noise, a text file named .npz;
 """
 import os
 import struct
@@ -199,3 +201,49 @@ def test_fit_on_nan_data_fails_in_the_first_batch():
     with pytest.raises(ValueError, match="epoch 1, batch 1 of 4; no checkpoint was written"):
         train.fit(SmallCNN(), _PoisonedLoader(bad_epoch=1, bad_batch=0), "natural", epochs=2, progress=False,
                   verbose=False)
+
+
+# ------------------------------------------------------------------ item 12: nothing accepted silently
+
+@pytest.mark.parametrize("args,words", [
+    (["attack", "--max-samples", "0"], ["--max-samples", ">= 1", "got 0"]),
+    (["attack", "--max-samples", "-5"], ["--max-samples", ">= 1", "got -5"]),
+    (["certify", "--max-samples", "0", "--sigma", "0.25"], ["--max-samples", "got 0"]),
+    (["certify", "--max-samples", "-5", "--sigma", "0.25"], ["--max-samples", "got -5"]),
+    (["predict", "--max-samples", "0", "--sigma", "0.25"], ["--max-samples", "got 0"]),
+])
+def test_max_samples_below_one_is_refused(pgd_ckpt, tmp_path, args, words):
+    out = tmp_path / "out.tsv"
+    flag = "--out" if args[0] == "attack" else "-o"
+    p = robustops(*args, "--checkpoint", pgd_ckpt, flag, out, "--no-progress")
+    assert_one_line_error(p, *words)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--eps", "inf"], ["eps", "finite"]),
+    (["--eps", "nan"], ["eps", "finite"]),
+    (["--method", "gaussian", "--sigma", "0"], ["sigma", "> 0"]),
+    (["--method", "consistency", "--sigma", "0"], ["sigma", "> 0"]),
+])
+def test_train_refuses_meaningless_budgets(tmp_path, args, words):
+    p = robustops("train", *args, "--epochs", "1", "--out", tmp_path / "run", "--no-progress")
+    assert_one_line_error(p, *words)
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+@pytest.mark.parametrize("kw", [dict(mean=float("nan")), dict(mean=[float("inf")]), dict(std=float("nan"))])
+def test_gaussian_noise_refuses_non_finite_normalisation(kw):
+    import robustops as ro
+
+    kw = {"mean": 0.5, "std": 0.25, **kw}
+    with pytest.raises(ValueError, match="must be finite"):
+        ro.gaussian_noise(torch.zeros(2, 1, 4, 4), num=2, sigma=0.25, seed=0, **kw)
+
+
+def test_a_text_file_named_npz_is_not_called_pickled_data(tmp_path):
+    fake = tmp_path / "data.npz"
+    fake.write_text("x,y\n0.1,3\n")
+    p = robustops("train", "--data", fake, "--epochs", "1", "--out", tmp_path / "run", "--no-progress")
+    line = assert_one_line_error(p, str(fake), "not a .npz file", "numpy.savez")
+    assert "pickle" not in line

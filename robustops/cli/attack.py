@@ -233,7 +233,8 @@ def _load(args):
     from .. import models
 
     require_min(steps=(args.steps if args.steps is not None else 1, 1), restarts=(args.restarts, 1),
-                batch_size=(args.batch_size, 1), n_target_classes=(args.n_target_classes, 1))
+                batch_size=(args.batch_size, 1), n_target_classes=(args.n_target_classes, 1),
+                max_samples=(args.max, 1))
     names = _attacks(args)
     if args.threat == "learned":
         _check_learned(args)

@@ -151,6 +151,7 @@ def _load(args, certifier: Certifier):
 
     require_min(n0=(getattr(args, "n0", None), 1), n=(args.n, 1), batch_size=(args.batch_size, 1),
                 skip=(args.skip, 1), workers=(args.workers, 0), inputs_per_call=(args.inputs_per_call, 1))
+    require_min(max_samples=(None if args.max == -1 else args.max, 1))  # -1: all
     if not 0.0 < args.alpha < 1.0:
         raise CLIError(f"--alpha must be in (0, 1), got {args.alpha}")
     if args.sigma is not None and not 0.0 < args.sigma < math.inf:

@@ -216,8 +216,9 @@ def _validate(c: FitConfig) -> None:
     num, intg = _checks.is_number, _checks.is_int
     registry.get(c.method)  # "method must be one of ..."
     need(intg(c.epochs) and c.epochs >= 1, f"epochs must be an int >= 1, got {c.epochs!r}")
-    need(num(c.eps) and c.eps >= 0, f"eps must be a number >= 0, got {c.eps!r}")
-    need(c.alpha is None or (num(c.alpha) and c.alpha >= 0), f"alpha must be a number >= 0, got {c.alpha!r}")
+    fin = _checks.is_finite_number
+    need(fin(c.eps) and c.eps >= 0, f"eps must be a finite number >= 0, got {c.eps!r}")
+    need(c.alpha is None or (fin(c.alpha) and c.alpha >= 0), f"alpha must be a finite number >= 0, got {c.alpha!r}")
     need(intg(c.steps) and c.steps >= 1, f"steps must be an int >= 1, got {c.steps!r}")
     need(c.norm in NORMS, f'norm must be "linf" or "l2", got {c.norm!r}')
     need(num(c.lo) and num(c.hi) and c.lo <= c.hi, f"lo must be <= hi, got lo={c.lo!r}, hi={c.hi!r}")
@@ -231,9 +232,10 @@ def _validate(c: FitConfig) -> None:
              f"milestones must be positive epoch numbers, got {list(c.milestones)!r}")
     need(num(c.gamma) and c.gamma > 0, f"gamma must be > 0, got {c.gamma!r}")
     need(c.amp in (None,) + AMP_MODES, f"amp must be None, 'none', 'bf16' or 'fp16'; got {c.amp!r}")
-    need(c.val_eps is None or (num(c.val_eps) and c.val_eps >= 0), f"val_eps must be >= 0, got {c.val_eps!r}")
-    need(c.val_alpha is None or (num(c.val_alpha) and c.val_alpha >= 0),
-         f"val_alpha must be >= 0, got {c.val_alpha!r}")
+    need(c.val_eps is None or (fin(c.val_eps) and c.val_eps >= 0),
+         f"val_eps must be a finite number >= 0, got {c.val_eps!r}")
+    need(c.val_alpha is None or (fin(c.val_alpha) and c.val_alpha >= 0),
+         f"val_alpha must be a finite number >= 0, got {c.val_alpha!r}")
     need(intg(c.val_steps) and c.val_steps >= 1, f"val_steps must be an int >= 1, got {c.val_steps!r}")
     need(c.val_norm is None or c.val_norm in NORMS, f'val_norm must be "linf" or "l2", got {c.val_norm!r}')
     need(intg(c.val_every) and c.val_every >= 1, f"val_every must be an int >= 1, got {c.val_every!r}")

@@ -7,7 +7,7 @@ from ..registry import Hyper, Method, register
 
 
 #: the noise level every smoothing-training method shares (one --sigma flag)
-SIGMA = Hyper("sigma", 0.25, "Gaussian noise level (training and smoothing)", minimum=0.0)
+SIGMA = Hyper("sigma", 0.25, "Gaussian noise level (training and smoothing)", minimum=0.0, strict=True)
 NOISE_COPIES_HELP = "Gaussian-noise copies of each input per training step"
 
 
