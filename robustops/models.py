@@ -596,11 +596,14 @@ def _from_checkpoint(obj: dict, path: str, name: Optional[str], kwargs: dict):
                          f"{type(saved).__name__}")
     if name is not None and name.lower().replace("-", "_") != saved.lower().replace("-", "_"):
         raise ValueError(f"{path!r} holds a {saved!r} model, but name={name!r} was asked for")
+    if str(obj.get("format", "")).startswith("robustops.perturbation/"):
+        raise ValueError(f"{path!r} is a perturbation-model (CVAE) checkpoint, not a classifier: give it as "
+                         f"--perturbation-model (robustops.perturbation.load_perturbation_model loads it)")
     model_kwargs = dict(obj.get("model_kwargs") or {})
     model_kwargs.update(kwargs)
     try:
         model = get_model(saved, **model_kwargs)
-    except ValueError as e:
+    except (ValueError, TypeError) as e:
         raise ValueError(f"{path!r}: {e}") from e
     return model, obj["state_dict"]
 

@@ -7,6 +7,7 @@
   and keeps the last good checkpoint;
 - refused, not accepted silently: --max-samples 0 / -5, train --eps inf, --sigma 0, a NaN mean in
   ops.gaussian_noise, a text file named .npz;
+- one line, not a traceback: --device cuda without a GPU, a CVAE checkpoint given as --checkpoint.
 """
 import os
 import struct
@@ -247,3 +248,26 @@ def test_a_text_file_named_npz_is_not_called_pickled_data(tmp_path):
     p = robustops("train", "--data", fake, "--epochs", "1", "--out", tmp_path / "run", "--no-progress")
     line = assert_one_line_error(p, str(fake), "not a .npz file", "numpy.savez")
     assert "pickle" not in line
+
+
+# ------------------------------------------------------------------ item 11: one line, not a traceback
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
+@pytest.mark.parametrize("command", ["attack", "certify", "train"])
+def test_device_cuda_without_a_gpu_is_one_line(pgd_ckpt, tmp_path, command):
+    args = {"attack": ["--checkpoint", pgd_ckpt, "--max-samples", "4", "--out", tmp_path / "a.tsv"],
+            "certify": ["--checkpoint", pgd_ckpt, "--sigma", "0.25", "-o", tmp_path / "c.tsv"],
+            "train": ["--epochs", "1", "--out", tmp_path / "run"]}[command]
+    p = robustops(command, *args, "--device", "cuda", "--no-progress")
+    assert_one_line_error(p, "--device cuda", "no CUDA GPU", "--device cpu")
+
+
+@pytest.mark.parametrize("command", ["attack", "certify"])
+def test_a_perturbation_model_given_as_checkpoint_is_one_line(tmp_path, command):
+    from robustops.perturbation import CVAE, save_perturbation_model
+
+    cvae = save_perturbation_model(str(tmp_path / "cvae.pt"), CVAE(in_channels=1, input_size=8, latent_dim=4),
+                                   eps=1.5)
+    extra = ["--sigma", "0.25", "-o", tmp_path / "c.tsv"] if command == "certify" else ["--max-samples", "4"]
+    p = robustops(command, "--checkpoint", cvae, *extra, "--no-progress")
+    assert_one_line_error(p, "--checkpoint", cvae, "perturbation-model", "--perturbation-model")

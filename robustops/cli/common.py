@@ -116,9 +116,16 @@ def pick_device(name: Optional[str]) -> torch.device:
 
     if name:
         try:
-            return torch.device(name)
+            dev = torch.device(name)
         except RuntimeError as e:
             raise CLIError(f"--device {name!r}: {e}") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise CLIError(f"--device {name}: no CUDA GPU is available to this process; use --device cpu (or leave "
+                           f"--device out: cuda when available, else cpu)")
+        if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise CLIError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                           f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+        return dev
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
