@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from robustops import bounds, models, smoothing, train
+from robustops.plotting import outside_legend
 from robustops.data import get_dataset
 from common import RESULTS, finish, parser, setup
 
@@ -82,10 +83,10 @@ def main(argv=None):
         curves[method] = sorted(pts)
     finish(args, rows)
     if not args.no_csv:
-        _plot(curves, os.path.join(RESULTS, "certified_tradeoff.png"))
+        plot_tradeoff(curves, os.path.join(RESULTS, "certified_tradeoff.png"))
 
 
-def _plot(curves, path):
+def plot_tradeoff(curves, path):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -100,7 +101,7 @@ def _plot(curves, path):
     ax.set_ylabel("IBP-certified ACR (L-inf)")
     ax.set_title("digits: accuracy-robustness tradeoff (labels: kappa)")
     ax.grid(alpha=0.3)
-    ax.legend()
+    outside_legend(ax)
     fig.tight_layout()
     fig.savefig(path, dpi=300)
     print(f"plot -> {path}")

@@ -19,6 +19,8 @@ from collections import OrderedDict
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from robustops.plotting import outside_legend
+
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
 # Per results file: which columns name a case, which the provider, which holds the time.
@@ -113,7 +115,7 @@ def plot(path: str, out_dir: str) -> str:
             lo, hi = ax.get_ylim()
             ax.set_ylim(lo, hi * 10)  # room for the labels above the tallest bar
         ax.set_title(f"{name} on {device}", fontsize=9)
-        ax.legend(fontsize=7, ncol=min(4, len(providers)))
+        outside_legend(ax, fontsize=7)
         ax.grid(True, axis="y", alpha=0.3)
     fig.tight_layout()
     os.makedirs(out_dir, exist_ok=True)

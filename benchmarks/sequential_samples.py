@@ -29,6 +29,7 @@ import numpy as np
 from scipy import stats
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
+from robustops.plotting import outside_legend
 from robustops.smoothing.sequential import ABSTAINED, CERTIFIED, simulate
 from common import RESULTS
 
@@ -151,7 +152,7 @@ def draw(path, curves, points=None, points_label=None, sigma=0.25, n0=100, n_max
         handles.append(Line2D([], [], ls="none", marker="o", markerfacecolor="none", markeredgecolor="0.4"))
         labels.append(points_label or "model inputs")
         handles[-1].set_label(labels[-1])
-    ax.legend(handles, labels, fontsize=6.5, loc="upper left", framealpha=0.9)
+    outside_legend(ax, handles, labels, fontsize=6.5)
     stem, _ = os.path.splitext(path)
     os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
     fig.tight_layout()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from typing import Dict, List, Optional, Sequence
 
-__all__ = ["plot_curve", "figure", "save_figure", "frame"]
+__all__ = ["plot_curve", "figure", "save_figure", "frame", "outside_legend"]
 
 
 def figure():
@@ -17,6 +17,25 @@ def figure():
     fig = Figure(figsize=(6, 4), dpi=100)
     FigureCanvasAgg(fig)
     return fig, fig.add_subplot(1, 1, 1)
+
+
+def outside_legend(ax, handles=None, labels=None, fontsize: float = 8, **kwargs):
+    """The axes' legend to the right of the axes, outside them, so that it covers no curve, point or
+    tick label; the figure widens by the legend's width, so the axes keep their size (by the widest
+    legend's, for several axes side by side in rows). handles / labels: as for ``ax.legend`` (default:
+    the labelled artists); kwargs go to ``ax.legend``. Returns the legend."""
+    if handles is None:
+        handles, labels = ax.get_legend_handles_labels()
+    kwargs.setdefault("borderaxespad", 0.0)
+    leg = ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=fontsize, **kwargs)
+    fig = ax.figure
+    width = leg.get_window_extent(fig.canvas.get_renderer()).width / fig.dpi + 0.15
+    added = getattr(fig, "robustops_legend_width", 0.0)
+    if width > added:
+        w, h = fig.get_size_inches()
+        fig.set_size_inches(w + width - added, h)
+        fig.robustops_legend_width = width
+    return leg
 
 
 def save_figure(fig, path: str) -> List[str]:
@@ -50,5 +69,5 @@ def plot_curve(path: str, xs, curves: Dict[str, Sequence[float]], xlabel: str, y
     for label, ys in curves.items():
         ax.plot(xs, ys, marker="o", markersize=3, label=label)
     frame(ax, max(xs) if len(xs) and max(xs) > 0 else 1.0, ylabel, xlabel, title)
-    ax.legend(fontsize=8)
+    outside_legend(ax)
     return save_figure(fig, path)

@@ -7,7 +7,7 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 import torch
 
-from ..plotting import figure, frame, plot_curve, save_figure
+from ..plotting import figure, frame, outside_legend, plot_curve, save_figure
 
 __all__ = ["acr", "certified_accuracy", "plot_certified_accuracy", "plot_curve", "largest_certifiable_radius",
            "STANDARD_RADII"]
@@ -89,6 +89,6 @@ def plot_certified_accuracy(path: str, curves, max_radius: Optional[float] = Non
     if certifiable:
         ax.plot([], [], marker="v", color="gray", linestyle="none", label="largest radius n samples can certify")
     frame(ax, top, "certified accuracy", f"radius ({norm})", title)
-    ax.legend(fontsize=8)
+    outside_legend(ax)
     save_figure(fig, path)
     return path
