@@ -14,13 +14,13 @@ from .common import (
     Renamed,
     add_common,
     alias,
-    check_model_accepts,
     check_writable,
     checkpoint_meta,
     distributed,
     fraction,
     fractions,
     load_data,
+    model_classes,
     require_min,
     setup_run,
     write_summary,
@@ -228,8 +228,6 @@ def _load_perturbation_model(args):
 def _load(args):
     """Everything checked before the attack runs: (model, dataset, info, norm, eps, its source, the
     perturbation model or None); norm is "learned" for --threat learned."""
-    import torch
-
     from .. import models
 
     require_min(steps=(args.steps if args.steps is not None else 1, 1), restarts=(args.restarts, 1),
@@ -253,12 +251,12 @@ def _load(args):
         check_writable(args.out, "--out")
         if os.path.exists(args.out) and not args.force:
             raise CLIError(f"--out {args.out} already exists; --force replaces it")
-    dataset, info = load_data(args.data, args.split)
+    dataset, info = load_data(args.data, args.split, validate=False)  # its class count is the model's
     try:
         model = models.load_model(args.checkpoint, name=args.model)
     except (ValueError, FileNotFoundError, KeyError, RuntimeError) as e:
         raise CLIError(str(e) if str(e).startswith("--") else f"--checkpoint {args.checkpoint!r}: {e}") from None
-    check_model_accepts(model, info, torch.device("cpu"))
+    info = model_classes(model, dataset, info, args.data, args.split)
     if args.threat == "learned":
         pmodel, eps, source = _load_perturbation_model(args)
         return model, dataset, info, "learned", eps, source, pmodel

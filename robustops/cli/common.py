@@ -16,7 +16,7 @@ if TYPE_CHECKING:  # annotations only: torch is imported where it is used
 
 __all__ = ["CLIError", "Parser", "fraction", "fractions", "parse_fraction", "alias", "Renamed", "pick_device", "Dist",
            "distributed", "add_common", "setup_run", "physical_cores", "require_min", "check_data_spec",
-           "split_holdout", "load_data", "check_model_accepts", "check_writable", "exclusive", "agree",
+           "split_holdout", "load_data", "model_classes", "check_model_accepts", "check_writable", "exclusive", "agree",
            "checkpoint_meta", "write_summary", "DIGITS_MODEL", "fmt_pct"]
 
 
@@ -261,24 +261,46 @@ def check_data_spec(spec: str) -> None:
                        f"imagefolder:DIR)")
 
 
-def load_data(spec: str, split: str, flag: str = "--data"):
+def load_data(spec: str, split: str, flag: str = "--data", validate: bool = True):
     """(dataset, info) of a data spec, validated (robustops.data.validate) before any work; every
-    problem becomes one CLIError line that names the flag and the source."""
+    problem becomes one CLIError line that names the flag and the source. validate=False: for a
+    command that evaluates a model, whose class count comes from the model (:func:`model_classes`
+    validates then)."""
     from .. import data as rodata
 
     check_data_spec(spec)
     try:
         ds, info = rodata.get_dataset(spec, split)
-        rodata.validate(ds, info, f"{flag} {spec} ({split})")
+        if validate:
+            rodata.validate(ds, info, f"{flag} {spec} ({split})")
     except (FileNotFoundError, KeyError, ValueError, TypeError, OSError) as e:
         msg = str(e)
         raise CLIError(msg if msg.startswith(flag) else f"{flag} {spec!r}: {msg}") from None
     return ds, info
 
 
-def check_model_accepts(model, info: dict, device, flag: str = "--checkpoint") -> None:
+def model_classes(model, dataset, info: dict, spec: str, split: str, flag: str = "--data") -> dict:
+    """For a command that evaluates a model (attack, certify, predict): info with the model's class count
+    (the width of its logits), never the count the data's labels imply (labels 0..8, or one sample, on
+    a 10-class model are fine), and the data validated against it: a label past the model's last class
+    is refused in one line, as is a model that cannot take the data."""
+    import torch
+
+    from .. import data as rodata
+
+    width = check_model_accepts(model, dict(info, num_classes=0), torch.device("cpu"))
+    info = dict(info, num_classes=width)
+    try:
+        rodata.validate(dataset, info, f"{flag} {spec} ({split}; the model has {width} classes)")
+    except (ValueError, TypeError) as e:
+        raise CLIError(str(e)) from None
+    return info
+
+
+def check_model_accepts(model, info: dict, device, flag: str = "--checkpoint") -> int:
     """A forward pass on one zero input of the data's shape: a model that cannot take the data (a
-    digits model given 3x32x32 images) or names fewer classes fails here, in one line, before work."""
+    digits model given 3x32x32 images) or names fewer classes fails here, in one line, before work.
+    Returns the model's class count (the width of its logits)."""
     import torch
 
     shape = tuple(info["input_shape"])
@@ -289,10 +311,13 @@ def check_model_accepts(model, info: dict, device, flag: str = "--checkpoint") -
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CLIError(f"{flag}: the model does not accept {info['name']} inputs of shape {list(shape)} ({first})") \
             from None
-    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[1] < int(info["num_classes"]):
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[1] < max(int(info["num_classes"]), 1):
         got = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        if not info["num_classes"]:
+            raise CLIError(f"{flag}: the model must return logits [B, classes] for {info['name']}, got {got}")
         raise CLIError(f"{flag}: the model must return logits [B, >= {info['num_classes']}] for {info['name']} "
                        f"({info['num_classes']} classes), got {got}")
+    return int(out.shape[1])
 
 
 def check_writable(path: str, flag: str) -> None:
