@@ -339,19 +339,35 @@ def check_writable(path: str, flag: str) -> None:
 @contextlib.contextmanager
 def exclusive(lock_path: str, what: str):
     """An exclusive lock (fcntl.flock on lock_path) for the duration: a second run on the same output
-    fails at once with a clear message instead of interleaving its writes with the first's."""
+    fails at once with a clear message instead of interleaving its writes with the first's. The lock
+    file is removed when the holder is done (while it still holds the lock); a run that locked a file
+    another run has removed meanwhile takes the lock again on the new one."""
     import fcntl
 
     os.makedirs(os.path.dirname(os.path.abspath(lock_path)) or ".", exist_ok=True)
-    fh = open(lock_path, "a+")
-    try:
+    for _ in range(100):
+        fh = open(lock_path, "a+")
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            fh.close()
             raise CLIError(f"{what} is in use by another robustops run (lock {lock_path}); wait for it to finish "
                            f"or choose another output") from None
+        try:
+            if os.stat(lock_path).st_ino == os.fstat(fh.fileno()).st_ino:
+                break  # the lock is on the file at lock_path, not on one its last holder removed
+        except FileNotFoundError:
+            pass
+        fh.close()
+    else:
+        raise CLIError(f"{what}: could not lock {lock_path} (removed again and again by other runs)")
+    try:
         yield
     finally:
+        try:
+            os.remove(lock_path)
+        except OSError:
+            pass
         fh.close()  # closing releases the lock
 
 
