@@ -118,3 +118,128 @@ def _wait_for(path, proc, deadline=120):
             return
         time.sleep(0.05)
     raise AssertionError(f"{path} never appeared: " + (proc.stderr.read() if proc.poll() is not None else ""))
+
+
+# ---------------------------------------------------------------------------------------- attack -o
+
+ATTACK = ["attack", "--eps", "0.1", "--steps", "4", "--seed", "3", "--early-stop", "--no-progress"]
+
+
+def test_two_attack_runs_on_one_file_do_not_both_succeed(ckpt, tmp_path):
+    out = tmp_path / "a.tsv"
+    slow = ["--attack", "apgd-ce", "--steps", "400"]
+    first = robustops_popen(*ATTACK, *slow, "--checkpoint", ckpt, "--out", out, "--batch-size", "8")
+    try:
+        _wait_for(str(out) + ".rank0.part", first)
+        p = robustops(*ATTACK, "--checkpoint", ckpt, "--out", out, "--force")
+        assert_one_line_error(p, "--out", "in use by another robustops run")
+        assert first.poll() is None
+    finally:
+        first.kill()
+        first.wait()
+
+
+def test_attack_resumes_a_killed_run_to_the_same_rows(ckpt, tmp_path):
+    ref, out = tmp_path / "ref.tsv", tmp_path / "killed.tsv"
+    common = [*ATTACK, "--attack", "apgd-ce", "--steps", "30", "--checkpoint", ckpt, "--max-samples", "120",
+              "--batch-size", "8"]
+    assert robustops(*common, "--out", ref).returncode == 0
+    first = robustops_popen(*common, "--out", out)
+    try:
+        part = str(out) + ".rank0.part"
+        _wait_for(part, first)
+        end = time.time() + 120
+        while time.time() < end and len(open(part).read().splitlines()) < 20 and first.poll() is None:
+            time.sleep(0.05)
+    finally:
+        first.kill()
+        first.wait()
+    assert not out.exists()
+    p = robustops(*common, "--out", out)  # neither --resume nor --force
+    assert_one_line_error(p, "--resume", "--force")
+    p = robustops(*common, "--out", out, "--resume", "--steps", "31")
+    assert_one_line_error(p, "--resume", "--steps")
+    p = robustops(*common, "--out", out, "--resume", "--batch-size", "32")
+    assert p.returncode == 0, p.stderr
+    assert out.read_text() == ref.read_text()
+    assert _leftovers(tmp_path, "killed.tsv") == []
+
+
+def _torchrun(*args, nproc=2):
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun not found")
+    return subprocess.run([torchrun, "--standalone", "--nproc_per_node", str(nproc), "-m", "robustops"]
+                          + [str(a) for a in args], cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.mark.parametrize("attack", [["--attack", "pgd", "--restarts", "2"], ["--attack", "apgd-t", "--n-target-classes", "2"]])
+def test_torchrun_attack_gives_the_rows_of_one_process(ckpt, tmp_path, attack):
+    """Other processes and batch sizes, the same rows (--suite excepted: its later attacks draw the random
+    starts of a batch's survivors from the first survivor's index, see robust_accuracy)."""
+    one, two = tmp_path / "one.tsv", tmp_path / "two.tsv"
+    common = [*ATTACK, *attack, "--steps", "4", "--checkpoint", ckpt, "--max-samples", "50", "--device", "cpu"]
+    assert robustops(*common, "--out", one, "--batch-size", "16").returncode == 0
+    p = _torchrun(*common, "--out", two, "--batch-size", "7")
+    assert p.returncode == 0, p.stderr
+    assert two.read_text() == one.read_text()
+    assert "2 ranks" in p.stdout
+
+
+# ------------------------------------------------------------------------------------------ torchrun
+
+def _accepted_by_torchrun(option: str) -> bool:
+    """Whether torchrun's own parser lets option through to the script (it rejects a prefix of several of
+    its options as ambiguous, even after the script's name)."""
+    from torch.distributed.run import get_args_parser
+
+    parser = get_args_parser()
+    parser.error = lambda message: (_ for _ in ()).throw(ValueError(message))
+    try:
+        parser._parse_optional(option)
+    except ValueError:
+        return False
+    return True
+
+
+def test_every_option_has_a_spelling_torchrun_accepts():
+    import argparse
+
+    from robustops.cli import build_parser
+
+    sub = next(a for a in build_parser("*")._actions if isinstance(a, argparse._SubParsersAction))
+    missing = []
+    for command, parser in sub.choices.items():
+        spellings = {}
+        for action in parser._actions:
+            spellings.setdefault(action.dest, []).extend(action.option_strings)
+        missing += [f"{command} {'/'.join(opts)}" for dest, opts in spellings.items()
+                    if opts and not any(_accepted_by_torchrun(o) for o in opts)]
+    assert not missing
+    assert not _accepted_by_torchrun("--n") and _accepted_by_torchrun("--num-samples")
+
+
+def _readme_torchrun_lines():
+    with open(os.path.join(ROOT, "README.md")) as fh:
+        return [line.strip() for line in fh if line.startswith("torchrun --standalone")]
+
+
+def test_the_readmes_torchrun_lines_run(tmp_path):
+    """Each torchrun line of the README, at small sizes, in a fresh directory."""
+    lines = _readme_torchrun_lines()
+    assert [line.split()[6] for line in lines] == ["train", "attack", "certify", "predict"]
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun not found")
+    small = {r"--epochs \d+": "--epochs 1", r"--num-samples \d+": "--num-samples 40", r"--max-samples \d+": ""}
+    for line in lines:
+        for pattern, repl in small.items():
+            line = re.sub(pattern, repl, line)
+        argv = [torchrun] + line.split()[1:] + ["--device", "cpu", "--no-progress"]
+        if argv[6] != "train":
+            argv += ["--max-samples", "24"]
+        p = subprocess.run(argv, cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=400)
+        assert p.returncode == 0, line + "\n" + p.stderr[-3000:]
+    for name in ("ddp-attack.tsv", "ddp-cert.tsv", "ddp-predict.tsv"):
+        assert len((tmp_path / name).read_text().splitlines()) == 25
