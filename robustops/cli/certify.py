@@ -75,7 +75,8 @@ def add_arguments(p: argparse.ArgumentParser, mode: str = "certify") -> None:
     if mode == "certify":
         g.add_argument("--n0", type=int, default=100, help="selection samples per input")
         alias(g, "--N0", dest="n0", type=int)
-    g.add_argument("--n", type=int, default=100_000, help="estimation samples per input")
+    g.add_argument("--n", "--num-samples", dest="n", type=int, default=100_000, help="estimation samples per input "
+                   "(--num-samples: the spelling torchrun accepts)")
     alias(g, "--N", dest="n", type=int)
     g.add_argument("--alpha", type=fraction("alpha"), default=0.001, help="failure probability")
     g.add_argument("--batch-size", type=int, default=1000,
