@@ -174,7 +174,8 @@ def _torchrun(*args, nproc=2):
                           timeout=300)
 
 
-@pytest.mark.parametrize("attack", [["--attack", "pgd", "--restarts", "2"], ["--attack", "apgd-t", "--n-target-classes", "2"]])
+@pytest.mark.parametrize("attack", [["--attack", "pgd", "--restarts", "2"],
+                                    ["--attack", "apgd-t", "--n-target-classes", "2"]])
 def test_torchrun_attack_gives_the_rows_of_one_process(ckpt, tmp_path, attack):
     """Other processes and batch sizes, the same rows (--suite excepted: its later attacks draw the random
     starts of a batch's survivors from the first survivor's index, see robust_accuracy)."""
@@ -243,3 +244,38 @@ def test_the_readmes_torchrun_lines_run(tmp_path):
         assert p.returncode == 0, line + "\n" + p.stderr[-3000:]
     for name in ("ddp-attack.tsv", "ddp-cert.tsv", "ddp-predict.tsv"):
         assert len((tmp_path / name).read_text().splitlines()) == 25
+
+
+# ------------------------------------------------------------------------------------ smaller things
+
+def test_certify_off_a_terminal_says_progress_lists_certifiable_radii_and_leaves_no_lock(ckpt, tmp_path):
+    out = tmp_path / "c.tsv"
+    p = robustops(*COMMANDS["certify"], "--checkpoint", ckpt, "-o", out, "--max-samples", "40", "--inputs-per-call", "4")
+    assert p.returncode == 0, p.stderr
+    progress = [ln for ln in p.stdout.splitlines() if re.match(r"robustops certify: \d+/40 inputs", ln)]
+    assert len(progress) >= 5 and progress[-1].startswith("robustops certify: 40/40 inputs (100%)")
+    table = next(ln for ln in p.stdout.splitlines() if ln.startswith("certified accuracy:"))
+    # n = 40 at alpha 0.01 certifies at most 0.25 * Phi^-1(0.01 ** (1/40)) = 0.308 < 0.5
+    assert "r=0.25:" in table and "r=0.5" not in table and "no radius past 0.308" in table
+    assert sorted(os.listdir(tmp_path)) == ["c.tsv", "c.tsv.json"]
+
+
+def test_no_lock_file_is_left_by_train_or_attack(ckpt, tmp_path):
+    p = robustops("train", "--method", "natural", "--epochs", "1", "--test-steps", "0", "--out", tmp_path / "run",
+                  "--no-progress")
+    assert p.returncode == 0, p.stderr
+    assert not (tmp_path / "run" / ".lock").exists()
+    p = robustops(*ATTACK, "--checkpoint", ckpt, "--max-samples", "20", "--out", tmp_path / "a.tsv")
+    assert p.returncode == 0, p.stderr
+    assert _leftovers(tmp_path, "a.tsv") == []
+
+
+def test_a_stray_label_in_training_data_is_named(tmp_path):
+    x, y = load_digits("train").tensors
+    y = y.clone()
+    y[5] = 12
+    np.savez(tmp_path / "d.npz", x_train=x.numpy(), y_train=y.numpy())
+    p = robustops("train", "--data", tmp_path / "d.npz", "--method", "natural", "--epochs", "1", "--test-steps", "0",
+                  "--out", tmp_path / "run", "--no-progress")
+    assert p.returncode == 0, p.stderr
+    assert "13 classes" in p.stderr and "classes 10, 11 have no training sample" in p.stderr

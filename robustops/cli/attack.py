@@ -331,7 +331,8 @@ def _evaluate(args, model, dataset, info, norm, eps, d, pmodel=None, results=Non
     except (ValueError, TypeError) as e:
         raise CLIError(str(e)) from None
     out = results.open_part(d.rank) if results is not None else None
-    writer = RowWriter(out, len(mine), "+".join(names), args.progress and d.rank == 0)
+    writer = RowWriter(out, len(mine), "+".join(names), args.progress and d.rank == 0,
+                       lines="attack" if d.rank == 0 else None)
     rows, t0 = [], time.perf_counter()
     try:
         for batch in _batches(rodata.IndexedDataset(dataset), mine, args.batch_size):

@@ -230,7 +230,7 @@ def _run(args, mode: str, certifier: Certifier, s: Settings, results: ResultsFil
     # when the run completes, merged from the part files.
     out = results.open_part(d.rank)
     try:
-        writer = RowWriter(out, len(mine), mode, progress and d.rank == 0)
+        writer = RowWriter(out, len(mine), mode, progress and d.rank == 0, lines=mode if d.rank == 0 else None)
         rows = Rows(writer)
         try:
             certifier.run(args, s, step, Inputs(dataset, mine, args.workers, d.device), rows)

@@ -16,7 +16,7 @@ if TYPE_CHECKING:  # annotations only: torch is imported where it is used
 
 __all__ = ["CLIError", "Parser", "fraction", "fractions", "parse_fraction", "alias", "Renamed", "pick_device", "Dist",
            "distributed", "add_common", "setup_run", "physical_cores", "require_min", "check_data_spec",
-           "split_holdout", "load_data", "model_classes", "check_model_accepts", "check_writable", "exclusive", "agree",
+           "split_holdout", "load_data", "model_classes", "warn_empty_classes", "check_model_accepts", "check_writable", "exclusive", "agree",
            "checkpoint_meta", "write_summary", "DIGITS_MODEL", "fmt_pct"]
 
 
@@ -277,6 +277,25 @@ def load_data(spec: str, split: str, flag: str = "--data", validate: bool = True
         msg = str(e)
         raise CLIError(msg if msg.startswith(flag) else f"{flag} {spec!r}: {msg}") from None
     return ds, info
+
+
+def warn_empty_classes(dataset, info: dict, command: str, flag: str = "--data") -> None:
+    """A warning line on stderr when the training labels name classes without a sample (labels 0..9 and
+    one 12 make a 13-class model with 2 empty classes): the class count is the largest label + 1."""
+    import sys
+
+    import torch
+
+    tensors = getattr(dataset, "tensors", None)
+    if not tensors or len(tensors) < 2:
+        return
+    k = int(info.get("num_classes") or 0)
+    counts = torch.bincount(tensors[1].long().flatten(), minlength=k)
+    empty = [str(c) for c in (counts[:k] == 0).nonzero().flatten().tolist()]
+    if empty:
+        print(f"robustops {command}: warning: {flag}: the labels run to {k - 1}, so the model gets {k} classes, but "
+              f"class{'es' if len(empty) > 1 else ''} {', '.join(empty[:10])}{' ...' if len(empty) > 10 else ''} "
+              f"{'have' if len(empty) > 1 else 'has'} no training sample (a wrong label?)", file=sys.stderr)
 
 
 def model_classes(model, dataset, info: dict, spec: str, split: str, flag: str = "--data") -> dict:

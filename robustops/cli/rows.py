@@ -213,24 +213,41 @@ class ResultsFile:
 
 
 class RowWriter:
-    """Rows appended to an open file as inputs are done, each flushed at once (a killed run keeps every
-    row it finished), with a progress bar over total inputs."""
+    """Rows appended to an open file (None: no file) as inputs are done, each flushed at once (a killed
+    run keeps every row it finished), with a progress bar over total inputs; without the bar (stderr not
+    a terminal, or --no-progress) and with lines (the command's name), plain progress lines on stdout:
+    one per tenth of the inputs, and one at least every minute."""
 
-    def __init__(self, fh, total: int, desc: str, show: bool):
+    def __init__(self, fh, total: int, desc: str, show: bool, lines: Optional[str] = None):
+        import time
+
         from tqdm.auto import tqdm
 
-        self.fh = fh
+        self.fh, self.total, self.done = fh, total, 0
         self.bar = tqdm(total=total, desc=desc, unit="input", disable=not show, dynamic_ncols=True)
+        self.lines = None if show else lines
+        self.t0 = self.last = time.perf_counter()
+        self.next = 1
 
     def write(self, line: str) -> None:
         self.fh.write(line + "\n")
         self.fh.flush()
 
     def tick(self, n: int, **postfix) -> None:
-        """n more inputs done; postfix: what the bar shows beside its count."""
+        """n more inputs done; postfix: what the bar (or the progress line) shows beside its count."""
+        import time
+
         self.bar.update(n)
         if postfix:
             self.bar.set_postfix(**postfix)
+        self.done += n
+        now = time.perf_counter()
+        if self.lines and self.total and (self.done * 10 >= self.next * self.total or now - self.last >= 60):
+            self.next = self.done * 10 // self.total + 1
+            self.last = now
+            extra = "".join(f", {k} {v}" for k, v in postfix.items())
+            print(f"robustops {self.lines}: {self.done}/{self.total} inputs ({100 * self.done // self.total}%)"
+                  f"{extra}, {now - self.t0:.1f}s", flush=True)
 
     def close(self) -> None:
         """Closes the bar (the file is its opener's)."""
