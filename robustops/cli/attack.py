@@ -144,8 +144,8 @@ def _steps(args, name: str) -> int:
 def _attack(args, model, info, norm: str, eps: float, name: str, pmodel=None):
     """The attack of this run (one of a suite). Every torchrun rank uses the seed of a single process
     (derive_seed(seed, 0)), and robust_accuracy keys each input's random start by its global index (the
-    offset of a batch of consecutive indices): rows do not depend on the number of processes, the
-    batching or a resume."""
+    offset of a batch of consecutive indices): each input is attacked the same way whatever the number
+    of processes, the batching or a resume (a batched model's figures may differ in their last digits)."""
     from .. import _rng, attacks
 
     mean = std = None
