@@ -256,3 +256,16 @@ def rank_loader(dataset, rank: int, world: int, batch_size: int = 32):
 
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False)
     return DataLoader(dataset, batch_size=batch_size // world, sampler=sampler)
+
+
+def wait_for(path, proc, deadline=120) -> None:
+    """Waits until path exists while the subprocess proc runs (AssertionError with its stderr if it ends
+    first, or after deadline seconds)."""
+    import time
+
+    end = time.time() + deadline
+    while time.time() < end and proc.poll() is None:
+        if os.path.exists(path):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{path} never appeared: " + (proc.stderr.read() if proc.poll() is not None else ""))

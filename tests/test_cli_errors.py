@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import assert_one_line_error, train_digits_model
+from helpers import assert_one_line_error, train_digits_model, wait_for
 from robustops.models import save_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -146,22 +146,13 @@ def test_certify_resume_refuses_other_settings_and_failed_reruns_keep_the_result
     assert digest(out) == before
 
 
-def _wait_for(path, proc, deadline=120):
-    end = time.time() + deadline
-    while time.time() < end and proc.poll() is None:
-        if os.path.exists(path):
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"{path} never appeared: " + (proc.stderr.read() if proc.poll() is not None else ""))
-
-
 def test_a_second_run_on_the_same_output_fails_at_once(ckpt, tmp_path):
     out = tmp_path / "busy.tsv"
     slow = ["--sigma", "0.25", "--N0", "16", "--N", "20000", "--alpha", "0.01", "--batch", "500", "--no-progress"]
     first = subprocess.Popen([sys.executable, "-m", "robustops", "certify", "--checkpoint", ckpt, "-o", str(out)]
                              + slow, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        _wait_for(str(out) + ".rank0.part", first)
+        wait_for(str(out) + ".rank0.part", first)
         t0 = time.time()
         p = robustops("certify", "--checkpoint", ckpt, "-o", out, "--resume", *slow)
         assert_one_line_error(p, "in use by another robustops run")
@@ -174,7 +165,7 @@ def test_a_second_run_on_the_same_output_fails_at_once(ckpt, tmp_path):
                               "--out", str(run), "--no-progress"], cwd=ROOT, env=env(), stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE, text=True)
     try:
-        _wait_for(str(run / "log.csv"), first)
+        wait_for(str(run / "log.csv"), first)
         p = robustops("train", "--method", "pgd", "--epochs", "50", "--out", run, "--no-progress")
         assert_one_line_error(p, "--out", "in use by another robustops run")
     finally:

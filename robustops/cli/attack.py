@@ -5,7 +5,9 @@ sweep, inputs sharded over torchrun processes."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import json
 import math
 import os
 
@@ -13,14 +15,16 @@ from .common import (
     CLIError,
     Renamed,
     add_common,
+    agree,
     alias,
-    check_model_accepts,
     check_writable,
     checkpoint_meta,
     distributed,
+    exclusive,
     fraction,
     fractions,
     load_data,
+    model_classes,
     require_min,
     setup_run,
     write_summary,
@@ -74,7 +78,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fgsm", dest="attack", action="store_const", const="fgsm", help=argparse.SUPPRESS)
     p.add_argument("--suite", default=None, choices=sorted(SUITES),
                    help="autoattack: APGD-CE, then APGD-T on the samples it left robust (FAB-T and Square are "
-                        "not implemented: the robust accuracy is an upper bound of AutoAttack's)")
+                        "not implemented: the robust accuracy is an upper bound of AutoAttack's). Its rows depend "
+                        "on --batch-size and the number of processes: APGD-T's random starts in a batch are keyed "
+                        "by the index of the batch's first survivor")
     p.add_argument("--steps", type=int, default=None, help="iterations (None: 10 for pgd, 100 for apgd-* and --suite)")
     p.add_argument("--restarts", type=int, default=1)
     p.add_argument("--n-target-classes", type=int, default=9, help="apgd-t: target classes per sample (capped at "
@@ -88,7 +94,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--out", default=None,
                    help="per-sample results TSV (with --eps-sweep: the sweep's CSV), written when the attack has "
                         "run, with a JSON summary beside it")
-    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing --out (once this run has finished; until then the old one stays)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run: keep the complete rows of --out, attack the rest (refused "
+                        "when a setting that changes the rows differs from the run's)")
     p.add_argument("--early-stop", action="store_true", help="samples that are fooled leave the batch")
     p.add_argument("--graph", action="store_true", help="CUDA-graph replay of the attack iteration (CUDA only; pgd "
                    "and fgsm)")
@@ -131,7 +141,11 @@ def _steps(args, name: str) -> int:
     return args.steps if args.steps is not None else (10 if name in ("pgd", "fgsm") else 100)
 
 
-def _attack(args, model, info, norm: str, eps: float, rank: int, name: str, pmodel=None):
+def _attack(args, model, info, norm: str, eps: float, name: str, pmodel=None):
+    """The attack of this run (one of a suite). Every torchrun rank uses the seed of a single process
+    (derive_seed(seed, 0)), and robust_accuracy keys each input's random start by its global index (the
+    offset of a batch of consecutive indices): each input is attacked the same way whatever the number
+    of processes, the batching or a resume (a batched model's figures may differ in their last digits)."""
     from .. import _rng, attacks
 
     mean = std = None
@@ -143,9 +157,9 @@ def _attack(args, model, info, norm: str, eps: float, rank: int, name: str, pmod
     if pmodel is not None:
         return attacks.LatentPGD(model, pmodel, eps=eps, alpha=args.alpha, steps=_steps(args, name),
                                  restarts=args.restarts, random_start=args.random_start, early_stop=args.early_stop,
-                                 loss=args.loss, seed=_rng.derive_seed(args.seed, rank), dtype=amp, mean=mean,
+                                 loss=args.loss, seed=_rng.derive_seed(args.seed, 0), dtype=amp, mean=mean,
                                  std=std)
-    common = dict(norm=norm, mean=mean, std=std, early_stop=args.early_stop, seed=_rng.derive_seed(args.seed, rank),
+    common = dict(norm=norm, mean=mean, std=std, early_stop=args.early_stop, seed=_rng.derive_seed(args.seed, 0),
                   dtype=amp, restarts=args.restarts)
     if name.startswith("apgd"):
         if name == "apgd-t":
@@ -158,18 +172,15 @@ def _attack(args, model, info, norm: str, eps: float, rank: int, name: str, pmod
     return attacks.PGD(model, eps=eps, alpha=args.alpha, steps=_steps(args, name), **common)
 
 
-def _gather(d, rows, stats):
-    """Rank 0 receives every rank's rows and the summed counts."""
+def _gather(d, rows, seconds: float):
+    """Rank 0 receives every rank's rows and the slowest rank's seconds."""
     import torch.distributed as dist
 
     gathered = [None] * d.world if d.rank == 0 else None
-    dist.gather_object((rows, stats), gathered, dst=0)
+    dist.gather_object((rows, seconds), gathered, dst=0)
     if d.rank != 0:
-        return rows, stats
-    parts = [s for _, s in gathered]
-    summed = [sum(s[k] for s in parts) for k in range(len(parts[0]))]
-    summed[3] = max(s[3] for s in parts)  # seconds: the slowest rank
-    return [r for part_rows, _ in gathered for r in part_rows], summed
+        return rows, seconds
+    return [r for part_rows, _ in gathered for r in part_rows], max(t for _, t in gathered)
 
 
 def _threat_model(args, meta: dict):
@@ -228,8 +239,6 @@ def _load_perturbation_model(args):
 def _load(args):
     """Everything checked before the attack runs: (model, dataset, info, norm, eps, its source, the
     perturbation model or None); norm is "learned" for --threat learned."""
-    import torch
-
     from .. import models
 
     require_min(steps=(args.steps if args.steps is not None else 1, 1), restarts=(args.restarts, 1),
@@ -252,14 +261,19 @@ def _load(args):
             raise CLIError(f"{flag} must be a finite number >= 0, got {v}")
     if args.out:
         check_writable(args.out, "--out")
-        if os.path.exists(args.out) and not args.force:
-            raise CLIError(f"--out {args.out} already exists; --force replaces it")
-    dataset, info = load_data(args.data, args.split)
+        if args.resume and (args.force or args.eps_sweep):
+            raise CLIError("--resume continues a result and --force replaces it: give one of them" if args.force
+                           else "--resume: an --eps-sweep is not resumable; --force replaces its CSV")
+        if os.path.exists(args.out) and not (args.force or args.resume):
+            raise CLIError(f"--out {args.out} already exists; --resume continues it, --force replaces it")
+    if args.resume and not args.out:
+        raise CLIError("--resume continues the rows of --out: give --out")
+    dataset, info = load_data(args.data, args.split, validate=False)  # its class count is the model's
     try:
         model = models.load_model(args.checkpoint, name=args.model)
     except (ValueError, FileNotFoundError, KeyError, RuntimeError) as e:
         raise CLIError(str(e) if str(e).startswith("--") else f"--checkpoint {args.checkpoint!r}: {e}") from None
-    check_model_accepts(model, info, torch.device("cpu"))
+    info = model_classes(model, dataset, info, args.data, args.split)
     if args.threat == "learned":
         pmodel, eps, source = _load_perturbation_model(args)
         return model, dataset, info, "learned", eps, source, pmodel
@@ -267,40 +281,115 @@ def _load(args):
     return model, dataset, info, norm, eps, source, None
 
 
-def _evaluate(args, model, dataset, info, norm, eps, d, pmodel=None):
-    """(rows, [n, clean, robust, seconds, robust after each attack...]) of this run's attack (or its
-    suite, through robust_accuracy's ensemble) at eps, gathered on rank 0."""
-    from torch.utils.data import DataLoader, Subset
+def _columns(args) -> list:
+    """The TSV's columns of this run (robust_accuracy's per-sample columns for its attacks)."""
+    names = _attacks(args)
+    extra = {"latent_l2": args.threat == "learned", "target": False, "attack": len(names) > 1}  # targets: chosen inside
+    return [c for c in RESULT_COLUMNS if extra.get(c, True)]
+
+
+def results_file(path: str, columns) -> ResultsFile:
+    """attack's per-sample TSV at path with these columns, as the shared results file (rows, lock, resume)."""
+    parse = {"linf": float, "l2": float, "latent_l2": float, "attack": str}
+    return ResultsFile(path, "\t".join(columns), [parse.get(c, int) for c in columns[1:]])
+
+
+def _batches(dataset, todo: list, size: int):
+    """(x, y, indices) batches of at most size inputs of dataset, each of consecutive indices (its random
+    starts are then keyed by each input's global index)."""
+    import torch
+    from torch.utils.data import default_collate
+
+    run: list = []
+    for i in todo + [None]:
+        if run and (i is None or i != run[-1] + 1 or len(run) == size):
+            x, y = default_collate([dataset[j][:2] for j in run])
+            yield x, torch.as_tensor(y), torch.tensor(run)
+            run = []
+        if i is not None:
+            run.append(i)
+
+
+def _evaluate(args, model, dataset, info, norm, eps, d, pmodel=None, results=None):
+    """(rows, [n, clean, robust, seconds, robust after each attack...]) on rank 0, over every selected
+    input: this rank's contiguous share of the inputs still to do is attacked a batch at a time, its
+    rows appended to its part file of results (when given, else gathered), rank 0 merging them."""
+    import time
 
     from .. import attacks
     from .. import data as rodata
+    from .rows import RowWriter
 
-    if args.max is not None:
-        dataset = Subset(dataset, list(range(min(args.max, len(dataset)))))
-    part = rodata.shard(dataset, d.rank, d.world) if d.distributed else dataset
-    loader = DataLoader(rodata.IndexedDataset(part), batch_size=args.batch_size, shuffle=False)
+    stop = len(dataset) if args.max is None else min(max(args.max, 0), len(dataset))
+    done = results.done() if results is not None else set()
+    todo = [i for i in range(stop) if i not in done]
+    share = -(-len(todo) // d.world)
+    mine = todo[d.rank * share:(d.rank + 1) * share]
+    d.barrier()  # everyone has read the part files before any is truncated
     names = _attacks(args)
     try:
-        chosen = [_attack(args, model, info, norm, eps, d.rank, name, pmodel) for name in names]
+        chosen = [_attack(args, model, info, norm, eps, name, pmodel) for name in names]
     except (ValueError, TypeError) as e:
         raise CLIError(str(e)) from None
-    res = attacks.robust_accuracy(model, loader, chosen if len(chosen) > 1 else chosen[0], device=d.device,
-                                  progress=args.progress and d.rank == 0, desc="+".join(names))
-    rows = result_rows(res["samples"])
-    if len(names) > 1:
-        for row in rows:
-            row["attack"] = names[int(row["attack"])]
-    stats = [res["n"], res["clean_correct"], res["robust_correct"], res["time_s"]]
-    stats += [round(a * res["n"]) for a in res.get("robust_acc_after", [])]
+    out = results.open_part(d.rank) if results is not None else None
+    writer = RowWriter(out, len(mine), "+".join(names), args.progress and d.rank == 0,
+                       lines="attack" if d.rank == 0 else None)
+    rows, t0 = [], time.perf_counter()
+    try:
+        for batch in _batches(rodata.IndexedDataset(dataset), mine, args.batch_size):
+            res = attacks.robust_accuracy(model, [batch], chosen if len(chosen) > 1 else chosen[0], device=d.device,
+                                          progress=False)
+            part = result_rows(res["samples"])
+            for row in part:
+                if len(names) > 1:
+                    row["attack"] = names[int(row["attack"])]
+                if out is not None:
+                    writer.write("\t".join(str(row[c]) for c in results.header.split("\t")))
+            rows += part
+            writer.tick(len(part))
+    finally:
+        writer.close()
+        if out is not None:
+            out.close()
+    seconds = time.perf_counter() - t0
     if d.distributed:
-        rows, stats = _gather(d, rows, stats)
-    return rows, stats
+        rows, seconds = _gather(d, rows, seconds)
+    d.barrier()
+    if d.rank == 0 and results is not None:
+        header = results.header.split("\t")
+        rows = [dict(zip(header, line.split("\t"))) for line in results.merge()]
+    return rows, _stats(rows, names, seconds)
+
+
+def _stats(rows, names, seconds: float) -> list:
+    """[n, clean, robust, seconds, robust after each attack of a suite...] of rows (TSV fields or values)."""
+    stats = [len(rows), sum(int(r["clean_correct"]) for r in rows), sum(int(r["robust_correct"]) for r in rows),
+             seconds]
+    if len(names) > 1:  # robust after attack k: robust in the end, or broken only by a later attack
+        pos = {name: k for k, name in enumerate(names)}
+        stats += [sum(int(r["robust_correct"]) or int(int(r["clean_correct"]) and pos[r["attack"]] > k) for r in rows)
+                  for k in range(len(names))]
+    return stats
 
 
 def run(args) -> int:
     model, dataset, info, norm, eps, source, pmodel = _load(args)
     setup_run(args, sample_numel=math.prod(info["input_shape"]))
-    with distributed(args.device) as d:
+    final = results_file(args.out, _columns(args)) if args.out and not args.eps_sweep else None
+    results = final.aside() if final is not None and args.force else final  # --force: replaced when done
+    with distributed(args.device) as d, contextlib.ExitStack() as stack:
+        error = None
+        if d.rank == 0 and args.out:
+            try:
+                stack.enter_context(exclusive(args.out + ".lock", f"--out {args.out}"))
+                if final is not None:
+                    final.prepare(_settings(args, norm, eps), resume=args.resume, force=args.force, command="attack",
+                                  other_kind=lambda old, new: None)
+                elif os.path.exists(args.out) and not args.force:
+                    raise CLIError(f"--out {args.out} already exists; --force replaces it")
+            except CLIError as e:
+                error = str(e)
+        agree(d, error)
         model = model.to(d.device)
         if pmodel is not None:
             pmodel = pmodel.to(d.device)
@@ -316,10 +405,25 @@ def run(args) -> int:
             if d.rank == 0:
                 _report_sweep(args, info, norm, table)
             return 0
-        rows, stats = _evaluate(args, model, dataset, info, norm, eps, d, pmodel)
+        try:
+            _, stats = _evaluate(args, model, dataset, info, norm, eps, d, pmodel, results)
+        except Exception:
+            if results is not None:
+                results.discard_empty(d.rank)  # failed before its first row: no files left
+            raise
         if d.rank == 0:
-            _report(args, info, norm, eps, source, d, rows, stats)
+            _report(args, info, norm, eps, source, d, stats, results, final)
     return 0
+
+
+def _settings(args, norm: str, eps: float) -> dict:
+    """The settings that change the rows, stored beside the TSV (a resumed run must have the same)."""
+    keys = ("model", "data", "split", "threat", "attack", "suite", "steps", "restarts", "n_target_classes", "loss",
+            "random_start", "early_stop", "amp", "normalize", "seed")
+    out = {k: getattr(args, k) for k in keys}
+    out.update(checkpoint=os.path.abspath(args.checkpoint), norm=norm, eps=eps, step_size=args.alpha,
+               perturbation_model=args.perturbation_model and os.path.abspath(args.perturbation_model))
+    return out
 
 
 def _describe(args, norm: str) -> str:
@@ -330,7 +434,7 @@ def _describe(args, norm: str) -> str:
     return " + ".join(parts)
 
 
-def _report(args, info, norm, eps, source, d, rows, stats) -> None:
+def _report(args, info, norm, eps, source, d, stats, results, final) -> None:
     n, clean, robust, elapsed = stats[:4]
     what = _describe(args, norm)
     print(f"{what} {norm} eps={eps:.6g} (from {source}) restarts={args.restarts} on {info['name']}/{args.split} "
@@ -344,8 +448,7 @@ def _report(args, info, norm, eps, source, d, rows, stats) -> None:
               f"bound of full AutoAttack's")
     print(f"clean_acc {clean / max(n, 1):.4f}  robust_acc {robust / max(n, 1):.4f}  n {n}  "
           f"clean_correct {clean}  robust_correct {robust}")
-    if args.out:
-        save_results(args.out, rows)
+    if results is not None:
         record = {"command": "attack", "attack": what, "attacks": list(names), "norm": norm, "eps": eps,
                   "eps_source": source, "steps": {k: _steps(args, k) for k in names}, "restarts": args.restarts,
                   "checkpoint": os.path.abspath(args.checkpoint), "data": args.data, "split": args.split, "n": n,
@@ -358,8 +461,12 @@ def _report(args, info, norm, eps, source, d, rows, stats) -> None:
             record["perturbation_model"] = os.path.abspath(args.perturbation_model)
         if stages:
             record.update(robust_acc_after=stages, not_run=list(SUITE_MISSING[args.suite]))
-        summary = write_summary(args.out + ".json", record)
-        print(f"per-sample results: {args.out}; summary: {summary}")
+        with open(results.settings_path) as fh:
+            stored = json.load(fh)  # the settings a --resume checks
+        write_summary(results.settings_path, {**record, **stored})
+        if results is not final:
+            results.replace(final)
+        print(f"per-sample results: {args.out}; summary: {final.settings_path}")
 
 
 def _report_sweep(args, info, norm, table) -> None:

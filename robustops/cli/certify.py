@@ -31,6 +31,7 @@ from .common import (
     exclusive,
     fraction,
     load_data,
+    model_classes,
     require_min,
     run_setup,
 )
@@ -74,7 +75,8 @@ def add_arguments(p: argparse.ArgumentParser, mode: str = "certify") -> None:
     if mode == "certify":
         g.add_argument("--n0", type=int, default=100, help="selection samples per input")
         alias(g, "--N0", dest="n0", type=int)
-    g.add_argument("--n", type=int, default=100_000, help="estimation samples per input")
+    g.add_argument("--n", "--num-samples", dest="n", type=int, default=100_000, help="estimation samples per input "
+                   "(--num-samples: the spelling torchrun accepts)")
     alias(g, "--N", dest="n", type=int)
     g.add_argument("--alpha", type=fraction("alpha"), default=0.001, help="failure probability")
     g.add_argument("--batch-size", type=int, default=1000,
@@ -125,7 +127,8 @@ def run(args, mode: str = "certify") -> int:
     certifier = certifiers.choose(args, mode)
     dataset, info, s = _load(args, certifier)
     threads, progress = run_setup(args, sample_numel=math.prod(info["input_shape"]))
-    results = certifier.results(args.out)
+    final = certifier.results(args.out)
+    results = final.aside() if args.force else final  # --force: the old result stays until this one is done
     # gloo: the ranks only meet at barriers, possibly after days of work (hence the timeout).
     with distributed(args.device, backend="gloo", timeout=datetime.timedelta(days=7)) as d, \
             contextlib.ExitStack() as stack:
@@ -133,14 +136,18 @@ def run(args, mode: str = "certify") -> int:
         if d.rank == 0:
             try:
                 stack.enter_context(exclusive(args.out + ".lock", f"-o {args.out}"))
-                results.prepare(certifier.settings(args, s), resume=args.resume, force=args.force, command=mode,
-                                other_kind=_other_kind)
+                final.prepare(certifier.settings(args, s), resume=args.resume, force=args.force, command=mode,
+                              other_kind=_other_kind)
             except CLIError as e:
                 error = str(e)
         agree(d, error)
-        _run(args, mode, certifier, s, results, dataset, info, progress, d)
+        try:
+            _run(args, mode, certifier, s, results, dataset, info, progress, d)
+        except Exception:
+            results.discard_empty(d.rank)  # a run that failed before its first row leaves no files
+            raise
         if d.rank == 0:
-            _finish(args, mode, certifier, s, results, info, threads)
+            _finish(args, mode, certifier, s, results, info, threads, final)
         d.barrier()
     return 0
 
@@ -162,15 +169,34 @@ def _load(args, certifier: Certifier):
     check_writable(args.out, "-o")
     if getattr(args, "plot", None):
         check_writable(args.plot, "--plot")
-    dataset, info = load_data(args.data, args.split)
+    dataset, info = load_data(args.data, args.split, validate=False)  # its class count is the model's
     C, H, W = info["input_shape"]
-    kwargs = {"num_classes": int(info["num_classes"]), "in_channels": C, "input_size": H} if args.model else {}
+    kwargs = {"in_channels": C, "input_size": H} if args.model else {}
     try:
+        if args.model:
+            kwargs.update(_stored_classes(args.checkpoint))
         model = romodels.load_model(args.checkpoint, name=args.model, **kwargs)
     except (FileNotFoundError, ValueError, TypeError, RuntimeError) as e:
         raise CLIError(f"--checkpoint {args.checkpoint!r}: {e}") from None
+    info = model_classes(model, dataset, info, args.data, args.split)
     ckpt = Checkpoint(model, checkpoint_meta(args.checkpoint, model), dataset, info)
     return dataset, info, certifier.check(args, ckpt)
+
+
+def _stored_classes(path: str) -> dict:
+    """{"num_classes": the rows of the last 2-D weight} of a state dict (--model: its classifier's width),
+    or {} (the model's default) when the file holds none: the class count comes from the weights, never
+    from the data."""
+    import torch
+
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - TorchScript / export files: load_model reads them
+        return {}
+    state = obj.get("state_dict", obj) if isinstance(obj, dict) else {}
+    weights = [v for k, v in state.items() if str(k).endswith("weight") and getattr(v, "dim", lambda: 0)() == 2] \
+        if isinstance(state, dict) else []
+    return {"num_classes": int(weights[-1].shape[0])} if weights else {}
 
 
 def _other_kind(old: dict, new: dict):
@@ -205,7 +231,7 @@ def _run(args, mode: str, certifier: Certifier, s: Settings, results: ResultsFil
     # when the run completes, merged from the part files.
     out = results.open_part(d.rank)
     try:
-        writer = RowWriter(out, len(mine), mode, progress and d.rank == 0)
+        writer = RowWriter(out, len(mine), mode, progress and d.rank == 0, lines=mode if d.rank == 0 else None)
         rows = Rows(writer)
         try:
             certifier.run(args, s, step, Inputs(dataset, mine, args.workers, d.device), rows)
@@ -223,9 +249,14 @@ def _run(args, mode: str, certifier: Certifier, s: Settings, results: ResultsFil
     d.barrier()
 
 
-def _finish(args, mode: str, certifier: Certifier, s: Settings, results: ResultsFile, info, threads: int) -> None:
-    """Rank 0, after every rank's rows: the merged TSV, the table, the summary (and plot)."""
+def _finish(args, mode: str, certifier: Certifier, s: Settings, results: ResultsFile, info, threads: int,
+            final: ResultsFile) -> None:
+    """Rank 0, after every rank's rows: the merged TSV, the table, the summary (and plot); a --force run's
+    result (written aside) then replaces the old one."""
     lines = results.merge()
     print(f"{len(lines)} inputs {'certified' if mode == 'certify' else 'predicted'} -> {args.out}")
     summary = certifier.summary(args, s, [line.split("\t") for line in lines], info, threads)
-    print(f"summary -> {results.add_summary(summary)}")
+    results.add_summary(summary)
+    if results is not final:
+        results.replace(final)
+    print(f"summary -> {final.settings_path}")

@@ -16,7 +16,7 @@ if TYPE_CHECKING:  # annotations only: torch is imported where it is used
 
 __all__ = ["CLIError", "Parser", "fraction", "fractions", "parse_fraction", "alias", "Renamed", "pick_device", "Dist",
            "distributed", "add_common", "setup_run", "physical_cores", "require_min", "check_data_spec",
-           "split_holdout", "load_data", "check_model_accepts", "check_writable", "exclusive", "agree",
+           "split_holdout", "load_data", "model_classes", "warn_empty_classes", "check_model_accepts", "check_writable", "exclusive", "agree",
            "checkpoint_meta", "write_summary", "DIGITS_MODEL", "fmt_pct"]
 
 
@@ -268,24 +268,65 @@ def check_data_spec(spec: str) -> None:
                        f"imagefolder:DIR)")
 
 
-def load_data(spec: str, split: str, flag: str = "--data"):
+def load_data(spec: str, split: str, flag: str = "--data", validate: bool = True):
     """(dataset, info) of a data spec, validated (robustops.data.validate) before any work; every
-    problem becomes one CLIError line that names the flag and the source."""
+    problem becomes one CLIError line that names the flag and the source. validate=False: for a
+    command that evaluates a model, whose class count comes from the model (:func:`model_classes`
+    validates then)."""
     from .. import data as rodata
 
     check_data_spec(spec)
     try:
         ds, info = rodata.get_dataset(spec, split)
-        rodata.validate(ds, info, f"{flag} {spec} ({split})")
+        if validate:
+            rodata.validate(ds, info, f"{flag} {spec} ({split})")
     except (FileNotFoundError, KeyError, ValueError, TypeError, OSError) as e:
         msg = str(e)
         raise CLIError(msg if msg.startswith(flag) else f"{flag} {spec!r}: {msg}") from None
     return ds, info
 
 
-def check_model_accepts(model, info: dict, device, flag: str = "--checkpoint") -> None:
+def warn_empty_classes(dataset, info: dict, command: str, flag: str = "--data") -> None:
+    """A warning line on stderr when the training labels name classes without a sample (labels 0..9 and
+    one 12 make a 13-class model with 2 empty classes): the class count is the largest label + 1."""
+    import sys
+
+    import torch
+
+    tensors = getattr(dataset, "tensors", None)
+    if not tensors or len(tensors) < 2:
+        return
+    k = int(info.get("num_classes") or 0)
+    counts = torch.bincount(tensors[1].long().flatten(), minlength=k)
+    empty = [str(c) for c in (counts[:k] == 0).nonzero().flatten().tolist()]
+    if empty:
+        print(f"robustops {command}: warning: {flag}: the labels run to {k - 1}, so the model gets {k} classes, but "
+              f"class{'es' if len(empty) > 1 else ''} {', '.join(empty[:10])}{' ...' if len(empty) > 10 else ''} "
+              f"{'have' if len(empty) > 1 else 'has'} no training sample (a wrong label?)", file=sys.stderr)
+
+
+def model_classes(model, dataset, info: dict, spec: str, split: str, flag: str = "--data") -> dict:
+    """For a command that evaluates a model (attack, certify, predict): info with the model's class count
+    (the width of its logits), never the count the data's labels imply (labels 0..8, or one sample, on
+    a 10-class model are fine), and the data validated against it: a label past the model's last class
+    is refused in one line, as is a model that cannot take the data."""
+    import torch
+
+    from .. import data as rodata
+
+    width = check_model_accepts(model, dict(info, num_classes=0), torch.device("cpu"))
+    info = dict(info, num_classes=width)
+    try:
+        rodata.validate(dataset, info, f"{flag} {spec} ({split}; the model has {width} classes)")
+    except (ValueError, TypeError) as e:
+        raise CLIError(str(e)) from None
+    return info
+
+
+def check_model_accepts(model, info: dict, device, flag: str = "--checkpoint") -> int:
     """A forward pass on one zero input of the data's shape: a model that cannot take the data (a
-    digits model given 3x32x32 images) or names fewer classes fails here, in one line, before work."""
+    digits model given 3x32x32 images) or names fewer classes fails here, in one line, before work.
+    Returns the model's class count (the width of its logits)."""
     import torch
 
     shape = tuple(info["input_shape"])
@@ -296,10 +337,13 @@ def check_model_accepts(model, info: dict, device, flag: str = "--checkpoint") -
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CLIError(f"{flag}: the model does not accept {info['name']} inputs of shape {list(shape)} ({first})") \
             from None
-    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[1] < int(info["num_classes"]):
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[1] < max(int(info["num_classes"]), 1):
         got = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        if not info["num_classes"]:
+            raise CLIError(f"{flag}: the model must return logits [B, classes] for {info['name']}, got {got}")
         raise CLIError(f"{flag}: the model must return logits [B, >= {info['num_classes']}] for {info['name']} "
                        f"({info['num_classes']} classes), got {got}")
+    return int(out.shape[1])
 
 
 def check_writable(path: str, flag: str) -> None:
@@ -321,19 +365,35 @@ def check_writable(path: str, flag: str) -> None:
 @contextlib.contextmanager
 def exclusive(lock_path: str, what: str):
     """An exclusive lock (fcntl.flock on lock_path) for the duration: a second run on the same output
-    fails at once with a clear message instead of interleaving its writes with the first's."""
+    fails at once with a clear message instead of interleaving its writes with the first's. The lock
+    file is removed when the holder is done (while it still holds the lock); a run that locked a file
+    another run has removed meanwhile takes the lock again on the new one."""
     import fcntl
 
     os.makedirs(os.path.dirname(os.path.abspath(lock_path)) or ".", exist_ok=True)
-    fh = open(lock_path, "a+")
-    try:
+    for _ in range(100):
+        fh = open(lock_path, "a+")
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            fh.close()
             raise CLIError(f"{what} is in use by another robustops run (lock {lock_path}); wait for it to finish "
                            f"or choose another output") from None
+        try:
+            if os.stat(lock_path).st_ino == os.fstat(fh.fileno()).st_ino:
+                break  # the lock is on the file at lock_path, not on one its last holder removed
+        except FileNotFoundError:
+            pass
+        fh.close()
+    else:
+        raise CLIError(f"{what}: could not lock {lock_path} (removed again and again by other runs)")
+    try:
         yield
     finally:
+        try:
+            os.remove(lock_path)
+        except OSError:
+            pass
         fh.close()  # closing releases the lock
 
 

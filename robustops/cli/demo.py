@@ -59,7 +59,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ibp-eps-max", type=fraction("ibp-eps-max"), default=None,
                    help="largest L-inf radius of the IBP certification of every model (None: --eps; 0: skip it)")
     p.add_argument("--n0", type=int, default=100, help="CERTIFY selection samples")
-    p.add_argument("--n", type=int, default=1000, help="CERTIFY estimation samples")
+    p.add_argument("--n", "--num-samples", dest="n", type=int, default=1000, help="CERTIFY estimation samples")
     p.add_argument("--alpha", type=float, default=0.001, help="CERTIFY failure probability")
     p.add_argument("--certify-max", type=int, default=None, help="certify only the first N test images")
     p.add_argument("--certify-batch", type=int, default=2000, help="noisy samples per forward pass")

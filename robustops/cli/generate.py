@@ -21,7 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="digits",
                    help='the real data whose training split the generator fits (and --score compares against): '
                         '"digits", a .npz file, cifar10:DIR or imagefolder:DIR')
-    p.add_argument("--n", type=int, default=20000, help="samples to generate")
+    p.add_argument("--n", "--num-samples", dest="n", type=int, default=20000, help="samples to generate")
     p.add_argument("-o", "--out", default=None, help="the generated data (.npz with x, y; a JSON summary goes to "
                                                      "OUT.json); required unless --score-of")
     p.add_argument("--components", type=int, default=4, help="Gaussian mixture components per class")

@@ -3,8 +3,10 @@ first field (the input's index). A run writes its rows as they are done to a par
 rank (each row flushed at once, so a killed run keeps them); rank 0 merges the part files into the
 TSV, one row per index in index order, atomically. An interrupted run resumes from the complete rows of
 the TSV and of every part file (a row cut short by a kill, and anything after it, is dropped), after
-checking that the settings stored beside the TSV are those of the run that continues it. A command
-that writes its rows at once (robustops attack) uses only :meth:`ResultsFile.write`."""
+checking that the settings stored beside the TSV are those of the run that continues it. A --force run
+writes aside (:meth:`ResultsFile.aside`, OUT.new and its part and settings files) and replaces the old
+result only when it has finished (:meth:`ResultsFile.replace`); a run that fails before any row is done
+leaves no files (:meth:`ResultsFile.discard_empty`)."""
 from __future__ import annotations
 
 import glob
@@ -125,20 +127,49 @@ class ResultsFile:
             os.remove(p)
         return lines
 
+    def aside(self) -> "ResultsFile":
+        """The results file a --force run writes (OUT.new, its part files and settings beside it): it
+        replaces this one only when complete (:meth:`replace`), so a failed or killed --force run leaves
+        the previous result as it was."""
+        return ResultsFile(self.path + ".new", self.header, self.fields)
+
+    def files(self) -> List[str]:
+        """The files of this result there are now: TSV, settings, part files."""
+        return [p for p in [self.path, self.settings_path] + self.part_files() if os.path.exists(p)]
+
+    def replace(self, old: "ResultsFile") -> None:
+        """This finished result (its part files merged) moved over old's: old's part files removed, then
+        its settings and its TSV replaced (each atomically)."""
+        for p in old.part_files():
+            os.remove(p)
+        os.replace(self.settings_path, old.settings_path)
+        os.replace(self.path, old.path)
+
+    def discard_empty(self, rank: int) -> None:
+        """After a failed run: the rank's part file removed if it holds no row, and on rank 0 the settings
+        file too when no TSV or part file holds a row (nothing to resume)."""
+        part = self.part_path(rank)
+        if os.path.exists(part) and not self.read(part)[0]:
+            os.remove(part)
+        if rank == 0 and not os.path.exists(self.path) and not self.done() and os.path.exists(self.settings_path):
+            os.remove(self.settings_path)
+
     def prepare(self, settings: dict, *, resume: bool, force: bool, command: str,
                 other_kind: Callable[[dict, dict], Optional[str]]) -> None:
         """Before a run, holding the output's lock: a fresh run refuses an existing result unless force
-        (then removes it); a resumed run must have the settings of the one it continues (other_kind(old,
-        new): how the stored run differs in kind, or None; then every setting is compared) and readable
-        rows. Writes the settings file (format robustops.COMMAND/1)."""
-        outfile, spath = self.path, self.settings_path
-        existing = [p for p in [outfile, spath] + self.part_files() if os.path.exists(p)]
+        (then the run writes :meth:`aside`, cleared of what a failed --force run left there, and this
+        result stays until the new one has finished); a resumed run must have the settings of the one it
+        continues (other_kind(old, new): how the stored run differs in kind, or None; then every setting
+        is compared) and readable rows. Writes the settings file (format robustops.COMMAND/1) of the
+        file the run writes."""
+        outfile, target = self.path, self.aside() if force else self
+        existing = self.files() + self.aside().files()
         if resume:
-            if os.path.exists(spath):
+            if os.path.exists(self.settings_path):
                 self._check_settings(settings, command, other_kind)
-            elif existing:
-                print(f"robustops {command}: warning: {outfile} has no settings file ({spath}); resuming without "
-                      f"checking that the settings match", file=sys.stderr)
+            elif self.files():
+                print(f"robustops {command}: warning: {outfile} has no settings file ({self.settings_path}); "
+                      f"resuming without checking that the settings match", file=sys.stderr)
             for p in [outfile] + self.part_files():
                 try:
                     self.read(p)
@@ -148,9 +179,11 @@ class ResultsFile:
             names = ", ".join(os.path.basename(p) for p in existing)
             raise CLIError(f"-o {outfile} already holds a result ({names}); --resume continues it, --force "
                            f"replaces it")
-        else:
-            for p in existing:
+        elif force:
+            for p in target.files():
                 os.remove(p)
+        spath = target.settings_path
+        os.makedirs(os.path.dirname(os.path.abspath(spath)), exist_ok=True)
         tmp = f"{spath}.tmp.{os.getpid()}"
         with open(tmp, "w") as fh:
             json.dump({"format": f"robustops.{command}/1", "settings": settings}, fh, indent=1)
@@ -180,24 +213,41 @@ class ResultsFile:
 
 
 class RowWriter:
-    """Rows appended to an open file as inputs are done, each flushed at once (a killed run keeps every
-    row it finished), with a progress bar over total inputs."""
+    """Rows appended to an open file (None: no file) as inputs are done, each flushed at once (a killed
+    run keeps every row it finished), with a progress bar over total inputs; without the bar (stderr not
+    a terminal, or --no-progress) and with lines (the command's name), plain progress lines on stdout:
+    one per tenth of the inputs, and one at least every minute."""
 
-    def __init__(self, fh, total: int, desc: str, show: bool):
+    def __init__(self, fh, total: int, desc: str, show: bool, lines: Optional[str] = None):
+        import time
+
         from tqdm.auto import tqdm
 
-        self.fh = fh
+        self.fh, self.total, self.done = fh, total, 0
         self.bar = tqdm(total=total, desc=desc, unit="input", disable=not show, dynamic_ncols=True)
+        self.lines = None if show else lines
+        self.t0 = self.last = time.perf_counter()
+        self.next = 1
 
     def write(self, line: str) -> None:
         self.fh.write(line + "\n")
         self.fh.flush()
 
     def tick(self, n: int, **postfix) -> None:
-        """n more inputs done; postfix: what the bar shows beside its count."""
+        """n more inputs done; postfix: what the bar (or the progress line) shows beside its count."""
+        import time
+
         self.bar.update(n)
         if postfix:
             self.bar.set_postfix(**postfix)
+        self.done += n
+        now = time.perf_counter()
+        if self.lines and self.total and (self.done * 10 >= self.next * self.total or now - self.last >= 60):
+            self.next = self.done * 10 // self.total + 1
+            self.last = now
+            extra = "".join(f", {k} {v}" for k, v in postfix.items())
+            print(f"robustops {self.lines}: {self.done}/{self.total} inputs ({100 * self.done // self.total}%)"
+                  f"{extra}, {now - self.t0:.1f}s", flush=True)
 
     def close(self) -> None:
         """Closes the bar (the file is its opener's)."""

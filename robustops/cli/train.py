@@ -21,6 +21,7 @@ from .common import (
     exclusive,
     fraction,
     load_data,
+    warn_empty_classes,
     require_min,
     setup_run,
     split_holdout,
@@ -242,6 +243,7 @@ def run(args) -> int:
         except ImportError:
             raise CLIError("--tensorboard needs the tensorboard package (pip install tensorboard)") from None
     train_ds, info = load_data(args.data, "train")
+    warn_empty_classes(train_ds, info, "train")  # a stray label 12 makes a 13-class model: say so
     setup_run(args, sample_numel=math.prod(info["input_shape"]))
     if args.test_steps > 0:
         load_data(args.data, "test")  # the final evaluation's data, checked now rather than after training

@@ -127,9 +127,12 @@ class SmoothingCertifier(Certifier):
         from ...smoothing import STANDARD_RADII, acr, largest_certifiable_radius
 
         radius, correct = radius_correct(fields)
-        table, line = certified_table(radius, correct, STANDARD_RADII, "g")
-        summary.update(n0=args.n0, acr=acr(radius, correct),
-                       largest_certifiable_radius=largest_certifiable_radius(s.sigma, args.n, args.alpha),
+        largest = largest_certifiable_radius(s.sigma, args.n, args.alpha)
+        radii = [r for r in STANDARD_RADII if r <= largest]  # past it, nothing is certified: not listed
+        table, line = certified_table(radius, correct, radii, "g")
+        if len(radii) < len(STANDARD_RADII):
+            line += f"  (no radius past {largest:.3g} can be certified with {self.samples(args)}, alpha={args.alpha:g})"
+        summary.update(n0=args.n0, acr=acr(radius, correct), largest_certifiable_radius=largest,
                        certified_accuracy=table)
         summary.update(self.curve_extras(args, s))
         print(f"ACR {summary['acr']:.4f}")

@@ -104,6 +104,8 @@ class LangevinStep:
                                   seed=_rng.derive_seed(self.seed, self.k), offset=0)
 
 
+#: --clean-weight: the spelling torchrun accepts (its own parser takes --nu for its --numa-binding)
+NU_FLAGS = ("--nu", "--clean-weight")
 _NU_HELP = "DALE's weight nu of the clean loss (dale_pd: the dual variable's initial value)"
 _LANGEVIN = (
     Hyper("langevin_noise", 0.001, "DALE's Langevin noise scale c (Gaussian: sqrt(2*alpha*T))", minimum=0.0),
@@ -118,7 +120,7 @@ _LANGEVIN = (
 class Dale(Method):
     name = "dale"
     help = "DALE: hybrid Langevin AT, robust CE + nu * clean CE (Robey et al. 2021)"
-    hyper = (Hyper("nu", 0.1, _NU_HELP, minimum=0.0),) + _LANGEVIN
+    hyper = (Hyper("nu", 0.1, _NU_HELP, minimum=0.0, flags=NU_FLAGS),) + _LANGEVIN
     log_metrics = ("clean_loss",)
 
     @classmethod
@@ -198,7 +200,7 @@ class Dale(Method):
 class DalePD(Dale):
     name = "dale_pd"
     help = "DALE primal-dual: robust CE + nu * clean CE, nu <- max(0, nu + dual_lr (clean CE - margin))"
-    hyper = (Hyper("nu", 1.0, _NU_HELP, minimum=0.0),
+    hyper = (Hyper("nu", 1.0, _NU_HELP, minimum=0.0, flags=NU_FLAGS),
              Hyper("margin", 0.1, "dale_pd: the bound rho on the clean loss (the constraint E CE(f(x), y) <= rho)",
                    minimum=0.0),
              Hyper("dual_lr", 0.001, "dale_pd: the dual step size eta_nu (per minibatch)", minimum=0.0)) + _LANGEVIN
