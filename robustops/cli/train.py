@@ -362,7 +362,8 @@ def _train(args, info, train_ds, hp, d) -> None:
         res = train.fit(model, train_loader, args.method, val_loader=val_loader, out_dir=args.out,
                         resume=True if args.resume else None, progress=args.progress, device=d.device,
                         model_name=name, model_kwargs=model_kwargs, extra={"data": args.data},
-                        tensorboard=os.path.join(args.out, "tb") if args.tensorboard else None, **hp)
+                        tensorboard=os.path.join(args.out, "tb") if args.tensorboard else None,
+                        threads=args.threads, **hp)
     except (ValueError, FileNotFoundError) as e:
         raise CLIError(str(e)) from None
     if d.rank != 0:
