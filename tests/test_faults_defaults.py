@@ -114,3 +114,61 @@ def test_cli_choice_unchanged_and_reaches_fit(set_calls, tmp_path, monkeypatch, 
                  "--test-steps", "0", "--threads", "2", "--no-progress", "-o", str(out)]) == 0
     assert seen and set(seen) == {2}
     assert json.loads((out / "summary.json").read_text())["threads"] == 2
+
+
+# ------------------------------------------------------------------ item 7: defaults per dataset
+
+def _parsed(*argv):
+    from robustops.cli import train as cli_train
+
+    args = build_parser("train").parse_args(["train", *argv])
+    cli_train.dataset_defaults(args)
+    return args
+
+
+def test_train_help_shows_the_defaults_per_dataset(capsys):
+    with pytest.raises(SystemExit):
+        build_parser("train").parse_args(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for want in ("30 on digits, 10 otherwise", "64 on digits, 128 otherwise", "0.05 on digits with sgd",
+                 "144 on digits"):
+        assert want in text, want
+
+
+def test_digits_gets_the_demos_settings_without_training():
+    """The settings of robustops demo (the README's table): 30 epochs, lr 0.05, batch size 64, 144
+    validation images; other data keeps 10 epochs, the optimizer's lr, batch size 128, 10% validation."""
+    a = _parsed("--method", "pgd")
+    d = build_parser("demo").parse_args(["demo"])
+    assert (a.epochs, a.lr, a.batch_size, a.val_size) == (d.epochs, d.lr, d.batch_size, d.val_size) == \
+        (30, 0.05, 64, 144)
+    o = _parsed("--data", "cifar10:/nowhere")
+    assert (o.epochs, o.lr, o.batch_size, o.val_size) == (10, None, 128, None)
+    assert _parsed("--optimizer", "adam").lr is None  # adam keeps its own default (1e-3)
+
+
+def test_explicit_flags_win():
+    a = _parsed("--epochs", "3", "--lr", "0.2", "--batch-size", "32", "--val-size", "0")
+    assert (a.epochs, a.lr, a.batch_size, a.val_size) == (3, 0.2, 32, 0)
+    o = _parsed("--data", "cifar10:/nowhere", "--epochs", "30", "--batch-size", "64")
+    assert (o.epochs, o.batch_size) == (30, 64)
+
+
+def test_the_digits_defaults_reach_the_run_and_its_summary(tmp_path, monkeypatch, capsys):
+    """Without --epochs / --lr / --batch-size / --val-size a digits run trains with the digits
+    defaults (fit's settings and the loader's batches) and records them in summary.json; two epochs
+    of training stand in for thirty (fit is cut short, the settings checked are the ones it got)."""
+    got = {}
+    fit = train.fit
+
+    def spy(model, loader, method, **kw):
+        got.update(kw, batch=loader.batch_size, n_val=len(kw["val_loader"].dataset))
+        return fit(model, loader, method, **{**kw, "epochs": 2})
+
+    monkeypatch.setattr(train, "fit", spy)
+    out = tmp_path / "run"
+    assert main(["train", "--method", "natural", "--test-steps", "0", "--no-progress", "-o", str(out)]) == 0
+    assert (got["epochs"], got["lr"], got["batch"], got["n_val"]) == (30, 0.05, 64, 144)
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["batch_size"], summary["val_size"]) == (64, 144)
+    assert summary["config"]["lr"] == 0.05
