@@ -17,7 +17,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PKG = os.path.join(ROOT, "robustops")
 
 # helpers every layer may use; they import no robustops module (_library loads the compiled library)
-BASE = {"robustops._rng", "robustops._checks", "robustops._library", "robustops._runfiles", "robustops._cuda"}
+BASE = {"robustops._rng", "robustops._checks", "robustops._library", "robustops._runfiles", "robustops._cuda",
+        "robustops._threads"}
 OPS = "robustops.ops"
 REFERENCE = "robustops.reference"
 CLI = "robustops.cli"

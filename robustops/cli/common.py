@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import TYPE_CHECKING, Optional, Tuple
 
+from .._threads import default_threads, physical_cores
+
 if TYPE_CHECKING:  # annotations only: torch is imported where it is used
     import torch
 
@@ -207,19 +209,6 @@ def add_common(p: argparse.ArgumentParser, workers: bool = True) -> None:
                    help="no progress bars")
 
 
-def physical_cores() -> int:
-    """Physical cores this process may run on (hyperthread siblings counted once)."""
-    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
-    cores = set()
-    for c in cpus:
-        try:
-            with open(f"/sys/devices/system/cpu/cpu{c}/topology/thread_siblings_list") as fh:
-                cores.add(fh.read().strip())
-        except OSError:
-            cores.add(str(c))
-    return max(1, len(cores))
-
-
 def setup_run(args, sample_numel: Optional[int] = None) -> int:
     """Applies --threads (or the default, see add_common) and --progress's default, recorded on args;
     returns the thread count. Call once per command, before the work."""
@@ -240,11 +229,8 @@ def run_setup(args, sample_numel: Optional[int] = None) -> Tuple[int, bool]:
     threads = getattr(args, "threads", None)
     if threads is not None and threads < 1:
         raise CLIError(f"--threads must be >= 1, got {threads}")
-    if threads is None:
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        threads = max(1, min(8, physical_cores() // max(local, 1)))
-        if sample_numel is not None and sample_numel < 1024:
-            threads = 1
+    if threads is None:  # the rule of robustops._threads, as train.fit(threads=None) applies it
+        threads = default_threads(sample_numel, cores=physical_cores())
     torch.set_num_threads(threads)
     progress = getattr(args, "progress", False)
     return threads, sys.stderr.isatty() if progress is None else progress

@@ -149,7 +149,7 @@ def _proxy_data(args, data: _Data) -> dict:
     gen = proxy.fit_generator(x[0], x[1], seed=args.seed)
     gx, gy = gen.generate(args.proxy_n, seed=args.seed)
     score = train.robust_discrimination(x[0], gx, (0.0, 1 / 32, 1 / 16), epochs=10, max_samples=1000,
-                                        seed=args.seed)
+                                        seed=args.seed, threads=args.threads)
     return {"x": gx, "y": gy, "score": score, "time_s": time.perf_counter() - t0}
 
 
@@ -182,7 +182,7 @@ def _train_and_evaluate(args, key: str, data: _Data, dev, proxy_data=None) -> di
     res = train.fit(model, loader, method, val_loader=data.val_loader,
                     out_dir=os.path.join(args.out, key.replace("+", "_")), progress=args.progress, verbose=False,
                     device=dev, model_name="small_cnn", model_kwargs=dict(DIGITS_MODEL), extra={"data": "digits"},
-                    **hp)
+                    threads=args.threads, **hp)
     model.eval()
     atk = attacks.PGD(model, eps=args.eps, steps=args.attack_steps, norm="linf", random_start=True, seed=args.seed)
     ev = attacks.robust_accuracy(model, data.test_loader, atk, device=dev, progress=False)

@@ -83,7 +83,7 @@ def _train(args, method: str, pm, eps: float, data, dev):
     res = train.fit(model, data.train_loader(args), method, val_loader=data.val_loader,
                     out_dir=os.path.join(args.out, method), progress=args.progress, verbose=False, device=dev,
                     epochs=args.epochs, lr=args.lr, seed=args.seed, val_steps=10, model_name="small_cnn",
-                    model_kwargs=dict(DIGITS_MODEL), extra={"data": "digits"}, **hp)
+                    model_kwargs=dict(DIGITS_MODEL), extra={"data": "digits"}, threads=args.threads, **hp)
     return model.eval(), res.config.method_class.label(res.config), res.train_time
 
 

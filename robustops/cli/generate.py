@@ -109,7 +109,7 @@ def run(args) -> int:
     if args.score or args.score_of is not None:
         t0 = time.perf_counter()
         s = train.robust_discrimination(x, gx, eps, epochs=args.score_epochs, max_samples=args.score_samples,
-                                        seed=args.seed, device=dev)
+                                        seed=args.seed, device=dev, threads=args.threads)
         s["time_s"] = time.perf_counter() - t0
         record["score"] = s
         _print_score(s)

@@ -33,6 +33,21 @@ if TYPE_CHECKING:  # annotations only: torch is imported where it is used
 
 HELP = "adversarial training with a method of the training registry (natural, pgd, free, fgsm, trades, gaussian, ...)"
 
+#: The defaults that depend on --data: on the embedded digits the demo's settings (robustops demo, the
+#: README's table: 30 epochs, lr 0.05, batch size 64, 144 validation images), on other data the
+#: settings below; None means the rule in each flag's help. Explicit flags always win.
+DATASET_DEFAULTS = {"digits": {"epochs": 30, "lr": 0.05, "batch_size": 64, "val_size": 144},
+                    "other": {"epochs": 10, "lr": None, "batch_size": 128, "val_size": None}}
+
+
+def dataset_defaults(args) -> None:
+    """Fills the flags left unset (None) with --data's defaults (DATASET_DEFAULTS); --lr's digits
+    default is for sgd (adam keeps its own, 1e-3)."""
+    own = DATASET_DEFAULTS["digits" if args.data == "digits" else "other"]
+    for k, v in own.items():
+        if getattr(args, k) is None and not (k == "lr" and args.optimizer != "sgd"):
+            setattr(args, k, v)
+
 
 def add_method_flags(g, defaults: Dict[str, Any] = None) -> None:
     """One flag per hyperparameter of the registered methods (None: the method's own default)."""
@@ -67,8 +82,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="small_cnn, preact_resnet18, resnet20, resnet110, ... (None: small_cnn for inputs up to "
                         "16x16, preact_resnet18 otherwise)")
     g.add_argument("--val-size", type=int, default=None,
-                   help="training samples held out for validation / early stopping (None: 10%% up to 1000; 0: none)")
-    g.add_argument("--batch-size", type=int, default=128, help="global batch size (split over torchrun processes)")
+                   help="training samples held out for validation / early stopping (None: 144 on digits, as in the "
+                        "demo; otherwise 10%% up to 1000; 0: none)")
+    g.add_argument("--batch-size", type=int, default=None,
+                   help="global batch size, split over torchrun processes (None: 64 on digits, 128 otherwise)")
     g.add_argument("--extra-data", default=None, metavar="GEN.npz",
                    help="generated (proxy) images and labels (x, y) mixed into every training batch (robustops "
                         "generate writes one)")
@@ -77,8 +94,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("method")
     g.add_argument("--method", default="pgd", choices=list(train.METHODS),
                    help="; ".join(f"{k}: {v}" for k, v in train.describe_methods().items()))
-    g.add_argument("--epochs", type=int, default=10,
-                   help="epochs; for free, forward/backward passes counted as epochs (data passes = ceil(epochs/m))")
+    g.add_argument("--epochs", type=int, default=None,
+                   help="epochs (None: 30 on digits, 10 otherwise); for free, forward/backward passes counted as "
+                        "epochs (data passes = ceil(epochs/m))")
     g.add_argument("--eps", type=fraction("eps"), default=None,
                    help="perturbation budget (None: 8/255, or 0.2 on the digits)")
     g.add_argument("--step-size", dest="alpha", type=fraction("step size"), default=None,
@@ -104,7 +122,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "training: mixed clean and mixed adversarial losses averaged (Lamb et al. 2019)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--optimizer", default="sgd", choices=list(train.OPTIMIZERS))
-    g.add_argument("--lr", type=float, default=None, help="peak learning rate (None: sgd 0.1, adam 1e-3)")
+    g.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate (None: 0.05 on digits with sgd; otherwise sgd 0.1, adam 1e-3)")
     g.add_argument("--momentum", type=float, default=0.9)
     g.add_argument("--weight-decay", type=float, default=5e-4)
     g.add_argument("--nesterov", action="store_true")
@@ -233,6 +252,7 @@ def run(args) -> int:
     from .. import train
 
     check_data_spec(args.data)
+    dataset_defaults(args)
     if args.method not in train.METHODS:
         raise CLIError(f"--method must be one of {', '.join(train.METHODS)}; got {args.method!r}")
     require_min(batch_size=(args.batch_size, 1))
@@ -364,7 +384,8 @@ def _train(args, info, train_ds, hp, d) -> None:
         res = train.fit(model, train_loader, args.method, val_loader=val_loader, out_dir=args.out,
                         resume=True if args.resume else None, progress=args.progress, device=d.device,
                         model_name=name, model_kwargs=model_kwargs, extra={"data": args.data},
-                        tensorboard=os.path.join(args.out, "tb") if args.tensorboard else None, **hp)
+                        tensorboard=os.path.join(args.out, "tb") if args.tensorboard else None,
+                        threads=args.threads, **hp)
     except (ValueError, FileNotFoundError) as e:
         raise CLIError(str(e)) from None
     if d.rank != 0:
@@ -372,7 +393,7 @@ def _train(args, info, train_ds, hp, d) -> None:
     test = _test(args, model, hp, d.device, res.train_time) if args.test_steps > 0 else None
     summary = write_summary(os.path.join(args.out, "summary.json"), {
         "command": "train", "method": args.method, "label": res.config.label if res.config else args.method,
-        "model": name, "data": args.data, "eps": hp["eps"],
+        "model": name, "data": args.data, "eps": hp["eps"], "batch_size": args.batch_size, "val_size": val_size,
         "norm": args.norm, "epochs_run": res.epochs_run, "best_epoch": res.best_epoch, "select": res.select,
         "best_metric": res.best_metric, "stopped_early": res.stopped_early, "train_time_s": res.train_time,
         "last_epoch": res.last, "test": test, "threads": args.threads,

@@ -89,7 +89,7 @@ def _train_at(train_set: TensorDataset, e: float, k: int, seed: int, model_fn, h
     loader = DataLoader(train_set, batch_size=hyper["batch_size"], shuffle=True,
                         generator=torch.Generator().manual_seed(derive_seed(seed, 100 + k)))
     kw = dict(epochs=hyper["epochs"], optimizer="adam", lr=hyper["lr"], schedule="constant", weight_decay=0.0,
-              seed=derive_seed(seed, 1000 + k), progress=False, verbose=False, device=dev)
+              seed=derive_seed(seed, 1000 + k), progress=False, verbose=False, device=dev, threads=hyper["threads"])
     if e > 0:
         fit(model, loader, "pgd", eps=e, steps=hyper["steps"], **kw)
     else:
@@ -116,7 +116,7 @@ def robust_discrimination(real_x, gen_x, eps_list: Sequence[float] = (0.0, 1 / 3
                           train_eps: Optional[float] = None, epochs: int = 10, batch_size: int = 128,
                           steps: int = 5, eval_steps: int = 10, lr: float = 1e-3, holdout: float = 0.25,
                           max_samples: Optional[int] = None, chance_margin: float = 0.05, seed: int = 0,
-                          device=None, model_fn=None) -> Dict[str, Any]:
+                          device=None, model_fn=None, threads=None) -> Dict[str, Any]:
     """How well an adversarially trained binary classifier tells real images (label 0) from generated
     ones (label 1), as the L-inf budget grows: lower = the proxy is closer to the real data. The
     measure and its open choices are in the module's docstring.
@@ -129,6 +129,7 @@ def robust_discrimination(real_x, gen_x, eps_list: Sequence[float] = (0.0, 1 / 3
     constant lr, ``robustops.train.fit`` with method "pgd", "natural" at eps 0); eval_steps: PGD steps
     of the held-out evaluation (alpha 2.5 eps / steps, one random start). model_fn: () -> a model with
     2 outputs (default ``models.SmallCNN`` sized to the images). device: None = cuda when available.
+    threads: torch's CPU threads while each classifier trains (``fit``'s threads: None the rule).
 
     Returns {"eps", "robust_acc" (held-out, per eps), "clean_acc" (per classifier), "arc" (area under
     robust_acc over eps), "arc_norm" (arc / eps range), "eps50" (eps where robust_acc falls to 0.5 +
@@ -144,7 +145,7 @@ def robust_discrimination(real_x, gen_x, eps_list: Sequence[float] = (0.0, 1 / 3
     tr_x, tr_y, te_x, te_y = _split(real_x, gen_x, holdout, max_samples, int(seed))
     train_set, test_set = TensorDataset(tr_x, tr_y), TensorDataset(te_x, te_y)
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    hyper = {"epochs": epochs, "batch_size": batch_size, "steps": steps, "lr": lr}
+    hyper = {"epochs": epochs, "batch_size": batch_size, "steps": steps, "lr": lr, "threads": threads}
     robust: List[float] = []
     clean: List[float] = []
     if train_eps is None:

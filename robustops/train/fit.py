@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from .._runfiles import atomic_save, check_settings, read_checkpoint, resume_path, seal_entries, write_csv_log
+from .._threads import default_threads, resolve_threads
 from ..models import state_dict_digest, verify_checkpoint
 from .config import FitConfig
 from .trainer import Trainer, dist_info
@@ -62,6 +63,7 @@ class FitResult:
     train_time: float = 0.0                # seconds spent training (validation excluded)
     out_dir: Optional[str] = None
     config: Optional[FitConfig] = None
+    threads: Optional[int] = None          # torch's CPU threads during training (see fit's ``threads``)
 
     @property
     def last(self) -> Dict[str, Any]:
@@ -79,7 +81,7 @@ class _FitRun:
     validations without improvement; one method per part of the loop."""
 
     def __init__(self, model: nn.Module, train_loader, cfg: FitConfig, *, val_loader, out_dir, progress, verbose,
-                 device, model_name, model_kwargs, extra, tensorboard=None):
+                 device, model_name, model_kwargs, extra, tensorboard=None, threads=None):
         self.model, self.loader, self.cfg, self.val_loader = model, train_loader, cfg, val_loader
         self.out_dir, self.progress = out_dir, progress
         self.rank, self.world = dist_info()
@@ -100,6 +102,13 @@ class _FitRun:
                      "mean": cfg.mean, "std": cfg.std, "lo": cfg.lo, "hi": cfg.hi,
                      "config": dataclasses.asdict(cfg), **(extra or {})}
         self.res = FitResult(select=cfg.select, out_dir=out_dir, config=cfg)
+        # None: the thread rule, applied at the first batch (it needs the per-sample size); else set now
+        self.rule_pending = threads is None
+        if not self.rule_pending:
+            count = resolve_threads(threads)
+            if count is not None:
+                torch.set_num_threads(count)
+            self.res.threads = torch.get_num_threads()
         self.writer = None
         if tensorboard is not None and self.rank == 0:
             from torch.utils.tensorboard import SummaryWriter  # ImportError without the tensorboard package
@@ -169,6 +178,8 @@ class _FitRun:
         bar = tqdm(iter(loader), total=self.steps_per_epoch, desc=f"{cfg.method} {epoch}/{cfg.passes}",
                    leave=False, disable=not show, dynamic_ncols=True)
         for i, batch in enumerate(bar):
+            if self.rule_pending:
+                self.apply_thread_rule(batch[0])
             batch_loss, batch_correct, n = tr.train_step(batch[0], batch[1])
             loss_sum += batch_loss
             finite += torch.isfinite(loss_sum)
@@ -195,6 +206,13 @@ class _FitRun:
         return {"epoch": epoch, "equiv_epochs": epoch * cfg.updates_per_batch,
                 "lr": tr.optimizer.param_groups[0]["lr"], "train_loss": stats[0].item() / n,
                 "train_acc": stats[1].item() / n}, t_train
+
+    def apply_thread_rule(self, x: torch.Tensor) -> None:
+        """fit(threads=None): torch's threads by robustops' rule for samples like x's (``_threads``)."""
+        self.rule_pending = False
+        count = default_threads(x[0].numel() if x.dim() > 0 and x.shape[0] > 0 else None)
+        torch.set_num_threads(count)
+        self.res.threads = count
 
     def check_finite(self, epoch: int, loss_sum: torch.Tensor, finite: torch.Tensor) -> None:
         """NonFiniteLoss naming the epoch and the first batch (over all processes) whose loss was not
@@ -332,7 +350,7 @@ class _FitRun:
 def fit(model: nn.Module, train_loader, method: str = "natural", *, val_loader=None, out_dir: Optional[str] = None,
         resume=None, progress: bool = True, verbose: bool = True, device=None, model_name: Optional[str] = None,
         model_kwargs: Optional[Dict[str, Any]] = None, extra: Optional[Dict[str, Any]] = None,
-        tensorboard: Optional[str] = None, **hparams) -> FitResult:
+        tensorboard: Optional[str] = None, threads=None, **hparams) -> FitResult:
     """Train ``model`` in place with ``method`` on ``train_loader`` (batches ``(x, y, ...)``, x in
     [lo, hi]); returns a :class:`FitResult`.
 
@@ -358,12 +376,23 @@ def fit(model: nn.Module, train_loader, method: str = "natural", *, val_loader=N
     the model from them).
     tensorboard: a directory for TensorBoard event files (every epoch's log row as scalars); needs
     the tensorboard package.
+    threads: torch's CPU threads while fit runs. None: robustops' rule, the one the command line
+    applies (``robustops._threads``: 1 for inputs under 1024 values per sample such as the 8x8 digits,
+    where more threads only cost time, else the physical cores, divided among the torchrun processes
+    of the machine, at most 8); an int >= 1: that many; 0 or "keep": torch's current setting. The
+    caller's setting is restored when fit returns (or raises); ``FitResult.threads`` says what ran.
     """
     cfg = FitConfig.make(method, **hparams).resolved()
-    run = _FitRun(model, train_loader, cfg, val_loader=val_loader, out_dir=out_dir, progress=progress,
-                  verbose=verbose, device=device, model_name=model_name, model_kwargs=model_kwargs, extra=extra,
-                  tensorboard=tensorboard)
-    ckpt_path = resume_path(resume, out_dir)
-    if ckpt_path is not None:
-        run.resume(ckpt_path)
-    return run.run()
+    resolve_threads(threads)  # a bad value fails here, before anything runs
+    caller_threads = torch.get_num_threads()
+    try:
+        run = _FitRun(model, train_loader, cfg, val_loader=val_loader, out_dir=out_dir, progress=progress,
+                      verbose=verbose, device=device, model_name=model_name, model_kwargs=model_kwargs, extra=extra,
+                      tensorboard=tensorboard, threads=threads)
+        ckpt_path = resume_path(resume, out_dir)
+        if ckpt_path is not None:
+            run.resume(ckpt_path)
+        return run.run()
+    finally:
+        if torch.get_num_threads() != caller_threads:
+            torch.set_num_threads(caller_threads)
