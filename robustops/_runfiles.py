@@ -5,12 +5,14 @@ Imports no robustops module."""
 from __future__ import annotations
 
 import csv
+import errno
 import os
+import shutil
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["atomic_save", "write_csv_log", "resume_path", "read_checkpoint", "check_settings", "entry_digest",
+__all__ = ["atomic_save", "disk_full", "write_csv_log", "resume_path", "read_checkpoint", "check_settings", "entry_digest",
            "seal_entries", "check_entries", "UNSEALED_ENTRIES"]
 
 #: Checkpoint entries that seal_entries leaves out: the weights (which carry checksums of their own,
@@ -20,14 +22,31 @@ UNSEALED_ENTRIES = ("state_dict", "sha256", "train_state_dict", "train_sha256", 
 
 
 def atomic_save(obj, path: str) -> None:
-    """torch.save to a temporary file beside path, then rename: a crash never leaves half a file."""
+    """torch.save to a temporary file beside path, then rename: a crash never leaves half a file, and a
+    failed write (a full disk) leaves the previous file at path as it was. A write torch reports as its
+    own RuntimeError ("PytorchStreamWriter failed writing file", "iostream error") is raised as an
+    OSError naming path (ENOSPC when the disk is full), so callers handle it like any failed write."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
-        torch.save(obj, tmp)
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError as e:
+            if not any(s in str(e) for s in ("PytorchStreamWriter", "iostream", "file write failed")):
+                raise
+            raise OSError(errno.ENOSPC if disk_full(path) else errno.EIO,
+                          f"writing failed ({str(e).strip().splitlines()[0][:200]})", path) from e
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def disk_full(path: str, margin: int = 1 << 20) -> bool:
+    """Whether the file system that holds path (or would hold it) has less than margin bytes free."""
+    try:
+        return shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free < margin
+    except OSError:
+        return False
 
 
 def write_csv_log(path: str, history: List[Dict[str, Any]], columns: Sequence[str]) -> None:

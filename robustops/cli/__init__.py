@@ -12,7 +12,7 @@ import sys
 from typing import Optional
 
 from . import attack, bench, certify, demo, generate, perturbation, plot, predict, train
-from .common import CLIError, Parser
+from .common import CLIError, Parser, os_error_line
 
 __all__ = ["main", "build_parser", "CLIError", "COMMANDS"]
 
@@ -48,6 +48,9 @@ def main(argv=None) -> int:
         return int(COMMANDS[args.command].run(args) or 0)
     except CLIError as e:
         print(f"robustops {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full disk, a file that vanished or cannot be written: one line, no traceback
+        print(f"robustops {args.command}: error: {os_error_line(e)}", file=sys.stderr)
         return 2
 
 

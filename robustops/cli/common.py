@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import errno
 import math
 import os
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ if TYPE_CHECKING:  # annotations only: torch is imported where it is used
 __all__ = ["CLIError", "Parser", "fraction", "fractions", "parse_fraction", "alias", "Renamed", "pick_device", "Dist",
            "distributed", "add_common", "setup_run", "physical_cores", "require_min", "check_data_spec",
            "split_holdout", "load_data", "model_classes", "warn_empty_classes", "check_model_accepts", "check_writable", "exclusive", "agree",
-           "checkpoint_meta", "write_summary", "DIGITS_MODEL", "fmt_pct"]
+           "checkpoint_meta", "write_summary", "DIGITS_MODEL", "fmt_pct", "os_error_line"]
 
 
 #: The small CNN of the embedded digits data (8x8 grey images, 10 classes): the demo's model.
@@ -436,3 +437,14 @@ def split_holdout(ds, val_size: int, seed: int):
     n = len(ds)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     return Subset(ds, perm[val_size:]), Subset(ds, perm[:val_size])
+
+
+def os_error_line(e: OSError) -> str:
+    """The one line a subcommand's failed read or write prints: the path and what to do. A full disk
+    (ENOSPC, EDQUOT) says that finished work is kept: rows and checkpoints are written so that a
+    failed write leaves every complete one, and --resume continues from them."""
+    where = f" {e.filename!r}" if e.filename else ""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (f"no space left on the device while writing{where}: free some space (or write elsewhere) and run "
+                f"the same command with --resume; the rows and epochs finished so far are kept")
+    return f"cannot access{where}: {e.strerror or e}"

@@ -230,8 +230,11 @@ class RowWriter:
         self.next = 1
 
     def write(self, line: str) -> None:
-        self.fh.write(line + "\n")
-        self.fh.flush()
+        try:
+            self.fh.write(line + "\n")
+            self.fh.flush()
+        except OSError as e:  # a full disk: name the file (the rows written before are complete and kept)
+            raise OSError(e.errno, e.strerror, getattr(self.fh, "name", None)) from e
 
     def tick(self, n: int, **postfix) -> None:
         """n more inputs done; postfix: what the bar (or the progress line) shows beside its count."""
