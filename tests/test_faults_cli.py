@@ -276,3 +276,13 @@ def test_a_stray_label_in_training_data_is_named(tmp_path):
                   "--out", tmp_path / "run", "--no-progress")
     assert p.returncode == 0, p.stderr
     assert "13 classes" in p.stderr and "classes 10, 11 have no training sample" in p.stderr
+
+
+def test_every_command_that_writes_takes_dash_o():
+    """-o names the output of every command that writes one (perturbation train too: its run directory)."""
+    from robustops.cli import build_parser
+
+    for argv in (["perturbation", "train"], ["train"], ["attack", "--checkpoint", "c"], ["certify", "--checkpoint", "c"],
+                 ["predict", "--checkpoint", "c"], ["generate"], ["demo"]):
+        args = build_parser(argv[0]).parse_args(argv + ["-o", "somewhere"])
+        assert args.out == "somewhere", argv

@@ -22,7 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t = sub.add_parser("train", help="train a perturbation model; writes model.pt, last.pt, log.csv, summary.json",
                        formatter_class=fmt)
     t.add_argument("--data", default="digits", help=_DATA_HELP)
-    t.add_argument("--out", required=True, help="run directory")
+    t.add_argument("-o", "--out", required=True, help="run directory")
     t.add_argument("--epochs", type=int, default=20)
     t.add_argument("--lr", type=fraction("--lr"), default=2e-3)
     t.add_argument("--beta", type=fraction("--beta"), default=0.01,
