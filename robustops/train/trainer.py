@@ -15,7 +15,6 @@ import torch
 import torch.nn as nn
 
 from .. import _rng
-from ..attacks.engine import Engine
 from . import registry
 from .awp import WeightPerturbation
 from .config import FitConfig, resolve_config
@@ -174,9 +173,6 @@ class Trainer:
         self._optimizer_step()
         return out
 
-    #: the former name of :meth:`update`
-    loss_update = update
-
     def _optimizer_step(self) -> None:
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -197,39 +193,15 @@ class Trainer:
         Trainer built without steps_per_epoch counts each minibatch as a pass)."""
         return int(self.scheduler.last_epoch) // (self.steps_per_epoch * self.cfg.updates_per_batch)
 
-    # ---- the context's helpers, kept on the trainer for callers of its former API
-
-    def seed(self) -> int:
-        """A fresh Philox seed from this process's generator."""
-        return self.ctx.seed()
+    # ---- the context's helpers the options (awp: autocast) and the tests use on the trainer
 
     def autocast(self):
+        """The run's autocast context (:meth:`.MethodContext.autocast`)."""
         return self.ctx.autocast()
-
-    def fmt(self, x: torch.Tensor) -> torch.Tensor:
-        """x in the configured layout (channels_last for 4-D inputs when asked)."""
-        return self.ctx.fmt(x)
-
-    def prepare(self, x: torch.Tensor, y: torch.Tensor):
-        """A minibatch on the device, float32, in the configured layout."""
-        return prepare_batch(self.ctx, x, y)
-
-    def engine(self, norm: Optional[str] = None, objective=None) -> Engine:
-        """The context's projected-gradient engine on the model (:meth:`.MethodContext.engine`)."""
-        return self.ctx.engine(norm, objective)
-
-    def attack(self, x, y, eps, alpha, steps: int, norm: Optional[str] = None, random_start: bool = True,
-               engine: Optional[Engine] = None) -> torch.Tensor:
-        """PGD on the model in its current mode (:meth:`.MethodContext.attack`). Returns x_adv."""
-        return self.ctx.attack(x, y, eps, alpha, steps, norm, random_start, engine)
 
     def mixup(self, x: torch.Tensor, y: torch.Tensor):
         """The context's mixup of a minibatch (:meth:`.MethodContext.mixup`): (x_mix, y, y[pi], lam)."""
         return self.ctx.mixup(x, y)
-
-    def mixed_ce(self, logits: torch.Tensor, y: torch.Tensor, y2: torch.Tensor, lam: float) -> torch.Tensor:
-        """lam * CE(logits, y) + (1 - lam) * CE(logits, y2) (weighted like the context's)."""
-        return self.ctx.mixed_ce(logits, y, y2, lam)
 
     stats = staticmethod(MethodContext.stats)
 
@@ -245,7 +217,7 @@ class Trainer:
         weights: per-sample loss weights (Tensor[B], >= 0) for a method with ``sample_weights``: its
         cross-entropy becomes the weighted mean sum_i w_i CE_i / sum_i w_i; None (the default) is the plain mean."""
         self.fwd.train()
-        x, y = self.prepare(x, y)
+        x, y = prepare_batch(self.ctx, x, y)
         if weights is not None:
             if not self.cfg.method_class.sample_weights:
                 having = [n for n in registry.names() if registry.get(n).sample_weights]
