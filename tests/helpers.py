@@ -236,7 +236,14 @@ def gloo_group(rank: int, world: int, port: int):
     """The process group of a DDP test worker (one torch thread, gloo on localhost). On success the ranks
     meet at a barrier before tearing down, so a failing rank cannot hang its peer there: a rank that leaves
     while its peer still talks to it can abort gloo's background thread ("terminate called without an
-    active exception"), which the CLI's teardown avoids the same way. Torn down in any case."""
+    active exception"), which the CLI's teardown avoids the same way. Torn down in any case.
+
+    On success the worker then ends at once (os._exit(0)), skipping interpreter finalization: even after the
+    barrier and destroy_process_group, gloo's worker threads can still hold work objects whose destruction
+    at finalization aborts the process (pytorch/pytorch#179291), which failed CI once after every result
+    was written. So nothing may follow the ``with`` block in a worker."""
+    import sys
+
     import torch.distributed as dist
 
     torch.set_num_threads(1)
@@ -246,6 +253,9 @@ def gloo_group(rank: int, world: int, port: int):
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def rank_loader(dataset, rank: int, world: int, batch_size: int = 32):
