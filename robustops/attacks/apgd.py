@@ -150,6 +150,10 @@ class APGD(Attack):
       that ``skip`` samples are then attacked too.
     l2_radius: the L2 start's radius law (``Engine``): "uniform" (radius eps * U, the default; see
       the module docstring for the measurement) or "ball" (uniform in the ball's volume).
+    eot_iter: expectation over transformation for randomized defenses (AutoAttack's "rand" version
+      uses 20): each gradient is the mean of eot_iter input gradients, each from its own forward
+      pass; the objective and logits that the step-size rule and the success record use are those of
+      the last pass (as AutoAttack's APGD does). 1: one pass, the deterministic attack.
 
     ``targeted`` is False and ``target_fn`` None: the attack is untargeted. alpha (None), random_start
     (True), record_steps and graph (False) are kept for PGD's interface.
@@ -158,7 +162,7 @@ class APGD(Attack):
     def __init__(self, model, eps: Param, steps: int = 100, norm: str = "linf", loss: str = "ce",
                  restarts: int = 1, rho: float = 0.75, seed: Optional[int] = None, clip=(0.0, 1.0), mean=None,
                  std=None, dtype=None, early_stop: bool = True, train_mode: bool = False, momentum: float = 0.75,
-                 l2_radius: str = "uniform"):
+                 l2_radius: str = "uniform", eot_iter: int = 1):
         if loss not in ("ce", "dlr"):
             raise ValueError(f'loss must be "ce" or "dlr", got {loss!r}')
         super().__init__(model, loss=loss, clip=clip, mean=mean, std=std, seed=seed, train_mode=train_mode,
@@ -177,11 +181,13 @@ class APGD(Attack):
         self.rho = _checks.check_number(rho, "rho", 0.0, strict=True, maximum=1.0)
         self.momentum = _checks.check_number(momentum, "momentum", 0.0, strict=True, maximum=1.0)
         self.checkpoints = checkpoints(self.steps)
+        self.eot_iter = _checks.check_int(eot_iter, "eot_iter", 1)
 
     def __repr__(self) -> str:
         eps = self.eps if not isinstance(self.eps, torch.Tensor) else f"Tensor[{self.eps.numel()}]"
         return (f"{type(self).__name__}(eps={eps}, steps={self.steps}, norm={self.norm!r}, loss={self.loss!r}, "
-                f"restarts={self.restarts}, rho={self.rho}, early_stop={self.early_stop})")
+                f"restarts={self.restarts}, rho={self.rho}, early_stop={self.early_stop}"
+                + (f", eot_iter={self.eot_iter})" if self.eot_iter > 1 else ")"))
 
     @staticmethod
     def success(logits, y):
@@ -255,7 +261,7 @@ class APGD(Attack):
         x0 = engine.start(x, eps, "uniform", seed, offset)
         s.xk = x0.index_select(0, idx).contiguous(memory_format=fmt)
         del x0
-        s.g, logits, s.f = engine.gradient(s.xk, s.ys)
+        s.g, logits, s.f = self.gradient(s.xk, s.ys)
         s.rec = Recorder(s.xk)
         s.rec.update(0, s.xk, logits, s.f, self.success(logits, s.ys))
         s.x_max, s.f_max, s.g_max, s.pred_max = s.xk.clone(memory_format=torch.preserve_format), s.f, s.g, \
@@ -278,7 +284,7 @@ class APGD(Attack):
                     logits = engine.logits(s.xk)
                 s.f = engine.score(logits, s.ys)
             else:
-                s.g, logits, s.f = engine.gradient(s.xk, s.ys)
+                s.g, logits, s.f = self.gradient(s.xk, s.ys)
             s.rec.update(k, s.xk, logits, s.f, self.success(logits, s.ys))
             up = s.f > s.f_max                                      # lines 2-3 and 7-9
             v = up.view(batch_view_shape(s.xk))
@@ -316,6 +322,17 @@ class APGD(Attack):
             engine.step_(nxt, s.xs, s.g, s.es, 0.0)                 # P only
             s.x_prev, s.xk, s.f_prev = s.xk, nxt, s.f
         self._finish(res, run, s)
+
+    def gradient(self, xk: torch.Tensor, ys):
+        """(input gradient, logits, objective) at xk: the engine's, averaged over eot_iter passes
+        (expectation over transformation) with the last pass's logits and objective."""
+        g, logits, f = self.engine.gradient(xk, ys)
+        for _ in range(self.eot_iter - 1):
+            gi, logits, f = self.engine.gradient(xk, ys)
+            g = g + gi
+        if self.eot_iter > 1:
+            g = g / self.eot_iter
+        return g, logits, f
 
     def _leave(self, res: AttackResult, run: int, s: _Run, fmt) -> bool:
         """Early stop at a checkpoint: samples fooled so far are written to res and leave (one host

@@ -49,7 +49,12 @@ def _targets(attack: Attack, batch, x, y, device):
                      "yields (images, labels, indices, targets))")
 
 
-def _attack_batch(model, attack: Attack, batch, x, y, idx, n: int, device) -> dict:
+#: Per-sample result fields that some attacks add (Square's query counts, FAB's minimal distance):
+#: they become columns of the same name.
+EXTRA_FIELDS = ("queries", "distance")
+
+
+def _attack_batch(model, attack: Attack, batch, x, y, idx, n: int, device, keep_adv: bool = False) -> dict:
     """The per-sample columns (CPU tensors) of one attacked batch."""
     with torch.no_grad(), _eval_mode(model):
         clean_pred = predictions(model(attack.normalize(x)).float())
@@ -75,16 +80,22 @@ def _attack_batch(model, attack: Attack, batch, x, y, idx, n: int, device) -> di
     u = getattr(res, "u", None)
     if u is not None:  # a latent attack (attacks.latent): the offset's norm in the latent space
         cols["latent_l2"] = u.float().flatten(1).norm(dim=1)
+    for field in EXTRA_FIELDS:
+        v = getattr(res, field, None)
+        if v is not None:
+            cols[field] = v
     if targets is not None:
         cols["target"] = targets
+    if keep_adv:
+        cols["x_adv"] = res.x_adv.detach()
     return {k: v.cpu() for k, v in cols.items()}
 
 
-def _ensemble_batch(model, attacks, batch, x, y, idx, n: int, device, after: list) -> dict:
+def _ensemble_batch(model, attacks, batch, x, y, idx, n: int, device, after: list, keep_adv: bool = False) -> dict:
     """_attack_batch under each attack in turn, each on the samples all earlier ones left robust; a
     row holds the result of the attack that broke the sample (else the last one's) and "attack" its
     position. after[k] += the samples still robust after attack k."""
-    cols = _attack_batch(model, attacks[0], batch, x, y, idx, n, device)
+    cols = _attack_batch(model, attacks[0], batch, x, y, idx, n, device, keep_adv)
     cols["attack"] = torch.zeros(x.shape[0], dtype=torch.int64)
     if any(a.targeted for a in attacks) and "target" not in cols:  # the same columns in every batch
         cols["target"] = torch.full((x.shape[0],), -1, dtype=torch.int64)
@@ -94,7 +105,7 @@ def _ensemble_batch(model, attacks, batch, x, y, idx, n: int, device, after: lis
         if keep.numel():
             kd = keep.to(device)
             sub = (x[kd], y[kd], idx[keep]) + ((torch.as_tensor(batch[3])[keep],) if len(batch) > 3 else ())
-            sub_cols = _attack_batch(model, atk, sub, sub[0], sub[1], sub[2], n, device)
+            sub_cols = _attack_batch(model, atk, sub, sub[0], sub[1], sub[2], n, device, keep_adv)
             sub_cols["attack"] = torch.full((keep.numel(),), k, dtype=torch.int64)
             for c, v in sub_cols.items():
                 if c not in cols:  # a column only this attack has (target): -1 elsewhere
@@ -104,14 +115,27 @@ def _ensemble_batch(model, attacks, batch, x, y, idx, n: int, device, after: lis
     return cols
 
 
+def _concat(cols: dict, sizes: list) -> dict:
+    """The per-batch columns [(batch number, values)] joined; a batch without a column (an ensemble's
+    later attack that had no survivor to attack there) gets -1 rows."""
+    out = {}
+    for k, parts in cols.items():
+        have = dict(parts)
+        like = parts[0][1]
+        out[k] = torch.cat([have[b] if b in have else torch.full((size,) + tuple(like.shape[1:]), -1, dtype=like.dtype)
+                            for b, size in enumerate(sizes)]) if sizes else like
+    return out
+
+
 def robust_accuracy(model, loader, attack: Union[Attack, Sequence[Attack]], device=None, progress: bool = True,
-                    desc: str = "attack", max_samples: Optional[int] = None) -> dict:
+                    desc: str = "attack", max_samples: Optional[int] = None, keep_adv: bool = False) -> dict:
     """Clean and robust accuracy of model over loader under attack.
 
     attack may be a sequence of attacks (an ensemble, e.g. ``[APGD(...), APGDT(...)]`` for the
     AutoAttack-style evaluation): per batch they run in order, each on the samples that every earlier
     one left robust, and a sample is robust when it survives all. The result then also has
-    "robust_acc_after" (robust accuracy after each attack, in order) and the per-sample column
+    "robust_acc_after" (robust accuracy after each attack, in order), "robust_correct_after" (the
+    counts) and the per-sample column
     "attack" (the position of the attack whose result the row holds: the first that broke the sample,
     else the last).
 
@@ -123,8 +147,10 @@ def robust_accuracy(model, loader, attack: Union[Attack, Sequence[Attack]], devi
     Returns {"clean_acc", "robust_acc", "n", "clean_correct", "robust_correct", "time_s",
     "samples_per_s", "samples"} where samples is a dict of per-sample CPU tensors (index, label,
     clean_pred, adv_pred, clean_correct, robust_correct, success, success_step, restart, linf, l2,
-    target for targeted attacks, and latent_l2, the latent offset's norm ||u||_2, for latent attacks such
-    as ``LatentPGD``), one entry per attacked sample."""
+    target for targeted attacks, latent_l2, the latent offset's norm ||u||_2, for latent attacks such
+    as ``LatentPGD``, queries for ``Square``, distance for ``FAB``, -1 in the rows of an ensemble that
+    another attack holds, and with keep_adv the adversarial inputs x_adv [n, ...]), one entry per
+    attacked sample."""
     from tqdm.auto import tqdm
 
     ensemble = list(attack) if isinstance(attack, (list, tuple)) else None
@@ -136,7 +162,7 @@ def robust_accuracy(model, loader, attack: Union[Attack, Sequence[Attack]], devi
     device = torch.device(device)
     model = first.model if model is None else model
     after = [0] * len(ensemble or ())
-    cols = collections.defaultdict(list)
+    cols, sizes = collections.defaultdict(list), []
     n = clean_ok_total = robust_ok_total = 0
     t0 = time.perf_counter()
     bar = tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True, file=sys.stderr)
@@ -154,11 +180,12 @@ def robust_accuracy(model, loader, attack: Union[Attack, Sequence[Attack]], devi
         y = y.to(device, non_blocking=True).long()
         idx = torch.as_tensor(idx).long()
         if ensemble:
-            batch_cols = _ensemble_batch(model, ensemble, batch, x, y, idx, n, device, after)
+            batch_cols = _ensemble_batch(model, ensemble, batch, x, y, idx, n, device, after, keep_adv)
         else:
-            batch_cols = _attack_batch(model, attack, batch, x, y, idx, n, device)
+            batch_cols = _attack_batch(model, attack, batch, x, y, idx, n, device, keep_adv)
+        sizes.append(x.shape[0])
         for k, v in batch_cols.items():
-            cols[k].append(v)
+            cols[k].append((len(sizes) - 1, v))
         clean_ok, robust_ok = batch_cols["clean_correct"], batch_cols["robust_correct"]
         n += x.shape[0]
         clean_ok_total += int(clean_ok.sum())
@@ -168,8 +195,9 @@ def robust_accuracy(model, loader, attack: Union[Attack, Sequence[Attack]], devi
             break
     bar.close()
     elapsed = time.perf_counter() - t0
-    samples = {k: torch.cat(v) for k, v in cols.items()}
-    extra = {"robust_acc_after": [a / n if n else float("nan") for a in after]} if ensemble else {}
+    samples = _concat(cols, sizes)
+    extra = {"robust_acc_after": [a / n if n else float("nan") for a in after],
+             "robust_correct_after": after} if ensemble else {}
     return {**extra, "clean_acc": clean_ok_total / n if n else float("nan"),
             "robust_acc": robust_ok_total / n if n else float("nan"),
             "n": n, "clean_correct": clean_ok_total, "robust_correct": robust_ok_total,

@@ -1,13 +1,12 @@
 """`robustops attack`: clean and robust accuracy of a checkpoint under PGD / FGSM / APGD-CE / APGD-DLR /
-APGD-T or the AutoAttack-style suite (APGD-CE then APGD-T on what survives), or under latent PGD in a
-learned perturbation set (--threat learned), per-sample results as a TSV, a robust-accuracy-against-eps
-sweep, inputs sharded over torchrun processes."""
+APGD-T or AutoAttack (--suite autoattack: APGD-CE, APGD-T, FAB-T and Square, robustops.attacks.suites, the
+suite `robustops evaluate` runs too), or under latent PGD in a learned perturbation set (--threat learned),
+per-sample results as a TSV, a robust-accuracy-against-eps sweep, inputs sharded over torchrun processes."""
 from __future__ import annotations
 
 import argparse
 import contextlib
 import csv
-import json
 import math
 import os
 
@@ -15,12 +14,10 @@ from .common import (
     CLIError,
     Renamed,
     add_common,
-    agree,
     alias,
     check_writable,
     checkpoint_meta,
     distributed,
-    exclusive,
     fraction,
     fractions,
     load_data,
@@ -29,21 +26,24 @@ from .common import (
     setup_run,
     write_summary,
 )
-from .rows import ResultsFile
+from .attack_rows import (
+    RESULT_COLUMNS,
+    claim,
+    columns_for,
+    describe,
+    evaluate_rows,
+    finish,
+    result_rows,
+    results_file,
+    save_results,
+    suite_report,
+)
+
+__all__ = ["add_arguments", "run", "threat_model", "input_transform", "RESULT_COLUMNS", "result_rows", "save_results", "results_file"]
 
 HELP = "robust accuracy of a checkpoint under PGD / FGSM / APGD / an AutoAttack-style suite"
 
-#: Columns of the per-sample TSV, in order (target only for targeted attacks, attack only for --suite).
-RESULT_COLUMNS = ("index", "label", "clean_pred", "adv_pred", "clean_correct", "robust_correct", "success",
-                  "success_step", "restart", "linf", "l2", "latent_l2", "target", "attack")
-
 ATTACKS = ("pgd", "fgsm", "apgd-ce", "apgd-dlr", "apgd-t")
-
-#: --suite name -> the attacks it runs in order, each on the samples that all earlier ones left robust.
-#: AutoAttack's standard suite is APGD-CE, APGD-T, FAB-T and Square; FAB-T and Square are not in
-#: robustops, so this suite's robust accuracy is an upper bound of AutoAttack's.
-SUITES = {"autoattack": ("apgd-ce", "apgd-t")}
-SUITE_MISSING = {"autoattack": ("FAB-T", "Square")}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -76,13 +76,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="pgd, fgsm (one step of size eps), apgd-ce / apgd-dlr (Auto-PGD, Croce & Hein 2020) or "
                         "apgd-t (targeted DLR over the top classes)")
     p.add_argument("--fgsm", dest="attack", action="store_const", const="fgsm", help=argparse.SUPPRESS)
-    p.add_argument("--suite", default=None, choices=sorted(SUITES),
-                   help="autoattack: APGD-CE, then APGD-T on the samples it left robust (FAB-T and Square are "
-                        "not implemented: the robust accuracy is an upper bound of AutoAttack's). Its rows depend "
-                        "on --batch-size and the number of processes: APGD-T's random starts in a batch are keyed "
-                        "by the index of the batch's first survivor")
+    p.add_argument("--suite", default=None, choices=["autoattack"],
+                   help="autoattack: AutoAttack (Croce & Hein 2020), the --version's attacks in turn, each on the "
+                        "inputs the earlier ones left robust (standard: APGD-CE, APGD-T, FAB-T, Square), with a "
+                        "warning when later attacks find much the gradient attacks missed (masked gradients). "
+                        "Its rows depend on --batch-size (batches lie on a fixed grid of indices), not on the "
+                        "number of processes or a resume; `robustops evaluate` runs the same suites")
+    p.add_argument("--version", default="standard", choices=["standard", "plus", "rand"],
+                   help="--suite autoattack: AutoAttack's version (plus: more restarts and the untargeted attacks; "
+                        "rand: APGD-CE and APGD-DLR with 20 EOT passes, for randomized defenses)")
+    p.add_argument("--n-queries", type=int, default=5000, help="--suite autoattack: Square's query budget")
     p.add_argument("--steps", type=int, default=None, help="iterations (None: 10 for pgd, 100 for apgd-* and --suite)")
-    p.add_argument("--restarts", type=int, default=1)
+    p.add_argument("--restarts", type=int, default=None, help="random starts (None: 1; with --suite the version's: "
+                   "1, or 5 for plus)")
     p.add_argument("--n-target-classes", type=int, default=9, help="apgd-t: target classes per sample (capped at "
                    "classes - 1)")
     p.add_argument("--loss", default="ce", choices=["ce", "dlr"], help="pgd / fgsm objective")
@@ -109,32 +115,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_common(p, workers=False)
 
 
-def result_rows(samples: dict) -> list:
-    """robust_accuracy's per-sample tensors as a list of row dicts (TSV-ready values)."""
-    cols = [c for c in RESULT_COLUMNS if c in samples]
-    data = [samples[c].tolist() for c in cols]
-    rows = []
-    for vals in zip(*data):
-        row = {}
-        for c, v in zip(cols, vals):
-            row[c] = int(v) if isinstance(v, bool) else (f"{v:.6g}" if isinstance(v, float) else v)
-        rows.append(row)
-    return rows
-
-
-def save_results(path: str, samples_or_rows) -> str:
-    """Writes per-sample results (robust_accuracy's "samples" dict, or a list of row dicts) as a TSV
-    sorted by index, with a header line, atomically (a robustops.cli.rows.ResultsFile). Returns path."""
-    rows = result_rows(samples_or_rows) if isinstance(samples_or_rows, dict) else list(samples_or_rows)
-    rows.sort(key=lambda r: int(r["index"]))
-    cols = [c for c in RESULT_COLUMNS if rows and c in rows[0]] or list(RESULT_COLUMNS[:-1])
-    ResultsFile(path, "\t".join(cols)).write("\t".join("" if r[c] is None else str(r[c]) for c in cols) for r in rows)
-    return path
-
-
 def _attacks(args) -> tuple:
     """The attacks this run applies in order (one, or a suite's)."""
-    return SUITES[args.suite] if args.suite else (args.attack,)
+    if not args.suite:
+        return (args.attack,)
+    from ..attacks.suites import suite_names
+
+    return suite_names(args.suite, args.version)
+
+
+def input_transform(args, info) -> tuple:
+    """(mean, std, amp) of the attack: --normalize's dataset statistics and the --amp autocast name."""
+    mean = std = None
+    if args.normalize:
+        if info.get("mean") is None:
+            raise CLIError(f"--normalize: dataset {info['name']} has no mean/std")
+        mean, std = info["mean"], info["std"]
+    return mean, std, {"float32": "none", "bfloat16": "bf16", "float16": "fp16"}.get(args.amp, args.amp)
+
+
+def _suite(args, model, info, norm: str, eps: float):
+    """--suite's attacks (robustops.attacks.suites.Suite), seeded from --seed like a single process."""
+    from ..attacks.suites import Suite
+
+    mean, std, amp = input_transform(args, info)
+    return Suite(model, eps, norm, args.suite, args.version, steps=args.steps, n_queries=args.n_queries,
+                 n_target_classes=min(args.n_target_classes, max(int(info["num_classes"]) - 1, 1)),
+                 restarts=args.restarts, seed=args.seed, mean=mean, std=std, dtype=amp)
 
 
 def _steps(args, name: str) -> int:
@@ -148,19 +155,15 @@ def _attack(args, model, info, norm: str, eps: float, name: str, pmodel=None):
     of processes, the batching or a resume (a batched model's figures may differ in their last digits)."""
     from .. import _rng, attacks
 
-    mean = std = None
-    if args.normalize:
-        if info.get("mean") is None:
-            raise CLIError(f"--normalize: dataset {info['name']} has no mean/std")
-        mean, std = info["mean"], info["std"]
-    amp = {"float32": "none", "bfloat16": "bf16", "float16": "fp16"}.get(args.amp, args.amp)
+    mean, std, amp = input_transform(args, info)
+    restarts = 1 if args.restarts is None else args.restarts
     if pmodel is not None:
         return attacks.LatentPGD(model, pmodel, eps=eps, alpha=args.alpha, steps=_steps(args, name),
-                                 restarts=args.restarts, random_start=args.random_start, early_stop=args.early_stop,
+                                 restarts=restarts, random_start=args.random_start, early_stop=args.early_stop,
                                  loss=args.loss, seed=_rng.derive_seed(args.seed, 0), dtype=amp, mean=mean,
                                  std=std)
     common = dict(norm=norm, mean=mean, std=std, early_stop=args.early_stop, seed=_rng.derive_seed(args.seed, 0),
-                  dtype=amp, restarts=args.restarts)
+                  dtype=amp, restarts=restarts)
     if name.startswith("apgd"):
         if name == "apgd-t":
             return attacks.APGDT(model, eps=eps, steps=_steps(args, name), n_target_classes=min(
@@ -172,18 +175,7 @@ def _attack(args, model, info, norm: str, eps: float, name: str, pmodel=None):
     return attacks.PGD(model, eps=eps, alpha=args.alpha, steps=_steps(args, name), **common)
 
 
-def _gather(d, rows, seconds: float):
-    """Rank 0 receives every rank's rows and the slowest rank's seconds."""
-    import torch.distributed as dist
-
-    gathered = [None] * d.world if d.rank == 0 else None
-    dist.gather_object((rows, seconds), gathered, dst=0)
-    if d.rank != 0:
-        return rows, seconds
-    return [r for part_rows, _ in gathered for r in part_rows], max(t for _, t in gathered)
-
-
-def _threat_model(args, meta: dict):
+def threat_model(args, meta: dict):
     """(norm, eps, where eps came from): the flags win, then the checkpoint's training threat model."""
     norm = args.norm or (meta.get("norm") if meta.get("norm") in ("linf", "l2") else None) or "linf"
     if args.eps is not None:
@@ -243,7 +235,9 @@ def _load(args):
 
     require_min(steps=(args.steps if args.steps is not None else 1, 1), restarts=(args.restarts, 1),
                 batch_size=(args.batch_size, 1), n_target_classes=(args.n_target_classes, 1),
-                max_samples=(args.max, 1))
+                max_samples=(args.max, 1), n_queries=(args.n_queries, 1))
+    if not args.suite and (args.version != "standard" or args.n_queries != 5000):
+        raise CLIError("--version and --n-queries are for --suite autoattack; add --suite autoattack or drop them")
     names = _attacks(args)
     if args.threat == "learned":
         _check_learned(args)
@@ -277,99 +271,26 @@ def _load(args):
     if args.threat == "learned":
         pmodel, eps, source = _load_perturbation_model(args)
         return model, dataset, info, "learned", eps, source, pmodel
-    norm, eps, source = _threat_model(args, checkpoint_meta(args.checkpoint, model))
+    norm, eps, source = threat_model(args, checkpoint_meta(args.checkpoint, model))
     return model, dataset, info, norm, eps, source, None
 
 
 def _columns(args) -> list:
     """The TSV's columns of this run (robust_accuracy's per-sample columns for its attacks)."""
     names = _attacks(args)
-    extra = {"latent_l2": args.threat == "learned", "target": False, "attack": len(names) > 1}  # targets: chosen inside
-    return [c for c in RESULT_COLUMNS if extra.get(c, True)]
-
-
-def results_file(path: str, columns) -> ResultsFile:
-    """attack's per-sample TSV at path with these columns, as the shared results file (rows, lock, resume)."""
-    parse = {"linf": float, "l2": float, "latent_l2": float, "attack": str}
-    return ResultsFile(path, "\t".join(columns), [parse.get(c, int) for c in columns[1:]])
-
-
-def _batches(dataset, todo: list, size: int):
-    """(x, y, indices) batches of at most size inputs of dataset, each of consecutive indices (its random
-    starts are then keyed by each input's global index)."""
-    import torch
-    from torch.utils.data import default_collate
-
-    run: list = []
-    for i in todo + [None]:
-        if run and (i is None or i != run[-1] + 1 or len(run) == size):
-            x, y = default_collate([dataset[j][:2] for j in run])
-            yield x, torch.as_tensor(y), torch.tensor(run)
-            run = []
-        if i is not None:
-            run.append(i)
+    return columns_for(names, latent=args.threat == "learned")
 
 
 def _evaluate(args, model, dataset, info, norm, eps, d, pmodel=None, results=None):
-    """(rows, [n, clean, robust, seconds, robust after each attack...]) on rank 0, over every selected
-    input: this rank's contiguous share of the inputs still to do is attacked a batch at a time, its
-    rows appended to its part file of results (when given, else gathered), rank 0 merging them."""
-    import time
-
-    from .. import attacks
-    from .. import data as rodata
-    from .rows import RowWriter
-
+    """(rows, stats) of this run over every selected input (attack_rows.evaluate_rows)."""
     stop = len(dataset) if args.max is None else min(max(args.max, 0), len(dataset))
-    done = results.done() if results is not None else set()
-    todo = [i for i in range(stop) if i not in done]
-    share = -(-len(todo) // d.world)
-    mine = todo[d.rank * share:(d.rank + 1) * share]
-    d.barrier()  # everyone has read the part files before any is truncated
     names = _attacks(args)
-    try:
-        chosen = [_attack(args, model, info, norm, eps, name, pmodel) for name in names]
-    except (ValueError, TypeError) as e:
-        raise CLIError(str(e)) from None
-    out = results.open_part(d.rank) if results is not None else None
-    writer = RowWriter(out, len(mine), "+".join(names), args.progress and d.rank == 0,
-                       lines="attack" if d.rank == 0 else None)
-    rows, t0 = [], time.perf_counter()
-    try:
-        for batch in _batches(rodata.IndexedDataset(dataset), mine, args.batch_size):
-            res = attacks.robust_accuracy(model, [batch], chosen if len(chosen) > 1 else chosen[0], device=d.device,
-                                          progress=False)
-            part = result_rows(res["samples"])
-            for row in part:
-                if len(names) > 1:
-                    row["attack"] = names[int(row["attack"])]
-                if out is not None:
-                    writer.write("\t".join(str(row[c]) for c in results.header.split("\t")))
-            rows += part
-            writer.tick(len(part))
-    finally:
-        writer.close()
-        if out is not None:
-            out.close()
-    seconds = time.perf_counter() - t0
-    if d.distributed:
-        rows, seconds = _gather(d, rows, seconds)
-    d.barrier()
-    if d.rank == 0 and results is not None:
-        header = results.header.split("\t")
-        rows = [dict(zip(header, line.split("\t"))) for line in results.merge()]
-    return rows, _stats(rows, names, seconds)
-
-
-def _stats(rows, names, seconds: float) -> list:
-    """[n, clean, robust, seconds, robust after each attack of a suite...] of rows (TSV fields or values)."""
-    stats = [len(rows), sum(int(r["clean_correct"]) for r in rows), sum(int(r["robust_correct"]) for r in rows),
-             seconds]
-    if len(names) > 1:  # robust after attack k: robust in the end, or broken only by a later attack
-        pos = {name: k for k, name in enumerate(names)}
-        stats += [sum(int(r["robust_correct"]) or int(int(r["clean_correct"]) and pos[r["attack"]] > k) for r in rows)
-                  for k in range(len(names))]
-    return stats
+    if args.suite:
+        make = lambda: _suite(args, model, info, norm, eps).attacks  # noqa: E731
+    else:
+        make = lambda: [_attack(args, model, info, norm, eps, names[0], pmodel)]  # noqa: E731
+    return evaluate_rows(d, dataset, stop, make, names, batch_size=args.batch_size, progress=args.progress,
+                         command="attack", results=results, grid=bool(args.suite))
 
 
 def run(args) -> int:
@@ -378,18 +299,7 @@ def run(args) -> int:
     final = results_file(args.out, _columns(args)) if args.out and not args.eps_sweep else None
     results = final.aside() if final is not None and args.force else final  # --force: replaced when done
     with distributed(args.device) as d, contextlib.ExitStack() as stack:
-        error = None
-        if d.rank == 0 and args.out:
-            try:
-                stack.enter_context(exclusive(args.out + ".lock", f"--out {args.out}"))
-                if final is not None:
-                    final.prepare(_settings(args, norm, eps), resume=args.resume, force=args.force, command="attack",
-                                  other_kind=lambda old, new: None)
-                elif os.path.exists(args.out) and not args.force:
-                    raise CLIError(f"--out {args.out} already exists; --force replaces it")
-            except CLIError as e:
-                error = str(e)
-        agree(d, error)
+        claim(d, stack, args.out, final, _settings(args, norm, eps), "attack", resume=args.resume, force=args.force)
         model = model.to(d.device)
         if pmodel is not None:
             pmodel = pmodel.to(d.device)
@@ -419,7 +329,8 @@ def run(args) -> int:
 def _settings(args, norm: str, eps: float) -> dict:
     """The settings that change the rows, stored beside the TSV (a resumed run must have the same)."""
     keys = ("model", "data", "split", "threat", "attack", "suite", "steps", "restarts", "n_target_classes", "loss",
-            "random_start", "early_stop", "amp", "normalize", "seed")
+            "random_start", "early_stop", "amp", "normalize", "seed") + (("version", "n_queries", "batch_size")
+                                                                         if args.suite else ())
     out = {k: getattr(args, k) for k in keys}
     out.update(checkpoint=os.path.abspath(args.checkpoint), norm=norm, eps=eps, step_size=args.alpha,
                perturbation_model=args.perturbation_model and os.path.abspath(args.perturbation_model))
@@ -427,11 +338,9 @@ def _settings(args, norm: str, eps: float) -> dict:
 
 
 def _describe(args, norm: str) -> str:
-    label = {"pgd": "PGD", "fgsm": "FGSM", "apgd-ce": "APGD-CE", "apgd-dlr": "APGD-DLR", "apgd-t": "APGD-T"}
     if norm == "learned":
         return f"latent PGD-{_steps(args, 'pgd')}"
-    parts = [label[n] if n == "fgsm" else f"{label[n]}-{_steps(args, n)}" for n in _attacks(args)]
-    return " + ".join(parts)
+    return describe(_attacks(args), lambda n: _steps(args, n), args.n_queries)
 
 
 def _report(args, info, norm, eps, source, d, stats, results, final) -> None:
@@ -440,12 +349,7 @@ def _report(args, info, norm, eps, source, d, stats, results, final) -> None:
     print(f"{what} {norm} eps={eps:.6g} (from {source}) restarts={args.restarts} on {info['name']}/{args.split} "
           f"({n} samples, {d.world} rank{'s' if d.world > 1 else ''}, {d.device.type}, {elapsed:.1f}s)")
     names = _attacks(args)
-    stages = {}
-    if len(names) > 1:
-        stages = {name: stats[4 + k] / max(n, 1) for k, name in enumerate(names)}
-        print("robust accuracy after each attack: " + ", ".join(f"{k} {v:.4f}" for k, v in stages.items()))
-        print(f"not run: {', '.join(SUITE_MISSING[args.suite])} (not in robustops); this robust accuracy is an upper "
-              f"bound of full AutoAttack's")
+    stages, warnings = suite_report(names, stats)
     print(f"clean_acc {clean / max(n, 1):.4f}  robust_acc {robust / max(n, 1):.4f}  n {n}  "
           f"clean_correct {clean}  robust_correct {robust}")
     if results is not None:
@@ -460,13 +364,9 @@ def _report(args, info, norm, eps, source, d, stats, results, final) -> None:
         if norm == "learned":
             record["perturbation_model"] = os.path.abspath(args.perturbation_model)
         if stages:
-            record.update(robust_acc_after=stages, not_run=list(SUITE_MISSING[args.suite]))
-        with open(results.settings_path) as fh:
-            stored = json.load(fh)  # the settings a --resume checks
-        write_summary(results.settings_path, {**record, **stored})
-        if results is not final:
-            results.replace(final)
-        print(f"per-sample results: {args.out}; summary: {final.settings_path}")
+            record.update(robust_acc_after={r["attack"]: r["robust_acc"] for r in stages}, stages=stages,
+                          version=args.version, warnings=warnings)
+        print(f"per-sample results: {args.out}; summary: {finish(results, final, record)}")
 
 
 def _report_sweep(args, info, norm, table) -> None:
