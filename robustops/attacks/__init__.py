@@ -28,8 +28,10 @@ from .apgd import APGD, APGDT
 from .base import Attack, madry_step
 from .engine import STARTS, AttackResult, Engine, Recorder
 from .evaluation import robust_accuracy
+from .fab import FAB, FABT, FABResult
 from .latent import LatentAttackResult, LatentPGD, nearest_member, random_members
 from .pgd import FGSM, PGD, dlr_loss
+from .square import Square, SquareResult, square_p_selection  # noqa: F401 (Square Attack, gradient-free)
 
 __all__ = ["Attack", "madry_step", "PGD", "FGSM", "APGD", "APGDT", "LatentPGD", "AttackResult", "LatentAttackResult",
-           "robust_accuracy", "dlr_loss", "Engine", "Recorder", "STARTS", "nearest_member", "random_members"]
+           "robust_accuracy", "dlr_loss", "FAB", "FABT", "FABResult", "Engine", "Recorder", "STARTS", "nearest_member", "random_members"]
