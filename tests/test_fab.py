@@ -159,18 +159,15 @@ def test_linear_box_active(norm):
 
 
 @pytest.fixture(scope="module")
-def digits_model():
-    return train_digits_model(epochs=2, seed=0)
-
-
-@pytest.fixture(scope="module")
 def digits():
+    """(the SmallCNN trained 2 epochs, the first 64 test digits, their labels)."""
     x, y = load_digits("test").tensors
-    return x[:64], y[:64]
+    return train_digits_model(epochs=2, seed=0), x[:64], y[:64]
 
 
-def test_success_iff_distance_within_eps(digits_model, digits):
-    x, y = digits[0][:32], digits[1][:32]
+def test_success_iff_distance_within_eps(digits):
+    digits_model, x, y = digits
+    x, y = x[:32], y[:32]
     free = A.FAB(digits_model, steps=10, seed=0).perturb(x, y)
     assert bool((free.success == torch.isfinite(free.distance)).all())
     eps = torch.linspace(0.0, 0.2, 32)
@@ -186,8 +183,9 @@ def test_success_iff_distance_within_eps(digits_model, digits):
         assert bool((res.success_step[found] >= 0).all()) and bool((res.success_step[~found] == -1).all())
 
 
-def test_skip_seeds_and_early_exit(digits_model, digits):
-    x, y = digits[0][:24], digits[1][:24]
+def test_skip_seeds_and_early_exit(digits):
+    digits_model, x, y = digits
+    x, y = x[:24], y[:24]
     atk = A.FAB(digits_model, eps=0.1, norm="l2", steps=5, restarts=3, seed=3)
     a, b = atk.perturb(x, y, offset=7), atk.perturb(x, y, offset=7)
     for f in ("x_adv", "distance", "success_step", "restart", "loss", "pred"):
@@ -204,8 +202,9 @@ def test_skip_seeds_and_early_exit(digits_model, digits):
     torch.testing.assert_close(a.distance[first.success], first.distance[first.success])
 
 
-def test_fabt_targets_and_state(digits_model, digits):
-    x, y = digits[0][:16], digits[1][:16]
+def test_fabt_targets_and_state(digits):
+    digits_model, x, y = digits
+    x, y = x[:16], y[:16]
     digits_model.train()
     res = A.FABT(digits_model, steps=5, n_target_classes=20, seed=0).perturb(x, y)   # capped at C - 1 = 9
     assert digits_model.training and all(p.requires_grad for p in digits_model.parameters())
@@ -224,8 +223,9 @@ def test_bad_arguments(kwargs, words):
         A.FAB(nn.Linear(4, 3), **kwargs)
 
 
-def test_bad_call_arguments(digits_model, digits):
-    x, y = digits[0][:4], digits[1][:4]
+def test_bad_call_arguments(digits):
+    digits_model, x, y = digits
+    x, y = x[:4], y[:4]
     atk = A.FAB(digits_model, steps=2)
     with pytest.raises(ValueError, match="eps"):
         atk.perturb(x, y, eps=torch.ones(3))
@@ -241,8 +241,9 @@ def test_bad_call_arguments(digits_model, digits):
     assert empty.distance.shape == (0,) and empty.x_adv.shape == (0, 1, 8, 8)
 
 
-def test_bf16_autocast_and_channels_last(digits_model, digits):
-    x, y = digits[0][:16], digits[1][:16]
+def test_bf16_autocast_and_channels_last(digits):
+    digits_model, x, y = digits
+    x, y = x[:16], y[:16]
     ref = A.FAB(digits_model, eps=0.1, steps=10, seed=0).perturb(x, y)
     xc = x.contiguous(memory_format=torch.channels_last)
     cl = A.FAB(digits_model, eps=0.1, steps=10, seed=0).perturb(xc, y)
@@ -257,9 +258,9 @@ def test_bf16_autocast_and_channels_last(digits_model, digits):
 # -------------------------------------------------------------------------- vs torchattacks
 
 
-def test_fabt_not_weaker_than_torchattacks(digits_model, digits):
+def test_fabt_not_weaker_than_torchattacks(digits):
     torchattacks = pytest.importorskip("torchattacks")
-    x, y = digits
+    digits_model, x, y = digits
     theirs = torchattacks.FAB(digits_model, norm="Linf", eps=0.1, steps=20, n_restarts=1, alpha_max=0.1, eta=1.05,
                               beta=0.9, seed=0, multi_targeted=True, n_classes=10)
     adv = theirs(x, y)
