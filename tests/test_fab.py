@@ -17,7 +17,10 @@
   (0.5 s vs 0.8 s); over all 360 test points 0.4333 (0.4361 without the final search) vs 0.4361,
   L2 eps 1.0: 0.0444 vs 0.0444. Median minimal distance over the clean-correct points, eps None (all 9
   targets run on every point): L-inf 0.0968 (64 points: 0.1025), L2 0.523; torchattacks with eps=100
-  (its first fooling target only) 0.1084 (0.1095) and 0.568.
+  (its first fooling target only) 0.1084 (0.1095) and 0.568. Untargeted FAB vs torchattacks.FAB, all
+  360 points, 20 steps (not a test): robust accuracy 0.4389 vs 0.4389 (L-inf 0.1, 2.6 s vs 4.1 s on one
+  CPU thread), 0.0472 vs 0.0472 (L2 1.0, 1.8 s vs 2.8 s); median minimal distance 0.0973 vs 0.0979
+  (L-inf), 0.5229 vs 0.5269 (L2).
 """
 from __future__ import annotations
 
