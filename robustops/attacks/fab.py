@@ -344,7 +344,7 @@ class FAB(Attack):
     def _boundaries(self, s: _Run):
         """(f [n, K], grad f [n, K, D]) at the iterate for the K candidate boundaries: f_l = z_l - z_y
         for the C - 1 classes l != y (FAB: one backward each), or the target's alone (FAB-T)."""
-        xin = s.image(s.x1).requires_grad_(True)
+        xin = s.image(s.x1).detach().requires_grad_(True)
         with torch.enable_grad():
             logits = self.engine.logits(xin)
             C = logits.shape[1]
