@@ -48,6 +48,37 @@ def train_digits_model(epochs: int = 5, seed: int = 0, batch_size: int = 64, lr:
     return model
 
 
+def train_pgd_digits_model(epochs: int = 6, eps: float = 0.2, seed: int = 0, steps: int = 5) -> torch.nn.Module:
+    """A SmallCNN PGD-trained on the embedded digits: train_digits_model(3 epochs), then epochs of Adam on
+    L-inf PGD-steps examples at eps (Madry et al.'s step size, random start). Cached like
+    train_digits_model; returned in eval mode."""
+    from robustops.attacks import PGD
+
+    key = ("pgd", epochs, eps, seed, steps)
+    if key in _CACHE:
+        model = SmallCNN()
+        model.load_state_dict(_CACHE[key])
+        return model.eval()
+    model = train_digits_model(epochs=3, seed=seed)
+    x, y = load_digits("train").tensors
+    g = torch.Generator().manual_seed(seed + 1)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    atk = PGD(model, eps=eps, steps=steps, seed=seed)
+    for _ in range(epochs):
+        perm = torch.randperm(x.shape[0], generator=g)
+        for i in range(0, x.shape[0], 64):
+            b = perm[i:i + 64]
+            xa = atk(x[b], y[b])
+            model.train()
+            loss = F.cross_entropy(model(xa), y[b])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            model.eval()
+    _CACHE[key] = {k: v.clone() for k, v in model.state_dict().items()}
+    return model
+
+
 def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     with torch.no_grad():
         return (model(x).argmax(1) == y).float().mean().item()

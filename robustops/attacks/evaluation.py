@@ -67,7 +67,11 @@ def _attack_batch(model, attack: Attack, batch, x, y, idx, n: int, device, keep_
             adv_pred = predictions(model(attack.normalize(res.x_adv)).float())
     else:
         adv_pred = res.pred
-    if attack.targeted:
+    if getattr(res, "distance", None) is not None:
+        # a minimum-distance attack (FAB) returns the smallest adversarial example it found even beyond
+        # eps: only its success (found within eps) breaks a point, as AutoAttack counts FAB
+        robust_ok = clean_ok & ~res.success
+    elif attack.targeted:
         robust_ok = clean_ok & (adv_pred == y)
     else:
         robust_ok = clean_ok & ~res.success & (adv_pred == y)
