@@ -9,7 +9,7 @@ import sys as _sys
 
 __version__ = "0.1.0"
 
-__all__ = ["build_info", "ops", "reference", "pgd_step_", "random_init", "recycle_step_", "langevin_step_",
+__all__ = ["build_info", "evaluate", "ops", "reference", "pgd_step_", "random_init", "recycle_step_", "langevin_step_",
            "gaussian_noise", "count_votes_", "gaussian_noise_rows", "count_votes_segments_"]
 
 _OPS = ("pgd_step_", "random_init", "recycle_step_", "langevin_step_", "gaussian_noise", "count_votes_",
@@ -40,6 +40,8 @@ def __getattr__(name):
         return importlib.import_module(f".{name}", __name__)
     if name in _OPS:
         return getattr(importlib.import_module(".ops", __name__), name)
+    if name == "evaluate":  # robustops.evaluate(model, data, suite="autoattack", eps=..., norm=...)
+        return importlib.import_module(".attacks.suites", __name__).evaluate
     raise AttributeError(f"module 'robustops' has no attribute {name!r}")
 
 

@@ -79,6 +79,18 @@ def train_pgd_digits_model(epochs: int = 6, eps: float = 0.2, seed: int = 0, ste
     return model
 
 
+class RoundInput(torch.nn.Module):
+    """Gradient masking: the input is rounded to 1/255 steps, so its gradient is zero everywhere (the
+    masked model of the Square and masking-check tests)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(torch.round(x * 255) / 255)
+
+
 def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     with torch.no_grad():
         return (model(x).argmax(1) == y).float().mean().item()
@@ -219,6 +231,12 @@ def digits_checkpoint(directory) -> tuple:
 def torchrun_certify(args, nproc: int = 2):
     """`torchrun --standalone --nproc_per_node nproc -m robustops certify ARGS` (skips the test without
     torchrun); returns the CompletedProcess, output captured."""
+    return torchrun_command("certify", args, nproc)
+
+
+def torchrun_command(command: str, args, nproc: int = 2):
+    """`torchrun --standalone --nproc_per_node nproc -m robustops COMMAND ARGS` (skips the test without
+    torchrun); returns the CompletedProcess, output captured."""
     import shutil
     import subprocess
     import sys
@@ -226,7 +244,7 @@ def torchrun_certify(args, nproc: int = 2):
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
     if torchrun is None:
         pytest.skip("torchrun not found")
-    return subprocess.run([torchrun, "--standalone", "--nproc_per_node", str(nproc), "-m", "robustops", "certify"]
+    return subprocess.run([torchrun, "--standalone", "--nproc_per_node", str(nproc), "-m", "robustops", command]
                           + [str(a) for a in args], cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
                           timeout=300)
 

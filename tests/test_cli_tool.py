@@ -297,19 +297,22 @@ def test_eps_sweep_writes_csv_plot_and_json(ckpts, tmp_path):
     assert "| 0.3 |" in p.stdout
 
 
-def test_autoattack_suite_runs_apgd_ce_then_apgd_t_and_names_what_is_missing(ckpts, tmp_path):
+def test_autoattack_suite_runs_the_standard_version_stage_by_stage(ckpts, tmp_path):
     out = tmp_path / "aa.tsv"
     p = ok(robustops("attack", "--checkpoint", ckpts["pgd"], "--suite", "autoattack", "--steps", "10",
-                     "--max-samples", "60", "-o", out, "--no-progress"))
-    assert "FAB-T, Square" in p.stdout
+                     "--n-queries", "50", "--max-samples", "60", "-o", out, "--no-progress"))
+    assert "robust accuracy after each attack: APGD-CE" in p.stdout and "Square" in p.stdout
     s = json.loads(open(str(out) + ".json").read())
-    assert s["attacks"] == ["apgd-ce", "apgd-t"] and s["not_run"] == ["FAB-T", "Square"]
+    assert s["attacks"] == ["apgd-ce", "apgd-t", "fab-t", "square"] and s["version"] == "standard"
     after = s["robust_acc_after"]
-    assert after["apgd-t"] <= after["apgd-ce"] <= s["clean_acc"]
-    assert s["robust_acc"] == after["apgd-t"]
+    assert after["square"] <= after["fab-t"] <= after["apgd-t"] <= after["apgd-ce"] <= s["clean_acc"]
+    assert s["robust_acc"] == after["square"] and [r["attack"] for r in s["stages"]] == s["attacks"]
     rows = list(csv.DictReader(open(out), delimiter="\t"))
-    assert len(rows) == 60 and {r["attack"] for r in rows} <= {"apgd-ce", "apgd-t"}
+    assert len(rows) == 60 and {r["attack"] for r in rows} <= set(s["attacks"])
+    assert "queries" in rows[0] and "distance" in rows[0]
     assert sum(int(r["robust_correct"]) for r in rows) == round(s["robust_acc"] * 60)
+    p = robustops("attack", "--checkpoint", ckpts["pgd"], "--version", "plus")
+    assert_one_line_error(p, "--version", "--suite")
     # APGD-CE alone at the same budget: the suite is at least as strong
     p = ok(robustops("attack", "--checkpoint", ckpts["pgd"], "--attack", "apgd-ce", "--steps", "10",
                      "--max-samples", "60", "-o", tmp_path / "ce.tsv", "--no-progress"))

@@ -20,7 +20,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
-from helpers import one_thread, train_digits_model  # noqa: F401 (one_thread: an autouse fixture)
+from helpers import RoundInput, one_thread, train_digits_model  # noqa: F401 (one_thread: an autouse fixture)
 
 from robustops.attacks import APGD, PGD, Square, SquareResult, square_p_selection
 from robustops.attacks.square import P_HALVINGS, eta_rectangle, meta_pseudo_gaussian, square_side
@@ -49,17 +49,6 @@ def recording(net):
         return net(x)
 
     return forward, seen
-
-
-class RoundInput(nn.Module):
-    """Gradient masking: the input is rounded to 1/255 steps, so its gradient is zero everywhere."""
-
-    def __init__(self, net):
-        super().__init__()
-        self.net = net
-
-    def forward(self, x):
-        return self.net(torch.round(x * 255) / 255)
 
 
 def _linear(c, h, w, seed=0):

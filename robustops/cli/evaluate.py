@@ -57,7 +57,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="digits", help='"digits" (embedded), a .npz file, "cifar10:DIR" or '
                    '"imagefolder:DIR"')
     p.add_argument("--split", default="test", choices=["train", "test"])
-    p.add_argument("--n", type=int, default=None, help="evaluate the first N inputs (None: all)")
+    p.add_argument("--n", "--max-samples", dest="n", type=int, default=None,
+                   help="evaluate the first N inputs (None: all; under torchrun spell it --max-samples)")
     p.add_argument("--suite", default="autoattack", choices=SUITES,
                    help="autoattack (the --version's attacks in turn), apgd (APGD-CE then APGD-T), pgd, fab (FAB-T) "
                         "or square")
