@@ -12,8 +12,8 @@ import time
 from typing import List, Optional
 
 from . import demo_learned
-from .common import (DIGITS_MODEL, CLIError, add_common, fmt_pct, fraction, pick_device, require_min, setup_run,
-                     split_holdout, write_summary)
+from .common import (DIGITS_MODEL, CLIError, add_common, alias, fmt_pct, fraction, pick_device, require_min,
+                     setup_run, split_holdout, write_summary)
 from .train import add_method_flags, method_hparams
 
 HELP = ("train natural / PGD / free / Gaussian / consistency / MACER / IBP / ACERT / DALE-PD / PGD+AWP / PGD+EMA / "
@@ -54,8 +54,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-size", type=int, default=144,
                    help="training images held out to pick each method's best epoch (0: last epoch)")
     p.add_argument("--attack-steps", type=int, default=20, help="steps of the evaluation PGD attack")
-    p.add_argument("--apgd-steps", type=int, default=50,
-                   help="steps of APGD-CE and of APGD-T (each target) in the AutoAttack-style column (0: skip it)")
+    p.add_argument("--aa-steps", type=int, default=50,
+                   help="iterations of APGD-CE, APGD-T and FAB-T (each target) in the AutoAttack (standard) column "
+                        "(AutoAttack's own: 100; 0: skip the column)")
+    alias(p, "--apgd-steps", dest="aa_steps", type=int)
+    p.add_argument("--aa-queries", type=int, default=1000,
+                   help="Square's queries in the AutoAttack column (AutoAttack's own: 5000; the 8x8 digits need fewer)")
     p.add_argument("--ibp-eps-max", type=fraction("ibp-eps-max"), default=None,
                    help="largest L-inf radius of the IBP certification of every model (None: --eps; 0: skip it)")
     p.add_argument("--n0", type=int, default=100, help="CERTIFY selection samples")
@@ -88,7 +92,7 @@ def run(args) -> int:
         raise CLIError(f"--methods must be a comma-separated list of {', '.join(train.METHODS)} or "
                        f"{', '.join(ROW_SPECS)}; got {args.methods!r}")
     require_min(epochs=(args.epochs, 1), steps=(args.steps, 1), m=(args.m, 1), batch_size=(args.batch_size, 1),
-                attack_steps=(args.attack_steps, 1), apgd_steps=(args.apgd_steps, 0), n0=(args.n0, 1), n=(args.n, 1),
+                attack_steps=(args.attack_steps, 1), aa_steps=(args.aa_steps, 0), aa_queries=(args.aa_queries, 1), n0=(args.n0, 1), n=(args.n, 1),
                 certify_batch=(args.certify_batch, 1), val_size=(args.val_size, 0), proxy_n=(args.proxy_n, 1),
                 sequential_images=(args.sequential_images, 0), sequential_n_max=(args.sequential_n_max, 1))
     if not args.eps >= 0:
@@ -165,6 +169,7 @@ def _train_and_evaluate(args, key: str, data: _Data, dev, proxy_data=None) -> di
     import torch
 
     from .. import attacks, models, proxy, train
+    from ..attacks.suites import Suite
 
     method, opts = ROW_SPECS.get(key, (key, {}))
     opts = dict(opts)
@@ -187,13 +192,12 @@ def _train_and_evaluate(args, key: str, data: _Data, dev, proxy_data=None) -> di
     atk = attacks.PGD(model, eps=args.eps, steps=args.attack_steps, norm="linf", random_start=True, seed=args.seed)
     ev = attacks.robust_accuracy(model, data.test_loader, atk, device=dev, progress=False)
     aa = None
-    if args.apgd_steps:
-        suite = [attacks.APGD(model, eps=args.eps, steps=args.apgd_steps, seed=args.seed),
-                 attacks.APGDT(model, eps=args.eps, steps=args.apgd_steps, seed=args.seed)]
-        aa = attacks.robust_accuracy(model, data.test_loader, suite, device=dev, progress=False)["robust_acc"]
+    if args.aa_steps:
+        suite = Suite(model, args.eps, "linf", steps=args.aa_steps, n_queries=args.aa_queries, seed=args.seed)
+        aa = suite.run(data.test_loader, device=dev, progress=False)["robust_acc"]
     label = res.config.label + (f" + proxy data ({ratio:.0%})" if ratio is not None else "")
     row = {"method": key, "label": label, "clean_acc": ev["clean_acc"],
-           "robust_acc": ev["robust_acc"], "apgd_acc": aa, "acr": None, "ibp_acr": None, "train_time_s": res.train_time,
+           "robust_acc": ev["robust_acc"], "aa_acc": aa, "acr": None, "ibp_acr": None, "train_time_s": res.train_time,
            "epochs_run": res.epochs_run, "best_epoch": res.best_epoch, "model": model,
            "sigma": res.config.noise_sigma}
     if row["sigma"] is not None:
@@ -263,12 +267,12 @@ def _sequential_line(args, rows, data, dev) -> Optional[str]:
 
 def _table(args, rows) -> list:
     header = ["method", "clean acc", f"PGD-{args.attack_steps} acc (eps={args.eps:g})"]
-    header += [f"APGD-CE+T acc ({args.apgd_steps} steps)"] if args.apgd_steps else []
+    header += [f"AutoAttack acc ({args.aa_steps} it., {args.aa_queries} q.)"] if args.aa_steps else []
     header += [f"ACR (sigma={args.sigma:g})"]
     header += [f"IBP ACR (L-inf, <= {args.ibp_eps_max:g})"] if args.ibp_eps_max > 0 else []
     header += ["train time"]
     table = [[r["label"], fmt_pct(r["clean_acc"]), fmt_pct(r["robust_acc"])]
-             + ([fmt_pct(r["apgd_acc"])] if args.apgd_steps else [])
+             + ([fmt_pct(r["aa_acc"])] if args.aa_steps else [])
              + ["-" if r["acr"] is None else f"{r['acr']:.3f}"]
              + ([f"{r['ibp_acr']:.4f}"] if args.ibp_eps_max > 0 else [])
              + [f"{r['train_time_s']:.1f} s"] for r in rows]
@@ -287,16 +291,19 @@ def _write_outputs(args, rows, md, certified, lines, learned=None) -> list:
         fh.write("\n".join(md) + "\n")
     with open(os.path.join(args.out, "results.csv"), "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["method", "label", "clean_acc", "robust_acc", "eps", "attack_steps", "apgd_acc", "apgd_steps",
+        w.writerow(["method", "label", "clean_acc", "robust_acc", "eps", "attack_steps", "autoattack_acc",
+                    "autoattack_steps", "autoattack_queries",
                     "acr", "sigma", "ibp_acr", "ibp_eps_max", "train_time_s", "epochs_run", "best_epoch"])
         for r in rows:
             w.writerow([r["method"], r["label"], f"{r['clean_acc']:.4f}", f"{r['robust_acc']:.4f}", args.eps,
-                        args.attack_steps, "" if r["apgd_acc"] is None else f"{r['apgd_acc']:.4f}", args.apgd_steps,
+                        args.attack_steps, "" if r["aa_acc"] is None else f"{r['aa_acc']:.4f}", args.aa_steps,
+                        args.aa_queries,
                         "" if r["acr"] is None else f"{r['acr']:.4f}", args.sigma,
                         "" if r["ibp_acr"] is None else f"{r['ibp_acr']:.5f}", args.ibp_eps_max,
                         f"{r['train_time_s']:.2f}", r["epochs_run"], r["best_epoch"]])
     write_summary(os.path.join(args.out, "results.json"), {
-        "command": "demo", "eps": args.eps, "attack_steps": args.attack_steps, "apgd_steps": args.apgd_steps,
+        "command": "demo", "eps": args.eps, "attack_steps": args.attack_steps, "autoattack_steps": args.aa_steps,
+        "autoattack_queries": args.aa_queries,
         "n0": args.n0, "n": args.n,
         "alpha": args.alpha, "epochs": args.epochs, "seed": args.seed, "table": md, "lines": lines,
         "rows": [{k: v for k, v in r.items() if k not in ("model", "radius", "correct", "ibp_radius", "ibp_correct")}
@@ -363,7 +370,7 @@ def _demo(args, methods, dev) -> int:
         rows.append(row)
         extra = (f", ACR {row['acr']:.3f} ({data.k} images, n={args.n}, certified in {row['certify_time_s']:.1f}s)"
                  if row["acr"] is not None else "")
-        aa = f"  APGD-CE+T {fmt_pct(row['apgd_acc']):>6}" if row["apgd_acc"] is not None else ""
+        aa = f"  AutoAttack {fmt_pct(row['aa_acc']):>6}" if row["aa_acc"] is not None else ""
         print(f"  {row['label']:<28} clean {fmt_pct(row['clean_acc']):>6}  PGD-{args.attack_steps} "
               f"{fmt_pct(row['robust_acc']):>6}{aa}{extra}  (trained {row['train_time_s']:.1f}s)", flush=True)
     md = _table(args, rows)
