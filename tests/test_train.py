@@ -384,7 +384,7 @@ def test_cli_demo_quick(tmp_path, capsys):
 
     out = tmp_path / "demo"
     rc = main(["demo", "--out", str(out), "--epochs", "2", "--n0", "10", "--n", "50", "--certify-max", "20",
-               "--attack-steps", "3", "--aa-steps", "3", "--aa-queries", "20", "--no-progress", "--val-size", "64",
+               "--attack-steps", "3", "--aa-steps", "3", "--aa-fab-steps", "2", "--aa-queries", "20", "--no-progress", "--val-size", "64",
                "--cvae-epochs", "2", "--learned-steps", "2", "--set-attack-steps", "3", "--latent-n", "50",
                "--latent-certify-max", "10", "--proxy-n", "500", "--sequential-images", "6",
                "--sequential-n-max", "2000", "--sequential-radius", "0.2"])
@@ -421,7 +421,7 @@ def test_cli_demo_quick(tmp_path, capsys):
     assert (out / "ibp_certified_accuracy.png").exists() and (out / "ibp_certified_accuracy.pdf").exists()
     assert "IBP-certified accuracy of the ACERT" in text
     assert rows[3]["acr"] != "" and rows[4]["acr"] != "" and rows[5]["acr"] != "" and rows[0]["acr"] == ""
-    assert "AutoAttack acc (3 it., 20 q.)" in text
+    assert "AutoAttack acc (APGD 3, FAB 2, Square 20)" in text
     for r in rows:  # AutoAttack (standard) at 3 iterations and 20 queries: never more robust than clean
         assert 0 <= float(r["autoattack_acc"]) <= float(r["clean_acc"])
     with open(out / "certify_gaussian.tsv") as fh:

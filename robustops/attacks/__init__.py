@@ -20,9 +20,16 @@ Every attack is an :class:`Attack` (``base``: the model's mode, the clipping box
 targets, seeds, the autocast dtype and the ``perturb`` template; its docstring says how to write a new
 attack). ``madry_step(eps, steps)`` is Madry et al.'s default step size 2.5 * eps / steps.
 
+``FAB`` / ``FABT`` (Croce & Hein 2020's minimally distorted fast adaptive boundary attack) and
+``Square`` (Andriushchenko et al. 2020, gradient-free random search) complete AutoAttack; ``Suite``
+(``suites``) runs its standard, plus and rand versions AutoAttack's way, with the per-stage log and a
+masking check, and ``robustops.evaluate`` calls it on any model and data.
+
 Layout: ``base`` (Attack, the losses, the default step sizes), ``engine`` (the one projected-gradient
-iteration, shared with training), ``pgd`` (PGD / FGSM), ``apgd`` (Auto-PGD), ``latent`` (learned
-perturbation sets), ``graph`` (CUDA-graph replay), ``evaluation`` (robust accuracy).
+iteration, shared with training), ``pgd`` (PGD / FGSM), ``apgd`` (Auto-PGD), ``fab`` (FAB, FAB-T),
+``square`` (Square), ``latent`` (learned perturbation sets), ``graph`` (CUDA-graph replay),
+``evaluation`` (robust accuracy of one attack or an ensemble), ``suites`` (AutoAttack and the other
+suites of ``robustops evaluate``).
 """
 from .apgd import APGD, APGDT
 from .base import Attack, madry_step
@@ -31,7 +38,9 @@ from .evaluation import robust_accuracy
 from .fab import FAB, FABT, FABResult
 from .latent import LatentAttackResult, LatentPGD, nearest_member, random_members
 from .pgd import FGSM, PGD, dlr_loss
-from .square import Square, SquareResult, square_p_selection  # noqa: F401 (Square Attack, gradient-free)
+from .square import Square, SquareResult, square_p_selection
+from .suites import Suite
 
 __all__ = ["Attack", "madry_step", "PGD", "FGSM", "APGD", "APGDT", "LatentPGD", "AttackResult", "LatentAttackResult",
-           "robust_accuracy", "dlr_loss", "FAB", "FABT", "FABResult", "Engine", "Recorder", "STARTS", "nearest_member", "random_members"]
+           "robust_accuracy", "dlr_loss", "FAB", "FABT", "FABResult", "Square", "SquareResult", "square_p_selection",
+           "Suite", "Engine", "Recorder", "STARTS", "nearest_member", "random_members"]

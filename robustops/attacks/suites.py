@@ -117,14 +117,15 @@ class Suite:
     model: logits for pixels in clip (give mean / std when it takes normalized inputs). eps: radius
     (float > 0); norm: "linf" or "l2". suite: "autoattack" (``version`` "standard", "plus" or "rand"),
     "apgd", "pgd", "fab" or "square". steps: iterations of APGD / FAB (AutoAttack: 100; PGD: 10 unless
-    given); n_queries: Square's budget (5000); n_target_classes: targets of APGD-T / FAB-T (9, capped at
-    C - 1); restarts: None for the version's (1, or 5 for plus); eot_iter: gradient passes per step
+    given); fab_steps: FAB's own (None: steps); n_queries: Square's budget (5000); n_target_classes:
+    targets of APGD-T / FAB-T (9, capped at C - 1); restarts: None for the version's (1, or 5 for plus); eot_iter: gradient passes per step
     in the rand version (20); seed: attack k draws from sub-stream k; dtype: autocast of the forward;
     masking_threshold: see :func:`masking_warnings`; p_init / rescale_schedule: Square's (AutoAttack: 0.8,
     False; torchattacks' AutoAttack rescales the schedule to the budget)."""
 
     def __init__(self, model, eps: float, norm: str = "linf", suite: str = "autoattack", version: str = "standard", *,
-                 steps: Optional[int] = None, n_queries: int = 5000, n_target_classes: int = 9,
+                 steps: Optional[int] = None, fab_steps: Optional[int] = None, n_queries: int = 5000,
+                 n_target_classes: int = 9,
                  restarts: Optional[int] = None, eot_iter: int = 20, seed: int = 0, clip=(0.0, 1.0), mean=None,
                  std=None, dtype=None, masking_threshold: float = 0.05, p_init: float = 0.8,
                  rescale_schedule: bool = False):
@@ -138,25 +139,27 @@ class Suite:
         seed = _checks.check_int(seed, "seed", 0)
         restarts = _RESTARTS[version] if restarts is None else _checks.check_int(restarts, "restarts", 1)
         common = dict(clip=clip, mean=mean, std=std, dtype=dtype)
-        opts = dict(steps=steps, n_queries=n_queries, n_target_classes=n_target_classes, restarts=restarts,
+        opts = dict(steps=steps, fab_steps=fab_steps, n_queries=n_queries, n_target_classes=n_target_classes, restarts=restarts,
                     eot_iter=eot_iter if version == "rand" and suite == "autoattack" else 1, p_init=p_init,
                     rescale_schedule=bool(rescale_schedule))
         self.attacks: List[Attack] = [self._make(model, name, _rng.derive_seed(seed, k), common, **opts)
                                       for k, name in enumerate(self.names)]
 
-    def _make(self, model, name: str, seed: int, common: dict, *, steps, n_queries, n_target_classes, restarts,
+    def _make(self, model, name: str, seed: int, common: dict, *, steps, fab_steps, n_queries, n_target_classes,
+              restarts,
               eot_iter, p_init, rescale_schedule) -> Attack:
         eps, norm = self.eps, self.norm
         it = 100 if steps is None else _checks.check_int(steps, "steps", 1)
+        fab_it = it if fab_steps is None else _checks.check_int(fab_steps, "fab_steps", 1)
         if name in ("apgd-ce", "apgd-dlr"):
             return APGD(model, eps, steps=it, norm=norm, loss=name[5:], restarts=restarts, seed=seed,
                         eot_iter=eot_iter, **common)
         if name == "apgd-t":
             return APGDT(model, eps, steps=it, norm=norm, n_target_classes=n_target_classes, seed=seed, **common)
         if name == "fab":
-            return FAB(model, eps, norm=norm, steps=it, restarts=restarts, seed=seed, **common)
+            return FAB(model, eps, norm=norm, steps=fab_it, restarts=restarts, seed=seed, **common)
         if name == "fab-t":
-            return FABT(model, eps, norm=norm, steps=it, n_target_classes=n_target_classes, seed=seed, **common)
+            return FABT(model, eps, norm=norm, steps=fab_it, n_target_classes=n_target_classes, seed=seed, **common)
         if name == "square":
             return Square(model, eps, norm=norm, n_queries=n_queries, p_init=p_init, seed=seed,
                           rescale_schedule=rescale_schedule, **common)

@@ -58,8 +58,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="iterations of APGD-CE, APGD-T and FAB-T (each target) in the AutoAttack (standard) column "
                         "(AutoAttack's own: 100; 0: skip the column)")
     alias(p, "--apgd-steps", dest="aa_steps", type=int)
-    p.add_argument("--aa-queries", type=int, default=1000,
-                   help="Square's queries in the AutoAttack column (AutoAttack's own: 5000; the 8x8 digits need fewer)")
+    p.add_argument("--aa-fab-steps", type=int, default=10,
+                   help="iterations of FAB-T (each target) in the AutoAttack column (AutoAttack's own: 100)")
+    p.add_argument("--aa-queries", type=int, default=300,
+                   help="Square's queries in the AutoAttack column (AutoAttack's own: 5000; on the 8x8 digits "
+                        "FAB-T and Square break no point the APGD stages left, see README)")
     p.add_argument("--ibp-eps-max", type=fraction("ibp-eps-max"), default=None,
                    help="largest L-inf radius of the IBP certification of every model (None: --eps; 0: skip it)")
     p.add_argument("--n0", type=int, default=100, help="CERTIFY selection samples")
@@ -92,7 +95,8 @@ def run(args) -> int:
         raise CLIError(f"--methods must be a comma-separated list of {', '.join(train.METHODS)} or "
                        f"{', '.join(ROW_SPECS)}; got {args.methods!r}")
     require_min(epochs=(args.epochs, 1), steps=(args.steps, 1), m=(args.m, 1), batch_size=(args.batch_size, 1),
-                attack_steps=(args.attack_steps, 1), aa_steps=(args.aa_steps, 0), aa_queries=(args.aa_queries, 1), n0=(args.n0, 1), n=(args.n, 1),
+                attack_steps=(args.attack_steps, 1), aa_steps=(args.aa_steps, 0), aa_queries=(args.aa_queries, 1),
+                aa_fab_steps=(args.aa_fab_steps, 1), n0=(args.n0, 1), n=(args.n, 1),
                 certify_batch=(args.certify_batch, 1), val_size=(args.val_size, 0), proxy_n=(args.proxy_n, 1),
                 sequential_images=(args.sequential_images, 0), sequential_n_max=(args.sequential_n_max, 1))
     if not args.eps >= 0:
@@ -193,7 +197,8 @@ def _train_and_evaluate(args, key: str, data: _Data, dev, proxy_data=None) -> di
     ev = attacks.robust_accuracy(model, data.test_loader, atk, device=dev, progress=False)
     aa = None
     if args.aa_steps:
-        suite = Suite(model, args.eps, "linf", steps=args.aa_steps, n_queries=args.aa_queries, seed=args.seed)
+        suite = Suite(model, args.eps, "linf", steps=args.aa_steps, fab_steps=args.aa_fab_steps,
+                      n_queries=args.aa_queries, seed=args.seed)
         aa = suite.run(data.test_loader, device=dev, progress=False)["robust_acc"]
     label = res.config.label + (f" + proxy data ({ratio:.0%})" if ratio is not None else "")
     row = {"method": key, "label": label, "clean_acc": ev["clean_acc"],
@@ -267,7 +272,8 @@ def _sequential_line(args, rows, data, dev) -> Optional[str]:
 
 def _table(args, rows) -> list:
     header = ["method", "clean acc", f"PGD-{args.attack_steps} acc (eps={args.eps:g})"]
-    header += [f"AutoAttack acc ({args.aa_steps} it., {args.aa_queries} q.)"] if args.aa_steps else []
+    header += [f"AutoAttack acc (APGD {args.aa_steps}, FAB {args.aa_fab_steps}, Square {args.aa_queries})"] \
+        if args.aa_steps else []
     header += [f"ACR (sigma={args.sigma:g})"]
     header += [f"IBP ACR (L-inf, <= {args.ibp_eps_max:g})"] if args.ibp_eps_max > 0 else []
     header += ["train time"]
@@ -292,18 +298,18 @@ def _write_outputs(args, rows, md, certified, lines, learned=None) -> list:
     with open(os.path.join(args.out, "results.csv"), "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["method", "label", "clean_acc", "robust_acc", "eps", "attack_steps", "autoattack_acc",
-                    "autoattack_steps", "autoattack_queries",
+                    "autoattack_steps", "autoattack_fab_steps", "autoattack_queries",
                     "acr", "sigma", "ibp_acr", "ibp_eps_max", "train_time_s", "epochs_run", "best_epoch"])
         for r in rows:
             w.writerow([r["method"], r["label"], f"{r['clean_acc']:.4f}", f"{r['robust_acc']:.4f}", args.eps,
                         args.attack_steps, "" if r["aa_acc"] is None else f"{r['aa_acc']:.4f}", args.aa_steps,
-                        args.aa_queries,
+                        args.aa_fab_steps, args.aa_queries,
                         "" if r["acr"] is None else f"{r['acr']:.4f}", args.sigma,
                         "" if r["ibp_acr"] is None else f"{r['ibp_acr']:.5f}", args.ibp_eps_max,
                         f"{r['train_time_s']:.2f}", r["epochs_run"], r["best_epoch"]])
     write_summary(os.path.join(args.out, "results.json"), {
         "command": "demo", "eps": args.eps, "attack_steps": args.attack_steps, "autoattack_steps": args.aa_steps,
-        "autoattack_queries": args.aa_queries,
+        "autoattack_fab_steps": args.aa_fab_steps, "autoattack_queries": args.aa_queries,
         "n0": args.n0, "n": args.n,
         "alpha": args.alpha, "epochs": args.epochs, "seed": args.seed, "table": md, "lines": lines,
         "rows": [{k: v for k, v in r.items() if k not in ("model", "radius", "correct", "ibp_radius", "ibp_correct")}
