@@ -233,10 +233,7 @@ class APGD(Attack):
         run = 0
         for t in self._run_targets(x, y):
             for _ in range(self.restarts):
-                todo = ~res.success
-                if skip is not None and self.early_stop:
-                    todo &= ~skip
-                idx = todo.nonzero().squeeze(1)
+                idx = self.pending(res.success, skip)
                 if idx.numel() == 0:
                     break
                 self._run(res, run, x, (y, t), eps, idx, _rng.derive_seed(seed, run), offset)

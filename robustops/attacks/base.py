@@ -327,6 +327,14 @@ class Attack:
         as :meth:`prepare` returned them. Subclasses implement it."""
         raise NotImplementedError(f"{type(self).__name__} must implement attack()")
 
+    def pending(self, success: torch.Tensor, skip: Optional[torch.Tensor]) -> torch.Tensor:
+        """Indices of the samples a further run (restart, target) attacks: those no earlier run fooled,
+        less those in skip when the attack exits early (``early_stop``)."""
+        todo = ~success
+        if skip is not None and getattr(self, "early_stop", False):
+            todo &= ~skip
+        return todo.nonzero().squeeze(1)
+
     def _start_run(self, x: torch.Tensor, skip, offset):
         """(skip on x's device, the run's random-stream offset): the bookkeeping every perturb starts
         with. offset None continues after the samples this attack has seen."""

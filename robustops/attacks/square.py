@@ -285,10 +285,7 @@ class Square(Attack):
                            torch.full((B,), float("inf"), device=device), torch.full((B,), -1, **long),
                            torch.zeros(B, **long))
         for run in range(self.restarts):
-            todo = ~res.success
-            if skip is not None and self.early_stop:
-                todo &= ~skip
-            idx = todo.nonzero().squeeze(1)
+            idx = self.pending(res.success, skip)
             if idx.numel() == 0:
                 break
             self._run(res, run, x, y, eps, idx, _rng.derive_seed(seed, run), offset)
