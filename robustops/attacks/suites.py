@@ -117,12 +117,14 @@ class Suite:
     given); n_queries: Square's budget (5000); n_target_classes: targets of APGD-T / FAB-T (9, capped at
     C - 1); restarts: None for the version's (1, or 5 for plus); eot_iter: gradient passes per step
     in the rand version (20); seed: attack k draws from sub-stream k; dtype: autocast of the forward;
-    masking_threshold: see :func:`masking_warnings`."""
+    masking_threshold: see :func:`masking_warnings`; rescale_schedule: Square's p(i) on a 10000-query
+    scale (AutoAttack's ``resc_schedule``; torchattacks' default), see :class:`Square`."""
 
     def __init__(self, model, eps: float, norm: str = "linf", suite: str = "autoattack", version: str = "standard", *,
                  steps: Optional[int] = None, n_queries: int = 5000, n_target_classes: int = 9,
                  restarts: Optional[int] = None, eot_iter: int = 20, seed: int = 0, clip=(0.0, 1.0), mean=None,
-                 std=None, dtype=None, masking_threshold: float = 0.05, p_init: float = 0.8):
+                 std=None, dtype=None, masking_threshold: float = 0.05, p_init: float = 0.8,
+                 rescale_schedule: bool = False):
         self.names = suite_names(suite, version)
         self.suite, self.version = suite, version
         self.eps = _checks.check_number(eps, "eps", 0.0, strict=True)
@@ -134,12 +136,13 @@ class Suite:
         restarts = _RESTARTS[version] if restarts is None else _checks.check_int(restarts, "restarts", 1)
         common = dict(clip=clip, mean=mean, std=std, dtype=dtype)
         opts = dict(steps=steps, n_queries=n_queries, n_target_classes=n_target_classes, restarts=restarts,
-                    eot_iter=eot_iter if version == "rand" and suite == "autoattack" else 1, p_init=p_init)
+                    eot_iter=eot_iter if version == "rand" and suite == "autoattack" else 1, p_init=p_init,
+                    rescale_schedule=rescale_schedule)
         self.attacks: List[Attack] = [self._make(model, name, _rng.derive_seed(seed, k), common, **opts)
                                       for k, name in enumerate(self.names)]
 
     def _make(self, model, name: str, seed: int, common: dict, *, steps, n_queries, n_target_classes, restarts,
-              eot_iter, p_init) -> Attack:
+              eot_iter, p_init, rescale_schedule) -> Attack:
         eps, norm = self.eps, self.norm
         it = 100 if steps is None else _checks.check_int(steps, "steps", 1)
         if name in ("apgd-ce", "apgd-dlr"):
@@ -152,7 +155,8 @@ class Suite:
         if name == "fab-t":
             return FABT(model, eps, norm=norm, steps=it, n_target_classes=n_target_classes, seed=seed, **common)
         if name == "square":
-            return Square(model, eps, norm=norm, n_queries=n_queries, p_init=p_init, seed=seed, **common)
+            return Square(model, eps, norm=norm, n_queries=n_queries, p_init=p_init, seed=seed,
+                          rescale_schedule=rescale_schedule, **common)
         return PGD(model, eps, steps=10 if steps is None else it, norm=norm, restarts=restarts, seed=seed,
                    early_stop=True, **common)
 
