@@ -225,15 +225,34 @@ def autoattack_model(args, dev):
     return model, name, eps, xt, yt
 
 
+def stage_clock(stages, method: str, dev):
+    """Wraps each stage's method (an instance attribute shadowing the class's) so that the seconds of its
+    calls add up in the returned list, one entry per stage; the caller zeroes it before a run."""
+    spent = [0.0] * len(stages)
+    for k, obj in enumerate(stages):
+        def timed(*a, _fn=getattr(obj, method), _k=k, **kw):
+            sync(dev)
+            t0 = time.perf_counter()
+            out = _fn(*a, **kw)
+            sync(dev)
+            spent[_k] += time.perf_counter() - t0
+            return out
+        setattr(obj, method, timed)
+    return spent
+
+
 def robustops_autoattack(model, eps, steps, queries, rescale):
     """robustops' AutoAttack (standard): fn(x, y) -> {clean, robust, after} (point counts)."""
     from robustops.attacks.suites import Suite
 
     suite = Suite(model, eps, "linf", steps=steps, n_queries=queries, rescale_schedule=rescale, seed=0)
+    spent = stage_clock(suite.attacks, "perturb", str(next(model.parameters()).device))
 
     def run(x, y):
+        spent[:] = [0.0] * len(spent)
         res = suite.run([(x, y)], progress=False, model=model)
-        return dict(clean=res["clean_correct"], robust=res["robust_correct"], after=list(res["robust_correct_after"]))
+        return dict(clean=res["clean_correct"], robust=res["robust_correct"], after=list(res["robust_correct_after"]),
+                    stage_s=list(spent))
     return run
 
 
@@ -248,8 +267,10 @@ def torchattacks_autoattack(model, eps, steps, queries):
     for atk in multi.attacks[:3]:
         atk.steps = steps
     multi.attacks[3].n_queries = queries
+    spent = stage_clock(multi.attacks, "forward", str(next(model.parameters()).device))
 
     def run(x, y):
+        spent[:] = [0.0] * len(spent)
         multi._accumulate_multi_atk_records = True
         multi._multi_atk_records = [0.0] * (len(multi.attacks) + 1)  # stages after an early break stay 0
         adv = aa(x, y)
@@ -257,7 +278,7 @@ def torchattacks_autoattack(model, eps, steps, queries):
             clean_ok = model(x).argmax(1) == y
             broken = (model(adv).argmax(1) != y) & ((adv - x).flatten(1).abs().amax(1) <= eps * (1 + 1e-6))
         return dict(clean=int(clean_ok.sum()), robust=int((clean_ok & ~broken).sum()),
-                    after=[int(v) for v in multi._multi_atk_records[1:]])
+                    after=[int(v) for v in multi._multi_atk_records[1:]], stage_s=list(spent))
     return run
 
 
@@ -317,7 +338,8 @@ def time_autoattacks(args, methods, model, x, y):
     the warm-up is one whole run of each method: it fills oneDNN's per-shape primitive cache for the
     batch sizes early exit leaves, which would otherwise favour whichever suite runs later; on CUDA a
     run at a tiny budget. Returns ({name: (median seconds, counts of its first run)}, (forward,
-    forward + backward) seconds per point, the fastest over the rounds)."""
+    forward + backward) seconds per point, the fastest over the rounds); a method's "stage_s" holds
+    per stage the median seconds over the timed runs."""
     full = not args.device.startswith("cuda")
     runs = [build(steps, args.aa_queries) for _, steps, _, build in methods]
     counts = {}
@@ -326,7 +348,7 @@ def time_autoattacks(args, methods, model, x, y):
             counts[name] = run(x, y)
         else:
             build(2, 10)(x[:16], y[:16])
-    times, passes = {m[0]: [] for m in methods}, []
+    times, stage_s, passes = {m[0]: [] for m in methods}, {m[0]: [] for m in methods}, []
     for _ in range(args.aa_reps):
         passes.append(pass_times(model, x, y, args.device))
         for (name, *_), run in zip(methods, runs):
@@ -335,7 +357,10 @@ def time_autoattacks(args, methods, model, x, y):
             out = run(x, y)
             sync(args.device)
             times[name].append(time.perf_counter() - t0)
+            stage_s[name].append(out["stage_s"])
             counts.setdefault(name, out)
+    for name, c in counts.items():
+        c["stage_s"] = [statistics.median(col) for col in zip(*stage_s[name])]
     floor = tuple(min(p[i] for p in passes) for i in (0, 1))
     return {name: (statistics.median(times[name]), counts[name]) for name in times}, floor
 
@@ -373,20 +398,21 @@ def run_autoattack(args, rows, base):
                          speedup_vs_eager=f"{base_t / t:.4g}", robust_acc=f"{acc:.4f}", trained=1, reps=args.aa_reps,
                          n_queries=args.aa_queries, rescale_schedule=int(resc), clean_acc=f"{c['clean'] / n:.4f}",
                          stages="/".join(str(v) for v in c["after"]), floor_s=f"{floor:.6g}",
-                         x_floor=f"{t / floor:.4g}"))
+                         x_floor=f"{t / floor:.4g}", stage_s="/".join(f"{v:.4g}" for v in c["stage_s"])))
     print_stages(methods, res, n)
     print_target(methods, res, n)
 
 
 def print_stages(methods, res, n):
-    """AutoAttack's log side by side: robust points after each stage, per method."""
+    """AutoAttack's log side by side: per stage and method, the robust points after it and the median
+    seconds the stage took."""
     names = [m[0] for m in methods]
-    print(f"  robust points after each stage (of {n}):")
+    print(f"  robust points after each stage (of {n}) / seconds in the stage:")
     print("  " + f"{'stage':<10}" + "".join(f"{m:>28}" for m in names))
-    clean = [res[m][1]["clean"] for m in names]
-    print("  " + f"{'clean':<10}" + "".join(f"{v:>28}" for v in clean))
+    print("  " + f"{'clean':<10}" + "".join(f"{res[m][1]['clean']:>28}" for m in names))
     for k, stage in enumerate(("APGD-CE", "APGD-T", "FAB-T", "Square")):
-        print("  " + f"{stage:<10}" + "".join(f"{res[m][1]['after'][k]:>28}" for m in names))
+        cells = [f"{res[m][1]['after'][k]} / {res[m][1]['stage_s'][k]:.2f}s" for m in names]
+        print("  " + f"{stage:<10}" + "".join(f"{c:>28}" for c in cells))
 
 
 def print_target(methods, res, n):
