@@ -390,15 +390,15 @@ def run_autoattack(args, rows, base):
     for mname, steps, resc, _ in methods:
         t, c = res[mname]
         floor = floor_seconds(c["after"], steps, args.aa_queries, t_fwd, t_fb)
-        acc = c["robust"] / n
-        print(f"  {mname:<26} {t:8.2f}s {base_t / t:8.2f}x {floor:8.2f}s {t / floor:7.1f}x {acc:10.4f}  "
+        acc, x_floor = c["robust"] / n, t / floor if floor > 0 else float("nan")  # no survivor: no floor
+        print(f"  {mname:<26} {t:8.2f}s {base_t / t:8.2f}x {floor:8.2f}s {x_floor:7.1f}x {acc:10.4f}  "
               f"{budget_of(steps, args.aa_queries, resc)}")
         rows.append(dict(base, config=f"autoattack_{name}", batch=n, steps=steps, eps=round(eps, 6), method=mname,
                          dtype="float32", time_s=f"{t:.6g}", images_per_s=f"{n / t:.6g}",
                          speedup_vs_eager=f"{base_t / t:.4g}", robust_acc=f"{acc:.4f}", trained=1, reps=args.aa_reps,
                          n_queries=args.aa_queries, rescale_schedule=int(resc), clean_acc=f"{c['clean'] / n:.4f}",
                          stages="/".join(str(v) for v in c["after"]), floor_s=f"{floor:.6g}",
-                         x_floor=f"{t / floor:.4g}", stage_s="/".join(f"{v:.4g}" for v in c["stage_s"])))
+                         x_floor=f"{x_floor:.4g}", stage_s="/".join(f"{v:.4g}" for v in c["stage_s"])))
     print_stages(methods, res, n)
     print_target(methods, res, n)
 
