@@ -1,6 +1,7 @@
 """PGD evaluation end to end: an eager torchattacks-style loop against robustops.attacks.PGD eager,
-CUDA-graph replay (fp32 and bf16 autocast) and early exit, side by side in one run; and APGD-CE:
-torchattacks.APGD eager and with a torch.compile'd model against robustops.attacks.APGD.
+CUDA-graph replay (fp32 and bf16 autocast) and early exit, side by side in one run; APGD-CE:
+torchattacks.APGD eager and with a torch.compile'd model against robustops.attacks.APGD; and the
+AutoAttack suite: robustops' against torchattacks.AutoAttack on the same model and points.
 
 Configurations (GPU defaults):
 - cnn: a small MNIST-shaped CNN (robustops.models.SmallCNN, 1x28x28), L-inf PGD-40, eps 0.3,
@@ -9,6 +10,22 @@ Configurations (GPU defaults):
   evaluating a trained, non-robust model costs; the other rows do not depend on the weights.
 - rn18: PreAct-ResNet-18 on CIFAR-shaped input (3x32x32), L-inf PGD-20, eps 8/255, alpha 2/255,
   batch 256, random weights.
+- autoattack: AutoAttack standard (APGD-CE, APGD-T and FAB-T with 9 target classes, Square), L-inf,
+  all points in one batch, on a PGD-trained model (random weights would let APGD-CE break nearly
+  every point and leave the later stages nothing to do): on a CPU the SmallCNN on the 8x8 digits (3
+  epochs of Adam, then 6 of PGD-5 training at eps 0.2 with robustops.train.fit, Adam 2e-3), eps
+  0.2, the 360 test points; on CUDA (--aa-model rn18) PreAct-ResNet-18 on the digits made CIFAR-shaped
+  (upsampled to 32x32, the gray channel three times: no CIFAR-10 files on a lent machine; 3 + 6 epochs
+  at batch 128), eps 8/255, the 360 test points. torchattacks 3.5.1's AutoAttack runs APGD, APGD-T and
+  FAB at its own defaults, 10 iterations (AutoAttack's are 100), and Square with 5000 queries and the
+  schedule rescaled, so two comparisons: "robustops AA equal budget" (Suite(steps=10,
+  rescale_schedule=True)) against it, the speed target (at most 0.8x its time at equal or lower robust
+  accuracy: PASS / MISS printed), and "robustops AA standard" (AutoAttack's real budgets, 100
+  iterations, Square unrescaled) for reference. Per stage, side by side: the robust points after it
+  and its seconds. The limit beside each time is its floor: the forward and forward + backward passes
+  that the points surviving each stage must make there (a survivor runs the stage's whole budget;
+  APGD-T and FAB-T one pass per step and target, Square one forward per query), at the per-point rate
+  of a full-batch pass timed in the same run (the fastest of each round); "x floor" = time / floor.
 
 Methods:
 - eager (torchattacks-style): the loop of torchattacks.PGD re-implemented here: uniform random start,
@@ -20,9 +37,16 @@ Methods:
 
     python benchmarks/bench_attack.py                      # GPU defaults
     python benchmarks/bench_attack.py --device cpu --small # CPU: small batches, few steps
+    python benchmarks/bench_attack.py --device cpu --threads 1 --configs autoattack [--small]
+
+On a small shared CPU give --threads 1: with other processes on the cores, OpenMP's spinning threads
+made the suites up to 10x slower and the timings erratic (both implementations alike). The autoattack
+--small preset (96 points, Square 500 queries, 3 PGD epochs, 2 timed runs) takes about 30 s on 2 cores.
 
 Prints the median time per attack (methods timed round-robin), images/s, speedup over the eager loop
-and the robust accuracy reached, and appends rows to benchmarks/results/attack.csv with the device name and date.
+and the robust accuracy reached, and appends rows to benchmarks/results/attack.csv with the device name and date
+(autoattack rows also: n_queries, rescale_schedule, clean_acc, stages = robust points after each stage,
+stage_s = seconds per stage, floor_s, x_floor; speedup_vs_eager is over torchattacks' AutoAttack).
 """
 from __future__ import annotations
 
@@ -31,11 +55,13 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
 
 from robustops import attacks
 from robustops.data import load_digits
 from robustops.models import PreActResNet18, SmallCNN
-from common import bench, finish, fit_classifier, parser, pgd_finetune, setup
+from robustops.train import fit
+from common import finish, fit_classifier, parser, setup
 
 
 def torchattacks_style_pgd(model, images, labels, eps, alpha, steps):
@@ -213,7 +239,10 @@ def autoattack_model(args, dev):
     t0 = time.perf_counter()
     x, y = data("train", dev)
     fit_classifier(model, x, y, 3, batch=batch)
-    pgd_finetune(model, x, y, eps, args.aa_train_epochs, batch=batch)
+    loader = DataLoader(TensorDataset(x, y), batch_size=batch, shuffle=True)
+    fit(model, loader, "pgd", epochs=args.aa_train_epochs, eps=eps, steps=5, optimizer="adam", lr=2e-3,
+        schedule="constant", weight_decay=0.0, seed=0, progress=False, verbose=False, threads=0, device=dev)
+    model.eval()
     xt, yt = data("test", dev)
     n = min(args.aa_n, xt.shape[0]) if args.aa_n else xt.shape[0]
     xt, yt = xt[:n].contiguous(), yt[:n].contiguous()

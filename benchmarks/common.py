@@ -139,29 +139,3 @@ def fit_classifier(model, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: flo
             loss.backward()
             opt.step()
     return model.eval()
-
-
-def pgd_finetune(model, x: torch.Tensor, y: torch.Tensor, eps: float, epochs: int, steps: int = 5,
-                 lr: float = 2e-3, batch: int = 64, seed: int = 0):
-    """Madry et al.'s adversarial training for a benchmark's robust model: Adam at lr on L-inf PGD-steps
-    examples at eps (robustops.attacks.PGD: random start, step size 2.5 eps / steps) over shuffled
-    minibatches of (x, y) for epochs passes (the recipe of the tests' PGD-trained digits model, kept
-    here because benchmarks do not import tests/); returns the model in eval mode."""
-    import torch.nn.functional as F
-
-    from robustops.attacks import PGD
-
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    atk = PGD(model, eps=eps, steps=steps, seed=seed)
-    g = torch.Generator().manual_seed(seed + 1)
-    for _ in range(epochs):
-        perm = torch.randperm(x.shape[0], generator=g).to(x.device)
-        for i in range(0, x.shape[0], batch):
-            b = perm[i:i + batch]
-            xa = atk(x[b], y[b])
-            model.train()
-            loss = F.cross_entropy(model(xa), y[b])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-    return model.eval()
