@@ -50,6 +50,7 @@ stage_s = seconds per stage, floor_s, x_floor; speedup_vs_eager is over torchatt
 """
 from __future__ import annotations
 
+import importlib.util
 import statistics
 import time
 
@@ -349,12 +350,11 @@ def floor_seconds(after, steps, queries, t_fwd, t_fwd_bwd):
 def aa_methods(args, model, eps):
     """(name, steps, rescaled, build(steps, queries) -> fn): the baseline first."""
     out = []
-    try:
-        import torchattacks  # noqa: F401
+    if importlib.util.find_spec("torchattacks") is None:
+        print("  (torchattacks is not installed: no baseline)")
+    else:
         out.append(("torchattacks AutoAttack", TA_STEPS, True,
                     lambda st, q: torchattacks_autoattack(model, eps, st, q)))
-    except ImportError:
-        print("  (torchattacks is not installed: no baseline)")
     out.append(("robustops AA equal budget", TA_STEPS, True,
                 lambda st, q: robustops_autoattack(model, eps, st, q, True)))
     out.append(("robustops AA standard", args.aa_steps, False,
@@ -372,7 +372,7 @@ def time_autoattacks(args, methods, model, x, y):
     full = not args.device.startswith("cuda")
     runs = [build(steps, args.aa_queries) for _, steps, _, build in methods]
     counts = {}
-    for (name, *_), run, (_, _, _, build) in zip(methods, runs, methods):
+    for (name, _, _, build), run in zip(methods, runs):
         if full:
             counts[name] = run(x, y)
         else:
@@ -481,11 +481,12 @@ def main(argv=None):
     p.add_argument("--aa-eps", type=float, default=None, help="autoattack: L-inf radius (default 0.2; rn18 8/255)")
     p.add_argument("--aa-train-epochs", type=int, default=None, help="autoattack: PGD training epochs (default 6; "
                    "--small: 3)")
-    p.add_argument("--aa-reps", type=int, default=None, help="autoattack: timed runs per suite (default 2 on CPU, 1 on CUDA; --small: 2)")
+    p.add_argument("--aa-reps", type=int, default=None, help="autoattack: timed runs per suite (default 2 on CPU, "
+                   "1 on CUDA; --small: 2)")
     args = p.parse_args(argv)
     preset = dict(cnn_batches=("128,1024", "32,128"), cnn_steps=(40, 10), rn_batch=(256, 8), rn_steps=(20, 2),
-                  reps=(10, 3), apgd_steps=(100, 20), aa_n=(0, 96), aa_queries=(5000, 500), aa_train_epochs=(6, 3),
-                  aa_reps=(1 if args.device.startswith("cuda") else 2, 2))
+                  reps=(10, 3), apgd_steps=(100, 20), aa_n=(0, 96), aa_queries=(5000, 500),
+                  aa_train_epochs=(6, 3), aa_reps=(1 if args.device.startswith("cuda") else 2, 2))
     for k, (full, small) in preset.items():
         if getattr(args, k) is None:
             setattr(args, k, small if args.small else full)
