@@ -62,12 +62,15 @@ def frame(ax, xmax: float, ylabel: str, xlabel: str, title: Optional[str]) -> No
 
 
 def plot_curve(path: str, xs, curves: Dict[str, Sequence[float]], xlabel: str, ylabel: str,
-               title: Optional[str] = None) -> List[str]:
+               title: Optional[str] = None, xticklabels: Optional[Sequence[str]] = None) -> List[str]:
     """Curves y(x) (one per label, points marked) overlaid, as PNG and PDF at 300 dpi (path: a file
-    name, its extension replaced). Returns the paths written."""
+    name, its extension replaced); xticklabels names the points xs (e.g. the stages of an attack suite).
+    Returns the paths written."""
     fig, ax = figure()
     for label, ys in curves.items():
         ax.plot(xs, ys, marker="o", markersize=3, label=label)
     frame(ax, max(xs) if len(xs) and max(xs) > 0 else 1.0, ylabel, xlabel, title)
+    if xticklabels is not None:
+        ax.set_xticks(list(xs), list(xticklabels))
     outside_legend(ax)
     return save_figure(fig, path)

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from robustops.data import load_digits
+from robustops.cli.demo_autoattack import round_input as RoundInput  # noqa: F401 (the masked-gradient model)
 from robustops.models import SmallCNN
 
 _CACHE = {}
@@ -77,18 +78,6 @@ def train_pgd_digits_model(epochs: int = 6, eps: float = 0.2, seed: int = 0, ste
             model.eval()
     _CACHE[key] = {k: v.clone() for k, v in model.state_dict().items()}
     return model
-
-
-class RoundInput(torch.nn.Module):
-    """Gradient masking: the input is rounded to 1/255 steps, so its gradient is zero everywhere (the
-    masked model of the Square and masking-check tests)."""
-
-    def __init__(self, net):
-        super().__init__()
-        self.net = net
-
-    def forward(self, x):
-        return self.net(torch.round(x * 255) / 255)
 
 
 def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:

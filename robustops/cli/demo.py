@@ -11,7 +11,7 @@ import os
 import time
 from typing import List, Optional
 
-from . import demo_learned
+from . import demo_autoattack, demo_learned
 from .common import (DIGITS_MODEL, CLIError, add_common, alias, fmt_pct, fraction, pick_device, require_min,
                      setup_run, split_holdout, write_summary)
 from .train import add_method_flags, method_hparams
@@ -54,15 +54,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-size", type=int, default=144,
                    help="training images held out to pick each method's best epoch (0: last epoch)")
     p.add_argument("--attack-steps", type=int, default=20, help="steps of the evaluation PGD attack")
-    p.add_argument("--aa-steps", type=int, default=50,
-                   help="iterations of APGD-CE, APGD-T and FAB-T (each target) in the AutoAttack (standard) column "
-                        "(AutoAttack's own: 100; 0: skip the column)")
+    p.add_argument("--section", default=None, choices=[demo_autoattack.SECTION],
+                   help="run one section only: autoattack (AutoAttack at its published budgets on the natural and "
+                        "PGD-7 AT models, stage by stage, and the masking check on a masked-gradient model)")
+    p.add_argument("--aa-steps", type=int, default=None,
+                   help="iterations of APGD-CE and APGD-T (each target) in the AutoAttack (standard) column (None: "
+                        "50; --section autoattack: AutoAttack's own 100; 0: skip the column)")
     alias(p, "--apgd-steps", dest="aa_steps", type=int)
-    p.add_argument("--aa-fab-steps", type=int, default=10,
-                   help="iterations of FAB-T (each target) in the AutoAttack column (AutoAttack's own: 100)")
-    p.add_argument("--aa-queries", type=int, default=300,
-                   help="Square's queries in the AutoAttack column (AutoAttack's own: 5000; on the 8x8 digits "
-                        "FAB-T and Square break no point the APGD stages left, see README)")
+    p.add_argument("--aa-fab-steps", type=int, default=None,
+                   help="iterations of FAB-T (each target) in the AutoAttack column (None: 10; --section "
+                        "autoattack: 100)")
+    p.add_argument("--aa-queries", type=int, default=None,
+                   help="Square's queries in the AutoAttack column (None: 300; --section autoattack: AutoAttack's "
+                        "5000; on the 8x8 digits FAB-T and Square break no point the APGD stages left, see README)")
     p.add_argument("--ibp-eps-max", type=fraction("ibp-eps-max"), default=None,
                    help="largest L-inf radius of the IBP certification of every model (None: --eps; 0: skip it)")
     p.add_argument("--n0", type=int, default=100, help="CERTIFY selection samples")
@@ -94,6 +98,8 @@ def run(args) -> int:
     if bad or not methods:
         raise CLIError(f"--methods must be a comma-separated list of {', '.join(train.METHODS)} or "
                        f"{', '.join(ROW_SPECS)}; got {args.methods!r}")
+    args.aa_section_budget = demo_autoattack.budgets(args, section=True)
+    args.aa_steps, args.aa_fab_steps, args.aa_queries = demo_autoattack.budgets(args, section=False)
     require_min(epochs=(args.epochs, 1), steps=(args.steps, 1), m=(args.m, 1), batch_size=(args.batch_size, 1),
                 attack_steps=(args.attack_steps, 1), aa_steps=(args.aa_steps, 0), aa_queries=(args.aa_queries, 1),
                 aa_fab_steps=(args.aa_fab_steps, 1), n0=(args.n0, 1), n=(args.n, 1),
@@ -361,6 +367,12 @@ def _demo(args, methods, dev) -> int:
           f"({torch.get_num_threads()} thread(s))", flush=True)
     rows = []
     t_start = time.perf_counter()
+    if args.section == demo_autoattack.SECTION:
+        args.aa_steps = 0  # the section runs AutoAttack itself, at its own budgets
+        rows = [_train_and_evaluate(args, m, data, dev) for m in ("natural", "pgd")]
+        demo_autoattack.run_section(args, data, rows, dev)
+        print(f"({time.perf_counter() - t_start:.0f} s in all)")
+        return 0
     proxy_data, proxy_line = None, None
     if any("proxy" in ROW_SPECS.get(m, ("", {}))[1] for m in methods):
         proxy_data = _proxy_data(args, data)
