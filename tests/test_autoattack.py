@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import devices
 from helpers import RoundInput, one_thread, train_digits_model, train_pgd_digits_model  # noqa: F401
 
 import robustops as ro
@@ -167,3 +168,23 @@ def test_not_weaker_than_torchattacks_autoattack(pgd_model, test_points):
     print(f"robust accuracy: robustops {ours['robust_acc']:.4f}, torchattacks {theirs_acc:.4f}\n{table}")
     assert ours["clean_acc"] > 0.9
     assert ours["robust_acc"] <= theirs_acc + 0.005, table
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("norm, eps", [("linf", 0.2), ("l2", 1.0)])
+def test_suite_on_every_device(pgd_model, test_points, device, norm, eps):
+    """Every stage runs on the device (FAB's projection, Square's windows and Philox draws included):
+    the answer is the CPU's up to float differences, every point within eps and the box."""
+    x, y = test_points
+    x, y = x[:64], y[:64]
+    kw = dict(steps=5, n_queries=60, n_target_classes=3, seed=2, progress=False)
+    cpu = ro.evaluate(pgd_model, (x, y), eps=eps, norm=norm, **kw)
+    model = train_pgd_digits_model(epochs=6, eps=0.2).to(device)
+    res = ro.evaluate(model, (x, y), eps=eps, norm=norm, device=device, **kw)
+    assert abs(res["robust_acc"] - cpu["robust_acc"]) <= 3 / 64
+    s = res["samples"]
+    assert s["x_adv"].device.type == "cpu" and s["x_adv"].min() >= 0 and s["x_adv"].max() <= 1
+    d = (s["x_adv"] - x).flatten(1)
+    size = d.abs().amax(1) if norm == "linf" else d.norm(dim=1)
+    assert (size <= eps * (1 + 1e-5) + 1e-6).all()
+    assert [r["attack"] for r in res["stages"]] == ["apgd-ce", "apgd-t", "fab-t", "square"]

@@ -148,6 +148,9 @@ class Attack:
       model's forward (None or float32: none).
     """
 
+    #: Per-sample fields the attack's result adds to AttackResult's (robust_accuracy keeps them as columns).
+    result_fields: tuple = ()
+
     def __init__(self, model, *, loss: Union[str, Callable] = "ce", targeted: bool = False,
                  target_fn: Optional[Callable] = None, clip=(0.0, 1.0), mean=None, std=None,
                  seed: Optional[int] = None, train_mode: bool = False, dtype=None):

@@ -49,9 +49,9 @@ def _targets(attack: Attack, batch, x, y, device):
                      "yields (images, labels, indices, targets))")
 
 
-#: Per-sample result fields that some attacks add (Square's query counts, FAB's minimal distance):
-#: they become columns of the same name.
-EXTRA_FIELDS = ("queries", "distance")
+#: Per-sample result fields that some attacks add (Square's query counts, FAB's minimal distance) and
+#: their dtypes: they become columns of the same name (an attack lists its own in ``result_fields``).
+EXTRA_FIELDS = {"queries": torch.int64, "distance": torch.float32}
 
 
 def _attack_batch(model, attack: Attack, batch, x, y, idx, n: int, device, keep_adv: bool = False) -> dict:
@@ -103,6 +103,9 @@ def _ensemble_batch(model, attacks, batch, x, y, idx, n: int, device, after: lis
     cols["attack"] = torch.zeros(x.shape[0], dtype=torch.int64)
     if any(a.targeted for a in attacks) and "target" not in cols:  # the same columns in every batch
         cols["target"] = torch.full((x.shape[0],), -1, dtype=torch.int64)
+    for field, dtype in EXTRA_FIELDS.items():  # even when no point survives to the attack that adds it
+        if field not in cols and any(field in getattr(a, "result_fields", ()) for a in attacks):
+            cols[field] = torch.full((x.shape[0],), -1, dtype=dtype)
     after[0] += int(cols["robust_correct"].sum())
     for k, atk in enumerate(attacks[1:], 1):
         keep = cols["robust_correct"].nonzero().squeeze(1)

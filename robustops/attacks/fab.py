@@ -208,6 +208,8 @@ class FAB(Attack):
       by later runs.
     """
 
+    result_fields = ("distance",)
+
     def __init__(self, model, eps: Optional[Param] = None, norm: str = "linf", steps: int = 100,
                  restarts: int = 1, alpha_max: float = 0.1, eta: float = 1.05, beta: float = 0.9,
                  seed: Optional[int] = None, clip=(0.0, 1.0), mean=None, std=None, dtype=None,

@@ -196,6 +196,8 @@ class Square(Attack):
     without it. model, seed, clip, mean / std, dtype, train_mode: as
     :class:`~robustops.attacks.base.Attack`."""
 
+    result_fields = ("queries",)
+
     def __init__(self, model, eps: Param, norm: str = "linf", n_queries: int = 5000, p_init: float = 0.8,
                  restarts: int = 1, loss: str = "margin", seed: Optional[int] = None, clip=(0.0, 1.0), mean=None,
                  std=None, dtype=None, early_stop: bool = True, train_mode: bool = False,
