@@ -19,10 +19,24 @@ per sample). Bounds travel through the network as (centre c, radius r >= 0), the
   z_y - z_j the rows W_y - W_j and biases b_y - b_j are formed first and bounded in one step, which is
   never looser than subtracting bounds of the logits (it is exact for the last layer).
 
-BatchNorm: in eval mode an affine map with the running statistics. In training mode it normalises with
-the mean and (biased) variance of the batch of box centres, as the layer would normalise the clean
-batch, and leaves the running statistics alone: the bounds are those of the network with those
-statistics held fixed (what IBP training back-propagates through).
+BatchNorm (option ``bn`` of every entry point): in eval mode an affine map with the running statistics.
+In training mode (or without running statistics) the layer normalises with batch statistics, and the
+bounds are those of the network whose BatchNorm layers hold some batch's mean and biased variance as
+constants. Which batch:
+
+- ``bn="clean"`` (the default; Shi et al. 2021, "Fast certified robust training with short warmup",
+  the ACERT authors' code and auto_LiRPA's default): the clean batch's, i.e. the mean / biased variance
+  of the activations that the layer sees in the clean forward of x. The clean activation travels with
+  the interval (``Interval.clean``: x at the input, then each layer's own function applied to it), so
+  the statistics are exactly the clean forward's and carry its gradient. Choices left open by the
+  papers: the clean tensor is carried only where some BatchNorm layer uses batch statistics (otherwise
+  nothing changes, bit for bit); a rule that builds its output without ``clean`` (a user rule) hands
+  the centre rule to the BatchNorm layers after it.
+- ``bn="centre"``: the batch of interval centres' (robustops' earlier rule): for a box clipped to
+  [lo, hi] and after the first ReLU these differ from the clean activations, and on a random CNN-7 at
+  eps 2/255 the logit intervals are orders of magnitude wider than the clean rule's.
+
+Neither rule updates the running statistics (the rules never call a BatchNorm forward).
 
 Soundness: the interval arithmetic is the exact enclosure of each layer in real arithmetic; the floating
 point evaluation rounds to nearest (no directed rounding), so a bound may be off by rounding error, a
@@ -51,7 +65,7 @@ from . import _checks
 
 __all__ = ["Interval", "UnsupportedLayerError", "RadiusResult", "register", "supported", "input_box",
            "propagate", "interval_bounds", "margin_bounds", "worst_case_logits", "verified", "certified_radius",
-           "margin_spec"]
+           "margin_spec", "batch_statistics", "BN_RULES", "RADIUS_MODES"]
 
 Param = Union[float, torch.Tensor]
 
@@ -62,13 +76,21 @@ class UnsupportedLayerError(TypeError):
 
 @dataclass
 class Interval:
-    """The box [c - r, c + r], elementwise (r >= 0)."""
+    """The box [c - r, c + r], elementwise (r >= 0). clean: None, or the layer's activation of the clean
+    input (what the clean forward computes there), carried for the ``bn="clean"`` rule of BatchNorm in
+    training mode; every rule applies the layer's own function to it."""
     c: torch.Tensor
     r: torch.Tensor
+    clean: Optional[torch.Tensor] = None
 
     @classmethod
-    def from_bounds(cls, lower: torch.Tensor, upper: torch.Tensor) -> "Interval":
-        return cls((upper + lower) / 2, (upper - lower) / 2)
+    def from_bounds(cls, lower: torch.Tensor, upper: torch.Tensor,
+                    clean: Optional[torch.Tensor] = None) -> "Interval":
+        return cls((upper + lower) / 2, (upper - lower) / 2, clean)
+
+    def with_clean(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Optional[torch.Tensor]:
+        """fn(clean), or None where no clean tensor is carried."""
+        return None if self.clean is None else fn(self.clean)
 
     @property
     def lower(self) -> torch.Tensor:
@@ -80,14 +102,15 @@ class Interval:
 
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "Interval":
         """A shape-only function (view, slice, pad with zeros) applied to both parts."""
-        return Interval(fn(self.c), fn(self.r))
+        return Interval(fn(self.c), fn(self.r), self.with_clean(fn))
 
     def monotone(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "Interval":
         """An elementwise non-decreasing function (or max pooling) applied to both ends."""
-        return Interval.from_bounds(fn(self.lower), fn(self.upper))
+        return Interval.from_bounds(fn(self.lower), fn(self.upper), self.with_clean(fn))
 
     def __add__(self, other: "Interval") -> "Interval":
-        return Interval(self.c + other.c, self.r + other.r)
+        clean = None if self.clean is None or other.clean is None else self.clean + other.clean
+        return Interval(self.c + other.c, self.r + other.r, clean)
 
 
 # A rule: (module, interval, spec) -> interval. spec is None, or a Tensor[B, S, K] that the rule must
@@ -99,7 +122,9 @@ _RULES: Dict[Type[nn.Module], Rule] = {}
 def register(*types: Type[nn.Module]):
     """Decorator: ``rule(module, interval, spec) -> interval`` for these module types (exact types;
     subclasses need their own). A rule that does not end in a Linear layer returns
-    ``apply_spec(out, spec)``."""
+    ``apply_spec(out, spec)``. A rule carries ``iv.clean`` through with the layer's own function
+    (``Interval.map`` / ``monotone`` / ``+`` do; see :class:`Interval`): without it the BatchNorm layers
+    after it fall back to the ``bn="centre"`` rule in training mode."""
     def deco(rule: Rule) -> Rule:
         for t in types:
             _RULES[t] = rule
@@ -118,11 +143,41 @@ def apply_spec(iv: Interval, spec: Optional[torch.Tensor]) -> Interval:
         return iv
     if iv.c.dim() != 2:
         raise UnsupportedLayerError(f"a margin specification needs [B, K] outputs, got {list(iv.c.shape)}")
-    return Interval(torch.einsum("bsk,bk->bs", spec, iv.c), torch.einsum("bsk,bk->bs", spec.abs(), iv.r))
+    return Interval(torch.einsum("bsk,bk->bs", spec, iv.c), torch.einsum("bsk,bk->bs", spec.abs(), iv.r),
+                    iv.with_clean(lambda t: torch.einsum("bsk,bk->bs", spec, t)))
 
 
-def propagate(module: nn.Module, iv: Interval, spec: Optional[torch.Tensor] = None, where: str = "model") -> Interval:
-    """The interval of module's output over the input interval iv (then of spec @ output, if given)."""
+BN_RULES = ("clean", "centre")
+
+
+def batch_statistics(model: nn.Module) -> bool:
+    """Whether some BatchNorm layer of model normalises with batch statistics (training mode, or no
+    running statistics): where the ``bn`` rule matters."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or m.running_mean is None)
+               for m in model.modules())
+
+
+def _with_bn_rule(model: nn.Module, iv: Interval, bn: str) -> Interval:
+    """iv with the clean tensor the rule bn needs: kept for "clean" where model has batch statistics,
+    dropped otherwise (nothing else to compute)."""
+    if bn not in BN_RULES:
+        raise ValueError(f"bn must be one of {', '.join(BN_RULES)}; got {bn!r}")
+    if bn == "centre" or not batch_statistics(model):
+        return Interval(iv.c, iv.r) if iv.clean is not None else iv
+    if iv.clean is None:
+        raise ValueError('bn="clean" needs the clean input: give Interval(c, r, clean=x) (input_box does), '
+                         'or bn="centre"')
+    return iv
+
+
+def propagate(module: nn.Module, iv: Interval, spec: Optional[torch.Tensor] = None, where: str = "model",
+              bn: Optional[str] = None) -> Interval:
+    """The interval of module's output over the input interval iv (then of spec @ output, if given).
+    bn: the BatchNorm rule in training mode, "clean" or "centre" (see the module docstring), or None
+    (rules calling propagate on their children: whatever iv carries, the clean rule where iv.clean is
+    given)."""
+    if bn is not None:
+        iv = _with_bn_rule(module, iv, bn)
     rule = _RULES.get(type(module))
     if rule is not None:
         try:
@@ -150,20 +205,22 @@ def _affine_channels(iv: Interval, scale: torch.Tensor, shift: torch.Tensor) -> 
     """x -> scale * x + shift with per-channel (dim 1) scale / shift."""
     shape = (1, -1) + (1,) * (iv.c.dim() - 2)
     s, t = scale.reshape(shape).to(iv.c.dtype), shift.reshape(shape).to(iv.c.dtype)
-    return Interval(iv.c * s + t, iv.r * s.abs())
+    return Interval(iv.c * s + t, iv.r * s.abs(), iv.with_clean(lambda v: v * s + t))
 
 
 @register(nn.Linear)
 def _linear(m: nn.Linear, iv: Interval, spec: Optional[torch.Tensor]) -> Interval:
     w, b = m.weight, m.bias
+    clean = iv.with_clean(lambda t: F.linear(t, w, b))
     if spec is None:
-        return Interval(F.linear(iv.c, w, b), F.linear(iv.r, w.abs()))
+        return Interval(F.linear(iv.c, w, b), F.linear(iv.r, w.abs()), clean)
     # Elision (Gowal et al., section 3): bound spec @ (W h + b) = (spec W) h + spec b directly.
     w_s = torch.einsum("bsk,kd->bsd", spec, w.to(spec.dtype))
     c = torch.einsum("bsd,bd->bs", w_s, iv.c)
     if b is not None:
         c = c + torch.einsum("bsk,k->bs", spec, b.to(spec.dtype))
-    return Interval(c, torch.einsum("bsd,bd->bs", w_s.abs(), iv.r))
+    clean = None if clean is None else torch.einsum("bsk,bk->bs", spec, clean)
+    return Interval(c, torch.einsum("bsd,bd->bs", w_s.abs(), iv.r), clean)
 
 
 #: Per device type: compute W c and |W| r as one grouped convolution over the stacked pair (True) or
@@ -186,6 +243,7 @@ def _conv(m: nn.Conv2d, iv: Interval, spec: Optional[torch.Tensor]) -> Interval:
     else:
         out = Interval(F.conv2d(iv.c, w, b, *args, groups=m.groups), F.conv2d(iv.r, w.abs(), None, *args,
                                                                              groups=m.groups))
+    out.clean = iv.with_clean(lambda t: F.conv2d(t, w, b, *args, groups=m.groups))
     return apply_spec(out, spec)
 
 
@@ -221,9 +279,12 @@ def _shape_only(m, iv: Interval, spec) -> Interval:
 @register(nn.BatchNorm1d, nn.BatchNorm2d)
 def _batchnorm(m: nn.modules.batchnorm._BatchNorm, iv: Interval, spec) -> Interval:
     if m.training or m.running_mean is None:
-        dims = [0] + list(range(2, iv.c.dim()))
-        mean = iv.c.mean(dim=dims)
-        var = iv.c.var(dim=dims, unbiased=False)
+        # the batch whose statistics the bounds hold fixed: the clean activations ("clean") where the
+        # interval carries them, the centres ("centre") otherwise
+        ref = iv.c if iv.clean is None else iv.clean
+        dims = [0] + list(range(2, ref.dim()))
+        mean = ref.mean(dim=dims)
+        var = ref.var(dim=dims, unbiased=False)
     else:
         mean, var = m.running_mean, m.running_var
     scale = torch.rsqrt(var + m.eps)
@@ -312,7 +373,8 @@ _register_models()
 # ---------------------------------------------------------------------------------- entry points
 
 def input_box(x: torch.Tensor, eps: Param, lo: float = 0.0, hi: float = 1.0) -> Interval:
-    """The interval of {x' : |x' - x|_inf <= eps} intersected with [lo, hi] (eps: float or Tensor[B])."""
+    """The interval of {x' : |x' - x|_inf <= eps} intersected with [lo, hi] (eps: float or Tensor[B]), with
+    x as its clean tensor."""
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 2:
         raise ValueError(f"x must be a floating-point batch [B, ...], got "
                          f"{list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
@@ -323,7 +385,7 @@ def input_box(x: torch.Tensor, eps: Param, lo: float = 0.0, hi: float = 1.0) -> 
         e = eps.to(device=x.device, dtype=x.dtype).reshape((-1,) + (1,) * (x.dim() - 1))
     lower = (x - e).clamp(float(lo), float(hi))
     upper = (x + e).clamp(float(lo), float(hi))
-    return Interval.from_bounds(lower, upper)
+    return Interval.from_bounds(lower, upper, x)
 
 
 def margin_spec(y: torch.Tensor, num_classes: int, dtype=torch.float32) -> torch.Tensor:
@@ -345,38 +407,41 @@ def _num_classes(model: nn.Module, x: torch.Tensor) -> int:
 
 
 def interval_bounds(model: nn.Module, x: torch.Tensor, eps: Param, lo: float = 0.0,
-                    hi: float = 1.0) -> Tuple[torch.Tensor, torch.Tensor]:
+                    hi: float = 1.0, *, bn: str = "clean") -> Tuple[torch.Tensor, torch.Tensor]:
     """(lower, upper) bounds of model's outputs over the box around each input (in the model's current
-    mode; differentiable with respect to the parameters)."""
-    out = propagate(model, input_box(x, eps, lo, hi))
+    mode; differentiable with respect to the parameters). bn: the BatchNorm rule in training mode,
+    "clean" or "centre" (module docstring)."""
+    out = propagate(model, input_box(x, eps, lo, hi), bn=bn)
     return out.lower, out.upper
 
 
 def margin_bounds(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Param, lo: float = 0.0,
-                  hi: float = 1.0, num_classes: Optional[int] = None) -> torch.Tensor:
+                  hi: float = 1.0, num_classes: Optional[int] = None, *, bn: str = "clean") -> torch.Tensor:
     """Lower bounds of z_y - z_j over the box, [B, K] (0 at j = y), with the last Linear layer elided
-    into the specification. num_classes: K (None: one forward pass of one input finds it)."""
+    into the specification. num_classes: K (None: one forward pass of one input finds it). bn: the
+    BatchNorm rule in training mode, "clean" or "centre" (module docstring)."""
     y = _checks.check_labels(y, x.shape[0], x.device, "y")
     k = _num_classes(model, x) if num_classes is None else int(num_classes)
     # data-dependent: checked in eager mode only (a compiled graph would have to break for it)
     if x.shape[0] and not torch.compiler.is_compiling() and int(y.max()) >= k:
         raise ValueError(f"y must lie in [0, {k - 1}] for a model with {k} outputs, got {int(y.max())}")
     iv = input_box(x, eps, lo, hi)
-    out = propagate(model, iv, margin_spec(y, k, dtype=torch.float32 if x.dtype != torch.float64 else x.dtype))
+    out = propagate(model, iv, margin_spec(y, k, dtype=torch.float32 if x.dtype != torch.float64 else x.dtype), bn=bn)
     return out.lower
 
 
 def worst_case_logits(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Param, lo: float = 0.0,
-                      hi: float = 1.0, num_classes: Optional[int] = None) -> torch.Tensor:
+                      hi: float = 1.0, num_classes: Optional[int] = None, *, bn: str = "clean") -> torch.Tensor:
     """-margin_bounds: logits whose class-y entry is 0 and class-j entry an upper bound of z_j - z_y, so
     that CE(worst_case_logits, y) bounds the cross entropy over the box from above (Gowal et al.)."""
-    return -margin_bounds(model, x, y, eps, lo, hi, num_classes)
+    return -margin_bounds(model, x, y, eps, lo, hi, num_classes, bn=bn)
 
 
 def verified(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Param, lo: float = 0.0, hi: float = 1.0,
-             num_classes: Optional[int] = None) -> torch.Tensor:
-    """BoolTensor[B]: IBP proves class y at every point of the box (every margin bound > 0)."""
-    m = margin_bounds(model, x, y, eps, lo, hi, num_classes)
+             num_classes: Optional[int] = None, *, bn: str = "clean") -> torch.Tensor:
+    """BoolTensor[B]: IBP proves class y at every point of the box (every margin bound > 0), with the
+    BatchNorm rule bn in training mode."""
+    m = margin_bounds(model, x, y, eps, lo, hi, num_classes, bn=bn)
     m = m.scatter(1, y.view(-1, 1).long(), float("inf"))
     return (m > 0).all(dim=1)
 
@@ -392,19 +457,34 @@ class RadiusResult:
     step: float
 
 
+RADIUS_MODES = ("eval", "train")
+
+
 @contextlib.contextmanager
-def _eval_no_autocast(model: nn.Module):
+def _radius_mode(model: nn.Module, mode: str):
+    """No gradients or autocast; mode "eval": the model in eval mode; "train": left in its mode, every
+    BatchNorm buffer (running mean / variance, num_batches_tracked) restored on exit, so that the clean
+    forward of the search changes none."""
+    if mode not in RADIUS_MODES:
+        raise ValueError(f"mode must be one of {', '.join(RADIUS_MODES)}; got {mode!r}")
     was = model.training
-    model.eval()
+    saved = [(b, b.clone()) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+             for b in m.buffers(recurse=False)] if mode == "train" else []
+    if mode == "eval":
+        model.eval()
     try:
         with torch.no_grad(), torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
             yield
     finally:
         model.train(was)
+        with torch.no_grad():
+            for b, v in saved:
+                b.copy_(v)
 
 
 def certified_radius(model: nn.Module, x: torch.Tensor, y: Optional[torch.Tensor] = None, *, eps_max: float,
-                     tol: float = 1e-3, lo: float = 0.0, hi: float = 1.0) -> RadiusResult:
+                     tol: float = 1e-3, lo: float = 0.0, hi: float = 1.0, mode: str = "eval",
+                     bn: str = "clean") -> RadiusResult:
     """Per-sample L-inf certified radius by IBP: the largest radius on the grid
     G = {k h : k h < eps_max} + {eps_max}, h = 2^floor(log2(tol)) (so h <= tol), at which IBP proves the
     class, found by bisection over the grid indices of all samples at once
@@ -417,8 +497,12 @@ def certified_radius(model: nn.Module, x: torch.Tensor, y: Optional[torch.Tensor
     may fall back to the grid point below it (less than h).
 
     y: the labels (certify the true class: radius 0 where the prediction is wrong) or None (certify the
-    predicted class). Runs in eval mode, without gradients or autocast, in x's precision (float32 for
-    half inputs); the radii are float64 (grid points and eps_max exactly)."""
+    predicted class). Runs without gradients or autocast, in x's precision (float32 for half inputs); the
+    radii are float64 (grid points and eps_max exactly). mode "eval" (certification): the model in eval
+    mode. mode "train" (ACERT's search, as its authors run it): the model as it is, in training mode
+    the bounds of the BatchNorm rule bn (clean: the statistics of the clean batch x) and the prediction
+    of the training-mode forward; every bound pass covers the whole batch (the statistics are x's, not
+    those of the samples still searched) and no running statistic changes."""
     eps_max = _checks.check_number(eps_max, "eps_max", 0.0, strict=True)
     tol = _checks.check_number(tol, "tol", 0.0, strict=True)
     if not math.isfinite(eps_max):
@@ -431,7 +515,7 @@ def certified_radius(model: nn.Module, x: torch.Tensor, y: Optional[torch.Tensor
     def grid(k: torch.Tensor) -> torch.Tensor:
         return torch.where(k >= top, torch.full_like(k, eps_max, dtype=torch.float64), k.to(torch.float64) * h)
 
-    with _eval_no_autocast(model):
+    with _radius_mode(model, mode):
         logits = model(x)
         pred = logits.argmax(1)
         k = logits.shape[1]
@@ -446,10 +530,11 @@ def certified_radius(model: nn.Module, x: torch.Tensor, y: Optional[torch.Tensor
         while bool((hi_k - lo_k > 1).any()):
             mid = (lo_k + hi_k) // 2
             active = hi_k - lo_k > 1
-            idx = active.nonzero().squeeze(1)
-            ok = verified(model, x[idx], target[idx], grid(mid[idx]).to(x.dtype), lo, hi, num_classes=k)
+            idx = active.nonzero().squeeze(1) if mode == "eval" else torch.arange(x.shape[0], device=x.device)
+            ok = verified(model, x[idx], target[idx], grid(mid[idx]).to(x.dtype), lo, hi, num_classes=k, bn=bn)
             passes += 1
+            ok, done = ok & active[idx], ~active[idx]
             lo_k[idx] = torch.where(ok, mid[idx], lo_k[idx])
-            hi_k[idx] = torch.where(ok, hi_k[idx], mid[idx])
+            hi_k[idx] = torch.where(ok | done, hi_k[idx], mid[idx])
     radius = torch.where(ok0, grid(lo_k), torch.zeros(lo_k.shape, dtype=torch.float64, device=lo_k.device))
     return RadiusResult(pred, radius, passes, h)

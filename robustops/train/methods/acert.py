@@ -23,9 +23,9 @@ al. 2021 that the authors' training setup uses; kappa is constant (the paper's k
 accuracy-robustness tradeoff; the authors report kappa = 0 on MNIST and sweep it on CIFAR-10).
 
 How the radii are computed: ``robustops.bounds.certified_radius(ctx.forward, x, y, eps_max=eps_max(p),
-tol=radius_tol * eps_max(p))``: a bisection of all samples at once on a grid of spacing
-h = 2^floor(log2(tol)) <= tol whose last point is eps_max(p) itself, about log2(1 / radius_tol) + 1
-bound passes (8 at the default 0.01), without gradient or autocast, in eval mode. It returns the
+tol=radius_tol * eps_max(p), mode=radius_mode, bn=bn)``: a bisection of all samples at once on a grid of
+spacing h = 2^floor(log2(tol)) <= tol whose last point is eps_max(p) itself, about log2(1 / radius_tol) + 1
+bound passes (8 at the default 0.01), without gradient or autocast. It returns the
 largest grid radius at which IBP proves the label (exactly eps_max(p) where it proves it there),
 i.e. at most h below the exact IBP radius (the root of min_j m_j(x, y, e) = 0) or eps_max(p), and
 never above it: the robust loss is taken at a radius that is still proven.
@@ -34,11 +34,15 @@ Choices the paper (and its code) leave open, and what this implementation does:
 - root finding: batched grid bisection to a tolerance relative to eps_max(p) (the authors run
   Brent's method per batch with about 10 iterations); the radius is the proven side of the root, so at
   eps_i the worst margin is >= 0 rather than exactly 0;
-- the radii use the model in eval mode (BatchNorm with running statistics, dropout off), the same
-  network ``certify`` and validation's ``cert_acc`` certify; the loss uses training mode (batch
-  statistics of the clean batch / of the box centres). For networks without BatchNorm and dropout
-  (SmallCNN, the IBP CNNs) the two coincide;
-- "misclassified" is the eval-mode prediction (the label is not the strict argmax of the clean logits);
+- the network of the radius search (hyperparameter ``radius_mode``): "train" (default, the authors'
+  choice) the training-mode network, the same bounds as the loss: BatchNorm with the batch statistics
+  of the rule ``bn`` (default "clean": the clean batch's, as Shi et al. 2021, the authors' code and
+  auto_LiRPA; "centre": the box centres'), every bound pass over the whole minibatch so that the
+  statistics are the loss's, and no running-statistics update; "eval": the model in eval mode (running
+  statistics), the network ``certify`` and validation's ``cert_acc`` certify. For networks without
+  BatchNorm and dropout (SmallCNN, the IBP CNNs) all coincide;
+- "misclassified" is the prediction of the search's network (the label is not the strict argmax of its
+  clean logits);
 - eps_max(p) = 0 (warm-up) skips the radius search and the bound pass: every radius is 0 and the loss is
   the clean cross-entropy, the same value;
 - the IBP-friendly initialisation and the warm-up regularisers of Shi et al. 2021 that the authors'
@@ -55,7 +59,7 @@ import torch.nn.functional as F
 
 from ... import bounds
 from ..registry import Hyper, register
-from .ibp import CertifiedMethod, kappa_hyper, ramp_fraction, schedule_hypers
+from .ibp import CertifiedMethod, bn_hyper, kappa_hyper, ramp_fraction, schedule_hypers
 
 __all__ = ["ACERT"]
 
@@ -67,7 +71,11 @@ class ACERT(CertifiedMethod):
             "certified radius (Nurlanov et al. 2023)")
     hyper = (kappa_hyper(0.0),) + schedule_hypers(0.05, 0.4, "smooth") + (
         Hyper("radius_tol", 0.01, "tolerance of ACERT's per-sample radius search, as a fraction of the current "
-                                  "eps cap", minimum=0.0, strict=True, maximum=1.0),)
+                                  "eps cap", minimum=0.0, strict=True, maximum=1.0),
+        bn_hyper(),
+        Hyper("radius_mode", "train", "network of ACERT's radius search: train (the training-mode network of the "
+                                      "loss, the authors' choice) or eval (running statistics, as certify)",
+              kind="choice", choices=bounds.RADIUS_MODES))
 
     @classmethod
     def label(cls, cfg) -> str:
@@ -85,7 +93,7 @@ class ACERT(CertifiedMethod):
             return torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
         c = self.cfg
         res = bounds.certified_radius(self.ctx.forward, x, y, eps_max=eps_max, tol=c.radius_tol * eps_max,
-                                      lo=c.lo, hi=c.hi)
+                                      lo=c.lo, hi=c.hi, mode=c.radius_mode, bn=c.bn)
         return res.radius.float()
 
     def loss(self, logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor, radii: torch.Tensor) -> torch.Tensor:
@@ -95,7 +103,7 @@ class ACERT(CertifiedMethod):
             return ce  # kappa 1; or every radius 0, where CE(z_hat(x_i, 0), y_i) is the clean cross-entropy
         c = self.cfg
         worst = bounds.worst_case_logits(self.ctx.forward, x, y, radii.to(x.dtype), c.lo, c.hi,
-                                         num_classes=logits.shape[1])
+                                         num_classes=logits.shape[1], bn=c.bn)
         return c.kappa * ce + (1.0 - c.kappa) * F.cross_entropy(worst.float(), y)
 
     def step(self, x, y):

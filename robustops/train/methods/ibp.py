@@ -36,9 +36,11 @@ Choices the paper leaves open, and what this implementation does:
 - ``eps_schedule="smooth"`` replaces the linear ramp by the smooth one of Shi et al. 2021 (see
   :func:`ramp_fraction`), kappa_t following the same curve; the default is the paper's linear ramp;
 - the model is in training mode for both terms: BatchNorm normalises the clean batch with its batch
-  statistics (and updates the running statistics once, in the clean forward), and the bounds with the
-  statistics of the batch of box centres without touching the running statistics
-  (``robustops.bounds``); the paper's networks have no BatchNorm;
+  statistics (and updates the running statistics once, in the clean forward); the bounds hold batch
+  statistics fixed without touching the running statistics, by the rule of hyperparameter ``bn``
+  (``robustops.bounds``): "clean" (default; Shi et al. 2021, the ACERT authors, auto_LiRPA), the
+  statistics of the clean batch, i.e. the bounds of the network the clean forward computes; "centre",
+  those of the batch of box centres (robustops' earlier rule). The paper's networks have no BatchNorm;
 - the bound pass runs under the run's autocast (bf16 / fp16 products, fp32 cross-entropy); the
   certification in validation (``cert_acc``) runs in fp32 without autocast;
 - distributed data parallel: the clean forward goes through ``ctx.update``'s net (the DDP wrapper), which
@@ -61,7 +63,7 @@ import torch.nn.functional as F
 from ... import bounds
 from ..registry import Hyper, Method, register
 
-__all__ = ["IBP", "ramp_fraction", "progress", "SCHEDULE_SHAPES"]
+__all__ = ["IBP", "ramp_fraction", "progress", "SCHEDULE_SHAPES", "bn_hyper"]
 
 SCHEDULE_SHAPES = ("linear", "smooth")
 
@@ -124,6 +126,13 @@ def kappa_hyper(default: float) -> Hyper:
                                    "value after the ramp (from 1), acert: constant", minimum=0.0, maximum=1.0)
 
 
+def bn_hyper() -> Hyper:
+    """The BatchNorm rule of training-mode bounds (shared by the certified methods)."""
+    return Hyper("bn", "clean", "BatchNorm statistics of the training-mode bounds: clean (the clean batch's, Shi et "
+                                "al. 2021 / auto_LiRPA) or centre (the box centres')", kind="choice",
+                 choices=bounds.BN_RULES)
+
+
 def schedule_hypers(warmup: float, ramp: float, shape: str) -> Tuple[Hyper, ...]:
     """The eps ramp's hyperparameters (shared by the certified methods: one kind, one set of flags)."""
     return (Hyper("warmup", warmup, "fraction of training before the eps ramp starts (eps 0: clean loss only)",
@@ -164,7 +173,7 @@ class IBP(CertifiedMethod):
     name = "ibp"
     help = ("interval bound propagation: kappa * CE(clean) + (1 - kappa) * CE(worst-case logits at eps), eps "
             "and kappa ramped (Gowal et al. 2018)")
-    hyper = (kappa_hyper(0.5),) + schedule_hypers(0.05, 0.4, "linear")
+    hyper = (kappa_hyper(0.5),) + schedule_hypers(0.05, 0.4, "linear") + (bn_hyper(),)
 
     @classmethod
     def label(cls, cfg) -> str:
@@ -183,7 +192,8 @@ class IBP(CertifiedMethod):
         if eps_t <= 0 or kappa_t >= 1:
             return ce
         c = self.cfg
-        worst = bounds.worst_case_logits(self.ctx.forward, x, y, eps_t, c.lo, c.hi, num_classes=logits.shape[1])
+        worst = bounds.worst_case_logits(self.ctx.forward, x, y, eps_t, c.lo, c.hi, num_classes=logits.shape[1],
+                                         bn=c.bn)
         return kappa_t * ce + (1.0 - kappa_t) * F.cross_entropy(worst.float(), y)
 
     def step(self, x, y):
