@@ -501,8 +501,9 @@ def certified_radius(model: nn.Module, x: torch.Tensor, y: Optional[torch.Tensor
     radii are float64 (grid points and eps_max exactly). mode "eval" (certification): the model in eval
     mode. mode "train" (ACERT's search, as its authors run it): the model as it is, in training mode
     the bounds of the BatchNorm rule bn (clean: the statistics of the clean batch x) and the prediction
-    of the training-mode forward; every bound pass covers the whole batch (the statistics are x's, not
-    those of the samples still searched) and no running statistic changes."""
+    of the training-mode forward; where a BatchNorm uses batch statistics every bound pass covers the
+    whole batch (the statistics are x's, not those of the samples still searched); no running statistic
+    changes."""
     eps_max = _checks.check_number(eps_max, "eps_max", 0.0, strict=True)
     tol = _checks.check_number(tol, "tol", 0.0, strict=True)
     if not math.isfinite(eps_max):
@@ -527,10 +528,11 @@ def certified_radius(model: nn.Module, x: torch.Tensor, y: Optional[torch.Tensor
         hi_k = torch.full_like(lo_k, top + 1)
         hi_k = torch.where(ok0, hi_k, torch.ones_like(hi_k))  # nothing proven: the search is empty
         passes = 0
+        whole = mode == "train" and batch_statistics(model)  # batch statistics: x's, not the active samples'
         while bool((hi_k - lo_k > 1).any()):
             mid = (lo_k + hi_k) // 2
             active = hi_k - lo_k > 1
-            idx = active.nonzero().squeeze(1) if mode == "eval" else torch.arange(x.shape[0], device=x.device)
+            idx = torch.arange(x.shape[0], device=x.device) if whole else active.nonzero().squeeze(1)
             ok = verified(model, x[idx], target[idx], grid(mid[idx]).to(x.dtype), lo, hi, num_classes=k, bn=bn)
             passes += 1
             ok, done = ok & active[idx], ~active[idx]
