@@ -72,7 +72,7 @@ import torch.nn.functional as F
 from ... import bounds
 from ...models import CNN7, Normalize, SmallCNN
 from ..registry import Hyper, register
-from .ibp import CertifiedMethod, kappa_hyper, ramp_fraction, schedule_hypers
+from .ibp import IBP, kappa_hyper, ramp_fraction, schedule_hypers
 
 __all__ = ["FastIBP", "ibp_init", "ibp_init_std", "layers", "bound_pass", "tightness_loss", "relu_balance_loss",
            "reg_weight"]
@@ -181,7 +181,10 @@ def _hypers() -> Tuple[Hyper, ...]:
 
 
 @register
-class FastIBP(CertifiedMethod):
+class FastIBP(IBP):
+    """``ibp``'s step (the clean forward through ``ctx.update``, then :meth:`loss`) with this schedule
+    (eps_t, lambda_t) and loss."""
+
     name = "fastibp"
     help = ("IBP with short warm-up (Shi et al. 2021): IBP initialisation, bound-tightness and ReLU-balance "
             "regularisers during the eps ramp, constant kappa")
@@ -214,15 +217,3 @@ class FastIBP(CertifiedMethod):
         if lam > 0:
             out = out + lam * (tightness_loss(first, pre, c.reg_tol) + relu_balance_loss(pre, c.reg_tol))
         return out
-
-    def step(self, x, y):
-        ctx = self.ctx
-        self.check_model(x, y)
-        eps_t, lam = self.schedule(ctx.progress)
-
-        def closure(net):
-            logits = net(x)
-            return self.loss(logits, x, y, eps_t, lam), logits
-
-        loss, logits = ctx.update(closure)
-        return ctx.stats(loss, logits, y)
