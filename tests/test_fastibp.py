@@ -6,13 +6,14 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+from helpers import one_thread, resume_matches_uninterrupted  # noqa: F401 (one_thread: an autouse fixture)
 from torch.utils.data import DataLoader, Subset
 
 from robustops import bounds
 from robustops import train as rt
 from robustops.data import load_digits
 from robustops.train.evaluation import RADIUS_TOL
-from robustops.train.methods.fastibp import (bound_pass, ibp_init, relu_balance_loss, tightness_loss)
+from robustops.train.methods.fastibp import bound_pass, ibp_init, relu_balance_loss, tightness_loss
 
 
 @pytest.fixture(scope="module")
@@ -226,3 +227,17 @@ def test_fastibp_trains_the_digits(digits):
     assert all(math.isfinite(r["train_loss"]) for r in res.history)
     # measured (torch 2.14, CPU): clean 0.74, IBP-certified at 0.02: 0.34
     assert last["cert_acc"] > 0.1 and last["clean_acc"] > 0.4, last
+
+
+def test_resume_is_exact_with_onecycle_and_grad_clip(digits, tmp_path):
+    train_ds, test_ds = digits
+    sub = Subset(train_ds, list(range(128)))
+    val = DataLoader(Subset(test_ds, list(range(64))), batch_size=64)
+    hp = dict(epochs=3, eps=0.05, warmup=0.0, ramp=0.6, seed=3, optimizer="adam", lr=5e-3, schedule="onecycle",
+              grad_clip=0.5, select="acceps", progress=False, verbose=False)
+    # dies in the middle of the second epoch, inside the eps ramp (regularisers on)
+    ref, res, crash = resume_matches_uninterrupted("fastibp", sub, val, tmp_path, hp, crash_after=lambda n: n + 2,
+                                                   width=8, weights_only=False)
+    assert crash["epoch"] == 1 and res.epochs_run == ref.epochs_run == 3
+    strip = lambda h: [{k: v for k, v in r.items() if "time" not in k} for r in h]  # noqa: E731
+    assert str(strip(res.history)) == str(strip(ref.history)) and res.best_epoch == ref.best_epoch
