@@ -116,6 +116,12 @@ def test_regularisers_equal_their_definitions():
     unstable = bounds.Interval(torch.zeros(4, 5), torch.ones(4, 5))
     alone = relu_balance_loss([pre[0]], tau).item()
     assert relu_balance_loss([pre[0], unstable], tau).item() == pytest.approx(alone / 2, rel=1e-6)
+    # no NaN gradient from a dropped (0 / 0) or one-sided (all active: ratio 0) layer
+    c = torch.randn(4, 5, requires_grad=True)
+    loss = relu_balance_loss([bounds.Interval(c, torch.full((4, 5), 10.0)),
+                              bounds.Interval(c.abs() + 1, torch.full((4, 5), 0.5))], tau)
+    loss.backward()
+    assert loss.item() == pytest.approx(2.0 / 2) and torch.isfinite(c.grad).all()  # (2 + 0) / m
 
 
 def test_regulariser_weight_schedule():

@@ -184,7 +184,7 @@ def build_model(name: str, info: Dict[str, Any]):
 
     C, H, W = info["input_shape"]
     kw: Dict[str, Any] = {"num_classes": int(info["num_classes"]), "in_channels": int(C)}
-    if name.lower().replace("-", "_") in ("small_cnn", "smallcnn"):
+    if name.lower().replace("-", "_") in ("small_cnn", "smallcnn", "cnn7", "cnn_7"):  # their linear layers need it
         kw["input_size"] = int(H)
     if info.get("mean") is not None and info.get("std") is not None:
         kw["mean"], kw["std"] = [float(v) for v in info["mean"]], [float(v) for v in info["std"]]

@@ -50,8 +50,10 @@ Choices the paper leaves open, and what this implementation does:
 - the pre-activation intervals: the model is walked layer by layer (the children of nn.Sequential,
   SmallCNN's features and classifier, CNN-7's net: :func:`layers`); a ReLU inside another module
   (a residual block) is not seen by the regularisers;
-- a layer where either ratio of L_relu is not finite (no active or no inactive unit) contributes 0 to
-  the sum but still counts in m (the authors' code); the tightness ratio divides by max(mean r_i, 1e-12);
+- min(r, 1/r) is computed as min(a, b) / max(a, b) (the same value; 0 where one side is 0); a layer
+  where either ratio of L_relu is 0 / 0 contributes 0 to the sum but still counts in m (the authors'
+  code drops its NaN term), without sending a NaN gradient back; the tightness ratio divides by
+  max(mean r_i, 1e-12);
 - at eps_t = 0 (the warm-up) the bound pass and the regularisers are skipped: there are no intervals
   (the tightness ratio is 0 / 0) and the loss is the clean cross-entropy;
 - the model is in training mode for the bounds (BatchNorm: ``robustops.bounds``' training-mode rule);
@@ -141,23 +143,28 @@ def tightness_loss(first: bounds.Interval, pre: Sequence[bounds.Interval], tau: 
     return torch.stack(terms).mean() if terms else d0.new_zeros(())
 
 
-def _balance(ratio: torch.Tensor) -> torch.Tensor:
-    return torch.minimum(ratio, 1.0 / ratio.clamp(min=_TINY))
+def _balance(a: torch.Tensor, b: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(min(a/b, b/a), whether it is defined) for a, b >= 0: min(a, b) / max(a, b), 0 where one is 0 (the
+    authors' min(r, 1 / max(r, 1e-12)) there), undefined where both are (0 / 0). The division is guarded
+    so that an undefined ratio, which the loss drops, sends no NaN gradient back."""
+    hi = torch.maximum(a, b)
+    ok = hi > 0
+    return torch.minimum(a, b) / torch.where(ok, hi, torch.ones_like(hi)), ok
 
 
 def relu_balance_loss(pre: Sequence[bounds.Interval], tau: float) -> torch.Tensor:
     """L_relu: (1/m) sum_i [ReLU(tau - min(rho, 1/rho)) + ReLU(tau - min(nu, 1/nu))] / tau over the ReLU
     inputs (rho: mean active centre over minus mean inactive centre; nu: their squared deviations from
-    the layer's mean centre, summed); a layer whose term is not finite adds 0."""
+    the layer's mean centre, summed); a layer where a ratio is 0 / 0 (no stable unit) adds 0."""
     total, m = None, 0
     for iv in pre:
         c, lower, upper = iv.c.float(), iv.lower.float(), iv.upper.float()
         act, inact = (lower > 0).float(), (upper < 0).float()
         dev = (c - c.mean()) ** 2
-        rho = (c * act).mean() / -(c * inact).mean()
-        nu = (dev * act).sum() / (dev * inact).sum()
-        term = (F.relu(tau - _balance(rho)) + F.relu(tau - _balance(nu))) / tau
-        term = torch.where(torch.isfinite(term), term, torch.zeros_like(term))
+        rho, ok_rho = _balance((c * act).mean(), -(c * inact).mean())
+        nu, ok_nu = _balance((dev * act).sum(), (dev * inact).sum())
+        term = (F.relu(tau - rho) + F.relu(tau - nu)) / tau
+        term = term * (ok_rho & ok_nu).float()
         total = term if total is None else total + term
         m += 1
     return total / m if m else torch.zeros(())
