@@ -231,7 +231,7 @@ def test_fastibp_trains_the_digits(digits):
     last = res.history[-1]
     assert res.select == "cert_acc" and res.config.label == "FastIBP (kappa=0)"
     assert all(math.isfinite(r["train_loss"]) for r in res.history)
-    # measured (torch 2.14, CPU): clean 0.74, IBP-certified at 0.02: 0.34
+    # measured (torch 2.14, CPU): clean 0.64, IBP-certified at 0.02: 0.20, acr 0.0074
     assert last["cert_acc"] > 0.1 and last["clean_acc"] > 0.4, last
 
 
