@@ -247,3 +247,6 @@ def test_resume_is_exact_with_onecycle_and_grad_clip(digits, tmp_path):
     assert crash["epoch"] == 1 and res.epochs_run == ref.epochs_run == 3
     strip = lambda h: [{k: v for k, v in r.items() if "time" not in k} for r in h]  # noqa: E731
     assert str(strip(res.history)) == str(strip(ref.history)) and res.best_epoch == ref.best_epoch
+    with pytest.raises(ValueError, match="grad_clip=0.5 \\(now 1.0\\)"):  # a resumed run keeps the clip
+        rt.fit(bn_cnn(), DataLoader(sub, batch_size=32), "fastibp", val_loader=val, out_dir=str(tmp_path / "run"),
+               resume=True, **{**hp, "grad_clip": 1.0})

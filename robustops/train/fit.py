@@ -40,7 +40,7 @@ def log_columns(cfg: FitConfig):
 
 # Settings a resumed run must share with the checkpoint (the method's hyperparameters too).
 _RESUME_MUST_MATCH = ("method", "epochs", "eps", "alpha", "steps", "norm", "optimizer", "lr", "schedule", "amp",
-                      "awp", "ema", "mixup")
+                      "awp", "ema", "mixup", "grad_clip")
 
 
 class NonFiniteLoss(ValueError):
@@ -361,8 +361,9 @@ def fit(model: nn.Module, train_loader, method: str = "natural", *, val_loader=N
     hparams: the fields of :class:`FitConfig` (epochs, eps, alpha, steps, norm ("linf"/"l2"),
     random_start, lo, hi, mean/std (input normalisation inside the forward), optimizer
     ("sgd"/"adam"), lr, momentum, weight_decay, nesterov, schedule
-    ("cyclic"/"multistep"/"cosine"/"constant"), milestones, gamma, amp (None/"bf16"/"fp16"),
-    channels_last, seed, val_eps, val_alpha, val_steps, val_norm, val_every, select, patience,
+    ("cyclic"/"multistep"/"cosine"/"constant"/"onecycle"), milestones, gamma, grad_clip (max gradient
+    norm), amp (None/"bf16"/"fp16"), channels_last, seed, val_eps, val_alpha, val_steps, val_norm,
+    val_every, select (also "acr" / "acceps" for the certified methods), patience,
     restore_best, keep_all), the training options (awp=gamma: adversarial weight perturbation, pgd and
     trades; ema=decay: weight averaging, every method; mixup=alpha: mixup, natural, and interpolated
     adversarial training, pgd; see robustops.train.awp / .ema and the methods) and the methods'
