@@ -72,6 +72,28 @@ def add_method_flags(g, defaults: Dict[str, Any] = None) -> None:
                        **kw)
 
 
+def _add_optimisation(p: argparse.ArgumentParser) -> None:
+    """The optimiser, learning-rate schedule and precision flags (every method)."""
+    from .. import train
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--optimizer", default="sgd", choices=list(train.OPTIMIZERS))
+    g.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate (None: 0.05 on digits with sgd; otherwise sgd 0.1, adam 1e-3)")
+    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--weight-decay", type=float, default=5e-4)
+    g.add_argument("--nesterov", action="store_true")
+    g.add_argument("--schedule", default="cyclic", choices=list(train.SCHEDULES))
+    g.add_argument("--milestones", type=float, nargs="*", default=None,
+                   help="multistep milestones in epochs (None: 50%% and 75%% of --epochs)")
+    g.add_argument("--gamma", type=float, default=0.1, help="multistep factor")
+    g.add_argument("--grad-clip", type=float, default=None, metavar="MAX_NORM",
+                   help="clip the gradient's L2 norm (all parameters) to MAX_NORM before each optimizer step "
+                        "(every method; Shi et al. 2021 use 10)")
+    g.add_argument("--amp", default="none", choices=list(train.AMP_MODES), help="autocast")
+    g.add_argument("--channels-last", action="store_true")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from .. import train
 
@@ -120,24 +142,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mixup", type=float, default=None, metavar="ALPHA",
                    help="mixup with lam ~ Beta(ALPHA, ALPHA) per batch (natural); for pgd interpolated adversarial "
                         "training: mixed clean and mixed adversarial losses averaged (Lamb et al. 2019)")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--optimizer", default="sgd", choices=list(train.OPTIMIZERS))
-    g.add_argument("--lr", type=float, default=None,
-                   help="peak learning rate (None: 0.05 on digits with sgd; otherwise sgd 0.1, adam 1e-3)")
-    g.add_argument("--momentum", type=float, default=0.9)
-    g.add_argument("--weight-decay", type=float, default=5e-4)
-    g.add_argument("--nesterov", action="store_true")
-    g.add_argument("--schedule", default="cyclic", choices=list(train.SCHEDULES))
-    g.add_argument("--milestones", type=float, nargs="*", default=None,
-                   help="multistep milestones in epochs (None: 50%% and 75%% of --epochs)")
-    g.add_argument("--gamma", type=float, default=0.1, help="multistep factor")
-    g.add_argument("--amp", default="none", choices=list(train.AMP_MODES), help="autocast")
-    g.add_argument("--channels-last", action="store_true")
+    _add_optimisation(p)
     g = p.add_argument_group("validation, checkpoints")
     g.add_argument("--val-eps", type=fraction("eps"), default=None, help="validation PGD eps (None: eps; 0: none)")
     g.add_argument("--val-steps", type=int, default=10, help="validation PGD steps")
     g.add_argument("--patience", type=int, default=None, help="early stopping after this many epochs without "
                                                               "improvement of the selected validation metric")
+    g.add_argument("--select", default=None, choices=list(train.METRICS),
+                   help="validation metric that picks the best epoch (None: the method's own); for certified "
+                        "methods also acr (mean IBP radius capped at eps) and acceps (sqrt(clean acc x acr / eps), "
+                        "the ACERT authors' rule)")
     g.add_argument("--keep-all", action="store_true", help="keep a checkpoint file per epoch")
     g.add_argument("-o", "--out", default="runs/train",
                    help="run directory: last.pt, best.pt, log.csv, summary.json (and tb/ with --tensorboard)")
@@ -170,7 +184,7 @@ def build_model(name: str, info: Dict[str, Any]):
 
     C, H, W = info["input_shape"]
     kw: Dict[str, Any] = {"num_classes": int(info["num_classes"]), "in_channels": int(C)}
-    if name.lower().replace("-", "_") in ("small_cnn", "smallcnn"):
+    if name.lower().replace("-", "_") in ("small_cnn", "smallcnn", "cnn7", "cnn_7"):  # their linear layers need it
         kw["input_size"] = int(H)
     if info.get("mean") is not None and info.get("std") is not None:
         kw["mean"], kw["std"] = [float(v) for v in info["mean"]], [float(v) for v in info["std"]]
@@ -235,8 +249,9 @@ def _test(args, model, hp, dev, train_time) -> dict:
     else:
         print(f"test: clean acc {m['clean_acc']:.4f}, PGD-{args.test_steps} acc {m['robust_acc']:.4f} "
               f"(eps {hp['eps']:.4g}, {args.norm})" + (f", noisy acc {m['noise_acc']:.4f}" if "noise_acc" in m else "")
-              + (f", IBP-certified acc {m['cert_acc']:.4f}" if "cert_acc" in m else ""))
-    extra = [k for k in ("cert_acc", "set_acc") if k in m]
+              + (f", IBP-certified acc {m['cert_acc']:.4f}" if "cert_acc" in m else "")
+              + (f", ACR {m['acr']:.4g} (radii capped at eps), acceps {m['acceps']:.4f}" if "acr" in m else ""))
+    extra = [k for k in ("cert_acc", "acr", "acceps", "set_acc") if k in m]
     cols = ["method", "clean_acc", "robust_acc", "eps", "steps", "train_time"] + extra
     with open(os.path.join(args.out, "test.csv"), "w", newline="") as fh:
         w = csv.writer(fh)
@@ -273,9 +288,10 @@ def run(args) -> int:
     hp = dict(epochs=args.epochs, eps=eps, alpha=args.alpha, steps=args.steps, norm=args.norm,
               random_start=not args.no_random_start, optimizer=args.optimizer, lr=args.lr, momentum=args.momentum,
               weight_decay=args.weight_decay, nesterov=args.nesterov, schedule=args.schedule,
-              milestones=args.milestones, gamma=args.gamma, amp=args.amp, channels_last=args.channels_last,
+              milestones=args.milestones, gamma=args.gamma, grad_clip=args.grad_clip, amp=args.amp, channels_last=args.channels_last,
               seed=args.seed, val_eps=args.val_eps, val_steps=args.val_steps, patience=args.patience,
-              keep_all=args.keep_all, awp=args.awp, ema=args.ema, mixup=args.mixup, **method_hparams(args))
+              select=args.select, keep_all=args.keep_all, awp=args.awp, ema=args.ema, mixup=args.mixup,
+              **method_hparams(args))
     if args.perturbation_model is not None:
         hp["perturbation_model"] = os.path.abspath(args.perturbation_model)
     try:

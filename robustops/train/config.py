@@ -12,14 +12,17 @@ from ..attacks.base import madry_step
 from ..models import channel_stats
 from . import registry
 
-__all__ = ["FitConfig", "OPTIMIZERS", "SCHEDULES", "AMP_MODES", "NORMS", "METRICS", "OPTIONS", "ModelObject",
+__all__ = ["FitConfig", "OPTIMIZERS", "SCHEDULES", "AMP_MODES", "NORMS", "METRICS", "CERTIFIED_METRICS", "OPTIONS", "ModelObject",
            "resolve_config"]
 
 OPTIMIZERS = ("sgd", "adam")
-SCHEDULES = ("cyclic", "multistep", "cosine", "constant")
+SCHEDULES = ("cyclic", "multistep", "cosine", "constant", "onecycle")
 AMP_MODES = ("none", "bf16", "fp16")
 NORMS = ("linf", "l2")
-METRICS = ("robust_acc", "clean_acc", "noise_acc", "cert_acc", "set_acc", "last")
+METRICS = ("robust_acc", "clean_acc", "noise_acc", "cert_acc", "acr", "acceps", "set_acc", "last")
+#: The validation metrics of the methods that train for deterministic certification: IBP-certified
+#: accuracy at val_eps, the mean IBP radius capped at eps, and sqrt(clean_acc * acr / eps).
+CERTIFIED_METRICS = ("cert_acc", "acr", "acceps")
 
 #: The training options that any method may accept: {name: what it is}. A method lists those it
 #: supports in its class attribute ``Method.options`` (a tuple of names); ``ema`` applies to every method.
@@ -94,9 +97,11 @@ class FitConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     nesterov: bool = False
-    schedule: str = "cyclic"
+    schedule: str = "cyclic"             # onecycle: torch OneCycleLR (peak lr, per optimizer step)
     milestones: Optional[Sequence[float]] = None  # multistep, in epochs of `epochs`; default 50% and 75%
     gamma: float = 0.1
+    # max gradient L2 norm (over all parameters) before each optimizer step; None: no clipping
+    grad_clip: Optional[float] = None
     amp: Optional[str] = None              # None/"none", "bf16", "fp16"
     channels_last: bool = False
     seed: Optional[int] = None
@@ -231,6 +236,8 @@ def _validate(c: FitConfig) -> None:
         need(all(num(v) and v > 0 for v in c.milestones),
              f"milestones must be positive epoch numbers, got {list(c.milestones)!r}")
     need(num(c.gamma) and c.gamma > 0, f"gamma must be > 0, got {c.gamma!r}")
+    need(c.grad_clip is None or (fin(c.grad_clip) and c.grad_clip > 0),
+         f"grad_clip (max gradient norm) must be None or a finite number > 0, got {c.grad_clip!r}")
     need(c.amp in (None,) + AMP_MODES, f"amp must be None, 'none', 'bf16' or 'fp16'; got {c.amp!r}")
     need(c.val_eps is None or (fin(c.val_eps) and c.val_eps >= 0),
          f"val_eps must be a finite number >= 0, got {c.val_eps!r}")

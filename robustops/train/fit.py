@@ -17,7 +17,7 @@ import torch.nn as nn
 from .._runfiles import atomic_save, check_settings, read_checkpoint, resume_path, seal_entries, write_csv_log
 from .._threads import default_threads, resolve_threads
 from ..models import state_dict_digest, verify_checkpoint
-from .config import FitConfig
+from .config import CERTIFIED_METRICS, FitConfig
 from .trainer import Trainer, dist_info
 
 __all__ = ["fit", "FitResult", "NonFiniteLoss", "CHECKPOINT_FORMAT", "LOG_COLUMNS", "log_columns"]
@@ -30,17 +30,17 @@ LOG_COLUMNS = ("epoch", "equiv_epochs", "lr", "train_loss", "train_acc", "clean_
 
 def log_columns(cfg: FitConfig):
     """The CSV log's columns for a run: LOG_COLUMNS, with the method's log_metrics after train_acc,
-    cert_acc after noise_acc for the methods that train for deterministic certification, then the
+    cert_acc, acr, acceps after noise_acc for the methods that train for deterministic certification, then the
     method's own val_metrics."""
     own = tuple(cfg.method_class.log_metrics)
-    extra = (("cert_acc",) if cfg.method_class.certified else ()) + tuple(cfg.method_class.val_metrics)
+    extra = (CERTIFIED_METRICS if cfg.method_class.certified else ()) + tuple(cfg.method_class.val_metrics)
     j = LOG_COLUMNS.index("train_acc") + 1
     i = LOG_COLUMNS.index("noise_acc") + 1
     return LOG_COLUMNS[:j] + own + LOG_COLUMNS[j:i] + extra + LOG_COLUMNS[i:]
 
 # Settings a resumed run must share with the checkpoint (the method's hyperparameters too).
 _RESUME_MUST_MATCH = ("method", "epochs", "eps", "alpha", "steps", "norm", "optimizer", "lr", "schedule", "amp",
-                      "awp", "ema", "mixup")
+                      "awp", "ema", "mixup", "grad_clip")
 
 
 class NonFiniteLoss(ValueError):
@@ -266,6 +266,8 @@ class _FitRun:
                 msg += f" noisy {row['noise_acc']:.4f}"
             if "cert_acc" in row and not math.isnan(row["cert_acc"]):
                 msg += f" certified {row['cert_acc']:.4f}"
+            if not math.isnan(row.get("acr", float("nan"))):
+                msg += f" acr {row['acr']:.4g} acceps {row['acceps']:.4f}"
             for k in self.trainer.val_metrics:
                 if not math.isnan(row.get(k, float("nan"))):
                     msg += f" {k} {row[k]:.4f}"
@@ -322,8 +324,8 @@ class _FitRun:
             row, t_train = self.train_epoch(epoch)
             row.update(self.trainer.method.log_values())
             res.train_time += t_train
-            metrics = (("clean_acc", "robust_acc", "noise_acc") + (("cert_acc",) if self.trainer.certified else ())
-                       + self.trainer.val_metrics)
+            metrics = (("clean_acc", "robust_acc", "noise_acc")
+                       + (CERTIFIED_METRICS if self.trainer.certified else ()) + self.trainer.val_metrics)
             row.update({**{k: float("nan") for k in metrics}, "val_loss": float("nan"), "train_time": t_train,
                         "val_time": 0.0, "total_train_time": res.train_time, "best": False})
             improved = self.validate(row, epoch)
@@ -359,8 +361,9 @@ def fit(model: nn.Module, train_loader, method: str = "natural", *, val_loader=N
     hparams: the fields of :class:`FitConfig` (epochs, eps, alpha, steps, norm ("linf"/"l2"),
     random_start, lo, hi, mean/std (input normalisation inside the forward), optimizer
     ("sgd"/"adam"), lr, momentum, weight_decay, nesterov, schedule
-    ("cyclic"/"multistep"/"cosine"/"constant"), milestones, gamma, amp (None/"bf16"/"fp16"),
-    channels_last, seed, val_eps, val_alpha, val_steps, val_norm, val_every, select, patience,
+    ("cyclic"/"multistep"/"cosine"/"constant"/"onecycle"), milestones, gamma, grad_clip (max gradient
+    norm), amp (None/"bf16"/"fp16"), channels_last, seed, val_eps, val_alpha, val_steps, val_norm,
+    val_every, select (also "acr" / "acceps" for the certified methods), patience,
     restore_best, keep_all), the training options (awp=gamma: adversarial weight perturbation, pgd and
     trades; ema=decay: weight averaging, every method; mixup=alpha: mixup, natural, and interpolated
     adversarial training, pgd; see robustops.train.awp / .ema and the methods) and the methods'

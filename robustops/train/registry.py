@@ -134,6 +134,14 @@ class Method:
         """A short human-readable name of the configured method (tables, plots)."""
         return cls.name
 
+    @classmethod
+    def init_model(cls, model: torch.nn.Module, cfg, generator: Optional[torch.Generator]) -> None:
+        """Initialises the bare model's weights in place for this method (e.g. Shi et al.'s IBP
+        initialisation), or leaves them (the default). The Trainer calls it once, when it is built:
+        before the optimizer and the DistributedDataParallel wrapper exist (so DDP broadcasts rank 0's
+        initial weights), and before ``fit`` loads a checkpoint's weights over them on resume.
+        generator: the run's initialisation stream (from cfg.seed; None without a seed: the global RNG)."""
+
     # ---- the work
 
     def validation_counts(self, x: torch.Tensor, y: torch.Tensor) -> Dict[str, torch.Tensor]:

@@ -17,7 +17,7 @@ import torch.nn as nn
 from .. import _rng
 from . import registry
 from .awp import WeightPerturbation
-from .config import FitConfig, resolve_config
+from .config import CERTIFIED_METRICS, FitConfig, resolve_config
 from .context import Closure, MethodContext, bind_model, dist_info, prepare_batch
 from .ema import WeightAverage
 from .evaluation import evaluate_context
@@ -94,6 +94,9 @@ class Trainer:
         self.cfg = cfg = resolve_config(cfg, kwargs)
         self.device, self.fwd = bind_model(model, cfg, device)
         self.model = model
+        # the method's initialisation of the weights, on a stream of its own (the same on every process)
+        init_gen = torch.Generator().manual_seed(_rng.derive_seed(cfg.seed, 2)) if cfg.seed is not None else None
+        cfg.method_class.init_model(model, cfg, init_gen)
         self.rank, self.world = dist_info()
         self.ddp = (self.world > 1) if ddp is None else bool(ddp)
         # local: the forward without DDP (AWP's ascent gradient must not start DDP's gradient reduction)
@@ -112,13 +115,13 @@ class Trainer:
         self.gen = _rng.process_generator(cfg.seed, self.rank)
         # Methods that train for deterministic certification also report cert_acc in validation.
         self.certified = bool(cfg.method_class.certified)
-        if cfg.select == "cert_acc" and not self.certified:
+        if cfg.select in CERTIFIED_METRICS and not self.certified:
             certified = [n for n in registry.names() if registry.get(n).certified]
-            raise ValueError(f"select='cert_acc' needs a certified training method ({', '.join(certified)}); "
+            raise ValueError(f"select={cfg.select!r} needs a certified training method ({', '.join(certified)}); "
                              f"{cfg.method!r} is not one")
         # Further validation accuracies a method measures itself (e.g. set_acc of the learned-set methods).
         self.val_metrics = tuple(cfg.method_class.val_metrics)
-        own = ("clean_acc", "robust_acc", "noise_acc", "cert_acc", "last")
+        own = ("clean_acc", "robust_acc", "noise_acc", "last") + CERTIFIED_METRICS
         if cfg.select not in own and cfg.select not in self.val_metrics:
             having = [n for n in registry.names() if cfg.select in registry.get(n).val_metrics]
             raise ValueError(f"select={cfg.select!r} is measured by the methods {', '.join(having) or '(none)'}; "
@@ -148,6 +151,15 @@ class Trainer:
             self.optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
         self.steps_per_epoch = max(1, steps_per_epoch)
         self.total_steps = cfg.passes * self.steps_per_epoch * cfg.updates_per_batch
+        if cfg.schedule == "onecycle":
+            # torch's one-cycle policy (Smith & Topin 2019) with its defaults (30% warm-up from lr / 25,
+            # cosine annealing to lr / 25e4, momentum / Adam's beta1 cycled inversely), stepped per
+            # optimizer step like the others; its state_dict holds the step count, so resume is exact
+            # (momentum only cycled where there is one: plain SGD keeps momentum 0)
+            cycle = cfg.optimizer != "sgd" or cfg.momentum > 0
+            self.scheduler = torch.optim.lr_scheduler.OneCycleLR(self.optimizer, max_lr=cfg.lr,
+                                                                 total_steps=self.total_steps, cycle_momentum=cycle)
+            return
         factor = LRFactor(cfg.schedule, self.total_steps, [min(1.0, ms / cfg.epochs) for ms in cfg.milestones],
                           cfg.gamma)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
@@ -158,8 +170,8 @@ class Trainer:
         """The one training step: ``closure(net)`` returns (loss, aux). Under ``awp`` the weights are
         first perturbed in the direction that raises closure's loss (``closure(trainer.local)``, see
         :mod:`.awp`); the training gradient is taken by ``closure(trainer.net)`` under autocast, the
-        weights are restored exactly, then the optimizer and the scheduler step (and the weight
-        average, under ``ema``, follows). Returns (loss, aux)."""
+        weights are restored exactly, the gradient's norm is clipped to ``cfg.grad_clip`` (if set), then the
+        optimizer and the scheduler step (and the weight average, under ``ema``, follows). Returns (loss, aux)."""
         awp = self.awp
         try:
             if awp is not None:
@@ -174,10 +186,19 @@ class Trainer:
         return out
 
     def _optimizer_step(self) -> None:
+        if self.cfg.grad_clip is not None:
+            # the norm of the true gradient: under fp16 the scaled one is unscaled first (scaler.step
+            # then skips its own unscale); a step with inf / NaN gradients is still skipped by the scaler
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]],
+                                           self.cfg.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+        # OneCycleLR refuses steps past its total (a Trainer stepped beyond its schedule, e.g. in a
+        # benchmark): it then stays at its last learning rate and the run's progress at 1
+        if not (self.cfg.schedule == "onecycle" and self.scheduler.last_epoch >= self.total_steps):
+            self.scheduler.step()
         if self.ema is not None:
             self.ema.update()
 
@@ -237,7 +258,9 @@ class Trainer:
         eps is 0), for methods that train for smoothing, accuracy on noisy inputs (their sigma), and
         for certified methods ``cert_acc``: the fraction of samples whose label interval bound
         propagation proves on the L-inf box of radius eps (every margin bound > 0, in fp32 without
-        autocast; at eps 0 the fraction whose label is the strict argmax), and the method's own
+        autocast; at eps 0 the fraction whose label is the strict argmax), ``acr`` (the mean IBP
+        radius capped at the training eps, :func:`.evaluation.capped_radii`) and ``acceps``
+        (sqrt(clean_acc * acr / eps)), and the method's own
         ``val_metrics`` (e.g. ``set_acc``), in eval mode (:func:`~robustops.train.evaluate`, with this
         trainer's seeds). Counts are
         summed over the processes when the trainer runs distributed (ddp): every process must call it

@@ -123,7 +123,7 @@ def check_supported(ctx, x: torch.Tensor, y: torch.Tensor) -> None:
 
 def kappa_hyper(default: float) -> Hyper:
     return Hyper("kappa", default, "weight of the clean cross-entropy against the certified (IBP) loss; ibp: its "
-                                   "value after the ramp (from 1), acert: constant", minimum=0.0, maximum=1.0)
+                                   "value after the ramp (from 1), acert / fastibp: constant", minimum=0.0, maximum=1.0)
 
 
 def bn_hyper() -> Hyper:
