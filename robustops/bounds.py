@@ -51,7 +51,7 @@ from . import _checks
 
 __all__ = ["Interval", "UnsupportedLayerError", "RadiusResult", "register", "supported", "input_box",
            "propagate", "interval_bounds", "margin_bounds", "worst_case_logits", "verified", "certified_radius",
-           "margin_spec"]
+           "margin_spec", "register_verifier", "verifiers"]
 
 Param = Union[float, torch.Tensor]
 
@@ -381,6 +381,26 @@ def verified(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Param, lo:
     return (m > 0).all(dim=1)
 
 
+#: certified_radius's bounds by name: verify(model, x, y, eps, lo, hi, num_classes) -> BoolTensor[B]. "ibp" is
+#: this module's; robustops.crown registers "crown", "crown-ibp" and "best" when imported (a registry, so that
+#: this module, below crown, never imports it).
+_VERIFIERS: Dict[str, Callable[..., torch.Tensor]] = {}
+
+
+def register_verifier(name: str, fn: Callable[..., torch.Tensor]) -> None:
+    """Make ``fn(model, x, y, eps, lo, hi, num_classes) -> BoolTensor[B]`` the bound ``name`` of
+    certified_radius (``bound=name``). A verifier must be sound: True only where the class is proven."""
+    _VERIFIERS[str(name)] = fn
+
+
+def verifiers() -> Tuple[str, ...]:
+    """The names certified_radius's ``bound`` accepts now."""
+    return tuple(_VERIFIERS)
+
+
+register_verifier("ibp", verified)
+
+
 @dataclass
 class RadiusResult:
     """prediction: the clean prediction [B]; radius [B] (float64): the largest grid radius at which IBP proves the
@@ -404,7 +424,7 @@ def _eval_no_autocast(model: nn.Module):
 
 
 def certified_radius(model: nn.Module, x: torch.Tensor, y: Optional[torch.Tensor] = None, *, eps_max: float,
-                     tol: float = 1e-3, lo: float = 0.0, hi: float = 1.0) -> RadiusResult:
+                     tol: float = 1e-3, lo: float = 0.0, hi: float = 1.0, bound: str = "ibp") -> RadiusResult:
     """Per-sample L-inf certified radius by IBP: the largest radius on the grid
     G = {k h : k h < eps_max} + {eps_max}, h = 2^floor(log2(tol)) (so h <= tol), at which IBP proves the
     class, found by bisection over the grid indices of all samples at once
@@ -417,12 +437,20 @@ def certified_radius(model: nn.Module, x: torch.Tensor, y: Optional[torch.Tensor
     may fall back to the grid point below it (less than h).
 
     y: the labels (certify the true class: radius 0 where the prediction is wrong) or None (certify the
-    predicted class). Runs in eval mode, without gradients or autocast, in x's precision (float32 for
+    predicted class). bound: the verifier, "ibp" (this module) or one registered with register_verifier
+    ("crown", "crown-ibp", "best" once robustops.crown is imported). A bound that is not monotone in the
+    radius (CROWN's adaptive slopes can switch) still gives a certified radius: the result is always a
+    radius at which the verifier proved the class; a verifier never weaker than IBP at any radius (best)
+    gives a radius >= IBP's (IBP's proven set is an interval [0, r*] and bisection keeps hi > r*). Runs in eval mode, without gradients or autocast, in x's precision (float32 for
     half inputs); the radii are float64 (grid points and eps_max exactly)."""
     eps_max = _checks.check_number(eps_max, "eps_max", 0.0, strict=True)
     tol = _checks.check_number(tol, "tol", 0.0, strict=True)
     if not math.isfinite(eps_max):
         raise ValueError(f"eps_max must be finite, got {eps_max}")
+    if bound not in _VERIFIERS:
+        raise ValueError(f"bound must be one of {', '.join(_VERIFIERS)} (import robustops.crown for crown, "
+                         f"crown-ibp, best), got {bound!r}")
+    verify = _VERIFIERS[bound]
     if x.dtype in (torch.float16, torch.bfloat16):
         x = x.float()
     h = 2.0 ** math.floor(math.log2(tol))
@@ -447,7 +475,7 @@ def certified_radius(model: nn.Module, x: torch.Tensor, y: Optional[torch.Tensor
             mid = (lo_k + hi_k) // 2
             active = hi_k - lo_k > 1
             idx = active.nonzero().squeeze(1)
-            ok = verified(model, x[idx], target[idx], grid(mid[idx]).to(x.dtype), lo, hi, num_classes=k)
+            ok = verify(model, x[idx], target[idx], grid(mid[idx]).to(x.dtype), lo, hi, num_classes=k)
             passes += 1
             lo_k[idx] = torch.where(ok, mid[idx], lo_k[idx])
             hi_k[idx] = torch.where(ok, hi_k[idx], mid[idx])
