@@ -245,3 +245,27 @@ def test_cli_certify_method_crown_writes_rows(tmp_path):
                  "-o", str(out), "--no-progress"]) == 0
     rows = out.read_text().splitlines()
     assert rows[0].split("\t")[:4] == ["idx", "label", "predict", "radius"] and len(rows) > 1
+
+
+def test_crown_ibp_training_schedule_loss_and_steps():
+    from robustops import train as rt
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+    tr = rt.Trainer(net, method="crown_ibp", epochs=2, eps=0.2, warmup=0.1, ramp=0.5, steps_per_epoch=10)
+    m = tr.method
+    assert m.schedule_values(0.05) == (0.0, 1.0, 1.0)                  # warm-up: clean loss, beta 1
+    eps, kappa, beta = m.schedule_values(0.35)                           # half-way up the ramp
+    assert (eps, kappa, beta) == (pytest.approx(0.5 * 1.1 * 0.2), pytest.approx(0.75), pytest.approx(0.5))
+    assert m.schedule_values(1.0)[2] == 0.0
+    x, y = torch.rand(8, 4), torch.randint(0, 3, (8,))
+    want = 0.5 * crown.margin_bounds(net, x, y, eps, method="crown-ibp") + 0.5 * bounds.margin_bounds(net, x, y, eps)
+    torch.testing.assert_close(m.margins(x, y, eps, beta, 3), want)
+    before = [p.detach().clone() for p in net.parameters()]
+    for _ in range(8):  # through the warm-up into the ramp: both bound passes run and back-propagate
+        tr.train_step(x, y)
+    assert all(not torch.equal(a, b) for a, b in zip(before, net.parameters()))
+    assert all(torch.isfinite(p).all() for p in net.parameters())
+    bn = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3))
+    with pytest.raises(bounds.UnsupportedLayerError, match="BatchNorm1d in training mode"):
+        rt.Trainer(bn, method="crown_ibp", epochs=1, eps=0.2, steps_per_epoch=2).train_step(x, y)

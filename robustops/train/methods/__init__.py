@@ -4,3 +4,4 @@ from . import consistency  # noqa: F401
 from . import macer  # noqa: F401
 from . import smoothadv  # noqa: F401
 from . import smoothmix  # noqa: F401
+from . import crown_ibp  # noqa: F401
