@@ -116,6 +116,8 @@ class Reference:
                 n = math.prod(shape)
                 eye = torch.eye(n, dtype=torch.float64)
                 l, u = self.lower(i, eye, relax, xl, xu), -self.lower(i, -eye, relax, xl, xu)
+                il, iu = self.ibp(i, xl, xu)
+                l, u = torch.max(l, il), torch.min(u, iu)
             relax[i], prev = self.relaxation(kind, data, l, u), (l, u)
         k = self.layers[-1][1][0].shape[0]
         spec = torch.eye(k, dtype=torch.float64)[y] - torch.eye(k, dtype=torch.float64)
