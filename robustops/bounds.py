@@ -53,6 +53,7 @@ module and lists these.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple, Type, Union
@@ -65,7 +66,7 @@ from . import _checks
 
 __all__ = ["Interval", "UnsupportedLayerError", "RadiusResult", "register", "supported", "input_box",
            "propagate", "interval_bounds", "margin_bounds", "worst_case_logits", "verified", "certified_radius",
-           "margin_spec", "batch_statistics", "BN_RULES", "RADIUS_MODES"]
+           "margin_spec", "batch_statistics", "BN_RULES", "RADIUS_MODES", "register_verifier", "verifiers"]
 
 Param = Union[float, torch.Tensor]
 
@@ -446,6 +447,26 @@ def verified(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Param, lo:
     return (m > 0).all(dim=1)
 
 
+#: certified_radius's bounds by name: verify(model, x, y, eps, lo, hi, num_classes) -> BoolTensor[B]. "ibp" is
+#: this module's; robustops.crown registers "crown", "crown-ibp" and "best" when imported (a registry, so that
+#: this module, below crown, never imports it).
+_VERIFIERS: Dict[str, Callable[..., torch.Tensor]] = {}
+
+
+def register_verifier(name: str, fn: Callable[..., torch.Tensor]) -> None:
+    """Make ``fn(model, x, y, eps, lo, hi, num_classes) -> BoolTensor[B]`` the bound ``name`` of
+    certified_radius (``bound=name``). A verifier must be sound: True only where the class is proven."""
+    _VERIFIERS[str(name)] = fn
+
+
+def verifiers() -> Tuple[str, ...]:
+    """The names certified_radius's ``bound`` accepts now."""
+    return tuple(_VERIFIERS)
+
+
+register_verifier("ibp", verified)
+
+
 @dataclass
 class RadiusResult:
     """prediction: the clean prediction [B]; radius [B] (float64): the largest grid radius at which IBP proves the
@@ -484,7 +505,7 @@ def _radius_mode(model: nn.Module, mode: str):
 
 def certified_radius(model: nn.Module, x: torch.Tensor, y: Optional[torch.Tensor] = None, *, eps_max: float,
                      tol: float = 1e-3, lo: float = 0.0, hi: float = 1.0, mode: str = "eval",
-                     bn: str = "clean") -> RadiusResult:
+                     bn: str = "clean", bound: str = "ibp") -> RadiusResult:
     """Per-sample L-inf certified radius by IBP: the largest radius on the grid
     G = {k h : k h < eps_max} + {eps_max}, h = 2^floor(log2(tol)) (so h <= tol), at which IBP proves the
     class, found by bisection over the grid indices of all samples at once
@@ -503,11 +524,21 @@ def certified_radius(model: nn.Module, x: torch.Tensor, y: Optional[torch.Tensor
     the bounds of the BatchNorm rule bn (clean: the statistics of the clean batch x) and the prediction
     of the training-mode forward; where a BatchNorm uses batch statistics every bound pass covers the
     whole batch (the statistics are x's, not those of the samples still searched); no running statistic
-    changes."""
+    changes.
+
+    bound: the verifier, "ibp" (this module, with the rule bn) or one registered with register_verifier
+    ("crown", "crown-ibp", "best" once robustops.crown is imported). A bound that is not monotone in the
+    radius (CROWN's adaptive slopes can switch) still gives a certified radius: the result is always a
+    radius at which the verifier proved the class; a verifier never weaker than IBP at any radius (best)
+    gives a radius >= IBP's (IBP's proven set is an interval [0, r*] and bisection keeps hi > r*)."""
     eps_max = _checks.check_number(eps_max, "eps_max", 0.0, strict=True)
     tol = _checks.check_number(tol, "tol", 0.0, strict=True)
     if not math.isfinite(eps_max):
         raise ValueError(f"eps_max must be finite, got {eps_max}")
+    if bound not in _VERIFIERS:
+        raise ValueError(f"bound must be one of {', '.join(_VERIFIERS)} (import robustops.crown for crown, "
+                         f"crown-ibp, best), got {bound!r}")
+    verify = functools.partial(verified, bn=bn) if bound == "ibp" else _VERIFIERS[bound]
     if x.dtype in (torch.float16, torch.bfloat16):
         x = x.float()
     h = 2.0 ** math.floor(math.log2(tol))
@@ -533,7 +564,7 @@ def certified_radius(model: nn.Module, x: torch.Tensor, y: Optional[torch.Tensor
             mid = (lo_k + hi_k) // 2
             active = hi_k - lo_k > 1
             idx = torch.arange(x.shape[0], device=x.device) if whole else active.nonzero().squeeze(1)
-            ok = verified(model, x[idx], target[idx], grid(mid[idx]).to(x.dtype), lo, hi, num_classes=k, bn=bn)
+            ok = verify(model, x[idx], target[idx], grid(mid[idx]).to(x.dtype), lo, hi, num_classes=k)
             passes += 1
             ok, done = ok & active[idx], ~active[idx]
             lo_k[idx] = torch.where(ok, mid[idx], lo_k[idx])

@@ -96,7 +96,7 @@ def test_the_table_chooses_each_mode():
         assert type(certifiers.choose(args, "certify")) is cls, extra
     args = build_parser("predict").parse_args(["predict", "--checkpoint", "c", "-o", "o", "--threat", "learned"])
     assert type(certifiers.choose(args, "predict")) is certifiers.LatentCertifier
-    assert certifiers.choices("method") == ("smoothing", "ibp") and certifiers.choices("threat") == ("norm", "learned")
+    assert certifiers.choices("method") == ("smoothing", "ibp", "crown", "crown-ibp", "best") and certifiers.choices("threat") == ("norm", "learned")
 
 
 @pytest.mark.parametrize("command,extra", [

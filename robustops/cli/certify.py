@@ -38,7 +38,7 @@ from .common import (
 from .rows import ResultsFile, RowWriter
 
 HELP = ("certification: randomized smoothing (Cohen et al.'s CERTIFY; --sequential: as few samples as each input "
-        "needs) or interval bound propagation (--method ibp)")
+        "needs) or a bound: IBP, CROWN, CROWN-IBP or the best of IBP and CROWN (--method ibp|crown|crown-ibp|best)")
 
 TSV_HEADER = HEADERS["certify"]
 
@@ -115,7 +115,8 @@ def _add_method_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("method")
     g.add_argument("--method", default="smoothing", choices=certifiers.choices("method"),
                    help="smoothing: L2 radii of the smoothed classifier (randomized smoothing); ibp: L-inf radii "
-                        "of the classifier itself, proven by interval bound propagation")
+                        "of the classifier itself, proven by interval bound propagation; crown / crown-ibp: by CROWN / CROWN-IBP linear relaxation "
+                        "(robustops.crown); best: the larger of IBP's and CROWN's margin bounds")
     for cls in certifiers.CERTIFIERS:  # each mode's own flags
         cls.add_arguments(p)
 

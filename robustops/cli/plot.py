@@ -8,6 +8,7 @@ import csv
 import json
 import os
 
+from .certifiers.ibp import BOUND_METHODS
 from .common import CLIError, check_writable, write_summary
 
 HELP = "overlay certified-accuracy curves of certification TSVs (PNG + PDF)"
@@ -61,7 +62,7 @@ def run(args) -> int:
     norms = {}
     for k, path in enumerate(args.tsvs):
         radius, correct, st = read_tsv(path)
-        ibp = st.get("method") == "ibp"
+        ibp = st.get("method") in BOUND_METHODS  # an L-inf bound's radii (IBP, CROWN, ...)
         norms[path] = "L-inf" if ibp else "L2"
         name = labels[k] if labels else os.path.splitext(os.path.basename(path))[0] + (
             f" (sigma {st['sigma']:g})" if isinstance(st.get("sigma"), (int, float)) else " (IBP)" if ibp else "")

@@ -115,7 +115,8 @@ class SequentialCertifier(SmoothingCertifier):
         return "sequential"
 
     def check_flags(self, args) -> None:
-        for flag, other in (("--method ibp", getattr(args, "method", "smoothing") == "ibp"),
+        method = getattr(args, "method", "smoothing")
+        for flag, other in ((f"--method {method}", method != "smoothing"),
                             ("--threat learned", getattr(args, "threat", "norm") == "learned"),
                             ("--graph", args.graph), ("--inputs-per-call", args.inputs_per_call is not None)):
             if other:
