@@ -201,6 +201,12 @@ def run_certify(args) -> int:
     return main(["certify"] + [str(a) for a in args])
 
 
+def ok(p):
+    """p (a CompletedProcess) after asserting it succeeded (its output in the message otherwise)."""
+    assert p.returncode == 0, p.stdout + p.stderr
+    return p
+
+
 def subprocess_env() -> dict:
     """The environment of a robustops subprocess (torchrun, a killed run): the source tree first, one thread."""
     e = dict(os.environ)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import assert_one_line_error, train_digits_model
+from helpers import assert_one_line_error, ok, train_digits_model
 from robustops.models import save_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,11 +34,6 @@ def env(**extra):
 def robustops(*args, timeout=300, cwd=ROOT, **extra_env):
     return subprocess.run([sys.executable, "-m", "robustops"] + [str(a) for a in args], cwd=cwd, env=env(**extra_env),
                           capture_output=True, text=True, timeout=timeout)
-
-
-def ok(p):
-    assert p.returncode == 0, p.stdout + p.stderr
-    return p
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from helpers import ROOT, assert_one_line_error, subprocess_env, torchrun_command, train_pgd_digits_model
+from helpers import ROOT, assert_one_line_error, ok, subprocess_env, torchrun_command, train_pgd_digits_model
 
 from robustops.models import save_checkpoint
 
@@ -34,11 +34,6 @@ def robustops(*args, extra_path=None):
         env["PYTHONPATH"] = str(extra_path) + os.pathsep + env["PYTHONPATH"]
     return subprocess.run([sys.executable, "-m", "robustops", "evaluate"] + [str(a) for a in args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
-
-
-def ok(p):
-    assert p.returncode == 0, p.stdout + p.stderr
-    return p
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from helpers import assert_one_line_error, train_digits_model
+from helpers import assert_one_line_error, ok, train_digits_model
 from robustops import bounds
 from robustops.data import load_digits
 from robustops.models import save_checkpoint
@@ -23,11 +23,6 @@ def robustops(*args):
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, "-m", "robustops"] + [str(a) for a in args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
-
-
-def ok(p):
-    assert p.returncode == 0, p.stdout + p.stderr
-    return p
 
 
 @pytest.fixture(scope="module")
