@@ -16,6 +16,7 @@ from robustops import train as rt
 from robustops.data import load_digits
 from robustops.smoothing import Smooth, acr
 from robustops.train.methods.smoothadv import smoothed_nll
+from robustops.train.methods.smoothmix import smoothmix_loss
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +144,7 @@ def test_smoothmix_loss_matches_plain_transcription(digits):
     model = briefly_trained(digits)
     ref_model = copy.deepcopy(model)
     tr = rt.Trainer(model, method="smoothmix", noise_copies=m, sigma=sigma, mix_steps=T, mix_alpha=alpha,
-                    mix_eta=eta, seed=5, lr=0.05)
+                    mix_eta=eta, mix_warmup=0, seed=5, lr=0.05)
     s_noise, s_lam = next_seeds(tr, 2)
     loss_sum, correct, n = tr.train_step(x, y)
 
@@ -166,6 +167,41 @@ def test_smoothmix_loss_matches_plain_transcription(digits):
     torch.testing.assert_close(loss_sum / n, ref, rtol=1e-4, atol=1e-5)
     assert float(eta * (mask * kl).mean().detach()) > 1e-3  # the mixup term matters in this check
     assert 0 <= int(correct) <= n
+
+
+def test_smoothmix_target_keeps_its_gradient():
+    # the authors' code builds y_mix from the clean smoothed prediction without a stop-gradient, so the
+    # mixup term also pulls on the clean copies' logits; a plain float64 transcription with torch.kl_div
+    g = torch.Generator().manual_seed(0)
+    B, m, K, eta = 6, 2, 4, 3.0
+    lc = (2 * torch.randn(B * m, K, generator=g, dtype=torch.float64)).requires_grad_()
+    lm = torch.randn(B * m, K, generator=g, dtype=torch.float64).requires_grad_()
+    y = torch.randint(0, K, (B,), generator=g)
+    lam = 0.5 * torch.rand(B, generator=g, dtype=torch.float64)
+    smoothmix_loss(lc, lm, y, lam, eta).backward()
+    lc2, lm2 = lc.detach().clone().requires_grad_(), lm.detach().clone().requires_grad_()
+    p = torch.stack([F.softmax(lc2.view(B, m, K)[:, i], 1) for i in range(m)]).mean(0)
+    tgt = (1 - lam)[:, None] * p + lam[:, None] / K
+    ok = (p.argmax(1) == y).double()
+    kl = torch.stack([F.kl_div(F.log_softmax(lm2.view(B, m, K)[:, i], 1), tgt, reduction="none").sum(1)
+                      for i in range(m)]).mean(0)
+    ref = F.cross_entropy(lc2, y.repeat_interleave(m)) + eta * (ok * kl).mean()
+    ref.backward()
+    assert 0 < float(ok.sum()) < B
+    torch.testing.assert_close(lc.grad, lc2.grad)
+    torch.testing.assert_close(lm.grad, lm2.grad)
+
+
+def test_smoothmix_eta_warmup_from_the_step_count(digits):
+    x, y = batch(digits, 8)
+    tr = rt.Trainer(tiny_cnn(), method="smoothmix", sigma=0.25, noise_copies=1, mix_steps=1, mix_eta=4.0,
+                    mix_warmup=2, steps_per_epoch=2, epochs=4)
+    seen = []
+    for _ in range(6):
+        seen.append(tr.method.eta())
+        tr.train_step(x, y)
+    assert seen == [2.0, 2.0, 4.0, 4.0, 4.0, 4.0]
+    assert rt.Trainer(tiny_cnn(), method="smoothmix", mix_eta=4.0, mix_warmup=0).method.eta() == 4.0
 
 
 @pytest.mark.parametrize("method,hp", [("smoothadv", dict(adv_steps=2, adv_eps=0.5)),

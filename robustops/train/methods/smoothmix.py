@@ -16,13 +16,15 @@ step; F(x) = (1/m) sum_i softmax(f(x + delta_i)) the smoothed soft classifier on
 2. Mixup along that direction: lam ~ U[0, 1/2] per sample,
        x_mix = (1 - lam) x + lam x_adv,
        y_mix = (1 - lam) F(x) + lam u,   u = (1/K, ..., 1/K),
-   with F(x) the smoothed soft prediction on the clean input (from the training forward, detached):
-   the further along the adversarial direction, the closer to uniform the target (the paper's
-   confidence calibration).
+   with F(x) the smoothed soft prediction on the clean input (from the training forward, not detached:
+   as in the authors' code, the mixup term's gradient also flows into the clean copies through the
+   target): the further along the adversarial direction, the closer to uniform the target (the
+   paper's confidence calibration).
 3. Loss, with every noisy forward in train mode in one call of the net ``ctx.update`` hands the step (DDP):
        L = (1/m) sum_i CE(f(x + delta_i), y)
-           + eta * 1[argmax F(x) = y] * (1/m) sum_i KL(y_mix || softmax(f(x_mix + delta_i))),
-   averaged over the batch; eta = ``mix_eta``. The mixup term applies only to inputs the smoothed
+           + eta_e * 1[argmax F(x) = y] * (1/m) sum_i KL(y_mix || softmax(f(x_mix + delta_i))),
+   averaged over the batch; eta_e = eta * min(1, (e + 1) / W) in epoch e (0-based), eta = ``mix_eta``,
+   W = ``mix_warmup`` (the authors' code ramps eta linearly over the first W = 10 epochs; W = 0: no ramp). The mixup term applies only to inputs the smoothed
    classifier already gets right (the paper's indicator: mixing a wrong prediction towards uniform
    would teach the error).
 
@@ -36,9 +38,13 @@ Open choices, as made here:
 - The noisy mixed copies use the same noise as the clean ones and the attack.
 - lam is drawn per sample from U[0, 1/2] (the paper's range), on the host from a generator seeded by the
   run's stream (resumable; no device synchronisation).
-- Defaults: ``mix_steps`` 4, ``mix_alpha`` 0.5, ``mix_eta`` 5, ``noise_copies`` 2, ``sigma`` 0.25: in the range
-  of the paper's CIFAR-10 settings (T in {2, 4, 8}, eta of a few units, m of 2-4), with fewer noise samples
-  for cost. ``mix_steps`` = 0 or ``mix_eta`` = 0 makes x_adv = x or drops the term.
+- Defaults: ``mix_steps`` 4, ``mix_alpha`` 0.5, ``mix_eta`` 5, ``noise_copies`` 2, ``sigma`` 0.25,
+  ``mix_warmup`` 10: the authors' CIFAR-10 setting at sigma 0.25 (EXPERIMENTS.MD of jh-jeong/smoothmix:
+  m 2, T 4, alpha 0.5, eta 5; alpha 1.0 at sigma 0.5 and 2.0 at sigma 1.0, scale ``mix_alpha`` with
+  sigma). Their MNIST runs use m 4, alpha 1.0, T 2-3 at sigma 0.25 and eta 1 or 5.
+- The authors' code splits each loaded batch into m sub-batches (one optimizer step each); here the
+  loaded batch is one step.
+- The paper's "one-step adversary" variant (mixing from x^(1) instead of x) is not offered. ``mix_steps`` = 0 or ``mix_eta`` = 0 makes x_adv = x or drops the term.
 
 The training loss reported is L; the accuracy is that of the clean noisy copies against y.
 """
@@ -62,10 +68,9 @@ def smoothmix_loss(logits_c: torch.Tensor, logits_mix: torch.Tensor, y: torch.Te
     m = logits_c.shape[0] // B
     logp_c = F.log_softmax(logits_c.float(), dim=1)
     ce = F.nll_loss(logp_c, y.repeat_interleave(m))
-    with torch.no_grad():
-        p_smooth = logp_c.exp().view(B, m, K).mean(1)  # F(x), detached
-        correct = (p_smooth.argmax(1) == y).float()
-        target = (1.0 - lam).unsqueeze(1) * p_smooth + (lam / K).unsqueeze(1)
+    p_smooth = logp_c.exp().view(B, m, K).mean(1)  # F(x); the target keeps its gradient (authors' code)
+    correct = (p_smooth.detach().argmax(1) == y).float()
+    target = (1.0 - lam).unsqueeze(1) * p_smooth + (lam / K).unsqueeze(1)
     logp_mix = F.log_softmax(logits_mix.float(), dim=1).view(B, m, K)
     t = target.unsqueeze(1)
     kl = (torch.xlogy(t, t) - t * logp_mix).sum(2).mean(1)  # [B]: mean over copies of KL(target || p_i)
@@ -79,7 +84,9 @@ class SmoothMix(SmoothingMethod):
     hyper = (SIGMA, noise_copies(2),
              Hyper("mix_steps", 4, "SmoothMix attack steps T (0: no attack)", kind="int", minimum=0),
              Hyper("mix_alpha", 0.5, "SmoothMix attack L2 step size", minimum=0.0),
-             Hyper("mix_eta", 5.0, "weight eta of the SmoothMix mixup loss", minimum=0.0))
+             Hyper("mix_eta", 5.0, "weight eta of the SmoothMix mixup loss", minimum=0.0),
+             Hyper("mix_warmup", 10, "SmoothMix: epochs over which eta ramps up linearly (0: none)", kind="int",
+                   minimum=0))
     @classmethod
     def label(cls, cfg) -> str:
         return f"SmoothMix (sigma={cfg.sigma:g}, T={cfg.mix_steps}, eta={cfg.mix_eta:g}, m={cfg.noise_copies})"
@@ -100,6 +107,11 @@ class SmoothMix(SmoothingMethod):
         finally:
             ctx.forward.train()
 
+    def eta(self) -> float:
+        """The mixup weight of the current epoch: mix_eta * min(1, (epoch + 1) / mix_warmup)."""
+        c = self.cfg
+        return c.mix_eta if c.mix_warmup == 0 else c.mix_eta * min(1.0, (self.ctx.epoch + 1) / c.mix_warmup)
+
     def mix_weights(self, n: int, device) -> torch.Tensor:
         """lam ~ U[0, 1/2] per sample, from a host generator seeded by the run's stream."""
         g = torch.Generator().manual_seed(self.ctx.seed())
@@ -113,10 +125,11 @@ class SmoothMix(SmoothingMethod):
         lam = self.mix_weights(x.shape[0], x.device)
         x_mix = torch.lerp(x, x_adv, lam.view((-1,) + (1,) * (x.dim() - 1)))  # (1 - lam) x + lam x_adv
         xn, xn_mix = ctx.fmt(add_noise(x, noise)), ctx.fmt(add_noise(x_mix, noise))
+        eta = self.eta()
 
         def closure(net):
             logits_c, logits_mix = net(xn, xn_mix)
-            return smoothmix_loss(logits_c, logits_mix, y, lam, c.mix_eta), logits_c
+            return smoothmix_loss(logits_c, logits_mix, y, lam, eta), logits_c
 
         loss, logits = ctx.update(closure)
         return ctx.stats(loss, logits, y.repeat_interleave(m))
