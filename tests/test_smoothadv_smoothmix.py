@@ -109,7 +109,8 @@ def test_smoothadv_attack_matches_plain_pgd_and_stays_in_the_ball(digits):
     x, y = batch(digits)
     m, sigma, eps, steps = 4, 0.25, 0.7, 3
     model = tiny_cnn(seed=1)
-    tr = rt.Trainer(model, method="smoothadv", noise_copies=m, sigma=sigma, adv_eps=eps, adv_steps=steps, seed=0)
+    tr = rt.Trainer(model, method="smoothadv", noise_copies=m, sigma=sigma, adv_eps=eps, adv_steps=steps, seed=0,
+                    adv_warmup=0)
     noise_bm = ops.gaussian_noise(torch.zeros_like(x), m, sigma, seed=11).view(x.shape[0], m, *x.shape[1:])
     x_adv = tr.method.attack(x, y, noise_bm)
     assert model.training  # back in train mode
@@ -190,6 +191,22 @@ def test_smoothmix_target_keeps_its_gradient():
     assert 0 < float(ok.sum()) < B
     torch.testing.assert_close(lc.grad, lc2.grad)
     torch.testing.assert_close(lm.grad, lm2.grad)
+
+
+def test_smoothadv_eps_warmup_from_the_step_count(digits):
+    x, y = batch(digits, 8)
+    kw = dict(sigma=0.25, noise_copies=2, adv_steps=2, seed=0)
+    tr = rt.Trainer(tiny_cnn(), method="smoothadv", adv_eps=0.6, adv_warmup=3, steps_per_epoch=2, epochs=4, **kw)
+    seen = []
+    for _ in range(8):
+        seen.append(round(tr.method.eps(), 9))
+        tr.train_step(x, y)
+    assert seen == [0.2, 0.2, 0.4, 0.4, 0.6, 0.6, 0.6, 0.6]
+    # in epoch 0 the attack is the one at eps / W, step 2 * (eps / W) / steps
+    tr = rt.Trainer(tiny_cnn(seed=1), method="smoothadv", adv_eps=0.6, adv_warmup=3, **kw)
+    ref = rt.Trainer(tiny_cnn(seed=1), method="smoothadv", adv_eps=0.2, adv_warmup=0, **kw)
+    noise = ops.gaussian_noise(torch.zeros_like(x), 2, 0.25, seed=3).view(x.shape[0], 2, *x.shape[1:])
+    torch.testing.assert_close(tr.method.attack(x, y, noise), ref.method.attack(x, y, noise))
 
 
 def test_smoothmix_eta_warmup_from_the_step_count(digits):

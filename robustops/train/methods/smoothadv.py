@@ -33,7 +33,9 @@ Open choices, as made here:
   ``sigma`` (e.g. 2 * sigma) when changing the noise level.
 - ``adv_steps`` = 0 or ``adv_eps`` = 0 skips the attack: training is then Gaussian-noise training
   with m copies per input (m = 1: the ``gaussian`` method, draw for draw).
-- The paper's warm-up of eps over the first epochs is not done.
+- Warm-up: eps grows linearly over the first W = ``adv_warmup`` epochs, eps_e = adv_eps * min(1, (e + 1) / W)
+  in epoch e (0-based; the step size follows it), as the authors' training code does with its --warmup
+  (Jeong et al.'s SmoothAdv re-runs use W = 10, the default here; W = 0 or 1: no ramp).
 
 The training loss and accuracy reported are those of the m * B noisy adversarial copies against y.
 """
@@ -98,7 +100,9 @@ class SmoothAdv(SmoothingMethod):
     help = "SmoothAdv: L2 PGD on the smoothed soft classifier, then training on its noisy copies (Salman et al. 2019)"
     hyper = (SIGMA, noise_copies(2),
              Hyper("adv_eps", 0.5, "L2 radius of the SmoothAdv attack", minimum=0.0),
-             Hyper("adv_steps", 2, "PGD steps of the SmoothAdv attack (0: Gaussian training)", kind="int", minimum=0))
+             Hyper("adv_steps", 2, "PGD steps of the SmoothAdv attack (0: Gaussian training)", kind="int", minimum=0),
+             Hyper("adv_warmup", 10, "SmoothAdv: epochs over which eps ramps up linearly (0: none)", kind="int",
+                   minimum=0))
     @classmethod
     def label(cls, cfg) -> str:
         return f"SmoothAdv (sigma={cfg.sigma:g}, eps={cfg.adv_eps:g}, PGD-{cfg.adv_steps}, m={cfg.noise_copies})"
@@ -106,6 +110,11 @@ class SmoothAdv(SmoothingMethod):
     def __init__(self, ctx):
         super().__init__(ctx)
         self.engine = smoothed_engine(ctx)
+
+    def eps(self) -> float:
+        """The attack radius of the current epoch: adv_eps * min(1, (epoch + 1) / adv_warmup)."""
+        c = self.cfg
+        return c.adv_eps if c.adv_warmup == 0 else c.adv_eps * min(1.0, (self.ctx.epoch + 1) / c.adv_warmup)
 
     def attack(self, x: torch.Tensor, y: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """x_adv: the SmoothAdv PGD on x with the fixed noise [B, m, ...] (x itself when there is no attack).
@@ -115,7 +124,8 @@ class SmoothAdv(SmoothingMethod):
             return x
         ctx.forward.eval()
         try:
-            return self.engine.run(x, y, c.adv_eps, 2.0 * c.adv_eps / c.adv_steps, c.adv_steps, start="clean",
+            eps = self.eps()
+            return self.engine.run(x, y, eps, 2.0 * eps / c.adv_steps, c.adv_steps, start="clean",
                                    evaluate=False, context=noise).x_adv
         finally:
             ctx.forward.train()
