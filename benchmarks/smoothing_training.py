@@ -60,6 +60,12 @@ def run_one(key: str, seed: int, args, train_ds, val_ds, x_test, y_test) -> dict
             "train_s": train_s, "certify_s": cert_s}
 
 
+def _digits(images: int, device):
+    """The digits training split and the first ``images`` test images (on device) with their labels."""
+    x_test, y_test = get_dataset("digits", "test")[0].tensors
+    return get_dataset("digits", "train")[0], x_test[:images].to(device), y_test[:images]
+
+
 def _mean_std(vals):
     return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
 
@@ -75,13 +81,9 @@ def main(argv=None):
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--alpha", type=float, default=0.001)
     args = p.parse_args(argv)
-    if args.threads is None:
-        args.threads = 1  # 8x8 inputs: more threads only cost time
+    args.threads = args.threads or 1  # 8x8 inputs: more threads only cost time
     base = setup(args)
-    full_train, _ = get_dataset("digits", "train")
-    test_ds, _ = get_dataset("digits", "test")
-    x_test, y_test = test_ds.tensors
-    x_test, y_test = x_test[:args.images].to(args.device), y_test[:args.images]
+    full_train, x_test, y_test = _digits(args.images, args.device)
     rows = []
     print(f"device: {base['device']}; torch {torch.__version__}; sigma {args.sigma}, {args.epochs} epochs, "
           f"{len(y_test)} images, n {args.n}")
