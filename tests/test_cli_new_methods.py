@@ -15,9 +15,18 @@ CASES = {
                     {"noise_copies": 3, "consistency_lambda": 5.0}),
     "macer": (["--noise-copies", "4", "--macer-lambda", "1", "--macer-warmup", "0"],
               {"noise_copies": 4, "macer_lambda": 1.0, "macer_warmup": 0}),
-    "smoothadv": (["--adv-eps", "0.25", "--adv-steps", "1"], {"adv_eps": 0.25, "adv_steps": 1}),
-    "smoothmix": (["--mix-steps", "2", "--noise-copies", "2"], {"mix_steps": 2, "noise_copies": 2}),
+    "smoothadv": (["--adv-eps", "0.25", "--adv-steps", "1", "--adv-warmup", "2"],
+                  {"adv_eps": 0.25, "adv_steps": 1, "adv_warmup": 2}),
+    "smoothmix": (["--mix-steps", "2", "--noise-copies", "2", "--mix-warmup", "2"],
+                  {"mix_steps": 2, "noise_copies": 2, "mix_warmup": 2}),
+    # issue 24: FastIBP with the optimiser options and acceps selection, CROWN-IBP, ACERT's BN rule / radius mode
+    "fastibp": (["--eps", "0.05", "--reg-lambda", "0.2", "--weight-init", "ibp", "--select", "acceps", "--grad-clip",
+                 "5", "--schedule", "onecycle"], {"reg_lambda": 0.2, "weight_init": "ibp"}),
+    "crown_ibp": (["--eps", "0.05", "--beta-start", "0.8"], {"beta_start": 0.8}),
+    "acert": (["--eps", "0.05", "--bn", "centre", "--radius-mode", "eval"], {"bn": "centre", "radius_mode": "eval"}),
 }
+#: Settings outside the method's own hyperparameters (the run's config), per case.
+CONFIG = {"fastibp": {"select": "acceps", "grad_clip": 5.0, "schedule": "onecycle"}}
 
 
 @pytest.mark.parametrize("method", sorted(CASES))
@@ -31,4 +40,6 @@ def test_train_command(tmp_path, method):
     assert s["method"] == method and s["epochs_run"] == 1
     for k, v in expect.items():
         assert s["config"]["params"][k] == v, k
+    for k, v in CONFIG.get(method, {}).items():
+        assert s["config"][k] == v, k
     assert os.path.exists(os.path.join(out, "last.pt"))

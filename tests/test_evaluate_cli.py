@@ -134,3 +134,32 @@ def test_weights_that_do_not_fit_are_named(files, monkeypatch, capsys):
                  *FAST]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "does not fit" in err and "--weights-prefix" in err, err
+
+
+@pytest.mark.parametrize("flags, attacks", [
+    (["--suite", "square", "--n-queries", "20", "--mean", "0", "--std", "1", "--masking-threshold", "0.2"],
+     ["square"]),
+    (["--suite", "pgd", "--steps", "2", "--restarts", "2", "--amp", "bf16"], ["pgd"]),
+    (["--suite", "autoattack", "--version", "rand", "--steps", "2"], ["apgd-ce", "apgd-dlr"]),
+    (["--suite", "fab", "--steps", "2", "--norm", "l2", "--eps", "0.5"], ["fab-t"]),
+    (["--suite", "apgd", "--steps", "2", "--n-target-classes", "2"], ["apgd-ce", "apgd-t"]),
+])
+def test_every_option_through_the_command(files, flags, attacks, tmp_path, capsys):
+    """Each suite and option of `robustops evaluate` through its real parser, its settings recorded; --force
+    replaces a finished result."""
+    from robustops.cli import main
+
+    _, ckpt = files
+    out = tmp_path / "e.tsv"
+    argv = ["evaluate", "--checkpoint", ckpt, "--max-samples", "16", "--no-progress", "-o", str(out)] + flags
+    assert main(argv) == 0
+    s = json.loads(open(str(out) + ".json").read())
+    assert s["attacks"] == attacks and s["n"] == 16
+    settings = s["settings"]
+    for flag, value in zip(flags[::2], flags[1::2]):
+        key = flag[2:].replace("-", "_")
+        if key in settings and key not in ("eps", "mean", "std"):
+            assert str(settings[key]) == value, key
+    assert len(_rows(out)) == 16
+    assert main(argv) == 2 and "--force" in capsys.readouterr().err
+    assert main(argv + ["--force"]) == 0 and len(_rows(out)) == 16
