@@ -69,8 +69,8 @@ from . import _checks
 from . import bounds
 from . import models as M
 
-__all__ = ["METHODS", "NEURON_BUDGET", "CHUNK_ELEMENTS", "flatten_layers", "margin_bounds", "verified",
-           "linear_lower_bound"]
+__all__ = ["METHODS", "NEURON_BUDGET", "CHUNK_ELEMENTS", "Layer", "Residual", "Subsample", "layer_tree",
+           "flatten_layers", "batch_affine", "margin_bounds", "verified", "linear_lower_bound"]
 
 Param = Union[float, torch.Tensor]
 
@@ -81,45 +81,134 @@ NEURON_BUDGET = 20000
 #: The largest coefficient tensor (numbers) one chunk of specification rows may hold.
 CHUNK_ELEMENTS = 1 << 24
 
-_AFFINE = (nn.Linear, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d, M.Normalize, nn.Flatten, nn.Identity, nn.Dropout)
+_AFFINE = (nn.Linear, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d, M.Normalize, nn.Flatten, nn.Identity, nn.Dropout,
+           nn.AvgPool2d, nn.AdaptiveAvgPool2d)
 _NONLINEAR = (nn.ReLU, nn.MaxPool2d)
 
 
-def flatten_layers(model: nn.Module, where: str = "model") -> List[Tuple[str, nn.Module]]:
-    """The model as a list of (name, layer): nn.Sequential recursed, SmallCNN as features + classifier,
-    CNN7 as its .net. A layer CROWN has no rule for raises bounds.UnsupportedLayerError naming it."""
+class Subsample(nn.Module):
+    """BasicBlock's parameter-free shortcut as a layer: t[:, :, ::stride, ::stride], then ``pad`` zero
+    channels (pad // 2 before, the rest after); a linear map."""
+
+    def __init__(self, stride: int, pad: int):
+        super().__init__()
+        self.stride, self.pad = int(stride), int(pad)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        if self.stride != 1:
+            t = t[:, :, ::self.stride, ::self.stride]
+        if self.pad:
+            t = F.pad(t, (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
+        return t
+
+
+@dataclass(eq=False)
+class Layer:
+    """One layer of a layer tree: its dotted name and module."""
+    name: str
+    module: nn.Module
+
+
+@dataclass(eq=False)
+class Residual:
+    """A residual node of a layer tree: output = main(h) + shortcut(h), each branch a list of nodes (an
+    empty branch is the identity)."""
+    name: str
+    main: list
+    shortcut: list
+
+
+def _leaf(m: nn.Module, where: str) -> List[Layer]:
+    return layer_tree(m, where) if m is not None else []
+
+
+def _block_tree(model: nn.Module, where: str) -> Optional[list]:
+    """The residual blocks of robustops.models as their forward() computes them (F.relu as a ReLU node)."""
+    t, relu = type(model), (lambda n: Layer(f"{where}.{n}", nn.ReLU()))
+    if t is M.PreActBlock:  # relu(bn1(x)) feeds both branches when the shortcut is a convolution
+        head = _leaf(model.bn1, f"{where}.bn1") + [relu("relu1")]
+        main = _leaf(model.conv1, f"{where}.conv1") + _leaf(model.bn2, f"{where}.bn2") + [relu("relu2")]
+        main += _leaf(model.conv2, f"{where}.conv2")
+        if model.shortcut is None:
+            return [Residual(where, head + main, [])]
+        return head + [Residual(where, main, _leaf(model.shortcut, f"{where}.shortcut"))]
+    if t in (M.BasicBlock, M.CohenBasicBlock):
+        main = _leaf(model.conv1, f"{where}.conv1") + _leaf(model.bn1, f"{where}.bn1") + [relu("relu1")]
+        main += _leaf(model.conv2, f"{where}.conv2") + _leaf(model.bn2, f"{where}.bn2")
+        if t is M.BasicBlock:
+            skip = [Layer(f"{where}.shortcut", Subsample(model.stride, model.pad))] if model.stride != 1 or model.pad \
+                else []
+        else:
+            skip = _leaf(model.downsample, f"{where}.downsample")
+        return [Residual(where, main, skip), relu("relu")]
+    head = None
+    if t is M.PreActResNet18:
+        head = _leaf(model.conv1, f"{where}.conv1")
+        stages, tail = ("layer1", "layer2", "layer3", "layer4"), _leaf(model.bn, f"{where}.bn") + [relu("relu")]
+        pool, last = nn.AdaptiveAvgPool2d(1), "linear"
+    elif t in (M.CifarResNet, M.CohenCifarResNet):
+        head = _leaf(model.conv1, f"{where}.conv1") + _leaf(model.bn1, f"{where}.bn1") + [relu("relu")]
+        stages, tail = ("layer1", "layer2", "layer3"), []
+        pool, last = (nn.AdaptiveAvgPool2d(1), "linear") if t is M.CifarResNet else (model.avgpool, "fc")
+    if head is None:
+        return None
+    for name in stages:
+        head += layer_tree(getattr(model, name), f"{where}.{name}")
+    return head + tail + [Layer(f"{where}.pool", pool), Layer(f"{where}.flatten", nn.Flatten())] + \
+        _leaf(getattr(model, last), f"{where}.{last}")
+
+
+def layer_tree(model: nn.Module, where: str = "model") -> list:
+    """The model as a layer tree: a list of :class:`Layer` and :class:`Residual` nodes (nn.Sequential
+    recursed, SmallCNN as features + classifier, CNN7 as its .net, robustops.models' residual networks
+    and blocks as their forward() computes them). A layer CROWN has no rule for raises
+    bounds.UnsupportedLayerError naming it."""
     if type(model) is nn.Sequential:
-        out: List[Tuple[str, nn.Module]] = []
+        out: list = []
         for name, child in model.named_children():
-            out += flatten_layers(child, f"{where}.{name}")
+            out += layer_tree(child, f"{where}.{name}")
         return out
     if type(model) is M.SmallCNN:
-        return flatten_layers(model.features, f"{where}.features") + flatten_layers(model.classifier,
-                                                                                    f"{where}.classifier")
+        return layer_tree(model.features, f"{where}.features") + layer_tree(model.classifier, f"{where}.classifier")
     if type(model) is M.CNN7:
-        return flatten_layers(model.net, f"{where}.net")
-    if type(model) in _AFFINE or type(model) in _NONLINEAR:
+        return layer_tree(model.net, f"{where}.net")
+    blocks = _block_tree(model, where)
+    if blocks is not None:
+        return blocks
+    if type(model) in _AFFINE or type(model) in _NONLINEAR or type(model) is Subsample:
         _check_layer(model, where)
-        return [(where, model)]
+        return [Layer(where, model)]
     raise bounds.UnsupportedLayerError(
         f"CROWN has no rule for {type(model).__name__} (at {where}); supported: Linear, Conv2d, ReLU, "
-        f"BatchNorm1d/2d (eval), Flatten, MaxPool2d, Normalize, Identity, Dropout (eval), Sequential, SmallCNN, "
-        f"CNN7")
+        f"BatchNorm1d/2d, Flatten, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, Normalize, Identity, Dropout (eval), "
+        f"Sequential, SmallCNN, CNN7, PreActResNet18, CifarResNet, CohenCifarResNet and their blocks")
+
+
+def flatten_layers(model: nn.Module, where: str = "model") -> List[Tuple[str, nn.Module]]:
+    """Every layer of the model's layer tree as (name, module), in forward order (a residual node's main
+    branch, then its shortcut): a plain list for counting or running a network without residual blocks."""
+    def leaves(seq):
+        for node in seq:
+            if isinstance(node, Residual):
+                yield from leaves(node.main)
+                yield from leaves(node.shortcut)
+            else:
+                yield node.name, node.module
+    return list(leaves(layer_tree(model, where)))
 
 
 def _check_layer(m: nn.Module, where: str) -> None:
     def refuse(what: str):
         raise bounds.UnsupportedLayerError(f"CROWN: {what} (at {where})")
 
-    if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or m.running_mean is None):
-        refuse(f"{type(m).__name__} in training mode (put the model in eval mode; CROWN bounds BatchNorm as the "
-               f"affine map of its running statistics)")
     if isinstance(m, nn.Dropout) and m.training and m.p > 0:
         refuse("Dropout in training mode (put the model in eval mode)")
     if isinstance(m, nn.Conv2d) and (m.padding_mode != "zeros" or isinstance(m.padding, str)):
         refuse(f"Conv2d with padding_mode={m.padding_mode!r}, padding={m.padding!r} (only numeric zero padding)")
     if isinstance(m, nn.MaxPool2d) and (m.return_indices or m.ceil_mode):
         refuse("MaxPool2d with return_indices=True or ceil_mode=True")
+    if isinstance(m, nn.AvgPool2d) and m.divisor_override is not None:
+        refuse("AvgPool2d(divisor_override=...)")
 
 
 # ------------------------------------------------------------------------------ relaxations
@@ -170,8 +259,10 @@ def _maxpool_relax(m: nn.MaxPool2d, l: torch.Tensor, u: torch.Tensor) -> _Relax:
 
 # ------------------------------------------------------------------------------ backward steps
 
-def _affine_step(m: nn.Module, a: torch.Tensor, shape: torch.Size) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(Lambda W, Lambda b) for an affine layer with input shape ``shape`` (no batch); a: [b, S, *out]."""
+def _affine_step(m: nn.Module, a: torch.Tensor, shape: torch.Size,
+                 affine: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(Lambda W, Lambda b) for an affine layer with input shape ``shape`` (no batch); a: [b, S, *out].
+    affine: a training-mode BatchNorm's (scale, shift) from the clean batch's statistics."""
     b, s = a.shape[:2]
     if isinstance(m, nn.Linear):
         w = m.weight.to(a.dtype)
@@ -180,12 +271,35 @@ def _affine_step(m: nn.Module, a: torch.Tensor, shape: torch.Size) -> Tuple[torc
     if isinstance(m, nn.Conv2d):
         return _conv_step(m, a, shape)
     if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, M.Normalize)):
-        scale, shift = _channel_affine(m, a.dtype)
+        scale, shift = _channel_affine(m, a.dtype) if affine is None else (t.to(a.dtype) for t in affine)
         view = (1, 1, -1) + (1,) * (a.dim() - 3)
         return a * scale.reshape(view), (a * shift.reshape(view)).flatten(2).sum(2)
     if isinstance(m, nn.Flatten):
         return a.reshape(b, s, *shape), a.new_zeros(b, s)
+    if isinstance(m, (nn.AvgPool2d, nn.AdaptiveAvgPool2d, Subsample)):
+        # parameter-free linear maps: the transpose is the map's vector-Jacobian product (at 0, any point),
+        # itself differentiable in a where a needs gradients (CROWN-IBP training)
+        flat = a.reshape(b * s, *a.shape[2:])
+        with torch.enable_grad():
+            z = flat.new_zeros(b * s, *shape, requires_grad=True)
+            (g,) = torch.autograd.grad(m(z), z, flat, create_graph=flat.requires_grad)
+        return g.reshape(b, s, *shape), a.new_zeros(b, s)
     return a, a.new_zeros(b, s)  # Identity, Dropout (eval)
+
+
+def batch_affine(m: nn.modules.batchnorm._BatchNorm, clean: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) per channel of a BatchNorm normalising with the batch statistics of ``clean`` (its
+    input in the clean forward: mean and biased variance over all dimensions but the channel's), as
+    robustops.bounds' ``bn="clean"`` rule; differentiable in the parameters and in clean."""
+    dims = [0] + list(range(2, clean.dim()))
+    mean, var = clean.mean(dim=dims), clean.var(dim=dims, unbiased=False)
+    scale = torch.rsqrt(var + m.eps)
+    if m.weight is not None:
+        scale = scale * m.weight
+    shift = -mean * scale
+    if m.bias is not None:
+        shift = shift + m.bias
+    return scale, shift
 
 
 def _conv_step(m: nn.Conv2d, a: torch.Tensor, shape: torch.Size) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -236,22 +350,53 @@ def _relax_step(m: nn.Module, r: _Relax, a: torch.Tensor, shape: torch.Size) -> 
 
 # ------------------------------------------------------------------------------ the bound passes
 
-def linear_lower_bound(layers, upto: int, spec: torch.Tensor, shapes, relax: Dict[int, _Relax],
-                       box: bounds.Interval) -> torch.Tensor:
-    """Lower bounds [B, S] of spec . (output of layers[:upto]) over box, spec [1 or B, S, *out shape], by
-    the backward pass through layers[upto-1], ..., layers[0] with the relaxations ``relax`` (by layer
-    index), in chunks of rows of at most CHUNK_ELEMENTS coefficients."""
+@dataclass
+class _State:
+    """What the forward walk records, by node (id): input shapes, the relaxations of nonlinear layers, the
+    bounds of their inputs, training-mode BatchNorm's (scale, shift); and the box, the method."""
+    box: bounds.Interval
+    method: str
+    shapes: Dict[int, torch.Size]
+    relax: Dict[int, _Relax]
+    inputs: Dict[int, bounds.Interval]
+    affine: Dict[int, Tuple[torch.Tensor, torch.Tensor]]
+
+
+def _back(seq: list, upto: int, a: torch.Tensor, const: torch.Tensor, st: _State):
+    """The backward pass through seq[upto-1], ..., seq[0]: a residual node is the sum of its branches'
+    passes (both start from a; their coefficients and constant terms add)."""
+    for node in reversed(seq[:upto]):
+        if isinstance(node, Residual):
+            am, cm = _back(node.main, len(node.main), a, a.new_zeros(1, a.shape[1]), st)
+            ak, ck = _back(node.shortcut, len(node.shortcut), a, a.new_zeros(1, a.shape[1]), st)
+            a, const = am + ak, const + (cm + ck)
+            continue
+        key = id(node)
+        if key in st.relax:
+            a, c = _relax_step(node.module, st.relax[key], a, st.shapes[key])
+        else:
+            a, c = _affine_step(node.module, a, st.shapes[key], st.affine.get(key))
+        const = const + c
+    return a, const
+
+
+def linear_lower_bound(path: List[Tuple[list, int]], spec: torch.Tensor, st: _State) -> torch.Tensor:
+    """Lower bounds [B, S] of spec . h over the box, h the activation at a position of the layer tree and
+    spec [1 or B, S, *h's shape]. The position is a path [(seq_0, i_0), ..., (seq_k, i_k)]: h is the input
+    of seq_k[i_k] (or seq_k's output for i_k = len(seq_k)), seq_{j+1} a branch of the residual node
+    seq_j[i_j]; the backward pass runs through seq_k[:i_k], then seq_{k-1}[:i_{k-1}], ... (the enclosing
+    residual nodes' inputs), with the relaxations recorded so far, in chunks of rows of at most
+    CHUNK_ELEMENTS coefficients."""
+    box = st.box
     bsz = box.c.shape[0]
-    biggest = max(int(torch.Size(s).numel()) for s in shapes[:upto + 1])
+    biggest = max([int(torch.Size(v).numel()) for v in st.shapes.values()] + [int(spec[0, 0].numel())])
     rows = max(1, CHUNK_ELEMENTS // max(1, bsz * biggest))
     out = []
     for start in range(0, spec.shape[1], rows):
         a = spec[:, start:start + rows]
         const = a.new_zeros(1, a.shape[1])
-        for i in reversed(range(upto)):
-            m = layers[i][1]
-            a, c = _relax_step(m, relax[i], a, shapes[i]) if i in relax else _affine_step(m, a, shapes[i])
-            const = const + c
+        for seq, upto in reversed(path):
+            a, const = _back(seq, upto, a, const, st)
         a = a.flatten(2)
         lower = (a @ box.c.flatten(1).unsqueeze(2)).squeeze(2) - (a.abs() @ box.r.flatten(1).unsqueeze(2)).squeeze(2)
         out.append(lower + const)
@@ -265,76 +410,89 @@ def _identity_spec(shape: torch.Size, dtype, device) -> torch.Tensor:
     return torch.cat([eye, -eye]).reshape(1, 2 * n, *shape)
 
 
-def _relaxations(layers, shapes, box: bounds.Interval, method: str) -> Dict[int, _Relax]:
-    """The relaxation of every nonlinear layer, from CROWN's (or, for crown-ibp, IBP's) input bounds."""
-    relax: Dict[int, _Relax] = {}
-    iv = box
-    prev: Optional[bounds.Interval] = None  # the bounds of the previous nonlinear layer's input
-    for i, (name, m) in enumerate(layers):
+def _input_bounds(seq: list, i: int, path: list, iv: bounds.Interval, st: _State) -> bounds.Interval:
+    """The bounds of the nonlinear layer seq[i]'s input: IBP's (iv) for crown-ibp; for crown the interval
+    image of the previous layer's bounds when that is nonlinear too, else its own backward pass
+    intersected with IBP's."""
+    node = seq[i]
+    if st.method == "crown-ibp":
+        return iv
+    prev = seq[i - 1] if i > 0 else None
+    if isinstance(prev, Layer) and isinstance(prev.module, _NONLINEAR):
+        return bounds.propagate(prev.module, st.inputs[id(prev)], None, prev.name)
+    shape = iv.c.shape[1:]
+    n = int(shape.numel())
+    if n > NEURON_BUDGET:
+        raise ValueError(f"method='crown' bounds every neuron by its own backward pass: {node.name} has {n} "
+                         f"input neurons (more than {NEURON_BUDGET}); use method='crown-ibp'")
+    low = linear_lower_bound(path, _identity_spec(shape, iv.c.dtype, iv.c.device), st)
+    # intersected with IBP's (both sound): CROWN is not tighter than IBP on every neuron
+    lower = torch.maximum(low[:, :n].reshape(iv.c.shape), iv.lower)
+    upper = torch.minimum(-low[:, n:].reshape(iv.c.shape), iv.upper)
+    return bounds.Interval.from_bounds(lower, torch.maximum(lower, upper))
+
+
+def _walk(seq: list, iv: bounds.Interval, outer: list, st: _State) -> bounds.Interval:
+    """The forward walk over seq from the input interval iv (IBP, the clean tensor where BatchNorm uses
+    batch statistics): records every node's input shape, training-mode BatchNorm's affine map, and the
+    relaxation of every nonlinear layer, in forward order. Returns IBP's output interval."""
+    for i, node in enumerate(seq):
+        if isinstance(node, Residual):
+            here = outer + [(seq, i)]
+            iv = _walk(node.main, iv, here, st) + _walk(node.shortcut, iv, here, st)
+            continue
+        m, key = node.module, id(node)
+        st.shapes[key] = iv.c.shape[1:]
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or m.running_mean is None):
+            st.affine[key] = batch_affine(m, iv.c if iv.clean is None else iv.clean)
         if isinstance(m, _NONLINEAR):
-            if method == "crown-ibp":
-                cur = iv
-            elif i > 0 and isinstance(layers[i - 1][1], _NONLINEAR):
-                cur = bounds.propagate(layers[i - 1][1], prev, None, layers[i - 1][0])
-            else:
-                n = int(torch.Size(shapes[i]).numel())
-                if n > NEURON_BUDGET:
-                    raise ValueError(f"method='crown' bounds every neuron by its own backward pass: {name} has {n} "
-                                     f"input neurons (more than {NEURON_BUDGET}); use method='crown-ibp'")
-                low = linear_lower_bound(layers, i, _identity_spec(shapes[i], box.c.dtype, box.c.device), shapes,
-                                         relax, box)
-                # intersected with IBP's (both sound): CROWN is not tighter than IBP on every neuron
-                lower = torch.maximum(low[:, :n].reshape(iv.c.shape), iv.lower)
-                upper = torch.minimum(-low[:, n:].reshape(iv.c.shape), iv.upper)
-                cur = bounds.Interval.from_bounds(lower, torch.maximum(lower, upper))
-            relax[i] = (_relu_relax(cur.lower, cur.upper) if isinstance(m, nn.ReLU)
-                        else _maxpool_relax(m, cur.lower, cur.upper))
-            prev = cur
-        iv = bounds.propagate(m, iv, None, name)
-    return relax
-
-
-def _shapes(layers, x: torch.Tensor) -> List[torch.Size]:
-    """The input shape (no batch) of every layer, and the output's last: one clean pass of one input."""
-    shapes = []
-    with torch.no_grad():
-        h = x[:1]
-        for _, m in layers:
-            shapes.append(h.shape[1:])
-            h = m(h.clone())  # clone: ReLU(inplace=True) must not overwrite x
-        shapes.append(h.shape[1:])
-    return shapes
+            cur = _input_bounds(seq, i, outer + [(seq, i)], iv, st)
+            st.inputs[key] = cur
+            st.relax[key] = (_relu_relax(cur.lower, cur.upper) if isinstance(m, nn.ReLU)
+                             else _maxpool_relax(m, cur.lower, cur.upper))
+        iv = iv.map(m) if isinstance(m, Subsample) else bounds.propagate(m, iv, None, node.name)
+    return iv
 
 
 def margin_bounds(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Param, lo: float = 0.0, hi: float = 1.0,
-                  method: str = "crown", num_classes: Optional[int] = None) -> torch.Tensor:
+                  method: str = "crown", num_classes: Optional[int] = None, *, bn: str = "clean") -> torch.Tensor:
     """Lower bounds [B, K] of z_y - z_j over the box (0 at j = y) by CROWN, CROWN-IBP or the best of
-    IBP and CROWN (``method``: one of METHODS). num_classes is checked against the model's output."""
+    IBP and CROWN (``method``: one of METHODS). num_classes is checked against the model's output.
+    bn: the rule of BatchNorm layers that use batch statistics; only "clean" (the clean batch's
+    statistics as constants of an affine map, module docstring); no forward pass of the model runs."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    if bn not in bounds.BN_RULES:
+        raise ValueError(f"bn must be one of {', '.join(bounds.BN_RULES)}; got {bn!r}")
     y = _checks.check_labels(y, x.shape[0], x.device, "y")
-    layers = flatten_layers(model)
+    tree = layer_tree(model)
+    batch = bounds.batch_statistics(model)
+    if batch and bn != "clean":
+        raise ValueError(f'bn must be "clean" for CROWN bounds of a model with training-mode BatchNorm, got {bn!r} '
+                         f'(the "centre" rule takes statistics of interval centres, which no affine map fixes; '
+                         f'use robustops.bounds for it)')
     box = bounds.input_box(x, eps, lo, hi)
-    shapes = _shapes(layers, x)
-    if len(shapes[-1]) != 1:
-        raise bounds.UnsupportedLayerError(f"CROWN needs [B, K] outputs, got [B, {', '.join(map(str, shapes[-1]))}]")
-    k = int(shapes[-1][0])
+    box = box if batch else bounds.Interval(box.c, box.r)  # the clean tensor only where BatchNorm needs it
+    st = _State(box, "crown-ibp" if method == "crown-ibp" else "crown", {}, {}, {}, {})
+    out_iv = _walk(tree, box, [], st)
+    if out_iv.c.dim() != 2:
+        raise bounds.UnsupportedLayerError(f"CROWN needs [B, K] outputs, got {list(out_iv.c.shape)}")
+    k = int(out_iv.c.shape[1])
     if num_classes is not None and int(num_classes) != k:
         raise ValueError(f"num_classes must be the model's number of outputs ({k}), got {num_classes}")
     if x.shape[0] and int(y.max()) >= k:
         raise ValueError(f"y must lie in [0, {k - 1}] for a model with {k} outputs, got {int(y.max())}")
-    relax = _relaxations(layers, shapes, box, "crown-ibp" if method == "crown-ibp" else "crown")
     spec = bounds.margin_spec(y, k, dtype=x.dtype)
-    out = linear_lower_bound(layers, len(layers), spec, shapes, relax, box)
+    out = linear_lower_bound([(tree, len(tree))], spec, st)
     if method == "best":
-        out = torch.maximum(out, bounds.margin_bounds(model, x, y, eps, lo, hi, num_classes=k).to(out.dtype))
+        out = torch.maximum(out, bounds.margin_bounds(model, x, y, eps, lo, hi, num_classes=k, bn=bn).to(out.dtype))
     return out
 
 
 def verified(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Param, lo: float = 0.0, hi: float = 1.0,
-             method: str = "crown", num_classes: Optional[int] = None) -> torch.Tensor:
+             method: str = "crown", num_classes: Optional[int] = None, *, bn: str = "clean") -> torch.Tensor:
     """BoolTensor[B]: the bound ``method`` proves class y at every point of the box (every margin > 0)."""
-    m = margin_bounds(model, x, y, eps, lo, hi, method, num_classes)
+    m = margin_bounds(model, x, y, eps, lo, hi, method, num_classes, bn=bn)
     m = m.scatter(1, y.view(-1, 1).long(), float("inf"))
     return (m > 0).all(dim=1)
 

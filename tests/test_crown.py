@@ -9,9 +9,10 @@ import torch
 import torch.nn as nn
 
 from robustops import bounds, crown
+from robustops import models as M
 from robustops.models import Normalize
 
-from helpers import train_pgd_digits_model
+from helpers import one_thread, train_pgd_digits_model  # noqa: F401 (one_thread: an autouse fixture)
 
 # ------------------------------------------------------------------ the reference: dense matrices
 
@@ -226,8 +227,10 @@ def test_unsupported_layer_and_bad_arguments():
     with pytest.raises(ValueError, match="method must be one of"):
         crown.margin_bounds(nn.Sequential(nn.Flatten(), nn.Linear(4, 2)), x, y, 0.1, method="alpha")
     bn = nn.Sequential(nn.Flatten(), nn.Linear(4, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2)).train()
-    with pytest.raises(bounds.UnsupportedLayerError, match="training mode"):
-        crown.margin_bounds(bn, x, y, 0.1)
+    with pytest.raises(ValueError, match='bn must be "clean" for CROWN'):
+        crown.margin_bounds(bn, x, y, 0.1, bn="centre")
+    with pytest.raises(ValueError, match="bn must be one of"):
+        crown.margin_bounds(bn, x, y, 0.1, bn="running")
     with pytest.raises(ValueError, match="bound must be one of"):
         bounds.certified_radius(model, x, eps_max=0.1, bound="nope")
     big = nn.Sequential(nn.Flatten(), nn.Linear(4, 20001), nn.ReLU(), nn.Linear(20001, 2))
@@ -269,5 +272,240 @@ def test_crown_ibp_training_schedule_loss_and_steps():
     assert all(not torch.equal(a, b) for a, b in zip(before, net.parameters()))
     assert all(torch.isfinite(p).all() for p in net.parameters())
     bn = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3))
-    with pytest.raises(bounds.UnsupportedLayerError, match="BatchNorm1d in training mode"):
-        rt.Trainer(bn, method="crown_ibp", epochs=1, eps=0.2, steps_per_epoch=2).train_step(x, y)
+    with pytest.raises(ValueError, match='bn must be "clean" for CROWN'):
+        tr = rt.Trainer(bn, method="crown_ibp", epochs=1, eps=0.2, warmup=0.0, ramp=0.5, bn="centre", beta_end=1.0,
+                        steps_per_epoch=2)
+        for _ in range(2):  # the first step is at eps 0 (no bound pass)
+            tr.train_step(x, y)
+
+
+# ------------------------------------------------ residual networks: a DAG reference, one input at a time
+
+class DagReference:
+    """The network as a DAG of dense pieces (input, affine (W, b), relu, add), written from the models'
+    forward()s; CROWN's backward pass accumulates each node's coefficients over its consumers in reverse
+    topological order (the implementation recurses over a tree instead)."""
+
+    def __init__(self, model, shape):
+        self.nodes, self.shapes = [("input", None, ())], [tuple(shape)]
+        self.out = self.build(model, 0)
+
+    def push(self, kind, data, srcs, shape):
+        self.nodes.append((kind, data, srcs))
+        self.shapes.append(tuple(shape))
+        return len(self.nodes) - 1
+
+    def affine(self, fn, src):
+        with torch.no_grad():
+            shape = fn(torch.zeros(1, *self.shapes[src], dtype=torch.float64)).shape[1:]
+        return self.push("affine", _dense(fn, self.shapes[src]), (src,), shape)
+
+    def relu(self, src):
+        return self.push("relu", None, (src,), self.shapes[src])
+
+    def add(self, a, b):
+        return self.push("add", None, (a, b), self.shapes[a])
+
+    def build(self, m, src):
+        if isinstance(m, nn.Sequential):
+            for child in m:
+                src = self.build(child, src)
+            return src
+        if isinstance(m, nn.ReLU):
+            return self.relu(src)
+        if isinstance(m, M.PreActBlock):
+            out = self.relu(self.affine(m.bn1, src))
+            skip = self.affine(m.shortcut, out) if m.shortcut is not None else src
+            out = self.affine(m.conv2, self.relu(self.affine(m.bn2, self.affine(m.conv1, out))))
+            return self.add(out, skip)
+        if isinstance(m, (M.BasicBlock, M.CohenBasicBlock)):
+            out = self.relu(self.affine(m.bn1, self.affine(m.conv1, src)))
+            out = self.affine(m.bn2, self.affine(m.conv2, out))
+            if isinstance(m, M.CohenBasicBlock):
+                skip = src if m.downsample is None else self.build(m.downsample, src)
+            elif m.stride != 1 or m.pad:
+                skip = self.affine(lambda t: nn.functional.pad(t[:, :, ::m.stride, ::m.stride],
+                                                               (0, 0, 0, 0, m.pad // 2, m.pad - m.pad // 2)), src)
+            else:
+                skip = src
+            return self.relu(self.add(out, skip))
+        return self.affine(m, src)
+
+    def ibp(self, xl, xu, upto):
+        bnds = [(xl, xu)]
+        for kind, data, srcs in self.nodes[1:upto + 1]:
+            if kind == "affine":
+                (l, u), (W, b) = bnds[srcs[0]], data
+                c, r = W @ ((l + u) / 2) + b, W.abs() @ ((u - l) / 2)
+                bnds.append((c - r, c + r))
+            elif kind == "relu":
+                bnds.append(tuple(t.clamp(min=0) for t in bnds[srcs[0]]))
+            else:
+                (l1, u1), (l2, u2) = bnds[srcs[0]], bnds[srcs[1]]
+                c = (l1 + u1) / 2 + (l2 + u2) / 2
+                r = (u1 - l1) / 2 + (u2 - l2) / 2
+                bnds.append((c - r, c + r))
+        return bnds
+
+    def lower(self, node, lam, relax, xl, xu):
+        pending, const = {node: lam}, torch.zeros(lam.shape[0], dtype=torch.float64)
+
+        def give(i, coef):
+            pending[i] = pending[i] + coef if i in pending else coef
+        for i in range(node, 0, -1):
+            if i not in pending:
+                continue
+            L, (kind, data, srcs) = pending.pop(i), self.nodes[i]
+            if kind == "affine":
+                const = const + L @ data[1]
+                give(srcs[0], L @ data[0])
+            elif kind == "relu":
+                lo_s, up_s, up_c = relax[i]
+                const = const + L.clamp(max=0) @ up_c
+                give(srcs[0], L.clamp(min=0) * lo_s + L.clamp(max=0) * up_s)
+            else:
+                give(srcs[0], L)
+                give(srcs[1], L)
+        L = pending[0]
+        return const + L.clamp(min=0) @ xl + L.clamp(max=0) @ xu
+
+    def margins(self, x, y, eps, method, lo=0.0, hi=1.0):
+        xl, xu = (x - eps).clamp(lo, hi).reshape(-1), (x + eps).clamp(lo, hi).reshape(-1)
+        ibp, relax = self.ibp(xl, xu, len(self.nodes) - 1), {}
+        for i, (kind, _, srcs) in enumerate(self.nodes):
+            if kind != "relu":
+                continue
+            l, u = ibp[srcs[0]]
+            if method == "crown":
+                eye = torch.eye(l.numel(), dtype=torch.float64)
+                l = torch.max(l, self.lower(srcs[0], eye, relax, xl, xu))
+                u = torch.min(u, -self.lower(srcs[0], -eye, relax, xl, xu))
+                u = torch.max(l, u)
+            uns = (l < 0) & (u > 0)
+            s = torch.where(uns, u / torch.where(uns, u - l, torch.ones_like(u)), (l >= 0).double())
+            a = torch.where(uns, (u >= -l).double(), (l >= 0).double())
+            relax[i] = (a, s, torch.where(uns, -s * l, torch.zeros_like(l)))
+        k = self.shapes[self.out][0]
+        spec = torch.eye(k, dtype=torch.float64)[y] - torch.eye(k, dtype=torch.float64)
+        return self.lower(self.out, spec, relax, xl, xu)
+
+
+def _randomise_bn(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                n = m.num_features
+                m.running_mean.copy_(torch.rand(n, generator=g) * 0.6 - 0.3)
+                m.running_var.copy_(torch.rand(n, generator=g) * 1.5 + 0.5)
+                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                m.bias.copy_(torch.rand(n, generator=g) * 0.4 - 0.2)
+    return model
+
+
+RES_NETS = {
+    "preact": lambda: nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), M.PreActBlock(2, 2), M.PreActBlock(2, 3, 2),
+                                    nn.BatchNorm2d(3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                    nn.Linear(3, 4)),
+    "basic": lambda: nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.BatchNorm2d(2), nn.ReLU(), M.BasicBlock(2, 2),
+                                   M.BasicBlock(2, 4, 2), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 4)),
+    "cohen": lambda: nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.BatchNorm2d(2), nn.ReLU(),
+                                   M.CohenBasicBlock(2, 2), M.CohenBasicBlock(2, 3, 2), nn.AvgPool2d(2), nn.Flatten(),
+                                   nn.Linear(3, 4)),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(RES_NETS))
+def resnet(request):
+    torch.manual_seed(11)
+    model = _randomise_bn(RES_NETS[request.param]().double().eval(), 12)
+    g = torch.Generator().manual_seed(13)
+    x = torch.rand(3, 1, 4, 4, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    return model, x, y, torch.tensor([0.005, 0.02, 0.08], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("method", ["crown", "crown-ibp"])
+def test_residual_bounds_equal_the_dag_reference_and_are_sound(resnet, method):
+    model, x, y, eps = resnet
+    ref = DagReference(model, tuple(x.shape[1:]))
+    got = crown.margin_bounds(model, x, y, eps, method=method)
+    want = torch.stack([ref.margins(x[b], int(y[b]), float(eps[b]), method) for b in range(x.shape[0])])
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)
+    g = torch.Generator().manual_seed(14)
+    for b in range(x.shape[0]):
+        pts = (x[b] + (torch.rand(2000, *x.shape[1:], generator=g, dtype=torch.float64) * 2 - 1) * eps[b]).clamp(0, 1)
+        with torch.no_grad():
+            z = model(pts)
+        assert (z[:, int(y[b])].unsqueeze(1) - z >= got[b] - 1e-9).all(), (method, b)
+    best = crown.margin_bounds(model, x, y, eps, method="best")
+    assert (best >= bounds.margin_bounds(model, x, y, eps)).all() and (best >= got - 1e-12).all()
+
+
+@pytest.mark.parametrize("name", ["preact18", "cifar8", "cohen8"])
+def test_full_residual_models_at_eps_zero_equal_the_clean_margins(name):
+    torch.manual_seed(0)
+    model, side = {"preact18": (lambda: M.PreActResNet18(3, 1), 4), "cifar8": (lambda: M.cifar_resnet(8, 3, 1), 8),
+                   "cohen8": (lambda: M.cohen_cifar_resnet(8, 3, 1), 32)}[name]
+    model = _randomise_bn(model().double().eval(), 1)
+    x = torch.rand(2, 1, side, side, dtype=torch.float64)
+    with torch.no_grad():
+        z = model(x)
+    y = z.argmax(1)
+    got = crown.margin_bounds(model, x, y, 0.0, method="crown-ibp")
+    torch.testing.assert_close(got, z.gather(1, y.view(-1, 1)) - z, rtol=1e-6, atol=1e-9)
+
+
+# ------------------------------------------------------------------ BatchNorm in training mode
+
+def _train_bn_nets():
+    torch.manual_seed(21)
+    flat = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(48, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 4))
+    return {"flat": flat.double().train(), "cohen": _randomise_bn(RES_NETS["cohen"]().double(), 22).train()}
+
+
+def _batch_stats(model, x):
+    """The mean / biased variance each BatchNorm sees in the training-mode forward (forward pre-hooks)."""
+    stats, hooks = {}, []
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            def hook(mod, inp):
+                t = inp[0]
+                dims = [0] + list(range(2, t.dim()))
+                stats[mod] = (t.mean(dims), t.var(dims, unbiased=False))
+            hooks.append(m.register_forward_pre_hook(hook))
+    with torch.no_grad():
+        z = model(x)
+    for h in hooks:
+        h.remove()
+    return z, stats
+
+
+@pytest.mark.parametrize("name", ["flat", "cohen"])
+def test_training_mode_batchnorm_is_the_affine_map_of_the_clean_batch(name):
+    import copy
+
+    model = _train_bn_nets()[name]
+    x = torch.rand(6, 1, 4, 4, generator=torch.Generator().manual_seed(23), dtype=torch.float64)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    z, stats = _batch_stats(copy.deepcopy(model), x)
+    y = z.argmax(1)
+    fixed = copy.deepcopy(model).eval()  # running statistics := the clean batch's
+    with torch.no_grad():
+        for (mean, var), f in zip(stats.values(), [f for f in fixed.modules()
+                                                   if isinstance(f, nn.modules.batchnorm._BatchNorm)]):
+            f.running_mean.copy_(mean)
+            f.running_var.copy_(var)
+    for method in ("crown", "crown-ibp"):
+        at0 = crown.margin_bounds(model, x, y, 0.0, method=method)
+        torch.testing.assert_close(at0, z.gather(1, y.view(-1, 1)) - z, rtol=1e-6, atol=1e-9)
+        eps = torch.linspace(0.01, 0.05, 6, dtype=torch.float64)
+        torch.testing.assert_close(crown.margin_bounds(model, x, y, eps, method=method),
+                                   crown.margin_bounds(fixed, x, y, eps, method=method), rtol=1e-9, atol=1e-12)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # no running-statistic update
+    params = list(model.parameters())
+    loss = crown.margin_bounds(model, x.float().double(), y, 0.02, method="crown-ibp").sum()
+    grads = torch.autograd.grad(loss, params)
+    assert all(torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads[1:3])

@@ -86,7 +86,7 @@ class IbpCertifier(Certifier):
         try:
             bounds.interval_bounds(model, ckpt.dataset[0][0].unsqueeze(0).float(), 0.0)
             if self.bound != "ibp":
-                crown.flatten_layers(model.eval())
+                crown.layer_tree(model.eval())
         except bounds.UnsupportedLayerError as e:
             raise CLIError(f"--method {self.bound}: {e}") from None
         return IbpSettings(model, eps_max=eps_max, tol=args.tol)

@@ -25,8 +25,10 @@ Choices the paper leaves open, and what this implementation does:
 - the bounds are differentiated through the relaxations (the slopes depend on the IBP bounds, and the
   gradient flows through them, as in the paper's implementation); the adaptive lower slope (1 if u >= -l
   else 0) is piecewise constant and has no gradient;
-- robustops.crown bounds BatchNorm only in eval mode: a model with BatchNorm fails at the first step
-  with an error naming the layer (the paper's networks have none); dropout must be inactive.
+- BatchNorm in training mode: both bounds take the clean batch's statistics (``bn="clean"``, the default;
+  robustops.crown treats the layer as the affine map of those statistics, gradients flowing through
+  them); ``bn="centre"`` is IBP-only and CROWN-IBP refuses it at the first bound pass; dropout must be
+  inactive.
 """
 from __future__ import annotations
 
@@ -61,9 +63,9 @@ class CrownIBP(IBP):
         return f"CROWN-IBP (kappa={cfg.kappa:g}, beta {cfg.beta_start:g}->{cfg.beta_end:g})"
 
     def check_model(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        """CROWN's layer list (BatchNorm / dropout in training mode refused with the layer's name: every step,
-        it costs a walk over the modules), then IBP's check."""
-        crown.flatten_layers(self.ctx.forward)
+        """CROWN's layer tree (an unsupported layer or dropout in training mode refused with the layer's name:
+        every step, it costs a walk over the modules), then IBP's check."""
+        crown.layer_tree(self.ctx.forward)
         super().check_model(x, y)
 
     def beta(self, p: float) -> float:
@@ -77,9 +79,10 @@ class CrownIBP(IBP):
         c, net = self.cfg, self.ctx.forward
         with torch.autocast(x.device.type, enabled=False):
             xf = x.float()
-            m = bounds.margin_bounds(net, xf, y, eps_t, c.lo, c.hi, num_classes=k)
+            m = bounds.margin_bounds(net, xf, y, eps_t, c.lo, c.hi, num_classes=k, bn=c.bn)
             if beta_t > 0:
-                m_crown = crown.margin_bounds(net, xf, y, eps_t, c.lo, c.hi, method="crown-ibp", num_classes=k)
+                m_crown = crown.margin_bounds(net, xf, y, eps_t, c.lo, c.hi, method="crown-ibp", num_classes=k,
+                                              bn=c.bn)
                 m = beta_t * m_crown + (1.0 - beta_t) * m
         return m
 
