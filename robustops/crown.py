@@ -8,13 +8,24 @@ The box is {x' : |x' - x|_inf <= eps} intersected with [lo, hi] (eps a float or 
 product of intervals [x_l, x_u] = [max(x - eps, lo), min(x + eps, hi)] (robustops.bounds.input_box).
 
 Backward linear relaxation (Zhang et al. 2018, "Efficient neural network robustness certification with
-general activation functions", CROWN, theorem 3.2 and its corollary 3.3): the network is flattened into
-a list of layers f_1 ... f_n (nn.Sequential recursion; SmallCNN = features + classifier; CNN7 = .net).
-A lower bound of the specification C z_n is built backwards: Lambda_n = C, and for layer i
+general activation functions", CROWN, theorem 3.2 and its corollary 3.3): the network becomes a layer
+tree (:func:`layer_tree`): a list whose items are layers f_i or residual nodes, a residual node holding a
+main branch and a shortcut branch, each again such a list (nn.Sequential recursed; SmallCNN = features +
+classifier; CNN7 = .net; robustops.models' PreActBlock, BasicBlock, CohenBasicBlock and their networks
+PreActResNet18, CifarResNet, CohenCifarResNet exactly as their forward() computes them: the F.relu calls
+become ReLU nodes, PreActBlock's relu(bn1(x)) feeds both branches when its shortcut is a convolution,
+BasicBlock's parameter-free shortcut is the linear layer :class:`Subsample`, the global / 8x8 average
+pooling an AdaptiveAvgPool2d(1) / AvgPool2d layer). A lower bound of the specification C z_n is built
+backwards: Lambda_n = C, and for layer i
 
-- affine layers (Linear, Conv2d, BatchNorm in eval mode, Normalize, Flatten, Identity, Dropout in eval):
-  f_i(h) = W_i h + b_i gives Lambda_{i-1} = Lambda_i W_i and the constant term gains Lambda_i b_i (the
-  transpose of a convolution is conv_transpose2d, its output_padding computed from the input shape);
+- affine layers (Linear, Conv2d, BatchNorm, Normalize, Flatten, Identity, Dropout in eval, AvgPool2d,
+  AdaptiveAvgPool2d, Subsample): f_i(h) = W_i h + b_i gives Lambda_{i-1} = Lambda_i W_i and the constant
+  term gains Lambda_i b_i (the transpose of a convolution is conv_transpose2d, its output_padding computed
+  from the input shape; that of a pooling / Subsample layer its vector-Jacobian product, by autograd);
+- a residual node h -> main(h) + shortcut(h): Lambda is carried back through each branch separately from
+  the same Lambda at the node's output (an empty branch is the identity), and the two results add, both
+  the coefficients at the node's input and the constant terms (the sum rule of linear bounds; exact: the
+  node adds no relaxation of its own);
 - ReLU with pre-activation bounds l <= h <= u (per neuron): the relaxation
   alpha h <= ReLU(h) <= s (h - l), s = u / (u - l), for unstable neurons (l < 0 < u); exact (slope 1 or 0)
   for stable ones. The lower slope is CROWN's adaptive rule alpha = 1 if u >= -l else 0 (the one
@@ -32,10 +43,13 @@ Lambda_0 x_c - |Lambda_0| x_r + c (x_c, x_r the box's centre and radius) (Zhang 
 L-inf ball, here for the box clipped to [lo, hi]).
 
 Intermediate bounds (the [l, u] each ReLU / MaxPool needs):
-- ``method="crown"``: full CROWN; the bounds of every nonlinear layer's input come from their own backward
-  pass from that layer (specification [I; -I] on its input), in order, each using the relaxations of the
-  layers before it. A nonlinear layer directly after another (ReLU then MaxPool) takes the interval image
-  of the earlier one's bounds (both are monotone). The cost is quadratic in depth and linear in the
+- ``method="crown"``: full CROWN, also inside residual branches; the bounds of every nonlinear layer's
+  input come from their own backward pass from that layer (specification [I; -I] on its input), in forward
+  order, each using the relaxations of the layers before it: from a layer inside a branch the pass runs
+  back through the branch's earlier layers to the residual node's input, then through the enclosing list
+  (both branches of every earlier residual node) to the network's input. A nonlinear layer directly after
+  another in the same list (ReLU then MaxPool) takes the interval image of the earlier one's bounds (both
+  are monotone). The cost is quadratic in depth and linear in the
   neurons of each layer: more than ``NEURON_BUDGET`` neurons at one layer is refused (use crown-ibp).
   Each neuron's CROWN bounds are intersected with its IBP bounds (IBP propagated from the box, both sound;
   what auto_LiRPA does with its reference bounds): CROWN's intermediate bounds are not tighter than IBP's
@@ -43,7 +57,8 @@ Intermediate bounds (the [l, u] each ReLU / MaxPool needs):
   less than CROWN-IBP.
 - ``method="crown-ibp"``: CROWN-IBP (Zhang et al. 2020, "Towards stable and efficient training of
   verifiably robust neural networks", ICLR, section 3): the intermediate bounds are IBP's
-  (robustops.bounds.propagate layer by layer), and only the specification is bounded by the backward pass.
+  (robustops.bounds.propagate layer by layer on the same tree, a residual node the interval sum of its
+  branches as in robustops.bounds), and only the specification is bounded by the backward pass.
 - ``method="best"``: the elementwise maximum of IBP's margin bounds (robustops.bounds.margin_bounds) and
   CROWN's: both are sound, so their maximum is.
 
@@ -51,9 +66,21 @@ Specification: the elided margins (Gowal et al. 2018): C = e_y - e_j, so the las
 into C in the first backward step (Lambda_{n-1} = C W_n). As in robustops.bounds.margin_bounds the row
 j = y is zero, and its bound is 0.
 
+BatchNorm: in eval mode the affine map of its running statistics. In training mode (or without running
+statistics), option ``bn="clean"`` (the only rule here; robustops.bounds' default, Shi et al. 2021,
+auto_LiRPA's default): the layer normalises with the clean batch's statistics, held as constants, which
+makes it the per-channel affine map scale = weight / sqrt(var + eps), shift = bias - mean * scale with
+mean / biased var those of the layer's input in the clean forward of x (:func:`batch_affine`). The
+forward walk carries the clean activation beside the interval (robustops.bounds' ``Interval.clean``), so
+the statistics are the clean forward's, in the order of the layers, and keep their gradient (CROWN-IBP
+training back-propagates through them); CROWN and IBP are then bounds of the same affine network, CROWN's
+exact on the BatchNorm layers. No forward of the model runs (the running statistics never change), and
+the statistics are those of the whole batch x, so a bound depends on the other samples of the batch
+exactly as the training-mode forward does. ``bn="centre"`` (statistics of the interval centres, which
+move with eps) is refused for a model with batch statistics: no fixed affine map describes it.
+
 Everything runs in x's dtype (float64 in the tests) without autocast; the bounds are differentiable with
-respect to the parameters (CROWN-IBP training back-propagates through them). BatchNorm in training mode
-is refused for now. Bounds are computed in chunks of specification rows so that no coefficient tensor
+respect to the parameters (CROWN-IBP training back-propagates through them). Bounds are computed in chunks of specification rows so that no coefficient tensor
 holds more than ``CHUNK_ELEMENTS`` numbers. Soundness up to rounding, as for robustops.bounds.
 """
 from __future__ import annotations
@@ -291,15 +318,8 @@ def batch_affine(m: nn.modules.batchnorm._BatchNorm, clean: torch.Tensor) -> Tup
     """(scale, shift) per channel of a BatchNorm normalising with the batch statistics of ``clean`` (its
     input in the clean forward: mean and biased variance over all dimensions but the channel's), as
     robustops.bounds' ``bn="clean"`` rule; differentiable in the parameters and in clean."""
-    dims = [0] + list(range(2, clean.dim()))
-    mean, var = clean.mean(dim=dims), clean.var(dim=dims, unbiased=False)
-    scale = torch.rsqrt(var + m.eps)
-    if m.weight is not None:
-        scale = scale * m.weight
-    shift = -mean * scale
-    if m.bias is not None:
-        shift = shift + m.bias
-    return scale, shift
+    var, mean = torch.var_mean(clean, dim=[0] + list(range(2, clean.dim())), unbiased=False)
+    return _channel_affine(m, clean.dtype, (mean, var))
 
 
 def _conv_step(m: nn.Conv2d, a: torch.Tensor, shape: torch.Size) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -316,15 +336,17 @@ def _conv_step(m: nn.Conv2d, a: torch.Tensor, shape: torch.Size) -> Tuple[torch.
     return out.reshape(b, s, *shape), const
 
 
-def _channel_affine(m: nn.Module, dtype) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(scale, shift) per channel of an eval-mode BatchNorm or a Normalize."""
+def _channel_affine(m: nn.Module, dtype, stats: Optional[Tuple[torch.Tensor, torch.Tensor]] = None):
+    """(scale, shift) per channel of a Normalize or a BatchNorm with the statistics (mean, var): stats, or
+    the running ones."""
     if isinstance(m, M.Normalize):
         inv = 1.0 / m.std.flatten().to(dtype)
         return inv, -m.mean.flatten().to(dtype) * inv
-    scale = torch.rsqrt(m.running_var.to(dtype) + m.eps)
+    mean, var = (m.running_mean, m.running_var) if stats is None else stats
+    scale = torch.rsqrt(var.to(dtype) + m.eps)
     if m.weight is not None:
         scale = scale * m.weight.to(dtype)
-    shift = -m.running_mean.to(dtype) * scale
+    shift = -mean.to(dtype) * scale
     if m.bias is not None:
         shift = shift + m.bias.to(dtype)
     return scale, shift
