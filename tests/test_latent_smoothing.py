@@ -345,6 +345,34 @@ def test_certify_cli_learned_threat_matches_the_api_and_resumes(learned_files, t
                 + LATENT) == 2
 
 
+def test_certify_cli_learned_threat_sizes_sigma_from_eps(learned_files, tmp_path, capsys):
+    """Without --sigma the latent noise level is sized from the set's eps (sigma_for_radius at --n, --alpha,
+    --sigma-dissent), the summary reports certified accuracy at r = eps; a too small --sigma is flagged."""
+    import json
+
+    from robustops.cli import main
+    from robustops.smoothing import COVER_DISSENT, certified_accuracy, sigma_for_radius
+
+    ckpt, pm_path, _ = learned_files
+    out = str(tmp_path / "sized.tsv")
+    no_sigma = [a for a in LATENT if a not in ("--sigma", "0.5")]
+    assert main(["certify", "--checkpoint", ckpt, "--perturbation-model", pm_path, "-o", out] + no_sigma) == 0
+    summary = json.load(open(out + ".json"))["summary"]
+    assert summary["sigma"] == pytest.approx(sigma_for_radius(1.0, 64, 0.01, COVER_DISSENT))
+    assert summary["sigma_sized"] is True and summary["perturbation_eps"] == 1.0
+    rows = tsv_rows(out)
+    expect = certified_accuracy([float(r[3]) for r in rows], [int(r[4]) for r in rows], 1.0)
+    assert summary["certified_accuracy_at_eps"] == pytest.approx(expect)
+    assert "certified accuracy at r = eps = 1" in capsys.readouterr().out
+    # --sigma 0.2 cannot reach eps = 1 with n = 64: the note gives the n that would
+    small = ["--sigma", "0.2"] + no_sigma
+    assert main(["certify", "--checkpoint", ckpt, "--perturbation-model", pm_path, "-o", out, "--force", "--max", "30"]
+                + small) == 0
+    text = capsys.readouterr().out
+    assert "below the set's eps 1" in text and "(eps is beyond what n samples can certify" in text
+    assert json.load(open(out + ".json"))["summary"]["sigma_sized"] is False
+
+
 def test_certify_cli_learned_threat_errors(learned_files, tmp_path, capsys):
     from robustops.cli import main
 
@@ -353,8 +381,16 @@ def test_certify_cli_learned_threat_errors(learned_files, tmp_path, capsys):
     assert main(["certify", "--checkpoint", ckpt, "-o", out] + LATENT) == 2
     assert "--threat learned needs --perturbation-model" in capsys.readouterr().err
     no_sigma = [a for a in LATENT if a not in ("--sigma", "0.5")]
-    assert main(["certify", "--checkpoint", ckpt, "--perturbation-model", pm_path, "-o", out] + no_sigma) == 2
+    # a perturbation model without eps: sigma cannot be sized from it
+    from robustops.perturbation import load_perturbation_model, save_perturbation_model
+
+    bare = load_perturbation_model(pm_path)
+    bare.eps = None
+    bare_path = save_perturbation_model(str(tmp_path / "bare.pt"), bare)
+    assert main(["certify", "--checkpoint", ckpt, "--perturbation-model", bare_path, "-o", out] + no_sigma) == 2
     assert "needs --sigma" in capsys.readouterr().err
+    assert main(["certify", "--checkpoint", ckpt, "-o", out, "--sigma-dissent", "0.1"] + no_sigma[2:]) == 2
+    assert "--sigma-dissent is for --threat learned" in capsys.readouterr().err
     assert main(["certify", "--checkpoint", ckpt, "--perturbation-model", ckpt, "-o", out] + LATENT) == 2
     assert "--perturbation-model" in capsys.readouterr().err
     assert main(["certify", "--checkpoint", ckpt, "--perturbation-model", pm_path, "-o", out, "--graph"]

@@ -392,7 +392,8 @@ def test_cli_demo_quick(tmp_path, capsys):
     text = capsys.readouterr().out
     # the learned-perturbation-set section: the set's quality, three models, the picture, the JSON rows
     for label in ("learned perturbation set (CVAE, 2 epochs", "coverage", "learned-set augmentation (eps=",
-                  "learned-set AT (eps=", "adversarial-set acc (latent PGD-3)", "latent ACR (sigma=1)"):
+                  "learned-set AT (eps=", "adversarial-set acc (latent PGD-3)", "latent ACR (sigma=",
+                  "certified acc at r=eps=", "sigma sized so that n samples can certify r=eps"):
         assert label in text
     for f in ("perturbation_sets.png", "perturbation_sets.pdf", "cvae/model.pt", "learned/last.pt"):
         assert (out / f).exists(), f
@@ -402,6 +403,7 @@ def test_cli_demo_quick(tmp_path, capsys):
     assert [r["method"] for r in learned[1:]] == ["natural", "learned_aug", "learned"]
     for r in learned[1:]:
         assert 0 <= r["set_acc"] <= 1 and 0 <= r["random_acc"] <= 1 and r["latent_acr"] >= 0
+        assert 0 <= r["latent_cert_at_eps"] <= 1
     for label in ("natural", "PGD-7 AT", "free AT (m=4)", "Gaussian noise (sigma=0.25)", "IBP (kappa=0.5)",
                   "ACERT (kappa=0)", "DALE-PD", "PGD-7 AT + AWP (gamma=0.005)", "PGD-7 AT + EMA (0.999)",
                   "PGD-7 AT + proxy data (50%)", "robust discrimination", "consistency (sigma=0.25, m=2",

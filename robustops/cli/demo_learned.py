@@ -26,8 +26,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the set's radius eps: this percentile of the training pairs' latent norms")
     g.add_argument("--learned-steps", type=int, default=3, help="latent PGD steps of learned-set training")
     g.add_argument("--set-attack-steps", type=int, default=20, help="latent PGD steps of the evaluation attack")
-    g.add_argument("--latent-sigma", type=fraction("latent-sigma"), default=1.0,
-                   help="noise level of latent randomized smoothing (in units of the prior's scale)")
+    g.add_argument("--latent-sigma", type=fraction("latent-sigma"), default=None,
+                   help="noise level of latent randomized smoothing (in units of the prior's scale; None: the "
+                        "smallest at which --latent-n samples certify the set's eps with 1%% dissenting votes, "
+                        "smoothing.sigma_for_radius)")
     g.add_argument("--latent-n", type=int, default=500, help="CERTIFY estimation samples in latent space")
     g.add_argument("--latent-certify-max", type=int, default=120,
                    help="certify the first N test images in latent space")
@@ -43,8 +45,13 @@ def check_arguments(args) -> None:
                 latent_certify_max=(args.latent_certify_max, 1))
     if not 0 < args.set_percentile <= 100:
         raise CLIError(f"--set-percentile must lie in (0, 100], got {args.set_percentile}")
-    if not args.latent_sigma > 0:
+    if args.latent_sigma is not None and not args.latent_sigma > 0:
         raise CLIError(f"--latent-sigma must be > 0, got {args.latent_sigma}")
+    if args.latent_sigma is None:
+        try:  # eps is not known yet; n and alpha alone decide whether any radius can be certified
+            latent_sigma(args, 1.0)
+        except ValueError as e:
+            raise CLIError(f"--latent-n: {e}") from None
 
 
 def _perturbation_model(args, dev):
@@ -87,6 +94,14 @@ def _train(args, method: str, pm, eps: float, data, dev):
     return model.eval(), res.config.method_class.label(res.config), res.train_time
 
 
+def latent_sigma(args, eps: float) -> float:
+    """--latent-sigma, else sized so that --latent-n samples at --alpha can certify radius eps (the whole set)."""
+    from ..smoothing import COVER_DISSENT, sigma_for_radius
+
+    return args.latent_sigma if args.latent_sigma is not None else sigma_for_radius(eps, args.latent_n, args.alpha,
+                                                                                    COVER_DISSENT)
+
+
 def _evaluate(args, model, pm, eps: float, data, dev) -> dict:
     """Clean, random-set (mean over RANDOM_MEMBERS random members per image) and adversarial-set
     (LatentPGD, restarts 1) accuracy on the test set, and the certified latent radii of the first
@@ -104,12 +119,13 @@ def _evaluate(args, model, pm, eps: float, data, dev) -> dict:
         random_acc = float((pred == y[:, None]).float().mean())
     k = min(args.latent_certify_max, x.shape[0])
     t0 = time.perf_counter()
-    cert = smoothing.LatentSmooth(model, pm, 10, args.latent_sigma).certify(
+    cert = smoothing.LatentSmooth(model, pm, 10, latent_sigma(args, eps)).certify(
         x[:k], n0=args.n0, n=args.latent_n, alpha=args.alpha, batch_size=args.certify_batch, seed=args.seed)
     correct = (cert.prediction == data.y_test[:k]).numpy()
     radius = cert.radius.numpy()
     return {"clean_acc": ev["clean_acc"], "random_acc": random_acc, "set_acc": ev["robust_acc"],
             "latent_acr": smoothing.acr(radius, correct), "latent_radius": radius, "latent_correct": correct,
+            "latent_cert_at_eps": smoothing.certified_accuracy(radius, correct, eps),
             "latent_certify_s": time.perf_counter() - t0}
 
 
@@ -144,7 +160,8 @@ def run_section(args, data, rows, dev) -> Tuple[List[str], List[str], List[dict]
     head = (f"learned perturbation set (CVAE, {args.cvae_epochs} epochs, {t_fit:.1f}s): eps {eps:.2f} (the "
             f"{args.set_percentile:g}th percentile of the training pairs' latent norms); held-out pairs: coverage "
             f"{fmt_pct(q['coverage'])}, reconstruction MSE {q['recon_mse']:.4f} (identity map "
-            f"{q['identity_mse']:.4f}), nearest member of S(x) {q['approx_mse']:.4f}")
+            f"{q['identity_mse']:.4f}), nearest member of S(x) {q['approx_mse']:.4f}, random member of S(x) "
+            f"{q['expected_mse']:.4f}, negative ELBO {q['nll_bound']:.1f} nats")
     print("\n" + head, flush=True)
     own = {r["method"]: r for r in rows}
     results = []
@@ -157,13 +174,15 @@ def run_section(args, data, rows, dev) -> Tuple[List[str], List[str], List[dict]
         results.append({"method": method, "label": label, "train_time_s": t_train, **ev, "model": model})
         print(f"  {label:<36} clean {fmt_pct(ev['clean_acc']):>6}  random-set {fmt_pct(ev['random_acc']):>6}  "
               f"adversarial-set {fmt_pct(ev['set_acc']):>6}  latent ACR {ev['latent_acr']:.3f}  "
+              f"certified at r=eps {fmt_pct(ev['latent_cert_at_eps']):>6}  "
               f"(trained {t_train:.1f}s, certified in {ev['latent_certify_s']:.1f}s)", flush=True)
     outputs = _picture(args, pm, eps, results[0]["model"], dev)
     header = ["model", "clean acc", f"random-set acc ({RANDOM_MEMBERS} members)",
               f"adversarial-set acc (latent PGD-{args.set_attack_steps})",
-              f"latent ACR (sigma={args.latent_sigma:g})", "train time"]
+              f"latent ACR (sigma={latent_sigma(args, eps):.3g})", f"certified acc at r=eps={eps:.2f}", "train time"]
     table = [[r["label"], fmt_pct(r["clean_acc"]), fmt_pct(r["random_acc"]), fmt_pct(r["set_acc"]),
-              f"{r['latent_acr']:.3f}", f"{r['train_time_s']:.1f} s"] for r in results]
+              f"{r['latent_acr']:.3f}", fmt_pct(r["latent_cert_at_eps"]), f"{r['train_time_s']:.1f} s"]
+             for r in results]
     widths = [max(len(h), *(len(t[i]) for t in table)) for i, h in enumerate(header)]
     md = ["| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |",
           "|" + "|".join(("-" * (w + 1) + ":") if i else ("-" * (w + 2)) for i, w in enumerate(widths)) + "|"]
@@ -171,7 +190,9 @@ def run_section(args, data, rows, dev) -> Tuple[List[str], List[str], List[dict]
            for t in table]
     k = min(args.latent_certify_max, data.x_test.shape[0])
     foot = (f"(eps and radii are latent L2 norms of u, z = mu(x) + sigma(x) u; latent ACR over the first {k} test "
-            f"images, n0={args.n0}, n={args.latent_n}, alpha={args.alpha:g})")
+            f"images, n0={args.n0}, n={args.latent_n}, alpha={args.alpha:g}; "
+            + ("sigma set by --latent-sigma" if args.latent_sigma is not None else
+               "sigma sized so that n samples can certify r=eps with 1% of the votes elsewhere") + ")")
     print("\n" + "\n".join(md) + "\n" + foot)
     summary = [{"quality": q, "eps": eps}] + [
         {k2: v for k2, v in r.items() if k2 not in ("model", "latent_radius", "latent_correct")} for r in results]

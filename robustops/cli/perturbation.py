@@ -107,6 +107,9 @@ def _print_quality(q: dict) -> None:
     approx = f"{q['approx_mse']:.5f}" if q.get("approx_mse") is not None else "-"
     print(f"held-out pairs: {q['n']}  eps {q['eps']:.4g}  coverage {q['coverage']:.3f}  recon_mse {q['recon_mse']:.5f}"
           f"  identity_mse {q['identity_mse']:.5f}  approx_mse {approx}  prior_mean_mse {q['prior_mean_mse']:.5f}")
+    if "expected_mse" in q:  # the paper's sufficient likelihood and the likelihood bound
+        print(f"random members: expected_mse {q['expected_mse']:.5f} (u in the eps-ball)  prior_expected_mse "
+              f"{q['prior_expected_mse']:.5f} (u ~ N(0, I))  nll_bound {q['nll_bound']:.2f} nats per pair")
 
 
 def _train(args) -> int:

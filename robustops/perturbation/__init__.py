@@ -18,8 +18,9 @@ One file per part, every public name re-exported here (``robustops.perturbation.
   paper's objective, the beta-weighted ELBO (:func:`perturbation_loss`, :func:`kl_gaussians`);
 - ``fit.py``: :func:`fit_perturbation` (training, checkpoints every epoch, exact resume) and the
   checkpoints (:func:`save_perturbation_model`, :func:`load_perturbation_model`);
-- ``quality.py``: the paper's measures of a learned set (:func:`quality`, :func:`choose_eps`,
-  :func:`latent_norms`), :func:`sample` and :func:`plot_perturbations`; it uses the attacks' latent PGD.
+- ``quality.py``: the measures of a learned set (:func:`quality`, :func:`choose_eps`,
+  :func:`latent_norms`; the paper's sufficient likelihood :func:`prior_member_error`, the ELBO bound
+  :func:`likelihood_bound`), :func:`sample` and :func:`plot_perturbations`; it uses the attacks' latent PGD.
 """
 from .cvae import CVAE, kl_gaussians, perturbation_loss
 from .fit import (CHECKPOINT_FORMAT, LOG_COLUMNS, PerturbationFit, fit_perturbation, load_perturbation_model,
@@ -27,9 +28,11 @@ from .fit import (CHECKPOINT_FORMAT, LOG_COLUMNS, PerturbationFit, fit_perturbat
 from .pairs import DigitsPairs, NpzPairs, transform_images
 from .protocol import check_perturbation_model, member, prior_scale
 # Last, and after the submodule of the same name: robustops.perturbation.quality is the function.
-from .quality import choose_eps, latent_norms, plot_perturbations, quality, sample
+from .quality import (choose_eps, latent_norms, likelihood_bound, plot_perturbations, prior_member_error, quality,
+                      sample, truncated_prior)
 
 __all__ = ["prior_scale", "member", "check_perturbation_model", "DigitsPairs", "NpzPairs", "transform_images",
            "CVAE", "kl_gaussians", "perturbation_loss", "fit_perturbation", "PerturbationFit",
            "load_perturbation_model", "save_perturbation_model", "latent_norms", "choose_eps", "quality",
-           "sample", "plot_perturbations", "CHECKPOINT_FORMAT"]
+           "sample", "plot_perturbations", "CHECKPOINT_FORMAT", "prior_member_error", "likelihood_bound",
+           "truncated_prior"]

@@ -1,13 +1,23 @@
 """The measures of a learned set (Wong and Kolter 2021) and pictures of it.
 
-Its "necessary subset" property asks that every true perturbation x~ of x be close to some member of
-S(x); :func:`quality` measures it by the *approximation error* min_{||u|| <= eps} ||g(mu + sigma u, x)
-- x~||^2 (found by latent PGD, ``robustops.attacks.latent.nearest_member``), by the *coverage* (how
-often the posterior mean, written in the prior's standardised coordinates u = (mu_q - mu_p) / sigma_p,
-lies in the eps-ball) and by the *reconstruction error* of x~ through the posterior mean. eps is chosen
-as a percentile of ||u|| over the training pairs (:func:`choose_eps`), so that held-out coverage is
-close to that percentile when the model generalises. :func:`sample`, :func:`plot_perturbations`:
-members of S(x) drawn uniformly in the eps-ball, and a picture of them next to true perturbations.
+The paper's two criteria, and what measures them here (:func:`quality`):
+
+- *necessary subset*: every true perturbation x~ of x should be close to some member of S(x); measured
+  by the *approximation error* min_{||u|| <= eps} ||g(mu + sigma u, x) - x~||^2 (latent PGD,
+  ``robustops.attacks.latent.nearest_member``) and its search-free upper bound ``projected_mse`` (the
+  posterior mean projected onto the ball: the reference's "fast approximation");
+- *sufficient likelihood*: random members of S(x) should be likely perturbations of x; measured, as the
+  reference code does, by the *expected approximation error* of members drawn from the prior
+  (:func:`prior_member_error`: in the eps-ball, and unrestricted);
+
+and the quantity the CVAE maximises, the likelihood bound (the ELBO, :func:`likelihood_bound`), which the
+paper's theorems tie to both criteria. This implementation adds the *coverage* (how often the posterior
+mean, in the prior's standardised coordinates u = (mu_q - mu_p) / sigma_p, lies in the eps-ball), the
+*reconstruction error* of x~ through the posterior mean, and the errors of the identity map and of the
+set's centre for comparison. eps is chosen as a percentile of ||u|| over the training pairs
+(:func:`choose_eps`), so that held-out coverage is close to that percentile when the model generalises.
+:func:`sample`, :func:`plot_perturbations`: members of S(x) drawn uniformly in the eps-ball, and a
+picture of them next to true perturbations.
 
 This file sits above the attacks (it uses their latent PGD), :mod:`.protocol` below them.
 """
@@ -26,7 +36,8 @@ from .cvae import kl_gaussians
 from .pairs import batch_pairs
 from .protocol import check_perturbation_model, member, prior_scale
 
-__all__ = ["latent_norms", "choose_eps", "quality", "sample", "plot_perturbations"]
+__all__ = ["latent_norms", "choose_eps", "quality", "sample", "plot_perturbations", "prior_member_error",
+           "likelihood_bound", "truncated_prior"]
 
 
 def _check_eps(eps, name: str = "eps") -> float:
@@ -79,9 +90,29 @@ def choose_eps(model: nn.Module, loader, percentile: float = 95.0, device=None) 
     return float(torch.quantile(norms.double(), q))
 
 
+def _add_batch(sums: Dict[str, float], model, x, xt, eps: float, lo: float, hi: float) -> torch.Tensor:
+    """Adds one batch's posterior-side errors (reconstruction, identity, centre, projected) and KL to sums;
+    returns ||u|| [B]."""
+    u, mu_p, sigma_p, mu_q, logvar_q, logvar_p = _posterior_u(model, x, xt)
+    norm = u.norm(dim=1)
+
+    def err(a):
+        return (a.float() - xt.float()).pow(2).flatten(1).mean(1).sum().item()
+
+    with torch.no_grad():
+        sums["recon_mse"] += err(member(model, x, u, mu_p, sigma_p, lo, hi))
+        sums["identity_mse"] += err(x)
+        sums["prior_mean_mse"] += err(member(model, x, torch.zeros_like(u), mu_p, sigma_p, lo, hi))
+        u_proj = u * torch.clamp(eps / norm.clamp_min(1e-12), max=1.0).unsqueeze(1)
+        sums["projected_mse"] += err(member(model, x, u_proj, mu_p, sigma_p, lo, hi))
+        sums["kl"] += kl_gaussians(mu_q, logvar_q, mu_p, logvar_p.float()).sum().item()
+    return norm
+
+
 def quality(model: nn.Module, loader, eps: Optional[float] = None, percentile: float = 95.0, *, train_loader=None,
             approx_steps: int = 50, device=None, lo: float = 0.0, hi: float = 1.0,
-            max_batches: Optional[int] = None) -> Dict[str, Any]:
+            max_batches: Optional[int] = None, draws: int = 5, seed: int = 0,
+            decoder_var: float = 0.5) -> Dict[str, Any]:
     """The measures of a learned perturbation set on (held-out) pairs (x, x~) of loader.
 
     eps: the set's radius; None: ``model.eps`` (set by load_perturbation_model / the CLI), else chosen
@@ -98,7 +129,13 @@ def quality(model: nn.Module, loader, eps: Optional[float] = None, percentile: f
       the approximation error that needs no search);
     - ``approx_mse``: the approximation error min over ||u|| <= eps of ||member(u) - x~||^2, by latent PGD
       (``robustops.attacks.latent.nearest_member``, ``approx_steps`` steps; None when approx_steps is 0);
-    - ``kl``: KL(q || p) per pair; ``latent_norm_mean``, ``latent_norm_median``; ``eps``, ``n``."""
+    - ``kl``: KL(q || p) per pair; ``latent_norm_mean``, ``latent_norm_median``; ``eps``, ``n``;
+
+    the paper's "sufficient likelihood" (random members should look like true perturbations), by
+    :func:`prior_member_error` with ``draws`` draws per pair (seeded by ``seed``): ``expected_mse``, u ~
+    N(0, I) restricted to the eps-ball (the reference's "expected approximation error"), and
+    ``prior_expected_mse``, u ~ N(0, I) unrestricted (z ~ p(z|x)); and the likelihood the CVAE maximises: ``nll_bound``, the negative ELBO in nats per pair, a bound on
+    -log p(x~ | x) with decoder variance ``decoder_var`` (:func:`likelihood_bound`, one posterior draw)."""
     check_perturbation_model(model)
     if not hasattr(model, "posterior"):
         raise TypeError("quality needs the model's posterior(x, x_tilde) (the encoder)")
@@ -120,30 +157,23 @@ def quality(model: nn.Module, loader, eps: Optional[float] = None, percentile: f
 
     was = model.training
     model.eval()
-    sums = {k: 0.0 for k in ("recon_mse", "identity_mse", "prior_mean_mse", "projected_mse", "approx_mse", "kl")}
+    sums = {k: 0.0 for k in ("recon_mse", "identity_mse", "prior_mean_mse", "projected_mse", "approx_mse", "kl",
+                             "expected_mse", "prior_expected_mse", "nll_bound")}
+    gen = torch.Generator().manual_seed(int(seed))
     norms = []
     n = 0
     for k, batch in enumerate(loader):
         if max_batches is not None and k >= max_batches:
             break
         x, xt = (t.to(dev) for t in batch_pairs(batch))
-        u, mu_p, sigma_p, mu_q, logvar_q, logvar_p = _posterior_u(model, x, xt)
-        norm = u.norm(dim=1)
-
-        def err(a):
-            return (a.float() - xt.float()).pow(2).flatten(1).mean(1).sum().item()
-
-        with torch.no_grad():
-            sums["recon_mse"] += err(member(model, x, u, mu_p, sigma_p, lo, hi))
-            sums["identity_mse"] += err(x)
-            sums["prior_mean_mse"] += err(member(model, x, torch.zeros_like(u), mu_p, sigma_p, lo, hi))
-            u_proj = u * torch.clamp(eps / norm.clamp_min(1e-12), max=1.0).unsqueeze(1)
-            sums["projected_mse"] += err(member(model, x, u_proj, mu_p, sigma_p, lo, hi))
-            sums["kl"] += kl_gaussians(mu_q, logvar_q, mu_p, logvar_p.float()).sum().item()
+        norm = _add_batch(sums, model, x, xt, eps, lo, hi)
+        sums["expected_mse"] += prior_member_error(model, x, xt, eps, draws, gen, lo, hi).sum().item()
+        sums["prior_expected_mse"] += prior_member_error(model, x, xt, None, draws, gen, lo, hi).sum().item()
+        sums["nll_bound"] += likelihood_bound(model, x, xt, 1, decoder_var, gen).sum().item()
         if nearest is not None:
             x_best, _ = nearest(model, x, xt, eps, steps=approx_steps, lo=lo, hi=hi)
-            sums["approx_mse"] += err(x_best.detach())
-        norms.append(norm.cpu())
+            sums["approx_mse"] += (x_best.detach().float() - xt.float()).pow(2).flatten(1).mean(1).sum().item()
+        norms.append(norm.detach().cpu())
         n += x.shape[0]
     model.train(was)
     if n == 0:
@@ -154,8 +184,88 @@ def quality(model: nn.Module, loader, eps: Optional[float] = None, percentile: f
         out["approx_mse"] = None
     out.update({"coverage": float((norms_t <= eps).double().mean()), "eps": eps, "n": n,
                 "latent_norm_mean": float(norms_t.mean()), "latent_norm_median": float(norms_t.median()),
-                "approx_steps": approx_steps})
+                "approx_steps": approx_steps, "draws": draws, "decoder_var": float(decoder_var)})
     return out
+
+
+# ------------------------------------------------------------------ sufficient likelihood, likelihood
+
+def truncated_prior(shape, eps: Optional[float], generator: torch.Generator, device=None) -> torch.Tensor:
+    """u ~ N(0, I) [*shape[:-1], D], conditioned on ||u||_2 <= eps when eps is given: a Gaussian direction
+    times a radius whose square is the chi^2_D distribution truncated to [0, eps^2], drawn by inverting its
+    CDF (exact, no rejection). Float32, from ``generator`` (so deterministic per seed)."""
+    from scipy.stats import chi2
+
+    d = torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float64)
+    if eps is None:
+        return d.float().to(device or d.device)
+    D = shape[-1]
+    top = float(chi2.cdf(eps * eps, D))
+    q = torch.rand(shape[:-1], generator=generator, device=generator.device, dtype=torch.float64) * top
+    r = torch.from_numpy(chi2.ppf(q.cpu().numpy(), D)).clamp_min(0).sqrt().to(d.device)
+    u = d / d.norm(dim=-1, keepdim=True).clamp_min(1e-300) * r.unsqueeze(-1)
+    return u.float().to(device or u.device)
+
+
+def prior_member_error(model: nn.Module, x: torch.Tensor, x_tilde: torch.Tensor, eps: Optional[float] = None,
+                       draws: int = 5, generator: Optional[torch.Generator] = None, lo: float = 0.0,
+                       hi: float = 1.0) -> torch.Tensor:
+    """The "sufficient likelihood" measure of Wong and Kolter (2021) as their reference measures it (the
+    *expected approximation error*): the per-pixel mean squared error between random members of the set
+    and the true perturbation x~, E_{u}[ ||member(x, u) - x~||^2 ] / P, u from the prior in its
+    standardised coordinates, estimated with ``draws`` draws per pair. eps None: u ~ N(0, I) (z ~ p(z|x),
+    the paper's expectation over the prior); eps given: u ~ N(0, I) restricted to the set's ball ||u|| <=
+    eps (:func:`truncated_prior`; the reference's eval.py instead truncates each coordinate to [-eps, eps]
+    when a draw leaves the ball, a choice this implementation does not copy). Returns [B], float32."""
+    check_perturbation_model(model)
+    if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
+        raise ValueError(f"draws must be an int >= 1 (prior draws per pair), got {draws!r}")
+    if eps is not None:
+        eps = _check_eps(eps)
+    gen = generator if generator is not None else torch.Generator().manual_seed(0)
+    mu, sigma = prior_scale(model, x)
+    B, D = mu.shape
+    u = truncated_prior((draws, B, D), eps, gen, mu.device).flatten(0, 1)  # draw-major: row j * B + b
+
+    def rep(t):
+        return t.repeat(draws, *([1] * (t.dim() - 1)))
+
+    with torch.no_grad():
+        m = member(model, rep(x), u, rep(mu), rep(sigma), lo, hi)
+        err = (m.float() - rep(x_tilde).float()).pow(2).flatten(1).mean(1)
+    return err.view(draws, B).mean(0)
+
+
+def likelihood_bound(model: nn.Module, x: torch.Tensor, x_tilde: torch.Tensor, draws: int = 1,
+                     decoder_var: float = 0.5, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """The bound on the likelihood the CVAE is trained on (Wong and Kolter 2021, the ELBO): per pair, in nats,
+
+        -log p(x~ | x) <= E_{z ~ q(z|x, x~)}[ ||g(z, x) - x~||^2 / (2 v) ] + P/2 * log(2 pi v) + KL(q || p),
+
+    with the Gaussian decoder of fixed variance v = ``decoder_var`` (the paper leaves v open; 0.5 makes the
+    first term the squared error of training at beta = 1, as the reference's eval.py reports it), P the
+    number of pixels, the expectation by ``draws`` reparameterised posterior draws, g unclamped (the
+    decoder's own distribution). Lower is better. Returns [B], float32."""
+    check_perturbation_model(model)
+    if not hasattr(model, "posterior"):
+        raise TypeError("likelihood_bound needs the model's posterior(x, x_tilde) (the encoder)")
+    if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
+        raise ValueError(f"draws must be an int >= 1 (posterior draws per pair), got {draws!r}")
+    if isinstance(decoder_var, bool) or not isinstance(decoder_var, (int, float)) or not 0 < decoder_var < math.inf:
+        raise ValueError(f"decoder_var must be a finite number > 0 (the decoder's variance), got {decoder_var!r}")
+    gen = generator if generator is not None else torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        mu_p, logvar_p = model.prior(x)
+        mu_q, logvar_q = model.posterior(x, x_tilde)
+        mu_q, logvar_q = mu_q.float(), logvar_q.float()
+        P, B = x_tilde[0].numel(), x.shape[0]
+        n = torch.randn((draws,) + tuple(mu_q.shape), generator=gen, device=gen.device,
+                        dtype=torch.float32).to(mu_q.device)
+        z = (mu_q + torch.exp(0.5 * logvar_q) * n).flatten(0, 1)  # draw-major, as prior_member_error
+        g = model.decode(z, x.repeat(draws, *([1] * (x.dim() - 1))))
+        sq = (g.float() - x_tilde.float().repeat(draws, *([1] * (x.dim() - 1)))).pow(2).flatten(1).sum(1)
+        kl = kl_gaussians(mu_q, logvar_q, mu_p, logvar_p)
+    return sq.view(draws, B).mean(0) / (2 * decoder_var) + 0.5 * P * math.log(2 * math.pi * decoder_var) + kl
 
 
 # ---------------------------------------------------------------------------------- sampling, plot

@@ -26,6 +26,14 @@ class LatentSettings(SmoothingSettings):
     perturbation: Any = None
 
 
+def dissent_of(args) -> float:
+    """--sigma-dissent, else smoothing.COVER_DISSENT."""
+    from ...smoothing import COVER_DISSENT
+
+    d = getattr(args, "sigma_dissent", None)
+    return COVER_DISSENT if d is None else float(d)
+
+
 class SmoothingCertifier(Certifier):
     """Randomized smoothing of the image with n estimation samples per input: CERTIFY (L2 radii) or
     PREDICT, whichever command runs it."""
@@ -38,6 +46,8 @@ class SmoothingCertifier(Certifier):
         """Before the noise level is resolved: this mode smooths over pixel noise."""
         if getattr(args, "perturbation_model", None) is not None:
             raise CLIError("--perturbation-model is for --threat learned")
+        if getattr(args, "sigma_dissent", None) is not None:
+            raise CLIError("--sigma-dissent is for --threat learned (sizing the latent sigma from the set's eps)")
 
     def check(self, args, ckpt: Checkpoint) -> SmoothingSettings:
         """The noise level (--sigma, else the checkpoint's), the normalization fused into the noise (auto:
@@ -47,7 +57,7 @@ class SmoothingCertifier(Certifier):
         from ... import models as romodels
 
         extra = self.check_threat(args)
-        sigma = args.sigma if args.sigma is not None else ckpt.meta.get("sigma")
+        sigma = args.sigma if args.sigma is not None else self.default_sigma(args, ckpt, extra)
         if sigma is None:
             raise CLIError("--sigma is required (the checkpoint does not say which noise level it was trained with)")
         if not 0.0 < sigma < math.inf:
@@ -62,6 +72,10 @@ class SmoothingCertifier(Certifier):
             mean, std = ckpt.info.get("mean"), ckpt.info.get("std")
         check_model_accepts(model, ckpt.info, torch.device("cpu"))
         return self.resolve(args, ckpt, SmoothingSettings(model, mean, std, float(sigma)), extra)
+
+    def default_sigma(self, args, ckpt: Checkpoint, extra):
+        """The noise level without --sigma: the one the checkpoint was trained with (None: unknown)."""
+        return ckpt.meta.get("sigma")
 
     def resolve(self, args, ckpt: Checkpoint, s: SmoothingSettings, extra) -> SmoothingSettings:
         """The last step of check: s, completed with what check_threat returned (extra)."""
@@ -134,12 +148,12 @@ class SmoothingCertifier(Certifier):
             line += f"  (no radius past {largest:.3g} can be certified with {self.samples(args)}, alpha={args.alpha:g})"
         summary.update(n0=args.n0, acr=acr(radius, correct), largest_certifiable_radius=largest,
                        certified_accuracy=table)
-        summary.update(self.curve_extras(args, s))
+        summary.update(self.curve_extras(args, s, radius, correct))
         print(f"ACR {summary['acr']:.4f}")
         print(line)
         self.plot(args, s, info, radius, correct, summary)
 
-    def curve_extras(self, args, s: SmoothingSettings) -> dict:
+    def curve_extras(self, args, s: SmoothingSettings, radius, correct) -> dict:
         """What the summary of certified radii says besides (none for pixel-space radii)."""
         return {}
 
@@ -177,9 +191,6 @@ class LatentCertifier(SmoothingCertifier):
         if args.perturbation_model is None:
             raise CLIError("--threat learned needs --perturbation-model CKPT (the learned perturbation set's "
                            "checkpoint)")
-        if args.sigma is None:
-            raise CLIError("--threat learned needs --sigma: the latent noise level (the classifier's checkpoint "
-                           "records pixel noise only)")
         for flag, given in (("--graph", args.graph), ("--channels-last", args.channels_last)):
             if given:
                 raise CLIError(f"{flag} is not supported with --threat learned (the noise is on latent codes)")
@@ -203,7 +214,40 @@ class LatentCertifier(SmoothingCertifier):
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise CLIError(f"--perturbation-model does not fit the data's images {list(ckpt.info['input_shape'])}: "
                            f"{first}") from None
+        if args.sigma is not None and getattr(extra, "eps", None):
+            self.warn_short(args, float(s.sigma), float(extra.eps))
         return LatentSettings(s.model, s.mean, s.std, s.sigma, perturbation=extra)
+
+    def default_sigma(self, args, ckpt: Checkpoint, extra) -> float:
+        """Without --sigma: the smallest latent noise level at which n samples at alpha can certify the
+        whole set, radius eps, with --sigma-dissent of the votes elsewhere (smoothing.sigma_for_radius)."""
+        from ...smoothing import sigma_for_radius
+
+        eps = getattr(extra, "eps", None)
+        dissent = dissent_of(args)
+        if eps is None:
+            raise CLIError("--threat learned needs --sigma (the latent noise level), or a --perturbation-model that "
+                           "stores its radius eps to size sigma from (the classifier's checkpoint records pixel noise "
+                           "only)")
+        try:
+            return sigma_for_radius(float(eps), args.n, args.alpha, dissent)
+        except ValueError as e:
+            raise CLIError(f"--n / --sigma-dissent: {e}") from None
+
+    def warn_short(self, args, sigma: float, eps: float) -> None:
+        """--sigma too small for n samples to reach the set's radius: say so, and the n that would."""
+        from ...smoothing import largest_certifiable_radius, samples_for_radius
+
+        largest = largest_certifiable_radius(sigma, args.n, args.alpha)
+        if largest >= eps:
+            return
+        try:
+            need = f"n >= {samples_for_radius(eps, sigma, args.alpha, 0.0):,} samples (all votes for one class)"
+        except ValueError:
+            need = "no practical n"
+        print(f"note: at --sigma {sigma:g}, n={args.n} samples certify latent radii up to {largest:.3g} only, below "
+              f"the set's eps {eps:.3g}: no input can be certified for the whole set; that needs {need}, or leave "
+              f"--sigma out to size it from eps")
 
     def settings(self, args, s: LatentSettings) -> dict:
         out = super().settings(args, s)
@@ -211,7 +255,9 @@ class LatentCertifier(SmoothingCertifier):
         return out
 
     def describe(self, args, s: LatentSettings) -> str:
-        return f"latent smoothing in {args.perturbation_model}, " + super().describe(args, s)
+        sized = "" if args.sigma is not None else (f" (sigma sized from eps {float(s.perturbation.eps):.3g}, dissent "
+                                                   f"{dissent_of(args):g})")
+        return f"latent smoothing in {args.perturbation_model}{sized}, " + super().describe(args, s)
 
     def smoother(self, args, s: LatentSettings, info: dict, device):
         from ...smoothing import LatentSmooth
@@ -219,7 +265,18 @@ class LatentCertifier(SmoothingCertifier):
         return LatentSmooth(s.model, s.perturbation.to(device), int(info["num_classes"]), s.sigma, mean=s.mean,
                             std=s.std, autocast=None if args.amp == "none" else args.amp, device=device)
 
-    def curve_extras(self, args, s: LatentSettings) -> dict:
-        """Radii and sigma are in the latent space of the perturbation model."""
-        return dict(threat="learned", radius="latent L2", perturbation_model=os.path.abspath(args.perturbation_model),
-                    perturbation_eps=getattr(s.perturbation, "eps", None))
+    def curve_extras(self, args, s: LatentSettings, radius, correct) -> dict:
+        """Radii and sigma are in the latent space of the perturbation model; certified accuracy at r = eps
+        (the whole set) when the model stores eps, and whether sigma was sized from it."""
+        from ...smoothing import certified_accuracy, largest_certifiable_radius
+
+        eps = getattr(s.perturbation, "eps", None)
+        out = dict(threat="learned", radius="latent L2", perturbation_model=os.path.abspath(args.perturbation_model),
+                   perturbation_eps=eps, sigma_sized=args.sigma is None)
+        if eps is not None:
+            out["certified_accuracy_at_eps"] = certified_accuracy(radius, correct, float(eps))
+            reach = largest_certifiable_radius(s.sigma, args.n, args.alpha) >= float(eps) * (1 - 1e-12)
+            print(f"certified accuracy at r = eps = {float(eps):.3g} (the whole set): "
+                  f"{out['certified_accuracy_at_eps']:.3f}" + ("" if reach else " (eps is beyond what n samples "
+                                                                              "can certify at this sigma)"))
+        return out
