@@ -1,11 +1,13 @@
 """DALE and DALE-PD training (methods/dale.py): the dual variable, the clean-loss margin on digits, the
-per-epoch log, exact resume and DDP."""
+per-epoch log, exact resume and DDP, one dale_pd batch step against a plain transcription of advbench's,
+the paper's variant (unsigned Gaussian chain, per-epoch dual step)."""
 import argparse
 import csv
 import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import (  # noqa: F401 (one_thread: an autouse fixture)
     free_port,
     gloo_group,
@@ -19,7 +21,7 @@ from torch.utils.data import DataLoader, Subset
 from robustops import train as rt
 from robustops.data import load_digits
 from robustops.train.fit import log_columns
-from robustops.train.methods.dale import log1m_softmax
+from robustops.train.methods.dale import LangevinStep, log1m_softmax
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +95,94 @@ def test_digits_dale_pd_keeps_clean_loss_near_the_margin(digits, tmp_path):
     assert ck["rank_states"][0]["method"]["nu"].item() == pytest.approx(nu[-1])
 
 
+def _advbench_dale_pd_step(model, x, y, *, eps, step_size, n_steps, nu, lr, margin, eta):
+    """A plain transcription of advbench's Gaussian_DALE_PD.step (arobey1/advbench, commit 8ad6d34:
+    attacks.LMC_Gaussian_Linf with its noise coefficient and start noise at 0, then the primal SGD step and
+    PrimalDualOptimizer.step), written from reading it. Returns nu after the dual update."""
+    model.eval()
+    adv = x.clone()
+    for _ in range(n_steps):
+        adv.requires_grad_(True)
+        p = torch.softmax(model(adv), dim=1)[torch.arange(len(y)), y]
+        g, = torch.autograd.grad(torch.log(1 - p).mean(), [adv])
+        adv = adv.detach() + step_size * torch.sign(g)
+        adv = torch.clamp(torch.min(torch.max(adv, x - eps), x + eps), 0.0, 1.0)
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    opt.zero_grad()
+    clean = F.cross_entropy(model(x), y)
+    robust = F.cross_entropy(model(adv), y)
+    (robust + nu * clean).backward()
+    opt.step()
+    v = nu + eta * (clean.detach() - margin)
+    return v if v > 0 else torch.tensor(0.0)
+
+
+def test_one_dale_pd_batch_step_equals_advbench_transcription():
+    """Noise 0, start at x, Gaussian (sign) form, plain SGD: the parameters after the step and nu after the
+    dual update equal advbench's (non-saturated logits: log(1 - p_y) and the stable form agree there)."""
+    x, y = load_digits("train").tensors
+    x, y = x[:24], y[:24]
+    hp = dict(eps=0.1, alpha=0.03, steps=3, nu=0.7, margin=0.2, dual_lr=0.05, lr=0.1)
+    ref = tiny_cnn(seed=4)
+    with torch.no_grad():
+        p = torch.softmax(ref.eval()(x), 1).max(1).values
+    assert p.max() < 0.99  # non-saturated
+    nu_ref = _advbench_dale_pd_step(ref, x, y, eps=hp["eps"], step_size=hp["alpha"], n_steps=hp["steps"], nu=hp["nu"],
+                                    lr=hp["lr"], margin=hp["margin"], eta=hp["dual_lr"])
+    model = tiny_cnn(seed=4)
+    tr = rt.Trainer(model, method="dale_pd", epochs=1, steps_per_epoch=1, langevin_form="gaussian", langevin_noise=0.0,
+                    random_start=False, optimizer="sgd", momentum=0.0, weight_decay=0.0, schedule="constant", **hp)
+    tr.train_step(x, y)
+    for k, v in ref.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[k], v, rtol=1e-5, atol=1e-6)
+    assert tr.method.nu.item() == pytest.approx(float(nu_ref), rel=1e-6)
+
+
+def test_unsigned_langevin_step():
+    """The paper's chain: delta + alpha * (per-sample gradient = B * the batch mean's) + c * xi, projected; its
+    noise is sample b's alone (same draw in a batch of 2 and of 4) and fresh at every step."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 1, 8, 8, generator=g)
+    grad = torch.randn(4, 1, 8, 8, generator=g) * 0.05
+    xa = (x + 0.02 * torch.randn(4, 1, 8, 8, generator=g)).clamp(0, 1)
+    st = LangevinStep(0.0, "gaussian", "unsigned")
+    st.reset(7)
+    out = st(xa.clone(), x, grad, torch.tensor(0.1), torch.tensor(0.05), "linf", 0.0, 1.0)
+    expect = torch.clamp(torch.clamp(xa + 0.05 * 4 * grad, x - 0.1, x + 0.1), 0, 1)
+    torch.testing.assert_close(out, expect)
+    eps = torch.tensor([0.1, 0.0, 0.2, 0.05])  # per-sample parameters
+    st.reset(7)
+    out = st(xa.clone(), x, grad, eps, 0.05, "linf", 0.0, 1.0)
+    assert ((out - x).abs().flatten(1).max(1).values <= eps + 1e-6).all()
+    noisy = LangevinStep(0.3, "gaussian", "unsigned")
+    draws = []
+    for b in (2, 4):
+        noisy.reset(7)
+        a = noisy(x[:b].clone(), x[:b], torch.zeros_like(x[:b]), 1.0, 0.0, "linf", -9.0, 9.0)
+        draws.append((a - x[:b], noisy(a.clone(), x[:b], torch.zeros_like(x[:b]), 1.0, 0.0, "linf", -9.0, 9.0) - a))
+    torch.testing.assert_close(draws[0][0], draws[1][0][:2])
+    assert 0.2 < draws[1][0].std().item() < 0.4 and not torch.equal(draws[1][0], draws[1][1])
+
+
+def test_per_epoch_dual_update_moves_nu_once_an_epoch():
+    x, y = load_digits("train").tensors
+    tr = rt.Trainer(tiny_cnn(), method="dale_pd", epochs=1, eps=0.1, steps=2, nu=0.0, margin=0.3, dual_lr=0.5,
+                    dual_update="epoch", langevin_form="gaussian", langevin_gradient="unsigned", steps_per_epoch=2)
+    m = tr.method
+    assert "per-epoch dual" in tr.cfg.label and "unsigned" in tr.cfg.label
+    cleans = []
+    for k in (0, 16):
+        tr.train_step(x[k:k + 16], y[k:k + 16])
+        assert m.nu.item() == 0.0  # nothing moves within the epoch
+        cleans.append(m._clean_sum.item())
+    mean = cleans[-1] / 32
+    row = m.log_values()
+    assert row["clean_loss"] == pytest.approx(mean) and row["nu"] == pytest.approx(0.5 * (mean - 0.3), rel=1e-6)
+    m.epoch_dual_step(-10.0)  # far below the margin: projected on nu >= 0
+    assert m.nu.item() == 0.0
+
+
 @pytest.mark.parametrize("kw,name", [
     (dict(method="dale", norm="l2"), "norm"),
     (dict(method="dale_pd", amp="fp16"), "amp"),
@@ -102,6 +192,10 @@ def test_digits_dale_pd_keeps_clean_loss_near_the_margin(digits, tmp_path):
     (dict(method="dale_pd", dual_lr=-1.0), "dual_lr"),
     (dict(method="dale", nu=-0.5), "nu"),
     (dict(method="dale", langevin_noise=-0.5), "langevin_noise"),
+    (dict(method="dale_pd", langevin_gradient="unsigned"), "langevin_gradient"),  # laplace: sign only
+    (dict(method="dale", langevin_gradient="raw"), "langevin_gradient"),
+    (dict(method="dale_pd", dual_update="step"), "dual_update"),
+    (dict(method="dale_pd", amp="fp16", langevin_form="gaussian", langevin_gradient="unsigned"), "amp"),
 ])
 def test_bad_arguments_name_the_argument(kw, name):
     with pytest.raises(ValueError, match=rf"^{name}\b"):
@@ -114,9 +208,10 @@ def test_cli_flags_come_from_the_registry():
     p = argparse.ArgumentParser()
     add_arguments(p)
     a = p.parse_args(["--method", "dale_pd", "--nu", "0.5", "--margin", "0.2", "--dual-lr", "0.01",
-                      "--langevin-noise", "0.003", "--langevin-form", "gaussian", "--langevin-objective", "ce"])
-    assert (a.nu, a.margin, a.dual_lr, a.langevin_noise, a.langevin_form, a.langevin_objective) == \
-        (0.5, 0.2, 0.01, 0.003, "gaussian", "ce")
+                      "--langevin-noise", "0.003", "--langevin-form", "gaussian", "--langevin-objective", "ce",
+                      "--langevin-gradient", "unsigned", "--dual-update", "epoch"])
+    assert (a.nu, a.margin, a.dual_lr, a.langevin_noise, a.langevin_form, a.langevin_objective, a.langevin_gradient,
+            a.dual_update) == (0.5, 0.2, 0.01, 0.003, "gaussian", "ce", "unsigned", "epoch")
 
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
@@ -131,13 +226,19 @@ def test_amp_and_channels_last(digits, amp):
 
 # --------------------------------------------------------------------------- resume, DDP
 
-@pytest.mark.parametrize("method", ["dale_pd"])
-def test_resume_matches_uninterrupted(digits, tmp_path, method):
+@pytest.mark.parametrize("method,extra", [
+    ("dale_pd", {}),
+    # the paper's variant: unsigned Gaussian chain, nu from 0, one dual step per epoch
+    ("dale_pd", dict(langevin_form="gaussian", langevin_gradient="unsigned", dual_update="epoch", nu=0.0, dual_lr=0.5,
+                     alpha=0.02)),
+])
+def test_resume_matches_uninterrupted(digits, tmp_path, method, extra):
     train_ds, test_ds = digits
     sub = Subset(train_ds, list(range(128)))
     val = DataLoader(Subset(test_ds, list(range(64))), batch_size=64)
     hp = dict(epochs=3, eps=0.1, steps=2, seed=3, margin=0.5, dual_lr=0.05, langevin_noise=0.01, progress=False,
               verbose=False)
+    hp.update(extra)
     # dies in the middle of the second epoch
     ref, res, crash = resume_matches_uninterrupted(method, sub, val, tmp_path, hp, crash_after=lambda n: n + 2,
                                                    width=8, weights_only=False)

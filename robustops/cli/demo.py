@@ -175,6 +175,17 @@ def _stack_dataset(ds):
     return torch.stack(xs), torch.as_tensor([int(v) for v in ys])
 
 
+def _with_nu_range(label: str, res) -> str:
+    """A DALE row's label with the range its nu took (start and epoch ends): how far the dual variable moved
+    is part of what the row's figures mean."""
+    nus = [r["nu"] for r in res.history if "nu" in r]
+    if not nus:
+        return label
+    nus.append(float(res.config.nu))
+    rng = f"nu {min(nus):.2f}-{max(nus):.2f}"
+    return label[:-1] + f", {rng})" if label.endswith(")") else f"{label} ({rng})"
+
+
 def _train_and_evaluate(args, key: str, data: _Data, dev, proxy_data=None) -> dict:
     import torch
 
@@ -206,7 +217,7 @@ def _train_and_evaluate(args, key: str, data: _Data, dev, proxy_data=None) -> di
         suite = Suite(model, args.eps, "linf", steps=args.aa_steps, fab_steps=args.aa_fab_steps,
                       n_queries=args.aa_queries, seed=args.seed)
         aa = suite.run(data.test_loader, device=dev, progress=False)["robust_acc"]
-    label = res.config.label + (f" + proxy data ({ratio:.0%})" if ratio is not None else "")
+    label = _with_nu_range(res.config.label, res) + (f" + proxy data ({ratio:.0%})" if ratio is not None else "")
     row = {"method": key, "label": label, "clean_acc": ev["clean_acc"],
            "robust_acc": ev["robust_acc"], "aa_acc": aa, "acr": None, "ibp_acr": None, "train_time_s": res.train_time,
            "epochs_run": res.epochs_run, "best_epoch": res.best_epoch, "model": model,

@@ -7,49 +7,87 @@ The paper recasts adversarial training as a constrained problem over perturbatio
     s.t.       E[ loss(f_theta(x), y) ] <= rho                                   (the clean-loss margin)
 
 whose optimal inner distribution concentrates where the loss is large, lambda(delta|x) ~ l(x + delta)^(1/T)
-on the eps-ball. Samples of it come from a projected Langevin chain on log l, written with the sign of the
-gradient (which makes PGD the noiseless chain), L steps from a start near x:
+on the eps-ball. Samples of it come from a projected Langevin chain on log l, L steps from a start near x,
+and the outer problem is solved on the Lagrangian with a dual variable nu >= 0.
 
-    Gaussian:  delta <- P(delta + eta * sign(grad_delta log l) + c * xi),   xi ~ N(0, I)
-    Laplace:   delta <- P(delta + eta * sign(grad_delta log l + c * l_),   l_ ~ Laplace(0, I)
+Two sources, and which one each choice follows (both read as references, nothing copied):
 
-P projects onto the L-inf ball of radius eps and keeps x + delta in [lo, hi]. Each step is one fused
-``ops.langevin_step_`` after one input-gradient pass. The outer problem is solved by the Lagrangian
-with dual variable nu >= 0:
+- [P] the paper's Algorithm 1, as far as its text can be read (the issue that asked for this, #25,
+  reads it so; the algorithm's text could not be retrieved when this was written, and an earlier revision
+  of this file read the same algorithm as the Laplace sign form below, so the reading is not settled and
+  both forms are offered): an unsigned gradient with Gaussian noise,
+  delta <- P(delta + eta * grad_delta log l + sqrt(2 eta T) xi), nu starting at 0 and updated once per
+  epoch with the full-data clean loss.
+- [A] the released code, arobey1/advbench at commit 8ad6d34 (attacks.py ``LMC_Gaussian_Linf`` /
+  ``LMC_Laplacian_Linf``, optimizers.py ``PrimalDualOptimizer``, algorithms.py ``Gaussian_DALE_PD``,
+  hparams_registry.py's MNIST values): a sign gradient, the start x + 0.001 N(0, I), the inner objective
+  mean_b log(1 - softmax(f(x + delta))_y), nu starting at 1 and a projected dual step after every
+  minibatch with that minibatch's clean loss. Its primal-dual class uses the Gaussian form only; the
+  Laplace form belongs to its fixed-nu class ``Laplacian_DALE``.
 
-    dale:     theta <- theta - lr * grad_theta [ CE(f(x + delta), y) + nu * CE(f(x), y) ],  nu fixed
+The chains (``langevin_form`` x ``langevin_gradient``), P the projection onto the L-inf ball of radius eps
+intersected with x + delta in [lo, hi]:
+
+    gaussian, sign      delta <- P(delta + eta * sign(g) + c * xi),      xi ~ N(0, I)           [A]
+    laplace,  sign      delta <- P(delta + eta * sign(g + c * l)),       l ~ Laplace(0, I)      [A, fixed nu]
+    gaussian, unsigned  delta <- P(delta + eta * g_b + c * xi)                                  [P]
+
+g is the gradient of the batch mean of log l (as in [A]); g_b = B * g is sample b's own gradient of
+log l(x_b + delta_b), the paper's per-sample chain (the batch mean would shrink the drift by the batch
+size). The sign forms are one fused ``ops.langevin_step_`` after each input-gradient pass; the unsigned
+form, which that op does not have, is a few plain torch operations in :class:`LangevinStep` (its noise
+drawn by ``ops.gaussian_noise`` from the same per-step Philox keys). Noise 0 with the sign form is PGD.
+
+The update (losses are batch means):
+
+    dale:     theta <- theta - lr * grad_theta [ CE(f(x + delta), y) + nu * CE(f(x), y) ],  nu fixed   [A]
     dale_pd:  the same primal step, then the projected dual ascent
-              nu <- max(0, nu + eta_nu * (CE(f(x), y) - rho))
+              nu <- max(0, nu + eta_nu * (clean - rho))
+              dual_update "batch" [A]: after every minibatch, clean = that minibatch's clean CE (computed
+              before the primal step changed theta);
+              dual_update "epoch" [P]: once per epoch, clean = the epoch's mean clean CE over its batches
+              (each computed with the weights of its own step: the natural reading of "the full-data
+              clean loss" that costs no extra pass over the data).
 
-(both losses batch means, nu updated with the clean loss of the batch the primal step used, before the
-step changed theta; this is the paper's Algorithm 1 and its released code, arobey1/advbench).
+The paper's variant is ``--method dale_pd --langevin-form gaussian --langevin-gradient unsigned
+--dual-update epoch --nu 0``; per-epoch dual steps are far fewer, so ``dual_lr`` should be larger (about
+the number of batches per epoch times the per-batch value), and the unsigned drift's scale depends on the
+loss, so ``alpha`` is worth setting for it (its default is the sign form's 2.5 eps / steps).
 
-Choices the paper leaves open, and what is done here:
+Choices the sources leave open, or where this code departs from [A]:
 
-- the inner objective log l: ``langevin_objective`` "log1m_softmax" is the paper code's
-  log(1 - softmax(f(x + delta))_y), computed as logsumexp_{c != y} z_c - logsumexp_c z_c so that it
-  stays finite (and its gradient defined) when the model is confident; "ce" ascends the cross-entropy
-  instead. Its batch mean is ascended (as in the paper's code), so the Laplace noise scale c is
-  measured against the gradient of a mean. amp "fp16" scales that gradient by a changing loss scale
-  the noise would have to follow, so the Laplace form with noise > 0 refuses it (bf16 is fine).
-- the noise scale: the paper writes the Gaussian noise as sqrt(2 * eta * T) * xi (temperature T);
-  ``langevin_noise`` is the scale c itself (T = c^2 / (2 eta)), as in the released code. Default 0.001,
-  the code's MNIST value for both forms (its CIFAR-10 Laplace value is 0.01).
+- the inner objective log l: ``langevin_objective`` "log1m_softmax" is [A]'s log(1 - softmax(z)_y),
+  computed as logsumexp_{c != y} z_c - logsumexp_c z_c. A deliberate deviation: [A]'s literal
+  torch.log(1 - p_y) is -inf once p_y rounds to 1 in float32 (a margin of about 17), its gradient is then
+  NaN/zero, and those confident samples get no step (the sign of a NaN or zero gradient); the stable form
+  stays finite and keeps attacking them, which is the purpose of the chain. On non-saturated logits the two
+  agree to float rounding (tests/test_dale.py checks one whole dale_pd batch step against a plain
+  transcription of [A]). "ce" ascends the cross-entropy instead. Under a sign drift with Gaussian (or no)
+  noise the two objectives give the same chain: sample b's gradients of log(1 - p_y) and of CE are both
+  positive multiples of -grad p_y, so their signs agree (up to saturation); the objective matters for the
+  Laplace form (noise added before the sign, relative to the gradient's size) and the unsigned form. The batch mean is ascended (as in [A]),
+  so the Laplace noise scale c is measured against the gradient of a mean. amp "fp16" scales that gradient
+  by a changing loss scale the noise would have to follow, so the Laplace form with noise > 0 and the
+  unsigned form refuse it (bf16 is fine).
+- the noise scale: [P] writes the Gaussian noise as sqrt(2 * eta * T) * xi (temperature T);
+  ``langevin_noise`` is the scale c itself (T = c^2 / (2 eta)), as in [A]. Default 0.001, [A]'s MNIST value
+  for both forms (its CIFAR-10 Laplace value is 0.01).
 - steps L and step size eta: the threat model's ``steps`` and ``alpha`` (default 2.5 eps / steps: 0.107
-  at the code's MNIST eps 0.3 and 7 steps, where it uses 0.1).
-- the start: with ``random_start``, x + 0.001 * N(0, I) as in the released code; otherwise x itself.
-- the model runs in eval mode during the chain (as in the released code) and in train mode for the
-  update, whose forward takes the clean and the perturbed batch in one call (one DDP all-reduce).
-- the form: "laplace" by default (the paper's Algorithm 1); the released primal-dual code uses the
-  Gaussian form, which ``langevin_form gaussian`` selects.
-- defaults nu: 0.1 for dale (the code's fixed weight), 1.0 as dale_pd's initial value (the code's
-  initial dual variable); margin rho 0.1 and dual step eta_nu 0.001 per minibatch (the code's values).
-- distributed: the clean loss that drives the dual step is averaged over the processes (one
-  all-reduce of a scalar, no host sync), so nu stays the same on every process.
+  at [A]'s MNIST eps 0.3 and 7 steps, where it uses 0.1).
+- the start: with ``random_start``, x + 0.001 * N(0, I) as in [A]; otherwise x itself.
+- the model runs in eval mode during the chain (as in [A]) and in train mode for the update, whose forward
+  takes the clean and the perturbed batch in one call (one DDP all-reduce; [A] makes two calls, which
+  differs only for batch-norm statistics).
+- the form: "laplace" by default (the demo's historical setting; [A] uses it with a fixed nu only);
+  ``langevin_form gaussian`` is [A]'s primal-dual form and, with ``langevin_gradient unsigned``, [P]'s.
+- defaults: nu 0.1 for dale ([A]'s ``l_dale_nu``), 1.0 as dale_pd's initial value ([A]); [P] starts at 0
+  (``--nu 0``). Margin rho 0.1 and dual step eta_nu 0.001 ([A]'s MNIST values, per minibatch).
+- distributed: the clean loss that drives the dual step is averaged over the processes (one all-reduce of
+  a scalar, no host sync), so nu stays the same on every process.
 
 The dual variable stays a device tensor (no host sync per step); it is logged once per epoch (column
 ``nu``, with ``clean_loss``, the epoch's mean clean cross-entropy) and saved in checkpoints for an exact
-resume.
+resume (checkpoints are written at epoch ends, after the per-epoch dual step).
 """
 from __future__ import annotations
 
@@ -61,9 +99,11 @@ import torch.nn.functional as F
 from ... import _rng, ops
 from ..registry import Hyper, Method, register
 
-__all__ = ["Dale", "DalePD", "LangevinStep", "log1m_softmax", "OBJECTIVES"]
+__all__ = ["Dale", "DalePD", "LangevinStep", "log1m_softmax", "OBJECTIVES", "GRADIENTS", "DUAL_UPDATES"]
 
 OBJECTIVES = ("log1m_softmax", "ce")
+GRADIENTS = ("sign", "unsigned")
+DUAL_UPDATES = ("batch", "epoch")
 
 
 def log1m_softmax(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -85,14 +125,21 @@ def _ce(logits, y):
     return F.cross_entropy(logits.float(), y, reduction="none")
 
 
-class LangevinStep:
-    """The engine's step op for one chain: ``ops.langevin_step_`` with the Philox key of step k
-    derived from the chain's seed (``_rng.derive_seed(seed, k)``, k = 1, 2, ...), offset 0, so every
-    step draws fresh noise, sample b's draw does not depend on the batch size, and the start (key
-    ``seed``) and the steps never share a stream."""
+def _per_sample(p, x: torch.Tensor) -> torch.Tensor:
+    """A float or Tensor[B] parameter as float32 on x's device, broadcastable against x."""
+    t = torch.as_tensor(p, dtype=torch.float32).to(x.device)
+    return t.view((-1,) + (1,) * (x.dim() - 1)) if t.dim() else t
 
-    def __init__(self, noise: float, form: str):
-        self.noise, self.form = noise, form
+
+class LangevinStep:
+    """The engine's step op for one chain: ``ops.langevin_step_`` (the sign forms) or the unsigned
+    Gaussian step, with the Philox key of step k derived from the chain's seed
+    (``_rng.derive_seed(seed, k)``, k = 1, 2, ...), offset 0, so every step draws fresh noise, sample b's
+    draw does not depend on the batch size, and the start (key ``seed``) and the steps never share a
+    stream."""
+
+    def __init__(self, noise: float, form: str, gradient: str = "sign"):
+        self.noise, self.form, self.gradient = noise, form, gradient
         self.seed, self.k = 0, 0
 
     def reset(self, seed: int) -> None:
@@ -100,8 +147,23 @@ class LangevinStep:
 
     def __call__(self, x_adv, x, grad, eps, alpha, norm, lo, hi):
         self.k += 1
-        return ops.langevin_step_(x_adv, x, grad, eps, alpha, self.noise, self.form, lo, hi,
-                                  seed=_rng.derive_seed(self.seed, self.k), offset=0)
+        seed = _rng.derive_seed(self.seed, self.k)
+        if self.gradient == "unsigned":
+            return self._unsigned(x_adv, x, grad, eps, alpha, lo, hi, seed)
+        return ops.langevin_step_(x_adv, x, grad, eps, alpha, self.noise, self.form, lo, hi, seed=seed, offset=0)
+
+    def _unsigned(self, x_adv, x, grad, eps, alpha, lo, hi, seed):
+        # grad is that of the batch mean: times B it is each sample's own gradient (the paper's chain)
+        eps_t, alpha_t = _per_sample(eps, x_adv), _per_sample(alpha, x_adv)
+        v = x_adv.float() + alpha_t * grad.float() * x_adv.shape[0]
+        if self.noise > 0:
+            cl = x_adv.dim() == 4 and x_adv.is_contiguous(memory_format=torch.channels_last) \
+                and not x_adv.is_contiguous()
+            v += ops.gaussian_noise(torch.zeros_like(x_adv, dtype=torch.float32), 1, self.noise, seed=seed,
+                                    offset=0, channels_last=cl)
+        xf = x.float()
+        v = torch.minimum(torch.maximum(v, xf - eps_t), xf + eps_t).clamp_(lo, hi)
+        return x_adv.copy_(v)
 
 
 #: --clean-weight: the spelling torchrun accepts (its own parser takes --nu for its --numa-binding)
@@ -113,7 +175,13 @@ _LANGEVIN = (
           kind="choice", choices=("laplace", "gaussian")),
     Hyper("langevin_objective", "log1m_softmax", "the objective DALE's Langevin chain ascends: log(1 - p_y) or ce",
           kind="choice", choices=OBJECTIVES),
+    Hyper("langevin_gradient", "sign", "DALE's Langevin drift: sign (advbench; PGD at noise 0) or unsigned "
+          "(the paper's eta * per-sample gradient; langevin_form gaussian)", kind="choice", choices=GRADIENTS),
 )
+
+
+def _chain_label(cfg) -> str:
+    return cfg.langevin_form + (", unsigned" if cfg.langevin_gradient == "unsigned" else "")
 
 
 @register
@@ -132,16 +200,22 @@ class Dale(Method):
             raise ValueError("amp fp16 scales the input gradient by a changing loss scale that the Laplace noise "
                              "(added to the gradient) would have to follow: use amp bf16, langevin_form gaussian "
                              "or langevin_noise 0")
+        if cfg.langevin_gradient == "unsigned" and cfg.langevin_form != "gaussian":
+            raise ValueError("langevin_gradient unsigned takes langevin_form gaussian (the paper's step adds Gaussian "
+                             f"noise to an unsigned gradient step), got langevin_form {cfg.langevin_form!r}")
+        if cfg.amp == "fp16" and cfg.langevin_gradient == "unsigned":
+            raise ValueError("amp fp16 scales the input gradient by a changing loss scale, which the unsigned "
+                             "Langevin step would take as its size: use amp bf16 or langevin_gradient sign")
 
     @classmethod
     def label(cls, cfg) -> str:
-        return f"DALE ({cfg.langevin_form}, {cfg.steps} steps)"
+        return f"DALE ({_chain_label(cfg)}, {cfg.steps} steps)"
 
     def __init__(self, ctx):
         super().__init__(ctx)
         c = self.cfg
         objective = _batch_mean(log1m_softmax if c.langevin_objective == "log1m_softmax" else _ce)
-        self.langevin = LangevinStep(c.langevin_noise, c.langevin_form)
+        self.langevin = LangevinStep(c.langevin_noise, c.langevin_form, c.langevin_gradient)
         self.engine = ctx.engine("linf", objective, step=self.langevin)
         self.nu = torch.tensor(float(c.nu), dtype=torch.float32, device=ctx.device)
         # the epoch's clean-loss sum and sample count (device tensors: no sync per step)
@@ -179,7 +253,10 @@ class Dale(Method):
         return ctx.stats(robust, logits_adv, y)
 
     def dual_step(self, clean: torch.Tensor) -> None:
-        """dale: nu stays fixed."""
+        """After each minibatch, with its clean loss (a device scalar); dale: nu stays fixed."""
+
+    def epoch_dual_step(self, clean: float) -> None:
+        """At each epoch's end, with the epoch's mean clean loss over all processes; dale: nu stays fixed."""
 
     def log_values(self) -> Dict[str, float]:
         s = torch.stack([self._clean_sum, self._seen])
@@ -190,6 +267,8 @@ class Dale(Method):
         self._clean_sum.zero_()
         self._seen.zero_()
         clean_sum, seen = s.tolist()
+        if seen:
+            self.epoch_dual_step(clean_sum / seen)
         out = {"clean_loss": clean_sum / seen if seen else float("nan")}
         if "nu" in self.log_metrics:
             out["nu"] = float(self.nu)
@@ -203,16 +282,22 @@ class DalePD(Dale):
     hyper = (Hyper("nu", 1.0, _NU_HELP, minimum=0.0, flags=NU_FLAGS),
              Hyper("margin", 0.1, "dale_pd: the bound rho on the clean loss (the constraint E CE(f(x), y) <= rho)",
                    minimum=0.0),
-             Hyper("dual_lr", 0.001, "dale_pd: the dual step size eta_nu (per minibatch)", minimum=0.0)) + _LANGEVIN
+             Hyper("dual_lr", 0.001, "dale_pd: the dual step size eta_nu (per dual update)", minimum=0.0),
+             Hyper("dual_update", "batch", "dale_pd: when nu moves: batch (advbench: each minibatch's clean CE) or "
+                   "epoch (the paper: once per epoch, the epoch's mean clean CE)", kind="choice",
+                   choices=DUAL_UPDATES)) + _LANGEVIN
     log_metrics = ("nu", "clean_loss")
 
     @classmethod
     def label(cls, cfg) -> str:
-        return f"DALE-PD ({cfg.langevin_form}, {cfg.steps} steps, margin {cfg.margin:g})"
+        dual = ", per-epoch dual" if cfg.dual_update == "epoch" else ""
+        return f"DALE-PD ({_chain_label(cfg)}, {cfg.steps} steps, margin {cfg.margin:g}{dual})"
 
     def dual_step(self, clean: torch.Tensor) -> None:
         """nu <- max(0, nu + dual_lr * (clean - margin)), on the device; the clean loss is the mean over
-        all processes' batches."""
+        all processes' batches (dual_update batch only)."""
+        if self.cfg.dual_update != "batch":
+            return
         ctx = self.ctx
         if ctx.world_size > 1:
             import torch.distributed as dist
@@ -221,6 +306,11 @@ class DalePD(Dale):
             dist.all_reduce(clean)
             clean /= ctx.world_size
         self.nu.add_(clean.float() - self.cfg.margin, alpha=self.cfg.dual_lr).clamp_(min=0.0)
+
+    def epoch_dual_step(self, clean: float) -> None:
+        """dual_update epoch: nu <- max(0, nu + dual_lr * (the epoch's mean clean loss - margin))."""
+        if self.cfg.dual_update == "epoch":
+            self.nu.add_(self.cfg.dual_lr * (clean - self.cfg.margin)).clamp_(min=0.0)
 
     def state_dict(self):
         return {"nu": self.nu.detach().cpu()}
