@@ -18,7 +18,7 @@ with the reference settings of the issue (the ACERT authors' way of training and
   as a share of eps (ACR / eps, in [0, 1]), and the certified accuracy at eps.
 
     python benchmarks/certified_tradeoff.py --threads 1          # SmallCNN, eps 0.1, kappa 0, 0.25, 0.5, 0.8; seeds 0-2
-    python benchmarks/certified_tradeoff.py --model cnn7 --kappas 0 --seeds 0 --epochs 5 --threads 1
+    python benchmarks/certified_tradeoff.py --model cnn7 --eps 0.02 --epochs 6 --kappas 0 --seeds 0 --threads 1
 
 Prints one row per run and the tradeoff per method (mean over seeds), appends the rows to
 benchmarks/results/certified_tradeoff.csv (settings "reference"; the rows of the earlier ibp-vs-acert study
