@@ -41,3 +41,19 @@ def test_tightness_table_marks_the_targets(benchmarks_path, capsys):
     out = capsys.readouterr().out.splitlines()
     assert ">=2.5x NOT met" in out[3] and "3.10x" in out[3]
     assert ">=5x met" in out[4] and "7.80x" in out[4]
+
+
+def test_certified_tradeoff_runs_end_to_end(benchmarks_path, capsys):
+    """The trade-off study at a tiny size (one epoch on 48 images): both methods train with the reference
+    settings, select by acceps on the held-out images and report capped ACR as a share of eps."""
+    import certified_tradeoff
+
+    rows = certified_tradeoff.main(["--no-csv", "--epochs", "1", "--train-size", "48", "--val-size", "16",
+                                    "--test-size", "16", "--kappas", "0.5", "--seeds", "0", "--batch", "16"])
+    assert [r["method"] for r in rows] == ["fastibp", "acert"]
+    for r in rows:
+        assert r["settings"] == "reference" and r["best_epoch"] == 1
+        assert 0.0 <= float(r["acr_share"]) <= 1.0 and 0.0 <= float(r["cert_acc_eps"]) <= float(r["clean_acc"])
+    assert "ACR/eps" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        certified_tradeoff.main(["--no-csv", "--methods", "ibp"])
