@@ -170,6 +170,57 @@ def test_smoothmix_loss_matches_plain_transcription(digits):
     assert 0 <= int(correct) <= n
 
 
+def plain_smoothmix_loss(model, x_c, x_adv, y, noise, lam, eta, K=10):
+    """The SmoothMix loss transcribed in plain PyTorch, with the clean side x_c given."""
+    m = noise.shape[0]
+    lv = lam.view(-1, 1, 1, 1)
+    x_mix = (1 - lv) * x_c + lv * x_adv
+    ce = sum(F.cross_entropy(model(x_c + noise[i]), y) for i in range(m)) / m
+    p_s = (sum(F.softmax(model(x_c + noise[i]), 1) for i in range(m)) / m).detach()
+    target = (1 - lam[:, None]) * p_s + lam[:, None] / K
+    kl = sum((target * (target.log() - F.log_softmax(model(x_mix + noise[i]), 1))).sum(1) for i in range(m)) / m
+    return ce + eta * ((p_s.argmax(1) == y).float() * kl).mean()
+
+
+def test_smoothmix_one_step_adversary_mixes_from_the_first_iterate(digits):
+    # mix_step 1 (the authors' --mix_step 1): x^(1), computed here by a separate 1-step plain PGD, replaces x
+    # in the whole loss (CE, smoothed target, indicator) and is the clean end of the mixup with x^(T)
+    x, y = digits[1].tensors
+    x, y = x[:24].clone(), y[:24].clone()
+    m, sigma, T, alpha, eta = 2, 0.25, 3, 0.4, 5.0
+    model = briefly_trained(digits)
+    ref_model = copy.deepcopy(model)
+    tr = rt.Trainer(model, method="smoothmix", noise_copies=m, sigma=sigma, mix_steps=T, mix_alpha=alpha,
+                    mix_eta=eta, mix_warmup=0, mix_step=1, seed=5, lr=0.05)
+    assert "mixed from x^(1)" in rt.FitConfig.make("smoothmix", mix_steps=T, mix_step=1).resolved().label
+    s_noise, s_lam = next_seeds(tr, 2)
+    loss_sum, _, n = tr.train_step(x, y)
+    noise = plain_noise(x, m, sigma, s_noise)
+    x1 = plain_pgd(ref_model, x, y, noise, T * alpha, alpha, 1)
+    x_adv = plain_pgd(ref_model, x, y, noise, T * alpha, alpha, T)
+    lam = 0.5 * torch.rand(x.shape[0], generator=torch.Generator().manual_seed(s_lam))
+    ref = plain_smoothmix_loss(ref_model, x1, x_adv, y, noise, lam, eta)
+    torch.testing.assert_close(loss_sum / n, ref, rtol=1e-4, atol=1e-5)
+    original = plain_smoothmix_loss(ref_model, x, x_adv, y, noise, lam, eta)  # mix_step 0's loss differs
+    assert abs(float(original.detach()) - float(ref.detach())) > 1e-3
+
+
+def test_smoothmix_one_step_clean_side_warmup_and_bad_mix_step(digits):
+    x, y = batch(digits, 8)
+    noise = ops.gaussian_noise(torch.zeros_like(x), 2, 0.25, seed=3).view(x.shape[0], 2, *x.shape[1:])
+    kw = dict(sigma=0.25, noise_copies=2, mix_steps=2, mix_alpha=0.5, mix_step=1, seed=0)
+    full = rt.Trainer(tiny_cnn(seed=2), method="smoothmix", mix_warmup=0, **kw).method
+    warm = rt.Trainer(tiny_cnn(seed=2), method="smoothmix", mix_warmup=4, **kw).method  # epoch 0: w = 1/4
+    (x1, xa1), (xw, xaw) = full.attack(x, y, noise), warm.attack(x, y, noise)
+    torch.testing.assert_close(xa1, xaw)  # the attack is unchanged by the warm-up
+    d1, dw = (x1 - x).flatten(1), (xw - x).flatten(1)
+    assert float(d1.norm(dim=1).max()) <= 0.5 + 1e-5 and float(d1.norm(dim=1).min()) > 0.1
+    torch.testing.assert_close(dw.norm(dim=1), torch.clamp(d1.norm(dim=1), max=0.125))
+    torch.testing.assert_close(dw, d1 * (dw.norm(dim=1) / d1.norm(dim=1))[:, None])  # same direction
+    with pytest.raises(ValueError, match="mix_step must be below mix_steps"):
+        rt.Trainer(tiny_cnn(), method="smoothmix", mix_steps=1, mix_step=1)
+
+
 def test_smoothmix_target_keeps_its_gradient():
     # the authors' code builds y_mix from the clean smoothed prediction without a stop-gradient, so the
     # mixup term also pulls on the clean copies' logits; a plain float64 transcription with torch.kl_div
