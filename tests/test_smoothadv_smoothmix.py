@@ -138,20 +138,25 @@ def briefly_trained(digits, steps=40, seed=6):
     return model
 
 
-def test_smoothmix_loss_matches_plain_transcription(digits):
+def smoothmix_step(digits, m, sigma, T, alpha, eta, **hp):
+    """One SmoothMix training step on 24 test digits of a briefly trained tiny_cnn; returns (x, y, a copy of
+    the model before the step, the step's noise [m, B, ...] and lam, (loss_sum, correct, n))."""
     x, y = digits[1].tensors
     x, y = x[:24].clone(), y[:24].clone()
-    m, sigma, T, alpha, eta = 3, 0.25, 2, 0.4, 5.0
     model = briefly_trained(digits)
     ref_model = copy.deepcopy(model)
     tr = rt.Trainer(model, method="smoothmix", noise_copies=m, sigma=sigma, mix_steps=T, mix_alpha=alpha,
-                    mix_eta=eta, mix_warmup=0, seed=5, lr=0.05)
+                    mix_eta=eta, mix_warmup=0, seed=5, lr=0.05, **hp)
     s_noise, s_lam = next_seeds(tr, 2)
-    loss_sum, correct, n = tr.train_step(x, y)
-
-    noise = plain_noise(x, m, sigma, s_noise)
-    x_adv = plain_pgd(ref_model, x, y, noise, T * alpha, alpha, T)
+    out = tr.train_step(x, y)
     lam = 0.5 * torch.rand(x.shape[0], generator=torch.Generator().manual_seed(s_lam))
+    return x, y, ref_model, plain_noise(x, m, sigma, s_noise), lam, out
+
+
+def test_smoothmix_loss_matches_plain_transcription(digits):
+    m, sigma, T, alpha, eta = 3, 0.25, 2, 0.4, 5.0
+    x, y, ref_model, noise, lam, (loss_sum, correct, n) = smoothmix_step(digits, m, sigma, T, alpha, eta)
+    x_adv = plain_pgd(ref_model, x, y, noise, T * alpha, alpha, T)
     lv = lam.view(-1, 1, 1, 1)
     x_mix = (1 - lv) * x + lv * x_adv
     K = 10
@@ -185,20 +190,11 @@ def plain_smoothmix_loss(model, x_c, x_adv, y, noise, lam, eta, K=10):
 def test_smoothmix_one_step_adversary_mixes_from_the_first_iterate(digits):
     # mix_step 1 (the authors' --mix_step 1): x^(1), computed here by a separate 1-step plain PGD, replaces x
     # in the whole loss (CE, smoothed target, indicator) and is the clean end of the mixup with x^(T)
-    x, y = digits[1].tensors
-    x, y = x[:24].clone(), y[:24].clone()
     m, sigma, T, alpha, eta = 2, 0.25, 3, 0.4, 5.0
-    model = briefly_trained(digits)
-    ref_model = copy.deepcopy(model)
-    tr = rt.Trainer(model, method="smoothmix", noise_copies=m, sigma=sigma, mix_steps=T, mix_alpha=alpha,
-                    mix_eta=eta, mix_warmup=0, mix_step=1, seed=5, lr=0.05)
+    x, y, ref_model, noise, lam, (loss_sum, _, n) = smoothmix_step(digits, m, sigma, T, alpha, eta, mix_step=1)
     assert "mixed from x^(1)" in rt.FitConfig.make("smoothmix", mix_steps=T, mix_step=1).resolved().label
-    s_noise, s_lam = next_seeds(tr, 2)
-    loss_sum, _, n = tr.train_step(x, y)
-    noise = plain_noise(x, m, sigma, s_noise)
     x1 = plain_pgd(ref_model, x, y, noise, T * alpha, alpha, 1)
     x_adv = plain_pgd(ref_model, x, y, noise, T * alpha, alpha, T)
-    lam = 0.5 * torch.rand(x.shape[0], generator=torch.Generator().manual_seed(s_lam))
     ref = plain_smoothmix_loss(ref_model, x1, x_adv, y, noise, lam, eta)
     torch.testing.assert_close(loss_sum / n, ref, rtol=1e-4, atol=1e-5)
     original = plain_smoothmix_loss(ref_model, x, x_adv, y, noise, lam, eta)  # mix_step 0's loss differs
