@@ -16,7 +16,8 @@ from typing import List
 
 from .common import CLIError, fmt_pct, require_min, write_summary
 
-__all__ = ["SECTION", "METHODS", "BOUNDS", "add_arguments", "check_arguments", "certify_model", "run_section"]
+__all__ = ["SECTION", "METHODS", "BOUNDS", "STYLES", "add_arguments", "check_arguments", "certify_model", "table",
+           "plot_curves", "run_section"]
 
 SECTION = "certified"
 #: The section's models by default: the certified-training methods that train on the digits in seconds.
@@ -112,6 +113,26 @@ def table(results: List[dict], eps: float) -> List[str]:
     return md
 
 
+#: Line style of each bound in the picture (a model keeps one colour).
+STYLES = {"ibp": "-", "crown-ibp": ":", "crown": "--", "best": "-."}
+
+
+def plot_curves(path: str, grid, curves: dict, eps: float, title: str) -> List[str]:
+    """Certified accuracy against the radius, curves[(method, bound)] on grid: a colour per model, a line
+    style per bound, the training eps marked. PNG and PDF (robustops.plotting); returns the paths."""
+    from ..plotting import figure, frame, outside_legend, save_figure
+
+    fig, ax = figure()
+    colours = {}
+    for (method, bound), ys in curves.items():
+        colour = colours.setdefault(method, f"C{len(colours) % 10}")
+        ax.plot(grid, ys, color=colour, linestyle=STYLES.get(bound, "-"), label=f"{method} / {bound}")
+    ax.axvline(eps, color="0.5", linewidth=0.8)
+    frame(ax, float(grid[-1]), "certified accuracy", "L-inf radius (grey: the training eps)", title)
+    outside_legend(ax)
+    return save_figure(fig, path)
+
+
 def run_section(args, data, rows, dev) -> List[str]:
     """Certifies the rows' models (the demo's trained certified models, in eval mode) on the first
     --cert-n test images with every bound; prints the table, writes OUT/certified/ (results.csv row by row,
@@ -119,7 +140,6 @@ def run_section(args, data, rows, dev) -> List[str]:
     import numpy as np
 
     from .. import smoothing
-    from ..plotting import plot_curve
 
     eps = args.eps
     tol = args.cert_tol if args.cert_tol is not None else eps / 16
@@ -138,17 +158,17 @@ def run_section(args, data, rows, dev) -> List[str]:
                 c = certify_model(row["model"], x, y, eps, b, tol)
                 r = _summary(row, b, c, eps)
                 results.append(r)
-                curves[f"{row['method']} / {b}"] = smoothing.certified_accuracy(c["radius"], c["correct"], grid)
+                curves[(row["method"], b)] = smoothing.certified_accuracy(c["radius"], c["correct"], grid)
                 w.writerow({k: (f"{v:.5f}" if isinstance(v, float) else v) for k, v in r.items()})
                 fh.flush()  # the rows so far survive an interrupted run
-                print(f"  {row['label']:<24} {b:<9} certified {fmt_pct(r['cert_acc_eps']):>6} at eps, capped ACR "
+                print(f"  {row['label']:<33} {b:<9} certified {fmt_pct(r['cert_acc_eps']):>6} at eps, capped ACR "
                       f"{r['acr_capped_share']:.3f} eps ({c['passes']} bound passes, {c['seconds']:.1f}s)", flush=True)
     md = table(results, eps)
     lines = [f"certified training on digits ({n} test images, L-inf eps {eps:g}, {args.epochs} epochs; radii by "
              f"bisection on a grid of step <= {tol:.3g} up to 2 eps, 0 where mispredicted)"] + md
     print("\n" + "\n".join(lines))
-    plots = plot_curve(os.path.join(out, "certified_accuracy.png"), list(grid), curves, xlabel="L-inf radius",
-                       ylabel="certified accuracy", title=f"digits, certified accuracy per model / bound ({n} images)")
+    plots = plot_curves(os.path.join(out, "certified_accuracy.png"), grid, curves, eps,
+                        f"digits, certified accuracy per model / bound ({n} images)")
     summary = write_summary(os.path.join(out, "results.json"), {
         "command": "demo --section certified", "eps": eps, "tol": tol, "n": n, "epochs": args.epochs,
         "seed": args.seed, "table": md, "results": results,
