@@ -17,8 +17,8 @@ CASES = {
               {"noise_copies": 4, "macer_lambda": 1.0, "macer_warmup": 0}),
     "smoothadv": (["--adv-eps", "0.25", "--adv-steps", "1", "--adv-warmup", "2"],
                   {"adv_eps": 0.25, "adv_steps": 1, "adv_warmup": 2}),
-    "smoothmix": (["--mix-steps", "2", "--noise-copies", "2", "--mix-warmup", "2"],
-                  {"mix_steps": 2, "noise_copies": 2, "mix_warmup": 2}),
+    "smoothmix": (["--mix-steps", "2", "--noise-copies", "2", "--mix-warmup", "2", "--mix-step", "1"],
+                  {"mix_steps": 2, "noise_copies": 2, "mix_warmup": 2, "mix_step": 1}),
     # issue 24: FastIBP with the optimiser options and acceps selection, CROWN-IBP, ACERT's BN rule / radius mode
     "fastibp": (["--eps", "0.05", "--reg-lambda", "0.2", "--weight-init", "ibp", "--select", "acceps", "--grad-clip",
                  "5", "--schedule", "onecycle"], {"reg_lambda": 0.2, "weight_init": "ibp"}),

@@ -138,20 +138,25 @@ def briefly_trained(digits, steps=40, seed=6):
     return model
 
 
-def test_smoothmix_loss_matches_plain_transcription(digits):
+def smoothmix_step(digits, m, sigma, T, alpha, eta, **hp):
+    """One SmoothMix training step on 24 test digits of a briefly trained tiny_cnn; returns (x, y, a copy of
+    the model before the step, the step's noise [m, B, ...] and lam, (loss_sum, correct, n))."""
     x, y = digits[1].tensors
     x, y = x[:24].clone(), y[:24].clone()
-    m, sigma, T, alpha, eta = 3, 0.25, 2, 0.4, 5.0
     model = briefly_trained(digits)
     ref_model = copy.deepcopy(model)
     tr = rt.Trainer(model, method="smoothmix", noise_copies=m, sigma=sigma, mix_steps=T, mix_alpha=alpha,
-                    mix_eta=eta, mix_warmup=0, seed=5, lr=0.05)
+                    mix_eta=eta, mix_warmup=0, seed=5, lr=0.05, **hp)
     s_noise, s_lam = next_seeds(tr, 2)
-    loss_sum, correct, n = tr.train_step(x, y)
-
-    noise = plain_noise(x, m, sigma, s_noise)
-    x_adv = plain_pgd(ref_model, x, y, noise, T * alpha, alpha, T)
+    out = tr.train_step(x, y)
     lam = 0.5 * torch.rand(x.shape[0], generator=torch.Generator().manual_seed(s_lam))
+    return x, y, ref_model, plain_noise(x, m, sigma, s_noise), lam, out
+
+
+def test_smoothmix_loss_matches_plain_transcription(digits):
+    m, sigma, T, alpha, eta = 3, 0.25, 2, 0.4, 5.0
+    x, y, ref_model, noise, lam, (loss_sum, correct, n) = smoothmix_step(digits, m, sigma, T, alpha, eta)
+    x_adv = plain_pgd(ref_model, x, y, noise, T * alpha, alpha, T)
     lv = lam.view(-1, 1, 1, 1)
     x_mix = (1 - lv) * x + lv * x_adv
     K = 10
@@ -168,6 +173,48 @@ def test_smoothmix_loss_matches_plain_transcription(digits):
     torch.testing.assert_close(loss_sum / n, ref, rtol=1e-4, atol=1e-5)
     assert float(eta * (mask * kl).mean().detach()) > 1e-3  # the mixup term matters in this check
     assert 0 <= int(correct) <= n
+
+
+def plain_smoothmix_loss(model, x_c, x_adv, y, noise, lam, eta, K=10):
+    """The SmoothMix loss transcribed in plain PyTorch, with the clean side x_c given."""
+    m = noise.shape[0]
+    lv = lam.view(-1, 1, 1, 1)
+    x_mix = (1 - lv) * x_c + lv * x_adv
+    ce = sum(F.cross_entropy(model(x_c + noise[i]), y) for i in range(m)) / m
+    p_s = (sum(F.softmax(model(x_c + noise[i]), 1) for i in range(m)) / m).detach()
+    target = (1 - lam[:, None]) * p_s + lam[:, None] / K
+    kl = sum((target * (target.log() - F.log_softmax(model(x_mix + noise[i]), 1))).sum(1) for i in range(m)) / m
+    return ce + eta * ((p_s.argmax(1) == y).float() * kl).mean()
+
+
+def test_smoothmix_one_step_adversary_mixes_from_the_first_iterate(digits):
+    # mix_step 1 (the authors' --mix_step 1): x^(1), computed here by a separate 1-step plain PGD, replaces x
+    # in the whole loss (CE, smoothed target, indicator) and is the clean end of the mixup with x^(T)
+    m, sigma, T, alpha, eta = 2, 0.25, 3, 0.4, 5.0
+    x, y, ref_model, noise, lam, (loss_sum, _, n) = smoothmix_step(digits, m, sigma, T, alpha, eta, mix_step=1)
+    assert "mixed from x^(1)" in rt.FitConfig.make("smoothmix", mix_steps=T, mix_step=1).resolved().label
+    x1 = plain_pgd(ref_model, x, y, noise, T * alpha, alpha, 1)
+    x_adv = plain_pgd(ref_model, x, y, noise, T * alpha, alpha, T)
+    ref = plain_smoothmix_loss(ref_model, x1, x_adv, y, noise, lam, eta)
+    torch.testing.assert_close(loss_sum / n, ref, rtol=1e-4, atol=1e-5)
+    original = plain_smoothmix_loss(ref_model, x, x_adv, y, noise, lam, eta)  # mix_step 0's loss differs
+    assert abs(float(original.detach()) - float(ref.detach())) > 1e-3
+
+
+def test_smoothmix_one_step_clean_side_warmup_and_bad_mix_step(digits):
+    x, y = batch(digits, 8)
+    noise = ops.gaussian_noise(torch.zeros_like(x), 2, 0.25, seed=3).view(x.shape[0], 2, *x.shape[1:])
+    kw = dict(sigma=0.25, noise_copies=2, mix_steps=2, mix_alpha=0.5, mix_step=1, seed=0)
+    full = rt.Trainer(tiny_cnn(seed=2), method="smoothmix", mix_warmup=0, **kw).method
+    warm = rt.Trainer(tiny_cnn(seed=2), method="smoothmix", mix_warmup=4, **kw).method  # epoch 0: w = 1/4
+    (x1, xa1), (xw, xaw) = full.attack(x, y, noise), warm.attack(x, y, noise)
+    torch.testing.assert_close(xa1, xaw)  # the attack is unchanged by the warm-up
+    d1, dw = (x1 - x).flatten(1), (xw - x).flatten(1)
+    assert float(d1.norm(dim=1).max()) <= 0.5 + 1e-5 and float(d1.norm(dim=1).min()) > 0.1
+    torch.testing.assert_close(dw.norm(dim=1), torch.clamp(d1.norm(dim=1), max=0.125))
+    torch.testing.assert_close(dw, d1 * (dw.norm(dim=1) / d1.norm(dim=1))[:, None])  # same direction
+    with pytest.raises(ValueError, match="mix_step must be below mix_steps"):
+        rt.Trainer(tiny_cnn(), method="smoothmix", mix_steps=1, mix_step=1)
 
 
 def test_smoothmix_target_keeps_its_gradient():

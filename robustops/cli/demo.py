@@ -11,7 +11,7 @@ import os
 import time
 from typing import List, Optional
 
-from . import demo_autoattack, demo_learned
+from . import demo_autoattack, demo_certified, demo_learned
 from .common import (DIGITS_MODEL, CLIError, add_common, alias, fmt_pct, fraction, pick_device, require_min,
                      setup_run, split_holdout, write_summary)
 from .train import add_method_flags, method_hparams
@@ -54,9 +54,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-size", type=int, default=144,
                    help="training images held out to pick each method's best epoch (0: last epoch)")
     p.add_argument("--attack-steps", type=int, default=20, help="steps of the evaluation PGD attack")
-    p.add_argument("--section", default=None, choices=[demo_autoattack.SECTION],
+    p.add_argument("--section", default=None, choices=[demo_autoattack.SECTION, demo_certified.SECTION],
                    help="run one section only: autoattack (AutoAttack at its published budgets on the natural and "
-                        "PGD-7 AT models, stage by stage, and the masking check on a masked-gradient model)")
+                        "PGD-7 AT models, stage by stage, and the masking check on a masked-gradient model); "
+                        "certified (IBP / FastIBP / CROWN-IBP / ACERT models certified with IBP, CROWN-IBP, CROWN "
+                        "and best)")
     p.add_argument("--aa-steps", type=int, default=None,
                    help="iterations of APGD-CE and APGD-T (each target) in the AutoAttack (standard) column (None: "
                         "50; --section autoattack: AutoAttack's own 100; 0: skip the column)")
@@ -86,6 +88,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "table and the certified-accuracy line printed here")
     add_common(p)
     demo_learned.add_arguments(p)
+    demo_certified.add_arguments(p)
 
 
 def run(args) -> int:
@@ -116,6 +119,7 @@ def run(args) -> int:
     if not 0 <= args.ibp_eps_max < math.inf:
         raise CLIError(f"--ibp-eps-max must be a finite number >= 0, got {args.ibp_eps_max}")
     demo_learned.check_arguments(args)
+    args.cert_methods_list = demo_certified.check_arguments(args) if args.section == demo_certified.SECTION else []
     if args.readme and not os.path.isfile(args.readme):
         raise CLIError(f"--readme {args.readme!r}: no such file")
     dev = pick_device(args.device)
@@ -366,6 +370,18 @@ def update_readme(path: str, block: List[str]) -> None:
     os.replace(tmp, path)
 
 
+def _section(args, data: _Data, dev) -> None:
+    """One section (--section): train its models with the demo's settings, then run it."""
+    if args.section == demo_autoattack.SECTION:
+        args.aa_steps = 0  # the section runs AutoAttack itself, at its own budgets
+        rows = [_train_and_evaluate(args, m, data, dev) for m in ("natural", "pgd")]
+        demo_autoattack.run_section(args, data, rows, dev)
+    else:
+        args.aa_steps, args.ibp_eps_max = 0, 0.0  # the section certifies with every bound itself
+        rows = [_train_and_evaluate(args, m, data, dev) for m in args.cert_methods_list]
+        demo_certified.run_section(args, data, rows, dev)
+
+
 def _demo(args, methods, dev) -> int:
     import torch
 
@@ -378,10 +394,8 @@ def _demo(args, methods, dev) -> int:
           f"({torch.get_num_threads()} thread(s))", flush=True)
     rows = []
     t_start = time.perf_counter()
-    if args.section == demo_autoattack.SECTION:
-        args.aa_steps = 0  # the section runs AutoAttack itself, at its own budgets
-        rows = [_train_and_evaluate(args, m, data, dev) for m in ("natural", "pgd")]
-        demo_autoattack.run_section(args, data, rows, dev)
+    if args.section is not None:
+        _section(args, data, dev)
         print(f"({time.perf_counter() - t_start:.0f} s in all)")
         return 0
     proxy_data, proxy_line = None, None

@@ -33,8 +33,8 @@ Open choices, as made here:
   noisy copy against one common target y_mix, which also pulls the m noisy predictions of x_mix
   together (a consistency effect). The KL is per copy and averaged, not the KL of the averaged
   prediction (by convexity the average of the per-copy KLs bounds it from above).
-- The mixup endpoint is the final iterate x^(T) and the start point x itself (the paper's variant that
-  mixes from an intermediate iterate is not offered).
+- The mixup endpoint is the final iterate x^(T); its start point, the "clean side", is x itself by default
+  (``mix_step`` 0, the paper's method).
 - The noisy mixed copies use the same noise as the clean ones and the attack.
 - lam is drawn per sample from U[0, 1/2] (the paper's range), on the host from a generator seeded by the
   run's stream (resumable; no device synchronisation).
@@ -44,7 +44,21 @@ Open choices, as made here:
   sigma). Their MNIST runs use m 4, alpha 1.0, T 2-3 at sigma 0.25 and eta 1 or 5.
 - The authors' code splits each loaded batch into m sub-batches (one optimizer step each); here the
   loaded batch is one step.
-- The paper's "one-step adversary" variant (mixing from x^(1) instead of x) is not offered. ``mix_steps`` = 0 or ``mix_eta`` = 0 makes x_adv = x or drops the term.
+- ``mix_steps`` = 0 or ``mix_eta`` = 0 makes x_adv = x or drops the term.
+
+One-step adversary (``mix_step`` = 1; the paper's "SmoothMix + one-step adversary" rows, the authors'
+``--mix_step 1``): the clean side becomes the adversary's first iterate, projected on the L2 ball of radius
+w_e * s * alpha around x, w_e = min(1, (e + 1) / W) the same warm-up factor as eta's (s = mix_step):
+    x_c = x + d * min(1, w_e s alpha / ||d||_2),   d = x^(s) - x,
+and x_c replaces x in the whole loss, as in the authors' code (their attacker returns it in place of the
+input): the cross-entropy term and the smoothed prediction F (the target y_mix and the indicator) are
+taken on the noisy copies of x_c, and x_mix = (1 - lam) x_c + lam x^(T). The attack itself still starts
+from x and runs its T steps unchanged (x^(s) is an iterate of the same run, not a separate attack), so the
+option costs no extra forward. Since ||x^(1) - x||_2 <= alpha the projection acts only during the warm-up
+(it shrinks the first step to w_e alpha, so that epoch 0 trains near x); no box clamp is needed after it
+(x and x^(s) lie in [lo, hi], and so does every point between them). Choices: ``mix_step`` must be below
+``mix_steps`` (the authors' code silently falls back to x when it is not); any s in [0, T) is accepted (the
+paper and code use 0 and 1); the reported training accuracy is then that of the noisy copies of x_c.
 
 The training loss reported is L; the accuracy is that of the clean noisy copies against y.
 """
@@ -86,26 +100,50 @@ class SmoothMix(SmoothingMethod):
              Hyper("mix_alpha", 0.5, "SmoothMix attack L2 step size", minimum=0.0),
              Hyper("mix_eta", 5.0, "weight eta of the SmoothMix mixup loss", minimum=0.0),
              Hyper("mix_warmup", 10, "SmoothMix: epochs over which eta ramps up linearly (0: none)", kind="int",
-                   minimum=0))
+                   minimum=0),
+             Hyper("mix_step", 0, "SmoothMix clean side: the attack iterate mixed from (0: x, 1: the one-step "
+                   "adversary)", kind="int", minimum=0))
     @classmethod
     def label(cls, cfg) -> str:
-        return f"SmoothMix (sigma={cfg.sigma:g}, T={cfg.mix_steps}, eta={cfg.mix_eta:g}, m={cfg.noise_copies})"
+        one_step = f", mixed from x^({cfg.mix_step})" if cfg.mix_step else ""
+        return (f"SmoothMix (sigma={cfg.sigma:g}, T={cfg.mix_steps}, eta={cfg.mix_eta:g}, m={cfg.noise_copies}"
+                f"{one_step})")
 
     def __init__(self, ctx):
         super().__init__(ctx)
+        c = self.cfg
+        if c.mix_step and c.mix_step >= c.mix_steps:
+            raise ValueError(f"mix_step must be below mix_steps (the clean side is the attack's iterate x^(mix_step)), "
+                             f"got mix_step={c.mix_step} with mix_steps={c.mix_steps}")
         self.engine = smoothed_engine(ctx)
 
-    def attack(self, x: torch.Tensor, y: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """x^(T) with the fixed noise [B, m, ...] (x itself when T or alpha is 0); eval mode during the attack."""
+    def attack(self, x: torch.Tensor, y: torch.Tensor, noise: torch.Tensor):
+        """(x_c, x^(T)) with the fixed noise [B, m, ...]: the clean side (x, or with mix_step s the iterate x^(s)
+        projected on the warm-up ball, see the module docstring) and the final iterate (x itself when T or alpha
+        is 0); eval mode during the attack."""
         c, ctx = self.cfg, self.ctx
         if c.mix_steps == 0 or c.mix_alpha == 0:
-            return x
+            return x, x
+        eps, s = c.mix_steps * c.mix_alpha, c.mix_step
         ctx.forward.eval()
         try:
-            return self.engine.run(x, y, c.mix_steps * c.mix_alpha, c.mix_alpha, c.mix_steps, start="clean",
-                                   evaluate=False, context=noise).x_adv
+            xa = self.engine.start(x, eps, "clean")
+            # one run split at step s (the same iterates as engine.run's T steps), so x^(s) costs nothing extra
+            self.engine.iterate(x, xa, y, eps, c.mix_alpha, s, context=noise)
+            x_clean = self.clean_side(x, xa) if s else x
+            self.engine.iterate(x, xa, y, eps, c.mix_alpha, c.mix_steps - s, context=noise)
+            return x_clean, xa
         finally:
             ctx.forward.train()
+
+    def clean_side(self, x: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
+        """x + d min(1, w_e s alpha / ||d||_2), d = xs - x: the iterate x^(s) on the warm-up ball around x."""
+        c = self.cfg
+        w = 1.0 if c.mix_warmup == 0 else min(1.0, (self.ctx.epoch + 1) / c.mix_warmup)
+        d = (xs - x).float()
+        norm = d.flatten(1).norm(dim=1).clamp_min(1e-12)
+        scale = torch.clamp(w * c.mix_step * c.mix_alpha / norm, max=1.0).view((-1,) + (1,) * (x.dim() - 1))
+        return (x + d * scale).to(x.dtype)
 
     def eta(self) -> float:
         """The mixup weight of the current epoch: mix_eta * min(1, (epoch + 1) / mix_warmup)."""
@@ -121,10 +159,10 @@ class SmoothMix(SmoothingMethod):
         c, ctx = self.cfg, self.ctx
         m = c.noise_copies
         noise = draw_noise(x, m, c.sigma, ctx.seed())
-        x_adv = self.attack(x, y, noise)
+        x_c, x_adv = self.attack(x, y, noise)
         lam = self.mix_weights(x.shape[0], x.device)
-        x_mix = torch.lerp(x, x_adv, lam.view((-1,) + (1,) * (x.dim() - 1)))  # (1 - lam) x + lam x_adv
-        xn, xn_mix = ctx.fmt(add_noise(x, noise)), ctx.fmt(add_noise(x_mix, noise))
+        x_mix = torch.lerp(x_c, x_adv, lam.view((-1,) + (1,) * (x.dim() - 1)))  # (1 - lam) x_c + lam x_adv
+        xn, xn_mix = ctx.fmt(add_noise(x_c, noise)), ctx.fmt(add_noise(x_mix, noise))
         eta = self.eta()
 
         def closure(net):
