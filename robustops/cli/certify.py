@@ -68,7 +68,8 @@ def add_arguments(p: argparse.ArgumentParser, mode: str = "certify") -> None:
                         "L2 radii: no member of the set within that latent radius changes the smoothed prediction)")
     g.add_argument("--perturbation-model", default=None, metavar="CKPT",
                    help="--threat learned: the perturbation model's checkpoint (robustops.perturbation."
-                        "load_perturbation_model); --sigma is then the latent noise level")
+                        "load_perturbation_model); --sigma is then the latent noise level (None: the latent_sigma "
+                        "that a learned_noise checkpoint records)")
     g = p.add_argument_group("CERTIFY (Cohen et al. 2019)" if mode == "certify" else "PREDICT (Cohen et al. 2019)")
     g.add_argument("--sigma", type=fraction("sigma"), default=None,
                    help="noise level (None: the sigma the checkpoint was trained with)")

@@ -33,6 +33,8 @@ class SmoothingCertifier(Certifier):
     commands = ("certify", "predict")
     settings_keys = ("checkpoint", "model", "data", "split", "normalize", "sigma", "n0", "n", "alpha", "seed", "amp")
     norm = "L2"  # of the radii
+    sigma_key = "sigma"  # the checkpoint's entry that --sigma defaults to
+    sigma_missing = "--sigma is required (the checkpoint does not say which noise level it was trained with)"
 
     def check_threat(self, args) -> None:
         """Before the noise level is resolved: this mode smooths over pixel noise."""
@@ -40,16 +42,16 @@ class SmoothingCertifier(Certifier):
             raise CLIError("--perturbation-model is for --threat learned")
 
     def check(self, args, ckpt: Checkpoint) -> SmoothingSettings:
-        """The noise level (--sigma, else the checkpoint's), the normalization fused into the noise (auto:
+        """The noise level (--sigma, else the checkpoint's ``sigma_key`` entry), the normalization fused into the noise (auto:
         the checkpoint's mean/std, else the model's leading Normalize layer split off)."""
         import torch
 
         from ... import models as romodels
 
         extra = self.check_threat(args)
-        sigma = args.sigma if args.sigma is not None else ckpt.meta.get("sigma")
+        sigma = args.sigma if args.sigma is not None else ckpt.meta.get(self.sigma_key)
         if sigma is None:
-            raise CLIError("--sigma is required (the checkpoint does not say which noise level it was trained with)")
+            raise CLIError(self.sigma_missing)
         if not 0.0 < sigma < math.inf:
             raise CLIError(f"--sigma must be a finite number > 0, got {sigma}")
         model, mean, std = ckpt.model, None, None
@@ -168,6 +170,9 @@ class LatentCertifier(SmoothingCertifier):
     when = {"threat": "learned"}
     settings_keys = SmoothingCertifier.settings_keys + ("threat", "perturbation_model")
     norm = "latent L2"
+    sigma_key = "latent_sigma"  # recorded by learned_noise training; the pixel "sigma" is another noise
+    sigma_missing = ("--threat learned needs --sigma: the latent noise level (the classifier's checkpoint records "
+                     "none; learned_noise training records it)")
 
     def check_threat(self, args):
         """The perturbation model's checkpoint loads (once here, before any output), and the options latent
@@ -177,9 +182,6 @@ class LatentCertifier(SmoothingCertifier):
         if args.perturbation_model is None:
             raise CLIError("--threat learned needs --perturbation-model CKPT (the learned perturbation set's "
                            "checkpoint)")
-        if args.sigma is None:
-            raise CLIError("--threat learned needs --sigma: the latent noise level (the classifier's checkpoint "
-                           "records pixel noise only)")
         for flag, given in (("--graph", args.graph), ("--channels-last", args.channels_last)):
             if given:
                 raise CLIError(f"{flag} is not supported with --threat learned (the noise is on latent codes)")
