@@ -109,6 +109,19 @@ def test_sampled_members_follow_their_law(digits, method, hp):
         assert u.norm(dim=1).max() > 0.2  # unbounded
 
 
+def test_prior_draws_are_latent_noise_at_sigma_one(digits):
+    """learned_aug --draw prior and learned_noise --sigma 1 draw the same u ~ N(0, I) from the same seeds:
+    the same weights (they differ only in validation and selection)."""
+    train_ds, _ = digits
+    weights = []
+    for method, hp in (("learned_aug", {"draw": "prior"}), ("learned_noise", {"sigma": 1.0})):
+        model = tiny_cnn(seed=2)
+        rt.fit(model, DataLoader(Subset(train_ds, list(range(64))), batch_size=32), method, epochs=1, lr=0.05,
+               eps=0.5, seed=0, progress=False, verbose=False, perturbation_model=LinearSet(), **hp)
+        weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert torch.equal(weights[0], weights[1])
+
+
 def test_learned_noise_records_latent_sigma_for_certify(digits, tmp_path, capsys):
     from robustops.cli import main
     from robustops.cli.common import checkpoint_meta

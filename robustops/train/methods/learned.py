@@ -31,6 +31,8 @@ locuslab/perturbation_learning: its ``cvae_attack``, ``cvae_aug`` and ``cvae_gau
   Validation adds ``latent_noise_acc`` (accuracy on one such member per input, eval mode) and selects by
   it; checkpoints record s as ``latent_sigma`` (:meth:`Method.checkpoint_entries`), which ``robustops
   certify --threat learned`` uses when --sigma is not given. The checkpoint's pixel ``sigma`` stays None.
+  At sigma = 1 its draws are those of ``learned_aug`` with ``draw="prior"`` (the same seeds, the same
+  weights); the two differ in validation and in the metric that selects the best epoch.
 
 Settings: ``eps`` is the *latent* radius (the perturbation checkpoint's chosen eps is the natural
 value; ``robustops train`` uses it by default); ``steps`` / ``alpha`` (default 2 * eps / steps, the
