@@ -68,8 +68,9 @@ def add_arguments(p: argparse.ArgumentParser, mode: str = "certify") -> None:
                         "L2 radii: no member of the set within that latent radius changes the smoothed prediction)")
     g.add_argument("--perturbation-model", default=None, metavar="CKPT",
                    help="--threat learned: the perturbation model's checkpoint (robustops.perturbation."
-                        "load_perturbation_model); --sigma is then the latent noise level (None: the smallest sigma at "
-                        "which --n samples at --alpha certify the set's radius eps, smoothing.sigma_for_radius)")
+                        "load_perturbation_model); --sigma is then the latent noise level (None: the latent_sigma "
+                        "a learned_noise checkpoint records, else the smallest sigma at which --n samples at --alpha "
+                        "certify the set's radius eps, smoothing.sigma_for_radius)")
     g.add_argument("--sigma-dissent", type=fraction("sigma-dissent"), default=None, metavar="F",
                    help="--threat learned without --sigma: the fraction of the n votes that may go to other classes "
                         "while r = eps is still certified (default 0.01; 0: the reference's rule, all n votes)")

@@ -410,7 +410,8 @@ def checkpoint_meta(path: str, model) -> dict:
         return {}
     if not isinstance(obj, dict):
         return {}
-    meta = {k: v for k, v in obj.items() if k in ("mean", "std", "sigma", "method", "model", "eps", "norm", "config")}
+    meta = {k: v for k, v in obj.items() if k in ("mean", "std", "sigma", "latent_sigma", "method", "model", "eps", "norm",
+                                                "config")}
     config = obj.get("config")
     if isinstance(config, dict) and "params" not in config and meta.get("method") != "gaussian":
         meta.pop("sigma", None)  # training checkpoints before the method registry stored a sigma for every method

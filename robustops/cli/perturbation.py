@@ -35,6 +35,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--percentile", type=float, default=95.0,
                    help="eps = this percentile of the training pairs' latent norms")
     t.add_argument("--repeats", type=int, default=1, help="digits: perturbed pairs per training image")
+    t.add_argument("--fixed-pairs", action="store_true",
+                   help="digits: one fixed perturbation per training image (default: fresh perturbations every "
+                        "epoch, keyed by seed, epoch and index, as the reference code samples)")
+    t.add_argument("--crop-flip", type=int, default=0, metavar="PAD",
+                   help="a random crop after PAD pixels of zero padding and a random horizontal flip, the same for "
+                        "both images of each training pair, new every epoch (0: off; the reference uses 4 on CIFAR-10)")
     t.add_argument("--val-size", type=int, default=None,
                    help="npz: pairs held out for the quality report (None: 10%%)")
     t.add_argument("--approx-steps", type=int, default=50,
@@ -64,12 +70,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_common(s)
 
 
-def _pairs(spec: str, split: str, seed: int, repeats: int = 1):
-    """(dataset, description) of a pairs spec; CLIError naming --data otherwise."""
+def _pairs(spec: str, split: str, seed: int, repeats: int = 1, fresh: bool = False):
+    """(dataset, description) of a pairs spec; CLIError naming --data otherwise. fresh: digits' perturbations
+    new every epoch (training pairs)."""
     from .. import perturbation as P
 
     if spec == "digits":
-        return P.DigitsPairs(split, seed=seed if split == "train" else seed + 1, repeats=repeats), "digits"
+        return P.DigitsPairs(split, seed=seed if split == "train" else seed + 1, repeats=repeats,
+                             fresh=fresh), "digits"
     kind, sep, path = spec.partition(":")
     if not sep or kind.lower() != "npz":
         raise CLIError(f'--data {spec!r}: expected "digits" or npz:PATH (a .npz with arrays x, x_perturbed, '
@@ -130,7 +138,9 @@ def _train(args) -> int:
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise CLIError(f"--out {args.out!r} is a file; give a directory")
     dev = pick_device(args.device)
-    train_ds, source = _pairs(args.data, "train", args.seed, args.repeats)
+    if args.crop_flip < 0:
+        raise CLIError(f"--crop-flip must be >= 0 (pixels of padding; 0: off), got {args.crop_flip}")
+    train_ds, source = _pairs(args.data, "train", args.seed, args.repeats, fresh=not args.fixed_pairs)
     if args.data == "digits":
         held_ds, _ = _pairs(args.data, "test", args.seed)
     else:
@@ -149,7 +159,8 @@ def _train(args) -> int:
         model = P.CVAE(C, S, latent_dim=args.latent_dim, width=args.width)
     except ValueError as e:
         raise CLIError(f"--data: {e}") from None
-    loader = DataLoader(train_ds, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
+    fit_ds = P.CropFlipPairs(train_ds, args.crop_flip, seed=args.seed) if args.crop_flip > 0 else train_ds
+    loader = DataLoader(fit_ds, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
                         drop_last=len(train_ds) > args.batch_size)
     eval_train = DataLoader(train_ds, batch_size=256, num_workers=args.workers)
     held = DataLoader(held_ds, batch_size=256, num_workers=args.workers)

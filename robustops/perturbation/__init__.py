@@ -13,7 +13,8 @@ One file per part, every public name re-exported here (``robustops.perturbation.
   has it works, not only :class:`CVAE`), :func:`prior_scale`, :func:`member`; the only file the
   attacks import;
 - ``pairs.py``: pair data, :class:`DigitsPairs` (the embedded digits and a known family of
-  perturbations, with the true parameters of every pair) and :class:`NpzPairs` (a user's pairs);
+  perturbations, with the true parameters of every pair; fresh perturbations every epoch by default),
+  :class:`NpzPairs` (a user's pairs) and :class:`CropFlipPairs` (a joint crop / flip of both images);
 - ``cvae.py``: :class:`CVAE` (prior network p(z|x), encoder q(z|x, x~), decoder g(z, x)) and the
   paper's objective, the beta-weighted ELBO (:func:`perturbation_loss`, :func:`kl_gaussians`);
 - ``fit.py``: :func:`fit_perturbation` (training, checkpoints every epoch, exact resume) and the
@@ -25,13 +26,14 @@ One file per part, every public name re-exported here (``robustops.perturbation.
 from .cvae import CVAE, kl_gaussians, perturbation_loss
 from .fit import (CHECKPOINT_FORMAT, LOG_COLUMNS, PerturbationFit, fit_perturbation, load_perturbation_model,
                   save_perturbation_model)
-from .pairs import DigitsPairs, NpzPairs, transform_images
+from .pairs import CropFlipPairs, DigitsPairs, NpzPairs, crop_flip, set_pairs_epoch, transform_images
 from .protocol import check_perturbation_model, member, prior_scale
 # Last, and after the submodule of the same name: robustops.perturbation.quality is the function.
 from .quality import (choose_eps, latent_norms, likelihood_bound, plot_perturbations, prior_member_error, quality,
                       sample, truncated_prior)
 
 __all__ = ["prior_scale", "member", "check_perturbation_model", "DigitsPairs", "NpzPairs", "transform_images",
+           "CropFlipPairs", "crop_flip", "set_pairs_epoch",
            "CVAE", "kl_gaussians", "perturbation_loss", "fit_perturbation", "PerturbationFit",
            "load_perturbation_model", "save_perturbation_model", "latent_norms", "choose_eps", "quality",
            "sample", "plot_perturbations", "CHECKPOINT_FORMAT", "prior_member_error", "likelihood_bound",

@@ -21,7 +21,7 @@ from .. import _checks, _rng
 from .._runfiles import check_settings, read_checkpoint, resume_path, write_csv_log
 from ..models import model_device, save_checkpoint, unwrap, verify_checkpoint
 from .cvae import CVAE, perturbation_loss
-from .pairs import batch_pairs
+from .pairs import batch_pairs, set_pairs_epoch
 from .protocol import check_perturbation_model
 
 __all__ = ["fit_perturbation", "PerturbationFit", "save_perturbation_model", "load_perturbation_model",
@@ -202,6 +202,8 @@ class _PerturbationRun:
         t0 = time.perf_counter()
         sums = torch.zeros(3, dtype=torch.float64, device=dev)
         seen, numel = 0, 1
+        # before iter(): loader workers take a copy of the dataset when the iterator is made
+        set_pairs_epoch(getattr(self.loader, "dataset", None), epoch)
         bar = tqdm(iter(self.loader), total=self.steps_per_epoch, desc=f"perturbation {epoch}/{s['epochs']}",
                    leave=False, disable=not self.progress, dynamic_ncols=True)
         step = (epoch - 1) * self.steps_per_epoch
@@ -283,6 +285,8 @@ def fit_perturbation(model: nn.Module, loader, epochs: int = 20, lr: float = 2e-
     resume: True continues from out_dir/last.pt when it exists (else starts afresh), a path continues from
     that checkpoint; the run then continues exactly (the same weights as an uninterrupted run, to
     float rounding), provided the settings are the same (checked) and the loader is built the same way.
+    Each epoch e (from 1) first calls ``set_epoch(e)`` on the loader's dataset when it has one
+    (``set_pairs_epoch``: DigitsPairs' fresh pairs, CropFlipPairs' crops), so resumed epochs see their pairs.
     stop_after: end this call after that epoch (a planned interruption: a later call with resume
     continues the same schedule); None: run to ``epochs``.
     Returns a :class:`PerturbationFit`; the model ends in eval mode."""

@@ -1,6 +1,15 @@
 """Pair data (x, x_tilde[, y]) to learn a perturbation set from: :class:`DigitsPairs` (the embedded
 digits and a known family of perturbations, with the true parameters of every pair) and
-:class:`NpzPairs` (a user's pairs); :func:`batch_pairs` checks a loader's batches."""
+:class:`NpzPairs` (a user's pairs); :class:`CropFlipPairs` (a joint random crop / flip of both images of
+a pair); :func:`set_pairs_epoch` (what ``fit_perturbation`` calls each epoch); :func:`batch_pairs`
+checks a loader's batches.
+
+Sampling as Wong and Kolter's reference code does (locuslab/perturbation_learning): its pair datasets
+draw a new perturbation of each image at every access, and its CIFAR-10-C pairs may be padded, cropped
+and flipped jointly. Here every draw is keyed by (seed, epoch, index) instead of a global RNG, so a
+DataLoader may shuffle or use workers and a resumed run sees the same pairs as an uninterrupted one:
+the datasets have ``set_epoch(e)`` (as ``DistributedSampler``), and epoch 0, the state before any
+call, is the fixed pair of each index (held-out pairs and evaluation use it)."""
 from __future__ import annotations
 
 import math
@@ -15,7 +24,20 @@ from torch.utils.data import Dataset
 from .. import _rng
 from ..data import as_nchw, load_digits
 
-__all__ = ["transform_images", "DigitsPairs", "NpzPairs", "batch_pairs"]
+__all__ = ["transform_images", "DigitsPairs", "NpzPairs", "CropFlipPairs", "crop_flip", "set_pairs_epoch",
+           "batch_pairs"]
+
+
+def _epoch_key(seed: int, i: int, epoch: int) -> int:
+    """The generator key of item i at an epoch: derive_seed(derive_seed(seed, i + 1), epoch), which for
+    epoch 0 is the key of the fixed pair (derive_seed(k, 0) = k)."""
+    return _rng.derive_seed(_rng.derive_seed(seed, i + 1), epoch)
+
+
+def _check_epoch(epoch) -> int:
+    if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
+        raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
+    return int(epoch)
 
 
 def transform_images(x: torch.Tensor, angle: torch.Tensor, tx: torch.Tensor, ty: torch.Tensor, scale: torch.Tensor,
@@ -79,21 +101,29 @@ class DigitsPairs(Dataset):
     perturbation of each: random rotation, translation, scaling and stroke thickness
     (:func:`transform_images`), each parameter uniform in its range.
 
-    split: "train", "test" or "all"; seed: the draws; item i of a dataset with seed s is always the
-    same pair (its parameters come from a generator keyed by ``derive_seed(s, i + 1)``), so a
-    DataLoader may shuffle, split or use workers freely. repeats: pairs per image (item i perturbs image
-    i mod N; repeats > 1 gives each image several true perturbations: items i, i + N, i + 2N, ...).
+    split: "train", "test" or "all"; seed: the draws. fresh (the default, as the reference code samples):
+    item i at epoch e (``set_epoch(e)``; 0 before any call) is perturbed with parameters from a generator
+    keyed by (seed, i, e), so every epoch brings new perturbations of every image; fresh=False: one fixed
+    pair per item whatever the epoch (the epoch-0 pair). Either way item i at epoch e is always the same
+    pair, so a DataLoader may shuffle, split or use workers freely and a resumed run continues exactly.
+    repeats: pairs per image and epoch (item i perturbs image i mod N; repeats > 1 gives each image
+    several true perturbations: items i, i + N, i + 2N, ...).
     rotation (degrees), translation (pixels): a bound r (range [-r, r]) or a pair (low, high);
     scale: (low, high), > 0; thickness: a bound or a pair within [-1, 1] (see transform_images).
-    ``params(i)`` gives the true parameters of item i, ``pair(indices)`` a batch of pairs at once."""
+    ``params(i)`` gives the true parameters of item i (at the current epoch), ``pair(indices)`` a batch of
+    pairs at once."""
 
     PARAM_NAMES = ("angle", "tx", "ty", "scale", "thickness")
 
     def __init__(self, split: str = "train", seed: int = 0, rotation=20.0, translation=1.0, scale=(0.9, 1.1),
-                 thickness=0.5, repeats: int = 1):
+                 thickness=0.5, repeats: int = 1, fresh: bool = True):
         if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
             raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
+        if not isinstance(fresh, bool):
+            raise TypeError(f"fresh must be a bool (new perturbations every epoch, or one fixed pair per item), got "
+                            f"{fresh!r}")
         self.seed = _rng.resolve_seed(seed)
+        self.fresh, self.epoch = fresh, 0
         ds = load_digits(split)
         self.images, self.labels = ds.tensors
         self.split, self.repeats = split, repeats
@@ -112,8 +142,12 @@ class DigitsPairs(Dataset):
             raise IndexError(f"index {i!r} out of range for DigitsPairs of length {n}")
         return int(i) % n
 
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose perturbations the items hold (no effect when fresh=False)."""
+        self.epoch = _check_epoch(epoch)
+
     def _draw(self, i: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(_rng.derive_seed(self.seed, i + 1))
+        g = torch.Generator().manual_seed(_epoch_key(self.seed, i, self.epoch if self.fresh else 0))
         u = torch.rand(len(self.PARAM_NAMES), generator=g, dtype=torch.float64)
         lo = torch.tensor([self.ranges[k][0] for k in self.PARAM_NAMES], dtype=torch.float64)
         hi = torch.tensor([self.ranges[k][1] for k in self.PARAM_NAMES], dtype=torch.float64)
@@ -139,7 +173,8 @@ class DigitsPairs(Dataset):
 
     def __repr__(self) -> str:
         r = ", ".join(f"{k} {lo:g}..{hi:g}" for k, (lo, hi) in self.ranges.items())
-        return f"DigitsPairs(split={self.split!r}, seed={self.seed}, n={len(self)}, {r})"
+        draws = f"fresh, epoch {self.epoch}" if self.fresh else "fixed"
+        return f"DigitsPairs(split={self.split!r}, seed={self.seed}, n={len(self)}, {draws}, {r})"
 
 
 def _pair_images(a: np.ndarray, what: str) -> torch.Tensor:
@@ -214,6 +249,69 @@ class NpzPairs(Dataset):
     @property
     def input_shape(self) -> Tuple[int, ...]:
         return tuple(self.x.shape[1:])
+
+
+def crop_flip(x: torch.Tensor, top: int, left: int, flip: bool, padding: int) -> torch.Tensor:
+    """One image [C, H, W] zero-padded by ``padding`` on each side, cropped back to H x W at (top, left) of
+    the padded image (0 <= top, left <= 2 * padding) and mirrored left-right when flip."""
+    H, W = x.shape[-2:]
+    out = F.pad(x, (padding, padding, padding, padding))[..., top:top + H, left:left + W]
+    return out.flip(-1) if flip else out
+
+
+class CropFlipPairs(Dataset):
+    """A pair dataset (items (x, x_tilde, ...)) with one random crop and horizontal flip applied identically
+    to both images of each pair, as the reference code's joint transform of image pairs (zero padding by
+    ``padding`` pixels, a crop back to the image size at an offset uniform in [0, 2 * padding]^2, a
+    left-right flip with probability 1/2 when ``flip``; torchvision's RandomCrop(size, padding) /
+    RandomHorizontalFlip). Unlike the reference, whose tensor version discards the transformed images,
+    the transform is applied. The offsets and the flip of item i at epoch e come from a generator keyed
+    by (seed, i, e) (:meth:`set_epoch`, forwarded to the inner dataset when it has one): deterministic,
+    fresh every epoch. Items past the first two (labels) are passed through."""
+
+    def __init__(self, pairs, padding: int = 4, flip: bool = True, seed: int = 0):
+        if isinstance(padding, bool) or not isinstance(padding, (int, np.integer)) or padding < 0:
+            raise ValueError(f"padding must be an int >= 0 (pixels of zero padding before the crop), got {padding!r}")
+        if not isinstance(flip, bool):
+            raise TypeError(f"flip must be a bool, got {flip!r}")
+        self.pairs, self.padding, self.flip = pairs, int(padding), flip
+        self.seed = _rng.resolve_seed(seed)
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose crops and flips the items get (and the inner dataset's epoch)."""
+        self.epoch = _check_epoch(epoch)
+        set_pairs_epoch(self.pairs, epoch)
+
+    def params(self, i: int) -> Tuple[int, int, bool]:
+        """(top, left, flip) of item i at the current epoch."""
+        g = torch.Generator().manual_seed(_epoch_key(self.seed, int(i), self.epoch))
+        top, left = (int(v) for v in torch.randint(0, 2 * self.padding + 1, (2,), generator=g))
+        flipped = bool(torch.rand((), generator=g) < 0.5) and self.flip
+        return top, left, flipped
+
+    def __getitem__(self, i: int):
+        item = self.pairs[i]
+        x, xt = item[0], item[1]
+        if x.dim() != 3 or x.shape != xt.shape:
+            raise ValueError(f"CropFlipPairs: items must hold two images [C, H, W] of one shape, got "
+                             f"{list(x.shape)} and {list(xt.shape)}")
+        top, left, flipped = self.params(i % len(self) if i < 0 else i)
+        return (crop_flip(x, top, left, flipped, self.padding), crop_flip(xt, top, left, flipped, self.padding),
+                *item[2:])
+
+
+def set_pairs_epoch(dataset, epoch: int) -> None:
+    """``dataset.set_epoch(epoch)`` when the dataset (or the dataset a ``Subset`` wraps, at any depth) has
+    one; otherwise nothing: datasets of fixed pairs need no epoch."""
+    while dataset is not None:
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(epoch)
+            return
+        dataset = getattr(dataset, "dataset", None)
 
 
 def batch_pairs(batch, what: str = "loader") -> Tuple[torch.Tensor, torch.Tensor]:

@@ -19,7 +19,7 @@ OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("cyclic", "multistep", "cosine", "constant", "onecycle")
 AMP_MODES = ("none", "bf16", "fp16")
 NORMS = ("linf", "l2")
-METRICS = ("robust_acc", "clean_acc", "noise_acc", "cert_acc", "acr", "acceps", "set_acc", "last")
+METRICS = ("robust_acc", "clean_acc", "noise_acc", "cert_acc", "acr", "acceps", "set_acc", "latent_noise_acc", "last")
 #: The validation metrics of the methods that train for deterministic certification: IBP-certified
 #: accuracy at val_eps, the mean IBP radius capped at eps, and sqrt(clean_acc * acr / eps).
 CERTIFIED_METRICS = ("cert_acc", "acr", "acceps")

@@ -100,7 +100,7 @@ class _FitRun:
         self.meta = {"format": CHECKPOINT_FORMAT, "model": model_name, "model_kwargs": dict(model_kwargs or {}),
                      "method": cfg.method, "eps": cfg.eps, "norm": cfg.norm, "sigma": cfg.noise_sigma,
                      "mean": cfg.mean, "std": cfg.std, "lo": cfg.lo, "hi": cfg.hi,
-                     "config": dataclasses.asdict(cfg), **(extra or {})}
+                     "config": dataclasses.asdict(cfg), **cfg.method_class.checkpoint_entries(cfg), **(extra or {})}
         self.res = FitResult(select=cfg.select, out_dir=out_dir, config=cfg)
         # None: the thread rule, applied at the first batch (it needs the per-sample size); else set now
         self.rule_pending = threads is None

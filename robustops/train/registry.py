@@ -125,6 +125,12 @@ class Method:
         return None
 
     @classmethod
+    def checkpoint_entries(cls, cfg) -> Dict[str, Any]:
+        """Entries the method adds to the run's checkpoints (besides eps, norm, sigma, the config): e.g. the
+        latent noise level of ``learned_noise``, which ``certify --threat learned`` reads. None by default."""
+        return {}
+
+    @classmethod
     def check_config(cls, cfg) -> None:
         """Refuses (ValueError naming the setting) a configuration the method cannot train with; called
         by ``FitConfig.resolved`` once the hyperparameters are checked, before any work."""

@@ -41,6 +41,7 @@ class SmoothingCertifier(Certifier):
     commands = ("certify", "predict")
     settings_keys = ("checkpoint", "model", "data", "split", "normalize", "sigma", "n0", "n", "alpha", "seed", "amp")
     norm = "L2"  # of the radii
+    sigma_missing = "--sigma is required (the checkpoint does not say which noise level it was trained with)"
 
     def check_threat(self, args) -> None:
         """Before the noise level is resolved: this mode smooths over pixel noise."""
@@ -50,7 +51,7 @@ class SmoothingCertifier(Certifier):
             raise CLIError("--sigma-dissent is for --threat learned (sizing the latent sigma from the set's eps)")
 
     def check(self, args, ckpt: Checkpoint) -> SmoothingSettings:
-        """The noise level (--sigma, else the checkpoint's), the normalization fused into the noise (auto:
+        """The noise level (--sigma, else default_sigma), the normalization fused into the noise (auto:
         the checkpoint's mean/std, else the model's leading Normalize layer split off)."""
         import torch
 
@@ -59,7 +60,7 @@ class SmoothingCertifier(Certifier):
         extra = self.check_threat(args)
         sigma = args.sigma if args.sigma is not None else self.default_sigma(args, ckpt, extra)
         if sigma is None:
-            raise CLIError("--sigma is required (the checkpoint does not say which noise level it was trained with)")
+            raise CLIError(self.sigma_missing)
         if not 0.0 < sigma < math.inf:
             raise CLIError(f"--sigma must be a finite number > 0, got {sigma}")
         model, mean, std = ckpt.model, None, None
@@ -219,10 +220,15 @@ class LatentCertifier(SmoothingCertifier):
         return LatentSettings(s.model, s.mean, s.std, s.sigma, perturbation=extra)
 
     def default_sigma(self, args, ckpt: Checkpoint, extra) -> float:
-        """Without --sigma: the smallest latent noise level at which n samples at alpha can certify the
-        whole set, radius eps, with --sigma-dissent of the votes elsewhere (smoothing.sigma_for_radius)."""
+        """Without --sigma: the latent noise level a learned_noise checkpoint records (``latent_sigma``; the
+        pixel ``sigma`` is another noise), else the smallest latent noise level at which n samples at alpha
+        can certify the whole set, radius eps, with --sigma-dissent of the votes elsewhere
+        (smoothing.sigma_for_radius)."""
         from ...smoothing import sigma_for_radius
 
+        recorded = ckpt.meta.get("latent_sigma")
+        if recorded is not None:
+            return float(recorded)
         eps = getattr(extra, "eps", None)
         dissent = dissent_of(args)
         if eps is None:

@@ -3,16 +3,36 @@ robust machine learning", ICLR; their section on robust training with learned se
 
 A frozen perturbation model (``robustops.perturbation``: ``prior``, ``decode``; e.g. a trained CVAE)
 defines S_eps(x) = { m(x, u) : ||u||_2 <= eps }, m(x, u) = clamp(g(mu(x) + sigma(x) * u, x), lo, hi).
-Two methods use it:
+Three methods use it (the three training modes of the paper's reference code,
+locuslab/perturbation_learning: its ``cvae_attack``, ``cvae_aug`` and ``cvae_gaussian`` trainings):
 
 - ``learned``: adversarial training in the set. Each minibatch, latent PGD
   (``robustops.attacks.LatentPGD``: steps of size alpha on u, projected on the L2 ball of radius eps, on
-  the shared projected-gradient engine) finds the member that maximises the cross-entropy, and the model
-  takes a cross-entropy step on it: min_theta E max_{||u|| <= eps} CE(f(m(x, u)), y), the robust objective
-  of the paper with the latent ball in place of an L_p ball. As in the paper (and Madry et al.), the loss
-  is the adversarial one alone, with no clean term.
+  the shared projected-gradient engine) finds the member x' = m(x, u*) that maximises the cross-entropy,
+  and the model takes a step on the loss that ``set_loss`` names:
+
+  * ``max`` (the default): the reference code's loss, per sample the larger of the clean and the
+    adversarial cross-entropy, averaged over the batch: mean_i max(CE(f(x_i), y_i), CE(f(x'_i), y_i))
+    (:func:`max_set_loss`). The paper writes the robust objective min_theta E max_{||u|| <= eps}
+    CE(f(m(x, u)), y); u = 0 is a member only when m(x, 0) = x, which a learned decoder does not
+    guarantee, so the reference adds the clean input as a candidate of the inner maximum. The clean and
+    the adversarial batches go through the model in two forwards (train mode, as the reference does);
+  * ``adv``: the adversarial loss alone, mean_i CE(f(x'_i), y_i) (Madry et al.'s form, the paper's
+    equation with the latent ball in place of an L_p ball).
 - ``learned_aug``: data augmentation with the set, the paper's comparison: each sample is replaced by a
-  random member, u uniform in the volume of the eps-ball (``ops.random_init``, seeded).
+  random member, u drawn as ``draw`` says: ``ball`` (the default), u uniform in the volume of the
+  eps-ball (``ops.random_init``, seeded); ``prior``, u ~ N(0, I) unbounded (a sample of the CVAE's
+  prior, z ~ N(mu(x), sigma(x)^2): what the reference's ``cvae_aug`` trains on).
+- ``learned_noise``: latent Gaussian-noise training for the smoothed classifiers that
+  ``smoothing.LatentSmooth`` certifies (Cohen et al.'s noise augmentation moved to the latent space,
+  the reference's ``cvae_gaussian``): each sample is replaced by m(x, u), u ~ N(0, s^2 I) with s =
+  ``sigma``, the latent noise level the classifier is certified at (``ops.gaussian_noise`` on zero
+  codes, seeded); the loss is the cross-entropy on the noisy members alone, as in the reference.
+  Validation adds ``latent_noise_acc`` (accuracy on one such member per input, eval mode) and selects by
+  it; checkpoints record s as ``latent_sigma`` (:meth:`Method.checkpoint_entries`), which ``robustops
+  certify --threat learned`` uses when --sigma is not given. The checkpoint's pixel ``sigma`` stays None.
+  At sigma = 1 its draws are those of ``learned_aug`` with ``draw="prior"`` (the same seeds, the same
+  weights); the two differ in validation and in the metric that selects the best epoch.
 
 Settings: ``eps`` is the *latent* radius (the perturbation checkpoint's chosen eps is the natural
 value; ``robustops train`` uses it by default); ``steps`` / ``alpha`` (default 2 * eps / steps, the
@@ -38,12 +58,20 @@ from typing import Dict
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ... import ops, perturbation
 from ...attacks.latent import LatentPGD
-from ..registry import Method, register
+from ..registry import Hyper, Method, register
 
-__all__ = ["LearnedSet", "LearnedAugmentation", "resolve_perturbation_model", "set_accuracy"]
+__all__ = ["LearnedSet", "LearnedAugmentation", "LearnedNoise", "resolve_perturbation_model", "set_accuracy",
+           "max_set_loss", "SET_LOSSES", "DRAWS"]
+
+#: the losses of ``learned`` (--set-loss): the reference code's per-sample max(clean, adversarial), or the
+#: adversarial loss alone
+SET_LOSSES = ("max", "adv")
+#: the draws of ``learned_aug`` (--draw): u uniform in the eps-ball, or u ~ N(0, I) from the prior
+DRAWS = ("ball", "prior")
 
 _INF = float("inf")
 
@@ -137,11 +165,15 @@ class _LearnedBase(Method):
 class LearnedSet(_LearnedBase):
     name = "learned"
     help = ("adversarial training in a learned perturbation set: latent PGD in the eps-ball of a CVAE's latent "
-            "space, CE on the worst member (Wong and Kolter 2021)")
+            "space, per sample max(CE clean, CE worst member) (--set-loss max) or CE on the worst member "
+            "(Wong and Kolter 2021)")
+    hyper = (Hyper("set_loss", "max", "learned's loss: max = per-sample max(clean CE, adversarial CE) (the reference "
+                   "code's), adv = adversarial CE alone", kind="choice", choices=SET_LOSSES),)
 
     @classmethod
     def label(cls, cfg) -> str:
-        return f"learned-set AT (eps={cfg.eps:.3g}, {cfg.steps} steps)"
+        loss = ", max(clean, adv) loss" if cfg.set_loss == "max" else ""
+        return f"learned-set AT (eps={cfg.eps:.3g}, {cfg.steps} steps{loss})"
 
     def __init__(self, ctx):
         super().__init__(ctx)
@@ -155,19 +187,33 @@ class LearnedSet(_LearnedBase):
         ctx = self.ctx
         if not self._checked:
             self._check_fit(x)
-        if self.cfg.eps > 0:
-            self.attack.seed = ctx.seed()
-            x = ctx.fmt(self.attack.perturb(x, y, offset=0, evaluate=False).x_adv.float())  # a fresh seed per step
-        return ctx.natural_step(x, y)
+        if self.cfg.eps <= 0:
+            return ctx.natural_step(x, y)  # no set to attack: plain training on x, as with either loss
+        self.attack.seed = ctx.seed()
+        x_adv = ctx.fmt(self.attack.perturb(x, y, offset=0, evaluate=False).x_adv.float())  # a fresh seed per step
+        if self.cfg.set_loss == "adv":
+            return ctx.natural_step(x_adv, y)
+
+        def closure(net):
+            logits = net(x_adv)
+            return max_set_loss(net(x), logits, y, ctx.weights), logits
+
+        loss, logits = ctx.update(closure)
+        return ctx.stats(loss, logits, y)
 
 
 @register
 class LearnedAugmentation(_LearnedBase):
     name = "learned_aug"
-    help = "data augmentation with a learned perturbation set: a random member, u uniform in the latent eps-ball"
+    help = ("data augmentation with a learned perturbation set: a random member, u uniform in the latent eps-ball "
+            "(--draw ball) or u ~ N(0, I) from the prior (--draw prior)")
+    hyper = (Hyper("draw", "ball", "learned_aug's latent draw: ball = u uniform in the eps-ball, prior = u ~ N(0, I) "
+                   "unbounded (the reference code's)", kind="choice", choices=DRAWS),)
 
     @classmethod
     def label(cls, cfg) -> str:
+        if cfg.draw == "prior":
+            return "learned-set augmentation (prior draws)"
         return f"learned-set augmentation (eps={cfg.eps:.3g})"
 
     def step(self, x, y):
@@ -176,9 +222,67 @@ class LearnedAugmentation(_LearnedBase):
             self._check_fit(x)
         with torch.no_grad():
             mu, sigma = perturbation.prior_scale(self.pm, x)
-            u = ops.random_init(torch.zeros_like(mu), c.eps, "l2", -_INF, _INF, seed=ctx.seed(), radius="ball")
+            if c.draw == "prior":
+                u = ops.gaussian_noise(torch.zeros_like(mu), 1, 1.0, seed=ctx.seed())
+            else:
+                u = ops.random_init(torch.zeros_like(mu), c.eps, "l2", -_INF, _INF, seed=ctx.seed(), radius="ball")
             x = ctx.fmt(perturbation.member(self.pm, x, u, mu, sigma, c.lo, c.hi).float())
         return ctx.natural_step(x, y)
+
+
+@register
+class LearnedNoise(_LearnedBase):
+    name = "learned_noise"
+    help = ("latent Gaussian-noise training for latent smoothing: each sample replaced by m(x, u), u ~ N(0, sigma^2 I) "
+            "(Wong and Kolter 2021's smoothed classifiers)")
+    hyper = (Hyper("sigma", 1.0, "Gaussian noise level (training and smoothing)", minimum=0.0, strict=True),)
+    select = "latent_noise_acc"
+    val_metrics = ("set_acc", "latent_noise_acc")
+
+    @classmethod
+    def label(cls, cfg) -> str:
+        return f"latent Gaussian noise (sigma={cfg.sigma:g})"
+
+    @classmethod
+    def checkpoint_entries(cls, cfg) -> Dict[str, float]:
+        return {"latent_sigma": float(cfg.sigma)}
+
+    def noisy_members(self, x: torch.Tensor) -> torch.Tensor:
+        """m(x, u) with u ~ N(0, sigma^2 I), one per input (a fresh seed of the run's stream), float32, in the
+        configured layout; without gradient."""
+        c = self.cfg
+        with torch.no_grad():
+            mu, scale = perturbation.prior_scale(self.pm, x)
+            u = ops.gaussian_noise(torch.zeros_like(mu), 1, c.sigma, seed=self.ctx.seed())
+            return self.ctx.fmt(perturbation.member(self.pm, x, u, mu, scale, c.lo, c.hi).float())
+
+    def validation_counts(self, x: torch.Tensor, y: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """set_acc as the other learned methods, and latent_noise_acc: the samples whose noisy member
+        (u ~ N(0, sigma^2 I)) the model classifies correctly."""
+        out = super().validation_counts(x, y)
+        xn = self.noisy_members(x)
+        with torch.no_grad(), self.ctx.autocast():
+            out["latent_noise_acc"] = (self.ctx.forward(xn).argmax(1) == y).sum()
+        return out
+
+    def step(self, x, y):
+        if not self._checked:
+            self._check_fit(x)
+        return self.ctx.natural_step(self.noisy_members(x), y)
+
+
+def max_set_loss(clean_logits: torch.Tensor, adv_logits: torch.Tensor, y: torch.Tensor,
+                 weights=None) -> torch.Tensor:
+    """The reference code's training loss of ``learned``: per sample the larger of the clean and the
+    adversarial cross-entropy, max(CE(clean_logits_i, y_i), CE(adv_logits_i, y_i)) (in float32), averaged
+    over the batch, with per-sample weights [B] a weighted mean (sum_i w_i max_i / sum_i w_i).
+    Logits [B, C], y [B]. Where the two are equal the gradient is split evenly between them."""
+    per = torch.maximum(F.cross_entropy(clean_logits.float(), y, reduction="none"),
+                        F.cross_entropy(adv_logits.float(), y, reduction="none"))
+    if weights is None:
+        return per.mean()
+    w = weights.to(per.dtype)
+    return (per * w).sum() / w.sum()
 
 
 def set_accuracy(model: nn.Module, perturbation_model: nn.Module, loader, eps: float, steps: int = 10,
