@@ -12,14 +12,6 @@ from robustops import perturbation as P
 from robustops.perturbation import families as F
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 IDENT = {"angle": 0.0, "tx": 0.0, "ty": 0.0, "scale": 1.0, "thickness": 0.0}
 
 
