@@ -15,6 +15,9 @@ One file per part, every public name re-exported here (``robustops.perturbation.
 - ``pairs.py``: pair data, :class:`DigitsPairs` (the embedded digits and a known family of
   perturbations, with the true parameters of every pair; fresh perturbations every epoch by default),
   :class:`NpzPairs` (a user's pairs) and :class:`CropFlipPairs` (a joint crop / flip of both images);
+- ``families.py``: the digits' known families one at a time (rotation, translation, scaling, thickness,
+  L-inf), the held-out-family split, the real-perturbation baseline's data and :func:`pair_accuracy`;
+- ``cifar_c.py``: :class:`CifarCPairs`, CIFAR-10-C pairs from a local directory;
 - ``cvae.py``: :class:`CVAE` (prior network p(z|x), encoder q(z|x, x~), decoder g(z, x)) and the
   paper's objective, the beta-weighted ELBO (:func:`perturbation_loss`, :func:`kl_gaussians`);
 - ``fit.py``: :func:`fit_perturbation` (training, checkpoints every epoch, exact resume) and the
@@ -38,3 +41,7 @@ __all__ = ["prior_scale", "member", "check_perturbation_model", "DigitsPairs", "
            "load_perturbation_model", "save_perturbation_model", "latent_norms", "choose_eps", "quality",
            "sample", "plot_perturbations", "CHECKPOINT_FORMAT", "prior_member_error", "likelihood_bound",
            "truncated_prior"]
+from .cifar_c import CifarCPairs  # noqa: E402
+from .families import PerturbedImages, held_out_split, pair_accuracy  # noqa: E402
+
+__all__ += ["CifarCPairs", "PerturbedImages", "held_out_split", "pair_accuracy"]

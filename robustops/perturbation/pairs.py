@@ -23,6 +23,7 @@ from torch.utils.data import Dataset
 
 from .. import _rng
 from ..data import as_nchw, load_digits
+from . import families as _families
 
 __all__ = ["transform_images", "DigitsPairs", "NpzPairs", "CropFlipPairs", "crop_flip", "set_pairs_epoch",
            "batch_pairs"]
@@ -32,6 +33,10 @@ def _epoch_key(seed: int, i: int, epoch: int) -> int:
     """The generator key of item i at an epoch: derive_seed(derive_seed(seed, i + 1), epoch), which for
     epoch 0 is the key of the fixed pair (derive_seed(k, 0) = k)."""
     return _rng.derive_seed(_rng.derive_seed(seed, i + 1), epoch)
+
+
+#: The salt of the L-inf family's noise stream (ASCII "linf"): far from any epoch number.
+_LINF_SALT = 0x6C696E66
 
 
 def _check_epoch(epoch) -> int:
@@ -111,12 +116,18 @@ class DigitsPairs(Dataset):
     rotation (degrees), translation (pixels): a bound r (range [-r, r]) or a pair (low, high);
     scale: (low, high), > 0; thickness: a bound or a pair within [-1, 1] (see transform_images).
     ``params(i)`` gives the true parameters of item i (at the current epoch), ``pair(indices)`` a batch of
-    pairs at once."""
+    pairs at once.
+
+    family: "all" (every parameter above at once, the default) or one known family alone -- "rotation",
+    "translation", "scaling", "thickness" (the other parameters at the identity) or "linf" (x + uniform
+    noise in the L-inf ball of radius linf_eps, clamped to [0, 1]) -- or several (a comma list or a
+    sequence: item i comes from family i mod k, ``family_of(i)``); see ``robustops.perturbation.families``."""
 
     PARAM_NAMES = ("angle", "tx", "ty", "scale", "thickness")
 
     def __init__(self, split: str = "train", seed: int = 0, rotation=20.0, translation=1.0, scale=(0.9, 1.1),
-                 thickness=0.5, repeats: int = 1, fresh: bool = True):
+                 thickness=0.5, repeats: int = 1, fresh: bool = True, family="all",
+                 linf_eps: float = 0.2):
         if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
             raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
         if not isinstance(fresh, bool):
@@ -132,6 +143,8 @@ class DigitsPairs(Dataset):
                        "ty": _range(translation, "translation", True),
                        "scale": _range(scale, "scale", False, 1e-3),
                        "thickness": _range(thickness, "thickness", True, -1.0, 1.0)}
+        self.families = _families.parse_families(family)
+        self.linf_eps = _families.check_linf_eps(linf_eps)
 
     def __len__(self) -> int:
         return self.images.shape[0] * self.repeats
@@ -155,7 +168,7 @@ class DigitsPairs(Dataset):
 
     def params(self, i: int) -> Dict[str, float]:
         """The true parameters of item i: angle (degrees), tx, ty (pixels), scale, thickness."""
-        v = self._draw(self._index(i))
+        v = self._family_draw(self._index(i))
         return {k: float(a) for k, a in zip(self.PARAM_NAMES, v)}
 
     def pair(self, indices: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -164,8 +177,25 @@ class DigitsPairs(Dataset):
         n_img = self.images.shape[0]
         img = torch.tensor([i % n_img for i in idx], dtype=torch.long)
         x = self.images[img]
-        p = torch.stack([self._draw(i) for i in idx]) if idx else torch.zeros(0, len(self.PARAM_NAMES))
-        return x, transform_images(x, *p.unbind(1)), self.labels[img]
+        p = torch.stack([self._family_draw(i) for i in idx]) if idx else torch.zeros(0, len(self.PARAM_NAMES))
+        return x, self._add_linf(idx, x, transform_images(x, *p.unbind(1))), self.labels[img]
+
+    def family_of(self, i: int) -> str:
+        """The family item i is drawn from: the given families' (i mod k)-th."""
+        return self.families[self._index(i) % len(self.families)]
+
+    def _family_draw(self, i: int) -> torch.Tensor:
+        return _families.restrict_params(self._draw(i), self.families[i % len(self.families)], self.PARAM_NAMES)
+
+    def _add_linf(self, idx, x: torch.Tensor, xt: torch.Tensor) -> torch.Tensor:
+        """xt with the rows of L-inf items replaced by x + their noise: item i's own stream at the epoch,
+        salted so that it never meets a parameter draw's key (the epoch keys are derive_seed(k, e))."""
+        rows = [j for j, i in enumerate(idx) if self.families[i % len(self.families)] == "linf"]
+        if rows:
+            epoch = self.epoch if self.fresh else 0
+            seeds = [_rng.derive_seed(_epoch_key(self.seed, idx[j], epoch), _LINF_SALT) for j in rows]
+            xt[rows] = _families.linf_noise(x[rows], self.linf_eps, seeds)
+        return xt
 
     def __getitem__(self, i: int):
         x, xt, y = self.pair([i])
@@ -174,7 +204,8 @@ class DigitsPairs(Dataset):
     def __repr__(self) -> str:
         r = ", ".join(f"{k} {lo:g}..{hi:g}" for k, (lo, hi) in self.ranges.items())
         draws = f"fresh, epoch {self.epoch}" if self.fresh else "fixed"
-        return f"DigitsPairs(split={self.split!r}, seed={self.seed}, n={len(self)}, {draws}, {r})"
+        fam = "" if self.families == ("all",) else f", family {','.join(self.families)} (linf_eps {self.linf_eps:g})"
+        return f"DigitsPairs(split={self.split!r}, seed={self.seed}, n={len(self)}, {draws}, {r}{fam})"
 
 
 def _pair_images(a: np.ndarray, what: str) -> torch.Tensor:
