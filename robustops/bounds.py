@@ -366,8 +366,9 @@ def _fused(m: nn.Module, bn, relu: bool, z: _Lazy) -> _Lazy:
     fold = bn is not None and conv and (clean is not None or not (bn.training or bn.running_mean is None))
     if fold:
         s, t = _bn_scale_shift(bn, clean)
-        clean = None if clean is None else _affine_channels(Interval(clean, clean), s, t).c  # as _batchnorm
         view = (-1,) + (1,) * (w.dim() - 1)
+        if clean is not None:  # as _batchnorm's
+            clean = clean * s.reshape((1,) + view[:-1]).to(clean.dtype) + t.reshape((1,) + view[:-1]).to(clean.dtype)
         w = w * s.reshape(view).to(w.dtype)
         b = t.to(w.dtype) if b is None else b * s.to(w.dtype) + t.to(w.dtype)
         bn = None
