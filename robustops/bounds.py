@@ -188,13 +188,7 @@ def propagate(module: nn.Module, iv: Interval, spec: Optional[torch.Tensor] = No
                 raise
             raise UnsupportedLayerError(f"{e} (at {where})") from None
     if type(module) is nn.Sequential:
-        children = list(module.named_children())
-        if not children:
-            return apply_spec(iv, spec)
-        for name, child in children[:-1]:
-            iv = propagate(child, iv, None, f"{where}.{name}")
-        name, last = children[-1]
-        return propagate(last, iv, spec, f"{where}.{name}")
+        return _sequential(module, iv, spec, where)
     raise UnsupportedLayerError(
         f"interval bound propagation has no rule for {type(module).__name__} (at {where}); supported: "
         f"{', '.join(supported())}; add one with robustops.bounds.register")
@@ -229,22 +223,22 @@ def _linear(m: nn.Linear, iv: Interval, spec: Optional[torch.Tensor]) -> Interva
 STACKED_CONV = {"cpu": False, "cuda": True}
 
 
+def _conv_pair(m: nn.Conv2d, c, r, wc, wr, b):
+    """(wc * c + b, wr * r) for m's geometry: two convolutions, or one grouped convolution over the stacked
+    pair where STACKED_CONV says so."""
+    args = (m.stride, m.padding, m.dilation)
+    if STACKED_CONV.get(c.device.type, False):
+        bias = None if b is None else torch.cat([b, torch.zeros_like(b)])
+        return F.conv2d(torch.cat([c, r], 1), torch.cat([wc, wr]), bias, *args, groups=2 * m.groups).chunk(2, 1)
+    return F.conv2d(c, wc, b, *args, groups=m.groups), F.conv2d(r, wr, None, *args, groups=m.groups)
+
+
 def _conv(m: nn.Conv2d, iv: Interval, spec: Optional[torch.Tensor]) -> Interval:
     if m.padding_mode != "zeros":
         raise UnsupportedLayerError(f"Conv2d with padding_mode={m.padding_mode!r} (only zero padding)")
     w, b = m.weight, m.bias
-    args = (m.stride, m.padding, m.dilation)
-    if STACKED_CONV.get(iv.c.device.type, False):
-        both = torch.cat([iv.c, iv.r], dim=1)
-        wb = torch.cat([w, w.abs()], dim=0)
-        bias = None if b is None else torch.cat([b, torch.zeros_like(b)])
-        out = F.conv2d(both, wb, bias, *args, groups=2 * m.groups)
-        c, r = out.chunk(2, dim=1)
-        out = Interval(c, r)
-    else:
-        out = Interval(F.conv2d(iv.c, w, b, *args, groups=m.groups), F.conv2d(iv.r, w.abs(), None, *args,
-                                                                             groups=m.groups))
-    out.clean = iv.with_clean(lambda t: F.conv2d(t, w, b, *args, groups=m.groups))
+    out = Interval(*_conv_pair(m, iv.c, iv.r, w, w.abs(), b))
+    out.clean = iv.with_clean(lambda t: F.conv2d(t, w, b, m.stride, m.padding, m.dilation, m.groups))
     return apply_spec(out, spec)
 
 
@@ -277,12 +271,10 @@ def _shape_only(m, iv: Interval, spec) -> Interval:
     return apply_spec(iv if isinstance(m, (nn.Identity, nn.Dropout)) else iv.map(m), spec)
 
 
-@register(nn.BatchNorm1d, nn.BatchNorm2d)
-def _batchnorm(m: nn.modules.batchnorm._BatchNorm, iv: Interval, spec) -> Interval:
+def _bn_scale_shift(m: nn.modules.batchnorm._BatchNorm, ref: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """BatchNorm m as x -> scale * x + shift per channel: with the running statistics in eval mode, else
+    with the mean / biased variance of ref (the batch whose statistics the bounds hold fixed)."""
     if m.training or m.running_mean is None:
-        # the batch whose statistics the bounds hold fixed: the clean activations ("clean") where the
-        # interval carries them, the centres ("centre") otherwise
-        ref = iv.c if iv.clean is None else iv.clean
         dims = [0] + list(range(2, ref.dim()))
         mean = ref.mean(dim=dims)
         var = ref.var(dim=dims, unbiased=False)
@@ -294,7 +286,142 @@ def _batchnorm(m: nn.modules.batchnorm._BatchNorm, iv: Interval, spec) -> Interv
     shift = -mean * scale
     if m.bias is not None:
         shift = shift + m.bias
+    return scale, shift
+
+
+@register(nn.BatchNorm1d, nn.BatchNorm2d)
+def _batchnorm(m: nn.modules.batchnorm._BatchNorm, iv: Interval, spec) -> Interval:
+    # batch statistics: the clean activations' ("clean") where the interval carries them, else the centres'
+    scale, shift = _bn_scale_shift(m, iv.c if iv.clean is None else iv.clean)
     return apply_spec(_affine_channels(iv, scale, shift), spec)
+
+
+# ------------------------------------------------------------- fused blocks of a Sequential
+# A Sequential's runs of Conv2d / Linear [+ BatchNorm] [+ ReLU] take fewer passes over memory than the
+# layer rules above (same interval arithmetic; equal to them up to float rounding):
+# - BatchNorm whose statistics are known before the products (running statistics, or the clean
+#   activations' under bn="clean") is folded into a convolution's weights and bias (exact algebraically:
+#   s (W c + b) + t = (s W) c + (s b + t), |s W| = |s| |W|); after a Linear (weights larger than its
+#   outputs) and under the centre rule it is applied to the outputs;
+# - the products give c' = W c + b and D = 2 r' = 2 |W| r, and ReLU gives its upper end u = relu(c' + D / 2)
+#   and width d = min(u, D) (= relu(u') - relu(l') for l' = u' - D), leaving the interval as
+#   c = -(d - 2 u) / 2, r = d / 2: the factors -1/2 and 1/2 (powers of two, so exactly) go into the next
+#   layer's weights instead of two scaling passes (``_Lazy``).
+
+class _Lazy:
+    """The interval with centre a * p and radius b * q (a, b powers of two, signed), and the clean tensor."""
+    __slots__ = ("p", "a", "q", "b", "clean")
+
+    def __init__(self, p, a, q, b, clean):
+        self.p, self.a, self.q, self.b, self.clean = p, a, q, b, clean
+
+    def interval(self) -> Interval:
+        return Interval(self.p if self.a == 1 else self.p * self.a, self.q if self.b == 1 else self.q * self.b,
+                        self.clean)
+
+
+_ABS: "torch.utils.weak.WeakIdKeyDictionary" = torch.utils.weak.WeakIdKeyDictionary()
+
+
+def _abs_weight(w: torch.Tensor) -> torch.Tensor:
+    """|w|, kept per weight tensor while its storage and version counter are unchanged, where no graph is
+    recorded (certification's repeated passes over a large Linear); computed afresh where gradients are
+    recorded (training: the weights change every step) and under torch.compile."""
+    if (torch.is_grad_enabled() and w.requires_grad) or torch.compiler.is_compiling():
+        return w.abs()
+    key = (w.data_ptr(), w._version, w.dtype, w.shape)
+    hit = _ABS.get(w)
+    if hit is None or hit[0] != key:
+        hit = _ABS[w] = (key, w.detach().abs())
+    return hit[1]
+
+
+def _builtin(m: nn.Module, rule: Rule) -> bool:
+    return _RULES.get(type(m)) is rule
+
+
+def _block(children, i: int) -> int:
+    """How many children from i form a fused block (0: none): Conv2d (zero padding) or Linear with their
+    built-in rules, then optionally BatchNorm1d/2d, then optionally ReLU."""
+    m = children[i][1]
+    if not ((_builtin(m, _conv) and m.padding_mode == "zeros") or _builtin(m, _linear)):
+        return 0
+    n = 1
+    if i + n < len(children) and _builtin(children[i + n][1], _batchnorm):
+        n += 1
+    if i + n < len(children) and _builtin(children[i + n][1], _relu):
+        n += 1
+    return n
+
+
+def _fused(m: nn.Module, bn, relu: bool, z: _Lazy) -> _Lazy:
+    """The block m (Conv2d / Linear), bn (BatchNorm or None), ReLU if relu, on z (see the comment above)."""
+    conv = isinstance(m, nn.Conv2d)
+
+    def prod(t, w, b=None):
+        return F.conv2d(t, w, b, m.stride, m.padding, m.dilation, m.groups) if conv else F.linear(t, w, b)
+
+    w, b = m.weight, m.bias
+    clean = None if z.clean is None else prod(z.clean, w, b)
+    fold = bn is not None and conv and (clean is not None or not (bn.training or bn.running_mean is None))
+    if fold:
+        s, t = _bn_scale_shift(bn, clean)
+        view = (-1,) + (1,) * (w.dim() - 1)
+        if clean is not None:  # as _batchnorm's
+            clean = clean * s.reshape((1,) + view[:-1]).to(clean.dtype) + t.reshape((1,) + view[:-1]).to(clean.dtype)
+        w = w * s.reshape(view).to(w.dtype)
+        b = t.to(w.dtype) if b is None else b * s.to(w.dtype) + t.to(w.dtype)
+        bn = None
+    if conv:  # the factors a, 2 b into the (small) weights
+        wc = w if z.a == 1 else w * z.a
+        wr = wc.abs() * (2 * z.b / abs(z.a))
+        c, d = _conv_pair(m, z.p, z.q, wc, wr, b)
+    else:  # into the (small) outputs: exact scaling, the same sums
+        c = F.linear(z.p, w, b) if z.a == 1 else torch.addmm(b, z.p, w.t(), alpha=z.a) if b is not None \
+            else F.linear(z.p, w) * z.a
+        d = F.linear(z.q, _abs_weight(w))
+        d = d if 2 * z.b == 1 else d * (2 * z.b)
+    if bn is not None:  # after a Linear, or the centre rule (statistics of c)
+        s, t = _bn_scale_shift(bn, c if clean is None else clean)
+        iv = _affine_channels(Interval(c, d, clean), s, t)
+        c, d, clean = iv.c, iv.r, iv.clean
+    if not relu:
+        return _Lazy(c, 1, d, 0.5, clean)
+    if c.requires_grad or d.requires_grad or torch.compiler.is_compiling():  # minimum's backward saves u, d
+        u = torch.add(c, d, alpha=0.5).relu_()
+        d = torch.minimum(u, d)
+        p = torch.add(d, u, alpha=-2.0)
+    else:  # no graph: in place in this block's own buffers
+        u = c.add_(d, alpha=0.5).relu_()
+        p = torch.add(torch.minimum(u, d, out=d), u, alpha=-2.0, out=u)
+    return _Lazy(p, -0.5, d, 0.5, None if clean is None else F.relu(clean))
+
+
+def _sequential(module: nn.Sequential, iv: Interval, spec: Optional[torch.Tensor], where: str) -> Interval:
+    """propagate for an nn.Sequential: its fused blocks (``_fused``), Flatten between them, and every other
+    child by its rule; the last child takes spec (a last Linear on its own keeps the elision)."""
+    children = list(module.named_children())
+    z: Optional[_Lazy] = None
+    i = 0
+    while i < len(children):
+        name, child = children[i]
+        n = _block(children, i)
+        if n and not (n == 1 and i + 1 == len(children) and spec is not None):
+            if z is None:
+                z = _Lazy(iv.c, 1, iv.r, 1, iv.clean)
+            mods = [c for _, c in children[i:i + n]]
+            bn = next((c for c in mods if isinstance(c, nn.modules.batchnorm._BatchNorm)), None)
+            z = _fused(child, bn, isinstance(mods[-1], nn.ReLU), z)
+            i += n
+            continue
+        i += 1
+        if z is not None and _builtin(child, _shape_only) and isinstance(child, nn.Flatten) and i < len(children):
+            z = _Lazy(child(z.p), z.a, child(z.q), z.b, None if z.clean is None else child(z.clean))
+            continue
+        if z is not None:
+            iv, z = z.interval(), None
+        iv = propagate(child, iv, spec if i == len(children) else None, f"{where}.{name}")
+    return apply_spec(z.interval(), spec) if z is not None else iv if children else apply_spec(iv, spec)
 
 
 def _normalize_rule(m, iv: Interval, spec) -> Interval:

@@ -1,6 +1,7 @@
 """robustops.models.CNN7, the IBP benchmark network: its shapes, its parameter count (counted by hand
 below), its registry name, and interval bounds through it (exact at eps = 0, enclosing sampled points
-of a small box, with stacked and with separate convolutions)."""
+of a small box, with stacked and with separate convolutions; the fused blocks of a Sequential equal the
+layer rules, gradients included, and the cached |W| follows weight updates)."""
 import pytest
 import torch
 import torch.nn as nn
@@ -105,3 +106,55 @@ def test_sampled_points_lie_within_the_bounds(monkeypatch, stacked):
     # the elided margin is never looser than the difference of the logit bounds
     naive = lower.gather(1, y.view(-1, 1)) - upper
     assert bool((margin >= naive - tol).all())
+
+
+def layer_by_layer(model, x, y, eps, bn):
+    """The margin bounds through the layer rules one child at a time (no fused blocks): the reference of
+    the fused path, the last Linear elided in the same way."""
+    iv = B.input_box(x, eps)
+    if bn == "centre" or not B.batch_statistics(model):  # no clean tensor: the centre rule
+        iv = B.Interval(iv.c, iv.r)
+    layers = list(model.net)
+    for m in layers[:-1]:
+        iv = B.propagate(m, iv)
+    return B.propagate(layers[-1], iv, B.margin_spec(y, 10, torch.float64)).lower
+
+
+@pytest.mark.parametrize("mode,bn,stacked", [("eval", "clean", False), ("eval", "clean", True),
+                                             ("train", "clean", False), ("train", "centre", True)])
+def test_fused_blocks_equal_the_layer_rules_with_gradients(monkeypatch, stacked, mode, bn):
+    monkeypatch.setitem(B.STACKED_CONV, "cpu", stacked)
+    torch.manual_seed(3)
+    m = with_bn_stats(M.CNN7(input_size=8), seed=3).double().train(mode == "train")
+    gen = torch.Generator().manual_seed(4)
+    x = torch.rand(4, 3, 8, 8, generator=gen, dtype=torch.float64)
+    y = torch.tensor([1, 0, 7, 3])
+    grads = []
+    for fn in (lambda: B.margin_bounds(m, x, y, 0.01, num_classes=10, bn=bn),
+               lambda: layer_by_layer(m, x, y, 0.01, bn)):
+        m.zero_grad()
+        out = fn()
+        (out * torch.linspace(0.5, 1.5, 10, dtype=torch.float64)).sum().backward()
+        grads.append((out.detach(), [p.grad.clone() for p in m.parameters()]))
+    (fused, g1), (ref, g0) = grads
+    torch.testing.assert_close(fused, ref, rtol=1e-10, atol=1e-10 * float(ref.abs().max()))
+    scale = max(float(g.abs().max()) for g in g0)  # conv biases before batch statistics: zero up to rounding
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10 * scale)
+
+
+def test_the_cached_abs_weight_follows_weight_updates():
+    """Without a graph |W| of a Linear is kept between calls: an in-place update of W must refresh it."""
+    torch.manual_seed(5)
+    m = with_bn_stats(M.CNN7(input_size=8), seed=5)
+    x = torch.rand(2, 3, 8, 8)
+    with torch.no_grad():
+        B.interval_bounds(m, x, 0.01)  # fills the cache
+        m.net[16].weight.mul_(-2.0)
+        lower, upper = B.interval_bounds(m, x, 0.01)
+    ref_l, ref_u = B.interval_bounds(m, x, 0.01)  # with a graph: |W| computed afresh
+    torch.testing.assert_close(lower, ref_l.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(upper, ref_u.detach(), rtol=0, atol=0)
+    with torch.no_grad():
+        m.net[16].weight.div_(-2.0)
+        assert not torch.equal(B.interval_bounds(m, x, 0.01)[1], upper)
