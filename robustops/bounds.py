@@ -581,8 +581,8 @@ _VERIFIERS: Dict[str, Callable[..., torch.Tensor]] = {}
 
 
 def register_verifier(name: str, fn: Callable[..., torch.Tensor]) -> None:
-    """Make ``fn(model, x, y, eps, lo, hi, num_classes) -> BoolTensor[B]`` the bound ``name`` of
-    certified_radius (``bound=name``). A verifier must be sound: True only where the class is proven."""
+    """Make ``fn(model, x, y, eps, lo, hi, num_classes, *, bn) -> BoolTensor[B]`` the bound ``name`` of
+    certified_radius (``bound=name``; bn: its BatchNorm rule). Sound: True only where the class is proven."""
     _VERIFIERS[str(name)] = fn
 
 
@@ -665,7 +665,7 @@ def certified_radius(model: nn.Module, x: torch.Tensor, y: Optional[torch.Tensor
     if bound not in _VERIFIERS:
         raise ValueError(f"bound must be one of {', '.join(_VERIFIERS)} (import robustops.crown for crown, "
                          f"crown-ibp, best), got {bound!r}")
-    verify = functools.partial(verified, bn=bn) if bound == "ibp" else _VERIFIERS[bound]
+    verify = functools.partial(_VERIFIERS[bound], bn=bn)
     if x.dtype in (torch.float16, torch.bfloat16):
         x = x.float()
     h = 2.0 ** math.floor(math.log2(tol))

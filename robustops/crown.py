@@ -520,8 +520,8 @@ def verified(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Param, lo:
 
 
 def _verifier(method: str) -> Callable:
-    def verify(model, x, y, eps, lo=0.0, hi=1.0, num_classes=None):
-        return verified(model, x, y, eps, lo, hi, method, num_classes)
+    def verify(model, x, y, eps, lo=0.0, hi=1.0, num_classes=None, *, bn="clean"):
+        return verified(model, x, y, eps, lo, hi, method, num_classes, bn=bn)
     return verify
 
 

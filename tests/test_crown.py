@@ -238,6 +238,9 @@ def test_unsupported_layer_and_bad_arguments():
     bn = nn.Sequential(nn.Flatten(), nn.Linear(4, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2)).train()
     with pytest.raises(ValueError, match='bn must be "clean" for CROWN'):
         crown.margin_bounds(bn, x, y, 0.1, bn="centre")
+    for bound in ("crown", "crown-ibp", "best"):  # the radius search passes its bn rule to every verifier
+        with pytest.raises(ValueError, match='bn must be "clean" for CROWN'):
+            bounds.certified_radius(bn, x, y, eps_max=0.1, mode="train", bn="centre", bound=bound)
     with pytest.raises(ValueError, match="bn must be one of"):
         crown.margin_bounds(bn, x, y, 0.1, bn="running")
     with pytest.raises(ValueError, match="bound must be one of"):
