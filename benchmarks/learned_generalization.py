@@ -24,6 +24,7 @@ tests that on the embedded 8x8 digits with known families (robustops.perturbatio
    ``robustops certify --threat learned`` sizes it), the same sigma for every method.
 
     python benchmarks/learned_generalization.py --threads 1              # seeds 0, 1, 2
+    python benchmarks/learned_generalization.py --threads 1 --epochs 20 --scale 0.7,1.3 --linf-eps 0.3  # README
     python benchmarks/learned_generalization.py --seeds 0 --epochs 5 --no-csv
 
 Prints one row per (method, seed) and mean +- std over seeds, appends the rows to
