@@ -115,3 +115,23 @@ def test_cli_refuses_a_negative_crop_padding(tmp_path, capsys):
 
     assert main(["perturbation", "train", "-o", str(tmp_path / "p"), "--crop-flip", "-1", "--no-progress"]) == 2
     assert "--crop-flip must be >= 0" in capsys.readouterr().err
+
+
+def test_fit_perturbation_refuses_a_resume_with_other_data_settings(tmp_path):
+    ds = torch.utils.data.TensorDataset(torch.rand(16, 1, 8, 8), torch.rand(16, 1, 8, 8))
+
+    def fit(settings, **kw):
+        torch.manual_seed(0)
+        P.fit_perturbation(P.CVAE(1, 8, latent_dim=2, width=4), DataLoader(ds, batch_size=8), epochs=2, seed=0,
+                           progress=False, out_dir=str(tmp_path), data_settings=settings, **kw)
+
+    fit({"pairs": "fixed"}, stop_after=1)
+    with pytest.raises(ValueError, match=r"different settings: pairs='fixed' \(now 'fresh'\)"):
+        fit({"pairs": "fresh"}, resume=True)
+    with pytest.raises(ValueError, match=r"pairs='fixed' \(now None\)"):
+        fit({"pairs": None}, resume=True)
+    fit({"pairs": "fixed"}, resume=True)
+    with pytest.raises(ValueError, match="must not reuse fit_perturbation's own setting names"):
+        fit({"lr": 1.0})
+    with pytest.raises(TypeError, match="data_settings must be a mapping"):
+        fit(["pairs"])

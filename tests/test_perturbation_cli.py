@@ -78,3 +78,40 @@ def test_errors(run_dir, tmp_path, capsys):
     np.savez(rgb, x=np.zeros((4, 3, 8, 8), np.float32), x_perturbed=np.zeros((4, 3, 8, 8), np.float32))
     assert main(["perturbation", "quality", "--checkpoint", ck, "--data", f"npz:{rgb}"]) == 2
     assert "does not accept --data inputs of shape [3, 8, 8]" in capsys.readouterr().err
+
+
+def _train_args(out, *extra):
+    return ["perturbation", "train", "--out", out, "--epochs", "2", "--latent-dim", "4", "--width", "8",
+            "--approx-steps", "5", "--no-progress", "--threads", "1", *extra]
+
+
+def test_resume_refuses_other_pair_settings_naming_the_flag(run_dir, capsys):
+    """run_dir made fresh pairs of every family; a resume that makes its pairs otherwise is refused before
+    anything is written (the checkpoint stores the pair settings under the flags' names)."""
+    before = os.path.getmtime(os.path.join(run_dir, "last.pt"))
+    for extra, flag in ((["--fixed-pairs"], "--fixed-pairs"), (["--crop-flip", "1"], "--crop-flip"),
+                        (["--family", "rotation"], "--family"), (["--linf-eps", "0.1"], "--linf-eps")):
+        assert main(_train_args(run_dir, "--resume", *extra)) == 2, flag
+        err = capsys.readouterr().err
+        assert "resume: the checkpoint was trained with different settings" in err and f"{flag}=" in err, err
+    assert os.path.getmtime(os.path.join(run_dir, "last.pt")) == before
+    assert main(_train_args(run_dir, "--resume")) == 0  # the same settings: resumes (nothing left to run)
+
+
+def test_family_trains_on_the_named_families_and_bad_names_are_refused(tmp_path, capsys):
+    out = str(tmp_path / "fam")
+    assert main(_train_args(out, "--epochs", "1", "--family", "rotation,linf", "--linf-eps", "0.1")) == 0
+    with open(os.path.join(out, "summary.json")) as fh:
+        s = json.load(fh)
+    assert s["settings"]["family"] == "rotation,linf" and s["settings"]["linf_eps"] == 0.1
+    capsys.readouterr()
+    for extra, msg in ((["--family", "rotation,blur"], "--family must be one or more distinct names of all, rotation"),
+                       (["--family", "linf,linf"], "--family must be one or more distinct names"),
+                       (["--linf-eps", "1.5"], "--linf-eps must be a number in [0, 1]")):
+        assert main(_train_args(str(tmp_path / "bad"), *extra)) == 2
+        assert msg in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "bad")
+    path = tmp_path / "p.npz"
+    np.savez(path, x=np.zeros((8, 1, 8, 8), np.float32), x_perturbed=np.zeros((8, 1, 8, 8), np.float32))
+    assert main(_train_args(str(tmp_path / "npz"), "--data", f"npz:{path}", "--family", "rotation")) == 2
+    assert "--family / --linf-eps choose the digits' perturbations" in capsys.readouterr().err

@@ -41,6 +41,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--crop-flip", type=int, default=0, metavar="PAD",
                    help="a random crop after PAD pixels of zero padding and a random horizontal flip, the same for "
                         "both images of each training pair, new every epoch (0: off; the reference uses 4 on CIFAR-10)")
+    t.add_argument("--family", default="all",
+                   help="digits: the known perturbation family or families (comma list; item i from family i mod k) "
+                        "of the pairs: all (every transformation at once), rotation, translation, scaling, "
+                        "thickness, linf (uniform noise in the L-inf ball of --linf-eps)")
+    t.add_argument("--linf-eps", type=fraction("--linf-eps"), default=0.2,
+                   help="digits: the radius of the linf family, in [0, 1]")
     t.add_argument("--val-size", type=int, default=None,
                    help="npz: pairs held out for the quality report (None: 10%%)")
     t.add_argument("--approx-steps", type=int, default=50,
@@ -70,14 +76,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_common(s)
 
 
-def _pairs(spec: str, split: str, seed: int, repeats: int = 1, fresh: bool = False):
+def _pairs(spec: str, split: str, seed: int, repeats: int = 1, fresh: bool = False, family=("all",),
+           linf_eps: float = 0.2):
     """(dataset, description) of a pairs spec; CLIError naming --data otherwise. fresh: digits' perturbations
-    new every epoch (training pairs)."""
+    new every epoch (training pairs); family, linf_eps: DigitsPairs' (checked by :func:`_families`)."""
     from .. import perturbation as P
 
     if spec == "digits":
         return P.DigitsPairs(split, seed=seed if split == "train" else seed + 1, repeats=repeats,
-                             fresh=fresh), "digits"
+                             fresh=fresh, family=family, linf_eps=linf_eps), "digits"
     kind, sep, path = spec.partition(":")
     if not sep or kind.lower() != "npz":
         raise CLIError(f'--data {spec!r}: expected "digits" or npz:PATH (a .npz with arrays x, x_perturbed, '
@@ -88,6 +95,20 @@ def _pairs(spec: str, split: str, seed: int, repeats: int = 1, fresh: bool = Fal
     except (FileNotFoundError, KeyError, ValueError, TypeError, OSError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         raise CLIError(f"--data {spec!r}: {msg}") from None
+
+
+def _families(args):
+    """(the families, linf_eps) of --family / --linf-eps, checked; digits pairs only."""
+    from ..perturbation import families
+
+    try:
+        fams = families.parse_families(args.family, "--family")
+        linf_eps = families.check_linf_eps(args.linf_eps)
+    except ValueError as e:
+        raise CLIError(str(e).replace("linf_eps", "--linf-eps", 1)) from None
+    if args.data != "digits" and (fams != ("all",) or args.linf_eps != 0.2):
+        raise CLIError(f"--family / --linf-eps choose the digits' perturbations; --data {args.data!r} brings its own")
+    return fams, linf_eps
 
 
 def _load(path: str, device):
@@ -140,9 +161,11 @@ def _train(args) -> int:
     dev = pick_device(args.device)
     if args.crop_flip < 0:
         raise CLIError(f"--crop-flip must be >= 0 (pixels of padding; 0: off), got {args.crop_flip}")
-    train_ds, source = _pairs(args.data, "train", args.seed, args.repeats, fresh=not args.fixed_pairs)
+    fams, linf_eps = _families(args)
+    train_ds, source = _pairs(args.data, "train", args.seed, args.repeats, fresh=not args.fixed_pairs, family=fams,
+                              linf_eps=linf_eps)
     if args.data == "digits":
-        held_ds, _ = _pairs(args.data, "test", args.seed)
+        held_ds, _ = _pairs(args.data, "test", args.seed, family=fams, linf_eps=linf_eps)
     else:
         n = len(train_ds)
         val = args.val_size if args.val_size is not None else max(1, n // 10)
@@ -172,7 +195,7 @@ def _train(args) -> int:
         res = P.fit_perturbation(model, loader, args.epochs, args.lr, beta=args.beta, warmup=args.warmup,
                                  amp=None if args.amp == "none" else args.amp, device=dev, out_dir=args.out,
                                  resume=args.resume, progress=args.progress, seed=args.seed, val_loader=held,
-                                 verbose=True)
+                                 verbose=True, data_settings=_data_settings(args, source, fams, linf_eps))
     except ValueError as e:
         raise CLIError(str(e)) from None
     eps = P.choose_eps(model, eval_train, args.percentile, dev)
@@ -190,6 +213,13 @@ def _train(args) -> int:
     print(f"model -> {path} (eps {eps:.4g}, the {args.percentile:g}th percentile of the training latent norms); "
           f"summary -> {out_json}")
     return 0
+
+
+def _data_settings(args, source: str, fams, linf_eps) -> dict:
+    """How the training pairs are made, under the flags' names: a resumed run must make them the same way
+    (fit_perturbation refuses otherwise, naming the flag)."""
+    return {"--data": source, "--repeats": args.repeats, "--fixed-pairs": bool(args.fixed_pairs),
+            "--crop-flip": int(args.crop_flip), "--family": ",".join(fams), "--linf-eps": float(linf_eps)}
 
 
 def _quality(args) -> int:

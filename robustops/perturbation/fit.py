@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -91,7 +91,7 @@ def load_perturbation_model(path: str, device="cpu", model: Optional[nn.Module] 
 
 
 def _checked_settings(model, epochs, lr, beta, warmup, schedule, weight_decay, amp, grad_clip,
-                      stop_after) -> Tuple[Dict[str, Any], Optional[torch.dtype], Optional[int]]:
+                      stop_after, data_settings=None) -> Tuple[Dict[str, Any], Optional[torch.dtype], Optional[int]]:
     """(the settings a checkpoint stores and a resumed run must share, the autocast dtype, stop_after),
     every argument checked."""
     check_perturbation_model(model)
@@ -112,6 +112,13 @@ def _checked_settings(model, epochs, lr, beta, warmup, schedule, weight_decay, a
     amp_name = {None: "none", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]
     settings = {"epochs": epochs, "lr": lr, "beta": beta, "warmup": warmup, "schedule": schedule,
                 "weight_decay": weight_decay, "amp": amp_name, "grad_clip": grad_clip}
+    if data_settings is not None:
+        if not isinstance(data_settings, Mapping) or not all(isinstance(k, str) for k in data_settings):
+            raise TypeError(f"data_settings must be a mapping of names (str) to values, got {data_settings!r}")
+        clash = sorted(set(data_settings) & set(settings))
+        if clash:
+            raise ValueError(f"data_settings must not reuse fit_perturbation's own setting names, got {clash}")
+        settings.update(data_settings)
     return settings, amp_dtype, stop_after
 
 
@@ -270,7 +277,7 @@ def fit_perturbation(model: nn.Module, loader, epochs: int = 20, lr: float = 2e-
                      amp: Optional[str] = None, device=None, out_dir: Optional[str] = None,
                      resume: Union[bool, str] = False, progress: bool = True, seed: Optional[int] = 0,
                      val_loader=None, grad_clip: Optional[float] = None, stop_after: Optional[int] = None,
-                     verbose: bool = False) -> PerturbationFit:
+                     verbose: bool = False, data_settings: Optional[Mapping[str, Any]] = None) -> PerturbationFit:
     """Trains a perturbation model (a :class:`CVAE`, or any module with prior / posterior / decode) on
     a loader of pairs (x, x_tilde[, y]) by the beta-weighted ELBO (:func:`perturbation_loss`), with Adam.
 
@@ -285,13 +292,16 @@ def fit_perturbation(model: nn.Module, loader, epochs: int = 20, lr: float = 2e-
     resume: True continues from out_dir/last.pt when it exists (else starts afresh), a path continues from
     that checkpoint; the run then continues exactly (the same weights as an uninterrupted run, to
     float rounding), provided the settings are the same (checked) and the loader is built the same way.
+    data_settings: how the loader's pairs are made, which the loader does not show (the command line passes
+    its --fixed-pairs, --crop-flip, --family, ... under those names): stored with the settings, and a resumed
+    run whose data_settings differ is refused naming them (a checkpoint without them counts as None).
     Each epoch e (from 1) first calls ``set_epoch(e)`` on the loader's dataset when it has one
     (``set_pairs_epoch``: DigitsPairs' fresh pairs, CropFlipPairs' crops), so resumed epochs see their pairs.
     stop_after: end this call after that epoch (a planned interruption: a later call with resume
     continues the same schedule); None: run to ``epochs``.
     Returns a :class:`PerturbationFit`; the model ends in eval mode."""
     settings, amp_dtype, stop_after = _checked_settings(model, epochs, lr, beta, warmup, schedule, weight_decay,
-                                                        amp, grad_clip, stop_after)
+                                                        amp, grad_clip, stop_after, data_settings)
     run = _PerturbationRun(model, loader, settings, amp_dtype, device=device, seed=seed, out_dir=out_dir,
                            progress=progress, verbose=verbose)
     ckpt_path = resume_path(resume, out_dir)
