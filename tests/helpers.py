@@ -215,6 +215,25 @@ def subprocess_env() -> dict:
     return e
 
 
+def run_concurrently(argvs, timeout: float = 400, **popen_kwargs) -> list:
+    """Each argv of argvs in its own subprocess, all at once, output captured as text; waits for all and
+    returns their CompletedProcess objects in order (independent commands: their order does not matter)."""
+    import subprocess
+
+    procs = [(argv, subprocess.Popen([str(a) for a in argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, **popen_kwargs)) for argv in argvs]
+    done = []
+    for argv, proc in procs:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for _, other in procs:
+                other.kill()
+            raise
+        done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    return done
+
+
 def digits_checkpoint(directory) -> tuple:
     """(path, model): a small_cnn trained 4 epochs on digits, saved as a robustops checkpoint in directory."""
     from robustops.models import save_checkpoint

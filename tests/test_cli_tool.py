@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import assert_one_line_error, ok, train_digits_model
+from helpers import assert_one_line_error, ok, run_concurrently, train_digits_model
 from robustops.models import save_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,6 +34,12 @@ def env(**extra):
 def robustops(*args, timeout=300, cwd=ROOT, **extra_env):
     return subprocess.run([sys.executable, "-m", "robustops"] + [str(a) for a in args], cwd=cwd, env=env(**extra_env),
                           capture_output=True, text=True, timeout=timeout)
+
+
+def robustops_concurrently(*argss, cwd=ROOT, **extra_env):
+    """`python -m robustops ARGS` for each ARGS, all at once; their CompletedProcess objects in order."""
+    return run_concurrently([[sys.executable, "-m", "robustops", *args] for args in argss], timeout=300, cwd=cwd,
+                            env=env(**extra_env))
 
 
 @pytest.fixture(scope="module")
@@ -242,18 +248,18 @@ def test_predict_writes_cohens_tsv_and_a_summary(ckpts, tmp_path):
 
 # ------------------------------------------------------------------ 10. outputs and plots
 
-def _certify_tsv(ckpt, out, sigma, n=200):
-    return ok(robustops("certify", "--checkpoint", ckpt, "--sigma", sigma, "--n0", "16", "--n", n, "--alpha", "0.01",
-                        "--batch-size", "200", "--max-samples", "20", "-o", out, "--plot", str(out) + ".png",
-                        "--no-progress"))
+def _certify_argv(ckpt, out, sigma, n=200):
+    return ("certify", "--checkpoint", ckpt, "--sigma", sigma, "--n0", "16", "--n", n, "--alpha", "0.01",
+            "--batch-size", "200", "--max-samples", "20", "-o", out, "--plot", str(out) + ".png", "--no-progress")
 
 
 def test_certify_plot_and_the_plot_command_overlay_curves(ckpts, tmp_path):
     from PIL import Image
 
     a, b = tmp_path / "a.tsv", tmp_path / "b.tsv"
-    _certify_tsv(ckpts["gaussian"], a, "0.25")
-    _certify_tsv(ckpts["gaussian"], b, "0.5")
+    for p in robustops_concurrently(_certify_argv(ckpts["gaussian"], a, "0.25"),
+                                    _certify_argv(ckpts["gaussian"], b, "0.5")):
+        ok(p)
     for path in (str(a) + ".png", str(tmp_path / "a.tsv.pdf")):
         assert os.path.getsize(path) > 0
     summary = json.loads(open(str(a) + ".json").read())["summary"]
@@ -271,8 +277,10 @@ def test_certify_plot_and_the_plot_command_overlay_curves(ckpts, tmp_path):
     # the n-limited radius: sigma * Phi^-1(alpha^(1/n)), twice as large at twice the sigma
     assert curves[1]["largest_certifiable_radius"] == pytest.approx(2 * curves[0]["largest_certifiable_radius"])
     assert "a (sigma 0.25): 20 inputs" in p.stdout
-    assert_one_line_error(robustops("plot", a, tmp_path / "missing.tsv", "-o", png), "missing.tsv")
-    assert_one_line_error(robustops("plot", a, b, "-o", png, "--labels", "only-one"), "--labels")
+    missing, labels = robustops_concurrently(("plot", a, tmp_path / "missing.tsv", "-o", tmp_path / "m.png"),
+                                             ("plot", a, b, "-o", tmp_path / "l.png", "--labels", "only-one"))
+    assert_one_line_error(missing, "missing.tsv")
+    assert_one_line_error(labels, "--labels")
 
 
 def test_eps_sweep_writes_csv_plot_and_json(ckpts, tmp_path):
