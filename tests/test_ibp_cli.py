@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from helpers import assert_one_line_error, ok, train_digits_model
+from helpers import assert_one_line_error, ok, run_concurrently, train_digits_model
 from robustops import bounds
 from robustops.data import load_digits
 from robustops.models import save_checkpoint
@@ -19,10 +19,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IBP = ["--method", "ibp", "--eps-max", "0.05", "--tol", "1e-3", "--skip", "6", "--no-progress"]
 
 
+def _env():
+    return dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+
+
 def robustops(*args):
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "robustops"] + [str(a) for a in args], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "robustops"] + [str(a) for a in args], cwd=ROOT, env=_env(),
                           capture_output=True, text=True, timeout=300)
+
+
+def robustops_concurrently(*argss):
+    """`python -m robustops ARGS` for each ARGS (independent runs, other outputs), all at once."""
+    return run_concurrently([[sys.executable, "-m", "robustops", *args] for args in argss], timeout=300, cwd=ROOT,
+                            env=_env())
 
 
 @pytest.fixture(scope="module")
@@ -60,31 +69,42 @@ def test_rows_are_the_bounds_modules_radii(ckpt, tmp_path):
 
 def test_resume_keeps_finished_rows_and_checks_the_settings(ckpt, tmp_path):
     full, part = tmp_path / "full.tsv", tmp_path / "part.tsv"
-    ok(robustops("certify", "--checkpoint", ckpt["plain"], "-o", full, *IBP))
-    ok(robustops("certify", "--checkpoint", ckpt["plain"], "-o", part, "--max-samples", "100", *IBP))
+    for p in robustops_concurrently(("certify", "--checkpoint", ckpt["plain"], "-o", full, *IBP),
+                                    ("certify", "--checkpoint", ckpt["plain"], "-o", part, "--max-samples", "100",
+                                     *IBP)):
+        ok(p)
     assert len(rows(part)) == len(range(0, 100, 6))
     p = ok(robustops("certify", "--checkpoint", ckpt["plain"], "-o", part, "--resume", *IBP))
     assert f"(60 inputs, {60 - len(range(0, 100, 6))} to go)" in p.stdout
     assert rows(part) == rows(full)
-    line = assert_one_line_error(robustops("certify", "--checkpoint", ckpt["plain"], "-o", part, "--resume",
-                                           *IBP[:-3], "--tol", "1e-2", "--skip", "6"), "--resume", "--tol")
+    # the two refused resumes, at once: the second on a copy of the finished result (one run per output)
+    part2 = tmp_path / "part2.tsv"
+    part2.write_bytes(part.read_bytes())
+    (tmp_path / "part2.tsv.json").write_bytes((tmp_path / "part.tsv.json").read_bytes())
+    tol, method = robustops_concurrently(("certify", "--checkpoint", ckpt["plain"], "-o", part, "--resume",
+                                          *IBP[:-3], "--tol", "1e-2", "--skip", "6"),
+                                         ("certify", "--checkpoint", ckpt["plain"], "-o", part2, "--resume",
+                                          "--sigma", "0.25", "--skip", "6"))
+    line = assert_one_line_error(tol, "--resume", "--tol")
     assert "0.001" in line
-    assert_one_line_error(robustops("certify", "--checkpoint", ckpt["plain"], "-o", part, "--resume", "--sigma",
-                                    "0.25", "--skip", "6"), "--resume", "--method ibp")
+    assert_one_line_error(method, "--resume", "--method ibp")
+    assert rows(part) == rows(full) and rows(part2) == rows(full)
 
 
 def test_eps_max_from_the_checkpoint_and_argument_checks(ckpt, tmp_path):
     p = ok(robustops("certify", "--checkpoint", ckpt["trained"], "--method", "ibp", "--max-samples", "12", "-o",
                      tmp_path / "a.tsv", "--no-progress"))
     assert "eps-max 0.03" in p.stdout
-    out = tmp_path / "b.tsv"
-    assert_one_line_error(robustops("certify", "--checkpoint", ckpt["plain"], "--method", "ibp", "-o", out),
-                          "--eps-max is required")
-    assert_one_line_error(robustops("certify", "--checkpoint", ckpt["plain"], "-o", out, *IBP, "--sigma", "0.25"),
-                          "--sigma", "randomized-smoothing")
-    assert_one_line_error(robustops("certify", "--checkpoint", ckpt["plain"], "-o", out, "--method", "ibp",
-                                    "--eps-max", "0.01", "--tol", "0.5"), "--tol")
-    assert not out.exists()
+    outs = [tmp_path / f"b{i}.tsv" for i in range(3)]
+    eps_max, sigma, tol = robustops_concurrently(
+        ("certify", "--checkpoint", ckpt["plain"], "--method", "ibp", "-o", outs[0]),
+        ("certify", "--checkpoint", ckpt["plain"], "-o", outs[1], *IBP, "--sigma", "0.25"),
+        ("certify", "--checkpoint", ckpt["plain"], "-o", outs[2], "--method", "ibp", "--eps-max", "0.01", "--tol",
+         "0.5"))
+    assert_one_line_error(eps_max, "--eps-max is required")
+    assert_one_line_error(sigma, "--sigma", "randomized-smoothing")
+    assert_one_line_error(tol, "--tol")
+    assert not any(out.exists() for out in outs)
 
 
 def test_an_unsupported_layer_is_named_before_any_output(tmp_path):
@@ -98,11 +118,12 @@ def test_an_unsupported_layer_is_named_before_any_output(tmp_path):
 
 
 def test_plot_refuses_to_mix_l2_and_linf_radii(ckpt, tmp_path):
-    a = tmp_path / "ibp.tsv"
-    ok(robustops("certify", "--checkpoint", ckpt["plain"], "-o", a, *IBP, "--max-samples", "30"))
-    b = tmp_path / "rs.tsv"
-    ok(robustops("certify", "--checkpoint", ckpt["plain"], "-o", b, "--sigma", "0.25", "--n0", "8", "--n", "40",
-                 "--max-samples", "30", "--skip", "6", "--no-progress"))
-    assert_one_line_error(robustops("plot", a, b, "-o", tmp_path / "mix.png"), "L2", "L-inf")
-    p = ok(robustops("plot", a, "-o", tmp_path / "one.png"))
+    a, b = tmp_path / "ibp.tsv", tmp_path / "rs.tsv"
+    for p in robustops_concurrently(("certify", "--checkpoint", ckpt["plain"], "-o", a, *IBP, "--max-samples", "30"),
+                                    ("certify", "--checkpoint", ckpt["plain"], "-o", b, "--sigma", "0.25", "--n0", "8",
+                                     "--n", "40", "--max-samples", "30", "--skip", "6", "--no-progress")):
+        ok(p)
+    mix, p = robustops_concurrently(("plot", a, b, "-o", tmp_path / "mix.png"), ("plot", a, "-o", tmp_path / "one.png"))
+    assert_one_line_error(mix, "L2", "L-inf")
+    ok(p)
     assert "ibp (IBP)" in p.stdout
