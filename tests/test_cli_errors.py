@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import assert_one_line_error, train_digits_model, wait_for
+from helpers import assert_one_line_error, run_concurrently, train_digits_model, wait_for
 from robustops.models import save_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,6 +28,12 @@ def env():
 def robustops(*args, timeout=120):
     return subprocess.run([sys.executable, "-m", "robustops"] + [str(a) for a in args], cwd=ROOT, env=env(),
                           capture_output=True, text=True, timeout=timeout)
+
+
+def robustops_concurrently(*argss, timeout=120):
+    """`python -m robustops ARGS` for each ARGS (independent runs on different outputs), all at once."""
+    return run_concurrently([[sys.executable, "-m", "robustops", *args] for args in argss], timeout=timeout,
+                            cwd=ROOT, env=env())
 
 
 def digest(path):
@@ -65,11 +71,12 @@ def test_bad_numbers_are_one_line_and_leave_the_output(ckpt, tmp_path, args, wor
 def test_unwritable_outputs_are_refused_before_any_work(ckpt, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
-    p = robustops("attack", "--checkpoint", ckpt, "--out", blocker / "sub" / "r.tsv", "--steps", "200", "--no-progress")
-    assert_one_line_error(p, "--out", "cannot write")
     out = tmp_path / "c.tsv"
-    p = robustops("certify", "--checkpoint", ckpt, "-o", out, "--plot", blocker / "p.png", *CERT)
-    assert_one_line_error(p, "--plot")
+    attack, certify = robustops_concurrently(
+        ("attack", "--checkpoint", ckpt, "--out", blocker / "sub" / "r.tsv", "--steps", "200", "--no-progress"),
+        ("certify", "--checkpoint", ckpt, "-o", out, "--plot", blocker / "p.png", *CERT))
+    assert_one_line_error(attack, "--out", "cannot write")
+    assert_one_line_error(certify, "--plot")
     assert not out.exists()
 
 
@@ -79,13 +86,14 @@ def test_corrupt_checkpoints_are_refused(ckpt, tmp_path):
     mid = len(data) // 2
     data[mid:mid + 64] = bytes(b ^ 0xFF for b in data[mid:mid + 64])  # 64 bytes inside the weights
     bad.write_bytes(bytes(data))
-    p = robustops("attack", "--checkpoint", bad, "--steps", "1", "--max", "8", "--no-progress")
-    assert_one_line_error(p, "corrupt")
     run = tmp_path / "run"
     run.mkdir()
     (run / "last.pt").write_bytes(b"not a checkpoint at all")
-    p = robustops("train", "--method", "natural", "--epochs", "1", "--out", run, "--resume", "--no-progress")
-    assert_one_line_error(p, "resume", "last.pt")
+    attack, train = robustops_concurrently(
+        ("attack", "--checkpoint", bad, "--steps", "1", "--max", "8", "--no-progress"),
+        ("train", "--method", "natural", "--epochs", "1", "--out", run, "--resume", "--no-progress"))
+    assert_one_line_error(attack, "corrupt")
+    assert_one_line_error(train, "resume", "last.pt")
 
 
 def _npz(path, x, y):
@@ -135,13 +143,19 @@ def test_certify_resume_refuses_other_settings_and_failed_reruns_keep_the_result
     assert robustops("certify", "--checkpoint", ckpt, "-o", out, *CERT).returncode == 0
     before = digest(out)
     other = [a if a != "0.25" else "0.5" for a in CERT]
-    p = robustops("certify", "--checkpoint", ckpt, "-o", out, "--resume", *other)
-    assert_one_line_error(p, "--resume", "--sigma 0.25", "0.5")
-    p = robustops("certify", "--checkpoint", ckpt, "-o", out, "--data", tmp_path / "missing.npz", *CERT)
-    assert_one_line_error(p, "--data")
-    p = robustops("certify", "--checkpoint", ckpt, "-o", out, *CERT)  # neither --resume nor --force
-    assert_one_line_error(p, "--force")
-    assert digest(out) == before
+    # the three refused reruns at once, each on its own copy of the result (one run per output and lock)
+    copies = [out] + [tmp_path / f"cert{i}.tsv" for i in (2, 3)]
+    for c in copies[1:]:
+        c.write_bytes(out.read_bytes())
+        (tmp_path / (c.name + ".json")).write_bytes((tmp_path / "cert.tsv.json").read_bytes())
+    resume, data, neither = robustops_concurrently(
+        ("certify", "--checkpoint", ckpt, "-o", copies[0], "--resume", *other),
+        ("certify", "--checkpoint", ckpt, "-o", copies[1], "--data", tmp_path / "missing.npz", *CERT),
+        ("certify", "--checkpoint", ckpt, "-o", copies[2], *CERT))  # neither --resume nor --force
+    assert_one_line_error(resume, "--resume", "--sigma 0.25", "0.5")
+    assert_one_line_error(data, "--data")
+    assert_one_line_error(neither, "--force")
+    assert [digest(c) for c in copies] == [before] * 3
     assert robustops("certify", "--checkpoint", ckpt, "-o", out, "--resume", *CERT).returncode == 0
     assert digest(out) == before
 
@@ -149,28 +163,29 @@ def test_certify_resume_refuses_other_settings_and_failed_reruns_keep_the_result
 def test_a_second_run_on_the_same_output_fails_at_once(ckpt, tmp_path):
     out = tmp_path / "busy.tsv"
     slow = ["--sigma", "0.25", "--N0", "16", "--N", "20000", "--alpha", "0.01", "--batch", "500", "--no-progress"]
-    first = subprocess.Popen([sys.executable, "-m", "robustops", "certify", "--checkpoint", ckpt, "-o", str(out)]
-                             + slow, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        wait_for(str(out) + ".rank0.part", first)
-        t0 = time.time()
-        p = robustops("certify", "--checkpoint", ckpt, "-o", out, "--resume", *slow)
-        assert_one_line_error(p, "in use by another robustops run")
-        assert time.time() - t0 < 60
-    finally:
-        first.kill()
-        first.wait()
     run = tmp_path / "trainrun"
-    first = subprocess.Popen([sys.executable, "-m", "robustops", "train", "--method", "pgd", "--epochs", "50",
-                              "--out", str(run), "--no-progress"], cwd=ROOT, env=env(), stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, text=True)
+    # the first certify and the first train (other outputs) run side by side; each second run meets its own
+    firsts = []
     try:
-        wait_for(str(run / "log.csv"), first)
-        p = robustops("train", "--method", "pgd", "--epochs", "50", "--out", run, "--no-progress")
-        assert_one_line_error(p, "--out", "in use by another robustops run")
+        firsts.append(subprocess.Popen([sys.executable, "-m", "robustops", "certify", "--checkpoint", ckpt, "-o",
+                                        str(out)] + slow, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL,
+                                       stderr=subprocess.PIPE, text=True))
+        firsts.append(subprocess.Popen([sys.executable, "-m", "robustops", "train", "--method", "pgd", "--epochs",
+                                        "50", "--out", str(run), "--no-progress"], cwd=ROOT, env=env(),
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+        wait_for(str(out) + ".rank0.part", firsts[0])
+        wait_for(str(run / "log.csv"), firsts[1])
+        t0 = time.time()
+        certify, train = robustops_concurrently(("certify", "--checkpoint", ckpt, "-o", out, "--resume", *slow),
+                                                ("train", "--method", "pgd", "--epochs", "50", "--out", run,
+                                                 "--no-progress"))
+        assert_one_line_error(certify, "in use by another robustops run")
+        assert time.time() - t0 < 60
+        assert_one_line_error(train, "--out", "in use by another robustops run")
     finally:
-        first.kill()
-        first.wait()
+        for first in firsts:
+            first.kill()
+            first.wait()
 
 
 def test_random_init_offset_past_63_bits_is_a_clear_error():
