@@ -133,7 +133,7 @@ def test_attack_resumes_a_killed_run_to_the_same_rows(ckpt, tmp_path):
     ref, out = tmp_path / "ref.tsv", tmp_path / "killed.tsv"
     common = [*ATTACK, "--attack", "apgd-ce", "--steps", "30", "--checkpoint", ckpt, "--max-samples", "120",
               "--batch-size", "8"]
-    assert robustops(*common, "--out", ref).returncode == 0
+    reference = robustops_popen(*common, "--out", ref)  # beside the run that is killed (another output)
     first = robustops_popen(*common, "--out", out)
     try:
         part = str(out) + ".rank0.part"
@@ -151,6 +151,7 @@ def test_attack_resumes_a_killed_run_to_the_same_rows(ckpt, tmp_path):
     assert_one_line_error(p, "--resume", "--steps")
     p = robustops(*common, "--out", out, "--resume", "--batch-size", "32")
     assert p.returncode == 0, p.stderr
+    assert reference.wait(timeout=300) == 0, reference.stderr.read()
     assert _outcomes(out) == _outcomes(ref)
     assert _leftovers(tmp_path, "killed.tsv") == []
 
@@ -178,8 +179,11 @@ def test_torchrun_attack_gives_the_rows_of_one_process(ckpt, tmp_path, attack):
     starts of a batch's survivors from the first survivor's index, see robust_accuracy)."""
     one, two = tmp_path / "one.tsv", tmp_path / "two.tsv"
     common = [*ATTACK, *attack, "--steps", "4", "--checkpoint", ckpt, "--max-samples", "50", "--device", "cpu"]
-    assert robustops(*common, "--out", one, "--batch-size", "16").returncode == 0
-    p = _torchrun(*common, "--out", two, "--batch-size", "7")
+    single = robustops_popen(*common, "--out", one, "--batch-size", "16")  # beside the torchrun run
+    try:
+        p = _torchrun(*common, "--out", two, "--batch-size", "7")
+    finally:
+        assert single.wait(timeout=300) == 0, single.stderr.read()
     assert p.returncode == 0, p.stderr
     assert _outcomes(two) == _outcomes(one)
     assert "2 ranks" in p.stdout
@@ -267,12 +271,14 @@ def test_certify_off_a_terminal_says_progress_lists_certifiable_radii_and_leaves
 
 
 def test_no_lock_file_is_left_by_train_or_attack(ckpt, tmp_path):
-    p = robustops("train", "--method", "natural", "--epochs", "1", "--test-steps", "0", "--out", tmp_path / "run",
-                  "--no-progress")
+    attack = robustops_popen(*ATTACK, "--checkpoint", ckpt, "--max-samples", "20", "--out", tmp_path / "a.tsv")
+    try:
+        p = robustops("train", "--method", "natural", "--epochs", "1", "--test-steps", "0", "--out",
+                      tmp_path / "run", "--no-progress")
+    finally:
+        assert attack.wait(timeout=300) == 0, attack.stderr.read()
     assert p.returncode == 0, p.stderr
     assert not (tmp_path / "run" / ".lock").exists()
-    p = robustops(*ATTACK, "--checkpoint", ckpt, "--max-samples", "20", "--out", tmp_path / "a.tsv")
-    assert p.returncode == 0, p.stderr
     assert _leftovers(tmp_path, "a.tsv") == []
 
 
