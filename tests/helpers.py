@@ -234,6 +234,16 @@ def run_concurrently(argvs, timeout: float = 400, **popen_kwargs) -> list:
     return done
 
 
+@contextlib.contextmanager
+def in_background(fn, *args, **kwargs):
+    """fn(*args, **kwargs) in a thread while the with-block runs (a subprocess beside others: torchrun
+    next to a single-process run); yields a concurrent.futures.Future, waited for on leaving the block."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        yield pool.submit(fn, *args, **kwargs)
+
+
 def digits_checkpoint(directory) -> tuple:
     """(path, model): a small_cnn trained 4 epochs on digits, saved as a robustops checkpoint in directory."""
     from robustops.models import save_checkpoint

@@ -11,7 +11,8 @@ import sys
 
 import pytest
 import torch
-from helpers import ROOT, assert_one_line_error, ok, subprocess_env, torchrun_command, train_pgd_digits_model
+from helpers import (ROOT, assert_one_line_error, in_background, ok, subprocess_env, torchrun_command,
+                     train_pgd_digits_model)
 
 from robustops.models import save_checkpoint
 
@@ -94,12 +95,13 @@ def test_resumed_and_sharded_runs_equal_one_process(files, full):
     part = d / "part.tsv"
     part.write_text("\n".join(lines[:22]) + "\n")  # a run killed after 21 rows (mid-batch)
     shutil.copy(str(full) + ".json", str(part) + ".json")
-    ok(robustops("--checkpoint", ckpt, *FAST, "-o", part, "--resume"))
-    assert part.read_text() == full.read_text()
-    p = robustops("--checkpoint", ckpt, *FAST[:-2], "--device", "cpu", "--steps", "4", "-o", part, "--resume")
-    assert_one_line_error(p, "--resume", "steps")
     two = d / "two.tsv"
-    p = torchrun_command("evaluate", ["--checkpoint", ckpt, *FAST, "-o", two])
+    with in_background(torchrun_command, "evaluate", ["--checkpoint", ckpt, *FAST, "-o", two]) as sharded:
+        ok(robustops("--checkpoint", ckpt, *FAST, "-o", part, "--resume"))
+        assert part.read_text() == full.read_text()
+        p = robustops("--checkpoint", ckpt, *FAST[:-2], "--device", "cpu", "--steps", "4", "-o", part, "--resume")
+        assert_one_line_error(p, "--resume", "steps")
+    p = sharded.result()
     assert p.returncode == 0, p.stderr
     assert "2 ranks" in p.stdout and two.read_text() == full.read_text()
 
