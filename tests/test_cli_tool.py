@@ -130,18 +130,19 @@ ATTACK = ["--max-samples", "24", "--steps", "2", "--no-progress"]
 
 def test_attack_uses_the_checkpoints_eps_and_says_so(ckpts, tmp_path):
     out = tmp_path / "a.tsv"
-    p = ok(robustops("attack", "--checkpoint", ckpts["pgd"], *ATTACK, "-o", out))
-    assert "linf eps=0.15 (from the checkpoint (pgd training))" in p.stdout
+    ckpt_eps, flag, default, l2 = (ok(p) for p in robustops_concurrently(  # four independent runs at once
+        ("attack", "--checkpoint", ckpts["pgd"], *ATTACK, "-o", out),
+        ("attack", "--checkpoint", ckpts["pgd"], *ATTACK, "--eps", "1/10"),
+        ("attack", "--checkpoint", ckpts["natural"], *ATTACK),
+        ("attack", "--checkpoint", ckpts["pgd"], *ATTACK, "--norm", "l2")))
+    assert "linf eps=0.15 (from the checkpoint (pgd training))" in ckpt_eps.stdout
     summary = json.loads(open(str(out) + ".json").read())
     assert summary["eps"] == pytest.approx(0.15) and summary["eps_source"].startswith("the checkpoint")
     rows = list(csv.DictReader(open(out), delimiter="\t"))
     assert max(float(r["linf"]) for r in rows) <= 0.15 + 1e-6
-    p = ok(robustops("attack", "--checkpoint", ckpts["pgd"], *ATTACK, "--eps", "1/10"))
-    assert "eps=0.1 (from --eps)" in p.stdout  # an explicit flag wins
-    p = ok(robustops("attack", "--checkpoint", ckpts["natural"], *ATTACK))
-    assert f"eps={8 / 255:.6g} (from the default for linf)" in p.stdout
-    p = ok(robustops("attack", "--checkpoint", ckpts["pgd"], *ATTACK, "--norm", "l2"))
-    assert "l2 eps=0.5 (from the default for l2)" in p.stdout  # a linf eps is no l2 radius
+    assert "eps=0.1 (from --eps)" in flag.stdout  # an explicit flag wins
+    assert f"eps={8 / 255:.6g} (from the default for linf)" in default.stdout
+    assert "l2 eps=0.5 (from the default for l2)" in l2.stdout  # a linf eps is no l2 radius
 
 
 # ------------------------------------------------------------------ 4. one data-range check
@@ -165,12 +166,16 @@ def test_images_in_0_to_16_are_refused_the_same_way_everywhere(ckpts, tmp_path, 
 
 def test_threads_flag_and_defaults(ckpts, tmp_path, monkeypatch):
     out = tmp_path / "t.tsv"
-    ok(robustops("attack", "--checkpoint", ckpts["pgd"], *ATTACK, "--threads", "2", "-o", out))
+    commands = ("train", "attack", "certify", "predict", "demo")
+    two, zero, *helps = robustops_concurrently(  # independent runs at once
+        ("attack", "--checkpoint", ckpts["pgd"], *ATTACK, "--threads", "2", "-o", out),
+        ("attack", "--checkpoint", ckpts["pgd"], *ATTACK, "--threads", "0"),
+        *((command, "--help") for command in commands))
+    ok(two)
     assert json.loads(open(str(out) + ".json").read())["threads"] == 2
-    assert_one_line_error(robustops("attack", "--checkpoint", ckpts["pgd"], *ATTACK, "--threads", "0"),
-                          "--threads", ">= 1")
-    for command in ("train", "attack", "certify", "predict", "demo"):
-        assert "--threads" in ok(robustops(command, "--help")).stdout
+    assert_one_line_error(zero, "--threads", ">= 1")
+    for p in helps:
+        assert "--threads" in ok(p).stdout
 
     import argparse
 
