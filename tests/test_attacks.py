@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from helpers import assert_in_ball, train_digits_model
+from helpers import assert_in_ball, in_background, train_digits_model
 
 import robustops as ro
 from robustops import attacks as A
@@ -456,14 +456,17 @@ def test_cli_attack_torchrun_two_ranks(checkpoint, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
            "--checkpoint", checkpoint, "--eps", "0.1", "--steps", "3", "--max-samples", "50",
            "--batch", "16", "--out", str(out), "--no-progress", "--device", "cpu"]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    with in_background(subprocess.run, cmd, cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=180) as two_ranks:
+        # the single-process run (in this process) beside the torchrun one
+        _, _, _ = run_attack_cli(["--checkpoint", checkpoint, "--eps", "0.1", "--steps", "3", "--max", "50",
+                                  "--out", str(tmp_path / "single.tsv"), "--no-progress"])
+    proc = two_ranks.result()
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = _read_tsv(out)
     assert [int(r["index"]) for r in rows] == list(range(50))  # merged from both ranks, sorted
     assert "2 ranks" in proc.stdout and proc.stdout.count("clean_acc") == 1
     # Clean predictions do not depend on the sharding.
-    _, _, _ = run_attack_cli(["--checkpoint", checkpoint, "--eps", "0.1", "--steps", "3", "--max", "50",
-                              "--out", str(tmp_path / "single.tsv"), "--no-progress"])
     single = _read_tsv(tmp_path / "single.tsv")
     assert [r["clean_pred"] for r in rows] == [r["clean_pred"] for r in single]
 
