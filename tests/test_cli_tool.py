@@ -307,8 +307,14 @@ def test_eps_sweep_writes_csv_plot_and_json(ckpts, tmp_path):
 
 def test_autoattack_suite_runs_the_standard_version_stage_by_stage(ckpts, tmp_path):
     out = tmp_path / "aa.tsv"
-    p = ok(robustops("attack", "--checkpoint", ckpts["pgd"], "--suite", "autoattack", "--steps", "10",
-                     "--n-queries", "50", "--max-samples", "60", "-o", out, "--no-progress"))
+    p, version, alone, step_size = robustops_concurrently(  # independent runs (other outputs) at once
+        ("attack", "--checkpoint", ckpts["pgd"], "--suite", "autoattack", "--steps", "10", "--n-queries", "50",
+         "--max-samples", "60", "-o", out, "--no-progress"),
+        ("attack", "--checkpoint", ckpts["pgd"], "--version", "plus"),
+        ("attack", "--checkpoint", ckpts["pgd"], "--attack", "apgd-ce", "--steps", "10", "--max-samples", "60", "-o",
+         tmp_path / "ce.tsv", "--no-progress"),
+        ("attack", "--checkpoint", ckpts["pgd"], "--attack", "apgd-ce", "--step-size", "0.1"))
+    ok(p)
     assert "robust accuracy after each attack: APGD-CE" in p.stdout and "Square" in p.stdout
     s = json.loads(open(str(out) + ".json").read())
     assert s["attacks"] == ["apgd-ce", "apgd-t", "fab-t", "square"] and s["version"] == "standard"
@@ -319,15 +325,12 @@ def test_autoattack_suite_runs_the_standard_version_stage_by_stage(ckpts, tmp_pa
     assert len(rows) == 60 and {r["attack"] for r in rows} <= set(s["attacks"])
     assert "queries" in rows[0] and "distance" in rows[0]
     assert sum(int(r["robust_correct"]) for r in rows) == round(s["robust_acc"] * 60)
-    p = robustops("attack", "--checkpoint", ckpts["pgd"], "--version", "plus")
-    assert_one_line_error(p, "--version", "--suite")
+    assert_one_line_error(version, "--version", "--suite")
     # APGD-CE alone at the same budget: the suite is at least as strong
-    p = ok(robustops("attack", "--checkpoint", ckpts["pgd"], "--attack", "apgd-ce", "--steps", "10",
-                     "--max-samples", "60", "-o", tmp_path / "ce.tsv", "--no-progress"))
+    ok(alone)
     ce = json.loads(open(str(tmp_path / "ce.tsv") + ".json").read())
     assert ce["robust_acc"] == pytest.approx(after["apgd-ce"])
-    p = robustops("attack", "--checkpoint", ckpts["pgd"], "--attack", "apgd-ce", "--step-size", "0.1")
-    assert_one_line_error(p, "--step-size")
+    assert_one_line_error(step_size, "--step-size")
 
 
 def test_training_is_quiet_off_a_terminal_and_logs_to_tensorboard(tmp_path):
