@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from helpers import ROOT, assert_one_line_error, digits_checkpoint, subprocess_env, wait_for
+from helpers import ROOT, assert_one_line_error, digits_checkpoint, run_concurrently, subprocess_env, wait_for
 from robustops.data import load_digits
 
 SMOOTH = ["--sigma", "0.25", "--n", "40", "--alpha", "0.01", "--batch-size", "200", "--no-progress"]
@@ -60,12 +60,24 @@ def _leftovers(directory, name):
     return sorted(p for p in os.listdir(directory) if p.startswith(name) and p != name and p != name + ".json")
 
 
+@pytest.fixture(scope="module")
+def short_runs(ckpt, short_data, tmp_path_factory):
+    """Every evaluating command on every file of short_data, each in a directory of its own, all run at once
+    (independent processes): {(command, data): (CompletedProcess, directory)}."""
+    cases = [(command, data) for command in COMMANDS for data in ("l08", "one", "l12")]
+    dirs = [tmp_path_factory.mktemp(f"{command}_{data}") for command, data in cases]
+    argvs = [[sys.executable, "-m", "robustops", *COMMANDS[command], "--checkpoint", ckpt, "--data",
+              short_data / f"{data}.npz", "--out" if command == "attack" else "-o", d / "out.tsv"]
+             for (command, data), d in zip(cases, dirs)]
+    done = run_concurrently(argvs, timeout=300, cwd=ROOT, env=subprocess_env())
+    return {case: (p, d) for case, p, d in zip(cases, done, dirs)}
+
+
 @pytest.mark.parametrize("data", ["l08", "one"])
 @pytest.mark.parametrize("command", list(COMMANDS))
-def test_labels_short_of_the_last_class(ckpt, short_data, tmp_path, command, data):
+def test_labels_short_of_the_last_class(short_runs, command, data):
+    p, tmp_path = short_runs[command, data]
     out = tmp_path / "out.tsv"
-    flag = "--out" if command == "attack" else "-o"
-    p = robustops(*COMMANDS[command], "--checkpoint", ckpt, "--data", short_data / f"{data}.npz", flag, out)
     assert p.returncode == 0, p.stderr
     lines = out.read_text().splitlines()
     assert len(lines) == 1 + (24 if data == "l08" else 1)
@@ -73,10 +85,8 @@ def test_labels_short_of_the_last_class(ckpt, short_data, tmp_path, command, dat
 
 
 @pytest.mark.parametrize("command", list(COMMANDS))
-def test_a_label_past_the_models_classes_is_one_line(ckpt, short_data, tmp_path, command):
-    out = tmp_path / "out.tsv"
-    flag = "--out" if command == "attack" else "-o"
-    p = robustops(*COMMANDS[command], "--checkpoint", ckpt, "--data", short_data / "l12.npz", flag, out)
+def test_a_label_past_the_models_classes_is_one_line(short_runs, command):
+    p, tmp_path = short_runs[command, "l12"]
     assert_one_line_error(p, "--data", "10 classes", "[0, 12]")
     assert os.listdir(tmp_path) == []
 
