@@ -50,20 +50,33 @@ CERT = ["--sigma", "0.25", "--N0", "8", "--N", "40", "--alpha", "0.01", "--batch
         "--no-progress"]
 
 
-@pytest.mark.parametrize("args,words", [
+BAD_NUMBERS = [
     (["attack", "--eps", "-1"], ["--eps", ">= 0"]),
     (["attack", "--step-size", "-0.1"], ["--step-size", ">= 0"]),
     (["attack", "--alpha", "0.1"], ["--alpha", "use --step-size"]),
     (["attack", "--eps", "8/0"], ["--eps", "8/0"]),
     (["certify", "--sigma", "inf"], ["--sigma", "finite"]),
-])
-def test_bad_numbers_are_one_line_and_leave_the_output(ckpt, tmp_path, args, words):
-    out = tmp_path / "previous.tsv"
-    out.write_text("idx\tlabel\tpredict\tradius\tcorrect\ttime\n0\t1\t1\t0.5\t1\t0.1\n")
-    before = digest(out)
-    flag = "--out" if args[0] == "attack" else "-o"
-    extra = ["--N0", "8", "--N", "40"] if args[0] == "certify" else []
-    p = robustops(*args, "--checkpoint", ckpt, flag, out, *extra, "--no-progress")
+]
+
+
+@pytest.fixture(scope="module")
+def bad_number_runs(ckpt, tmp_path_factory):
+    """Every case of BAD_NUMBERS on a previous output of its own, all run at once (independent processes):
+    {args: (CompletedProcess, the output, its digest before)}."""
+    cases = []
+    for args, _ in BAD_NUMBERS:
+        out = tmp_path_factory.mktemp("bad_number") / "previous.tsv"
+        out.write_text("idx\tlabel\tpredict\tradius\tcorrect\ttime\n0\t1\t1\t0.5\t1\t0.1\n")
+        flag = "--out" if args[0] == "attack" else "-o"
+        extra = ["--N0", "8", "--N", "40"] if args[0] == "certify" else []
+        cases.append((out, digest(out), (*args, "--checkpoint", ckpt, flag, out, *extra, "--no-progress")))
+    done = robustops_concurrently(*(argv for _, _, argv in cases))
+    return {tuple(args): (p, out, before) for (args, _), p, (out, before, _) in zip(BAD_NUMBERS, done, cases)}
+
+
+@pytest.mark.parametrize("args,words", BAD_NUMBERS)
+def test_bad_numbers_are_one_line_and_leave_the_output(bad_number_runs, args, words):
+    p, out, before = bad_number_runs[tuple(args)]
     assert_one_line_error(p, *words)
     assert digest(out) == before
 
@@ -101,15 +114,17 @@ def _npz(path, x, y):
     return path
 
 
-@pytest.mark.parametrize("case,words", [
+BAD_DATA = [
     ("empty", ["no samples"]),
     ("range_255", ["[0, 1]", "255"]),
     ("float_labels", ["integer class labels"]),
     ("negative_label", ["labels must lie in"]),
     ("one_class", ["at least 2 classes"]),
     ("nan_pixel", ["NaN"]),
-])
-def test_data_that_cannot_be_trained_on(tmp_path, case, words):
+]
+
+
+def _bad_data(case):
     rng = np.random.default_rng(0)
     x = rng.random((40, 1, 8, 8)).astype(np.float32)
     y = rng.integers(0, 3, 40)
@@ -125,8 +140,23 @@ def test_data_that_cannot_be_trained_on(tmp_path, case, words):
         y = np.zeros_like(y)
     elif case == "nan_pixel":
         x[5, 0, 2, 2] = np.nan
-    path = _npz(tmp_path / f"{case}.npz", x, y)
-    p = robustops("train", "--data", path, "--epochs", "1", "--out", tmp_path / "run", "--no-progress")
+    return x, y
+
+
+@pytest.fixture(scope="module")
+def bad_data_runs(tmp_path_factory):
+    """`train` on every case of BAD_DATA, each in a directory of its own, all run at once (independent
+    processes): {case: (CompletedProcess, the directory)}."""
+    dirs = {case: tmp_path_factory.mktemp(case) for case, _ in BAD_DATA}
+    paths = {case: _npz(d / f"{case}.npz", *_bad_data(case)) for case, d in dirs.items()}
+    done = robustops_concurrently(*(("train", "--data", paths[case], "--epochs", "1", "--out", dirs[case] / "run",
+                                     "--no-progress") for case, _ in BAD_DATA))
+    return {case: (p, dirs[case]) for (case, _), p in zip(BAD_DATA, done)}
+
+
+@pytest.mark.parametrize("case,words", BAD_DATA)
+def test_data_that_cannot_be_trained_on(bad_data_runs, case, words):
+    p, tmp_path = bad_data_runs[case]
     assert_one_line_error(p, "--data", *words)
     assert not (tmp_path / "run" / "last.pt").exists()
 
