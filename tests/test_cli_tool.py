@@ -147,17 +147,29 @@ def test_attack_uses_the_checkpoints_eps_and_says_so(ckpts, tmp_path):
 
 # ------------------------------------------------------------------ 4. one data-range check
 
+@pytest.fixture(scope="module")
+def raw16_runs(ckpts, tmp_path_factory):
+    """train, attack and certify on images in 0..16, each in a directory of its own, run at once
+    (independent processes): {command: CompletedProcess}."""
+    commands = ("train", "attack", "certify")
+    argss = []
+    for command in commands:
+        tmp_path = tmp_path_factory.mktemp(f"raw16_{command}")
+        rng = np.random.default_rng(0)
+        x = (rng.random((30, 1, 8, 8)) * 16).astype(np.float32)
+        y = rng.integers(0, 10, 30)
+        path = tmp_path / "raw16.npz"
+        np.savez(path, x_train=x, y_train=y, x_test=x, y_test=y)
+        args = {"train": ["--epochs", "1", "--out", tmp_path / "run"],
+                "attack": ["--checkpoint", ckpts["pgd"]],
+                "certify": ["--checkpoint", ckpts["gaussian"], "-o", tmp_path / "c.tsv"]}[command]
+        argss.append((command, "--data", path, *args, "--no-progress"))
+    return dict(zip(commands, robustops_concurrently(*argss)))
+
+
 @pytest.mark.parametrize("command", ["train", "attack", "certify"])
-def test_images_in_0_to_16_are_refused_the_same_way_everywhere(ckpts, tmp_path, command):
-    rng = np.random.default_rng(0)
-    x = (rng.random((30, 1, 8, 8)) * 16).astype(np.float32)
-    y = rng.integers(0, 10, 30)
-    path = tmp_path / "raw16.npz"
-    np.savez(path, x_train=x, y_train=y, x_test=x, y_test=y)
-    args = {"train": ["--epochs", "1", "--out", tmp_path / "run"],
-            "attack": ["--checkpoint", ckpts["pgd"]],
-            "certify": ["--checkpoint", ckpts["gaussian"], "-o", tmp_path / "c.tsv"]}[command]
-    p = robustops(command, "--data", path, *args, "--no-progress")
+def test_images_in_0_to_16_are_refused_the_same_way_everywhere(raw16_runs, command):
+    p = raw16_runs[command]
     line = assert_one_line_error(p, "--data", "[0, 1]", "0..16")
     assert "found [0" in line
 
