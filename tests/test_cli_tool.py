@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import assert_one_line_error, ok, run_concurrently, train_digits_model
+from helpers import assert_one_line_error, in_background, ok, run_concurrently, train_digits_model
 from robustops.models import save_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -108,18 +108,22 @@ def test_setup_falls_back_to_cpu_with_one_clear_line(tmp_path):
 
 @needs_cuda_torch
 def test_setup_names_what_an_incomplete_toolkit_lacks(tmp_path):
-    home = tmp_path / "cuda"
-    (home / "bin").mkdir(parents=True)
-    (home / "include").mkdir()
-    nvcc = home / "bin" / "nvcc"
-    nvcc.write_text(f"#!/bin/sh\necho 'Cuda compilation tools, release {torch.version.cuda}, V0'\n")
-    nvcc.chmod(0o755)
-    p = ok(_setup(tmp_path, CUDA_HOME=str(home)))
+    homes = {}
+    for name in ("bare", "headers"):  # a toolkit with nvcc only; one with its headers too
+        home = homes[name] = tmp_path / name
+        (home / "bin").mkdir(parents=True)
+        (home / "include").mkdir()
+        nvcc = home / "bin" / "nvcc"
+        nvcc.write_text(f"#!/bin/sh\necho 'Cuda compilation tools, release {torch.version.cuda}, V0'\n")
+        nvcc.chmod(0o755)
+    (homes["headers"] / "include" / "cuda_runtime.h").write_text("")
+    with in_background(_setup, tmp_path, CUDA_HOME=str(homes["headers"]), FORCE_CUDA="1") as forced, \
+            in_background(_setup, tmp_path, CUDA_HOME=str(homes["headers"])) as headers:
+        p = ok(_setup(tmp_path, CUDA_HOME=str(homes["bare"])))
     assert "no CUDA headers" in p.stdout
-    (home / "include" / "cuda_runtime.h").write_text("")
-    p = ok(_setup(tmp_path, CUDA_HOME=str(home)))
+    p = ok(headers.result())
     assert "no CUDA runtime library" in p.stdout
-    p = _setup(tmp_path, CUDA_HOME=str(home), FORCE_CUDA="1")
+    p = forced.result()
     assert p.returncode != 0 and "FORCE_CUDA=1 but no CUDA runtime library" in p.stderr + p.stdout
 
 
