@@ -34,7 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cert-methods", default=",".join(METHODS),
                    help="comma-separated certified-training methods of the section (default: "
                         f"{','.join(METHODS)})")
-    g.add_argument("--cert-n", type=int, default=32,
+    g.add_argument("--cert-n", type=int, default=24,
                    help="certify the first N test images with every bound (full CROWN: about 0.04 CPU s per image and "
                         "bisection pass on a trained digits SmallCNN, one thread)")
     g.add_argument("--cert-tol", type=float, default=None,
