@@ -230,3 +230,31 @@ def test_learned_training_on_cuda(digits, method):
                  val_loader=DataLoader(Subset(test_ds, list(range(128))), batch_size=64))
     assert next(model.parameters()).is_cuda and res.epochs_run == 2
     assert 0 <= res.last["clean_acc"] <= 1
+
+
+@pytest.mark.parametrize("method,flags,expect", [
+    ("learned", ["--set-loss", "adv"], {"set_loss": "adv"}),
+    ("learned_aug", ["--draw", "prior"], {"draw": "prior"}),
+    ("learned_noise", ["--sigma", "0.5"], {"sigma": 0.5}),
+])
+def test_train_cli_learned_modes(tmp_path, method, flags, expect):
+    """The learned-set modes' own flags through `robustops train`: parsed, recorded, trained one epoch;
+    learned_noise's sigma is the checkpoint's latent_sigma (the pixel sigma stays unset)."""
+    import json
+
+    from robustops.cli import main
+    from robustops.cli.common import checkpoint_meta
+    from robustops.perturbation import CVAE, save_perturbation_model
+
+    torch.manual_seed(0)
+    pm = save_perturbation_model(str(tmp_path / "cvae.pt"), CVAE(in_channels=1, input_size=8, latent_dim=4, width=8),
+                                 eps=0.75)
+    out = str(tmp_path / "run")
+    assert main(["train", "--method", method, "--perturbation-model", pm, "--data", "digits", "--epochs", "1",
+                 "--steps", "1", "--test-steps", "0", "--batch-size", "256", "--val-size", "64", "--seed", "0",
+                 "--no-progress", "-o", out] + flags) == 0
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    for k, v in expect.items():
+        assert summary["config"]["params"][k] == v, k
+    meta = checkpoint_meta(os.path.join(out, "last.pt"), None)
+    assert meta.get("latent_sigma") == (0.5 if method == "learned_noise" else None) and meta["sigma"] is None
