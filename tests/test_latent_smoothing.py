@@ -371,6 +371,12 @@ def test_certify_cli_learned_threat_sizes_sigma_from_eps(learned_files, tmp_path
     text = capsys.readouterr().out
     assert "below the set's eps 1" in text and "(eps is beyond what n samples can certify" in text
     assert json.load(open(out + ".json"))["summary"]["sigma_sized"] is False
+    # --sigma-dissent sets the margin of the sizing rule
+    assert main(["certify", "--checkpoint", ckpt, "--perturbation-model", pm_path, "-o", out, "--force", "--max", "10",
+                 "--sigma-dissent", "0.05"] + no_sigma) == 0
+    summary = json.load(open(out + ".json"))["summary"]
+    assert summary["sigma"] == pytest.approx(sigma_for_radius(1.0, 64, 0.01, 0.05)) and summary["sigma_sized"] is True
+    assert "dissent 0.05" in capsys.readouterr().out
 
 
 def test_certify_cli_learned_threat_errors(learned_files, tmp_path, capsys):

@@ -3,6 +3,7 @@ code): learned's max(clean, adversarial) loss against an independent per-sample 
 prior draws, learned_noise's latent Gaussian noise and the latent_sigma its checkpoints record (and
 certify --threat learned reads), and exact resume for each mode."""
 import math
+import json
 import os
 
 import pytest
@@ -145,7 +146,10 @@ def test_learned_noise_records_latent_sigma_for_certify(digits, tmp_path, capsys
     args = ["certify", "--checkpoint", ckpt, "--perturbation-model", pm, "--threat", "learned", "--N0", "8", "--N",
             "16", "--skip", "180", "--batch", "64", "--no-progress", "-o", str(tmp_path / "c.tsv")]
     assert main(args) == 0
-    assert "sigma 0.7" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "sigma 0.7" in text and "the checkpoint's latent_sigma" in text and "sized from eps" not in text
+    summary = json.load(open(str(tmp_path / "c.tsv") + ".json"))["summary"]
+    assert summary["sigma_source"] == "checkpoint" and summary["sigma_sized"] is False
 
 
 @pytest.mark.parametrize("method,hp", [("learned", {"set_loss": "adv"}), ("learned_aug", {"draw": "prior"}),

@@ -22,8 +22,11 @@ class SmoothingSettings(Settings):
 
 @dataclass
 class LatentSettings(SmoothingSettings):
-    """SmoothingSettings plus the perturbation model (on the CPU); sigma is the latent noise level."""
+    """SmoothingSettings plus the perturbation model (on the CPU); sigma is the latent noise level, from
+    sigma_source: "flag" (--sigma), "checkpoint" (a learned_noise checkpoint's latent_sigma) or "sized"
+    (from the set's eps, smoothing.sigma_for_radius)."""
     perturbation: Any = None
+    sigma_source: str = "flag"
 
 
 def dissent_of(args) -> float:
@@ -215,9 +218,17 @@ class LatentCertifier(SmoothingCertifier):
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise CLIError(f"--perturbation-model does not fit the data's images {list(ckpt.info['input_shape'])}: "
                            f"{first}") from None
-        if args.sigma is not None and getattr(extra, "eps", None):
+        source = self.sigma_source(args, ckpt)
+        if source != "sized" and getattr(extra, "eps", None):
             self.warn_short(args, float(s.sigma), float(extra.eps))
-        return LatentSettings(s.model, s.mean, s.std, s.sigma, perturbation=extra)
+        return LatentSettings(s.model, s.mean, s.std, s.sigma, perturbation=extra, sigma_source=source)
+
+    @staticmethod
+    def sigma_source(args, ckpt: Checkpoint) -> str:
+        """Where the latent sigma comes from: "flag", "checkpoint" or "sized" (see LatentSettings)."""
+        if args.sigma is not None:
+            return "flag"
+        return "checkpoint" if ckpt.meta.get("latent_sigma") is not None else "sized"
 
     def default_sigma(self, args, ckpt: Checkpoint, extra) -> float:
         """Without --sigma: the latent noise level a learned_noise checkpoint records (``latent_sigma``; the
@@ -226,9 +237,8 @@ class LatentCertifier(SmoothingCertifier):
         (smoothing.sigma_for_radius)."""
         from ...smoothing import sigma_for_radius
 
-        recorded = ckpt.meta.get("latent_sigma")
-        if recorded is not None:
-            return float(recorded)
+        if self.sigma_source(args, ckpt) == "checkpoint":
+            return float(ckpt.meta["latent_sigma"])
         eps = getattr(extra, "eps", None)
         dissent = dissent_of(args)
         if eps is None:
@@ -261,8 +271,8 @@ class LatentCertifier(SmoothingCertifier):
         return out
 
     def describe(self, args, s: LatentSettings) -> str:
-        sized = "" if args.sigma is not None else (f" (sigma sized from eps {float(s.perturbation.eps):.3g}, dissent "
-                                                   f"{dissent_of(args):g})")
+        sized = {"flag": "", "checkpoint": " (sigma: the checkpoint's latent_sigma)"}.get(
+            s.sigma_source, f" (sigma sized from eps {float(s.perturbation.eps):.3g}, dissent {dissent_of(args):g})")
         return f"latent smoothing in {args.perturbation_model}{sized}, " + super().describe(args, s)
 
     def smoother(self, args, s: LatentSettings, info: dict, device):
@@ -278,7 +288,8 @@ class LatentCertifier(SmoothingCertifier):
 
         eps = getattr(s.perturbation, "eps", None)
         out = dict(threat="learned", radius="latent L2", perturbation_model=os.path.abspath(args.perturbation_model),
-                   perturbation_eps=eps, sigma_sized=args.sigma is None)
+                   perturbation_eps=eps, sigma_sized=s.sigma_source == "sized",
+                   sigma_source=s.sigma_source)
         if eps is not None:
             out["certified_accuracy_at_eps"] = certified_accuracy(radius, correct, float(eps))
             reach = largest_certifiable_radius(s.sigma, args.n, args.alpha) >= float(eps) * (1 - 1e-12)
