@@ -95,6 +95,9 @@ def test_fit_perturbation_resumes_exactly_with_fresh_pairs(tmp_path, crop):
     resumed ends with the weights of an uninterrupted one."""
     def run(out, stop_after=None, resume=False):
         pairs = P.DigitsPairs("train", seed=2)
+        pairs.epochs_set = []
+        set_epoch = pairs.set_epoch
+        pairs.set_epoch = lambda e: (pairs.epochs_set.append(e), set_epoch(e))
         ds = Subset(P.CropFlipPairs(pairs, padding=1, seed=3) if crop else pairs, list(range(96)))
         torch.manual_seed(0)
         model = P.CVAE(1, 8, latent_dim=2, width=4)
@@ -103,7 +106,8 @@ def test_fit_perturbation_resumes_exactly_with_fresh_pairs(tmp_path, crop):
         return model, pairs
 
     full, pairs = run(tmp_path / "full")
-    assert pairs.epoch == 2
+    # each epoch's pairs while training, then back to epoch 0 (what choose_eps / quality read next)
+    assert pairs.epochs_set == [1, 2, 0] and pairs.epoch == 0
     run(tmp_path / "run", stop_after=1)
     resumed, _ = run(tmp_path / "run", resume=True)
     for k, v in full.state_dict().items():

@@ -296,7 +296,8 @@ def fit_perturbation(model: nn.Module, loader, epochs: int = 20, lr: float = 2e-
     its --fixed-pairs, --crop-flip, --family, ... under those names): stored with the settings, and a resumed
     run whose data_settings differ is refused naming them (a checkpoint without them counts as None).
     Each epoch e (from 1) first calls ``set_epoch(e)`` on the loader's dataset when it has one
-    (``set_pairs_epoch``: DigitsPairs' fresh pairs, CropFlipPairs' crops), so resumed epochs see their pairs.
+    (``set_pairs_epoch``: DigitsPairs' fresh pairs, CropFlipPairs' crops), so resumed epochs see their pairs;
+    on return the dataset is back at epoch 0 (the fixed pairs), however many epochs this call ran.
     stop_after: end this call after that epoch (a planned interruption: a later call with resume
     continues the same schedule); None: run to ``epochs``.
     Returns a :class:`PerturbationFit`; the model ends in eval mode."""
@@ -314,5 +315,8 @@ def fit_perturbation(model: nn.Module, loader, epochs: int = 20, lr: float = 2e-
     last_epoch = epochs if stop_after is None else min(epochs, stop_after)
     for epoch in range(run.start + 1, last_epoch + 1):
         run.end_epoch(run.train_epoch(epoch), val_loader)
+    # back to the epoch-0 pairs, so what the caller does next with the data (choose_eps, quality) sees the
+    # same pairs whether this call trained epochs or resumed a finished run
+    set_pairs_epoch(getattr(loader, "dataset", None), 0)
     model.eval()
     return run.res

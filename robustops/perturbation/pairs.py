@@ -37,6 +37,9 @@ def _epoch_key(seed: int, i: int, epoch: int) -> int:
 
 #: The salt of the L-inf family's noise stream (ASCII "linf"): far from any epoch number.
 _LINF_SALT = 0x6C696E66
+#: The salt of CropFlipPairs' crop / flip stream (ASCII "crop"), so that it never reuses the digits'
+#: perturbation draws of the same (seed, index, epoch) when both wrap one dataset with one seed.
+_CROP_SALT = 0x63726F70
 
 
 def _check_epoch(epoch) -> int:
@@ -319,7 +322,7 @@ class CropFlipPairs(Dataset):
 
     def params(self, i: int) -> Tuple[int, int, bool]:
         """(top, left, flip) of item i at the current epoch."""
-        g = torch.Generator().manual_seed(_epoch_key(self.seed, int(i), self.epoch))
+        g = torch.Generator().manual_seed(_rng.derive_seed(_epoch_key(self.seed, int(i), self.epoch), _CROP_SALT))
         top, left = (int(v) for v in torch.randint(0, 2 * self.padding + 1, (2,), generator=g))
         flipped = bool(torch.rand((), generator=g) < 0.5) and self.flip
         return top, left, flipped
