@@ -158,7 +158,7 @@ def batch_statistics(model: nn.Module) -> bool:
                for m in model.modules())
 
 
-def _with_bn_rule(model: nn.Module, iv: Interval, bn: str) -> Interval:
+def with_bn_rule(model: nn.Module, iv: Interval, bn: str) -> Interval:
     """iv with the clean tensor the rule bn needs: kept for "clean" where model has batch statistics,
     dropped otherwise (nothing else to compute)."""
     if bn not in BN_RULES:
@@ -178,7 +178,7 @@ def propagate(module: nn.Module, iv: Interval, spec: Optional[torch.Tensor] = No
     (rules calling propagate on their children: whatever iv carries, the clean rule where iv.clean is
     given)."""
     if bn is not None:
-        iv = _with_bn_rule(module, iv, bn)
+        iv = with_bn_rule(module, iv, bn)
     rule = _RULES.get(type(module))
     if rule is not None:
         try:

@@ -21,8 +21,9 @@ CASES = {
                   {"mix_steps": 2, "noise_copies": 2, "mix_warmup": 2, "mix_step": 1}),
     # issue 24: FastIBP with the optimiser options and acceps selection, CROWN-IBP, ACERT's BN rule / radius mode
     "fastibp": (["--eps", "0.05", "--reg-lambda", "0.2", "--weight-init", "ibp", "--select", "acceps", "--grad-clip",
-                 "5", "--schedule", "onecycle"], {"reg_lambda": 0.2, "weight_init": "ibp"}),
-    "crown_ibp": (["--eps", "0.05", "--beta-start", "0.8"], {"beta_start": 0.8}),
+                 "5", "--schedule", "onecycle", "--reg-tol", "0.3", "--bn", "centre"],
+                {"reg_lambda": 0.2, "weight_init": "ibp", "reg_tol": 0.3, "bn": "centre"}),
+    "crown_ibp": (["--eps", "0.05", "--beta-start", "0.8", "--beta-end", "0.2"], {"beta_start": 0.8, "beta_end": 0.2}),
     "acert": (["--eps", "0.05", "--bn", "centre", "--radius-mode", "eval"], {"bn": "centre", "radius_mode": "eval"}),
 }
 #: Settings outside the method's own hyperparameters (the run's config), per case.

@@ -11,7 +11,8 @@ Three changes to interval bound propagation training (``ibp``, Gowal et al. 2018
    :func:`ibp_init`.
 2. BatchNorm after every layer, normalising with the clean batch's statistics (auto_LiRPA's training
    mode): an architecture (``CNN7`` has it) and the BatchNorm rule of ``robustops.bounds``, which the
-   bound pass here goes through (``bounds.propagate``); nothing of this method's own.
+   bound pass here goes through (``bounds.propagate``): ``bn`` (``--bn``), "clean" by default as in the
+   paper, "centre" for the interval centres' statistics, as for ``ibp``.
 3. Warm-up regularisers on the pre-activation intervals [l_i, u_i] (centre c_i, radius r_i) of the m
    ReLU layers (the paper's section 3.4), with tau = ``reg_tol``:
 
@@ -74,7 +75,7 @@ import torch.nn.functional as F
 from ... import bounds
 from ...models import CNN7, Normalize, SmallCNN
 from ..registry import Hyper, register
-from .ibp import IBP, kappa_hyper, ramp_fraction, schedule_hypers
+from .ibp import IBP, bn_hyper, kappa_hyper, ramp_fraction, schedule_hypers
 
 __all__ = ["FastIBP", "ibp_init", "ibp_init_std", "layers", "bound_pass", "tightness_loss", "relu_balance_loss",
            "reg_weight"]
@@ -117,12 +118,13 @@ def layers(module: nn.Module) -> List[nn.Module]:
 
 
 def bound_pass(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps, lo: float, hi: float,
-               num_classes: int) -> Tuple[torch.Tensor, bounds.Interval, List[bounds.Interval]]:
-    """One interval pass through :func:`layers` (model): (worst-case logits [B, K], equal to
-    ``bounds.worst_case_logits``; the input box after any leading input normalisation (Delta_0);
-    the interval entering each nn.ReLU, in order)."""
+               num_classes: int, bn: str = "clean") -> Tuple[torch.Tensor, bounds.Interval, List[bounds.Interval]]:
+    """One interval pass through :func:`layers` (model) with the BatchNorm rule bn (robustops.bounds; the
+    clean input is carried only where a BatchNorm uses batch statistics): (worst-case logits [B, K], equal
+    to ``bounds.worst_case_logits``; the input box after any leading input normalisation (Delta_0); the
+    interval entering each nn.ReLU, in order)."""
     seq = layers(model)
-    iv = bounds.input_box(x, eps, lo, hi)
+    iv = bounds.with_bn_rule(model, bounds.input_box(x, eps, lo, hi), bn)
     i = 0
     while i < len(seq) - 1 and isinstance(seq[i], Normalize):
         iv = bounds.propagate(seq[i], iv, None, f"layer {i}")
@@ -184,7 +186,8 @@ def _hypers() -> Tuple[Hyper, ...]:
         Hyper("reg_tol", 0.5, "FastIBP: tau of the warm-up regularisers (bound tightness, ReLU balance)",
               minimum=0.0, strict=True, maximum=1.0),
         Hyper("weight_init", "ibp", "FastIBP: ibp (Shi et al.'s initialisation at the start) or default "
-                                    "(keep the model's weights)", kind="choice", choices=("ibp", "default")))
+                                    "(keep the model's weights)", kind="choice", choices=("ibp", "default")),
+        bn_hyper())
 
 
 @register
@@ -219,7 +222,7 @@ class FastIBP(IBP):
         ce = F.cross_entropy(logits.float(), y)
         if eps_t <= 0 or (c.kappa >= 1 and lam <= 0):
             return ce
-        worst, first, pre = bound_pass(self.ctx.forward, x, y, eps_t, c.lo, c.hi, logits.shape[1])
+        worst, first, pre = bound_pass(self.ctx.forward, x, y, eps_t, c.lo, c.hi, logits.shape[1], c.bn)
         out = c.kappa * ce + (1.0 - c.kappa) * F.cross_entropy(worst.float(), y) if c.kappa < 1 else ce
         if lam > 0:
             out = out + lam * (tightness_loss(first, pre, c.reg_tol) + relu_balance_loss(pre, c.reg_tol))
