@@ -250,7 +250,8 @@ def test_unsupported_layer_and_bad_arguments():
         crown.margin_bounds(big, x, y, 0.1)
 
 
-def test_cli_certify_method_crown_writes_rows(tmp_path):
+@pytest.mark.parametrize("method", ["crown", "crown-ibp", "best"])
+def test_cli_certify_method_crown_writes_rows(tmp_path, method):
     from robustops.cli import main
     from robustops.models import get_model, save_checkpoint
 
@@ -258,10 +259,13 @@ def test_cli_certify_method_crown_writes_rows(tmp_path):
     ckpt = save_checkpoint(str(tmp_path / "m.pt"), get_model("small_cnn", 10, 1, 8), "small_cnn",
                            {"num_classes": 10, "in_channels": 1, "input_size": 8}, eps=0.05, norm="linf")
     out = tmp_path / "r.tsv"
-    assert main(["certify", "--checkpoint", ckpt, "--method", "crown", "--tol", "0.01", "--skip", "60",
+    assert main(["certify", "--checkpoint", ckpt, "--method", method, "--tol", "0.01", "--skip", "60",
                  "-o", str(out), "--no-progress"]) == 0
     rows = out.read_text().splitlines()
     assert rows[0].split("\t")[:4] == ["idx", "label", "predict", "radius"] and len(rows) > 1
+    import json
+
+    assert json.load(open(str(out) + ".json"))["settings"]["method"] == method
 
 
 def test_crown_ibp_training_schedule_loss_and_steps():

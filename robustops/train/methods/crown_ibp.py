@@ -79,11 +79,12 @@ class CrownIBP(IBP):
         c, net = self.cfg, self.ctx.forward
         with torch.autocast(x.device.type, enabled=False):
             xf = x.float()
-            m = bounds.margin_bounds(net, xf, y, eps_t, c.lo, c.hi, num_classes=k, bn=c.bn)
-            if beta_t > 0:
-                m_crown = crown.margin_bounds(net, xf, y, eps_t, c.lo, c.hi, method="crown-ibp", num_classes=k,
-                                              bn=c.bn)
-                m = beta_t * m_crown + (1.0 - beta_t) * m
+            if beta_t <= 0:
+                return bounds.margin_bounds(net, xf, y, eps_t, c.lo, c.hi, num_classes=k, bn=c.bn)
+            m = crown.margin_bounds(net, xf, y, eps_t, c.lo, c.hi, method="crown-ibp", num_classes=k, bn=c.bn)
+            if beta_t < 1:  # at beta 1 the IBP margins weigh nothing: not computed
+                m = beta_t * m + (1.0 - beta_t) * bounds.margin_bounds(net, xf, y, eps_t, c.lo, c.hi,
+                                                                       num_classes=k, bn=c.bn)
         return m
 
     def step(self, x, y):
