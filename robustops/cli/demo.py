@@ -217,7 +217,7 @@ def _train_and_evaluate(args, key: str, data: _Data, dev, proxy_data=None) -> di
     atk = attacks.PGD(model, eps=args.eps, steps=args.attack_steps, norm="linf", random_start=True, seed=args.seed)
     ev = attacks.robust_accuracy(model, data.test_loader, atk, device=dev, progress=False)
     aa = None
-    if args.aa_steps:
+    if args.aa_steps and args.eps > 0:  # AutoAttack has no eps-0 threat model (the column stays empty)
         suite = Suite(model, args.eps, "linf", steps=args.aa_steps, fab_steps=args.aa_fab_steps,
                       n_queries=args.aa_queries, seed=args.seed)
         aa = suite.run(data.test_loader, device=dev, progress=False)["robust_acc"]

@@ -65,7 +65,7 @@ def run(args) -> int:
         ibp = st.get("method") in BOUND_METHODS  # an L-inf bound's radii (IBP, CROWN, ...)
         norms[path] = "L-inf" if ibp else "L2"
         name = labels[k] if labels else os.path.splitext(os.path.basename(path))[0] + (
-            f" (sigma {st['sigma']:g})" if isinstance(st.get("sigma"), (int, float)) else " (IBP)" if ibp else "")
+            f" (sigma {st['sigma']:g})" if isinstance(st.get("sigma"), (int, float)) else f" ({BOUND_METHODS[st['method']]})" if ibp else "")
         if name in curves:
             name = f"{name} [{k + 1}]"
         curves[name] = (radius, correct)

@@ -97,6 +97,7 @@ import torch
 import torch.nn.functional as F
 
 from ... import _rng, ops
+from ...attacks.engine import batch_view_shape, memory_format
 from ..registry import Hyper, Method, register
 
 __all__ = ["Dale", "DalePD", "LangevinStep", "log1m_softmax", "OBJECTIVES", "GRADIENTS", "DUAL_UPDATES"]
@@ -128,7 +129,7 @@ def _ce(logits, y):
 def _per_sample(p, x: torch.Tensor) -> torch.Tensor:
     """A float or Tensor[B] parameter as float32 on x's device, broadcastable against x."""
     t = torch.as_tensor(p, dtype=torch.float32).to(x.device)
-    return t.view((-1,) + (1,) * (x.dim() - 1)) if t.dim() else t
+    return t.view(batch_view_shape(x)) if t.dim() else t
 
 
 class LangevinStep:
@@ -156,11 +157,9 @@ class LangevinStep:
         # grad is that of the batch mean: times B it is each sample's own gradient (the paper's chain)
         eps_t, alpha_t = _per_sample(eps, x_adv), _per_sample(alpha, x_adv)
         v = x_adv.float() + alpha_t * grad.float() * x_adv.shape[0]
-        if self.noise > 0:
-            cl = x_adv.dim() == 4 and x_adv.is_contiguous(memory_format=torch.channels_last) \
-                and not x_adv.is_contiguous()
-            v += ops.gaussian_noise(torch.zeros_like(x_adv, dtype=torch.float32), 1, self.noise, seed=seed,
-                                    offset=0, channels_last=cl)
+        if self.noise > 0:  # v + noise in one pass (the fused op's Philox draws, key seed)
+            v = ops.gaussian_noise(v, 1, self.noise, seed=seed, offset=0,
+                                   channels_last=memory_format(x_adv) == torch.channels_last)
         xf = x.float()
         v = torch.minimum(torch.maximum(v, xf - eps_t), xf + eps_t).clamp_(lo, hi)
         return x_adv.copy_(v)

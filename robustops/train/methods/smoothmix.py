@@ -109,12 +109,15 @@ class SmoothMix(SmoothingMethod):
         return (f"SmoothMix (sigma={cfg.sigma:g}, T={cfg.mix_steps}, eta={cfg.mix_eta:g}, m={cfg.noise_copies}"
                 f"{one_step})")
 
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        super().check_config(cfg)
+        if cfg.mix_step and cfg.mix_step >= cfg.mix_steps:
+            raise ValueError(f"mix_step must be below mix_steps (the clean side is the attack's iterate x^(mix_step)), "
+                             f"got mix_step={cfg.mix_step} with mix_steps={cfg.mix_steps}")
+
     def __init__(self, ctx):
         super().__init__(ctx)
-        c = self.cfg
-        if c.mix_step and c.mix_step >= c.mix_steps:
-            raise ValueError(f"mix_step must be below mix_steps (the clean side is the attack's iterate x^(mix_step)), "
-                             f"got mix_step={c.mix_step} with mix_steps={c.mix_steps}")
         self.engine = smoothed_engine(ctx)
 
     def attack(self, x: torch.Tensor, y: torch.Tensor, noise: torch.Tensor):
