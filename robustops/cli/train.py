@@ -184,7 +184,9 @@ def build_model(name: str, info: Dict[str, Any]):
 
     C, H, W = info["input_shape"]
     kw: Dict[str, Any] = {"num_classes": int(info["num_classes"]), "in_channels": int(C)}
-    if name.lower().replace("-", "_") in ("small_cnn", "smallcnn", "cnn7", "cnn_7"):  # their linear layers need it
+    base = name.lower().replace("-", "_")
+    base = base[len(models.DENOISED_PREFIX):] if base.startswith(models.DENOISED_PREFIX) else base
+    if base in ("small_cnn", "smallcnn", "cnn7", "cnn_7"):  # their linear layers need it
         kw["input_size"] = int(H)
     if info.get("mean") is not None and info.get("std") is not None:
         kw["mean"], kw["std"] = [float(v) for v in info["mean"]], [float(v) for v in info["std"]]
@@ -387,6 +389,9 @@ def _train(args, info, train_ds, hp, d) -> None:
         raise CLIError(f"--batch-size {args.batch_size} must be divisible by the number of processes ({d.world})")
     torch.manual_seed(args.seed)
     name = args.model or default_model(info)
+    variant = getattr(train.registry.get(args.method), "model_variant", None)
+    if variant is not None:  # e.g. denoise trains the model behind a denoiser: "denoised_<model>"
+        name = variant(name)
     try:
         model, model_kwargs = build_model(name, info)
     except (KeyError, ValueError) as e:

@@ -21,10 +21,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .denoise import Denoised, Denoiser
 
 __all__ = ["SmallCNN", "CNN7", "PreActResNet18", "PreActBlock", "CifarResNet", "BasicBlock", "CohenBasicBlock",
            "cifar_resnet", "CohenCifarResNet", "cohen_cifar_resnet", "Normalize", "channel_stats", "split_normalize",
-           "get_model", "MODEL_NAMES", "COHEN_CIFAR10_MEAN", "COHEN_CIFAR10_STD", "COHEN_IMAGENET_MEAN",
+           "get_model", "MODEL_NAMES", "DENOISED_PREFIX", "COHEN_CIFAR10_MEAN", "COHEN_CIFAR10_STD", "COHEN_IMAGENET_MEAN",
            "COHEN_IMAGENET_STD"]
 
 
@@ -348,11 +349,28 @@ _RESNET = re.compile(r"^resnet(\d+)$")
 _COHEN_RESNET = re.compile(r"^cohen_(?:cifar_)?resnet(\d+)$")  # cohen_cifar_resnet110, cohen_resnet110
 
 
+#: get_model("denoised_<name>"): the model <name> with a :class:`Denoiser` in front (a :class:`Denoised`)
+DENOISED_PREFIX = "denoised_"
+
+
+def _denoised(inner: str, num_classes, in_channels, input_size, mean, std) -> Denoised:
+    """Denoised(Denoiser, get_model(inner, ...)); the normalisation (mean / std) stays inside the
+    classifier, so the denoiser works on the pixels of the data box [0, 1]."""
+    if inner.lower().replace("-", "_").startswith(DENOISED_PREFIX):
+        raise ValueError(f"unknown model {DENOISED_PREFIX + inner!r}: one denoiser per model")
+    classifier = get_model(inner, num_classes=num_classes, in_channels=in_channels, input_size=input_size,
+                           mean=mean, std=std)
+    channels = in_channels if in_channels is not None else (1 if inner.lower() in ("small_cnn", "smallcnn") else 3)
+    return Denoised(Denoiser(channels), classifier)
+
+
 def get_model(name: str, num_classes: int = 10, in_channels: Optional[int] = None, input_size: Optional[int] = None,
               mean=None, std=None) -> nn.Module:
     """A model by name: "small_cnn", "preact_resnet18", "resnet20", "resnet110" (any "resnet<6n+2>"),
     "cohen_cifar_resnet110" (or "cohen_resnet110"; any depth 6n+2): Cohen et al.'s CIFAR ResNet;
-    "cnn7" (or "cnn_7"): :class:`CNN7`, the IBP benchmark network.
+    "cnn7" (or "cnn_7"): :class:`CNN7`, the IBP benchmark network; "denoised_<name>" (e.g.
+    "denoised_small_cnn"): that model behind a :class:`~robustops.models.denoise.Denoiser`, one
+    :class:`~robustops.models.denoise.Denoised` module (generative adversarial training's pipeline).
 
     num_classes; in_channels (default 1 for small_cnn, 3 otherwise); input_size (the height / width
     of the input: small_cnn default 8, cnn7 default 32; the ResNets pool globally and take any size). With mean
@@ -360,6 +378,8 @@ def get_model(name: str, num_classes: int = 10, in_channels: Optional[int] = Non
     if not isinstance(name, str):
         raise TypeError(f"model name must be a string, got {type(name).__name__}")
     key = name.lower().replace("-", "_")
+    if key.startswith(DENOISED_PREFIX):
+        return _denoised(name[len(DENOISED_PREFIX):], num_classes, in_channels, input_size, mean, std)
     if key in ("small_cnn", "smallcnn"):
         model = SmallCNN(in_channels=1 if in_channels is None else in_channels, num_classes=num_classes,
                          input_size=8 if input_size is None else input_size)
