@@ -139,3 +139,19 @@ def fit_classifier(model, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: flo
             loss.backward()
             opt.step()
     return model.eval()
+
+
+def fit_digits(model, method: str, train_ds, val_ds, args, seed: int, **opts):
+    """The demo's digits training for a benchmark: ``train.fit`` with SGD (cyclic schedule, lr 0.05), batch 64
+    shuffled by the seed, 7 inner steps at args.eps for args.epochs epochs, the best epoch picked by PGD-10
+    accuracy on val_ds. Returns (FitResult, wall seconds of the fit)."""
+    from torch.utils.data import DataLoader
+
+    from robustops import train
+
+    loader = DataLoader(train_ds, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    t0 = time.perf_counter()
+    res = train.fit(model, loader, method, val_loader=DataLoader(val_ds, batch_size=256, shuffle=False),
+                    epochs=args.epochs, eps=args.eps, steps=7, lr=0.05, seed=seed, val_steps=10, progress=False,
+                    verbose=False, device=args.device, threads=args.threads, **opts)
+    return res, time.perf_counter() - t0

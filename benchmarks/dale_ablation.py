@@ -22,15 +22,14 @@ from __future__ import annotations
 import itertools
 import math
 import statistics
-import time
 
 import torch
 from torch.utils.data import DataLoader
 
-from robustops import attacks, models, train
+from robustops import attacks, models
 from robustops.cli.common import DIGITS_MODEL, split_holdout
 from robustops.data import get_dataset
-from common import finish, parser, setup
+from common import finish, fit_digits, parser, setup
 
 #: variant -> (method, options); "epoch_dual"'s dual step is filled in per run (batches per epoch x 0.001)
 VARIANTS = {"dale_pd": ("dale_pd", {}),
@@ -48,14 +47,9 @@ def run_one(key: str, seed: int, args, train_ds, val_ds, test_loader) -> dict:
     opts = dict(opts)
     torch.manual_seed(seed)
     model = models.get_model("small_cnn", **DIGITS_MODEL).to(args.device)
-    loader = DataLoader(train_ds, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(seed))
     if opts.get("dual_update") == "epoch":
-        opts["dual_lr"] = 0.001 * len(loader)
-    t0 = time.perf_counter()
-    res = train.fit(model, loader, method, val_loader=DataLoader(val_ds, batch_size=256, shuffle=False),
-                    epochs=args.epochs, eps=args.eps, steps=7, lr=0.05, seed=seed, val_steps=10, progress=False,
-                    verbose=False, device=args.device, threads=args.threads, **opts)
-    train_s = time.perf_counter() - t0
+        opts["dual_lr"] = 0.001 * math.ceil(len(train_ds) / 64)  # per-minibatch value x the batches per epoch
+    res, train_s = fit_digits(model, method, train_ds, val_ds, args, seed, **opts)
     model.eval()
     atk = attacks.PGD(model, eps=args.eps, steps=args.attack_steps, norm="linf", random_start=True, seed=seed)
     ev = attacks.robust_accuracy(model, test_loader, atk, device=args.device, progress=False)
