@@ -9,7 +9,7 @@ variant of ``--model`` itself). Per minibatch:
 1. x_adv: PGD-k against the whole pipeline (the run's threat model eps / alpha / steps / norm /
    random_start; the model in train mode, as ``pgd``): the attack is white-box through the denoiser,
    as is every later attack, evaluation and certification of the saved model.
-2. One step of the pipeline's parameters (denoiser and classifier, the trainer's optimiser, through
+2. One step of the pipeline's parameters (denoiser and classifier, the run's optimiser, through
    ``ctx.update``) on
 
        L = cls_weight * CE(f(G(x_adv)), y) + rec_weight * ||G(x_adv) - x||^2 + gan_weight * L_G,
