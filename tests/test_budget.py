@@ -182,22 +182,25 @@ def test_resume_mid_schedule(digits_sub, tmp_path, kw):
     assert str(strip(res.history)) == str(strip(ref.history))
 
 
-@pytest.mark.parametrize("kw,msg", [
-    (dict(budget_schedule="cosine"), "budget_schedule must be one of"),
-    (dict(budget_schedule="linear", budget_start=1.5), "budget_start"),
-    (dict(budget_schedule="linear", budget_warmup=0), "budget_warmup"),
-    (dict(budget_schedule="curriculum", budget_stages=0), "budget_stages"),
-    (dict(budget_schedule="adaptive", budget_grid=2.5), "budget_grid"),
-    (dict(budget_schedule="adaptive", budget_adapt="epoch"), "budget_adapt"),
-    (dict(budget_schedule="linear", eps=0.0), "needs eps > 0"),
-    (dict(method="ibp", budget_schedule="curriculum"), "'ibp' has its own budget"),
-    (dict(method="gaussian", budget_schedule="adaptive"), "'gaussian' has its own budget"),
-    (dict(eps_schedule="curriculum"), "the attack-budget schedule is budget_schedule='curriculum'"),
-])
-def test_bad_settings(kw, msg):
-    kw = {"method": "pgd", "eps": EPS, **kw}
-    with pytest.raises(ValueError, match=msg):
-        rt.FitConfig.make(**kw).resolved()
+#: {what the error says: the settings that cause it}
+BAD = {
+    "budget_schedule must be one of": dict(budget_schedule="cosine"),
+    "budget_start": dict(budget_schedule="linear", budget_start=1.5),
+    "budget_warmup": dict(budget_schedule="linear", budget_warmup=0),
+    "budget_stages": dict(budget_schedule="curriculum", budget_stages=0),
+    "budget_grid": dict(budget_schedule="adaptive", budget_grid=2.5),
+    "budget_adapt": dict(budget_schedule="adaptive", budget_adapt="epoch"),
+    "needs eps > 0": dict(budget_schedule="linear", eps=0.0),
+    "'ibp' has its own budget": dict(method="ibp", budget_schedule="curriculum"),
+    "'gaussian' has its own budget": dict(method="gaussian", budget_schedule="adaptive"),
+    "the attack-budget schedule is budget_schedule='curriculum'": dict(eps_schedule="curriculum"),
+}
+
+
+def test_bad_settings():
+    for msg, kw in BAD.items():
+        with pytest.raises(ValueError, match=msg):
+            rt.FitConfig.make(**{"method": "pgd", "eps": EPS, **kw}).resolved()
 
 
 def test_cli_flags(capsys, tmp_path):
