@@ -156,6 +156,7 @@ def test_curriculum_in_fit_logs_its_levels(digits_sub, tmp_path):
     plain = rt.fit(tiny_cnn(seed=1), DataLoader(digits_sub, batch_size=32), "fgsm", epochs=1, eps=EPS,
                    progress=False, verbose=False)
     assert "train_eps" not in plain.history[0]
+    assert res.config.label == "FGSM-RS AT + curriculum budget" and plain.config.label == "FGSM-RS AT"
 
 
 @pytest.mark.parametrize("kw", [dict(budget_schedule="adaptive", budget_adapt="batch", budget_grid=2),

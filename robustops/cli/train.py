@@ -325,26 +325,23 @@ def _uses_perturbation_model(method: str) -> bool:
 
 
 def add_schedule_flags(p) -> None:
-    """--budget-schedule and its settings (robustops.train.budget; None: FitConfig's defaults)."""
+    """--budget-schedule and its settings (robustops.train.budget), FitConfig's defaults shown."""
     from ..train import budget
 
     d = budget.SCHEDULE_DEFAULTS
     g = p.add_argument_group("attack-budget schedule (pgd, fgsm, free, trades, dale; Kinfu & Vidal 2022)")
-    g.add_argument("--budget-schedule", default=None, choices=list(budget.BUDGET_SCHEDULES),
+    g.add_argument("--budget-schedule", default=d["budget_schedule"], choices=list(budget.BUDGET_SCHEDULES),
                    help="the budget of each minibatch: constant (eps), linear ramp, curriculum (rising levels) or "
-                        "adaptive (each sample just past its current robust radius); alpha follows eps "
-                        f"(default {d['budget_schedule']})")
-    g.add_argument("--budget-start", type=float, default=None,
-                   help=f"linear / curriculum: the first budget as a fraction of eps (default {d['budget_start']})")
-    g.add_argument("--budget-warmup", type=float, default=None,
-                   help=f"linear / curriculum: the fraction of the run over which the budget rises "
-                        f"(default {d['budget_warmup']})")
-    g.add_argument("--budget-stages", type=int, default=None,
-                   help=f"curriculum: the number of budget levels (default {d['budget_stages']})")
-    g.add_argument("--budget-grid", type=int, default=None,
-                   help=f"adaptive: the levels of the robust-radius search (default {d['budget_grid']})")
-    g.add_argument("--budget-adapt", default=None, choices=list(budget.BUDGET_ADAPT),
-                   help=f"adaptive: a budget per sample or a running estimate per batch (default {d['budget_adapt']})")
+                        "adaptive (each sample just past its current robust radius); the step size follows it")
+    g.add_argument("--budget-start", type=float, default=d["budget_start"],
+                   help="linear / curriculum: the first budget as a fraction of eps")
+    g.add_argument("--budget-warmup", type=float, default=d["budget_warmup"],
+                   help="linear / curriculum: the fraction of the run over which the budget rises")
+    g.add_argument("--budget-stages", type=int, default=d["budget_stages"], help="curriculum: the number of budget levels")
+    g.add_argument("--budget-grid", type=int, default=d["budget_grid"],
+                   help="adaptive: the levels of the robust-radius search")
+    g.add_argument("--budget-adapt", default=d["budget_adapt"], choices=list(budget.BUDGET_ADAPT),
+                   help="adaptive: a budget per sample, or a running estimate of their mean per batch")
 
 
 def schedule_hparams(args):

@@ -51,7 +51,7 @@ from . import registry
 
 __all__ = ["BUDGET_SCHEDULES", "BUDGET_ADAPT", "ADAPTIVE_MOMENTUM", "SCHEDULE_DEFAULTS", "BudgetSchedule",
            "ConstantBudget", "LinearBudget", "CurriculumBudget", "AdaptiveBudget", "make_schedule",
-           "check_schedule", "check_budget_spelling", "robust_radius", "linear_fraction", "curriculum_fraction"]
+           "check_schedule", "check_budget_spelling", "budget_label", "robust_radius", "linear_fraction", "curriculum_fraction"]
 
 BUDGET_SCHEDULES = ("constant", "linear", "curriculum", "adaptive")
 BUDGET_ADAPT = ("sample", "batch")
@@ -95,6 +95,12 @@ def check_schedule(c) -> None:
                              f"threat model's eps ({', '.join(having)}); {c.method!r} has its own budget "
                              f"(a latent radius, a certified eps ramp or no attack): use budget_schedule constant")
         need(c.eps > 0, f"budget_schedule={c.budget_schedule!r} needs eps > 0 (it schedules fractions of eps), got eps {c.eps!r}")
+
+
+def budget_label(cfg) -> str:
+    """The schedule's part of a run's label: "" (constant), " + curriculum budget", ..."""
+    name = getattr(cfg, "budget_schedule", None) or "constant"
+    return "" if name == "constant" else f" + {name} budget"
 
 
 def check_budget_spelling(method: str, hparams: Dict[str, Any]) -> None:

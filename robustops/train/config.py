@@ -11,7 +11,7 @@ from .. import _checks
 from ..attacks.base import madry_step
 from ..models import channel_stats
 from . import registry
-from .budget import check_budget_spelling, check_schedule
+from .budget import budget_label, check_budget_spelling, check_schedule
 
 __all__ = ["FitConfig", "OPTIMIZERS", "SCHEDULES", "AMP_MODES", "NORMS", "METRICS", "CERTIFIED_METRICS", "OPTIONS", "ModelObject",
            "resolve_config"]
@@ -208,8 +208,9 @@ class FitConfig:
 
     @property
     def label(self) -> str:
-        """The run's short name for tables: the method's label and its options ("PGD-7 AT + AWP (gamma=0.005)")."""
-        return self.method_class.label(self) + options_label(self)
+        """The run's short name for tables: the method's label, its options and its budget schedule
+        ("PGD-7 AT + AWP (gamma=0.005)", "PGD-7 AT + curriculum budget")."""
+        return self.method_class.label(self) + options_label(self) + budget_label(self)
 
     @property
     def passes(self) -> int:

@@ -263,7 +263,7 @@ class _FitRun:
         cfg = self.cfg
         msg = (f"[{cfg.method}] epoch {row['epoch']}/{cfg.passes} loss {row['train_loss']:.4f} "
                f"train_acc {row['train_acc']:.4f}")
-        for k in cfg.method_class.log_metrics:
+        for k in cfg.method_class.log_metrics + ("train_eps",):
             if k in row:
                 msg += f" {k} {row[k]:.4g}"
         if self.val_loader is not None and row["val_time"] > 0:
