@@ -1,13 +1,14 @@
 """robustops.train.budget: the attack-budget schedules (Kinfu & Vidal 2022): their definitions, the step
 size following the budget, the constant schedule's old path bit for bit, exact resume, errors."""
 import csv
-import math
 import os
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from helpers import CrashingLoader, Interrupt, one_thread, tiny_cnn  # noqa: F401 (one_thread: autouse)
 from torch.utils.data import DataLoader, Subset
 
@@ -44,14 +45,17 @@ def test_linear_ramp_values():
     assert s.log_values()["train_eps"] == pytest.approx(EPS * (0.25 + 0.4 + 0.625 + 2) / 5)
 
 
-def test_curriculum_staircase():
+def test_curriculum_levels():
     c = cfg(budget_schedule="curriculum", budget_start=0.0, budget_warmup=0.8, budget_stages=4)
     s = bd.make_schedule(c)
-    # stage k = min(3, floor(4 p / 0.8)): levels eps/4, eps/2, 3eps/4, eps, eps reached at p = 0.6
-    for p, f in ((0.0, 0.25), (0.19, 0.25), (0.2, 0.5), (0.45, 0.75), (0.6, 1.0), (1.0, 1.0)):
+    # stage k = min(3, floor(4 p / 0.8)): levels 0, eps/4, eps/2, 3 eps/4 (the last from p = 0.6 on)
+    for p, f in ((0.0, 0.0), (0.19, 0.0), (0.2, 0.25), (0.45, 0.5), (0.6, 0.75), (1.0, 0.75)):
         assert s(at(p), X, Y)[0] == pytest.approx(EPS * f), p
-    assert bd.curriculum_fraction(0.0, 0.5, 1.0, 2) == 0.75 and bd.curriculum_fraction(0.7, 0.5, 1.0, 2) == 1.0
-    assert bd.make_schedule(cfg(budget_schedule="curriculum", budget_stages=1))(at(0.0), X, Y)[0] == EPS
+    # the defaults: one level per epoch, the official code's np.linspace(s eps, eps, E + 1)[epoch]
+    c = cfg(budget_schedule="curriculum", epochs=6)
+    want = np.linspace(0.125 * EPS, EPS, 7)
+    for e in range(6):
+        assert bd.make_schedule(c)(at((e + 0.5) / 6), X, Y)[0] == pytest.approx(want[e])
 
 
 @pytest.mark.parametrize("alpha", [None, 0.05])
@@ -61,7 +65,7 @@ def test_alpha_follows_eps(alpha):
     # no alpha: the method's default ratio (fgsm: 1.25); given: the user's alpha / eps
     assert eps == pytest.approx(0.1) and a == pytest.approx(0.125 if alpha is None else 0.025)
     for m, ratio in (("pgd", 2.5 / 7), ("free", 1.0), ("trades", 2.5 / 7)):
-        eps, a = bd.make_schedule(cfg(method=m, budget_schedule="curriculum"))(at(0.0), X, Y)
+        eps, a = bd.make_schedule(cfg(method=m, budget_schedule="curriculum"))(at(0.5), X, Y)
         assert a == pytest.approx(ratio * eps)
 
 
@@ -91,45 +95,58 @@ def toy_batch():
     return x, y, radius.detach()
 
 
-def expected_fraction(radius, K):
-    """min(1, (j + 1) / K), j = the number of grid levels eps * i / K (i = 1..K) below the radius."""
-    step = EPS / K
-    j = torch.clamp(torch.ceil(radius / step) - 1, min=0, max=K)
-    return torch.clamp((j + 1) / K, max=1.0)
-
-
 def trainer(**kw):
     return rt.Trainer(Linear2(), rt.FitConfig.make("pgd", eps=EPS, lo=-10.0, hi=10.0, seed=0, **kw), steps_per_epoch=4)
 
 
-def test_adaptive_per_sample_follows_the_robust_radius():
+def test_adaptive_distribution_is_the_adversarial_loss():
+    """On a two-class linear model PGD (7 steps of 2.5 eps / 7) ends at x - eps sign(w_y - w_o), so the
+    loss at budget e is mean_i softplus(e ||w_y - w_o||_1 - margin_i): the distribution in closed form."""
     x, y, radius = toy_batch()
-    for K in (1, 4, 8):
-        tr = trainer(budget_schedule="adaptive", budget_grid=K)
-        assert tr.ctx.forward.training
-        eps, alpha = tr.ctx.budget(x, y)
-        assert tr.ctx.forward.training  # the search's eval mode is undone
-        f = expected_fraction(radius, K)
-        assert eps.shape == (64,) and torch.allclose(eps, EPS * f)
-        assert torch.allclose(alpha, tr.cfg.alpha * f)
-    assert (radius == 0).any() and (radius > EPS).any()  # both ends of the grid are exercised
-    # the engine and the op take the per-sample budgets (a training step runs)
-    tr.train_step(x, y)
+    tr = trainer(budget_schedule="adaptive", budget_grid=5)
+    eps, alpha = tr.ctx.budget(x, y)
+    assert tr.ctx.forward.training  # the estimate's eval mode is undone
+    v = (tr.model.fc.weight[0] - tr.model.fc.weight[1]).abs().sum().item()
+    with torch.no_grad():
+        logits = tr.model(x)
+    margin = logits.gather(1, y[:, None])[:, 0] - logits.gather(1, 1 - y[:, None])[:, 0]
+    grid = [EPS * j / 4 for j in range(5)]
+    L = torch.tensor([F.softplus(e * v - margin).mean().item() for e in grid], dtype=torch.float64)
+    assert torch.allclose(tr.budget.probs, L / L.sum(), atol=1e-6)
+    assert tr.budget.probs[-1] > tr.budget.probs[0]  # larger budgets, larger losses
+    assert min(abs(eps - e) for e in grid) < 1e-12 and alpha == pytest.approx(tr.cfg.alpha * eps / EPS)
 
 
-def test_adaptive_batch_running_estimate():
-    x, y, radius = toy_batch()
-    tr = trainer(budget_schedule="adaptive", budget_adapt="batch", budget_grid=4)
-    m1 = expected_fraction(radius, 4).mean()
+class Clock(SimpleNamespace):
+    def seed(self):
+        self.n += 1
+        return self.n
+
+
+def test_adaptive_draws_follow_the_distribution():
+    probs = torch.tensor([0.1, 0.0, 0.6, 0.3], dtype=torch.float64)
+    for mode in ("batch", "sample"):
+        s = bd.make_schedule(cfg(budget_schedule="adaptive", budget_grid=4, budget_adapt=mode))
+        s.load_state_dict({"probs": probs, "estimated_epoch": 0})
+        ctx = Clock(epoch=1, n=0)  # epoch 1 of budget_every 10: no new estimate
+        draws = torch.cat([torch.as_tensor(s(ctx, torch.zeros(50, 4), Y)[0]).reshape(-1) for _ in range(60)])
+        assert draws.numel() == (60 if mode == "batch" else 3000)
+        freq = torch.stack([(draws - EPS * j / 3).abs().lt(1e-6).double().mean() for j in range(4)])
+        assert freq.sum() == 1.0 and freq[1] == 0.0  # on the grid, never where p = 0
+        assert torch.allclose(freq, probs, atol=0.12 if mode == "batch" else 0.03)
+
+
+def test_adaptive_reestimates_every_few_epochs():
+    x, y, _ = toy_batch()
+    tr = trainer(budget_schedule="adaptive", budget_every=2, budget_adapt="sample")
     eps, _ = tr.ctx.budget(x, y)
-    assert torch.allclose(eps, torch.full((64,), EPS * float(m1)))
-    m2 = expected_fraction(radius[:32], 4).mean()
-    eps, _ = tr.ctx.budget(x[:32], y[:32])
-    assert torch.allclose(eps, torch.full((32,), EPS * float(0.9 * m1 + 0.1 * m2)))
-    st = tr.budget.state_dict()
-    other = trainer(budget_schedule="adaptive", budget_adapt="batch", budget_grid=4)
-    other.budget.load_state_dict(st)
-    assert torch.equal(other.budget.estimate, tr.budget.estimate)
+    assert eps.shape == (64,) and tr.budget.estimated_epoch == 0
+    tr.train_step(x, y)  # the engine and the op take the per-sample budgets
+    seen = []
+    for _ in range(11):  # 4 steps per epoch: epochs 0, 1, 2 -> estimates at epochs 0 and 2
+        tr.train_step(x, y)
+        seen.append(tr.budget.estimated_epoch)
+    assert seen == [0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2]
 
 
 def test_constant_is_the_old_path_bit_for_bit():
@@ -148,9 +165,8 @@ def test_constant_is_the_old_path_bit_for_bit():
 
 def test_curriculum_in_fit_logs_its_levels(digits_sub, tmp_path):
     res = rt.fit(tiny_cnn(seed=1), DataLoader(digits_sub, batch_size=32), "fgsm", epochs=4, eps=EPS, seed=0,
-                 budget_schedule="curriculum", budget_warmup=1.0, budget_stages=4, progress=False, verbose=False,
-                 out_dir=str(tmp_path))
-    assert [r["train_eps"] for r in res.history] == pytest.approx([EPS * k / 4 for k in (1, 2, 3, 4)])
+                 budget_schedule="curriculum", budget_start=0.0, progress=False, verbose=False, out_dir=str(tmp_path))
+    assert [r["train_eps"] for r in res.history] == pytest.approx([EPS * k / 4 for k in (0, 1, 2, 3)])
     with open(os.path.join(tmp_path, "log.csv")) as fh:
         assert "train_eps" in next(csv.reader(fh))
     plain = rt.fit(tiny_cnn(seed=1), DataLoader(digits_sub, batch_size=32), "fgsm", epochs=1, eps=EPS,
@@ -159,7 +175,7 @@ def test_curriculum_in_fit_logs_its_levels(digits_sub, tmp_path):
     assert res.config.label == "FGSM-RS AT + curriculum budget" and plain.config.label == "FGSM-RS AT"
 
 
-@pytest.mark.parametrize("kw", [dict(budget_schedule="adaptive", budget_adapt="batch", budget_grid=2),
+@pytest.mark.parametrize("kw", [dict(budget_schedule="adaptive", budget_grid=3, budget_every=2),
                                 dict(budget_schedule="linear", budget_warmup=1.0)])
 def test_resume_mid_schedule(digits_sub, tmp_path, kw):
     hp = dict(epochs=3, eps=EPS, steps=1, seed=3, progress=False, verbose=False, **kw)
@@ -191,6 +207,7 @@ BAD = {
     "budget_stages": dict(budget_schedule="curriculum", budget_stages=0),
     "budget_grid": dict(budget_schedule="adaptive", budget_grid=2.5),
     "budget_adapt": dict(budget_schedule="adaptive", budget_adapt="epoch"),
+    "budget_every": dict(budget_schedule="adaptive", budget_every=0),
     "needs eps > 0": dict(budget_schedule="linear", eps=0.0),
     "'ibp' has its own budget": dict(method="ibp", budget_schedule="curriculum"),
     "'gaussian' has its own budget": dict(method="gaussian", budget_schedule="adaptive"),
@@ -212,4 +229,3 @@ def test_cli_flags(capsys, tmp_path):
     with pytest.raises(SystemExit):
         main(["train", "--budget-schedule", "steps"])
     assert "--budget-schedule" in capsys.readouterr().err
-    assert math.isfinite(bd.ADAPTIVE_MOMENTUM)

@@ -331,23 +331,27 @@ def add_schedule_flags(p) -> None:
     d = budget.SCHEDULE_DEFAULTS
     g = p.add_argument_group("attack-budget schedule (pgd, fgsm, free, trades, dale; Kinfu & Vidal 2022)")
     g.add_argument("--budget-schedule", default=d["budget_schedule"], choices=list(budget.BUDGET_SCHEDULES),
-                   help="the budget of each minibatch: constant (eps), linear ramp, curriculum (rising levels) or "
-                        "adaptive (each sample just past its current robust radius); the step size follows it")
+                   help="the budget of each minibatch: constant (eps), linear ramp, curriculum (rising per-stage "
+                        "levels) or adaptive (drawn from a grid with probabilities proportional to the model's "
+                        "adversarial loss); the step size follows it")
     g.add_argument("--budget-start", type=float, default=d["budget_start"],
                    help="linear / curriculum: the first budget as a fraction of eps")
     g.add_argument("--budget-warmup", type=float, default=d["budget_warmup"],
                    help="linear / curriculum: the fraction of the run over which the budget rises")
-    g.add_argument("--budget-stages", type=int, default=d["budget_stages"], help="curriculum: the number of budget levels")
+    g.add_argument("--budget-stages", type=int, default=d["budget_stages"],
+                   help="curriculum: the number of budget levels (None: one per epoch)")
     g.add_argument("--budget-grid", type=int, default=d["budget_grid"],
-                   help="adaptive: the levels of the robust-radius search")
+                   help="adaptive: the number of budgets of its grid, 0 to eps")
+    g.add_argument("--budget-every", type=int, default=d["budget_every"],
+                   help="adaptive: epochs between estimates of its distribution")
     g.add_argument("--budget-adapt", default=d["budget_adapt"], choices=list(budget.BUDGET_ADAPT),
-                   help="adaptive: a budget per sample, or a running estimate of their mean per batch")
+                   help="adaptive: one budget drawn per batch, or one per sample")
 
 
 def schedule_hparams(args):
     """The schedule settings of parsed arguments, as FitConfig keywords."""
-    return {k: getattr(args, k) for k in ("budget_schedule", "budget_start", "budget_warmup", "budget_stages", "budget_grid",
-                                          "budget_adapt")}
+    return {k: getattr(args, k) for k in ("budget_schedule", "budget_start", "budget_warmup", "budget_stages",
+                                          "budget_grid", "budget_every", "budget_adapt")}
 
 
 def _learned_eps(args):

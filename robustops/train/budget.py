@@ -1,44 +1,45 @@
 """Attack-budget schedules for adversarial training: the budget (eps, alpha) each minibatch is attacked
 with, after Kinfu & Vidal, "Analysis and extensions of adversarial training for video classification"
-(CVPR Workshops 2022, arXiv 2206.07953).
+(CVPR Workshops 2022, arXiv 2206.07953; official code kaleab-k/VideoAT, ``main.py`` / ``training.py``).
 
 What the paper establishes, and how it is used here:
 
-- The best attack step size grows linearly with the budget (their step-size sweeps: alpha* = c * eps).
-  So every schedule here moves eps only, and alpha follows it at the run's ratio c = alpha / eps:
-  ``alpha_t = cfg.alpha * (eps_t / cfg.eps)``. When the user gave no alpha, cfg.alpha is the method's
-  default (2.5 eps / steps for PGD / TRADES / DALE, 1.25 eps for FGSM, eps for free), which is linear in
-  eps, so c is the method's default ratio; when the user gave alpha, c is their alpha / eps.
-- Training with a budget smaller than the test budget gives better robustness at the test budget: the
-  schedules never exceed ``cfg.eps``; validation keeps ``cfg.val_eps`` (set eps < val_eps for that).
-- *Curriculum AT*: the budget increases as training proceeds.
-- *Adaptive AT*: the budget is drawn from a distribution that is adapted as training proceeds, from
-  the current model.
+- The best attack step size grows linearly with the budget. So every schedule moves eps only, and alpha
+  follows at the run's ratio c = alpha / eps: ``alpha_t = cfg.alpha * eps_t / cfg.eps``. When the user
+  gave no alpha, cfg.alpha is the method's default (2.5 eps / steps for PGD / TRADES / DALE, 1.25 eps for
+  FGSM, eps for free), linear in eps, so c is the method's default ratio; when the user gave alpha, c is
+  their alpha / eps. (The official training code uses alpha = eps for its PGD whatever the budget, and a
+  table of tuned step sizes, roughly 0.2-0.33 eps, for its attacks at test time.)
+- Training with a smaller budget than the test budget is more robust at the test budget: no schedule
+  exceeds ``cfg.eps``; validation keeps ``cfg.val_eps`` (set eps < val_eps for that).
 
-Open choices (the paper's method section was not available to us: only its abstract and summary; each
-rule below is the closest faithful reading of "budget rising over training" and "budget drawn from a
-distribution adapted to the current model", stated so that it can be checked):
+The rules (s = ``budget_start``, w = ``budget_warmup``, p = the run's progress: the fraction of optimizer
+steps done before this minibatch):
 
-- ``linear``: a continuous ramp, eps_t = eps * (s + (1 - s) * min(1, p / w)), p the run's progress
-  (fraction of optimizer steps done before this minibatch), s = ``budget_start``, w = ``budget_warmup``.
-- ``curriculum``: the paper's curriculum as a staircase of S = ``budget_stages`` equal budget levels,
-  eps_k = eps * (s + (1 - s) * (k + 1) / S), k = min(S - 1, floor(S * p / w)): the first level is
-  already an attack, the last (eps) is reached at p = w (S - 1) / S and kept.
-- ``adaptive``: the distribution of the budgets is that of the current model's robust radii on the
-  batch. For each sample, the radius r_i is estimated on the grid eps * j / K (K = ``budget_grid``) by a
-  one-step search in eval mode: one gradient of the cross-entropy at x, then K forwards (no grad) at
-  x + eps_j * d (d = sign(grad) for L-inf, grad / ||grad||_2 for L2; clamped to [lo, hi]); r_i is the
-  largest grid budget below which no level fools the model (0 if x is misclassified). The sample is
-  attacked just past it: eps_i = min(eps, r_i + eps / K). ``budget_adapt="sample"`` (default) returns these
-  per-sample budgets (Tensor[B]); ``"batch"`` attacks the whole batch with a running estimate of their
-  mean, m <- (1 - mu) m + mu mean_i eps_i (mu = ``ADAPTIVE_MOMENTUM``; m starts at the first batch's
-  mean), kept in the schedule's state_dict for an exact resume. For a linear model the one-step search
-  is exact (the sign of the gradient is the worst L-inf direction of a two-class linear model).
-  Cost: one forward/backward and K forwards per minibatch (PGD-7 AT does 8 forward/backwards: about +30 %
-  at K = 4).
+- ``constant``: (cfg.eps, cfg.alpha), the run without schedules bit for bit.
+- ``linear``: eps_t = eps * (s + (1 - s) * min(1, p / w)), a continuous ramp.
+- ``curriculum`` (Curriculum AT: "the attack budget is increased as training iterations proceed"): S =
+  ``budget_stages`` levels eps_k = eps * (s + (1 - s) * k / S), stage k = min(S - 1, floor(S p / w)).
+  With the defaults (S = the run's epochs, w = 1) this is the official code's rule: epoch e (0-based) is
+  attacked with ``np.linspace(s * eps, eps, E + 1)[e]`` (it starts at 1/255 for eps 8/255: s = 1/8, our
+  default; its last level, eps, is never used). The official code passes that array to its epoch loop,
+  which indexes it by *batch* (``eps_rvs[i]``, i the batch); the per-epoch reading (its commented-out
+  ``eps_rvs[i-1]``) is the one that matches the paper's description.
+- ``adaptive`` (Adaptive AT: "the attack budget is drawn from a distribution that is adapted as training
+  iterations proceed"): on the grid eps_j = eps * j / (K - 1), j = 0..K-1 (K = ``budget_grid``, 10 as the
+  code's ``np.linspace(0, eps, 10)``), the current model's adversarial loss L_j (mean cross-entropy under
+  PGD at eps_j: the run's steps, Madry's step 2.5 eps_j / steps, random start, eval mode) gives the
+  distribution p_j = L_j / sum_k L_k; each minibatch's budget is drawn from it (``budget_adapt="batch"``,
+  the code's rule; ``"sample"``: each sample draws its own, a Tensor[B]). The distribution is re-estimated
+  at the first minibatch of epochs 0, R, 2R, ... (R = ``budget_every``, 10 as in the code). The code
+  measures L_j on the validation set (and keeps the last validation batch's loss, ``losses.val``); a
+  method context sees no validation data, so here L_j is measured on the minibatch at hand. p and the
+  epoch of its estimate are the schedule's state (checkpointed: a resumed run continues with the same
+  distribution, where the code re-estimates at every restart). Draws come from the run's seeds
+  (``ctx.seed()``). Cost: K PGD attacks on one minibatch every R epochs.
 
 Every schedule reports the mean budget it handed out over an epoch (``train_eps`` in the epoch log).
-Under DDP each process measures its own batches (the estimate is per process, like its data).
+Under DDP each process draws and estimates on its own batches.
 """
 from __future__ import annotations
 
@@ -46,55 +47,66 @@ import math
 from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 
 from . import registry
+from ..attacks.base import madry_step
 
-__all__ = ["BUDGET_SCHEDULES", "BUDGET_ADAPT", "ADAPTIVE_MOMENTUM", "SCHEDULE_DEFAULTS", "BudgetSchedule",
+__all__ = ["BUDGET_SCHEDULES", "BUDGET_ADAPT", "SCHEDULE_DEFAULTS", "SCHEDULE_SETTINGS", "BudgetSchedule",
            "ConstantBudget", "LinearBudget", "CurriculumBudget", "AdaptiveBudget", "make_schedule",
-           "check_schedule", "check_budget_spelling", "budget_label", "robust_radius", "linear_fraction", "curriculum_fraction"]
+           "check_schedule", "check_budget_spelling", "budget_label", "linear_fraction", "curriculum_fraction",
+           "adversarial_losses"]
 
 BUDGET_SCHEDULES = ("constant", "linear", "curriculum", "adaptive")
-BUDGET_ADAPT = ("sample", "batch")
-#: adaptive "batch": the weight of each batch in the running estimate of the budget
-ADAPTIVE_MOMENTUM = 0.1
-#: the schedule settings of FitConfig and their defaults (what an older checkpoint, written without them, ran)
-SCHEDULE_DEFAULTS = {"budget_schedule": "constant", "budget_start": 0.0, "budget_warmup": 0.5, "budget_stages": 4,
-                     "budget_grid": 4, "budget_adapt": "sample"}
+BUDGET_ADAPT = ("batch", "sample")
+#: the schedule settings of FitConfig and their defaults (budget_stages None: the run's epochs)
+SCHEDULE_DEFAULTS = {"budget_schedule": "constant", "budget_start": 0.125, "budget_warmup": 1.0,
+                     "budget_stages": None, "budget_grid": 10, "budget_every": 10, "budget_adapt": "batch"}
+#: the settings each schedule reads (what a resumed run must share with its checkpoint)
+SCHEDULE_SETTINGS = {"constant": (), "linear": ("budget_start", "budget_warmup"),
+                     "curriculum": ("budget_start", "budget_warmup", "budget_stages"),
+                     "adaptive": ("budget_grid", "budget_every", "budget_adapt")}
 
 Budget = Union[float, torch.Tensor]
 
 
-def check_schedule(c) -> None:
-    """Checks and fills in (defaults of SCHEDULE_DEFAULTS) the schedule settings of a FitConfig; a
-    ValueError names the setting and what was expected."""
-    def need(cond, msg):
-        if not cond:
-            raise ValueError(msg)
+def _need(cond, msg):
+    if not cond:
+        raise ValueError(msg)
 
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_schedule(c) -> None:
+    """Checks and fills in (SCHEDULE_DEFAULTS) the schedule settings of a FitConfig; a ValueError names
+    the setting and what was expected."""
     for k, v in SCHEDULE_DEFAULTS.items():
         if getattr(c, k) is None:
-            setattr(c, k, v)
-    need(c.budget_schedule in BUDGET_SCHEDULES,
-         f"budget_schedule must be one of {', '.join(BUDGET_SCHEDULES)}; got {c.budget_schedule!r}")
-    num = (int, float)
-    need(isinstance(c.budget_start, num) and not isinstance(c.budget_start, bool) and 0.0 <= c.budget_start <= 1.0,
-         f"budget_start (the schedule's first budget, a fraction of eps) must be a number in [0, 1], got {c.budget_start!r}")
-    need(isinstance(c.budget_warmup, num) and not isinstance(c.budget_warmup, bool) and 0.0 < c.budget_warmup <= 1.0,
-         f"budget_warmup (the fraction of the run over which the budget rises) must be a number in (0, 1], "
-         f"got {c.budget_warmup!r}")
-    for name, what in (("budget_stages", "curriculum budget levels"), ("budget_grid", "adaptive search grid levels")):
+            setattr(c, k, c.passes if k == "budget_stages" else v)
+    _need(c.budget_schedule in BUDGET_SCHEDULES,
+          f"budget_schedule must be one of {', '.join(BUDGET_SCHEDULES)}; got {c.budget_schedule!r}")
+    _need(_is_num(c.budget_start) and 0.0 <= c.budget_start <= 1.0,
+          f"budget_start (the first budget, a fraction of eps) must be a number in [0, 1], got {c.budget_start!r}")
+    _need(_is_num(c.budget_warmup) and 0.0 < c.budget_warmup <= 1.0,
+          f"budget_warmup (the fraction of the run over which the budget rises) must be a number in (0, 1], "
+          f"got {c.budget_warmup!r}")
+    for name, what, low in (("budget_stages", "curriculum budget levels", 1), ("budget_grid", "adaptive grid size", 2),
+                            ("budget_every", "epochs between adaptive estimates", 1)):
         v = getattr(c, name)
-        need(isinstance(v, int) and not isinstance(v, bool) and v >= 1, f"{name} ({what}) must be an int >= 1, got {v!r}")
-    need(c.budget_adapt in BUDGET_ADAPT, f"budget_adapt must be one of {', '.join(BUDGET_ADAPT)}; got {c.budget_adapt!r}")
+        _need(isinstance(v, int) and not isinstance(v, bool) and v >= low,
+              f"{name} ({what}) must be an int >= {low}, got {v!r}")
+    _need(c.budget_adapt in BUDGET_ADAPT, f"budget_adapt must be one of {', '.join(BUDGET_ADAPT)}; got {c.budget_adapt!r}")
     c.budget_start, c.budget_warmup = float(c.budget_start), float(c.budget_warmup)
     if c.budget_schedule != "constant":
-        cls = c.method_class
-        if not cls.budget_schedules:
+        if not c.method_class.budget_schedules:
             having = [n for n in registry.names() if registry.get(n).budget_schedules]
             raise ValueError(f"budget_schedule={c.budget_schedule!r} applies to the methods that attack with the "
                              f"threat model's eps ({', '.join(having)}); {c.method!r} has its own budget "
                              f"(a latent radius, a certified eps ramp or no attack): use budget_schedule constant")
-        need(c.eps > 0, f"budget_schedule={c.budget_schedule!r} needs eps > 0 (it schedules fractions of eps), got eps {c.eps!r}")
+        _need(c.eps > 0, f"budget_schedule={c.budget_schedule!r} needs eps > 0 (it schedules fractions of eps), "
+                         f"got eps {c.eps!r}")
 
 
 def budget_label(cfg) -> str:
@@ -162,8 +174,7 @@ class ConstantBudget(BudgetSchedule):
 
 
 class LinearBudget(BudgetSchedule):
-    """eps_t = eps * (s + (1 - s) * min(1, p / w)): a linear ramp from s * eps to eps over the first w of
-    the run (s = budget_start, w = budget_warmup, p = ctx.progress)."""
+    """eps_t = eps * (s + (1 - s) * min(1, p / w)) (s = budget_start, w = budget_warmup, p = ctx.progress)."""
 
     def fraction(self, ctx, x, y) -> float:
         return linear_fraction(ctx.progress, self.cfg.budget_start, self.cfg.budget_warmup)
@@ -175,73 +186,74 @@ def linear_fraction(p: float, start: float, warmup: float) -> float:
 
 
 class CurriculumBudget(BudgetSchedule):
-    """Curriculum AT: S = budget_stages equal levels eps * (s + (1 - s) * (k + 1) / S), stage
-    k = min(S - 1, floor(S * p / w)) (s = budget_start, w = budget_warmup, p = ctx.progress)."""
+    """Curriculum AT: S = budget_stages levels eps * (s + (1 - s) * k / S), stage k = min(S - 1, floor(S p / w))."""
 
     def fraction(self, ctx, x, y) -> float:
-        return curriculum_fraction(ctx.progress, self.cfg.budget_start, self.cfg.budget_warmup, self.cfg.budget_stages)
+        c = self.cfg
+        return curriculum_fraction(ctx.progress, c.budget_start, c.budget_warmup, c.budget_stages)
 
 
 def curriculum_fraction(p: float, start: float, warmup: float, stages: int) -> float:
-    """s + (1 - s) * (k + 1) / S with k = min(S - 1, floor(S * p / w))."""
+    """s + (1 - s) * k / S with k = min(S - 1, floor(S * p / w))."""
     # the 1e-9: a stage boundary that p reaches exactly (p = w k / S) is not lost to rounding (4 * 0.6 / 0.8 < 3)
     k = min(stages - 1, math.floor(stages * p / warmup + 1e-9))
-    return start + (1.0 - start) * (k + 1) / stages
+    return start + (1.0 - start) * k / stages
 
 
-@torch.no_grad()
-def robust_radius(ctx, x: torch.Tensor, y: torch.Tensor, eps: float, levels: int) -> torch.Tensor:
-    """Per-sample robust radius of the current model (eval mode) on the grid eps * j / levels, by a
-    one-step search: the input gradient of the cross-entropy at x, then one forward at
-    x + eps_j * d for each level j (d = sign(grad), or grad / ||grad||_2 under L2; clamped to the box).
-    Returns a float32 Tensor[B]: the largest eps_j such that neither x nor any level up to eps_j is
-    misclassified (0 when x itself is). The model's mode is restored."""
+def adversarial_losses(ctx, x: torch.Tensor, y: torch.Tensor, grid) -> torch.Tensor:
+    """The current model's mean cross-entropy on (x, y) under PGD at each budget of ``grid`` (floats):
+    the run's norm and steps, step 2.5 eps / steps, a random start, eval mode (restored after).
+    Returns a float64 CPU Tensor[len(grid)]."""
     c, fwd = ctx.cfg, ctx.forward
     was = fwd.training
     fwd.eval()
+    out = []
     try:
-        g, logits, _ = ctx.engine(c.norm).gradient(x, y)
-        g = g.float()
-        if c.norm == "l2":
-            d = g / g.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (x.dim() - 1)))
-        else:
-            d = g.sign()
-        ok = logits.argmax(1) == y
-        count = torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
-        for j in range(1, levels + 1):
-            xj = ctx.fmt((x + (eps * j / levels) * d).clamp_(c.lo, c.hi))
-            with ctx.autocast():
-                ok = ok & (fwd(xj).argmax(1) == y)
-            count += ok.float()
+        for e in grid:
+            xa = ctx.attack(x, y, e, madry_step(e, c.steps), c.steps, c.norm, True)
+            with torch.no_grad(), ctx.autocast():
+                out.append(F.cross_entropy(fwd(xa).float(), y))
     finally:
         fwd.train(was)
-    return count * (eps / levels)
+    return torch.stack(out).double().cpu()
 
 
 class AdaptiveBudget(BudgetSchedule):
-    """Adaptive AT: each sample attacked just past its current robust radius (see the module's
-    docstring): eps_i = min(eps, r_i + eps / K); budget_adapt "batch": a running estimate of their mean."""
+    """Adaptive AT: budgets drawn from the grid eps * j / (K - 1) with probabilities proportional to the
+    current model's adversarial loss at each (re-estimated every budget_every epochs; see the module)."""
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        self.estimate: Optional[torch.Tensor] = None
+        K = cfg.budget_grid
+        self.grid = torch.tensor([j / (K - 1) for j in range(K)], dtype=torch.float64)  # fractions of eps
+        self.probs: Optional[torch.Tensor] = None
+        self.estimated_epoch = -1
 
-    def fraction(self, ctx, x, y) -> torch.Tensor:
-        c, K = self.cfg, self.cfg.budget_grid
-        r = robust_radius(ctx, x, y, c.eps, K)
-        f = torch.clamp(r / c.eps + 1.0 / K, max=1.0)
-        if c.budget_adapt == "sample":
-            return f
-        m = f.mean()
-        self.estimate = m if self.estimate is None else torch.lerp(self.estimate.to(m.device), m, ADAPTIVE_MOMENTUM)
-        return self.estimate.expand(x.shape[0]).contiguous()
+    def estimate(self, ctx, x, y) -> None:
+        """p_j = L_j / sum_k L_k from this minibatch (uniform if every loss is 0)."""
+        L = adversarial_losses(ctx, x, y, [self.cfg.eps * float(f) for f in self.grid])
+        total = float(L.sum())
+        self.probs = L / total if total > 0 else torch.full_like(L, 1.0 / len(L))
+        self.estimated_epoch = ctx.epoch
+
+    def fraction(self, ctx, x, y) -> Budget:
+        e = ctx.epoch
+        if self.probs is None or (e != self.estimated_epoch and e % self.cfg.budget_every == 0):
+            self.estimate(ctx, x, y)
+        g = torch.Generator().manual_seed(ctx.seed())
+        n = x.shape[0] if self.cfg.budget_adapt == "sample" else 1
+        f = self.grid[torch.multinomial(self.probs, n, replacement=True, generator=g)]
+        if self.cfg.budget_adapt == "batch":
+            return float(f[0])
+        return f.to(device=x.device, dtype=torch.float32)
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"estimate": None if self.estimate is None else self.estimate.detach().cpu()}
+        return {"probs": self.probs, "estimated_epoch": self.estimated_epoch}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        e = state.get("estimate")
-        self.estimate = None if e is None else e.clone()
+        p = state.get("probs")
+        self.probs = None if p is None else p.clone()
+        self.estimated_epoch = int(state.get("estimated_epoch", -1))
 
 
 _SCHEDULES = {"constant": ConstantBudget, "linear": LinearBudget, "curriculum": CurriculumBudget,

@@ -127,12 +127,14 @@ class FitConfig:
     mixup: Optional[float] = None
     # attack-budget schedule of the adversarial methods (robustops.train.budget; None: the default):
     # constant | linear | curriculum | adaptive, the first budget as a fraction of eps, the fraction of the
-    # run over which it rises, curriculum's levels, adaptive's search grid and its per-sample / per-batch rule
+    # run over which it rises, curriculum's levels (None: epochs), adaptive's grid size, epochs between its
+    # estimates and whether each batch or each sample draws its budget
     budget_schedule: Optional[str] = None
     budget_start: Optional[float] = None
     budget_warmup: Optional[float] = None
     budget_stages: Optional[int] = None
     budget_grid: Optional[int] = None
+    budget_every: Optional[int] = None
     budget_adapt: Optional[str] = None
     # the method's own hyperparameters
     params: Dict[str, Any] = field(default_factory=dict)

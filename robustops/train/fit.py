@@ -17,7 +17,7 @@ import torch.nn as nn
 from .._runfiles import atomic_save, check_settings, read_checkpoint, resume_path, seal_entries, write_csv_log
 from .._threads import default_threads, resolve_threads
 from ..models import state_dict_digest, verify_checkpoint
-from .budget import SCHEDULE_DEFAULTS
+from .budget import SCHEDULE_SETTINGS
 from .config import CERTIFIED_METRICS, FitConfig
 from .trainer import Trainer, dist_info
 
@@ -46,7 +46,7 @@ def _scheduled(cfg: FitConfig) -> bool:
 
 # Settings a resumed run must share with the checkpoint (the method's hyperparameters too).
 _RESUME_MUST_MATCH = ("method", "epochs", "eps", "alpha", "steps", "norm", "optimizer", "lr", "schedule", "amp",
-                      "awp", "ema", "mixup", "grad_clip") + tuple(SCHEDULE_DEFAULTS)
+                      "awp", "ema", "mixup", "grad_clip", "budget_schedule")
 
 
 class NonFiniteLoss(ValueError):
@@ -79,9 +79,10 @@ class FitResult:
 def _settings_pairs(old: Dict[str, Any], cfg: FitConfig):
     """(the checkpoint's settings, cfg's) for ``check_settings``: the shared ones, then the method's."""
     old_params = old.get("params") if isinstance(old.get("params"), dict) else old  # flat in older checkpoints
-    # a checkpoint written before budget schedules ran their defaults
-    old = {**old, **{k: v for k, v in SCHEDULE_DEFAULTS.items() if old.get(k) is None}}
-    return (old, {k: getattr(cfg, k) for k in _RESUME_MUST_MATCH}), (old_params, cfg.params)
+    if old.get("budget_schedule") is None:  # a checkpoint written before budget schedules ran constant
+        old = {**old, "budget_schedule": "constant"}
+    names = _RESUME_MUST_MATCH + SCHEDULE_SETTINGS[cfg.budget_schedule]  # and the settings of its schedule
+    return (old, {k: getattr(cfg, k) for k in names}), (old_params, cfg.params)
 
 
 class _FitRun:
