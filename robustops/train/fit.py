@@ -40,6 +40,7 @@ def log_columns(cfg: FitConfig):
     i = LOG_COLUMNS.index("noise_acc") + 1
     return LOG_COLUMNS[:j] + own + LOG_COLUMNS[j:i] + extra + LOG_COLUMNS[i:]
 
+
 def _scheduled(cfg: FitConfig) -> bool:
     return (cfg.budget_schedule or "constant") != "constant"
 
