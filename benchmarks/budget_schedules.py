@@ -49,11 +49,12 @@ def run_one(schedule: str, seed: int, args, train_ds, val_ds, test_loader) -> di
 
 def main(argv=None):
     p = parser(__doc__, "budget_schedules.csv")
-    p.add_argument("--schedules", default=",".join(SCHEDULES))
-    p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--eps", type=float, default=0.2)
-    p.add_argument("--test-eps", default="0.1,0.2,0.3")
+    for flag, kind, default, what in (("--schedules", str, ",".join(SCHEDULES), "comma-separated, constant first"),
+                                      ("--seeds", str, "0,1,2", "comma-separated"),
+                                      ("--epochs", int, 30, "training epochs"),
+                                      ("--eps", float, 0.2, "training budget"),
+                                      ("--test-eps", str, "0.1,0.2,0.3", "comma-separated PGD-20 test budgets")):
+        p.add_argument(flag, type=kind, default=default, help=what)
     p.add_argument("--quick", action="store_true", help="constant, curriculum, adaptive; seed 0; 3 epochs; test eps 0.2")
     args = p.parse_args(argv)
     if args.quick:
