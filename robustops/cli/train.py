@@ -132,6 +132,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"checkpoint of a learned perturbation set (robustops.perturbation; {', '.join(learned)}): "
                         f"--eps is then the latent L2 radius, by default the checkpoint's eps")
     add_method_flags(g)
+    add_schedule_flags(p)
     g = p.add_argument_group("training options (see robustops.train.awp, robustops.train.ema; off by default)")
     g.add_argument("--awp", type=float, default=None, metavar="GAMMA",
                    help="adversarial weight perturbation of relative size GAMMA per layer (pgd, trades; "
@@ -293,7 +294,7 @@ def run(args) -> int:
               milestones=args.milestones, gamma=args.gamma, grad_clip=args.grad_clip, amp=args.amp, channels_last=args.channels_last,
               seed=args.seed, val_eps=args.val_eps, val_steps=args.val_steps, patience=args.patience,
               select=args.select, keep_all=args.keep_all, awp=args.awp, ema=args.ema, mixup=args.mixup,
-              **method_hparams(args))
+              **schedule_hparams(args), **method_hparams(args))
     if args.perturbation_model is not None:
         hp["perturbation_model"] = os.path.abspath(args.perturbation_model)
     try:
@@ -323,6 +324,36 @@ def _uses_perturbation_model(method: str) -> bool:
     from .. import train
 
     return train.registry.get(method).uses_perturbation_model
+
+
+def add_schedule_flags(p) -> None:
+    """--budget-schedule and its settings (robustops.train.budget), FitConfig's defaults shown."""
+    from ..train import budget
+
+    d = budget.SCHEDULE_DEFAULTS
+    g = p.add_argument_group("attack-budget schedule (pgd, fgsm, free, trades, dale; Kinfu & Vidal 2022)")
+    g.add_argument("--budget-schedule", default=d["budget_schedule"], choices=list(budget.BUDGET_SCHEDULES),
+                   help="the budget of each minibatch: constant (eps), linear ramp, curriculum (rising per-stage "
+                        "levels) or adaptive (drawn from a grid with probabilities proportional to the model's "
+                        "adversarial loss); the step size follows it")
+    g.add_argument("--budget-start", type=float, default=d["budget_start"],
+                   help="linear / curriculum: the first budget as a fraction of eps")
+    g.add_argument("--budget-warmup", type=float, default=d["budget_warmup"],
+                   help="linear / curriculum: the fraction of the run over which the budget rises")
+    g.add_argument("--budget-stages", type=int, default=d["budget_stages"],
+                   help="curriculum: the number of budget levels (None: one per epoch)")
+    g.add_argument("--budget-grid", type=int, default=d["budget_grid"],
+                   help="adaptive: the number of budgets of its grid, 0 to eps")
+    g.add_argument("--budget-every", type=int, default=d["budget_every"],
+                   help="adaptive: epochs between estimates of its distribution")
+    g.add_argument("--budget-adapt", default=d["budget_adapt"], choices=list(budget.BUDGET_ADAPT),
+                   help="adaptive: one budget drawn per batch, or one per sample")
+
+
+def schedule_hparams(args):
+    """The schedule settings of parsed arguments, as FitConfig keywords."""
+    return {k: getattr(args, k) for k in ("budget_schedule", "budget_start", "budget_warmup", "budget_stages",
+                                          "budget_grid", "budget_every", "budget_adapt")}
 
 
 def _learned_eps(args):

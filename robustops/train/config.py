@@ -11,6 +11,7 @@ from .. import _checks
 from ..attacks.base import madry_step
 from ..models import channel_stats
 from . import registry
+from .budget import budget_label, check_budget_spelling, check_schedule
 
 __all__ = ["FitConfig", "OPTIMIZERS", "SCHEDULES", "AMP_MODES", "NORMS", "METRICS", "CERTIFIED_METRICS", "OPTIONS", "ModelObject",
            "resolve_config"]
@@ -124,6 +125,17 @@ class FitConfig:
     awp: Optional[float] = None
     ema: Optional[float] = None
     mixup: Optional[float] = None
+    # attack-budget schedule of the adversarial methods (robustops.train.budget; None: the default):
+    # constant | linear | curriculum | adaptive, the first budget as a fraction of eps, the fraction of the
+    # run over which it rises, curriculum's levels (None: epochs), adaptive's grid size, epochs between its
+    # estimates and whether each batch or each sample draws its budget
+    budget_schedule: Optional[str] = None
+    budget_start: Optional[float] = None
+    budget_warmup: Optional[float] = None
+    budget_stages: Optional[int] = None
+    budget_grid: Optional[int] = None
+    budget_every: Optional[int] = None
+    budget_adapt: Optional[str] = None
     # the method's own hyperparameters
     params: Dict[str, Any] = field(default_factory=dict)
 
@@ -148,6 +160,7 @@ class FitConfig:
                              f"{', '.join(sorted(fields))} and the methods' hyperparameters "
                              f"{', '.join(sorted(known))}")
         own = {h.name for h in registry.get(method).hyper} if method in registry.names() else set()
+        check_budget_spelling(method, hparams)
         params = dict(hparams.pop("params", None) or {})
         params.update({k: v for k, v in hparams.items() if k in own})
         return cls(method=method, params=params, **{k: v for k, v in hparams.items() if k in fields})
@@ -174,6 +187,7 @@ class FitConfig:
             c.amp = None
         if c.alpha is None:
             c.alpha = m.default_alpha(c)
+        check_schedule(c)
         if c.lr is None:
             c.lr = 0.1 if c.optimizer == "sgd" else 1e-3
         if c.val_eps is None:
@@ -196,8 +210,9 @@ class FitConfig:
 
     @property
     def label(self) -> str:
-        """The run's short name for tables: the method's label and its options ("PGD-7 AT + AWP (gamma=0.005)")."""
-        return self.method_class.label(self) + options_label(self)
+        """The run's short name for tables: the method's label, its options and its budget schedule
+        ("PGD-7 AT + AWP (gamma=0.005)", "PGD-7 AT + curriculum budget")."""
+        return self.method_class.label(self) + options_label(self) + budget_label(self)
 
     @property
     def passes(self) -> int:

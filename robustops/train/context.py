@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from .. import _checks
 from ..attacks.engine import Engine
 from ..models import Normalize
+from .budget import BudgetSchedule, make_schedule
 from .registry import StepStats
 
 __all__ = ["MethodContext", "CONTEXT_ATTRIBUTES", "Closure", "weighted_cross_entropy", "bind_model", "prepare_batch",
@@ -30,7 +31,7 @@ Closure = Callable[[nn.Module], Tuple[torch.Tensor, Any]]
 #: The public attributes of a MethodContext: the documented set a method may use (a test keeps them equal).
 CONTEXT_ATTRIBUTES = ("cfg", "device", "forward", "rank", "world_size", "amp_dtype", "weights", "progress", "epoch",
                       "seed", "autocast", "fmt", "update", "natural_step", "stats", "cross_entropy", "mixed_ce",
-                      "mixup", "engine", "attack")
+                      "mixup", "engine", "attack", "budget")
 
 
 def mean_ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -119,10 +120,14 @@ class MethodContext:
       mixup(x, y): (x_mix, y, y[pi], lam) from the run's mixup generator (the ``mixup`` option).
       engine(norm, objective, forward=, step=), attack(x, y, eps, alpha, steps, norm, random_start):
         the projected-gradient engine on the model (run's box, autocast and fp16 loss scaling) and PGD on it.
+      budget(x, y): (eps, alpha) to attack this minibatch with (floats, or Tensor[B] per sample): the
+        run's ``budget_schedule`` (:mod:`robustops.train.budget`) at this point of the run; (cfg.eps,
+        cfg.alpha) exactly under the default "constant". Call it once per minibatch (it logs the budget).
     """
 
     def __init__(self, cfg, forward: nn.Module, device, gen: torch.Generator, *, scaler=None, rank: int = 0,
-                 world_size: int = 1, mix_gen: Optional[torch.Generator] = None, owner=None):
+                 world_size: int = 1, mix_gen: Optional[torch.Generator] = None, owner=None,
+                 budget: Optional[BudgetSchedule] = None):
         # owner: what takes the steps (the Trainer): update(closure), progress and epoch; None evaluates only
         self.cfg = cfg
         self.device = torch.device(device)
@@ -133,6 +138,8 @@ class MethodContext:
         self._gen, self._mix_gen, self._owner = gen, mix_gen, owner
         self._scaler = scaler
         self._engines: Dict[str, Engine] = {}
+        # the run's budget schedule (the Trainer's, which checkpoints and logs it)
+        self._budget = make_schedule(cfg) if budget is None else budget
 
     # ---- the run's clock and its one step path
 
@@ -151,6 +158,11 @@ class MethodContext:
         if self._owner is None:
             raise RuntimeError(f"{what}: this method context evaluates only (it takes no training steps)")
         return self._owner
+
+    def budget(self, x: torch.Tensor, y: torch.Tensor):
+        """(eps, alpha) for this minibatch from the run's budget schedule: floats, or float32 Tensor[B]
+        (adaptive, per sample); alpha = cfg.alpha * eps / cfg.eps (the step follows the budget)."""
+        return self._budget(self, x, y)
 
     def natural_step(self, x: torch.Tensor, y: torch.Tensor) -> StepStats:
         def closure(net):
@@ -232,7 +244,7 @@ class MethodContext:
         """PGD on the model in its current mode (training's adversary): a uniform random start
         (when random_start and eps > 0) and ``steps`` fused steps. Returns x_adv."""
         engine = self.engine(norm) if engine is None else engine
-        rand = random_start and eps > 0
+        rand = random_start and (torch.is_tensor(eps) or eps > 0)  # per-sample eps: no host sync
         return engine.run(x, y, eps, alpha, steps, start="uniform" if rand else "clean",
                           seed=self.seed() if rand else 0, evaluate=False).x_adv
 

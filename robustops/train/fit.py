@@ -17,6 +17,7 @@ import torch.nn as nn
 from .._runfiles import atomic_save, check_settings, read_checkpoint, resume_path, seal_entries, write_csv_log
 from .._threads import default_threads, resolve_threads
 from ..models import state_dict_digest, verify_checkpoint
+from .budget import SCHEDULE_SETTINGS
 from .config import CERTIFIED_METRICS, FitConfig
 from .trainer import Trainer, dist_info
 
@@ -31,16 +32,22 @@ LOG_COLUMNS = ("epoch", "equiv_epochs", "lr", "train_loss", "train_acc", "clean_
 def log_columns(cfg: FitConfig):
     """The CSV log's columns for a run: LOG_COLUMNS, with the method's log_metrics after train_acc,
     cert_acc, acr, acceps after noise_acc for the methods that train for deterministic certification, then the
-    method's own val_metrics."""
-    own = tuple(cfg.method_class.log_metrics)
+    method's own val_metrics; ``train_eps`` (the epoch's mean attack budget) after them when the run
+    schedules its budget (``budget_schedule`` other than constant)."""
+    own = tuple(cfg.method_class.log_metrics) + (("train_eps",) if _scheduled(cfg) else ())
     extra = (CERTIFIED_METRICS if cfg.method_class.certified else ()) + tuple(cfg.method_class.val_metrics)
     j = LOG_COLUMNS.index("train_acc") + 1
     i = LOG_COLUMNS.index("noise_acc") + 1
     return LOG_COLUMNS[:j] + own + LOG_COLUMNS[j:i] + extra + LOG_COLUMNS[i:]
 
+
+def _scheduled(cfg: FitConfig) -> bool:
+    return (cfg.budget_schedule or "constant") != "constant"
+
+
 # Settings a resumed run must share with the checkpoint (the method's hyperparameters too).
 _RESUME_MUST_MATCH = ("method", "epochs", "eps", "alpha", "steps", "norm", "optimizer", "lr", "schedule", "amp",
-                      "awp", "ema", "mixup", "grad_clip")
+                      "awp", "ema", "mixup", "grad_clip", "budget_schedule")
 
 
 class NonFiniteLoss(ValueError):
@@ -73,7 +80,10 @@ class FitResult:
 def _settings_pairs(old: Dict[str, Any], cfg: FitConfig):
     """(the checkpoint's settings, cfg's) for ``check_settings``: the shared ones, then the method's."""
     old_params = old.get("params") if isinstance(old.get("params"), dict) else old  # flat in older checkpoints
-    return (old, {k: getattr(cfg, k) for k in _RESUME_MUST_MATCH}), (old_params, cfg.params)
+    if old.get("budget_schedule") is None:  # a checkpoint written before budget schedules ran constant
+        old = {**old, "budget_schedule": "constant"}
+    names = _RESUME_MUST_MATCH + SCHEDULE_SETTINGS[cfg.budget_schedule]  # and the settings of its schedule
+    return (old, {k: getattr(cfg, k) for k in names}), (old_params, cfg.params)
 
 
 class _FitRun:
@@ -255,7 +265,7 @@ class _FitRun:
         cfg = self.cfg
         msg = (f"[{cfg.method}] epoch {row['epoch']}/{cfg.passes} loss {row['train_loss']:.4f} "
                f"train_acc {row['train_acc']:.4f}")
-        for k in cfg.method_class.log_metrics:
+        for k in cfg.method_class.log_metrics + ("train_eps",):
             if k in row:
                 msg += f" {k} {row[k]:.4g}"
         if self.val_loader is not None and row["val_time"] > 0:
@@ -323,6 +333,8 @@ class _FitRun:
                 break
             row, t_train = self.train_epoch(epoch)
             row.update(self.trainer.method.log_values())
+            if _scheduled(self.cfg):
+                row.update(self.trainer.budget.log_values())
             res.train_time += t_train
             metrics = (("clean_acc", "robust_acc", "noise_acc")
                        + (CERTIFIED_METRICS if self.trainer.certified else ()) + self.trainer.val_metrics)

@@ -17,6 +17,7 @@ import torch.nn as nn
 from .. import _rng
 from . import registry
 from .awp import WeightPerturbation
+from .budget import make_schedule
 from .config import CERTIFIED_METRICS, FitConfig, resolve_config
 from .context import Closure, MethodContext, bind_model, dist_info, prepare_batch
 from .ema import WeightAverage
@@ -131,8 +132,12 @@ class Trainer:
         # it leaves the seeds of the attacks as they are without it.
         self.mix_gen = torch.Generator().manual_seed(_rng.derive_seed(self.gen.initial_seed(), 1)) \
             if cfg.mixup is not None else None
+        # the attack-budget schedule (budget_schedule): the context hands it to the method, the trainer
+        # checkpoints its state and logs the budgets it gave
+        self.budget = make_schedule(cfg)
         self.ctx = MethodContext(cfg, self.fwd, self.device, self.gen, scaler=self.scaler, rank=self.rank,
-                                 world_size=self.world if self.ddp else 1, mix_gen=self.mix_gen, owner=self)
+                                 world_size=self.world if self.ddp else 1, mix_gen=self.mix_gen, owner=self,
+                                 budget=self.budget)
         self.amp_dtype = self.ctx.amp_dtype
         self.method = cfg.method_class(self.ctx)
         self.awp = WeightPerturbation(self, cfg.awp) if cfg.awp is not None else None
@@ -272,9 +277,10 @@ class Trainer:
     # ---- checkpoint parts
 
     def rank_state(self) -> Dict[str, Any]:
-        """What differs between processes: the RNG states (the mixup generator's too) and the method's
-        persistent state."""
-        st = {"rng": _rng_state(self.device), "gen": self.gen.get_state(), "method": self.method.state_dict()}
+        """What differs between processes: the RNG states (the mixup generator's too), the method's
+        persistent state and the budget schedule's."""
+        st = {"rng": _rng_state(self.device), "gen": self.gen.get_state(), "method": self.method.state_dict(),
+              "budget": self.budget.state_dict()}
         if self.mix_gen is not None:
             st["mix_gen"] = self.mix_gen.get_state()
         return st
@@ -287,6 +293,7 @@ class Trainer:
                 raise ValueError("resume: the checkpoint holds no mixup generator state (written without mixup)")
             self.mix_gen.set_state(st["mix_gen"])
         self.method.load_state_dict(st.get("method") or {})
+        self.budget.load_state_dict(st.get("budget") or {})
 
     def evaluated_state_dict(self) -> Dict[str, torch.Tensor]:
         """A CPU copy of the weights validation measures: the weight average under ``ema``, else the model's."""

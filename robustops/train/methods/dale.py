@@ -189,6 +189,7 @@ class Dale(Method):
     help = "DALE: hybrid Langevin AT, robust CE + nu * clean CE (Robey et al. 2021)"
     hyper = (Hyper("nu", 0.1, _NU_HELP, minimum=0.0, flags=NU_FLAGS),) + _LANGEVIN
     log_metrics = ("clean_loss",)
+    budget_schedules = True
 
     @classmethod
     def check_config(cls, cfg) -> None:
@@ -224,13 +225,14 @@ class Dale(Method):
     def perturb(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The chain's last iterate x + delta_L, model in eval mode."""
         c, ctx = self.cfg, self.ctx
+        eps, alpha = ctx.budget(x, y)
         seed = ctx.seed()
         self.langevin.reset(seed)
         was = ctx.forward.training
         ctx.forward.eval()
         try:
             start = "normal" if c.random_start else "clean"
-            return self.engine.run(x, y, c.eps, c.alpha, c.steps, start=start, start_sigma=0.001, seed=seed,
+            return self.engine.run(x, y, eps, alpha, c.steps, start=start, start_sigma=0.001, seed=seed,
                                    evaluate=False).x_adv
         finally:
             ctx.forward.train(was)

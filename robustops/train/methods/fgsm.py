@@ -16,6 +16,7 @@ class FGSMTraining(Method):
     hyper = (Hyper("fgsm_init", "random", "fgsm start: random, zero or previous", kind="choice",
                    choices=("random", "zero", "previous")),)
     sample_weights = True
+    budget_schedules = True
 
     @classmethod
     def default_alpha(cls, cfg) -> float:
@@ -31,14 +32,15 @@ class FGSMTraining(Method):
 
     def step(self, x, y):
         c, ctx = self.cfg, self.ctx
+        eps, alpha = ctx.budget(x, y)
         if c.fgsm_init == "previous":
             delta = self.perturbation(x)
             xa = (x + delta).detach()
             g, _, _ = ctx.engine("linf").gradient(xa, y)
-            ops.recycle_step_(delta, x, g, eps=c.eps, step=c.alpha, lo=c.lo, hi=c.hi)
+            ops.recycle_step_(delta, x, g, eps=eps, step=alpha, lo=c.lo, hi=c.hi)
             x_adv = x + delta
         else:  # one L-inf step from the start point: x + clamp(start - x + alpha*sign(g), -eps, eps)
-            x_adv = ctx.attack(x, y, c.eps, c.alpha, 1, "linf", c.fgsm_init == "random")
+            x_adv = ctx.attack(x, y, eps, alpha, 1, "linf", c.fgsm_init == "random")
         return ctx.natural_step(x_adv, y)
 
     def state_dict(self):

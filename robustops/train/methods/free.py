@@ -52,6 +52,7 @@ class Free(Method):
     help = "free adversarial training: m replays per minibatch with gradient recycling (Shafahi et al. 2019)"
     hyper = (Hyper("m", 8, "free-AT replays per minibatch", kind="int", minimum=1, flags=("-m", "--m", "--replays")),)
     sample_weights = True
+    budget_schedules = True
 
     @classmethod
     def default_alpha(cls, cfg) -> float:
@@ -76,6 +77,7 @@ class Free(Method):
     def step(self, x, y):
         c, ctx = self.cfg, self.ctx
         delta = self.perturbation(x)
+        eps, alpha = ctx.budget(x, y)  # one budget for the m replays of the minibatch
         tot_loss, tot_correct, n = 0.0, 0, 0
         for _ in range(c.m):
             xa = (x + delta).requires_grad_(True)
@@ -90,7 +92,7 @@ class Free(Method):
             g = xa.grad
             if c.amp == "fp16":
                 g = torch.nan_to_num(g, nan=0.0, posinf=1.0, neginf=-1.0)
-            ops.recycle_step_(delta, x, ctx.fmt(g), eps=c.eps, step=c.alpha, lo=c.lo, hi=c.hi)
+            ops.recycle_step_(delta, x, ctx.fmt(g), eps=eps, step=alpha, lo=c.lo, hi=c.hi)
             step_loss, step_correct, b = ctx.stats(loss, logits, y)
             tot_loss, tot_correct, n = tot_loss + step_loss, tot_correct + step_correct, n + b
         return tot_loss, tot_correct, n

@@ -27,6 +27,7 @@ class PGDTraining(Method):
     help = "PGD-k adversarial training (Madry et al. 2018)"
     options = ("awp", "ema", "mixup")
     sample_weights = True
+    budget_schedules = True
 
     @classmethod
     def label(cls, cfg) -> str:
@@ -34,7 +35,8 @@ class PGDTraining(Method):
 
     def step(self, x, y):
         c, ctx = self.cfg, self.ctx
-        x_adv = ctx.attack(x, y, c.eps, c.alpha, c.steps, c.norm, c.random_start)
+        eps, alpha = ctx.budget(x, y)
+        x_adv = ctx.attack(x, y, eps, alpha, c.steps, c.norm, c.random_start)
         if c.mixup is None:
             return ctx.natural_step(x_adv, y)
         xc, _, yc, lc = ctx.mixup(x, y)

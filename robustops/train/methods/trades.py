@@ -25,6 +25,7 @@ class Trades(Method):
     help = "TRADES: cross-entropy + beta * KL(clean prediction, adversarial prediction) (Zhang et al. 2019)"
     hyper = (Hyper("beta", 6.0, "TRADES beta", minimum=0.0),)
     options = ("awp", "ema")
+    budget_schedules = True
 
     @classmethod
     def label(cls, cfg) -> str:
@@ -36,11 +37,12 @@ class Trades(Method):
 
     def step(self, x, y):
         c, ctx = self.cfg, self.ctx
+        eps, alpha = ctx.budget(x, y)
         ctx.forward.eval()
         with torch.no_grad(), ctx.autocast():
             p_nat = F.softmax(ctx.forward(x).float(), dim=1)
         # The engine's "labels" are the clean prediction's probabilities: the KL's target.
-        x_adv = self.engine.run(x, p_nat, c.eps, c.alpha, c.steps, start="normal", start_sigma=0.001,
+        x_adv = self.engine.run(x, p_nat, eps, alpha, c.steps, start="normal", start_sigma=0.001,
                                 seed=ctx.seed(), evaluate=False).x_adv
         ctx.forward.train()
 
