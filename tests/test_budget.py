@@ -211,7 +211,8 @@ BAD = {
     "needs eps > 0": dict(budget_schedule="linear", eps=0.0),
     "'ibp' has its own budget": dict(method="ibp", budget_schedule="curriculum"),
     "'gaussian' has its own budget": dict(method="gaussian", budget_schedule="adaptive"),
-    "the attack-budget schedule is budget_schedule='curriculum'": dict(eps_schedule="curriculum"),
+    "two spellings": dict(eps_schedule="curriculum", budget_schedule="adaptive"),
+    "eps_schedule \\(the attack-budget schedule": dict(eps_schedule="smooth"),
 }
 
 
@@ -221,8 +222,18 @@ def test_bad_settings():
             rt.FitConfig.make(**{"method": "pgd", "eps": EPS, **kw}).resolved()
 
 
+def test_eps_schedule_spells_the_budget_schedule_for_attacking_methods():
+    c = rt.FitConfig.make("pgd", eps=EPS, eps_schedule="curriculum").resolved()
+    assert c.budget_schedule == "curriculum" and "eps_schedule" not in c.params
+    c = rt.FitConfig.make("ibp", eps=EPS, eps_schedule="smooth").resolved()  # the certified ramp's shape stays
+    assert c.eps_schedule == "smooth" and (c.budget_schedule or "constant") == "constant"
+
+
 def test_cli_flags(capsys, tmp_path):
     from robustops.cli import main
+
+    assert main(["train", "--eps-schedule", "adaptive", "--budget-grid", "1", "--out", str(tmp_path / "e")]) == 2
+    assert "budget_grid" in capsys.readouterr().err  # --eps-schedule reached the budget schedule's checks
 
     assert main(["train", "--budget-schedule", "linear", "--budget-warmup", "2", "--out", str(tmp_path / "r")]) == 2
     assert "budget_warmup" in capsys.readouterr().err

@@ -327,9 +327,16 @@ def _uses_perturbation_model(method: str) -> bool:
 
 
 def add_schedule_flags(p) -> None:
-    """--budget-schedule and its settings (robustops.train.budget), FitConfig's defaults shown."""
+    """--budget-schedule and its settings (robustops.train.budget), FitConfig's defaults shown; and
+    --eps-schedule (the certified methods' ramp shape, added with the methods' flags) also takes the
+    budget schedules: for the methods that schedule their attack budget it spells --budget-schedule
+    (``budget.check_budget_spelling``)."""
     from ..train import budget
 
+    for action in p._actions:
+        if action.dest == "eps_schedule" and action.choices:
+            action.choices = list(dict.fromkeys(list(action.choices) + list(budget.BUDGET_SCHEDULES)))
+            action.help += "; pgd, fgsm, free, trades, dale: the attack-budget schedule (--budget-schedule)"
     d = budget.SCHEDULE_DEFAULTS
     g = p.add_argument_group("attack-budget schedule (pgd, fgsm, free, trades, dale; Kinfu & Vidal 2022)")
     g.add_argument("--budget-schedule", default=d["budget_schedule"], choices=list(budget.BUDGET_SCHEDULES),

@@ -116,15 +116,25 @@ def budget_label(cfg) -> str:
 
 
 def check_budget_spelling(method: str, hparams: Dict[str, Any]) -> None:
-    """Refuses ``eps_schedule`` set to a budget schedule for a method that schedules its attack budget:
-    ``eps_schedule`` is the certified methods' eps-ramp shape (linear, smooth), which such a method would
-    silently ignore; its schedule is ``budget_schedule``."""
+    """The issue's spelling ``eps_schedule`` of the attack-budget schedule, in place in ``hparams``.
+
+    ``eps_schedule`` is two things, by method: for the certified methods (ibp, acert, crown_ibp,
+    fastibp) the shape of their eps ramp (linear, smooth), left as it is; for a method that schedules
+    its attack budget (``Method.budget_schedules``: pgd, fgsm, free, trades, dale, ...) a spelling of
+    ``budget_schedule``: it is moved there (a method would otherwise ignore it silently, another
+    method's hyperparameter). Refuses (ValueError) the two spellings set to different schedules, and
+    "smooth" (a ramp shape, not a budget schedule) for such a method."""
     v = hparams.get("eps_schedule")
-    if method in registry.names() and registry.get(method).budget_schedules and v in BUDGET_SCHEDULES \
-            and v != "linear":
-        raise ValueError(f"eps_schedule={v!r} is not a setting of {method!r} (eps_schedule is the certified "
-                         f"methods' eps-ramp shape: linear, smooth); the attack-budget schedule is "
-                         f"budget_schedule={v!r}")
+    if v is None or method not in registry.names() or not registry.get(method).budget_schedules:
+        return
+    if v not in BUDGET_SCHEDULES:
+        raise ValueError(f"eps_schedule (the attack-budget schedule of {method!r}) must be one of "
+                         f"{', '.join(BUDGET_SCHEDULES)}; got {v!r}")
+    other = hparams.get("budget_schedule")
+    if other not in (None, "constant", v):
+        raise ValueError(f"eps_schedule={v!r} and budget_schedule={other!r} are two spellings of {method!r}'s "
+                         f"attack-budget schedule: give one")
+    hparams["budget_schedule"] = hparams.pop("eps_schedule")
 
 
 class BudgetSchedule:
