@@ -94,6 +94,19 @@ def _add_optimisation(p: argparse.ArgumentParser) -> None:
     g.add_argument("--channels-last", action="store_true")
 
 
+def _add_coreset(p: argparse.ArgumentParser) -> None:
+    """Adversarial coreset selection (robustops.train.coreset; Dolatabadi et al. 2022)."""
+    g = p.add_argument_group("adversarial coreset selection (robustops.train.coreset; pgd, fgsm, trades)")
+    g.add_argument("--coreset", default=None, choices=["craig", "gradmatch", "random"],
+                   help="train on weighted subsets chosen from last-layer gradients of the adversarial loss: CRAIG "
+                        "(facility location), GradMatch (non-negative OMP) or uniform random (default: off)")
+    g.add_argument("--coreset-frac", type=float, default=0.5, help="fraction of each class in the coreset")
+    g.add_argument("--coreset-every", type=int, default=5, help="coreset epochs between selections")
+    g.add_argument("--coreset-warmup", type=float, default=0.6, metavar="KAPPA",
+                   help="warm start: round(floor(KAPPA * epochs) * frac) full-data epochs, then "
+                        "epochs - floor(KAPPA * epochs) coreset epochs (0: none)")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from .. import train
 
@@ -142,6 +155,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mixup", type=float, default=None, metavar="ALPHA",
                    help="mixup with lam ~ Beta(ALPHA, ALPHA) per batch (natural); for pgd interpolated adversarial "
                         "training: mixed clean and mixed adversarial losses averaged (Lamb et al. 2019)")
+    _add_coreset(p)
     _add_optimisation(p)
     g = p.add_argument_group("validation, checkpoints")
     g.add_argument("--val-eps", type=fraction("eps"), default=None, help="validation PGD eps (None: eps; 0: none)")
@@ -292,6 +306,11 @@ def run(args) -> int:
               seed=args.seed, val_eps=args.val_eps, val_steps=args.val_steps, patience=args.patience,
               select=args.select, keep_all=args.keep_all, awp=args.awp, ema=args.ema, mixup=args.mixup,
               **method_hparams(args))
+    if args.coreset is not None:
+        hp.update(coreset=args.coreset, coreset_frac=args.coreset_frac, coreset_every=args.coreset_every,
+                  coreset_warmup=args.coreset_warmup)
+    if args.coreset is not None and args.extra_data is not None:
+        raise CLIError("--coreset selects from the training set alone; it cannot be combined with --extra-data")
     if args.perturbation_model is not None:
         hp["perturbation_model"] = os.path.abspath(args.perturbation_model)
     try:
