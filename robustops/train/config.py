@@ -44,6 +44,9 @@ def options_label(cfg) -> str:
         parts.append(("IAT" if cfg.method_class.adversarial else "mixup") + f" (alpha={cfg.mixup:g})")
     if cfg.ema is not None:
         parts.append(f"EMA ({cfg.ema:g})")
+    if getattr(cfg, "coreset", None) is not None:
+        name = {"craig": "CRAIG", "gradmatch": "GradMatch"}.get(cfg.coreset, cfg.coreset)
+        parts.append(f"{name} coreset ({cfg.coreset_frac:g})")
     return "".join(" + " + p for p in parts)
 
 

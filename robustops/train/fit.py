@@ -43,7 +43,9 @@ def log_columns(cfg: FitConfig):
 
 # Settings a resumed run must share with the checkpoint (the method's hyperparameters too).
 _RESUME_MUST_MATCH = ("method", "epochs", "eps", "alpha", "steps", "norm", "optimizer", "lr", "schedule", "amp",
-                      "awp", "ema", "mixup", "grad_clip", "coreset", "coreset_frac", "coreset_every", "coreset_warmup")
+                      "awp", "ema", "mixup", "grad_clip", "coreset")
+# and, for a coreset run, its settings (absent from checkpoints written before the option existed)
+_CORESET_MUST_MATCH = ("coreset_frac", "coreset_every", "coreset_warmup")
 
 
 class NonFiniteLoss(ValueError):
@@ -76,7 +78,8 @@ class FitResult:
 def _settings_pairs(old: Dict[str, Any], cfg: FitConfig):
     """(the checkpoint's settings, cfg's) for ``check_settings``: the shared ones, then the method's."""
     old_params = old.get("params") if isinstance(old.get("params"), dict) else old  # flat in older checkpoints
-    return (old, {k: getattr(cfg, k) for k in _RESUME_MUST_MATCH}), (old_params, cfg.params)
+    keys = _RESUME_MUST_MATCH + (_CORESET_MUST_MATCH if cfg.coreset is not None else ())
+    return (old, {k: getattr(cfg, k) for k in keys}), (old_params, cfg.params)
 
 
 class _FitRun:
@@ -387,7 +390,9 @@ def fit(model: nn.Module, train_loader, method: str = "natural", *, val_loader=N
     trades; ema=decay: weight averaging, every method; mixup=alpha: mixup, natural, and interpolated
     adversarial training, pgd; see robustops.train.awp / .ema and the methods) and the methods'
     hyperparameters (m for free, fgsm_init for fgsm, beta for trades, sigma for gaussian, ...; those
-    of other methods are ignored). Under ema, validation, the selection of the best epoch, best.pt and
+    of other methods are ignored); coreset=craig|gradmatch|random with coreset_frac, coreset_every,
+    coreset_warmup: adversarial coreset selection (:mod:`robustops.train.coreset`: pgd, fgsm, trades;
+    train_loader must then be a DataLoader over a map-style dataset). Under ema, validation, the selection of the best epoch, best.pt and
     the returned model are the weight average's.
     val_loader: validation data (clean / PGD / noisy accuracy every ``val_every`` epochs; selection of
     the best epoch and early stopping after ``patience`` validations without improvement).
