@@ -180,6 +180,8 @@ def test_errors(capsys, tmp_path):
     assert "needs an adversarial method" in capsys.readouterr().err
     assert main(["train", "--coreset", "craig", "--coreset-frac", "1.5", "--out", str(tmp_path / "r")]) == 2
     assert "coreset_frac" in capsys.readouterr().err
+    assert main(["train", "--coreset-every", "3", "--out", str(tmp_path / "r")]) == 2
+    assert "--coreset-every is a setting of --coreset" in capsys.readouterr().err
     with pytest.raises(ValueError, match="DataLoader"):
         rt.fit(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), [(torch.zeros(2, 1, 8, 8), torch.zeros(2).long())],
                "pgd", coreset="craig", progress=False, verbose=False)

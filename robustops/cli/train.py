@@ -100,11 +100,11 @@ def _add_coreset(p: argparse.ArgumentParser) -> None:
     g.add_argument("--coreset", default=None, choices=["craig", "gradmatch", "random"],
                    help="train on weighted subsets chosen from last-layer gradients of the adversarial loss: CRAIG "
                         "(facility location), GradMatch (non-negative OMP) or uniform random (default: off)")
-    g.add_argument("--coreset-frac", type=float, default=0.5, help="fraction of each class in the coreset")
-    g.add_argument("--coreset-every", type=int, default=5, help="coreset epochs between selections")
-    g.add_argument("--coreset-warmup", type=float, default=0.6, metavar="KAPPA",
+    g.add_argument("--coreset-frac", type=float, default=None, help="fraction of each class in the coreset (0.5)")
+    g.add_argument("--coreset-every", type=int, default=None, help="coreset epochs between selections (5)")
+    g.add_argument("--coreset-warmup", type=float, default=None, metavar="KAPPA",
                    help="warm start: round(floor(KAPPA * epochs) * frac) full-data epochs, then "
-                        "epochs - floor(KAPPA * epochs) coreset epochs (0: none)")
+                        "epochs - floor(KAPPA * epochs) coreset epochs (0: none; 0.6, the official code's)")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -306,9 +306,12 @@ def run(args) -> int:
               seed=args.seed, val_eps=args.val_eps, val_steps=args.val_steps, patience=args.patience,
               select=args.select, keep_all=args.keep_all, awp=args.awp, ema=args.ema, mixup=args.mixup,
               **method_hparams(args))
+    given = {k: getattr(args, k) for k in ("coreset_frac", "coreset_every", "coreset_warmup")
+             if getattr(args, k) is not None}
+    if args.coreset is None and given:
+        raise CLIError(f"--{next(iter(given)).replace('_', '-')} is a setting of --coreset, which is not given")
     if args.coreset is not None:
-        hp.update(coreset=args.coreset, coreset_frac=args.coreset_frac, coreset_every=args.coreset_every,
-                  coreset_warmup=args.coreset_warmup)
+        hp.update(coreset=args.coreset, **given)
     if args.coreset is not None and args.extra_data is not None:
         raise CLIError("--coreset selects from the training set alone; it cannot be combined with --extra-data")
     if args.perturbation_model is not None:
