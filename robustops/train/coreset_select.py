@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["ce_proxy", "trades_proxy", "proxy_gram", "gram_distances", "facility_location", "nn_omp",
-           "class_budgets"]
+           "class_budgets", "fill_random", "select_class"]
 
 Pairs = Sequence[Tuple[torch.Tensor, torch.Tensor]]
 
@@ -188,6 +188,3 @@ def select_class(pairs: Pairs, rule: str, k: int, gen: torch.Generator, lam: flo
         return facility_location(D.max() - D, k)
     idx, w = nn_omp(G, G.sum(1), k, lam)
     return fill_random(idx, w, n, k, gen)
-
-
-__all__ += ["fill_random", "select_class"]
