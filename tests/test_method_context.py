@@ -122,7 +122,7 @@ def test_weights_are_a_weighted_mean(digits):
 def test_weights_refused_where_not_applied():
     x, y = torch.rand(4, 1, 8, 8), torch.randint(0, 10, (4,))
     with pytest.raises(ValueError, match="per-sample loss weights are applied by the methods natural, pgd"):
-        rt.Trainer(tiny_cnn(), method="trades", eps=0.1).train_step(x, y, weights=torch.ones(4))
+        rt.Trainer(tiny_cnn(), method="dale", eps=0.1).train_step(x, y, weights=torch.ones(4))
     with pytest.raises(ValueError, match=r"weights must be a Tensor\[B\] with B = 4"):
         rt.Trainer(tiny_cnn(), method="natural").train_step(x, y, weights=torch.ones(3))
 

@@ -94,6 +94,19 @@ def _add_optimisation(p: argparse.ArgumentParser) -> None:
     g.add_argument("--channels-last", action="store_true")
 
 
+def _add_coreset(p: argparse.ArgumentParser) -> None:
+    """Adversarial coreset selection (robustops.train.coreset; Dolatabadi et al. 2022)."""
+    g = p.add_argument_group("adversarial coreset selection (robustops.train.coreset; pgd, fgsm, trades)")
+    g.add_argument("--coreset", default=None, choices=["craig", "gradmatch", "random"],
+                   help="train on weighted subsets chosen from last-layer gradients of the adversarial loss: CRAIG "
+                        "(facility location), GradMatch (non-negative OMP) or uniform random (default: off)")
+    g.add_argument("--coreset-frac", type=float, default=None, help="fraction of each class in the coreset (0.5)")
+    g.add_argument("--coreset-every", type=int, default=None, help="coreset epochs between selections (5)")
+    g.add_argument("--coreset-warmup", type=float, default=None, metavar="KAPPA",
+                   help="warm start: round(floor(KAPPA * epochs) * frac) full-data epochs, then "
+                        "epochs - floor(KAPPA * epochs) coreset epochs (0: none; 0.6, the official code's)")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from .. import train
 
@@ -143,6 +156,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mixup", type=float, default=None, metavar="ALPHA",
                    help="mixup with lam ~ Beta(ALPHA, ALPHA) per batch (natural); for pgd interpolated adversarial "
                         "training: mixed clean and mixed adversarial losses averaged (Lamb et al. 2019)")
+    _add_coreset(p)
     _add_optimisation(p)
     g = p.add_argument_group("validation, checkpoints")
     g.add_argument("--val-eps", type=fraction("eps"), default=None, help="validation PGD eps (None: eps; 0: none)")
@@ -295,6 +309,14 @@ def run(args) -> int:
               seed=args.seed, val_eps=args.val_eps, val_steps=args.val_steps, patience=args.patience,
               select=args.select, keep_all=args.keep_all, awp=args.awp, ema=args.ema, mixup=args.mixup,
               **schedule_hparams(args), **method_hparams(args))
+    given = {k: getattr(args, k) for k in ("coreset_frac", "coreset_every", "coreset_warmup")
+             if getattr(args, k) is not None}
+    if args.coreset is None and given:
+        raise CLIError(f"--{next(iter(given)).replace('_', '-')} is a setting of --coreset, which is not given")
+    if args.coreset is not None:
+        hp.update(coreset=args.coreset, **given)
+    if args.coreset is not None and args.extra_data is not None:
+        raise CLIError("--coreset selects from the training set alone; it cannot be combined with --extra-data")
     if args.perturbation_model is not None:
         hp["perturbation_model"] = os.path.abspath(args.perturbation_model)
     try:

@@ -45,6 +45,9 @@ def options_label(cfg) -> str:
         parts.append(("IAT" if cfg.method_class.adversarial else "mixup") + f" (alpha={cfg.mixup:g})")
     if cfg.ema is not None:
         parts.append(f"EMA ({cfg.ema:g})")
+    if getattr(cfg, "coreset", None) is not None:
+        name = {"craig": "CRAIG", "gradmatch": "GradMatch"}.get(cfg.coreset, cfg.coreset)
+        parts.append(f"{name} coreset ({cfg.coreset_frac:g})")
     return "".join(" + " + p for p in parts)
 
 
@@ -136,6 +139,12 @@ class FitConfig:
     budget_grid: Optional[int] = None
     budget_every: Optional[int] = None
     budget_adapt: Optional[str] = None
+    # adversarial coreset selection (robustops.train.coreset; None: off): the rule ("craig", "gradmatch",
+    # "random"), the fraction of each class kept, coreset epochs between selections, the warm start kappa
+    coreset: Optional[str] = None
+    coreset_frac: float = 0.5
+    coreset_every: int = 5
+    coreset_warmup: float = 0.6
     # the method's own hyperparameters
     params: Dict[str, Any] = field(default_factory=dict)
 
@@ -271,12 +280,36 @@ def _validate(c: FitConfig) -> None:
          f"ema (weight averaging decay) must be None or a number in [0, 1), got {c.ema!r}")
     need(c.mixup is None or (num(c.mixup) and 0 < c.mixup < float("inf")),
          f"mixup (Beta(alpha, alpha) of mixup) must be None or a finite number > 0, got {c.mixup!r}")
+    _validate_coreset(c)
     cls = registry.get(c.method)
     for opt, what in OPTIONS.items():
         if getattr(c, opt) is not None and opt not in method_options(cls):
             having = [n for n in registry.names() if opt in method_options(registry.get(n))]
             raise ValueError(f"{opt} ({what}) is an option of the methods {', '.join(having) or '(none)'}, "
                              f"not of {c.method!r}")
+
+
+def _validate_coreset(c: FitConfig) -> None:
+    """The coreset settings (robustops.train.coreset), and that the method can train on coresets."""
+    if c.coreset is None:
+        return
+    rules = ("craig", "gradmatch", "random")
+    if c.coreset not in rules:
+        raise ValueError(f"coreset must be None or one of {', '.join(rules)}; got {c.coreset!r}")
+    if not (_checks.is_finite_number(c.coreset_frac) and 0 < c.coreset_frac <= 1):
+        raise ValueError(f"coreset_frac (the fraction of each class in the coreset) must be in (0, 1], "
+                         f"got {c.coreset_frac!r}")
+    if not (_checks.is_int(c.coreset_every) and c.coreset_every >= 1):
+        raise ValueError(f"coreset_every (coreset epochs between selections) must be an int >= 1, "
+                         f"got {c.coreset_every!r}")
+    if not (_checks.is_finite_number(c.coreset_warmup) and 0 <= c.coreset_warmup < 1):
+        raise ValueError(f"coreset_warmup (the warm start's kappa: full-data epochs round(floor(kappa * epochs) * "
+                         f"coreset_frac)) must be in [0, 1), got {c.coreset_warmup!r}")
+    cls = registry.get(c.method)
+    if not (cls.adversarial and cls.supports_coreset()):
+        having = [n for n in registry.names() if registry.get(n).adversarial and registry.get(n).supports_coreset()]
+        raise ValueError(f"coreset (adversarial coreset selection) needs an adversarial method with per-sample "
+                         f"weights and a coreset proxy ({', '.join(having)}); got {c.method!r}")
 
 
 def resolve_config(cfg: Optional[FitConfig] = None, settings: Optional[Dict[str, Any]] = None) -> FitConfig:

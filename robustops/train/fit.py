@@ -19,6 +19,7 @@ from .._threads import default_threads, resolve_threads
 from ..models import state_dict_digest, verify_checkpoint
 from .budget import SCHEDULE_SETTINGS
 from .config import CERTIFIED_METRICS, FitConfig
+from .coreset import CoresetRun
 from .trainer import Trainer, dist_info
 
 __all__ = ["fit", "FitResult", "NonFiniteLoss", "CHECKPOINT_FORMAT", "LOG_COLUMNS", "log_columns"]
@@ -36,6 +37,8 @@ def log_columns(cfg: FitConfig):
     schedules its budget (``budget_schedule`` other than constant)."""
     own = tuple(cfg.method_class.log_metrics) + (("train_eps",) if _scheduled(cfg) else ())
     extra = (CERTIFIED_METRICS if cfg.method_class.certified else ()) + tuple(cfg.method_class.val_metrics)
+    if cfg.coreset is not None:  # robustops.train.coreset: samples trained per epoch, selection seconds
+        own += ("coreset_size", "select_time")
     j = LOG_COLUMNS.index("train_acc") + 1
     i = LOG_COLUMNS.index("noise_acc") + 1
     return LOG_COLUMNS[:j] + own + LOG_COLUMNS[j:i] + extra + LOG_COLUMNS[i:]
@@ -47,7 +50,9 @@ def _scheduled(cfg: FitConfig) -> bool:
 
 # Settings a resumed run must share with the checkpoint (the method's hyperparameters too).
 _RESUME_MUST_MATCH = ("method", "epochs", "eps", "alpha", "steps", "norm", "optimizer", "lr", "schedule", "amp",
-                      "awp", "ema", "mixup", "grad_clip", "budget_schedule")
+                      "awp", "ema", "mixup", "grad_clip", "coreset", "budget_schedule")
+# and, for a coreset run, its settings (absent from checkpoints written before the option existed)
+_CORESET_MUST_MATCH = ("coreset_frac", "coreset_every", "coreset_warmup")
 
 
 class NonFiniteLoss(ValueError):
@@ -82,8 +87,10 @@ def _settings_pairs(old: Dict[str, Any], cfg: FitConfig):
     old_params = old.get("params") if isinstance(old.get("params"), dict) else old  # flat in older checkpoints
     if old.get("budget_schedule") is None:  # a checkpoint written before budget schedules ran constant
         old = {**old, "budget_schedule": "constant"}
-    names = _RESUME_MUST_MATCH + SCHEDULE_SETTINGS[cfg.budget_schedule]  # and the settings of its schedule
-    return (old, {k: getattr(cfg, k) for k in names}), (old_params, cfg.params)
+    # and the settings of its schedule and of its coreset
+    keys = (_RESUME_MUST_MATCH + SCHEDULE_SETTINGS[cfg.budget_schedule]
+            + (_CORESET_MUST_MATCH if cfg.coreset is not None else ()))
+    return (old, {k: getattr(cfg, k) for k in keys}), (old_params, cfg.params)
 
 
 class _FitRun:
@@ -98,7 +105,13 @@ class _FitRun:
         self.steps_per_epoch = len(train_loader)
         if self.steps_per_epoch == 0:
             raise ValueError("train_loader is empty")
-        self.trainer = Trainer(model, cfg, steps_per_epoch=self.steps_per_epoch, device=device)
+        # a coreset run's passes are its warm-start and coreset epochs, its schedule their exact steps
+        self.coreset = CoresetRun(cfg, train_loader, self.rank, self.world) if cfg.coreset is not None else None
+        self.passes = cfg.passes if self.coreset is None else self.coreset.plan.passes
+        total = None if self.coreset is None else self.coreset.total_steps(self.steps_per_epoch, cfg.updates_per_batch)
+        self.trainer = Trainer(model, cfg, steps_per_epoch=self.steps_per_epoch, device=device, total_steps=total)
+        if self.coreset is not None:
+            self.coreset.bind(self.trainer)
         self.dev = self.trainer.device
         if cfg.seed is not None:
             torch.manual_seed(cfg.seed + self.rank)
@@ -149,6 +162,8 @@ class _FitRun:
             raise ValueError(f"resume: the checkpoint was written by {len(states)} processes, this run has "
                              f"{self.world}")
         self.trainer.load_rank_state(states[self.rank])
+        if self.coreset is not None:
+            self.coreset.load_state_dict(ck["coreset"])
         self.start = ck["epoch"]
         res = self.res
         res.history = list(ck["history"])
@@ -162,20 +177,23 @@ class _FitRun:
                 best = torch.load(bp, map_location="cpu", weights_only=True)
                 verify_checkpoint(best, bp)
                 self.best_state = best["state_dict"]
-        self.say(f"resumed from {ckpt_path} after epoch {self.start}/{self.cfg.passes}")
+        self.say(f"resumed from {ckpt_path} after epoch {self.start}/{self.passes}")
 
     def train_epoch(self, epoch: int):
         """One pass over the training data; returns (the log row's training part, seconds)."""
         from tqdm.auto import tqdm
 
         cfg, tr = self.cfg, self.trainer
-        loader = self.loader
+        t0 = time.perf_counter()
+        loader, weighted, t_select = self.loader, False, 0.0
+        if self.coreset is not None:  # a coreset epoch's loader yields (x, y, w); selection time counts
+            loader, weighted, t_select = self.coreset.epoch_loader(epoch)
+            self.steps_per_epoch = len(loader)
         sampler = getattr(loader, "sampler", None)
         batch_sampler = getattr(loader, "batch_sampler", None)
         for s in (sampler, batch_sampler, getattr(batch_sampler, "sampler", None)):
             if hasattr(s, "set_epoch"):
                 s.set_epoch(epoch)
-        t0 = time.perf_counter()
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.dev)
         correct = torch.zeros((), dtype=torch.int64, device=self.dev)
         # batches before the first non-finite loss: a NaN / inf loss keeps the running sum non-finite, so
@@ -185,12 +203,12 @@ class _FitRun:
         show = self.progress and self.rank == 0
         # tqdm wraps the loader's iterator, not the loader: handed a DataLoader it draws from the
         # global RNG itself, which would make the shuffling depend on whether the bar exists.
-        bar = tqdm(iter(loader), total=self.steps_per_epoch, desc=f"{cfg.method} {epoch}/{cfg.passes}",
+        bar = tqdm(iter(loader), total=self.steps_per_epoch, desc=f"{cfg.method} {epoch}/{self.passes}",
                    leave=False, disable=not show, dynamic_ncols=True)
         for i, batch in enumerate(bar):
             if self.rule_pending:
                 self.apply_thread_rule(batch[0])
-            batch_loss, batch_correct, n = tr.train_step(batch[0], batch[1])
+            batch_loss, batch_correct, n = tr.train_step(batch[0], batch[1], batch[2] if weighted else None)
             loss_sum += batch_loss
             finite += torch.isfinite(loss_sum)
             correct += batch_correct
@@ -213,9 +231,12 @@ class _FitRun:
 
             dist.all_reduce(stats)
         n = max(stats[2].item(), 1)
-        return {"epoch": epoch, "equiv_epochs": epoch * cfg.updates_per_batch,
-                "lr": tr.optimizer.param_groups[0]["lr"], "train_loss": stats[0].item() / n,
-                "train_acc": stats[1].item() / n}, t_train
+        row = {"epoch": epoch, "equiv_epochs": epoch * cfg.updates_per_batch,
+               "lr": tr.optimizer.param_groups[0]["lr"], "train_loss": stats[0].item() / n,
+               "train_acc": stats[1].item() / n}
+        if self.coreset is not None:
+            row.update(self.coreset.row(), coreset_size=int(stats[2].item()), select_time=t_select)
+        return row, t_train
 
     def apply_thread_rule(self, x: torch.Tensor) -> None:
         """fit(threads=None): torch's threads by robustops' rule for samples like x's (``_threads``)."""
@@ -245,7 +266,7 @@ class _FitRun:
     def validate(self, row: Dict[str, Any], epoch: int) -> bool:
         """Validation metrics into row; returns whether the selected metric improved."""
         cfg, res = self.cfg, self.res
-        if self.val_loader is None or not (epoch % cfg.val_every == 0 or epoch == cfg.passes):
+        if self.val_loader is None or not (epoch % cfg.val_every == 0 or epoch == self.passes):
             return False
         t1 = time.perf_counter()
         row.update(self.trainer.evaluate(self.val_loader, progress=self.progress))
@@ -257,15 +278,15 @@ class _FitRun:
             self.best_state = self.trainer.evaluated_state_dict()  # under ema: the weight average
         else:
             self.bad += 1
-        if cfg.patience is not None and self.bad >= cfg.patience and epoch < cfg.passes:
+        if cfg.patience is not None and self.bad >= cfg.patience and epoch < self.passes:
             res.stopped_early = True
         return improved
 
     def report(self, row: Dict[str, Any], improved: bool) -> None:
         cfg = self.cfg
-        msg = (f"[{cfg.method}] epoch {row['epoch']}/{cfg.passes} loss {row['train_loss']:.4f} "
+        msg = (f"[{cfg.method}] epoch {row['epoch']}/{self.passes} loss {row['train_loss']:.4f} "
                f"train_acc {row['train_acc']:.4f}")
-        for k in cfg.method_class.log_metrics + ("train_eps",):
+        for k in cfg.method_class.log_metrics + ("train_eps", "coreset_size", "select_time"):
             if k in row:
                 msg += f" {k} {row[k]:.4g}"
         if self.val_loader is not None and row["val_time"] > 0:
@@ -316,6 +337,8 @@ class _FitRun:
                   "history": res.history, "best_epoch": res.best_epoch, "best_metric": res.best_metric,
                   "bad_epochs": self.bad, "stopped_early": res.stopped_early, "train_time": res.train_time,
                   **weights, **tr.state_dict(ema_weights=False)}
+            if self.coreset is not None:
+                ck["coreset"] = self.coreset.state_dict()
             ck = seal_entries(ck)
             atomic_save(ck, os.path.join(self.out_dir, "last.pt"))
             if self.cfg.keep_all:
@@ -328,7 +351,7 @@ class _FitRun:
 
     def run(self) -> FitResult:
         res = self.res
-        for epoch in range(self.start + 1, self.cfg.passes + 1):
+        for epoch in range(self.start + 1, self.passes + 1):
             if res.stopped_early:
                 break
             row, t_train = self.train_epoch(epoch)
@@ -380,7 +403,9 @@ def fit(model: nn.Module, train_loader, method: str = "natural", *, val_loader=N
     trades; ema=decay: weight averaging, every method; mixup=alpha: mixup, natural, and interpolated
     adversarial training, pgd; see robustops.train.awp / .ema and the methods) and the methods'
     hyperparameters (m for free, fgsm_init for fgsm, beta for trades, sigma for gaussian, ...; those
-    of other methods are ignored). Under ema, validation, the selection of the best epoch, best.pt and
+    of other methods are ignored); coreset=craig|gradmatch|random with coreset_frac, coreset_every,
+    coreset_warmup: adversarial coreset selection (:mod:`robustops.train.coreset`: pgd, fgsm, trades;
+    train_loader must then be a DataLoader over a map-style dataset). Under ema, validation, the selection of the best epoch, best.pt and
     the returned model are the weight average's.
     val_loader: validation data (clean / PGD / noisy accuracy every ``val_every`` epochs; selection of
     the best epoch and early stopping after ``patience`` validations without improvement).

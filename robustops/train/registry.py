@@ -161,6 +161,20 @@ class Method:
         """One minibatch (x on the device, float32, in the configured layout; y its labels)."""
         raise NotImplementedError
 
+    def coreset_inputs(self, x: torch.Tensor, y: torch.Tensor) -> Dict[str, Any]:
+        """What adversarial coreset selection (``FitConfig.coreset``, :mod:`.coreset`) needs to build this
+        method's last-layer gradient proxies for a batch: {"adv": x_adv} for a method whose loss is the
+        cross-entropy on x_adv; {"clean": x, "adv": x_adv, "beta": beta} for TRADES' loss. Called with
+        the model in eval mode and gradients enabled. A method that does not override it cannot train
+        on coresets (the config refuses it)."""
+        raise NotImplementedError(f"method {self.name!r} has no coreset proxy")
+
+    @classmethod
+    def supports_coreset(cls) -> bool:
+        """Whether the method can train on weighted coresets: it applies per-sample weights
+        (``sample_weights``) and overrides :meth:`coreset_inputs`."""
+        return bool(cls.sample_weights) and cls.coreset_inputs is not Method.coreset_inputs
+
     def log_values(self) -> Dict[str, float]:
         """At the end of each training epoch: {name: value} for each of ``log_metrics`` (plain floats),
         merged into the epoch's log row. Called once per epoch on every process (a collective is

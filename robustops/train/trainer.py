@@ -88,10 +88,12 @@ class Trainer:
     The method is handed ``ctx`` (a :class:`.MethodContext` whose steps go through :meth:`update`).
 
     cfg: a FitConfig, or its fields and the method's hyperparameters as keyword arguments.
-    steps_per_epoch: minibatches per data pass (sets the length of the learning-rate schedule)."""
+    steps_per_epoch: minibatches per data pass (sets the length of the learning-rate schedule).
+    total_steps: the schedule's length in optimizer steps when the passes differ in length (a
+    coreset run's full and subset epochs); None: passes * steps_per_epoch * updates per batch."""
 
     def __init__(self, model: nn.Module, cfg: Optional[FitConfig] = None, *, steps_per_epoch: int = 1,
-                 device=None, ddp: Optional[bool] = None, **kwargs):
+                 device=None, ddp: Optional[bool] = None, total_steps: Optional[int] = None, **kwargs):
         self.cfg = cfg = resolve_config(cfg, kwargs)
         self.device, self.fwd = bind_model(model, cfg, device)
         self.model = model
@@ -110,7 +112,7 @@ class Trainer:
             self.net = DDP(self.local, device_ids=ids)
         else:
             self.net = self.local
-        self._build_optimizer(int(steps_per_epoch))
+        self._build_optimizer(int(steps_per_epoch), total_steps)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
         # Seeds of the ops' Philox streams: one generator per process, saved in checkpoints.
         self.gen = _rng.process_generator(cfg.seed, self.rank)
@@ -143,7 +145,7 @@ class Trainer:
         self.awp = WeightPerturbation(self, cfg.awp) if cfg.awp is not None else None
         self.ema = WeightAverage(self.model, cfg.ema) if cfg.ema is not None else None
 
-    def _build_optimizer(self, steps_per_epoch: int) -> None:
+    def _build_optimizer(self, steps_per_epoch: int, total_steps: Optional[int] = None) -> None:
         cfg = self.cfg
         params = [p for p in self.model.parameters() if p.requires_grad]
         # On CUDA the fused optimizer kernels: one launch for all parameters.
@@ -155,7 +157,8 @@ class Trainer:
         else:
             self.optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
         self.steps_per_epoch = max(1, steps_per_epoch)
-        self.total_steps = cfg.passes * self.steps_per_epoch * cfg.updates_per_batch
+        self.total_steps = cfg.passes * self.steps_per_epoch * cfg.updates_per_batch if total_steps is None \
+            else max(1, int(total_steps))
         if cfg.schedule == "onecycle":
             # torch's one-cycle policy (Smith & Topin 2019) with its defaults (30% warm-up from lr / 25,
             # cosine annealing to lr / 25e4, momentum / Adam's beta1 cycled inversely), stepped per

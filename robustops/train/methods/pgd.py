@@ -33,6 +33,10 @@ class PGDTraining(Method):
     def label(cls, cfg) -> str:
         return f"PGD-{cfg.steps} AT"
 
+    def coreset_inputs(self, x, y):
+        c = self.cfg
+        return {"adv": self.ctx.attack(x, y, c.eps, c.alpha, c.steps, c.norm, c.random_start)}
+
     def step(self, x, y):
         c, ctx = self.cfg, self.ctx
         eps, alpha = ctx.budget(x, y)

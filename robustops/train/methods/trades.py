@@ -6,7 +6,10 @@ x + 0.001 * N(0, I), with the KL summed over the batch as its objective.
 Options (see ``FitConfig``): ``ema`` (weight averaging) and ``awp`` (adversarial weight perturbation,
 Wu et al. 2020): the weights are perturbed to raise the TRADES loss itself, CE(f(x), y) + beta *
 KL(f(x) || f(x')), at the x' found on the unperturbed weights (as the AWP authors do for TRADES), and
-the training gradient of that loss is taken at the perturbed weights."""
+the training gradient of that loss is taken at the perturbed weights.
+
+Per-sample weights (``sample_weights``, e.g. a coreset's): both terms become weighted means,
+sum_i w_i (CE_i + beta KL_i) / sum_i w_i; without weights the loss is computed exactly as before."""
 from __future__ import annotations
 
 import torch
@@ -25,7 +28,11 @@ class Trades(Method):
     help = "TRADES: cross-entropy + beta * KL(clean prediction, adversarial prediction) (Zhang et al. 2019)"
     hyper = (Hyper("beta", 6.0, "TRADES beta", minimum=0.0),)
     options = ("awp", "ema")
+<<<<<<< HEAD
     budget_schedules = True
+=======
+    sample_weights = True
+>>>>>>> coreset
 
     @classmethod
     def label(cls, cfg) -> str:
@@ -35,22 +42,37 @@ class Trades(Method):
         super().__init__(ctx)
         self.engine = ctx.engine(self.cfg.norm, objective=_kl_objective)
 
-    def step(self, x, y):
+    def adversarial(self, x):
+        """TRADES' inner maximisation from x (model in eval mode; left in eval mode)."""
         c, ctx = self.cfg, self.ctx
         eps, alpha = ctx.budget(x, y)
         ctx.forward.eval()
         with torch.no_grad(), ctx.autocast():
             p_nat = F.softmax(ctx.forward(x).float(), dim=1)
         # The engine's "labels" are the clean prediction's probabilities: the KL's target.
+<<<<<<< HEAD
         x_adv = self.engine.run(x, p_nat, eps, alpha, c.steps, start="normal", start_sigma=0.001,
                                 seed=ctx.seed(), evaluate=False).x_adv
+=======
+        return self.engine.run(x, p_nat, c.eps, c.alpha, c.steps, start="normal", start_sigma=0.001,
+                               seed=ctx.seed(), evaluate=False).x_adv
+
+    def coreset_inputs(self, x, y):
+        return {"clean": x, "adv": self.adversarial(x), "beta": self.cfg.beta}
+
+    def step(self, x, y):
+        c, ctx = self.cfg, self.ctx
+        x_adv = self.adversarial(x)
+>>>>>>> coreset
         ctx.forward.train()
 
         def closure(net):
             logits, logits_adv = net(x, x_adv)
-            loss = F.cross_entropy(logits, y) + c.beta * F.kl_div(
-                F.log_softmax(logits_adv.float(), dim=1), F.softmax(logits.float(), dim=1), reduction="batchmean")
-            return loss, logits
+            kl = F.kl_div(F.log_softmax(logits_adv.float(), dim=1), F.softmax(logits.float(), dim=1),
+                          reduction="batchmean" if ctx.weights is None else "none")
+            if ctx.weights is not None:  # the weighted mean of the per-sample KL, like the cross-entropy's
+                kl = (kl.sum(1) * ctx.weights).sum() / ctx.weights.sum()
+            return ctx.cross_entropy(logits, y) + c.beta * kl, logits
 
         loss, logits = ctx.update(closure)
         return ctx.stats(loss, logits, y)

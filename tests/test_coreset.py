@@ -1,0 +1,187 @@
+"""Adversarial coreset selection (robustops.train.coreset, .coreset_select): the closed-form last-layer
+proxies against per-sample autograd (float64), Gram distances, the two selection rules on planted problems, the
+schedule's step count, the weighted step at weights 1, exact resume, argument errors."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Subset
+
+import robustops.train as rt
+from robustops.data import load_digits
+from robustops.train.coreset import CoresetPlan
+from robustops.train.coreset_select import (ce_proxy, facility_location, gram_distances, nn_omp, proxy_gram,
+                                            trades_proxy)
+
+B, C, D = 7, 5, 6
+
+
+def _explicit(pairs):
+    """Per-sample gradients [B, C*D + C] in (W, b) from proxy pairs."""
+    gw = sum(torch.einsum("bc,bd->bcd", e.double(), h.double()) for e, h in pairs).reshape(B, -1)
+    gb = sum(e.double() for e, _ in pairs)
+    return torch.cat([gw, gb], 1)
+
+
+def _autograd(loss):
+    """(W, b, g): g(W, b, h, h_adv, y) the per-sample gradients in (W, b), one autograd call per sample
+    (torch.func's vmap gives the same; its import alone costs seconds)."""
+    W, b = torch.randn(C, D, dtype=torch.float64), torch.randn(C, dtype=torch.float64)
+
+    def g(W, b, h, ha, y):
+        out = []
+        for i in range(h.shape[0]):
+            Wi, bi = W.clone().requires_grad_(), b.clone().requires_grad_()
+            out.append(torch.autograd.grad(loss(Wi, bi, h[i], ha[i], y[i]), (Wi, bi)))
+        return torch.stack([o[0] for o in out]), torch.stack([o[1] for o in out])
+
+    return W, b, g
+
+
+@pytest.fixture(scope="module")
+def feats():
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(B, D, generator=g, dtype=torch.float64), torch.randn(B, D, generator=g, dtype=torch.float64),
+            torch.randint(0, C, (B,), generator=g))
+
+
+def test_ce_proxy_equals_autograd(feats):
+    h, _, y = feats
+
+    def loss(W, b, hi, _, yi):
+        return F.cross_entropy((W @ hi + b)[None], yi[None])
+
+    W, b, g = _autograd(loss)
+    gW, gb = g(W, b, h, h, y)
+    want = torch.cat([gW.reshape(B, -1), gb], 1)
+    pairs = ce_proxy(h @ W.T + b, h, y)
+    torch.testing.assert_close(_explicit(pairs), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(proxy_gram(pairs), want @ want.T, atol=1e-5, rtol=1e-5)
+
+
+def test_trades_proxy_equals_autograd(feats):
+    h, ha, y = feats
+    beta = 6.0
+
+    def loss(W, b, hi, hai, yi):
+        z, za = (W @ hi + b)[None], (W @ hai + b)[None]
+        return F.cross_entropy(z, yi[None]) + beta * F.kl_div(F.log_softmax(za, 1), F.softmax(z, 1),
+                                                              reduction="batchmean")
+
+    W, b, g = _autograd(loss)
+    gW, gb = g(W, b, h, ha, y)
+    want = torch.cat([gW.reshape(B, -1), gb], 1)
+    pairs = trades_proxy(h @ W.T + b, h, ha @ W.T + b, ha, y, beta)
+    torch.testing.assert_close(_explicit(pairs), want, atol=1e-5, rtol=1e-5)
+    G = proxy_gram(pairs)
+    torch.testing.assert_close(G, want @ want.T, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gram_distances(G), torch.cdist(want, want), atol=1e-5, rtol=1e-5)
+
+
+def test_facility_location_one_per_planted_cluster():
+    g = torch.Generator().manual_seed(1)
+    centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    sizes = [5, 7, 9]
+    pts = torch.cat([c + 0.1 * torch.randn(n, 2, generator=g) for c, n in zip(centres, sizes)])
+    d = torch.cdist(pts, pts)
+    idx, w = facility_location(d.max() - d, 3)
+    cluster = torch.repeat_interleave(torch.arange(3), torch.tensor(sizes))
+    assert sorted(cluster[idx].tolist()) == [0, 1, 2]
+    assert {int(cluster[i]): int(wi) for i, wi in zip(idx, w)} == {0: 5, 1: 7, 2: 9}
+
+
+def test_nn_omp_recovers_planted_combination():
+    g = torch.Generator().manual_seed(2)
+    X = torch.randn(20, 50, generator=g, dtype=torch.float64)
+    t = 2.0 * X[3] + 3.0 * X[7]
+    idx, w = nn_omp(X @ X.T, X @ t, k=2, lam=0.0)
+    got = dict(zip(idx.tolist(), w.tolist()))
+    assert set(got) == {3, 7}
+    assert got[3] == pytest.approx(2.0, abs=1e-6) and got[7] == pytest.approx(3.0, abs=1e-6)
+
+
+@pytest.fixture(scope="module")
+def data():
+    ds = load_digits("train")
+    return Subset(ds, list(range(160)))
+
+
+def _fit(data, out, **kw):
+    torch.manual_seed(0)
+    from robustops.models import SmallCNN
+
+    model = SmallCNN()
+    hp = dict(epochs=6, eps=0.2, steps=2, seed=3, progress=False, verbose=False, coreset_every=2, lr=0.05)
+    hp.update(kw)
+    res = rt.fit(model, DataLoader(data, batch_size=32, shuffle=True), "pgd", out_dir=out, **hp)
+    return model, res
+
+
+def test_schedule_steps_exact_and_resume(data, tmp_path):
+    plan = CoresetPlan(6, 0.5, 2, 0.6)
+    assert (plan.full, plan.subset, plan.passes) == (2, 3, 5)  # K = 3, W = round(1.5) = 2
+    assert [plan.selects(e) for e in range(1, 6)] == [False, False, True, False, True]
+    full = str(tmp_path / "full")
+    model, res = _fit(data, full, coreset="craig", keep_all=True)
+    ck = torch.load(os.path.join(full, "last.pt"), weights_only=False)
+    k = ck["coreset"]["idx"].numel()
+    assert k == 80 and res.history[-1]["coreset_size"] == k
+    expected = 2 * 5 + 3 * -(-k // 32)  # 2 full epochs of 160 / 32, 3 coreset epochs of ceil(k / 32)
+    sched = ck["scheduler"]
+    assert sched["last_epoch"] == expected == sched["lr_lambdas"][0]["total"]
+    assert res.history[-1]["equiv_epochs"] == pytest.approx((2 * 160 + 3 * k + 2 * 160) / 160)
+    # resume after epoch 3 (a coreset epoch): epoch 4 reuses the stored subset, epoch 5 selects again
+    other = str(tmp_path / "other")
+    torch.manual_seed(123)
+    model2, res2 = _fit(data, other, coreset="craig", resume=os.path.join(full, "epoch_3.pt"))
+    for a, b in zip(model.state_dict().values(), model2.state_dict().values()):
+        assert torch.equal(a, b)
+    assert res2.history[-1]["equiv_epochs"] == res.history[-1]["equiv_epochs"]
+
+
+@pytest.mark.parametrize("method", ["pgd", "trades"])
+def test_unit_weights_step_equals_base(data, method):
+    x, y = next(iter(DataLoader(data, batch_size=32)))[:2]
+    states = []
+    for weights in (None, torch.ones(32)):
+        torch.manual_seed(0)
+        from robustops.models import SmallCNN
+
+        model = SmallCNN()
+        tr = rt.Trainer(model, method=method, eps=0.2, steps=2, seed=1, steps_per_epoch=4)
+        tr.train_step(x, y, weights)
+        states.append({k: v.clone() for k, v in model.state_dict().items()})
+    for k in states[0]:
+        assert torch.equal(states[0][k], states[1][k]), k
+
+
+def test_gradmatch_and_random_select(data):
+    for rule in ("gradmatch", "random"):
+        _, res = _fit(data, None, coreset=rule, epochs=2, steps=1, coreset_warmup=0.0, coreset_frac=0.25)
+        assert [r["coreset_size"] for r in res.history] == [40, 40]
+
+
+def test_errors(capsys, tmp_path):
+    bad = [(dict(coreset="kmeans"), "coreset must be"), (dict(coreset="craig", coreset_frac=0), "coreset_frac"),
+           (dict(coreset="craig", coreset_every=0), "coreset_every"),
+           (dict(coreset="craig", coreset_warmup=1.0), "coreset_warmup"),
+           (dict(coreset="craig", method="natural"), "needs an adversarial method"),
+           (dict(coreset="craig", method="free"), "needs an adversarial method")]
+    for kw, msg in bad:
+        with pytest.raises(ValueError, match=msg):
+            rt.FitConfig.make(**{"method": "pgd", **kw}).resolved()
+    from robustops.cli import main
+
+    assert main(["train", "--method", "natural", "--coreset", "craig", "--out", str(tmp_path / "r")]) == 2
+    assert "needs an adversarial method" in capsys.readouterr().err
+    assert main(["train", "--coreset", "craig", "--coreset-frac", "1.5", "--out", str(tmp_path / "r")]) == 2
+    assert "coreset_frac" in capsys.readouterr().err
+    assert main(["train", "--coreset-every", "3", "--out", str(tmp_path / "r")]) == 2
+    assert "--coreset-every is a setting of --coreset" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="DataLoader"):
+        rt.fit(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), [(torch.zeros(2, 1, 8, 8), torch.zeros(2).long())],
+               "pgd", coreset="craig", progress=False, verbose=False)
