@@ -33,8 +33,8 @@ class FGSMTraining(Method):
     def coreset_inputs(self, x, y):
         # the "previous" start lives in the training step's persistent perturbation, which a selection
         # pass must not advance: the proxies use a fresh start (random, or the clean input for "zero")
-        c = self.cfg
-        return {"adv": self.ctx.attack(x, y, c.eps, c.alpha, 1, "linf", c.fgsm_init != "zero")}
+        eps, alpha = self.ctx.budget(x, y)
+        return {"adv": self.ctx.attack(x, y, eps, alpha, 1, "linf", self.cfg.fgsm_init != "zero")}
 
     def step(self, x, y):
         c, ctx = self.cfg, self.ctx

@@ -33,14 +33,18 @@ class PGDTraining(Method):
     def label(cls, cfg) -> str:
         return f"PGD-{cfg.steps} AT"
 
+    def adversarial(self, x, y):
+        """PGD-k from x at this minibatch's budget (``ctx.budget``)."""
+        c, ctx = self.cfg, self.ctx
+        eps, alpha = ctx.budget(x, y)
+        return ctx.attack(x, y, eps, alpha, c.steps, c.norm, c.random_start)
+
     def coreset_inputs(self, x, y):
-        c = self.cfg
-        return {"adv": self.ctx.attack(x, y, c.eps, c.alpha, c.steps, c.norm, c.random_start)}
+        return {"adv": self.adversarial(x, y)}
 
     def step(self, x, y):
         c, ctx = self.cfg, self.ctx
-        eps, alpha = ctx.budget(x, y)
-        x_adv = ctx.attack(x, y, eps, alpha, c.steps, c.norm, c.random_start)
+        x_adv = self.adversarial(x, y)
         if c.mixup is None:
             return ctx.natural_step(x_adv, y)
         xc, _, yc, lc = ctx.mixup(x, y)

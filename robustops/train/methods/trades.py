@@ -28,11 +28,8 @@ class Trades(Method):
     help = "TRADES: cross-entropy + beta * KL(clean prediction, adversarial prediction) (Zhang et al. 2019)"
     hyper = (Hyper("beta", 6.0, "TRADES beta", minimum=0.0),)
     options = ("awp", "ema")
-<<<<<<< HEAD
     budget_schedules = True
-=======
     sample_weights = True
->>>>>>> coreset
 
     @classmethod
     def label(cls, cfg) -> str:
@@ -42,7 +39,7 @@ class Trades(Method):
         super().__init__(ctx)
         self.engine = ctx.engine(self.cfg.norm, objective=_kl_objective)
 
-    def adversarial(self, x):
+    def adversarial(self, x, y):
         """TRADES' inner maximisation from x (model in eval mode; left in eval mode)."""
         c, ctx = self.cfg, self.ctx
         eps, alpha = ctx.budget(x, y)
@@ -50,20 +47,15 @@ class Trades(Method):
         with torch.no_grad(), ctx.autocast():
             p_nat = F.softmax(ctx.forward(x).float(), dim=1)
         # The engine's "labels" are the clean prediction's probabilities: the KL's target.
-<<<<<<< HEAD
-        x_adv = self.engine.run(x, p_nat, eps, alpha, c.steps, start="normal", start_sigma=0.001,
-                                seed=ctx.seed(), evaluate=False).x_adv
-=======
-        return self.engine.run(x, p_nat, c.eps, c.alpha, c.steps, start="normal", start_sigma=0.001,
+        return self.engine.run(x, p_nat, eps, alpha, c.steps, start="normal", start_sigma=0.001,
                                seed=ctx.seed(), evaluate=False).x_adv
 
     def coreset_inputs(self, x, y):
-        return {"clean": x, "adv": self.adversarial(x), "beta": self.cfg.beta}
+        return {"clean": x, "adv": self.adversarial(x, y), "beta": self.cfg.beta}
 
     def step(self, x, y):
         c, ctx = self.cfg, self.ctx
-        x_adv = self.adversarial(x)
->>>>>>> coreset
+        x_adv = self.adversarial(x, y)
         ctx.forward.train()
 
         def closure(net):
