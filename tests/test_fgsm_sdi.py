@@ -4,7 +4,7 @@ cross-entropy, clear errors for bad hyperparameters, video inputs."""
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import one_thread, resume_matches_uninterrupted  # noqa: F401 (one_thread: an autouse fixture)
+from helpers import free_port, gloo_group, one_thread, rank_loader, resume_matches_uninterrupted  # noqa: F401
 from helpers import tiny_cnn as _tiny_cnn
 from torch.utils.data import DataLoader, Subset
 
@@ -147,3 +147,25 @@ def test_video_inputs_smoke():
         loss, correct, n = tr.train_step(x, y, weights=torch.tensor([1.0, 2.0, 0.5, 1.0]))
         assert torch.isfinite(loss) and n == 4
     assert tr.method.generator.channels == 1 and tr.method.generator_steps == 2
+
+
+def _ddp_worker(rank, world, port, out):
+    with gloo_group(rank, world, port):
+        train_ds = Subset(load_digits("train"), list(range(64)))  # 2 batches of 2 x 16: generator steps on both
+        rt.fit(tiny_cnn(seed=11), rank_loader(train_ds, rank, world), "fgsm_sdi", epochs=1, eps=0.1, sdi_every=1,
+               seed=0, out_dir=out, progress=False, verbose=False)
+
+
+def test_ddp_ranks_keep_one_generator(tmp_path):
+    """Two gloo processes on different halves of each batch: G's gradients and BN statistics are averaged,
+    so both ranks' checkpointed generators (and Adam states) are equal."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    states = [s["method"] for s in torch.load(tmp_path / "last.pt", weights_only=True)["rank_states"]]
+    assert states[0]["generator_steps"] == states[1]["generator_steps"] == 2
+    for k, v in states[0]["generator"].items():
+        assert torch.equal(v, states[1]["generator"][k]), k
+    for k, v in states[0]["optimizer"]["state"].items():
+        for name, t in v.items():
+            assert torch.equal(t, states[1]["optimizer"]["state"][k][name]), (k, name)

@@ -148,18 +148,18 @@ class FGSMSDI(Method):
     sample_weights = True
 
     @classmethod
-    def default_alpha(cls, cfg) -> float:
-        return cfg.eps
-
-    @classmethod
-    def label(cls, cfg) -> str:
-        return "FGSM-SDI AT"
-
-    @classmethod
     def check_config(cls, cfg) -> None:
         if cfg.norm != "linf":
             raise ValueError(f'norm must be "linf" for {cls.name} (its generator is tanh * eps, an L-inf ball), '
                              f"got {cfg.norm!r}")
+
+    @classmethod
+    def default_alpha(cls, cfg) -> float:
+        return cfg.eps  # the paper's alpha = eps (8/255 at 8/255)
+
+    @classmethod
+    def label(cls, cfg) -> str:
+        return "FGSM-SDI AT"
 
     def __init__(self, ctx):
         super().__init__(ctx)
@@ -177,6 +177,10 @@ class FGSMSDI(Method):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed % (1 << 63))
             self.generator = SDIGenerator(channels).to(self.ctx.device)
+        if self.ctx.world_size > 1:  # each rank draws its own seed: every rank starts from rank 0's generator
+            with torch.no_grad():
+                self._collective([t for t in (*self.generator.parameters(), *self.generator.buffers())
+                                  if t.is_floating_point()], broadcast=True)
         self.optimizer = torch.optim.Adam(self.generator.parameters(), lr=self.cfg.sdi_lr,
                                           weight_decay=self.cfg.sdi_weight_decay)
         return self.generator
@@ -240,14 +244,21 @@ class FGSMSDI(Method):
         return loss.detach()
 
     def _average_over_ranks(self, params) -> None:
-        # params: average their gradients (one all-reduce); None: average G's floating buffers (BN statistics)
-        import torch.distributed as dist
-
+        # params: average their gradients; None: average G's floating buffers (BN statistics)
         ts = [p.grad for p in params] if params is not None else \
             [b for b in self.generator.buffers() if b.is_floating_point()]
-        flat = torch.cat([t.reshape(-1) for t in ts])
-        dist.all_reduce(flat)
-        flat /= self.ctx.world_size
+        self._collective(ts, broadcast=False)
+
+    def _collective(self, ts, broadcast: bool) -> None:
+        # one collective over the tensors ts, flattened: rank 0's values (broadcast) or the mean over ranks
+        import torch.distributed as dist
+
+        flat = torch.cat([t.detach().reshape(-1) for t in ts])
+        if broadcast:
+            dist.broadcast(flat, src=0)
+        else:
+            dist.all_reduce(flat)
+            flat /= self.ctx.world_size
         i = 0
         for t in ts:
             t.copy_(flat[i:i + t.numel()].view_as(t))
