@@ -16,6 +16,7 @@ and no collapse where FGSM-RS collapses. Times on a shared machine are inflated 
 
     python benchmarks/fast_at.py --threads 1                     # eps 0.2, 0.3, 0.4; seed 0; 30 epochs
     python benchmarks/fast_at.py --quick --no-csv                # < 1 min: 3 epochs, eps 0.3, 120 test images
+    python benchmarks/fast_at.py --methods fgsm_sdi --sdi-width 16   # a cheaper generator (not the paper's)
 """
 from __future__ import annotations
 
@@ -38,10 +39,11 @@ def run_one(method: str, eps: float, seed: int, args, data) -> dict:
     torch.manual_seed(seed)
     model = models.get_model("small_cnn", **DIGITS_MODEL).to(args.device)
     loader = DataLoader(train_ds, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    opts = {"sdi_width": args.sdi_width} if method == "fgsm_sdi" else {}
     t0 = time.perf_counter()
     res = train.fit(model, loader, method, val_loader=DataLoader(val_ds, batch_size=256, shuffle=False),
                     epochs=args.epochs, eps=eps, steps=7, lr=0.05, seed=seed, val_steps=10, progress=False,
-                    verbose=False, device=args.device, threads=args.threads)
+                    verbose=False, device=args.device, threads=args.threads, **opts)
     wall = time.perf_counter() - t0
     model.eval()
     atk = attacks.PGD(model, eps=eps, steps=args.attack_steps, norm="linf", random_start=True, seed=seed)
@@ -55,7 +57,7 @@ def run_one(method: str, eps: float, seed: int, args, data) -> dict:
     return {"method": method, "eps": eps, "seed": seed, "epochs": args.epochs, "clean_acc": ev["clean_acc"],
             "pgd20_acc": ev["robust_acc"], "aa_acc": aa, "train_time_s": res.train_time, "fit_wall_s": wall,
             "best_epoch": res.best_epoch, "val_pgd_last": val_pgd[-1], "val_pgd_max": max(val_pgd),
-            "val_pgd_per_epoch": " ".join(f"{v:.3f}" for v in val_pgd)}
+            "val_pgd_per_epoch": " ".join(f"{v:.3f}" for v in val_pgd), **opts}
 
 
 def pct(v) -> str:
@@ -102,6 +104,7 @@ def main() -> None:
     p.add_argument("--aa-steps", type=int, default=50, help="APGD iterations of AutoAttack (0: skip AutoAttack)")
     p.add_argument("--aa-fab-steps", type=int, default=10)
     p.add_argument("--aa-queries", type=int, default=300)
+    p.add_argument("--sdi-width", type=int, default=64, help="FGSM-SDI generator width (the paper's 64)")
     p.add_argument("--test-size", type=int, default=None, help="first n test images (default: all 360)")
     p.add_argument("--quick", action="store_true", help="3 epochs, eps 0.3, 120 test images, small AutoAttack")
     args = p.parse_args()

@@ -114,6 +114,7 @@ def test_resume_after_a_generator_step_matches_uninterrupted(digits, tmp_path):
     (dict(sdi_weight_decay=-1.0), r"^sdi_weight_decay"),
     (dict(sdi_factor=0.3), r"^sdi_factor \(FGSM-SDI label smoothing"),
     (dict(sdi_lr_schedule="cosine"), r"^sdi_lr_schedule .* must be one of constant, multistep"),
+    (dict(sdi_width=0), r"^sdi_width \(FGSM-SDI generator hidden channels"),
     (dict(norm="l2"), r'norm must be "linf" for fgsm_sdi'),
 ])
 def test_bad_hyperparameters_are_named(kw, match):

@@ -25,6 +25,8 @@ tanh * eps. Details from the official code where the paper's figure leaves them 
 eps 1e-3, the block's and the final BN are not affine, the block's convolutions and the last one have a
 bias, the block's convolutions start Xavier-uniform with gain sqrt(2). Video inputs [B, T, C, H, W] fold
 T into the batch for G's 2-D convolutions (a per-frame initialisation; the FGSM step is over the clip).
+The hidden width is ``sdi_width`` (64, the paper's): on tiny inputs such as the 8x8 digits G costs more
+than the classifier, and a smaller width is the one knob that cuts it (not in the paper).
 
 Choices and where this code differs from the official code:
 
@@ -144,7 +146,8 @@ class FGSMSDI(Method):
              Hyper("sdi_factor", 0.9, "FGSM-SDI label smoothing: the target's mass on the true class (1: plain CE)",
                    minimum=0.5, maximum=1.0),
              Hyper("sdi_lr_schedule", "constant", "FGSM-SDI generator lr: constant (official code) or multistep",
-                   kind="choice", choices=LR_SCHEDULES))
+                   kind="choice", choices=LR_SCHEDULES),
+             Hyper("sdi_width", 64, "FGSM-SDI generator hidden channels (the paper's 64)", kind="int", minimum=1))
     sample_weights = True
 
     @classmethod
@@ -171,12 +174,12 @@ class FGSMSDI(Method):
     # ---- the generator and its optimiser (built at the first batch: C comes from the data)
 
     def build(self, channels: int, seed: Optional[int] = None) -> SDIGenerator:
-        """The generator for C input channels on the run's device, with its Adam optimiser; initial
-        weights from ``seed`` (default: a fresh ``ctx.seed()``). Returns it."""
+        """The generator for C input channels (``sdi_width`` hidden) on the run's device, with its Adam
+        optimiser; initial weights from ``seed`` (default: a fresh ``ctx.seed()``). Returns it."""
         seed = self.ctx.seed() if seed is None else seed
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed % (1 << 63))
-            self.generator = SDIGenerator(channels).to(self.ctx.device)
+            self.generator = SDIGenerator(channels, self.cfg.sdi_width).to(self.ctx.device)
         if self.ctx.world_size > 1:  # each rank draws its own seed: every rank starts from rank 0's generator
             with torch.no_grad():
                 self._collective([t for t in (*self.generator.parameters(), *self.generator.buffers())
