@@ -17,6 +17,7 @@ and no collapse where FGSM-RS collapses. Times on a shared machine are inflated 
     python benchmarks/fast_at.py --threads 1                     # eps 0.2, 0.3, 0.4; seed 0; 30 epochs
     python benchmarks/fast_at.py --quick --no-csv                # < 1 min: 3 epochs, eps 0.3, 120 test images
     python benchmarks/fast_at.py --methods fgsm_sdi --sdi-width 16   # a cheaper generator (not the paper's)
+    python benchmarks/fast_at.py --methods fgsm_sdi --sdi-every 2    # as many generator steps as on CIFAR-10
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ def run_one(method: str, eps: float, seed: int, args, data) -> dict:
     torch.manual_seed(seed)
     model = models.get_model("small_cnn", **DIGITS_MODEL).to(args.device)
     loader = DataLoader(train_ds, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(seed))
-    opts = {"sdi_width": args.sdi_width} if method == "fgsm_sdi" else {}
+    opts = {"sdi_width": args.sdi_width, "sdi_every": args.sdi_every} if method == "fgsm_sdi" else {}
     t0 = time.perf_counter()
     res = train.fit(model, loader, method, val_loader=DataLoader(val_ds, batch_size=256, shuffle=False),
                     epochs=args.epochs, eps=eps, steps=7, lr=0.05, seed=seed, val_steps=10, progress=False,
@@ -105,6 +106,9 @@ def main() -> None:
     p.add_argument("--aa-fab-steps", type=int, default=10)
     p.add_argument("--aa-queries", type=int, default=300)
     p.add_argument("--sdi-width", type=int, default=64, help="FGSM-SDI generator width (the paper's 64)")
+    p.add_argument("--sdi-every", type=int, default=20,
+                   help="FGSM-SDI batches per generator step (the paper's 20: on the digits' 21 batches per epoch "
+                        "that is one generator step per epoch, against CIFAR-10's 20)")
     p.add_argument("--test-size", type=int, default=None, help="first n test images (default: all 360)")
     p.add_argument("--quick", action="store_true", help="3 epochs, eps 0.3, 120 test images, small AutoAttack")
     args = p.parse_args()
