@@ -157,6 +157,7 @@ def _ddp_worker(rank, world, port, out):
                seed=0, out_dir=out, progress=False, verbose=False)
 
 
+@pytest.mark.slow  # two spawned processes: most of this file's time
 def test_ddp_ranks_keep_one_generator(tmp_path):
     """Two gloo processes on different halves of each batch: G's gradients and BN statistics are averaged,
     so both ranks' checkpointed generators (and Adam states) are equal."""
