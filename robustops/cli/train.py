@@ -353,14 +353,16 @@ def add_schedule_flags(p) -> None:
     --eps-schedule (the certified methods' ramp shape, added with the methods' flags) also takes the
     budget schedules: for the methods that schedule their attack budget it spells --budget-schedule
     (``budget.check_budget_spelling``)."""
+    from .. import train
     from ..train import budget
 
+    having = ", ".join(n for n in train.METHODS if train.registry.get(n).budget_schedules)
     for action in p._actions:
         if action.dest == "eps_schedule" and action.choices:
             action.choices = list(dict.fromkeys(list(action.choices) + list(budget.BUDGET_SCHEDULES)))
-            action.help += "; pgd, fgsm, free, trades, dale: the attack-budget schedule (--budget-schedule)"
+            action.help += f"; {having}: the attack-budget schedule (--budget-schedule)"
     d = budget.SCHEDULE_DEFAULTS
-    g = p.add_argument_group("attack-budget schedule (pgd, fgsm, free, trades, dale; Kinfu & Vidal 2022)")
+    g = p.add_argument_group(f"attack-budget schedule ({having}; Kinfu & Vidal 2022)")
     g.add_argument("--budget-schedule", default=d["budget_schedule"], choices=list(budget.BUDGET_SCHEDULES),
                    help="the budget of each minibatch: constant (eps), linear ramp, curriculum (rising per-stage "
                         "levels) or adaptive (drawn from a grid with probabilities proportional to the model's "

@@ -39,15 +39,25 @@ def mean_ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, y)
 
 
-def weighted_cross_entropy(logits: torch.Tensor, y: torch.Tensor, weights: Optional[torch.Tensor]) -> torch.Tensor:
+def weighted_cross_entropy(logits: torch.Tensor, y: torch.Tensor, weights: Optional[torch.Tensor],
+                           label_smoothing: float = 0.0) -> torch.Tensor:
     """The cross-entropy of logits [B, C] and labels y [B], averaged over the batch with the per-sample
     weights [B] (sum_i w_i CE_i / sum_i w_i), or plainly (``F.cross_entropy``) when weights is None.
     Written as nll_loss over log-probabilities scaled per row, whose sum is divided by the weights' sum,
-    the division ``F.cross_entropy``'s mean makes by B: weights of ones give its value bit for bit."""
+    the division ``F.cross_entropy``'s mean makes by B: weights of ones give its value bit for bit.
+
+    label_smoothing in [0, 1]: ``F.cross_entropy``'s, the target (1 - ls) * onehot(y) + ls / C, so that
+    CE_i = (1 - ls) * nll_i + ls * mean_c(-log p_ic), weighted in the same way; 0 (the default) is the
+    plain form above, unchanged."""
     if weights is None:
-        return F.cross_entropy(logits, y)
+        return F.cross_entropy(logits, y, label_smoothing=label_smoothing)
     logp = F.log_softmax(logits, dim=1)
-    return F.nll_loss(logp * weights.to(logp.dtype).unsqueeze(1), y, reduction="sum") / weights.sum()
+    wlogp = logp * weights.to(logp.dtype).unsqueeze(1)
+    nll = F.nll_loss(wlogp, y, reduction="sum")
+    if label_smoothing == 0.0:
+        return nll / weights.sum()
+    uniform = -wlogp.sum() / logits.shape[1]
+    return ((1.0 - label_smoothing) * nll + label_smoothing * uniform) / weights.sum()
 
 
 def dist_info():
@@ -116,7 +126,7 @@ class MethodContext:
         weight average follows. Returns what the closure returned.
       natural_step(x, y): a (weighted) cross-entropy step on x as given; returns the step's StepStats.
       stats(loss, logits, y): the StepStats of a step (loss * B, number correct, B).
-      cross_entropy(logits, y), mixed_ce(logits, y, y2, lam): the shared losses, weighted by ``weights``.
+      cross_entropy(logits, y, label_smoothing=0), mixed_ce(logits, y, y2, lam): the shared losses, weighted by ``weights``.
       mixup(x, y): (x_mix, y, y[pi], lam) from the run's mixup generator (the ``mixup`` option).
       engine(norm, objective, forward=, step=), attack(x, y, eps, alpha, steps, norm, random_start):
         the projected-gradient engine on the model (run's box, autocast and fp16 loss scaling) and PGD on it.
@@ -191,8 +201,8 @@ class MethodContext:
     def stats(loss, logits, y) -> StepStats:
         return loss.detach().float() * y.shape[0], (logits.detach().argmax(1) == y).sum(), y.shape[0]
 
-    def cross_entropy(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return weighted_cross_entropy(logits, y, self.weights)
+    def cross_entropy(self, logits: torch.Tensor, y: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+        return weighted_cross_entropy(logits, y, self.weights, label_smoothing)
 
     def mixed_ce(self, logits: torch.Tensor, y: torch.Tensor, y2: torch.Tensor, lam: float) -> torch.Tensor:
         """lam * CE(logits, y) + (1 - lam) * CE(logits, y2) (CE(logits, y) when lam = 1)."""

@@ -6,4 +6,5 @@ from . import smoothadv  # noqa: F401
 from . import smoothmix  # noqa: F401
 from . import fastibp  # noqa: F401
 from . import crown_ibp  # noqa: F401
+from . import fgsm_sdi  # noqa: F401
 from . import denoise  # noqa: F401

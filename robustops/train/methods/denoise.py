@@ -91,6 +91,7 @@ class GenerativeAT(Method):
              Hyper("cls_weight", 1.0, "denoise: weight of the classifier's CE on G(x_adv)", minimum=0.0),
              Hyper("disc_lr", 2e-4, "denoise: the discriminator's Adam learning rate", minimum=0.0, strict=True))
     log_metrics = ("rec_loss", "gan_g_loss", "gan_d_loss")
+    budget_schedules = True
 
     @classmethod
     def check_config(cls, cfg) -> None:
@@ -129,7 +130,7 @@ class GenerativeAT(Method):
 
     def step(self, x, y):
         c, ctx = self.cfg, self.ctx
-        eps, alpha = c.eps, c.alpha  # budget: ctx.budget(x, y) once the schedules land
+        eps, alpha = ctx.budget(x, y)
         x_adv = self.perturb(x, y, eps, alpha)
 
         def closure(net):
