@@ -185,3 +185,17 @@ def test_clear_errors_where_videos_are_refused(clip, net):
         video.to_channels_last(x[:, 0])
     with pytest.raises(ValueError, match="input_size"):
         video.VideoCNN(input_size=2)
+
+
+def test_cli_data_model_and_demo_rows():
+    from robustops.cli import common, demo_video
+    from robustops.cli import train as cli_train
+
+    ds, info = common.load_data("moving_digits", "test")
+    assert cli_train.default_model(info) == "video_cnn"
+    m, kw = cli_train.build_model("video_cnn", info)
+    assert kw == {"num_classes": 10, "in_channels": 1, "input_size": 16, "frames": 8}
+    assert m(ds.tensors[0][:2]).shape == (2, 10)
+    assert demo_video.unsupported("pgd", {}) is None
+    assert demo_video.unsupported("pgd", {"eps_schedule": "no_such_schedule"}) is not None  # skipped, not fatal
+    assert demo_video.unsupported("pgd", {"beta": 6.0}) is not None  # trades' hyperparameter: pgd would ignore it

@@ -394,10 +394,7 @@ def _demo(args, methods, dev) -> int:
 
     os.makedirs(args.out, exist_ok=True)
     if args.section == demo_video.SECTION:  # its own data and model: nothing of the digits rows
-        t_start = time.perf_counter()
-        demo_video.run_section(args, dev)
-        print(f"({time.perf_counter() - t_start:.0f} s in all)")
-        return 0
+        return demo_video.run_section(args, dev)
     data = _Data(args)
     print(f"robustops demo: digits 8x8 ({len(data.train_ds)} train, {args.val_size} validation, "
           f"{len(data.test_ds)} test), SmallCNN, {args.epochs} epochs, L-inf eps {args.eps:g}, on {dev} "
