@@ -59,10 +59,12 @@ def test_pgd_on_5d_equals_the_flattened_frames_view(clip, net, norm, eps):
     assert bool((bound <= eps + 1e-5).all())
 
 
-def test_apgd_on_5d_equals_the_flattened_frames_view(clip, net):
+@pytest.mark.parametrize("cls,kw", [(attacks.APGD, {"steps": 4}), (attacks.APGDT, {"steps": 2, "n_target_classes": 2}),
+                                    (attacks.FAB, {"steps": 2})])
+def test_apgd_and_fab_on_5d_equal_the_flattened_frames_view(clip, net, cls, kw):
     x, y = clip
-    a = attacks.APGD(net, eps=0.1, steps=4, seed=1)(x, y)
-    b = attacks.APGD(Frames(net, 8, 1), eps=0.1, steps=4, seed=1)(_flat(x), y)
+    a = cls(net, eps=0.1, seed=1, **kw)(x, y)
+    b = cls(Frames(net, 8, 1), eps=0.1, seed=1, **kw)(_flat(x), y)
     torch.testing.assert_close(_flat(a), b, rtol=0, atol=0)
 
 
