@@ -5,6 +5,8 @@ Every loader returns a ``torch.utils.data.Dataset`` whose items are ``(image, la
 
 - :func:`load_digits`: the 8x8 handwritten digits (1797 images, 10 classes) shipped with the package
   in ``robustops/_data/digits.npz``, with a fixed train / test split.
+- :func:`load_moving_digits`: a synthetic video set built from them: each digit moving across 8 frames
+  of a 16x16 canvas, items [T, C, H, W] = [8, 1, 16, 16].
 - :func:`load_npz`: arrays in a ``.npz`` file.
 - :func:`load_cifar10`: the python-pickle CIFAR-10 batches from a local directory.
 - :func:`load_image_folder`: one sub-directory per class of image files (read with PIL).
@@ -27,6 +29,9 @@ DIGITS_PATH = os.path.join(_HERE, "_data", "digits.npz")
 
 DIGITS_TRAIN = 1437
 DIGITS_TEST = 360
+#: The moving digits: frames per video and the side of the canvas the 8x8 digit moves on.
+MOVING_FRAMES = 8
+MOVING_CANVAS = 16
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2471, 0.2435, 0.2616)
@@ -55,15 +60,50 @@ def load_digits(split: str = "train") -> TensorDataset:
     with np.load(DIGITS_PATH) as f:
         images = f["images"]
         labels = f["labels"]
-    n = images.shape[0]
-    if split == "all":
-        idx = np.arange(n)
-    else:
-        perm = np.random.default_rng(0).permutation(n)
-        idx = perm[:DIGITS_TRAIN] if split == "train" else perm[n - DIGITS_TEST:]
+    idx = _digits_split_index(split)
     x = torch.from_numpy(images[idx].astype(np.float32) / 16.0).unsqueeze(1).contiguous()
     y = torch.from_numpy(labels[idx].astype(np.int64))
     return TensorDataset(x, y)
+
+
+def _digits_split_index(split: str) -> np.ndarray:
+    """The file indices of the digits in a split (load_digits' fixed permutation)."""
+    n = DIGITS_TRAIN + DIGITS_TEST
+    if split == "all":
+        return np.arange(n)
+    perm = np.random.default_rng(0).permutation(n)
+    return perm[:DIGITS_TRAIN] if split == "train" else perm[n - DIGITS_TEST:]
+
+
+def moving_digit_path(seed: int, index: int, frames: int = MOVING_FRAMES) -> np.ndarray:
+    """The top-left corners (row, col) [frames, 2] of digit ``index`` (its index in the digits file)
+    in the moving-digits video of ``seed``: a start uniform in [0, 8]^2, a direction uniform on the
+    circle, 1 pixel per frame, reflected at the canvas' edges, rounded to whole pixels. A function
+    of (seed, index) alone (numpy's default_rng keyed by both), so every split agrees."""
+    rng = np.random.default_rng([int(seed), int(index)])
+    span = MOVING_CANVAS - 8
+    start = rng.uniform(0.0, span, size=2)
+    theta = rng.uniform(0.0, 2.0 * np.pi)
+    p = start[None, :] + np.arange(frames)[:, None] * np.array([np.sin(theta), np.cos(theta)])[None, :]
+    p = np.mod(p, 2 * span)
+    p = np.where(p > span, 2 * span - p, p)  # reflection at the edges
+    return np.clip(np.rint(p), 0, span).astype(np.int64)
+
+
+def load_moving_digits(split: str = "train", seed: int = 0) -> TensorDataset:
+    """Moving digits: each embedded 8x8 digit of the split (load_digits' train / test / all) pasted on a
+    black 16x16 canvas along :func:`moving_digit_path` for 8 frames. Videos float32 [N, 8, 1, 16, 16]
+    ([B, T, C, H, W]) in [0, 1]; labels int64, the digit's. Deterministic in (seed, digit index)."""
+    _check_split(split, ("train", "test", "all"))
+    with np.load(DIGITS_PATH) as f:
+        images, labels = f["images"], f["labels"]
+    idx = _digits_split_index(split)
+    x = np.zeros((len(idx), MOVING_FRAMES, 1, MOVING_CANVAS, MOVING_CANVAS), dtype=np.float32)
+    for i, k in enumerate(idx):
+        img = images[k].astype(np.float32) / 16.0
+        for t, (r, c) in enumerate(moving_digit_path(seed, k)):
+            x[i, t, 0, r:r + 8, c:c + 8] = img
+    return TensorDataset(torch.from_numpy(x), torch.from_numpy(labels[idx].astype(np.int64)))
 
 
 # --------------------------------------------------------------------------------------- npz
@@ -270,11 +310,11 @@ def _is_cifar_dir(path: str) -> bool:
 def get_dataset(spec: str, split: str = "test"):
     """A dataset from a spec string, and a dict describing it.
 
-    spec: "digits" (embedded); a path to a ``.npz`` file (or "npz:PATH"); "cifar10:DIR" or a directory
+    spec: "digits" (embedded); "moving_digits" (embedded videos [T, C, H, W]); a path to a ``.npz`` file (or "npz:PATH"); "cifar10:DIR" or a directory
     holding the CIFAR-10 python batches; "imagefolder:DIR" (optionally "imagefolder:DIR:SIZE") or a
     directory of class sub-directories. split: "train" or "test".
 
-    Returns ``(dataset, info)`` with info = {"name", "num_classes", "input_shape" (C, H, W),
+    Returns ``(dataset, info)`` with info = {"name", "num_classes", "input_shape" (C, H, W; videos T, C, H, W),
     "mean", "std" (per-channel tuples of floats, or None for digits)}."""
     if not isinstance(spec, str) or not spec:
         raise ValueError(f"dataset spec must be a non-empty string, got {spec!r}")
@@ -283,6 +323,10 @@ def get_dataset(spec: str, split: str = "test"):
     if kind_l == "digits" and not rest:
         ds = load_digits(_check_split(split, ("train", "test", "all")))
         return ds, {"name": "digits", "num_classes": 10, "input_shape": (1, 8, 8), "mean": None, "std": None}
+    if kind_l in ("moving_digits", "moving-digits") and not rest:
+        ds = load_moving_digits(_check_split(split, ("train", "test", "all")))
+        return ds, {"name": "moving_digits", "num_classes": 10, "input_shape": (MOVING_FRAMES, 1, MOVING_CANVAS,
+                                                                              MOVING_CANVAS), "mean": None, "std": None}
     if kind_l in ("cifar10", "cifar-10") and rest:
         return _cifar(rest, split)
     if kind_l == "npz" and rest:

@@ -267,7 +267,9 @@ class Square(Attack):
     def prepare(self, x: torch.Tensor, eps: Optional[Param] = None) -> dict:
         """Checks that x is a batch of images [B, C, H, W]; eps per sample as a float32 Tensor[B]."""
         if x.dim() != 4:
-            raise ValueError(f"Square attacks images [B, C, H, W], got shape {list(x.shape)}")
+            video = (" (videos [B, T, C, H, W] are not supported: its square windows are drawn per image; "
+                     "attack them with PGD / APGD / FAB, which take any [B, ...])") if x.dim() == 5 else ""
+            raise ValueError(f"Square attacks images [B, C, H, W], got shape {list(x.shape)}{video}")
         B, device = x.shape[0], x.device
         eps = _checks.sample_param_on(self.eps if eps is None else eps, "eps", B, device)
         if not isinstance(eps, torch.Tensor):

@@ -32,6 +32,7 @@ from .common import (
     fraction,
     load_data,
     model_classes,
+    model_dims,
     require_min,
     run_setup,
 )
@@ -176,8 +177,7 @@ def _load(args, certifier: Certifier):
     if getattr(args, "plot", None):
         check_writable(args.plot, "--plot")
     dataset, info = load_data(args.data, args.split, validate=False)  # its class count is the model's
-    C, H, W = info["input_shape"]
-    kwargs = {"in_channels": C, "input_size": H} if args.model else {}
+    kwargs = model_dims(info) if args.model else {}
     try:
         if args.model:
             kwargs.update(_stored_classes(args.checkpoint))

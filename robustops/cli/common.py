@@ -19,7 +19,7 @@ if TYPE_CHECKING:  # annotations only: torch is imported where it is used
 
 __all__ = ["CLIError", "Parser", "fraction", "fractions", "parse_fraction", "alias", "Renamed", "pick_device", "Dist",
            "distributed", "add_common", "setup_run", "physical_cores", "require_min", "check_data_spec",
-           "split_holdout", "load_data", "model_classes", "warn_empty_classes", "check_model_accepts", "check_writable", "exclusive", "agree",
+           "split_holdout", "load_data", "model_dims", "model_classes", "warn_empty_classes", "check_model_accepts", "check_writable", "exclusive", "agree",
            "checkpoint_meta", "write_summary", "DIGITS_MODEL", "fmt_pct", "os_error_line"]
 
 
@@ -237,9 +237,18 @@ def run_setup(args, sample_numel: Optional[int] = None) -> Tuple[int, bool]:
     return threads, sys.stderr.isatty() if progress is None else progress
 
 
+def model_dims(info: Dict[str, Any]) -> Dict[str, int]:
+    """The shape keywords of ``models.get_model`` for the data: in_channels and input_size (H) of
+    images (C, H, W), and frames for videos (T, C, H, W)."""
+    shape = tuple(int(v) for v in info["input_shape"])
+    if len(shape) == 4:
+        return {"frames": shape[0], "in_channels": shape[1], "input_size": shape[2]}
+    return {"in_channels": shape[0], "input_size": shape[1]}
+
+
 def check_data_spec(spec: str) -> None:
     """CLIError when the data spec names a path that does not exist."""
-    if spec == "digits":
+    if spec in ("digits", "moving_digits"):
         return
     kind, sep, rest = spec.partition(":")
     path = spec
@@ -251,7 +260,7 @@ def check_data_spec(spec: str) -> None:
                 path = head
     path = os.path.expanduser(path)
     if not os.path.exists(path):
-        raise CLIError(f"--data: {path!r} does not exist (expected \"digits\", a .npz file, cifar10:DIR or "
+        raise CLIError(f"--data: {path!r} does not exist (expected \"digits\", \"moving_digits\", a .npz file, cifar10:DIR or "
                        f"imagefolder:DIR)")
 
 

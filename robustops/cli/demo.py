@@ -11,7 +11,7 @@ import os
 import time
 from typing import List, Optional
 
-from . import demo_autoattack, demo_certified, demo_learned
+from . import demo_autoattack, demo_certified, demo_learned, demo_video
 from .common import (DIGITS_MODEL, CLIError, add_common, alias, fmt_pct, fraction, pick_device, require_min,
                      setup_run, split_holdout, write_summary)
 from .train import add_method_flags, method_hparams
@@ -54,11 +54,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-size", type=int, default=144,
                    help="training images held out to pick each method's best epoch (0: last epoch)")
     p.add_argument("--attack-steps", type=int, default=20, help="steps of the evaluation PGD attack")
-    p.add_argument("--section", default=None, choices=[demo_autoattack.SECTION, demo_certified.SECTION],
+    p.add_argument("--section", default=None,
+                   choices=[demo_autoattack.SECTION, demo_certified.SECTION, demo_video.SECTION],
                    help="run one section only: autoattack (AutoAttack at its published budgets on the natural and "
                         "PGD-7 AT models, stage by stage, and the masking check on a masked-gradient model); "
                         "certified (IBP / FastIBP / CROWN-IBP / ACERT models certified with IBP, CROWN-IBP, CROWN "
-                        "and best)")
+                        "and best); video (natural, PGD-AT and budget-scheduled AT of a 3-D-conv model on the "
+                        "moving digits)")
     p.add_argument("--aa-steps", type=int, default=None,
                    help="iterations of APGD-CE and APGD-T (each target) in the AutoAttack (standard) column (None: "
                         "50; --section autoattack: AutoAttack's own 100; 0: skip the column)")
@@ -89,6 +91,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_common(p)
     demo_learned.add_arguments(p)
     demo_certified.add_arguments(p)
+    demo_video.add_arguments(p)
 
 
 def run(args) -> int:
@@ -120,6 +123,8 @@ def run(args) -> int:
         raise CLIError(f"--ibp-eps-max must be a finite number >= 0, got {args.ibp_eps_max}")
     demo_learned.check_arguments(args)
     args.cert_methods_list = demo_certified.check_arguments(args) if args.section == demo_certified.SECTION else []
+    if args.section == demo_video.SECTION:
+        demo_video.check_arguments(args)
     if args.readme and not os.path.isfile(args.readme):
         raise CLIError(f"--readme {args.readme!r}: no such file")
     dev = pick_device(args.device)
@@ -388,6 +393,8 @@ def _demo(args, methods, dev) -> int:
     from .. import smoothing
 
     os.makedirs(args.out, exist_ok=True)
+    if args.section == demo_video.SECTION:  # its own data and model: nothing of the digits rows
+        return demo_video.run_section(args, dev)
     data = _Data(args)
     print(f"robustops demo: digits 8x8 ({len(data.train_ds)} train, {args.val_size} validation, "
           f"{len(data.test_ds)} test), SmallCNN, {args.epochs} epochs, L-inf eps {args.eps:g}, on {dev} "

@@ -21,6 +21,7 @@ from .common import (
     exclusive,
     fraction,
     load_data,
+    model_dims,
     warn_empty_classes,
     require_min,
     setup_run,
@@ -37,13 +38,14 @@ HELP = "adversarial training with a method of the training registry (natural, pg
 #: README's table: 30 epochs, lr 0.05, batch size 64, 144 validation images), on other data the
 #: settings below; None means the rule in each flag's help. Explicit flags always win.
 DATASET_DEFAULTS = {"digits": {"epochs": 30, "lr": 0.05, "batch_size": 64, "val_size": 144},
+                    "moving_digits": {"epochs": 10, "lr": 0.05, "batch_size": 64, "val_size": 144},
                     "other": {"epochs": 10, "lr": None, "batch_size": 128, "val_size": None}}
 
 
 def dataset_defaults(args) -> None:
     """Fills the flags left unset (None) with --data's defaults (DATASET_DEFAULTS); --lr's digits
     default is for sgd (adam keeps its own, 1e-3)."""
-    own = DATASET_DEFAULTS["digits" if args.data == "digits" else "other"]
+    own = DATASET_DEFAULTS[args.data if args.data in DATASET_DEFAULTS else "other"]
     for k, v in own.items():
         if getattr(args, k) is None and not (k == "lr" and args.optimizer != "sgd"):
             setattr(args, k, v)
@@ -112,7 +114,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     g = p.add_argument_group("data and model")
     g.add_argument("--data", default="digits",
-                   help='"digits" (embedded), a .npz file, "cifar10:DIR" or "imagefolder:DIR"')
+                   help='"digits" (embedded), "moving_digits" (embedded videos [8, 1, 16, 16]; model video_cnn), '
+                        'a .npz file, "cifar10:DIR" or "imagefolder:DIR"')
     g.add_argument("--model", default=None,
                    help="small_cnn, preact_resnet18, resnet20, resnet110, ... (None: small_cnn for inputs up to "
                         "16x16, preact_resnet18 otherwise)")
@@ -188,6 +191,8 @@ def method_hparams(args) -> Dict[str, Any]:
 
 
 def default_model(info: Dict[str, Any]) -> str:
+    if len(info["input_shape"]) == 4:  # videos [T, C, H, W]
+        return "video_cnn"
     C, H, W = info["input_shape"]
     return "small_cnn" if H <= 16 else "preact_resnet18"
 
@@ -197,12 +202,14 @@ def build_model(name: str, info: Dict[str, Any]):
     (``Sequential(Normalize, net)``), so it takes [0, 1] pixels and its checkpoint rebuilds it."""
     from .. import models
 
-    C, H, W = info["input_shape"]
-    kw: Dict[str, Any] = {"num_classes": int(info["num_classes"]), "in_channels": int(C)}
-    base = name.lower().replace("-", "_")
-    base = base[len(models.DENOISED_PREFIX):] if base.startswith(models.DENOISED_PREFIX) else base
-    if base in ("small_cnn", "smallcnn", "cnn7", "cnn_7"):  # their linear layers need it
-        kw["input_size"] = int(H)
+    dims = model_dims(info)
+    kw: Dict[str, Any] = {"num_classes": int(info["num_classes"]), "in_channels": dims["in_channels"]}
+    key = name.lower().replace("-", "_")
+    key = key[len(models.DENOISED_PREFIX):] if key.startswith(models.DENOISED_PREFIX) else key
+    if key in ("small_cnn", "smallcnn", "cnn7", "cnn_7", "video_cnn"):  # their linear layers need it
+        kw["input_size"] = dims["input_size"]
+    if "frames" in dims and key == "video_cnn":
+        kw["frames"] = dims["frames"]
     if info.get("mean") is not None and info.get("std") is not None:
         kw["mean"], kw["std"] = [float(v) for v in info["mean"]], [float(v) for v in info["std"]]
     return models.get_model(name, **kw), kw
@@ -301,7 +308,7 @@ def run(args) -> int:
         load_data(args.data, "test")  # the final evaluation's data, checked now rather than after training
     eps = _learned_eps(args)
     if eps is None:
-        eps = args.eps if args.eps is not None else (0.2 if info["name"] == "digits" else 8 / 255)
+        eps = args.eps if args.eps is not None else (0.2 if info["name"] in ("digits", "moving_digits") else 8 / 255)
     hp = dict(epochs=args.epochs, eps=eps, alpha=args.alpha, steps=args.steps, norm=args.norm,
               random_start=not args.no_random_start, optimizer=args.optimizer, lr=args.lr, momentum=args.momentum,
               weight_decay=args.weight_decay, nesterov=args.nesterov, schedule=args.schedule,

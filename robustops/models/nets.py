@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .denoise import Denoised, Denoiser
+from .video import VideoCNN
 
 __all__ = ["SmallCNN", "CNN7", "PreActResNet18", "PreActBlock", "CifarResNet", "BasicBlock", "CohenBasicBlock",
            "cifar_resnet", "CohenCifarResNet", "cohen_cifar_resnet", "Normalize", "channel_stats", "split_normalize",
@@ -55,24 +56,34 @@ def channel_stats(mean, std) -> Tuple[torch.Tensor, torch.Tensor]:
 
 
 class Normalize(nn.Module):
-    """``(x - mean) / std`` with per-channel mean / std (dim 1), kept as buffers so they follow the
+    """``(x - mean) / std`` with per-channel mean / std (at ``channel_dim``: 1 for [B, C, ...] images, 2 for
+    [B, T, C, H, W] videos; a mean / std of several channels that does not match that dim is an error,
+    never a silent broadcast over frames), kept as buffers so they follow the
     module's device and are saved in its state dict. The one normalisation of robustops: attacks
     (``mean``/``std``), training (``FitConfig.mean``/``std``), smoothing (fused into the noise kernel)
     and checkpoints all go through it; :func:`channel_stats` validates its arguments."""
 
-    def __init__(self, mean: Union[float, Sequence[float]], std: Union[float, Sequence[float]]):
+    def __init__(self, mean: Union[float, Sequence[float]], std: Union[float, Sequence[float]],
+                 channel_dim: int = 1):
         super().__init__()
         mean_t, std_t = channel_stats(mean, std)
+        if not isinstance(channel_dim, int) or isinstance(channel_dim, bool) or channel_dim < 1:
+            raise ValueError(f"channel_dim must be an int >= 1 (1: [B, C, ...] images; 2: [B, T, C, H, W] "
+                             f"videos), got {channel_dim!r}")
+        self.channel_dim = channel_dim
         self.register_buffer("mean", mean_t.reshape(1, -1, 1, 1))
         self.register_buffer("std", std_t.reshape(1, -1, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        c = self.mean.numel()
-        if c > 1 and (x.dim() < 2 or x.shape[1] != c):
+        c, d = self.mean.numel(), self.channel_dim
+        if c > 1 and (x.dim() <= d or x.shape[d] != c):
             # broadcasting would silently turn a 1-channel batch into c identical channels
-            raise ValueError(f"Normalize: expected inputs [B, {c}, ...] ({c} channels, one mean/std each), got "
-                             f"{list(x.shape)}")
-        shape = (1, -1) + (1,) * (x.dim() - 2)
+            hint = " (a video [B, T, C, H, W]? use Normalize(..., channel_dim=2))" \
+                if d == 1 and x.dim() == 5 and x.shape[2] == c else ""
+            want = f"[B, {c}, ...]" if d == 1 else f"[B, T, {c}, H, W]" if d == 2 else f"{c} channels at dim {d}"
+            raise ValueError(f"Normalize: expected inputs {want} ({c} channels, one mean/std each), got "
+                             f"{list(x.shape)}{hint}")
+        shape = (1,) * d + (-1,) + (1,) * max(x.dim() - d - 1, 0)
         return (x - self.mean.reshape(shape).to(x.dtype)) / self.std.reshape(shape).to(x.dtype)
 
     def values(self) -> Tuple[List[float], List[float]]:
@@ -80,7 +91,8 @@ class Normalize(nn.Module):
         return self.mean.flatten().tolist(), self.std.flatten().tolist()
 
     def extra_repr(self) -> str:
-        return f"mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}"
+        dim = f", channel_dim={self.channel_dim}" if self.channel_dim != 1 else ""
+        return f"mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}{dim}"
 
 
 def split_normalize(model):
@@ -344,7 +356,7 @@ class CNN7(nn.Module):
 # ------------------------------------------------------------------------------------ registry
 
 MODEL_NAMES = ("small_cnn", "preact_resnet18", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
-               "cohen_cifar_resnet20", "cohen_cifar_resnet110", "cnn7")
+               "cohen_cifar_resnet20", "cohen_cifar_resnet110", "cnn7", "video_cnn")
 _RESNET = re.compile(r"^resnet(\d+)$")
 _COHEN_RESNET = re.compile(r"^cohen_(?:cifar_)?resnet(\d+)$")  # cohen_cifar_resnet110, cohen_resnet110
 
@@ -365,12 +377,14 @@ def _denoised(inner: str, num_classes, in_channels, input_size, mean, std) -> De
 
 
 def get_model(name: str, num_classes: int = 10, in_channels: Optional[int] = None, input_size: Optional[int] = None,
-              mean=None, std=None) -> nn.Module:
+              mean=None, std=None, frames: int = 8) -> nn.Module:
     """A model by name: "small_cnn", "preact_resnet18", "resnet20", "resnet110" (any "resnet<6n+2>"),
     "cohen_cifar_resnet110" (or "cohen_resnet110"; any depth 6n+2): Cohen et al.'s CIFAR ResNet;
-    "cnn7" (or "cnn_7"): :class:`CNN7`, the IBP benchmark network; "denoised_<name>" (e.g.
-    "denoised_small_cnn"): that model behind a :class:`~robustops.models.denoise.Denoiser`, one
-    :class:`~robustops.models.denoise.Denoised` module (generative adversarial training's pipeline).
+    "cnn7" (or "cnn_7"): :class:`CNN7`, the IBP benchmark network; "video_cnn":
+    :class:`~robustops.models.video.VideoCNN` for [B, T, C, H, W] videos (input_size default 16, frames 8;
+    its Normalize is at dim 2); "denoised_<name>" (e.g. "denoised_small_cnn"): that model behind a
+    :class:`~robustops.models.denoise.Denoiser`, one :class:`~robustops.models.denoise.Denoised` module
+    (generative adversarial training's pipeline).
 
     num_classes; in_channels (default 1 for small_cnn, 3 otherwise); input_size (the height / width
     of the input: small_cnn default 8, cnn7 default 32; the ResNets pool globally and take any size). With mean
@@ -402,10 +416,13 @@ def get_model(name: str, num_classes: int = 10, in_channels: Optional[int] = Non
             raise ValueError(f"unknown model {name!r}: CIFAR ResNets have depth 6n+2 (resnet20, resnet32, ..., "
                              f"resnet110); known models: {', '.join(MODEL_NAMES)}")
         model = cifar_resnet(depth, num_classes=num_classes, in_channels=3 if in_channels is None else in_channels)
+    elif key in ("video_cnn", "videocnn"):
+        model = VideoCNN(in_channels=1 if in_channels is None else in_channels, num_classes=num_classes,
+                         frames=frames, input_size=16 if input_size is None else input_size)
     else:
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(MODEL_NAMES)}")
     if mean is not None or std is not None:
-        model = nn.Sequential(Normalize(mean, std), model)
+        model = nn.Sequential(Normalize(mean, std, channel_dim=2 if isinstance(model, VideoCNN) else 1), model)
     return model
 
 

@@ -38,6 +38,7 @@ from scipy import stats
 
 from .. import _checks, _rng
 from ..models import Normalize
+from ..models.video import model_to_channels_last
 from .graph import VoteGraphs, model_fingerprint
 from .sequential import DEFAULT_N_MIN, DEFAULT_PRECISION, DEFAULT_TEST, clopper_pearson_lower
 from .stream import SequentialResult, certify_stream, check_radii
@@ -135,11 +136,14 @@ class Smooth:
         Its train / eval mode is left as it is (call .eval() first).
     num_classes: int >= 2.  sigma: noise level > 0, in the units of x (pixels in [0, 1] for images).
     mean, std: optional per-channel normalization applied *after* the noise, fused into the noise
-        kernel: for a classifier trained on (x - mean) / std of images x in [0, 1].
+        kernel: for a classifier trained on (x - mean) / std of images x in [0, 1]. The channels are
+        dim 1 ([B, C, ...]); for videos [B, T, C, H, W] with several channels put
+        ``models.Normalize(mean, std, channel_dim=2)`` in front of the classifier instead.
     autocast: None, "bf16" or "fp16" (or the torch dtype): run the classifier under torch.autocast
         and write the noisy batches in that dtype (the classifier's first layer would cast them anyway).
-    channels_last: write the noisy batches in channels_last (4-D / 5-D inputs) and convert the
-        classifier's parameters to channels_last, in place.
+    channels_last: write the noisy batches in channels_last (4-D / 5-D inputs: torch's channels_last /
+        channels_last_3d, channels at dim 1) and convert the classifier's parameters to channels_last
+        (Conv3d weights to channels_last_3d), in place.
     input_shape: optional shape of one input (without the batch dimension), checked on every call;
         with it, an x of exactly that shape (one input, as Cohen et al.'s certify takes it) is taken
         as a batch of one.
@@ -180,7 +184,7 @@ class Smooth:
                 break
         self.device = None if device is None else torch.device(device)
         if self.channels_last and isinstance(base_classifier, torch.nn.Module):
-            base_classifier.to(memory_format=torch.channels_last)
+            model_to_channels_last(base_classifier)  # Conv3d weights: channels_last_3d
         self.graph = bool(graph)
         self._graphs = VoteGraphs()
         self._warned_graph = False

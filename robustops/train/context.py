@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from .. import _checks
 from ..attacks.engine import Engine
-from ..models import Normalize
+from ..models import Normalize, video
 from .budget import BudgetSchedule, make_schedule
 from .registry import StepStats
 
@@ -89,7 +89,7 @@ def bind_model(model: nn.Module, cfg, device=None) -> Tuple[torch.device, nn.Mod
     device = torch.device(device)
     model.to(device)
     if cfg.channels_last:
-        model.to(memory_format=torch.channels_last)
+        video.model_to_channels_last(model)  # 4-D weights channels_last, Conv3d's channels_last_3d
     fwd = nn.Sequential(Normalize(cfg.mean, cfg.std), model).to(device) if cfg.mean is not None else model
     return device, fwd
 
@@ -118,7 +118,8 @@ class MethodContext:
     Methods:
       seed(): a fresh Philox seed from this process's generator (checkpointed).
       autocast(): the run's autocast context.
-      fmt(x): x in the configured layout (channels_last for 4-D inputs when asked).
+      fmt(x): x in the configured layout (when asked: channels_last for 4-D inputs; for 5-D videos
+        [B, T, C, H, W] memory order [B, T, H, W, C], ``models.video.to_channels_last``).
       update(closure): the one way to take a training step: ``closure(net)`` returns (loss, aux); under
         ``awp`` the weights are first perturbed to raise that loss (a first call through the local,
         non-DDP forward), then closure(net) runs under autocast, its (scaled) loss is back-propagated,
@@ -193,6 +194,8 @@ class MethodContext:
     def fmt(self, x: torch.Tensor) -> torch.Tensor:
         if self.cfg.channels_last and x.dim() == 4:
             return x.contiguous(memory_format=torch.channels_last)
+        if self.cfg.channels_last and x.dim() == 5:  # a video [B, T, C, H, W]: memory [B, T, H, W, C]
+            return video.to_channels_last(x)
         return x
 
     # ---- losses
