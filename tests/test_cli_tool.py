@@ -67,8 +67,18 @@ def test_console_script_runs_from_anywhere_and_help_is_fast(tmp_path):
     p = subprocess.run([sys.executable, "-m", "robustops", "--help"], cwd=tmp_path, capture_output=True, text=True,
                        timeout=60, env=clean)
     ok(p)
-    best = min(_timed([BIN, "--help"], tmp_path) for _ in range(3))
-    assert best < 1.0, f"`robustops --help` took {best:.2f}s"
+    # Fast: under 1 s, or (on a loaded machine: another pytest-xdist worker, other jobs on the same cores) under
+    # half of what a bare `import torch` takes there and then, measured alongside; a --help that imports torch
+    # (or anything as heavy) fails both.
+    helps, torches = [], []
+    for _ in range(3):
+        helps.append(_timed([BIN, "--help"], tmp_path))
+        if min(helps) < 1.0:
+            break
+        torches.append(_timed([sys.executable, "-c", "import torch"], tmp_path))
+    best = min(helps)
+    assert best < 1.0 or best < 0.5 * min(torches), (
+        f"`robustops --help` took {best:.2f}s; `import torch` {min(torches):.2f}s")
 
 
 def _timed(cmd, cwd):
