@@ -13,7 +13,7 @@ PYTHON := $(PY)
 SETUP_STAMP :=
 else
 PYTHON := $(VENV)/bin/python
-SETUP_STAMP := $(VENV)/.stamp-$(TORCH_VERSION)-4
+SETUP_STAMP := $(VENV)/.stamp-$(TORCH_VERSION)-5
 endif
 
 # Compile the CUDA kernels whenever nvcc exists (and torch is a CUDA build): a CUDA compile error
@@ -32,6 +32,11 @@ EXT_STAMP := build/.ext-stamp
 CMAKE_STAMP := build/.cmake-stamp
 WHEEL_STAMP := build/.wheel-stamp
 PYTEST_ARGS ?=
+# `make test` runs the tests in PYTEST_WORKERS processes at once (pytest-xdist; tests of one xdist_group
+# share a worker); PYTEST_WORKERS=0 runs them in this one process. With PY=... and no pytest-xdist there,
+# they run in one process too.
+PYTEST_WORKERS ?= 2
+PYTEST_XDIST := $(if $(filter-out 0,$(PYTEST_WORKERS)),-n $(PYTEST_WORKERS) --dist loadgroup)
 
 .PHONY: all setup build cmake wheel wheel-check test fuzz demo bench clean
 
@@ -39,7 +44,7 @@ all: build
 
 # torchattacks (tests/test_torchattacks.py compares against it) is installed without its stale pins
 # (requests ~= 2.25, torchvision): it imports neither.
-$(VENV)/.stamp-$(TORCH_VERSION)-4:
+$(VENV)/.stamp-$(TORCH_VERSION)-5:
 	test -x $(VENV)/bin/python || python3 -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip
 	$(VENV)/bin/python -m pip install -q torch==$(TORCH_VERSION) -r requirements-dev.txt
@@ -104,7 +109,7 @@ $(WHEEL_STAMP): $(EXT_STAMP)
 wheel: $(WHEEL_STAMP)
 
 test: build cmake wheel
-	$(PYTHON) -m pytest tests -q $(PYTEST_ARGS)
+	$(PYTHON) -m pytest tests -q $$($(PYTHON) -c "import xdist" 2>/dev/null && echo "$(PYTEST_XDIST)") $(PYTEST_ARGS)
 
 # The property tests at length (3000 examples per property instead of make test's 200).
 fuzz: build

@@ -1,5 +1,16 @@
+import os
+
 import pytest
 import torch
+
+# Under pytest-xdist (`make test` runs `-n $(PYTEST_WORKERS)`) each worker is a process of its own: the
+# cores are shared among the workers, so each worker's torch gets its share of them as its default
+# thread count (tests that need another count set it themselves). Two workers on two cores with two
+# torch threads each would oversubscribe the cores, and the OpenMP threads of one would spin-wait on
+# the other's.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if os.environ.get("PYTEST_XDIST_WORKER") and _WORKERS > 1:
+    torch.set_num_threads(max(1, torch.get_num_threads() // _WORKERS))
 
 
 def pytest_collection_modifyitems(config, items):

@@ -204,7 +204,9 @@ def test_a_second_run_on_the_same_output_fails_at_once(ckpt, tmp_path):
                                         "50", "--out", str(run), "--no-progress"], cwd=ROOT, env=env(),
                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
         wait_for(str(out) + ".rank0.part", firsts[0])
-        wait_for(str(run / "log.csv"), firsts[1])
+        # the first train holds its lock from its start (it would write log.csv only after a PGD epoch); the
+        # second run needs seconds to import torch before it reaches the lock, so the first one has it by then
+        wait_for(str(run / ".lock"), firsts[1])
         t0 = time.time()
         certify, train = robustops_concurrently(("certify", "--checkpoint", ckpt, "-o", out, "--resume", *slow),
                                                 ("train", "--method", "pgd", "--epochs", "50", "--out", run,

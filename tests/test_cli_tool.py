@@ -67,8 +67,18 @@ def test_console_script_runs_from_anywhere_and_help_is_fast(tmp_path):
     p = subprocess.run([sys.executable, "-m", "robustops", "--help"], cwd=tmp_path, capture_output=True, text=True,
                        timeout=60, env=clean)
     ok(p)
-    best = min(_timed([BIN, "--help"], tmp_path) for _ in range(3))
-    assert best < 1.0, f"`robustops --help` took {best:.2f}s"
+    # Fast: under 1 s, or (on a loaded machine: another pytest-xdist worker, other jobs on the same cores) under
+    # half of what a bare `import torch` takes there and then, measured alongside; a --help that imports torch
+    # (or anything as heavy) fails both.
+    helps, torches = [], []
+    for _ in range(3):
+        helps.append(_timed([BIN, "--help"], tmp_path))
+        if min(helps) < 1.0:
+            break
+        torches.append(_timed([sys.executable, "-c", "import torch"], tmp_path))
+    best = min(helps)
+    assert best < 1.0 or best < 0.5 * min(torches), (
+        f"`robustops --help` took {best:.2f}s; `import torch` {min(torches):.2f}s")
 
 
 def _timed(cmd, cwd):
@@ -288,7 +298,10 @@ def test_certify_plot_and_the_plot_command_overlay_curves(ckpts, tmp_path):
 
     assert summary["largest_certifiable_radius"] == pytest.approx(largest_certifiable_radius(0.25, 200, 0.01))
     png = tmp_path / "curves.png"
-    p = ok(robustops("plot", a, b, "-o", png))
+    p, missing, labels = robustops_concurrently(  # the plot and two refused ones (other outputs) at once
+        ("plot", a, b, "-o", png), ("plot", a, tmp_path / "missing.tsv", "-o", tmp_path / "m.png"),
+        ("plot", a, b, "-o", tmp_path / "l.png", "--labels", "only-one"))
+    ok(p)
     assert os.path.getsize(tmp_path / "curves.pdf") > 0
     dpi = Image.open(png).info.get("dpi")
     assert dpi is not None and round(dpi[0]) == 300
@@ -298,8 +311,6 @@ def test_certify_plot_and_the_plot_command_overlay_curves(ckpts, tmp_path):
     # the n-limited radius: sigma * Phi^-1(alpha^(1/n)), twice as large at twice the sigma
     assert curves[1]["largest_certifiable_radius"] == pytest.approx(2 * curves[0]["largest_certifiable_radius"])
     assert "a (sigma 0.25): 20 inputs" in p.stdout
-    missing, labels = robustops_concurrently(("plot", a, tmp_path / "missing.tsv", "-o", tmp_path / "m.png"),
-                                             ("plot", a, b, "-o", tmp_path / "l.png", "--labels", "only-one"))
     assert_one_line_error(missing, "missing.tsv")
     assert_one_line_error(labels, "--labels")
 
