@@ -21,15 +21,16 @@ HELP = ("train natural / PGD / free / Gaussian / consistency / MACER / IBP / ACE
         "on the embedded digits data, evaluate and certify them, print a comparison table; learn a perturbation set "
         "and train / attack / certify against it")
 
-DEMO_METHODS = ("natural", "pgd", "free", "gaussian", "consistency", "macer", "ibp", "acert", "dale_pd", "pgd+awp",
-                "pgd+ema", "pgd+proxy")
+DEMO_METHODS = ("natural", "pgd", "free", "fgsm_sdi", "pgd+coreset", "gaussian", "consistency", "macer", "ibp", "acert",
+                "dale_pd", "pgd+awp", "pgd+ema", "pgd+proxy")
 #: demo rows that are a method with options: row -> (method, options). "proxy" mixes generated digits
 #: (a class-conditional PCA + Gaussian-mixture generator fit on the training split) into every batch.
 #: MACER runs with lambda 1 after 10 epochs of warm-up and 8 noise copies: with the paper's lambda 12 and
 #: no warm-up it collapses at this learning rate on the digits (ACR 0.09; see the README).
 ROW_SPECS = {"macer": ("macer", {"macer_lambda": 1.0, "macer_warmup": 10, "noise_copies": 8}),
              "pgd+awp": ("pgd", {"awp": 5e-3}), "pgd+ema": ("pgd", {"ema": 0.999}),
-             "pgd+proxy": ("pgd", {"proxy": 0.5})}
+             "pgd+proxy": ("pgd", {"proxy": 0.5}),
+             "pgd+coreset": ("pgd", {"coreset": "craig", "coreset_frac": 0.5})}
 #: The models whose IBP-certified accuracy against radius the demo plots.
 IBP_PLOT_METHODS = ("natural", "pgd", "ibp", "acert")
 
