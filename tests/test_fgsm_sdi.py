@@ -65,7 +65,7 @@ def test_delta0_stays_inside_the_ball():
 
 def test_generator_steps_on_batches_0_k_2k(digits):
     x, y = batch(digits, 16)
-    tr = rt.Trainer(tiny_cnn(), method="fgsm_sdi", eps=0.1, sdi_every=5, steps_per_epoch=12)
+    tr = rt.Trainer(tiny_cnn(), method="fgsm_sdi", eps=0.1, sdi_every=5, steps_per_epoch=12, epochs=2)
     m = tr.method
     at, inner = [], m.generator_step
 
@@ -81,6 +81,43 @@ def test_generator_steps_on_batches_0_k_2k(digits):
     assert at == [0, 5, 10] and m.generator_steps == 3
     assert all(int(s["step"]) == 3 for s in m.optimizer.state.values())
     assert any(not torch.equal(b, p) for b, p in zip(before, gen.parameters()))
+    tr.train_step(x, y)  # the next epoch counts its batches from 0 again (batch_idx % k in the official code)
+    assert at == [0, 5, 10, 0] and m.generator_steps == 4
+
+
+def test_per_sample_budgets_from_an_adaptive_schedule(digits):
+    x, y = batch(digits, 16)  # 16 samples of 8x8: a [B] budget mis-broadcast against the width would fail here
+    tr = rt.Trainer(tiny_cnn(), method="fgsm_sdi", eps=0.1, sdi_every=1, steps_per_epoch=4,
+                    budget_schedule="adaptive", budget_adapt="sample", budget_grid=3)
+    m, seen = tr.method, {}
+    inner = m.generator_step
+
+    def spy(x_, y_, sign_g, eps, alpha):
+        seen["eps"] = eps
+        return inner(x_, y_, sign_g, eps, alpha)
+
+    m.generator_step = spy
+    tr.train_step(x, y)
+    assert seen["eps"].shape == (16,) and m.generator_steps == 1
+    with torch.no_grad():
+        d0 = m.generator(x, torch.sign(torch.randn_like(x)), seen["eps"])
+    assert (d0.abs().flatten(1).amax(1) <= seen["eps"] + 1e-7).all()
+
+
+def test_the_command_line_takes_every_sdi_flag(tmp_path):
+    import json
+
+    from robustops.cli import main
+
+    out = tmp_path / "sdi"
+    assert main(["train", "--method", "fgsm_sdi", "--epochs", "1", "--eps", "0.2", "--sdi-every", "3",
+                 "--sdi-lr", "0.002", "--sdi-weight-decay", "0", "--sdi-factor", "1", "--sdi-lr-schedule",
+                 "multistep", "--sdi-width", "8", "--val-size", "64", "--val-steps", "1", "--test-steps", "1",
+                 "--batch-size", "256", "--out", str(out), "--no-progress"]) == 0
+    with open(out / "summary.json") as fh:
+        p = json.load(fh)["config"]["params"]
+    assert p == {"sdi_every": 3, "sdi_lr": 0.002, "sdi_weight_decay": 0.0, "sdi_factor": 1.0,
+                 "sdi_lr_schedule": "multistep", "sdi_width": 8}
 
 
 def test_generator_lr_constant_or_multistep():

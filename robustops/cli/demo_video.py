@@ -33,7 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--video-rows", default=",".join(ROWS),
                    help=f"comma-separated rows of the video section (default: {','.join(ROWS)})")
     g.add_argument("--video-epochs", type=int, default=25, help="epochs per video model")
-    g.add_argument("--video-eps", type=fraction("video-eps"), default=8 / 255,
+    g.add_argument("--video-eps", type=fraction("video-eps"), default=0.1,
                    help="L-inf budget of training and of the PGD-20 / APGD-CE evaluation (pixels in [0, 1])")
     g.add_argument("--video-steps", type=int, default=3, help="PGD-AT inner steps on the videos")
     g.add_argument("--video-apgd-steps", type=int, default=20, help="APGD-CE iterations of the evaluation")

@@ -25,8 +25,8 @@ backward), divided by the size of the training set. ``select_time`` (seconds, in
 and ``coreset_size`` (samples trained this epoch) are further log columns.
 
 **Schedule**: the learning-rate schedule's length is the exact number of optimizer steps of the mixed
-full / subset epochs (:meth:`CoresetRun.total_steps`). (``ctx.progress`` is exact; ``ctx.epoch`` counts passes of the full data's length, which no
-coreset-capable method reads.) **Resume**: the current subset, its weights,
+full / subset epochs (:meth:`CoresetRun.total_steps`); ``ctx.progress`` and ``ctx.epoch`` (the pass
+``fit`` is in, ``Trainer.pass_index``) are exact. **Resume**: the current subset, its weights,
 the selection count and the run's selection seed are in the checkpoint (``state_dict``); the subset
 epochs' shuffling and the random rule draw from generators keyed by (that seed, epoch / selection).
 **DDP**: every process computes the proxies of its shard (indices rank::world), they are all-gathered,

@@ -184,6 +184,7 @@ class _FitRun:
         from tqdm.auto import tqdm
 
         cfg, tr = self.cfg, self.trainer
+        tr.pass_index = epoch - 1
         t0 = time.perf_counter()
         loader, weighted, t_select = self.loader, False, 0.0
         if self.coreset is not None:  # a coreset epoch's loader yields (x, y, w); selection time counts

@@ -157,6 +157,7 @@ class Trainer:
         else:
             self.optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
         self.steps_per_epoch = max(1, steps_per_epoch)
+        self.pass_index: Optional[int] = None  # set by fit: the 0-based pass now running (see ``epoch``)
         self.total_steps = cfg.passes * self.steps_per_epoch * cfg.updates_per_batch if total_steps is None \
             else max(1, int(total_steps))
         if cfg.schedule == "onecycle":
@@ -218,8 +219,12 @@ class Trainer:
 
     @property
     def epoch(self) -> int:
-        """The 0-based data pass of the next step: optimizer steps done // optimizer steps per pass (a
-        Trainer built without steps_per_epoch counts each minibatch as a pass)."""
+        """The 0-based data pass of the next step: ``pass_index`` when the loop driving the trainer sets it
+        (``fit`` does, at the start of each pass: a coreset run's passes are shorter than the data), else
+        optimizer steps done // optimizer steps per pass (a Trainer built without steps_per_epoch counts
+        each minibatch as a pass)."""
+        if self.pass_index is not None:
+            return self.pass_index
         return int(self.scheduler.last_epoch) // (self.steps_per_epoch * self.cfg.updates_per_batch)
 
     # ---- the context's helpers the options (awp: autocast) and the tests use on the trainer

@@ -112,7 +112,9 @@ class GenerativeAT(Method):
         self.pipeline = find_denoised(ctx.forward)
         channels = next(m for m in self.pipeline.denoiser.modules() if isinstance(m, nn.Conv2d)).in_channels
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(ctx.seed())  # D's initial weights from the run's seeds, not the global stream
+            # D's initial weights from the run's seeds, not the global stream; the CPU generator only
+            # (torch.manual_seed would also reseed CUDA's)
+            torch.default_generator.manual_seed(ctx.seed())
             self.disc = Discriminator(channels).to(ctx.device)
         if ctx.world_size > 1:
             import torch.distributed as dist

@@ -10,7 +10,7 @@ start of a single FGSM step; G and the classifier f are trained against each oth
     x0     = clamp(x + delta0, lo, hi)
     x_adv  = clamp(x + clamp(x0 + alpha * sign(grad_x CE(f(x0), y)) - x, -eps, eps), lo, hi)   (ops.pgd_step_)
     classifier:  min_w   CE_s(f_w(x_adv), y)                        (label-smoothed, see below)
-    generator:   max_G   CE_s(f(x_adv(G)), y)    every k-th batch (batches 0, k, 2k, ...), one Adam step
+    generator:   max_G   CE_s(f(x_adv(G)), y)    on batches 0, k, 2k, ... of every epoch, one Adam step
 
 The generator's objective, as the official code computes it (FGSM_SDI_loss.py, read for reference only):
 the classifier's label-smoothed loss at the adversarial example *after* the FGSM step, differentiated
@@ -52,7 +52,10 @@ Choices and where this code differs from the official code:
   step) and so are its BN statistics after the step: every rank keeps the same generator.
 - Mixed precision: the classifier's forwards run under the run's autocast; G runs in float32. The
   generator's loss is not fp16-scaled (its gradient reaches G through the model's input gradient).
-- Step size: alpha defaults to eps (the paper's 8/255 at eps 8/255); L-inf only.
+- Step size: alpha defaults to eps (the paper's 8/255 at eps 8/255); L-inf only. The budget is the
+  run's (``ctx.budget``: with a budget schedule eps and alpha may change per batch or per sample).
+- The generator's batches are counted within each epoch (``batch_idx % k`` in the official code): on a
+  data set of fewer than k batches per epoch it steps once per epoch.
 """
 from __future__ import annotations
 
@@ -62,7 +65,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from ...attacks.engine import memory_format
+from ...attacks.engine import batch_view_shape, memory_format
 from ..registry import Hyper, Method, register
 
 __all__ = ["SDIGenerator", "FGSMSDI", "LR_SCHEDULES", "smoothing_from_factor"]
@@ -121,7 +124,7 @@ class SDIGenerator(nn.Module):
         inp = torch.cat([x, sign_grad], dim=-3).reshape(-1, 2 * self.channels, *x.shape[-2:])
         out = torch.tanh(self.net(inp.float())).reshape(x.shape)
         if isinstance(eps, torch.Tensor) and eps.dim() == 1:
-            eps = eps.view((-1,) + (1,) * (x.dim() - 1))
+            eps = eps.view(batch_view_shape(x))
         return out * eps
 
 
@@ -169,7 +172,8 @@ class FGSMSDI(Method):
         super().__init__(ctx)
         self.generator: Optional[SDIGenerator] = None
         self.optimizer: Optional[torch.optim.Adam] = None
-        self.batches = 0       # minibatches stepped (the generator steps on batches 0, k, 2k, ...)
+        self.batches = 0       # minibatches stepped this epoch (the generator steps on batches 0, k, 2k, ...)
+        self.epoch_seen = 0    # the epoch (ctx.epoch) they belong to
         self.generator_steps = 0
 
     # ---- the generator and its optimiser (built at the first batch: C comes from the data)
@@ -179,7 +183,8 @@ class FGSMSDI(Method):
         optimiser; initial weights from ``seed`` (default: a fresh ``ctx.seed()``). Returns it."""
         seed = self.ctx.seed() if seed is None else seed
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed % (1 << 63))
+            # the CPU generator only (torch.manual_seed would also reseed CUDA's, which resume restores)
+            torch.default_generator.manual_seed(seed % (1 << 63))
             self.generator = SDIGenerator(channels, self.cfg.sdi_width).to(self.ctx.device)
         if self.ctx.world_size > 1:  # each rank draws its own seed: every rank starts from rank 0's generator
             with torch.no_grad():
@@ -232,7 +237,8 @@ class FGSMSDI(Method):
             x0 = self.start(x, sign_g, eps)
             g, _, _ = engine.gradient(x0.detach(), y)
             # pgd_step_'s L-inf formula written out so the loss reaches delta0; sign(g) is constant in it
-            x_adv = (x + (x0 + alpha * torch.sign(g) - x).clamp(-eps, eps)).clamp(c.lo, c.hi)
+            e, a = (v.view(batch_view_shape(x)) if isinstance(v, torch.Tensor) else v for v in (eps, alpha))
+            x_adv = (x + (x0 + a * torch.sign(g) - x).clamp(-e, e)).clamp(c.lo, c.hi)
             loss = self.smoothed_ce(engine.logits(x_adv), y)
             params = [p for p in gen.parameters() if p.requires_grad]
             grads = torch.autograd.grad(-loss, params)
@@ -275,6 +281,8 @@ class FGSMSDI(Method):
         engine = ctx.engine("linf")
         g0, _, _ = engine.gradient(x, y)
         sign_g = torch.sign(g0)
+        if ctx.epoch != self.epoch_seen:
+            self.batches, self.epoch_seen = 0, ctx.epoch
         if self.batches % c.sdi_every == 0:
             self.generator_step(x, y, sign_g, eps, alpha)
         self.batches += 1
@@ -292,13 +300,14 @@ class FGSMSDI(Method):
 
     def state_dict(self):
         if self.generator is None:
-            return {"batches": self.batches, "generator_steps": self.generator_steps}
-        return {"batches": self.batches, "generator_steps": self.generator_steps,
+            return {"batches": self.batches, "epoch_seen": self.epoch_seen, "generator_steps": self.generator_steps}
+        return {"batches": self.batches, "epoch_seen": self.epoch_seen, "generator_steps": self.generator_steps,
                 "channels": self.generator.channels, "generator": _on_cpu(self.generator.state_dict()),
                 "optimizer": _on_cpu(self.optimizer.state_dict())}
 
     def load_state_dict(self, st) -> None:
         self.batches = int(st.get("batches", 0))
+        self.epoch_seen = int(st.get("epoch_seen", 0))
         self.generator_steps = int(st.get("generator_steps", 0))
         if "generator" not in st:
             self.generator = self.optimizer = None
