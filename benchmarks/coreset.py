@@ -135,7 +135,7 @@ def mean_sd(values) -> str:
 
 def summary(done: dict, keys) -> None:
     """Means over the seeds (+- the sample sd), and the paired APGD differences of the selection rules
-    against random and full-matched (same seed, same budget)."""
+    against random and full-matched (same seed, same budget) and against full."""
     seeds = sorted({s for _, s in done})
     if len(seeds) < 2:
         return
@@ -146,11 +146,11 @@ def summary(done: dict, keys) -> None:
         print(f"  {key:<12} {mean_sd(r['clean_acc'] for r in rows)} / {mean_sd(r['pgd20_acc'] for r in rows)} / "
               f"{mean_sd(r['apgd_acc'] for r in rows)}, {statistics.mean(r['train_s'] for r in rows):6.1f} s"
               + (f", x{statistics.mean(ratio):.2f}" if ratio else ""))
-    for key in ("craig", "gradmatch"):
+    for key in ("craig", "gradmatch", "random"):
         for other in ("random", "full-matched", "full"):
             pairs = [done[(key, s)]["apgd_acc"] - done[(other, s)]["apgd_acc"] for s in seeds
                      if (key, s) in done and (other, s) in done]
-            if len(pairs) > 1:
+            if key != other and len(pairs) > 1:
                 print(f"  APGD {key} - {other}: {mean_sd(pairs)} pts (per seed: "
                       f"{', '.join(f'{100 * d:+.1f}' for d in pairs)})")
 
