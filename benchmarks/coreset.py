@@ -154,5 +154,6 @@ def summary(done: dict, keys) -> None:
                 print(f"  APGD {key} - {other}: {mean_sd(pairs)} pts (per seed: "
                       f"{', '.join(f'{100 * d:+.1f}' for d in pairs)})")
 
+
 if __name__ == "__main__":
     main()
