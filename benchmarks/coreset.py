@@ -16,7 +16,7 @@ two gradient stages). The issue's targets are printed beside each coreset row: t
 robust >= full - 3 points, clean >= full - 2.5 points (robust: the APGD figure). Rows are appended to
 benchmarks/results/coreset.csv as each run ends.
 
-    python benchmarks/coreset.py --threads 1                # 4 runs x seed 0, 30 epochs (a few minutes on a CPU)
+    python benchmarks/coreset.py --threads 1                # 5 runs x seed 0, 30 epochs (a few minutes on a CPU)
     python benchmarks/coreset.py --quick --no-csv           # 4 epochs, 120 test images: under a minute
     python benchmarks/coreset.py --threads 1 --seeds 0,1,2  # 5 runs x 3 seeds, then a mean +- sd summary
     python benchmarks/coreset.py --threads 1 --epochs 60 --runs full,craig,random   # the longer schedule
