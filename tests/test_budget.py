@@ -292,3 +292,39 @@ def test_adaptive_estimate_averages_the_losses_over_processes(monkeypatch):
     tr.ctx.budget(x, y)
     L = mine + other
     assert calls == [1] and torch.allclose(tr.budget.probs, L / L.sum(), atol=1e-6)
+
+
+#: the tiny one-epoch command line of the CLI tests
+TINY = ["--epochs", "1", "--batch-size", "256", "--val-size", "64", "--val-steps", "1", "--test-steps", "1",
+        "--no-progress", "--steps", "1", "--threads", "1"]
+
+
+def cli_run(out, *args):
+    """``robustops train`` in process: (the saved config, the log's rows)."""
+    import json
+
+    from robustops.cli import main
+
+    assert main(["train", *args, *TINY, "--out", str(out)]) == 0
+    with open(os.path.join(out, "summary.json")) as fh:
+        config = json.load(fh)["config"]
+    with open(os.path.join(out, "log.csv")) as fh:
+        return config, list(csv.DictReader(fh))
+
+
+def test_cli_adaptive_per_sample_budgets_on_moving_digits(tmp_path):
+    config, rows = cli_run(tmp_path, "--data", "moving_digits", "--budget-schedule", "adaptive", "--budget-adapt",
+                           "sample", "--budget-every", "1", "--budget-grid", "3")
+    assert {k: config[k] for k in ("budget_schedule", "budget_adapt", "budget_every", "budget_grid")} == \
+        {"budget_schedule": "adaptive", "budget_adapt": "sample", "budget_every": 1, "budget_grid": 3}
+    assert len(rows) == 1 and 0.0 < float(rows[0]["train_eps"]) < config["eps"]  # a mean of draws on [0, eps]
+
+
+def test_cli_curriculum_spelled_eps_schedule(tmp_path):
+    config, rows = cli_run(tmp_path, "--data", "digits", "--eps-schedule", "curriculum", "--budget-start", "0.25",
+                           "--budget-stages", "2", "--budget-warmup", "0.5")
+    assert {k: config[k] for k in ("budget_schedule", "budget_start", "budget_stages", "budget_warmup")} == \
+        {"budget_schedule": "curriculum", "budget_start": 0.25, "budget_stages": 2, "budget_warmup": 0.5}
+    n = -(-(len(load_digits("train")) - 64) // 256)  # the epoch's minibatches, at progress i / n
+    want = config["eps"] * sum(bd.curriculum_fraction(i / n, 0.25, 0.5, 2) for i in range(n)) / n
+    assert float(rows[0]["train_eps"]) == pytest.approx(want, rel=1e-5)

@@ -238,3 +238,23 @@ def test_errors(capsys, tmp_path):
     with pytest.raises(ValueError, match="DataLoader"):
         rt.fit(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), [(torch.zeros(2, 1, 8, 8), torch.zeros(2).long())],
                "pgd", coreset="craig", progress=False, verbose=False)
+
+
+def test_cli_craig_coreset_size_in_the_log(tmp_path):
+    import csv
+
+    from robustops.cli import main
+
+    threads = torch.get_num_threads()
+    try:
+        assert main(["train", "--data", "digits", "--coreset", "craig", "--coreset-frac", "0.5", "--coreset-every",
+                     "1", "--coreset-warmup", "0", "--epochs", "2", "--batch-size", "256", "--val-size", "64",
+                     "--val-steps", "1", "--test-steps", "1", "--no-progress", "--steps", "1", "--threads", "1",
+                     "--out", str(tmp_path)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    with open(os.path.join(tmp_path, "log.csv")) as fh:
+        rows = list(csv.DictReader(fh))
+    n = len(load_digits("train")) - 64
+    assert len(rows) == 2 and all(abs(int(r["coreset_size"]) - n / 2) <= 5 for r in rows)  # 10 classes' rounding
+    assert all(float(r["select_time"]) > 0 for r in rows)  # selected before each epoch (every 1, no warm-up)
