@@ -240,3 +240,91 @@ def test_cli_flags(capsys, tmp_path):
     with pytest.raises(SystemExit):
         main(["train", "--budget-schedule", "steps"])
     assert "--budget-schedule" in capsys.readouterr().err
+
+
+def test_a_selection_pass_leaves_train_eps_and_the_estimate():
+    """coreset_inputs (a selection pass) asks ctx.budget(x, y, log=False): nothing logged, no estimate."""
+    x, y, _ = toy_batch()
+    for method in ("pgd", "fgsm", "trades"):
+        tr = rt.Trainer(Linear2(), rt.FitConfig.make(method, eps=EPS, lo=-10.0, hi=10.0, seed=0, budget_grid=3,
+                                                     budget_schedule="adaptive", budget_every=1), steps_per_epoch=4)
+        tr.method.coreset_inputs(x, y)  # before any estimate: a uniform draw, the schedule untouched
+        assert tr.budget.probs is None and tr.budget.estimated_epoch == -1
+        eps, _ = tr.ctx.budget(x, y)
+        probs = tr.budget.probs.clone()
+        for _ in range(3):
+            tr.method.coreset_inputs(x, y)
+        assert torch.equal(tr.budget.probs, probs) and tr.budget.estimated_epoch == 0
+        assert tr.budget.log_values()["train_eps"] == pytest.approx(eps), method
+
+
+@pytest.mark.parametrize("adapt", ["batch", "sample"])
+def test_free_clamps_the_carried_perturbation_to_a_lower_budget(adapt):
+    """The perturbation carried from a minibatch at eps enters the next, at eps / 2, clamped to it: the
+    step equals one from the clamped perturbation (the first replay trains inside the new ball)."""
+    x, y, _ = toy_batch()
+    models = []
+    for start in (EPS, EPS / 2):
+        tr = rt.Trainer(Linear2(), rt.FitConfig.make("free", eps=EPS, m=2, lo=-10.0, hi=10.0, seed=0, budget_grid=3,
+                                                     budget_schedule="adaptive", budget_adapt=adapt),
+                        steps_per_epoch=4)
+        tr.budget.load_state_dict({"probs": torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64), "estimated_epoch": 0})
+        g = torch.Generator().manual_seed(1)
+        tr.method.perturbation(x).copy_(torch.randint(0, 2, x.shape, generator=g) * 2.0 * start - start)
+        tr.train_step(x, y)
+        assert tr.method.perturbation(x).abs().max() <= EPS / 2 + 1e-7
+        models.append(tr.model)
+    for p, q in zip(models[0].parameters(), models[1].parameters()):
+        assert torch.equal(p, q)
+
+
+def test_adaptive_estimate_averages_the_losses_over_processes(monkeypatch):
+    """Under DDP the estimate all-reduces L (mean over the processes): one distribution everywhere."""
+    x, y, _ = toy_batch()
+    tr = trainer(budget_schedule="adaptive", budget_grid=3)
+    # this process's losses (PGD on the linear toy ends at the same corner whatever its start)
+    mine = bd.adversarial_losses(tr.ctx, x, y, [EPS * j / 2 for j in range(3)])
+    other = torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64)  # another process's
+    calls = []
+    monkeypatch.setattr(bd.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(bd.dist, "all_reduce", lambda t: calls.append(1) or t.add_(other.to(t.device)))
+    tr.ctx.world_size = 2
+    tr.ctx.budget(x, y)
+    L = mine + other
+    assert calls == [1] and torch.allclose(tr.budget.probs, L / L.sum(), atol=1e-6)
+
+
+#: the tiny one-epoch command line of the CLI tests
+TINY = ["--epochs", "1", "--batch-size", "256", "--val-size", "64", "--val-steps", "1", "--test-steps", "1",
+        "--no-progress", "--steps", "1", "--threads", "1"]
+
+
+def cli_run(out, *args):
+    """``robustops train`` in process: (the saved config, the log's rows)."""
+    import json
+
+    from robustops.cli import main
+
+    assert main(["train", *args, *TINY, "--out", str(out)]) == 0
+    with open(os.path.join(out, "summary.json")) as fh:
+        config = json.load(fh)["config"]
+    with open(os.path.join(out, "log.csv")) as fh:
+        return config, list(csv.DictReader(fh))
+
+
+def test_cli_adaptive_per_sample_budgets_on_moving_digits(tmp_path):
+    config, rows = cli_run(tmp_path, "--data", "moving_digits", "--budget-schedule", "adaptive", "--budget-adapt",
+                           "sample", "--budget-every", "1", "--budget-grid", "3")
+    assert {k: config[k] for k in ("budget_schedule", "budget_adapt", "budget_every", "budget_grid")} == \
+        {"budget_schedule": "adaptive", "budget_adapt": "sample", "budget_every": 1, "budget_grid": 3}
+    assert len(rows) == 1 and 0.0 < float(rows[0]["train_eps"]) < config["eps"]  # a mean of draws on [0, eps]
+
+
+def test_cli_curriculum_spelled_eps_schedule(tmp_path):
+    config, rows = cli_run(tmp_path, "--data", "digits", "--eps-schedule", "curriculum", "--budget-start", "0.25",
+                           "--budget-stages", "2", "--budget-warmup", "0.5")
+    assert {k: config[k] for k in ("budget_schedule", "budget_start", "budget_stages", "budget_warmup")} == \
+        {"budget_schedule": "curriculum", "budget_start": 0.25, "budget_stages": 2, "budget_warmup": 0.5}
+    n = -(-(len(load_digits("train")) - 64) // 256)  # the epoch's minibatches, at progress i / n
+    want = config["eps"] * sum(bd.curriculum_fraction(i / n, 0.25, 0.5, 2) for i in range(n)) / n
+    assert float(rows[0]["train_eps"]) == pytest.approx(want, rel=1e-5)

@@ -9,11 +9,11 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 import robustops.train as rt
 from robustops.data import load_digits
-from robustops.train.coreset import CoresetPlan
+from robustops.train.coreset import CoresetPlan, dataset_labels, stored_labels
 from robustops.train.coreset_select import (ce_proxy, facility_location, gram_distances, nn_omp, proxy_gram,
                                             trades_proxy)
 
@@ -92,6 +92,59 @@ def test_facility_location_one_per_planted_cluster():
     cluster = torch.repeat_interleave(torch.arange(3), torch.tensor(sizes))
     assert sorted(cluster[idx].tolist()) == [0, 1, 2]
     assert {int(cluster[i]): int(wi) for i, wi in zip(idx, w)} == {0: 5, 1: 7, 2: 9}
+
+
+def _greedy(S, k):
+    """Exact greedy facility location, column by column (the oracle of the lazy one)."""
+    cur, chosen = torch.zeros(S.shape[0], dtype=torch.float64), []
+    for _ in range(k):
+        gains = [-1.0 if j in chosen else float((S[:, j] - cur).clamp_min(0).sum()) for j in range(S.shape[0])]
+        j = max(range(len(gains)), key=lambda i: (gains[i], -i))
+        chosen.append(j)
+        cur = torch.maximum(cur, S[:, j])
+    return chosen
+
+
+def test_facility_location_is_exact_greedy_on_a_symmetric_gram():
+    g = torch.Generator().manual_seed(4)
+    pairs = [(torch.randn(30, 4, generator=g), torch.randn(30, 6, generator=g)) for _ in range(2)]  # TRADES-like
+    G = proxy_gram(pairs)
+    assert torch.equal(G, G.T)  # exactly: facility_location reads rows for columns
+    naive = sum((e.double() @ f.double().T) * (h.double() @ k.double().T + 1) for e, h in pairs for f, k in pairs)
+    torch.testing.assert_close(G, naive, rtol=1e-12, atol=1e-12)
+    D = gram_distances(G)
+    S = D.max() - D
+    idx, w = facility_location(S, 6)
+    assert idx.tolist() == _greedy(S, 6)
+    assert torch.equal(w, torch.bincount(S[:, idx].argmax(1), minlength=6).double())
+
+
+class Plain(Dataset):
+    """A dataset without a label tensor: the labels come from one pass."""
+
+    def __init__(self, y):
+        self.y = y
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return torch.zeros(2), self.y[i]
+
+
+class Targets(Plain):
+    def __init__(self, y):
+        super().__init__(y)
+        self.targets = y.tolist()
+
+
+def test_labels_read_without_a_pass_where_stored():
+    y = torch.randint(0, 10, (40,), generator=torch.Generator().manual_seed(5))
+    tensors = TensorDataset(torch.zeros(40, 2), y)
+    for ds in (tensors, Targets(y), Subset(tensors, range(3, 30))):
+        want = torch.cat([b[1] for b in DataLoader(ds, batch_size=7)])
+        assert torch.equal(stored_labels(ds), want) and torch.equal(dataset_labels(ds), want)
+    assert stored_labels(Plain(y)) is None and torch.equal(dataset_labels(Plain(y)), y)
 
 
 def test_nn_omp_recovers_planted_combination():
@@ -185,3 +238,23 @@ def test_errors(capsys, tmp_path):
     with pytest.raises(ValueError, match="DataLoader"):
         rt.fit(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), [(torch.zeros(2, 1, 8, 8), torch.zeros(2).long())],
                "pgd", coreset="craig", progress=False, verbose=False)
+
+
+def test_cli_craig_coreset_size_in_the_log(tmp_path):
+    import csv
+
+    from robustops.cli import main
+
+    threads = torch.get_num_threads()
+    try:
+        assert main(["train", "--data", "digits", "--coreset", "craig", "--coreset-frac", "0.5", "--coreset-every",
+                     "1", "--coreset-warmup", "0", "--epochs", "2", "--batch-size", "256", "--val-size", "64",
+                     "--val-steps", "1", "--test-steps", "1", "--no-progress", "--steps", "1", "--threads", "1",
+                     "--out", str(tmp_path)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    with open(os.path.join(tmp_path, "log.csv")) as fh:
+        rows = list(csv.DictReader(fh))
+    n = len(load_digits("train")) - 64
+    assert len(rows) == 2 and all(abs(int(r["coreset_size"]) - n / 2) <= 5 for r in rows)  # 10 classes' rounding
+    assert all(float(r["select_time"]) > 0 for r in rows)  # selected before each epoch (every 1, no warm-up)

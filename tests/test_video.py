@@ -8,6 +8,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import robustops as ro
 from robustops import attacks, data, models, ops, smoothing
+from robustops.attacks import engine
 from robustops.models import video
 
 
@@ -100,6 +101,9 @@ def test_video_channels_last_layout_and_same_attack(clip, net):
     assert mc.features[0].weight.is_contiguous(memory_format=torch.channels_last_3d)
     b = attacks.PGD(mc, eps=0.1, steps=3, seed=2)(xc, y)
     torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
+    assert engine.layout(xc) == engine.VIDEO_CHANNELS_LAST and engine.layout(x) is torch.contiguous_format
+    early = attacks.PGD(mc, eps=0.1, steps=3, seed=2, early_stop=True)(xc, y)  # compaction keeps the layout
+    assert video.is_channels_last(early) and video.is_channels_last(b)
     r = ops.random_init(xc, 0.1, seed=5)
     torch.testing.assert_close(r, ops.random_init(x, 0.1, seed=5), rtol=0, atol=0)  # drawn by logical index
 
@@ -201,3 +205,34 @@ def test_cli_data_model_and_demo_rows():
     for method, extra in demo_video.ROWS.values():  # every row's settings are fit's, checked
         cfg = ro.train.FitConfig.make(method, **extra).resolved()
         assert (cfg.budget_schedule or "constant") == extra.get("budget_schedule", "constant")
+
+
+class Layouts(nn.Module):
+    """A video model that records whether each input it sees is in the video channels-last layout."""
+
+    def __init__(self, m):
+        super().__init__()
+        self.m, self.seen = m, []
+
+    def forward(self, x):
+        self.seen.append(video.is_channels_last(x))
+        return self.m(x)
+
+
+@pytest.mark.parametrize("method", ["pgd", "trades"])
+def test_channels_last_training_step_on_3_channel_videos_keeps_the_layout(clip, method):
+    """C = 3 (the layout differs from contiguous): every forward of the step (the attack's, from a uniform
+    or a Gaussian start, and the update's) sees the video channels-last layout, and the step's weights
+    equal the contiguous run's."""
+    x, y = clip
+    x = x.repeat(1, 1, 3, 1, 1) * 0.5
+    out = {}
+    for cl in (False, True):
+        torch.manual_seed(0)
+        m = Layouts(models.get_model("video_cnn", in_channels=3))
+        ro.train.fit(m, DataLoader(TensorDataset(x, y), batch_size=6), method, epochs=1, eps=0.1, steps=2,
+                     progress=False, verbose=False, channels_last=cl, threads=1, seed=0, schedule="constant", lr=0.01)
+        assert len(m.seen) >= 3 and all(s == cl for s in m.seen), (cl, m.seen)
+        out[cl] = m.m.state_dict()
+    for k, v in out[False].items():
+        torch.testing.assert_close(out[True][k], v, rtol=0, atol=1e-5)

@@ -31,8 +31,10 @@ from typing import Callable, Optional, Tuple, Union
 import torch
 
 from .. import _rng, ops
+from ..models import video
 
-__all__ = ["Engine", "Recorder", "AttackResult", "STARTS", "memory_format", "batch_view_shape", "predictions",
+__all__ = ["Engine", "Recorder", "AttackResult", "STARTS", "memory_format", "VIDEO_CHANNELS_LAST", "layout",
+           "to_layout", "batch_view_shape", "predictions",
            "check_context"]
 
 Labels = Union[torch.Tensor, Tuple[torch.Tensor, ...]]
@@ -49,12 +51,34 @@ def batch_view_shape(x: torch.Tensor):
 
 
 def memory_format(x: torch.Tensor) -> torch.memory_format:
-    """x's memory format: channels_last(_3d) when x is laid out so (and not also contiguous)."""
+    """x's torch memory format: channels_last(_3d) when x is laid out so (and not also contiguous). The
+    video channels-last layout, which no torch format names, reads contiguous_format here: the engine
+    asks :func:`layout`, which knows it."""
     if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
         return torch.channels_last
     if x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
         return torch.channels_last_3d
     return torch.contiguous_format
+
+
+#: The video channels-last layout (``models.video.to_channels_last``: [B, T, C, H, W] stored as
+#: [B, T, H, W, C]), which no torch memory format names: :func:`layout` gives it, :func:`to_layout` takes it.
+VIDEO_CHANNELS_LAST = "video_channels_last"
+
+
+def layout(x: torch.Tensor):
+    """x's layout: VIDEO_CHANNELS_LAST for a video in the video channels-last layout (checked first:
+    it is the one a video model asks for), else :func:`memory_format`."""
+    if video.is_channels_last(x):
+        return VIDEO_CHANNELS_LAST
+    return memory_format(x)
+
+
+def to_layout(x: torch.Tensor, fmt) -> torch.Tensor:
+    """x in layout fmt (a torch memory format or VIDEO_CHANNELS_LAST); x itself when it already is."""
+    if fmt == VIDEO_CHANNELS_LAST:
+        return video.to_channels_last(x)
+    return x.contiguous(memory_format=fmt)
 
 
 def predictions(logits: torch.Tensor) -> torch.Tensor:
@@ -230,9 +254,9 @@ class Engine:
             g = torch.zeros_like(xa)
         elif self.scaler is not None and self.scaler.is_enabled():
             g = torch.nan_to_num(g, nan=0.0, posinf=1.0, neginf=-1.0)
-        fmt = memory_format(xa)
-        if fmt is not torch.contiguous_format and not g.is_contiguous(memory_format=fmt):
-            g = g.contiguous(memory_format=fmt)
+        fmt = layout(xa)
+        if fmt is not torch.contiguous_format:  # the step op wants g in xa's layout (a no-op if it is)
+            g = to_layout(g, fmt)
         return g, logits.detach(), obj.detach()
 
     def step_(self, xa: torch.Tensor, x: torch.Tensor, g: torch.Tensor, eps, alpha) -> torch.Tensor:
@@ -249,9 +273,12 @@ class Engine:
             return ops.random_init(x, eps, self.norm, self.lo, self.hi, seed=seed, offset=offset,
                                    radius=self.l2_radius)
         if start == "normal":
-            fmt = memory_format(x)
-            return ops.gaussian_noise(x, 1, start_sigma, seed=seed, offset=offset,
-                                      channels_last=fmt is not torch.contiguous_format)
+            fmt = layout(x)
+            # the op writes torch's channels_last(_3d) only; the noise is drawn by logical index, so a
+            # video layout is a copy of the contiguous draw
+            noisy = ops.gaussian_noise(x, 1, start_sigma, seed=seed, offset=offset,
+                                       channels_last=fmt not in (torch.contiguous_format, VIDEO_CHANNELS_LAST))
+            return to_layout(noisy, fmt) if fmt == VIDEO_CHANNELS_LAST else noisy
         raise ValueError(f"start must be one of {', '.join(STARTS)}, got {start!r}")
 
     def evaluate(self, xa: torch.Tensor, y: Labels, context: Context = None):
@@ -353,7 +380,7 @@ class Engine:
         """Early exit by compaction: the batch shrinks to the samples still standing after every
         step that fooled some, and later restarts attack only those."""
         B, device = x.shape[0], x.device
-        fmt = memory_format(x)
+        fmt = layout(x)
         res = AttackResult(x.clone(memory_format=torch.preserve_format),
                            torch.zeros(B, dtype=torch.bool, device=device) if skip is None else skip.clone(),
                            torch.full((B,), -1, dtype=torch.int64, device=device),
@@ -367,8 +394,8 @@ class Engine:
             if idx.numel() == 0:
                 break
             xa_full = self.start(x, eps, start, _rng.derive_seed(seed, r), offset, start_sigma)
-            xs = _rows(x, idx).contiguous(memory_format=fmt)
-            xa = _rows(xa_full, idx).contiguous(memory_format=fmt)
+            xs = to_layout(_rows(x, idx), fmt)
+            xa = to_layout(_rows(xa_full, idx), fmt)
             del xa_full
             ys, cs = _rows(y, idx), _rows(context, idx)
             es, als = _kernel_param(_rows(eps, idx)), _kernel_param(_rows(alpha, idx))
@@ -401,8 +428,8 @@ class Engine:
                 keep = (~fooled).nonzero().squeeze(1)
                 idx, ys, cs, g = _rows(idx, keep), _rows(ys, keep), _rows(cs, keep), _rows(g, keep)
                 es, als = _rows(es, keep), _rows(als, keep)
-                xs = _rows(xs, keep).contiguous(memory_format=fmt)
-                xa = _rows(xa, keep).contiguous(memory_format=fmt)
+                xs = to_layout(_rows(xs, keep), fmt)
+                xa = to_layout(_rows(xa, keep), fmt)
             self.step_(xa, xs, g, es, als)
 
     @staticmethod

@@ -2,7 +2,7 @@
 video convention.
 
 A video batch is ``Tensor[B, T, C, H, W]`` (frames first, as video loaders yield them; the embedded
-moving-digits set, :mod:`robustops.video_data`, is [B, 8, 1, 16, 16]). Everything per sample in robustops
+moving-digits set, ``robustops.data.load_moving_digits``, is [B, 8, 1, 16, 16]). Everything per sample in robustops
 (the L2 norms of ``pgd_step_`` / ``random_init``, per-sample eps) runs over all non-batch dims, so
 attacks, training and smoothing see a video as one sample of T*C*H*W values.
 

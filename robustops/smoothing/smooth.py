@@ -143,7 +143,11 @@ class Smooth:
         and write the noisy batches in that dtype (the classifier's first layer would cast them anyway).
     channels_last: write the noisy batches in channels_last (4-D / 5-D inputs: torch's channels_last /
         channels_last_3d, channels at dim 1) and convert the classifier's parameters to channels_last
-        (Conv3d weights to channels_last_3d), in place.
+        (Conv3d weights to channels_last_3d), in place. 5-D inputs are taken as volumes [B, C, D, H, W]:
+        for a video [B, T, C, H, W] torch's channels_last_3d puts the *frames* innermost, not the video
+        channels-last layout of ``models.video.to_channels_last`` (channels innermost) that training and
+        the attacks keep; the noise kernels write only torch's layouts, so leave channels_last off for
+        videos (the noise is the same either way: it is drawn by logical index).
     input_shape: optional shape of one input (without the batch dimension), checked on every call;
         with it, an x of exactly that shape (one input, as Cohen et al.'s certify takes it) is taken
         as a batch of one.

@@ -31,15 +31,21 @@ steps done before this minibatch):
   PGD at eps_j: the run's steps, Madry's step 2.5 eps_j / steps, random start, eval mode) gives the
   distribution p_j = L_j / sum_k L_k; each minibatch's budget is drawn from it (``budget_adapt="batch"``,
   the code's rule; ``"sample"``: each sample draws its own, a Tensor[B]). The distribution is re-estimated
-  at the first minibatch of epochs 0, R, 2R, ... (R = ``budget_every``, 10 as in the code). The code
+  at the first minibatch of epochs 0, R, 2R, ... (0-based; R = ``budget_every``, 10 as in the code). The
+  code re-estimates where its 1-based epoch i is ``i == begin or i % 10 == 0``: 0-based epochs 0, 9, 19, ...;
+  ours are every R epochs from 0 (0, 10, 20, ...), one epoch later than the code's after the first. The code
   measures L_j on the validation set (and keeps the last validation batch's loss, ``losses.val``); a
   method context sees no validation data, so here L_j is measured on the minibatch at hand. p and the
   epoch of its estimate are the schedule's state (checkpointed: a resumed run continues with the same
   distribution, where the code re-estimates at every restart). Draws come from the run's seeds
-  (``ctx.seed()``). Cost: K PGD attacks on one minibatch every R epochs.
+  (``ctx.seed()``). Cost: K - 1 PGD attacks on one minibatch every R epochs (L_0, at eps 0, is the clean
+  loss: one forward pass).
 
-Every schedule reports the mean budget it handed out over an epoch (``train_eps`` in the epoch log).
-Under DDP each process draws and estimates on its own batches.
+Every schedule reports the mean budget it handed out over an epoch (``train_eps`` in the epoch log); a
+pass that only needs a budget (a coreset selection pass) asks with ``log=False``, which neither logs nor,
+under adaptive, re-estimates. Under DDP the adaptive losses L_j are averaged over the processes (one
+all-reduce per estimate), so every process draws (from its own seeds) from one distribution and a resumed
+run continues with it exactly.
 """
 from __future__ import annotations
 
@@ -47,6 +53,7 @@ import math
 from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from . import registry
@@ -152,9 +159,18 @@ class BudgetSchedule:
         """eps_t / eps for this minibatch: a float, or a float32 Tensor[B] on x's device."""
         raise NotImplementedError
 
-    def __call__(self, ctx, x: torch.Tensor, y: torch.Tensor) -> Tuple[Budget, Budget]:
-        f = self.fraction(ctx, x, y)
+    def peek(self, ctx, x: torch.Tensor, y: torch.Tensor) -> Budget:
+        """:meth:`fraction` without changing the schedule's state (the same for the schedules that have none)."""
+        return self.fraction(ctx, x, y)
+
+    def __call__(self, ctx, x: torch.Tensor, y: torch.Tensor, log: bool = True) -> Tuple[Budget, Budget]:
+        """(eps, alpha) for this minibatch; ``log=False``: a budget for a pass that trains nothing (a
+        coreset selection pass), not counted in ``train_eps`` and (:meth:`peek`) leaving the state as it is."""
         c = self.cfg
+        if not log:
+            f = self.peek(ctx, x, y)
+            return c.eps * f, c.alpha * f
+        f = self.fraction(ctx, x, y)
         self._sum = self._sum + (f.mean() if torch.is_tensor(f) else f) * c.eps
         self._count += 1
         return c.eps * f, c.alpha * f
@@ -179,7 +195,7 @@ class ConstantBudget(BudgetSchedule):
     def fraction(self, ctx, x, y) -> float:
         return 1.0
 
-    def __call__(self, ctx, x, y):
+    def __call__(self, ctx, x, y, log: bool = True):
         return self.cfg.eps, self.cfg.alpha
 
 
@@ -212,7 +228,8 @@ def curriculum_fraction(p: float, start: float, warmup: float, stages: int) -> f
 
 def adversarial_losses(ctx, x: torch.Tensor, y: torch.Tensor, grid) -> torch.Tensor:
     """The current model's mean cross-entropy on (x, y) under PGD at each budget of ``grid`` (floats):
-    the run's norm and steps, step 2.5 eps / steps, a random start, eval mode (restored after).
+    the run's norm and steps, step 2.5 eps / steps, a random start, eval mode (restored after); at
+    eps 0 the clean loss (a forward pass: a PGD run in a ball of radius 0 returns x).
     Returns a float64 CPU Tensor[len(grid)]."""
     c, fwd = ctx.cfg, ctx.forward
     was = fwd.training
@@ -220,7 +237,7 @@ def adversarial_losses(ctx, x: torch.Tensor, y: torch.Tensor, grid) -> torch.Ten
     out = []
     try:
         for e in grid:
-            xa = ctx.attack(x, y, e, madry_step(e, c.steps), c.steps, c.norm, True)
+            xa = x if e == 0 else ctx.attack(x, y, e, madry_step(e, c.steps), c.steps, c.norm, True)
             with torch.no_grad(), ctx.autocast():
                 out.append(F.cross_entropy(fwd(xa).float(), y))
     finally:
@@ -240,8 +257,13 @@ class AdaptiveBudget(BudgetSchedule):
         self.estimated_epoch = -1
 
     def estimate(self, ctx, x, y) -> None:
-        """p_j = L_j / sum_k L_k from this minibatch (uniform if every loss is 0)."""
+        """p_j = L_j / sum_k L_k from this minibatch (uniform if every loss is 0); under DDP L is the mean
+        over the processes' minibatches (every process reaches the estimate at the same epoch's first step)."""
         L = adversarial_losses(ctx, x, y, [self.cfg.eps * float(f) for f in self.grid])
+        if ctx.world_size > 1 and dist.is_available() and dist.is_initialized():
+            Ld = L.to(x.device)  # NCCL reduces device tensors only
+            dist.all_reduce(Ld)
+            L = Ld.cpu() / ctx.world_size
         total = float(L.sum())
         self.probs = L / total if total > 0 else torch.full_like(L, 1.0 / len(L))
         self.estimated_epoch = ctx.epoch
@@ -250,9 +272,20 @@ class AdaptiveBudget(BudgetSchedule):
         e = ctx.epoch
         if self.probs is None or (e != self.estimated_epoch and e % self.cfg.budget_every == 0):
             self.estimate(ctx, x, y)
+        return self.draw(ctx, x, self.probs)
+
+    def peek(self, ctx, x, y) -> Budget:
+        """A draw from the current distribution, never re-estimated (uniform over the grid before the
+        first estimate): a selection pass must not move the estimate's epoch or minibatch."""
+        probs = self.probs if self.probs is not None else torch.full_like(self.grid, 1.0 / len(self.grid))
+        return self.draw(ctx, x, probs)
+
+    def draw(self, ctx, x, probs: torch.Tensor) -> Budget:
+        """The grid fraction(s) drawn from probs with a generator seeded by ``ctx.seed()``: a float
+        (``budget_adapt="batch"``) or a float32 Tensor[B] on x's device ("sample")."""
         g = torch.Generator().manual_seed(ctx.seed())
         n = x.shape[0] if self.cfg.budget_adapt == "sample" else 1
-        f = self.grid[torch.multinomial(self.probs, n, replacement=True, generator=g)]
+        f = self.grid[torch.multinomial(probs, n, replacement=True, generator=g)]
         if self.cfg.budget_adapt == "batch":
             return float(f[0])
         return f.to(device=x.device, dtype=torch.float32)

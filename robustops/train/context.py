@@ -133,7 +133,8 @@ class MethodContext:
         the projected-gradient engine on the model (run's box, autocast and fp16 loss scaling) and PGD on it.
       budget(x, y): (eps, alpha) to attack this minibatch with (floats, or Tensor[B] per sample): the
         run's ``budget_schedule`` (:mod:`robustops.train.budget`) at this point of the run; (cfg.eps,
-        cfg.alpha) exactly under the default "constant". Call it once per minibatch (it logs the budget).
+        cfg.alpha) exactly under the default "constant". Call it once per training minibatch (it logs
+        the budget); ``budget(x, y, log=False)`` for a pass that trains nothing (coreset selection).
     """
 
     def __init__(self, cfg, forward: nn.Module, device, gen: torch.Generator, *, scaler=None, rank: int = 0,
@@ -170,10 +171,11 @@ class MethodContext:
             raise RuntimeError(f"{what}: this method context evaluates only (it takes no training steps)")
         return self._owner
 
-    def budget(self, x: torch.Tensor, y: torch.Tensor):
+    def budget(self, x: torch.Tensor, y: torch.Tensor, log: bool = True):
         """(eps, alpha) for this minibatch from the run's budget schedule: floats, or float32 Tensor[B]
-        (adaptive, per sample); alpha = cfg.alpha * eps / cfg.eps (the step follows the budget)."""
-        return self._budget(self, x, y)
+        (adaptive, per sample); alpha = cfg.alpha * eps / cfg.eps (the step follows the budget).
+        log=False: not counted in ``train_eps`` and no adaptive re-estimate (a selection pass)."""
+        return self._budget(self, x, y, log=log)
 
     def natural_step(self, x: torch.Tensor, y: torch.Tensor) -> StepStats:
         def closure(net):

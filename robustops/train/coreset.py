@@ -41,13 +41,13 @@ from typing import Any, Dict, List, Optional
 
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Subset, TensorDataset
 
 from .. import _rng
 from .context import prepare_batch
 from .coreset_select import ce_proxy, class_budgets, select_class, trades_proxy
 
-__all__ = ["CoresetPlan", "CoresetRun", "WeightedSubset", "RULES", "last_linear"]
+__all__ = ["CoresetPlan", "CoresetRun", "WeightedSubset", "RULES", "last_linear", "stored_labels", "dataset_labels"]
 
 RULES = ("craig", "gradmatch", "random")
 
@@ -110,6 +110,32 @@ def _gather(t: torch.Tensor, world: int) -> torch.Tensor:
     return torch.cat([p[:int(s)] for p, s in zip(parts, sizes)])
 
 
+def stored_labels(dataset) -> Optional[torch.Tensor]:
+    """The labels a dataset keeps as a whole, int64 [len(dataset)], or None: a TensorDataset's second
+    tensor, a torchvision-style ``targets`` (without a ``target_transform``), their rows through a Subset."""
+    if isinstance(dataset, Subset):
+        inner = stored_labels(dataset.dataset)
+        return None if inner is None else inner[torch.as_tensor(dataset.indices, dtype=torch.long)]
+    if isinstance(dataset, TensorDataset) and len(dataset.tensors) >= 2:
+        y = dataset.tensors[1]
+    elif getattr(dataset, "targets", None) is not None and getattr(dataset, "target_transform", None) is None:
+        y = torch.as_tensor(dataset.targets)
+    else:
+        return None
+    y = y.reshape(-1).long()
+    return y if y.numel() == len(dataset) else None
+
+
+def dataset_labels(dataset, num_workers: int = 0) -> torch.Tensor:
+    """The dataset's labels, int64 [n]: :func:`stored_labels` where it has them (no pass over the
+    inputs), else one pass of a DataLoader reading every sample."""
+    y = stored_labels(dataset)
+    if y is not None:
+        return y
+    return torch.cat([b[1].reshape(-1).long() for b in
+                      DataLoader(dataset, batch_size=512, shuffle=False, num_workers=num_workers)])
+
+
 class CoresetRun:
     """The coreset side of one fit: the plan, the current subset and its weights, the counters."""
 
@@ -120,8 +146,7 @@ class CoresetRun:
         self.cfg, self.loader, self.rank, self.world = cfg, loader, rank, world
         self.dataset, self.bs, self.drop_last = loader.dataset, loader.batch_size, loader.drop_last
         self.plan = CoresetPlan(cfg.epochs, cfg.coreset_frac, cfg.coreset_every, cfg.coreset_warmup)
-        self.labels = torch.cat([b[1].reshape(-1).long() for b in
-                                 DataLoader(self.dataset, batch_size=512, shuffle=False, num_workers=loader.num_workers)])
+        self.labels = dataset_labels(self.dataset, loader.num_workers)
         self.n = self.labels.numel()
         counts = torch.bincount(self.labels).tolist()
         self.budgets = class_budgets(counts, cfg.coreset_frac)

@@ -79,17 +79,26 @@ def trades_proxy(logits: torch.Tensor, h: torch.Tensor, logits_adv: torch.Tensor
 
 def proxy_gram(pairs: Pairs, rows=None, cols=None) -> torch.Tensor:
     """The Gram matrix <g_i, g_j> of the samples' last-layer gradients given as pairs (module
-    docstring), for the samples ``rows`` x ``cols`` (index tensors; None: all), in float64."""
+    docstring), for the samples ``rows`` x ``cols`` (index tensors; None: all), in float64; exactly
+    symmetric when rows is cols."""
+    def side(idx):  # each pair's rows in float64, converted once (not once per term)
+        return [((e if idx is None else e[idx]).double(), (h if idx is None else h[idx]).double()) for e, h in pairs]
+
+    left = side(rows)
+    same = rows is cols  # a square Gram: the (k, l) and (l, k) terms are transposes, computed once
+    right = left if same else side(cols)
     out = None
-    for ek, hk in pairs:
-        for el, hl in pairs:
-            a = (ek if rows is None else ek[rows]).double()
-            b = (el if cols is None else el[cols]).double()
-            ha = (hk if rows is None else hk[rows]).double()
-            hb = (hl if cols is None else hl[cols]).double()
+    for k, (a, ha) in enumerate(left):
+        for m, (b, hb) in enumerate(right):
+            if same and m < k:
+                continue
             term = (a @ b.T) * (ha @ hb.T + 1.0)
+            if same and m > k:
+                term = term + term.T
             out = term if out is None else out + term
-    return out
+    # a square Gram exactly symmetric (a @ a.T need not be to the last bit; x + y == y + x is):
+    # facility_location reads its similarities' rows for their columns
+    return 0.5 * (out + out.T) if same else out
 
 
 def gram_distances(G: torch.Tensor) -> torch.Tensor:
@@ -104,26 +113,28 @@ def class_budgets(counts: Sequence[int], frac: float) -> List[int]:
 
 
 def facility_location(S: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Lazy greedy maximisation of F(T) = sum_i max_{j in T} S_ij over |T| = k (S: [n, n]
-    similarities >= 0). Returns (chosen indices in the order chosen, weights = the number of i whose
-    most similar chosen point is each one)."""
+    """Lazy greedy maximisation of F(T) = sum_i max_{j in T} S_ij over |T| = k (S: [n, n] symmetric
+    similarities >= 0, as those of a distance are). Returns (chosen indices in the order chosen,
+    weights = the number of i whose most similar chosen point is each one)."""
     S = S.double().cpu()
     n = S.shape[0]
     k = min(int(k), n)
     cur = torch.zeros(n, dtype=torch.float64)
-    heap = [(-float(S[:, j].sum()), j) for j in range(n)]  # gains of the empty set: upper bounds for ever
+    # gains of the empty set (upper bounds for ever): one reduction, not n; S symmetric, so column j of
+    # S is its row j, a contiguous read where S[:, j] is strided
+    heap = [(-g, j) for j, g in enumerate(S.sum(0).tolist())]
     heapq.heapify(heap)
     chosen: List[int] = []
     while len(chosen) < k and heap:
         neg, j = heapq.heappop(heap)
-        gain = float((S[:, j] - cur).clamp_min(0).sum())
+        gain = float((S[j] - cur).clamp_min(0).sum())
         if not heap or gain >= -heap[0][0]:  # still the best: its fresh gain beats every stale bound
             chosen.append(j)
-            cur = torch.maximum(cur, S[:, j])
+            cur = torch.maximum(cur, S[j])
         else:
             heapq.heappush(heap, (-gain, j))
     idx = torch.tensor(chosen, dtype=torch.long)
-    owner = S[:, idx].argmax(1)
+    owner = S[idx].argmax(0)
     weights = torch.bincount(owner, minlength=len(chosen)).to(torch.float64)
     return idx, weights
 
@@ -143,7 +154,8 @@ def nn_omp(G: torch.Tensor, c: torch.Tensor, k: int, lam: float = 0.5, tol: floa
     """Non-negative orthogonal matching pursuit in Gram form: G [n, n] the candidates' Gram matrix,
     c [n] their inner products with the target t; at most k picks. Returns (indices, weights >= 0),
     the weights from the final regularised NNLS. (NumPy on the CPU: k small solves, each a few
-    microseconds there, where torch's per-call overhead dominated.)"""
+    microseconds there, where torch's per-call overhead dominated.) The NNLS is re-solved from scratch
+    after every pick, O(k^4) per class in all: fine for the digits, slow at CIFAR scale (k in the hundreds)."""
     G, c = G.double().cpu().numpy(), c.double().cpu().numpy()
     n = G.shape[0]
     chosen: List[int] = []

@@ -33,7 +33,7 @@ class FGSMTraining(Method):
     def coreset_inputs(self, x, y):
         # the "previous" start lives in the training step's persistent perturbation, which a selection
         # pass must not advance: the proxies use a fresh start (random, or the clean input for "zero")
-        eps, alpha = self.ctx.budget(x, y)
+        eps, alpha = self.ctx.budget(x, y, log=False)  # trains nothing: out of train_eps, no adaptive estimate
         return {"adv": self.ctx.attack(x, y, eps, alpha, 1, "linf", self.cfg.fgsm_init != "zero")}
 
     def step(self, x, y):

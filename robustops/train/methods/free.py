@@ -3,8 +3,9 @@
 Each minibatch is replayed ``m`` times; every replay is one forward/backward pass that yields both
 the weight gradient (an optimizer step) and the input gradient (a ``recycle_step_`` of the
 perturbation, step ``alpha`` = eps by default). The perturbation persists across minibatches (and
-is saved for an exact resume). ``epochs`` counts forward/backward passes like natural training: the
-data are traversed ceil(epochs / m) times.
+is saved for an exact resume; under a budget schedule it is first clamped to each minibatch's eps).
+``epochs`` counts forward/backward passes like natural training: the data are traversed
+ceil(epochs / m) times.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Optional
 import torch
 
 from ... import ops
+from ...attacks.engine import batch_view_shape
 from ..registry import Hyper, Method, register
 
 __all__ = ["Free", "PersistentPerturbation"]
@@ -78,6 +80,11 @@ class Free(Method):
         c, ctx = self.cfg, self.ctx
         delta = self.perturbation(x)
         eps, alpha = ctx.budget(x, y)  # one budget for the m replays of the minibatch
+        if c.budget_schedule != "constant":
+            # delta carries the previous minibatch's budget: a lower one now would have the first replay
+            # train outside the new ball
+            bound = eps.view(batch_view_shape(delta)) if torch.is_tensor(eps) else eps
+            delta.clamp_(-bound, bound)
         tot_loss, tot_correct, n = 0.0, 0, 0
         for _ in range(c.m):
             xa = (x + delta).requires_grad_(True)

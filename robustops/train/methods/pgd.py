@@ -33,14 +33,15 @@ class PGDTraining(Method):
     def label(cls, cfg) -> str:
         return f"PGD-{cfg.steps} AT"
 
-    def adversarial(self, x, y):
-        """PGD-k from x at this minibatch's budget (``ctx.budget``)."""
+    def adversarial(self, x, y, log: bool = True):
+        """PGD-k from x at this minibatch's budget (``ctx.budget``; log=False: a selection pass's)."""
         c, ctx = self.cfg, self.ctx
-        eps, alpha = ctx.budget(x, y)
+        eps, alpha = ctx.budget(x, y, log=log)
         return ctx.attack(x, y, eps, alpha, c.steps, c.norm, c.random_start)
 
     def coreset_inputs(self, x, y):
-        return {"adv": self.adversarial(x, y)}
+        # a selection pass trains nothing: its budgets stay out of train_eps and the adaptive estimate
+        return {"adv": self.adversarial(x, y, log=False)}
 
     def step(self, x, y):
         c, ctx = self.cfg, self.ctx

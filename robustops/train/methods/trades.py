@@ -39,10 +39,11 @@ class Trades(Method):
         super().__init__(ctx)
         self.engine = ctx.engine(self.cfg.norm, objective=_kl_objective)
 
-    def adversarial(self, x, y):
-        """TRADES' inner maximisation from x (model in eval mode; left in eval mode)."""
+    def adversarial(self, x, y, log: bool = True):
+        """TRADES' inner maximisation from x (model in eval mode; left in eval mode); log=False: the
+        budget of a selection pass (``ctx.budget``)."""
         c, ctx = self.cfg, self.ctx
-        eps, alpha = ctx.budget(x, y)
+        eps, alpha = ctx.budget(x, y, log=log)
         ctx.forward.eval()
         with torch.no_grad(), ctx.autocast():
             p_nat = F.softmax(ctx.forward(x).float(), dim=1)
@@ -51,7 +52,8 @@ class Trades(Method):
                                seed=ctx.seed(), evaluate=False).x_adv
 
     def coreset_inputs(self, x, y):
-        return {"clean": x, "adv": self.adversarial(x, y), "beta": self.cfg.beta}
+        # a selection pass trains nothing: its budgets stay out of train_eps and the adaptive estimate
+        return {"clean": x, "adv": self.adversarial(x, y, log=False), "beta": self.cfg.beta}
 
     def step(self, x, y):
         c, ctx = self.cfg, self.ctx
