@@ -83,7 +83,7 @@ import torch
 
 from .. import _checks, _rng
 from .base import Attack, Param
-from .engine import AttackResult, Recorder, batch_view_shape, memory_format, predictions
+from .engine import AttackResult, Recorder, batch_view_shape, layout, predictions, to_layout
 
 __all__ = ["APGD", "APGDT", "checkpoints"]
 
@@ -121,7 +121,7 @@ class _Run:
 
     def keep(self, keep: torch.Tensor, fmt) -> None:
         for name in self.images:
-            setattr(self, name, self.__dict__[name].index_select(0, keep).contiguous(memory_format=fmt))
+            setattr(self, name, to_layout(self.__dict__[name].index_select(0, keep), fmt))
         for name in self.vectors:
             setattr(self, name, self.__dict__[name].index_select(0, keep))
         self.ys = _rows(self.ys, keep)
@@ -246,17 +246,17 @@ class APGD(Attack):
     def _run(self, res: AttackResult, run: int, x, y, eps, idx, seed: int, offset: int) -> None:
         """One run of Algorithm 1 on the samples idx (from a start drawn for the whole batch, so a
         sample's start does not depend on which others are attacked); writes their results to res."""
-        engine, fmt, steps = self.engine, memory_format(x), self.steps
+        engine, fmt, steps = self.engine, layout(x), self.steps
         a = self.momentum
         W = self.checkpoints
         s = _Run()
         s.idx = idx
-        s.xs = x.index_select(0, idx).contiguous(memory_format=fmt)
+        s.xs = to_layout(x.index_select(0, idx), fmt)
         s.ys = _rows(y, idx)
         s.es = eps.index_select(0, idx)
         s.eta = 2.0 * s.es                                        # eta(0) = 2 eps
         x0 = engine.start(x, eps, "uniform", seed, offset)
-        s.xk = x0.index_select(0, idx).contiguous(memory_format=fmt)
+        s.xk = to_layout(x0.index_select(0, idx), fmt)
         del x0
         s.g, logits, s.f = self.gradient(s.xk, s.ys)
         s.rec = Recorder(s.xk)

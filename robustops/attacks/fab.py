@@ -92,7 +92,7 @@ import torch
 
 from .. import _checks, _rng, ops
 from .base import Attack, Param
-from .engine import AttackResult, memory_format, predictions
+from .engine import AttackResult, layout, predictions, to_layout
 
 __all__ = ["FAB", "FABT", "FABResult", "boundary_projection", "lp_norm", "margin", "DEFAULT_RADIUS"]
 
@@ -189,7 +189,7 @@ class _Run:
 
     def image(self, z: torch.Tensor) -> torch.Tensor:
         """Flat rows z [n, D] as images in the batch's shape and layout (the model's input)."""
-        return z.view(z.shape[0], *self.shape).contiguous(memory_format=self.fmt)
+        return to_layout(z.view(z.shape[0], *self.shape), self.fmt)
 
 
 class FAB(Attack):
@@ -324,7 +324,7 @@ class FAB(Attack):
         x0 = x.index_select(0, idx).reshape(n, -1).float()
         x1 = self._start(x, res, eps, idx, seed, offset) if random else x0.clone()
         s = _Run(idx, x0, x1, y.index_select(0, idx), None if t is None else t.index_select(0, idx),
-                 x.shape[1:], memory_format(x))
+                 x.shape[1:], layout(x))
         for i in range(self.steps):
             df, dg = self._boundaries(s)
             s.x1 = self._step(s, df, dg)

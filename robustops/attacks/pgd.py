@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from .. import _checks
 from .base import Attack, Param, dlr_loss, frozen, step_params  # noqa: F401 -- frozen, Param: old home
-from .engine import AttackResult, memory_format
+from .engine import AttackResult, layout
 from .graph import GraphCache
 
 __all__ = ["PGD", "FGSM", "dlr_loss"]
@@ -130,7 +130,7 @@ class PGD(Attack):
         # or re-allocated since (.to(), new tensors) gets a new graph.
         storage = tuple(t.data_ptr() for t in net.parameters()) + tuple(t.data_ptr() for t in net.buffers()) \
             if module is not None else ()
-        key = (tuple(x.shape), x.dtype, x.device, memory_format(x), self.targeted, self.norm, self.clip,
+        key = (tuple(x.shape), x.dtype, x.device, layout(x), self.targeted, self.norm, self.clip,
                id(self.loss) if callable(self.loss) else self.loss, self.dtype, self.train_mode, self.steps,
                id(net), hash(storage),
                None if self.normalizer is None else tuple(map(tuple, self.normalizer.values())))
