@@ -131,3 +131,15 @@ def test_cli_trains_the_denoised_model(tmp_path):
         s = json.load(fh)
     assert s["model"] == "denoised_small_cnn" and s["config"]["params"]["gan_weight"] == 0.05
     assert isinstance(load_model(os.path.join(out, "last.pt")), Denoised)
+
+
+def test_denoised_model_takes_its_channels_and_every_keyword_from_the_classifier(tmp_path):
+    video = ro.models.get_model("denoised_video_cnn", frames=4)
+    assert video.classifier.frames == 4 and video.denoiser.net[0].in_channels == 1  # video_cnn: 1 channel
+    assert video(torch.rand(2, 4, 1, 16, 16)).shape == (2, 10)
+    rgb = ro.models.get_model("denoised_video_cnn", in_channels=3, frames=2, mean=[0.5] * 3, std=[0.5] * 3)
+    assert rgb.denoiser.net[0].in_channels == 3
+    assert ro.models.get_model("denoised_resnet20").denoiser.net[0].in_channels == 3
+    # a checkpoint's model_kwargs (frames) rebuild the same model
+    path = ro.models.save_checkpoint(str(tmp_path / "v.pt"), video, "denoised_video_cnn", {"frames": 4})
+    assert load_model(path).classifier.frames == 4
