@@ -40,7 +40,7 @@ e. opt_G and opt_D are Adam(lr 2e-4, betas (0.5, 0.999)), created anew at every 
 The code's G is a 3-D conv encoder-decoder ending in a sigmoid, its D a 3-D conv net with BatchNorm, both on
 whole clips. (The stored ``main.py`` has the line building D commented out, so the run it launches passes
 D=None: G is then loaded pre-trained, frozen in eval mode, and the attack starts from G(x); the end-to-end
-path above is the one the paper's "Generative AT" names.)
+path above, with its discriminator, is the denoising GAN the paper's abstract describes.)
 
 This method, and where and why it differs:
 
