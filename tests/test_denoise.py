@@ -2,6 +2,7 @@
 end to end through the denoiser, one step against a hand-written one, checkpoints reload with load_model,
 exact resume, the error for a model without a denoiser, video inputs, the CLI."""
 import json
+import math
 import os
 
 import pytest
@@ -60,7 +61,7 @@ def test_step_without_gan_equals_hand_written_step(cls_weight):
     disc0 = [p.detach().clone() for p in tr.method.disc.parameters()]
     tr.train_step(x, y)
     x_hat = ref.denoiser(x_adv)
-    loss = F.mse_loss(x_hat, x) + cls_weight * F.cross_entropy(ref.classifier(x_hat), y)
+    loss = 0.7 * F.mse_loss(x_hat, x) + cls_weight * F.cross_entropy(ref.classifier(x_hat), y)  # rec_weight 0.7
     params = list(ref.parameters())
     grads = torch.autograd.grad(loss, params, allow_unused=True)
     for (name, p), q, g in zip(model.named_parameters(), params, grads):
@@ -69,7 +70,33 @@ def test_step_without_gan_equals_hand_written_step(cls_weight):
     if cls_weight == 0:
         for (name, p), q in zip(model.classifier.named_parameters(), ref.classifier.parameters()):
             assert torch.equal(p, q), name
-    assert any(not torch.equal(a, b) for a, b in zip(disc0, tr.method.disc.parameters()))  # D took its step
+    # gan_weight 0: D takes no step and its loss is not reported
+    assert all(torch.equal(a, b) for a, b in zip(disc0, tr.method.disc.parameters()))
+    assert math.isnan(tr.method.log_values()["gan_d_loss"])
+
+
+def test_defaults_are_the_authors_code_and_the_discriminator_steps():
+    from robustops.train.registry import get
+
+    defaults = {h.name: h.default for h in get("denoise").hyper}
+    assert (defaults["rec_weight"], defaults["gan_weight"], defaults["disc_lr"]) == (0.7, 0.3, 2e-4)
+    tr = rt.Trainer(pipeline(), method="denoise", epochs=1, steps_per_epoch=1, eps=0.1, steps=1)
+    disc0 = [p.detach().clone() for p in tr.method.disc.parameters()]
+    x, y = torch.rand(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    tr.train_step(x, y)
+    assert any(not torch.equal(a, b) for a, b in zip(disc0, tr.method.disc.parameters()))
+    assert tr.method.log_values()["gan_d_loss"] > 0
+    from robustops.train.methods.denoise import discriminator_loss
+    zero = torch.zeros(4)  # logits 0: each BCE term is log 2, and the code sums the two
+    torch.testing.assert_close(discriminator_loss(zero, zero), torch.tensor(2 * math.log(2)))
+
+
+def test_sync_tensors_refuses_an_unknown_collective():
+    from robustops.train.collective import sync_tensors_
+
+    with pytest.raises(ValueError, match="how must be"):
+        sync_tensors_([torch.zeros(2)], "sum")
+    sync_tensors_([], "mean")  # nothing to do: no process group needed
 
 
 def test_model_without_denoiser_is_refused():
@@ -126,8 +153,22 @@ def test_cli_trains_the_denoised_model(tmp_path):
     out = str(tmp_path / "denoise")
     assert main(["train", "--data", "digits", "--method", "denoise", "--epochs", "1", "--batch-size", "256",
                  "--steps", "2", "--test-steps", "0", "--val-size", "64", "-o", out, "--no-progress",
-                 "--gan-weight", "0.05", "--disc-lr", "0.001"]) == 0
+                 "--gan-weight", "0.05", "--disc-lr", "0.001", "--rec-weight", "0.5", "--cls-weight", "0.9"]) == 0
     with open(os.path.join(out, "summary.json")) as fh:
         s = json.load(fh)
-    assert s["model"] == "denoised_small_cnn" and s["config"]["params"]["gan_weight"] == 0.05
+    params = s["config"]["params"]
+    assert s["model"] == "denoised_small_cnn"
+    assert (params["gan_weight"], params["disc_lr"], params["rec_weight"], params["cls_weight"]) == (0.05, 0.001, 0.5, 0.9)
     assert isinstance(load_model(os.path.join(out, "last.pt")), Denoised)
+
+
+def test_denoised_model_takes_its_channels_and_every_keyword_from_the_classifier(tmp_path):
+    video = ro.models.get_model("denoised_video_cnn", frames=4)
+    assert video.classifier.frames == 4 and video.denoiser.net[0].in_channels == 1  # video_cnn: 1 channel
+    assert video(torch.rand(2, 4, 1, 16, 16)).shape == (2, 10)
+    rgb = ro.models.get_model("denoised_video_cnn", in_channels=3, frames=2, mean=[0.5] * 3, std=[0.5] * 3)
+    assert rgb.denoiser.net[0].in_channels == 3
+    assert ro.models.get_model("denoised_resnet20").denoiser.net[0].in_channels == 3
+    # a checkpoint's model_kwargs (frames) rebuild the same model
+    path = ro.models.save_checkpoint(str(tmp_path / "v.pt"), video, "denoised_video_cnn", {"frames": 4})
+    assert load_model(path).classifier.frames == 4

@@ -365,15 +365,20 @@ _COHEN_RESNET = re.compile(r"^cohen_(?:cifar_)?resnet(\d+)$")  # cohen_cifar_res
 DENOISED_PREFIX = "denoised_"
 
 
-def _denoised(inner: str, num_classes, in_channels, input_size, mean, std) -> Denoised:
-    """Denoised(Denoiser, get_model(inner, ...)); the normalisation (mean / std) stays inside the
-    classifier, so the denoiser works on the pixels of the data box [0, 1]."""
+def _denoised(inner: str, **kwargs) -> Denoised:
+    """Denoised(Denoiser, get_model(inner, **kwargs)): every keyword of get_model (frames for video_cnn too)
+    reaches the classifier; the normalisation (mean / std) stays inside it, so the denoiser works on the
+    pixels of the data box [0, 1]."""
     if inner.lower().replace("-", "_").startswith(DENOISED_PREFIX):
         raise ValueError(f"unknown model {DENOISED_PREFIX + inner!r}: one denoiser per model")
-    classifier = get_model(inner, num_classes=num_classes, in_channels=in_channels, input_size=input_size,
-                           mean=mean, std=std)
-    channels = in_channels if in_channels is not None else (1 if inner.lower() in ("small_cnn", "smallcnn") else 3)
-    return Denoised(Denoiser(channels), classifier)
+    classifier = get_model(inner, **kwargs)
+    # the denoiser's channels are the classifier's input channels, read off the built model (its first
+    # convolution) rather than guessed from the name: video_cnn defaults to 1 channel, the ResNets to 3
+    first = next((m for m in classifier.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d))), None)
+    if first is None:
+        raise ValueError(f"unknown model {DENOISED_PREFIX + inner!r}: the classifier has no convolution to read "
+                         f"its input channels from")
+    return Denoised(Denoiser(first.in_channels), classifier)
 
 
 def get_model(name: str, num_classes: int = 10, in_channels: Optional[int] = None, input_size: Optional[int] = None,
@@ -393,7 +398,8 @@ def get_model(name: str, num_classes: int = 10, in_channels: Optional[int] = Non
         raise TypeError(f"model name must be a string, got {type(name).__name__}")
     key = name.lower().replace("-", "_")
     if key.startswith(DENOISED_PREFIX):
-        return _denoised(name[len(DENOISED_PREFIX):], num_classes, in_channels, input_size, mean, std)
+        return _denoised(name[len(DENOISED_PREFIX):], num_classes=num_classes, in_channels=in_channels,
+                         input_size=input_size, mean=mean, std=std, frames=frames)
     if key in ("small_cnn", "smallcnn"):
         model = SmallCNN(in_channels=1 if in_channels is None else in_channels, num_classes=num_classes,
                          input_size=8 if input_size is None else input_size)

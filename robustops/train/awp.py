@@ -44,6 +44,8 @@ from typing import Any, Callable, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from .collective import sync_tensors_
+
 __all__ = ["WeightPerturbation"]
 
 #: closure(net) -> (loss, aux): the method's training loss computed through ``net`` (``MethodContext.update``'s).
@@ -95,12 +97,9 @@ class WeightPerturbation:
                 b.copy_(s)
             grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
             if tr.ddp and tr.world > 1:
-                import torch.distributed as dist
-
-                flat = torch.cat([g.reshape(-1).float() for g in grads])
-                dist.all_reduce(flat)
-                flat /= tr.world
-                grads = [f.view(g.shape).to(g.dtype) for f, g in zip(flat.split([g.numel() for g in grads]), grads)]
+                # averaged in place: own copies, since autograd may hand back expanded (overlapping) views
+                grads = [g.clone() for g in grads]
+                sync_tensors_(grads, "mean")
             w_norms = torch._foreach_norm(params)
             g_norms = torch._foreach_norm(grads)
             torch._foreach_copy_(self._saved, params)

@@ -66,6 +66,7 @@ import torch
 import torch.nn as nn
 
 from ...attacks.engine import batch_view_shape, memory_format
+from ..collective import sync_tensors_
 from ..registry import Hyper, Method, register
 
 __all__ = ["SDIGenerator", "FGSMSDI", "LR_SCHEDULES", "smoothing_from_factor"]
@@ -188,8 +189,8 @@ class FGSMSDI(Method):
             self.generator = SDIGenerator(channels, self.cfg.sdi_width).to(self.ctx.device)
         if self.ctx.world_size > 1:  # each rank draws its own seed: every rank starts from rank 0's generator
             with torch.no_grad():
-                self._collective([t for t in (*self.generator.parameters(), *self.generator.buffers())
-                                  if t.is_floating_point()], broadcast=True)
+                sync_tensors_([t for t in (*self.generator.parameters(), *self.generator.buffers())
+                               if t.is_floating_point()], "broadcast")
         self.optimizer = torch.optim.Adam(self.generator.parameters(), lr=self.cfg.sdi_lr,
                                           weight_decay=self.cfg.sdi_weight_decay)
         return self.generator
@@ -257,22 +258,7 @@ class FGSMSDI(Method):
         # params: average their gradients; None: average G's floating buffers (BN statistics)
         ts = [p.grad for p in params] if params is not None else \
             [b for b in self.generator.buffers() if b.is_floating_point()]
-        self._collective(ts, broadcast=False)
-
-    def _collective(self, ts, broadcast: bool) -> None:
-        # one collective over the tensors ts, flattened: rank 0's values (broadcast) or the mean over ranks
-        import torch.distributed as dist
-
-        flat = torch.cat([t.detach().reshape(-1) for t in ts])
-        if broadcast:
-            dist.broadcast(flat, src=0)
-        else:
-            dist.all_reduce(flat)
-            flat /= self.ctx.world_size
-        i = 0
-        for t in ts:
-            t.copy_(flat[i:i + t.numel()].view_as(t))
-            i += t.numel()
+        sync_tensors_(ts, "mean")
 
     def step(self, x, y):
         c, ctx = self.cfg, self.ctx
