@@ -52,9 +52,9 @@ def _threads_while_training(monkeypatch):
     seen = []
     step = train.Trainer.train_step
 
-    def spy(self, x, y):
+    def spy(self, x, y, weights=None):
         seen.append(torch.get_num_threads())
-        return step(self, x, y)
+        return step(self, x, y, weights)
 
     monkeypatch.setattr(train.Trainer, "train_step", spy)
     return seen

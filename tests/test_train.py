@@ -404,7 +404,8 @@ def test_cli_demo_quick(tmp_path, capsys):
     for r in learned[1:]:
         assert 0 <= r["set_acc"] <= 1 and 0 <= r["random_acc"] <= 1 and r["latent_acr"] >= 0
         assert 0 <= r["latent_cert_at_eps"] <= 1
-    for label in ("natural", "PGD-7 AT", "free AT (m=4)", "Gaussian noise (sigma=0.25)", "IBP (kappa=0.5)",
+    for label in ("natural", "PGD-7 AT", "free AT (m=4)", "FGSM-SDI AT", "PGD-7 AT + CRAIG coreset (0.5)",
+                  "Gaussian noise (sigma=0.25)", "IBP (kappa=0.5)",
                   "ACERT (kappa=0)", "DALE-PD", "PGD-7 AT + AWP (gamma=0.005)", "PGD-7 AT + EMA (0.999)",
                   "PGD-7 AT + proxy data (50%)", "robust discrimination", "consistency (sigma=0.25, m=2",
                   "MACER (sigma=0.25, k=8, lambda=1", "warm-up 10", "ACR", "IBP ACR (L-inf", "train time",
@@ -416,13 +417,14 @@ def test_cli_demo_quick(tmp_path, capsys):
         assert (out / f).exists(), f
     with open(out / "results.csv") as fh:
         rows = list(csv.DictReader(fh))
-    assert [r["method"] for r in rows] == ["natural", "pgd", "free", "gaussian", "consistency", "macer", "ibp", "acert",
-                                           "dale_pd", "pgd+awp", "pgd+ema", "pgd+proxy"]
+    assert [r["method"] for r in rows] == ["natural", "pgd", "free", "fgsm_sdi", "pgd+coreset", "gaussian",
+                                           "consistency", "macer", "ibp", "acert", "dale_pd", "pgd+awp", "pgd+ema",
+                                           "pgd+proxy"]
     for r in rows:  # every model has an IBP-certified L-inf ACR, within [0, eps]
         assert 0 <= float(r["ibp_acr"]) <= 0.2
     assert (out / "ibp_certified_accuracy.png").exists() and (out / "ibp_certified_accuracy.pdf").exists()
     assert "IBP-certified accuracy of the ACERT" in text
-    assert rows[3]["acr"] != "" and rows[4]["acr"] != "" and rows[5]["acr"] != "" and rows[0]["acr"] == ""
+    assert rows[5]["acr"] != "" and rows[6]["acr"] != "" and rows[7]["acr"] != "" and rows[0]["acr"] == ""
     assert "AutoAttack acc (APGD 3, FAB 2, Square 20)" in text
     for r in rows:  # AutoAttack (standard) at 3 iterations and 20 queries: never more robust than clean
         assert 0 <= float(r["autoattack_acc"]) <= float(r["clean_acc"])
