@@ -12,7 +12,8 @@ def test_demo_section_autoattack(tmp_path, capsys):
 
     out = tmp_path / "demo"
     rc = main(["demo", "--section", "autoattack", "--out", str(out), "--epochs", "2", "--val-size", "64",
-               "--aa-steps", "3", "--aa-fab-steps", "2", "--aa-queries", "200", "--no-progress"])
+               "--aa-steps", "3", "--aa-fab-steps", "2", "--aa-queries", "200", "--no-progress",
+               "--jobs", "1"])  # the rows in this process (the quick demo test runs them in a pool)
     assert rc == 0
     text = capsys.readouterr().out
     for label in ("AutoAttack (standard) on the natural model: APGD-CE-3 + APGD-T-3 + FAB-T-2 + Square-200q",

@@ -24,7 +24,7 @@ def section(tmp_path_factory):
         # a naturally trained model at a small eps: IBP proves little, CROWN (and so best) more
         rc = main(["demo", "--section", "certified", "--out", str(out), "--epochs", "2", "--val-size", "0",
                    "--cert-methods", "natural", "--cert-n", "8", "--eps", "0.02", "--cert-tol", "0.005",
-                   "--attack-steps", "1", "--no-progress"])
+                   "--attack-steps", "1", "--no-progress", "--jobs", "1"])
     return rc, buf.getvalue(), out / "certified"
 
 
@@ -60,3 +60,5 @@ def test_demo_section_certified_refuses_bad_flags(capsys):
     assert "--cert-methods must be a comma-separated list" in capsys.readouterr().err
     assert main(["demo", "--section", "certified", "--cert-n", "0", "--no-progress"]) == 2
     assert "cert" in capsys.readouterr().err
+    assert main(["demo", "--jobs", "0", "--no-progress"]) == 2
+    assert "--jobs" in capsys.readouterr().err

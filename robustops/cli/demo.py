@@ -12,8 +12,8 @@ import time
 from typing import List, Optional
 
 from . import demo_autoattack, demo_certified, demo_learned, demo_video
-from .common import (DIGITS_MODEL, CLIError, add_common, alias, fmt_pct, fraction, pick_device, require_min,
-                     setup_run, split_holdout, write_summary)
+from .common import (DIGITS_MODEL, CLIError, add_common, alias, fmt_pct, fraction, physical_cores, pick_device,
+                     require_min, setup_run, split_holdout, write_summary)
 from .train import add_method_flags, method_hparams
 
 HELP = ("train natural / PGD / free / Gaussian / consistency / MACER / IBP / ACERT / DALE-PD / PGD+AWP / PGD+EMA / "
@@ -55,6 +55,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-size", type=int, default=144,
                    help="training images held out to pick each method's best epoch (0: last epoch)")
     p.add_argument("--attack-steps", type=int, default=20, help="steps of the evaluation PGD attack")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="rows trained and evaluated at once, each in its own process with --threads threads (None: "
+                        "the physical cores // --threads on the CPU, 1 on a GPU; the rows' figures do not depend "
+                        "on it)")
     p.add_argument("--section", default=None,
                    choices=[demo_autoattack.SECTION, demo_certified.SECTION, demo_video.SECTION],
                    help="run one section only: autoattack (AutoAttack at its published budgets on the natural and "
@@ -112,6 +116,8 @@ def run(args) -> int:
                 aa_fab_steps=(args.aa_fab_steps, 1), n0=(args.n0, 1), n=(args.n, 1),
                 certify_batch=(args.certify_batch, 1), val_size=(args.val_size, 0), proxy_n=(args.proxy_n, 1),
                 sequential_images=(args.sequential_images, 0), sequential_n_max=(args.sequential_n_max, 1))
+    if args.jobs is not None:
+        require_min(jobs=(args.jobs, 1))
     if not args.eps >= 0:
         raise CLIError(f"--eps must be >= 0, got {args.eps}")
     if not args.sigma > 0:
@@ -376,15 +382,66 @@ def update_readme(path: str, block: List[str]) -> None:
     os.replace(tmp, path)
 
 
+def _jobs(args, dev, n_rows: int) -> int:
+    """How many rows run at once: --jobs, else the physical cores // the threads per row on the CPU (one
+    on a GPU), never more than the rows."""
+    if args.jobs is not None:
+        return max(1, min(args.jobs, n_rows))
+    if dev.type != "cpu":
+        return 1
+    return max(1, min(physical_cores() // max(1, args.threads), n_rows))
+
+
+#: A demo row worker's state: (args, dev, data), set once per process by _row_worker_init.
+_WORKER: dict = {}
+
+
+def _row_worker_init(args, dev) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)  # the parent's count: the rows' arithmetic, hence figures, are the same
+    _WORKER.update(args=args, dev=dev, data=_Data(args))
+
+
+def _row_worker(key: str, proxy_data) -> dict:
+    w = _WORKER
+    return _train_and_evaluate(w["args"], key, w["data"], w["dev"], proxy_data)
+
+
+def _train_rows(args, methods, data: _Data, dev, proxy_data=None, each: bool = False):
+    """The rows of ``methods`` (``_train_and_evaluate``), in order, ``_jobs`` at a time: each row in a
+    process of its own (spawned; the data rebuilt there, the same splits) when more than one. Every row
+    seeds its own model, training and attacks from --seed, so a row's figures do not depend on the
+    jobs. each=True: a generator yielding each row as soon as it and those before it are done."""
+    gen = _iter_rows(args, list(methods), data, dev, proxy_data)
+    return gen if each else list(gen)
+
+
+def _iter_rows(args, methods, data, dev, proxy_data):
+    jobs = _jobs(args, dev, len(methods))
+    if jobs == 1:
+        for m in methods:
+            yield _train_and_evaluate(args, m, data, dev, proxy_data)
+        return
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=_row_worker_init,
+                             initargs=(args, dev)) as pool:
+        futures = [pool.submit(_row_worker, m, proxy_data) for m in methods]
+        for f in futures:
+            yield f.result()
+
+
 def _section(args, data: _Data, dev) -> None:
     """One section (--section): train its models with the demo's settings, then run it."""
     if args.section == demo_autoattack.SECTION:
         args.aa_steps = 0  # the section runs AutoAttack itself, at its own budgets
-        rows = [_train_and_evaluate(args, m, data, dev) for m in ("natural", "pgd")]
+        rows = _train_rows(args, ("natural", "pgd"), data, dev)
         demo_autoattack.run_section(args, data, rows, dev)
     else:
         args.aa_steps, args.ibp_eps_max = 0, 0.0  # the section certifies with every bound itself
-        rows = [_train_and_evaluate(args, m, data, dev) for m in args.cert_methods_list]
+        rows = _train_rows(args, args.cert_methods_list, data, dev)
         demo_certified.run_section(args, data, rows, dev)
 
 
@@ -416,8 +473,7 @@ def _demo(args, methods, dev) -> int:
                       f"accuracy; 50% = indistinguishable): "
                       + ", ".join(f"eps {e:.3g}: {fmt_pct(a)}" for e, a in zip(sc["eps"], sc["robust_acc"])))
         print("  " + proxy_line, flush=True)
-    for method in methods:
-        row = _train_and_evaluate(args, method, data, dev, proxy_data)
+    for row in _train_rows(args, methods, data, dev, proxy_data, each=True):
         rows.append(row)
         extra = (f", ACR {row['acr']:.3f} ({data.k} images, n={args.n}, certified in {row['certify_time_s']:.1f}s)"
                  if row["acr"] is not None else "")
