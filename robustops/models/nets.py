@@ -1,17 +1,5 @@
-"""Reference models (the architectures and :func:`get_model`); the checkpoints are in :mod:`.checkpoints`.
-
-- :class:`SmallCNN`: a small conv net for digits / MNIST-sized inputs.
-- :class:`PreActResNet18`: the pre-activation ResNet-18 used in the adversarial-training literature.
-- :func:`cifar_resnet`: He et al.'s CIFAR ResNets with 6n+2 layers (resnet20, resnet110, ...).
-- :class:`CNN7`: the 7-layer CNN of the IBP certified-training benchmarks (Shi et al. 2021).
-- :func:`cohen_cifar_resnet`: the CIFAR ResNet of Cohen, Rosenfeld and Kolter's randomized-smoothing
-  code (locuslab/smoothing), with its layer names, so that their released checkpoints load.
-- :class:`Normalize`: ``(x - mean) / std`` per channel, to put in front of a model.
-- :func:`get_model` builds one by name; :func:`save_checkpoint` / :func:`load_model` store and
-  restore ``{"model": name, "model_kwargs": {...}, "state_dict": ...}`` checkpoints, and also load
-  raw state dicts, TorchScript files and ``torch.export`` archives, and the checkpoints of Cohen et
-  al.'s code (``{"arch": "cifar_resnet110", "state_dict": ...}``, see :func:`load_model`).
-"""
+"""Reference models: the architectures and :func:`get_model`, which builds one by name (the list is in
+the package's docstring, :mod:`robustops.models`); the checkpoints are in :mod:`.checkpoints`."""
 from __future__ import annotations
 
 import re

@@ -18,7 +18,7 @@ import torch
 from .. import _checks
 from ..attacks.base import madry_step
 
-__all__ = ["Hyper", "Method", "register", "unregister", "get", "names", "hyperparameters", "describe", "StepStats"]
+__all__ = ["Hyper", "Method", "register", "require_linf", "unregister", "get", "names", "hyperparameters", "describe", "StepStats"]
 
 #: What a method's step returns: (sum of losses, number correct, number of samples); the first two
 #: are device tensors, so a step needs no host synchronization.
@@ -187,6 +187,13 @@ class Method:
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         pass
+
+
+def require_linf(cfg, method: str, why: str) -> None:
+    """Refuses (ValueError naming the setting) a config whose norm is not L-inf, for a method that works
+    in the L-inf ball only; why: the reason, in the message."""
+    if cfg.norm != "linf":
+        raise ValueError(f'norm must be "linf" for {method} ({why}), got {cfg.norm!r}')
 
 
 _REGISTRY: Dict[str, Type[Method]] = {}

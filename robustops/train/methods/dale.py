@@ -98,7 +98,7 @@ import torch.nn.functional as F
 
 from ... import _rng, ops
 from ...attacks.engine import batch_view_shape, memory_format
-from ..registry import Hyper, Method, register
+from ..registry import Hyper, Method, register, require_linf
 
 __all__ = ["Dale", "DalePD", "LangevinStep", "log1m_softmax", "OBJECTIVES", "GRADIENTS", "DUAL_UPDATES"]
 
@@ -193,9 +193,7 @@ class Dale(Method):
 
     @classmethod
     def check_config(cls, cfg) -> None:
-        if cfg.norm != "linf":
-            raise ValueError(f'norm must be "linf" for {cls.name} (its Langevin step projects on the L-inf ball), '
-                             f"got {cfg.norm!r}")
+        require_linf(cfg, cls.name, "its Langevin step projects on the L-inf ball")
         if cfg.amp == "fp16" and cfg.langevin_form == "laplace" and cfg.langevin_noise > 0:
             raise ValueError("amp fp16 scales the input gradient by a changing loss scale that the Laplace noise "
                              "(added to the gradient) would have to follow: use amp bf16, langevin_form gaussian "

@@ -67,7 +67,7 @@ import torch.nn as nn
 
 from ...attacks.engine import batch_view_shape, memory_format
 from ..collective import sync_tensors_
-from ..registry import Hyper, Method, register
+from ..registry import Hyper, Method, register, require_linf
 
 __all__ = ["SDIGenerator", "FGSMSDI", "LR_SCHEDULES", "smoothing_from_factor"]
 
@@ -157,9 +157,7 @@ class FGSMSDI(Method):
 
     @classmethod
     def check_config(cls, cfg) -> None:
-        if cfg.norm != "linf":
-            raise ValueError(f'norm must be "linf" for {cls.name} (its generator is tanh * eps, an L-inf ball), '
-                             f"got {cfg.norm!r}")
+        require_linf(cfg, cls.name, "its generator is tanh * eps, an L-inf ball")
 
     @classmethod
     def default_alpha(cls, cfg) -> float:

@@ -61,7 +61,7 @@ import torch
 import torch.nn.functional as F
 
 from ... import bounds
-from ..registry import Hyper, Method, register
+from ..registry import Hyper, Method, register, require_linf
 
 __all__ = ["IBP", "ramp_fraction", "progress", "SCHEDULE_SHAPES", "bn_hyper"]
 
@@ -103,8 +103,7 @@ def progress(ctx) -> float:
 
 
 def check_linf(cfg, method: str) -> None:
-    if cfg.norm != "linf":
-        raise ValueError(f'norm must be "linf" for {method} (interval bounds are L-inf boxes), got {cfg.norm!r}')
+    require_linf(cfg, method, "interval bounds are L-inf boxes")
 
 
 def check_supported(ctx, x: torch.Tensor, y: torch.Tensor) -> None:
