@@ -11,7 +11,8 @@ accuracy after every epoch (the fit history: where a collapse shows even when th
 it). Each row is printed with the FGSM-RS and PGD-7 figures of the same eps and seed beside it once
 they exist, and appended to benchmarks/results/fast_at.csv as it finishes.
 
-Rows: FGSM-RS (`fgsm`), PGD-7 AT (`pgd`), FGSM-SDI with --sdi-every / --sdi-width (`fgsm_sdi`; the paper's
+Rows: FGSM-RS (`fgsm`), plain FGSM from the clean input with alpha = eps (`fgsm_zero`: the start Wong et
+al. show overfitting catastrophically), PGD-7 AT (`pgd`), FGSM-SDI with --sdi-every / --sdi-width (`fgsm_sdi`; the paper's
 k = 20, width 64 by default) and "SDI scaled" (`fgsm_sdi_scaled`): k scaled to the paper's generator steps per
 epoch, k = max(1, round(batches per epoch / 20)) (CIFAR-10: 391 batches, k = 20, ~20 generator steps an epoch;
 the digits' 21 batches give k = 1, where k = 20 is ~1 step an epoch), and width 16 (a cheaper generator for 8x8
@@ -39,7 +40,8 @@ from robustops.cli.common import DIGITS_MODEL, split_holdout
 from robustops.data import get_dataset
 from common import append_csv, parser, setup
 
-METHODS = {"fgsm_sdi": "FGSM-SDI", "fgsm_sdi_scaled": "SDI scaled", "fgsm": "FGSM-RS", "pgd": "PGD-7 AT"}
+METHODS = {"fgsm_sdi": "FGSM-SDI", "fgsm_sdi_scaled": "SDI scaled", "fgsm": "FGSM-RS", "pgd": "PGD-7 AT",
+           "fgsm_zero": "FGSM"}
 SDI = ("fgsm_sdi", "fgsm_sdi_scaled")  # the rows that train fgsm_sdi, measured against the targets
 
 
@@ -58,7 +60,9 @@ def run_one(method: str, eps: float, seed: int, args, data) -> dict:
         opts = {"sdi_width": args.sdi_width, "sdi_every": args.sdi_every}
     elif method == "fgsm_sdi_scaled":
         opts = {"sdi_width": args.sdi_scaled_width, "sdi_every": scaled_every(len(loader))}
-    trained = "fgsm_sdi" if method in SDI else method
+    elif method == "fgsm_zero":  # plain FGSM (no random start, alpha = eps): the classic catastrophic overfitter
+        opts = {"fgsm_init": "zero", "alpha": eps}
+    trained = "fgsm_sdi" if method in SDI else "fgsm" if method == "fgsm_zero" else method
     t0 = time.perf_counter()
     res = train.fit(model, loader, trained, val_loader=DataLoader(val_ds, batch_size=256, shuffle=False),
                     epochs=args.epochs, eps=eps, steps=7, lr=0.05, seed=seed, val_steps=10, progress=False,
