@@ -21,8 +21,7 @@ from torch.utils.data import DataLoader
 
 from robustops import attacks, models, train
 from robustops.cli.common import DIGITS_MODEL, split_holdout
-from robustops.data import get_dataset
-from common import finish, parser, setup
+from common import digits_setup, finish, parser
 
 SCHEDULES = ("constant", "linear", "curriculum", "adaptive")
 
@@ -65,10 +64,7 @@ def main(argv=None):
         p.error(f"--schedules: a comma-separated list of {', '.join(SCHEDULES)} starting with constant (the "
                 f"baseline); got {args.schedules}")
     args.test_eps = [float(v) for v in args.test_eps.split(",")]
-    args.threads = args.threads or 1  # 8x8 inputs: more threads only cost time
-    base = setup(args)
-    full_train = get_dataset("digits", "train")[0]
-    test_loader = DataLoader(get_dataset("digits", "test")[0], batch_size=360, shuffle=False)
+    base, full_train, test_loader = digits_setup(args)
     print(f"device: {base['device']}; torch {torch.__version__}; PGD-7 AT, eps {args.eps}, {args.epochs} epochs; "
           f"test PGD-20 at eps {', '.join(f'{e:g}' for e in args.test_eps)}; (constant baseline of the seed)")
     baseline = {}

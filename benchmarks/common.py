@@ -90,6 +90,20 @@ def setup(args) -> dict:
             "device": device_name(str(args.device))}
 
 
+def digits_setup(args):
+    """The digits benchmarks' set-up: one thread unless --threads says otherwise (8x8 inputs: more threads
+    only cost time), the device (:func:`setup`), the digits training split and a test loader (batches of
+    360). Returns (setup's dict, the training dataset, the test loader)."""
+    from torch.utils.data import DataLoader
+
+    from robustops.data import get_dataset
+
+    args.threads = args.threads or 1
+    base = setup(args)
+    test_loader = DataLoader(get_dataset("digits", "test")[0], batch_size=360, shuffle=False)
+    return base, get_dataset("digits", "train")[0], test_loader
+
+
 def append_csv(name: str, rows: list[dict]) -> str:
     """Appends rows to results/<name>; a file whose header lacks some of the rows' columns is
     rewritten with the union of the columns first, so earlier rows are never misaligned."""

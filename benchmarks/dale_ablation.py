@@ -24,12 +24,10 @@ import math
 import statistics
 
 import torch
-from torch.utils.data import DataLoader
 
 from robustops import attacks, models
 from robustops.cli.common import DIGITS_MODEL, split_holdout
-from robustops.data import get_dataset
-from common import finish, fit_digits, parser, setup
+from common import digits_setup, finish, fit_digits, parser
 
 #: variant -> (method, options); "epoch_dual"'s dual step is filled in per run (batches per epoch x 0.001)
 VARIANTS = {"dale_pd": ("dale_pd", {}),
@@ -92,10 +90,7 @@ def main(argv=None):
     bad = [k for k in keys if k not in VARIANTS]
     if bad:
         p.error(f"--variants must be a comma-separated list of {', '.join(VARIANTS)}; got {', '.join(bad)}")
-    args.threads = args.threads or 1  # 8x8 inputs: more threads only cost time
-    base = setup(args)
-    full_train = get_dataset("digits", "train")[0]
-    test_loader = DataLoader(get_dataset("digits", "test")[0], batch_size=360, shuffle=False)
+    base, full_train, test_loader = digits_setup(args)
     rows = []
     print(f"device: {base['device']}; torch {torch.__version__}; eps {args.eps}, {args.epochs} epochs, "
           f"PGD-{args.attack_steps}")

@@ -18,12 +18,10 @@ shared machine: read the ratio, not the seconds.
 from __future__ import annotations
 
 import torch
-from torch.utils.data import DataLoader
 
 from robustops import attacks, models
 from robustops.cli.common import DIGITS_MODEL, split_holdout
-from robustops.data import get_dataset
-from common import finish, fit_digits, parser, setup
+from common import digits_setup, finish, fit_digits, parser
 
 #: variant -> (method, model name, options)
 VARIANTS = {"pgd": ("pgd", "small_cnn", {}),
@@ -64,10 +62,7 @@ def main(argv=None):
     keys = args.variants.split(",")
     if any(k not in VARIANTS for k in keys):
         p.error(f"--variants must be a comma-separated list of {', '.join(VARIANTS)}; got {args.variants}")
-    args.threads = args.threads or 1  # 8x8 inputs: more threads only cost time
-    base = setup(args)
-    full_train = get_dataset("digits", "train")[0]
-    test_loader = DataLoader(get_dataset("digits", "test")[0], batch_size=360, shuffle=False)
+    base, full_train, test_loader = digits_setup(args)
     print(f"device: {base['device']}; torch {torch.__version__}; eps {args.eps}, {args.epochs} epochs; "
           f"PGD-20 and APGD-CE-{args.apgd_steps} through the whole model")
     print(f"{'variant':<12} {'seed':>4} {'clean':>15} {'PGD-20':>15} {'APGD-CE':>15} {'train s':>15}")
