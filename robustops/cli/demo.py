@@ -57,8 +57,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attack-steps", type=int, default=20, help="steps of the evaluation PGD attack")
     p.add_argument("--jobs", type=int, default=None,
                    help="rows trained and evaluated at once, each in its own process with --threads threads (None: "
-                        "the physical cores // --threads on the CPU, 1 on a GPU; the rows' figures do not depend "
-                        "on it)")
+                        "the physical cores // --threads on the CPU, at most 4, 1 on a GPU; the rows' figures do "
+                        "not depend on it)")
     p.add_argument("--section", default=None,
                    choices=[demo_autoattack.SECTION, demo_certified.SECTION, demo_video.SECTION],
                    help="run one section only: autoattack (AutoAttack at its published budgets on the natural and "
@@ -382,14 +382,18 @@ def update_readme(path: str, block: List[str]) -> None:
     os.replace(tmp, path)
 
 
+#: The default --jobs at most: each row's process holds its own torch (about half a GB).
+MAX_DEFAULT_JOBS = 4
+
+
 def _jobs(args, dev, n_rows: int) -> int:
     """How many rows run at once: --jobs, else the physical cores // the threads per row on the CPU (one
-    on a GPU), never more than the rows."""
+    on a GPU; at most MAX_DEFAULT_JOBS), never more than the rows."""
     if args.jobs is not None:
         return max(1, min(args.jobs, n_rows))
     if dev.type != "cpu":
         return 1
-    return max(1, min(physical_cores() // max(1, args.threads), n_rows))
+    return max(1, min(physical_cores() // max(1, args.threads), n_rows, MAX_DEFAULT_JOBS))
 
 
 #: A demo row worker's state: (args, dev, data), set once per process by _row_worker_init.
