@@ -185,6 +185,10 @@ def test_clear_errors_where_videos_are_refused(clip, net):
     x, y = clip
     with pytest.raises(ValueError, match=r"videos \[B, T, C, H, W\] are not supported"):
         attacks.Square(net, eps=0.1, n_queries=5)(x, y)
+    # AutoAttack refuses before its first stage (not at Square, after the APGD and FAB stages); apgd runs
+    with pytest.raises(ValueError, match=r"includes Square.*use suite 'apgd'"):
+        ro.evaluate(net, (x[:4], y[:4]), eps=0.05, steps=1, fab_steps=1, progress=False)
+    assert 0 <= ro.evaluate(net, (x[:4], y[:4]), suite="apgd", eps=0.05, steps=1, progress=False)["robust_acc"] <= 1
     with pytest.raises(ValueError, match=r"VideoCNN: expected inputs \[B, T, C, H, W\]"):
         net(x[:, 0])
     with pytest.raises(ValueError, match=r"video batch Tensor\[B, T, C, H, W\]"):

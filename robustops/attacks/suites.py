@@ -49,6 +49,7 @@ from .pgd import PGD
 from .square import Square
 
 __all__ = ["Suite", "VERSIONS", "SUITES", "LABELS", "GRADIENT_FREE", "suite_names", "masking_warnings", "stages",
+           "refuse_videos",
            "evaluate"]
 
 #: AutoAttack's versions: the attacks in the order they run.
@@ -186,10 +187,15 @@ class Suite:
         """robust_accuracy of the suite over loader (see ``robust_accuracy``; per-sample column
         "attack" = the stage whose result the row holds), plus "attacks" (the names), "stages" (per
         stage: attack, broken, robust, robust_acc) and "warnings" (the masking check)."""
+        self.check_inputs(loader)
         atks = self.attacks if len(self.attacks) > 1 else self.attacks[0]
         res = robust_accuracy(model, loader, atks, device=device, progress=progress, desc=self.suite,
                               max_samples=max_samples, keep_adv=keep_adv)
         return self.summarize(res)
+
+    def check_inputs(self, loader) -> None:
+        """:func:`refuse_videos` for this suite's attacks and the loader's dataset."""
+        refuse_videos(self.names, getattr(loader, "dataset", None), repr(self))
 
     def summarize(self, res: dict) -> dict:
         """res (robust_accuracy's dict of this suite) with "attacks", "stages" and "warnings" added."""
@@ -197,6 +203,19 @@ class Suite:
         after = res.get("robust_correct_after", [res["robust_correct"]])
         return {**res, "attacks": list(self.names), "stages": stages(self.names, n, clean, after),
                 "warnings": masking_warnings(self.names, clean, after, self.masking_threshold)}
+
+
+def refuse_videos(names, dataset, what: str) -> None:
+    """Refuses videos ([B, T, C, H, W]: a 4-D first sample of dataset) before any attack runs when the
+    attacks ``names`` include Square (its windows are drawn per image), so the stages before it are not
+    spent for nothing. what: the attacks' description, for the message."""
+    if "square" not in names or dataset is None or len(dataset) == 0:
+        return
+    first = dataset[0][0]
+    if isinstance(first, torch.Tensor) and first.dim() == 4:
+        raise ValueError(f"{what} includes Square, which attacks images [B, C, H, W]; the data are videos (samples "
+                         f"{list(first.shape)} = [T, C, H, W]): use suite 'apgd' (APGD-CE + APGD-T), 'pgd' or "
+                         f"'fab', which take any [B, ...]")
 
 
 def _loader(data, batch_size: int):

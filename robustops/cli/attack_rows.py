@@ -116,6 +116,7 @@ def evaluate_rows(d, dataset, stop: int, make_attacks: Callable[[], list], names
     mine, total = _share(d, rodata.IndexedDataset(dataset), stop, done, batch_size, grid)
     try:
         chosen = make_attacks()
+        attacks.suites.refuse_videos(names, dataset, "+".join(names))
     except (ValueError, TypeError) as e:
         raise CLIError(str(e)) from None
     out = results.open_part(d.rank) if results is not None else None
