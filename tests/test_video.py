@@ -240,3 +240,26 @@ def test_channels_last_training_step_on_3_channel_videos_keeps_the_layout(clip, 
         out[cl] = m.m.state_dict()
     for k, v in out[False].items():
         torch.testing.assert_close(out[True][k], v, rtol=0, atol=1e-5)
+
+
+def test_demo_section_video_through_the_command_line(tmp_path, capsys):
+    import csv
+    import json
+
+    from robustops.cli import main
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--section", "video", "--out", str(out), "--video-rows", "natural,pgd+curriculum",
+                 "--video-epochs", "1", "--video-eps", "0.05", "--video-steps", "1", "--video-apgd-steps", "1",
+                 "--val-size", "0", "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "L-inf eps 0.05 (PGD-AT 1 steps)" in text and "pgd+curriculum" in text
+    with open(out / "video" / "results.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["row"] for r in rows] == ["natural", "pgd+curriculum"]
+    for r in rows:  # an attack counts only inputs classified right: never above clean accuracy
+        assert 0 <= float(r["pgd20_acc"]) <= float(r["clean_acc"]) and 0 <= float(r["apgd_acc"]) <= float(r["clean_acc"])
+    with open(out / "video" / "results.json") as fh:
+        assert json.load(fh)["epochs"] == 1
+    assert main(["demo", "--section", "video", "--video-rows", "pgd,nope", "--no-progress"]) == 2
+    assert "--video-rows must be" in capsys.readouterr().err
