@@ -16,8 +16,8 @@ from .common import (DIGITS_MODEL, CLIError, add_common, alias, fmt_pct, fractio
                      require_min, setup_run, split_holdout, write_summary)
 from .train import add_method_flags, method_hparams
 
-HELP = ("train natural / PGD / free / Gaussian / consistency / MACER / IBP / ACERT / DALE-PD / PGD+AWP / PGD+EMA / "
-        "PGD+proxy-data models "
+HELP = ("train natural / PGD / free / FGSM-SDI / PGD+coreset / Gaussian / consistency / MACER / IBP / ACERT / "
+        "DALE-PD / PGD+AWP / PGD+EMA / PGD+proxy-data models "
         "on the embedded digits data, evaluate and certify them, print a comparison table; learn a perturbation set "
         "and train / attack / certify against it")
 
@@ -58,7 +58,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--jobs", type=int, default=None,
                    help="rows trained and evaluated at once, each in its own process with --threads threads (None: "
                         "the physical cores // --threads on the CPU, at most 4, 1 on a GPU; the rows' figures do "
-                        "not depend on it)")
+                        "not depend on it; the main table and the autoattack / certified sections, not the video "
+                        "section, whose rows run in order)")
     p.add_argument("--section", default=None,
                    choices=[demo_autoattack.SECTION, demo_certified.SECTION, demo_video.SECTION],
                    help="run one section only: autoattack (AutoAttack at its published budgets on the natural and "
