@@ -377,8 +377,8 @@ def _fused(m: nn.Module, bn, relu: bool, z: _Lazy) -> _Lazy:
         wr = wc.abs() * (2 * z.b / abs(z.a))
         c, d = _conv_pair(m, z.p, z.q, wc, wr, b)
     else:  # into the (small) outputs: exact scaling, the same sums
-        c = F.linear(z.p, w, b) if z.a == 1 else torch.addmm(b, z.p, w.t(), alpha=z.a) if b is not None \
-            else F.linear(z.p, w) * z.a
+        c = F.linear(z.p, w, b) if z.a == 1 else F.linear(z.p, w) * z.a if b is None else \
+            torch.addmm(b, z.p.flatten(0, -2), w.t(), alpha=z.a).unflatten(0, z.p.shape[:-1])  # any leading dims
         d = F.linear(z.q, _abs_weight(w))
         d = d if 2 * z.b == 1 else d * (2 * z.b)
     if bn is not None:  # after a Linear, or the centre rule (statistics of c)

@@ -377,3 +377,16 @@ def test_certified_radius_restores_the_mode_and_ignores_autocast(digits_model):
     assert digits_model.training and r.dtype == torch.float64
     digits_model.eval()
     torch.testing.assert_close(r, B.certified_radius(digits_model, x[:16], eps_max=0.1).radius)
+
+
+def test_fused_linear_stack_takes_inputs_with_leading_dimensions():
+    # the fused Linear + ReLU path on [B, T, D] (a sequence MLP) equals the same stack on the flattened
+    # [B * T, D] rows: the bias-with-a-fused-ReLU branch is a matrix product over any leading dims
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 3))
+    x = torch.rand(2, 3, 4)
+    out = B.propagate(m, B.Interval(x, torch.full_like(x, 0.05)))
+    ref = B.propagate(m, B.Interval(x.flatten(0, 1), torch.full((6, 4), 0.05)))
+    assert out.c.shape == (2, 3, 3)
+    torch.testing.assert_close(out.lower.flatten(0, 1), ref.lower, rtol=0, atol=1e-6)
+    torch.testing.assert_close(out.upper.flatten(0, 1), ref.upper, rtol=0, atol=1e-6)
