@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .denoise import Denoised, Denoiser
-from .video import VideoCNN
+from .video import VIDEO_CHANNEL_DIM, VideoCNN
 
 __all__ = ["SmallCNN", "CNN7", "PreActResNet18", "PreActBlock", "CifarResNet", "BasicBlock", "CohenBasicBlock",
            "cifar_resnet", "CohenCifarResNet", "cohen_cifar_resnet", "Normalize", "channel_stats", "split_normalize",
@@ -416,7 +416,7 @@ def get_model(name: str, num_classes: int = 10, in_channels: Optional[int] = Non
     else:
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(MODEL_NAMES)}")
     if mean is not None or std is not None:
-        model = nn.Sequential(Normalize(mean, std, channel_dim=2 if isinstance(model, VideoCNN) else 1), model)
+        model = nn.Sequential(Normalize(mean, std, channel_dim=VIDEO_CHANNEL_DIM if isinstance(model, VideoCNN) else 1), model)
     return model
 
 

@@ -175,11 +175,17 @@ class BudgetSchedule:
         self._count += 1
         return c.eps * f, c.alpha * f
 
-    def log_values(self) -> Dict[str, float]:
-        """{"train_eps": the mean budget handed out since the last call} (one host sync), then resets."""
-        mean = float(self._sum) / self._count if self._count else float("nan")
+    def log_values(self, world_size: int = 1, device=None) -> Dict[str, float]:
+        """{"train_eps": the mean budget handed out since the last call, over the processes when
+        world_size > 1 (one all-reduce on ``device``, the run's: under adaptive each draws its own)}
+        (one host sync), then resets."""
+        total = torch.tensor([float(self._sum), float(self._count)], dtype=torch.float64, device=device)
+        if world_size > 1:
+            from .collective import sync_tensors_
+
+            sync_tensors_([total], "mean")  # the mean of sums and of counts: their ratio is the overall mean
         self._sum, self._count = 0.0, 0
-        return {"train_eps": mean}
+        return {"train_eps": float(total[0] / total[1]) if total[1] > 0 else float("nan")}
 
     def state_dict(self) -> Dict[str, Any]:
         """The schedule's persistent state (none: a pure function of the run's progress)."""
@@ -288,7 +294,7 @@ class AdaptiveBudget(BudgetSchedule):
         f = self.grid[torch.multinomial(probs, n, replacement=True, generator=g)]
         if self.cfg.budget_adapt == "batch":
             return float(f[0])
-        return f.to(device=x.device, dtype=torch.float32)
+        return f.to(device=x.device, dtype=torch.float32, non_blocking=True)
 
     def state_dict(self) -> Dict[str, Any]:
         return {"probs": self.probs, "estimated_epoch": self.estimated_epoch}

@@ -358,7 +358,7 @@ class _FitRun:
             row, t_train = self.train_epoch(epoch)
             row.update(self.trainer.method.log_values())
             if _scheduled(self.cfg):
-                row.update(self.trainer.budget.log_values())
+                row.update(self.trainer.budget.log_values(self.trainer.ctx.world_size, self.dev))
             res.train_time += t_train
             metrics = (("clean_acc", "robust_acc", "noise_acc")
                        + (CERTIFIED_METRICS if self.trainer.certified else ()) + self.trainer.val_metrics)

@@ -126,10 +126,13 @@ def _ce(logits, y):
     return F.cross_entropy(logits.float(), y, reduction="none")
 
 
-def _per_sample(p, x: torch.Tensor) -> torch.Tensor:
-    """A float or Tensor[B] parameter as float32 on x's device, broadcastable against x."""
-    t = torch.as_tensor(p, dtype=torch.float32).to(x.device)
-    return t.view(batch_view_shape(x)) if t.dim() else t
+def _per_sample(p, x: torch.Tensor):
+    """A float or Tensor[B] parameter broadcastable against x: a scalar as it is (a float or a 0-dim
+    CPU tensor, which CUDA ops take as a scalar: no copy to the device, no host sync per step), a
+    Tensor[B] as float32 on x's device viewed per sample."""
+    if not isinstance(p, torch.Tensor) or p.dim() == 0:
+        return p
+    return p.to(x.device, torch.float32, non_blocking=True).view(batch_view_shape(x))
 
 
 class LangevinStep:

@@ -65,7 +65,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from ...attacks.engine import batch_view_shape, memory_format
+from ...attacks.engine import batch_view_shape, layout, to_layout
 from ..collective import sync_tensors_
 from ..registry import Hyper, Method, register, require_linf
 
@@ -219,7 +219,7 @@ class FGSMSDI(Method):
         """x0 = clamp(x + G([x, sign g]), lo, hi), in x's layout (differentiable in G's parameters)."""
         c = self.cfg
         delta0 = self.generator(x, sign_g, eps).to(x.dtype)
-        return (x + delta0).clamp(c.lo, c.hi).contiguous(memory_format=memory_format(x))
+        return to_layout((x + delta0).clamp(c.lo, c.hi), layout(x))  # x's layout, video channels-last too
 
     def smoothed_ce(self, logits, y):
         """The label-smoothed, per-sample-weighted cross-entropy of the classifier (and, negated, of G)."""

@@ -195,8 +195,8 @@ class LearnedSet(_LearnedBase):
             return ctx.natural_step(x_adv, y)
 
         def closure(net):
-            logits = net(x_adv)
-            return max_set_loss(net(x), logits, y, ctx.weights), logits
+            logits, logits_c = net(x_adv, x)  # one (DDP) forward call, the inputs in the order they ran before
+            return max_set_loss(logits_c, logits, y, ctx.weights), logits
 
         loss, logits = ctx.update(closure)
         return ctx.stats(loss, logits, y)
