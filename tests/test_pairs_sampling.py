@@ -139,3 +139,12 @@ def test_fit_perturbation_refuses_a_resume_with_other_data_settings(tmp_path):
         fit({"lr": 1.0})
     with pytest.raises(TypeError, match="data_settings must be a mapping"):
         fit(["pairs"])
+
+
+def test_fit_perturbation_refuses_persistent_workers_with_pairs_drawn_per_epoch():
+    fresh = Subset(P.DigitsPairs("train", seed=2), list(range(16)))
+    assert P.pairs_per_epoch(fresh) and not P.pairs_per_epoch(P.DigitsPairs("train", seed=2, fresh=False))
+    assert P.pairs_per_epoch(P.CropFlipPairs(P.DigitsPairs("train", seed=2, fresh=False), padding=1, seed=3))
+    loader = DataLoader(fresh, batch_size=8, num_workers=1, persistent_workers=True)
+    with pytest.raises(ValueError, match="persistent_workers"):  # refused before a worker starts
+        P.fit_perturbation(P.CVAE(1, 8, latent_dim=2, width=4), loader, epochs=1, seed=0, progress=False)

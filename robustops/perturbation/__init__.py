@@ -29,14 +29,14 @@ One file per part, every public name re-exported here (``robustops.perturbation.
 from .cvae import CVAE, kl_gaussians, perturbation_loss
 from .fit import (CHECKPOINT_FORMAT, LOG_COLUMNS, PerturbationFit, fit_perturbation, load_perturbation_model,
                   save_perturbation_model)
-from .pairs import CropFlipPairs, DigitsPairs, NpzPairs, crop_flip, set_pairs_epoch, transform_images
+from .pairs import CropFlipPairs, DigitsPairs, NpzPairs, crop_flip, pairs_per_epoch, set_pairs_epoch, transform_images
 from .protocol import check_perturbation_model, member, prior_scale
 # Last, and after the submodule of the same name: robustops.perturbation.quality is the function.
 from .quality import (choose_eps, latent_norms, likelihood_bound, plot_perturbations, prior_member_error, quality,
                       sample, truncated_prior)
 
 __all__ = ["prior_scale", "member", "check_perturbation_model", "DigitsPairs", "NpzPairs", "transform_images",
-           "CropFlipPairs", "crop_flip", "set_pairs_epoch",
+           "CropFlipPairs", "crop_flip", "set_pairs_epoch", "pairs_per_epoch",
            "CVAE", "kl_gaussians", "perturbation_loss", "fit_perturbation", "PerturbationFit",
            "load_perturbation_model", "save_perturbation_model", "latent_norms", "choose_eps", "quality",
            "sample", "plot_perturbations", "CHECKPOINT_FORMAT", "prior_member_error", "likelihood_bound",

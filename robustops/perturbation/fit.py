@@ -21,7 +21,7 @@ from .. import _checks, _rng
 from .._runfiles import check_settings, read_checkpoint, resume_path, write_csv_log
 from ..models import model_device, save_checkpoint, unwrap, verify_checkpoint
 from .cvae import CVAE, perturbation_loss
-from .pairs import batch_pairs, set_pairs_epoch
+from .pairs import batch_pairs, pairs_per_epoch, set_pairs_epoch
 from .protocol import check_perturbation_model
 
 __all__ = ["fit_perturbation", "PerturbationFit", "save_perturbation_model", "load_perturbation_model",
@@ -211,6 +211,11 @@ class _PerturbationRun:
         seen, numel = 0, 1
         # before iter(): loader workers take a copy of the dataset when the iterator is made
         set_pairs_epoch(getattr(self.loader, "dataset", None), epoch)
+        if getattr(self.loader, "persistent_workers", False) and pairs_per_epoch(self.loader.dataset):
+            # persistent workers keep their first copy: every epoch would silently get epoch 1's pairs
+            raise ValueError("loader: persistent_workers=True keeps each worker's copy of the pairs from the first "
+                             "epoch, so the pairs drawn per epoch cannot reach them; build the DataLoader without "
+                             "persistent_workers")
         bar = tqdm(iter(self.loader), total=self.steps_per_epoch, desc=f"perturbation {epoch}/{s['epochs']}",
                    leave=False, disable=not self.progress, dynamic_ncols=True)
         step = (epoch - 1) * self.steps_per_epoch

@@ -25,7 +25,7 @@ from .. import _rng
 from ..data import as_nchw, load_digits
 from . import families as _families
 
-__all__ = ["transform_images", "DigitsPairs", "NpzPairs", "CropFlipPairs", "crop_flip", "set_pairs_epoch",
+__all__ = ["transform_images", "DigitsPairs", "NpzPairs", "CropFlipPairs", "crop_flip", "set_pairs_epoch", "pairs_per_epoch",
            "batch_pairs"]
 
 
@@ -346,6 +346,16 @@ def set_pairs_epoch(dataset, epoch: int) -> None:
             dataset.set_epoch(epoch)
             return
         dataset = getattr(dataset, "dataset", None)
+
+
+def pairs_per_epoch(dataset) -> bool:
+    """Whether dataset (or the dataset a ``Subset`` wraps, at any depth) draws its pairs per epoch
+    (``set_epoch`` with fresh pairs, or joint crops and flips)."""
+    while dataset is not None:
+        if hasattr(dataset, "set_epoch"):
+            return bool(getattr(dataset, "fresh", True))
+        dataset = getattr(dataset, "dataset", None)
+    return False
 
 
 def batch_pairs(batch, what: str = "loader") -> Tuple[torch.Tensor, torch.Tensor]:
