@@ -240,6 +240,9 @@ def test_cli_flags(capsys, tmp_path):
     with pytest.raises(SystemExit):
         main(["train", "--budget-schedule", "steps"])
     assert "--budget-schedule" in capsys.readouterr().err
+    # a certified method's --eps-schedule is its ramp shape: a budget schedule there is refused, not ignored
+    assert main(["train", "--method", "ibp", "--eps-schedule", "adaptive", "--out", str(tmp_path / "i")]) == 2
+    assert "eps_schedule" in capsys.readouterr().err
 
 
 def test_a_selection_pass_leaves_train_eps_and_the_estimate():

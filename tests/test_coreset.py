@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
+
 import pytest
 import torch
 import torch.nn as nn
@@ -258,3 +260,15 @@ def test_cli_craig_coreset_size_in_the_log(tmp_path):
     n = len(load_digits("train")) - 64
     assert len(rows) == 2 and all(abs(int(r["coreset_size"]) - n / 2) <= 5 for r in rows)  # 10 classes' rounding
     assert all(float(r["select_time"]) > 0 for r in rows)  # selected before each epoch (every 1, no warm-up)
+
+
+def test_cli_refuses_coreset_settings_without_a_coreset_and_with_extra_data(tmp_path, capsys):
+    from robustops.cli import main
+
+    assert main(["train", "--coreset-frac", "0.5", "--out", str(tmp_path / "a"), "--no-progress"]) == 2
+    assert "--coreset-frac is a setting of --coreset" in capsys.readouterr().err
+    gen = tmp_path / "gen.npz"
+    np.savez(gen, x=np.random.rand(8, 1, 8, 8).astype(np.float32), y=np.arange(8) % 10)
+    assert main(["train", "--coreset", "random", "--extra-data", str(gen), "--out", str(tmp_path / "b"),
+                 "--no-progress"]) == 2
+    assert "cannot be combined with --extra-data" in capsys.readouterr().err
