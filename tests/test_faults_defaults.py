@@ -130,8 +130,8 @@ def test_train_help_shows_the_defaults_per_dataset(capsys):
     with pytest.raises(SystemExit):
         build_parser("train").parse_args(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    for want in ("30 on digits, 10 otherwise", "64 on digits, 128 otherwise", "0.05 on digits with sgd",
-                 "144 on digits"):
+    for want in ("30 on digits, 10 on moving_digits and otherwise", "64 on digits and moving_digits, 128 otherwise",
+                 "0.05 on digits with sgd", "144 on digits"):
         assert want in text, want
 
 
