@@ -13,7 +13,7 @@ PYTHON := $(PY)
 SETUP_STAMP :=
 else
 PYTHON := $(VENV)/bin/python
-SETUP_STAMP := $(VENV)/.stamp-$(TORCH_VERSION)-5
+SETUP_STAMP := $(VENV)/.stamp-$(TORCH_VERSION)-6
 endif
 
 # Compile the CUDA kernels whenever nvcc exists (and torch is a CUDA build): a CUDA compile error
@@ -44,7 +44,7 @@ all: build
 
 # torchattacks (tests/test_torchattacks.py compares against it) is installed without its stale pins
 # (requests ~= 2.25, torchvision): it imports neither.
-$(VENV)/.stamp-$(TORCH_VERSION)-5:
+$(VENV)/.stamp-$(TORCH_VERSION)-6:
 	test -x $(VENV)/bin/python || python3 -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip
 	$(VENV)/bin/python -m pip install -q torch==$(TORCH_VERSION) -r requirements-dev.txt
