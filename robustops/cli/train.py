@@ -63,8 +63,9 @@ def add_method_flags(g, defaults: Dict[str, Any] = None) -> None:
             owners.setdefault(h.name, []).append(name)
             method_defaults.setdefault(h.name, {})[name] = h.default
     for hname, h in train.registry.hyperparameters().items():
-        kw: Dict[str, Any] = {"type": int if h.kind == "int" else fraction(hname)} if h.kind != "choice" \
-            else {"choices": list(h.choices)}
+        kw: Dict[str, Any] = {"choices": list(h.choices)} if h.kind == "choice" else \
+            {"type": str, "metavar": "FILE"} if h.kind == "path" else \
+            {"type": int if h.kind == "int" else fraction(hname)}
         default = defaults.get(hname)
         per = method_defaults[hname]
         own = f"{h.default}" if len(set(map(str, per.values()))) == 1 else \

@@ -10,6 +10,7 @@ registry: adding a method is a new file plus its line in ``methods/__init__.py``
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Dict, Optional, Sequence, Tuple, Type
 
@@ -29,7 +30,8 @@ StepStats = Tuple[torch.Tensor, torch.Tensor, int]
 class Hyper:
     """One hyperparameter of a training method.
 
-    kind: "int", "float" or "choice"; minimum: the smallest allowed value (strict: excluded);
+    kind: "int", "float", "choice" or "path" (a file name, e.g. a network a method loads: a
+    non-empty str; None when the default is None); minimum: the smallest allowed value (strict: excluded);
     maximum: the largest allowed value of a "float" (included); choices: the allowed values of a
     "choice"; flags: the command-line spellings (default
     ``--<name with dashes>``); help: one line for ``--help``.
@@ -50,6 +52,14 @@ class Hyper:
         what = f"{self.name} ({self.help})"
         if self.kind == "int":
             return _checks.check_int(value, what, None if self.minimum is None else int(self.minimum))
+        if self.kind == "path":
+            if value is None and self.default is None:
+                return None
+            if isinstance(value, os.PathLike):
+                value = os.fspath(value)
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"{what} must be a file name (a non-empty str), got {value!r}")
+            return value
         if self.kind == "choice":
             if value not in self.choices:
                 raise ValueError(f"{what} must be one of {', '.join(self.choices)}; got {value!r}")
