@@ -10,35 +10,19 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..corruptions.base import SEVERITIES
+from ..corruptions.cifar10c import CIFAR10C_CORRUPTIONS, LAYOUT, check_release_dir, check_severities, \
+    load_release_array
 from ..data import load_cifar10
 
 __all__ = ["CIFAR10C_CORRUPTIONS", "CIFAR10C_REFERENCE_TRAIN", "CIFAR10C_REFERENCE_HELD_OUT", "CifarCPairs"]
 
-#: the 15 benchmark corruptions and the 4 extra ones of the CIFAR-10-C release, by file name
-CIFAR10C_CORRUPTIONS = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur",
-                        "zoom_blur", "snow", "frost", "fog", "brightness", "contrast", "elastic_transform",
-                        "pixelate", "jpeg_compression", "speckle_noise", "gaussian_blur", "spatter", "saturate")
 #: the 12 corruptions locuslab/perturbation_learning learns its CIFAR-10 sets on
 #: (configs/cifar10_c_rectangle*.json, configs_robust/*.json) ...
 CIFAR10C_REFERENCE_TRAIN = ("defocus_blur", "glass_blur", "motion_blur", "zoom_blur", "snow", "frost", "fog",
                             "brightness", "contrast", "elastic_transform", "pixelate", "jpeg_compression")
 #: ... and the 3 benchmark corruptions it leaves out of them: the held-out (out-of-distribution) family
 CIFAR10C_REFERENCE_HELD_OUT = ("gaussian_noise", "shot_noise", "impulse_noise")
-SEVERITIES = (1, 2, 3, 4, 5)
-_LAYOUT = ("the CIFAR-10-C layout: <root>/<corruption>.npy, uint8 [5 * N, 32, 32, 3] (severities 1..5 stacked, "
-           "N = 10000 test images each, in the CIFAR-10 test order) and <root>/labels.npy [5 * N]; from "
-           "https://zenodo.org/record/2535967 (CIFAR-10-C.tar), extracted")
-
-
-def _check_severities(severities) -> Tuple[int, ...]:
-    try:
-        sev = tuple(int(s) for s in severities)
-    except (TypeError, ValueError):
-        raise ValueError(f"severities must be a list of ints in 1..5, got {severities!r}") from None
-    if not sev or any(s not in SEVERITIES for s in sev) or len(set(sev)) != len(sev) \
-            or any(float(a) != b for a, b in zip(severities, sev)):
-        raise ValueError(f"severities must be distinct ints in 1..5, got {severities!r}")
-    return sev
 
 
 class CifarCPairs(Dataset):
@@ -56,12 +40,8 @@ class CifarCPairs(Dataset):
 
     def __init__(self, root: str, cifar_root: str, corruptions: Optional[Sequence[str]] = None,
                  severities: Sequence[int] = SEVERITIES):
-        root = os.fspath(root)
-        if not os.path.isdir(root):
-            raise FileNotFoundError(f"CIFAR-10-C directory {root!r} does not exist: give the directory with {_LAYOUT}")
+        root = check_release_dir(root)
         labels_path = os.path.join(root, "labels.npy")
-        if not os.path.isfile(labels_path):
-            raise FileNotFoundError(f"no labels.npy in the CIFAR-10-C directory {root!r}: expected {_LAYOUT}")
         present = sorted(f[:-4] for f in os.listdir(root) if f.endswith(".npy") and f != "labels.npy")
         if corruptions is None:
             corruptions = present
@@ -71,8 +51,8 @@ class CifarCPairs(Dataset):
         missing = [c for c in corruptions if c not in present]
         if not corruptions or missing:
             raise FileNotFoundError(f"CIFAR-10-C directory {root!r}: no {', '.join(m + '.npy' for m in missing) or 'corruption files'}"
-                                    f" (it holds {', '.join(present) or 'none'}); expected {_LAYOUT}")
-        self.severities = _check_severities(severities)
+                                    f" (it holds {', '.join(present) or 'none'}); expected {LAYOUT}")
+        self.severities = check_severities(severities)
         clean_x, clean_y = load_cifar10(cifar_root, "test").tensors
         n = clean_x.shape[0]
         labels = np.load(labels_path, mmap_mode="r")
@@ -84,11 +64,7 @@ class CifarCPairs(Dataset):
                              f"need the clean test set the corruptions were made from, in its order")
         self.arrays = {}
         for c in corruptions:
-            a = np.load(os.path.join(root, c + ".npy"), mmap_mode="r")
-            if a.dtype != np.uint8 or a.shape != (5 * n, 32, 32, 3):
-                raise ValueError(f"{os.path.join(root, c + '.npy')} must be uint8 [5 * N, 32, 32, 3] = [{5 * n}, 32, 32, "
-                                 f"3], got {a.dtype} {list(a.shape)}")
-            self.arrays[c] = a
+            self.arrays[c] = load_release_array(root, c, n)
         self.root, self.corruptions, self.clean_x, self.labels, self.n_clean = root, corruptions, clean_x, clean_y, n
 
     def __len__(self) -> int:
