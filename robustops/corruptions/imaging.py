@@ -121,9 +121,9 @@ def pil_box_resize(x: torch.Tensor, size: Tuple[int, int], quantize: bool = True
     h, w = size
     y = x
     if w != W:
-        y = torch.einsum("bchw,vw->bchv", y, pil_box_matrix(W, w).to(x))
+        y = y @ pil_box_matrix(W, w).to(x).t()
         y = torch.round(y * 255) / 255 if quantize else y
     if h != H:
-        y = torch.einsum("bchw,uh->bcuw", y, pil_box_matrix(H, h).to(x))
+        y = pil_box_matrix(H, h).to(x) @ y
         y = torch.round(y * 255) / 255 if quantize else y
     return y
