@@ -211,3 +211,15 @@ def test_cpu_equals_cuda(images, name):
     cpu, gpu = rc.corrupt(x, name, 4, seed=1), rc.corrupt(x.cuda(), name, 4, seed=1).cpu()
     # 8-bit rounding (snow, pixelate, spatter's levels) may flip one level where float sums differ
     assert (cpu - gpu).abs().mean() <= 1e-3 and (cpu - gpu).abs().max() <= 0.1
+
+
+def test_gallery_grid(tmp_path, digits):
+    from robustops.corruptions import gallery
+
+    scene = gallery.demo_scene(16)
+    assert scene.shape == (3, 16, 16) and 0 <= scene.min() and scene.max() <= 1
+    for img in (scene, digits[0]):
+        path = gallery.plot_corruption_grid(str(tmp_path / "g.png"), img, names=("fog", "contrast"), severities=(1, 5))
+        assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="image must be a Tensor"):
+        gallery.plot_corruption_grid(str(tmp_path / "g.png"), digits[:2], names="fog")
