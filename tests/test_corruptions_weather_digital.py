@@ -91,6 +91,47 @@ def test_pixelate_and_jpeg_against_pil(images):
         assert diff.mean() <= 2.5 / 255 and diff.max() <= 32 / 255, (s, diff.mean() * 255, diff.max() * 255)
 
 
+def test_plasma_fractal_equals_the_reference_on_the_same_draws(monkeypatch):
+    """imagecorruptions' plasma_fractal (make_cifar_c.py's) fed our sample's uniform draws in order."""
+    from imagecorruptions import corruptions as ic
+
+    for size, decay in ((32, 3.0), (8, 1.75)):
+        ours = wt.plasma_fractal(rc.SampleRNG(1, "fog", 2, [5], "cpu"), size, decay)[0]
+        g = rc.SampleRNG(1, "fog", 2, [5], "cpu").generator(0)
+        monkeypatch.setattr(np.random, "uniform",
+                            lambda low, high, shape: (torch.rand(shape, generator=g) * (high - low) + low).double().numpy())
+        ref = ic.plasma_fractal(mapsize=size, wibbledecay=decay)
+        monkeypatch.undo()
+        assert np.abs(ours.numpy() - ref).max() <= 1e-5
+
+
+def test_elastic_equals_make_cifar_c_on_the_same_draws():
+    """make_cifar_c.py's elastic_transform (cv2 affine, skimage gaussian, scipy map_coordinates) with our
+    sample's draws: equal to float rounding."""
+    import cv2
+    from scipy.ndimage import map_coordinates
+    from skimage.filters import gaussian
+
+    x = torch.nn.functional.avg_pool2d(torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0)), 3, 1, 1)
+    for s in (2, 5):
+        ours = rc.corrupt(x, "elastic_transform", s, seed=3)
+        rng = rc.SampleRNG(3, "elastic_transform", s, range(3), "cpu")
+        c = [v * 32 for v in dg.ELASTIC[s - 1]]
+        jitter = rng.uniform(3, 2, low=-c[2], high=c[2]).numpy()
+        field = rng.uniform(2, 32, 32, low=-1.0, high=1.0).double().numpy()
+        for b in range(3):
+            image = x[b].permute(1, 2, 0).numpy()
+            centre, sq = np.float32([16, 16]), 32 // 3
+            pts1 = np.float32([centre + sq, [centre[0] + sq, centre[1] - sq], centre - sq])
+            image = cv2.warpAffine(image, cv2.getAffineTransform(pts1, pts1 + jitter[b]), (32, 32),
+                                   borderMode=cv2.BORDER_REFLECT_101)
+            dx, dy = (gaussian(field[b, i], c[1], mode="reflect", truncate=3) * c[0] for i in (0, 1))
+            xs, ys, zs = np.meshgrid(np.arange(32), np.arange(32), np.arange(3))
+            idx = (ys + dy[..., None]).reshape(-1, 1), (xs + dx[..., None]).reshape(-1, 1), zs.reshape(-1, 1)
+            ref = np.clip(map_coordinates(image, idx, order=1, mode="reflect").reshape(32, 32, 3), 0, 1)
+            assert np.abs(ours[b].permute(1, 2, 0).numpy() - ref).max() <= 1e-4
+
+
 @pytest.mark.parametrize("name", ["snow", "fog", "spatter"])
 def test_weather_statistics_match_imagecorruptions(images, monkeypatch, name):
     """Same definitions with random layers: mean |corrupt(x) - x| within 25 % and the mean within .03."""
