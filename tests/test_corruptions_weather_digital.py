@@ -11,6 +11,7 @@ import torch
 
 import robustops.corruptions as rc
 from robustops.corruptions import digital as dg
+from robustops.corruptions import imaging
 from robustops.corruptions import weather as wt
 from robustops.corruptions.cifar10c import CifarC
 from robustops.data import load_digits
@@ -130,6 +131,33 @@ def test_elastic_equals_make_cifar_c_on_the_same_draws():
             idx = (ys + dy[..., None]).reshape(-1, 1), (xs + dx[..., None]).reshape(-1, 1), zs.reshape(-1, 1)
             ref = np.clip(map_coordinates(image, idx, order=1, mode="reflect").reshape(32, 32, 3), 0, 1)
             assert np.abs(ours[b].permute(1, 2, 0).numpy() - ref).max() <= 1e-4
+
+
+def test_spatter_water_layer_against_opencv():
+    """The distance map and histogram equalisation exactly (scipy's EDT, cv2.equalizeHist); the water
+    layer against make_cifar_c.py's OpenCV pipeline on the same liquid layer: mean within 10 %."""
+    import cv2
+    from scipy.ndimage import distance_transform_edt
+
+    g = np.random.RandomState(0)
+    edges = g.rand(3, 20, 27) > 0.97
+    ref = np.stack([distance_transform_edt(~e) for e in edges])
+    assert np.abs(wt.distance_to_mask(torch.from_numpy(edges)).numpy() - ref).max() <= 1e-4
+    levels = np.stack([g.randint(3, 21, (32, 32)), g.randint(0, 256, (32, 32)), np.full((32, 32), 7)]).astype(np.uint8)
+    ours = wt.equalize_hist(torch.from_numpy(levels).float()).numpy()
+    assert np.array_equal(ours, np.stack([cv2.equalizeHist(a) for a in levels]))
+    c = wt.SPATTER[2]
+    liquid = rc.SampleRNG(0, "spatter", 3, range(16), "cpu").normal(1, 32, 32, mean=c[0], std=c[1])
+    liquid = imaging.gaussian_smooth(liquid, c[2])
+    liquid = torch.where(liquid < c[3], torch.zeros_like(liquid), liquid)
+    ref = []
+    for lay in (liquid[:, 0].numpy() * 255).astype(np.uint8):
+        dist = cv2.distanceTransform(255 - cv2.Canny(lay, 50, 150), cv2.DIST_L2, 5)
+        dist = cv2.equalizeHist(cv2.blur(cv2.threshold(dist, 20, 20, cv2.THRESH_TRUNC)[1], (3, 3)).astype(np.uint8))
+        dist = cv2.blur(cv2.filter2D(dist, cv2.CV_8U, np.array(wt.EMBOSS)), (3, 3)).astype(np.float32)
+        ref.append(lay * dist / max((lay * dist).max(), 1e-12))
+    ours, ref = wt.water_layer(liquid, 1.0)[:, 0].numpy(), np.stack(ref)
+    assert abs(ours.mean() / ref.mean() - 1) <= 0.1 and np.abs(ours - ref).mean() <= 0.3 * ref.mean()
 
 
 @pytest.mark.parametrize("name", ["snow", "fog", "spatter"])
