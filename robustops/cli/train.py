@@ -65,6 +65,7 @@ def add_method_flags(g, defaults: Dict[str, Any] = None) -> None:
     for hname, h in train.registry.hyperparameters().items():
         kw: Dict[str, Any] = {"choices": list(h.choices)} if h.kind == "choice" else \
             {"type": str, "metavar": "FILE"} if h.kind == "path" else \
+            {"type": str, "metavar": "SPEC"} if h.kind == "str" else \
             {"type": int if h.kind == "int" else fraction(hname)}
         default = defaults.get(hname)
         per = method_defaults[hname]

@@ -30,8 +30,9 @@ StepStats = Tuple[torch.Tensor, torch.Tensor, int]
 class Hyper:
     """One hyperparameter of a training method.
 
-    kind: "int", "float", "choice" or "path" (a file name, e.g. a network a method loads: a
-    non-empty str; None when the default is None); minimum: the smallest allowed value (strict: excluded);
+    kind: "int", "float", "choice", "path" (a file name, e.g. a network a method loads: a
+    non-empty str; None when the default is None) or "str" (a spelling the method parses in its
+    ``check_config``, e.g. gaussian's "uniform:MAX": a non-empty str); minimum: the smallest allowed value (strict: excluded);
     maximum: the largest allowed value of a "float" (included); choices: the allowed values of a
     "choice"; flags: the command-line spellings (default
     ``--<name with dashes>``); help: one line for ``--help``.
@@ -52,6 +53,10 @@ class Hyper:
         what = f"{self.name} ({self.help})"
         if self.kind == "int":
             return _checks.check_int(value, what, None if self.minimum is None else int(self.minimum))
+        if self.kind == "str":
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"{what} must be a non-empty str, got {value!r}")
+            return value
         if self.kind == "path":
             if value is None and self.default is None:
                 return None
