@@ -32,8 +32,8 @@ class Hyper:
 
     kind: "int", "float", "choice", "path" (a file name, e.g. a network a method loads: a
     non-empty str; None when the default is None) or "str" (a spelling the method parses in its
-    ``check_config``, e.g. gaussian's "uniform:MAX": a non-empty str); minimum: the smallest allowed value (strict: excluded);
-    maximum: the largest allowed value of a "float" (included); choices: the allowed values of a
+    ``check_config``, e.g. gaussian's "uniform:MAX": a non-empty str); minimum: the smallest allowed
+    value (strict: excluded); maximum: the largest allowed value of a "float" (included); choices: the allowed values of a
     "choice"; flags: the command-line spellings (default
     ``--<name with dashes>``); help: one line for ``--help``.
     """
