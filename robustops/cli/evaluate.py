@@ -7,7 +7,8 @@ The model: a robustops checkpoint (--checkpoint; its training eps and norm are t
 model: --model package.module:factory (called without arguments; returns an nn.Module) with
 --weights FILE (a state dict, or a dict holding one under "state_dict" / "model"; --weights-prefix
 strips a key prefix such as "module."), the input normalisation given by --mean/--std (or --normalize
-for the dataset's) when it is not inside the model."""
+for the dataset's) when it is not inside the model. --suite corruptions measures common corruptions
+instead of attacks (cli/evaluate_corruptions.py)."""
 from __future__ import annotations
 
 import argparse
@@ -16,6 +17,7 @@ import importlib
 import math
 import os
 
+from . import evaluate_corruptions
 from .attack import input_transform, threat_model
 from .attack_rows import claim, columns_for, evaluate_rows, finish, results_file, suite_report
 from .common import (
@@ -33,9 +35,10 @@ from .common import (
     setup_run,
 )
 
-HELP = "robust accuracy of any model under AutoAttack (standard / plus / rand) or one attack, resumable"
+HELP = ("robust accuracy of any model under AutoAttack (standard / plus / rand) or one attack, or its accuracy "
+        "under common corruptions (--suite corruptions), resumable")
 
-SUITES = ("autoattack", "apgd", "pgd", "fab", "square")
+SUITES = ("autoattack", "apgd", "pgd", "fab", "square", "corruptions")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -60,8 +63,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n", "--max-samples", dest="n", type=int, default=None,
                    help="evaluate the first N inputs (None: all; under torchrun spell it --max-samples)")
     p.add_argument("--suite", default="autoattack", choices=SUITES,
-                   help="autoattack (the --version's attacks in turn), apgd (APGD-CE then APGD-T), pgd, fab (FAB-T) "
-                        "or square")
+                   help="autoattack (the --version's attacks in turn), apgd (APGD-CE then APGD-T), pgd, fab (FAB-T), "
+                        "square, or corruptions (common corruptions: accuracy per corruption and severity, ECE, mCE)")
     p.add_argument("--version", default="standard", choices=["standard", "plus", "rand"],
                    help="AutoAttack's version: standard (APGD-CE, APGD-T, FAB-T, Square), plus (5 restarts, the "
                         "untargeted APGD-DLR and FAB too), rand (APGD-CE, APGD-DLR with 20 EOT passes, for "
@@ -84,6 +87,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="replace an existing --out once this run has finished")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run: keep its rows, attack the "
                    "rest (refused when a setting that changes the rows differs)")
+    evaluate_corruptions.add_arguments(p)
     add_common(p, workers=False)
 
 
@@ -151,8 +155,8 @@ def _state_dict(path: str, prefix):
     return obj
 
 
-def _load_model(args):
-    """(model, the checkpoint's metadata) from the flags."""
+def load_model_flags(args):
+    """(model, the checkpoint's metadata) from --checkpoint / --model / --weights (also --suite corruptions')."""
     from .. import models
 
     user = args.model is not None and ":" in args.model
@@ -196,7 +200,7 @@ def _load(args):
     elif args.resume:
         raise CLIError("--resume continues the rows of --out: give --out")
     dataset, info = load_data(args.data, args.split, validate=False)
-    model, meta = _load_model(args)
+    model, meta = load_model_flags(args)
     info = model_classes(model, dataset, info, args.data, args.split)
     norm, eps, source = threat_model(args, meta)
     return model, dataset, info, norm, eps, source
@@ -227,6 +231,9 @@ def _settings(args, norm, eps) -> dict:
 def run(args) -> int:
     from ..attacks.suites import suite_names
 
+    if args.suite == "corruptions":
+        return evaluate_corruptions.run(args, load_model_flags)
+    evaluate_corruptions.refuse_corruption_flags(args)
     model, dataset, info, norm, eps, source = _load(args)
     setup_run(args, sample_numel=math.prod(info["input_shape"]))
     names = suite_names(args.suite, args.version)
