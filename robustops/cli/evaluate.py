@@ -24,7 +24,6 @@ from .common import (
     CLIError,
     add_common,
     alias,
-    check_writable,
     checkpoint_meta,
     distributed,
     fmt_pct,
@@ -181,24 +180,13 @@ def load_model_flags(args):
 def _load(args):
     require_min(n=(args.n, 1), steps=(args.steps, 1), n_queries=(args.n_queries, 1), restarts=(args.restarts, 1),
                 n_target_classes=(args.n_target_classes, 1), batch_size=(args.batch_size, 1))
-    if (args.mean is None) != (args.std is None):
-        raise CLIError("--mean and --std go together: give both")
-    if args.mean is not None and args.normalize:
-        raise CLIError("--normalize uses the dataset's mean/std: drop it or --mean/--std")
-    if args.std is not None and min(args.std) <= 0:
-        raise CLIError(f"--std must be > 0, got {args.std}")
+    evaluate_corruptions.check_shared_flags(args)
     if args.eps is not None and not 0.0 < args.eps < math.inf:
         raise CLIError(f"--eps must be a finite number > 0, got {args.eps}")
     if not 0.0 <= args.masking_threshold <= 1.0:
         raise CLIError(f"--masking-threshold must be in [0, 1], got {args.masking_threshold}")
     if args.version != "standard" and args.suite != "autoattack":
         raise CLIError(f"--version is AutoAttack's; --suite {args.suite} has none")
-    if args.out:
-        check_writable(args.out, "--out")
-        if args.resume and args.force:
-            raise CLIError("--resume continues a result and --force replaces it: give one of them")
-    elif args.resume:
-        raise CLIError("--resume continues the rows of --out: give --out")
     dataset, info = load_data(args.data, args.split, validate=False)
     model, meta = load_model_flags(args)
     info = model_classes(model, dataset, info, args.data, args.split)

@@ -22,7 +22,7 @@ from .attack_rows import claim, finish
 from .common import CLIError, check_writable, distributed, fmt_pct, load_data, model_classes, require_min, setup_run
 from .rows import ResultsFile, RowWriter
 
-__all__ = ["add_arguments", "refuse_corruption_flags", "run", "markdown", "ATTACK_FLAGS"]
+__all__ = ["add_arguments", "refuse_corruption_flags", "check_shared_flags", "run", "markdown", "ATTACK_FLAGS"]
 
 #: The attack suites' flags and their defaults: given with --suite corruptions, they are refused.
 ATTACK_FLAGS = {"eps": None, "norm": None, "version": "standard", "steps": None, "n_queries": 5000,
@@ -76,6 +76,17 @@ def _check_flags(args):
         raise CLIError(f"{', '.join(given)}: --suite corruptions applies common corruptions, not an attack; drop "
                        f"{'them' if len(given) > 1 else 'it'}")
     require_min(n=(args.n, 1), batch_size=(args.batch_size, 1))
+    check_shared_flags(args)
+    try:
+        names = check_names([v for v in args.corruptions.split(",") if v.strip()] if args.corruptions else None)
+    except ValueError as e:
+        raise CLIError(f"--{e}") from None
+    return names, _severities(args.severities)
+
+
+def check_shared_flags(args) -> None:
+    """The checks of the flags every suite of `robustops evaluate` shares: --mean/--std/--normalize and
+    -o/--resume/--force."""
     if (args.mean is None) != (args.std is None):
         raise CLIError("--mean and --std go together: give both")
     if args.mean is not None and args.normalize:
@@ -88,11 +99,6 @@ def _check_flags(args):
             raise CLIError("--resume continues a result and --force replaces it: give one of them")
     elif args.resume:
         raise CLIError("--resume continues the rows of --out: give --out")
-    try:
-        names = check_names([v for v in args.corruptions.split(",") if v.strip()] if args.corruptions else None)
-    except ValueError as e:
-        raise CLIError(f"--{e}") from None
-    return names, _severities(args.severities)
 
 
 def _data(args, names):

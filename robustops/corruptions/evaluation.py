@@ -35,14 +35,13 @@ Definitions:
 """
 from __future__ import annotations
 
-import math
 import time
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Iterable, List, Optional, Sequence
 
 import torch
 
 from .. import _checks
-from . import ALL, BENCHMARK, FAMILIES, available, check_names, check_severity, corrupt, family_of
+from . import ALL, BENCHMARK, FAMILIES, available, check_names, check_severity, corrupt
 
 __all__ = ["N_BINS", "ROW_FIELDS", "row_key", "calibration_bins", "ece_from_bins", "expected_calibration_error",
            "evaluate_row", "summarize", "corruption_accuracy", "mce", "plot_heatmap"]
