@@ -14,7 +14,7 @@ import torch
 
 import robustops as ro
 from robustops.cli import main
-from robustops.corruptions import ALL, available, corrupt
+from robustops.corruptions import ALL, BENCHMARK, FAMILIES, available, corrupt
 from robustops.corruptions import evaluation as ev
 from robustops.data import load_digits
 from robustops.models import SmallCNN, save_checkpoint
@@ -91,21 +91,31 @@ def _direct(model, x, y, name, s, seed=0):
 
 def test_accuracy_per_severity_is_a_direct_loop(model, digits):
     x, y = digits.tensors[0][:N], digits.tensors[1][:N]
-    names = ["gaussian_noise"] + [c for c in available() if c != "gaussian_noise"]
-    res = ev.corruption_accuracy(model, (x, y), names, severities=(1, 4), batch_size=10, seed=3)
-    for c in names:
-        for s in (1, 4):
-            assert res["accuracy"][c][s] == pytest.approx(_direct(model, x, y, c, s, seed=3), abs=1e-12), (c, s)
+    res = ev.corruption_accuracy(model, (x, y), "gaussian_noise", severities=(1, 4), batch_size=10, seed=3)
+    for s in (1, 4):
+        assert res["accuracy"]["gaussian_noise"][s] == _direct(model, x, y, "gaussian_noise", s, seed=3)
     with torch.no_grad():
         assert res["clean_acc"] == int((model(x).argmax(1) == y).sum()) / N
     # the rows do not depend on the batching
-    again = ev.corruption_accuracy(model, (x, y), names, severities=(1, 4), batch_size=N, seed=3)
+    again = ev.corruption_accuracy(model, (x, y), "gaussian_noise", severities=(1, 4), batch_size=N, seed=3)
     assert [(r["correct"], r["n"]) for r in again["rows"]] == [(r["correct"], r["n"]) for r in res["rows"]]
-    assert res["mean_over"] == ("benchmark" if len(names) >= 15 else "run")
-    assert res["mean_corruption_acc"] == pytest.approx(np.mean([res["accuracy"][c][s] for c in
-                                                                res["mean_corruptions"] for s in (1, 4)]))
-    assert res["per_family"]["noise"] == pytest.approx(np.mean([res["per_corruption"][c] for c in
-                                                                res["mean_corruptions"] if c.endswith("noise")]))
+    assert [r["ece"] for r in again["rows"]] == pytest.approx([r["ece"] for r in res["rows"]], abs=1e-12)
+    assert res["mean_corruption_acc"] == pytest.approx(np.mean([res["accuracy"]["gaussian_noise"][s] for s in (1, 4)]))
+    assert res["mean_over"] == "run" and res["per_family"] == {"noise": res["mean_corruption_acc"]}
+
+
+def test_every_available_corruption_is_a_direct_loop(model, digits):
+    x, y = digits.tensors[0][:15], digits.tensors[1][:15]
+    names = available()
+    res = ev.corruption_accuracy(model, (x, y), names, severities=(3,), batch_size=4)
+    for c in names:
+        assert res["accuracy"][c][3] == _direct(model, x, y, c, 3), c
+    assert res["mean_over"] == ("benchmark" if all(c in names for c in BENCHMARK) else "run")
+    over = res["mean_corruptions"]
+    assert res["mean_corruption_acc"] == pytest.approx(np.mean([res["accuracy"][c][3] for c in over]))
+    fams = {f: [c for c in over if c in members] for f, members in FAMILIES.items()}
+    assert res["per_family"] == pytest.approx({f: np.mean([res["accuracy"][c][3] for c in cs])
+                                               for f, cs in fams.items() if cs})
 
 
 def test_resume_after_an_interruption_gives_the_same_rows(model, digits):
@@ -207,9 +217,14 @@ def test_cli_resume_equals_uninterrupted(ckpt, tmp_path, monkeypatch):
     (["--clean-data", "digits"], ["--clean-data", "cifar10c"]),
     (["--data", "cifar10c:/nonexistent"], ["--clean-data"]),
     (["--resume"], ["--resume", "--out"]),
+    (["--baseline", "nonexistent.pt", "--corruptions", "gaussian_noise"], ["--baseline", "no such file"]),
+    (["--baseline", "CKPT.md", "--corruptions", "gaussian_noise"], ["--baseline", "nor a checkpoint"]),
+    (["--data", "moving_digits", "--corruptions", "gaussian_noise"], ["--suite corruptions", "images"]),
 ])
 def test_cli_bad_flags(ckpt, capsys, flags, words):
-    assert _cli("--checkpoint", ckpt, *flags) == 2
+    with open(ckpt + ".md", "w") as fh:  # a file that is neither JSON nor a checkpoint
+        fh.write("# not a model\n")
+    assert _cli("--checkpoint", ckpt, *[ckpt + ".md" if f == "CKPT.md" else f for f in flags]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and all(w in err for w in words), err
 

@@ -212,6 +212,9 @@ def run(args, load_model) -> int:
     """The command with the parsed flags; load_model(args) -> (model, metadata): evaluate's model flags."""
     names, sev = _check_flags(args)
     dataset, info, corrupted = _data(args, names)
+    if len(info["input_shape"]) != 3:
+        raise CLIError(f"--suite corruptions corrupts images [C, H, W]; --data {args.data} holds samples of shape "
+                       f"{list(info['input_shape'])}")
     model, _ = load_model(args)
     info = model_classes(model, dataset, info, args.clean_data or args.data, args.split)
     setup_run(args, sample_numel=math.prod(info["input_shape"]))
@@ -244,7 +247,8 @@ def run(args, load_model) -> int:
 
 
 def _read_baseline(path):
-    """None, the JSON result of a finished corruptions run, or ("checkpoint", path)."""
+    """None, the JSON result of a finished corruptions run, or ("checkpoint", the model): a checkpoint is
+    loaded now, so that a bad one fails before the run rather than after it."""
     if path is None:
         return None
     if not os.path.isfile(path):
@@ -253,7 +257,14 @@ def _read_baseline(path):
         with open(path) as fh:
             obj = json.load(fh)
     except (ValueError, UnicodeDecodeError):
-        return ("checkpoint", path)
+        from .. import models
+
+        try:
+            return ("checkpoint", models.load_model(path))
+        except (ValueError, FileNotFoundError, KeyError, RuntimeError, OSError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            raise CLIError(f"--baseline {path!r}: neither a corruptions result (JSON) nor a checkpoint ({first})") \
+                from None
     if not isinstance(obj, dict) or obj.get("suite") != "corruptions" or "accuracy" not in obj:
         raise CLIError(f"--baseline {path!r}: a JSON file, but not the summary of a robustops evaluate --suite "
                        f"corruptions run (OUT.json)")
@@ -270,18 +281,12 @@ def _baseline_result(args, baseline, names, sev, info, d, data):
                       f"{baseline[key]!r}, this run with {value!r}: the mCE compares different images",
                       file=sys.stderr)
         return baseline
-    from .. import models
-    from ..corruptions.evaluation import corruption_accuracy
-
-    try:
-        base = models.load_model(baseline[1])
-    except (ValueError, FileNotFoundError, KeyError, RuntimeError) as e:
-        raise CLIError(f"--baseline {baseline[1]!r}: neither a corruptions result (JSON) nor a checkpoint ({e})") \
-            from None
     import torch
 
+    from ..corruptions.evaluation import corruption_accuracy
+
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(input_transform(args, info)[2])
-    return corruption_accuracy(base.to(d.device), data[0], names, sev, seed=args.seed, batch_size=args.batch_size,
+    return corruption_accuracy(baseline[1].to(d.device), data[0], names, sev, seed=args.seed, batch_size=args.batch_size,
                                device=d.device, dtype=dtype, corrupted=data[1], n=args.n)
 
 
