@@ -99,7 +99,8 @@ def test_accuracy_per_severity_is_a_direct_loop(model, digits):
     # the rows do not depend on the batching
     again = ev.corruption_accuracy(model, (x, y), "gaussian_noise", severities=(1, 4), batch_size=N, seed=3)
     assert [(r["correct"], r["n"]) for r in again["rows"]] == [(r["correct"], r["n"]) for r in res["rows"]]
-    assert [r["ece"] for r in again["rows"]] == pytest.approx([r["ece"] for r in res["rows"]], abs=1e-12)
+    # the model's float32 arithmetic differs a little with the batch size, its confidences with it
+    assert [r["ece"] for r in again["rows"]] == pytest.approx([r["ece"] for r in res["rows"]], abs=1e-6)
     assert res["mean_corruption_acc"] == pytest.approx(np.mean([res["accuracy"]["gaussian_noise"][s] for s in (1, 4)]))
     assert res["mean_over"] == "run" and res["per_family"] == {"noise": res["mean_corruption_acc"]}
 
