@@ -57,7 +57,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--std", type=_floats("--std"), default=None, metavar="S,S,S", help="per-channel std; with --mean")
     src.add_argument("--normalize", action="store_true", help="normalize with the dataset's mean/std")
     p.add_argument("--data", default="digits", help='"digits" (embedded), a .npz file, "cifar10:DIR" or '
-                   '"imagefolder:DIR"')
+                   '"imagefolder:DIR"; with --suite corruptions also "cifar10c:DIR" (CIFAR-10-C\'s arrays)')
     p.add_argument("--split", default="test", choices=["train", "test"])
     p.add_argument("--n", "--max-samples", dest="n", type=int, default=None,
                    help="evaluate the first N inputs (None: all; under torchrun spell it --max-samples)")
