@@ -242,7 +242,14 @@ def evaluate(model, data, suite: str = "autoattack", eps: Optional[float] = None
 
     Returns robust_accuracy's dict ("clean_acc", "robust_acc", "n", "samples" with per-point columns,
     x_adv included unless keep_adv=False) plus "attacks", "stages" (AutoAttack's per-stage log) and
-    "warnings" (the masking check), and "suite" (a description of the attacks run)."""
+    "warnings" (the masking check), and "suite" (a description of the attacks run).
+
+    suite="corruptions": common corruptions instead of attacks (no eps, norm or version): options are
+    :func:`robustops.corruptions.evaluation.corruption_accuracy`'s (corruptions, severities, seed, mean,
+    std, dtype, ...), and so is the result (accuracy per corruption and severity, ECE, ...)."""
+    if suite == "corruptions":
+        return _corruptions(model, data, eps, norm, version, n=n, batch_size=batch_size, device=device,
+                            progress=progress, **options)
     if eps is None:
         raise ValueError("eps: give the radius of the threat model (e.g. eps=8/255 for linf, 0.5 for l2)")
     s = Suite(model, eps, norm, suite, version, **options)
@@ -251,3 +258,14 @@ def evaluate(model, data, suite: str = "autoattack", eps: Optional[float] = None
     res = s.run(_loader(data, batch_size), device=device, progress=progress, max_samples=n, keep_adv=keep_adv,
                 model=model)
     return {**res, "suite": s.describe(), "eps": s.eps, "norm": s.norm}
+
+
+def _corruptions(model, data, eps, norm, version, **options) -> dict:
+    """evaluate(suite="corruptions"): refuses the attacks' threat model, runs corruption_accuracy."""
+    from ..corruptions.evaluation import corruption_accuracy
+
+    given = [f"{k}={v!r}" for k, v, default in (("eps", eps, None), ("norm", norm, "linf"),
+                                                 ("version", version, "standard")) if v != default]
+    if given:
+        raise ValueError(f"suite='corruptions' applies common corruptions, not an attack: drop {', '.join(given)}")
+    return {**corruption_accuracy(model, data, **options), "suite": "corruptions"}

@@ -7,7 +7,8 @@ The model: a robustops checkpoint (--checkpoint; its training eps and norm are t
 model: --model package.module:factory (called without arguments; returns an nn.Module) with
 --weights FILE (a state dict, or a dict holding one under "state_dict" / "model"; --weights-prefix
 strips a key prefix such as "module."), the input normalisation given by --mean/--std (or --normalize
-for the dataset's) when it is not inside the model."""
+for the dataset's) when it is not inside the model. --suite corruptions measures common corruptions
+instead of attacks (cli/evaluate_corruptions.py)."""
 from __future__ import annotations
 
 import argparse
@@ -16,13 +17,13 @@ import importlib
 import math
 import os
 
+from . import evaluate_corruptions
 from .attack import input_transform, threat_model
 from .attack_rows import claim, columns_for, evaluate_rows, finish, results_file, suite_report
 from .common import (
     CLIError,
     add_common,
     alias,
-    check_writable,
     checkpoint_meta,
     distributed,
     fmt_pct,
@@ -33,9 +34,10 @@ from .common import (
     setup_run,
 )
 
-HELP = "robust accuracy of any model under AutoAttack (standard / plus / rand) or one attack, resumable"
+HELP = ("robust accuracy of any model under AutoAttack (standard / plus / rand) or one attack, or its accuracy "
+        "under common corruptions (--suite corruptions), resumable")
 
-SUITES = ("autoattack", "apgd", "pgd", "fab", "square")
+SUITES = ("autoattack", "apgd", "pgd", "fab", "square", "corruptions")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -55,13 +57,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--std", type=_floats("--std"), default=None, metavar="S,S,S", help="per-channel std; with --mean")
     src.add_argument("--normalize", action="store_true", help="normalize with the dataset's mean/std")
     p.add_argument("--data", default="digits", help='"digits" (embedded), a .npz file, "cifar10:DIR" or '
-                   '"imagefolder:DIR"')
+                   '"imagefolder:DIR"; with --suite corruptions also "cifar10c:DIR" (CIFAR-10-C\'s arrays)')
     p.add_argument("--split", default="test", choices=["train", "test"])
     p.add_argument("--n", "--max-samples", dest="n", type=int, default=None,
                    help="evaluate the first N inputs (None: all; under torchrun spell it --max-samples)")
     p.add_argument("--suite", default="autoattack", choices=SUITES,
-                   help="autoattack (the --version's attacks in turn), apgd (APGD-CE then APGD-T), pgd, fab (FAB-T) "
-                        "or square")
+                   help="autoattack (the --version's attacks in turn), apgd (APGD-CE then APGD-T), pgd, fab (FAB-T), "
+                        "square, or corruptions (common corruptions: accuracy per corruption and severity, ECE, mCE)")
     p.add_argument("--version", default="standard", choices=["standard", "plus", "rand"],
                    help="AutoAttack's version: standard (APGD-CE, APGD-T, FAB-T, Square), plus (5 restarts, the "
                         "untargeted APGD-DLR and FAB too), rand (APGD-CE, APGD-DLR with 20 EOT passes, for "
@@ -84,6 +86,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="replace an existing --out once this run has finished")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run: keep its rows, attack the "
                    "rest (refused when a setting that changes the rows differs)")
+    evaluate_corruptions.add_arguments(p)
     add_common(p, workers=False)
 
 
@@ -151,8 +154,8 @@ def _state_dict(path: str, prefix):
     return obj
 
 
-def _load_model(args):
-    """(model, the checkpoint's metadata) from the flags."""
+def load_model_flags(args):
+    """(model, the checkpoint's metadata) from --checkpoint / --model / --weights (also --suite corruptions')."""
     from .. import models
 
     user = args.model is not None and ":" in args.model
@@ -177,26 +180,15 @@ def _load_model(args):
 def _load(args):
     require_min(n=(args.n, 1), steps=(args.steps, 1), n_queries=(args.n_queries, 1), restarts=(args.restarts, 1),
                 n_target_classes=(args.n_target_classes, 1), batch_size=(args.batch_size, 1))
-    if (args.mean is None) != (args.std is None):
-        raise CLIError("--mean and --std go together: give both")
-    if args.mean is not None and args.normalize:
-        raise CLIError("--normalize uses the dataset's mean/std: drop it or --mean/--std")
-    if args.std is not None and min(args.std) <= 0:
-        raise CLIError(f"--std must be > 0, got {args.std}")
+    evaluate_corruptions.check_shared_flags(args)
     if args.eps is not None and not 0.0 < args.eps < math.inf:
         raise CLIError(f"--eps must be a finite number > 0, got {args.eps}")
     if not 0.0 <= args.masking_threshold <= 1.0:
         raise CLIError(f"--masking-threshold must be in [0, 1], got {args.masking_threshold}")
     if args.version != "standard" and args.suite != "autoattack":
         raise CLIError(f"--version is AutoAttack's; --suite {args.suite} has none")
-    if args.out:
-        check_writable(args.out, "--out")
-        if args.resume and args.force:
-            raise CLIError("--resume continues a result and --force replaces it: give one of them")
-    elif args.resume:
-        raise CLIError("--resume continues the rows of --out: give --out")
     dataset, info = load_data(args.data, args.split, validate=False)
-    model, meta = _load_model(args)
+    model, meta = load_model_flags(args)
     info = model_classes(model, dataset, info, args.data, args.split)
     norm, eps, source = threat_model(args, meta)
     return model, dataset, info, norm, eps, source
@@ -227,6 +219,9 @@ def _settings(args, norm, eps) -> dict:
 def run(args) -> int:
     from ..attacks.suites import suite_names
 
+    if args.suite == "corruptions":
+        return evaluate_corruptions.run(args, load_model_flags)
+    evaluate_corruptions.refuse_corruption_flags(args)
     model, dataset, info, norm, eps, source = _load(args)
     setup_run(args, sample_numel=math.prod(info["input_shape"]))
     names = suite_names(args.suite, args.version)
