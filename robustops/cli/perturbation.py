@@ -198,10 +198,7 @@ def _train(args) -> int:
                         drop_last=len(train_ds) > args.batch_size)
     eval_train = DataLoader(train_ds, batch_size=256, num_workers=args.workers)
     held = DataLoader(held_ds, batch_size=256, num_workers=args.workers)
-    os.makedirs(args.out, exist_ok=True)
-    if not args.resume and os.path.exists(os.path.join(args.out, "last.pt")):
-        raise CLIError(f"--out {args.out!r} already holds a run (last.pt); pass --resume to continue it or choose "
-                       f"another directory")
+    _open_run_dir(args)
     try:
         res = P.fit_perturbation(model, loader, args.epochs, args.lr, beta=args.beta, warmup=args.warmup,
                                  amp=None if args.amp == "none" else args.amp, device=dev, out_dir=args.out,
@@ -268,10 +265,7 @@ def _train_autoencoder(args) -> int:
     loader = DataLoader(train_ds, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
                         drop_last=len(train_ds) > args.batch_size)
     held = DataLoader(held_ds, batch_size=256, num_workers=args.workers)
-    os.makedirs(args.out, exist_ok=True)
-    if not args.resume and os.path.exists(os.path.join(args.out, "last.pt")):
-        raise CLIError(f"--out {args.out!r} already holds a run (last.pt); pass --resume to continue it or choose "
-                       f"another directory")
+    _open_run_dir(args)
     try:
         res = P.fit_perturbation(model, loader, args.epochs, args.lr, amp=None if args.amp == "none" else args.amp,
                                  device=dev, out_dir=args.out, resume=args.resume, progress=args.progress,
@@ -289,6 +283,14 @@ def _train_autoencoder(args) -> int:
     print(f"held-out images: {len(held_ds)}  recon_mse {mse:.5f}\nmodel -> {path} (a corruption network for "
           f"--method ada); summary -> {out_json}")
     return 0
+
+
+def _open_run_dir(args) -> None:
+    """Creates --out; a fresh run refuses one that holds a run already (last.pt) unless --resume."""
+    os.makedirs(args.out, exist_ok=True)
+    if not args.resume and os.path.exists(os.path.join(args.out, "last.pt")):
+        raise CLIError(f"--out {args.out!r} already holds a run (last.pt); pass --resume to continue it or choose "
+                       f"another directory")
 
 
 def _data_settings(args, source: str, fams, linf_eps) -> dict:

@@ -14,19 +14,18 @@ VQ-VAE); none can be downloaded here, so robustops trains its own:
   decoder on the prior's mean (no latent noise). Its forward uses the prior network and the decoder;
   the encoder q(z | x, x~) plays no part and is not perturbed.
 
-:func:`corruption_network` turns a module or a checkpoint path into one of these (or any nn.Module whose
+:func:`robustops.perturbation.corruption_network` (in ``fit.py``, beside the checkpoint loader) turns a module or a checkpoint path into one of these (or any nn.Module whose
 ``forward(x)`` returns x's shape), in eval mode with its parameters frozen.
 """
 from __future__ import annotations
 
-import os
 from typing import Any, Dict
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["CorruptionAE", "PriorMeanDecoder", "corruption_network", "is_autoencoder"]
+__all__ = ["CorruptionAE", "PriorMeanDecoder", "is_autoencoder"]
 
 
 class CorruptionAE(nn.Module):
@@ -63,6 +62,9 @@ class PriorMeanDecoder(nn.Module):
     network: forward(x) = decode(mu_p(x), x). Its parameters are the CVAE's (``cvae.*``); the weights AdA
     perturbs are those the forward uses (the prior network's and the decoder's)."""
 
+    #: parameter-name prefixes a weight perturbation leaves alone: the encoder q(z | x, x~) is not used
+    ada_frozen = ("cvae.encoder_net.",)
+
     def __init__(self, cvae: nn.Module):
         super().__init__()
         if not (hasattr(cvae, "prior") and hasattr(cvae, "decode")):
@@ -79,27 +81,3 @@ def is_autoencoder(model: nn.Module) -> bool:
     """Whether model is trained by reconstruction (a :class:`CorruptionAE`, ``kind = "autoencoder"``)
     rather than as a CVAE on pairs."""
     return getattr(model, "kind", None) == "autoencoder"
-
-
-def corruption_network(source, device="cpu") -> nn.Module:
-    """The corruption network of ``source``: a checkpoint path (``robustops perturbation train``, either
-    kind), a :class:`CorruptionAE`, a CVAE (wrapped in :class:`PriorMeanDecoder`) or any other nn.Module
-    (its forward(x) must keep x's shape: checked at first use). On device, eval mode, parameters frozen.
-    ValueError when source is neither."""
-    if isinstance(source, (str, os.PathLike)):
-        from .fit import load_perturbation_model
-
-        try:
-            source = load_perturbation_model(os.fspath(source), device)
-        except (FileNotFoundError, ValueError) as e:
-            raise ValueError(f"not a corruption network: {e}") from None
-    module = getattr(source, "module", source)
-    if not isinstance(module, nn.Module):
-        raise ValueError(f"a corruption network must be an nn.Module (image -> image) or a checkpoint path, got "
-                         f"{type(module).__name__}")
-    if hasattr(module, "prior") and hasattr(module, "decode") and not isinstance(module, PriorMeanDecoder):
-        module = PriorMeanDecoder(module)
-    module = module.to(device).eval()
-    for p in module.parameters():
-        p.requires_grad_(False)
-    return module

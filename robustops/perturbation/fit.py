@@ -20,12 +20,12 @@ import torch.nn as nn
 from .. import _checks, _rng
 from .._runfiles import check_settings, read_checkpoint, resume_path, write_csv_log
 from ..models import model_device, save_checkpoint, unwrap, verify_checkpoint
-from .autoencoder import CorruptionAE, is_autoencoder
+from .autoencoder import CorruptionAE, PriorMeanDecoder, is_autoencoder
 from .cvae import CVAE, perturbation_loss
 from .pairs import batch_pairs, pairs_per_epoch, set_pairs_epoch
 from .protocol import check_perturbation_model
 
-__all__ = ["fit_perturbation", "PerturbationFit", "save_perturbation_model", "load_perturbation_model",
+__all__ = ["corruption_network", "fit_perturbation", "PerturbationFit", "save_perturbation_model", "load_perturbation_model",
            "CHECKPOINT_FORMAT", "LOG_COLUMNS"]
 
 CHECKPOINT_FORMAT = "robustops.perturbation/1"
@@ -92,6 +92,28 @@ def load_perturbation_model(path: str, device="cpu", model: Optional[nn.Module] 
         if k in ck:
             setattr(model, f"checkpoint_{k}", ck[k])
     return model.to(device).eval()
+
+
+def corruption_network(source, device="cpu") -> nn.Module:
+    """The corruption network of ``source``: a checkpoint path (``robustops perturbation train``, either
+    kind), a :class:`CorruptionAE`, a CVAE (wrapped in :class:`PriorMeanDecoder`) or any other nn.Module
+    (its forward(x) must keep x's shape: checked at first use). On device, eval mode, parameters frozen.
+    ValueError when source is neither."""
+    if isinstance(source, (str, os.PathLike)):
+        try:
+            source = load_perturbation_model(os.fspath(source), device)
+        except (FileNotFoundError, ValueError) as e:
+            raise ValueError(f"not a corruption network: {e}") from None
+    module = getattr(source, "module", source)
+    if not isinstance(module, nn.Module):
+        raise ValueError(f"a corruption network must be an nn.Module (image -> image) or a checkpoint path, got "
+                         f"{type(module).__name__}")
+    if hasattr(module, "prior") and hasattr(module, "decode") and not isinstance(module, PriorMeanDecoder):
+        module = PriorMeanDecoder(module)
+    module = module.to(device).eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module
 
 
 def _checked_settings(model, epochs, lr, beta, warmup, schedule, weight_decay, amp, grad_clip,
