@@ -151,6 +151,11 @@ def test_errors(digits, ae_path, tmp_path, capsys):
         rt.fit(tiny_cnn(), ld, "ada", perturbation_model=ae_path, ada_nu=-0.1, **kw)
     with pytest.raises(ValueError, match="ada_clean"):
         rt.fit(tiny_cnn(), ld, "ada", perturbation_model=ae_path, ada_clean=1.5, **kw)
+    with pytest.raises(ValueError, match="perturbation_model must be an image-to-image nn.Module"):
+        rt.fit(tiny_cnn(), ld, "ada", perturbation_model=3, **kw)
+    # a module works as well as a path
+    res = rt.fit(tiny_cnn(), ld, "ada", perturbation_model=P.CorruptionAE(1, 4), ada_steps=1, **kw)
+    assert res.epochs_run == 1
     assert main(["train", "--method", "ada", "-o", str(tmp_path / "r"), "--epochs", "1"]) == 2
     assert "--method ada needs --perturbation-model" in capsys.readouterr().err
     assert main(["train", "--method", "ada", "-o", str(tmp_path / "r2"), "--epochs", "1",

@@ -99,12 +99,13 @@ def corruption_network(source, device="cpu") -> nn.Module:
     kind), a :class:`CorruptionAE`, a CVAE (wrapped in :class:`PriorMeanDecoder`) or any other nn.Module
     (its forward(x) must keep x's shape: checked at first use). On device, eval mode, parameters frozen.
     ValueError when source is neither."""
+    source = getattr(source, "module", source)  # a run config's recorded module (a str with .module)
     if isinstance(source, (str, os.PathLike)):
         try:
             source = load_perturbation_model(os.fspath(source), device)
         except (FileNotFoundError, ValueError) as e:
             raise ValueError(f"not a corruption network: {e}") from None
-    module = getattr(source, "module", source)
+    module = source
     if not isinstance(module, nn.Module):
         raise ValueError(f"a corruption network must be an nn.Module (image -> image) or a checkpoint path, got "
                          f"{type(module).__name__}")

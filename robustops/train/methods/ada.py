@@ -28,7 +28,8 @@ Choices this implementation makes where the paper's method section and appendix 
 - the random start is uniform in the volume of each layer's ball (``ops.random_init``, "ball"),
   independently per layer and example, keyed by the step's seed;
 - the step size is relative to each layer's radius (``ada_step_size`` s; default 0.5 with M = 5 steps);
-- nu's default (0.1) suits the digits' small autoencoder, not the paper's pretrained EDSR / CAE / VQ-VAE;
+- nu's default (0.02) is chosen on the digits' small autoencoder (docs/ada_digits.png: at 0.1 the digits
+  are mostly destroyed), not taken from the paper's pretrained EDSR / CAE / VQ-VAE;
 - clean / AdA mixing: a fraction ``ada_clean`` of every minibatch (a seeded random choice) stays clean,
   the rest is replaced by its AdA examples, and the loss is the cross-entropy over the whole minibatch
   (0: AdA examples alone; the paper trains on clean and AdA-augmented data together);
@@ -141,10 +142,16 @@ def _check_network(cfg) -> None:
         raise ValueError("perturbation_model is required for method 'ada': give its corruption network (an "
                          "image-to-image nn.Module, e.g. robustops.perturbation.CorruptionAE, or the checkpoint "
                          "of `robustops perturbation train --kind autoencoder` or of a CVAE)")
-    if isinstance(src, (str, os.PathLike)) and not os.path.isfile(src):
-        raise ValueError(f"perturbation_model: no corruption-network checkpoint at {os.fspath(src)!r}")
+    module = getattr(src, "module", src)  # a module given to fit is recorded as a str with .module
+    if isinstance(module, nn.Module):
+        return
+    if not isinstance(module, (str, os.PathLike)):
+        raise ValueError(f"perturbation_model must be an image-to-image nn.Module or a checkpoint path, got "
+                         f"{type(module).__name__}")
+    if not os.path.isfile(module):
+        raise ValueError(f"perturbation_model: no corruption-network checkpoint at {os.fspath(module)!r}")
     try:
-        perturbation.corruption_network(src, "cpu")
+        perturbation.corruption_network(module, "cpu")
     except (ValueError, TypeError) as e:
         raise ValueError(f"perturbation_model: {e}") from None
 
@@ -154,7 +161,7 @@ class AdA(Method):
     name = "ada"
     help = ("AdversarialAugment: train on the outputs of a corruption network (--perturbation-model) whose weights "
             "are perturbed per example in a per-layer relative L2 ball (nu) to maximise the loss (Calian et al. 2022)")
-    hyper = (Hyper("ada_nu", 0.1, "ada's relative radius nu: ||delta_l|| <= nu ||W_l|| per layer", minimum=0.0),
+    hyper = (Hyper("ada_nu", 0.02, "ada's relative radius nu: ||delta_l|| <= nu ||W_l|| per layer", minimum=0.0),
              Hyper("ada_steps", 5, "ada's projected normalised ascent steps M", kind="int", minimum=0),
              Hyper("ada_step_size", 0.5, "ada's ascent step, relative to each layer's radius", minimum=0.0),
              Hyper("ada_clean", 0.5, "ada's fraction of each minibatch kept clean (the rest: AdA examples)",
