@@ -10,10 +10,14 @@ import os
 from .common import CLIError, add_common, check_writable, fraction, fractions, pick_device, require_min, setup_run, \
     split_holdout, write_summary
 
-HELP = "learned perturbation sets (conditional VAE): train, quality, show"
+HELP = "learned perturbation sets (conditional VAE) and AdA's corruption networks (--kind autoencoder): train, quality, show"
 
 _DATA_HELP = 'pairs: "digits" (the embedded digits, perturbed by rotation, translation, scaling and stroke ' \
              'thickness) or npz:PATH (arrays x, x_perturbed, optionally y)'
+
+
+#: the models `perturbation train` trains (--kind)
+KINDS = ("cvae", "autoencoder")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -22,6 +26,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t = sub.add_parser("train", help="train a perturbation model; writes model.pt, last.pt, log.csv, summary.json",
                        formatter_class=fmt)
     t.add_argument("--data", default="digits", help=_DATA_HELP)
+    t.add_argument("--kind", choices=KINDS, default="cvae",
+                   help="cvae: the conditional VAE on pairs (a learned perturbation set); autoencoder: a small "
+                        "conv autoencoder trained on the --data images (x of each pair) by reconstruction, "
+                        "AdversarialAugment's corruption network (--method ada); the CVAE-only flags (--beta, "
+                        "--latent-dim, --percentile, ...) do not apply to it")
     t.add_argument("-o", "--out", required=True, help="run directory")
     t.add_argument("--epochs", type=int, default=20)
     t.add_argument("--lr", type=fraction("--lr"), default=2e-3)
@@ -147,6 +156,8 @@ def _train(args) -> int:
 
     from .. import perturbation as P
 
+    if args.kind == "autoencoder":
+        return _train_autoencoder(args)
     require_min(epochs=(args.epochs, 1), latent_dim=(args.latent_dim, 1), width=(args.width, 1),
                 batch_size=(args.batch_size, 1), repeats=(args.repeats, 1), approx_steps=(args.approx_steps, 0),
                 workers=(args.workers, 0))
@@ -187,10 +198,7 @@ def _train(args) -> int:
                         drop_last=len(train_ds) > args.batch_size)
     eval_train = DataLoader(train_ds, batch_size=256, num_workers=args.workers)
     held = DataLoader(held_ds, batch_size=256, num_workers=args.workers)
-    os.makedirs(args.out, exist_ok=True)
-    if not args.resume and os.path.exists(os.path.join(args.out, "last.pt")):
-        raise CLIError(f"--out {args.out!r} already holds a run (last.pt); pass --resume to continue it or choose "
-                       f"another directory")
+    _open_run_dir(args)
     try:
         res = P.fit_perturbation(model, loader, args.epochs, args.lr, beta=args.beta, warmup=args.warmup,
                                  amp=None if args.amp == "none" else args.amp, device=dev, out_dir=args.out,
@@ -213,6 +221,76 @@ def _train(args) -> int:
     print(f"model -> {path} (eps {eps:.4g}, the {args.percentile:g}th percentile of the training latent norms); "
           f"summary -> {out_json}")
     return 0
+
+
+def _image_data(args):
+    """(training images, held-out images, source) for --kind autoencoder: the digits' train / test splits
+    (x, y), or the x of --data npz:PATH's pairs with --val-size held out."""
+    from ..data import load_digits
+
+    if args.data == "digits":
+        return load_digits("train"), load_digits("test"), "digits"
+    ds, source = _pairs(args.data, "train", args.seed)
+    n = len(ds)
+    val = args.val_size if args.val_size is not None else max(1, n // 10)
+    if not 1 <= val < n:
+        raise CLIError(f"--val-size must be in [1, {n - 1}] for {n} pairs, got {val}")
+    train_ds, held_ds = split_holdout(ds, val, args.seed)
+    return train_ds, held_ds, source
+
+
+def _train_autoencoder(args) -> int:
+    """`perturbation train --kind autoencoder`: AdA's corruption network (robustops.perturbation.CorruptionAE)
+    trained by reconstruction through fit_perturbation (checkpoints, --resume, log.csv); model.pt and
+    summary.json as for the CVAE, with the held-out reconstruction error in place of the set's quality."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from .. import perturbation as P
+
+    require_min(epochs=(args.epochs, 1), width=(args.width, 1), batch_size=(args.batch_size, 1),
+                workers=(args.workers, 0))
+    if args.lr <= 0:
+        raise CLIError(f"--lr must be > 0, got {args.lr}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise CLIError(f"--out {args.out!r} is a file; give a directory")
+    dev = pick_device(args.device)
+    train_ds, held_ds, source = _image_data(args)
+    x0 = train_ds[0][0]
+    if x0.dim() != 3:
+        raise CLIError(f"--data: the autoencoder takes images [C, H, W], got {list(x0.shape)}")
+    setup_run(args, x0.numel())
+    torch.manual_seed(args.seed)  # the initial weights
+    model = P.CorruptionAE(int(x0.shape[0]), width=args.width)
+    loader = DataLoader(train_ds, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
+                        drop_last=len(train_ds) > args.batch_size)
+    held = DataLoader(held_ds, batch_size=256, num_workers=args.workers)
+    _open_run_dir(args)
+    try:
+        res = P.fit_perturbation(model, loader, args.epochs, args.lr, amp=None if args.amp == "none" else args.amp,
+                                 device=dev, out_dir=args.out, resume=args.resume, progress=args.progress,
+                                 seed=args.seed, val_loader=held, verbose=True,
+                                 data_settings={"--data": source, "--kind": "autoencoder"})
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    mse = res.last.get("val_recon_mse")
+    path = P.save_perturbation_model(os.path.join(args.out, "model.pt"), model, data=source)
+    summary = {"command": "perturbation train", "kind": "autoencoder", "data": source,
+               "checkpoint": os.path.abspath(path), "held_out_recon_mse": mse, "train_images": len(train_ds),
+               "held_out_images": len(held_ds), "epochs": args.epochs, "train_time": res.train_time,
+               "history": res.history, "settings": {k: v for k, v in vars(args).items() if k not in ("func",)}}
+    out_json = write_summary(os.path.join(args.out, "summary.json"), summary)
+    print(f"held-out images: {len(held_ds)}  recon_mse {mse:.5f}\nmodel -> {path} (a corruption network for "
+          f"--method ada); summary -> {out_json}")
+    return 0
+
+
+def _open_run_dir(args) -> None:
+    """Creates --out; a fresh run refuses one that holds a run already (last.pt) unless --resume."""
+    os.makedirs(args.out, exist_ok=True)
+    if not args.resume and os.path.exists(os.path.join(args.out, "last.pt")):
+        raise CLIError(f"--out {args.out!r} already holds a run (last.pt); pass --resume to continue it or choose "
+                       f"another directory")
 
 
 def _data_settings(args, source: str, fams, linf_eps) -> dict:

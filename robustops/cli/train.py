@@ -149,7 +149,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     learned = [m for m in train.METHODS if getattr(train.registry.get(m), "uses_perturbation_model", False)]
     g.add_argument("--perturbation-model", default=None, metavar="CKPT",
                    help=f"checkpoint of a learned perturbation set (robustops.perturbation; {', '.join(learned)}): "
-                        f"--eps is then the latent L2 radius, by default the checkpoint's eps")
+                        f"--eps is then the latent L2 radius, by default the checkpoint's eps; for ada, its "
+                        f"corruption network (perturbation train --kind autoencoder, or a CVAE)")
     add_method_flags(g)
     add_schedule_flags(p)
     g = p.add_argument_group("training options (see robustops.train.awp, robustops.train.ema; off by default)")
@@ -265,7 +266,7 @@ def _test(args, model, hp, dev, train_time) -> dict:
     # the model holds the run's final weights already (the weight average under --ema)
     m = train.evaluate(model, test_loader, train.FitConfig.make(args.method, **{**hp, "val_steps": args.test_steps}),
                        device=dev)
-    if _uses_perturbation_model(args.method):
+    if _uses_perturbation_model(args.method) and not _corruption_network(args.method):
         # the threat model of these methods: accuracy under latent PGD in the learned set at eps
         from ..train.methods.learned import set_accuracy
 
@@ -359,6 +360,13 @@ def _uses_perturbation_model(method: str) -> bool:
     return train.registry.get(method).uses_perturbation_model
 
 
+def _corruption_network(method: str) -> bool:
+    """Whether --perturbation-model is an image-to-image corruption network (ada), not a latent set."""
+    from .. import train
+
+    return bool(getattr(train.registry.get(method), "corruption_network", False))
+
+
 def add_schedule_flags(p) -> None:
     """--budget-schedule and its settings (robustops.train.budget), FitConfig's defaults shown; and
     --eps-schedule (the certified methods' ramp shape, added with the methods' flags) also takes the
@@ -409,6 +417,11 @@ def _learned_eps(args):
             learned = [m for m in train.METHODS if _uses_perturbation_model(m)]
             raise CLIError(f"--perturbation-model is a setting of the methods {', '.join(learned)}, not of "
                            f"--method {args.method}")
+        return None
+    if _corruption_network(args.method):  # its file is checked with the config; --eps does not apply
+        if args.perturbation_model is None:
+            raise CLIError(f"--method {args.method} needs --perturbation-model CKPT (its corruption network: robustops "
+                           f"perturbation train --kind autoencoder, or a CVAE checkpoint)")
         return None
     if args.perturbation_model is None:
         raise CLIError(f"--method {args.method} needs --perturbation-model CKPT (a learned perturbation set: "

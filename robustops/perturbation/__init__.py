@@ -22,6 +22,9 @@ One file per part, every public name re-exported here (``robustops.perturbation.
   paper's objective, the beta-weighted ELBO (:func:`perturbation_loss`, :func:`kl_gaussians`);
 - ``fit.py``: :func:`fit_perturbation` (training, checkpoints every epoch, exact resume) and the
   checkpoints (:func:`save_perturbation_model`, :func:`load_perturbation_model`);
+- ``autoencoder.py``: AdversarialAugment's corruption networks (Calian et al. 2022): :class:`CorruptionAE`
+  (a small conv autoencoder trained by reconstruction), :class:`PriorMeanDecoder` (a CVAE used
+  deterministically); :func:`corruption_network` (in ``fit.py``) makes one from a module or checkpoint;
 - ``quality.py``: the measures of a learned set (:func:`quality`, :func:`choose_eps`,
   :func:`latent_norms`; the paper's sufficient likelihood :func:`prior_member_error`, the ELBO bound
   :func:`likelihood_bound`), :func:`sample` and :func:`plot_perturbations`; it uses the attacks' latent PGD.
@@ -41,7 +44,9 @@ __all__ = ["prior_scale", "member", "check_perturbation_model", "DigitsPairs", "
            "load_perturbation_model", "save_perturbation_model", "latent_norms", "choose_eps", "quality",
            "sample", "plot_perturbations", "CHECKPOINT_FORMAT", "prior_member_error", "likelihood_bound",
            "truncated_prior"]
+from .autoencoder import CorruptionAE, PriorMeanDecoder, is_autoencoder  # noqa: E402
+from .fit import corruption_network  # noqa: E402
 from .cifar_c import CifarCPairs  # noqa: E402
 from .families import PerturbedImages, held_out_split, pair_accuracy  # noqa: E402
 
-__all__ += ["CifarCPairs", "PerturbedImages", "held_out_split", "pair_accuracy"]
+__all__ += ["CorruptionAE", "PriorMeanDecoder", "corruption_network", "is_autoencoder", "CifarCPairs", "PerturbedImages", "held_out_split", "pair_accuracy"]

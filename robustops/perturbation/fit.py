@@ -20,11 +20,12 @@ import torch.nn as nn
 from .. import _checks, _rng
 from .._runfiles import check_settings, read_checkpoint, resume_path, write_csv_log
 from ..models import model_device, save_checkpoint, unwrap, verify_checkpoint
+from .autoencoder import CorruptionAE, PriorMeanDecoder, is_autoencoder
 from .cvae import CVAE, perturbation_loss
 from .pairs import batch_pairs, pairs_per_epoch, set_pairs_epoch
 from .protocol import check_perturbation_model
 
-__all__ = ["fit_perturbation", "PerturbationFit", "save_perturbation_model", "load_perturbation_model",
+__all__ = ["corruption_network", "fit_perturbation", "PerturbationFit", "save_perturbation_model", "load_perturbation_model",
            "CHECKPOINT_FORMAT", "LOG_COLUMNS"]
 
 CHECKPOINT_FORMAT = "robustops.perturbation/1"
@@ -53,7 +54,8 @@ def save_perturbation_model(path: str, model: nn.Module, **extra) -> str:
     config = getattr(base, "config", None)
     extra.setdefault("eps", getattr(base, "eps", None))
     extra.setdefault("format", CHECKPOINT_FORMAT)
-    return save_checkpoint(path, base, "cvae" if config is not None else "custom", dict(config or {}), **extra)
+    kind = getattr(base, "kind", "cvae")  # CorruptionAE: "autoencoder"
+    return save_checkpoint(path, base, kind if config is not None else "custom", dict(config or {}), **extra)
 
 
 def load_perturbation_model(path: str, device="cpu", model: Optional[nn.Module] = None) -> nn.Module:
@@ -73,6 +75,8 @@ def load_perturbation_model(path: str, device="cpu", model: Optional[nn.Module] 
         raise ValueError(f"{path!r} is not a perturbation-model checkpoint (robustops perturbation train / "
                          f"save_perturbation_model write them)")
     verify_checkpoint(ck, path)
+    if model is None and ck.get("model") == "autoencoder":
+        model = CorruptionAE(**ck.get("model_kwargs", {}))
     if model is None:
         if ck.get("model") != "cvae":
             raise ValueError(f"{path!r} holds a perturbation model with user networks; pass model= (the same "
@@ -90,12 +94,36 @@ def load_perturbation_model(path: str, device="cpu", model: Optional[nn.Module] 
     return model.to(device).eval()
 
 
+def corruption_network(source, device="cpu") -> nn.Module:
+    """The corruption network of ``source``: a checkpoint path (``robustops perturbation train``, either
+    kind), a :class:`CorruptionAE`, a CVAE (wrapped in :class:`PriorMeanDecoder`) or any other nn.Module
+    (its forward(x) must keep x's shape: checked at first use). On device, eval mode, parameters frozen.
+    ValueError when source is neither."""
+    source = getattr(source, "module", source)  # a run config's recorded module (a str with .module)
+    if isinstance(source, (str, os.PathLike)):
+        try:
+            source = load_perturbation_model(os.fspath(source), device)
+        except (FileNotFoundError, ValueError) as e:
+            raise ValueError(f"not a corruption network: {e}") from None
+    module = source
+    if not isinstance(module, nn.Module):
+        raise ValueError(f"a corruption network must be an nn.Module (image -> image) or a checkpoint path, got "
+                         f"{type(module).__name__}")
+    if hasattr(module, "prior") and hasattr(module, "decode") and not isinstance(module, PriorMeanDecoder):
+        module = PriorMeanDecoder(module)
+    module = module.to(device).eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module
+
+
 def _checked_settings(model, epochs, lr, beta, warmup, schedule, weight_decay, amp, grad_clip,
                       stop_after, data_settings=None) -> Tuple[Dict[str, Any], Optional[torch.dtype], Optional[int]]:
     """(the settings a checkpoint stores and a resumed run must share, the autocast dtype, stop_after),
     every argument checked."""
-    check_perturbation_model(model)
-    if not hasattr(model, "posterior"):
+    if is_autoencoder(model):
+        pass  # trained by reconstruction alone: no latent protocol
+    elif not hasattr(check_perturbation_model(model), "posterior"):
         raise TypeError("model must have posterior(x, x_tilde) -> (mu, logvar) to be trained (the encoder q(z|x, x~))")
     epochs = _checks.check_int(epochs, "epochs", 1)
     lr = _checks.check_number(lr, "lr", 0.0, strict=True)
@@ -122,6 +150,19 @@ def _checked_settings(model, epochs, lr, beta, warmup, schedule, weight_decay, a
     return settings, amp_dtype, stop_after
 
 
+def _batch_loss(model, batch, beta, generator, device, what: str = "loader"):
+    """(loss, squared error per sample, KL per sample, x) of one batch on device: the CVAE's beta-ELBO on
+    pairs (x, x~[, y]), or for an autoencoder (:class:`CorruptionAE`) the reconstruction error of the batch's
+    images (its first element; KL zero)."""
+    if is_autoencoder(model):
+        x = (batch[0] if isinstance(batch, (list, tuple)) else batch).to(device, non_blocking=True)
+        sq = (model(x).float() - x.float()).pow(2).flatten(1).sum(1)
+        return sq.mean(), sq, torch.zeros_like(sq), x
+    x, xt = (t.to(device, non_blocking=True) for t in batch_pairs(batch, what))
+    loss, sq, kl = perturbation_loss(model, x, xt, beta, generator)
+    return loss, sq, kl, x
+
+
 def _evaluate_loss(model, loader, beta, device, amp_dtype, seed) -> Dict[str, float]:
     g = torch.Generator(device=device).manual_seed(seed)
     tot = {"loss": 0.0, "sq": 0.0, "kl": 0.0}
@@ -130,9 +171,8 @@ def _evaluate_loss(model, loader, beta, device, amp_dtype, seed) -> Dict[str, fl
     model.eval()
     with torch.no_grad():
         for batch in loader:
-            x, xt = (t.to(device) for t in batch_pairs(batch, "val_loader"))
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                _, sq, kl = perturbation_loss(model, x, xt, beta, g)
+                _, sq, kl, x = _batch_loss(model, batch, beta, g, device, "val_loader")
             tot["sq"] += sq.sum().item()
             tot["kl"] += kl.sum().item()
             tot["loss"] += (sq + beta * kl).sum().item()
@@ -221,10 +261,9 @@ class _PerturbationRun:
         step = (epoch - 1) * self.steps_per_epoch
         b = beta
         for batch in bar:
-            x, xt = (t.to(dev, non_blocking=True) for t in batch_pairs(batch))
             b = beta * min(1.0, (step + 1) / warm_steps) if warm_steps > 0 else beta
             with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                loss, sq, kl = perturbation_loss(model, x, xt, b, self.noise_gen)
+                loss, sq, kl, x = _batch_loss(model, batch, b, self.noise_gen, dev)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if grad_clip is not None:
@@ -284,7 +323,9 @@ def fit_perturbation(model: nn.Module, loader, epochs: int = 20, lr: float = 2e-
                      val_loader=None, grad_clip: Optional[float] = None, stop_after: Optional[int] = None,
                      verbose: bool = False, data_settings: Optional[Mapping[str, Any]] = None) -> PerturbationFit:
     """Trains a perturbation model (a :class:`CVAE`, or any module with prior / posterior / decode) on
-    a loader of pairs (x, x_tilde[, y]) by the beta-weighted ELBO (:func:`perturbation_loss`), with Adam.
+    a loader of pairs (x, x_tilde[, y]) by the beta-weighted ELBO (:func:`perturbation_loss`), with Adam;
+    or a :class:`CorruptionAE` (AdA's corruption network) on a loader of images (x[, y]) by the squared
+    reconstruction error summed over pixels (beta and warmup then have no effect; the KL columns are 0).
 
     beta: the KL weight (loss per pair = squared error summed over pixels + beta * KL; see
     ``robustops.perturbation.cvae``); warmup: epochs over which beta rises linearly from 0 (per step; 0: none);

@@ -9,3 +9,4 @@ from . import crown_ibp  # noqa: F401
 from . import fgsm_sdi  # noqa: F401
 from . import denoise  # noqa: F401
 from . import rlat  # noqa: F401
+from . import ada  # noqa: F401
