@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from . import noise  # noqa: F401  (registers its corruptions)
+from . import blur, noise  # noqa: F401  (they register their corruptions)
 from .base import ALL, BENCHMARK, EXTRA, FAMILIES, SEVERITIES, SampleRNG, check_names, check_severity, family_of, \
     registered
 
