@@ -60,8 +60,14 @@ def _gaussian_taps(sigma: float, device) -> torch.Tensor:
 def gaussian_filter(x: torch.Tensor, sigma: float) -> torch.Tensor:
     """x (Tensor[B, C, H, W]) blurred per channel as scikit-image's ``filters.gaussian(x, sigma,
     channel_axis=-1)`` does: scipy's kernel truncated at 4 sigma, edges replicated ('nearest')."""
-    k = _gaussian_taps(sigma, x.device).reshape(1, -1)
-    return KF.filter2d_separable(x, k, k, border_type="replicate")
+    k = _gaussian_taps(sigma, x.device).reshape(-1).tolist()
+    r = len(k) // 2
+    H, W = x.shape[-2:]
+    # shifted adds rather than kornia's filter2d_separable: the same taps, ~4x faster on the CPU, where
+    # torch's one-channel conv2d is slow for these short kernels
+    y = torch.nn.functional.pad(x, (r, r, r, r), mode="replicate")
+    y = sum(w * y[..., i:i + H, :] for i, w in enumerate(k))
+    return sum(w * y[..., i:i + W] for i, w in enumerate(k))
 
 
 def disk_kernel(radius: float, alias_blur: float) -> torch.Tensor:

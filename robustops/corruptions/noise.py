@@ -50,13 +50,9 @@ def impulse_noise(x: torch.Tensor, severity: int, rng: SampleRNG) -> torch.Tenso
     row, column or channel (blue); this follows the documented per-value definition, which gives the
     same expected fraction a (slightly more, since draws with replacement collide) everywhere."""
     a = IMPULSE_NOISE[severity - 1]
+    # one uniform u per value decides both: replaced iff u < a, salt iff u < a / 2 (odds 1/2 given a flip)
     u = rng.uniform(*x.shape[1:])
-    salt = rng.uniform(*x.shape[1:]) < 0.5
-    out = x.clone()
-    flip = u < a
-    out[flip & salt] = 1.0
-    out[flip & ~salt] = 0.0
-    return out
+    return torch.where(u < a, (u < a / 2).to(x.dtype), x)
 
 
 @register("speckle_noise")
