@@ -17,7 +17,7 @@ OURS = C.FAMILIES["noise"] + C.FAMILIES["blur"]
 
 @pytest.fixture(scope="module")
 def digits():
-    return load_digits("test").tensors[0][:32].float()
+    return load_digits("test").tensors[0][:128].float()
 
 
 @pytest.fixture(scope="module")
