@@ -14,19 +14,15 @@ to benchmarks/results/corruptions.csv as soon as it is measured (unless --no-csv
 """
 from __future__ import annotations
 
-import os
-import sys
 import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from common import append_csv, bench, parser, setup
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
-
-import robustops.corruptions as C  # noqa: E402
-from robustops.data import load_digits  # noqa: E402
+import robustops.corruptions as C
+from robustops.data import load_digits
 
 
 def images(n: int) -> torch.Tensor:
@@ -54,12 +50,12 @@ def reference_us(name: str, severity: int, imgs: list, min_time: float) -> float
 
 
 def main() -> None:
-    p = common.parser(__doc__, "corruptions.csv")
+    p = parser(__doc__, "corruptions.csv")
     p.set_defaults(threads=1)
     p.add_argument("--quick", action="store_true", help="severity 3 only, batch 64, short timings (< 1 min)")
     p.add_argument("--batch", type=int, default=None, help="images per corrupt() call (default 512; quick 64)")
     args = p.parse_args()
-    stamp = common.setup(args)
+    stamp = setup(args)
     batch = args.batch or (64 if args.quick else 512)
     severities = (3,) if args.quick else (1, 3, 5)
     min_time = 0.2 if args.quick else 1.0
@@ -81,13 +77,13 @@ def main() -> None:
             cells = []
             for dev in devices:
                 xd = x.to(dev)
-                t = common.bench(lambda: C.corrupt(xd, name, s), dev, min_time=min_time, warmup=1)
+                t = bench(lambda: C.corrupt(xd, name, s), dev, min_time=min_time, warmup=1)
                 us = t / batch * 1e6
                 row[f"ours_{dev.split(':')[0]}_us"] = round(us, 3)
                 cells.append(f"{us:14.2f}  {ref / us:6.1f}")
             print(f"{name:18s} {s:3d}  {ref:16.1f}  " + "  ".join(cells), flush=True)
             if not args.no_csv:
-                common.append_csv(args.csv, [row])
+                append_csv(args.csv, [row])
 
 
 if __name__ == "__main__":
