@@ -261,6 +261,8 @@ ORDER = [
      "attacks import only perturbation/protocol; quality, fit, cvae, pairs sit above them"),
     (root_module, "robustops.train", "nothing at the package root sits above train/"),
     ("robustops.perturbation.protocol", "robustops.train", "the protocol is below training"),
+    ("robustops.corruptions", lambda m: under(m, "robustops.attacks") or under(m, "robustops.train"),
+     "corruptions sit below attacks/ and train/ (which may use them)"),
 ]
 
 

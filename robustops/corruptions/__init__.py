@@ -8,12 +8,9 @@ contract every corruption follows and the registry; the families live in ``noise
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
-from . import noise  # noqa: F401  (registers its corruptions)
-from . import weather, digital  # noqa: F401  (register their corruptions)
+from . import blur, digital, noise, weather  # noqa: F401  (they register their corruptions)
 from .base import ALL, BENCHMARK, EXTRA, FAMILIES, SEVERITIES, SampleRNG, check_names, check_severity, family_of, \
     registered
 
@@ -34,7 +31,8 @@ def corrupt(x: torch.Tensor, name: str, severity: int, seed: int = 0, indices=No
     x: Tensor[B, C, H, W] (C = 1 or 3) in [0, 1], float32/float16/bfloat16, any device and memory
     format; name: one of ALL; severity: 1..5; seed: the run's seed; indices: the samples' dataset
     indices (Sequence[int] or an int Tensor[B]; None: 0..B-1), which with seed fix each sample's random
-    draws; quantize: round to multiples of 1/255 as the released CIFAR-10-C arrays (uint8) are.
+    draws; quantize: truncate to multiples of 1/255 as the released CIFAR-10-C arrays are (make_cifar_c.py
+    stores np.uint8(255 * image), which truncates).
     Returns a new tensor of x's shape, dtype, device and memory format."""
     fns = registered()
     if name not in fns:
@@ -51,7 +49,7 @@ def corrupt(x: torch.Tensor, name: str, severity: int, seed: int = 0, indices=No
         raise ValueError(f"indices must have one entry per sample ({B}), got {len(idx)}")
     cl = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     out = fns[name](x.detach().float().contiguous(), s, SampleRNG(seed, name, s, idx, x.device))
-    if quantize:
-        out = torch.round(out * 255.0) / 255.0
+    if quantize:  # the release's np.uint8(...) truncates; the epsilon keeps exact multiples of 1/255 where they are
+        out = torch.floor(out * 255.0 + 1e-4) / 255.0
     out = out.to(x.dtype)
     return out.contiguous(memory_format=torch.channels_last) if cl else out
