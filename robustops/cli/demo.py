@@ -11,7 +11,7 @@ import os
 import time
 from typing import List, Optional
 
-from . import demo_autoattack, demo_certified, demo_learned, demo_video
+from . import demo_autoattack, demo_certified, demo_corruptions, demo_learned, demo_video
 from .common import (DIGITS_MODEL, CLIError, add_common, alias, fmt_pct, fraction, physical_cores, pick_device,
                      require_min, setup_run, split_holdout, write_summary)
 from .train import add_method_flags, method_hparams
@@ -61,12 +61,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "not depend on it; the main table and the autoattack / certified sections, not the video "
                         "section, whose rows run in order)")
     p.add_argument("--section", default=None,
-                   choices=[demo_autoattack.SECTION, demo_certified.SECTION, demo_video.SECTION],
+                   choices=[demo_autoattack.SECTION, demo_certified.SECTION, demo_video.SECTION,
+                            demo_corruptions.SECTION],
                    help="run one section only: autoattack (AutoAttack at its published budgets on the natural and "
                         "PGD-7 AT models, stage by stage, and the masking check on a masked-gradient model); "
                         "certified (IBP / FastIBP / CROWN-IBP / ACERT models certified with IBP, CROWN-IBP, CROWN "
                         "and best); video (natural, PGD-AT and budget-scheduled AT of a 3-D-conv model on the "
-                        "moving digits)")
+                        "moving digits); corruptions (natural, Gaussian with a fixed and a uniform sigma, small-eps "
+                        "PGD-AT, AdA, AugRmixAT and RLAT scored on digits-C: the 15 CIFAR-10-C corruptions x 5 "
+                        "severities)")
     p.add_argument("--aa-steps", type=int, default=None,
                    help="iterations of APGD-CE and APGD-T (each target) in the AutoAttack (standard) column (None: "
                         "50; --section autoattack: AutoAttack's own 100; 0: skip the column)")
@@ -98,6 +101,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     demo_learned.add_arguments(p)
     demo_certified.add_arguments(p)
     demo_video.add_arguments(p)
+    demo_corruptions.add_arguments(p)
 
 
 def run(args) -> int:
@@ -133,6 +137,7 @@ def run(args) -> int:
     args.cert_methods_list = demo_certified.check_arguments(args) if args.section == demo_certified.SECTION else []
     if args.section == demo_video.SECTION:
         demo_video.check_arguments(args)
+    args.corruption_rows_list = demo_corruptions.check_arguments(args)
     if args.readme and not os.path.isfile(args.readme):
         raise CLIError(f"--readme {args.readme!r}: no such file")
     dev = pick_device(args.device)
@@ -209,9 +214,14 @@ def _train_and_evaluate(args, key: str, data: _Data, dev, proxy_data=None) -> di
     from .. import attacks, models, proxy, train
     from ..attacks.suites import Suite
 
-    method, opts = ROW_SPECS.get(key, (key, {}))
+    if args.section == demo_corruptions.SECTION and key in demo_corruptions.ROWS:
+        method, opts = demo_corruptions.row_options(args, key)
+    else:
+        method, opts = ROW_SPECS.get(key, (key, {}))
     opts = dict(opts)
     ratio = opts.pop("proxy", None)
+    if method == "ada" and "perturbation_model" not in opts:  # AdA perturbs a corruption network: train one here
+        opts["perturbation_model"] = demo_corruptions.corruption_network(args, data.train_ds, dev)
     torch.manual_seed(args.seed)
     model = models.get_model("small_cnn", **DIGITS_MODEL).to(dev)
     epochs = args.epochs
@@ -235,11 +245,12 @@ def _train_and_evaluate(args, key: str, data: _Data, dev, proxy_data=None) -> di
                       n_queries=args.aa_queries, seed=args.seed)
         aa = suite.run(data.test_loader, device=dev, progress=False)["robust_acc"]
     label = _with_nu_range(res.config.label, res) + (f" + proxy data ({ratio:.0%})" if ratio is not None else "")
+    cc = demo_corruptions.evaluate_row(args, model, data, dev)  # digits-C: 15 corruptions x 5 severities, ~1 s
     row = {"method": key, "label": label, "clean_acc": ev["clean_acc"],
            "robust_acc": ev["robust_acc"], "aa_acc": aa, "acr": None, "ibp_acr": None, "train_time_s": res.train_time,
            "epochs_run": res.epochs_run, "best_epoch": res.best_epoch, "model": model,
-           "sigma": res.config.noise_sigma}
-    if row["sigma"] is not None:
+           "sigma": res.config.noise_sigma, "mca": cc["mean_corruption_acc"], "corruptions": cc}
+    if row["sigma"] is not None and args.section != demo_corruptions.SECTION:  # the section certifies nothing
         _certify(args, row, data, dev)
     if args.ibp_eps_max > 0:
         _certify_ibp(args, row, data, dev)
@@ -308,11 +319,13 @@ def _table(args, rows) -> list:
     header = ["method", "clean acc", f"PGD-{args.attack_steps} acc (eps={args.eps:g})"]
     header += [f"AutoAttack acc (APGD {args.aa_steps}, FAB {args.aa_fab_steps}, Square {args.aa_queries})"] \
         if args.aa_steps else []
+    header += ["digits-C mean acc"]
     header += [f"ACR (sigma={args.sigma:g})"]
     header += [f"IBP ACR (L-inf, <= {args.ibp_eps_max:g})"] if args.ibp_eps_max > 0 else []
     header += ["train time"]
     table = [[r["label"], fmt_pct(r["clean_acc"]), fmt_pct(r["robust_acc"])]
              + ([fmt_pct(r["aa_acc"])] if args.aa_steps else [])
+             + [fmt_pct(r["mca"])]
              + ["-" if r["acr"] is None else f"{r['acr']:.3f}"]
              + ([f"{r['ibp_acr']:.4f}"] if args.ibp_eps_max > 0 else [])
              + [f"{r['train_time_s']:.1f} s"] for r in rows]
@@ -332,12 +345,12 @@ def _write_outputs(args, rows, md, certified, lines, learned=None) -> list:
     with open(os.path.join(args.out, "results.csv"), "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["method", "label", "clean_acc", "robust_acc", "eps", "attack_steps", "autoattack_acc",
-                    "autoattack_steps", "autoattack_fab_steps", "autoattack_queries",
+                    "autoattack_steps", "autoattack_fab_steps", "autoattack_queries", "corruption_acc",
                     "acr", "sigma", "ibp_acr", "ibp_eps_max", "train_time_s", "epochs_run", "best_epoch"])
         for r in rows:
             w.writerow([r["method"], r["label"], f"{r['clean_acc']:.4f}", f"{r['robust_acc']:.4f}", args.eps,
                         args.attack_steps, "" if r["aa_acc"] is None else f"{r['aa_acc']:.4f}", args.aa_steps,
-                        args.aa_fab_steps, args.aa_queries,
+                        args.aa_fab_steps, args.aa_queries, f"{r['mca']:.4f}",
                         "" if r["acr"] is None else f"{r['acr']:.4f}", args.sigma,
                         "" if r["ibp_acr"] is None else f"{r['ibp_acr']:.5f}", args.ibp_eps_max,
                         f"{r['train_time_s']:.2f}", r["epochs_run"], r["best_epoch"]])
@@ -346,7 +359,8 @@ def _write_outputs(args, rows, md, certified, lines, learned=None) -> list:
         "autoattack_fab_steps": args.aa_fab_steps, "autoattack_queries": args.aa_queries,
         "n0": args.n0, "n": args.n,
         "alpha": args.alpha, "epochs": args.epochs, "seed": args.seed, "table": md, "lines": lines,
-        "rows": [{k: v for k, v in r.items() if k not in ("model", "radius", "correct", "ibp_radius", "ibp_correct")}
+        "rows": [{k: v for k, v in r.items() if k not in ("model", "radius", "correct", "ibp_radius", "ibp_correct",
+                                                          "corruptions")}
                  for r in rows],
         "learned_perturbation_sets": learned})
     outputs = ["results.md", "results.csv", "results.json"]
@@ -444,6 +458,10 @@ def _section(args, data: _Data, dev) -> None:
         args.aa_steps = 0  # the section runs AutoAttack itself, at its own budgets
         rows = _train_rows(args, ("natural", "pgd"), data, dev)
         demo_autoattack.run_section(args, data, rows, dev)
+    elif args.section == demo_corruptions.SECTION:
+        args.aa_steps, args.ibp_eps_max = 0, 0.0  # digits-C and PGD-20 are its columns
+        rows = _train_rows(args, args.corruption_rows_list, data, dev)
+        demo_corruptions.run_section(args, data, rows, dev)
     else:
         args.aa_steps, args.ibp_eps_max = 0, 0.0  # the section certifies with every bound itself
         rows = _train_rows(args, args.cert_methods_list, data, dev)
