@@ -36,6 +36,7 @@ Choices the paper leaves open, and where the official code differs:
   which says only that the TRADES loss is used.
 - The official code refuses an attack that needs hard labels under CutMix; here the label-based
   attacks maximise the mixed cross-entropy above.
+- The attack-budget schedules (``ctx.budget``) see the composed batch with its dominant labels.
 - Accuracy on training batches (logs only): counted against the dominant label (y where lam >= 1/2,
   else y[pi]); the official code reports none under CutMix.
 - lam (Beta(alpha, alpha), the draw mixup uses) and the box centre come from a numpy generator seeded
