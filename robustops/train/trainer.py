@@ -2,7 +2,7 @@
 the processes' random streams and evaluation; the method sees it through its :class:`.MethodContext`,
 whose ``update(closure)`` is the one step path, with the training options that any method's step
 goes through: adversarial weight perturbation (``awp``, :mod:`.awp`) and weight averaging (``ema``,
-:mod:`.ema`); mixup (``mixup``) is the context's ``mixup``."""
+:mod:`.ema`); mixup (``mixup``) and CutMix (``cutmix``, :mod:`.cutmix`) are the context's ``mixup`` and ``cutmix``."""
 from __future__ import annotations
 
 import contextlib
