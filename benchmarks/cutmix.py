@@ -92,8 +92,9 @@ def draw(curves, path: str, args) -> None:
         if cs:
             means[name] = [statistics.mean(c[e][2] for c in cs) for e in range(len(cs[0]))]
     xs = [e + 1 for e in range(args.epochs)]
+    seeds = ", ".join(map(str, args.seed_list))
     out = plot_curve(path, xs, means, "epoch", f"PGD-10 test accuracy (eps {args.eps:g})",
-                     title=f"robust overfitting on the digits (PGD-{args.steps} AT, seeds {', '.join(map(str, args.seed_list))})")
+                     title=f"robust overfitting on the digits (PGD-{args.steps} AT, mean over seeds {seeds})")
     print("wrote", ", ".join(out))
 
 

@@ -110,7 +110,10 @@ def test_loss_is_the_mixed_cross_entropy(digits):
     # per-sample weights and label smoothing apply to the mixed target as to labels
     w = torch.rand(32)
     tr.ctx.weights = w
-    per = lambda lab: (F.cross_entropy(logits, lab, reduction="none", label_smoothing=0.1) * w).sum() / w.sum()  # noqa: E731
+
+    def per(lab):
+        return (F.cross_entropy(logits, lab, reduction="none", label_smoothing=0.1) * w).sum() / w.sum()
+
     torch.testing.assert_close(tr.ctx.cross_entropy(logits, t, 0.1), t.lam * per(t.y) + (1 - t.lam) * per(t.y2))
     tr.ctx.weights = None
 

@@ -5,8 +5,8 @@ the weight gradient (an optimizer step) and the input gradient (a ``recycle_step
 perturbation, step ``alpha`` = eps by default). The perturbation persists across minibatches (and
 is saved for an exact resume; under a budget schedule it is first clamped to each minibatch's eps).
 ``cutmix``: each minibatch is composed once (:mod:`robustops.train.cutmix`) and its m replays train on
-and ascend the mixed cross-entropy. ``epochs`` counts forward/backward passes like natural training: the data are traversed
-ceil(epochs / m) times.
+and ascend the mixed cross-entropy. ``epochs`` counts forward/backward passes like natural training:
+the data are traversed ceil(epochs / m) times.
 """
 from __future__ import annotations
 
