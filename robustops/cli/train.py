@@ -163,6 +163,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mixup", type=float, default=None, metavar="ALPHA",
                    help="mixup with lam ~ Beta(ALPHA, ALPHA) per batch (natural); for pgd interpolated adversarial "
                         "training: mixed clean and mixed adversarial losses averaged (Lamb et al. 2019)")
+    g.add_argument("--cutmix", type=float, default=None, metavar="ALPHA",
+                   help="CutMix with lam ~ Beta(ALPHA, ALPHA) per batch: a box of the image from a partner, the "
+                        "mixed label attacked and trained on (pgd, trades, fgsm, free, fgsm_sdi, natural; Rebuffi "
+                        "et al. 2021 use ALPHA 1 with --ema; not with --mixup)")
     _add_coreset(p)
     _add_optimisation(p)
     g = p.add_argument_group("validation, checkpoints")
@@ -319,7 +323,7 @@ def run(args) -> int:
               weight_decay=args.weight_decay, nesterov=args.nesterov, schedule=args.schedule,
               milestones=args.milestones, gamma=args.gamma, grad_clip=args.grad_clip, amp=args.amp, channels_last=args.channels_last,
               seed=args.seed, val_eps=args.val_eps, val_steps=args.val_steps, patience=args.patience,
-              select=args.select, keep_all=args.keep_all, awp=args.awp, ema=args.ema, mixup=args.mixup,
+              select=args.select, keep_all=args.keep_all, awp=args.awp, ema=args.ema, mixup=args.mixup, cutmix=args.cutmix,
               **schedule_hparams(args), **method_hparams(args))
     given = {k: getattr(args, k) for k in ("coreset_frac", "coreset_every", "coreset_warmup")
              if getattr(args, k) is not None}

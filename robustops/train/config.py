@@ -28,7 +28,7 @@ CERTIFIED_METRICS = ("cert_acc", "acr", "acceps")
 #: The training options that any method may accept: {name: what it is}. A method lists those it
 #: supports in its class attribute ``Method.options`` (a tuple of names); ``ema`` applies to every method.
 OPTIONS = {"awp": "adversarial weight perturbation", "ema": "weight averaging decay",
-           "mixup": "mixup Beta(alpha, alpha)"}
+           "mixup": "mixup Beta(alpha, alpha)", "cutmix": "CutMix Beta(alpha, alpha)"}
 
 
 def method_options(cls) -> tuple:
@@ -43,6 +43,8 @@ def options_label(cfg) -> str:
         parts.append(f"AWP (gamma={cfg.awp:g})")
     if cfg.mixup is not None:
         parts.append(("IAT" if cfg.method_class.adversarial else "mixup") + f" (alpha={cfg.mixup:g})")
+    if getattr(cfg, "cutmix", None) is not None:
+        parts.append(f"CutMix (alpha={cfg.cutmix:g})")
     if cfg.ema is not None:
         parts.append(f"EMA ({cfg.ema:g})")
     if getattr(cfg, "coreset", None) is not None:
@@ -128,6 +130,9 @@ class FitConfig:
     awp: Optional[float] = None
     ema: Optional[float] = None
     mixup: Optional[float] = None
+    # CutMix with lam ~ Beta(alpha, alpha) (robustops.train.cutmix: the adversarial methods that train on a
+    # mixed target, and natural); not with mixup
+    cutmix: Optional[float] = None
     # attack-budget schedule of the adversarial methods (robustops.train.budget; None: the default):
     # constant | linear | curriculum | adaptive, the first budget as a fraction of eps, the fraction of the
     # run over which it rises, curriculum's levels (None: epochs), adaptive's grid size, epochs between its
@@ -280,6 +285,10 @@ def _validate(c: FitConfig) -> None:
          f"ema (weight averaging decay) must be None or a number in [0, 1), got {c.ema!r}")
     need(c.mixup is None or (num(c.mixup) and 0 < c.mixup < float("inf")),
          f"mixup (Beta(alpha, alpha) of mixup) must be None or a finite number > 0, got {c.mixup!r}")
+    need(c.cutmix is None or (num(c.cutmix) and 0 < c.cutmix < float("inf")),
+         f"cutmix (Beta(alpha, alpha) of CutMix) must be None or a finite number > 0, got {c.cutmix!r}")
+    need(c.cutmix is None or c.mixup is None,
+         "cutmix and mixup cannot be combined (each batch is mixed one way): give one of them")
     _validate_coreset(c)
     cls = registry.get(c.method)
     for opt, what in OPTIONS.items():

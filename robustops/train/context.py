@@ -19,6 +19,7 @@ from .. import _checks
 from ..attacks.engine import Engine
 from ..models import Normalize, video
 from .budget import BudgetSchedule, make_schedule
+from .cutmix import MixedTarget, compose, cutmix_box, target_cross_entropy
 from .registry import StepStats
 
 __all__ = ["MethodContext", "CONTEXT_ATTRIBUTES", "Closure", "weighted_cross_entropy", "bind_model", "prepare_batch",
@@ -31,11 +32,14 @@ Closure = Callable[[nn.Module], Tuple[torch.Tensor, Any]]
 #: The public attributes of a MethodContext: the documented set a method may use (a test keeps them equal).
 CONTEXT_ATTRIBUTES = ("cfg", "device", "forward", "rank", "world_size", "amp_dtype", "weights", "progress", "epoch",
                       "seed", "autocast", "fmt", "update", "natural_step", "stats", "cross_entropy", "mixed_ce",
-                      "mixup", "engine", "attack", "budget")
+                      "mixup", "cutmix", "engine", "attack", "budget")
 
 
-def mean_ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """The mean cross-entropy: the default objective of the context's engines."""
+def mean_ce(logits: torch.Tensor, y) -> torch.Tensor:
+    """The mean cross-entropy: the default objective of the context's engines; of a CutMix batch's
+    mixed target (a MixedTarget, or the plain tuple the engine makes of its rows), the mixed one."""
+    if isinstance(y, tuple):
+        return target_cross_entropy(weighted_cross_entropy, logits, MixedTarget(*y), None)
     return F.cross_entropy(logits, y)
 
 
@@ -129,6 +133,9 @@ class MethodContext:
       stats(loss, logits, y): the StepStats of a step (loss * B, number correct, B).
       cross_entropy(logits, y, label_smoothing=0), mixed_ce(logits, y, y2, lam): the shared losses, weighted by ``weights``.
       mixup(x, y): (x_mix, y, y[pi], lam) from the run's mixup generator (the ``mixup`` option).
+      cutmix(x, y): (x_mix, target): the CutMix composition of the batch and its mixed target (a
+        :class:`~robustops.train.cutmix.MixedTarget`, the ``cutmix`` option), which ``cross_entropy``,
+        ``natural_step``, ``stats``, ``budget`` and the engines' default objective take in place of labels.
       engine(norm, objective, forward=, step=), attack(x, y, eps, alpha, steps, norm, random_start):
         the projected-gradient engine on the model (run's box, autocast and fp16 loss scaling) and PGD on it.
       budget(x, y): (eps, alpha) to attack this minibatch with (floats, or Tensor[B] per sample): the
@@ -175,7 +182,7 @@ class MethodContext:
         """(eps, alpha) for this minibatch from the run's budget schedule: floats, or float32 Tensor[B]
         (adaptive, per sample); alpha = cfg.alpha * eps / cfg.eps (the step follows the budget).
         log=False: not counted in ``train_eps`` and no adaptive re-estimate (a selection pass)."""
-        return self._budget(self, x, y, log=log)
+        return self._budget(self, x, y.dominant if isinstance(y, MixedTarget) else y, log=log)
 
     def natural_step(self, x: torch.Tensor, y: torch.Tensor) -> StepStats:
         def closure(net):
@@ -204,9 +211,13 @@ class MethodContext:
 
     @staticmethod
     def stats(loss, logits, y) -> StepStats:
+        if isinstance(y, MixedTarget):  # a CutMix batch: accuracy against the dominant labels
+            y = y.dominant
         return loss.detach().float() * y.shape[0], (logits.detach().argmax(1) == y).sum(), y.shape[0]
 
-    def cross_entropy(self, logits: torch.Tensor, y: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    def cross_entropy(self, logits: torch.Tensor, y, label_smoothing: float = 0.0) -> torch.Tensor:
+        if isinstance(y, MixedTarget):
+            return target_cross_entropy(weighted_cross_entropy, logits, y, self.weights, label_smoothing)
         return weighted_cross_entropy(logits, y, self.weights, label_smoothing)
 
     def mixed_ce(self, logits: torch.Tensor, y: torch.Tensor, y2: torch.Tensor, lam: float) -> torch.Tensor:
@@ -226,7 +237,7 @@ class MethodContext:
         symmetric and pi^-1 is as uniform as pi) and makes lam = 1 return x itself: as alpha -> 0
         mixup turns into no mixup exactly. lam and pi come from the run's mixup generator (saved in
         checkpoints). Returns (x_mix, y, y[pi], lam), lam a Python float (no host synchronisation)."""
-        if self._mix_gen is None:
+        if self._mix_gen is None or self.cfg.mixup is None:
             raise RuntimeError("mixup: the run has no mixup generator (the mixup option is off)")
         seed = int(torch.randint(0, 1 << 62, (1,), generator=self._mix_gen))
         lam = float(np.random.default_rng(seed).beta(self.cfg.mixup, self.cfg.mixup))
@@ -236,6 +247,23 @@ class MethodContext:
             return x, y, y[perm], 1.0
         x_mix = self.fmt(torch.lerp(x[perm], x, lam))  # lam * x + (1 - lam) * x[perm]
         return x_mix, y, y[perm], lam
+
+    def cutmix(self, x: torch.Tensor, y: torch.Tensor):
+        """CutMix of a minibatch (:mod:`robustops.train.cutmix`: Yun et al. 2019, as Rebuffi et al. 2021
+        use it with adversarial training): lam ~ Beta(alpha, alpha) (alpha = cfg.cutmix), one box of
+        about (1 - lam) of the image at a uniform centre and one uniform permutation pi per batch; the
+        box's pixels come from x[pi] and lam is recomputed from the box. Returns (x_mix, MixedTarget(y,
+        y[pi], lam)); x_mix is x itself when the box is empty. All draws come from the run's mixing
+        generator (saved in checkpoints); lam is a Python float (no host synchronisation)."""
+        if self._mix_gen is None or self.cfg.cutmix is None:
+            raise RuntimeError("cutmix: the run has no CutMix generator (the cutmix option is off)")
+        H, W = x.shape[-2:]
+        rng = np.random.default_rng(int(torch.randint(0, 1 << 62, (1,), generator=self._mix_gen)))
+        lam = float(rng.beta(self.cfg.cutmix, self.cfg.cutmix))
+        cy, cx = int(rng.integers(H)), int(rng.integers(W))
+        y1, y2, x1, x2, lam = cutmix_box(lam, cy, cx, H, W)
+        perm = torch.randperm(x.shape[0], generator=self._mix_gen).to(x.device, non_blocking=True)
+        return self.fmt(compose(x, x[perm], (y1, y2, x1, x2))), MixedTarget(y, y[perm], lam)
 
     # ---- the projected-gradient engine
 

@@ -50,7 +50,7 @@ def _scheduled(cfg: FitConfig) -> bool:
 
 # Settings a resumed run must share with the checkpoint (the method's hyperparameters too).
 _RESUME_MUST_MATCH = ("method", "epochs", "eps", "alpha", "steps", "norm", "optimizer", "lr", "schedule", "amp",
-                      "awp", "ema", "mixup", "grad_clip", "coreset", "budget_schedule")
+                      "awp", "ema", "mixup", "cutmix", "grad_clip", "coreset", "budget_schedule")
 # and, for a coreset run, its settings (absent from checkpoints written before the option existed)
 _CORESET_MUST_MATCH = ("coreset_frac", "coreset_every", "coreset_warmup")
 
@@ -402,7 +402,8 @@ def fit(model: nn.Module, train_loader, method: str = "natural", *, val_loader=N
     val_every, select (also "acr" / "acceps" for the certified methods), patience,
     restore_best, keep_all), the training options (awp=gamma: adversarial weight perturbation, pgd and
     trades; ema=decay: weight averaging, every method; mixup=alpha: mixup, natural, and interpolated
-    adversarial training, pgd; see robustops.train.awp / .ema and the methods) and the methods'
+    adversarial training, pgd; cutmix=alpha: CutMix, pgd, trades, fgsm, free, fgsm_sdi and natural,
+    robustops.train.cutmix; see robustops.train.awp / .ema and the methods) and the methods'
     hyperparameters (m for free, fgsm_init for fgsm, beta for trades, sigma for gaussian, ...; those
     of other methods are ignored); coreset=craig|gradmatch|random with coreset_frac, coreset_every,
     coreset_warmup: adversarial coreset selection (:mod:`robustops.train.coreset`: pgd, fgsm, trades;

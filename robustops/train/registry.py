@@ -88,7 +88,7 @@ class Method:
     sums the counts :meth:`validation_counts` returns per batch and reports count / n; each may be
     selected with ``select``), ``log_metrics`` (names of the per-epoch values :meth:`log_values`
     returns, e.g. a dual variable: columns of the epoch log), ``options`` (the training options of
-    ``FitConfig`` it supports: "awp", "ema", "mixup"; ``ema`` applies to every method),
+    ``FitConfig`` it supports: "awp", "ema", "mixup", "cutmix"; ``ema`` applies to every method),
     ``uses_perturbation_model`` (whether it trains against the learned perturbation set of
     ``cfg.perturbation_model``: the CLI's --perturbation-model) and ``sample_weights`` (whether its
     loss applies per-sample loss weights: every loss goes through the context's ``cross_entropy`` /

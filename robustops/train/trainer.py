@@ -2,7 +2,7 @@
 the processes' random streams and evaluation; the method sees it through its :class:`.MethodContext`,
 whose ``update(closure)`` is the one step path, with the training options that any method's step
 goes through: adversarial weight perturbation (``awp``, :mod:`.awp`) and weight averaging (``ema``,
-:mod:`.ema`); mixup (``mixup``) is the context's ``mixup``."""
+:mod:`.ema`); mixup (``mixup``) and CutMix (``cutmix``, :mod:`.cutmix`) are the context's ``mixup`` and ``cutmix``."""
 from __future__ import annotations
 
 import contextlib
@@ -133,7 +133,7 @@ class Trainer:
         # checkpointed with the model; mixup draws from its own generator (saved per rank), so that
         # it leaves the seeds of the attacks as they are without it.
         self.mix_gen = torch.Generator().manual_seed(_rng.derive_seed(self.gen.initial_seed(), 1)) \
-            if cfg.mixup is not None else None
+            if cfg.mixup is not None or cfg.cutmix is not None else None  # cutmix: the same stream
         # the attack-budget schedule (budget_schedule): the context hands it to the method, the trainer
         # checkpoints its state and logs the budgets it gave
         self.budget = make_schedule(cfg)
@@ -298,7 +298,8 @@ class Trainer:
         self.gen.set_state(st["gen"])
         if self.mix_gen is not None:
             if st.get("mix_gen") is None:
-                raise ValueError("resume: the checkpoint holds no mixup generator state (written without mixup)")
+                raise ValueError("resume: the checkpoint holds no mixup / cutmix generator state (written without "
+                                 "mixup or cutmix)")
             self.mix_gen.set_state(st["mix_gen"])
         self.method.load_state_dict(st.get("method") or {})
         self.budget.load_state_dict(st.get("budget") or {})

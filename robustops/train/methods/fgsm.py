@@ -1,7 +1,8 @@
 """Fast adversarial training with FGSM and a random start (Wong, Rice and Kolter 2020): one L-inf
 step of size alpha (1.25 eps by default) from a start that is uniform in the ball ("random"), the
 clean input ("zero"), or the perturbation left by the previous minibatch ("previous", updated in
-place with ``recycle_step_`` as free-AT does)."""
+place with ``recycle_step_`` as free-AT does). ``cutmix``: the step and the loss on the composed batch's
+mixed cross-entropy (:mod:`robustops.train.cutmix`)."""
 from __future__ import annotations
 
 from ..registry import Hyper, Method, register
@@ -15,6 +16,7 @@ class FGSMTraining(Method):
     help = "FGSM adversarial training with a random start (Wong et al. 2020)"
     hyper = (Hyper("fgsm_init", "random", "fgsm start: random, zero or previous", kind="choice",
                    choices=("random", "zero", "previous")),)
+    options = ("ema", "cutmix")
     sample_weights = True
     budget_schedules = True
 
@@ -38,6 +40,8 @@ class FGSMTraining(Method):
 
     def step(self, x, y):
         c, ctx = self.cfg, self.ctx
+        if c.cutmix is not None:  # the composed batch and its mixed target (robustops.train.cutmix)
+            x, y = ctx.cutmix(x, y)
         eps, alpha = ctx.budget(x, y)
         if c.fgsm_init == "previous":
             delta = self.perturbation(x)

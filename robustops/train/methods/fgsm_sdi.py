@@ -54,6 +54,8 @@ Choices and where this code differs from the official code:
   generator's loss is not fp16-scaled (its gradient reaches G through the model's input gradient).
 - Step size: alpha defaults to eps (the paper's 8/255 at eps 8/255); L-inf only. The budget is the
   run's (``ctx.budget``: with a budget schedule eps and alpha may change per batch or per sample).
+- ``cutmix`` (:mod:`robustops.train.cutmix`): the batch is composed first; g0, the FGSM step, the
+  classifier's and the generator's losses all use its mixed target (label smoothing applied to it).
 - The generator's batches are counted within each epoch (``batch_idx % k`` in the official code): on a
   data set of fewer than k batches per epoch it steps once per epoch.
 """
@@ -152,6 +154,7 @@ class FGSMSDI(Method):
              Hyper("sdi_lr_schedule", "constant", "FGSM-SDI generator lr: constant (official code) or multistep",
                    kind="choice", choices=LR_SCHEDULES),
              Hyper("sdi_width", 64, "FGSM-SDI generator hidden channels (the paper's 64)", kind="int", minimum=1))
+    options = ("ema", "cutmix")
     sample_weights = True
     budget_schedules = True
 
@@ -260,6 +263,8 @@ class FGSMSDI(Method):
 
     def step(self, x, y):
         c, ctx = self.cfg, self.ctx
+        if c.cutmix is not None:  # the composed batch and its mixed target (robustops.train.cutmix)
+            x, y = ctx.cutmix(x, y)
         eps, alpha = ctx.budget(x, y)
         self.ensure_generator(x)
         engine = ctx.engine("linf")

@@ -4,8 +4,9 @@ Each minibatch is replayed ``m`` times; every replay is one forward/backward pas
 the weight gradient (an optimizer step) and the input gradient (a ``recycle_step_`` of the
 perturbation, step ``alpha`` = eps by default). The perturbation persists across minibatches (and
 is saved for an exact resume; under a budget schedule it is first clamped to each minibatch's eps).
-``epochs`` counts forward/backward passes like natural training: the data are traversed
-ceil(epochs / m) times.
+``cutmix``: each minibatch is composed once (:mod:`robustops.train.cutmix`) and its m replays train on
+and ascend the mixed cross-entropy. ``epochs`` counts forward/backward passes like natural training:
+the data are traversed ceil(epochs / m) times.
 """
 from __future__ import annotations
 
@@ -53,6 +54,7 @@ class Free(Method):
     name = "free"
     help = "free adversarial training: m replays per minibatch with gradient recycling (Shafahi et al. 2019)"
     hyper = (Hyper("m", 8, "free-AT replays per minibatch", kind="int", minimum=1, flags=("-m", "--m", "--replays")),)
+    options = ("ema", "cutmix")
     sample_weights = True
     budget_schedules = True
 
@@ -78,6 +80,8 @@ class Free(Method):
 
     def step(self, x, y):
         c, ctx = self.cfg, self.ctx
+        if c.cutmix is not None:  # the composed batch and its mixed target (robustops.train.cutmix)
+            x, y = ctx.cutmix(x, y)
         delta = self.perturbation(x)
         eps, alpha = ctx.budget(x, y)  # one budget for the m replays of the minibatch
         if c.budget_schedule != "constant":

@@ -15,6 +15,10 @@ is the mean of the two mixup losses,
 The training loss and accuracy it reports are those of L and of the mixed adversarial batch against
 its dominant labels y. As alpha -> 0 (lam = 1) it is the 50 % clean / 50 % adversarial loss
 (CE(f(x), y) + CE(f(x_adv), y)) / 2, not plain PGD-AT.
+
+``cutmix`` (Rebuffi et al. 2021, :mod:`robustops.train.cutmix`): the batch is composed first and PGD
+maximises, and training minimises, the mixed cross-entropy lam CE(f(x'), y) + (1 - lam) CE(f(x'), y[pi])
+of the composed batch's adversarial example x'.
 """
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ from ..registry import Method, register
 class PGDTraining(Method):
     name = "pgd"
     help = "PGD-k adversarial training (Madry et al. 2018)"
-    options = ("awp", "ema", "mixup")
+    options = ("awp", "ema", "mixup", "cutmix")
     sample_weights = True
     budget_schedules = True
 
@@ -45,6 +49,8 @@ class PGDTraining(Method):
 
     def step(self, x, y):
         c, ctx = self.cfg, self.ctx
+        if c.cutmix is not None:  # the composed batch and its mixed target (robustops.train.cutmix)
+            x, y = ctx.cutmix(x, y)
         x_adv = self.adversarial(x, y)
         if c.mixup is None:
             return ctx.natural_step(x_adv, y)

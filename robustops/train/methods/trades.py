@@ -8,6 +8,10 @@ Wu et al. 2020): the weights are perturbed to raise the TRADES loss itself, CE(f
 KL(f(x) || f(x')), at the x' found on the unperturbed weights (as the AWP authors do for TRADES), and
 the training gradient of that loss is taken at the perturbed weights.
 
+``cutmix`` (Rebuffi et al. 2021, :mod:`robustops.train.cutmix`): the batch is composed first; the inner
+maximisation is TRADES' own (the KL to the clean prediction on the composed batch, no label; the official
+code targets the mixed label instead) and the natural term is the mixed cross-entropy.
+
 Per-sample weights (``sample_weights``, e.g. a coreset's): both terms become weighted means,
 sum_i w_i (CE_i + beta KL_i) / sum_i w_i; without weights the loss is computed exactly as before."""
 from __future__ import annotations
@@ -27,7 +31,7 @@ class Trades(Method):
     name = "trades"
     help = "TRADES: cross-entropy + beta * KL(clean prediction, adversarial prediction) (Zhang et al. 2019)"
     hyper = (Hyper("beta", 6.0, "TRADES beta", minimum=0.0),)
-    options = ("awp", "ema")
+    options = ("awp", "ema", "cutmix")
     budget_schedules = True
     sample_weights = True
 
@@ -57,6 +61,8 @@ class Trades(Method):
 
     def step(self, x, y):
         c, ctx = self.cfg, self.ctx
+        if c.cutmix is not None:  # the composed batch and its mixed target (robustops.train.cutmix)
+            x, y = ctx.cutmix(x, y)
         x_adv = self.adversarial(x, y)
         ctx.forward.train()
 
