@@ -18,7 +18,7 @@ from typing import Dict, List
 from .common import CLIError, fmt_pct, fraction, write_summary
 
 __all__ = ["SECTION", "ROWS", "add_arguments", "check_arguments", "row_options", "corruption_network",
-           "evaluate_row", "run_section"]
+           "evaluate_row", "targets", "table", "run_section"]
 
 SECTION = "corruptions"
 #: row -> (method, options); "{sigma}" / "{eps}" options are filled from the section's flags.
@@ -110,7 +110,10 @@ def evaluate_row(args, model, data, dev) -> dict:
     return {k: v for k, v in res.items() if k != "rows"}
 
 
-def _targets(by: Dict[str, dict]) -> List[str]:
+def targets(by: Dict[str, dict]) -> List[str]:
+    """The issue's targets, judged on the rows' figures: each corruption method against natural and small-eps
+    PGD-AT on mean corruption accuracy, its clean accuracy within 2 points of natural; and the noise family by
+    severity for the fixed- and uniform-sigma Gaussian rows."""
     lines = []
     for m in TARGET_METHODS:
         if m not in by:
@@ -163,7 +166,7 @@ def run_section(args, data, rows: List[dict], dev) -> List[str]:
             f"(seed {args.seed}), SmallCNN, {args.epochs} epochs; Gaussian sigma {args.corruption_sigma:g} (uniform: "
             f"U(0, {2 * args.corruption_sigma:g})), PGD-AT / AugRmixAT L-inf eps {args.corruption_eps:g}, RLAT eps "
             f"{args.corruption_rlat_eps:g}")
-    lines = [head, ""] + table(rows, args) + [""] + _targets(by)
+    lines = [head, ""] + table(rows, args) + [""] + targets(by)
     print("\n" + "\n".join(lines), flush=True)
     out = os.path.join(args.out, SECTION)
     os.makedirs(out, exist_ok=True)
