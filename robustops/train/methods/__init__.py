@@ -8,3 +8,4 @@ from . import fastibp  # noqa: F401
 from . import crown_ibp  # noqa: F401
 from . import fgsm_sdi  # noqa: F401
 from . import denoise  # noqa: F401
+from . import augrmix  # noqa: F401
