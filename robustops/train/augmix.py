@@ -133,23 +133,20 @@ def draw(batch: int, generator: torch.Generator, severity: float = 3, width: int
 def _affine_matrices(names, levels, signs, h: int, w: int) -> torch.Tensor:
     """Source -> destination pixel matrices [N, 2, 3] (kornia's convention, pixel centres at integers) of
     the geometric ops. Each is built as PIL's inverse map in PIL's coordinates (pixel centres at +0.5)."""
-    out = np.empty((len(names), 3, 3))
+    inv = np.tile(np.eye(3), (len(names), 1, 1))  # destination (PIL coords) -> source (PIL coords)
+    rot = names == "rotate"
+    t = -np.radians(signs[rot] * np.trunc(levels[rot] * 30 / 10))
+    c, s, cx, cy = np.cos(t), np.sin(t), w / 2, h / 2
+    inv[rot, 0, 0], inv[rot, 0, 1], inv[rot, 1, 0], inv[rot, 1, 1] = c, s, -s, c
+    inv[rot, 0, 2], inv[rot, 1, 2] = cx - c * cx - s * cy, cy + s * cx - c * cy
+    shear = signs * levels * 0.3 / 10
+    inv[names == "shear_x", 0, 1] = shear[names == "shear_x"]
+    inv[names == "shear_y", 1, 0] = shear[names == "shear_y"]
+    inv[names == "translate_x", 0, 2] = (signs * levels * w / 30)[names == "translate_x"]
+    inv[names == "translate_y", 1, 2] = (signs * levels * h / 30)[names == "translate_y"]
     to_pil = np.array([[1, 0, 0.5], [0, 1, 0.5], [0, 0, 1.0]])
     from_pil = np.array([[1, 0, -0.5], [0, 1, -0.5], [0, 0, 1.0]])
-    for n, (name, level, sign) in enumerate(zip(names, levels, signs)):
-        inv = np.eye(3)  # destination (PIL coords) -> source (PIL coords)
-        if name == "rotate":
-            t = -math.radians(sign * int(level * 30 / 10))
-            c, s, cx, cy = math.cos(t), math.sin(t), w / 2, h / 2
-            inv[:2, :2] = [[c, s], [-s, c]]
-            inv[:2, 2] = [cx - c * cx - s * cy, cy + s * cx - c * cy]
-        elif name in ("shear_x", "shear_y"):
-            inv[(0, 1) if name == "shear_x" else (1, 0)] = sign * level * 0.3 / 10
-        else:
-            axis, side = (0, w) if name == "translate_x" else (1, h)
-            inv[axis, 2] = sign * level * side / 3 / 10
-        out[n] = np.linalg.inv(from_pil @ inv @ to_pil)
-    return torch.from_numpy(out[:, :2, :]).float()
+    return torch.from_numpy(np.linalg.inv(from_pil @ inv @ to_pil)[:, :2, :]).float()
 
 
 def _autocontrast(x: torch.Tensor) -> torch.Tensor:
