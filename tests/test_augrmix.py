@@ -75,6 +75,19 @@ def test_geometric_ops_match_pil_inside_the_border():
         assert diff.max() <= 1.0, op  # PIL rounds to 8 bits
 
 
+def test_point_ops_match_pil():
+    Image = pytest.importorskip("PIL.Image")
+    ImageOps = pytest.importorskip("PIL.ImageOps")
+    a = (np.random.default_rng(1).beta(2, 5, size=(32, 32, 3)) * 255).astype(np.uint8)  # 1024 px: equalize acts
+    img = Image.fromarray(a)
+    x = torch.from_numpy(a).permute(2, 0, 1)[None].float() / 255
+    pil = {"solarize": ImageOps.solarize(img, 256 - int(4.0 * 25.6)), "posterize": ImageOps.posterize(img, 4 - 1),
+           "equalize": ImageOps.equalize(img), "autocontrast": ImageOps.autocontrast(img)}
+    for op, tol in (("solarize", 0.0), ("posterize", 0.0), ("equalize", 0.0), ("autocontrast", 1.0)):
+        ours = am.apply_ops(x, [op], [4.0], [1])[0].permute(1, 2, 0).numpy() * 255
+        assert np.abs(ours - np.asarray(pil[op], dtype=float)).max() <= tol + 1e-3, op  # autocontrast: PIL's LUT
+
+
 def test_the_mix_is_the_convex_or_box_combination_of_the_chains():
     g = torch.Generator().manual_seed(1)
     x = torch.rand(16, 3, 12, 12)
