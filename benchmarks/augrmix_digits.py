@@ -7,6 +7,7 @@ with (the "vs natural" columns). Also draws AugMix / AugRmix views of a few digi
 
     python benchmarks/augrmix_digits.py                         # 3 methods x seeds 0, 1, 2, 15 epochs
     python benchmarks/augrmix_digits.py --quick --no-csv        # 1 seed, 3 epochs, under a minute
+    python benchmarks/augrmix_digits.py --methods augrmix --augrmix augmix_severity=1,augrmix_mode=linear
     python benchmarks/augrmix_digits.py --picture docs/augmix_digits.png --methods none
 
 Appends the rows to benchmarks/results/augrmix_digits.csv as they finish. CPU figures; timings are wall
@@ -46,8 +47,24 @@ def corruption_accuracy(model, loader, device) -> tuple:
     return (statistics.fmean(accs) if accs else float("nan")), names
 
 
+def parse_options(text: str) -> dict:
+    """"k=v,k2=v2" -> {k: int, float or str}."""
+    out = {}
+    for item in filter(None, text.split(",")):
+        k, _, v = item.partition("=")
+        for cast in (int, float, str):
+            try:
+                out[k.strip()] = cast(v)
+                break
+            except ValueError:
+                continue
+    return out
+
+
 def run_one(key: str, seed: int, args, train_ds, val_ds, test_loader) -> dict:
     method, opts = METHODS[key]
+    if key == "augrmix":
+        opts = {**opts, **parse_options(args.augrmix)}
     torch.manual_seed(seed)
     model = models.get_model("small_cnn", **DIGITS_MODEL).to(args.device)
     res, train_s = fit_digits(model, method, train_ds, val_ds, args, seed, **opts)
@@ -55,7 +72,7 @@ def run_one(key: str, seed: int, args, train_ds, val_ds, test_loader) -> dict:
     atk = attacks.PGD(model, eps=args.eps, steps=20, norm="linf", random_start=True, seed=seed)
     ev = attacks.robust_accuracy(model, test_loader, atk, device=args.device, progress=False)
     corr, names = corruption_accuracy(model, test_loader, args.device)
-    return {"method": key, "epochs": args.epochs, "seed": seed, "eps": args.eps, "clean_acc": ev["clean_acc"],
+    return {"method": key, "options": ";".join(f"{k}={v}" for k, v in opts.items()), "epochs": args.epochs, "seed": seed, "eps": args.eps, "clean_acc": ev["clean_acc"],
             "robust_acc": ev["robust_acc"], "corruption_acc": corr, "corruptions": ";".join(names),
             "best_epoch": res.best_epoch, "train_s": train_s}
 
@@ -114,6 +131,7 @@ def main(argv=None):
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--eps", type=float, default=0.1, help="the threat model of pgd / augrmix and of the PGD-20 column")
     p.add_argument("--quick", action="store_true", help="seed 0, 3 epochs")
+    p.add_argument("--augrmix", default="", help="hyperparameters of the augrmix row, e.g. augmix_severity=1,js_weight=1")
     p.add_argument("--picture", default=None, help="also draw AugMix / AugRmix views of digits to this PNG")
     args = p.parse_args(argv)
     if args.quick:
