@@ -10,3 +10,4 @@ from . import fgsm_sdi  # noqa: F401
 from . import denoise  # noqa: F401
 from . import rlat  # noqa: F401
 from . import ada  # noqa: F401
+from . import augrmix  # noqa: F401
