@@ -1,6 +1,7 @@
 """AdversarialAugment (method ``ada``) and its corruption networks: nu = 0 gives the network's output, every
 per-example per-layer perturbation stays in its relative ball, the ascent raises a fixed classifier's loss,
-exact resume, the autoencoder's training through the CLI, and the errors."""
+exact resume, the autoencoder's training through the CLI, and the errors; with AugMix (ada_augmix): the
+default off is the plain method, the views and the JS term, exact resume, bad settings."""
 import csv
 import os
 
@@ -8,13 +9,15 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from helpers import CrashingLoader, Interrupt, one_thread, tiny_cnn  # noqa: F401 (one_thread: autouse)
+from helpers import CrashingLoader, Interrupt, one_thread, resume_matches_uninterrupted, tiny_cnn  # noqa: F401 (one_thread: autouse)
 from torch.utils.data import DataLoader, Subset
 
+from robustops import _rng
 from robustops import perturbation as P
 from robustops import train as rt
 from robustops.cli import main
 from robustops.data import load_digits
+from robustops.train import augmix as am
 from robustops.train.methods.ada import WeightPerturbation, ada_examples
 
 
@@ -161,3 +164,63 @@ def test_errors(digits, ae_path, tmp_path, capsys):
     assert main(["train", "--method", "ada", "-o", str(tmp_path / "r2"), "--epochs", "1",
                  "--perturbation-model", other]) == 2
     assert "not a corruption network" in capsys.readouterr().err
+
+
+def _ada_trainer(ae_path, **kw):
+    return rt.Trainer(tiny_cnn(seed=2, width=4), method="ada", epochs=1, steps_per_epoch=1, seed=4,
+                      perturbation_model=ae_path, ada_steps=1, **kw)
+
+
+def test_augmix_off_is_plain_ada(ae_path, batch):
+    """Default (ada_augmix 0): no generator, no state, the run's seed stream untouched at start, and the
+    inputs are the clean / AdA minibatch of the plain method, bit for bit."""
+    x, y = batch
+    m = _ada_trainer(ae_path).method
+    assert m.generator is None and m.state_dict() == {}
+    nat = rt.Trainer(tiny_cnn(seed=2, width=4), method="natural", epochs=1, steps_per_epoch=1, seed=4).method
+    seed = nat.ctx.seed()
+    inputs = m.ada_inputs(x, y)
+    perm = torch.randperm(16, generator=torch.Generator().manual_seed(_rng.derive_seed(seed, 0)))
+    idx = perm[8:]
+    expected = x.clone()
+    expected[idx] = m.corrupt(x[idx], y[idx], _rng.derive_seed(seed, 1))
+    assert inputs.shape == x.shape and torch.equal(inputs, expected)
+
+
+def test_augmix_views_and_js_term(ae_path, batch):
+    """ada_augmix 2: the inputs are [x_a, AugMix(x_a), AugMix(x_a)] from the method's generator, and the loss
+    on a fixed model is CE(f(x_a)) + 12 * js_consistency over the three views' logits."""
+    x, y = batch
+    m = _ada_trainer(ae_path, ada_augmix=2).method
+    state = m.generator.get_state()
+    inputs = m.ada_inputs(x, y)
+    assert inputs.shape == (48, *x.shape[1:])
+    g = torch.Generator()
+    g.set_state(state)
+    xa = inputs[:16]
+    torch.testing.assert_close(inputs[16:], torch.cat([am.augmix(xa, g), am.augmix(xa, g)]), atol=0, rtol=0)
+    clf = tiny_cnn(seed=9, width=4).eval()
+    with torch.no_grad():
+        logits = clf(inputs)
+        views = [clf(v) for v in inputs.split(16)]
+    expected = F.cross_entropy(views[0], y) + 12.0 * am.js_consistency(views)
+    assert m.loss(logits, y).item() == pytest.approx(expected.item(), rel=1e-5)
+    m0 = _ada_trainer(ae_path, ada_augmix=1, ada_js=0.0).method
+    assert m0.loss(logits[:32], y).item() == pytest.approx(F.cross_entropy(views[0], y).item(), rel=1e-6)
+
+
+def test_resume_with_augmix_matches_uninterrupted(digits, ae_path, tmp_path):
+    # no validation: the final weights are then the last epoch's (a selected best epoch 1 would hide epoch 2)
+    hp = dict(epochs=2, seed=3, progress=False, verbose=False, perturbation_model=ae_path, ada_steps=1,
+              ada_augmix=2)
+    ref, res, crash = resume_matches_uninterrupted("ada", Subset(digits[0], list(range(64))), None, tmp_path, hp,
+                                                   crash_after=lambda n: n + 1, width=4, weights_only=False)
+    assert crash["epoch"] == 1 and res.epochs_run == ref.epochs_run == 2
+    assert [r["train_loss"] for r in res.history] == [r["train_loss"] for r in ref.history]
+
+
+@pytest.mark.parametrize("kw, word", [(dict(ada_augmix=-1), "ada_augmix"), (dict(ada_augmix=1.5), "ada_augmix"),
+                                      (dict(ada_js=-1.0), "ada_js")])
+def test_bad_augmix_settings_are_refused(ae_path, kw, word):
+    with pytest.raises(ValueError, match=word):
+        _ada_trainer(ae_path, **kw)

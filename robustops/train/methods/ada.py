@@ -33,13 +33,29 @@ Choices this implementation makes where the paper's method section and appendix 
 - clean / AdA mixing: a fraction ``ada_clean`` of every minibatch (a seeded random choice) stays clean,
   the rest is replaced by its AdA examples, and the loss is the cross-entropy over the whole minibatch
   (0: AdA examples alone; the paper trains on clean and AdA-augmented data together);
-- the classifier is attacked in its current mode (train mode during training, as PGD-AT here does);
-- only AdA: AugMix views and the Jensen-Shannon consistency term are added by the lead later, in
-  :meth:`AdA.ada_inputs`, the one place where the training inputs are produced.
+- the classifier is attacked in its current mode (train mode during training, as PGD-AT here does).
+
+AdA + AugMix (``ada_augmix`` n > 0; the paper reports AdA combined with AugMix and its Jensen-Shannon
+consistency, but how the two are composed could not be read here: this is the closest faithful reading,
+AugMix's own training scheme (Hendrycks et al. 2020, its Eq. for L_JSD) with AdA's minibatch as its
+"clean" input). With x_a the minibatch above (clean for the ada_clean fraction, AdA examples elsewhere):
+
+    v_j = AugMix(x_a),  j = 1 .. n                    (n = ``ada_augmix``, AugMix's 2 by default when on)
+    L = CE(f(x_a), y) + lambda JS(p(x_a), p(v_1), ..., p(v_n)),     lambda = ``ada_js`` (AugMix's 12)
+
+so a clean sample gets plain AugMix (its views AugMix(x)) and an AdA sample the AugMix views of its AdA
+example (the JS term ties the AdA output to its AugMix views). Stated choices: the chains are AugMix's
+CIFAR defaults (:func:`robustops.train.augmix.augmix`: width 3, depth 1..3, severity 3, alpha 1, linear
+mixing; its operations overlap no test corruption); the AdA examples are computed once, on x_a's AdA
+part, not per view (AdA's cost unchanged); one forward of [x_a, v_1 .. v_n] (as AugMix's reference; batch
+norm sees the whole); JS is :func:`~robustops.train.augmix.js_consistency` (AugMix's, in float32); the
+logged training accuracy is that of x_a. The views come from the method's own CPU torch.Generator, seeded
+from the run's stream when the method starts (only when ``ada_augmix`` > 0, so the default run is the
+plain AdA run bit for bit) and saved in checkpoints (``state_dict``: exact resume).
 
 Validation reports ``ada_acc``: the accuracy on AdA examples (all of the batch, model in eval mode).
-The method keeps no state between steps (its randomness is the run's seed stream, ``ctx.seed()``), so a
-resumed run continues exactly with nothing of its own to save.
+Without AugMix the method keeps no state between steps (its randomness is the run's seed stream,
+``ctx.seed()``), so a resumed run continues exactly with nothing of its own to save.
 """
 from __future__ import annotations
 
@@ -52,6 +68,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, vmap
 
 from ... import _rng, ops, perturbation
+from .. import augmix as am
 from ..registry import Hyper, Method, register
 
 __all__ = ["AdA", "WeightPerturbation", "ada_examples"]
@@ -165,7 +182,11 @@ class AdA(Method):
              Hyper("ada_steps", 5, "ada's projected normalised ascent steps M", kind="int", minimum=0),
              Hyper("ada_step_size", 0.5, "ada's ascent step, relative to each layer's radius", minimum=0.0),
              Hyper("ada_clean", 0.5, "ada's fraction of each minibatch kept clean (the rest: AdA examples)",
-                   minimum=0.0, maximum=1.0))
+                   minimum=0.0, maximum=1.0),
+             Hyper("ada_augmix", 0, "ada's AugMix views of each training input, with a JS consistency term "
+                   "(0: off; AugMix uses 2)", kind="int", minimum=0),
+             Hyper("ada_js", 12.0, "ada's weight lambda of the JS consistency term (with --ada-augmix)",
+                   minimum=0.0))
     select = "clean_acc"
     adversarial = False
     val_metrics = ("ada_acc",)
@@ -176,7 +197,8 @@ class AdA(Method):
 
     @classmethod
     def label(cls, cfg) -> str:
-        return f"AdA (nu={cfg.ada_nu:g}, {cfg.ada_steps} steps)"
+        mix = f", AugMix x{cfg.ada_augmix}, lambda={cfg.ada_js:g}" if cfg.ada_augmix else ""
+        return f"AdA (nu={cfg.ada_nu:g}, {cfg.ada_steps} steps{mix})"
 
     @classmethod
     def check_config(cls, cfg) -> None:
@@ -187,6 +209,8 @@ class AdA(Method):
         self.net = perturbation.corruption_network(self.cfg.perturbation_model, ctx.device)
         self.pert = WeightPerturbation(self.net, self.cfg.ada_nu)
         self._checked = False
+        # seeded only with AugMix on: drawing from the run's stream otherwise would change the default run
+        self.generator = torch.Generator().manual_seed(ctx.seed()) if self.cfg.ada_augmix else None
 
     def _loss(self, xc: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with self.ctx.autocast():
@@ -207,20 +231,51 @@ class AdA(Method):
                                          c.lo, c.hi))
 
     def ada_inputs(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The training inputs of a minibatch: a seeded random fraction ada_clean of it clean, the rest
-        replaced by AdA examples. The one place the inputs are made (AugMix views go here)."""
+        """The training inputs of a minibatch, the one place they are made: x_a, a seeded random fraction
+        ada_clean of x clean and the rest replaced by AdA examples; with ``ada_augmix`` n > 0 followed by
+        its n AugMix views, view-major [(n + 1) * B, ...] (rows j*B .. j*B+B-1: view j, view 0 = x_a)."""
         seed, n = self.ctx.seed(), x.shape[0]
         keep = int(round(self.cfg.ada_clean * n))
-        if keep >= n:
-            return x
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(_rng.derive_seed(seed, 0)))
-        idx = perm[keep:].to(x.device)
-        out = x.clone()
-        out[idx] = self.corrupt(x[idx], y[idx], _rng.derive_seed(seed, 1)).to(x.dtype)
-        return self.ctx.fmt(out)
+        out = x
+        if keep < n:
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(_rng.derive_seed(seed, 0)))
+            idx = perm[keep:].to(x.device)
+            out = x.clone()
+            out[idx] = self.corrupt(x[idx], y[idx], _rng.derive_seed(seed, 1)).to(x.dtype)
+            out = self.ctx.fmt(out)
+        if not self.cfg.ada_augmix:
+            return out
+        views = [am.augmix(out, self.generator) for _ in range(self.cfg.ada_augmix)]
+        return self.ctx.fmt(torch.cat([out] + [v.to(out.dtype) for v in views]))
+
+    def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The AdA + AugMix loss of logits [(n + 1) * B, C] of [x_a, v_1 .. v_n] (view-major), labels y
+        [B]: CE(f(x_a), y) (the run's class weights apply) + ada_js * JS over the n + 1 views."""
+        parts = logits.float().split(y.shape[0])
+        ce = self.ctx.cross_entropy(parts[0], y)
+        if self.cfg.ada_js == 0:
+            return ce
+        return ce + self.cfg.ada_js * am.js_consistency(parts)
 
     def step(self, x, y):
-        return self.ctx.natural_step(self.ada_inputs(x, y), y)
+        inputs = self.ada_inputs(x, y)
+        if not self.cfg.ada_augmix:
+            return self.ctx.natural_step(inputs, y)
+        b = y.shape[0]
+
+        def closure(net):
+            logits = net(inputs)
+            return self.loss(logits, y), logits[:b]
+
+        loss, logits = self.ctx.update(closure)
+        return self.ctx.stats(loss, logits, y)
+
+    def state_dict(self):
+        return {} if self.generator is None else {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, st) -> None:
+        if self.generator is not None and "generator" in st:
+            self.generator.set_state(st["generator"])
 
     def validation_counts(self, x: torch.Tensor, y: torch.Tensor) -> Dict[str, torch.Tensor]:
         """{"ada_acc": the samples of a validation batch classified correctly on their AdA example}."""
