@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import robustops as ro
-from robustops.cli import main
+from robustops.cli import evaluate_corruptions, main
 from robustops.corruptions import ALL, BENCHMARK, FAMILIES, available, corrupt
 from robustops.corruptions import evaluation as ev
 from robustops.data import load_digits
@@ -77,11 +77,26 @@ def test_mce_on_toy_numbers():
     # a baseline without error on a corruption: its CE is undefined and left out of the mean
     perfect = _result(1.0, {"a": {1: 1.0, 2: 1.0}, "b": {1: 0.5, 2: 0.3}})
     out = ev.mce(res, perfect)
-    assert out["ce"]["a"] is None and out["undefined"] == ["a"] and out["mce"] == pytest.approx(0.5)
+    assert out["ce"]["a"] is None and out["undefined_ce"] == ["a"] and out["mce"] == pytest.approx(0.5)
     # JSON keys (severities as strings) are read the same
     assert ev.mce(json.loads(json.dumps(res)), json.loads(json.dumps(base)))["mce"] == pytest.approx(0.55)
     with pytest.raises(ValueError, match="b/2"):
         ev.mce(res, _result(0.8, {"a": {1: 0.6, 2: 0.4}, "b": {1: 0.5}}))
+
+
+def test_mce_lists_what_each_mean_leaves_out():
+    res = _result(0.9, {"a": {1: 0.8, 2: 0.6}, "b": {1: 0.7, 2: 0.7}})
+    # the baseline's errors on a (0.4, 0.4) are below its clean error 0.5: a has a CE (0.6 / 0.8) but no
+    # relative CE (denominator -0.2); b: CE 0.6 / 1.6, relative CE (0.2 + 0.2) / (0.2 + 0.4)
+    base = _result(0.5, {"a": {1: 0.6, 2: 0.6}, "b": {1: 0.3, 2: 0.1}})
+    out = ev.mce(res, base)
+    assert out["undefined_ce"] == [] and out["undefined_relative"] == ["a"]
+    assert out["mce"] == pytest.approx((0.75 + 0.375) / 2) and out["relative_mce"] == pytest.approx(2 / 3)
+    record = {"split": "test", "n": 4, "clean_acc": 0.9, "clean_ece": 0.0, "mean_corruption_acc": 0.7,
+              "corruption_ece": 0.0, "mean_over": "run", "per_family": {}, "severities": [1, 2], "corruptions": [],
+              "baseline": {"file": "/x/base.pt", **out}}
+    line = next(v for v in evaluate_corruptions.markdown(record, {"name": "toy"}).splitlines() if "mCE" in v)
+    assert line == "mCE 56.2%, relative mCE 66.7% (undefined for a: left out of this mean) against base.pt."
 
 
 def _direct(model, x, y, name, s, seed=0):

@@ -308,7 +308,8 @@ def _report(args, info, names, sev, rows, base, results, final) -> None:
     print("per family: " + ", ".join(f"{f} {v:.4f}" for f, v in res["per_family"].items()))
     if "baseline" in record:
         b = record["baseline"]
-        print(f"mCE {b['mce']:.4f}  relative mCE {b['relative_mce']:.4f} (baseline {args.baseline})")
+        print(f"mCE {b['mce']:.4f}{_left_out(b['undefined_ce'])}  relative mCE {b['relative_mce']:.4f}"
+              f"{_left_out(b['undefined_relative'])} (baseline {args.baseline})")
     if results is None:
         return
     record["heatmap"] = plot_heatmap(res, args.out + ".png")[0]
@@ -317,6 +318,10 @@ def _report(args, info, names, sev, rows, base, results, final) -> None:
         fh.write(markdown(record, info))
     print(f"per-row results: {args.out}; summary: {finish(results, final, record)}, {args.out}.md; heat map: "
           f"{record['heatmap']}")
+
+
+def _left_out(names) -> str:
+    return f" (undefined for {', '.join(names)}: left out of this mean)" if names else ""
 
 
 def markdown(record: dict, info: dict) -> str:
@@ -332,9 +337,9 @@ def markdown(record: dict, info: dict) -> str:
     lines += [f"| {f} | {fmt_pct(v)} |" for f, v in record["per_family"].items()]
     if "baseline" in record:
         b = record["baseline"]
-        lines += ["", f"mCE {100 * b['mce']:.1f}%, relative mCE {100 * b['relative_mce']:.1f}% against "
-                      f"{os.path.basename(b['file'])}" + (f" (undefined for {', '.join(b['undefined'])})"
-                                                           if b["undefined"] else "") + "."]
+        lines += ["", f"mCE {100 * b['mce']:.1f}%{_left_out(b.get('undefined_ce'))}, relative mCE "
+                      f"{100 * b['relative_mce']:.1f}%{_left_out(b.get('undefined_relative'))} against "
+                      f"{os.path.basename(b['file'])}."]
     lines += ["", "| corruption | " + " | ".join(f"s{s}" for s in sev) + " | mean | ECE |",
               "|---|" + "---:|" * (len(sev) + 2)]
     for c in record["corruptions"]:

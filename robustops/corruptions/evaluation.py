@@ -30,8 +30,10 @@ Definitions:
 - mCE (Hendrycks & Dietterich 2019, section 4): E_{c,s} = 1 - A_{c,s}; CE_c = sum_s E_{c,s}(f) /
   sum_s E_{c,s}(baseline), mCE = mean_c CE_c; relative CE_c = sum_s (E_{c,s}(f) - E_clean(f)) /
   sum_s (E_{c,s}(baseline) - E_clean(baseline)), relative mCE = its mean. The paper's baseline is
-  AlexNet; here it is whatever result is given. A corruption whose baseline denominator is 0 (or, for
-  the relative CE, <= 0) has no CE: it is left out of the mean and listed under "undefined".
+  AlexNet; here it is whatever result is given. A corruption whose baseline denominator is 0 has no CE:
+  it is left out of mCE and listed under "undefined_ce"; one whose relative denominator is <= 0 has no
+  relative CE: it is left out of the relative mCE and listed under "undefined_relative" (the two lists
+  differ when a corruption has a CE but no relative CE: it then counts in mCE only).
 """
 from __future__ import annotations
 
@@ -228,8 +230,9 @@ def _errors(result: dict, c: str) -> List[float]:
 def mce(result: dict, baseline: dict) -> dict:
     """The corruption errors of result relative to baseline (two of :func:`corruption_accuracy`'s results,
     or their JSON): per corruption CE and relative CE, their means "mce" and "relative_mce" over the
-    corruptions result's mean averages (the benchmark 15 when all were run), and "undefined" (the
-    corruptions whose baseline denominator vanishes). Every (c, s) of that set must be in baseline."""
+    corruptions result's mean averages (the benchmark 15 when all were run), "undefined_ce" and
+    "undefined_relative" (the corruptions left out of each mean: their baseline denominator is not
+    positive). Every (c, s) of that set must be in baseline."""
     over = result.get("mean_corruptions") or list(result["accuracy"])
     sev = [str(s) for s in result["accuracy"][over[0]]]
 
@@ -242,19 +245,17 @@ def mce(result: dict, baseline: dict) -> dict:
         raise ValueError(f"baseline: no accuracy for {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}: "
                          f"evaluate the baseline on the same corruptions and severities")
     e_clean, b_clean = 1.0 - float(result["clean_acc"]), 1.0 - float(baseline["clean_acc"])
-    ce, rel, undefined = {}, {}, []
+    ce, rel = {}, {}
     for c in over:
         e = [1.0 - float(mine[c][s]) for s in sev]
         b = [1.0 - float(base[c][s]) for s in sev]
         ce[c] = sum(e) / sum(b) if sum(b) > 0 else None
         denom = sum(v - b_clean for v in b)
         rel[c] = sum(v - e_clean for v in e) / denom if denom > 0 else None
-        if ce[c] is None or rel[c] is None:
-            undefined.append(c)
-    finite = [v for v in ce.values() if v is not None]
-    finite_rel = [v for v in rel.values() if v is not None]
-    return {"ce": ce, "relative_ce": rel, "mce": _mean(finite), "relative_mce": _mean(finite_rel),
-            "undefined": undefined, "over": list(over)}
+    return {"ce": ce, "relative_ce": rel, "mce": _mean(v for v in ce.values() if v is not None),
+            "relative_mce": _mean(v for v in rel.values() if v is not None),
+            "undefined_ce": [c for c in over if ce[c] is None],
+            "undefined_relative": [c for c in over if rel[c] is None], "over": list(over)}
 
 
 def plot_heatmap(result: dict, path: str, title: Optional[str] = None) -> List[str]:
