@@ -216,15 +216,16 @@ class RowWriter:
     """Rows appended to an open file (None: no file) as inputs are done, each flushed at once (a killed
     run keeps every row it finished), with a progress bar over total inputs; without the bar (stderr not
     a terminal, or --no-progress) and with lines (the command's name), plain progress lines on stdout:
-    one per tenth of the inputs, and one at least every minute."""
+    one per tenth of the inputs, and one at least every minute. unit: what is counted ("input", or
+    "row" where a row is not one input)."""
 
-    def __init__(self, fh, total: int, desc: str, show: bool, lines: Optional[str] = None):
+    def __init__(self, fh, total: int, desc: str, show: bool, lines: Optional[str] = None, unit: str = "input"):
         import time
 
         from tqdm.auto import tqdm
 
-        self.fh, self.total, self.done = fh, total, 0
-        self.bar = tqdm(total=total, desc=desc, unit="input", disable=not show, dynamic_ncols=True)
+        self.fh, self.total, self.done, self.unit = fh, total, 0, unit
+        self.bar = tqdm(total=total, desc=desc, unit=unit, disable=not show, dynamic_ncols=True)
         self.lines = None if show else lines
         self.t0 = self.last = time.perf_counter()
         self.next = 1
@@ -249,7 +250,7 @@ class RowWriter:
             self.next = self.done * 10 // self.total + 1
             self.last = now
             extra = "".join(f", {k} {v}" for k, v in postfix.items())
-            print(f"robustops {self.lines}: {self.done}/{self.total} inputs ({100 * self.done // self.total}%)"
+            print(f"robustops {self.lines}: {self.done}/{self.total} {self.unit}s ({100 * self.done // self.total}%)"
                   f"{extra}, {now - self.t0:.1f}s", flush=True)
 
     def close(self) -> None:
