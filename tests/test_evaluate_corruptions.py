@@ -223,6 +223,40 @@ def test_cli_resume_equals_uninterrupted(ckpt, tmp_path, monkeypatch):
                 tmp_path / "cut.tsv", "--resume") == 2
 
 
+def test_cli_baseline_checkpoint_rows_resume(ckpt, tmp_path, monkeypatch, capsys):
+    args = ["--checkpoint", ckpt, "--corruptions", "gaussian_noise", "--severities", "1", "--baseline", ckpt]
+    _no_heatmap(monkeypatch)
+    real, calls = ev.evaluate_row, []
+
+    def crash_on_fourth(*a, **k):  # the model's 2 rows, then the baseline's clean row, then its gaussian_noise
+        calls.append(a[2])
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    assert _cli(*args, "-o", tmp_path / "full.tsv") == 0
+    assert "robustops evaluate: 4/4 rows (100%)" in capsys.readouterr().out
+    monkeypatch.setattr(ev, "evaluate_row", crash_on_fourth)
+    with pytest.raises(KeyboardInterrupt):
+        _cli(*args, "-o", tmp_path / "cut.tsv")
+    monkeypatch.setattr(ev, "evaluate_row", real)
+    assert calls == ["clean", "gaussian_noise", "clean", "gaussian_noise"]
+    assert _cli(*args, "-o", tmp_path / "cut.tsv", "--resume") == 0
+    assert "1/1 rows" in capsys.readouterr().out  # only the baseline's last row was left
+    lines = (tmp_path / "full.tsv").read_text().splitlines()
+    assert (tmp_path / "cut.tsv").read_text().splitlines() == lines
+    # the baseline's rows: keys BASELINE_KEYS + the model's, the same figures (the same checkpoint)
+    keys = [int(v.split("\t")[0]) for v in lines[1:]]
+    base = evaluate_corruptions.BASELINE_KEYS
+    assert keys == [0, ev.row_key("gaussian_noise", 1), base, base + ev.row_key("gaussian_noise", 1)]
+    assert [v.split("\t")[1:] for v in lines[1:3]] == [v.split("\t")[1:] for v in lines[3:]]
+    a, b = (json.loads((tmp_path / f).read_text()) for f in ("full.tsv.json", "cut.tsv.json"))
+    assert a["baseline"] == b["baseline"] and a["baseline"]["mce"] == pytest.approx(1.0) and len(a["rows"]) == 2
+    # its rows belong to this baseline: resuming without it is refused
+    assert _cli(*args[:-2], "-o", tmp_path / "cut.tsv", "--resume") == 2
+    assert "--baseline-checkpoint" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("flags, words", [
     (["--eps", "0.1"], ["--eps", "not an attack"]),
     (["--steps", "5", "--norm", "l2"], ["--norm", "--steps"]),

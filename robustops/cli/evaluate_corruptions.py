@@ -3,7 +3,9 @@ corruptions (robustops.corruptions.evaluation), per corruption and severity, per
 with the mCE relative to a baseline (--baseline: a checkpoint, or the JSON of a finished corruptions
 run), one resumable row per (corruption, severity) in the shared results file (rows.py: --resume keeps
 the finished rows, --force replaces the result once the new one is done; torchrun ranks share the rows),
-a JSON and a Markdown summary and a heat map (OUT.png, corruption x severity).
+a JSON and a Markdown summary and a heat map (OUT.png, corruption x severity). A --baseline checkpoint's
+rows are rows of the same file, shared, written and resumed alike: their keys are BASELINE_KEYS + the
+model's key of the same (corruption, severity).
 
 The corrupted images are generated (deterministic per --seed and sample index), or read from a local
 CIFAR-10-C directory with --data cifar10c:DIR (its <corruption>.npy arrays), the clean images then
@@ -22,7 +24,8 @@ from .attack_rows import claim, finish
 from .common import CLIError, check_writable, distributed, fmt_pct, load_data, model_classes, require_min, setup_run
 from .rows import ResultsFile, RowWriter
 
-__all__ = ["add_arguments", "refuse_corruption_flags", "check_shared_flags", "run", "markdown", "ATTACK_FLAGS"]
+__all__ = ["add_arguments", "refuse_corruption_flags", "check_shared_flags", "run", "markdown", "ATTACK_FLAGS",
+           "BASELINE_KEYS"]
 
 #: The attack suites' flags and their defaults: given with --suite corruptions, they are refused.
 ATTACK_FLAGS = {"eps": None, "norm": None, "version": "standard", "steps": None, "n_queries": 5000,
@@ -31,6 +34,8 @@ ATTACK_FLAGS = {"eps": None, "norm": None, "version": "standard", "steps": None,
 CORRUPTION_FLAGS = {"corruptions": None, "severities": None, "baseline": None, "clean_data": None}
 
 _FIELDS = (str, int, int, int, float, float)  # how each TSV field after the key parses
+#: added to the key of a row of a --baseline checkpoint (the model's keys are below it: row_key)
+BASELINE_KEYS = 1000
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -134,10 +139,12 @@ def _data(args, names):
     return ds, info, lambda name, severity: CifarC(root, name, severity)
 
 
-def _settings(args, names, sev) -> dict:
+def _settings(args, names, sev, baseline) -> dict:
     keys = ("model", "data", "clean_data", "split", "n", "suite", "amp", "normalize", "mean", "std", "seed",
             "batch_size", "weights_prefix")
     out = {k: getattr(args, k) for k in keys}
+    # a baseline checkpoint's rows are in the file (a JSON baseline writes none: not compared)
+    out["baseline_checkpoint"] = os.path.abspath(args.baseline) if isinstance(baseline, tuple) else None
     out.update(corruptions=list(names), severities=list(sev), checkpoint=args.checkpoint and os.path.abspath(
         args.checkpoint), weights=args.weights and os.path.abspath(args.weights))
     return out
@@ -166,11 +173,13 @@ def _stored(results) -> dict:
     return rows
 
 
-def _evaluate(args, d, model, dataset, info, corrupted, todo, results):
-    """This rank's share of the rows todo, each written as soon as it is done; returns them."""
+def _evaluate(args, d, models, dataset, info, corrupted, todo, results):
+    """This rank's share of the rows todo ((key, corruption, severity): the model's, or with a key from
+    BASELINE_KEYS on the baseline checkpoint's, models[1], without --mean/--std), each written as soon as it
+    is done; returns them."""
     import torch
 
-    from ..corruptions.evaluation import evaluate_row
+    from ..corruptions import evaluation
 
     mean, std, amp = (args.mean, args.std, input_transform(args, info)[2]) if args.mean is not None \
         else input_transform(args, info)
@@ -178,15 +187,18 @@ def _evaluate(args, d, model, dataset, info, corrupted, todo, results):
     mine = todo[d.rank::d.world]
     out = results.open_part(d.rank) if results is not None else None
     writer = RowWriter(out, len(mine), "corruptions", bool(args.progress) and d.rank == 0,
-                       lines="evaluate" if d.rank == 0 else None)
+                       lines="evaluate" if d.rank == 0 else None, unit="row")
     rows = []
     try:
-        for c, s in mine:
+        for key, c, s in mine:
+            base = key >= BASELINE_KEYS
             try:
-                row = evaluate_row(model, dataset, c, s, seed=args.seed, batch_size=args.batch_size, device=d.device,
-                                   mean=mean, std=std, dtype=dtype, corrupted=corrupted, n=args.n)
+                row = evaluation.evaluate_row(models[base], dataset, c, s, seed=args.seed, batch_size=args.batch_size,
+                                              device=d.device, mean=None if base else mean, std=None if base else std,
+                                              dtype=dtype, corrupted=corrupted, n=args.n)
             except (ValueError, FileNotFoundError) as e:
-                raise CLIError(f"{c} severity {s}: {e}") from None
+                raise CLIError(f"{'--baseline ' if base else ''}{c} severity {s}: {e}") from None
+            row["key"] = key
             if out is not None:
                 writer.write(_line(row))
             rows.append(row)
@@ -224,14 +236,18 @@ def run(args, load_model) -> int:
     results = final.aside() if final is not None and args.force else final
     baseline = _read_baseline(args.baseline)
     with distributed(args.device) as d, contextlib.ExitStack() as stack:
-        claim(d, stack, args.out, final, _settings(args, names, sev), "evaluate", resume=args.resume, force=args.force)
-        model = model.to(d.device).eval()
+        claim(d, stack, args.out, final, _settings(args, names, sev, baseline), "evaluate", resume=args.resume,
+              force=args.force)
+        models = [model.to(d.device).eval()]
+        keys = [(row_key(c, s), c, s) for c, s in [("clean", 0)] + [(c, s) for c in names for s in sev]]
+        if isinstance(baseline, tuple):
+            models.append(baseline[1].to(d.device).eval())
+            keys += [(BASELINE_KEYS + k, c, s) for k, c, s in keys]
         stored = _stored(results)
         d.barrier()  # every rank has read the part files before any is reopened
-        keys = [("clean", 0)] + [(c, s) for c in names for s in sev]
-        todo = [k for k in keys if row_key(*k) not in stored]
+        todo = [k for k in keys if k[0] not in stored]
         try:
-            new = _gather(d, _evaluate(args, d, model, dataset, info, corrupted, todo, results))
+            new = _gather(d, _evaluate(args, d, models, dataset, info, corrupted, todo, results))
         except Exception:
             if results is not None:
                 results.discard_empty(d.rank)
@@ -240,9 +256,10 @@ def run(args, load_model) -> int:
         if d.rank == 0:
             rows = [_parse(line) for line in results.merge()] if results is not None else \
                 list(stored.values()) + new
-            data = (dataset, corrupted)
-            _report(args, info, names, sev, rows, baseline and _baseline_result(args, baseline, names, sev, info, d,
-                                                                                  data), results, final)
+            mine = [r for r in rows if r["key"] < BASELINE_KEYS]
+            base = baseline and _baseline_result(args, baseline, [r for r in rows if r["key"] >= BASELINE_KEYS],
+                                                 names, sev)
+            _report(args, info, names, sev, mine, base, results, final)
     return 0
 
 
@@ -271,8 +288,9 @@ def _read_baseline(path):
     return obj
 
 
-def _baseline_result(args, baseline, names, sev, info, d, data):
-    """The baseline's result: read, or (a checkpoint) evaluated here like the model, without --mean/--std."""
+def _baseline_result(args, baseline, rows, names, sev):
+    """The baseline's result: read, or (a checkpoint) summarized from its rows (evaluated like the model's,
+    without --mean/--std)."""
     if not isinstance(baseline, tuple):
         mine = {"data": args.data, "split": args.split, "max_samples": args.n, "seed": args.seed}
         for key, value in mine.items():
@@ -281,13 +299,9 @@ def _baseline_result(args, baseline, names, sev, info, d, data):
                       f"{baseline[key]!r}, this run with {value!r}: the mCE compares different images",
                       file=sys.stderr)
         return baseline
-    import torch
+    from ..corruptions.evaluation import summarize
 
-    from ..corruptions.evaluation import corruption_accuracy
-
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(input_transform(args, info)[2])
-    return corruption_accuracy(baseline[1].to(d.device), data[0], names, sev, seed=args.seed, batch_size=args.batch_size,
-                               device=d.device, dtype=dtype, corrupted=data[1], n=args.n)
+    return summarize(rows, names, sev)
 
 
 def _report(args, info, names, sev, rows, base, results, final) -> None:
