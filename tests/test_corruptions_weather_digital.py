@@ -156,7 +156,7 @@ def test_spatter_water_layer_against_opencv():
         dist = cv2.equalizeHist(cv2.blur(cv2.threshold(dist, 20, 20, cv2.THRESH_TRUNC)[1], (3, 3)).astype(np.uint8))
         dist = cv2.blur(cv2.filter2D(dist, cv2.CV_8U, np.array(wt.EMBOSS)), (3, 3)).astype(np.float32)
         ref.append(lay * dist / max((lay * dist).max(), 1e-12))
-    ours, ref = wt.water_layer(liquid, 1.0)[:, 0].numpy(), np.stack(ref)
+    ours, ref = wt.water_layer(liquid, 20.0)[:, 0].numpy(), np.stack(ref)
     assert abs(ours.mean() / ref.mean() - 1) <= 0.1 and np.abs(ours - ref).mean() <= 0.3 * ref.mean()
 
 
