@@ -8,7 +8,6 @@ from typing import Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 __all__ = ["border_index", "pad2d", "filter_sep", "gaussian_smooth", "box_blur", "luma", "pil_box_matrix",
            "pil_box_resize", "zoom_matrix", "clipped_zoom", "motion_offsets", "motion_smear"]
