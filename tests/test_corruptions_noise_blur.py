@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import robustops.corruptions as C
-from robustops.corruptions import blur, noise
+from robustops.corruptions import base, blur, noise
 from robustops.data import load_digits
 
 ic = pytest.importorskip("imagecorruptions.corruptions")
@@ -158,9 +158,9 @@ def test_glass_pixel_loop_matches_the_reference():
 
 def test_pixel_width():
     x8, x32, x64 = torch.zeros(1, 1, 8, 8), torch.zeros(1, 1, 32, 32), torch.zeros(1, 1, 64, 64)
-    assert blur.pixel_width(0.4, x32) == 0.4 and blur.pixel_width(0.4, x64) == 0.8
-    assert blur.pixel_width(1.0, x8) == 1.0 and blur.pixel_width(9.0, x8) == 1.5 + 7.5 / 4
-    w = [blur.pixel_width(c, x8) for c in (0.1, 1.5, 2.0, 6.0, 9.0)]
+    assert base.pixel_width(0.4, x32) == 0.4 and base.pixel_width(0.4, x64) == 0.8
+    assert base.pixel_width(1.0, x8) == 1.0 and base.pixel_width(9.0, x8) == 1.5 + 7.5 / 4
+    w = [base.pixel_width(c, x8) for c in (0.1, 1.5, 2.0, 6.0, 9.0)]
     assert w == sorted(w) and min(w) > 0
 
 

@@ -92,6 +92,22 @@ def test_pixelate_and_jpeg_against_pil(images):
         assert diff.mean() <= 2.5 / 255 and diff.max() <= 32 / 255, (s, diff.mean() * 255, diff.max() * 255)
 
 
+def test_quantize_truncates_continuous_outputs_and_rounds_pil_ones(images):
+    # the release stores np.uint8(255 x): a truncation of float outputs, PIL's own rounding for the
+    # corruptions that return a PIL image (jpeg_compression, pixelate)
+    x = images[:4]
+    for name in ("contrast", "jpeg_compression", "pixelate"):
+        raw, q = rc.corrupt(x, name, 3), rc.corrupt(x, name, 3, quantize=True)
+        assert torch.equal(q * 255, torch.round(q * 255)), name
+        floor = torch.floor(raw * 255 + 1e-4) / 255
+        if name in rc.PIL_OUTPUTS:
+            assert torch.equal(q, torch.round(raw * 255) / 255), name
+        else:
+            assert torch.equal(q, floor) and (q <= raw + 1e-6).all(), name
+        if name != "pixelate":   # pixelate is already on the 8-bit grid: both rules agree there
+            assert not torch.equal(torch.round(raw * 255) / 255, floor), name
+
+
 def test_plasma_fractal_equals_the_reference_on_the_same_draws(monkeypatch):
     """imagecorruptions' plasma_fractal (make_cifar_c.py's) fed our sample's uniform draws in order."""
     from imagecorruptions import corruptions as ic
@@ -156,7 +172,7 @@ def test_spatter_water_layer_against_opencv():
         dist = cv2.equalizeHist(cv2.blur(cv2.threshold(dist, 20, 20, cv2.THRESH_TRUNC)[1], (3, 3)).astype(np.uint8))
         dist = cv2.blur(cv2.filter2D(dist, cv2.CV_8U, np.array(wt.EMBOSS)), (3, 3)).astype(np.float32)
         ref.append(lay * dist / max((lay * dist).max(), 1e-12))
-    ours, ref = wt.water_layer(liquid, 1.0)[:, 0].numpy(), np.stack(ref)
+    ours, ref = wt.water_layer(liquid, 20.0)[:, 0].numpy(), np.stack(ref)
     assert abs(ours.mean() / ref.mean() - 1) <= 0.1 and np.abs(ours - ref).mean() <= 0.3 * ref.mean()
 
 

@@ -15,7 +15,11 @@ from .base import ALL, BENCHMARK, EXTRA, FAMILIES, SEVERITIES, SampleRNG, check_
     registered
 
 __all__ = ["corrupt", "ALL", "BENCHMARK", "EXTRA", "FAMILIES", "SEVERITIES", "check_names", "family_of",
-           "available"]
+           "available", "PIL_OUTPUTS"]
+
+#: the corruptions whose make_cifar_c.py function returns a PIL image (already 8-bit, rounded by PIL):
+#: corrupt(quantize=True) rounds them rather than truncating
+PIL_OUTPUTS = ("pixelate", "jpeg_compression")
 
 
 def available() -> tuple:
@@ -31,8 +35,9 @@ def corrupt(x: torch.Tensor, name: str, severity: int, seed: int = 0, indices=No
     x: Tensor[B, C, H, W] (C = 1 or 3) in [0, 1], float32/float16/bfloat16, any device and memory
     format; name: one of ALL; severity: 1..5; seed: the run's seed; indices: the samples' dataset
     indices (Sequence[int] or an int Tensor[B]; None: 0..B-1), which with seed fix each sample's random
-    draws; quantize: truncate to multiples of 1/255 as the released CIFAR-10-C arrays are (make_cifar_c.py
-    stores np.uint8(255 * image), which truncates).
+    draws; quantize: to multiples of 1/255 as the released CIFAR-10-C arrays are: make_cifar_c.py stores
+    np.uint8(255 * image), which truncates continuous outputs, while the corruptions in PIL_OUTPUTS
+    return PIL's 8-bit image (libjpeg's decoder, PIL's resize round), so those are rounded.
     Returns a new tensor of x's shape, dtype, device and memory format."""
     fns = registered()
     if name not in fns:
@@ -49,7 +54,9 @@ def corrupt(x: torch.Tensor, name: str, severity: int, seed: int = 0, indices=No
         raise ValueError(f"indices must have one entry per sample ({B}), got {len(idx)}")
     cl = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     out = fns[name](x.detach().float().contiguous(), s, SampleRNG(seed, name, s, idx, x.device))
-    if quantize:  # the release's np.uint8(...) truncates; the epsilon keeps exact multiples of 1/255 where they are
+    if quantize and name in PIL_OUTPUTS:
+        out = torch.round(out * 255.0) / 255.0
+    elif quantize:  # the release's np.uint8(...) truncates; the epsilon keeps exact multiples of 1/255 where they are
         out = torch.floor(out * 255.0 + 1e-4) / 255.0
     out = out.to(x.dtype)
     return out.contiguous(memory_format=torch.channels_last) if cl else out

@@ -11,9 +11,14 @@ name with :func:`register`:
 - returns float32 Tensor[B, C, H, W] in [0, 1] on x's device.
 
 Parameters: each corruption keeps CIFAR-10-C's per-severity constants (Hendrycks & Dietterich 2019,
-``make_cifar_c.py``, 32 x 32 images) and scales every spatial one (a blur radius, a patch size, a
-displacement in pixels) by :func:`size_scale` = min(H, W) / 32, documented where it is applied; the
-8 x 8 digits thus get a quarter of CIFAR's radii.
+``make_cifar_c.py``, 32 x 32 images). The one size rule: every width in pixels (a blur radius or sigma,
+a displacement, a needle's length) goes through :func:`pixel_width`: c * s with s = :func:`size_scale`
+= min(H, W) / 32 on images of 32 pixels and more; on smaller ones a width of at most ``PIXEL`` = 1.5
+pixels (the 3 x 3 neighbourhood: the finest blur a pixel grid shows) is kept in pixels and a wider one
+shrinks toward 1.5 (1.5 + (c - 1.5) s), never below: scaling CIFAR's sub-pixel sigmas by 1/4 on the
+8 x 8 digits would make them smooth nothing. Constants given as fractions of the image side
+(elastic_transform's) are multiplied by min(H, W); ratios (zoom factors, pixelate's side ratio) are
+not scaled.
 """
 from __future__ import annotations
 
@@ -25,7 +30,7 @@ from .. import _checks
 from .._rng import derive_seed, resolve_seed
 
 __all__ = ["BENCHMARK", "EXTRA", "ALL", "FAMILIES", "SEVERITIES", "register", "registered", "family_of",
-           "SampleRNG", "size_scale", "check_severity", "check_names", "corruption_key"]
+           "SampleRNG", "size_scale", "PIXEL", "pixel_width", "check_severity", "check_names", "corruption_key"]
 
 #: the 15 benchmark corruptions of CIFAR-10-C / ImageNet-C, in the papers' order
 BENCHMARK = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur",
@@ -104,9 +109,24 @@ def corruption_key(seed: int, name: str, severity: int) -> int:
     return derive_seed(derive_seed(seed, 1 + ALL.index(name)), severity)
 
 
-def size_scale(x: torch.Tensor) -> float:
-    """min(H, W) / 32: the factor by which the spatial constants of CIFAR-10-C (32 x 32) are scaled."""
-    return min(int(x.shape[-2]), int(x.shape[-1])) / 32.0
+def size_scale(x) -> float:
+    """min(H, W) / 32 of x (a Tensor[..., H, W] or an (H, W) size): the factor by which the spatial
+    constants of CIFAR-10-C (32 x 32) are scaled."""
+    shape = tuple(x.shape) if isinstance(x, torch.Tensor) else tuple(x)
+    return min(int(shape[-2]), int(shape[-1])) / 32.0
+
+
+#: widths up to this many pixels are not shrunk on images under 32 pixels (see pixel_width)
+PIXEL = 1.5
+
+
+def pixel_width(c: float, x) -> float:
+    """A CIFAR-10-C width c (pixels of a 32 x 32 image) for x's size (x: a Tensor or (H, W), as for
+    size_scale), the size rule: c * s when s = size_scale(x) >= 1; below, min(c, PIXEL + (c - PIXEL) s):
+    widths up to PIXEL stay, wider ones shrink toward PIXEL. Increasing in c, continuous in s, and c
+    itself at 32 pixels."""
+    s = size_scale(x)
+    return c * s if s >= 1.0 else min(c, PIXEL + (c - PIXEL) * s)
 
 
 class SampleRNG:

@@ -2,31 +2,27 @@
 constants (Hendrycks & Dietterich 2019, ``make_cifar_c.py``; the ImageNet-C values of the
 ``imagecorruptions`` package are quoted beside each table, and the tests swap them in to compare).
 
-The size rule (``base``) for widths in pixels is :func:`pixel_width`: on images of 32 pixels and more a
-width c becomes c * s (s = min(H, W) / 32); on smaller ones a width of at most ``PIXEL`` = 1.5 pixels
-(the 3 x 3 neighbourhood: the finest blur a pixel grid shows) is kept in pixels and a wider one shrinks
-toward 1.5 (1.5 + (c - 1.5) * s), never below. CIFAR-10-C's defocus, glass and Gaussian blurs are
-already at that pixel scale (radii 0.3-1.5, sigmas 0.05-1, moves of 1 pixel), so the 8 x 8 digits get
-them unchanged: scaling them by 1/4 would make every severity invisible (a Gaussian of sigma 0.1 moves
-e^-50 of a pixel's mass); motion blur's longer kernels do shrink. Zoom factors are ratios, not widths.
+The size rule is base's :func:`~robustops.corruptions.base.pixel_width`: CIFAR-10-C's defocus, glass and
+Gaussian blurs are at the pixel scale (radii 0.3-1.5, sigmas 0.05-1, moves of 1 pixel), so the 8 x 8
+digits get them unchanged: scaling them by 1/4 would make every severity invisible (a Gaussian of sigma
+0.1 moves e^-50 of a pixel's mass); motion blur's longer kernels do shrink. Zoom factors are ratios, not
+widths. The Gaussian filter, the motion kernel and the zoom are imaging's (one implementation each).
 """
 from __future__ import annotations
 
 import math
-from typing import Sequence, Tuple
+from typing import Sequence
 
 import kornia.filters as KF
 import numpy as np
 import torch
 
-from .base import SampleRNG, register, size_scale
+from .base import SampleRNG, pixel_width, register, size_scale
+from .imaging import clipped_zoom, gaussian_smooth, motion_smear
 
-__all__ = ["PIXEL", "DEFOCUS_BLUR", "GLASS_BLUR", "MOTION_BLUR", "ZOOM_BLUR", "GAUSSIAN_BLUR", "pixel_width",
-           "gaussian_filter", "disk_kernel", "glass_sources", "motion_offsets", "zoom_matrix", "zoom_factors", "defocus_blur",
-           "glass_blur", "motion_blur", "zoom_blur", "gaussian_blur"]
+__all__ = ["DEFOCUS_BLUR", "GLASS_BLUR", "MOTION_BLUR", "ZOOM_BLUR", "GAUSSIAN_BLUR", "disk_kernel", "glass_sources",
+           "zoom_factors", "defocus_blur", "glass_blur", "motion_blur", "zoom_blur", "gaussian_blur"]
 
-#: widths up to this many pixels are not shrunk on images under 32 pixels (see pixel_width)
-PIXEL = 1.5
 #: (disk radius, anti-aliasing sigma) per severity (CIFAR-10-C; ImageNet-C: (3, .1), (4, .5), (6, .5),
 #: (8, .5), (10, .5))
 DEFOCUS_BLUR = ((0.3, 0.4), (0.4, 0.5), (0.5, 0.6), (1.0, 0.2), (1.5, 0.1))
@@ -41,33 +37,6 @@ MOTION_BLUR = ((6, 1.0), (6, 1.5), (6, 2.0), (8, 2.0), (9, 2.5))
 ZOOM_BLUR = ((1, 1.06, 0.01), (1, 1.11, 0.01), (1, 1.16, 0.01), (1, 1.21, 0.01), (1, 1.26, 0.01))
 #: sigma per severity (CIFAR-10-C; ImageNet-C: 1, 2, 3, 4, 6)
 GAUSSIAN_BLUR = (0.4, 0.6, 0.7, 0.8, 1.0)
-
-
-def pixel_width(c: float, x: torch.Tensor) -> float:
-    """A CIFAR-10-C width c (pixels of a 32 x 32 image) for x's size: c * s when s = size_scale(x) >= 1;
-    below, min(c, PIXEL + (c - PIXEL) * s): widths up to PIXEL stay, wider ones shrink toward PIXEL.
-    Increasing in c, continuous in s, and c itself at 32 pixels."""
-    s = size_scale(x)
-    return c * s if s >= 1.0 else min(c, PIXEL + (c - PIXEL) * s)
-
-
-def _gaussian_taps(sigma: float, device) -> torch.Tensor:
-    # scipy.ndimage.gaussian_filter's kernel: radius int(4 sigma + 0.5) (truncate=4), then normalised
-    radius = int(4.0 * sigma + 0.5)
-    return KF.get_gaussian_kernel1d(2 * radius + 1, sigma, device=device, dtype=torch.float32)
-
-
-def gaussian_filter(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """x (Tensor[B, C, H, W]) blurred per channel as scikit-image's ``filters.gaussian(x, sigma,
-    channel_axis=-1)`` does: scipy's kernel truncated at 4 sigma, edges replicated ('nearest')."""
-    k = _gaussian_taps(sigma, x.device).reshape(-1).tolist()
-    r = len(k) // 2
-    H, W = x.shape[-2:]
-    # shifted adds rather than kornia's filter2d_separable: the same taps, ~4x faster on the CPU, where
-    # torch's one-channel conv2d is slow for these short kernels
-    y = torch.nn.functional.pad(x, (r, r, r, r), mode="replicate")
-    y = sum(w * y[..., i:i + H, :] for i, w in enumerate(k))
-    return sum(w * y[..., i:i + W] for i, w in enumerate(k))
 
 
 def disk_kernel(radius: float, alias_blur: float) -> torch.Tensor:
@@ -132,11 +101,11 @@ def glass_sources(moves: np.ndarray, H: int, W: int, delta: int) -> np.ndarray:
 
 @register("glass_blur")
 def glass_blur(x: torch.Tensor, severity: int, rng: SampleRNG) -> torch.Tensor:
-    """make_cifar_c.py's glass blur: v = floor(255 gaussian_filter(x, sigma)) / 255 (its np.uint8
+    """make_cifar_c.py's glass blur: v = floor(255 gaussian_smooth(x, sigma)) / 255 (its np.uint8
     truncation, 1e-3 of a level allowed for rounding error), then ``passes`` sweeps of the pixel loop
     (:func:`glass_sources`: each visited pixel copies the one (dx, dy) away, dx, dy uniform integers in
     [-delta, delta): numpy's randint excludes delta, so moves lean up and left as in the release), then
-    clip(gaussian_filter(., sigma), 0, 1). (sigma, delta, passes) = GLASS_BLUR[severity - 1]; sigma
+    clip(gaussian_smooth(., sigma), 0, 1). (sigma, delta, passes) = GLASS_BLUR[severity - 1]; sigma
     through pixel_width, delta = max(1, round(pixel_width(delta))), passes unchanged.
 
     Batched: the moves are drawn per sample on its generator (shape [passes, P, 2]); the sequential
@@ -149,76 +118,25 @@ def glass_blur(x: torch.Tensor, severity: int, rng: SampleRNG) -> torch.Tensor:
     sigma = pixel_width(sigma, x)
     delta = max(1, int(round(pixel_width(delta, x))))
     B, C, H, W = x.shape
-    v = torch.floor(gaussian_filter(x, sigma).clamp_(0.0, 1.0) * 255.0 + 1e-3) / 255.0
+    v = torch.floor(gaussian_smooth(x, sigma).clamp_(0.0, 1.0) * 255.0 + 1e-3) / 255.0
     P = max(H - 2 * delta, 0) * max(W - 2 * delta, 0)
     moves = torch.stack([torch.randint(-delta, delta, (passes, P, 2), generator=rng.generator(b))
                          for b in range(B)]).numpy()
     src = torch.from_numpy(glass_sources(moves, H, W, delta)).to(x.device)
     v = v.reshape(B, C, H * W).gather(2, src[:, None].expand(B, C, H * W)).reshape(B, C, H, W)
-    return gaussian_filter(v, sigma).clamp_(0.0, 1.0)
-
-
-def motion_offsets(radius: float, sigma: float, angle: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """ImageMagick's MotionBlurImage kernel (what make_cifar_c.py calls through Wand): width
-    T = 2 ceil(radius) + 1 taps, weights exp(-i^2 / (2 sigma^2)) normalised (i = 0..T-1: one-sided,
-    the blur trails from the pixel), tap i read at (row, col) offset (ceil(i sin a - 0.5),
-    ceil(i cos a - 0.5)) for the angle a in degrees. angle: Tensor[B]. Returns (weights Tensor[T],
-    offsets int64 Tensor[B, T, 2])."""
-    T = 2 * int(math.ceil(radius)) + 1
-    i = torch.arange(T, dtype=torch.float64)
-    w = torch.exp(-i ** 2 / (2.0 * sigma ** 2))
-    a = torch.deg2rad(angle.detach().cpu().double())[:, None]
-    off = torch.stack([torch.ceil(i * torch.sin(a) - 0.5), torch.ceil(i * torch.cos(a) - 0.5)], dim=-1)
-    return (w / w.sum()).float(), off.long()
+    return gaussian_smooth(v, sigma).clamp_(0.0, 1.0)
 
 
 @register("motion_blur")
 def motion_blur(x: torch.Tensor, severity: int, rng: SampleRNG) -> torch.Tensor:
-    """sum_i w_i x[y + dy_i, x + dx_i] with :func:`motion_offsets`, edges replicated (ImageMagick's edge
-    virtual pixels; the ``imagecorruptions`` replica's shift), clipped to [0, 1]; the angle is uniform
-    in [-45, 45) degrees per sample. (radius, sigma) = MOTION_BLUR[severity - 1], both through
-    pixel_width (8 x 8: radius 2.6-3.4, sigma 1-1.75). Differences: the output is not rounded to 8
-    bits (Wand's PNG round trip is); the replica's early stop when a tap leaves the image (which drops
-    the remaining weight) is not copied: such taps read the edge, as ImageMagick does. CIFAR's
-    severities 3 and 4 differ only by taps of weight < 0.3%."""
+    """imaging.motion_smear (ImageMagick's one-sided kernel; a tap outside the image reads the edge, as
+    ImageMagick's edge virtual pixels do, not the ``imagecorruptions`` replica's early stop), clipped to
+    [0, 1]; the angle is uniform in [-45, 45) degrees per sample. (radius, sigma) = MOTION_BLUR[severity
+    - 1], both through pixel_width (8 x 8: radius 2.6-3.4, sigma 1-1.75). The output is not rounded to 8
+    bits (Wand's PNG round trip is). CIFAR's severities 3 and 4 differ only by taps of weight < 0.3%."""
     radius, sigma = MOTION_BLUR[severity - 1]
-    w, off = motion_offsets(pixel_width(radius, x), pixel_width(sigma, x), rng.uniform(low=-45.0, high=45.0))
-    B, C, H, W = x.shape
-    off = off.to(x.device)
-    rows = torch.arange(H, device=x.device)
-    cols = torch.arange(W, device=x.device)
-    flat = x.reshape(B, C, H * W)
-    out = torch.zeros_like(flat)
-    for i in range(w.numel()):
-        r = (rows[None, :] + off[:, i, :1]).clamp_(0, H - 1)
-        c = (cols[None, :] + off[:, i, 1:]).clamp_(0, W - 1)
-        idx = (r[:, :, None] * W + c[:, None, :]).reshape(B, 1, H * W).expand(B, C, H * W)
-        out += float(w[i]) * flat.gather(2, idx)
-    return out.reshape(B, C, H, W).clamp_(0.0, 1.0)
-
-
-def zoom_matrix(n: int, z: float, exact: bool) -> torch.Tensor:
-    """Tensor[n, n]: row o holds the linear-interpolation weights of output o of one axis zoomed by z
-    about the centre. exact: make_cifar_c.py's ``clipped_zoom`` — crop ch = ceil(n / z) from
-    top = (n - ch) // 2, ``scipy.ndimage.zoom(order=1)`` to out = round(ch z) samples (input
-    coordinate o (ch - 1) / (out - 1)), keep out[trim:trim + n], trim = (out - n) // 2. Otherwise the
-    continuous zoom, coordinate (n - 1) / 2 + (o - (n - 1) / 2) / z."""
-    o = np.arange(n, dtype=np.float64)
-    if exact:
-        ch = int(math.ceil(n / z))
-        out = int(round(ch * z))
-        top, trim = (n - ch) // 2, (out - n) // 2
-        coord = top + (o + trim) * ((ch - 1) / (out - 1) if out > 1 else 0.0)
-    else:
-        coord = (n - 1) / 2 + (o - (n - 1) / 2) / z
-    coord = np.clip(coord, 0.0, n - 1)
-    i0 = np.minimum(np.floor(coord).astype(np.int64), n - 1)
-    f = coord - i0
-    m = np.zeros((n, n))
-    m[np.arange(n), i0] += 1.0 - f
-    i1 = np.minimum(i0 + 1, n - 1)
-    m[np.arange(n), i1] += f
-    return torch.from_numpy(m).float()
+    angle = rng.uniform(low=-45.0, high=45.0)
+    return motion_smear(x, pixel_width(radius, x), pixel_width(sigma, x), angle).clamp_(0.0, 1.0)
 
 
 def zoom_factors(severity: int) -> Sequence[float]:
@@ -229,23 +147,21 @@ def zoom_factors(severity: int) -> Sequence[float]:
 @register("zoom_blur")
 def zoom_blur(x: torch.Tensor, severity: int, rng: SampleRNG) -> torch.Tensor:
     """clip((x + sum_z zoom_z(x)) / (len(factors) + 1), 0, 1) over :func:`zoom_factors` (centre zooms,
-    each separable: zoom_matrix(H) x zoom_matrix(W)^T per channel). Deterministic. On images of 32
-    pixels and more the reference's geometry (whole-pixel crop, ``zoom_matrix(exact=True)``); under 32
+    imaging.clipped_zoom). Deterministic. On images of 32
+    pixels and more the reference's geometry (whole-pixel crop, ``exact=True``); under 32
     the continuous zoom, since the whole-pixel crop of an 8-pixel side is the identity for every factor
     under 8/7 (severities 1-2) and off centre above."""
-    B, C, H, W = x.shape
     exact = size_scale(x) >= 1.0
     out = x.clone()
     factors = zoom_factors(severity)
     for z in factors:
-        ry = zoom_matrix(H, z, exact).to(x.device)
-        rx = zoom_matrix(W, z, exact).to(x.device)
-        out += ry @ x @ rx.T     # dense: BLAS beats two-tap index_selects (~2.5x on the CPU)
+        out += clipped_zoom(x, z, exact)
     return (out / (len(factors) + 1)).clamp_(0.0, 1.0)
 
 
 @register("gaussian_blur")
 def gaussian_blur(x: torch.Tensor, severity: int, rng: SampleRNG) -> torch.Tensor:
-    """clip(gaussian_filter(x, sigma), 0, 1), sigma = pixel_width(GAUSSIAN_BLUR[severity - 1])
+    """clip(imaging.gaussian_smooth(x, sigma), 0, 1) (scipy's kernel truncated at 4 sigma, edges
+    replicated, as skimage's filters.gaussian), sigma = pixel_width(GAUSSIAN_BLUR[severity - 1])
     (unchanged under 32 pixels). Deterministic."""
-    return gaussian_filter(x, pixel_width(GAUSSIAN_BLUR[severity - 1], x)).clamp_(0.0, 1.0)
+    return gaussian_smooth(x, pixel_width(GAUSSIAN_BLUR[severity - 1], x)).clamp_(0.0, 1.0)

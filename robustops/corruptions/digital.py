@@ -80,7 +80,10 @@ def pixelate(x: torch.Tensor, severity: int, rng: SampleRNG) -> torch.Tensor:
     """make_cifar_c.py's pixelate: PIL BOX resize to int(side * c) (c = PIXELATE[severity - 1], a ratio,
     so no size scaling), then PIL BOX resize back, each pass rounded to 8 bits as PIL does on uint8
     images (equal to PIL's output on 8-bit inputs up to 1/255: PIL's fixed-point weights).
-    imagecorruptions (ImageNet-C) resizes back with NEAREST instead."""
+    imagecorruptions (ImageNet-C) resizes back with NEAREST instead. The int() of the release is kept on
+    small images, so severities can coincide there: on the 8 x 8 digits int(8 c) = 7, 7, 6, 6, 5, i.e.
+    severities 1 and 2 are the same corruption, as are 3 and 4 (on 32 x 32: 30, 28, 27, 24, 20, all
+    distinct)."""
     H, W = x.shape[-2:]
     c = PIXELATE[severity - 1]
     small = pil_box_resize(x, (max(1, int(H * c)), max(1, int(W * c))))
