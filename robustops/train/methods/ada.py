@@ -239,7 +239,7 @@ class AdA(Method):
         out = x
         if keep < n:
             perm = torch.randperm(n, generator=torch.Generator().manual_seed(_rng.derive_seed(seed, 0)))
-            idx = perm[keep:].to(x.device)
+            idx = perm[keep:].to(x.device, non_blocking=True)
             out = x.clone()
             out[idx] = self.corrupt(x[idx], y[idx], _rng.derive_seed(seed, 1)).to(x.dtype)
             out = self.ctx.fmt(out)
