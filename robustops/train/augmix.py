@@ -61,8 +61,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["OPS", "AFFINE_OPS", "MODES", "AugMixDraw", "draw", "apply_ops", "chains", "mix", "augmix",
-           "js_consistency", "check_settings"]
+from .registry import Hyper
+
+__all__ = ["OPS", "AFFINE_OPS", "MODES", "AUGMIX_HYPERS", "AugMixDraw", "draw", "apply_ops", "chains", "mix",
+           "augmix", "js_consistency", "check_settings", "check_hypers"]
 
 #: The paper's operations (none overlaps a test corruption), in the reference's order.
 OPS = ("autocontrast", "equalize", "posterize", "rotate", "solarize", "shear_x", "shear_y", "translate_x",
@@ -71,6 +73,19 @@ AFFINE_OPS = ("rotate", "shear_x", "shear_y", "translate_x", "translate_y")
 #: How the chains' mixture is combined with the image: AugMix's convex combination, a box, or either.
 MODES = ("linear", "mask", "random")
 MAX_DEPTH = 3  # depth -1: uniform in {1, 2, 3}, as in the paper
+
+#: AugMix's settings as hyperparameters (--augmix-width/-depth/-severity/-alpha), shared by the methods that
+#: augment with it (augrmix, and ada with --ada-augmix); the defaults are AugMix's CIFAR settings.
+AUGMIX_HYPERS = (
+    Hyper("augmix_width", 3, "AugMix (augrmix; ada with --ada-augmix): number of augmentation chains k", kind="int",
+          minimum=1),
+    Hyper("augmix_depth", -1, "AugMix (augrmix; ada with --ada-augmix): operations per chain (-1: random 1..3)",
+          kind="int", minimum=-1),
+    Hyper("augmix_severity", 3.0, "AugMix (augrmix; ada with --ada-augmix): operation level, out of 10", minimum=0.1,
+          strict=True, maximum=10.0),
+    Hyper("augmix_alpha", 1.0, "AugMix (augrmix; ada with --ada-augmix): Dirichlet / Beta parameter of the mixing "
+          "weights", minimum=0.0, strict=True),
+)
 
 
 @dataclass
@@ -91,22 +106,31 @@ class AugMixDraw:
     op_names: Sequence[str] = OPS
 
 
-def check_settings(severity, width, depth, alpha, mode="linear", ops: Sequence[str] = OPS) -> None:
-    """ValueError naming the argument for a setting AugMix cannot take."""
+def check_settings(severity, width, depth, alpha, mode="linear", ops: Sequence[str] = OPS,
+                   prefix: str = "") -> None:
+    """ValueError naming the argument (after ``prefix``) for a setting AugMix cannot take."""
     if not isinstance(severity, (int, float)) or isinstance(severity, bool) or not 0.1 < severity <= 10:
-        raise ValueError(f"severity (AugMix's operation level, out of 10) must be in (0.1, 10], got {severity!r}")
+        raise ValueError(f"{prefix}severity (AugMix's operation level, out of 10) must be in (0.1, 10], "
+                         f"got {severity!r}")
     if not isinstance(width, int) or isinstance(width, bool) or width < 1:
-        raise ValueError(f"width (AugMix's number of chains) must be an int >= 1, got {width!r}")
+        raise ValueError(f"{prefix}width (AugMix's number of chains) must be an int >= 1, got {width!r}")
     if not isinstance(depth, int) or isinstance(depth, bool) or not (depth == -1 or depth >= 1):
-        raise ValueError(f"depth (operations per AugMix chain) must be -1 (random 1..3) or an int >= 1, got {depth!r}")
+        raise ValueError(f"{prefix}depth (operations per AugMix chain) must be -1 (random 1..3) or an int >= 1, "
+                         f"got {depth!r}")
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not alpha > 0 or not math.isfinite(alpha):
-        raise ValueError(f"alpha (AugMix's Dirichlet / Beta parameter) must be a finite number > 0, got {alpha!r}")
+        raise ValueError(f"{prefix}alpha (AugMix's Dirichlet / Beta parameter) must be a finite number > 0, "
+                         f"got {alpha!r}")
     if mode not in MODES:
         raise ValueError(f"mode (how AugMix mixes the chains into the image) must be one of {', '.join(MODES)}; "
                          f"got {mode!r}")
     bad = [o for o in ops if o not in OPS]
     if not ops or bad:
         raise ValueError(f"ops must be a non-empty subset of {', '.join(OPS)}; got {list(ops)!r}")
+
+
+def check_hypers(cfg) -> None:
+    """ValueError naming the --augmix-* setting of a run config (:data:`AUGMIX_HYPERS`) AugMix cannot take."""
+    check_settings(cfg.augmix_severity, cfg.augmix_width, cfg.augmix_depth, cfg.augmix_alpha, prefix="augmix_")
 
 
 def draw(batch: int, generator: torch.Generator, severity: float = 3, width: int = 3, depth: int = -1,

@@ -50,26 +50,16 @@ import torch.nn.functional as F
 from .. import augmix as am
 from ..registry import Hyper, Method, register
 
-__all__ = ["AugRmixAT", "AUGMIX_HYPERS", "CE_TERMS"]
+__all__ = ["AugRmixAT", "CE_TERMS"]
 
 CE_TERMS = ("all", "clean")
-
-#: AugMix's settings as hyperparameters (shared by the methods that augment with it).
-AUGMIX_HYPERS = (
-    Hyper("augmix_width", 3, "AugMix: number of augmentation chains k", kind="int", minimum=1),
-    Hyper("augmix_depth", -1, "AugMix: operations per chain (-1: random 1..3)", kind="int", minimum=-1),
-    Hyper("augmix_severity", 3.0, "AugMix: operation level, out of 10", minimum=0.1, strict=True, maximum=10.0),
-    Hyper("augmix_alpha", 1.0, "AugMix: Dirichlet / Beta parameter of the mixing weights", minimum=0.0,
-          strict=True),
-)
-
 
 @register
 class AugRmixAT(Method):
     name = "augrmix"
     help = ("AugRmixAT: AugMix chains, random linear / box mixing, PGD on the mixed views, JS consistency "
             "(Liu et al. 2022)")
-    hyper = AUGMIX_HYPERS + (
+    hyper = am.AUGMIX_HYPERS + (
         Hyper("augrmix_mode", "random", "AugRmixAT: mixing of the chains into the image: linear (AugMix), mask "
               "(a box) or random (either, per image)", kind="choice", choices=am.MODES),
         Hyper("augrmix_views", 2, "AugRmixAT: augmented (then attacked) views per image", kind="int", minimum=1),
@@ -81,8 +71,7 @@ class AugRmixAT(Method):
 
     @classmethod
     def check_config(cls, cfg) -> None:
-        if cfg.augmix_depth == 0:
-            raise ValueError("augmix_depth (operations per chain) must be -1 (random 1..3) or >= 1, got 0")
+        am.check_hypers(cfg)
 
     @classmethod
     def label(cls, cfg) -> str:
