@@ -40,19 +40,31 @@ Choices the sources leave open, stated (each a reading, not the paper's text):
 - randomness: the views come from the method's own CPU torch.Generator, seeded once from the run's
   stream and saved in checkpoints (``state_dict``), so a resumed run draws the same views.
 
+``cutmix`` (:mod:`robustops.train.cutmix`): the batch is composed first (as for pgd), its views are
+AugRmix views of the composed images, PGD attacks and the CE term trains on the mixed target
+lam CE(y) + (1 - lam) CE(y[pi]) of every row; the JS term, label-free, is unchanged.
+
 The test corruptions (``robustops.corruptions``) are never used as augmentation here.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .. import augmix as am
+from ..context import mean_ce
+from ..cutmix import MixedTarget
 from ..registry import Hyper, Method, register
 
-__all__ = ["AugRmixAT", "CE_TERMS"]
+__all__ = ["AugRmixAT", "CE_TERMS", "repeat_target"]
 
 CE_TERMS = ("all", "clean")
+
+def repeat_target(y, n: int):
+    """Labels y [B] (or a CutMix MixedTarget) for n view-major copies of the batch: [n * B]."""
+    if isinstance(y, MixedTarget):
+        return MixedTarget(y.y.repeat(n), y.y2.repeat(n), y.lam)
+    return y.repeat(n)
+
 
 @register
 class AugRmixAT(Method):
@@ -67,6 +79,7 @@ class AugRmixAT(Method):
               kind="choice", choices=CE_TERMS),
         Hyper("js_weight", 12.0, "weight lambda of the Jensen-Shannon consistency term", minimum=0.0),
     )
+    options = ("ema", "cutmix")
     budget_schedules = True
 
     @classmethod
@@ -94,25 +107,28 @@ class AugRmixAT(Method):
         eps, alpha = ctx.budget(x, y)
         if torch.is_tensor(eps) and eps.dim() > 0:
             eps, alpha = eps.repeat(n), alpha.repeat(n)
-        return ctx.attack(ctx.fmt(self.views(x)), y.repeat(n), eps, alpha, c.steps, c.norm, c.random_start)
+        return ctx.attack(ctx.fmt(self.views(x)), repeat_target(y, n), eps, alpha, c.steps, c.norm, c.random_start)
 
     def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The loss of logits [(n + 1) * B, C] of [x, v~_1 .. v~_n] (view-major) and labels y [B]."""
+        """The loss of logits [(n + 1) * B, C] of [x, v~_1 .. v~_n] (view-major) and labels y [B] (or a
+        CutMix batch's MixedTarget)."""
         c = self.cfg
-        parts = logits.float().split(y.shape[0])
+        parts = logits.float().split(logits.shape[0] // (c.augrmix_views + 1))
         if c.augrmix_ce == "all":
-            ce = F.cross_entropy(torch.cat(parts), y.repeat(len(parts)))
+            ce = mean_ce(torch.cat(parts), repeat_target(y, len(parts)))
         else:
-            ce = F.cross_entropy(parts[0], y)
+            ce = mean_ce(parts[0], y)
         if c.js_weight == 0:
             return ce
         return ce + c.js_weight * am.js_consistency(parts)
 
     def step(self, x, y):
         ctx = self.ctx
+        if self.cfg.cutmix is not None:  # the composed batch and its mixed target (robustops.train.cutmix)
+            x, y = ctx.cutmix(x, y)
         adv = self.adversarial_views(x, y)
         inputs = ctx.fmt(torch.cat([x, adv]))
-        b = y.shape[0]
+        b = x.shape[0]
 
         def closure(net):
             logits = net(inputs)
