@@ -190,3 +190,15 @@ def test_resume_matches_uninterrupted_and_trains_without_nans(tmp_path):
     strip = lambda h: [{k: v for k, v in r.items() if "time" not in k} for r in h]  # noqa: E731
     assert str(strip(res.history)) == str(strip(ref.history))
     assert all(np.isfinite(r["train_loss"]) and np.isfinite(r["val_loss"]) for r in ref.history)
+
+
+def test_check_hypers_names_the_augmix_flag_for_every_method_using_them():
+    from types import SimpleNamespace
+
+    from robustops.train import registry as reg
+    ok = dict(augmix_severity=3.0, augmix_width=3, augmix_depth=-1, augmix_alpha=1.0)
+    am.check_hypers(SimpleNamespace(**ok))
+    with pytest.raises(ValueError, match="^augmix_depth"):
+        am.check_hypers(SimpleNamespace(**dict(ok, augmix_depth=0)))
+    for name in ("ada", "augrmix"):  # one definition of the --augmix-* hyperparameters, shared
+        assert all(h in reg.get(name).hyper for h in am.AUGMIX_HYPERS), name

@@ -44,3 +44,60 @@ def test_train_command(tmp_path, method):
     for k, v in CONFIG.get(method, {}).items():
         assert s["config"][k] == v, k
     assert os.path.exists(os.path.join(out, "last.pt"))
+
+
+# issue 27: the training methods' own flags through `robustops train`, each recorded in the run's summary
+ISSUE27 = {
+    "ada": (["--ada-nu", "0.05", "--ada-steps", "1", "--ada-step-size", "0.25", "--ada-clean", "0.75",
+             "--ada-augmix", "1", "--ada-js", "6", "--augmix-width", "2", "--augmix-depth", "1"],
+            {"ada_nu": 0.05, "ada_steps": 1, "ada_step_size": 0.25, "ada_clean": 0.75, "ada_augmix": 1,
+             "ada_js": 6.0, "augmix_width": 2, "augmix_depth": 1}),
+    "augrmix": (["--steps", "1", "--augmix-width", "2", "--augmix-depth", "2", "--augmix-severity", "2",
+                 "--augmix-alpha", "0.5", "--augrmix-mode", "mask", "--augrmix-views", "1", "--augrmix-ce", "clean",
+                 "--js-weight", "3"],
+                {"augmix_width": 2, "augmix_depth": 2, "augmix_severity": 2.0, "augmix_alpha": 0.5,
+                 "augrmix_mode": "mask", "augrmix_views": 1, "augrmix_ce": "clean", "js_weight": 3.0}),
+    "rlat": (["--rlat-eps", "0.5", "--rlat-steps", "2", "--rlat-ridge", "0.01", "--rlat-cg", "3"],
+             {"rlat_eps": 0.5, "rlat_steps": 2, "rlat_ridge": 0.01, "rlat_cg": 3}),
+    "gaussian": (["--sigma", "0.2", "--sigma-dist", "uniform:0.3"], {"sigma": 0.2, "sigma_dist": "uniform:0.3"}),
+}
+
+
+@pytest.fixture(scope="module")
+def corruption_net(tmp_path_factory):
+    """A tiny corruption network file (an untrained CorruptionAE, in the checkpoint format of `perturbation
+    train --kind autoencoder`)."""
+    import torch
+
+    from robustops.perturbation import CorruptionAE, save_perturbation_model
+    path = str(tmp_path_factory.mktemp("ae") / "ae.pt")
+    torch.manual_seed(0)
+    save_perturbation_model(path, CorruptionAE(1, 4))
+    return path
+
+
+@pytest.fixture(scope="module")
+def feature_net(tmp_path_factory):
+    """A feature-network file for --rlat-net: a natural one-step run's best.pt."""
+    out = str(tmp_path_factory.mktemp("nat"))
+    assert main(["train", "--data", "digits", "--method", "natural", "--epochs", "1", "--batch-size", "512",
+                 "--test-steps", "0", "--val-size", "64", "-o", out, "--no-progress"]) == 0
+    return os.path.join(out, "best.pt")
+
+
+@pytest.mark.parametrize("method", sorted(ISSUE27))
+def test_issue27_train_command(tmp_path, method, request):
+    flags, expect = ISSUE27[method]
+    if method == "ada":
+        flags = flags + ["--perturbation-model", request.getfixturevalue("corruption_net")]
+    if method == "rlat":
+        flags = flags + ["--rlat-net", request.getfixturevalue("feature_net")]
+        expect = dict(expect, rlat_net=flags[-1])
+    out = str(tmp_path / method)
+    assert main(["train", "--data", "digits", "--method", method, "--epochs", "1", "--batch-size", "2048",
+                 "--test-steps", "0", "--val-size", "32", "-o", out, "--no-progress"] + flags) == 0
+    with open(os.path.join(out, "summary.json")) as fh:
+        s = json.load(fh)
+    assert s["method"] == method and s["epochs_run"] == 1
+    for k, v in expect.items():
+        assert s["config"]["params"][k] == v, k

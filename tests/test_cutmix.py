@@ -121,7 +121,8 @@ def test_loss_is_the_mixed_cross_entropy(digits):
 def test_every_adversarial_method_trains_with_cutmix(digits):
     ld = DataLoader(Subset(digits[0], range(64)), batch_size=32)
     for method, kw in [("pgd", dict(awp=0.01)), ("trades", dict(awp=0.01)), ("fgsm", dict(fgsm_init="previous")),
-                       ("free", dict(m=2)), ("fgsm_sdi", dict(sdi_width=4))]:
+                       ("free", dict(m=2)), ("fgsm_sdi", dict(sdi_width=4)), ("dale", {}),
+                       ("dale_pd", dict(dual_update="batch")), ("augrmix", dict(augrmix_views=1))]:
         res = rt.fit(tiny_cnn(seed=1), ld, method, epochs=1, eps=EPS, steps=2, seed=0, cutmix=1.0, ema=0.9,
                      progress=False, verbose=False, **kw)
         assert "CutMix (alpha=1)" in res.config.label and math.isfinite(res.history[-1]["train_loss"]), method
@@ -183,3 +184,16 @@ def test_cli_flag(tmp_path, capsys):
     assert (args.cutmix, args.ema) == (1.0, 0.999)
     assert main(["train", "--method", "ibp", "--cutmix", "1", "--out", str(tmp_path / "r")]) == 2
     assert "cutmix (CutMix Beta(alpha, alpha)) is an option of the methods" in capsys.readouterr().err
+
+
+def test_dale_objective_and_augrmix_targets_mix_the_two_labels():
+    from robustops.train.methods.augrmix import repeat_target
+    from robustops.train.methods.dale import Dale, log1m_softmax
+
+    logits, y, y2 = torch.randn(6, 10), torch.randint(0, 10, (6,)), torch.randint(0, 10, (6,))
+    tr = rt.Trainer(tiny_cnn(0, width=4), method="dale", epochs=1, steps_per_epoch=1, cutmix=1.0)
+    assert isinstance(tr.method, Dale)
+    want = (0.3 * log1m_softmax(logits, y) + 0.7 * log1m_softmax(logits, y2)) / 6
+    torch.testing.assert_close(tr.method.engine.objective(logits, (y, y2, 0.3)), want)
+    t = repeat_target(MixedTarget(y, y2, 0.3), 2)
+    assert t.lam == 0.3 and torch.equal(t.y, y.repeat(2)) and torch.equal(t.y2, y2.repeat(2))

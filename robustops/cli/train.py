@@ -165,8 +165,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "training: mixed clean and mixed adversarial losses averaged (Lamb et al. 2019)")
     g.add_argument("--cutmix", type=float, default=None, metavar="ALPHA",
                    help="CutMix with lam ~ Beta(ALPHA, ALPHA) per batch: a box of the image from a partner, the "
-                        "mixed label attacked and trained on (pgd, trades, fgsm, free, fgsm_sdi, natural; Rebuffi "
-                        "et al. 2021 use ALPHA 1 with --ema; not with --mixup)")
+                        "mixed label attacked and trained on (pgd, trades, fgsm, free, fgsm_sdi, dale, dale_pd, "
+                        "augrmix, natural; Rebuffi et al. 2021 use ALPHA 1 with --ema; not with --mixup)")
     _add_coreset(p)
     _add_optimisation(p)
     g = p.add_argument_group("validation, checkpoints")

@@ -61,8 +61,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["OPS", "AFFINE_OPS", "MODES", "AugMixDraw", "draw", "apply_ops", "chains", "mix", "augmix",
-           "js_consistency", "check_settings"]
+from .registry import Hyper
+
+__all__ = ["OPS", "AFFINE_OPS", "MODES", "AUGMIX_HYPERS", "AugMixDraw", "draw", "apply_ops", "chains", "mix",
+           "augmix", "js_consistency", "check_settings", "check_hypers"]
 
 #: The paper's operations (none overlaps a test corruption), in the reference's order.
 OPS = ("autocontrast", "equalize", "posterize", "rotate", "solarize", "shear_x", "shear_y", "translate_x",
@@ -71,6 +73,19 @@ AFFINE_OPS = ("rotate", "shear_x", "shear_y", "translate_x", "translate_y")
 #: How the chains' mixture is combined with the image: AugMix's convex combination, a box, or either.
 MODES = ("linear", "mask", "random")
 MAX_DEPTH = 3  # depth -1: uniform in {1, 2, 3}, as in the paper
+
+#: AugMix's settings as hyperparameters (--augmix-width/-depth/-severity/-alpha), shared by the methods that
+#: augment with it (augrmix, and ada with --ada-augmix); the defaults are AugMix's CIFAR settings.
+AUGMIX_HYPERS = (
+    Hyper("augmix_width", 3, "AugMix (augrmix; ada with --ada-augmix): number of augmentation chains k", kind="int",
+          minimum=1),
+    Hyper("augmix_depth", -1, "AugMix (augrmix; ada with --ada-augmix): operations per chain (-1: random 1..3)",
+          kind="int", minimum=-1),
+    Hyper("augmix_severity", 3.0, "AugMix (augrmix; ada with --ada-augmix): operation level, out of 10", minimum=0.1,
+          strict=True, maximum=10.0),
+    Hyper("augmix_alpha", 1.0, "AugMix (augrmix; ada with --ada-augmix): Dirichlet / Beta parameter of the mixing "
+          "weights", minimum=0.0, strict=True),
+)
 
 
 @dataclass
@@ -91,22 +106,31 @@ class AugMixDraw:
     op_names: Sequence[str] = OPS
 
 
-def check_settings(severity, width, depth, alpha, mode="linear", ops: Sequence[str] = OPS) -> None:
-    """ValueError naming the argument for a setting AugMix cannot take."""
+def check_settings(severity, width, depth, alpha, mode="linear", ops: Sequence[str] = OPS,
+                   prefix: str = "") -> None:
+    """ValueError naming the argument (after ``prefix``) for a setting AugMix cannot take."""
     if not isinstance(severity, (int, float)) or isinstance(severity, bool) or not 0.1 < severity <= 10:
-        raise ValueError(f"severity (AugMix's operation level, out of 10) must be in (0.1, 10], got {severity!r}")
+        raise ValueError(f"{prefix}severity (AugMix's operation level, out of 10) must be in (0.1, 10], "
+                         f"got {severity!r}")
     if not isinstance(width, int) or isinstance(width, bool) or width < 1:
-        raise ValueError(f"width (AugMix's number of chains) must be an int >= 1, got {width!r}")
+        raise ValueError(f"{prefix}width (AugMix's number of chains) must be an int >= 1, got {width!r}")
     if not isinstance(depth, int) or isinstance(depth, bool) or not (depth == -1 or depth >= 1):
-        raise ValueError(f"depth (operations per AugMix chain) must be -1 (random 1..3) or an int >= 1, got {depth!r}")
+        raise ValueError(f"{prefix}depth (operations per AugMix chain) must be -1 (random 1..3) or an int >= 1, "
+                         f"got {depth!r}")
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not alpha > 0 or not math.isfinite(alpha):
-        raise ValueError(f"alpha (AugMix's Dirichlet / Beta parameter) must be a finite number > 0, got {alpha!r}")
+        raise ValueError(f"{prefix}alpha (AugMix's Dirichlet / Beta parameter) must be a finite number > 0, "
+                         f"got {alpha!r}")
     if mode not in MODES:
         raise ValueError(f"mode (how AugMix mixes the chains into the image) must be one of {', '.join(MODES)}; "
                          f"got {mode!r}")
     bad = [o for o in ops if o not in OPS]
     if not ops or bad:
         raise ValueError(f"ops must be a non-empty subset of {', '.join(OPS)}; got {list(ops)!r}")
+
+
+def check_hypers(cfg) -> None:
+    """ValueError naming the --augmix-* setting of a run config (:data:`AUGMIX_HYPERS`) AugMix cannot take."""
+    check_settings(cfg.augmix_severity, cfg.augmix_width, cfg.augmix_depth, cfg.augmix_alpha, prefix="augmix_")
 
 
 def draw(batch: int, generator: torch.Generator, severity: float = 3, width: int = 3, depth: int = -1,
@@ -156,62 +180,118 @@ def _autocontrast(x: torch.Tensor) -> torch.Tensor:
     return torch.where(span > 0, (x - lo) / span.clamp_min(1e-12), x)
 
 
-def _point_op(name: str, x: torch.Tensor, levels: np.ndarray) -> torch.Tensor:
+class _Upload:
+    """Host arrays queued for a device: every int64 array in one copy and every float32 array in another,
+    non-blocking (from pinned memory on CUDA), instead of one blocking copy per array."""
+
+    def __init__(self):
+        self.arrays = {np.int64: [], np.float32: []}
+
+    def add(self, a, dtype=np.float32) -> tuple:
+        """Queue a (cast to dtype); the returned key finds its device tensor in :meth:`send`'s result."""
+        queue = self.arrays[dtype]
+        queue.append(np.ascontiguousarray(a, dtype=dtype))
+        return dtype, len(queue) - 1
+
+    def send(self, device) -> dict:
+        """{key: device tensor} of every queued array (at most two host-to-device copies)."""
+        out = {}
+        for dtype, queue in self.arrays.items():
+            if not queue:
+                continue
+            flat = torch.from_numpy(np.concatenate([a.ravel() for a in queue]))
+            if torch.device(device).type == "cuda":
+                flat = flat.pin_memory()
+            flat = flat.to(device, non_blocking=True)
+            start = 0
+            for i, a in enumerate(queue):
+                out[dtype, i] = flat[start:start + a.size].view(a.shape)
+                start += a.size
+        return out
+
+
+def _point_param(name: str, levels: np.ndarray, up: _Upload):
+    """The queued parameter of a point op at these levels (None for the parameter-free ones)."""
+    if name == "posterize":
+        return up.add(4 - (levels * 4 / 10).astype(np.int64), np.int64)
+    if name == "solarize":  # PIL inverts 8-bit values i >= t, i.e. floats i/255 >= t/255 (t = 256: none)
+        return up.add((256 - (levels * 256 / 10).astype(np.int64)) / 255.0)
+    return None
+
+
+def _point_op(name: str, x: torch.Tensor, param) -> torch.Tensor:
     if name == "autocontrast":
         return _autocontrast(x)
     if name == "equalize":
         return kornia.enhance.equalize(x)
     if name == "posterize":
-        bits = 4 - (levels * 4 / 10).astype(np.int64)
-        return kornia.enhance.posterize(x, torch.from_numpy(bits).to(x.device))
-    # solarize: PIL inverts 8-bit values i >= t, i.e. floats i/255 >= t/255 (t = 256: none)
-    thr = (256 - (levels * 256 / 10).astype(np.int64)) / 255.0
-    return kornia.enhance.solarize(x, torch.from_numpy(thr).to(x.device, x.dtype))
+        return kornia.enhance.posterize(x, param)
+    return kornia.enhance.solarize(x, param.to(x.dtype))
+
+
+def _plan_ops(op_names, levels, signs, h: int, w: int, up: _Upload) -> list:
+    """The host side of :func:`apply_ops`: [(op, index key, parameter key)], the arrays queued in up."""
+    levels, signs = np.asarray(levels, dtype=np.float64), np.asarray(signs, dtype=np.float64)
+    names = np.asarray(op_names)
+    plan = []
+    geo = np.flatnonzero(np.isin(names, AFFINE_OPS))
+    if geo.size:
+        mats = _affine_matrices(names[geo], levels[geo], signs[geo], h, w).numpy()
+        plan.append(("affine", up.add(geo, np.int64), up.add(mats)))
+    for name in OPS:
+        sel = np.flatnonzero(names == name)
+        if sel.size and name not in AFFINE_OPS:
+            plan.append((name, up.add(sel, np.int64), _point_param(name, levels[sel], up)))
+    return plan
+
+
+def _run_ops(x: torch.Tensor, plan: list, dev: dict) -> torch.Tensor:
+    """The device side of :func:`apply_ops`: plan's ops on x with its tensors already on x's device."""
+    out = x.clone()
+    h, w = x.shape[-2:]
+    for name, idx_key, param_key in plan:
+        idx = dev[idx_key]
+        part = x.index_select(0, idx)
+        if name == "affine":
+            res = kornia.geometry.transform.warp_affine(part, dev[param_key], (h, w), mode="bilinear",
+                                                        padding_mode="zeros", align_corners=True)
+        else:
+            res = _point_op(name, part, None if param_key is None else dev[param_key])
+        out.index_copy_(0, idx, res.to(out.dtype))
+    return out.clamp_(0.0, 1.0)
 
 
 def apply_ops(x: torch.Tensor, op_names: Sequence[str], levels, signs) -> torch.Tensor:
     """x [N, C, H, W] with op_names[n] applied to image n at levels[n] (sign signs[n] for the geometric
     ones): each point op on its images in one call, all geometric ops in one warp_affine."""
-    levels, signs = np.asarray(levels, dtype=np.float64), np.asarray(signs, dtype=np.float64)
-    names = np.asarray(op_names)
-    out = x.clone()
-    h, w = x.shape[-2:]
-    geo = np.flatnonzero(np.isin(names, AFFINE_OPS))
-    if geo.size:
-        idx = torch.from_numpy(geo).to(x.device)
-        mats = _affine_matrices(names[geo], levels[geo], signs[geo], h, w).to(x.device)
-        warped = kornia.geometry.transform.warp_affine(x.index_select(0, idx), mats, (h, w), mode="bilinear",
-                                                       padding_mode="zeros", align_corners=True)
-        out.index_copy_(0, idx, warped.to(out.dtype))
-    for name in OPS:
-        if name in AFFINE_OPS:
-            continue
-        sel = np.flatnonzero(names == name)
-        if sel.size:
-            idx = torch.from_numpy(sel).to(x.device)
-            out.index_copy_(0, idx, _point_op(name, x.index_select(0, idx), levels[sel]).to(out.dtype))
-    return out.clamp_(0.0, 1.0)
+    up = _Upload()
+    plan = _plan_ops(op_names, levels, signs, x.shape[-2], x.shape[-1], up)
+    return _run_ops(x, plan, up.send(x.device))
 
 
 def chains(x: torch.Tensor, d: AugMixDraw) -> torch.Tensor:
     """The k augmentation chains of each image: [B, k, C, H, W], chain i of image b = its active ops applied
-    in order to x[b]."""
+    in order to x[b]. Every step's indices and parameters are built on the host first and reach the device
+    in at most two non-blocking copies."""
     b, k, steps = d.ops.shape
     imgs = x.float().unsqueeze(1).expand(b, k, *x.shape[1:]).reshape(b * k, *x.shape[1:])
     ops, levels = d.ops.reshape(b * k, steps), d.levels.reshape(b * k, steps)
     signs, active = d.signs.reshape(b * k, steps), d.active.reshape(b * k, steps)
     names = np.asarray(d.op_names)
+    up, plans = _Upload(), []
     for s in range(steps):
         run = np.flatnonzero(active[:, s])
-        if run.size == 0:
-            continue
-        idx = torch.from_numpy(run).to(x.device)
-        stepped = apply_ops(imgs.index_select(0, idx), names[ops[run, s]], levels[run, s], signs[run, s])
-        imgs = imgs.index_copy(0, idx, stepped)
+        if run.size:
+            plans.append((up.add(run, np.int64), _plan_ops(names[ops[run, s]], levels[run, s], signs[run, s],
+                                                           x.shape[-2], x.shape[-1], up)))
+    dev = up.send(x.device)
+    for run_key, plan in plans:
+        idx = dev[run_key]
+        imgs = imgs.index_copy(0, idx, _run_ops(imgs.index_select(0, idx), plan, dev))
     return imgs.reshape(b, k, *x.shape[1:])
 
 
-def _box_masks(d: AugMixDraw, h: int, w: int, device) -> torch.Tensor:
+def _box_masks(d: AugMixDraw, h: int, w: int) -> np.ndarray:
     """[B, 1, H, W] masks: 1 inside image b's box when it is mixed by mask, else all m_b (the linear weight)."""
     out = np.empty((len(d.m), 1, h, w), dtype=np.float32)
     for b, (m, masked, (cy, cx)) in enumerate(zip(d.m, d.masked, d.position)):
@@ -222,15 +302,18 @@ def _box_masks(d: AugMixDraw, h: int, w: int, device) -> torch.Tensor:
         y0, x0 = int(cy * (h - ch + 1)), int(cx * (w - cw + 1))  # uniform over the boxes that fit
         out[b] = 0.0
         out[b, :, y0:y0 + ch, x0:x0 + cw] = 1.0
-    return torch.from_numpy(out).to(device)
+    return out
 
 
 def mix(x: torch.Tensor, chain_images: torch.Tensor, d: AugMixDraw) -> torch.Tensor:
-    """x_mix = (1 - M) x + M sum_i w_i chain_i(x), M = m (linear) or image b's box (mask), in x's dtype."""
-    w = torch.from_numpy(d.weights).to(x.device, torch.float32)
+    """x_mix = (1 - M) x + M sum_i w_i chain_i(x), M = m (linear) or image b's box (mask), in x's dtype
+    (the weights and masks reach the device in one non-blocking copy)."""
+    up = _Upload()
+    w_key, m_key = up.add(d.weights), up.add(_box_masks(d, x.shape[-2], x.shape[-1]))
+    dev = up.send(x.device)
+    w = dev[w_key]
     mixture = (w.view(*w.shape, 1, 1, 1) * chain_images).sum(1)
-    weight = _box_masks(d, x.shape[-2], x.shape[-1], x.device)
-    return torch.lerp(x.float(), mixture, weight).clamp_(0.0, 1.0).to(x.dtype)
+    return torch.lerp(x.float(), mixture, dev[m_key]).clamp_(0.0, 1.0).to(x.dtype)
 
 
 def augmix(x: torch.Tensor, generator: torch.Generator, severity: float = 3, width: int = 3, depth: int = -1,

@@ -35,7 +35,7 @@ import torch.nn as nn
 from ..models import load_model
 
 __all__ = ["feature_modules", "normalize_tensor", "spatial_average", "lpips_distance", "capture_features",
-           "perturb_outputs", "PerceptualDistance", "load_feature_net"]
+           "perturb_outputs", "PerceptualDistance", "check_feature_file", "load_feature_net"]
 
 #: what the lpips package adds to the channel norm (``lpips.normalize_tensor``'s eps)
 NORM_EPS = 1e-10
@@ -146,13 +146,19 @@ class PerceptualDistance(nn.Module):
         return lpips_distance(self.features(x0), self.features(x1), self.weights)
 
 
+def check_feature_file(path, what: str = "rlat_net") -> None:
+    """ValueError naming ``what`` when path is not an existing file (the check :func:`load_feature_net`
+    makes, for a config check before any loading)."""
+    if not isinstance(path, (str, os.PathLike)) or not os.path.isfile(path):
+        raise ValueError(f"{what}: no feature-network file at {path!r} (expected a model file, e.g. the "
+                         f"best.pt of a natural `robustops train` run)")
+
+
 def load_feature_net(path, device=None, what: str = "rlat_net") -> nn.Module:
     """The network of a model file (:func:`robustops.models.load_model`: a robustops checkpoint, a
     state dict with its name, TorchScript, ...) on ``device``, frozen and in eval mode. A missing or
     unreadable file is a ValueError naming ``what``."""
-    if not isinstance(path, (str, os.PathLike)) or not os.path.isfile(path):
-        raise ValueError(f"{what}: no feature-network file at {path!r} (expected a model file, e.g. the "
-                         f"best.pt of a natural `robustops train` run)")
+    check_feature_file(path, what)
     try:
         net = load_model(os.fspath(path))
     except (ValueError, RuntimeError, KeyError, OSError) as e:

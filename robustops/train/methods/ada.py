@@ -44,9 +44,10 @@ AugMix's own training scheme (Hendrycks et al. 2020, its Eq. for L_JSD) with AdA
     L = CE(f(x_a), y) + lambda JS(p(x_a), p(v_1), ..., p(v_n)),     lambda = ``ada_js`` (AugMix's 12)
 
 so a clean sample gets plain AugMix (its views AugMix(x)) and an AdA sample the AugMix views of its AdA
-example (the JS term ties the AdA output to its AugMix views). Stated choices: the chains are AugMix's
-CIFAR defaults (:func:`robustops.train.augmix.augmix`: width 3, depth 1..3, severity 3, alpha 1, linear
-mixing; its operations overlap no test corruption); the AdA examples are computed once, on x_a's AdA
+example (the JS term ties the AdA output to its AugMix views). Stated choices: the chains are
+:func:`robustops.train.augmix.augmix` at the --augmix-width/-depth/-severity/-alpha settings (shared with
+augrmix; by default AugMix's CIFAR ones, width 3, depth 1..3, severity 3, alpha 1), linear mixing; its
+operations overlap no test corruption; the AdA examples are computed once, on x_a's AdA
 part, not per view (AdA's cost unchanged); one forward of [x_a, v_1 .. v_n] (as AugMix's reference; batch
 norm sees the whole); JS is :func:`~robustops.train.augmix.js_consistency` (AugMix's, in float32); the
 logged training accuracy is that of x_a. The views come from the method's own CPU torch.Generator, seeded
@@ -186,7 +187,7 @@ class AdA(Method):
              Hyper("ada_augmix", 0, "ada's AugMix views of each training input, with a JS consistency term "
                    "(0: off; AugMix uses 2)", kind="int", minimum=0),
              Hyper("ada_js", 12.0, "ada's weight lambda of the JS consistency term (with --ada-augmix)",
-                   minimum=0.0))
+                   minimum=0.0)) + am.AUGMIX_HYPERS
     select = "clean_acc"
     adversarial = False
     val_metrics = ("ada_acc",)
@@ -203,6 +204,7 @@ class AdA(Method):
     @classmethod
     def check_config(cls, cfg) -> None:
         _check_network(cfg)
+        am.check_hypers(cfg)
 
     def __init__(self, ctx):
         super().__init__(ctx)
@@ -239,13 +241,15 @@ class AdA(Method):
         out = x
         if keep < n:
             perm = torch.randperm(n, generator=torch.Generator().manual_seed(_rng.derive_seed(seed, 0)))
-            idx = perm[keep:].to(x.device)
+            idx = perm[keep:].to(x.device, non_blocking=True)
             out = x.clone()
             out[idx] = self.corrupt(x[idx], y[idx], _rng.derive_seed(seed, 1)).to(x.dtype)
             out = self.ctx.fmt(out)
         if not self.cfg.ada_augmix:
             return out
-        views = [am.augmix(out, self.generator) for _ in range(self.cfg.ada_augmix)]
+        c = self.cfg
+        views = [am.augmix(out, self.generator, c.augmix_severity, c.augmix_width, c.augmix_depth, c.augmix_alpha)
+                 for _ in range(c.ada_augmix)]
         return self.ctx.fmt(torch.cat([out] + [v.to(out.dtype) for v in views]))
 
     def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -40,28 +40,30 @@ Choices the sources leave open, stated (each a reading, not the paper's text):
 - randomness: the views come from the method's own CPU torch.Generator, seeded once from the run's
   stream and saved in checkpoints (``state_dict``), so a resumed run draws the same views.
 
+``cutmix`` (:mod:`robustops.train.cutmix`): the batch is composed first (as for pgd), its views are
+AugRmix views of the composed images, PGD attacks and the CE term trains on the mixed target
+lam CE(y) + (1 - lam) CE(y[pi]) of every row; the JS term, label-free, is unchanged.
+
 The test corruptions (``robustops.corruptions``) are never used as augmentation here.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .. import augmix as am
+from ..context import mean_ce
+from ..cutmix import MixedTarget
 from ..registry import Hyper, Method, register
 
-__all__ = ["AugRmixAT", "AUGMIX_HYPERS", "CE_TERMS"]
+__all__ = ["AugRmixAT", "CE_TERMS", "repeat_target"]
 
 CE_TERMS = ("all", "clean")
 
-#: AugMix's settings as hyperparameters (shared by the methods that augment with it).
-AUGMIX_HYPERS = (
-    Hyper("augmix_width", 3, "AugMix: number of augmentation chains k", kind="int", minimum=1),
-    Hyper("augmix_depth", -1, "AugMix: operations per chain (-1: random 1..3)", kind="int", minimum=-1),
-    Hyper("augmix_severity", 3.0, "AugMix: operation level, out of 10", minimum=0.1, strict=True, maximum=10.0),
-    Hyper("augmix_alpha", 1.0, "AugMix: Dirichlet / Beta parameter of the mixing weights", minimum=0.0,
-          strict=True),
-)
+def repeat_target(y, n: int):
+    """Labels y [B] (or a CutMix MixedTarget) for n view-major copies of the batch: [n * B]."""
+    if isinstance(y, MixedTarget):
+        return MixedTarget(y.y.repeat(n), y.y2.repeat(n), y.lam)
+    return y.repeat(n)
 
 
 @register
@@ -69,7 +71,7 @@ class AugRmixAT(Method):
     name = "augrmix"
     help = ("AugRmixAT: AugMix chains, random linear / box mixing, PGD on the mixed views, JS consistency "
             "(Liu et al. 2022)")
-    hyper = AUGMIX_HYPERS + (
+    hyper = am.AUGMIX_HYPERS + (
         Hyper("augrmix_mode", "random", "AugRmixAT: mixing of the chains into the image: linear (AugMix), mask "
               "(a box) or random (either, per image)", kind="choice", choices=am.MODES),
         Hyper("augrmix_views", 2, "AugRmixAT: augmented (then attacked) views per image", kind="int", minimum=1),
@@ -77,12 +79,12 @@ class AugRmixAT(Method):
               kind="choice", choices=CE_TERMS),
         Hyper("js_weight", 12.0, "weight lambda of the Jensen-Shannon consistency term", minimum=0.0),
     )
+    options = ("ema", "cutmix")
     budget_schedules = True
 
     @classmethod
     def check_config(cls, cfg) -> None:
-        if cfg.augmix_depth == 0:
-            raise ValueError("augmix_depth (operations per chain) must be -1 (random 1..3) or >= 1, got 0")
+        am.check_hypers(cfg)
 
     @classmethod
     def label(cls, cfg) -> str:
@@ -105,25 +107,28 @@ class AugRmixAT(Method):
         eps, alpha = ctx.budget(x, y)
         if torch.is_tensor(eps) and eps.dim() > 0:
             eps, alpha = eps.repeat(n), alpha.repeat(n)
-        return ctx.attack(ctx.fmt(self.views(x)), y.repeat(n), eps, alpha, c.steps, c.norm, c.random_start)
+        return ctx.attack(ctx.fmt(self.views(x)), repeat_target(y, n), eps, alpha, c.steps, c.norm, c.random_start)
 
     def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The loss of logits [(n + 1) * B, C] of [x, v~_1 .. v~_n] (view-major) and labels y [B]."""
+        """The loss of logits [(n + 1) * B, C] of [x, v~_1 .. v~_n] (view-major) and labels y [B] (or a
+        CutMix batch's MixedTarget)."""
         c = self.cfg
-        parts = logits.float().split(y.shape[0])
+        parts = logits.float().split(logits.shape[0] // (c.augrmix_views + 1))
         if c.augrmix_ce == "all":
-            ce = F.cross_entropy(torch.cat(parts), y.repeat(len(parts)))
+            ce = mean_ce(torch.cat(parts), repeat_target(y, len(parts)))
         else:
-            ce = F.cross_entropy(parts[0], y)
+            ce = mean_ce(parts[0], y)
         if c.js_weight == 0:
             return ce
         return ce + c.js_weight * am.js_consistency(parts)
 
     def step(self, x, y):
         ctx = self.ctx
+        if self.cfg.cutmix is not None:  # the composed batch and its mixed target (robustops.train.cutmix)
+            x, y = ctx.cutmix(x, y)
         adv = self.adversarial_views(x, y)
         inputs = ctx.fmt(torch.cat([x, adv]))
-        b = y.shape[0]
+        b = x.shape[0]
 
         def closure(net):
             logits = net(inputs)

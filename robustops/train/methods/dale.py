@@ -82,6 +82,9 @@ Choices the sources leave open, or where this code departs from [A]:
   ``langevin_form gaussian`` is [A]'s primal-dual form and, with ``langevin_gradient unsigned``, [P]'s.
 - defaults: nu 0.1 for dale ([A]'s ``l_dale_nu``), 1.0 as dale_pd's initial value ([A]); [P] starts at 0
   (``--nu 0``). Margin rho 0.1 and dual step eta_nu 0.001 ([A]'s MNIST values, per minibatch).
+- ``cutmix`` (Rebuffi et al. 2021, :mod:`robustops.train.cutmix`): the batch is composed first, as for
+  pgd; the chain ascends the lam-weighted mixture of its objective at the two labels, and the robust and
+  clean terms (the clean one driving the dual step) are the mixed cross-entropies of the composed batch.
 - distributed: the clean loss that drives the dual step is averaged over the processes (one all-reduce of
   a scalar, no host sync), so nu stays the same on every process.
 
@@ -98,6 +101,7 @@ import torch.nn.functional as F
 
 from ... import _rng, ops
 from ...attacks.engine import batch_view_shape, memory_format
+from ..context import mean_ce
 from ..registry import Hyper, Method, register, require_linf
 
 __all__ = ["Dale", "DalePD", "LangevinStep", "log1m_softmax", "OBJECTIVES", "GRADIENTS", "DUAL_UPDATES"]
@@ -117,7 +121,12 @@ def log1m_softmax(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def _batch_mean(fn):
     # Per-sample values / B: the engine ascends their sum, i.e. the batch mean (the paper code's scale).
+    # A CutMix batch's mixed target (the engine's rows of it: a plain tuple (y, y2, lam)): the
+    # lam-weighted mixture of the two labels' objectives, as the mixed cross-entropy.
     def objective(logits, y):
+        if isinstance(y, tuple):
+            y1, y2, lam = y
+            return (lam * fn(logits, y1) + (1.0 - lam) * fn(logits, y2)) / logits.shape[0]
         return fn(logits, y) / logits.shape[0]
     return objective
 
@@ -191,6 +200,7 @@ class Dale(Method):
     name = "dale"
     help = "DALE: hybrid Langevin AT, robust CE + nu * clean CE (Robey et al. 2021)"
     hyper = (Hyper("nu", 0.1, _NU_HELP, minimum=0.0, flags=NU_FLAGS),) + _LANGEVIN
+    options = ("ema", "cutmix")
     log_metrics = ("clean_loss",)
     budget_schedules = True
 
@@ -240,17 +250,20 @@ class Dale(Method):
 
     def step(self, x, y):
         ctx = self.ctx
+        if self.cfg.cutmix is not None:  # the composed batch and its mixed target (robustops.train.cutmix)
+            x, y = ctx.cutmix(x, y)
         x_adv = self.perturb(x, y)
+
         def closure(net):
             logits, logits_adv = net(x, x_adv)
-            clean = F.cross_entropy(logits.float(), y)
-            robust = F.cross_entropy(logits_adv.float(), y)
+            clean = mean_ce(logits.float(), y)
+            robust = mean_ce(logits_adv.float(), y)
             return robust + self.nu * clean, (robust, clean, logits_adv)
 
         _, (robust, clean, logits_adv) = ctx.update(closure)
         clean = clean.detach()
-        self._clean_sum += clean.double() * y.shape[0]
-        self._seen += y.shape[0]
+        self._clean_sum += clean.double() * x.shape[0]
+        self._seen += x.shape[0]
         self.dual_step(clean)
         return ctx.stats(robust, logits_adv, y)
 

@@ -43,6 +43,13 @@ def noise_copies(default: int) -> Hyper:
     return Hyper("noise_copies", default, NOISE_COPIES_HELP, kind="int", minimum=1)
 
 
+def draw_noise(x: torch.Tensor, m: int, sigma: float, seed: int) -> torch.Tensor:
+    """m noise vectors sigma * N(0, I) per sample of x, as a contiguous float32 Tensor[B, m, ...]: one
+    ``ops.gaussian_noise`` call on zeros (so that the noise alone is kept, to add to any iterate)."""
+    z = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    return ops.gaussian_noise(z, m, sigma, seed=seed).view(x.shape[0], m, *x.shape[1:])
+
+
 def parse_sigma_dist(spec) -> Optional[float]:
     """The MAX of a "uniform:MAX" spelling (a finite float > 0), None for "fixed"; otherwise a
     ValueError naming sigma_dist and the expected spelling."""
@@ -90,17 +97,21 @@ class Gaussian(SmoothingMethod):
         top = parse_sigma_dist(cfg.sigma_dist)
         return f"Gaussian noise (sigma={cfg.sigma:g})" if top is None else f"Gaussian noise (sigma~U(0,{top:g}))"
 
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self.sigma_top = parse_sigma_dist(self.cfg.sigma_dist)  # None: fixed sigma
+
     def step(self, x, y):
         c, ctx = self.cfg, self.ctx
-        top = parse_sigma_dist(c.sigma_dist)
-        if top is not None:
-            return ctx.natural_step(ctx.fmt(self.uniform_noise(x, top)), y)
+        if self.sigma_top is not None:
+            return ctx.natural_step(ctx.fmt(self.uniform_noise(x, self.sigma_top)), y)
         xn = ctx.fmt(ops.gaussian_noise(x, 1, c.sigma, seed=ctx.seed())) if c.sigma > 0 else x
         return ctx.natural_step(xn, y)
 
     def uniform_noise(self, x: torch.Tensor, top: float) -> torch.Tensor:
         """x + sigma_i * N(0, I) with sigma_i ~ U(0, top) per sample (two seeds of the run's stream)."""
         gen = torch.Generator().manual_seed(self.ctx.seed())
-        sigma = (torch.rand(x.shape[0], generator=gen, dtype=torch.float64) * top).to(x.device, x.dtype)
-        unit = ops.gaussian_noise(torch.zeros_like(x), 1, 1.0, seed=self.ctx.seed())
+        sigma = torch.rand(x.shape[0], generator=gen, dtype=torch.float64) * top
+        sigma = sigma.to(x.dtype).to(x.device, non_blocking=True)
+        unit = draw_noise(x, 1, 1.0, self.ctx.seed()).view(x.shape).to(x.dtype)
         return x + sigma.view(-1, *([1] * (x.dim() - 1))) * unit

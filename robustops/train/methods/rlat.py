@@ -49,7 +49,6 @@ not its method; with a linear feature network and enough CG steps it is the exac
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import List, Optional
 
 import torch
@@ -57,7 +56,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ... import ops
-from ..perceptual import PerceptualDistance, feature_modules, load_feature_net, perturb_outputs
+from ..perceptual import (PerceptualDistance, check_feature_file, feature_modules, load_feature_net,
+                          perturb_outputs)
 from ..registry import Hyper, Method, register
 
 __all__ = ["RLAT", "layer_radii", "relaxed_perturbations", "linearised_lpips_step"]
@@ -70,10 +70,6 @@ def layer_radii(eps: float, sizes: List[int]) -> List[float]:
     """eps_l = eps * (sizes[l] / sizes[0]) / (l + 1): the per-layer L2 radii of the authors' default
     policy; sizes[0] is the input's per-sample size."""
     return [eps * (d / sizes[0]) / (i + 1) for i, d in enumerate(sizes)]
-
-
-def _per_sample_norm(t: torch.Tensor) -> torch.Tensor:
-    return t.flatten(1).norm(dim=1).clamp_min(TINY).view(-1, *([1] * (t.dim() - 1)))
 
 
 def relaxed_perturbations(forward: nn.Module, modules, x, y, eps: float, steps: int, lo: float, hi: float,
@@ -137,7 +133,8 @@ def linearised_lpips_step(metric: PerceptualDistance, x: torch.Tensor, grad: tor
 class RLAT(Method):
     name = "rlat"
     help = "relaxed LPIPS adversarial training: one normalised step on every layer's features (Kireev et al. 2022)"
-    hyper = (Hyper("rlat_eps", 0.08, "RLAT radius: the input's L2 radius, eps_l = eps d_l / d_0 / (l + 1) per layer",
+    hyper = (Hyper("rlat_eps", 0.08, "RLAT radius: the input's L2 radius, eps_l = eps d_l / d_0 / (l + 1) per layer; "
+                   "with --rlat-net a sqrt-LPIPS radius (the linearised ball d(x, x + delta) <= eps^2)",
                    minimum=0.0, strict=True),
              Hyper("rlat_steps", 1, "RLAT normalised ascent steps (the paper: 1)", kind="int", minimum=1),
              Hyper("rlat_net", None, "frozen feature network file for RLAT's LPIPS ball (default: the classifier's "
@@ -151,9 +148,8 @@ class RLAT(Method):
 
     @classmethod
     def check_config(cls, cfg) -> None:
-        if cfg.rlat_net is not None and not os.path.isfile(cfg.rlat_net):
-            raise ValueError(f"rlat_net: no feature-network file at {cfg.rlat_net!r} (expected a model file, e.g. "
-                             f"the best.pt of a natural `robustops train` run)")
+        if cfg.rlat_net is not None:
+            check_feature_file(cfg.rlat_net)
 
     @classmethod
     def label(cls, cfg) -> str:

@@ -46,10 +46,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ... import ops
 from ...attacks.engine import Engine
 from ..registry import Hyper, register
-from .gaussian import SIGMA, SmoothingMethod, noise_copies
+from .gaussian import SIGMA, SmoothingMethod, draw_noise, noise_copies
 
 __all__ = ["SmoothAdv", "smoothed_nll", "draw_noise", "add_noise"]
 
@@ -62,13 +61,6 @@ def smoothed_nll(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     m = logp.shape[1]
     lp_y = logp.gather(2, y.view(B, 1, 1).expand(B, m, 1)).squeeze(2)  # [B, m]
     return math.log(m) - torch.logsumexp(lp_y, dim=1)
-
-
-def draw_noise(x: torch.Tensor, m: int, sigma: float, seed: int) -> torch.Tensor:
-    """m noise vectors sigma * N(0, I) per sample of x, as a contiguous float32 Tensor[B, m, ...]: one
-    ``ops.gaussian_noise`` call on zeros (so that the noise alone is kept, to add to any iterate)."""
-    z = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-    return ops.gaussian_noise(z, m, sigma, seed=seed).view(x.shape[0], m, *x.shape[1:])
 
 
 def add_noise(x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
