@@ -59,9 +59,29 @@ def test_demo_corruptions_targets():
     (["--corruption-sigma", "0"], "--corruption-sigma must be in (0, 1)"),
     (["--corruption-eps", "1.5"], "--corruption-eps must be in (0, 1)"),
     (["--corruption-ae-epochs", "0"], "--corruption-ae-epochs must be >= 1"),
+    (["--corruption-rlat-eps", "0"], "--corruption-rlat-eps must be a finite number > 0"),
 ])
 def test_demo_corruptions_flags(tmp_path, capsys, flags, msg):
     from robustops.cli import main
 
     assert main(["demo", "--section", "corruptions", "--out", str(tmp_path), *flags]) == 2
     assert msg in capsys.readouterr().err
+
+
+def test_demo_corruptions_ada_and_uniform_rows(tmp_path, capsys):
+    """The ada row (its CorruptionAE trained in the demo) and the uniform-sigma row (the spec filled from
+    --corruption-sigma) with every section flag given; without a natural row the clean target is n/a."""
+    from robustops.cli import main
+
+    out = tmp_path / "demo"
+    rc = main(["demo", "--section", "corruptions", "--out", str(out), "--epochs", "1", "--val-size", "64",
+               "--corruption-rows", "ada,gaussian+uniform,pgd+small", "--corruption-ae-epochs", "1",
+               "--corruption-sigma", "0.1", "--corruption-eps", "0.03", "--corruption-rlat-eps", "0.02",
+               "--ada-steps", "1", "--steps", "1", "--no-progress", "--jobs", "1"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "Gaussian noise (sigma~U(0,0.1))" in text and "PGD-20 (eps 0.03)" in text
+    assert "target ada: mean corruption accuracy above pgd+small:" in text
+    assert "clean within 2 points of natural: n/a (no natural row)" in text
+    res = json.loads((out / "corruptions" / "results.json").read_text())
+    assert (res["sigma"], res["eps"], res["rlat_eps"]) == (0.1, 0.03, 0.02)
