@@ -15,11 +15,13 @@ from __future__ import annotations
 import math
 from typing import Sequence, Tuple
 
-import kornia.filters as KF
 import numpy as np
 import torch
 
+from .._checks import LazyModule
 from .base import SampleRNG, register, size_scale
+
+KF = LazyModule("kornia.filters", "the blur corruptions (gaussian, glass, defocus blur)")  # imported at first use
 
 __all__ = ["PIXEL", "DEFOCUS_BLUR", "GLASS_BLUR", "MOTION_BLUR", "ZOOM_BLUR", "GAUSSIAN_BLUR", "pixel_width",
            "gaussian_filter", "disk_kernel", "glass_sources", "motion_offsets", "zoom_matrix", "zoom_factors", "defocus_blur",
