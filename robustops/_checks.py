@@ -167,11 +167,13 @@ class LazyModule:
     so importing the module that holds it never needs the package."""
 
     def __init__(self, name: str, feature: str):
-        self.__dict__.update(_name=name, _feature=feature, _module=None)
+        self._name, self._feature, self._module = name, feature, None
 
     def __getattr__(self, attr: str):
+        if attr.startswith("__") or attr in ("_name", "_feature", "_module"):  # copy / pickle probes
+            raise AttributeError(attr)
         if self._module is None:
-            self.__dict__["_module"] = optional_import(self._name, self._feature)
+            self._module = optional_import(self._name, self._feature)
         return getattr(self._module, attr)
 
     def __repr__(self) -> str:
