@@ -38,7 +38,7 @@ PYTEST_ARGS ?=
 PYTEST_WORKERS ?= 2
 PYTEST_XDIST := $(if $(filter-out 0,$(PYTEST_WORKERS)),-n $(PYTEST_WORKERS) --dist loadgroup)
 
-.PHONY: all setup build cmake wheel wheel-check test fuzz demo bench clean
+.PHONY: all setup build cmake wheel wheel-check test fuzz demo bench gpu-wheels clean
 
 all: build
 
@@ -120,6 +120,14 @@ demo: build
 
 bench: build
 	$(PYTHON) benchmarks/bench_pgd_step.py
+
+# kornia (the blur, spatter and JPEG corruptions, AugMix's ops) for the GPU machine, which has no internet:
+# its Python 3.12 wheels in gpu-wheels/ (gitignored), carried there; benchmarks/gpu_session.sh installs them.
+gpu-wheels:
+	mkdir -p gpu-wheels
+	python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -d gpu-wheels \
+	  kornia==0.9.0 kornia-rs==0.2.0
+	ls -l gpu-wheels
 
 clean:
 	rm -rf build dist robustops/_C*.so *.egg-info

@@ -42,6 +42,22 @@ fi
 python3 -c "import robustops; print(robustops.build_info())" | tee -a "$OUT/gpu.txt"
 
 # ------------------------------------------------------------------------------------ tests
+# kornia (the blur, spatter and JPEG corruptions, AugMix's ops) is not on the machine, which has no
+# internet: `make gpu-wheels` downloads its wheels and the device call carries gpu-wheels/. Without them
+# the tests needing kornia skip, and so do those corruptions in the CPU = CUDA tests.
+if ls gpu-wheels/*.whl > /dev/null 2>&1; then
+  t0=$SECONDS
+  if python3 -m pip install --no-deps gpu-wheels/*.whl > "$OUT/gpu-wheels.log" 2>&1; then
+    note wheels "pip install gpu-wheels/*.whl" PASS $((SECONDS - t0))
+  else
+    note wheels "pip install gpu-wheels/*.whl" "FAIL (see gpu-wheels.log; kornia tests skip)" $((SECONDS - t0))
+  fi
+else
+  note wheels "gpu-wheels/*.whl" "SKIP (none: make gpu-wheels, carry gpu-wheels)" 0
+fi
+python3 -c "import kornia; print('kornia', kornia.__version__)" 2>&1 | tail -1 | tee -a "$OUT/gpu.txt"
+
+# -m cuda: every CUDA-marked test, the corruptions' CPU = CUDA tests (tests/test_corruptions_*.py) included
 t0=$SECONDS
 tests=(-m cuda)
 [ "${FULL_TESTS:-0}" = 1 ] && tests=()
@@ -72,6 +88,7 @@ NOT_BIG="not 2_31 and not fullgraph and not compile"
 OPS=(tests/test_pgd_ops.py tests/test_pgd_paths.py tests/test_smoothing_ops.py tests/test_smoothing_rows.py tests/test_kernel_numerics.py)
 GRAPHS=(tests/test_attacks.py tests/test_smoothing.py tests/test_smoothing_pass.py tests/test_graph_capture.py)
 ENGINE=(tests/test_sequential.py tests/test_langevin.py)
+CORRUPT=(tests/test_corruptions_noise_blur.py tests/test_corruptions_weather_digital.py)
 
 # sanitize TOOL LABEL CAP K-EXPRESSION FILE...: one sanitizer run of the CUDA tests selected.
 sanitize() {
@@ -116,6 +133,8 @@ for tool in memcheck racecheck initcheck; do
   # test_langevin's 165 CUDA cases: float32 in every shape, and every dtype in channels_last
   sanitize "$tool" "sequential engine, langevin" 60 "not (dtype1 or dtype2) or channels_last" "${ENGINE[@]}"
 done
+# the corruptions' CPU = CUDA tests: torch's kernels only (racecheck / initcheck look at robustops' own)
+sanitize memcheck "corruptions (CPU = CUDA)" 90 "cpu_equals_cuda" "${CORRUPT[@]}"
 
 # ------------------------------------------------------------------------------- benchmarks
 # bench CAP LABEL SCRIPT [ARGS...]: one benchmark, appended to bench.log.
@@ -148,6 +167,8 @@ if [ "${BENCH:-1}" != 0 ]; then
   done
   # sequential vs fixed-n CERTIFY (ResNet-110, random weights): samples saved, wall time, refill efficiency
   bench 400 "bench_certify.py --sequential-only" benchmarks/bench_certify.py --sequential-only
+  # every corruption batched on the CPU and the GPU (the imagecorruptions column empty there: not installed)
+  bench 120 "corruptions.py --quick --device cuda" benchmarks/corruptions.py --quick --device cuda
   # bench_bounds.py (run by the loop above): its STACKED_CONV line decides bounds.STACKED_CONV["cuda"]
   grep -hE "^(STACKED_CONV\[|target IBP|target radius)" "$OUT/bench.log" | tee -a "$OUT/gpu.txt"
   cp benchmarks/results/*.csv "$OUT/" 2> /dev/null || true

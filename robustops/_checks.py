@@ -6,12 +6,14 @@ label check; the attacks, training, smoothing and the CLI all use these.
 from __future__ import annotations
 
 import math
+import importlib
 from typing import Optional, Union
 
 import torch
 
 __all__ = ["is_int", "is_number", "check_int", "check_number", "check_probability", "autocast_dtype",
-           "AUTOCAST_NAMES", "check_sample_param", "sample_param_on", "check_labels"]
+           "AUTOCAST_NAMES", "check_sample_param", "sample_param_on", "check_labels", "OPTIONAL_PINS",
+           "optional_import", "LazyModule"]
 
 #: Accepted spellings of an autocast dtype; None means no autocast (float32).
 AUTOCAST_NAMES = {None: None, "none": None, "fp32": None, "float32": None, torch.float32: None,
@@ -142,3 +144,37 @@ def check_labels(labels, B: int, device, name: str = "labels") -> torch.Tensor:
     if labels.dim() != 1 or labels.shape[0] != B:
         raise ValueError(f"{name} must be a Tensor[B] with B = {B} (one per input), got shape {list(labels.shape)}")
     return labels.to(device=device, dtype=torch.int64)
+
+
+#: The pip requirement named when an optional package is missing (its top-level name -> requirement).
+OPTIONAL_PINS = {"kornia": "kornia==0.9.0"}
+
+
+def optional_import(name: str, feature: str):
+    """The module ``name`` (e.g. "kornia.filters"), imported now; an ImportError naming ``feature`` (what
+    needs it) and the pip command that installs it when the package is missing."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        top = name.split(".")[0]
+        raise ImportError(f"{feature} needs {top}: pip install {OPTIONAL_PINS.get(top, top)} "
+                          f"(importing {name!r} failed: {e})") from e
+
+
+class LazyModule:
+    """A stand-in for an optional module, bound at module level in place of ``import name``: its first
+    attribute read imports it through :func:`optional_import` (so its ImportError names ``feature``),
+    so importing the module that holds it never needs the package."""
+
+    def __init__(self, name: str, feature: str):
+        self._name, self._feature, self._module = name, feature, None
+
+    def __getattr__(self, attr: str):
+        if attr.startswith("__") or attr in ("_name", "_feature", "_module"):  # copy / pickle probes
+            raise AttributeError(attr)
+        if self._module is None:
+            self._module = optional_import(self._name, self._feature)
+        return getattr(self._module, attr)
+
+    def __repr__(self) -> str:
+        return f"LazyModule({self._name!r}, loaded={self._module is not None})"

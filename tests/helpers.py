@@ -3,6 +3,7 @@ with tests/ on sys.path, which pytest's rootdir-relative import mode provides)."
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import math
 import os
 import statistics
@@ -16,6 +17,36 @@ from robustops.cli.demo_autoattack import round_input as RoundInput  # noqa: F40
 from robustops.models import SmallCNN
 
 _CACHE = {}
+
+
+def has_module(name: str) -> bool:
+    """Whether the top-level package ``name`` can be imported (one hidden as sys.modules[name] = None
+    counts as absent)."""
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def needs(*names: str):
+    """A skipif marker for one test (or one parameter): it needs these optional packages (a reference
+    library, or kornia for the ops computed with it)."""
+    missing = [n for n in names if not has_module(n)]
+    return pytest.mark.skipif(bool(missing), reason=f"needs {', '.join(missing)} (not installed)")
+
+
+#: The corruptions computed with kornia: robustops.corruptions raises ImportError for them without it.
+KORNIA_CORRUPTIONS = frozenset({"defocus_blur", "spatter", "jpeg_compression"})
+
+
+def corruption_params(names):
+    """names as pytest parameters, those in KORNIA_CORRUPTIONS marked needs("kornia")."""
+    return [pytest.param(n, marks=needs("kornia")) if n in KORNIA_CORRUPTIONS else n for n in names]
+
+
+def without_kornia(names):
+    """names less KORNIA_CORRUPTIONS where kornia is absent (a test looping over corruptions)."""
+    return [n for n in names if has_module("kornia") or n not in KORNIA_CORRUPTIONS]
 
 
 def train_digits_model(epochs: int = 5, seed: int = 0, batch_size: int = 64, lr: float = 2e-3,

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from helpers import CrashingLoader, Interrupt, one_thread, resume_matches_uninterrupted, tiny_cnn  # noqa: F401 (one_thread: autouse)
+from helpers import CrashingLoader, Interrupt, needs, one_thread, resume_matches_uninterrupted, tiny_cnn  # noqa: F401 (one_thread: autouse)
 from torch.utils.data import DataLoader, Subset
 
 from robustops import _rng
@@ -187,6 +187,7 @@ def test_augmix_off_is_plain_ada(ae_path, batch):
     assert inputs.shape == x.shape and torch.equal(inputs, expected)
 
 
+@needs("kornia")
 def test_augmix_views_and_js_term(ae_path, batch):
     """ada_augmix 2: the inputs are [x_a, AugMix(x_a), AugMix(x_a)] from the method's generator, and the loss
     on a fixed model is CE(f(x_a)) + 12 * js_consistency over the three views' logits."""
@@ -209,6 +210,7 @@ def test_augmix_views_and_js_term(ae_path, batch):
     assert m0.loss(logits[:32], y).item() == pytest.approx(F.cross_entropy(views[0], y).item(), rel=1e-6)
 
 
+@needs("kornia")
 def test_resume_with_augmix_matches_uninterrupted(digits, ae_path, tmp_path):
     # no validation: the final weights are then the last epoch's (a selected best epoch 1 would hide epoch 2)
     hp = dict(epochs=2, seed=3, progress=False, verbose=False, perturbation_model=ae_path, ada_steps=1,

@@ -2,13 +2,16 @@
 their definitions on closed-form cases (one known op, width 1 / depth 1, identity ops, the convex and the
 box mixing), the geometric ops against PIL, the Jensen-Shannon consistency against its formula,
 determinism per generator state, the method's views and attack, bad settings, exact resume on digits."""
+import sys
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import one_thread, resume_matches_uninterrupted, tiny_cnn  # noqa: F401 (one_thread: autouse)
+from helpers import needs, one_thread, resume_matches_uninterrupted, tiny_cnn  # noqa: F401 (one_thread: autouse)
 from torch.utils.data import DataLoader, Subset
 
+from robustops import _checks
 from robustops import train as rt
 from robustops.data import load_digits
 from robustops.train import augmix as am
@@ -22,6 +25,7 @@ def one_op_draw(b, op, level, sign=1.0, m=1.0, masked=False, width=1):
                          np.full(b, masked), np.full((b, 2), 0.5), (op,))
 
 
+@needs("kornia")
 def test_single_known_op_at_full_weight_is_the_op():
     x = torch.rand(4, 3, 8, 8)
     # width 1, depth 1, m = 1: the mix is the chain, here solarize at level 5 (PIL threshold 128 of 255)
@@ -36,6 +40,7 @@ def test_single_known_op_at_full_weight_is_the_op():
     torch.testing.assert_close(out, ((x * 255).to(torch.uint8) & 0b11100000).float() / 255)
 
 
+@needs("kornia")
 def test_identity_ops_return_the_image():
     g = torch.Generator().manual_seed(0)
     x = torch.rand(6, 1, 8, 8)
@@ -46,6 +51,7 @@ def test_identity_ops_return_the_image():
     torch.testing.assert_close(am.augmix(x, g, ops=("autocontrast",), mode="random"), x)
 
 
+@needs("kornia")
 def test_geometric_ops_closed_form():
     x = torch.rand(3, 2, 8, 8)
     # translate: L/30 of the side; L = 3.75 at 8 px is exactly 1 px (PIL's map: the content moves left / up)
@@ -59,6 +65,7 @@ def test_geometric_ops_closed_form():
     torch.testing.assert_close(r[1], torch.rot90(x[1], -1, (1, 2)), atol=1e-5, rtol=0)
 
 
+@needs("kornia")
 def test_geometric_ops_match_pil_inside_the_border():
     Image = pytest.importorskip("PIL.Image")
     g = np.random.default_rng(0)
@@ -75,6 +82,7 @@ def test_geometric_ops_match_pil_inside_the_border():
         assert diff.max() <= 1.0, op  # PIL rounds to 8 bits
 
 
+@needs("kornia")
 def test_point_ops_match_pil():
     Image = pytest.importorskip("PIL.Image")
     ImageOps = pytest.importorskip("PIL.ImageOps")
@@ -88,6 +96,7 @@ def test_point_ops_match_pil():
         assert np.abs(ours - np.asarray(pil[op], dtype=float)).max() <= tol + 1e-3, op  # autocontrast: PIL's LUT
 
 
+@needs("kornia")
 def test_the_mix_is_the_convex_or_box_combination_of_the_chains():
     g = torch.Generator().manual_seed(1)
     x = torch.rand(16, 3, 12, 12)
@@ -110,6 +119,7 @@ def test_the_mix_is_the_convex_or_box_combination_of_the_chains():
     assert out.min() >= 0 and out.max() <= 1
 
 
+@needs("kornia")
 def test_determinism_per_generator_state():
     x = torch.rand(8, 3, 8, 8)
     g = torch.Generator().manual_seed(7)
@@ -118,6 +128,18 @@ def test_determinism_per_generator_state():
     assert not torch.equal(a, b)
     g.set_state(state)
     torch.testing.assert_close(am.augmix(x, g), a, atol=0, rtol=0)
+
+
+def test_without_kornia_only_its_ops_fail(monkeypatch):
+    """kornia is imported at the first op that needs it: autocontrast runs without it, equalize and the
+    geometric ops raise an ImportError naming AugMix and the pip fix."""
+    monkeypatch.setitem(sys.modules, "kornia", None)
+    monkeypatch.setattr(am, "kornia", _checks.LazyModule("kornia", "AugMix's ops"))
+    x = torch.rand(2, 3, 8, 8)
+    assert torch.allclose(am.apply_ops(x, ["autocontrast"] * 2, [3, 3], [1, 1]).amax(dim=(-2, -1)), torch.ones(2, 3))
+    for op in ("equalize", "rotate"):
+        with pytest.raises(ImportError, match=r"AugMix's ops needs kornia: pip install kornia==0\.9\.0"):
+            am.apply_ops(x, [op, "autocontrast"], [3, 3], [1, 1])
 
 
 def test_js_consistency_is_its_formula():
@@ -153,6 +175,7 @@ def test_bad_augmix_arguments_are_refused():
             am.augmix(torch.rand(2, 1, 8, 8), g, **kw)
 
 
+@needs("kornia")
 def test_the_method_attacks_its_views_and_trains_on_them():
     tr = rt.Trainer(tiny_cnn(width=4), method="augrmix", epochs=1, steps_per_epoch=1, eps=0.1, steps=2,
                     augrmix_views=2, seed=0)
@@ -179,6 +202,7 @@ def test_the_method_attacks_its_views_and_trains_on_them():
     assert tr2.method.loss(logits, y).item() == pytest.approx(F.cross_entropy(logits[:6], y).item(), rel=1e-6)
 
 
+@needs("kornia")
 def test_resume_matches_uninterrupted_and_trains_without_nans(tmp_path):
     train_ds, test_ds = load_digits("train"), load_digits("test")
     sub = Subset(train_ds, list(range(96)))

@@ -4,12 +4,15 @@ frost photographs; severity ordering, determinism, dtypes and layouts, grey and 
 CIFAR-10-C directory reader."""
 import importlib.resources
 import io
+import sys
 
 import numpy as np
 import pytest
 import torch
+from helpers import corruption_params, needs, without_kornia
 
 import robustops.corruptions as rc
+from robustops import _checks
 from robustops.corruptions import digital as dg
 from robustops.corruptions import imaging
 from robustops.corruptions import weather as wt
@@ -58,7 +61,7 @@ def reference(fn, x, severity):
 
 @pytest.mark.parametrize("name", ["brightness", "contrast", "saturate"])
 def test_colour_ops_equal_imagecorruptions(images, monkeypatch, name):
-    from imagecorruptions import corruptions as ic
+    ic = pytest.importorskip("imagecorruptions.corruptions")
 
     monkeypatch.setattr(dg, name.upper(), IMAGENET[name.upper()])
     for s in (1, 3, 5):
@@ -70,6 +73,7 @@ def test_colour_ops_equal_imagecorruptions(images, monkeypatch, name):
         assert torch.equal(rc.corrupt(grey, name, 4), grey)
 
 
+@needs("kornia", "PIL")
 def test_pixelate_and_jpeg_against_pil(images):
     from PIL import Image
 
@@ -110,7 +114,7 @@ def test_quantize_truncates_continuous_outputs_and_rounds_pil_ones(images):
 
 def test_plasma_fractal_equals_the_reference_on_the_same_draws(monkeypatch):
     """imagecorruptions' plasma_fractal (make_cifar_c.py's) fed our sample's uniform draws in order."""
-    from imagecorruptions import corruptions as ic
+    ic = pytest.importorskip("imagecorruptions.corruptions")
 
     for size, decay in ((32, 3.0), (8, 1.75)):
         ours = wt.plasma_fractal(rc.SampleRNG(1, "fog", 2, [5], "cpu"), size, decay)[0]
@@ -122,6 +126,7 @@ def test_plasma_fractal_equals_the_reference_on_the_same_draws(monkeypatch):
         assert np.abs(ours.numpy() - ref).max() <= 1e-5
 
 
+@needs("cv2", "skimage")
 def test_elastic_equals_make_cifar_c_on_the_same_draws():
     """make_cifar_c.py's elastic_transform (cv2 affine, skimage gaussian, scipy map_coordinates) with our
     sample's draws: equal to float rounding."""
@@ -149,6 +154,7 @@ def test_elastic_equals_make_cifar_c_on_the_same_draws():
             assert np.abs(ours[b].permute(1, 2, 0).numpy() - ref).max() <= 1e-4
 
 
+@needs("cv2", "kornia")
 def test_spatter_water_layer_against_opencv():
     """The distance map and histogram equalisation exactly (scipy's EDT, cv2.equalizeHist); the water
     layer against make_cifar_c.py's OpenCV pipeline on the same liquid layer: mean within 10 %."""
@@ -176,10 +182,10 @@ def test_spatter_water_layer_against_opencv():
     assert abs(ours.mean() / ref.mean() - 1) <= 0.1 and np.abs(ours - ref).mean() <= 0.3 * ref.mean()
 
 
-@pytest.mark.parametrize("name", ["snow", "fog", "spatter"])
+@pytest.mark.parametrize("name", corruption_params(["snow", "fog", "spatter"]))
 def test_weather_statistics_match_imagecorruptions(images, monkeypatch, name):
     """Same definitions with random layers: mean |corrupt(x) - x| within 25 % and the mean within .03."""
-    from imagecorruptions import corruptions as ic
+    ic = pytest.importorskip("imagecorruptions.corruptions")
 
     monkeypatch.setattr(wt, name.upper(), IMAGENET[name.upper()])
     np.random.seed(0)
@@ -190,6 +196,7 @@ def test_weather_statistics_match_imagecorruptions(images, monkeypatch, name):
         assert abs(ours.mean() - ref.mean()) <= 0.03
 
 
+@needs("imagecorruptions", "cv2")
 def test_generated_frost_matches_the_release_photos(images):
     """make_cifar_c.py's frost with the release's photographs (shipped by imagecorruptions) against the
     generated textures: per-channel mean within .04, per-image std and mean |change| within 20 %."""
@@ -217,7 +224,7 @@ def test_severity_ordering(images, digits):
     """Monotone in mean |corrupt(x) - x| where CIFAR-10-C's constants are: not frost (sev. 5 weighs the
     image less and the texture little more), spatter (water, then mud), elastic (sev. 1 has the largest
     affine jitter) or saturate (desaturate, then saturate)."""
-    for name in ("snow", "fog", "brightness", "contrast", "jpeg_compression", "pixelate"):
+    for name in without_kornia(("snow", "fog", "brightness", "contrast", "jpeg_compression", "pixelate")):
         # pixelate on 8 x 8 is not: int(8 c) is 7, 7, 6, 6, 5 and 5 -> 8 box up-sampling blurs less than 6 -> 8
         for x in (images[:12], digits[:12]) if name != "pixelate" else (images[:12],):
             d = [(rc.corrupt(x, name, s) - x).abs().mean().item() for s in rc.SEVERITIES]
@@ -226,7 +233,7 @@ def test_severity_ordering(images, digits):
     assert d[0] < d[1] < d[2]
 
 
-@pytest.mark.parametrize("name", OURS)
+@pytest.mark.parametrize("name", corruption_params(OURS))
 def test_determinism_shapes_and_dtypes(images, digits, name):
     x = images[:6]
     out = rc.corrupt(x, name, 3, seed=5)
@@ -249,6 +256,21 @@ def test_determinism_shapes_and_dtypes(images, digits, name):
         y = rc.corrupt(g, name, 5)
         assert y.shape == g.shape and torch.isfinite(y).all() and 0 <= y.min() and y.max() <= 1
 
+
+def test_without_kornia_its_corruptions_name_the_fix(images, monkeypatch):
+    """kornia is imported where a corruption needs it: the others run without it, those raise an
+    ImportError naming the corruption and 'pip install kornia==0.9.0'."""
+    for m in ("kornia", "kornia.filters", "kornia.enhance"):
+        monkeypatch.setitem(sys.modules, m, None)
+    fix = r"needs kornia: pip install kornia==0\.9\.0"
+    for name, feature in (("spatter", "the spatter corruption"), ("jpeg_compression", "jpeg_compression")):
+        with pytest.raises(ImportError, match=feature + " " + fix):
+            rc.corrupt(images[:2], name, 1)
+    with pytest.raises(ImportError, match="the blur corruptions " + fix):
+        _checks.LazyModule("kornia.filters", "the blur corruptions").filter2d_separable
+    with pytest.raises(ImportError, match="pip install robustops_no_such_package"):
+        _checks.optional_import("robustops_no_such_package.sub", "a feature")
+    assert rc.corrupt(images[:2], "fog", 1).shape == images[:2].shape
 
 def test_bad_input_errors(images):
     with pytest.raises(ValueError, match="severity"):
@@ -290,7 +312,7 @@ def test_cifar10c_reader(tmp_path):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("name", OURS)
+@pytest.mark.parametrize("name", corruption_params(OURS))
 def test_cpu_equals_cuda(images, name):
     x = images[:4]
     cpu, gpu = rc.corrupt(x, name, 4, seed=1), rc.corrupt(x.cuda(), name, 4, seed=1).cpu()

@@ -6,9 +6,10 @@ import json
 
 import pytest
 
-from helpers import one_thread  # noqa: F401 (an autouse fixture)
+from helpers import needs, one_thread  # noqa: F401 (an autouse fixture)
 
 
+@needs("kornia")     # the 15 corruptions, blurs included
 def test_demo_section_corruptions(tmp_path, capsys):
     from robustops.cli import main
 

@@ -1,7 +1,6 @@
 """Kireev et al. (UAI 2022): the LPIPS distance of robustops.train.perceptual against the lpips package's own
 formulation, RLAT's relaxed attack on closed-form toys (its layer-wise step, the linearised-LPIPS step of a
 frozen network), gaussian's --sigma-dist uniform:MAX, exact resume of both, and their errors."""
-import lpips
 import pytest
 import torch
 import torch.nn as nn
@@ -35,6 +34,7 @@ def feature_net(tmp_path_factory):
 # --------------------------------------------------------------------------- the LPIPS distance
 
 def test_lpips_distance_is_the_lpips_packages_formulation():
+    lpips = pytest.importorskip("lpips")
     g = torch.Generator().manual_seed(0)
     shapes = [(3, 4, 5, 5), (3, 6, 3, 3), (3, 8)]
     f0 = [torch.randn(s, generator=g) for s in shapes]

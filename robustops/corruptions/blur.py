@@ -13,12 +13,14 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-import kornia.filters as KF
 import numpy as np
 import torch
 
+from .._checks import LazyModule
 from .base import SampleRNG, pixel_width, register, size_scale
 from .imaging import clipped_zoom, gaussian_smooth, motion_smear
+
+KF = LazyModule("kornia.filters", "the defocus blur corruption")  # imported at first use
 
 __all__ = ["DEFOCUS_BLUR", "GLASS_BLUR", "MOTION_BLUR", "ZOOM_BLUR", "GAUSSIAN_BLUR", "disk_kernel", "glass_sources",
            "zoom_factors", "defocus_blur", "glass_blur", "motion_blur", "zoom_blur", "gaussian_blur"]

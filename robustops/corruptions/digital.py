@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .._checks import optional_import
 from .base import SampleRNG, register, size_scale
 from .imaging import gaussian_smooth, luma, pil_box_resize
 
@@ -98,7 +99,7 @@ def jpeg_compression(x: torch.Tensor, severity: int, rng: SampleRNG) -> torch.Te
     "fancy" one), on the 8-bit input. Against PIL's libjpeg at CIFAR's qualities on 32 x 32 images:
     mean absolute difference 1 to 1.6 / 255, maximum about 20 / 255 (the test bounds them by 2.5 / 255 and
     32 / 255). Grey: the replicated RGB image is coded and its luma returned."""
-    from kornia.enhance import jpeg_codec_differentiable  # kornia loads slowly: only when JPEG is asked for
+    jpeg_codec_differentiable = optional_import("kornia.enhance", "jpeg_compression").jpeg_codec_differentiable
 
     x8 = torch.round(x * 255) / 255
     rgb = x8.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x8

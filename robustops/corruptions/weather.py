@@ -16,6 +16,7 @@ from typing import Tuple
 import torch
 import torch.nn.functional as F
 
+from .._checks import optional_import
 from .base import SampleRNG, pixel_width, register
 from .imaging import box_blur, clipped_zoom, gaussian_smooth, luma, motion_smear
 
@@ -198,7 +199,7 @@ def water_layer(liquid: torch.Tensor, cap: float) -> torch.Tensor:
     chamfer, within 0.2 px), truncated at ``cap`` px (20 px through pixel_width), 3 x 3 box blur floored to 8 bits, histogram
     equalised (cv2.equalizeHist exactly), embossed (filter2D, saturated to 0..255), box-blurred, times
     the 8-bit liquid, divided by its maximum."""
-    from kornia.filters import canny  # kornia loads slowly: only when spatter is asked for
+    canny = optional_import("kornia.filters", "the spatter corruption").canny  # kornia loads slowly: only here
 
     u8 = torch.floor(liquid * 255)
     edges = canny(u8 / 255, 50 / 255, 150 / 255, kernel_size=(1, 1), sigma=(0.1, 0.1))[1] > 0

@@ -56,12 +56,14 @@ import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-import kornia
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .._checks import LazyModule
 from .registry import Hyper
+
+kornia = LazyModule("kornia", "AugMix's equalize, posterize, solarize and geometric ops")  # imported at first use
 
 __all__ = ["OPS", "AFFINE_OPS", "MODES", "AUGMIX_HYPERS", "AugMixDraw", "draw", "apply_ops", "chains", "mix",
            "augmix", "js_consistency", "check_settings", "check_hypers"]
