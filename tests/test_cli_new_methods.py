@@ -4,7 +4,7 @@ import json
 import os
 
 import pytest
-from helpers import one_thread  # noqa: F401 (one_thread: an autouse fixture)
+from helpers import has_module, needs, one_thread  # noqa: F401 (one_thread: an autouse fixture)
 
 from robustops.cli import main
 
@@ -85,7 +85,8 @@ def feature_net(tmp_path_factory):
     return os.path.join(out, "best.pt")
 
 
-@pytest.mark.parametrize("method", sorted(ISSUE27))
+@pytest.mark.parametrize("method", [pytest.param(m, marks=needs("kornia")) if m in ("ada", "augrmix") else m
+                                    for m in sorted(ISSUE27)])  # ada's --ada-augmix and augrmix use AugMix's kornia ops
 def test_issue27_train_command(tmp_path, method, request):
     flags, expect = ISSUE27[method]
     if method == "ada":

@@ -69,6 +69,7 @@ def test_demo_corruptions_flags(tmp_path, capsys, flags, msg):
     assert msg in capsys.readouterr().err
 
 
+@needs("kornia")
 def test_demo_corruptions_ada_and_uniform_rows(tmp_path, capsys):
     """The ada row (its CorruptionAE trained in the demo) and the uniform-sigma row (the spec filled from
     --corruption-sigma) with every section flag given; without a natural row the clean target is n/a."""
