@@ -35,8 +35,10 @@ def needs(*names: str):
     return pytest.mark.skipif(bool(missing), reason=f"needs {', '.join(missing)} (not installed)")
 
 
+from robustops.corruptions import NEEDS_KORNIA  # noqa: E402
+
 #: The corruptions computed with kornia: robustops.corruptions raises ImportError for them without it.
-KORNIA_CORRUPTIONS = frozenset({"defocus_blur", "spatter", "jpeg_compression"})
+KORNIA_CORRUPTIONS = frozenset(NEEDS_KORNIA)
 
 
 def corruption_params(names):

@@ -22,10 +22,24 @@ __all__ = ["corrupt", "ALL", "BENCHMARK", "EXTRA", "FAMILIES", "SEVERITIES", "ch
 PIL_OUTPUTS = ("pixelate", "jpeg_compression")
 
 
+#: the corruptions computed with kornia (an ImportError naming it where it is not installed)
+NEEDS_KORNIA = ("defocus_blur", "spatter", "jpeg_compression")
+
+
 def available() -> tuple:
     """The names of the corruptions implemented, in ALL's order."""
     reg = registered()
     return tuple(n for n in ALL if n in reg)
+
+
+def runnable() -> tuple:
+    """available() less the corruptions whose optional package (kornia, NEEDS_KORNIA) is not installed
+    here, e.g. on a machine without the registry."""
+    import importlib.util
+
+    if importlib.util.find_spec("kornia") is not None:
+        return available()
+    return tuple(n for n in available() if n not in NEEDS_KORNIA)
 
 
 def corrupt(x: torch.Tensor, name: str, severity: int, seed: int = 0, indices=None,
