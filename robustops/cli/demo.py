@@ -11,7 +11,7 @@ import os
 import time
 from typing import List, Optional
 
-from . import demo_autoattack, demo_certified, demo_corruptions, demo_learned, demo_video
+from . import demo_autoattack, demo_certified, demo_corruptions, demo_learned, demo_objectives, demo_video
 from .common import (DIGITS_MODEL, CLIError, add_common, alias, fmt_pct, fraction, physical_cores, pick_device,
                      require_min, setup_run, split_holdout, write_summary)
 from .train import add_method_flags, method_hparams
@@ -62,14 +62,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "section, whose rows run in order)")
     p.add_argument("--section", default=None,
                    choices=[demo_autoattack.SECTION, demo_certified.SECTION, demo_video.SECTION,
-                            demo_corruptions.SECTION],
+                            demo_corruptions.SECTION, demo_objectives.SECTION],
                    help="run one section only: autoattack (AutoAttack at its published budgets on the natural and "
                         "PGD-7 AT models, stage by stage, and the masking check on a masked-gradient model); "
                         "certified (IBP / FastIBP / CROWN-IBP / ACERT models certified with IBP, CROWN-IBP, CROWN "
                         "and best); video (natural, PGD-AT and budget-scheduled AT of a 3-D-conv model on the "
                         "moving digits); corruptions (natural, Gaussian with a fixed and a uniform sigma, small-eps "
                         "PGD-AT, AdA, AugRmixAT and RLAT scored on digits-C: the 15 CIFAR-10-C corruptions x 5 "
-                        "severities)")
+                        "severities); objectives (PGD-7 AT, TRADES, stylized max-margin AT, InfoAT, J-SIGR and "
+                        "PGD-7 AT + OOD data: clean, PGD-20, AutoAttack and transfer-attack accuracy)")
     p.add_argument("--aa-steps", type=int, default=None,
                    help="iterations of APGD-CE and APGD-T (each target) in the AutoAttack (standard) column (None: "
                         "50; --section autoattack: AutoAttack's own 100; 0: skip the column)")
@@ -102,6 +103,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     demo_certified.add_arguments(p)
     demo_video.add_arguments(p)
     demo_corruptions.add_arguments(p)
+    demo_objectives.add_arguments(p)
 
 
 def run(args) -> int:
@@ -138,6 +140,7 @@ def run(args) -> int:
     if args.section == demo_video.SECTION:
         demo_video.check_arguments(args)
     args.corruption_rows_list = demo_corruptions.check_arguments(args)
+    args.objectives_rows_list = demo_objectives.check_arguments(args)
     if args.readme and not os.path.isfile(args.readme):
         raise CLIError(f"--readme {args.readme!r}: no such file")
     dev = pick_device(args.device)
@@ -216,6 +219,8 @@ def _train_and_evaluate(args, key: str, data: _Data, dev, proxy_data=None) -> di
 
     if args.section == demo_corruptions.SECTION and key in demo_corruptions.ROWS:
         method, opts = demo_corruptions.row_options(args, key)
+    elif args.section == demo_objectives.SECTION and key in demo_objectives.ROWS:
+        method, opts = demo_objectives.row_options(key)
     else:
         method, opts = ROW_SPECS.get(key, (key, {}))
     opts = dict(opts)
@@ -251,7 +256,7 @@ def _train_and_evaluate(args, key: str, data: _Data, dev, proxy_data=None) -> di
            "robust_acc": ev["robust_acc"], "aa_acc": aa, "acr": None, "ibp_acr": None, "train_time_s": res.train_time,
            "epochs_run": res.epochs_run, "best_epoch": res.best_epoch, "model": model,
            "sigma": res.config.noise_sigma, "mca": cc and cc["mean_corruption_acc"], "corruptions": cc}
-    if row["sigma"] is not None and args.section != demo_corruptions.SECTION:  # the section certifies nothing
+    if row["sigma"] is not None and args.section not in (demo_corruptions.SECTION, demo_objectives.SECTION):
         _certify(args, row, data, dev)
     if args.ibp_eps_max > 0:
         _certify_ibp(args, row, data, dev)
@@ -459,6 +464,10 @@ def _section(args, data: _Data, dev) -> None:
         args.aa_steps = 0  # the section runs AutoAttack itself, at its own budgets
         rows = _train_rows(args, ("natural", "pgd"), data, dev)
         demo_autoattack.run_section(args, data, rows, dev)
+    elif args.section == demo_objectives.SECTION:
+        args.ibp_eps_max = 0.0  # clean, PGD-20, AutoAttack (the main table's) and transfer are its columns
+        rows = _train_rows(args, args.objectives_rows_list, data, dev)
+        demo_objectives.run_section(args, data, rows, dev)
     elif args.section == demo_corruptions.SECTION:
         args.aa_steps, args.ibp_eps_max = 0, 0.0  # digits-C and PGD-20 are its columns
         rows = _train_rows(args, args.corruption_rows_list, data, dev)
