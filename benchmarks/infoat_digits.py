@@ -13,14 +13,13 @@ smaller problem. Appends the rows to benchmarks/results/infoat_digits.csv as eac
 """
 from __future__ import annotations
 
-import itertools
 import statistics
 
 import torch
 
 from robustops import attacks, models
-from robustops.cli.common import DIGITS_MODEL, split_holdout
-from common import digits_setup, finish, fit_digits, parser
+from robustops.cli.common import DIGITS_MODEL
+from common import add_digits_flags, digits_variant_runs, fit_digits, parser
 
 VARIANTS = {"pgd": ("pgd", {}),
             "trades": ("trades", {}),
@@ -63,36 +62,16 @@ def summary(rows, keys) -> list:
 
 def main(argv=None):
     p = parser(__doc__, "infoat_digits.csv")
-    p.add_argument("--variants", default=",".join(VARIANTS))
-    p.add_argument("--seeds", default="0,1")
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--eps", type=float, default=0.2)
-    p.add_argument("--attack-steps", type=int, default=20)
+    add_digits_flags(p, VARIANTS)
     p.add_argument("--info-mix", type=float, default=None, help="InfoAT's info_mix (default: the method's)")
     p.add_argument("--info-tau", type=float, default=None, help="InfoAT's info_tau (default: the method's)")
     p.add_argument("--quick", action="store_true", help="3 epochs, seed 0 (under a minute)")
     args = p.parse_args(argv)
     if args.quick:
         args.epochs, args.seeds = 3, "0"
+    print(f"eps {args.eps}, {args.epochs} epochs, PGD-{args.attack_steps}")
+    rows = digits_variant_runs(p, args, VARIANTS, run_one)
     keys = args.variants.split(",")
-    bad = [k for k in keys if k not in VARIANTS]
-    if bad:
-        p.error(f"--variants must be a comma-separated list of {', '.join(VARIANTS)}; got {', '.join(bad)}")
-    base, full_train, test_loader = digits_setup(args)
-    rows = []
-    print(f"device: {base['device']}; torch {torch.__version__}; eps {args.eps}, {args.epochs} epochs, "
-          f"PGD-{args.attack_steps}; baseline: pgd (PGD-7 AT)")
-    print(f"{'variant':<11} {'seed':>4} {'clean':>7} {'PGD':>7} {'train':>7}")
-    seeds = [int(s) for s in args.seeds.split(",")]
-    splits = {seed: split_holdout(full_train, 144, seed) for seed in seeds}  # the demo's 144 held out
-    for seed, key in itertools.product(seeds, keys):
-        r = run_one(key, seed, args, *splits[seed], test_loader)
-        rows.append(r)
-        ref = next((q for q in rows if q["variant"] == "pgd" and q["seed"] == seed), None)
-        beside = "" if ref is None or key == "pgd" else f"  (pgd: {ref['clean_acc']:.4f} {ref['robust_acc']:.4f})"
-        print(f"{key:<11} {seed:4d} {r['clean_acc']:7.4f} {r['robust_acc']:7.4f} {r['train_s']:6.1f}s{beside}",
-              flush=True)
-        finish(args, [dict(base, **{k: (f"{v:.5g}" if isinstance(v, float) else v) for k, v in r.items()})])
     print(f"\n| variant | clean acc % | PGD-{args.attack_steps} acc % | vs PGD-7 AT (clean / PGD) | seeds |")
     print("|---|---:|---:|---:|---:|")
     print("\n".join(summary(rows, keys)))

@@ -6,7 +6,14 @@ import os
 
 import pytest
 import torch
-from helpers import one_thread, resume_matches_uninterrupted, tiny_cnn  # noqa: F401 (one_thread: autouse)
+from helpers import (  # noqa: F401 (one_thread: an autouse fixture)
+    free_port,
+    gloo_group,
+    one_thread,
+    rank_loader,
+    resume_matches_uninterrupted,
+    tiny_cnn,
+)
 from torch.utils.data import DataLoader, Subset
 
 from robustops import train as rt
@@ -88,6 +95,30 @@ def test_resume_matches_uninterrupted(digits, tmp_path):
     assert crash["epoch"] == 1 and res.epochs_run == ref.epochs_run == 3
     strip = lambda h: [{k: v for k, v in r.items() if "time" not in k} for r in h]  # noqa: E731
     assert str(strip(res.history)) == str(strip(ref.history))
+
+
+def _ddp_worker(rank, world, port, out):
+    with gloo_group(rank, world, port):
+        model = tiny_cnn(seed=11)
+        rt.fit(model, rank_loader(Subset(load_digits("train"), list(range(128))), rank, world), "infoat",
+               out_dir=out, **dict(HP, epochs=1, info_mix=1.0, info_lr=1e-2))
+        torch.save(model.state_dict(), os.path.join(out, f"ddp{rank}.pt"))
+
+
+def test_ddp_ranks_stay_in_sync(tmp_path):
+    """Two gloo processes, each weighting its own half-batches: the models and the MI critics (gradients
+    averaged over the ranks) stay equal on both ranks."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    m0, m1 = (torch.load(tmp_path / f"ddp{r}.pt") for r in (0, 1))
+    for k, v in m0.items():
+        assert torch.equal(v, m1[k]), k
+    states = torch.load(tmp_path / "last.pt", weights_only=False)["rank_states"]
+    c0, c1 = (st["method"]["estimator"] for st in states)
+    assert c0["steps"] == c1["steps"] == 4
+    for k, v in c0["critic"].items():
+        assert torch.equal(v, c1["critic"][k]), k
 
 
 def test_errors(digits):
