@@ -144,11 +144,11 @@ def test_train_command(tmp_path):
     out = str(tmp_path / "infoat")
     assert main(["train", "--data", "digits", "--method", "infoat", "--epochs", "1", "--batch-size", "256",
                  "--steps", "2", "--test-steps", "0", "--val-size", "64", "-o", out, "--no-progress",
-                 "--info-base", "pgd", "--info-mix", "0.3", "--info-tau", "2", "--info-lr", "0.002",
+                 "--info-base", "trades", "--info-mix", "0.3", "--info-tau", "2", "--info-lr", "0.002",
                  "--info-width", "16"]) == 0
     with open(os.path.join(out, "summary.json")) as fh:
         s = json.load(fh)
     assert s["method"] == "infoat" and s["epochs_run"] == 1
-    expect = {"info_base": "pgd", "info_mix": 0.3, "info_tau": 2.0, "info_lr": 0.002, "info_width": 16}
+    expect = {"info_base": "trades", "info_mix": 0.3, "info_tau": 2.0, "info_lr": 0.002, "info_width": 16}
     for k, v in expect.items():
         assert s["config"]["params"][k] == v, k
