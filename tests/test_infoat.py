@@ -86,6 +86,20 @@ def test_mix_zero_is_the_base_method_bit_for_bit(digits, base):
     assert any(not torch.equal(v, other.state_dict()[k]) for k, v in ref.state_dict().items())
 
 
+def test_run_weights_multiply_in(digits):
+    """The run's own per-sample weights (a coreset's, through Trainer.train_step) multiply InfoAT's: with
+    info_mix 0 InfoAT on PGD takes the weighted PGD-AT step bit for bit."""
+    x, y = digits[0].dataset.tensors
+    x, y, w = x[:32], y[:32], torch.linspace(0.0, 2.0, 32)
+    models = []
+    for method, kw in (("pgd", {}), ("infoat", dict(info_base="pgd", info_mix=0.0))):
+        model = tiny_cnn(seed=2)
+        rt.Trainer(model, method=method, eps=0.1, steps=2, seed=0, **kw).train_step(x, y, weights=w)
+        models.append(model.state_dict())
+    for k, v in models[0].items():
+        assert torch.equal(v, models[1][k]), k
+
+
 def test_resume_matches_uninterrupted(digits, tmp_path):
     train_ds, test_ds = digits
     val = DataLoader(Subset(test_ds, list(range(64))), batch_size=64)
