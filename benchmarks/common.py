@@ -169,3 +169,41 @@ def fit_digits(model, method: str, train_ds, val_ds, args, seed: int, **opts):
                     epochs=args.epochs, eps=args.eps, steps=7, lr=0.05, seed=seed, val_steps=10, progress=False,
                     verbose=False, device=args.device, threads=args.threads, **opts)
     return res, time.perf_counter() - t0
+
+
+def digits_variant_runs(p: argparse.ArgumentParser, args, variants, run_one, baseline: str = "pgd"):
+    """Runs run_one(key, seed, args, train_ds, val_ds, test_loader) -> row for every seed of args.seeds and
+    every key of args.variants (checked against ``variants``: a p.error naming them otherwise), each on the
+    demo's split (144 training images held out); prints each row's clean and robust accuracy beside the
+    baseline variant's of the same seed and appends it to the CSV as soon as it ends. Returns the rows."""
+    keys = args.variants.split(",")
+    unknown = [k for k in keys if k not in variants]
+    if unknown:
+        p.error(f"--variants must be a comma-separated list of {', '.join(variants)}; got {', '.join(unknown)}")
+    from robustops.cli.common import split_holdout
+
+    stamp, full_train, test_loader = digits_setup(args)
+    print(f"device: {stamp['device']}; torch {torch.__version__}; baseline: {baseline}")
+    rows: list[dict] = []
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        train_ds, val_ds = split_holdout(full_train, 144, seed)
+        for key in keys:
+            row = run_one(key, seed, args, train_ds, val_ds, test_loader)
+            rows.append(row)
+            ref = next((q for q in rows if q["variant"] == baseline and q["seed"] == seed), None)
+            beside = "" if ref is None or key == baseline else \
+                f"  ({baseline}: {ref['clean_acc']:.4f} {ref['robust_acc']:.4f})"
+            print(f"{key:<11} seed {seed} clean {row['clean_acc']:.4f} robust {row['robust_acc']:.4f} "
+                  f"{row.get('train_s', 0.0):6.1f}s{beside}", flush=True)
+            finish(args, [dict(stamp, **{k: (f"{v:.5g}" if isinstance(v, float) else v) for k, v in row.items()})])
+    return rows
+
+
+def add_digits_flags(p: argparse.ArgumentParser, variants, seeds: str = "0,1") -> None:
+    """The flags of a digits comparison (:func:`digits_variant_runs`): --variants, --seeds, --epochs (the
+    demo's 30), --eps (0.2), --attack-steps (PGD-20 at test time)."""
+    p.add_argument("--variants", default=",".join(variants), help=f"comma-separated, of {', '.join(variants)}")
+    p.add_argument("--seeds", default=seeds)
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--eps", type=float, default=0.2)
+    p.add_argument("--attack-steps", type=int, default=20)

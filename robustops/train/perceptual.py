@@ -95,11 +95,12 @@ def lpips_distance(feats0: Sequence[torch.Tensor], feats1: Sequence[torch.Tensor
 
 
 @contextlib.contextmanager
-def capture_features(modules: Sequence[nn.Module]) -> Iterator[List[torch.Tensor]]:
+def capture_features(modules: Sequence[nn.Module], inputs: bool = False) -> Iterator[List[torch.Tensor]]:
     """Within the block every forward appends the outputs of ``modules`` (in their forward order) to
-    the yielded list; the hooks are removed on exit."""
+    the yielded list (inputs=True: their first inputs, e.g. the representation a classifier head
+    reads); the hooks are removed on exit."""
     out: List[torch.Tensor] = []
-    handles = [m.register_forward_hook(lambda _m, _i, o: out.append(o)) for m in modules]
+    handles = [m.register_forward_hook(lambda _m, i, o: out.append(i[0] if inputs else o)) for m in modules]
     try:
         yield out
     finally:
