@@ -34,7 +34,7 @@ import torch.nn as nn
 
 from ..models import load_model
 
-__all__ = ["feature_modules", "normalize_tensor", "spatial_average", "lpips_distance", "capture_features",
+__all__ = ["feature_modules", "modules_by_name", "feature_taps", "normalize_tensor", "spatial_average", "lpips_distance", "capture_features",
            "perturb_outputs", "PerceptualDistance", "check_feature_file", "load_feature_net"]
 
 #: what the lpips package adds to the channel norm (``lpips.normalize_tensor``'s eps)
@@ -57,6 +57,40 @@ def feature_modules(net: nn.Module) -> List[nn.Module]:
         raise ValueError(f"the feature network ({type(net).__name__}) has no convolution whose features LPIPS "
                          f"could compare")
     return convs
+
+
+def modules_by_name(net: nn.Module, names: Sequence[str]) -> List[nn.Module]:
+    """The submodules of ``net`` called ``names`` (``net.named_modules()`` spellings, e.g. "features.2" or
+    "layer3"), in the order given: the feature taps of a user model. ValueError naming the first unknown
+    layer (and a few that exist) when one is missing, or when names is empty."""
+    if isinstance(names, str) or not names:
+        raise ValueError(f"names must be a non-empty list of layer names, got {names!r}")
+    table = dict(net.named_modules())
+    for n in names:
+        if n not in table or not n:
+            known = [k for k in table if k][:12]
+            raise ValueError(f"layer {n!r} is not a submodule of {type(net).__name__}; its layers include "
+                             f"{', '.join(known)}")
+    return [table[n] for n in names]
+
+
+def feature_taps(net: nn.Module, layers: Optional[Sequence] = None) -> List[nn.Module]:
+    """The modules to tap at chosen depths: None -> every :func:`feature_modules` layer; a list of ints ->
+    those depths of :func:`feature_modules` (0 = the shallowest; negative counts from the deepest); a list
+    of str -> :func:`modules_by_name`. ValueError naming a depth out of range or an unknown layer."""
+    if layers is None:
+        return feature_modules(net)
+    layers = list(layers)
+    if layers and all(isinstance(v, str) for v in layers):
+        return modules_by_name(net, layers)
+    if not layers or not all(isinstance(v, int) and not isinstance(v, bool) for v in layers):
+        raise ValueError(f"layers must be a non-empty list of depths (int) or of layer names (str), got {layers!r}")
+    mods = feature_modules(net)
+    for d in layers:
+        if not -len(mods) <= d < len(mods):
+            raise ValueError(f"layer depth {d} is out of range: {type(net).__name__} has {len(mods)} feature "
+                             f"layers (depths 0..{len(mods) - 1})")
+    return [mods[d] for d in layers]
 
 
 def normalize_tensor(f: torch.Tensor, eps: float = NORM_EPS) -> torch.Tensor:
