@@ -20,8 +20,9 @@ The features: NO pretrained AlexNet can be downloaded here (and none is bundled)
 robustops trains (e.g. a ``robustops train`` checkpoint of a natural model, :func:`load_feature_net`),
 and its layers are :func:`feature_modules`: the stem convolution and the stages of a ResNet-style model
 (attributes ``conv1``, ``layer1``, ``layer2``, ...: the layers Kireev et al.'s code perturbs), else every
-``nn.Conv2d`` of the model in registration order, shortcut convolutions left out. A layer whose output is
-[B, C] counts as [B, C, 1, 1].
+``nn.Conv2d`` (or Conv1d / Conv3d) of the model in registration order, shortcut convolutions left out.
+A layer whose output is [B, C] counts as [B, C, 1, 1]. :func:`feature_taps` picks some of these layers by
+depth, or any layers of a user model by name (:func:`modules_by_name`).
 """
 from __future__ import annotations
 
@@ -34,17 +35,21 @@ import torch.nn as nn
 
 from ..models import load_model
 
-__all__ = ["feature_modules", "modules_by_name", "feature_taps", "normalize_tensor", "spatial_average", "lpips_distance", "capture_features",
+__all__ = ["feature_modules", "modules_by_name", "feature_taps", "CONV_TYPES", "four_d", "normalize_tensor", "spatial_average",
+           "lpips_distance", "capture_features",
            "perturb_outputs", "PerceptualDistance", "check_feature_file", "load_feature_net"]
 
 #: what the lpips package adds to the channel norm (``lpips.normalize_tensor``'s eps)
 NORM_EPS = 1e-10
+#: the layers :func:`feature_modules` taps in a model without ResNet stages
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def feature_modules(net: nn.Module) -> List[nn.Module]:
     """The modules whose outputs are the perceptual features of ``net`` (see the module docstring):
-    [conv1, layer1, layer2, ...] for a ResNet-style model anywhere inside net, else every nn.Conv2d
-    (not a shortcut) in registration order. ValueError when net has none."""
+    [conv1, layer1, layer2, ...] for a ResNet-style model anywhere inside net, else every convolution
+    (not a shortcut; Conv1d / Conv3d too: a video model's taps) in registration order. ValueError when net has
+    none."""
     for m in net.modules():
         if hasattr(m, "layer1") and isinstance(getattr(m, "conv1", None), nn.Module):
             stages, k = [m.conv1], 1
@@ -52,7 +57,7 @@ def feature_modules(net: nn.Module) -> List[nn.Module]:
                 stages.append(getattr(m, f"layer{k}"))
                 k += 1
             return stages
-    convs = [m for name, m in net.named_modules() if isinstance(m, nn.Conv2d) and "shortcut" not in name]
+    convs = [m for name, m in net.named_modules() if isinstance(m, CONV_TYPES) and "shortcut" not in name]
     if not convs:
         raise ValueError(f"the feature network ({type(net).__name__}) has no convolution whose features LPIPS "
                          f"could compare")
@@ -103,7 +108,8 @@ def spatial_average(f: torch.Tensor) -> torch.Tensor:
     return f.mean((2, 3))
 
 
-def _four_d(f: torch.Tensor) -> torch.Tensor:
+def four_d(f: torch.Tensor) -> torch.Tensor:
+    """A [B, C] layer output as [B, C, 1, 1]; any other shape unchanged."""
     return f.reshape(*f.shape[:2], 1, 1) if f.dim() == 2 else f
 
 
@@ -118,7 +124,7 @@ def lpips_distance(feats0: Sequence[torch.Tensor], feats1: Sequence[torch.Tensor
         raise ValueError(f"weights must have one Tensor[C] per layer ({len(feats0)}), got {len(weights)}")
     total = 0
     for i, (a, b) in enumerate(zip(feats0, feats1)):
-        a, b = _four_d(a), _four_d(b)
+        a, b = four_d(a), four_d(b)
         if a.shape != b.shape:
             raise ValueError(f"layer {i}: the two feature maps differ in shape, {list(a.shape)} and {list(b.shape)}")
         diff = (normalize_tensor(a) - normalize_tensor(b)).pow(2)

@@ -46,19 +46,15 @@ from typing import List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..perceptual import capture_features, feature_taps
+from ..perceptual import capture_features, feature_taps, four_d
 from ..registry import Hyper, Method, register
 
 __all__ = ["SAT", "gram_matrix", "style_loss", "content_loss", "choose_targets", "max_margin_loss", "parse_layers"]
 
 
-def _four_d(f: torch.Tensor) -> torch.Tensor:
-    return f.reshape(*f.shape[:2], 1, 1) if f.dim() == 2 else f
-
-
 def gram_matrix(f: torch.Tensor) -> torch.Tensor:
     """G = F F^T / (H W) of feature maps f [B, C, H, W] (or [B, C]) in float32: Tensor[B, C, C]."""
-    f = _four_d(f).float()
+    f = four_d(f).float()
     flat = f.reshape(f.shape[0], f.shape[1], -1)
     return flat @ flat.transpose(1, 2) / flat.shape[2]
 
@@ -70,7 +66,7 @@ def style_loss(feats: Sequence[torch.Tensor], target_grams: Sequence[torch.Tenso
 
 def content_loss(feats: Sequence[torch.Tensor], target_feats: Sequence[torch.Tensor]) -> torch.Tensor:
     """sum_l mean_{c,h,w} (feats_l - target_feats_l)^2 per sample: Tensor[B]."""
-    return sum((_four_d(f).float() - _four_d(t).float()).pow(2).flatten(1).mean(1)
+    return sum((four_d(f).float() - four_d(t).float()).pow(2).flatten(1).mean(1)
                for f, t in zip(feats, target_feats))
 
 
@@ -164,7 +160,7 @@ class SAT(Method):
         ctx.forward.eval()
         with torch.no_grad(), ctx.autocast(), capture_features(self.taps) as got:
             ctx.forward(x[idx])
-        context = tuple(gram_matrix(f) for f in got) + tuple(_four_d(f).float() for f in got)
+        context = tuple(gram_matrix(f) for f in got) + tuple(four_d(f).float() for f in got)
         w = has.float()
         # per-sample switches (has target; boundary weight) ride along with the labels
         flags = torch.stack([w, torch.full_like(w, c.sat_boundary)], 1)
