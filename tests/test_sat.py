@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Subset
 from robustops import train as rt
 from robustops.cli import main
 from robustops.data import load_digits
-from robustops.models import get_model
+from robustops.models import Normalize, get_model
 from robustops.train.methods.sat import (choose_targets, content_loss, gram_matrix, max_margin_loss, parse_layers,
                                          style_loss)
 from robustops.train.perceptual import capture_features, feature_modules, feature_taps, modules_by_name
@@ -52,6 +52,8 @@ def test_tap_errors_name_the_layer():
     net = tiny_cnn()
     with pytest.raises(ValueError, match="'conv9' is not a submodule"):
         modules_by_name(net, ["0", "conv9"])
+    wrapped = nn.Sequential(Normalize([0.5], [0.25]), net)  # a model as training runs it: user names still work
+    assert modules_by_name(wrapped, ["3", "1.3"]) == [net[3], net[3]]
     with pytest.raises(ValueError, match="depth 5 is out of range"):
         feature_taps(net, [5])
     with pytest.raises(ValueError, match="non-empty list"):

@@ -33,7 +33,7 @@ from typing import Callable, Iterator, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from ..models import load_model
+from ..models import load_model, split_normalize
 
 __all__ = ["feature_modules", "modules_by_name", "feature_taps", "CONV_TYPES", "four_d", "normalize_tensor", "spatial_average",
            "lpips_distance", "capture_features",
@@ -66,11 +66,16 @@ def feature_modules(net: nn.Module) -> List[nn.Module]:
 
 def modules_by_name(net: nn.Module, names: Sequence[str]) -> List[nn.Module]:
     """The submodules of ``net`` called ``names`` (``net.named_modules()`` spellings, e.g. "features.2" or
-    "layer3"), in the order given: the feature taps of a user model. ValueError naming the first unknown
-    layer (and a few that exist) when one is missing, or when names is empty."""
+    "layer3"), in the order given: the feature taps of a user model. When net is ``nn.Sequential(Normalize,
+    model)`` (a model with its input normalisation in front, as training runs it) the names of ``model``'s
+    own layers are accepted too. ValueError naming the first unknown layer (and a few that exist) when one
+    is missing, or when names is empty."""
     if isinstance(names, str) or not names:
         raise ValueError(f"names must be a non-empty list of layer names, got {names!r}")
     table = dict(net.named_modules())
+    body = split_normalize(net)[0]
+    if body is not net:  # the user's names are those of the model behind the normalisation
+        table = {**dict(body.named_modules()), **table}
     for n in names:
         if n not in table or not n:
             known = [k for k in table if k][:12]
@@ -137,7 +142,9 @@ def lpips_distance(feats0: Sequence[torch.Tensor], feats1: Sequence[torch.Tensor
 @contextlib.contextmanager
 def capture_features(modules: Sequence[nn.Module]) -> Iterator[List[torch.Tensor]]:
     """Within the block every forward appends the outputs of ``modules`` (in their forward order) to
-    the yielded list; the hooks are removed on exit."""
+    the yielded list; the hooks are removed on exit. The tensors are the network's own (no copy), so an
+    output that a later in-place op overwrites (``ReLU(inplace=True)`` after a convolution) is seen as the
+    network leaves it, post-activation, exactly as a manual forward of the same network shows it."""
     out: List[torch.Tensor] = []
     handles = [m.register_forward_hook(lambda _m, _i, o: out.append(o)) for m in modules]
     try:

@@ -144,12 +144,14 @@ class SAT(Method):
         return torch.cat([logits.float(), feat_term.view(-1, 1)], 1)
 
     @staticmethod
-    def _objective(out, y):
-        y_src, y_tgt, has = y
+    def _objective(out, labels):
+        # labels: (y, y_t, switches [B, 2] = (has a target, w_b)); out: the logits and the feature term
+        y_src, y_tgt, switches = labels
+        has, w_b = switches[:, 0], switches[:, 1]
         logits, feat_term = out[:, :-1], out[:, -1]
-        boundary = F.cross_entropy(logits, y_tgt, reduction="none") - F.cross_entropy(logits, y_src, reduction="none")
-        return -has[:, 0] * (feat_term + has[:, 1] * boundary) + (1 - has[:, 0]) * F.cross_entropy(
-            logits, y_src, reduction="none")
+        ce_src = F.cross_entropy(logits, y_src, reduction="none")
+        boundary = F.cross_entropy(logits, y_tgt, reduction="none") - ce_src
+        return -has * (feat_term + w_b * boundary) + (1 - has) * ce_src
 
     def adversarial(self, x, y):
         """(x', target index [B], has-target [B]) for the minibatch (model left in eval mode)."""
@@ -162,10 +164,10 @@ class SAT(Method):
             ctx.forward(x[idx])
         context = tuple(gram_matrix(f) for f in got) + tuple(four_d(f).float() for f in got)
         w = has.float()
-        # per-sample switches (has target; boundary weight) ride along with the labels
-        flags = torch.stack([w, torch.full_like(w, c.sat_boundary)], 1)
+        # the objective is a static function of (logits, labels): the switches ride along with the labels
+        switches = torch.stack([w, torch.full_like(w, c.sat_boundary)], 1)
         rand = c.random_start and (torch.is_tensor(eps) or eps > 0)
-        x_adv = self.engine.run(x, (y, y[idx], flags), eps, alpha, c.steps, start="uniform" if rand else "clean",
+        x_adv = self.engine.run(x, (y, y[idx], switches), eps, alpha, c.steps, start="uniform" if rand else "clean",
                                 seed=ctx.seed() if rand else 0, evaluate=False, context=context).x_adv
         return x_adv, idx, has
 
