@@ -169,3 +169,13 @@ def fit_digits(model, method: str, train_ds, val_ds, args, seed: int, **opts):
                     epochs=args.epochs, eps=args.eps, steps=7, lr=0.05, seed=seed, val_steps=10, progress=False,
                     verbose=False, device=args.device, threads=args.threads, **opts)
     return res, time.perf_counter() - t0
+
+
+def pgd_accuracy(model, test_loader, args, seed: int, steps: int = 20) -> dict:
+    """robust_accuracy of the model (put in eval mode) under L-inf PGD-steps at args.eps with a random start
+    seeded by seed: {"clean_acc", "robust_acc", "n"}."""
+    from robustops import attacks
+
+    model.eval()
+    atk = attacks.PGD(model, eps=args.eps, steps=steps, norm="linf", random_start=True, seed=seed)
+    return attacks.robust_accuracy(model, test_loader, atk, device=args.device, progress=False)

@@ -17,9 +17,9 @@ import statistics
 
 import torch
 
-from robustops import attacks, models
+from robustops import models
 from robustops.cli.common import DIGITS_MODEL, split_holdout
-from common import digits_setup, finish, fit_digits, parser
+from common import digits_setup, finish, fit_digits, parser, pgd_accuracy
 
 METHODS = ("pgd", "sat")
 
@@ -38,9 +38,7 @@ def run_one(method: str, seed: int, args, train_ds, val_ds, test_loader) -> dict
     torch.manual_seed(seed)
     model = models.get_model("small_cnn", **DIGITS_MODEL).to(args.device)
     res, train_s = fit_digits(model, method, train_ds, val_ds, args, seed, **opts)
-    model.eval()
-    atk = attacks.PGD(model, eps=args.eps, steps=20, norm="linf", random_start=True, seed=seed)
-    ev = attacks.robust_accuracy(model, test_loader, atk, device=args.device, progress=False)
+    ev = pgd_accuracy(model, test_loader, args, seed)
     return {"method": method, "options": ";".join(f"{k}={v}" for k, v in opts.items()), "epochs": args.epochs,
             "seed": seed, "eps": args.eps, "clean_acc": ev["clean_acc"], "pgd20_acc": ev["robust_acc"],
             "best_epoch": res.best_epoch, "train_s": train_s}
