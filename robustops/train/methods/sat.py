@@ -161,7 +161,7 @@ class SAT(Method):
         eps, alpha = ctx.budget(x, y)
         ctx.forward.eval()
         with torch.no_grad(), ctx.autocast(), capture_features(self.taps) as got:
-            ctx.forward(x[idx])
+            ctx.forward(ctx.fmt(x[idx]))
         context = tuple(gram_matrix(f) for f in got) + tuple(four_d(f).float() for f in got)
         w = has.float()
         # the objective is a static function of (logits, labels): the switches ride along with the labels
@@ -174,10 +174,11 @@ class SAT(Method):
     def step(self, x, y):
         c, ctx = self.cfg, self.ctx
         x_adv, idx, has = self.adversarial(x, y)
+        x_tgt = ctx.fmt(x[idx])  # indexing drops channels_last
         ctx.forward.train()
 
         def closure(net):
-            z_adv, z_src, z_tgt = net(x_adv, x, x[idx])
+            z_adv, z_src, z_tgt = net(x_adv, x, x_tgt)
             loss = ctx.cross_entropy(z_adv, y) + c.sat_mm * max_margin_loss(z_adv, z_src, z_tgt, c.sat_margin, has)
             return loss, z_adv
 
