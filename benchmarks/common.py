@@ -207,3 +207,13 @@ def add_digits_flags(p: argparse.ArgumentParser, variants, seeds: str = "0,1") -
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--eps", type=float, default=0.2)
     p.add_argument("--attack-steps", type=int, default=20)
+
+
+def pgd_accuracy(model, test_loader, args, seed: int, steps: int = 20) -> dict:
+    """robust_accuracy of the model (put in eval mode) under L-inf PGD-steps at args.eps with a random start
+    seeded by seed: {"clean_acc", "robust_acc", "n"}."""
+    from robustops import attacks
+
+    model.eval()
+    atk = attacks.PGD(model, eps=args.eps, steps=steps, norm="linf", random_start=True, seed=seed)
+    return attacks.robust_accuracy(model, test_loader, atk, device=args.device, progress=False)

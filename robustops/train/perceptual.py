@@ -20,8 +20,9 @@ The features: NO pretrained AlexNet can be downloaded here (and none is bundled)
 robustops trains (e.g. a ``robustops train`` checkpoint of a natural model, :func:`load_feature_net`),
 and its layers are :func:`feature_modules`: the stem convolution and the stages of a ResNet-style model
 (attributes ``conv1``, ``layer1``, ``layer2``, ...: the layers Kireev et al.'s code perturbs), else every
-``nn.Conv2d`` of the model in registration order, shortcut convolutions left out. A layer whose output is
-[B, C] counts as [B, C, 1, 1].
+``nn.Conv2d`` (or Conv1d / Conv3d) of the model in registration order, shortcut convolutions left out.
+A layer whose output is [B, C] counts as [B, C, 1, 1]. :func:`feature_taps` picks some of these layers by
+depth, or any layers of a user model by name (:func:`modules_by_name`).
 """
 from __future__ import annotations
 
@@ -32,19 +33,23 @@ from typing import Callable, Iterator, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from ..models import load_model
+from ..models import load_model, split_normalize
 
-__all__ = ["feature_modules", "normalize_tensor", "spatial_average", "lpips_distance", "capture_features",
+__all__ = ["feature_modules", "modules_by_name", "feature_taps", "CONV_TYPES", "four_d", "normalize_tensor", "spatial_average",
+           "lpips_distance", "capture_features",
            "perturb_outputs", "PerceptualDistance", "check_feature_file", "load_feature_net"]
 
 #: what the lpips package adds to the channel norm (``lpips.normalize_tensor``'s eps)
 NORM_EPS = 1e-10
+#: the layers :func:`feature_modules` taps in a model without ResNet stages
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def feature_modules(net: nn.Module) -> List[nn.Module]:
     """The modules whose outputs are the perceptual features of ``net`` (see the module docstring):
-    [conv1, layer1, layer2, ...] for a ResNet-style model anywhere inside net, else every nn.Conv2d
-    (not a shortcut) in registration order. ValueError when net has none."""
+    [conv1, layer1, layer2, ...] for a ResNet-style model anywhere inside net, else every convolution
+    (not a shortcut; Conv1d / Conv3d too: a video model's taps) in registration order. ValueError when net has
+    none."""
     for m in net.modules():
         if hasattr(m, "layer1") and isinstance(getattr(m, "conv1", None), nn.Module):
             stages, k = [m.conv1], 1
@@ -52,11 +57,50 @@ def feature_modules(net: nn.Module) -> List[nn.Module]:
                 stages.append(getattr(m, f"layer{k}"))
                 k += 1
             return stages
-    convs = [m for name, m in net.named_modules() if isinstance(m, nn.Conv2d) and "shortcut" not in name]
+    convs = [m for name, m in net.named_modules() if isinstance(m, CONV_TYPES) and "shortcut" not in name]
     if not convs:
         raise ValueError(f"the feature network ({type(net).__name__}) has no convolution whose features LPIPS "
                          f"could compare")
     return convs
+
+
+def modules_by_name(net: nn.Module, names: Sequence[str]) -> List[nn.Module]:
+    """The submodules of ``net`` called ``names`` (``net.named_modules()`` spellings, e.g. "features.2" or
+    "layer3"), in the order given: the feature taps of a user model. When net is ``nn.Sequential(Normalize,
+    model)`` (a model with its input normalisation in front, as training runs it) the names of ``model``'s
+    own layers are accepted too. ValueError naming the first unknown layer (and a few that exist) when one
+    is missing, or when names is empty."""
+    if isinstance(names, str) or not names:
+        raise ValueError(f"names must be a non-empty list of layer names, got {names!r}")
+    table = dict(net.named_modules())
+    body = split_normalize(net)[0]
+    if body is not net:  # the user's names are those of the model behind the normalisation
+        table = {**dict(body.named_modules()), **table}
+    for n in names:
+        if n not in table or not n:
+            known = [k for k in table if k][:12]
+            raise ValueError(f"layer {n!r} is not a submodule of {type(net).__name__}; its layers include "
+                             f"{', '.join(known)}")
+    return [table[n] for n in names]
+
+
+def feature_taps(net: nn.Module, layers: Optional[Sequence] = None) -> List[nn.Module]:
+    """The modules to tap at chosen depths: None -> every :func:`feature_modules` layer; a list of ints ->
+    those depths of :func:`feature_modules` (0 = the shallowest; negative counts from the deepest); a list
+    of str -> :func:`modules_by_name`. ValueError naming a depth out of range or an unknown layer."""
+    if layers is None:
+        return feature_modules(net)
+    layers = list(layers)
+    if layers and all(isinstance(v, str) for v in layers):
+        return modules_by_name(net, layers)
+    if not layers or not all(isinstance(v, int) and not isinstance(v, bool) for v in layers):
+        raise ValueError(f"layers must be a non-empty list of depths (int) or of layer names (str), got {layers!r}")
+    mods = feature_modules(net)
+    for d in layers:
+        if not -len(mods) <= d < len(mods):
+            raise ValueError(f"layer depth {d} is out of range: {type(net).__name__} has {len(mods)} feature "
+                             f"layers (depths 0..{len(mods) - 1})")
+    return [mods[d] for d in layers]
 
 
 def normalize_tensor(f: torch.Tensor, eps: float = NORM_EPS) -> torch.Tensor:
@@ -69,7 +113,8 @@ def spatial_average(f: torch.Tensor) -> torch.Tensor:
     return f.mean((2, 3))
 
 
-def _four_d(f: torch.Tensor) -> torch.Tensor:
+def four_d(f: torch.Tensor) -> torch.Tensor:
+    """A [B, C] layer output as [B, C, 1, 1]; any other shape unchanged."""
     return f.reshape(*f.shape[:2], 1, 1) if f.dim() == 2 else f
 
 
@@ -84,7 +129,7 @@ def lpips_distance(feats0: Sequence[torch.Tensor], feats1: Sequence[torch.Tensor
         raise ValueError(f"weights must have one Tensor[C] per layer ({len(feats0)}), got {len(weights)}")
     total = 0
     for i, (a, b) in enumerate(zip(feats0, feats1)):
-        a, b = _four_d(a), _four_d(b)
+        a, b = four_d(a), four_d(b)
         if a.shape != b.shape:
             raise ValueError(f"layer {i}: the two feature maps differ in shape, {list(a.shape)} and {list(b.shape)}")
         diff = (normalize_tensor(a) - normalize_tensor(b)).pow(2)
@@ -98,7 +143,9 @@ def lpips_distance(feats0: Sequence[torch.Tensor], feats1: Sequence[torch.Tensor
 def capture_features(modules: Sequence[nn.Module], inputs: bool = False) -> Iterator[List[torch.Tensor]]:
     """Within the block every forward appends the outputs of ``modules`` (in their forward order) to
     the yielded list (inputs=True: their first inputs, e.g. the representation a classifier head
-    reads); the hooks are removed on exit."""
+    reads); the hooks are removed on exit. The tensors are the network's own (no copy), so an output that
+    a later in-place op overwrites (``ReLU(inplace=True)`` after a convolution) is seen as the network
+    leaves it, post-activation, exactly as a manual forward of the same network shows it."""
     out: List[torch.Tensor] = []
     handles = [m.register_forward_hook(lambda _m, i, o: out.append(i[0] if inputs else o)) for m in modules]
     try:

@@ -12,3 +12,4 @@ from . import rlat  # noqa: F401
 from . import ada  # noqa: F401
 from . import augrmix  # noqa: F401
 from . import infoat  # noqa: F401
+from . import sat  # noqa: F401
