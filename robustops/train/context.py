@@ -30,8 +30,8 @@ __all__ = ["MethodContext", "CONTEXT_ATTRIBUTES", "Closure", "weighted_cross_ent
 Closure = Callable[[nn.Module], Tuple[torch.Tensor, Any]]
 
 #: The public attributes of a MethodContext: the documented set a method may use (a test keeps them equal).
-CONTEXT_ATTRIBUTES = ("cfg", "device", "forward", "rank", "world_size", "amp_dtype", "weights", "progress", "epoch",
-                      "seed", "autocast", "fmt", "update", "natural_step", "stats", "cross_entropy", "mixed_ce",
+CONTEXT_ATTRIBUTES = ("cfg", "device", "forward", "rank", "world_size", "amp_dtype", "weights", "ood", "ood_count",
+                      "progress", "epoch", "seed", "autocast", "fmt", "update", "natural_step", "stats", "cross_entropy", "mixed_ce",
                       "mixup", "cutmix", "engine", "attack", "budget")
 
 
