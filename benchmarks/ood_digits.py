@@ -5,11 +5,11 @@ The demo's settings (SmallCNN, SGD lr 0.05 cyclic, batch 64, eps 0.2, 7 inner st
 144 held-out training images). Configurations:
 
 - ``PGD-AT``: 30 epochs of 64 digits per batch (the baseline);
-- ``+ OOD``: batches of 32 digits + 32 generated OOD images (``digits-ood``, ratio 0.5), 15 epochs: the same
-  number of optimizer steps and the same batch size as the baseline (the official code's protocol: half
-  the batch OOD, half the epochs);
-- ``+ OOD (2x batch)``: 64 digits + 64 OOD images per batch, 30 epochs: the same steps and the same digits
-  per step as the baseline (twice its forward / backward work).
+- ``+ OOD``: batches of 64 with a fraction r (``--ood-ratio``, default 0.5) of generated OOD images
+  (``digits-ood``), round(30 (1 - r)) epochs: about the same number of optimizer steps and the same batch
+  size as the baseline (the official code's protocol at r = 1/2: half the batch OOD, half the epochs);
+- ``+ OOD (2x batch)``: 64 digits + round(64 / (1 - r)) - 64 OOD images per batch, 30 epochs: the same
+  steps and the same digits per step as the baseline (1 / (1 - r) times its forward / backward work).
 
 Measured on the digits test split (360 images): clean accuracy and PGD-20 accuracy (random start, step
 2.5 eps / 20). Each row is printed beside the baseline of its seed and appended to
@@ -35,9 +35,10 @@ CONFIGS = ("PGD-AT", "+ OOD", "+ OOD (2x batch)")
 
 def run_one(name: str, seed: int, args, train_ds, val_ds, test_loader) -> dict:
     """One training run of a configuration and its test row."""
-    epochs = args.epochs // 2 if name == "+ OOD" else args.epochs
-    batch = 128 if "2x" in name else 64
-    ood = {} if name == "PGD-AT" else {"ood_data": args.ood_data, "ood_ratio": 0.5, "ood_weight": args.ood_weight}
+    r = args.ood_ratio
+    epochs = max(1, round(args.epochs * (1 - r))) if name == "+ OOD" else args.epochs
+    batch = round(64 / (1 - r)) if "2x" in name else 64
+    ood = {} if name == "PGD-AT" else {"ood_data": args.ood_data, "ood_ratio": r, "ood_weight": args.ood_weight}
     torch.manual_seed(seed)
     model = models.get_model("small_cnn", **DIGITS_MODEL).to(args.device)
     loader = DataLoader(train_ds, batch_size=batch, shuffle=True, generator=torch.Generator().manual_seed(seed))
@@ -48,9 +49,9 @@ def run_one(name: str, seed: int, args, train_ds, val_ds, test_loader) -> dict:
     cfg = train.FitConfig.make("pgd", eps=args.eps, steps=7, val_steps=20)
     m = train.evaluate(model, test_loader, cfg, device=args.device)
     # the OOD loader's epoch: one pass over the digits, half a batch of them per step
-    steps = res.epochs_run * (len(train_ds) // (batch // 2) if ood else len(loader))
+    steps = res.epochs_run * (len(train_ds) // (batch - int(r * batch + 0.5)) if ood else len(loader))
     return {"config": name, "label": res.config.label, "seed": seed, "epochs": epochs, "batch": batch,
-            "eps": args.eps, "ood_weight": args.ood_weight if ood else "", "opt_steps": steps,
+            "eps": args.eps, "ood_ratio": r if ood else "", "ood_weight": args.ood_weight if ood else "", "opt_steps": steps,
             "clean": m["clean_acc"], "pgd20": m["robust_acc"], "best_epoch": res.best_epoch,
             "train_s": res.train_time, "wall_s": time.perf_counter() - t0}
 
@@ -62,6 +63,7 @@ def main(argv=None):
     p.add_argument("--eps", type=float, default=0.2)
     p.add_argument("--ood-data", default="digits-ood")
     p.add_argument("--ood-weight", type=float, default=1.0)
+    p.add_argument("--ood-ratio", type=float, default=0.5)
     p.add_argument("--configs", default=",".join(CONFIGS))
     p.add_argument("--quick", action="store_true")
     args = p.parse_args(argv)

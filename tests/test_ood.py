@@ -71,7 +71,11 @@ def test_uniform_label_loss_closed_form():
     ood = torch.arange(64) % 3 == 0
     y = torch.randint(0, K, (64,))
     t = oat.soft_targets(y, ood, K)
-    assert torch.allclose(oat.soft_cross_entropy(w, t), oat.marked_loss(w, oat.marked_labels(y, ood)), atol=1e-5)
+    per = oat.marked_loss(w, oat.marked_labels(y, ood))
+    assert torch.allclose(oat.soft_cross_entropy(w, t), per, atol=1e-5)
+    # the paper's E_in[CE] + lambda E_OOD[CE_u], as batch means
+    want = per[~ood].mean() + 2.5 * per[ood].mean()
+    assert torch.allclose(oat.batch_loss(per, ood, 2.5, int(ood.sum())), want, atol=1e-5)
 
 
 def test_generated_ood_deterministic_in_range():

@@ -8,20 +8,25 @@ its mask says which rows are OOD; an epoch is one pass over the training data, s
 (1/K, ..., 1/K) with the paper's adversarial term: they are attacked too, at the run's eps, to raise
 their loss against u. For PGD-AT the objective is
 
-    L = (1 / B) [ sum_{i in-dist} CE(f(x_i'), y_i) + lambda * sum_{j OOD} CE_u(f(x~_j')) ],
+    L = mean_{i in-dist} CE(f(x_i'), y_i) + lambda * mean_{j OOD} CE_u(f(x~_j')),
 
-x' maximising the same per-sample loss over the eps-ball (the official AT code: one batch, soft
-targets, the OOD rows' cross-entropy scaled by alpha = lambda, averaged over the whole batch), with
+the paper's E_D[max CE] + lambda E_OOD[max CE_u], x' maximising the same per-sample loss over the
+eps-ball, with
 
     CE_u(z) = -(1/K) sum_k log softmax(z)_k = logsumexp(z) - mean_k z_k = log K + KL(u || softmax(z)),
 
 whose minimum over the logits is log K, reached exactly at equal logits (gradient softmax(z) - u = 0).
-For TRADES the natural term is the same soft-target cross-entropy (OOD rows weighted by lambda) and the
-KL term, label-free, covers every row, OOD rows weighted by lambda too; its inner maximisation is TRADES'
-own over the whole batch (the official TRADES code concatenates the OOD rows with uniform targets and
-uses lambda = 1).
+For TRADES each row's loss is CE (to y, or CE_u on the OOD rows) + beta KL(f(x) || f(x')), combined in the
+same way (mean over the in-distribution rows + lambda * mean over the OOD rows); its inner maximisation is
+TRADES' own over the whole batch (label-free).
 
-Choices the paper leaves open, or where this code departs from the official one: lambda is
+Where the official code differs: it averages the per-row losses over the whole batch, (1 / B) [sum_in +
+lambda sum_OOD] (AT: the OOD rows' cross-entropy scaled by alpha = lambda; TRADES: the OOD rows concatenated
+with uniform soft targets, lambda = 1). At ratio r that is (1 - r) [mean_in + lambda r / (1 - r) mean_OOD]:
+the same objective at a learning rate scaled by 1 - r; here the in-distribution term keeps the base
+method's scale, so ratio -> 0 leaves the base method's step unchanged.
+
+Choices the paper leaves open: lambda is
 ``ood_weight`` (default 1: the official TRADES code; its AT code uses 5 on CIFAR-10); the ratio is
 ``ood_ratio`` (the official code uses 1/2, the in-distribution half of the batch being what PGD-AT alone
 would use: compare at the same number of optimizer steps, which 1 / (1 - r) times fewer epochs give);
@@ -84,9 +89,12 @@ def marked_loss(logits: torch.Tensor, marked: torch.Tensor) -> torch.Tensor:
     return torch.where(marked < 0, uniform_label_loss(logits, "none"), ce)
 
 
-def batch_loss(per_row: torch.Tensor, ood: torch.Tensor, weight: float) -> torch.Tensor:
-    """(1 / B) [sum of the in-distribution rows' losses + weight * sum of the OOD rows'] of per-row losses [B]."""
-    return (per_row * row_weights(ood, weight)).sum() / per_row.shape[0]
+def batch_loss(per_row: torch.Tensor, ood: torch.Tensor, weight: float, ood_count: int) -> torch.Tensor:
+    """The mean of the in-distribution rows' losses + weight * the mean of the OOD rows' (per-row losses [B],
+    ood_count OOD rows, at least one of each kind)."""
+    n_in = per_row.shape[0] - int(ood_count)
+    scale = torch.where(ood, float(weight) / int(ood_count), 1.0 / n_in)
+    return (per_row * scale).sum()
 
 
 def ood_stats(loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor, ood: torch.Tensor, ood_count: int):

@@ -18,7 +18,7 @@ its dominant labels y. As alpha -> 0 (lam = 1) it is the 50 % clean / 50 % adver
 
 OOD data (``ood_ratio`` > 0, :mod:`robustops.train.ood`, Lee et al. 2021): the OOD rows of the batch
 (``ctx.ood``) are attacked to raise, and trained to lower, their cross-entropy to the uniform label,
-weighted by ``ood_weight``, averaged over the whole batch with the in-distribution rows' cross-entropy.
+their mean weighted by ``ood_weight`` and added to the in-distribution rows' mean cross-entropy.
 
 ``cutmix`` (Rebuffi et al. 2021, :mod:`robustops.train.cutmix`): the batch is composed first and PGD
 maximises, and training minimises, the mixed cross-entropy lam CE(f(x'), y) + (1 - lam) CE(f(x'), y[pi])
@@ -54,7 +54,7 @@ class PGDTraining(Method):
 
         def closure(net):
             logits = net(x_adv)
-            return oat.batch_loss(oat.marked_loss(logits, marked), ood, c.ood_weight), logits
+            return oat.batch_loss(oat.marked_loss(logits, marked), ood, c.ood_weight, ctx.ood_count), logits
 
         loss, logits = ctx.update(closure)
         return oat.ood_stats(loss, logits, y, ood, ctx.ood_count)

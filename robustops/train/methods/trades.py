@@ -14,7 +14,7 @@ code targets the mixed label instead) and the natural term is the mixed cross-en
 
 OOD data (``ood_ratio`` > 0, :mod:`robustops.train.ood`, Lee et al. 2021): the inner maximisation covers
 every row (label-free, as always); the natural term is the cross-entropy to the uniform label on the OOD
-rows (``ctx.ood``), and both terms weight the OOD rows by ``ood_weight`` and average over the whole batch.
+rows (``ctx.ood``); the loss is the in-distribution rows' mean plus ``ood_weight`` times the OOD rows' mean.
 
 Per-sample weights (``sample_weights``, e.g. a coreset's): both terms become weighted means,
 sum_i w_i (CE_i + beta KL_i) / sum_i w_i; without weights the loss is computed exactly as before."""
@@ -77,7 +77,8 @@ class Trades(Method):
             logits, logits_adv = net(x, x_adv)
             kl = F.kl_div(F.log_softmax(logits_adv.float(), dim=1), F.softmax(logits.float(), dim=1),
                           reduction="none").sum(1)
-            return oat.batch_loss(oat.marked_loss(logits, marked) + c.beta * kl, ood, c.ood_weight), logits
+            per_row = oat.marked_loss(logits, marked) + c.beta * kl
+            return oat.batch_loss(per_row, ood, c.ood_weight, ctx.ood_count), logits
 
         loss, logits = ctx.update(closure)
         return oat.ood_stats(loss, logits, y, ood, ctx.ood_count)
