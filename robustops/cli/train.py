@@ -111,6 +111,19 @@ def _add_coreset(p: argparse.ArgumentParser) -> None:
                         "epochs - floor(KAPPA * epochs) coreset epochs (0: none; None: 0.6, the official code's)")
 
 
+def _add_ood(g) -> None:
+    """--ood-data and its settings (robustops.train.ood; Lee et al. 2021)."""
+    g.add_argument("--ood-data", default=None, metavar="SPEC",
+                   help="out-of-distribution images mixed into every training batch and trained toward the uniform "
+                        "label, attacked too (Lee et al. 2021; pgd, trades): \"digits-ood\" or \"digits-ood:N\" (N "
+                        "letters, textures, gratings and blobs generated from --seed at the data's shape) or any --data "
+                        "spec (its images; labels ignored)")
+    g.add_argument("--ood-ratio", type=fraction("ood-ratio"), default=None,
+                   help="with --ood-data: the fraction of OOD images in each batch, in (0, 1) (None: 0.5, the paper's)")
+    g.add_argument("--ood-weight", type=float, default=None, metavar="LAMBDA",
+                   help="with --ood-data: the weight of the OOD images' uniform-label loss (None: 1)")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from .. import train
 
@@ -132,6 +145,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "generate writes one)")
     g.add_argument("--extra-ratio", type=fraction("extra-ratio"), default=0.5,
                    help="with --extra-data: the fraction of generated samples in each batch, in [0, 1)")
+    _add_ood(g)
     g = p.add_argument_group("method")
     g.add_argument("--method", default="pgd", choices=list(train.METHODS),
                    help="; ".join(f"{k}: {v}" for k, v in train.describe_methods().items()))
@@ -310,6 +324,7 @@ def run(args) -> int:
         except ImportError:
             raise CLIError("--tensorboard needs the tensorboard package (pip install tensorboard)") from None
     train_ds, info = load_data(args.data, "train")
+    args.ood_images = _ood_images(args, info)  # checked before any work
     warn_empty_classes(train_ds, info, "train")  # a stray label 12 makes a 13-class model: say so
     setup_run(args, sample_numel=math.prod(info["input_shape"]))
     if args.test_steps > 0:
@@ -333,6 +348,7 @@ def run(args) -> int:
         hp.update(coreset=args.coreset, **given)
     if args.coreset is not None and args.extra_data is not None:
         raise CLIError("--coreset selects from the training set alone; it cannot be combined with --extra-data")
+    hp.update(_ood_hparams(args))
     if args.perturbation_model is not None:
         hp["perturbation_model"] = os.path.abspath(args.perturbation_model)
     try:
@@ -356,6 +372,33 @@ def run(args) -> int:
                   f"command and --resume", file=sys.stderr)
         return 130
     return 0
+
+
+def _ood_hparams(args) -> Dict[str, Any]:
+    """--ood-ratio / --ood-weight as FitConfig settings (checked against --ood-data and --extra-data)."""
+    if args.ood_data is None:
+        given = [f for f, v in (("--ood-ratio", args.ood_ratio), ("--ood-weight", args.ood_weight)) if v is not None]
+        if given:
+            raise CLIError(f"{given[0]} is a setting of --ood-data, which is not given")
+        return {}
+    if args.extra_data is not None:
+        raise CLIError("--ood-data cannot be combined with --extra-data (one mixed loader per run)")
+    ratio = 0.5 if args.ood_ratio is None else args.ood_ratio
+    if not 0 < ratio < 1:
+        raise CLIError(f"--ood-ratio must be in (0, 1) with --ood-data, got {ratio}")
+    return {"ood_ratio": ratio, "ood_weight": 1.0 if args.ood_weight is None else args.ood_weight}
+
+
+def _ood_images(args, info):
+    """The --ood-data images at the training data's shape (robustops.ood.load_ood), or None."""
+    if args.ood_data is None:
+        return None
+    from ..ood import load_ood
+
+    try:
+        return load_ood(args.ood_data, info["input_shape"], args.seed)
+    except (ValueError, TypeError) as e:
+        raise CLIError(f"--ood-data: {e}") from None
 
 
 def _uses_perturbation_model(method: str) -> bool:
@@ -496,7 +539,7 @@ def _train(args, info, train_ds, hp, d) -> None:
                         resume=True if args.resume else None, progress=args.progress, device=d.device,
                         model_name=name, model_kwargs=model_kwargs, extra={"data": args.data},
                         tensorboard=os.path.join(args.out, "tb") if args.tensorboard else None,
-                        threads=args.threads, **hp)
+                        threads=args.threads, ood_data=args.ood_images, **hp)
     except (ValueError, FileNotFoundError) as e:
         raise CLIError(str(e)) from None
     if d.rank != 0:
@@ -510,5 +553,7 @@ def _train(args, info, train_ds, hp, d) -> None:
         "last_epoch": res.last, "test": test, "threads": args.threads,
         "extra_data": None if args.extra_data is None else {"path": os.path.abspath(args.extra_data),
                                                             "ratio": args.extra_ratio},
+        "ood_data": None if args.ood_data is None else {"spec": args.ood_data, "ratio": hp["ood_ratio"],
+                                                        "weight": hp["ood_weight"], "images": len(args.ood_images)},
         "config": dataclasses.asdict(res.config) if res.config else None})
     print(f"checkpoints and log in {args.out}/ (best epoch {res.best_epoch}); summary -> {summary}")

@@ -50,6 +50,8 @@ def options_label(cfg) -> str:
     if getattr(cfg, "coreset", None) is not None:
         name = {"craig": "CRAIG", "gradmatch": "GradMatch"}.get(cfg.coreset, cfg.coreset)
         parts.append(f"{name} coreset ({cfg.coreset_frac:g})")
+    if getattr(cfg, "ood_ratio", 0):
+        parts.append(f"OOD (ratio={cfg.ood_ratio:g}, lambda={cfg.ood_weight:g})")
     return "".join(" + " + p for p in parts)
 
 
@@ -150,6 +152,10 @@ class FitConfig:
     coreset_frac: float = 0.5
     coreset_every: int = 5
     coreset_warmup: float = 0.6
+    # out-of-distribution data (robustops.train.ood, Lee et al. 2021): the fraction of OOD rows per batch
+    # (0: off) and lambda, the weight of their uniform-label loss; the images are fit's ood_data
+    ood_ratio: float = 0.0
+    ood_weight: float = 1.0
     # the method's own hyperparameters
     params: Dict[str, Any] = field(default_factory=dict)
 
@@ -290,6 +296,7 @@ def _validate(c: FitConfig) -> None:
     need(c.cutmix is None or c.mixup is None,
          "cutmix and mixup cannot be combined (each batch is mixed one way): give one of them")
     _validate_coreset(c)
+    _validate_ood(c)
     cls = registry.get(c.method)
     for opt, what in OPTIONS.items():
         if getattr(c, opt) is not None and opt not in method_options(cls):
@@ -319,6 +326,27 @@ def _validate_coreset(c: FitConfig) -> None:
         having = [n for n in registry.names() if registry.get(n).adversarial and registry.get(n).supports_coreset()]
         raise ValueError(f"coreset (adversarial coreset selection) needs an adversarial method with per-sample "
                          f"weights and a coreset proxy ({', '.join(having)}); got {c.method!r}")
+
+
+def _validate_ood(c: FitConfig) -> None:
+    """The OOD-data settings (robustops.train.ood), and that the method and the options can take OOD rows."""
+    if not (_checks.is_finite_number(c.ood_ratio) and 0 <= c.ood_ratio < 1):
+        raise ValueError(f"ood_ratio (the fraction of OOD images per batch) must be in [0, 1), got {c.ood_ratio!r}")
+    if not (_checks.is_finite_number(c.ood_weight) and c.ood_weight >= 0):
+        raise ValueError(f"ood_weight (lambda, the weight of the OOD rows' uniform-label loss) must be a finite "
+                         f"number >= 0, got {c.ood_weight!r}")
+    if c.ood_ratio == 0:
+        return
+    if not registry.get(c.method).ood_data:
+        having = [n for n in registry.names() if registry.get(n).ood_data]
+        raise ValueError(f"ood_data (OOD images toward the uniform label) is taken by the methods {', '.join(having)}, "
+                         f"not by {c.method!r}")
+    for opt in ("mixup", "cutmix", "coreset"):
+        if getattr(c, opt) is not None:
+            raise ValueError(f"ood_data cannot be combined with {opt} (their batches are built differently)")
+    if c.budget_schedule == "adaptive":
+        raise ValueError("ood_data cannot be combined with budget_schedule='adaptive' (its loss estimate needs a "
+                         "label for every row)")
 
 
 def resolve_config(cfg: Optional[FitConfig] = None, settings: Optional[Dict[str, Any]] = None) -> FitConfig:

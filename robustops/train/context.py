@@ -30,8 +30,8 @@ __all__ = ["MethodContext", "CONTEXT_ATTRIBUTES", "Closure", "weighted_cross_ent
 Closure = Callable[[nn.Module], Tuple[torch.Tensor, Any]]
 
 #: The public attributes of a MethodContext: the documented set a method may use (a test keeps them equal).
-CONTEXT_ATTRIBUTES = ("cfg", "device", "forward", "rank", "world_size", "amp_dtype", "weights", "progress", "epoch",
-                      "seed", "autocast", "fmt", "update", "natural_step", "stats", "cross_entropy", "mixed_ce",
+CONTEXT_ATTRIBUTES = ("cfg", "device", "forward", "rank", "world_size", "amp_dtype", "weights", "ood", "ood_count",
+                      "progress", "epoch", "seed", "autocast", "fmt", "update", "natural_step", "stats", "cross_entropy", "mixed_ce",
                       "mixup", "cutmix", "engine", "attack", "budget")
 
 
@@ -116,6 +116,9 @@ class MethodContext:
         or None (the default: every sample counts once). ``cross_entropy``, ``mixed_ce`` and
         ``natural_step`` apply them (a weighted mean); a method that declares ``sample_weights = True``
         promises its losses go through them, and the trainer refuses weights for the others.
+      ood: the OOD rows of the current minibatch (BoolTensor[B] on the device, :mod:`robustops.train.ood`) or
+        None (no OOD row): a method with ``ood_data = True`` trains them toward the uniform label;
+        ``ood_count`` is their number (an int: no host sync).
       progress: the fraction of the run's optimizer steps done, in [0, 1] (restored on resume).
       epoch: the 0-based data pass the next step belongs to (optimizer steps done // steps per pass).
 
@@ -154,6 +157,8 @@ class MethodContext:
         self.rank, self.world_size = int(rank), int(world_size)
         self.amp_dtype = _checks.autocast_dtype(cfg.amp, "amp")
         self.weights: Optional[torch.Tensor] = None
+        self.ood: Optional[torch.Tensor] = None
+        self.ood_count = 0
         self._gen, self._mix_gen, self._owner = gen, mix_gen, owner
         self._scaler = scaler
         self._engines: Dict[str, Engine] = {}

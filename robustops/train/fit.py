@@ -87,8 +87,9 @@ def _settings_pairs(old: Dict[str, Any], cfg: FitConfig):
     old_params = old.get("params") if isinstance(old.get("params"), dict) else old  # flat in older checkpoints
     if old.get("budget_schedule") is None:  # a checkpoint written before budget schedules ran constant
         old = {**old, "budget_schedule": "constant"}
+    old = {"ood_ratio": 0.0, "ood_weight": 1.0, **old}  # written before OOD data: none
     # and the settings of its schedule and of its coreset
-    keys = (_RESUME_MUST_MATCH + SCHEDULE_SETTINGS[cfg.budget_schedule]
+    keys = (_RESUME_MUST_MATCH + ("ood_ratio", "ood_weight") + SCHEDULE_SETTINGS[cfg.budget_schedule]
             + (_CORESET_MUST_MATCH if cfg.coreset is not None else ()))
     return (old, {k: getattr(cfg, k) for k in keys}), (old_params, cfg.params)
 
@@ -98,10 +99,13 @@ class _FitRun:
     validations without improvement; one method per part of the loop."""
 
     def __init__(self, model: nn.Module, train_loader, cfg: FitConfig, *, val_loader, out_dir, progress, verbose,
-                 device, model_name, model_kwargs, extra, tensorboard=None, threads=None):
+                 device, model_name, model_kwargs, extra, tensorboard=None, threads=None, ood_data=None):
         self.model, self.loader, self.cfg, self.val_loader = model, train_loader, cfg, val_loader
         self.out_dir, self.progress = out_dir, progress
         self.rank, self.world = dist_info()
+        self.ood = cfg.ood_ratio > 0
+        if self.ood:  # OOD rows mixed into every batch (robustops.train.ood): the loader yields (x, y, is_ood)
+            train_loader = self.loader = self.ood_loader(train_loader, ood_data)
         self.steps_per_epoch = len(train_loader)
         if self.steps_per_epoch == 0:
             raise ValueError("train_loader is empty")
@@ -140,6 +144,23 @@ class _FitRun:
         self.best_state = None
         self.bad = 0
         self.start = 0
+
+    def ood_loader(self, train_loader, ood_data):
+        """The mixed loader of the training data and the OOD images (a spec for ``robustops.ood.load_ood``,
+        made at the training images' shape, or a tensor [N, C, H, W])."""
+        from ..ood import load_ood
+        from .ood import ood_loader
+
+        if ood_data is None:
+            raise ValueError(f"ood_ratio {self.cfg.ood_ratio:g} > 0 needs ood_data (OOD images, or a spec such as "
+                             f"'digits-ood')")
+        seed = self.cfg.seed if self.cfg.seed is not None else 0
+        if isinstance(ood_data, str):
+            shape = getattr(train_loader, "real_x", None)
+            shape = tuple(shape.shape[1:]) if shape is not None else tuple(train_loader.dataset[0][0].shape)
+            ood_data = load_ood(ood_data, shape, seed)
+        return ood_loader(train_loader, torch.as_tensor(ood_data).float(), self.cfg.ood_ratio, seed=seed,
+                          rank=self.rank, world_size=self.world, lo=self.cfg.lo, hi=self.cfg.hi)
 
     def say(self, msg: str) -> None:
         if self.verbose:
@@ -209,7 +230,8 @@ class _FitRun:
         for i, batch in enumerate(bar):
             if self.rule_pending:
                 self.apply_thread_rule(batch[0])
-            batch_loss, batch_correct, n = tr.train_step(batch[0], batch[1], batch[2] if weighted else None)
+            batch_loss, batch_correct, n = tr.train_step(batch[0], batch[1], batch[2] if weighted else None,
+                                                         ood=batch[2] if self.ood else None)
             loss_sum += batch_loss
             finite += torch.isfinite(loss_sum)
             correct += batch_correct
@@ -388,7 +410,7 @@ class _FitRun:
 def fit(model: nn.Module, train_loader, method: str = "natural", *, val_loader=None, out_dir: Optional[str] = None,
         resume=None, progress: bool = True, verbose: bool = True, device=None, model_name: Optional[str] = None,
         model_kwargs: Optional[Dict[str, Any]] = None, extra: Optional[Dict[str, Any]] = None,
-        tensorboard: Optional[str] = None, threads=None, **hparams) -> FitResult:
+        tensorboard: Optional[str] = None, threads=None, ood_data=None, **hparams) -> FitResult:
     """Train ``model`` in place with ``method`` on ``train_loader`` (batches ``(x, y, ...)``, x in
     [lo, hi]); returns a :class:`FitResult`.
 
@@ -423,6 +445,11 @@ def fit(model: nn.Module, train_loader, method: str = "natural", *, val_loader=N
     where more threads only cost time, else the physical cores, divided among the torchrun processes
     of the machine, at most 8); an int >= 1: that many; 0 or "keep": torch's current setting. The
     caller's setting is restored when fit returns (or raises); ``FitResult.threads`` says what ran.
+    ood_data: out-of-distribution images for ``ood_ratio`` > 0 (with ``ood_weight``; pgd, trades;
+    :mod:`robustops.train.ood`, Lee et al. 2021): a spec (``robustops.ood.load_ood``: "digits-ood[:N]",
+    made from the run's seed at the training images' shape, or any dataset spec) or a tensor [N, C, H, W]
+    in [lo, hi]; mixed into train_loader's batches (a DataLoader over a map-style dataset) by
+    ``robustops.proxy.MixedLoader``. Ignored when ood_ratio is 0.
     """
     cfg = FitConfig.make(method, **hparams).resolved()
     resolve_threads(threads)  # a bad value fails here, before anything runs
@@ -430,7 +457,7 @@ def fit(model: nn.Module, train_loader, method: str = "natural", *, val_loader=N
     try:
         run = _FitRun(model, train_loader, cfg, val_loader=val_loader, out_dir=out_dir, progress=progress,
                       verbose=verbose, device=device, model_name=model_name, model_kwargs=model_kwargs, extra=extra,
-                      tensorboard=tensorboard, threads=threads)
+                      tensorboard=tensorboard, threads=threads, ood_data=ood_data)
         ckpt_path = resume_path(resume, out_dir)
         if ckpt_path is not None:
             run.resume(ckpt_path)

@@ -93,7 +93,8 @@ class Method:
     ``cfg.perturbation_model``: the CLI's --perturbation-model) and ``sample_weights`` (whether its
     loss applies per-sample loss weights: every loss goes through the context's ``cross_entropy`` /
     ``mixed_ce`` / ``natural_step``; the trainer refuses weights for the other methods) and
-    ``budget_schedules`` (whether it attacks with ``ctx.budget(x, y)``, so that ``budget_schedule`` applies).
+    ``budget_schedules`` (whether it attacks with ``ctx.budget(x, y)``, so that ``budget_schedule`` applies)
+    and ``ood_data`` (whether it trains the OOD rows of ``ctx.ood`` toward the uniform label, :mod:`.ood`).
 
     The context is all a method uses of its run: ``ctx.cfg`` (the resolved :class:`FitConfig`; the
     method's hyperparameters are its attributes), ``ctx.forward``, ``ctx.update(closure)`` (the one
@@ -113,6 +114,7 @@ class Method:
     uses_perturbation_model: ClassVar[bool] = False
     sample_weights: ClassVar[bool] = False
     budget_schedules: ClassVar[bool] = False
+    ood_data: ClassVar[bool] = False
 
     def __init__(self, ctx):
         self.ctx = ctx

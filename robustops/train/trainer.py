@@ -245,11 +245,13 @@ class Trainer:
 
     # ---- public
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor, weights: Optional[torch.Tensor] = None) -> StepStats:
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, weights: Optional[torch.Tensor] = None,
+                   ood: Optional[torch.Tensor] = None) -> StepStats:
         """One minibatch of the configured method (model in train mode). Returns (sum of losses,
         number correct, number of samples); the first two are device tensors (no host sync).
         weights: per-sample loss weights (Tensor[B], >= 0) for a method with ``sample_weights``: its
-        cross-entropy becomes the weighted mean sum_i w_i CE_i / sum_i w_i; None (the default) is the plain mean."""
+        cross-entropy becomes the weighted mean sum_i w_i CE_i / sum_i w_i; None (the default) is the plain mean.
+        ood: BoolTensor[B], the OOD rows (:mod:`.ood`) for a method with ``ood_data``; None or no True: none."""
         self.fwd.train()
         x, y = prepare_batch(self.ctx, x, y)
         if weights is not None:
@@ -261,10 +263,27 @@ class Trainer:
             if weights.shape != (x.shape[0],):
                 raise ValueError(f"weights must be a Tensor[B] with B = {x.shape[0]}, got shape {list(weights.shape)}")
         self.ctx.weights = weights
+        self.ctx.ood, self.ctx.ood_count = self._ood_mask(ood, x.shape[0])
         try:
             return self.method.step(x, y)
         finally:
-            self.ctx.weights = None
+            self.ctx.weights, self.ctx.ood, self.ctx.ood_count = None, None, 0
+
+    def _ood_mask(self, ood: Optional[torch.Tensor], n: int):
+        """(the OOD mask on the device, or None when it marks no row; its count), read on the host (the
+        loader's mask is a CPU tensor)."""
+        if ood is None:
+            return None, 0
+        ood = torch.as_tensor(ood)
+        if ood.dtype != torch.bool or ood.shape != (n,):
+            raise ValueError(f"ood must be a BoolTensor[B] with B = {n}, got {ood.dtype} of shape {list(ood.shape)}")
+        count = int(ood.sum())
+        if count == 0:
+            return None, 0
+        if not self.cfg.method_class.ood_data:
+            having = [m for m in registry.names() if registry.get(m).ood_data]
+            raise ValueError(f"OOD rows are trained by the methods {', '.join(having)}, not by {self.cfg.method!r}")
+        return ood.to(self.device, non_blocking=True), count
 
     def evaluate(self, loader, eps: Optional[float] = None, progress: bool = False) -> Dict[str, float]:
         """Clean accuracy, PGD accuracy (val_eps / val_alpha / val_steps / val_norm; skipped when the

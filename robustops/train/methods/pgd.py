@@ -16,12 +16,17 @@ The training loss and accuracy it reports are those of L and of the mixed advers
 its dominant labels y. As alpha -> 0 (lam = 1) it is the 50 % clean / 50 % adversarial loss
 (CE(f(x), y) + CE(f(x_adv), y)) / 2, not plain PGD-AT.
 
+OOD data (``ood_ratio`` > 0, :mod:`robustops.train.ood`, Lee et al. 2021): the OOD rows of the batch
+(``ctx.ood``) are attacked to raise, and trained to lower, their cross-entropy to the uniform label,
+their mean weighted by ``ood_weight`` and added to the in-distribution rows' mean cross-entropy.
+
 ``cutmix`` (Rebuffi et al. 2021, :mod:`robustops.train.cutmix`): the batch is composed first and PGD
 maximises, and training minimises, the mixed cross-entropy lam CE(f(x'), y) + (1 - lam) CE(f(x'), y[pi])
 of the composed batch's adversarial example x'.
 """
 from __future__ import annotations
 
+from .. import ood as oat
 from ..registry import Method, register
 
 
@@ -32,10 +37,27 @@ class PGDTraining(Method):
     options = ("awp", "ema", "mixup", "cutmix")
     sample_weights = True
     budget_schedules = True
+    ood_data = True
 
     @classmethod
     def label(cls, cfg) -> str:
         return f"PGD-{cfg.steps} AT"
+
+    def ood_step(self, x, y):
+        """OAT's step (:mod:`robustops.train.ood`): PGD on the per-row loss with the OOD rows' uniform label,
+        then the weighted batch loss."""
+        c, ctx = self.cfg, self.ctx
+        ood, marked = ctx.ood, oat.marked_labels(y, ctx.ood)
+        eps, alpha = ctx.budget(x, y)
+        x_adv = ctx.attack(x, marked, eps, alpha, c.steps, c.norm, c.random_start,
+                           engine=ctx.engine(c.norm, objective=oat.marked_loss))
+
+        def closure(net):
+            logits = net(x_adv)
+            return oat.batch_loss(oat.marked_loss(logits, marked), ood, c.ood_weight, ctx.ood_count), logits
+
+        loss, logits = ctx.update(closure)
+        return oat.ood_stats(loss, logits, y, ood, ctx.ood_count)
 
     def adversarial(self, x, y, log: bool = True):
         """PGD-k from x at this minibatch's budget (``ctx.budget``; log=False: a selection pass's)."""
@@ -49,6 +71,8 @@ class PGDTraining(Method):
 
     def step(self, x, y):
         c, ctx = self.cfg, self.ctx
+        if ctx.ood is not None:
+            return self.ood_step(x, y)
         if c.cutmix is not None:  # the composed batch and its mixed target (robustops.train.cutmix)
             x, y = ctx.cutmix(x, y)
         x_adv = self.adversarial(x, y)

@@ -12,6 +12,10 @@ the training gradient of that loss is taken at the perturbed weights.
 maximisation is TRADES' own (the KL to the clean prediction on the composed batch, no label; the official
 code targets the mixed label instead) and the natural term is the mixed cross-entropy.
 
+OOD data (``ood_ratio`` > 0, :mod:`robustops.train.ood`, Lee et al. 2021): the inner maximisation covers
+every row (label-free, as always); the natural term is the cross-entropy to the uniform label on the OOD
+rows (``ctx.ood``); the loss is the in-distribution rows' mean plus ``ood_weight`` times the OOD rows' mean.
+
 Per-sample weights (``sample_weights``, e.g. a coreset's): both terms become weighted means,
 sum_i w_i (CE_i + beta KL_i) / sum_i w_i; without weights the loss is computed exactly as before."""
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .. import ood as oat
 from ..registry import Hyper, Method, register
 
 
@@ -34,6 +39,7 @@ class Trades(Method):
     options = ("awp", "ema", "cutmix")
     budget_schedules = True
     sample_weights = True
+    ood_data = True
 
     @classmethod
     def label(cls, cfg) -> str:
@@ -59,8 +65,28 @@ class Trades(Method):
         # a selection pass trains nothing: its budgets stay out of train_eps and the adaptive estimate
         return {"clean": x, "adv": self.adversarial(x, y, log=False), "beta": self.cfg.beta}
 
+    def ood_step(self, x, y):
+        """OAT with TRADES (:mod:`robustops.train.ood`): TRADES' attack on the whole batch, the OOD rows'
+        natural term toward the uniform label, both terms weighted per row."""
+        c, ctx = self.cfg, self.ctx
+        ood, marked = ctx.ood, oat.marked_labels(y, ctx.ood)
+        x_adv = self.adversarial(x, y)
+        ctx.forward.train()
+
+        def closure(net):
+            logits, logits_adv = net(x, x_adv)
+            kl = F.kl_div(F.log_softmax(logits_adv.float(), dim=1), F.softmax(logits.float(), dim=1),
+                          reduction="none").sum(1)
+            per_row = oat.marked_loss(logits, marked) + c.beta * kl
+            return oat.batch_loss(per_row, ood, c.ood_weight, ctx.ood_count), logits
+
+        loss, logits = ctx.update(closure)
+        return oat.ood_stats(loss, logits, y, ood, ctx.ood_count)
+
     def step(self, x, y):
         c, ctx = self.cfg, self.ctx
+        if ctx.ood is not None:
+            return self.ood_step(x, y)
         if c.cutmix is not None:  # the composed batch and its mixed target (robustops.train.cutmix)
             x, y = ctx.cutmix(x, y)
         x_adv = self.adversarial(x, y)
