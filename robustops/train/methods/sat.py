@@ -36,7 +36,7 @@ the distances on the logits and the hinge form are our choices. The step goes th
 the model in train mode (three forwards: x', x, x_t).
 
 Defaults (the paper's weights could not be read): w_s = w_c = w_b = 1, w_mm = 1, m = 1, all depths.
-Randomness comes only from ``ctx.seed()`` (the trainer's checkpointed generator): resume is exact with no
+Randomness comes only from ``ctx.seed()`` (the run's checkpointed generator): resume is exact with no
 state of the method's own.
 """
 from __future__ import annotations
