@@ -11,3 +11,4 @@ from . import denoise  # noqa: F401
 from . import rlat  # noqa: F401
 from . import ada  # noqa: F401
 from . import augrmix  # noqa: F401
+from . import jsigr  # noqa: F401
