@@ -94,7 +94,7 @@ def test_selective_term_is_zero_when_the_saliency_lies_in_the_kept_fraction():
 def test_resume_matches_uninterrupted(digits, tmp_path):
     train_ds, test_ds = digits
     hp = dict(epochs=2, eps=0.1, steps=1, seed=3, progress=False, verbose=False, jsigr_projections=2)
-    ref, res, crash = resume_matches_uninterrupted("jsigr", Subset(train_ds, list(range(96))),
+    ref, res, crash = resume_matches_uninterrupted("jsigr", Subset(train_ds, list(range(64))),
                                                    DataLoader(Subset(test_ds, list(range(32))), batch_size=32),
                                                    tmp_path, hp, crash_after=lambda n: n + 1, width=4)
     assert crash["epoch"] == 1 and res.epochs_run == ref.epochs_run == 2
@@ -167,3 +167,15 @@ def test_cli_transfer_errors(runs, tmp_path, capsys):
         assert main(base + extra) != 0
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and all(w in lines[0] for w in words), lines
+
+
+def test_saliency_picture_helpers(tmp_path):
+    from robustops.plotting import plot_image_grid
+    from robustops.train.jacobian import input_saliency
+
+    net = tiny_cnn(seed=3, width=4).eval()
+    x, y = torch.rand(2, 1, 8, 8), torch.tensor([1, 2])
+    s = input_saliency(net, x, y)
+    assert s.shape == (2, 8, 8) and torch.allclose(s.flatten(1).amax(1), torch.ones(2)) and (s >= 0).all()
+    paths = plot_image_grid(str(tmp_path / "g.png"), {"digit": x[:, 0], "saliency": s}, "t", {"saliency": "magma"})
+    assert all(os.path.getsize(p) > 0 for p in paths)

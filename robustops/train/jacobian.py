@@ -26,7 +26,7 @@ import torch
 
 from .. import _checks
 
-__all__ = ["JacobianNorm", "jacobian_frobenius", "unit_sphere"]
+__all__ = ["JacobianNorm", "jacobian_frobenius", "unit_sphere", "input_saliency"]
 
 
 class JacobianNorm(NamedTuple):
@@ -77,3 +77,14 @@ def jacobian_frobenius(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tens
     else:
         se = torch.full_like(d[0].detach(), float("nan"))
     return JacobianNorm(d.mean(0), se, d)
+
+
+def input_saliency(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The input-gradient saliency map |grad_x CE(model(x_b), y_b)| of each sample, summed over the channels
+    and scaled to a maximum of 1 per sample: [B, H, W] for images [B, C, H, W] (model in its current mode)."""
+    x = x.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        loss = torch.nn.functional.cross_entropy(model(x).float(), y, reduction="sum")
+        (g,) = torch.autograd.grad(loss, x)
+    s = g.abs().sum(1) if g.dim() == 4 else g.abs()
+    return s / s.flatten(1).amax(1).clamp_min(1e-12).view(-1, *([1] * (s.dim() - 1)))
