@@ -69,32 +69,35 @@ def picture(path: str, targets: dict, data, eps: float, n: int = 8) -> None:
                                                       "PGD-20 adversarial examples)", cmaps)))
 
 
+def _cell(vals, ref: float) -> str:
+    m = statistics.fmean(vals)
+    s = statistics.stdev(vals) if len(vals) > 1 else 0.0
+    return f"{m:.1f} +- {s:.1f} ({m - ref:+.1f})"
+
+
 def summary(rows, keys) -> list:
     """Markdown rows: mean +- std over seeds (%) of each column, and the difference to PGD-AT's mean."""
     cols = ["clean_acc", "robust_acc"] + [f"transfer_{s}" for s in SOURCES]
     ref = {c: statistics.fmean([100 * r[c] for r in rows if r["method"] == "pgd"] or [float("nan")]) for c in cols}
-    out = []
-    for key in keys:
-        sel = [r for r in rows if r["method"] == key]
-        if not sel:
-            continue
-        cells = []
-        for c in cols:
-            vals = [100 * r[c] for r in sel]
-            m, s = statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
-            cells.append(f"{m:.1f} +- {s:.1f} ({m - ref[c]:+.1f})")
-        out.append(f"| {key} | " + " | ".join(cells) + f" | {len(sel)} |")
-    return out
+    by_key = {k: [r for r in rows if r["method"] == k] for k in keys}
+    return [f"| {k} | " + " | ".join(_cell([100 * r[c] for r in sel], ref[c]) for c in cols) + f" | {len(sel)} |"
+            for k, sel in by_key.items() if sel]
+
+
+#: the script's own flags: (flag, add_argument's keywords)
+FLAGS = (("--methods", dict(default=",".join(METHODS), help="comma-separated rows")),
+         ("--seeds", dict(default="0,1", help="comma-separated seeds (the sources use seed + 100)")),
+         ("--epochs", dict(type=int, default=30, help="epochs of every model (the demo's: 30)")),
+         ("--eps", dict(type=float, default=0.2, help="the threat model of training and of every attack")),
+         ("--quick", dict(action="store_true", help="seed 0, 2 epochs")),
+         ("--picture", dict(default=None, help="also draw the saliency maps of the first seed's PGD-AT and J-SIGR "
+                                               "models to this PNG")))
 
 
 def main(argv=None):
     p = parser(__doc__, "jsigr_digits.csv")
-    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated rows")
-    p.add_argument("--seeds", default="0,1")
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--eps", type=float, default=0.2, help="the threat model of training and of every attack")
-    p.add_argument("--quick", action="store_true", help="seed 0, 2 epochs")
-    p.add_argument("--picture", default=None, help="also draw the saliency maps of seed 0's PGD-AT and J-SIGR models")
+    for flag, kw in FLAGS:
+        p.add_argument(flag, **kw)
     args = p.parse_args(argv)
     if args.quick:
         args.seeds, args.epochs = "0", 2
