@@ -96,8 +96,8 @@ class JSIGR(Method):
             xc = x.detach().clone().requires_grad_(True)
             xa = x_adv.detach().clone().requires_grad_(True)
             with torch.autocast(device_type, enabled=False):
-                logits = net(xc.float())
-                logits_a = net(xa.float())
+                # one call on both batches: under DDP each parameter's gradient is then all-reduced once
+                logits, logits_a = net(xc.float(), xa.float())
                 reg = logits.new_zeros(())
                 if c.jsigr_lambda_j > 0:
                     jac = jacobian_frobenius(net, xc, c.jsigr_projections, generator=gen, create_graph=True,
