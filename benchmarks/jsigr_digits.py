@@ -28,7 +28,9 @@ from robustops.train.jacobian import input_saliency
 from common import digits_setup, finish, fit_digits, parser
 
 #: row -> (method, options)
-METHODS = {"natural": ("natural", {}), "pgd": ("pgd", {}), "jsigr": ("jsigr", {})}
+METHODS = {"natural": ("natural", {}), "pgd": ("pgd", {}), "jsigr": ("jsigr", {}),
+           # both regularisers on top of adversarial training: the cross-entropy on the PGD-7 input
+           "jsigr_adv": ("jsigr", {"jsigr_adv": 1.0})}
 SOURCES = ("natural", "pgd")
 
 
@@ -85,7 +87,7 @@ def summary(rows, keys) -> list:
 
 
 #: the script's own flags: (flag, add_argument's keywords)
-FLAGS = (("--methods", dict(default=",".join(METHODS), help="comma-separated rows")),
+FLAGS = (("--methods", dict(default=",".join(METHODS), help="comma-separated rows (default: all)")),
          ("--seeds", dict(default="0,1", help="comma-separated seeds (the sources use seed + 100)")),
          ("--epochs", dict(type=int, default=30, help="epochs of every model (the demo's: 30)")),
          ("--eps", dict(type=float, default=0.2, help="the threat model of training and of every attack")),

@@ -179,3 +179,13 @@ def test_saliency_picture_helpers(tmp_path):
     assert s.shape == (2, 8, 8) and torch.allclose(s.flatten(1).amax(1), torch.ones(2)) and (s >= 0).all()
     paths = plot_image_grid(str(tmp_path / "g.png"), {"digit": x[:, 0], "saliency": s}, "t", {"saliency": "magma"})
     assert all(os.path.getsize(p) > 0 for p in paths)
+
+
+def test_transfer_of_fab_keeps_its_examples_within_eps(digits):
+    _, test_ds = digits
+    net = tiny_cnn(seed=4, width=4).eval()
+    xs = torch.stack([test_ds[i][0] for i in range(16)])
+    ys = torch.tensor([int(test_ds[i][1]) for i in range(16)])
+    res = ro.evaluate(net, (xs, ys), suite="fab", eps=0.05, steps=3, progress=False, n_target_classes=2,
+                      transfer_from=tiny_cnn(seed=9, width=4).eval())
+    assert float(res["samples"]["linf"].max()) <= 0.05 + 1e-6

@@ -8,7 +8,8 @@ each of its attacks (built on the source) wrapped, run in order on the points th
 robust on the target, so a point survives only when the target resists every source attack's example.
 
 The source attack runs with the same seed, offset and skip as it would in a white-box evaluation, so with
-source = target a transfer evaluation equals the white-box one."""
+source = target a transfer evaluation equals the white-box one (for the attacks whose examples fool the
+model they were crafted on; FAB's examples beyond eps are replaced by the clean input)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -46,6 +47,12 @@ class Transfer(Attack):
                skip: Optional[torch.Tensor], evaluate: bool, **params) -> AttackResult:
         src = self.source.perturb(x, y, None, offset=offset, skip=skip, evaluate=False)
         x_adv = src.x_adv.detach()
+        distance = getattr(src, "distance", None)
+        if distance is not None and getattr(self.source, "eps", None) is not None:
+            # a minimum-distance attack (FAB) returns its smallest example even beyond eps: outside the
+            # threat model it transfers nothing, so the clean input stands in for it
+            inside = (distance <= self.source.eps).view(-1, *([1] * (x.dim() - 1)))
+            x_adv = torch.where(inside, x_adv, x)
         with torch.no_grad(), torch.autocast(x.device.type, dtype=self.dtype, enabled=self.dtype is not None):
             logits = self.forward(x_adv).float()
         pred = predictions(logits)
