@@ -27,7 +27,8 @@ The loss of a minibatch, as implemented here:
 What could not be read, and the choices made: the method section of arXiv 2207.13036 (its equations for
 the two terms and the saliency's selection) was not available to this implementation (only the abstract:
 "linearized robustness through Jacobian normalization" and "regularizes the perturbation-based saliency
-maps"); the equations above are the closest faithful reading of it built from the two works it extends
+maps"), nor was the authors' code (github.com/Lywu-github/jJ-SIGR, named in the journal version); the
+equations above are the closest faithful reading of it built from the two works it extends
 (Hoffman et al. 2019's Jacobian regulariser, Ross & Doshi-Velez 2018's input-gradient penalty with a
 mask), and the defaults are those works' MNIST values where they have one: lambda_J = 0.01 and one
 projection (Hoffman et al.); lambda_S = 1, keep = 0.5 and the PGD perturbation as the saliency's
