@@ -30,7 +30,9 @@ from common import digits_setup, finish, fit_digits, parser
 #: row -> (method, options)
 METHODS = {"natural": ("natural", {}), "pgd": ("pgd", {}), "jsigr": ("jsigr", {}),
            # both regularisers on top of adversarial training: the cross-entropy on the PGD-7 input
-           "jsigr_adv": ("jsigr", {"jsigr_adv": 1.0})}
+           "jsigr_adv": ("jsigr", {"jsigr_adv": 1.0}),
+           # ten times the default weights of both regularisers
+           "jsigr_x10": ("jsigr", {"jsigr_lambda_j": 0.1, "jsigr_lambda_s": 10.0})}
 SOURCES = ("natural", "pgd")
 
 
