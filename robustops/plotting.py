@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from typing import Dict, List, Optional, Sequence
 
-__all__ = ["plot_curve", "plot_heatmap", "figure", "save_figure", "frame", "outside_legend"]
+__all__ = ["plot_curve", "plot_heatmap", "plot_image_grid", "figure", "save_figure", "frame", "outside_legend"]
 
 
 def figure():
@@ -103,4 +103,28 @@ def plot_heatmap(path: str, values: Sequence[Sequence[float]], row_labels: Seque
     if title:
         ax.set_title(title, fontsize=10)
     fig.colorbar(im, ax=ax, label=colorbar)
+    return save_figure(fig, path)
+
+
+def plot_image_grid(path: str, rows: Dict[str, Sequence], title: Optional[str] = None, cmaps: Optional[Dict[str, str]] = None,
+                    size: float = 0.8) -> List[str]:
+    """Rows of small images (each row a label and a sequence of [H, W] arrays in [0, 1], e.g. digits and
+    their saliency maps) as one grid, the labels left of the rows, as PNG and PDF at 300 dpi. cmaps: a
+    colormap per row label (default gray). Returns the paths written."""
+    import numpy as np
+
+    fig, _ = figure()
+    fig.clf()
+    n = max((len(v) for v in rows.values()), default=0)
+    fig.set_size_inches(n * size + 1.8, len(rows) * size + (0.4 if title else 0.1))
+    for r, (label, imgs) in enumerate(rows.items()):
+        for c, img in enumerate(imgs):
+            ax = fig.add_subplot(len(rows), n, r * n + c + 1)
+            ax.imshow(np.asarray(img, dtype=float), cmap=(cmaps or {}).get(label, "gray"), vmin=0.0, vmax=1.0)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c == 0:
+                ax.set_ylabel(label, fontsize=6, rotation=0, ha="right", va="center")
+    if title:
+        fig.suptitle(title, fontsize=8)
     return save_figure(fig, path)

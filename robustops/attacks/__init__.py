@@ -29,7 +29,8 @@ Layout: ``base`` (Attack, the losses, the default step sizes), ``engine`` (the o
 iteration, shared with training), ``pgd`` (PGD / FGSM), ``apgd`` (Auto-PGD), ``fab`` (FAB, FAB-T),
 ``square`` (Square), ``latent`` (learned perturbation sets), ``graph`` (CUDA-graph replay),
 ``evaluation`` (robust accuracy of one attack or an ensemble), ``suites`` (AutoAttack and the other
-suites of ``robustops evaluate``).
+suites of ``robustops evaluate``), ``transfer`` (``Transfer``: examples crafted on a source model, judged by
+the target).
 """
 from .apgd import APGD, APGDT
 from .base import Attack, madry_step
@@ -40,7 +41,8 @@ from .latent import LatentAttackResult, LatentPGD, nearest_member, random_member
 from .pgd import FGSM, PGD, dlr_loss
 from .square import Square, SquareResult, square_p_selection
 from .suites import Suite
+from .transfer import Transfer
 
 __all__ = ["Attack", "madry_step", "PGD", "FGSM", "APGD", "APGDT", "LatentPGD", "AttackResult", "LatentAttackResult",
            "robust_accuracy", "dlr_loss", "FAB", "FABT", "FABResult", "Square", "SquareResult", "square_p_selection",
-           "Suite", "Engine", "Recorder", "STARTS", "nearest_member", "random_members"]
+           "Suite", "Transfer", "Engine", "Recorder", "STARTS", "nearest_member", "random_members"]

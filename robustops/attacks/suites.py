@@ -47,6 +47,7 @@ from .evaluation import robust_accuracy
 from .fab import FAB, FABT
 from .pgd import PGD
 from .square import Square
+from .transfer import Transfer
 
 __all__ = ["Suite", "VERSIONS", "SUITES", "LABELS", "GRADIENT_FREE", "suite_names", "masking_warnings", "stages",
            "refuse_videos",
@@ -193,6 +194,14 @@ class Suite:
                               max_samples=max_samples, keep_adv=keep_adv)
         return self.summarize(res)
 
+    def transfer_to(self, model, mean=None, std=None, dtype=None) -> "Suite":
+        """This suite (built on a source model) as a transfer suite on ``model``, the target: each attack
+        wrapped in :class:`~robustops.attacks.transfer.Transfer` (its examples crafted on the source,
+        judged by the target; mean / std / dtype: the target's). Returns self."""
+        self.attacks = [Transfer(model, a, mean=mean, std=std, dtype=dtype) for a in self.attacks]
+        self.transfer = True
+        return self
+
     def check_inputs(self, loader) -> None:
         """:func:`refuse_videos` for this suite's attacks and the loader's dataset."""
         refuse_videos(self.names, getattr(loader, "dataset", None), repr(self))
@@ -234,7 +243,7 @@ def _loader(data, batch_size: int):
 
 def evaluate(model, data, suite: str = "autoattack", eps: Optional[float] = None, norm: str = "linf", *,
              version: str = "standard", n: Optional[int] = None, batch_size: int = 256, device=None,
-             progress: bool = True, keep_adv: bool = True, **options) -> dict:
+             progress: bool = True, keep_adv: bool = True, transfer_from=None, **options) -> dict:
     """Robust accuracy of model on data under an attack suite (``robustops.evaluate``): per point and
     in summary. data: a DataLoader, a Dataset or (images, labels) tensors, pixels in [0, 1]; eps the
     radius (required); n: the first n points only; options: :class:`Suite`'s (steps, n_queries,
@@ -246,18 +255,25 @@ def evaluate(model, data, suite: str = "autoattack", eps: Optional[float] = None
 
     suite="corruptions": common corruptions instead of attacks (no eps, norm or version): options are
     :func:`robustops.corruptions.evaluation.corruption_accuracy`'s (corruptions, severities, seed, mean,
-    std, dtype, ...), and so is the result (accuracy per corruption and severity, ECE, ...)."""
+    std, dtype, ...), and so is the result (accuracy per corruption and severity, ECE, ...).
+
+    transfer_from: a source model: the suite's attacks are crafted on it and evaluated on model (a transfer
+    attack, :mod:`robustops.attacks.transfer`; mean / std / dtype apply to both), "transfer" True in the result."""
     if suite == "corruptions":
         return _corruptions(model, data, eps, norm, version, n=n, batch_size=batch_size, device=device,
                             progress=progress, **options)
     if eps is None:
         raise ValueError("eps: give the radius of the threat model (e.g. eps=8/255 for linf, 0.5 for l2)")
-    s = Suite(model, eps, norm, suite, version, **options)
+    if transfer_from is None:
+        s = Suite(model, eps, norm, suite, version, **options)
+    else:
+        s = Suite(transfer_from, eps, norm, suite, version, **options)
+        s.transfer_to(model, options.get("mean"), options.get("std"), options.get("dtype"))
     if n is not None:
         n = _checks.check_int(n, "n", 1)
     res = s.run(_loader(data, batch_size), device=device, progress=progress, max_samples=n, keep_adv=keep_adv,
                 model=model)
-    return {**res, "suite": s.describe(), "eps": s.eps, "norm": s.norm}
+    return {**res, "suite": s.describe(), "eps": s.eps, "norm": s.norm, "transfer": transfer_from is not None}
 
 
 def _corruptions(model, data, eps, norm, version, **options) -> dict:

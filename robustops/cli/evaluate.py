@@ -23,6 +23,7 @@ from .attack_rows import claim, columns_for, evaluate_rows, finish, results_file
 from .common import (
     CLIError,
     add_common,
+    check_model_accepts,
     alias,
     checkpoint_meta,
     distributed,
@@ -79,6 +80,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--masking-threshold", type=fraction("masking threshold"), default=0.05,
                    help="warn of masked gradients when a later attack breaks more than this share of the inputs "
                         "the earlier ones left robust")
+    p.add_argument("--transfer-from", default=None, metavar="CHECKPOINT",
+                   help="a transfer attack: craft the suite's adversarial examples on this source model (a robustops "
+                        "checkpoint, TorchScript or torch.export file) and evaluate them on the model")
     p.add_argument("--batch-size", type=int, default=256, help="inputs per batch (the rows depend on it)")
     alias(p, "--batch", dest="batch_size", type=int)
     p.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"], help="autocast of the model's forward")
@@ -194,17 +198,40 @@ def _load(args):
     return model, dataset, info, norm, eps, source
 
 
-def _suite(args, model, info, norm, eps):
+def _suite(args, model, info, norm, eps, source=None):
+    """The suite on model; with a source model (--transfer-from), built on the source and transferred to model."""
     from ..attacks.suites import Suite
 
     if args.mean is not None:
         mean, std, amp = args.mean, args.std, input_transform(args, info)[2]
     else:
         mean, std, amp = input_transform(args, info)
-    return Suite(model, eps, norm, args.suite, args.version, steps=args.steps, n_queries=args.n_queries,
-                 n_target_classes=min(args.n_target_classes, max(int(info["num_classes"]) - 1, 1)),
-                 restarts=args.restarts, seed=args.seed, mean=mean, std=std, dtype=amp,
-                 masking_threshold=args.masking_threshold)
+    suite = Suite(model if source is None else source, eps, norm, args.suite, args.version, steps=args.steps,
+                  n_queries=args.n_queries,
+                  n_target_classes=min(args.n_target_classes, max(int(info["num_classes"]) - 1, 1)),
+                  restarts=args.restarts, seed=args.seed, mean=mean, std=std, dtype=amp,
+                  masking_threshold=args.masking_threshold)
+    return suite if source is None else suite.transfer_to(model, mean, std, amp)
+
+
+def load_source(args, dataset, info):
+    """The source model of --transfer-from (None without it); CLIError naming the flag when it cannot be
+    loaded or does not fit the data."""
+    if args.transfer_from is None:
+        return None
+    from .. import models
+
+    try:
+        source = models.load_model(args.transfer_from)
+    except (ValueError, FileNotFoundError, KeyError, RuntimeError) as e:
+        raise CLIError(f"--transfer-from {args.transfer_from!r}: {e}") from None
+    import torch
+
+    got = check_model_accepts(source, dict(info, num_classes=0), torch.device("cpu"), flag="--transfer-from")
+    if int(got) != int(info["num_classes"]):
+        raise CLIError(f"--transfer-from {args.transfer_from!r}: the source model has {got} classes, the model "
+                       f"{info['num_classes']}")
+    return source
 
 
 def _settings(args, norm, eps) -> dict:
@@ -213,6 +240,8 @@ def _settings(args, norm, eps) -> dict:
     out = {k: getattr(args, k) for k in keys}
     out.update(norm=norm, eps=eps, checkpoint=args.checkpoint and os.path.abspath(args.checkpoint),
                weights=args.weights and os.path.abspath(args.weights))
+    if args.transfer_from is not None:  # only then: the settings of earlier runs' files stay as they were
+        out["transfer_from"] = os.path.abspath(args.transfer_from)
     return out
 
 
@@ -220,9 +249,13 @@ def run(args) -> int:
     from ..attacks.suites import suite_names
 
     if args.suite == "corruptions":
+        if args.transfer_from is not None:
+            raise CLIError("--transfer-from crafts adversarial examples on a source model: use an attack suite "
+                           "(--suite pgd, apgd, autoattack, ...), not corruptions")
         return evaluate_corruptions.run(args, load_model_flags)
     evaluate_corruptions.refuse_corruption_flags(args)
     model, dataset, info, norm, eps, source = _load(args)
+    src_model = load_source(args, dataset, info)
     setup_run(args, sample_numel=math.prod(info["input_shape"]))
     names = suite_names(args.suite, args.version)
     final = results_file(args.out, columns_for(names)) if args.out else None
@@ -231,7 +264,7 @@ def run(args) -> int:
     with distributed(args.device) as d, contextlib.ExitStack() as stack:
         claim(d, stack, args.out, final, _settings(args, norm, eps), "evaluate", resume=args.resume, force=args.force)
         model = model.to(d.device)
-        suite = _suite(args, model, info, norm, eps)
+        suite = _suite(args, model, info, norm, eps, None if src_model is None else src_model.to(d.device))
         try:
             _, stats = evaluate_rows(d, dataset, stop, lambda: suite.attacks, names, batch_size=args.batch_size,
                                      progress=args.progress, command="evaluate", results=results, grid=True)
@@ -248,6 +281,8 @@ def _report(args, info, norm, eps, source, d, stats, suite, results, final) -> N
     n, clean, robust, elapsed = stats[:4]
     what = suite.describe()
     title = "AutoAttack (" + args.version + ")" if args.suite == "autoattack" else args.suite
+    if args.transfer_from is not None:
+        title = f"transfer {title} from {os.path.basename(args.transfer_from)}"
     print(f"{title}: {what}, {norm} eps={eps:.6g} (from {source}) on {info['name']}/{args.split} ({n} inputs, "
           f"{d.world} rank{'s' if d.world > 1 else ''}, {d.device.type}, {elapsed:.1f}s)")
     stages, warnings = suite_report(suite.names, stats, args.masking_threshold)
@@ -256,7 +291,8 @@ def _report(args, info, norm, eps, source, d, stats, suite, results, final) -> N
     if results is None:
         return
     record = {"command": "evaluate", "suite": args.suite, "version": args.version, "attacks": list(suite.names),
-              "description": what, "norm": norm, "eps": eps, "eps_source": source, "data": args.data,
+              "description": what, "transfer_from": args.transfer_from and os.path.abspath(args.transfer_from),
+              "norm": norm, "eps": eps, "eps_source": source, "data": args.data,
               "split": args.split, "n": n, "clean_acc": clean / max(n, 1), "robust_acc": robust / max(n, 1),
               "stages": stages, "warnings": warnings, "seconds": elapsed, "results": os.path.abspath(args.out)}
     md = markdown(title, what, norm, eps, info, args.split, record)

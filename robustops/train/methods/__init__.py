@@ -13,3 +13,4 @@ from . import ada  # noqa: F401
 from . import augrmix  # noqa: F401
 from . import infoat  # noqa: F401
 from . import sat  # noqa: F401
+from . import jsigr  # noqa: F401
