@@ -29,6 +29,7 @@ def soft_cross_entropy(logits, targets):
     """The oracle's per-row soft-target cross-entropy -sum_k t_k log softmax(z)_k [B]."""
     return -(targets * torch.log_softmax(logits.float(), dim=1)).sum(1)
 
+
 HP = dict(epochs=2, eps=0.2, steps=2, lr=0.05, seed=3, progress=False, verbose=False)
 
 
@@ -131,6 +132,32 @@ def test_ood_training_uses_ood_rows_and_resumes_exactly(train_set, tmp_path, mon
     with pytest.raises(ValueError, match="ood_weight"):
         rt.fit(tiny_cnn(seed=1, width=8), loader, "pgd", out_dir=str(tmp_path / "run"), resume=True,
                **{**HP, **kw, "ood_weight": 1.0})
+    with pytest.raises(ValueError, match="ood_data .*digits-ood:32.* differs .*digits-ood:64"):
+        rt.fit(tiny_cnn(seed=1, width=8), loader, "pgd", out_dir=str(tmp_path / "run"), resume=True,
+               **{**HP, **kw, "ood_data": "digits-ood:32"})
+
+
+def test_resume_refuses_other_ood_tensor(train_set, tmp_path):
+    imgs = generated_ood(40, seed=0)
+    kw = dict(ood_ratio=0.25, epochs=1, steps=1, out_dir=str(tmp_path))
+    _fit(train_set, ood_data=imgs, **kw)
+    res = _fit(train_set, ood_data=imgs.clone(), resume=True, **kw)[1]  # the same images: resumed (done)
+    assert res.epochs_run == 1
+    other = imgs.clone()
+    other[3, 0, 0, 0] = 1.0 - other[3, 0, 0, 0]
+    for data in (other, imgs[:39]):
+        with pytest.raises(ValueError, match="resume: ood_data .*'images': %d" % data.shape[0]):
+            _fit(train_set, ood_data=data, resume=True, **kw)
+
+
+def test_pgd_builds_its_ood_engine_once():
+    x, y = load_digits("train").tensors
+    tr = Trainer(tiny_cnn(seed=2, width=8), method="pgd", eps=0.2, steps=1, seed=0, ood_ratio=0.5)
+    mask = torch.arange(16) % 2 == 0
+    tr.train_step(x[:16], y[:16], ood=mask)
+    engine = tr.method.ood_engine()
+    tr.train_step(x[16:32], y[16:32], ood=mask)
+    assert tr.method.ood_engine() is engine
 
 
 def test_cli_ood_flags(tmp_path):
