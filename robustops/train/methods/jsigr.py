@@ -34,7 +34,12 @@ equations above are the closest faithful reading of it built from the two works 
 (Hoffman et al. 2019's Jacobian regulariser, Ross & Doshi-Velez 2018's input-gradient penalty with a
 mask), and the defaults are those works' MNIST values where they have one: lambda_J = 0.01 and one
 projection (Hoffman et al.); lambda_S = 1, keep = 0.5 and the PGD perturbation as the saliency's
-"perturbation" are choices made here. The selection mask is taken without gradient (a quantile is
+"perturbation" are choices made here. A secondary survey page (emergentmind.com, "Selective Input Gradient
+Regularization", citing Liu et al. 2022; only its opening could be read) describes SIGR as penalising the
+input gradient only on the elements deemed non-salient, perturbation-based masks being one way to choose
+them: the direction of M_b here (the weak elements penalised, the salient ones free). It gives no selection
+rule (a fixed fraction, a threshold), so the per-sample quantile at jsigr_keep stays a choice made here. The
+selection mask is taken without gradient (a quantile is
 piecewise constant). The whole loss is computed in float32 with autocast off (the double backward of an
 fp16 input gradient underflows), so a run with ``amp`` trains J-SIGR's step in full precision; the PGD
 perturbation follows the run's autocast. The random projections
