@@ -189,3 +189,22 @@ def test_transfer_of_fab_keeps_its_examples_within_eps(digits):
     res = ro.evaluate(net, (xs, ys), suite="fab", eps=0.05, steps=3, progress=False, n_target_classes=2,
                       transfer_from=tiny_cnn(seed=9, width=4).eval())
     assert float(res["samples"]["linf"].max()) <= 0.05 + 1e-6
+
+
+def test_no_perturbation_used_skips_the_attack_with_the_same_result(digits, monkeypatch):
+    from robustops.train.context import MethodContext
+    from robustops.train.methods.jsigr import JSIGR
+
+    sub = DataLoader(Subset(digits[0], list(range(64))), batch_size=32)
+    kw = dict(epochs=1, eps=0.1, steps=1, seed=0, progress=False, verbose=False, lr=0.05, jsigr_lambda_s=0.0)
+    calls = []
+    attack = MethodContext.attack
+    monkeypatch.setattr(MethodContext, "attack", lambda self, *a, **k: calls.append(1) or attack(self, *a, **k))
+    a, b = tiny_cnn(seed=2, width=4), tiny_cnn(seed=2, width=4)
+    rt.fit(a, sub, "jsigr", **kw)
+    assert not calls
+    monkeypatch.setattr(JSIGR, "uses_perturbation", lambda self: True)  # the full step, x' computed and unused
+    rt.fit(b, sub, "jsigr", **kw)
+    assert len(calls) == 2
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(va, vb), k

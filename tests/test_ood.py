@@ -18,6 +18,18 @@ from robustops.ood import generated_ood, load_ood
 from robustops.train import ood as oat
 from robustops.train.trainer import Trainer
 
+
+def soft_targets(y, ood, num_classes):
+    """The oracle's targets [B, K]: one-hot(y) on the in-distribution rows, the uniform label on the OOD rows."""
+    t = torch.nn.functional.one_hot(y, num_classes).float()
+    return torch.where(ood.unsqueeze(1), torch.full_like(t, 1.0 / num_classes), t)
+
+
+def soft_cross_entropy(logits, targets):
+    """The oracle's per-row soft-target cross-entropy -sum_k t_k log softmax(z)_k [B]."""
+    return -(targets * torch.log_softmax(logits.float(), dim=1)).sum(1)
+
+
 HP = dict(epochs=2, eps=0.2, steps=2, lr=0.05, seed=3, progress=False, verbose=False)
 
 
@@ -70,9 +82,9 @@ def test_uniform_label_loss_closed_form():
     assert torch.allclose(oat.uniform_label_loss(w, "none"), math.log(K) + kl, atol=1e-5)
     ood = torch.arange(64) % 3 == 0
     y = torch.randint(0, K, (64,))
-    t = oat.soft_targets(y, ood, K)
+    t = soft_targets(y, ood, K)
     per = oat.marked_loss(w, oat.marked_labels(y, ood))
-    assert torch.allclose(oat.soft_cross_entropy(w, t), per, atol=1e-5)
+    assert torch.allclose(soft_cross_entropy(w, t), per, atol=1e-5)
     # the paper's E_in[CE] + lambda E_OOD[CE_u], as batch means
     want = per[~ood].mean() + 2.5 * per[ood].mean()
     assert torch.allclose(oat.batch_loss(per, ood, 2.5, int(ood.sum())), want, atol=1e-5)
@@ -120,6 +132,32 @@ def test_ood_training_uses_ood_rows_and_resumes_exactly(train_set, tmp_path, mon
     with pytest.raises(ValueError, match="ood_weight"):
         rt.fit(tiny_cnn(seed=1, width=8), loader, "pgd", out_dir=str(tmp_path / "run"), resume=True,
                **{**HP, **kw, "ood_weight": 1.0})
+    with pytest.raises(ValueError, match="ood_data .*digits-ood:32.* differs .*digits-ood:64"):
+        rt.fit(tiny_cnn(seed=1, width=8), loader, "pgd", out_dir=str(tmp_path / "run"), resume=True,
+               **{**HP, **kw, "ood_data": "digits-ood:32"})
+
+
+def test_resume_refuses_other_ood_tensor(train_set, tmp_path):
+    imgs = generated_ood(40, seed=0)
+    kw = dict(ood_ratio=0.25, epochs=1, steps=1, out_dir=str(tmp_path))
+    _fit(train_set, ood_data=imgs, **kw)
+    res = _fit(train_set, ood_data=imgs.clone(), resume=True, **kw)[1]  # the same images: resumed (done)
+    assert res.epochs_run == 1
+    other = imgs.clone()
+    other[3, 0, 0, 0] = 1.0 - other[3, 0, 0, 0]
+    for data in (other, imgs[:39]):
+        with pytest.raises(ValueError, match="resume: ood_data .*'images': %d" % data.shape[0]):
+            _fit(train_set, ood_data=data, resume=True, **kw)
+
+
+def test_pgd_builds_its_ood_engine_once():
+    x, y = load_digits("train").tensors
+    tr = Trainer(tiny_cnn(seed=2, width=8), method="pgd", eps=0.2, steps=1, seed=0, ood_ratio=0.5)
+    mask = torch.arange(16) % 2 == 0
+    tr.train_step(x[:16], y[:16], ood=mask)
+    engine = tr.method.ood_engine()
+    tr.train_step(x[16:32], y[16:32], ood=mask)
+    assert tr.method.ood_engine() is engine
 
 
 def test_cli_ood_flags(tmp_path):

@@ -199,7 +199,6 @@ class Suite:
         wrapped in :class:`~robustops.attacks.transfer.Transfer` (its examples crafted on the source,
         judged by the target; mean / std / dtype: the target's). Returns self."""
         self.attacks = [Transfer(model, a, mean=mean, std=std, dtype=dtype) for a in self.attacks]
-        self.transfer = True
         return self
 
     def check_inputs(self, loader) -> None:

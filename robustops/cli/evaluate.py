@@ -214,7 +214,7 @@ def _suite(args, model, info, norm, eps, source=None):
     return suite if source is None else suite.transfer_to(model, mean, std, amp)
 
 
-def load_source(args, dataset, info):
+def load_source(args, info):
     """The source model of --transfer-from (None without it); CLIError naming the flag when it cannot be
     loaded or does not fit the data."""
     if args.transfer_from is None:
@@ -255,7 +255,7 @@ def run(args) -> int:
         return evaluate_corruptions.run(args, load_model_flags)
     evaluate_corruptions.refuse_corruption_flags(args)
     model, dataset, info, norm, eps, source = _load(args)
-    src_model = load_source(args, dataset, info)
+    src_model = load_source(args, info)
     setup_run(args, sample_numel=math.prod(info["input_shape"]))
     names = suite_names(args.suite, args.version)
     final = results_file(args.out, columns_for(names)) if args.out else None

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .._runfiles import atomic_save, check_settings, read_checkpoint, resume_path, seal_entries, write_csv_log
+from .._runfiles import (atomic_save, check_settings, entry_digest, read_checkpoint, resume_path, seal_entries,
+                         write_csv_log)
 from .._threads import default_threads, resolve_threads
 from ..models import state_dict_digest, verify_checkpoint
 from .budget import SCHEDULE_SETTINGS
@@ -103,7 +104,7 @@ class _FitRun:
         self.model, self.loader, self.cfg, self.val_loader = model, train_loader, cfg, val_loader
         self.out_dir, self.progress = out_dir, progress
         self.rank, self.world = dist_info()
-        self.ood = cfg.ood_ratio > 0
+        self.ood, self.ood_id = cfg.ood_ratio > 0, None
         if self.ood:  # OOD rows mixed into every batch (robustops.train.ood): the loader yields (x, y, is_ood)
             train_loader = self.loader = self.ood_loader(train_loader, ood_data)
         self.steps_per_epoch = len(train_loader)
@@ -128,6 +129,8 @@ class _FitRun:
                      "method": cfg.method, "eps": cfg.eps, "norm": cfg.norm, "sigma": cfg.noise_sigma,
                      "mean": cfg.mean, "std": cfg.std, "lo": cfg.lo, "hi": cfg.hi,
                      "config": dataclasses.asdict(cfg), **cfg.method_class.checkpoint_entries(cfg), **(extra or {})}
+        if self.ood:  # which OOD images: a resume with other ones is refused
+            self.meta["ood_data"] = self.ood_id
         self.res = FitResult(select=cfg.select, out_dir=out_dir, config=cfg)
         # None: the thread rule, applied at the first batch (it needs the per-sample size); else set now
         self.rule_pending = threads is None
@@ -147,7 +150,8 @@ class _FitRun:
 
     def ood_loader(self, train_loader, ood_data):
         """The mixed loader of the training data and the OOD images (a spec for ``robustops.ood.load_ood``,
-        made at the training images' shape, or a tensor [N, C, H, W])."""
+        made at the training images' shape, or a tensor [N, C, H, W]); sets self.ood_id, the checkpoint's record
+        of them: the spec, or the tensor's N and digest."""
         from ..ood import load_ood
         from .ood import ood_loader
 
@@ -156,10 +160,14 @@ class _FitRun:
                              f"'digits-ood')")
         seed = self.cfg.seed if self.cfg.seed is not None else 0
         if isinstance(ood_data, str):
+            self.ood_id = {"spec": ood_data}
             shape = getattr(train_loader, "real_x", None)
             shape = tuple(shape.shape[1:]) if shape is not None else tuple(train_loader.dataset[0][0].shape)
             ood_data = load_ood(ood_data, shape, seed)
-        return ood_loader(train_loader, torch.as_tensor(ood_data).float(), self.cfg.ood_ratio, seed=seed,
+        ood_data = torch.as_tensor(ood_data).float()
+        if self.ood_id is None:
+            self.ood_id = {"images": int(ood_data.shape[0]) if ood_data.dim() else 0, "sha256": entry_digest(ood_data)}
+        return ood_loader(train_loader, ood_data, self.cfg.ood_ratio, seed=seed,
                           rank=self.rank, world_size=self.world, lo=self.cfg.lo, hi=self.cfg.hi)
 
     def say(self, msg: str) -> None:
@@ -171,6 +179,8 @@ class _FitRun:
         ck = read_checkpoint(ckpt_path, CHECKPOINT_FORMAT, "robustops.train checkpoint")
         verify_checkpoint(ck, ckpt_path)
         check_settings(*_settings_pairs(ck["config"], self.cfg))
+        if self.ood and "ood_data" in ck and ck["ood_data"] != self.ood_id:  # absent: written before the record
+            raise ValueError(f"resume: ood_data {self.ood_id} differs from the checkpoint's {ck['ood_data']}")
         if "train_state_dict" in ck:  # under ema: state_dict holds the weight average, this the trained weights
             if state_dict_digest(ck["train_state_dict"]) != ck.get("train_sha256"):
                 raise ValueError(f"{ckpt_path!r} is corrupt: its trained weights do not match their checksum")

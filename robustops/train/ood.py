@@ -41,8 +41,7 @@ import torch.nn.functional as F
 
 from .. import _checks
 
-__all__ = ["uniform_label_loss", "soft_targets", "soft_cross_entropy", "row_weights", "ood_loader", "marked_labels",
-           "marked_loss", "batch_loss", "ood_stats"]
+__all__ = ["uniform_label_loss", "ood_loader", "marked_labels", "marked_loss", "batch_loss", "ood_stats"]
 
 
 def uniform_label_loss(logits: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -59,32 +58,15 @@ def uniform_label_loss(logits: torch.Tensor, reduction: str = "mean") -> torch.T
     raise ValueError(f'reduction must be "none", "sum" or "mean", got {reduction!r}')
 
 
-def soft_targets(y: torch.Tensor, ood: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Targets [B, K]: one-hot(y) on the in-distribution rows, the uniform label 1/K on the OOD rows (mask ood [B])."""
-    t = F.one_hot(y, num_classes).float()
-    return torch.where(ood.unsqueeze(1), torch.full_like(t, 1.0 / num_classes), t)
-
-
-def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per-row cross-entropy -sum_k t_k log softmax(z)_k [B] of logits [B, K] and targets [B, K]; also the
-    attack's objective for a batch with OOD rows (its sum is ascended)."""
-    return -(targets * F.log_softmax(logits.float(), dim=1)).sum(1)
-
-
-def row_weights(ood: torch.Tensor, weight: float) -> torch.Tensor:
-    """Per-row weights [B]: 1 on the in-distribution rows, ``weight`` (lambda) on the OOD rows."""
-    ones = torch.ones(ood.shape, device=ood.device)
-    return torch.where(ood, ones * float(weight), ones)
-
-
 def marked_labels(y: torch.Tensor, ood: torch.Tensor) -> torch.Tensor:
     """The labels with -1 on the OOD rows: what the attack's objective :func:`marked_loss` takes."""
     return torch.where(ood, torch.full_like(y, -1), y)
 
 
 def marked_loss(logits: torch.Tensor, marked: torch.Tensor) -> torch.Tensor:
-    """Per-row loss [B]: CE(z_i, y_i) where marked_i >= 0, CE_u(z_i) where marked_i = -1 (the OOD rows);
-    the same values as :func:`soft_cross_entropy` with :func:`soft_targets`, without the [B, K] targets."""
+    """Per-row loss [B]: CE(z_i, y_i) where marked_i >= 0, CE_u(z_i) where marked_i = -1 (the OOD rows):
+    the soft-target cross-entropy with one-hot / uniform targets, without building the [B, K] targets; also
+    the attack's objective for a batch with OOD rows (its sum is ascended)."""
     ce = F.cross_entropy(logits.float(), marked.clamp_min(0), reduction="none")
     return torch.where(marked < 0, uniform_label_loss(logits, "none"), ce)
 

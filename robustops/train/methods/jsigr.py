@@ -21,8 +21,10 @@ The loss of a minibatch, as implemented here:
   The penalty therefore vanishes exactly when the saliency is supported on at most a jsigr_keep fraction
   of the input, and drives it there otherwise: sparse, object-aligned saliency (Ross & Doshi-Velez 2018's
   input-gradient regularisation made selective).
-- a = ``jsigr_adv``: the weight of the cross-entropy on x' (0: the paper's clean cross-entropy; 1:
-  adversarial training with both regularisers).
+- a = ``jsigr_adv``: the weight of the cross-entropy on x' (0: clean cross-entropy, the choice made here;
+  1: adversarial training with both regularisers). With lambda_S = 0 and a = 0, x' is unused: neither the
+  PGD attack nor the forward on x' runs (the attack's seed is still drawn; the weights are those of the
+  full step, but BatchNorm's running statistics then see the clean batch only).
 
 What could not be read, and the choices made: the method section of arXiv 2207.13036 (its equations for
 the two terms and the saliency's selection) was not available to this implementation (only the abstract:
@@ -32,7 +34,12 @@ equations above are the closest faithful reading of it built from the two works 
 (Hoffman et al. 2019's Jacobian regulariser, Ross & Doshi-Velez 2018's input-gradient penalty with a
 mask), and the defaults are those works' MNIST values where they have one: lambda_J = 0.01 and one
 projection (Hoffman et al.); lambda_S = 1, keep = 0.5 and the PGD perturbation as the saliency's
-"perturbation" are choices made here. The selection mask is taken without gradient (a quantile is
+"perturbation" are choices made here. A secondary survey page (emergentmind.com, "Selective Input Gradient
+Regularization", citing Liu et al. 2022; only its opening could be read) describes SIGR as penalising the
+input gradient only on the elements deemed non-salient, perturbation-based masks being one way to choose
+them: the direction of M_b here (the weak elements penalised, the salient ones free). It gives no selection
+rule (a fixed fraction, a threshold), so the per-sample quantile at jsigr_keep stays a choice made here. The
+selection mask is taken without gradient (a quantile is
 piecewise constant). The whole loss is computed in float32 with autocast off (the double backward of an
 fp16 input gradient underflows), so a run with ``amp`` trains J-SIGR's step in full precision; the PGD
 perturbation follows the run's autocast. The random projections
@@ -79,26 +86,41 @@ class JSIGR(Method):
              Hyper("jsigr_projections", 1, "J-SIGR random projections per sample of the Jacobian estimate",
                    kind="int", minimum=1),
              Hyper("jsigr_adv", 0.0, "J-SIGR weight of the cross-entropy on the perturbed input (0: clean CE, "
-                   "the paper's)", minimum=0.0, maximum=1.0))
+                   "the choice made here)", minimum=0.0, maximum=1.0))
     budget_schedules = True
 
     @classmethod
     def label(cls, cfg) -> str:
         return f"J-SIGR (PGD-{cfg.steps} saliency)"
 
-    def step(self, x, y):
+    def uses_perturbation(self) -> bool:
+        """Whether the step needs x' (a selective term or a cross-entropy on it): without, no PGD and no
+        forward on x' run."""
+        return self.cfg.jsigr_lambda_s > 0 or self.cfg.jsigr_adv > 0
+
+    def perturbed(self, x, y):
+        """x' = x + delta, the PGD-k perturbation at this minibatch's budget; None when the step does not use
+        it (the attack's seed is drawn all the same, so the seed stream does not depend on it)."""
         c, ctx = self.cfg, self.ctx
         eps, alpha = ctx.budget(x, y)
-        x_adv = ctx.attack(x, y, eps, alpha, c.steps, c.norm, c.random_start)
+        if self.uses_perturbation():
+            return ctx.attack(x, y, eps, alpha, c.steps, c.norm, c.random_start)
+        if c.random_start and (torch.is_tensor(eps) or eps > 0):  # the draw ctx.attack makes
+            ctx.seed()
+        return None
+
+    def step(self, x, y):
+        c, ctx = self.cfg, self.ctx
+        x_adv = self.perturbed(x, y)
         gen = torch.Generator().manual_seed(ctx.seed())
         device_type = x.device.type
 
         def closure(net):
             xc = x.detach().clone().requires_grad_(True)
-            xa = x_adv.detach().clone().requires_grad_(True)
+            xa = None if x_adv is None else x_adv.detach().clone().requires_grad_(True)
             with torch.autocast(device_type, enabled=False):
                 # one call on both batches: under DDP each parameter's gradient is then all-reduced once
-                logits, logits_a = net(xc.float(), xa.float())
+                logits, logits_a = (net(xc.float()), None) if xa is None else net(xc.float(), xa.float())
                 reg = logits.new_zeros(())
                 if c.jsigr_lambda_j > 0:
                     jac = jacobian_frobenius(net, xc, c.jsigr_projections, generator=gen, create_graph=True,

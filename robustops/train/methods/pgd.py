@@ -43,14 +43,22 @@ class PGDTraining(Method):
     def label(cls, cfg) -> str:
         return f"PGD-{cfg.steps} AT"
 
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self._ood_engine = None
+
+    def ood_engine(self):
+        """The engine of OAT's attack (objective :func:`~robustops.train.ood.marked_loss`), built on first use."""
+        if self._ood_engine is None:
+            self._ood_engine = self.ctx.engine(self.cfg.norm, objective=oat.marked_loss)
+        return self._ood_engine
+
     def ood_step(self, x, y):
         """OAT's step (:mod:`robustops.train.ood`): PGD on the per-row loss with the OOD rows' uniform label,
         then the weighted batch loss."""
         c, ctx = self.cfg, self.ctx
         ood, marked = ctx.ood, oat.marked_labels(y, ctx.ood)
-        eps, alpha = ctx.budget(x, y)
-        x_adv = ctx.attack(x, marked, eps, alpha, c.steps, c.norm, c.random_start,
-                           engine=ctx.engine(c.norm, objective=oat.marked_loss))
+        x_adv = self.adversarial(x, y, engine=self.ood_engine(), attack_labels=marked)
 
         def closure(net):
             logits = net(x_adv)
@@ -59,11 +67,14 @@ class PGDTraining(Method):
         loss, logits = ctx.update(closure)
         return oat.ood_stats(loss, logits, y, ood, ctx.ood_count)
 
-    def adversarial(self, x, y, log: bool = True):
-        """PGD-k from x at this minibatch's budget (``ctx.budget``; log=False: a selection pass's)."""
+    def adversarial(self, x, y, log: bool = True, engine=None, attack_labels=None):
+        """PGD-k from x at this minibatch's budget (``ctx.budget`` of y; log=False: a selection pass's) on
+        ``engine`` (default: the run's cross-entropy engine), ascending its objective at attack_labels
+        (default y)."""
         c, ctx = self.cfg, self.ctx
         eps, alpha = ctx.budget(x, y, log=log)
-        return ctx.attack(x, y, eps, alpha, c.steps, c.norm, c.random_start)
+        return ctx.attack(x, y if attack_labels is None else attack_labels, eps, alpha, c.steps, c.norm,
+                          c.random_start, engine=engine)
 
     def coreset_inputs(self, x, y):
         # a selection pass trains nothing: its budgets stay out of train_eps and the adaptive estimate
