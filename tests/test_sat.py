@@ -15,7 +15,7 @@ from robustops.data import load_digits
 from robustops.models import Normalize, get_model
 from robustops.train.methods.sat import (choose_targets, content_loss, gram_matrix, max_margin_loss, parse_layers,
                                          style_loss)
-from robustops.train.perceptual import capture_features, feature_modules, feature_taps, modules_by_name
+from robustops.train.perceptual import CONV_TYPES, capture_features, feature_modules, feature_taps, modules_by_name
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def test_taps_equal_a_manual_forward():
 def test_every_robustops_model_has_taps(name, shape):
     net = get_model(name, input_size=8, frames=2).eval()
     taps = feature_taps(net)
-    assert taps == feature_modules(net) and feature_taps(net, [-1]) == taps[-1:]
+    assert taps == feature_modules(net, CONV_TYPES) and feature_taps(net, [-1]) == taps[-1:]
     with torch.no_grad(), capture_features(taps) as got:
         net(torch.rand(shape))
     assert len(got) >= len(taps) and all(f.shape[0] == 2 for f in got)
