@@ -116,6 +116,18 @@ def test_max_margin_step_pulls_source_and_pushes_target():
     assert max_margin_loss(z, z + 1, z, 1.0, has=torch.tensor([False, False])) == 0
 
 
+def test_step_forwards_the_adversarial_batch_last(digits):
+    # batch norm's running statistics end on the adversarial batch (as TRADES): x, x_t, then x'
+    x, y = digits[0].tensors
+    x, y = x[:16], y[:16]
+    model = tiny_cnn(seed=3, bn=True, width=8)
+    seen = []
+    model.register_forward_pre_hook(lambda m, i: seen.append(i[0].detach().clone()) if m.training else None)
+    rt.Trainer(model, method="sat", eps=0.2, steps=2, seed=0).train_step(x, y)
+    assert len(seen) == 3 and torch.equal(seen[0], x)
+    assert not torch.equal(seen[2], x) and (seen[2] - x).abs().max() <= 0.2 + 1e-6
+
+
 def test_sat_trains_and_rejects_bad_hypers(digits):
     sub = Subset(digits[0], list(range(64)))
     hp = dict(epochs=1, eps=0.2, steps=2, progress=False, verbose=False, seed=0)
