@@ -18,9 +18,9 @@ import statistics
 
 import torch
 
-from robustops import attacks, models
+from robustops import models
 from robustops.cli.common import DIGITS_MODEL
-from common import add_digits_flags, digits_variant_runs, fit_digits, parser
+from common import add_digits_flags, digits_variant_runs, fit_digits, parser, pgd_accuracy
 
 VARIANTS = {"pgd": ("pgd", {}),
             "trades": ("trades", {}),
@@ -35,9 +35,7 @@ def run_one(key: str, seed: int, args, train_ds, val_ds, test_loader) -> dict:
     torch.manual_seed(seed)
     model = models.get_model("small_cnn", **DIGITS_MODEL).to(args.device)
     res, train_s = fit_digits(model, method, train_ds, val_ds, args, seed, **opts)
-    model.eval()
-    atk = attacks.PGD(model, eps=args.eps, steps=args.attack_steps, norm="linf", random_start=True, seed=seed)
-    ev = attacks.robust_accuracy(model, test_loader, atk, device=args.device, progress=False)
+    ev = pgd_accuracy(model, test_loader, args, seed, steps=args.attack_steps)
     return {"variant": key, "method": method, "options": ";".join(f"{k}={v}" for k, v in opts.items()),
             "epochs": args.epochs, "seed": seed, "eps": args.eps, "attack_steps": args.attack_steps,
             "clean_acc": ev["clean_acc"], "robust_acc": ev["robust_acc"], "best_epoch": res.best_epoch,

@@ -14,7 +14,8 @@ from robustops.data import load_digits
 from robustops.models import get_model, save_checkpoint
 from robustops.train.methods.gaussian import parse_sigma_dist
 from robustops.train.methods.rlat import layer_radii, linearised_lpips_step, relaxed_perturbations
-from robustops.train.perceptual import PerceptualDistance, feature_modules, load_feature_net, lpips_distance
+from robustops.train.perceptual import (PerceptualDistance, feature_modules, feature_taps, load_feature_net,
+                                        lpips_distance)
 
 
 @pytest.fixture(scope="module")
@@ -161,6 +162,17 @@ def test_rlat_net_errors(tmp_path):
         rt.Trainer(tiny_cnn(0, width=4), method="rlat", epochs=1, steps_per_epoch=1, rlat_net=str(bad))
     with pytest.raises(ValueError, match="rlat_net"):
         rt.Trainer(tiny_cnn(0, width=4), method="rlat", epochs=1, steps_per_epoch=1, rlat_net="")
+
+
+def test_lpips_features_stay_conv2d_on_a_video_net():
+    # feature_taps taps Conv3d (sat on video models); LPIPS keeps Conv2d: a clear error, not [B, T] distances
+    video = get_model("video_cnn", input_size=8, frames=2)
+    assert feature_taps(video) and all(not isinstance(m, nn.Conv2d) for m in feature_taps(video))
+    with pytest.raises(ValueError, match="no Conv2d whose features LPIPS"):
+        PerceptualDistance(video)
+    five = [torch.rand(2, 3, 2, 4, 4)]
+    with pytest.raises(ValueError, match=r"feats0/feats1 layer 0: LPIPS compares \[B, C, H, W\]"):
+        lpips_distance(five, five)
 
 
 def test_cli_flags_parse():

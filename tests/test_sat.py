@@ -15,7 +15,7 @@ from robustops.data import load_digits
 from robustops.models import Normalize, get_model
 from robustops.train.methods.sat import (choose_targets, content_loss, gram_matrix, max_margin_loss, parse_layers,
                                          style_loss)
-from robustops.train.perceptual import capture_features, feature_modules, feature_taps, modules_by_name
+from robustops.train.perceptual import CONV_TYPES, capture_features, feature_modules, feature_taps, modules_by_name
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def test_taps_equal_a_manual_forward():
 def test_every_robustops_model_has_taps(name, shape):
     net = get_model(name, input_size=8, frames=2).eval()
     taps = feature_taps(net)
-    assert taps == feature_modules(net) and feature_taps(net, [-1]) == taps[-1:]
+    assert taps == feature_modules(net, CONV_TYPES) and feature_taps(net, [-1]) == taps[-1:]
     with torch.no_grad(), capture_features(taps) as got:
         net(torch.rand(shape))
     assert len(got) >= len(taps) and all(f.shape[0] == 2 for f in got)
@@ -114,6 +114,18 @@ def test_max_margin_step_pulls_source_and_pushes_target():
     # samples without a target contribute nothing
     z = torch.rand(2, 4)
     assert max_margin_loss(z, z + 1, z, 1.0, has=torch.tensor([False, False])) == 0
+
+
+def test_step_forwards_the_adversarial_batch_last(digits):
+    # batch norm's running statistics end on the adversarial batch (as TRADES): x, x_t, then x'
+    x, y = digits[0].tensors
+    x, y = x[:16], y[:16]
+    model = tiny_cnn(seed=3, bn=True, width=8)
+    seen = []
+    model.register_forward_pre_hook(lambda m, i: seen.append(i[0].detach().clone()) if m.training else None)
+    rt.Trainer(model, method="sat", eps=0.2, steps=2, seed=0).train_step(x, y)
+    assert len(seen) == 3 and torch.equal(seen[0], x)
+    assert not torch.equal(seen[2], x) and (seen[2] - x).abs().max() <= 0.2 + 1e-6
 
 
 def test_sat_trains_and_rejects_bad_hypers(digits):

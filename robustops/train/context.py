@@ -288,11 +288,12 @@ class MethodContext:
                       norm=norm, lo=c.lo, hi=c.hi, dtype=self.amp_dtype, scaler=self._scaler, step=step)
 
     def attack(self, x, y, eps, alpha, steps: int, norm: Optional[str] = None, random_start: bool = True,
-               engine: Optional[Engine] = None) -> torch.Tensor:
+               engine: Optional[Engine] = None, context=None) -> torch.Tensor:
         """PGD on the model in its current mode (training's adversary): a uniform random start
-        (when random_start and eps > 0) and ``steps`` fused steps. Returns x_adv."""
+        (when random_start and eps > 0) and ``steps`` fused steps; context: the engine's per-sample
+        context (``Engine.run``). Returns x_adv."""
         engine = self.engine(norm) if engine is None else engine
         rand = random_start and (torch.is_tensor(eps) or eps > 0)  # per-sample eps: no host sync
         return engine.run(x, y, eps, alpha, steps, start="uniform" if rand else "clean",
-                          seed=self.seed() if rand else 0, evaluate=False).x_adv
+                          seed=self.seed() if rand else 0, evaluate=False, context=context).x_adv
 

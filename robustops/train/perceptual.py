@@ -20,9 +20,10 @@ The features: NO pretrained AlexNet can be downloaded here (and none is bundled)
 robustops trains (e.g. a ``robustops train`` checkpoint of a natural model, :func:`load_feature_net`),
 and its layers are :func:`feature_modules`: the stem convolution and the stages of a ResNet-style model
 (attributes ``conv1``, ``layer1``, ``layer2``, ...: the layers Kireev et al.'s code perturbs), else every
-``nn.Conv2d`` (or Conv1d / Conv3d) of the model in registration order, shortcut convolutions left out.
-A layer whose output is [B, C] counts as [B, C, 1, 1]. :func:`feature_taps` picks some of these layers by
-depth, or any layers of a user model by name (:func:`modules_by_name`).
+``nn.Conv2d`` of the model in registration order, shortcut convolutions left out (LPIPS compares
+[B, C, H, W] maps only). A layer whose output is [B, C] counts as [B, C, 1, 1]. :func:`feature_taps` picks
+layers by depth among the same layers, where a convolution may also be a Conv1d / Conv3d (a video model's
+taps, for method ``sat``), or any layers of a user model by name (:func:`modules_by_name`).
 """
 from __future__ import annotations
 
@@ -41,15 +42,15 @@ __all__ = ["feature_modules", "modules_by_name", "feature_taps", "CONV_TYPES", "
 
 #: what the lpips package adds to the channel norm (``lpips.normalize_tensor``'s eps)
 NORM_EPS = 1e-10
-#: the layers :func:`feature_modules` taps in a model without ResNet stages
+#: the layers :func:`feature_taps` taps in a model without ResNet stages (LPIPS: nn.Conv2d only)
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-def feature_modules(net: nn.Module) -> List[nn.Module]:
+def feature_modules(net: nn.Module, conv_types: tuple = (nn.Conv2d,)) -> List[nn.Module]:
     """The modules whose outputs are the perceptual features of ``net`` (see the module docstring):
-    [conv1, layer1, layer2, ...] for a ResNet-style model anywhere inside net, else every convolution
-    (not a shortcut; Conv1d / Conv3d too: a video model's taps) in registration order. ValueError when net has
-    none."""
+    [conv1, layer1, layer2, ...] for a ResNet-style model anywhere inside net, else every convolution of
+    ``conv_types`` (not a shortcut) in registration order. The default, nn.Conv2d, is what LPIPS compares;
+    :func:`feature_taps` passes :data:`CONV_TYPES`. ValueError when net has none."""
     for m in net.modules():
         if hasattr(m, "layer1") and isinstance(getattr(m, "conv1", None), nn.Module):
             stages, k = [m.conv1], 1
@@ -57,10 +58,11 @@ def feature_modules(net: nn.Module) -> List[nn.Module]:
                 stages.append(getattr(m, f"layer{k}"))
                 k += 1
             return stages
-    convs = [m for name, m in net.named_modules() if isinstance(m, CONV_TYPES) and "shortcut" not in name]
+    convs = [m for name, m in net.named_modules() if isinstance(m, conv_types) and "shortcut" not in name]
     if not convs:
-        raise ValueError(f"the feature network ({type(net).__name__}) has no convolution whose features LPIPS "
-                         f"could compare")
+        kinds = "/".join(t.__name__ for t in conv_types)
+        raise ValueError(f"the feature network ({type(net).__name__}) has no {kinds} whose features "
+                         f"{'LPIPS could compare' if conv_types == (nn.Conv2d,) else 'could be tapped'}")
     return convs
 
 
@@ -85,17 +87,18 @@ def modules_by_name(net: nn.Module, names: Sequence[str]) -> List[nn.Module]:
 
 
 def feature_taps(net: nn.Module, layers: Optional[Sequence] = None) -> List[nn.Module]:
-    """The modules to tap at chosen depths: None -> every :func:`feature_modules` layer; a list of ints ->
-    those depths of :func:`feature_modules` (0 = the shallowest; negative counts from the deepest); a list
-    of str -> :func:`modules_by_name`. ValueError naming a depth out of range or an unknown layer."""
+    """The modules to tap at chosen depths: None -> every :func:`feature_modules` layer (a convolution may
+    be any of :data:`CONV_TYPES`); a list of ints -> those depths of it (0 = the shallowest; negative counts
+    from the deepest); a list of str -> :func:`modules_by_name`. ValueError naming a depth out of range or an
+    unknown layer."""
     if layers is None:
-        return feature_modules(net)
+        return feature_modules(net, CONV_TYPES)
     layers = list(layers)
     if layers and all(isinstance(v, str) for v in layers):
         return modules_by_name(net, layers)
     if not layers or not all(isinstance(v, int) and not isinstance(v, bool) for v in layers):
         raise ValueError(f"layers must be a non-empty list of depths (int) or of layer names (str), got {layers!r}")
-    mods = feature_modules(net)
+    mods = feature_modules(net, CONV_TYPES)
     for d in layers:
         if not -len(mods) <= d < len(mods):
             raise ValueError(f"layer depth {d} is out of range: {type(net).__name__} has {len(mods)} feature "
@@ -130,6 +133,9 @@ def lpips_distance(feats0: Sequence[torch.Tensor], feats1: Sequence[torch.Tensor
     total = 0
     for i, (a, b) in enumerate(zip(feats0, feats1)):
         a, b = four_d(a), four_d(b)
+        if a.dim() != 4:
+            raise ValueError(f"feats0/feats1 layer {i}: LPIPS compares [B, C, H, W] (or [B, C]) feature maps, got "
+                             f"shape {list(a.shape)}")
         if a.shape != b.shape:
             raise ValueError(f"layer {i}: the two feature maps differ in shape, {list(a.shape)} and {list(b.shape)}")
         diff = (normalize_tensor(a) - normalize_tensor(b)).pow(2)

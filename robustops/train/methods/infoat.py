@@ -22,7 +22,8 @@ reading of it, with every choice stated:
 - The objective (``info_base``; which one the paper weights could not be read): "pgd" (default)
   minimises sum_i w_i CE(f(x'_i), y_i) / sum_i w_i at the PGD-k adversary; "trades" minimises
   sum_i w_i (CE(f(x_i), y_i) + beta KL(f(x_i) || f(x'_i))) / sum_i w_i at TRADES' own adversary x'.
-  The adversaries are the base methods' own (``pgd`` / ``trades``), so the attack is unchanged. The
+  InfoAT sets the weights on the context and runs the base method's own step (``pgd`` / ``trades``:
+  its adversary and its weighted loss), so the attack is unchanged. The
   default is the one that measured best on digits (benchmarks/infoat_digits.py, 3 seeds: PGD-20
   accuracy 66.4 % against PGD-7 AT's 65.9 %, clean 98.3 % against 98.4 %; within the seeds' spread).
 
@@ -33,9 +34,8 @@ own minibatch (the global batch normalisation would need one more collective per
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from ..context import weighted_cross_entropy
+from ... import _rng
 from ..mutual_info import MIEstimator, latent_module
 from ..perceptual import capture_features
 from ..registry import Hyper, Method, register
@@ -45,6 +45,9 @@ from .trades import Trades
 __all__ = ["InfoAT", "info_weights"]
 
 BASES = ("pgd", "trades")
+#: the sub-stream of the run's seed that the critic's initial weights come from (trainer.py: 2 the model's
+#: initialisation, coreset.py: 3 the selection)
+CRITIC_STREAM = 4
 
 
 def info_weights(mi: torch.Tensor, tau: float, mix: float) -> torch.Tensor:
@@ -82,10 +85,10 @@ class InfoAT(Method):
         super().__init__(ctx)
         self.base = (Trades if self.cfg.info_base == "trades" else PGDTraining)(ctx)
         self.latent = latent_module(ctx.forward)
-        # the critic's initial weights from the run's seed, not from ctx.seed(): the attack's stream stays
-        # the base method's
-        seed = 0 if self.cfg.seed is None else int(self.cfg.seed)
-        self.estimator = MIEstimator(lr=self.cfg.info_lr, width=self.cfg.info_width, seed=seed + 0x1AF0,
+        # the critic's initial weights from a sub-stream of the run's seed, not from ctx.seed(): the attack's
+        # stream stays the base method's (seed None: one drawn from torch's generator; DDP broadcasts rank 0's)
+        seed = _rng.resolve_seed(None if self.cfg.seed is None else _rng.derive_seed(self.cfg.seed, CRITIC_STREAM))
+        self.estimator = MIEstimator(lr=self.cfg.info_lr, width=self.cfg.info_width, seed=seed,
                                      device=ctx.device, world_size=ctx.world_size)
 
     def latent_of(self, x: torch.Tensor) -> torch.Tensor:
@@ -108,26 +111,17 @@ class InfoAT(Method):
         return w if self.ctx.weights is None else w * self.ctx.weights
 
     def step(self, x, y):
-        c, ctx = self.cfg, self.ctx
-        w = self.weights(x)
-        x_adv = self.base.adversarial(x, y)
-        if c.info_base == "pgd":
-            def closure(net):
-                logits = net(x_adv)
-                return weighted_cross_entropy(logits, y, w), logits
-        else:
-            ctx.forward.train()
-
-            def closure(net):
-                logits, logits_adv = net(x, x_adv)
-                kl = F.kl_div(F.log_softmax(logits_adv.float(), dim=1), F.softmax(logits.float(), dim=1),
-                              reduction="none")
-                # (kl * w).sum() / w.sum(): with w = 1 exactly the sum and division of reduction="batchmean"
-                kl = (kl * w.unsqueeze(1)).sum() / w.sum()
-                return weighted_cross_entropy(logits, y, w) + c.beta * kl, logits
-
-        loss, logits = ctx.update(closure)
-        return ctx.stats(loss, logits, y)
+        """The base method's own step with ctx.weights = the InfoAT weights (times the run's), restored after;
+        info_mix = 0 (w = 1 exactly) leaves the run's weights, or none, as they are: the base step itself."""
+        ctx = self.ctx
+        own = ctx.weights
+        w = self.weights(x)  # the critic steps whatever info_mix is (its state does not depend on it)
+        if self.cfg.info_mix > 0:
+            ctx.weights = w
+        try:
+            return self.base.step(x, y)
+        finally:
+            ctx.weights = own
 
     def state_dict(self):
         return {"estimator": self.estimator.state_dict()}
