@@ -45,8 +45,8 @@ from .trades import Trades
 __all__ = ["InfoAT", "info_weights"]
 
 BASES = ("pgd", "trades")
-#: the sub-stream of the run's seed that the critic's initial weights come from (trainer.py: 2 the model's
-#: initialisation, coreset.py: 3 the selection)
+#: the sub-stream of the run's seed that the critic's initial weights come from (the run uses 2 for the model's
+#: initialisation and 3 for the coreset selection)
 CRITIC_STREAM = 4
 
 
