@@ -52,9 +52,9 @@ def _threads_while_training(monkeypatch):
     seen = []
     step = train.Trainer.train_step
 
-    def spy(self, x, y, weights=None):
+    def spy(self, x, y, weights=None, **kw):  # kw: e.g. the batch's OOD mask
         seen.append(torch.get_num_threads())
-        return step(self, x, y, weights)
+        return step(self, x, y, weights, **kw)
 
     monkeypatch.setattr(train.Trainer, "train_step", spy)
     return seen

@@ -17,7 +17,7 @@ from .._threads import default_threads, physical_cores
 if TYPE_CHECKING:  # annotations only: torch is imported where it is used
     import torch
 
-__all__ = ["CLIError", "Parser", "fraction", "fractions", "parse_fraction", "alias", "Renamed", "pick_device", "Dist",
+__all__ = ["CLIError", "parse_rows", "Parser", "fraction", "fractions", "parse_fraction", "alias", "Renamed", "pick_device", "Dist",
            "distributed", "add_common", "setup_run", "physical_cores", "require_min", "check_data_spec",
            "split_holdout", "load_data", "model_dims", "model_classes", "warn_empty_classes", "check_model_accepts", "check_writable", "exclusive", "agree",
            "checkpoint_meta", "write_summary", "DIGITS_MODEL", "fmt_pct", "os_error_line"]
@@ -103,6 +103,15 @@ class Renamed(argparse.Action):
 
     def __call__(self, parser, namespace, values, option_string=None):
         parser.error(f"{option_string} {self.why}; use {self.new}")
+
+
+def parse_rows(spec: str, allowed, flag: str) -> list:
+    """The comma-separated names of ``spec`` (a demo section's rows or methods), each one of ``allowed``;
+    a CLIError naming ``flag`` and the allowed names otherwise (or when there are none)."""
+    names = [r.strip() for r in spec.split(",") if r.strip()]
+    if not names or any(r not in allowed for r in names):
+        raise CLIError(f"{flag} must be a comma-separated list of {', '.join(allowed)}; got {spec!r}")
+    return names
 
 
 def require_min(**flags_and_minimums) -> None:

@@ -14,7 +14,7 @@ import os
 import time
 from typing import List
 
-from .common import CLIError, fmt_pct, require_min, write_summary
+from .common import CLIError, fmt_pct, parse_rows, require_min, write_summary
 
 __all__ = ["SECTION", "METHODS", "BOUNDS", "STYLES", "add_arguments", "check_arguments", "certify_model", "table",
            "plot_curves", "run_section"]
@@ -45,11 +45,7 @@ def check_arguments(args) -> List[str]:
     """The section's methods, checked (a clear error naming the flag otherwise)."""
     from .. import train
 
-    methods = [m.strip() for m in args.cert_methods.split(",") if m.strip()]
-    bad = [m for m in methods if m not in train.METHODS]
-    if bad or not methods:
-        raise CLIError(f"--cert-methods must be a comma-separated list of {', '.join(train.METHODS)}; "
-                       f"got {args.cert_methods!r}")
+    methods = parse_rows(args.cert_methods, train.METHODS, "--cert-methods")
     require_min(cert_n=(args.cert_n, 1))
     if args.cert_tol is not None and not 0 < args.cert_tol < float("inf"):
         raise CLIError(f"--cert-tol must be a finite number > 0, got {args.cert_tol}")

@@ -16,7 +16,7 @@ import argparse
 import os
 from typing import Dict, List
 
-from .common import CLIError, fmt_pct, fraction, write_summary
+from .common import CLIError, fmt_pct, fraction, parse_rows, write_summary
 
 __all__ = ["SECTION", "ROWS", "add_arguments", "check_arguments", "row_options", "corruption_network",
            "evaluate_row", "targets", "table", "run_section"]
@@ -56,11 +56,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def check_arguments(args) -> List[str]:
     """The section's rows, checked (a clear error naming the flag otherwise)."""
-    rows = [r.strip() for r in args.corruption_rows.split(",") if r.strip()]
-    bad = [r for r in rows if r not in ROWS]
-    if bad or not rows:
-        raise CLIError(f"--corruption-rows must be a comma-separated list of {', '.join(ROWS)}; "
-                       f"got {args.corruption_rows!r}")
+    rows = parse_rows(args.corruption_rows, ROWS, "--corruption-rows")
     if not 0 < args.corruption_sigma < 1:
         raise CLIError(f"--corruption-sigma must be in (0, 1), got {args.corruption_sigma}")
     if not 0 < args.corruption_eps < 1:

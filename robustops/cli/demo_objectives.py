@@ -14,7 +14,7 @@ import argparse
 import os
 from typing import Dict, List
 
-from .common import CLIError, fmt_pct, write_summary
+from .common import fmt_pct, parse_rows, write_summary
 
 __all__ = ["SECTION", "ROWS", "add_arguments", "check_arguments", "row_options", "source_model", "targets",
            "table", "run_section"]
@@ -42,12 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def check_arguments(args) -> List[str]:
     """The section's rows, checked (a clear error naming the flag otherwise)."""
-    rows = [r.strip() for r in args.objectives_rows.split(",") if r.strip()]
-    bad = [r for r in rows if r not in ROWS]
-    if bad or not rows:
-        raise CLIError(f"--objectives-rows must be a comma-separated list of {', '.join(ROWS)}; "
-                       f"got {args.objectives_rows!r}")
-    return rows
+    return parse_rows(args.objectives_rows, ROWS, "--objectives-rows")
 
 
 def row_options(key: str):

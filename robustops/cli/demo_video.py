@@ -14,7 +14,7 @@ import os
 import time
 from typing import List
 
-from .common import CLIError, fmt_pct, fraction, require_min, split_holdout, write_summary
+from .common import CLIError, fmt_pct, fraction, parse_rows, require_min, split_holdout, write_summary
 
 __all__ = ["SECTION", "ROWS", "add_arguments", "check_arguments", "train_row", "table", "run_section"]
 
@@ -41,10 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def check_arguments(args) -> List[str]:
     """The section's rows, checked (a clear error naming the flag otherwise)."""
-    rows = [r.strip() for r in args.video_rows.split(",") if r.strip()]
-    bad = [r for r in rows if r not in ROWS]
-    if bad or not rows:
-        raise CLIError(f"--video-rows must be a comma-separated list of {', '.join(ROWS)}; got {args.video_rows!r}")
+    rows = parse_rows(args.video_rows, ROWS, "--video-rows")
     require_min(video_epochs=(args.video_epochs, 1), video_steps=(args.video_steps, 1),
                 video_apgd_steps=(args.video_apgd_steps, 1))
     if not 0 < args.video_eps < 1:
