@@ -52,3 +52,14 @@ def test_demo_objectives_flags(tmp_path, capsys):
 
     assert main(["demo", "--section", "objectives", "--out", str(tmp_path), "--objectives-rows", "pgd,nope"]) == 2
     assert "--objectives-rows must be a comma-separated list of" in capsys.readouterr().err
+
+
+def test_demo_objectives_ood_row_keeps_the_steps():
+    """Half of every batch is OOD, so the row trains half the epochs: PGD-7 AT's number of steps."""
+    import argparse
+
+    from robustops.cli.demo_objectives import row_options
+
+    method, opts = row_options(argparse.Namespace(epochs=30), "pgd+ood")
+    assert method == "pgd" and opts == {"ood_data": "digits-ood", "ood_ratio": 0.5, "epochs": 15}
+    assert row_options(argparse.Namespace(epochs=30), "sat") == ("sat", {})

@@ -220,7 +220,7 @@ def _train_and_evaluate(args, key: str, data: _Data, dev, proxy_data=None) -> di
     if args.section == demo_corruptions.SECTION and key in demo_corruptions.ROWS:
         method, opts = demo_corruptions.row_options(args, key)
     elif args.section == demo_objectives.SECTION and key in demo_objectives.ROWS:
-        method, opts = demo_objectives.row_options(key)
+        method, opts = demo_objectives.row_options(args, key)
     else:
         method, opts = ROW_SPECS.get(key, (key, {}))
     opts = dict(opts)
