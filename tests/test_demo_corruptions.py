@@ -15,10 +15,10 @@ def test_demo_section_corruptions(tmp_path, capsys):
 
     out = tmp_path / "demo"
     rc = main(["demo", "--section", "corruptions", "--out", str(out), "--epochs", "1", "--val-size", "64",
-               "--corruption-rows", "natural,rlat", "--no-progress", "--jobs", "1"])
+               "--corruption-rows", "natural,rlat", "--corruption-max", "90", "--no-progress", "--jobs", "1"])
     assert rc == 0
     text = capsys.readouterr().out
-    for label in ("digits-C: the 360 test digits under the 15 CIFAR-10-C corruptions", "| row | clean | mean corr.",
+    for label in ("digits-C: the 90 test digits under the 15 CIFAR-10-C corruptions", "| row | clean | mean corr.",
                   "target rlat: mean corruption accuracy above natural",
                   ):
         assert label in text, label
@@ -60,6 +60,7 @@ def test_demo_corruptions_targets():
     (["--corruption-sigma", "0"], "--corruption-sigma must be in (0, 1)"),
     (["--corruption-eps", "1.5"], "--corruption-eps must be in (0, 1)"),
     (["--corruption-ae-epochs", "0"], "--corruption-ae-epochs must be >= 1"),
+    (["--corruption-max", "0"], "--corruption-max must be >= 1"),
     (["--corruption-rlat-eps", "0"], "--corruption-rlat-eps must be a finite number > 0"),
 ])
 def test_demo_corruptions_flags(tmp_path, capsys, flags, msg):
@@ -71,19 +72,27 @@ def test_demo_corruptions_flags(tmp_path, capsys, flags, msg):
 
 @needs("kornia")
 def test_demo_corruptions_ada_and_uniform_rows(tmp_path, capsys):
-    """The ada row (its CorruptionAE trained in the demo) and the uniform-sigma row (the spec filled from
-    --corruption-sigma) with every section flag given; without a natural row the clean target is n/a."""
+    """The ada row (its CorruptionAE trained in the demo) with every section flag given (digits-C on the first
+    60 test digits); without a natural row the clean target is n/a; the uniform-sigma row's spec is filled
+    from --corruption-sigma."""
     from robustops.cli import main
 
     out = tmp_path / "demo"
     rc = main(["demo", "--section", "corruptions", "--out", str(out), "--epochs", "1", "--val-size", "64",
-               "--corruption-rows", "ada,gaussian+uniform,pgd+small", "--corruption-ae-epochs", "1",
+               "--corruption-rows", "ada,pgd+small", "--corruption-ae-epochs", "1", "--corruption-max", "60",
                "--corruption-sigma", "0.1", "--corruption-eps", "0.03", "--corruption-rlat-eps", "0.02",
                "--ada-steps", "1", "--steps", "1", "--no-progress", "--jobs", "1"])
     assert rc == 0
     text = capsys.readouterr().out
-    assert "Gaussian noise (sigma~U(0,0.1))" in text and "PGD-20 (eps 0.03)" in text
+    assert "digits-C: the 60 test digits" in text and "PGD-20 (eps 0.03)" in text
     assert "target ada: mean corruption accuracy above pgd+small:" in text
     assert "clean within 2 points of natural: n/a (no natural row)" in text
     res = json.loads((out / "corruptions" / "results.json").read_text())
     assert (res["sigma"], res["eps"], res["rlat_eps"]) == (0.1, 0.03, 0.02)
+    assert all(r["corruptions"]["n"] == 60 for r in res["rows"])
+    import argparse
+
+    from robustops.cli.demo_corruptions import row_options
+
+    ns = argparse.Namespace(corruption_sigma=0.1, corruption_eps=0.03, corruption_rlat_eps=0.02)
+    assert row_options(ns, "gaussian+uniform") == ("gaussian", {"sigma": 0.1, "sigma_dist": "uniform:0.1"})

@@ -387,7 +387,7 @@ def test_cli_demo_quick(tmp_path, capsys):
                "--attack-steps", "3", "--aa-steps", "3", "--aa-fab-steps", "2", "--aa-queries", "20", "--no-progress", "--val-size", "64",
                "--cvae-epochs", "2", "--learned-steps", "2", "--set-attack-steps", "3", "--latent-n", "50",
                "--latent-certify-max", "10", "--proxy-n", "64", "--sequential-images", "6", "--jobs", "2",
-               "--sequential-n-max", "2000", "--sequential-radius", "0.2"])
+               "--sequential-n-max", "2000", "--sequential-radius", "0.2", "--corruption-max", "40"])
     assert rc == 0
     text = capsys.readouterr().out
     # the learned-perturbation-set section: the set's quality, three models, the picture, the JSON rows
