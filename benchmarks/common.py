@@ -217,3 +217,33 @@ def pgd_accuracy(model, test_loader, args, seed: int, steps: int = 20) -> dict:
     model.eval()
     atk = attacks.PGD(model, eps=args.eps, steps=steps, norm="linf", random_start=True, seed=seed)
     return attacks.robust_accuracy(model, test_loader, atk, device=args.device, progress=False)
+
+
+def digits_row(key: str, method: str, opts: dict, seed: int, args, train_ds, val_ds, test_loader) -> dict:
+    """One variant of a digits comparison (:func:`digits_variant_runs`'s run_one): a SmallCNN trained with
+    ``method`` and ``opts`` by :func:`fit_digits`, scored by clean and PGD-args.attack_steps accuracy."""
+    from robustops import models
+    from robustops.cli.common import DIGITS_MODEL
+
+    torch.manual_seed(seed)
+    model = models.get_model("small_cnn", **DIGITS_MODEL).to(args.device)
+    res, train_s = fit_digits(model, method, train_ds, val_ds, args, seed, **opts)
+    ev = pgd_accuracy(model, test_loader, args, seed, steps=args.attack_steps)
+    return {"variant": key, "method": method, "options": ";".join(f"{k}={v}" for k, v in opts.items()),
+            "epochs": args.epochs, "seed": seed, "eps": args.eps, "attack_steps": args.attack_steps,
+            "clean_acc": ev["clean_acc"], "robust_acc": ev["robust_acc"], "best_epoch": res.best_epoch,
+            "train_s": train_s}
+
+
+def section_rows(section: str, seed: int, out: str, epochs: int, rows_flag: str, rows: str) -> list:
+    """One `robustops demo --section SECTION` run (in a subprocess of this Python) at ``seed`` with its rows
+    ``rows`` (given by ``rows_flag``); the rows of its OUT/SECTION/results.json."""
+    import json
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "robustops", "demo", "--section", section, "--seed", str(seed), "--out", out,
+           "--epochs", str(epochs), rows_flag, rows, "--no-progress"]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    with open(os.path.join(out, section, "results.json")) as fh:
+        return json.load(fh)["rows"]

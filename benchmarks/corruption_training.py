@@ -11,14 +11,12 @@ finishes. --quick: 2 rows, 1 seed, 3 epochs (< 1 min).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 
-from common import append_csv
+from common import append_csv, section_rows
 
 FAMILIES = ("noise", "blur", "weather", "digital")
 NOISE = ("gaussian_noise", "shot_noise", "impulse_noise")
@@ -26,11 +24,7 @@ NOISE = ("gaussian_noise", "shot_noise", "impulse_noise")
 
 def run_seed(seed: int, args, out: str) -> list:
     """One `robustops demo --section corruptions` run; its rows from results.json."""
-    cmd = [sys.executable, "-m", "robustops", "demo", "--section", "corruptions", "--seed", str(seed), "--out", out,
-           "--epochs", str(args.epochs), "--corruption-rows", args.rows, "--no-progress"]
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    with open(os.path.join(out, "corruptions", "results.json")) as fh:
-        return json.load(fh)["rows"]
+    return section_rows("corruptions", seed, out, args.epochs, "--corruption-rows", args.rows)
 
 
 def flat(seed: int, r: dict) -> dict:

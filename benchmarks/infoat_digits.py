@@ -16,11 +16,7 @@ from __future__ import annotations
 
 import statistics
 
-import torch
-
-from robustops import models
-from robustops.cli.common import DIGITS_MODEL
-from common import add_digits_flags, digits_variant_runs, fit_digits, parser, pgd_accuracy
+from common import add_digits_flags, digits_row, digits_variant_runs, parser
 
 VARIANTS = {"pgd": ("pgd", {}),
             "trades": ("trades", {}),
@@ -32,14 +28,7 @@ def run_one(key: str, seed: int, args, train_ds, val_ds, test_loader) -> dict:
     method, opts = VARIANTS[key]
     opts = dict(opts, **({k: v for k, v in (("info_mix", args.info_mix), ("info_tau", args.info_tau))
                           if v is not None} if method == "infoat" else {}))
-    torch.manual_seed(seed)
-    model = models.get_model("small_cnn", **DIGITS_MODEL).to(args.device)
-    res, train_s = fit_digits(model, method, train_ds, val_ds, args, seed, **opts)
-    ev = pgd_accuracy(model, test_loader, args, seed, steps=args.attack_steps)
-    return {"variant": key, "method": method, "options": ";".join(f"{k}={v}" for k, v in opts.items()),
-            "epochs": args.epochs, "seed": seed, "eps": args.eps, "attack_steps": args.attack_steps,
-            "clean_acc": ev["clean_acc"], "robust_acc": ev["robust_acc"], "best_epoch": res.best_epoch,
-            "train_s": train_s}
+    return digits_row(key, method, opts, seed, args, train_ds, val_ds, test_loader)
 
 
 def summary(rows, keys) -> list:

@@ -11,25 +11,19 @@ finishes. --quick: 2 rows, 1 seed, 2 epochs (< 1 min).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 
-from common import append_csv
+from common import append_csv, section_rows
 
 COLS = ("clean_acc", "robust_acc", "aa_acc", "transfer_acc")
 
 
 def run_seed(seed: int, args, out: str) -> list:
     """One `robustops demo --section objectives` run; its rows from results.json."""
-    cmd = [sys.executable, "-m", "robustops", "demo", "--section", "objectives", "--seed", str(seed), "--out", out,
-           "--epochs", str(args.epochs), "--objectives-rows", args.rows, "--no-progress"]
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    with open(os.path.join(out, "objectives", "results.json")) as fh:
-        return json.load(fh)["rows"]
+    return section_rows("objectives", seed, out, args.epochs, "--objectives-rows", args.rows)
 
 
 def means(rows: list) -> dict:

@@ -14,11 +14,7 @@ from __future__ import annotations
 
 import statistics
 
-import torch
-
-from robustops import models
-from robustops.cli.common import DIGITS_MODEL
-from common import add_digits_flags, digits_variant_runs, fit_digits, parser, pgd_accuracy
+from common import add_digits_flags, digits_row, digits_variant_runs, parser
 
 VARIANTS = ("pgd", "sat")
 
@@ -34,14 +30,7 @@ def sat_options(text: str) -> dict:
 
 def run_one(method: str, seed: int, args, train_ds, val_ds, test_loader) -> dict:
     opts = sat_options(args.sat) if method == "sat" else {}
-    torch.manual_seed(seed)
-    model = models.get_model("small_cnn", **DIGITS_MODEL).to(args.device)
-    res, train_s = fit_digits(model, method, train_ds, val_ds, args, seed, **opts)
-    ev = pgd_accuracy(model, test_loader, args, seed, steps=args.attack_steps)
-    return {"variant": method, "method": method, "options": ";".join(f"{k}={v}" for k, v in opts.items()),
-            "epochs": args.epochs, "seed": seed, "eps": args.eps, "attack_steps": args.attack_steps,
-            "clean_acc": ev["clean_acc"], "robust_acc": ev["robust_acc"], "best_epoch": res.best_epoch,
-            "train_s": train_s}
+    return digits_row(method, method, opts, seed, args, train_ds, val_ds, test_loader)
 
 
 def main(argv=None):
