@@ -7,6 +7,16 @@ works, not only :class:`robustops.perturbation.CVAE`), and the members of the se
   the quality metrics only);
 - ``decode(z, x) -> x_hat``: the decoder g(z, x), x's shape (not clamped: :func:`member` clamps).
 
+The flow protocol (a normalising flow: an exact bijection between images and latents, with an exact
+log-likelihood; :class:`robustops.perturbation.Flow` has it, the joint-space attack relies on it):
+
+- ``image_shape``: tuple (C, H, W) of the images it models; D = C * H * W is the latent dimension;
+- ``encode(x) -> z``: float32 [B, D], the latent of images x [B, C, H, W] (values in [0, 1]);
+- ``decode(z) -> x``: the images [B, C, H, W] of latents z [B, D], decode(encode(x)) = x (to float
+  rounding; not clamped: callers clamp to their box);
+- ``log_prob(x) -> [B]``: the exact log-density of x in nats (change of variables, dequantisation
+  and any pre-processing included), from which bits/dim = -log_prob / (D ln 2) (+ 8 for 8-bit data).
+
 The attacks (``robustops.attacks.latent``) import this file only: the rest of the package (the quality
 metrics) uses the attacks.
 """
@@ -17,7 +27,7 @@ from typing import Tuple
 import torch
 import torch.nn as nn
 
-__all__ = ["check_perturbation_model", "prior_scale", "member"]
+__all__ = ["check_perturbation_model", "check_flow", "prior_scale", "member"]
 
 
 def check_perturbation_model(model: nn.Module, name: str = "perturbation model") -> nn.Module:
@@ -26,6 +36,17 @@ def check_perturbation_model(model: nn.Module, name: str = "perturbation model")
     if missing:
         raise TypeError(f"{name} must have latent_dim, prior(x) -> (mu, logvar) and decode(z, x) (the "
                         f"perturbation-model protocol of robustops.perturbation); {type(model).__name__} lacks "
+                        f"{', '.join(missing)}")
+    return model
+
+
+def check_flow(model: nn.Module, name: str = "flow") -> nn.Module:
+    """model if it has the flow protocol (image_shape, encode, decode, log_prob), else a TypeError naming
+    what is missing."""
+    missing = [a for a in ("image_shape", "encode", "decode", "log_prob") if not hasattr(model, a)]
+    if missing:
+        raise TypeError(f"{name} must have image_shape, encode(x) -> z [B, D], decode(z) -> x and log_prob(x) "
+                        f"(the flow protocol of robustops.perturbation); {type(model).__name__} lacks "
                         f"{', '.join(missing)}")
     return model
 
