@@ -13,7 +13,7 @@ PYTHON := $(PY)
 SETUP_STAMP :=
 else
 PYTHON := $(VENV)/bin/python
-SETUP_STAMP := $(VENV)/.stamp-$(TORCH_VERSION)-6
+SETUP_STAMP := $(VENV)/.stamp-$(TORCH_VERSION)-7
 endif
 
 # Compile the CUDA kernels whenever nvcc exists (and torch is a CUDA build): a CUDA compile error
@@ -44,7 +44,7 @@ all: build
 
 # torchattacks (tests/test_torchattacks.py compares against it) is installed without its stale pins
 # (requests ~= 2.25, torchvision): it imports neither.
-$(VENV)/.stamp-$(TORCH_VERSION)-6:
+$(VENV)/.stamp-$(TORCH_VERSION)-7:
 	test -x $(VENV)/bin/python || python3 -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip
 	$(VENV)/bin/python -m pip install -q torch==$(TORCH_VERSION) -r requirements-dev.txt
@@ -121,12 +121,13 @@ demo: build
 bench: build
 	$(PYTHON) benchmarks/bench_pgd_step.py
 
-# kornia (the blur, spatter and JPEG corruptions, AugMix's ops) for the GPU machine, which has no internet:
+# kornia (the blur, spatter and JPEG corruptions, AugMix's ops), POT and normflows (issue 29) for the GPU machine, which has no internet:
 # its Python 3.12 wheels in gpu-wheels/ (gitignored), carried there; benchmarks/gpu_session.sh installs them.
 gpu-wheels:
 	mkdir -p gpu-wheels
 	python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -d gpu-wheels \
-	  kornia==0.9.0 kornia-rs==0.2.0
+	  kornia==0.9.0 kornia-rs==0.2.0 POT==0.9.7.post1
+	python3 -m pip wheel -q --no-deps --no-build-isolation -w gpu-wheels normflows==1.7.3
 	ls -l gpu-wheels
 
 clean:

@@ -194,7 +194,8 @@ setup(
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     entry_points={"console_scripts": ["robustops=robustops.cli:main"]},
     # The binary is tied to the torch it was compiled against.
-    install_requires=["torch==" + torch.__version__.split("+")[0], "numpy", "scipy", "tqdm", "matplotlib", "kornia==0.9.0"],
+    install_requires=["torch==" + torch.__version__.split("+")[0], "numpy", "scipy", "tqdm", "matplotlib", "kornia==0.9.0", "POT==0.9.7.post1",
+                      "normflows==1.7.3"],
     # Optional: TensorBoard logging of training (`robustops train --tensorboard`, fit(tensorboard=dir)).
     extras_require={"tensorboard": ["tensorboard"]},
     python_requires=">=3.9",
