@@ -25,3 +25,27 @@ def pytest_collection_modifyitems(config, items):
 def devices():
     """CPU always; CUDA as a parameter marked `cuda`, skipped where no GPU is present."""
     return ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+@pytest.fixture(scope="session")
+def digits_flow():
+    """A small normalising flow (robustops.perturbation.Flow: depth 2, hidden 16) trained for 2 epochs on
+    512 training digits, in eval mode: for the tests of what uses a flow (the joint-space attack). Skipped
+    where normflows is missing. About a second on a CPU."""
+    pytest.importorskip("normflows")
+    from torch.utils.data import DataLoader, TensorDataset
+
+    import robustops.perturbation as P
+    from robustops.data import load_digits
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: more threads only spin-wait on shared cores
+    try:
+        torch.manual_seed(0)
+        flow = P.Flow(depth=2, hidden=16, bins=17)
+        x = load_digits("train").tensors[0][:512]
+        P.fit_perturbation(flow, DataLoader(TensorDataset(x), batch_size=64, shuffle=True), epochs=2, lr=5e-3,
+                           progress=False, seed=0)
+    finally:
+        torch.set_num_threads(threads)
+    return flow.eval()

@@ -10,14 +10,15 @@ import os
 from .common import CLIError, add_common, check_writable, fraction, fractions, pick_device, require_min, setup_run, \
     split_holdout, write_summary
 
-HELP = "learned perturbation sets (conditional VAE) and AdA's corruption networks (--kind autoencoder): train, quality, show"
+HELP = "learned perturbation sets (conditional VAE), AdA's corruption networks (--kind autoencoder) and normalising " \
+       "flows (--kind flow): train, quality, show"
 
 _DATA_HELP = 'pairs: "digits" (the embedded digits, perturbed by rotation, translation, scaling and stroke ' \
              'thickness) or npz:PATH (arrays x, x_perturbed, optionally y)'
 
 
 #: the models `perturbation train` trains (--kind)
-KINDS = ("cvae", "autoencoder")
+KINDS = ("cvae", "autoencoder", "flow")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -30,10 +31,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="cvae: the conditional VAE on pairs (a learned perturbation set); autoencoder: a small "
                         "conv autoencoder trained on the --data images (x of each pair) by reconstruction, "
                         "AdversarialAugment's corruption network (--method ada); the CVAE-only flags (--beta, "
-                        "--latent-dim, --percentile, ...) do not apply to it")
+                        "--latent-dim, --percentile, ...) do not apply to it; flow: a Glow-style normalising flow "
+                        "trained on the --data images by maximum likelihood (exact bits/dim; the joint-space threat "
+                        "model's G), with the --flow-* flags")
     t.add_argument("-o", "--out", required=True, help="run directory")
-    t.add_argument("--epochs", type=int, default=20)
-    t.add_argument("--lr", type=fraction("--lr"), default=2e-3)
+    t.add_argument("--epochs", type=int, default=None, help="(None: 20; 15 for --kind flow)")
+    t.add_argument("--lr", type=fraction("--lr"), default=None, help="Adam's (None: 2e-3; 5e-3 for --kind flow)")
     t.add_argument("--beta", type=fraction("--beta"), default=0.01,
                    help="KL weight of the ELBO (squared error summed over pixels + beta * KL)")
     t.add_argument("--warmup", type=fraction("--warmup"), default=0.0, help="epochs of linear beta warm-up")
@@ -61,6 +64,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--approx-steps", type=int, default=50,
                    help="latent PGD steps of the approximation error (0: skip it)")
     t.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    t.add_argument("--flow-depth", type=int, default=4, help="flow: Glow steps per scale")
+    t.add_argument("--flow-hidden", type=int, default=64, help="flow: channels of each coupling network")
+    t.add_argument("--flow-levels", type=int, default=0, help="flow: scales (0: 1 up to 8x8, 2 up to 16x16, else 3)")
+    t.add_argument("--flow-bins", type=int, default=0,
+                   help="flow: the levels of the quantised pixels, for the dequantisation noise and bits/dim (0: 17 "
+                        "for the digits, whose pixels are k/16; else 256)")
     add_common(t)
 
     q = sub.add_parser("quality", help="quality of a trained perturbation set on held-out pairs", formatter_class=fmt)
@@ -156,8 +165,13 @@ def _train(args) -> int:
 
     from .. import perturbation as P
 
+    flow = args.kind == "flow"
+    args.epochs = args.epochs if args.epochs is not None else (15 if flow else 20)
+    args.lr = args.lr if args.lr is not None else (5e-3 if flow else 2e-3)
     if args.kind == "autoencoder":
         return _train_autoencoder(args)
+    if flow:
+        return _train_flow(args)
     require_min(epochs=(args.epochs, 1), latent_dim=(args.latent_dim, 1), width=(args.width, 1),
                 batch_size=(args.batch_size, 1), repeats=(args.repeats, 1), approx_steps=(args.approx_steps, 0),
                 workers=(args.workers, 0))
@@ -285,6 +299,68 @@ def _train_autoencoder(args) -> int:
     return 0
 
 
+def _train_flow(args) -> int:
+    """`perturbation train --kind flow`: a normalising flow (robustops.perturbation.Flow) trained on the --data
+    images by maximum likelihood through fit_perturbation (checkpoints, --resume, log.csv of train / held-out
+    bits/dim); model.pt and summary.json with the final held-out bits/dim."""
+    import math
+
+    import torch
+    from torch.utils.data import DataLoader
+
+    from .. import perturbation as P
+
+    require_min(epochs=(args.epochs, 1), batch_size=(args.batch_size, 1), workers=(args.workers, 0),
+                flow_depth=(args.flow_depth, 1), flow_hidden=(args.flow_hidden, 1), flow_levels=(args.flow_levels, 0))
+    if args.flow_bins == 1 or args.flow_bins < 0:
+        raise CLIError(f"--flow-bins must be 0 (automatic) or an int >= 2, got {args.flow_bins}")
+    if args.lr <= 0:
+        raise CLIError(f"--lr must be > 0, got {args.lr}")
+    if args.amp != "none":
+        raise CLIError(f"--amp must be none for --kind flow (its inverse and log-determinant run in float32), got "
+                       f"{args.amp}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise CLIError(f"--out {args.out!r} is a file; give a directory")
+    dev = pick_device(args.device)
+    train_ds, held_ds, source = _image_data(args)
+    x0 = train_ds[0][0]
+    if x0.dim() != 3 or x0.shape[1] != x0.shape[2]:
+        raise CLIError(f"--data: the flow takes square images [C, S, S], got {list(x0.shape)}")
+    setup_run(args, x0.numel())
+    bins = args.flow_bins or (17 if source == "digits" else 256)
+    torch.manual_seed(args.seed)  # the initial weights
+    try:
+        model = P.Flow(int(x0.shape[0]), int(x0.shape[1]), depth=args.flow_depth, hidden=args.flow_hidden,
+                       levels=args.flow_levels or None, bins=bins)
+    except ValueError as e:
+        raise CLIError(f"--data / --flow-levels: {e}") from None
+    except ImportError as e:
+        raise CLIError(str(e)) from None
+    loader = DataLoader(train_ds, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
+                        drop_last=len(train_ds) > args.batch_size)
+    held = DataLoader(held_ds, batch_size=256, num_workers=args.workers)
+    _open_run_dir(args)
+    flow_settings = {"--data": source, "--kind": "flow", "--flow-depth": args.flow_depth,
+                     "--flow-hidden": args.flow_hidden, "--flow-levels": args.flow_levels, "--flow-bins": bins}
+    try:
+        res = P.fit_perturbation(model, loader, args.epochs, args.lr, schedule="cosine", device=dev, out_dir=args.out,
+                                 resume=args.resume, progress=args.progress, seed=args.seed, val_loader=held,
+                                 verbose=True, data_settings=flow_settings)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    bpd = res.last.get("val_bpd")
+    path = P.save_perturbation_model(os.path.join(args.out, "model.pt"), model, data=source, held_out_bpd=bpd)
+    summary = {"command": "perturbation train", "kind": "flow", "data": source, "checkpoint": os.path.abspath(path),
+               "held_out_bpd": bpd, "train_bpd": res.last.get("bpd"), "uniform_bpd": math.log2(bins), "bins": bins,
+               "train_images": len(train_ds), "held_out_images": len(held_ds), "epochs": args.epochs,
+               "train_time": res.train_time, "history": res.history,
+               "settings": {k: v for k, v in vars(args).items() if k not in ("func",)}}
+    out_json = write_summary(os.path.join(args.out, "summary.json"), summary)
+    print(f"held-out images: {len(held_ds)}  bits/dim {bpd:.4f} (uniform over {bins} levels: {math.log2(bins):.4f})\n"
+          f"model -> {path} (a normalising flow); summary -> {out_json}")
+    return 0
+
+
 def _open_run_dir(args) -> None:
     """Creates --out; a fresh run refuses one that holds a run already (last.pt) unless --resume."""
     os.makedirs(args.out, exist_ok=True)
@@ -310,6 +386,8 @@ def _quality(args) -> int:
         check_writable(args.out, "-o")
     dev = pick_device(args.device)
     model = _load(args.checkpoint, dev)
+    if P.is_flow(model):
+        return _flow_quality(args, model, dev)
     ds, source = _pairs(args.data, "test", args.seed)
     setup_run(args, ds[0][0].numel())
     _shape_check(model, ds, dev)
@@ -338,6 +416,8 @@ def _show(args) -> int:
     check_writable(args.out, "-o")
     dev = pick_device(args.device)
     model = _load(args.checkpoint, dev)
+    if P.is_flow(model):
+        return _flow_show(args, model, dev)
     if args.data == "digits":
         ds = P.DigitsPairs("test", seed=args.seed + 1, repeats=args.true)
         n_img = ds.images.shape[0]
@@ -366,6 +446,68 @@ def _show(args) -> int:
         raise CLIError(f"--eps-list entries must be >= 0, got {eps_list}")
     paths = P.plot_perturbations(model, x.to(dev), xt.to(dev), eps_list, args.out, n=args.samples, seed=args.seed,
                                  title=f"{source}: eps {', '.join(f'{e:.3g}' for e in eps_list)}")
+    print(f"picture -> {paths[0]} and {paths[1]}")
+    return 0
+
+
+def _flow_images(args, model):
+    """(images [N, C, S, S], source) a flow is measured or shown on: the digits' test split, or the x of
+    --data npz:PATH's pairs; CLIError when their shape is not the flow's."""
+    import torch
+
+    from ..data import load_digits
+
+    if args.data == "digits":
+        x, source = load_digits("test").tensors[0], "digits"
+    else:
+        ds, source = _pairs(args.data, "test", args.seed)
+        x = torch.stack([ds[i][0] for i in range(len(ds))])
+    if tuple(x.shape[1:]) != tuple(model.image_shape):
+        raise CLIError(f"--checkpoint: the flow models images of shape {list(model.image_shape)}, --data has "
+                       f"{list(x.shape[1:])}")
+    return x, source
+
+
+def _flow_quality(args, model, dev) -> int:
+    """`perturbation quality` of a flow: the mean bits/dim of the --data images (one dequantisation draw per
+    image, keyed by --seed)."""
+    import math
+
+    import torch
+
+    x, source = _flow_images(args, model)
+    setup_run(args, x[0].numel())
+    g = torch.Generator(device=dev).manual_seed(args.seed)
+    with torch.no_grad():
+        bpd = torch.cat([model.bits_per_dim(b.to(dev), g) for b in x.split(args.batch_size)])
+    q = {"n": int(x.shape[0]), "bpd": bpd.mean().item(), "uniform_bpd": math.log2(model.bins)}
+    print(f"held-out images: {q['n']}  bits/dim {q['bpd']:.4f} (uniform: {q['uniform_bpd']:.4f})")
+    if args.out:
+        write_summary(args.out, {"command": "perturbation quality", "kind": "flow", "data": source,
+                                 "checkpoint": os.path.abspath(args.checkpoint), "quality": q})
+        print(f"summary -> {args.out}")
+    return 0
+
+
+def _flow_show(args, model, dev) -> int:
+    """`perturbation show` of a flow: --inputs images of --data, their reconstructions decode(encode(x)) and
+    --inputs samples at temperatures 0.7 and 1 (seeded by --seed), one row each."""
+    import torch
+
+    from ..plotting import plot_image_grid
+
+    x, source = _flow_images(args, model)
+    x = x[:args.inputs].to(dev)
+    setup_run(args, x[0].numel())
+    g = torch.Generator(device=dev).manual_seed(args.seed)
+    with torch.no_grad():
+        rec = model.decode(model.encode(x)).clamp(0, 1)
+    rows = {"data": x, "reconstruction": rec}
+    for t in (0.7, 1.0):
+        rows[f"samples T={t:g}"] = model.sample(x.shape[0], t, g)
+    as_arrays = {k: [im[0].cpu().numpy() if im.shape[0] == 1 else im.permute(1, 2, 0).cpu().numpy() for im in v]
+                 for k, v in rows.items()}
+    paths = plot_image_grid(args.out, as_arrays, title=f"{source}: a normalising flow")
     print(f"picture -> {paths[0]} and {paths[1]}")
     return 0
 

@@ -20,6 +20,8 @@ One file per part, every public name re-exported here (``robustops.perturbation.
 - ``cifar_c.py``: :class:`CifarCPairs`, CIFAR-10-C pairs from a local directory;
 - ``cvae.py``: :class:`CVAE` (prior network p(z|x), encoder q(z|x, x~), decoder g(z, x)) and the
   paper's objective, the beta-weighted ELBO (:func:`perturbation_loss`, :func:`kl_gaussians`);
+- ``flow.py``: :class:`Flow`, a Glow-style normalising flow (normflows' layers) with the flow protocol
+  (encode, decode, exact log_prob and bits/dim), the joint-space threat model's G; :func:`is_flow`;
 - ``fit.py``: :func:`fit_perturbation` (training, checkpoints every epoch, exact resume) and the
   checkpoints (:func:`save_perturbation_model`, :func:`load_perturbation_model`);
 - ``autoencoder.py``: AdversarialAugment's corruption networks (Calian et al. 2022): :class:`CorruptionAE`
@@ -47,6 +49,9 @@ __all__ = ["prior_scale", "member", "check_perturbation_model", "DigitsPairs", "
 from .autoencoder import CorruptionAE, PriorMeanDecoder, is_autoencoder  # noqa: E402
 from .fit import corruption_network  # noqa: E402
 from .cifar_c import CifarCPairs  # noqa: E402
+from .flow import Flow, is_flow  # noqa: E402
+from .fit import FLOW_LOG_COLUMNS  # noqa: E402
 from .families import PerturbedImages, held_out_split, pair_accuracy  # noqa: E402
 
+__all__ += ["Flow", "is_flow", "FLOW_LOG_COLUMNS"]
 __all__ += ["CorruptionAE", "PriorMeanDecoder", "corruption_network", "is_autoencoder", "CifarCPairs", "PerturbedImages", "held_out_split", "pair_accuracy"]

@@ -22,14 +22,17 @@ from .._runfiles import check_settings, read_checkpoint, resume_path, write_csv_
 from ..models import model_device, save_checkpoint, unwrap, verify_checkpoint
 from .autoencoder import CorruptionAE, PriorMeanDecoder, is_autoencoder
 from .cvae import CVAE, perturbation_loss
+from .flow import Flow, is_flow
 from .pairs import batch_pairs, pairs_per_epoch, set_pairs_epoch
 from .protocol import check_perturbation_model
 
 __all__ = ["corruption_network", "fit_perturbation", "PerturbationFit", "save_perturbation_model", "load_perturbation_model",
-           "CHECKPOINT_FORMAT", "LOG_COLUMNS"]
+           "CHECKPOINT_FORMAT", "LOG_COLUMNS", "FLOW_LOG_COLUMNS"]
 
 CHECKPOINT_FORMAT = "robustops.perturbation/1"
 LOG_COLUMNS = ("epoch", "lr", "beta", "loss", "recon_mse", "kl", "val_loss", "val_recon_mse", "val_kl", "train_time")
+#: the log of a :class:`Flow`'s training: mean bits/dim of the (dequantised) training and held-out images
+FLOW_LOG_COLUMNS = ("epoch", "lr", "bpd", "val_bpd", "train_time")
 
 
 @dataclass
@@ -77,6 +80,8 @@ def load_perturbation_model(path: str, device="cpu", model: Optional[nn.Module] 
     verify_checkpoint(ck, path)
     if model is None and ck.get("model") == "autoencoder":
         model = CorruptionAE(**ck.get("model_kwargs", {}))
+    if model is None and ck.get("model") == "flow":
+        model = Flow(**ck.get("model_kwargs", {}))
     if model is None:
         if ck.get("model") != "cvae":
             raise ValueError(f"{path!r} holds a perturbation model with user networks; pass model= (the same "
@@ -121,8 +126,8 @@ def _checked_settings(model, epochs, lr, beta, warmup, schedule, weight_decay, a
                       stop_after, data_settings=None) -> Tuple[Dict[str, Any], Optional[torch.dtype], Optional[int]]:
     """(the settings a checkpoint stores and a resumed run must share, the autocast dtype, stop_after),
     every argument checked."""
-    if is_autoencoder(model):
-        pass  # trained by reconstruction alone: no latent protocol
+    if is_autoencoder(model) or is_flow(model):
+        pass  # trained by reconstruction or by maximum likelihood: no latent-set protocol
     elif not hasattr(check_perturbation_model(model), "posterior"):
         raise TypeError("model must have posterior(x, x_tilde) -> (mu, logvar) to be trained (the encoder q(z|x, x~))")
     epochs = _checks.check_int(epochs, "epochs", 1)
@@ -137,6 +142,8 @@ def _checked_settings(model, epochs, lr, beta, warmup, schedule, weight_decay, a
     if schedule not in ("constant", "cosine"):
         raise ValueError(f'schedule must be "constant" or "cosine", got {schedule!r}')
     amp_dtype = _checks.autocast_dtype(amp, "amp")
+    if amp_dtype is not None and is_flow(model):
+        raise ValueError(f"amp must be None for a Flow (its inverse and log-determinant run in float32), got {amp!r}")
     amp_name = {None: "none", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]
     settings = {"epochs": epochs, "lr": lr, "beta": beta, "warmup": warmup, "schedule": schedule,
                 "weight_decay": weight_decay, "amp": amp_name, "grad_clip": grad_clip}
@@ -153,7 +160,12 @@ def _checked_settings(model, epochs, lr, beta, warmup, schedule, weight_decay, a
 def _batch_loss(model, batch, beta, generator, device, what: str = "loader"):
     """(loss, squared error per sample, KL per sample, x) of one batch on device: the CVAE's beta-ELBO on
     pairs (x, x~[, y]), or for an autoencoder (:class:`CorruptionAE`) the reconstruction error of the batch's
-    images (its first element; KL zero)."""
+    images (its first element; KL zero), or for a :class:`Flow` the bits/dim of the batch's dequantised images
+    (in the squared error's place; KL zero): the mean of -log_prob, up to the constants of bits/dim."""
+    if is_flow(model):
+        x = (batch[0] if isinstance(batch, (list, tuple)) else batch).to(device, non_blocking=True)
+        bpd = model.bits_per_dim(x, generator)
+        return bpd.mean(), bpd, torch.zeros_like(bpd), x
     if is_autoencoder(model):
         x = (batch[0] if isinstance(batch, (list, tuple)) else batch).to(device, non_blocking=True)
         sq = (model(x).float() - x.float()).pow(2).flatten(1).sum(1)
@@ -180,6 +192,8 @@ def _evaluate_loss(model, loader, beta, device, amp_dtype, seed) -> Dict[str, fl
             numel = x[0].numel()
     model.train(was)
     n = max(n, 1)
+    if is_flow(model):
+        return {"val_bpd": tot["sq"] / n}
     return {"val_loss": tot["loss"] / n, "val_recon_mse": tot["sq"] / n / max(numel, 1), "val_kl": tot["kl"] / n}
 
 
@@ -285,6 +299,9 @@ class _PerturbationRun:
         t_train = time.perf_counter() - t0
         self.res.train_time += t_train
         m = (sums / max(seen, 1)).tolist()
+        if is_flow(model):
+            return {"epoch": epoch, "lr": opt.param_groups[0]["lr"], "bpd": m[1], "val_bpd": float("nan"),
+                    "train_time": t_train}
         return {"epoch": epoch, "lr": opt.param_groups[0]["lr"], "beta": b, "loss": m[0], "recon_mse": m[1] / numel,
                 "kl": m[2], "val_loss": float("nan"), "val_recon_mse": float("nan"), "val_kl": float("nan"),
                 "train_time": t_train}
@@ -298,10 +315,20 @@ class _PerturbationRun:
         if val_loader is not None:
             row.update(_evaluate_loss(self.model, val_loader, self.settings["beta"], self.dev, self.amp_dtype,
                                       _rng.derive_seed(self.base_seed, 2)))
+            # a DataLoader draws its base seed from torch's generator even unshuffled: without this, the next
+            # epoch's shuffle would differ between an uninterrupted run and one resumed from rng_after
+            torch.set_rng_state(rng_after["torch"])
+            if rng_after["cuda"] is not None:
+                torch.cuda.set_rng_state(rng_after["cuda"], self.dev)
         res = self.res
         res.history.append(row)
         res.epochs_run += 1
-        if self.verbose:
+        flow = is_flow(self.model)
+        if self.verbose and flow:
+            val = f" | held-out bits/dim {row['val_bpd']:.4f}" if val_loader is not None else ""
+            print(f"[flow] epoch {row['epoch']}/{self.settings['epochs']} bits/dim {row['bpd']:.4f}{val} | "
+                  f"{row['train_time']:.1f}s", flush=True)
+        elif self.verbose:
             msg = f"[perturbation] epoch {row['epoch']}/{self.settings['epochs']} loss {row['loss']:.4f} " \
                   f"recon_mse {row['recon_mse']:.5f} kl {row['kl']:.3f}"
             if val_loader is not None:
@@ -313,7 +340,7 @@ class _PerturbationRun:
                                     optimizer=self.opt.state_dict(), scheduler=self.sched.state_dict(),
                                     scaler=self.scaler.state_dict(), rng=rng_after, history=res.history,
                                     train_time=res.train_time)
-            write_csv_log(os.path.join(self.out_dir, "log.csv"), res.history, LOG_COLUMNS)
+            write_csv_log(os.path.join(self.out_dir, "log.csv"), res.history, FLOW_LOG_COLUMNS if flow else LOG_COLUMNS)
 
 
 def fit_perturbation(model: nn.Module, loader, epochs: int = 20, lr: float = 2e-3, *, beta: float = 0.01,
@@ -325,7 +352,10 @@ def fit_perturbation(model: nn.Module, loader, epochs: int = 20, lr: float = 2e-
     """Trains a perturbation model (a :class:`CVAE`, or any module with prior / posterior / decode) on
     a loader of pairs (x, x_tilde[, y]) by the beta-weighted ELBO (:func:`perturbation_loss`), with Adam;
     or a :class:`CorruptionAE` (AdA's corruption network) on a loader of images (x[, y]) by the squared
-    reconstruction error summed over pixels (beta and warmup then have no effect; the KL columns are 0).
+    reconstruction error summed over pixels (beta and warmup then have no effect; the KL columns are 0);
+    or a :class:`Flow` on a loader of images (x[, y]) by maximum likelihood: the mean bits/dim of the
+    dequantised images (``Flow.bits_per_dim``, one dequantisation draw per image and epoch from the seeded
+    noise generator; beta and warmup have no effect, amp must be None; log.csv has FLOW_LOG_COLUMNS).
 
     beta: the KL weight (loss per pair = squared error summed over pixels + beta * KL; see
     ``robustops.perturbation.cvae``); warmup: epochs over which beta rises linearly from 0 (per step; 0: none);
