@@ -16,6 +16,8 @@ from robustops.cli import main  # noqa: E402
 from robustops.data import load_digits  # noqa: E402
 from robustops.perturbation.protocol import check_flow  # noqa: E402
 
+from conftest import devices  # noqa: E402
+
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
@@ -55,6 +57,20 @@ def test_decode_inverts_encode(shape, kwargs):
     x2, ld_dec = flow.decode_with_log_det(z2)
     torch.testing.assert_close(x2, x, atol=1e-5, rtol=0)
     torch.testing.assert_close(ld_dec, -ld_enc, atol=1e-3, rtol=1e-5)  # the two log-dets are each other's negatives
+
+
+@pytest.mark.parametrize("device", devices())
+def test_trains_and_inverts_on_device(device):
+    torch.manual_seed(0)
+    flow = P.Flow(depth=1, hidden=8, bins=17)
+    x = _digits(64)
+    res = P.fit_perturbation(flow, DataLoader(TensorDataset(x), batch_size=32), epochs=1, lr=5e-3, device=device,
+                             progress=False, seed=0, val_loader=DataLoader(TensorDataset(x), batch_size=64))
+    assert math.isfinite(res.last["bpd"]) and math.isfinite(res.last["val_bpd"])
+    xd = x.to(device)
+    torch.testing.assert_close(flow.decode(flow.encode(xd)), xd, atol=1e-5, rtol=0)
+    s = flow.sample(3, 0.7, torch.Generator().manual_seed(0))
+    assert s.device.type == device and s.shape == (3, 1, 8, 8)
 
 
 @pytest.mark.parametrize("size, levels", [(4, 1), (4, 2)])

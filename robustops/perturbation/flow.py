@@ -182,7 +182,8 @@ class Flow(nn.Module):
         return (log_det - 0.5 * (z.pow(2) + _LOG_2PI).sum(1)).float()
 
     def dequantize(self, x: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """(x * (bins - 1) + u) / bins with u ~ U[0, 1) per pixel, drawn from generator (on x's device)."""
+        """(x * (bins - 1) + u) / bins, float32, with u ~ U[0, 1) per pixel drawn from generator (a generator on
+        x's device; None: torch's default one)."""
         u = torch.rand(x.shape, generator=generator, device=x.device, dtype=torch.float32)
         return (x.float() * (self.bins - 1) + u) / self.bins
 
@@ -199,7 +200,8 @@ class Flow(nn.Module):
         n = _checks.check_int(n, "n", 1)
         temperature = _checks.check_number(temperature, "temperature", 0.0)
         dev = next(self.parameters()).device
-        z = torch.randn(n, self.latent_dim, generator=generator, device=dev) * temperature
+        z = torch.randn(n, self.latent_dim, generator=generator, device=generator.device if generator else dev)
+        z = z.to(dev) * temperature
         with torch.no_grad():
             return self.decode(z).clamp(0, 1)
 
