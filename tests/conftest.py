@@ -49,3 +49,12 @@ def digits_flow():
     finally:
         torch.set_num_threads(threads)
     return flow.eval()
+
+
+@pytest.fixture(scope="session")
+def digits_flow_path(digits_flow, tmp_path_factory):
+    """digits_flow saved as a checkpoint (``save_perturbation_model``; ``load_perturbation_model`` or a CLI
+    flag that takes a flow checkpoint reads it back)."""
+    import robustops.perturbation as P
+
+    return P.save_perturbation_model(str(tmp_path_factory.mktemp("flow") / "flow.pt"), digits_flow, data="digits")

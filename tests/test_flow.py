@@ -88,7 +88,7 @@ def test_log_det_is_that_of_the_autograd_jacobian(size, levels):
     torch.testing.assert_close(flow.log_prob(x), expected.float())
 
 
-def test_trained_flow_beats_the_uniform_model(digits_flow):
+def test_trained_flow_beats_the_uniform_model(digits_flow, digits_flow_path):
     x = load_digits("test").tensors[0]
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -101,6 +101,8 @@ def test_trained_flow_beats_the_uniform_model(digits_flow):
     assert bpd.mean() < uniform - 0.5 < untrained.mean(), (bpd.mean(), untrained.mean())
     torch.testing.assert_close(bpd, -digits_flow.log_prob(y) / (64 * math.log(2)) + uniform)
     assert ((y >= x * 16 / 17) & (y < (x * 16 + 1) / 17)).all()
+    loaded = P.load_perturbation_model(digits_flow_path)
+    torch.testing.assert_close(loaded.log_prob(x[:8]), digits_flow.log_prob(x[:8]))
     s = digits_flow.sample(5, 0.7, torch.Generator().manual_seed(0))
     assert s.shape == (5, 1, 8, 8) and 0 <= s.min() and s.max() <= 1
 
