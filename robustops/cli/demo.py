@@ -11,7 +11,8 @@ import os
 import time
 from typing import List, Optional
 
-from . import demo_autoattack, demo_certified, demo_corruptions, demo_learned, demo_objectives, demo_video
+from . import (demo_autoattack, demo_certified, demo_corruptions, demo_learned, demo_objectives, demo_threat,
+               demo_video)
 from .common import (DIGITS_MODEL, CLIError, add_common, alias, fmt_pct, fraction, physical_cores, pick_device,
                      require_min, setup_run, split_holdout, write_summary)
 from .train import add_method_flags, method_hparams
@@ -62,7 +63,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "section, whose rows run in order)")
     p.add_argument("--section", default=None,
                    choices=[demo_autoattack.SECTION, demo_certified.SECTION, demo_video.SECTION,
-                            demo_corruptions.SECTION, demo_objectives.SECTION],
+                            demo_corruptions.SECTION, demo_objectives.SECTION, demo_threat.SECTION],
                    help="run one section only: autoattack (AutoAttack at its published budgets on the natural and "
                         "PGD-7 AT models, stage by stage, and the masking check on a masked-gradient model); "
                         "certified (IBP / FastIBP / CROWN-IBP / ACERT models certified with IBP, CROWN-IBP, CROWN "
@@ -70,7 +71,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "moving digits); corruptions (natural, Gaussian with a fixed and a uniform sigma, small-eps "
                         "PGD-AT, AdA, AugRmixAT and RLAT scored on digits-C: the 15 CIFAR-10-C corruptions x 5 "
                         "severities); objectives (PGD-7 AT, TRADES, stylized max-margin AT, InfoAT, J-SIGR and "
-                        "PGD-7 AT + OOD data: clean, PGD-20, AutoAttack and transfer-attack accuracy)")
+                        "PGD-7 AT + OOD data: clean, PGD-20, AutoAttack and transfer-attack accuracy); threat-models "
+                        "(PGD-7 AT, iwd and ijsat under L-inf, IWD and JSTM attacks and digits-C, and preemptive "
+                        "robustification of test digits)")
     p.add_argument("--aa-steps", type=int, default=None,
                    help="iterations of APGD-CE and APGD-T (each target) in the AutoAttack (standard) column (None: "
                         "50; --section autoattack: AutoAttack's own 100; 0: skip the column)")
@@ -104,6 +107,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     demo_video.add_arguments(p)
     demo_corruptions.add_arguments(p)
     demo_objectives.add_arguments(p)
+    demo_threat.add_arguments(p)
 
 
 def run(args) -> int:
@@ -141,6 +145,7 @@ def run(args) -> int:
         demo_video.check_arguments(args)
     args.corruption_rows_list = demo_corruptions.check_arguments(args)
     args.objectives_rows_list = demo_objectives.check_arguments(args)
+    args.threat_rows_list = demo_threat.check_arguments(args)
     if args.readme and not os.path.isfile(args.readme):
         raise CLIError(f"--readme {args.readme!r}: no such file")
     dev = pick_device(args.device)
@@ -221,6 +226,8 @@ def _train_and_evaluate(args, key: str, data: _Data, dev, proxy_data=None) -> di
         method, opts = demo_corruptions.row_options(args, key)
     elif args.section == demo_objectives.SECTION and key in demo_objectives.ROWS:
         method, opts = demo_objectives.row_options(args, key)
+    elif args.section == demo_threat.SECTION and key in demo_threat.ROWS:
+        method, opts = demo_threat.row_options(args, key)
     else:
         method, opts = ROW_SPECS.get(key, (key, {}))
     opts = dict(opts)
@@ -251,12 +258,13 @@ def _train_and_evaluate(args, key: str, data: _Data, dev, proxy_data=None) -> di
         aa = suite.run(data.test_loader, device=dev, progress=False)["robust_acc"]
     label = _with_nu_range(res.config.label, res) + (f" + proxy data ({ratio:.0%})" if ratio is not None else "")
     cc = demo_corruptions.evaluate_row(args, model, data, dev) \
-        if args.section in (None, demo_corruptions.SECTION) else None  # digits-C: 15 corruptions x 5 severities, ~1 s
+        if args.section in (None, demo_corruptions.SECTION, demo_threat.SECTION) else None  # digits-C: 15 corruptions x 5 severities, ~1 s
     row = {"method": key, "label": label, "clean_acc": ev["clean_acc"],
            "robust_acc": ev["robust_acc"], "aa_acc": aa, "acr": None, "ibp_acr": None, "train_time_s": res.train_time,
            "epochs_run": res.epochs_run, "best_epoch": res.best_epoch, "model": model,
            "sigma": res.config.noise_sigma, "mca": cc and cc["mean_corruption_acc"], "corruptions": cc}
-    if row["sigma"] is not None and args.section not in (demo_corruptions.SECTION, demo_objectives.SECTION):
+    if row["sigma"] is not None and args.section not in (demo_corruptions.SECTION, demo_objectives.SECTION,
+                                                         demo_threat.SECTION):
         _certify(args, row, data, dev)
     if args.ibp_eps_max > 0:
         _certify_ibp(args, row, data, dev)
@@ -468,6 +476,11 @@ def _section(args, data: _Data, dev) -> None:
         args.ibp_eps_max = 0.0  # clean, PGD-20, AutoAttack (the main table's) and transfer are its columns
         rows = _train_rows(args, args.objectives_rows_list, data, dev)
         demo_objectives.run_section(args, data, rows, dev)
+    elif args.section == demo_threat.SECTION:
+        args.ibp_eps_max = 0.0  # clean, PGD-20, AutoAttack, IWD, JSTM and digits-C are its columns
+        flow, args.threat_flow_path = demo_threat.flow_model(args, data.train_ds, dev)
+        rows = _train_rows(args, args.threat_rows_list, data, dev)
+        demo_threat.run_section(args, data, rows, dev, flow)
     elif args.section == demo_corruptions.SECTION:
         args.aa_steps, args.ibp_eps_max = 0, 0.0  # digits-C and PGD-20 are its columns
         rows = _train_rows(args, args.corruption_rows_list, data, dev)
