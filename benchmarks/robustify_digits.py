@@ -97,7 +97,7 @@ def main(argv=None):
     p.add_argument("--n", type=int, default=360, help="test images")
     p.add_argument("--n-certify", type=int, default=1000, help="CERTIFY's estimation samples")
     p.add_argument("--parts", default="attack,smoothing", help="comma-separated: attack, smoothing")
-    p.add_argument("--quick", action="store_true", help="6 epochs, 100 images, PGD only, n-certify 500 (the least whose largest radius, sigma * Phi^-1(0.001^(1/500)), passes 0.5)")
+    p.add_argument("--quick", action="store_true", help="6 epochs, 100 images, PGD only, n-certify 500 (200 would cap every radius at sigma * Phi^-1(0.001^(1/200)) = 0.46 < 0.5)")
     args = p.parse_args(argv)
     if args.quick:
         args.epochs, args.n, args.n_certify = 6, 100, 500
