@@ -15,7 +15,7 @@ __all__ = ["build_info", "evaluate", "ops", "reference", "pgd_step_", "random_in
 _OPS = ("pgd_step_", "random_init", "recycle_step_", "langevin_step_", "gaussian_noise", "count_votes_",
         "gaussian_noise_rows", "count_votes_segments_")
 _SUBMODULES = ("ops", "attacks", "smoothing", "train", "data", "models", "cli", "reference", "bounds",
-               "perturbation", "proxy")
+               "perturbation", "proxy", "robustify")
 
 
 def build_info() -> dict:

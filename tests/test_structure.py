@@ -263,6 +263,8 @@ ORDER = [
     ("robustops.perturbation.protocol", "robustops.train", "the protocol is below training"),
     ("robustops.corruptions", lambda m: under(m, "robustops.attacks") or under(m, "robustops.train"),
      "corruptions sit below attacks/ and train/ (which may use them)"),
+    (lambda m: under(m, "robustops.attacks") or under(m, "robustops.smoothing"), "robustops.robustify",
+     "robustify runs the attacks and smoothing: they know nothing of it"),
 ]
 
 

@@ -1,4 +1,4 @@
-"""`robustops demo|train|attack|evaluate|certify|predict|plot|perturbation|generate|bench`: the command line, the only
+"""`robustops demo|train|attack|evaluate|certify|predict|plot|perturbation|generate|bench|robustify`: the command line, the only
 part of robustops that parses arguments, sets up torchrun process groups, or reads and writes run files.
 
 One module per subcommand, each with ``HELP``, ``add_arguments(parser)`` and ``run(args) -> int``;
@@ -11,13 +11,13 @@ import argparse
 import sys
 from typing import Optional
 
-from . import attack, bench, certify, demo, evaluate, generate, perturbation, plot, predict, train
+from . import attack, bench, certify, demo, evaluate, generate, perturbation, plot, predict, robustify, train
 from .common import CLIError, Parser, os_error_line
 
 __all__ = ["main", "build_parser", "CLIError", "COMMANDS"]
 
 COMMANDS = {"demo": demo, "train": train, "attack": attack, "evaluate": evaluate, "certify": certify, "predict": predict, "plot": plot,
-            "bench": bench, "perturbation": perturbation, "generate": generate}
+            "bench": bench, "perturbation": perturbation, "generate": generate, "robustify": robustify}
 
 
 def build_parser(command: Optional[str] = "*") -> argparse.ArgumentParser:

@@ -41,7 +41,9 @@ HELP = ("robust accuracy of any model under AutoAttack (standard / plus / rand) 
 SUITES = ("autoattack", "apgd", "pgd", "fab", "square", "corruptions")
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The model flags (--checkpoint, --model, --weights, --weights-prefix, --mean / --std, --normalize) that
+    :func:`load_model_flags` reads; `evaluate` and `robustify` share them."""
     src = p.add_argument_group("the model (one of --checkpoint, --model with --weights)")
     src.add_argument("--checkpoint", default=None, help="a robustops checkpoint, a raw state dict (with --model NAME), "
                      "a TorchScript or a torch.export file")
@@ -57,6 +59,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                           "and normalizes in front of the model); with --std")
     src.add_argument("--std", type=_floats("--std"), default=None, metavar="S,S,S", help="per-channel std; with --mean")
     src.add_argument("--normalize", action="store_true", help="normalize with the dataset's mean/std")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_arguments(p)
     p.add_argument("--data", default="digits", help='"digits" (embedded), a .npz file, "cifar10:DIR" or '
                    '"imagefolder:DIR"; with --suite corruptions also "cifar10c:DIR" (CIFAR-10-C\'s arrays)')
     p.add_argument("--split", default="test", choices=["train", "test"])

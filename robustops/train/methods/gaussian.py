@@ -28,6 +28,7 @@ from typing import Optional
 import torch
 
 from ... import ops
+from ...smoothing.soft import draw_noise
 from ..registry import Hyper, Method, register
 
 
@@ -41,13 +42,6 @@ SIGMA_DIST = Hyper("sigma_dist", "fixed", 'training noise level per sample: "fix
 def noise_copies(default: int) -> Hyper:
     """The number of noisy copies per input (one --noise-copies flag; its default is the method's)."""
     return Hyper("noise_copies", default, NOISE_COPIES_HELP, kind="int", minimum=1)
-
-
-def draw_noise(x: torch.Tensor, m: int, sigma: float, seed: int) -> torch.Tensor:
-    """m noise vectors sigma * N(0, I) per sample of x, as a contiguous float32 Tensor[B, m, ...]: one
-    ``ops.gaussian_noise`` call on zeros (so that the noise alone is kept, to add to any iterate)."""
-    z = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-    return ops.gaussian_noise(z, m, sigma, seed=seed).view(x.shape[0], m, *x.shape[1:])
 
 
 def parse_sigma_dist(spec) -> Optional[float]:

@@ -41,32 +41,15 @@ The training loss and accuracy reported are those of the m * B noisy adversarial
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
 from ...attacks.engine import Engine
+from ...smoothing.soft import add_noise, smoothed_nll
 from ..registry import Hyper, register
 from .gaussian import SIGMA, SmoothingMethod, draw_noise, noise_copies
 
 __all__ = ["SmoothAdv", "smoothed_nll", "draw_noise", "add_noise"]
-
-
-def smoothed_nll(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """-log((1/m) sum_i softmax_y(logits_i)) per sample, [B]: logits [B*m, C] input-major (rows
-    b*m .. b*m+m-1 are sample b's noisy copies), y [B] labels. In float32, via logsumexp."""
-    B = y.shape[0]
-    logp = F.log_softmax(logits.float(), dim=1).view(B, -1, logits.shape[1])
-    m = logp.shape[1]
-    lp_y = logp.gather(2, y.view(B, 1, 1).expand(B, m, 1)).squeeze(2)  # [B, m]
-    return math.log(m) - torch.logsumexp(lp_y, dim=1)
-
-
-def add_noise(x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """x [B, ...] + noise [B, m, ...] as the input-major batch [B*m, ...] (contiguous)."""
-    B, m = noise.shape[:2]
-    return (x.unsqueeze(1) + noise).reshape(B * m, *x.shape[1:])
 
 
 class _NoisyForward:
