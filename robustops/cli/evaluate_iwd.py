@@ -9,7 +9,7 @@ import argparse
 from .common import CLIError
 
 #: The IWD budget when --eps is not given: the ``iwd`` training method's default (a digits setting).
-DEFAULT_EPS = 0.3
+DEFAULT_EPS = 0.2
 THREATS = ("lp", "iwd")
 
 

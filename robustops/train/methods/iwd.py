@@ -12,8 +12,8 @@ with the IWD ball as the threat model is the closest faithful one, and ``iwd_cle
 plain adversarial training, as PGD-AT) is this implementation's, not the paper's.
 
 Settings: the budget ``iwd_eps`` (the IWD_2 ball's radius on the per-value scale of
-:mod:`robustops.attacks.wasserstein`; default 0.3, chosen on the 8x8 digits, where it drops a natural
-SmallCNN clearly while the threat model's L-inf eps 0.2 would too), the patches ``iwd_patch`` /
+:mod:`robustops.attacks.wasserstein`; default 0.2, the demo's L-inf eps: the IWD ball of radius 0.2 holds
+the L-inf ball of radius 0.2 and more, and on the 8x8 digits already 0.1 drops a natural SmallCNN clearly), the patches ``iwd_patch`` /
 ``iwd_stride``, the solver ``iwd_method`` and the attack's Lagrangian weight ``iwd_lam``; the attack takes
 the threat model's ``steps`` and ``random_start``, its step size 2.5 iwd_eps / steps. The attack runs with
 the model in train mode (as pgd's), from ``ctx.seed()`` (the run's checkpointed generator): the method has
@@ -32,7 +32,7 @@ class IWDTraining(Method):
     help = "adversarial training against the internal-Wasserstein (IWD) attack (Wang et al. 2021)"
     options = ("awp", "ema")
     hyper = (
-        Hyper("iwd_eps", 0.3, "IWD training budget (IWD_2 of the patch distributions, per-value scale)", minimum=0.0,
+        Hyper("iwd_eps", 0.2, "IWD training budget (IWD_2 of the patch distributions, per-value scale)", minimum=0.0,
               strict=True),
         Hyper("iwd_patch", 3, "IWD patch size in pixels", kind="int", minimum=1),
         Hyper("iwd_stride", 1, "IWD patch stride in pixels", kind="int", minimum=1),
