@@ -190,15 +190,17 @@ class IWDAttack(Attack):
         return project_iwd(x.float(), z, eps, self.distance, self.search).contiguous()
 
     def attack(self, x, y, targets, *, seed, offset, skip, evaluate, eps, alpha) -> IWDResult:
-        """The engine's loop with the IWD step from a feasible start; then the final evaluation and the
-        budget check."""
+        """The engine's loop with the IWD step from a feasible start (recording each sample's first
+        success when evaluate, else returning the final iterate, as training wants); then the budget
+        check and the final evaluation."""
         yt = (y, targets)
         xf = x.float()
         xa = self.start(x, eps, seed, offset)
-        recorder = Recorder(xa)
+        recorder = Recorder(xa) if evaluate else None
         self.engine.iterate(xf, xa, yt, eps, alpha, self.steps, recorder)
-        _, success, score, pred = self.engine.evaluate(xa, yt)
-        res = recorder.finish(xa, self.steps, success, score, pred)
+        res = AttackResult(xa)
+        if recorder is not None:
+            res = recorder.finish(xa, self.steps, *self.engine.evaluate(xa, yt)[1:])
         x_adv = res.x_adv.to(x.dtype)
         with torch.no_grad():
             dist = self.distance(xf, x_adv.float())
@@ -206,9 +208,9 @@ class IWDAttack(Attack):
             if bool(over.any()):  # rounding put a point over budget: x itself is always feasible
                 x_adv = torch.where(over.view(batch_view_shape(x)), x, x_adv)
                 dist = torch.where(over, torch.zeros_like(dist), dist)
-                _, s2, sc2, p2 = self.engine.evaluate(x_adv, yt)
-                res.success, res.loss, res.pred = s2, sc2, p2
-                res.success_step = torch.where(over, torch.where(s2, 0, -1), res.success_step)
+                if recorder is not None:
+                    _, res.success, res.loss, res.pred = self.engine.evaluate(x_adv, yt)
+                    res.success_step = torch.where(over, torch.where(res.success, 0, -1), res.success_step)
         restart = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
-        success = res.success if skip is None else res.success | skip
+        success = res.success if skip is None or res.success is None else res.success | skip
         return IWDResult(x_adv, success, res.success_step, restart, res.loss, res.pred, distance=dist)

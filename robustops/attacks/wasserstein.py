@@ -52,6 +52,7 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -88,15 +89,14 @@ def _root(cost: torch.Tensor, p: float) -> torch.Tensor:
 
 def _exact(c: torch.Tensor) -> torch.Tensor:
     ot = _checks.optional_import("ot", "the exact internal Wasserstein distance (POT's ot.emd)")
-    out = []
-    for cb in c:  # the network simplex solves one problem at a time
-        n, m = cb.shape
-        a = torch.full((n,), 1.0 / n, dtype=torch.float64).numpy()
-        b = torch.full((m,), 1.0 / m, dtype=torch.float64).numpy()
-        plan = ot.emd(a, b, cb.detach().double().cpu().numpy(), numItermax=1_000_000, check_marginals=False,
-                      center_dual=False)
-        out.append((torch.from_numpy(plan).to(cb.device, cb.dtype) * cb).sum())
-    return torch.stack(out)
+    B, n, m = c.shape
+    a = torch.full((n,), 1.0 / n, dtype=torch.float64).numpy()
+    b = torch.full((m,), 1.0 / m, dtype=torch.float64).numpy()
+    cost = c.detach().double().cpu().numpy()  # one transfer for the batch, not one per sample
+    # the network simplex solves one problem at a time
+    plans = [ot.emd(a, b, cb, numItermax=1_000_000, check_marginals=False, center_dual=False) for cb in cost]
+    plan = torch.from_numpy(np.stack(plans)).to(c.device, c.dtype)
+    return (plan * c).sum((1, 2))
 
 
 def _sinkhorn(c: torch.Tensor, blur: float, iters: int) -> torch.Tensor:

@@ -16,8 +16,10 @@ Settings: the budget ``iwd_eps`` (the IWD_2 ball's radius on the per-value scale
 the L-inf ball of radius 0.2 and more, and on the 8x8 digits already 0.1 drops a natural SmallCNN clearly), the patches ``iwd_patch`` /
 ``iwd_stride``, the solver ``iwd_method`` and the attack's Lagrangian weight ``iwd_lam``; the attack takes
 the threat model's ``steps`` and ``random_start``, its step size 2.5 iwd_eps / steps. The attack runs with
-the model in train mode (as pgd's), from ``ctx.seed()`` (the run's checkpointed generator): the method has
-no state of its own, so resume is exact with nothing more in its checkpoint.
+the model in train mode (as pgd's) and trains on its final iterate (``evaluate=False``), from ``ctx.seed()`` (the run's checkpointed generator): the method has
+no state of its own, so resume is exact with nothing more in its checkpoint. Under ``amp`` the attack's
+forward runs under autocast without fp16 loss scaling (its sign steps need only the gradient's sign; bf16 is
+the safe choice).
 """
 from __future__ import annotations
 
