@@ -26,8 +26,8 @@ recording of each sample's first success, the final evaluation), with its own pr
    segment, which it nearly does), always keeping its feasible end t_lo, the point returned; samples
    already feasible are not touched. Each step is one evaluation of the distance.
 
-The start is x plus a uniform draw in the L-inf ball of radius eps (``random_start``; the exact and
-sliced IWD of an L-inf perturbation of size eps is at most eps), projected as in 2. Every iterate,
+The start is x plus a uniform draw in the L-inf ball of radius eps (``random_start``; the exact IWD of an
+L-inf perturbation of size eps is at most eps), projected as in 2 in any case. Every iterate,
 and so every recorded success, is feasible; at the end the returned x_adv's distance is measured again
 (the ``distance`` column) and a sample found over budget there (a solver's rounding differing between a
 sub-batch and the whole batch) falls back to x: x_adv never exceeds its budget.

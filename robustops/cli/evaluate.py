@@ -73,7 +73,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "else linf)")
     p.add_argument("--eps", type=fraction("eps"), default=None, help="radius, e.g. 8/255 (None: the checkpoint's "
                    "training eps, else 8/255 for linf and 0.5 for l2)")
-    p.add_argument("--steps", type=int, default=None, help="iterations of APGD / FAB (None: 100; pgd: 10)")
+    p.add_argument("--steps", type=int, default=None, help="iterations of APGD / FAB (None: 100; pgd and --threat iwd: 10)")
     p.add_argument("--n-queries", type=int, default=5000, help="Square's query budget")
     p.add_argument("--n-target-classes", type=int, default=9, help="targets of APGD-T / FAB-T (capped at classes - 1)")
     p.add_argument("--restarts", type=int, default=None, help="restarts (None: the version's, 1 or 5 for plus)")
