@@ -90,6 +90,8 @@ def test_attack_never_exceeds_a_per_sample_budget_and_stays_in_the_box(digits, n
         d = internal_wasserstein(x, res.x_adv, method=method)
         assert (d <= eps).all() and torch.equal(d, res.distance), method
         assert res.x_adv.min() >= 0.0 and res.x_adv.max() <= 1.0
+    res = IWDAttack(natural, eps[:12], steps=1, method="sinkhorn", seed=0).perturb(x[:12], y[:12])
+    assert (internal_wasserstein(x[:12], res.x_adv, method="sinkhorn") <= eps[:12]).all()
     clip = (0.1, 0.9)
     xc = x.clamp(*clip)
     res = IWDAttack(natural, 0.3, steps=2, clip=clip, seed=0).perturb(xc, y)
