@@ -147,7 +147,7 @@ def check_labels(labels, B: int, device, name: str = "labels") -> torch.Tensor:
 
 
 #: The pip requirement named when an optional package is missing (its top-level name -> requirement).
-OPTIONAL_PINS = {"kornia": "kornia==0.9.0"}
+OPTIONAL_PINS = {"kornia": "kornia==0.9.0", "ot": "POT==0.9.7.post1"}
 
 
 def optional_import(name: str, feature: str):

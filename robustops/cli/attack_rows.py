@@ -12,7 +12,7 @@ __all__ = ["RESULT_COLUMNS", "result_rows", "save_results", "results_file", "bat
            "evaluate_rows", "stats", "columns_for", "describe", "suite_report", "claim", "finish"]
 
 #: Columns of the per-input TSV, in order (target only for targeted attacks, attack only for suites,
-#: queries when Square runs, distance when FAB runs).
+#: queries when Square runs, distance when FAB or the IWD attack runs).
 RESULT_COLUMNS = ("index", "label", "clean_pred", "adv_pred", "clean_correct", "robust_correct", "success",
                   "success_step", "restart", "linf", "l2", "latent_l2", "target", "attack", "queries", "distance")
 
@@ -162,7 +162,7 @@ def stats(rows, names, seconds: float) -> list:
 def columns_for(names: Sequence[str], latent: bool = False) -> list:
     """The TSV's columns for these attacks (one, or a suite's in order)."""
     extra = {"latent_l2": latent, "target": False, "attack": len(names) > 1,  # targets: chosen inside the attacks
-             "queries": "square" in names, "distance": any(n.startswith("fab") for n in names)}
+             "queries": "square" in names, "distance": any(n.startswith("fab") or n == "iwd" for n in names)}
     return [c for c in RESULT_COLUMNS if extra.get(c, True)]
 
 
