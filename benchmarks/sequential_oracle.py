@@ -15,7 +15,7 @@ the certified fraction, and clear_at_1.3x: the probability that ONE look at 1.3x
 alpha (what a test that knew pA could do at best with one look) certifies, P(Binomial(n, pA) >= k*) with
 k* the fewest successes whose bound clears: where it is far below 1, a mean of 1.3x the oracle is out of
 reach of any test that must see the votes (the binomial noise of the votes, not the schedule, dominates). alpha 0.001, n_max 100,000 (the README's setting). Rows are written to
-benchmarks/results/sequential_oracle.csv as they complete (rewritten each run).
+benchmarks/results/sequential_oracle.csv as they complete (rewritten each run; --quick: _quick.csv).
 
     python benchmarks/sequential_oracle.py --quick          # 1000 trials, the default configurations
     python benchmarks/sequential_oracle.py --configs cp:geometric:2:100:100,cp:threshold:2:100:100
@@ -78,9 +78,12 @@ def main(argv=None) -> None:
     p.add_argument("--alpha", type=float, default=0.001)
     p.add_argument("--n-max", type=int, default=100_000)
     p.add_argument("--quick", action="store_true", help="1000 trials (under a minute)")
-    p.add_argument("--csv", default=os.path.join(RESULTS, "sequential_oracle.csv"))
+    p.add_argument("--csv", default=None, help="default benchmarks/results/sequential_oracle.csv (--quick: "
+                   "sequential_oracle_quick.csv, so a quick run leaves the full table alone)")
     args = p.parse_args(argv)
     trials = 1000 if args.quick else args.trials
+    if args.csv is None:
+        args.csv = os.path.join(RESULTS, "sequential_oracle_quick.csv" if args.quick else "sequential_oracle.csv")
     configs = [parse_config(c) for c in args.configs.split(",")]
     os.makedirs(os.path.dirname(args.csv) or ".", exist_ok=True)
     base = {}
