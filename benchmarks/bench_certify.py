@@ -12,6 +12,9 @@ with the model's forward-only bound; and the two smoothing ops alone against cop
 - gaussian_noise / count_votes_ alone on large tensors, in GB/s and as a fraction of the copy
   bandwidth (read + write) of a large tensor copy measured in the same run; eager PyTorch beside them.
 
+- oracle (``--oracle``, ``--oracle-quick``: benchmarks/sequential_oracle.py, simulation only): the mean
+  samples per input of each test and look schedule per pA bin (0.9, 0.95, 0.99, 0.999) against the
+  oracle, the samples a one-sided Clopper-Pearson bound needs when pA is known, at r = sigma and 0.5 sigma.
 - sequential (``--sequential``; part of the default run on a GPU; ``--sequential-only`` runs it alone):
   sequential certification (``Smooth.certify_radius`` at r = 0.25 and 0.5, tests "betting" and "cp";
   ``Smooth.certify_sequential``, the full-radius mode, at precision 0.05) against fixed-n CERTIFY
@@ -184,7 +187,14 @@ def main(argv=None):
     g.add_argument("--seq-seed", type=int, default=1, help="the noise seed of the fixed and sequential runs")
     g.add_argument("--seq-plot-trials", type=int, default=2000, help="simulated inputs per pA of the plot")
     g.add_argument("--seq-csv", default="sequential.csv", help="file under benchmarks/results (default sequential.csv)")
+    g.add_argument("--oracle", action="store_true", help="the simulated samples per pA bin against the oracle "
+                   "(benchmarks/sequential_oracle.py; alone, no network) and stop")
+    g.add_argument("--oracle-quick", action="store_true", help="--oracle with 1000 trials (under a minute)")
     args = p.parse_args(argv)
+    if args.oracle or args.oracle_quick:
+        import sequential_oracle
+        sequential_oracle.main(["--quick"] if args.oracle_quick else [])
+        return
     dev = args.device
     stamp = setup(args)
     seq = args.sequential or args.sequential_only

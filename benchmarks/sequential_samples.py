@@ -5,7 +5,7 @@ measured by ``bench_certify.py --sequential`` overlaid.
 
 For each pA of a grid from 0.5 to 1 (dense near the thresholds Phi(r / sigma): Phi(1) = 0.841 for
 r = 0.25 and Phi(2) = 0.977 for r = 0.5 at sigma = 0.25), ``--trials`` simulated inputs run the test
-(n0 selection votes, then estimation samples at the looks 100, 200, 400, ..., n_max) until it decides;
+(n0 selection votes, then estimation samples at the looks of the default schedule) until it decides;
 the curve is the mean of n0 + estimation samples. An input far from the threshold stops at one of the
 first looks; one at the threshold runs to n_max (and abstains): no test can tell pA = p0 + 1e-4 from p0
 with 100,000 samples, and fixed-n CERTIFY cannot either.
@@ -59,7 +59,7 @@ def simulate_curves(sigma=0.25, radii=RADII, tests=TESTS, n0=100, n_max=100_000,
             t0 = time.perf_counter()
             rows = []
             for k, p in enumerate(grid):
-                s = simulate(float(p), trials, seed=seed + k, n0=n0, test=test, alpha=alpha, n_min=100, n_max=n_max,
+                s = simulate(float(p), trials, seed=seed + k, n0=n0, test=test, alpha=alpha, n_max=n_max,
                              thresholds=[t])
                 d = s.decisions[:, 0]
                 rows.append((float(p), float(n0 + s.n.mean()), float(np.mean(d == CERTIFIED)),

@@ -197,7 +197,8 @@ def test_resume_refuses_other_settings(ckpt, radius_run, tmp_path, capsys):
     base = ["--checkpoint", ckpt[0], "-o", out, "--resume"] + COMMON
     cases = [(["--sequential", "--radius", "0.5"], ["--radius 0.3333", "0.5"]),
              (["--sequential", "--radius", "1/3", "--test", "betting"], ["--test 'cp'", "'betting'"]),
-             (["--sequential", "--radius", "1/3", "--n-min", "200"], ["--n-min 100"]),
+             (["--sequential", "--radius", "1/3", "--n-min", "200"], ["--n-min 50"]),
+             (["--sequential", "--radius", "1/3", "--schedule", "geometric"], ["--schedule 'threshold'"]),
              (["--sequential", "--radii", "1/3"], ["--radius", "--radii"]),
              ([], ["with --sequential"])]
     for extra, words in cases:
@@ -248,6 +249,8 @@ def test_rows_of_each_tsv_parse(tmp_path):
     (["--sequential", "--radius", "0.25", "--precision", "0.1"], ["--precision"]),
     (["--sequential", "--n-min", "4000"], ["--n-min", "--n"]),
     (["--sequential", "--n-min", "0"], ["--n-min"]),
+    (["--sequential", "--growth", "1"], ["--growth", "> 1"]),
+    (["--growth", "1.5"], ["--growth", "--sequential"]),
     (["--sequential", "--beta", "1"], ["--beta"]),
     (["--sequential", "--max-active", "0"], ["--max-active"]),
     (["--sequential", "--method", "ibp"], ["--sequential", "--method ibp"]),
@@ -276,11 +279,13 @@ def test_help_states_the_api_defaults(capsys):
     """--help names the defaults of the sequential modes as robustops.smoothing.sequential defines them (the
     help cannot import them: `robustops --help` stays torch-free)."""
     from robustops.cli import main
-    from robustops.smoothing.sequential import DEFAULT_N_MIN, DEFAULT_PRECISION, DEFAULT_TEST
+    from robustops.smoothing.sequential import (DEFAULT_GROWTH, DEFAULT_N_MIN, DEFAULT_PRECISION, DEFAULT_SCHEDULE,
+                                                DEFAULT_TEST)
 
     with pytest.raises(SystemExit):
         main(["certify", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     for words in (f"(None: {DEFAULT_PRECISION:g})", f"None: {DEFAULT_TEST}, as in the Smooth methods",
-                  f"first look (None: {DEFAULT_N_MIN})"):
+                  f"first look (None: {DEFAULT_N_MIN})", f"> 1 (None: {DEFAULT_GROWTH:g})",
+                  f"{DEFAULT_SCHEDULE} (None: per input"):
         assert words in text, words

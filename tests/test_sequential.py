@@ -14,6 +14,7 @@ from scipy import stats
 
 from robustops import smoothing as sm
 from robustops.smoothing import ABSTAINED, CERTIFIED, NOT_CERTIFIED, Smooth
+from robustops.smoothing import sequential as seq
 from robustops.smoothing.sequential import SequentialTest, clopper_pearson_upper, look_schedule, simulate
 
 SIGMA = 0.25
@@ -42,9 +43,12 @@ class Recorder(nn.Module):
 # ------------------------------------------------------------------------------- the statistics
 
 def test_look_schedule_and_cp_upper():
-    assert look_schedule(100, 100_000).tolist() == [100 * 2 ** k for k in range(10)] + [100_000]
+    assert look_schedule(100, 100_000, 2.0).tolist() == [100 * 2 ** k for k in range(10)] + [100_000]
     assert look_schedule(100, 100).tolist() == [100]
-    assert look_schedule(100, 150).tolist() == [100, 150]
+    assert look_schedule(100, 150, 2.0).tolist() == [100, 150]
+    # n_k = ceil(n_min * growth^k), strictly increasing even where the ceilings would repeat
+    assert look_schedule(100, 1000, 1.25).tolist() == [100, 125, 157, 196, 245, 306, 382, 477, 597, 746, 932, 1000]
+    assert look_schedule(2, 10, 1.1).tolist() == [2, 3, 4, 5, 6, 7, 8, 9, 10]
     # the upper bound is the mirror image of the lower one
     n_a, n = np.array([0, 3, 50, 99, 100]), 100
     up = clopper_pearson_upper(n_a, n, 0.01)
@@ -53,10 +57,13 @@ def test_look_schedule_and_cp_upper():
 
 
 WORST = {}
+#: (test, schedule, growth): the old default (doubling looks) for both tests, the new schedules for cp (the
+#: betting bounds are anytime-valid whatever the looks; its threshold schedule: test_threshold_schedule_...)
+SCHEDULE_CASES = [("betting", "geometric", 2.0), ("cp", "geometric", 2.0), ("cp", "threshold", 1.5)]
 
 
-@pytest.mark.parametrize("test", ["betting", "cp"])
-def test_never_certifies_below_the_threshold_more_than_alpha(test):
+@pytest.mark.parametrize("test,schedule,growth", SCHEDULE_CASES)
+def test_never_certifies_below_the_threshold_more_than_alpha(test, schedule, growth):
     """10^4 simulated inputs per pA on a grid up to the threshold Phi(r / sigma) (pA = Phi(r / sigma)
     itself is the hardest null): the frequency of certifying stays <= alpha with binomial slack. The
     same check at the threshold with the plug-in estimate fails badly, so the check has power."""
@@ -65,13 +72,14 @@ def test_never_certifies_below_the_threshold_more_than_alpha(test):
     limit = stats.binom.ppf(1 - 1e-4, trials, alpha) / trials
     worst = 0.0
     for p in [p0 - 0.03, p0 - 0.01, p0 - 0.003, p0]:
-        t = simulate(p, trials, seed=int(p * 1e6), test=test, alpha=alpha, thresholds=[p0], n_min=50, n_max=20_000)
+        t = simulate(p, trials, seed=int(p * 1e6), test=test, alpha=alpha, thresholds=[p0], n_min=50, n_max=20_000,
+                     schedule=schedule, growth=growth)
         rate = float(np.mean(t.decisions[:, 0] == CERTIFIED))
         worst = max(worst, rate)
         assert rate <= limit, f"{test}: pA {p:.4f} < threshold {p0:.4f} certified in {rate:.4f} of trials"
         assert np.all(t.n <= 20_000)
-    WORST[test] = worst
-    print(f"\n{test}: worst frequency of a wrong certificate {worst:.4f} (alpha {alpha}, limit {limit:.4f})")
+    WORST[(test, schedule, growth)] = worst
+    print(f"\n{test} {schedule} {growth}: worst frequency of a wrong certificate {worst:.4f} (alpha {alpha}, limit {limit:.4f})")
     # power of the check: a naive sequential rule (plug-in estimate above p0 at any look) over-certifies
     rng = np.random.default_rng(0)
     s = np.cumsum(rng.binomial(1, p0, size=(2000, 800)), axis=1)
@@ -79,8 +87,8 @@ def test_never_certifies_below_the_threshold_more_than_alpha(test):
     assert naive > 5 * limit
 
 
-@pytest.mark.parametrize("test", ["betting", "cp"])
-def test_grid_and_full_modes_are_sound_by_simulation(test):
+@pytest.mark.parametrize("test,schedule,growth", [("betting", "geometric", 2.0), ("cp", "threshold", 1.5)])
+def test_grid_and_full_modes_are_sound_by_simulation(test, schedule, growth):
     """Grid mode: P(any radius with Phi(r / sigma) > pA certified) <= alpha with one confidence sequence
     for all radii; full mode: P(certified radius > the true radius) <= alpha; and the upper bound:
     P(U < pA) <= beta."""
@@ -88,13 +96,14 @@ def test_grid_and_full_modes_are_sound_by_simulation(test):
     limit = stats.binom.ppf(1 - 1e-4, trials, alpha) / trials
     radii = [0.0, 0.25, 0.5]
     p0 = stats.norm.cdf(np.array(radii) / SIGMA)
+    kw = dict(schedule=schedule, growth=growth)
     for p in [p0[1] - 0.002, p0[2] - 0.002, 0.9]:
-        t = simulate(p, trials, seed=7, test=test, alpha=alpha, thresholds=p0, n_min=50, n_max=10_000)
+        t = simulate(p, trials, seed=7, test=test, alpha=alpha, thresholds=p0, n_min=50, n_max=10_000, **kw)
         wrong = ((t.decisions == CERTIFIED) & (p0[None, :] > p)).any(1).mean()
         assert wrong <= limit, f"{test}: grid mode wrongly certified {wrong:.4f} at pA {p:.4f}"
         assert np.mean(t.upper < p) <= limit
     for p in [0.7, 0.95, 0.999]:
-        t = simulate(p, trials, seed=11, test=test, alpha=alpha, precision_z=0.2, n_min=50, n_max=10_000)
+        t = simulate(p, trials, seed=11, test=test, alpha=alpha, precision_z=0.2, n_min=50, n_max=10_000, **kw)
         over = np.mean(t.lower > p)
         assert over <= limit, f"{test}: full mode over-certified {over:.4f} at pA {p}"
 
@@ -260,10 +269,34 @@ def test_refill_keeps_every_pass_full_until_the_inputs_run_out():
     assert sorted(r.index for r in records) == list(range(40))
     k = state["passes_before_end"]
     assert k > 5 and all(n == 500 for n in rec.rows[:k])
-    assert sum(rec.rows) == sum(r.samples for r in records)
+    assert sum(rec.rows) == sum(r.samples + r.unused for r in records)
     # completion order: easy inputs (high pA) finish before hard ones that entered earlier
     order = [r.index for r in records]
     assert order != sorted(order)
+
+
+def test_last_passes_are_filled_with_samples_ahead_of_the_looks(monkeypatch):
+    """With fewer open inputs than a pass holds, the passes are filled with samples past the inputs' next
+    looks (counted only when a look is reached): fewer passes than without, the same results (counts at
+    each look are exact), and the samples per pass add up to the counted samples plus the unused ones."""
+    from robustops.smoothing import stream
+    net, x = _linear_inputs([0.9, 0.93, 0.95, 0.97], seed=5)
+    rec = Recorder(net)
+    smooth = Smooth(rec, 2, SIGMA)
+
+    def run():
+        rec.rows.clear()
+        out = sorted(smooth.certify_stream(enumerate(x), 0.001, 400, radii=[0.25], seed=0), key=lambda r: r.index)
+        return out, list(rec.rows)
+    full, rows = run()
+    assert sum(rows) == sum(r.samples + r.unused for r in full) and sum(r.unused for r in full) > 0
+    monkeypatch.setattr(stream._Engine, "_fill_ahead", lambda self, pieces, room: 0)
+    plain, plain_rows = run()
+    assert sum(plain_rows) == sum(r.samples for r in plain) and all(r.unused == 0 for r in plain)
+    assert len(rows) < len(plain_rows) and max(rows[1:]) > max(plain_rows[1:]), (rows, plain_rows)
+    for a, b in zip(full, plain):
+        assert (a.samples, a.decisions.tolist(), a.counts.tolist()) == (b.samples, b.decisions.tolist(),
+                                                                        b.counts.tolist())
 
 
 def test_constant_classifier_stops_at_the_first_look():
@@ -273,9 +306,17 @@ def test_constant_classifier_stops_at_the_first_look():
 
     smooth = Smooth(Constant(), 3, SIGMA)
     x = torch.rand(4, 1, 4, 4)
+    # the threshold schedule's first look: all n0 selection votes for cA, so the anchor for p_hat = 1
+    first = int(seq.clearing_n(1.0, stats.norm.cdf(1.0), 0.001 * seq.ANCHOR_SHARE, 100_000))
+    # betting's capital with all successes, (1 + max_bet (1 - p0))^n, reaches 1 / alpha at n = 52: the look after
+    looks = SequentialTest(1, thresholds=[0.5]).anchored_schedule(first)
+    stop = {"cp": first, "betting": int(looks[looks >= math.log(1000) / math.log1p(0.9 * (1 - stats.norm.cdf(1)))][0])}
+    assert stop["betting"] == 66
     for test in ("betting", "cp"):
         res = smooth.certify_radius(x, 0.25, 0.001, 1000, test=test, seed=0)
-        assert res.samples.tolist() == [200] * 4 and res.prediction.tolist() == [1] * 4
+        assert res.samples.tolist() == [seq.DEFAULT_N0 + stop[test]] * 4 and res.prediction.tolist() == [1] * 4
+        geo = smooth.certify_radius(x, 0.25, 0.001, 1000, test=test, seed=0, schedule="geometric", n0=100, n_min=100)
+        assert geo.samples.tolist() == [200] * 4
         assert res.decisions.tolist() == [[CERTIFIED]] * 4
         pred, radius = smooth.certify_radius(x[:1], 0.25, 0.001, test=test, seed=0)
         assert (pred, radius) == (1, 0.25)
@@ -289,7 +330,7 @@ def test_nonfinite_input_abstains_with_a_warning():
         res = Smooth(net, 2, SIGMA).certify_radii(x, [0.25], 0.001, 500, seed=0)
     assert any("NaN" in str(m.message) for m in w)
     assert res.prediction.tolist()[1] == -1 and res.decisions[1, 0] == ABSTAINED
-    assert res.samples[1] == 100 and not bool(res.finite_input[1]) and res.prediction[0] == 1
+    assert res.samples[1] == seq.DEFAULT_N0 and not bool(res.finite_input[1]) and res.prediction[0] == 1
 
 
 def test_bad_arguments_name_the_argument():
@@ -347,12 +388,13 @@ def test_devices_agree(device):
 def test_selection_votes_steer_the_bets_but_never_count(test):
     """A huge pilot (selection) count for cA with no estimation successes certifies nothing: the bounds
     come from the estimation samples alone; and the pilot does not change the CP bounds at all."""
-    t = SequentialTest(2, test=test, alpha=0.01, thresholds=[0.6], n_min=100, n_max=400)
-    t.start([0, 1], [10**6, 0], [10**6, 10**6])
-    t.update([0, 1], [0, 0])
-    assert np.all(t.lower == 0.0) and np.all(t.decisions[:, 0] != CERTIFIED)
-    if test == "cp":
-        assert t.upper[0] == t.upper[1]
+    for schedule in ("geometric", "threshold"):
+        t = SequentialTest(2, test=test, alpha=0.01, thresholds=[0.6], n_min=100, n_max=400, schedule=schedule)
+        t.start([0, 1], [10**6, 0], [10**6, 10**6])
+        t.update([0, 1], t.s[[0, 1]])
+        assert np.all(t.lower == 0.0) and np.all(t.decisions[:, 0] != CERTIFIED)
+        if test == "cp" and schedule == "geometric":  # (the threshold schedule moves the looks, not the bounds)
+            assert t.upper[0] == t.upper[1]
 
 
 @pytest.mark.cuda
@@ -388,4 +430,71 @@ def test_at_most_one_host_sync_per_forward_pass(monkeypatch):
         res = smooth.certify_radii(x, [0.25, 0.5], 0.001, 500, seed=0)
     assert len(waits) + len(read_syncs) <= len(rec.rows) + 1, read_syncs[:5]
     assert len(waits) >= 1  # the reads wait on the event (the copy is asynchronous)
-    assert int(res.samples.sum()) == sum(rec.rows)
+    assert int(res.samples.sum() + res.unused.sum()) == sum(rec.rows)
+
+
+# ------------------------------------------------------------------------------ look schedules
+
+def test_threshold_schedule_places_its_looks_as_documented():
+    """An input whose selection votes all went to cA (p_hat = 1) is anchored where the bound at
+    ANCHOR_SHARE * alpha with all successes clears Phi(r / sigma); its looks are the geometric ones through
+    the anchor (growth apart, down to n_min), the anchor spends ANCHOR_SHARE of alpha and the others share the
+    rest; an input whose selection rate is not above the threshold keeps the geometric looks from n_min."""
+    alpha, n0, p0 = 0.001, 50, stats.norm.cdf(1.0)
+    t = SequentialTest(3, alpha=alpha, thresholds=[p0], n_min=50, n_max=100_000, growth=1.5, schedule="threshold")
+    t.start([0, 1, 2], [50, 40, 46], n0)
+    n1 = math.ceil(math.log(alpha * seq.ANCHOR_SHARE) / math.log(p0))  # alpha_1^(1/n) >= p0 with n successes
+    assert t.looks[0, 0] == n1 == 44
+    K = t.K_row[0]
+    expect = [n1] + [math.ceil(n1 * 1.5 ** k - 1e-9) for k in range(1, K - 1)] + [100_000]
+    assert t.looks[0, :K].tolist() == expect and expect[-2] < 100_000 <= math.ceil(n1 * 1.5 ** (K - 1))
+    assert t.spend[0, 0] == seq.ANCHOR_SHARE and math.isclose(t.spend[0].sum(), 1.0)
+    assert t.looks[1, :t.K_row[1]].tolist() == look_schedule(50, 100_000, 1.5).tolist()  # 0.8 < p0: geometric
+    assert np.allclose(t.spend[1, :t.K_row[1]], 1.0 / t.K_row[1])
+    # 0.92: the anchor is further on and the looks below it go down to n_min
+    n1 = int(seq.clearing_n(46 / 50, p0, alpha * seq.ANCHOR_SHARE, 100_000))
+    looks = t.looks[2, :t.K_row[2]]
+    assert n1 in looks and looks[0] >= 50 and looks[0] < 75 and t.spend[2, list(looks).index(n1)] == seq.ANCHOR_SHARE
+    assert np.all(np.diff(looks) > 0) and looks[-1] == 100_000
+
+
+@pytest.mark.parametrize("test,trials,ps", [("cp", 10_000, (-0.003, 0.0)), ("betting", 2000, (-0.003, 0.0))])
+def test_threshold_schedule_sound_whatever_the_selection(test, trials, ps):
+    """The threshold schedule depends on the selection samples only, so the guarantee must hold for ANY
+    selection counts: with the selection forced to the worst cases (all for cA: the earliest anchor; a rate
+    just above the threshold: an anchor far on), inputs at or below the threshold are certified in <= alpha
+    of the trials (binomial slack). Betting's bounds are anytime-valid whatever the looks (fewer trials)."""
+    alpha, n0, p0 = 0.05, 50, stats.norm.cdf(1.0)
+    limit = stats.binom.ppf(1 - 1e-4, trials, alpha) / trials
+    for s0 in (50, 44):
+        for d in ps:
+            t = simulate(p0 + d, trials, seed=s0 + int(1e4 * -d), n0=n0, s0=s0, test=test, alpha=alpha,
+                         thresholds=[p0], n_min=50, n_max=5000, schedule="threshold", growth=1.5)
+            assert t.K_row.min() > 1
+            rate = float(np.mean(t.decisions[:, 0] == CERTIFIED))
+            assert rate <= limit, f"{test}: s0 {s0}, pA {p0 + d:.4f}: certified in {rate:.4f} of trials"
+
+
+def test_growth_and_schedule_cut_samples_towards_the_oracle():
+    """The issue's measurement in small: at r = sigma, alpha 0.001, the threshold schedule (growth 1.5,
+    n0 = n_min = 50) needs fewer estimation samples than doubling looks from 100 at every pA bin, and on
+    easy inputs (pA 0.999) within 1.3x of the oracle (the one-sided CP bound at alpha with the expected
+    successes)."""
+    p0 = stats.norm.cdf(1.0)
+    for p in (0.9, 0.99, 0.999):
+        old = simulate(p, 1000, seed=2, n0=100, test="cp", alpha=0.001, thresholds=[p0], n_min=100, growth=2.0,
+                       schedule="geometric")
+        new = simulate(p, 1000, seed=2, test="cp", alpha=0.001, thresholds=[p0])
+        assert new.n.mean() < old.n.mean(), p
+    assert new.n.mean() <= 1.3 * seq.clearing_n(0.999, p0, 0.001, 100_000)
+
+
+def test_schedule_arguments_are_checked():
+    with pytest.raises(ValueError, match="growth"):
+        SequentialTest(1, thresholds=[0.9], growth=1.0)
+    with pytest.raises(ValueError, match="schedule"):
+        SequentialTest(1, thresholds=[0.9], schedule="doubling")
+    # full-radius mode has no threshold to aim at: the threshold schedule keeps the geometric looks
+    t = SequentialTest(2, precision_z=0.1, n_min=50, growth=1.5, schedule="threshold")
+    t.start([0, 1], [50, 50], 50)
+    assert t.looks[0, :t.K_row[0]].tolist() == look_schedule(50, 100_000, 1.5).tolist()

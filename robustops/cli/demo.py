@@ -323,7 +323,7 @@ def _sequential_line(args, rows, data, dev) -> Optional[str]:
     mean = float(res.samples.double().mean())
     undecided = int((res.decisions[:, 0] == smoothing.ABSTAINED).sum())
     return (f"sequential certification of the smoothed {row['label']} model at r={r:g} ({k} images, Clopper-Pearson "
-            f"at doubling looks, n0={args.n0}, n_max={n_max:,}, alpha={args.alpha:g}): certified accuracy "
+            f"at threshold-aimed looks, n0={args.n0}, n_max={n_max:,}, alpha={args.alpha:g}): certified accuracy "
             f"{fmt_pct(acc)} (fixed CERTIFY with n={args.n}: {fmt_pct(fixed)}) with {mean:,.0f} samples per image "
             f"on average, {(args.n0 + n_max) / mean:.0f}x fewer than fixed n={n_max:,} CERTIFY's {args.n0 + n_max:,}; "
             f"{undecided} undecided at n_max; {elapsed:.1f}s")

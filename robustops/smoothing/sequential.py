@@ -32,15 +32,41 @@ A grid of radii therefore needs no split of alpha across radii: all decisions ar
 simultaneous confidence sequence, and the family-wise error (any radius wrongly certified) is <= alpha.
 The per-threshold alternative (one test per radius at alpha / R, the union bound) is strictly weaker.
 
-Two confidence sequences, both selectable (``test``; "cp" is the default: with looks that double, it needs
-as few or fewer samples than the betting sequence in simulation, e.g. a mean of 749 against 899 estimation
-samples at pA = 0.9, r = sigma, alpha = 0.001):
+Two confidence sequences, both selectable (``test``; "cp" is the default: in simulation it needs fewer
+samples than the betting sequence at most points, e.g. a mean of 701 against 772 estimation samples at
+pA = 0.9, r = sigma, alpha = 0.001, with the default schedule; betting needed fewer at r = sigma,
+pA = 0.95 (171 against 179) and at r = sigma / 2, pA = 0.9 (78 against 81): benchmarks/sequential_oracle.py
+has the table per pA bin):
 
-``"cp"`` -- Clopper-Pearson at geometrically spaced looks n_k = n_min * 2^k (then n_max), K looks in all:
-    L_k = the one-sided (1 - alpha/K) Clopper-Pearson lower bound, U_k = the (1 - beta/K) upper bound,
-    L = max over looks so far, U = min. The budget split over looks is uniform, alpha/K per look (the
-    union bound over the K looks); K = len(look_schedule(n_min, n_max)), e.g. 11 looks for
-    n_min = 100, n_max = 100,000.
+``"cp"`` -- Clopper-Pearson at the row's looks n_1 < ... < n_K = n_max: L_k = the one-sided
+    (1 - w_k alpha) Clopper-Pearson lower bound, U_k = the (1 - w_k beta) upper bound, L = max over looks
+    so far, U = min, with shares w_k >= 0 summing to 1 over the row's K looks (the union bound over them:
+    P(L_k > pA for some k) <= sum_k w_k alpha = alpha). Geometric schedule: w_k = 1/K.
+
+Look schedules (``schedule``, ``growth``):
+
+``"geometric"`` -- n_k = ceil(n_min * growth^k) below n_max (strictly increasing), then n_max; the same for
+    every row, w_k = 1/K. growth = 2 was the old default; 1.5 needs fewer samples with both tests in
+    simulation (e.g. cp at r = sigma: 2.11x -> 2.00x the oracle at pA = 0.9, 2.06x -> 1.89x at 0.95).
+
+``"threshold"`` (the default) -- per row, from its SELECTION counts (s0 of n0 votes for cA): p_hat = s0 / n0
+    (less SCHEDULE_SHRINK standard errors; 0: the measured best), t = the largest threshold below p_hat,
+    and the anchor n* = the smallest n whose one-sided Clopper-Pearson lower bound at ANCHOR_SHARE * alpha
+    with n * p_hat successes reaches t (``clearing_n``): where the bound can first clear t if the input's
+    rate is what the selection saw. The looks are the geometric grid through the anchor,
+    ceil(n* growth^j) for every integer j with the first look >= min(n*, n_min), then n_max; the anchor
+    spends ANCHOR_SHARE (1/2) of alpha and beta, the K - 1 other looks (1 - ANCHOR_SHARE) / (K - 1)
+    each (an unequal split, not the brief's alpha / K: at pA = 1, r = sigma, alpha = 0.001 it puts the
+    first look at 44 instead of 54). Fallback to the geometric looks when no threshold is below p_hat
+    (p_hat at or below the threshold: nothing to aim at), when n* >= n_max, and in full-radius mode (no
+    threshold). Why the guarantee holds: the selection samples are independent of the estimation
+    samples (separate noise: Smooth.certify's SELECTION and ESTIMATION keys), and the looks and shares
+    are a function of the selection counts alone, fixed at ``start`` before any estimation sample.
+    Conditionally on the selection counts the looks are therefore fixed numbers, the estimation samples
+    are still i.i.d. Bernoulli(pA), and the union bound over the row's own looks gives
+    P(L > pA | selection) <= alpha; averaging over the selection keeps it. (The selection samples are
+    never counted in s or n: reusing them in the bound is what stays forbidden.) The tests check it with
+    the selection forced to its worst cases (test_threshold_schedule_sound_whatever_the_selection).
 
 ``"betting"`` -- an anytime-valid confidence sequence from betting capital (Waudby-Smith and Ramdas 2023,
     "Estimating means of bounded random variables by betting", JRSS-B; the predictable plug-in bet):
@@ -59,7 +85,8 @@ samples at pA = 0.9, r = sigma, alpha = 0.001):
     are never counted in s or n, so they cannot bias the bounds (the capital is a martingale conditionally
     on them). Bounds are examined at the same looks as "cp" (any look is allowed; fewer looks mean fewer
     host synchronizations), and L, U are the running max / min over looks (the intersection of a
-    confidence sequence is one).
+    confidence sequence is one). Any schedule keeps the betting bounds valid (Ville's inequality holds at
+    every sample, so at any looks, even data-dependent ones).
 
 Full-radius mode (no thresholds): the row stops when its certified radius sigma * Phi^-1(L) is within
 ``precision`` of the radius fixed-n_max CERTIFY would give if pA were as large as U (the Clopper-Pearson
@@ -78,61 +105,104 @@ from scipy import special, stats
 from .. import _checks
 
 __all__ = ["SequentialTest", "look_schedule", "simulate", "clopper_pearson_lower", "clopper_pearson_upper", "TESTS",
-           "CERTIFIED", "NOT_CERTIFIED", "ABSTAINED", "DEFAULT_TEST", "DEFAULT_N_MIN", "DEFAULT_PRECISION"]
+           "CERTIFIED", "NOT_CERTIFIED", "ABSTAINED", "DEFAULT_TEST", "DEFAULT_N_MIN", "DEFAULT_PRECISION", "DEFAULT_N0",
+           "SCHEDULES", "DEFAULT_SCHEDULE", "DEFAULT_GROWTH", "check_growth", "clearing_n"]
 
 #: Decision codes for one radius of one input.
 CERTIFIED, NOT_CERTIFIED, ABSTAINED = 1, 0, -1
 TESTS = ("betting", "cp")
 #: The defaults of the sequential modes (Smooth.certify_radius / certify_radii / certify_sequential and
-#: `robustops certify --sequential`): the test, the first look, full-radius mode's precision.
-DEFAULT_TEST, DEFAULT_N_MIN, DEFAULT_PRECISION = "cp", 100, 0.05
+#: `robustops certify --sequential`): the test, the first look of the geometric schedule, full-radius
+#: mode's precision, the selection samples (benchmarks/sequential_oracle.py: 50 / 50 rather than 100 /
+#: 100 cut the easy inputs' total by about a third and cost nothing measurable at pA >= 0.9).
+DEFAULT_TEST, DEFAULT_N_MIN, DEFAULT_PRECISION, DEFAULT_N0 = "cp", 50, 0.05, 50
+#: Look schedules: "geometric" (n_min * growth^k for every row), "threshold" (per row, from the selection
+#: samples; see the module docstring), and the growth factor of the looks.
+SCHEDULES = ("geometric", "threshold")
+DEFAULT_SCHEDULE, DEFAULT_GROWTH = "threshold", 1.5
+#: The threshold schedule plans with the selection rate shrunk by this many standard errors (a first look
+#: planned from an overestimate comes too early and is wasted).
+SCHEDULE_SHRINK = 0.0
+#: The threshold schedule's share of alpha (and beta) spent at its anchor look; the other looks share the
+#: rest equally (a union bound over the row's looks all the same).
+ANCHOR_SHARE = 0.5
 
 _BISECT = 64  # bisection steps of the betting bounds (2^-64: below float64 resolution)
 
 
-def clopper_pearson_lower(n_a, n, alpha: float) -> np.ndarray:
+def clopper_pearson_lower(n_a, n, alpha) -> np.ndarray:
     """One-sided (1 - alpha) Clopper-Pearson lower confidence bound on a binomial proportion after
     n_a successes in n trials: the alpha quantile of Beta(n_a, n - n_a + 1), and 0 when n_a = 0.
-    Vectorized over n_a (and n); a fractional n_a interpolates (used for what-if bounds)."""
+    Vectorized over n_a (and n, and alpha: a level per element for per-row look budgets); a fractional
+    n_a interpolates (used for what-if bounds)."""
     n_a = np.asarray(n_a, dtype=np.float64)
     n = np.broadcast_to(np.asarray(n, dtype=np.float64), n_a.shape)
+    alpha = np.broadcast_to(np.asarray(alpha, dtype=np.float64), n_a.shape)
     out = np.zeros(n_a.shape, dtype=np.float64)
     pos = n_a > 0
-    out[pos] = special.betaincinv(n_a[pos], n[pos] - n_a[pos] + 1.0, alpha)
+    out[pos] = special.betaincinv(n_a[pos], n[pos] - n_a[pos] + 1.0, alpha[pos])
     return out
 
 
-def clopper_pearson_upper(n_a, n, beta: float) -> np.ndarray:
+def clopper_pearson_upper(n_a, n, beta) -> np.ndarray:
     """One-sided (1 - beta) Clopper-Pearson upper confidence bound: the 1 - beta quantile of
-    Beta(n_a + 1, n - n_a), and 1 when n_a = n. Vectorized."""
+    Beta(n_a + 1, n - n_a), and 1 when n_a = n. Vectorized (beta too)."""
     n_a = np.asarray(n_a, dtype=np.float64)
     n = np.broadcast_to(np.asarray(n, dtype=np.float64), n_a.shape)
+    beta = np.broadcast_to(np.asarray(beta, dtype=np.float64), n_a.shape)
     out = np.ones(n_a.shape, dtype=np.float64)
     low = n_a < n
-    out[low] = special.betaincinv(n_a[low] + 1.0, n[low] - n_a[low], 1.0 - beta)
+    out[low] = special.betaincinv(n_a[low] + 1.0, n[low] - n_a[low], 1.0 - beta[low])
     return out
 
 
-def look_schedule(n_min: int, n_max: int) -> np.ndarray:
-    """The cumulative estimation-sample numbers at which a row is examined: n_min * 2^k below n_max,
-    then n_max (int64)."""
+def look_schedule(n_min: int, n_max: int, growth: float = DEFAULT_GROWTH) -> np.ndarray:
+    """The cumulative estimation-sample numbers at which a row is examined: n_k = ceil(n_min * growth^k)
+    below n_max (at least one more than the look before), then n_max (int64)."""
     n_min = _checks.check_int(n_min, "n_min", 1)
     n_max = _checks.check_int(n_max, "n_max", 1)
+    growth = check_growth(growth)
     if n_min > n_max:
         raise ValueError(f"n_min must be <= n_max, got n_min {n_min}, n_max {n_max}")
-    looks, n = [], n_min
+    looks, k, n = [], 0, n_min
     while n < n_max:
         looks.append(n)
-        n *= 2
+        k += 1
+        n = max(math.ceil(n_min * growth ** k - 1e-9), n + 1)
     looks.append(n_max)
     return np.array(looks, dtype=np.int64)
+
+
+def check_growth(growth) -> float:
+    """The looks' growth factor: a number > 1."""
+    growth = _checks.check_number(growth, "growth", 1.0, strict=True)
+    if not math.isfinite(growth):
+        raise ValueError(f"growth must be a finite number > 1, got {growth!r}")
+    return growth
+
+
+def clearing_n(p, t, alpha: float, n_max: int) -> np.ndarray:
+    """The smallest n in [1, n_max] whose one-sided (1 - alpha) Clopper-Pearson lower bound with the
+    expected successes n * p reaches t, per element of p (and t); n_max + 1 where none does. Bisection
+    over n (the bound with n * p successes grows with n when p > t). This is the ORACLE of the benchmark
+    (p the true pA, alpha the test's level) and the first look of the "threshold" schedule."""
+    p, t = np.broadcast_arrays(np.asarray(p, dtype=np.float64), np.asarray(t, dtype=np.float64))
+    alpha = np.broadcast_to(np.asarray(alpha, dtype=np.float64), p.shape)
+    lo, hi = np.zeros(p.shape, np.int64), np.full(p.shape, n_max + 1, np.int64)  # lo fails, hi clears
+    while np.any(hi - lo > 1):
+        mid = (lo + hi) // 2
+        ok = clopper_pearson_lower(mid * p, mid, alpha) >= t
+        hi, lo = np.where(ok, mid, hi), np.where(ok, lo, mid)
+    return hi
 
 
 class SequentialTest:
     """The sequential test of ``rows`` rows (inputs or simulated trials); see the module docstring.
 
     test: "betting" or "cp". alpha: the error of a certificate. beta: the error of a "not certified" stop
-    (None: alpha). n_min, n_max: the first look and the largest number of estimation samples of a row.
+    (None: alpha). n_min, n_max: the first look of the geometric schedule and the largest number of
+    estimation samples of a row. growth, schedule: the looks (module docstring); per row: looks
+    [rows, K] (padded with n_max), K_row (the row's looks), spend [rows, K] (its share of alpha per look).
     thresholds: the p0 = Phi(r / sigma) of the radii to decide (fixed-radius and grid modes), or None for
     full-radius mode, which then needs precision_z (the radius precision divided by sigma).
     kelly, max_bet: the betting test's fraction of Kelly's bet and its largest bet (0 < max_bet < 1).
@@ -147,13 +217,17 @@ class SequentialTest:
 
     def __init__(self, rows: int, *, test: str = DEFAULT_TEST, alpha: float = 0.001, beta: Optional[float] = None,
                  n_min: int = DEFAULT_N_MIN, n_max: int = 100_000, thresholds: Optional[Sequence[float]] = None,
-                 precision_z: Optional[float] = None, kelly: float = 1.0, max_bet: float = 0.9):
+                 precision_z: Optional[float] = None, kelly: float = 1.0, max_bet: float = 0.9,
+                 growth: float = DEFAULT_GROWTH, schedule: str = DEFAULT_SCHEDULE):
         if test not in TESTS:
             raise ValueError(f"test must be one of {', '.join(map(repr, TESTS))}, got {test!r}")
         self.test = test
         self.alpha = _checks.check_probability(alpha, "alpha")
         self.beta = self.alpha if beta is None else _checks.check_probability(beta, "beta")
-        self.looks = look_schedule(n_min, n_max)
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {', '.join(map(repr, SCHEDULES))}, got {schedule!r}")
+        self.schedule, self.growth = schedule, check_growth(growth)
+        self._base = look_schedule(n_min, n_max, self.growth)  # every row's looks, or the fallback
         self.n_max = int(n_max)
         self.kelly = _checks.check_number(kelly, "kelly", 0.0, strict=True, maximum=1.0)
         self.max_bet = _checks.check_number(max_bet, "max_bet", 0.0, strict=True)
@@ -169,9 +243,14 @@ class SequentialTest:
             if t.size == 0 or not np.all((t > 0) & (t <= 1)):
                 raise ValueError(f"thresholds must be a non-empty list of probabilities in (0, 1], got {t.tolist()}")
             self.thresholds, self.precision_z = t, None
-        K, R = len(self.looks), self.thresholds.size
+        # K: the most looks a row can have (the columns of looks and hist); K_row: the row's own looks
+        K = len(look_schedule(1, n_max, self.growth)) if schedule == "threshold" else len(self._base)
+        R = self.thresholds.size
         self.K, self.R = K, R
         rows = _checks.check_int(rows, "rows", 0)
+        self.looks = np.full((rows, K), self.n_max, np.int64)
+        self.looks[:, :len(self._base)] = self._base
+        self.K_row = np.full(rows, len(self._base), np.int64)
         self.n = np.zeros(rows, np.int64)
         self.s = np.zeros(rows, np.int64)
         self.k = np.zeros(rows, np.int64)  # index of the next look
@@ -184,8 +263,9 @@ class SequentialTest:
         # betting: per chunk, successes, failures and the two bets
         self.hist = np.zeros((rows, 4, K))
         self._log_a, self._log_b = math.log(1.0 / self.alpha), math.log(1.0 / self.beta)
-        # Clopper-Pearson: the budget of each look
-        self._alpha_k, self._beta_k = self.alpha / K, self.beta / K
+        # Clopper-Pearson: the share of alpha and beta of each look of the row (summing to 1 over its looks)
+        self.spend = np.zeros((rows, K))
+        self.spend[:, :len(self._base)] = 1.0 / len(self._base)
 
     # -------------------------------------------------------------------------------- life of a row
 
@@ -198,6 +278,7 @@ class SequentialTest:
         self.decisions[rows] = self.UNDECIDED
         self.done[rows] = False
         self.hist[rows] = 0.0
+        self._plan(rows)
         self._decide_budget(rows)
         self._bet(rows[~self.done[rows]])
 
@@ -212,7 +293,7 @@ class SequentialTest:
     def chunk(self, rows) -> np.ndarray:
         """Samples each row needs before its next look."""
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
-        return self.looks[np.minimum(self.k[rows], self.K - 1)] - self.n[rows]
+        return self.looks[rows, np.minimum(self.k[rows], self.K_row[rows] - 1)] - self.n[rows]
 
     def update(self, rows, s_cumulative) -> np.ndarray:
         """Rows reached their next look with s_cumulative estimation successes in all: new bounds,
@@ -229,8 +310,9 @@ class SequentialTest:
         self.hist[rows, 1, k] = dn - ds
         self.s[rows], self.n[rows], self.k[rows] = s_cum, self.n[rows] + dn, k + 1
         if self.test == "cp":
-            lo = clopper_pearson_lower(self.s[rows], self.n[rows], self._alpha_k)
-            hi = clopper_pearson_upper(self.s[rows], self.n[rows], self._beta_k)
+            w = self.spend[rows, k]
+            lo = clopper_pearson_lower(self.s[rows], self.n[rows], self.alpha * w)
+            hi = clopper_pearson_upper(self.s[rows], self.n[rows], self.beta * w)
         else:
             lo, hi = self._betting_bounds(rows)
         self.lower[rows] = np.maximum(self.lower[rows], lo)
@@ -248,6 +330,57 @@ class SequentialTest:
         self.done[rows] |= last
         self._bet(rows[~self.done[rows]])
         return self.done[rows]
+
+    # ------------------------------------------------------------------------------------ schedules
+
+    def _plan(self, rows) -> None:
+        """Each row's looks and its share of alpha per look, fixed at start from the selection counts only
+        (see the module docstring: the guarantee holds conditionally on them)."""
+        self.looks[rows] = self.n_max
+        self.looks[rows, :len(self._base)] = self._base
+        self.K_row[rows] = len(self._base)
+        self.spend[rows] = 0.0
+        self.spend[rows, :len(self._base)] = 1.0 / len(self._base)
+        if self.schedule != "threshold" or not self.R or not len(rows):
+            return
+        first = self.first_looks(self.s0[rows], self.n0[rows])
+        for n1 in np.unique(first[first > 0]):
+            plan = self.anchored_schedule(int(n1))
+            sel, K = rows[first == n1], len(plan)
+            self.looks[sel] = self.n_max
+            self.looks[sel, :K] = plan
+            self.K_row[sel] = K
+            self.spend[sel] = 0.0
+            self.spend[sel, :K] = (1.0 - ANCHOR_SHARE) / (K - 1) if K > 1 else 1.0
+            if K > 1:
+                self.spend[sel, int(np.searchsorted(plan, n1))] = ANCHOR_SHARE
+
+    def anchored_schedule(self, n1: int) -> np.ndarray:
+        """The geometric looks shifted to pass through n1: ceil(n1 * growth^k) for every integer k with
+        the first look >= n_min (or n1 itself when n1 < n_min), then n_max."""
+        g, lo = self.growth, min(n1, int(self._base[0]))
+        down = [n1]
+        while math.ceil(down[-1] / g - 1e-9) >= lo and down[-1] > 1:
+            down.append(math.ceil(down[-1] / g - 1e-9))
+        looks = sorted(set(down)) + [int(v) for v in look_schedule(n1, self.n_max, g)[1:]]
+        return np.array(looks, dtype=np.int64)
+
+    def first_looks(self, s0, n0) -> np.ndarray:
+        """The threshold schedule's anchor per row from its selection counts (s0 of n0 for cA): the
+        smallest n whose Clopper-Pearson bound at ANCHOR_SHARE * alpha with n * p_c expected successes
+        clears the largest threshold below p_c (p_c = s0 / n0 less SCHEDULE_SHRINK standard errors);
+        0 (fall back to the geometric looks) where no threshold is below p_c or the anchor would not
+        come before n_max."""
+        s0, n0 = np.asarray(s0, np.float64), np.asarray(n0, np.float64)
+        p = np.divide(s0, n0, out=np.zeros_like(s0), where=n0 > 0)
+        p_c = p - SCHEDULE_SHRINK * np.sqrt(p * (1.0 - p) / np.maximum(n0, 1.0))
+        t = np.where(self.thresholds[None, :] < p_c[:, None], self.thresholds[None, :], -1.0).max(1)
+        ok = (t > 0) & (n0 > 0)
+        first = np.zeros(len(p), np.int64)
+        if ok.any():
+            n1 = clearing_n(p_c[ok], t[ok], self.alpha * ANCHOR_SHARE, self.n_max)
+            first[ok] = np.where(n1 < self.n_max, n1, 0)
+        return first
 
     # ------------------------------------------------------------------------------------ decisions
 
@@ -281,7 +414,8 @@ class SequentialTest:
         left = (self.n_max - self.n[rows]).astype(np.float64)
         t = self.thresholds[None, :]
         if self.test == "cp":
-            best = clopper_pearson_lower(self.s[rows] + left, np.full(len(rows), self.n_max), self._alpha_k)
+            best = clopper_pearson_lower(self.s[rows] + left, np.full(len(rows), self.n_max),
+                                         self.alpha * self.spend[rows, self.K_row[rows] - 1])
             reachable = best[:, None] >= t
         else:
             best = self._log_capital(rows, t, +1) + left[:, None] * np.log1p(self.max_bet * (1.0 - t))
@@ -296,7 +430,8 @@ class SequentialTest:
     def _log_capital(self, rows, m: np.ndarray, side: int) -> np.ndarray:
         """log K+(m) (side +1) or log K-(m) (side -1) of rows at candidate means m [len(rows), J] (or
         broadcastable); returns [len(rows), J]."""
-        h = self.hist[rows]  # [r, 4, K]
+        used = int(self.k[rows].max()) if len(rows) else 0  # later chunks hold no samples (per-row looks: K is large)
+        h = self.hist[rows, :, :used]  # [r, 4, used]
         s, f = h[:, 0, :, None], h[:, 1, :, None]
         m = np.broadcast_to(np.asarray(m, dtype=np.float64), (len(rows), np.shape(m)[-1]))[:, None, :]
         if side > 0:
@@ -341,7 +476,7 @@ class SequentialTest:
         else:
             lo_t = clopper_pearson_lower(self.n_max * p, self.n_max, self.alpha)
             hi_t = np.minimum(2.0 * p - lo_t, 1.0)
-        k = np.minimum(self.k[rows], self.K - 1)
+        k = np.minimum(self.k[rows], self.K_row[rows] - 1)
         self.hist[rows, 2, k] = self._kelly(p - lo_t, lo_t)
         self.hist[rows, 3, k] = self._kelly(hi_t - p, hi_t)
 
@@ -357,15 +492,19 @@ class SequentialTest:
         return np.where(lo >= 0.5, stats.norm.ppf(np.clip(lo, 0.5, None)), 0.0)
 
 
-def simulate(p, trials: int, *, seed: int = 0, n0: int = 100, **kwargs) -> SequentialTest:
+def simulate(p, trials: int, *, seed: int = 0, n0: int = DEFAULT_N0, s0=None, **kwargs) -> SequentialTest:
     """Runs SequentialTest(trials, **kwargs) against a Bernoulli(p) oracle (no network) until every
-    trial is done: p is a float or one per trial; the n0 selection votes for cA are Binomial(n0, p)
-    too (they steer the bets only). Returns the finished test (n, lower, upper, decisions per trial)."""
+    trial is done: p is a float or one per trial; the n0 selection votes for cA are Binomial(n0, p) too
+    (they steer the bets and the threshold schedule only), or s0 when given (a number or one per trial:
+    the guarantee holds conditionally on the selection, so any s0 must keep it). Returns the finished
+    test (n, lower, upper, decisions per trial)."""
     rng = np.random.default_rng(seed)
     test = SequentialTest(trials, **kwargs)
     p = np.broadcast_to(np.asarray(p, dtype=np.float64), (trials,))
     rows = np.arange(trials)
-    test.start(rows, rng.binomial(n0, p) if n0 else 0, n0)
+    if s0 is None:
+        s0 = rng.binomial(n0, p) if n0 else 0
+    test.start(rows, s0, n0)
     live = rows[~test.done]
     while len(live):
         s = test.s[live] + rng.binomial(test.chunk(live), p[live])

@@ -40,7 +40,8 @@ from .. import _checks, _rng
 from ..models import Normalize
 from ..models.video import model_to_channels_last
 from .graph import VoteGraphs, model_fingerprint
-from .sequential import DEFAULT_N_MIN, DEFAULT_PRECISION, DEFAULT_TEST, clopper_pearson_lower
+from .sequential import (DEFAULT_GROWTH, DEFAULT_N0, DEFAULT_N_MIN, DEFAULT_PRECISION, DEFAULT_SCHEDULE, DEFAULT_TEST,
+                         clopper_pearson_lower)
 from .stream import SequentialResult, certify_stream, check_radii
 from .votes import ESTIMATION, PREDICTION, SELECTION, Piece, VoteSampler, phase_seed
 
@@ -287,18 +288,21 @@ class Smooth:
     # ------------------------------------------------------------------- sequential certification
 
     def certify_radius(self, x: torch.Tensor, radius: float, alpha: float = 0.001, batch_size: int = 1000, *,
-                       test: str = DEFAULT_TEST, n0: int = 100, n_max: int = 100_000, n_min: int = DEFAULT_N_MIN,
-                       beta: Optional[float] = None, seed: Optional[int] = None, indices=None,
-                       max_active: Optional[int] = None) -> SequentialResult:
+                       test: str = DEFAULT_TEST, n0: int = DEFAULT_N0, n_max: int = 100_000,
+                       n_min: int = DEFAULT_N_MIN, beta: Optional[float] = None, seed: Optional[int] = None, indices=None,
+                       max_active: Optional[int] = None, growth: float = DEFAULT_GROWTH,
+                       schedule: str = DEFAULT_SCHEDULE) -> SequentialResult:
         """Is g certified at L2 radius ``radius``? For each input of x [B, ...]: certified (with the
         class), not certified, or abstained, with as few noisy samples as the input needs and the
         guarantee of CERTIFY (a certificate is wrong with probability <= alpha).
 
         As in :meth:`certify`, n0 separate selection samples choose the class cA; then estimation
-        samples are drawn in chunks up to the looks n_min, 2 n_min, 4 n_min, ..., n_max, and after each
-        look a confidence sequence on pA decides (``test``: "cp", Clopper-Pearson with alpha split over
-        the looks, the default, which needs as few or fewer samples in simulation with doubling looks;
-        or "betting", an anytime-valid betting confidence sequence; see robustops.smoothing.sequential):
+        samples are drawn in chunks up to the looks (``schedule`` "threshold", the default: per input, a
+        look where the bound can first clear Phi(radius / sigma) at the selection samples' rate and the
+        looks ``growth`` times apart around it; "geometric": n_min, growth n_min, growth^2 n_min, ...,
+        n_max), and after each look a confidence sequence on pA decides (``test``: "cp", Clopper-Pearson
+        with alpha split over the input's looks, the default; or "betting", an anytime-valid betting
+        confidence sequence; see robustops.smoothing.sequential):
         certified once its lower bound reaches Phi(radius / sigma), not certified once its upper bound
         (error beta, default alpha) falls below it, abstained when n_max samples did not decide. An input
         leaves the forward passes as soon as it is decided and the next input takes its place (batch
@@ -313,12 +317,13 @@ class Smooth:
         or graph (the eager path is used)."""
         return self._sequential(x, indices, radii=check_radii(radius, "radius"), precision=None, alpha=alpha,
                                 batch_size=batch_size, test=test, n0=n0, n_max=n_max, n_min=n_min, beta=beta,
-                                seed=seed, max_active=max_active)
+                                seed=seed, max_active=max_active, growth=growth, schedule=schedule)
 
     def certify_radii(self, x: torch.Tensor, radii, alpha: float = 0.001, batch_size: int = 1000, *,
-                      test: str = DEFAULT_TEST, n0: int = 100, n_max: int = 100_000, n_min: int = DEFAULT_N_MIN,
-                      beta: Optional[float] = None, seed: Optional[int] = None, indices=None,
-                      max_active: Optional[int] = None) -> SequentialResult:
+                      test: str = DEFAULT_TEST, n0: int = DEFAULT_N0, n_max: int = 100_000,
+                      n_min: int = DEFAULT_N_MIN, beta: Optional[float] = None, seed: Optional[int] = None, indices=None,
+                      max_active: Optional[int] = None, growth: float = DEFAULT_GROWTH,
+                      schedule: str = DEFAULT_SCHEDULE) -> SequentialResult:
         """:meth:`certify_radius` for a grid of radii in one run: each input stops when every radius is
         decided. decisions [B, R] (CERTIFIED 1 / NOT_CERTIFIED 0 / ABSTAINED -1, in the order of radii);
         radius = the largest certified radius of the grid (0 if none), so certified_accuracy(radius,
@@ -328,13 +333,13 @@ class Smooth:
         only be needed for separate per-radius tests; see robustops.smoothing.sequential)."""
         return self._sequential(x, indices, radii=check_radii(radii), precision=None, alpha=alpha,
                                 batch_size=batch_size, test=test, n0=n0, n_max=n_max, n_min=n_min, beta=beta,
-                                seed=seed, max_active=max_active)
+                                seed=seed, max_active=max_active, growth=growth, schedule=schedule)
 
     def certify_sequential(self, x: torch.Tensor, alpha: float = 0.001, batch_size: int = 1000, *,
-                           precision: float = DEFAULT_PRECISION, test: str = DEFAULT_TEST, n0: int = 100,
+                           precision: float = DEFAULT_PRECISION, test: str = DEFAULT_TEST, n0: int = DEFAULT_N0,
                            n_max: int = 100_000, n_min: int = DEFAULT_N_MIN, beta: Optional[float] = None,
-                           seed: Optional[int] = None, indices=None,
-                           max_active: Optional[int] = None) -> SequentialResult:
+                           seed: Optional[int] = None, indices=None, max_active: Optional[int] = None,
+                           growth: float = DEFAULT_GROWTH, schedule: str = DEFAULT_SCHEDULE) -> SequentialResult:
         """Full-radius mode: the largest certified radius sigma * Phi^-1(pA_lower), stopping an input once
         that radius is within ``precision`` (in the units of sigma's radii) of what fixed-n_max CERTIFY would
         certify if pA were as large as the confidence sequence's upper bound, or once the upper bound falls
@@ -344,19 +349,20 @@ class Smooth:
         [B, 0]."""
         return self._sequential(x, indices, radii=None, precision=precision, alpha=alpha, batch_size=batch_size,
                                 test=test, n0=n0, n_max=n_max, n_min=n_min, beta=beta, seed=seed,
-                                max_active=max_active)
+                                max_active=max_active, growth=growth, schedule=schedule)
 
     def certify_stream(self, inputs, alpha: float = 0.001, batch_size: int = 1000, *, radii=None,
-                       precision: Optional[float] = None, test: str = DEFAULT_TEST, n0: int = 100, n_max: int = 100_000,
-                       n_min: int = DEFAULT_N_MIN, beta: Optional[float] = None, seed: Optional[int] = None,
-                       max_active: Optional[int] = None):
+                       precision: Optional[float] = None, test: str = DEFAULT_TEST, n0: int = DEFAULT_N0,
+                       n_max: int = 100_000, n_min: int = DEFAULT_N_MIN, beta: Optional[float] = None,
+                       seed: Optional[int] = None, max_active: Optional[int] = None, growth: float = DEFAULT_GROWTH,
+                       schedule: str = DEFAULT_SCHEDULE):
         """The generator behind the sequential modes, for data sets larger than a batch: ``inputs`` is an
         iterable of (index, x_i) pairs (x_i one input, without the batch dimension), read lazily as
         inputs finish; yields a ``SequentialRecord`` per input as soon as it is decided (completion
         order). Give radii (grid / fixed-radius mode) or precision (full-radius mode)."""
         return certify_stream(self, inputs, alpha=alpha, radii=radii, precision=precision, test=test, beta=beta,
                               n0=n0, n_min=n_min, n_max=n_max, batch_size=batch_size, seed=seed,
-                              max_active=max_active)
+                              max_active=max_active, growth=growth, schedule=schedule)
 
     def _sequential(self, x, indices, *, radii, **kw) -> SequentialResult:
         if self.graph and not self._warned_graph:

@@ -9,7 +9,15 @@ How it runs:
   slot takes the next waiting input. Every forward pass holds exactly ``batch_size`` noisy rows, cut
   from the pending samples of the slots in the order they were filled (the oldest first), so a pass
   can hold the tail of one input's chunk and the heads of others': it is full until the iterator runs
-  dry (the last passes of a run may be short).
+  dry.
+- Full passes to the end: once the iterator is dry, a pass that the open chunks cannot fill is filled
+  with samples *ahead* of the open inputs' looks: estimation samples past a slot's next look, up to the
+  look after it (its next chunk, should it need one), counted in a separate row of the vote table. The
+  look still sees exactly the samples up to it (drawing before looking is sound: a look's bound uses
+  its count only, and the samples past it are the same noise rows the slot would draw next); when the
+  slot goes on, the ahead votes join its count, and a chunk that ahead samples completed is read at
+  once. Ahead samples of an input decided at the look are drawn for nothing (``unused``); the last
+  passes are then full as long as the open inputs' next chunks hold a pass.
 - A slot asks for the samples up to its next look (the n0 selection samples first, then the chunks of
   the look schedule). When a pass completes a slot's chunk, the slot is *parked* (it draws no more
   samples) and its vote row is copied to the host; the decision is taken on the host and the slot is
@@ -34,7 +42,8 @@ import torch
 from scipy import stats
 
 from .. import _checks, _rng
-from .sequential import CERTIFIED, DEFAULT_N_MIN, DEFAULT_TEST, TESTS, SequentialTest
+from .sequential import (CERTIFIED, DEFAULT_GROWTH, DEFAULT_N0, DEFAULT_N_MIN, DEFAULT_SCHEDULE, DEFAULT_TEST, TESTS,
+                         SequentialTest)
 from .votes import ESTIMATION, SELECTION, Piece, phase_seed
 
 __all__ = ["SequentialRecord", "SequentialResult", "certify_stream", "check_radii"]
@@ -50,7 +59,9 @@ class SequentialRecord:
     (empty in full mode); samples: noisy samples spent on the input (n0 + estimation samples);
     counts int64 [C]: votes of the estimation samples; selection_counts int64 [C]; pA_lower, pA_upper:
     the confidence sequence's bounds on pA when the input stopped; nan_votes: samples with NaN logits;
-    finite: whether the input's values were all finite (a non-finite input abstains)."""
+    finite: whether the input's values were all finite (a non-finite input abstains); unused: estimation
+    samples drawn ahead of a look the input never needed (passes filled at the end of a run; not in
+    samples)."""
     position: int
     index: int
     prediction: int
@@ -63,13 +74,15 @@ class SequentialRecord:
     pA_upper: float
     nan_votes: int
     finite: bool
+    unused: int = 0
 
 
 @dataclass
 class SequentialResult:
     """Output of the sequential certification of B inputs (CPU tensors); see SequentialRecord for the
     fields. radii: float64 [R], the radii of the decisions' columns (empty in full mode); test: "betting" or
-    "cp". ``prediction, radius = result`` unpacks as CertifyResult does."""
+    "cp"; unused: int64 [B], samples drawn ahead and never counted (SequentialRecord). ``prediction, radius =
+    result`` unpacks as CertifyResult does."""
     prediction: torch.Tensor
     radius: torch.Tensor
     decisions: torch.Tensor
@@ -82,6 +95,7 @@ class SequentialResult:
     nan_votes: torch.Tensor
     finite_input: torch.Tensor
     test: str
+    unused: Optional[torch.Tensor] = None
 
     def __iter__(self):
         if self.prediction.numel() == 1 and self.radius.numel() == 1:
@@ -104,7 +118,8 @@ class SequentialResult:
             decisions=mat("decisions", R), radii=torch.tensor(list(radii), dtype=torch.float64),
             samples=col("samples", np.int64), counts=mat("counts", C), selection_counts=mat("selection_counts", C),
             pA_lower=col("pA_lower", np.float64), pA_upper=col("pA_upper", np.float64),
-            nan_votes=col("nan_votes", np.int64), finite_input=col("finite", bool), test=test)
+            nan_votes=col("nan_votes", np.int64), finite_input=col("finite", bool), test=test,
+            unused=col("unused", np.int64))
 
 
 def check_radii(radii, name: str = "radii") -> List[float]:
@@ -120,8 +135,9 @@ def check_radii(radii, name: str = "radii") -> List[float]:
 
 def certify_stream(smooth, inputs: Iterable[Tuple[int, torch.Tensor]], *, alpha: float, radii=None,
                    precision: Optional[float] = None, test: str = DEFAULT_TEST, beta: Optional[float] = None,
-                   n0: int = 100, n_min: int = DEFAULT_N_MIN, n_max: int = 100_000, batch_size: int = 1000,
-                   seed: Optional[int] = None, max_active: Optional[int] = None) -> Iterator[SequentialRecord]:
+                   n0: int = DEFAULT_N0, n_min: int = DEFAULT_N_MIN, n_max: int = 100_000, batch_size: int = 1000,
+                   seed: Optional[int] = None, max_active: Optional[int] = None, growth: float = DEFAULT_GROWTH,
+                   schedule: str = DEFAULT_SCHEDULE) -> Iterator[SequentialRecord]:
     """Sequential certification of the inputs of an iterator of (index, x_i) pairs, x_i one input
     (a tensor without the batch dimension); yields a SequentialRecord per input as soon as it is
     decided (completion order, not input order). radii: decide these radii (grid mode; one radius:
@@ -153,7 +169,7 @@ def certify_stream(smooth, inputs: Iterable[Tuple[int, torch.Tensor]], *, alpha:
     max_active = _checks.check_int(max_active, "max_active", 1)
     seed = _rng.resolve_seed(seed)
     engine = _Engine(smooth, SequentialTest(max_active, test=test, alpha=alpha, beta=beta, n_min=n_min, n_max=n_max,
-                                            thresholds=thresholds,
+                                            thresholds=thresholds, growth=growth, schedule=schedule,
                                             precision_z=None if precision is None else precision / smooth.sigma),
                      radii, n0, n_max, batch_size, seed)
     yield from engine.run(iter(inputs))
@@ -180,6 +196,9 @@ class _Engine:
         self.c_a = [0] * S
         self.selection = [None] * S  # host votes of the selection samples
         self.sel_nan = [0] * S
+        self.ahead = [0] * S  # estimation samples drawn past the slot's next look (vote row S + slot)
+        self.ready: List[int] = []  # slots whose next chunk ahead samples completed: to read
+        self.exhausted = False
 
     # ----------------------------------------------------------------------------------- set-up
 
@@ -194,7 +213,7 @@ class _Engine:
             raise ValueError(f"channels_last needs 3-D or 4-D inputs (one input of a 4-D / 5-D batch), got "
                              f"{list(self.shape)}")
         self.xs = torch.empty((self.S,) + self.shape, dtype=torch.float32, device=device)
-        self.counts = torch.zeros(self.S, self.C + 1, dtype=torch.int64, device=device)
+        self.counts = torch.zeros(2 * self.S, self.C + 1, dtype=torch.int64, device=device)  # counted; ahead
         self.finite = torch.zeros(self.S, dtype=torch.bool, device=device)
         self.sampler = sm.vote_sampler(device)
         self.lag = 1 if device.type == "cuda" else 0
@@ -215,6 +234,8 @@ class _Engine:
         self.xs[slot].copy_(x, non_blocking=True)  # no stream synchronization (the pass in flight runs on)
         self.finite[slot] = torch.isfinite(self.xs[slot]).all()
         self.counts[slot].zero_()
+        self.counts[self.S + slot].zero_()
+        self.ahead[slot] = 0
         self.index[slot], self.position[slot] = int(index), position
         self.phase[slot], self.drawn[slot], self.target[slot] = SELECTION, 0, self.n0
         self.parked[slot] = False
@@ -224,15 +245,19 @@ class _Engine:
 
     def run(self, source) -> Iterator[SequentialRecord]:
         pending: collections.deque = collections.deque()
-        position, exhausted = 0, False
+        position = 0
         with torch.inference_mode():
             while True:
+                if self.ready:  # chunks completed by ahead samples: their votes are on the device already
+                    with _on_device(self.device):
+                        pending.append(self._snapshot(self.ready))
+                    self.ready = []
                 want = sum(self.target[s] - self.drawn[s] for s in self.order if not self.parked[s])
-                while not exhausted and self.free and want < self.batch_size:
+                while not self.exhausted and self.free and want < self.batch_size:
                     try:
                         index, x = next(source)
                     except StopIteration:
-                        exhausted = True
+                        self.exhausted = True
                         break
                     slot = self.free.pop()
                     self._admit(slot, position, index, x)
@@ -260,7 +285,7 @@ class _Engine:
             take = min(self.target[s] - self.drawn[s], self.batch_size - filled)
             if take <= 0:
                 continue
-            pieces.append((s, self.drawn[s], take))
+            pieces.append((s, self.drawn[s], take, s))
             self.drawn[s] += take
             filled += take
             if self.drawn[s] == self.target[s]:
@@ -268,20 +293,41 @@ class _Engine:
                 completed.append(s)
             if filled == self.batch_size:
                 break
+        if self.exhausted and filled < self.batch_size:
+            filled += self._fill_ahead(pieces, self.batch_size - filled)
         with _on_device(self.device):
             return self._launch(pieces, completed)
 
     def _launch(self, pieces, completed):
         """The pass's noise, forward and votes, then the asynchronous copy of the completed slots' votes,
         all on the data device's current stream (the caller made that device current)."""
-        self.sampler.run(self.xs, [Piece(s, self.keys[self.phase[s]], self.index[s] * self._stride(s) + j, take, s)
-                                   for s, j, take in pieces], self.counts)
+        self.sampler.run(self.xs, [Piece(s, self.keys[self.phase[s]], self.index[s] * self._stride(s) + j, take, row)
+                                   for s, j, take, row in pieces], self.counts)
         if not completed:
             return None
+        return self._snapshot(completed)
+
+    def _snapshot(self, completed):
+        """The lagged read of the completed slots' counted votes (and finite flags)."""
         rows = torch.tensor(completed, dtype=torch.int64)
         rows = (rows.pin_memory() if self.device.type == "cuda" else rows).to(self.device, non_blocking=True)
         snap = torch.cat([self.counts.index_select(0, rows).flatten(), self.finite.index_select(0, rows).long()])
         return (completed,) + _copy_to_host(snap, self.device)
+
+    def _fill_ahead(self, pieces, room: int) -> int:
+        """Adds pieces of samples past the estimation slots' next looks (up to the look after), oldest slot
+        first, counted in the ahead rows; returns the samples added."""
+        test, added = self.test, 0
+        for s in self.order:
+            if self.phase[s] != ESTIMATION or self.drawn[s] != self.target[s] or room == added:
+                continue
+            k = min(int(test.k[s]) + 1, int(test.K_row[s]) - 1)
+            take = min(int(test.looks[s, k]) - self.target[s] - self.ahead[s], room - added)
+            if take > 0:
+                pieces.append((s, self.target[s] + self.ahead[s], take, self.S + s))
+                self.ahead[s] += take
+                added += take
+        return added
 
     def _stride(self, s: int) -> int:
         """Noisy rows per input of the slot's phase: an input's samples of a phase are rows index * stride + j."""
@@ -326,8 +372,21 @@ class _Engine:
                 if d:
                     yield self._finish(s, row, True)
                 else:
-                    self.target[s] = self.drawn[s] + int(test.chunk([s])[0])
-                    self.parked[s] = False
+                    self._go_on(s)
+
+    def _go_on(self, s: int) -> None:
+        """The slot's next chunk; the votes drawn ahead of the look join its count (device order: after
+        the passes that drew them), and a chunk they complete is read at once."""
+        self.target[s] = self.drawn[s] + int(self.test.chunk([s])[0])
+        if self.ahead[s]:
+            self.counts[s] += self.counts[self.S + s]
+            self.counts[self.S + s].zero_()
+            self.drawn[s] += self.ahead[s]
+            self.ahead[s] = 0
+        if self.drawn[s] == self.target[s]:
+            self.ready.append(s)
+        else:
+            self.parked[s] = False
 
     def _finish(self, s: int, row: np.ndarray, finite: bool) -> SequentialRecord:
         test, C = self.test, self.C
@@ -345,7 +404,8 @@ class _Engine:
             position=self.position[s], index=self.index[s], prediction=int(prediction), radius=float(radius),
             decisions=dec.astype(np.int8), samples=int(self.n0 + test.n[s]), counts=row[:C].astype(np.int64),
             selection_counts=self.selection[s].astype(np.int64), pA_lower=lower, pA_upper=float(test.upper[s]),
-            nan_votes=int(row[C]) + self.sel_nan[s], finite=bool(finite))
+            nan_votes=int(row[C]) + self.sel_nan[s], finite=bool(finite), unused=self.ahead[s])
+        self.ahead[s] = 0
         del self.order[s]
         self.free.append(s)
         return rec

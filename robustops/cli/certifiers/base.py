@@ -35,7 +35,7 @@ COLUMNS["sequential"] = COLUMNS["certify"] + (("samples", int), ("decisions", de
 HEADERS = {kind: "\t".join(name for name, _ in cols) for kind, cols in COLUMNS.items()}
 
 # The options of --sequential: refused by every other mode.
-SEQUENTIAL_ONLY = ("radius", "radii", "precision", "test", "n_min", "beta", "max_active")
+SEQUENTIAL_ONLY = ("radius", "radii", "precision", "test", "n_min", "beta", "max_active", "growth", "schedule")
 
 
 def results_file(path: str, kind: str) -> ResultsFile:

@@ -1,5 +1,5 @@
 """`certify --sequential`: randomized smoothing of the image with as few samples as each input needs
-(Smooth.certify_stream: a confidence sequence decides at looks --n-min, 2 --n-min, ... --n), in the
+(Smooth.certify_stream: a confidence sequence decides at the looks of --schedule, up to --n), in the
 8-column TSV (certify's and samples, decisions)."""
 from __future__ import annotations
 
@@ -25,6 +25,8 @@ class SequentialOptions:
     test: str
     n_min: int
     beta: float
+    growth: float
+    schedule: str
 
 
 @dataclass
@@ -52,7 +54,8 @@ def sequential_options(args) -> SequentialOptions:
     if args.radius is not None and not 0.0 <= args.radius < math.inf:
         raise CLIError(f"--radius must be a finite number >= 0, got {args.radius}")
     radii = parse_radii(args.radii) if args.radii is not None else None
-    from ...smoothing.sequential import DEFAULT_N_MIN, DEFAULT_PRECISION, DEFAULT_TEST  # (--help stays torch-free)
+    from ...smoothing.sequential import (DEFAULT_GROWTH, DEFAULT_N_MIN, DEFAULT_PRECISION, DEFAULT_SCHEDULE,  # (--help
+                                         DEFAULT_TEST)  # stays torch-free)
 
     grid = [args.radius] if args.radius is not None else radii
     if grid is not None and args.precision is not None:
@@ -71,17 +74,20 @@ def sequential_options(args) -> SequentialOptions:
     beta = args.alpha if args.beta is None else args.beta
     if not 0.0 < beta < 1.0:
         raise CLIError(f"--beta must be in (0, 1), got {beta}")
-    return SequentialOptions(radii, grid, precision, test, n_min, beta)
+    growth = DEFAULT_GROWTH if args.growth is None else args.growth
+    if not 1.0 < growth < math.inf:
+        raise CLIError(f"--growth must be a finite number > 1 (the factor between looks), got {growth}")
+    return SequentialOptions(radii, grid, precision, test, n_min, beta, growth, args.schedule or DEFAULT_SCHEDULE)
 
 
 class SequentialCertifier(SmoothingCertifier):
-    """--sequential: each input draws estimation samples up to looks at --n-min, 2 --n-min, ... --n and
+    """--sequential: each input draws estimation samples up to the looks of --schedule (up to --n) and
     stops as soon as a confidence sequence decides (fixed-radius, grid or full-radius mode)."""
 
     when = {"sequential": True}
     commands = ("certify",)
     settings_keys = SmoothingCertifier.settings_keys + ("sequential", "radius", "radii", "precision", "test",
-                                                        "n_min", "beta")
+                                                        "n_min", "beta", "growth", "schedule")
 
     @classmethod
     def add_arguments(cls, p: argparse.ArgumentParser) -> None:
@@ -89,7 +95,7 @@ class SequentialCertifier(SmoothingCertifier):
         g = p.add_argument_group("--sequential (randomized smoothing with as few samples as each input needs)")
         g.add_argument("--sequential", action="store_true",
                        help="sequential certification (Smooth.certify_radius / certify_radii / certify_sequential): each "
-                            "input draws estimation samples up to looks at --n-min, 2 --n-min, ... --n and stops as soon "
+                            "input draws estimation samples up to the looks of --schedule and stops as soon "
                             "as a confidence sequence decides; --n is then the most estimation samples per input. TSV "
                             "columns " + HEADERS["sequential"].replace("\t", " "))
         g.add_argument("--radius", type=fraction("radius"), default=None,
@@ -104,7 +110,14 @@ class SequentialCertifier(SmoothingCertifier):
         g.add_argument("--test", default=None, choices=("betting", "cp"),
                        help="the confidence sequence: cp (Clopper-Pearson at each look, alpha split over the looks; "
                             "None: cp, as in the Smooth methods) or betting (anytime-valid, by betting)")
-        g.add_argument("--n-min", type=int, default=None, help="estimation samples at the first look (None: 100)")
+        g.add_argument("--n-min", type=int, default=None,
+                       help="estimation samples at the first look (None: 50) of the geometric schedule")
+        g.add_argument("--growth", type=float, default=None,
+                       help="factor between successive looks, > 1 (None: 1.5)")
+        g.add_argument("--schedule", default=None, choices=("threshold", "geometric"),
+                       help="the looks: threshold (None: per input, the first look where the bound can clear the "
+                            "radius's threshold at the rate of its selection samples, then --growth apart) or "
+                            "geometric (--n-min, --growth x --n-min, ..., --n)")
         g.add_argument("--beta", type=fraction("beta"), default=None,
                        help="error of a 'not certified' stop (None: --alpha); it never makes a certificate wrong")
         g.add_argument("--max-active", type=int, default=None,
@@ -130,14 +143,16 @@ class SequentialCertifier(SmoothingCertifier):
     def settings(self, args, s: SequentialSettings) -> dict:
         out = super().settings(args, s)
         o = s.options
-        out.update(radii=o.radii, precision=o.precision, test=o.test, n_min=o.n_min, beta=o.beta)
+        out.update(radii=o.radii, precision=o.precision, test=o.test, n_min=o.n_min, beta=o.beta, growth=o.growth,
+                   schedule=o.schedule)
         return out
 
     def describe(self, args, s: SequentialSettings) -> str:
         o = s.options
         decide = f"precision {o.precision:g}" if o.grid is None else \
             ("radius " if args.radius is not None else "radii ") + ",".join(f"{r:g}" for r in o.grid)
-        return (f"sigma {s.sigma:g}, sequential ({decide}, test {o.test}), n0 {args.n0}, n {o.n_min}..{args.n}, "
+        return (f"sigma {s.sigma:g}, sequential ({decide}, test {o.test}, {o.schedule} looks x{o.growth:g}), n0 "
+                f"{args.n0}, n {o.n_min}..{args.n}, "
                 f"alpha {args.alpha:g}, beta {o.beta:g}, batch {args.batch_size}")
 
     def inputs_per_call(self, args, s: SequentialSettings) -> None:
@@ -149,7 +164,7 @@ class SequentialCertifier(SmoothingCertifier):
         return lambda pairs: smooth.certify_stream(
             pairs, args.alpha, args.batch_size, radii=o.grid, precision=None if o.grid else o.precision,
             test=o.test, n0=args.n0, n_max=args.n, n_min=o.n_min, beta=o.beta, seed=args.seed,
-            max_active=args.max_active)
+            max_active=args.max_active, growth=o.growth, schedule=o.schedule)
 
     def run(self, args, s: SequentialSettings, step, inputs: Inputs, rows: Rows) -> None:
         """The inputs, read lazily as step (the stream, from self.step) takes them, a row per
@@ -185,7 +200,7 @@ class SequentialCertifier(SmoothingCertifier):
         fixed = args.n0 + args.n
         what = "full-radius" if o.grid is None else "fixed-radius" if args.radius is not None else "grid"
         summary.update(sequential=True, mode=what, test=o.test, n0=args.n0, n_max=args.n, n_min=o.n_min,
-                       beta=o.beta, mean_samples=mean, fixed_samples=fixed, sample_ratio=fixed / mean if mean else None)
+                       beta=o.beta, growth=o.growth, schedule=o.schedule, mean_samples=mean, fixed_samples=fixed, sample_ratio=fixed / mean if mean else None)
         print(f"sequential {what} ({o.test}): {mean:.1f} samples per input on average, against n0 + n = {fixed}"
               + (f" ({fixed / mean:.2f}x)" if mean else ""))
         if o.grid is None:
