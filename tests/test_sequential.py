@@ -14,7 +14,9 @@ from scipy import stats
 
 from robustops import smoothing as sm
 from robustops.smoothing import ABSTAINED, CERTIFIED, NOT_CERTIFIED, Smooth
-from robustops.smoothing.sequential import SequentialTest, clopper_pearson_upper, look_schedule, simulate
+from robustops.smoothing import betting
+from robustops.smoothing.sequential import (SequentialTest, clopper_pearson_lower, clopper_pearson_upper, look_schedule,
+                                            simulate)
 
 SIGMA = 0.25
 
@@ -53,6 +55,16 @@ def test_look_schedule_and_cp_upper():
 
 
 WORST = {}
+
+
+#: the tests' names of the sequential tests: "betting" is the default (pilot-weighted mixture of bets and a
+#: Clopper-Pearson final look), "plugin" the first version's plug-in bets
+VARIANTS = {"betting": {}, "plugin": dict(test="betting", bets="plugin", final_share=0.0), "cp": {}}
+
+
+def variant(test):
+    """simulate / SequentialTest keywords of a test name of VARIANTS."""
+    return VARIANTS[test] or dict(test=test)
 
 
 @pytest.mark.parametrize("test", ["betting", "cp"])
@@ -114,6 +126,38 @@ def test_few_samples_on_easy_inputs(test):
     assert np.all(t.decisions[:, 0] == NOT_CERTIFIED) and t.n.mean() < 1000
 
 
+def test_mixture_capital_is_the_average_of_the_products():
+    """The mixture's capital from the cumulative (s, n) equals the average over its bets of the direct
+    products prod_i (1 + l (X_i - m)) (K+) and prod_i (1 - l (X_i - m)) (K-), uniform or pilot weights."""
+    x = np.array([1, 0, 1, 1, 1, 0, 1, 1, 1, 1])
+    bets, m = np.array([0.1, 0.35, 0.8]), np.array([[0.3, 0.6, 0.85]])
+    w = np.exp(betting.pilot_log_weights([40], [50], [0.6], bets, +1))
+    assert np.isclose(w.sum(), 1.0) and w.min() >= betting.PILOT_FLOOR / 3 - 1e-12
+    for side in (+1, -1):
+        prods = np.prod(1 + side * bets[:, None, None] * (x[None, :, None] - m[0][None, None, :]), axis=1)
+        got = np.exp(betting.mixture_log_capital([x.sum()], [x.size], m, bets, side))
+        assert np.allclose(got[0], prods.mean(0), rtol=1e-12)
+        got = np.exp(betting.mixture_log_capital([x.sum()], [x.size], m, bets, side, np.log(w)))
+        assert np.allclose(got[0], (w[0][:, None] * prods).sum(0), rtol=1e-12)
+    grid = betting.mixture_grid([0.9772], 100_000, 0.001, 0.9)
+    assert grid[-1] == 0.9 and np.allclose(grid[1:] / grid[:-1], betting.GRID_RATIO) and 0.05 < grid[0] < 0.1
+
+
+@pytest.mark.parametrize("test", ["betting", "plugin"])
+def test_betting_bounds_are_monotone_in_the_data(test):
+    """More successes never lower L nor U (same pilot, same looks), L <= U, and at n_max the default's L
+    is at least the final look's Clopper-Pearson bound at final_share * alpha."""
+    n = 400
+    t = SequentialTest(n + 1, alpha=0.01, thresholds=[0.5], n_min=n, n_max=n, **variant(test))
+    rows = np.arange(n + 1)
+    t.start(rows, 80, 100)
+    t.update(rows, rows)
+    assert np.all(np.diff(t.lower) >= 0) and np.all(np.diff(t.upper) >= 0) and np.all(t.lower <= t.upper)
+    if test == "betting":
+        assert np.all(t.lower >= clopper_pearson_lower(rows, n, t.final_share * 0.01))
+        assert np.all(t.upper <= clopper_pearson_upper(rows, n, t.final_share * 0.01))
+
+
 def test_unreachable_radius_abstains_without_sampling():
     """A radius that even n_max votes all for cA could not certify is decided at once (ABSTAINED), not
     after n_max samples."""
@@ -133,6 +177,10 @@ def test_sequential_test_rejects_bad_settings():
         SequentialTest(1)
     with pytest.raises(ValueError, match="thresholds"):
         SequentialTest(1, thresholds=[1.5])
+    with pytest.raises(ValueError, match="bets"):
+        SequentialTest(1, thresholds=[0.9], bets="kelly")
+    with pytest.raises(ValueError, match="final_share"):
+        SequentialTest(1, thresholds=[0.9], final_share=1.0)
     t = SequentialTest(1, thresholds=[0.9])
     t.start([0])
     with pytest.raises(ValueError, match="cumulative successes"):

@@ -32,9 +32,24 @@ A grid of radii therefore needs no split of alpha across radii: all decisions ar
 simultaneous confidence sequence, and the family-wise error (any radius wrongly certified) is <= alpha.
 The per-threshold alternative (one test per radius at alpha / R, the union bound) is strictly weaker.
 
-Two confidence sequences, both selectable (``test``; "cp" is the default: with looks that double, it needs
-as few or fewer samples than the betting sequence in simulation, e.g. a mean of 749 against 899 estimation
-samples at pA = 0.9, r = sigma, alpha = 0.001):
+Two confidence sequences, both selectable (``test``; "cp" is the default). Neither needs fewer samples
+everywhere: mean samples per input (n0 + estimation) and the certified fraction, simulated
+(``benchmarks/bench_sequential_bets.py``, 2000 trials per point; n_max = 100,000, alpha = 0.001,
+n0 = n_min = 100, doubling looks; at r = sigma / 2 every test stops at the first look, 200-208):
+
+    r / sigma, pA     cp              betting (default)   betting, plug-in bets (first version)
+    1, 0.9            849             982                 999
+    1, 0.95           299             314                 292
+    2, 0.99           2,567           2,898               2,966
+    2, 0.999          902             665                 665
+    2, 0.979          certified 50%   certified 53%       certified 25%   (fixed n = 100,000: 75%)
+
+With doubling looks cp needs up to 14% fewer samples where the decision falls on an intermediate look
+(there its exact binomial tail at alpha / K beats a capital at 1/alpha), betting 26% fewer where pA is
+near 1 (the all-successes capital at 1/alpha against cp's alpha / K). With looks growing 1.25x (32 looks,
+the schedule patched in simulation) cp's union bound costs more: betting (default) needs 762 / 263 /
+2,220 / 536 samples at the first four points against cp's 744 / 278 / 2,183 / 646, and certifies 54%
+against 45% at pA = 0.979.
 
 ``"cp"`` -- Clopper-Pearson at geometrically spaced looks n_k = n_min * 2^k (then n_max), K looks in all:
     L_k = the one-sided (1 - alpha/K) Clopper-Pearson lower bound, U_k = the (1 - beta/K) upper bound,
@@ -43,23 +58,19 @@ samples at pA = 0.9, r = sigma, alpha = 0.001):
     n_min = 100, n_max = 100,000.
 
 ``"betting"`` -- an anytime-valid confidence sequence from betting capital (Waudby-Smith and Ramdas 2023,
-    "Estimating means of bounded random variables by betting", JRSS-B; the predictable plug-in bet):
-    for a candidate mean m the capitals K+_t(m) = prod_i (1 + l+_i (X_i - m)) and
-    K-_t(m) = prod_i (1 - l-_i (X_i - m)) are nonnegative martingales when pA = m (bets 0 <= l <= max_bet
-    < 1), so by Ville's inequality P(sup_t K+_t(pA) >= 1/alpha) <= alpha. Choices the paper leaves open,
-    made here: the bets do not depend on m, so K+ decreases and K- increases in m, and
-    L = inf{m : K+(m) < 1/alpha}, U = sup{m : K-(m) < 1/beta} are found by bisection (L rounded down, U
-    up); a bet is constant over the chunk of samples between two looks (chosen before the chunk: still
-    predictable), so the capital needs only each chunk's count of successes; the bet is Kelly's for a
-    Bernoulli(p_hat) against the next threshold to decide, l = kelly * (p_hat - t) / (t (1 - t)) clipped
-    to [0, max_bet] (t: the largest undecided threshold below p_hat for K+, the smallest above p_hat for
-    K-; full-radius mode: the lower bound fixed-n_max CERTIFY would reach at p_hat, and its mirror image
-    above p_hat), with p_hat = (s + s0 + 1/2) / (n + n0 + 1) from the estimation counts so far and the
-    selection counts (s0 of n0 selection votes for cA). The selection samples only steer the bets: they
-    are never counted in s or n, so they cannot bias the bounds (the capital is a martingale conditionally
-    on them). Bounds are examined at the same looks as "cp" (any look is allowed; fewer looks mean fewer
-    host synchronizations), and L, U are the running max / min over looks (the intersection of a
-    confidence sequence is one).
+    "Estimating means of bounded random variables by betting", JRSS-B): for a candidate mean m the
+    capitals K+(m) (bets on X > m) and K-(m) (bets on X < m) are nonnegative martingales when pA = m, so
+    by Ville's inequality P(sup_t K+_t(pA) >= 1/alpha) <= alpha; L = inf{m : K+(m) < 1/alpha},
+    U = sup{m : K-(m) < 1/beta} (L rounded down, U up), and a threshold t is decided by the capital at t
+    itself (K+(t) >= 1/alpha: certified; K-(t) >= 1/beta: not certified). The bets and the equations
+    are ``robustops.smoothing.betting``'s (``bets``): by default a fixed grid mixture of bets weighted by
+    the selection votes, whose capital needs only the cumulative (s, n), plus a fixed-n Clopper-Pearson
+    bound at n_max that spends ``final_share`` of alpha (the capital gets the rest); ``bets="plugin"``:
+    the first version's plug-in Kelly bet, constant within a chunk between looks. The selection samples
+    only steer the bets: they are never counted in s or n, so they cannot bias the bounds (the capital is
+    a martingale conditionally on them). Bounds are examined at the same looks as "cp" (any look is
+    allowed; fewer looks mean fewer host synchronizations), and L, U are the running max / min over looks
+    (the intersection of a confidence sequence is one).
 
 Full-radius mode (no thresholds): the row stops when its certified radius sigma * Phi^-1(L) is within
 ``precision`` of the radius fixed-n_max CERTIFY would give if pA were as large as U (the Clopper-Pearson
@@ -76,6 +87,7 @@ import numpy as np
 from scipy import special, stats
 
 from .. import _checks
+from . import betting
 
 __all__ = ["SequentialTest", "look_schedule", "simulate", "clopper_pearson_lower", "clopper_pearson_upper", "TESTS",
            "CERTIFIED", "NOT_CERTIFIED", "ABSTAINED", "DEFAULT_TEST", "DEFAULT_N_MIN", "DEFAULT_PRECISION"]
@@ -86,8 +98,6 @@ TESTS = ("betting", "cp")
 #: The defaults of the sequential modes (Smooth.certify_radius / certify_radii / certify_sequential and
 #: `robustops certify --sequential`): the test, the first look, full-radius mode's precision.
 DEFAULT_TEST, DEFAULT_N_MIN, DEFAULT_PRECISION = "cp", 100, 0.05
-
-_BISECT = 64  # bisection steps of the betting bounds (2^-64: below float64 resolution)
 
 
 def clopper_pearson_lower(n_a, n, alpha: float) -> np.ndarray:
@@ -136,6 +146,8 @@ class SequentialTest:
     thresholds: the p0 = Phi(r / sigma) of the radii to decide (fixed-radius and grid modes), or None for
     full-radius mode, which then needs precision_z (the radius precision divided by sigma).
     kelly, max_bet: the betting test's fraction of Kelly's bet and its largest bet (0 < max_bet < 1).
+    bets: "mixture" or "plugin" (``betting.BETS``); final_share: the share of alpha and beta the betting
+    test spends on a fixed-n Clopper-Pearson bound at n_max (0 <= share < 1).
 
     A row's life: ``start(rows, s0, n0)`` (s0 of the n0 selection votes went to cA: they steer the bets
     only), then ``chunk(rows)`` samples and ``update(rows, s)`` with the row's cumulative estimation
@@ -147,10 +159,16 @@ class SequentialTest:
 
     def __init__(self, rows: int, *, test: str = DEFAULT_TEST, alpha: float = 0.001, beta: Optional[float] = None,
                  n_min: int = DEFAULT_N_MIN, n_max: int = 100_000, thresholds: Optional[Sequence[float]] = None,
-                 precision_z: Optional[float] = None, kelly: float = 1.0, max_bet: float = 0.9):
+                 precision_z: Optional[float] = None, kelly: float = 1.0, max_bet: float = 0.9,
+                 bets: str = betting.DEFAULT_BETS, final_share: float = betting.DEFAULT_FINAL_SHARE):
         if test not in TESTS:
             raise ValueError(f"test must be one of {', '.join(map(repr, TESTS))}, got {test!r}")
-        self.test = test
+        if bets not in betting.BETS:
+            raise ValueError(f"bets must be one of {', '.join(map(repr, betting.BETS))}, got {bets!r}")
+        self.test, self.bets = test, bets
+        self.final_share = _checks.check_number(final_share, "final_share", 0.0, maximum=1.0)
+        if self.final_share >= 1.0:
+            raise ValueError(f"final_share must be < 1 (the capital needs a share of alpha), got {final_share!r}")
         self.alpha = _checks.check_probability(alpha, "alpha")
         self.beta = self.alpha if beta is None else _checks.check_probability(beta, "beta")
         self.looks = look_schedule(n_min, n_max)
@@ -170,6 +188,7 @@ class SequentialTest:
                 raise ValueError(f"thresholds must be a non-empty list of probabilities in (0, 1], got {t.tolist()}")
             self.thresholds, self.precision_z = t, None
         K, R = len(self.looks), self.thresholds.size
+        self.grid = betting.mixture_grid(self.thresholds, self.n_max, self.alpha, self.max_bet)
         self.K, self.R = K, R
         rows = _checks.check_int(rows, "rows", 0)
         self.n = np.zeros(rows, np.int64)
@@ -181,9 +200,14 @@ class SequentialTest:
         self.upper = np.ones(rows)
         self.decisions = np.full((rows, R), self.UNDECIDED, np.int8)
         self.done = np.ones(rows, bool)
-        # betting: per chunk, successes, failures and the two bets
+        # plug-in betting: per chunk, successes, failures and the two bets
         self.hist = np.zeros((rows, 4, K))
-        self._log_a, self._log_b = math.log(1.0 / self.alpha), math.log(1.0 / self.beta)
+        self.log_w = np.full((rows, 2, self.grid.size), -math.log(self.grid.size))  # mixture weights (K+, K-)
+        # betting: the capital's levels, and the final look's Clopper-Pearson budget (betting.py)
+        share = self.final_share if test == "betting" else 0.0
+        self._log_a = math.log(1.0 / ((1.0 - share) * self.alpha))
+        self._log_b = math.log(1.0 / ((1.0 - share) * self.beta))
+        self._alpha_f, self._beta_f = share * self.alpha, share * self.beta
         # Clopper-Pearson: the budget of each look
         self._alpha_k, self._beta_k = self.alpha / K, self.beta / K
 
@@ -198,6 +222,7 @@ class SequentialTest:
         self.decisions[rows] = self.UNDECIDED
         self.done[rows] = False
         self.hist[rows] = 0.0
+        self._weigh(rows)
         self._decide_budget(rows)
         self._bet(rows[~self.done[rows]])
 
@@ -259,8 +284,8 @@ class SequentialTest:
             cert = self.lower[rows, None] >= t
             futile = self.upper[rows, None] < t
         else:  # exact, without the bisection's rounding: K+(p0) >= 1/alpha <=> L >= p0 (K+ decreasing)
-            cert = self._log_capital(rows, t, +1) >= self._log_a
-            futile = self._log_capital(rows, t, -1) >= self._log_b
+            cert = (self._log_capital(rows, t, +1) >= self._log_a) | (self.lower[rows, None] >= t)
+            futile = (self._log_capital(rows, t, -1) >= self._log_b) | (self.upper[rows, None] < t)
         d[open_ & cert] = CERTIFIED
         d[open_ & ~cert & futile] = NOT_CERTIFIED
         self.decisions[rows] = d
@@ -284,8 +309,10 @@ class SequentialTest:
             best = clopper_pearson_lower(self.s[rows] + left, np.full(len(rows), self.n_max), self._alpha_k)
             reachable = best[:, None] >= t
         else:
-            best = self._log_capital(rows, t, +1) + left[:, None] * np.log1p(self.max_bet * (1.0 - t))
-            reachable = best >= self._log_a
+            reachable = self._best_log_capital(rows, t, left) >= self._log_a
+            if self._alpha_f > 0:  # the final look's Clopper-Pearson bound
+                final = clopper_pearson_lower(self.s[rows] + left, np.full(len(rows), self.n_max), self._alpha_f)
+                reachable |= final[:, None] >= t
         d = self.decisions[rows]
         d[(d == self.UNDECIDED) & ~reachable] = ABSTAINED
         self.decisions[rows] = d
@@ -295,59 +322,65 @@ class SequentialTest:
 
     def _log_capital(self, rows, m: np.ndarray, side: int) -> np.ndarray:
         """log K+(m) (side +1) or log K-(m) (side -1) of rows at candidate means m [len(rows), J] (or
-        broadcastable); returns [len(rows), J]."""
+        broadcastable); returns [len(rows), J]. The capitals are ``betting``'s."""
+        if self.bets == "mixture":
+            w = self.log_w[rows, 0 if side > 0 else 1]
+            return betting.mixture_log_capital(self.s[rows], self.n[rows], m, self.grid, side, w)
         h = self.hist[rows]  # [r, 4, K]
-        s, f = h[:, 0, :, None], h[:, 1, :, None]
-        m = np.broadcast_to(np.asarray(m, dtype=np.float64), (len(rows), np.shape(m)[-1]))[:, None, :]
-        if side > 0:
-            lam = h[:, 2, :, None]
-            out = s * np.log1p(lam * (1.0 - m)) + f * np.log1p(-lam * m)
-        else:
-            lam = h[:, 3, :, None]
-            out = s * np.log1p(-lam * (1.0 - m)) + f * np.log1p(lam * m)
-        return out.sum(1)
+        return betting.chunked_log_capital(h[:, 0], h[:, 1], h[:, 2 if side > 0 else 3], m, side)
+
+    def _best_log_capital(self, rows, t: np.ndarray, left: np.ndarray) -> np.ndarray:
+        """log K+(t) [len(rows), R] if every one of the ``left`` samples still to come were a success
+        (exact for the mixture; the plug-in at its largest bet)."""
+        if self.bets == "mixture":
+            w = self.log_w[rows, 0]
+            return betting.mixture_log_capital(self.s[rows] + left, self.n[rows] + left, t, self.grid, +1, w)
+        return self._log_capital(rows, t, +1) + left[:, None] * np.log1p(self.max_bet * (1.0 - t))
 
     def _betting_bounds(self, rows):
         """(L, U) of the current capitals: L rounded down, U rounded up (bisection over m in [0, 1])."""
-        return self._root(rows, +1, self._log_a), self._root(rows, -1, self._log_b)
-
-    def _root(self, rows, side: int, level: float) -> np.ndarray:
-        """K+ decreases in m: L = inf{m : log K+(m) < level}, the last m still rejected, 0 if even m = 0 is
-        not. K- increases: U = sup{m : log K-(m) < level}, the first m rejected, 1 if even m = 1 is not."""
         r = len(rows)
-        edge = np.full((r, 1), 0.0 if side > 0 else 1.0)
-        ok = self._log_capital(rows, edge, side)[:, 0] >= level
-        a, b = np.zeros(r), np.ones(r)  # side +1: a rejected, b not; side -1: a not rejected, b rejected
-        for _ in range(_BISECT):
-            mid = 0.5 * (a + b)
-            rej = self._log_capital(rows, mid[:, None], side)[:, 0] >= level
-            moves_a = rej if side > 0 else ~rej
-            a, b = np.where(moves_a, mid, a), np.where(moves_a, b, mid)
-        return np.where(ok, a, 0.0) if side > 0 else np.where(ok, b, 1.0)
+        lo = betting.bisect_bound(lambda m: self._log_capital(rows, m, +1), r, +1, self._log_a)
+        hi = betting.bisect_bound(lambda m: self._log_capital(rows, m, -1), r, -1, self._log_b)
+        end = self.n[rows] >= self.n_max
+        if self._alpha_f > 0 and end.any():  # the final look: a fixed-n Clopper-Pearson bound (union bound)
+            s, n = self.s[rows][end], self.n[rows][end]
+            lo[end] = np.maximum(lo[end], clopper_pearson_lower(s, n, self._alpha_f))
+            hi[end] = np.minimum(hi[end], clopper_pearson_upper(s, n, self._beta_f))
+        return lo, hi
+
+    def _targets(self, rows, p):
+        """The means the bets aim at, for an estimate p [len(rows)]: below p, the largest undecided
+        threshold (K+), above p the smallest (K-); full-radius mode: the lower bound fixed-n_max CERTIFY
+        would reach at p, and its mirror image above p."""
+        if not self.R:
+            lo_t = clopper_pearson_lower(self.n_max * p, self.n_max, self.alpha)
+            return lo_t, np.minimum(2.0 * p - lo_t, 1.0)
+        t = np.broadcast_to(self.thresholds, (len(rows), self.R))
+        open_ = self.decisions[rows] == self.UNDECIDED
+        below, above = open_ & (t <= p[:, None]), open_ & (t > p[:, None])
+        lo_t = np.where(below.any(1), np.where(below, t, -np.inf).max(1), np.where(open_, t, np.inf).min(1))
+        hi_t = np.where(above.any(1), np.where(above, t, np.inf).min(1), np.where(open_, t, -np.inf).max(1))
+        return np.where(np.isfinite(lo_t), lo_t, p), np.where(np.isfinite(hi_t), hi_t, p)
+
+    def _weigh(self, rows) -> None:
+        """The mixture's weights of rows from their selection votes alone (fixed for the row's life)."""
+        if self.test != "betting" or self.bets != "mixture" or not len(rows):
+            return
+        s0, n0 = self.s0[rows], self.n0[rows]
+        lo_t, hi_t = self._targets(rows, (s0 + 0.5) / (n0 + 1.0))
+        self.log_w[rows, 0] = betting.pilot_log_weights(s0, n0, lo_t, self.grid, +1)
+        self.log_w[rows, 1] = betting.pilot_log_weights(s0, n0, hi_t, self.grid, -1)
 
     def _bet(self, rows) -> None:
-        """The bets of each row's next chunk, from what is known now (predictable)."""
-        if self.test != "betting" or not len(rows):
+        """The plug-in bets of each row's next chunk, from what is known now (predictable)."""
+        if self.test != "betting" or self.bets != "plugin" or not len(rows):
             return
         p = (self.s[rows] + self.s0[rows] + 0.5) / (self.n[rows] + self.n0[rows] + 1.0)
-        if self.R:
-            t = np.broadcast_to(self.thresholds, (len(rows), self.R))
-            open_ = self.decisions[rows] == self.UNDECIDED
-            below, above = open_ & (t <= p[:, None]), open_ & (t > p[:, None])
-            lo_t = np.where(below.any(1), np.where(below, t, -np.inf).max(1), np.where(open_, t, np.inf).min(1))
-            hi_t = np.where(above.any(1), np.where(above, t, np.inf).min(1), np.where(open_, t, -np.inf).max(1))
-            lo_t = np.where(np.isfinite(lo_t), lo_t, p)
-            hi_t = np.where(np.isfinite(hi_t), hi_t, p)
-        else:
-            lo_t = clopper_pearson_lower(self.n_max * p, self.n_max, self.alpha)
-            hi_t = np.minimum(2.0 * p - lo_t, 1.0)
+        lo_t, hi_t = self._targets(rows, p)
         k = np.minimum(self.k[rows], self.K - 1)
-        self.hist[rows, 2, k] = self._kelly(p - lo_t, lo_t)
-        self.hist[rows, 3, k] = self._kelly(hi_t - p, hi_t)
-
-    def _kelly(self, edge, t):
-        var = np.maximum(t * (1.0 - t), 1e-12)
-        return np.clip(self.kelly * edge / var, 0.0, self.max_bet)
+        self.hist[rows, 2, k] = betting.kelly_bet(p - lo_t, lo_t, self.kelly, self.max_bet)
+        self.hist[rows, 3, k] = betting.kelly_bet(hi_t - p, hi_t, self.kelly, self.max_bet)
 
     # ---------------------------------------------------------------------------------- summaries
 
