@@ -91,6 +91,15 @@ def test_never_certifies_below_the_threshold_more_than_alpha(test):
     assert naive > 5 * limit
 
 
+def test_plugin_bets_are_sound_at_the_hardest_null():
+    """The betting test's other bet (the first version's plug-in bet) at pA = Phi(r / sigma), the hardest
+    null of the grid above: 10^4 trials, wrong certificates <= alpha with binomial slack."""
+    alpha, trials, p0 = 0.05, 10_000, stats.norm.cdf(1.0)
+    limit = stats.binom.ppf(1 - 1e-4, trials, alpha) / trials
+    t = simulate(p0, trials, seed=5, alpha=alpha, thresholds=[p0], n_min=50, n_max=20_000, **VARIANTS["plugin"])
+    assert np.mean(t.decisions[:, 0] == CERTIFIED) <= limit
+
+
 @pytest.mark.parametrize("test", ["betting", "cp"])
 def test_grid_and_full_modes_are_sound_by_simulation(test):
     """Grid mode: P(any radius with Phi(r / sigma) > pA certified) <= alpha with one confidence sequence

@@ -323,11 +323,18 @@ class SequentialTest:
     def _log_capital(self, rows, m: np.ndarray, side: int) -> np.ndarray:
         """log K+(m) (side +1) or log K-(m) (side -1) of rows at candidate means m [len(rows), J] (or
         broadcastable); returns [len(rows), J]. The capitals are ``betting``'s."""
+        return self._capital(rows, side)(m)
+
+    def _capital(self, rows, side: int):
+        """m -> log capital of rows (see _log_capital), the rows' state gathered once: a bound's search
+        evaluates it ~30 times."""
         if self.bets == "mixture":
-            w = self.log_w[rows, 0 if side > 0 else 1]
-            return betting.mixture_log_capital(self.s[rows], self.n[rows], m, self.grid, side, w)
-        h = self.hist[rows]  # [r, 4, K]
-        return betting.chunked_log_capital(h[:, 0], h[:, 1], h[:, 2 if side > 0 else 3], m, side)
+            s, n, w = self.s[rows], self.n[rows], self.log_w[rows, 0 if side > 0 else 1]
+            return lambda m: betting.mixture_log_capital(s, n, m, self.grid, side, w)
+        used = int(self.k[rows].max(initial=0))  # chunks past every row's last look hold no samples
+        h = self.hist[rows, :, :used]  # [r, 4, used]
+        succ, fail, bets = h[:, 0], h[:, 1], h[:, 2 if side > 0 else 3]
+        return lambda m: betting.chunked_log_capital(succ, fail, bets, m, side)
 
     def _best_log_capital(self, rows, t: np.ndarray, left: np.ndarray) -> np.ndarray:
         """log K+(t) [len(rows), R] if every one of the ``left`` samples still to come were a success
@@ -340,8 +347,8 @@ class SequentialTest:
     def _betting_bounds(self, rows):
         """(L, U) of the current capitals: L rounded down, U rounded up (bisection over m in [0, 1])."""
         r = len(rows)
-        lo = betting.bisect_bound(lambda m: self._log_capital(rows, m, +1), r, +1, self._log_a)
-        hi = betting.bisect_bound(lambda m: self._log_capital(rows, m, -1), r, -1, self._log_b)
+        lo = betting.bisect_bound(self._capital(rows, +1), r, +1, self._log_a)
+        hi = betting.bisect_bound(self._capital(rows, -1), r, -1, self._log_b)
         end = self.n[rows] >= self.n_max
         if self._alpha_f > 0 and end.any():  # the final look: a fixed-n Clopper-Pearson bound (union bound)
             s, n = self.s[rows][end], self.n[rows][end]
