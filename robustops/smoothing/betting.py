@@ -8,16 +8,17 @@ gambler who stakes a fraction l_i of it on X_i > m (the "+" side) or on X_i < m 
     K+_t(m) = prod_{i <= t} (1 + l+_i (X_i - m)),      K-_t(m) = prod_{i <= t} (1 - l-_i (X_i - m)),
 
 is a nonnegative martingale when pA = m and the bets l_i in [0, 1) are predictable (chosen before X_i is
-seen), so by Ville's inequality P(sup_t K+_t(pA) >= 1/alpha) <= alpha (the paper's Section 3 and its
-one-sided capital processes, Section 4; the hedged process of Section 4, max(theta K+, (1 - theta) K-),
-is the two-sided form of the same pair: here the two sides get their own levels alpha and beta). Since
+seen), so by Ville's inequality P(sup_t K+_t(pA) >= 1/alpha) <= alpha. The paper's hedged capital
+process, max(theta K+, (1 - theta) K-), is the two-sided form of the same pair; here the two sides get
+their own levels alpha and beta (a one-sided certificate, a one-sided "not certified" stop). Since
 X_i is binary, a run of s successes and f failures at a constant bet l has capital
 (1 + l (1 - m))^s (1 - l m)^f: the capital needs only counts.
 
 Two bets (``BETS``):
 
 ``"mixture"`` (the default) -- a fixed grid of bets l_1 < ... < l_J in (0, max_bet] and weights w_j
-    (sum 1), the capital their average (the paper's "diversified" bets, Section 5.6 / its grid mixture):
+    (sum 1), the capital their average (the paper's "diversified" Kelly bets, an average of D
+    constant-bet capital processes):
 
         K+_n(m) = sum_j w_j (1 + l_j (1 - m))^s (1 - l_j m)^(n - s)   (s successes in n samples),
 
@@ -37,7 +38,12 @@ Two bets (``BETS``):
     posterior mass of the means it is Kelly's bet for, mixed 3:1 with uniform weights (``PILOT_FLOOR``).
     The paper's mixtures have fixed (uniform) weights; this prior is our choice. Measured: uniform
     weights certify 35% instead of 43% at pA = 0.979, r = 2 sigma, and need 908 instead of 667 samples at
-    pA = 0.999, r = 2 sigma.
+    pA = 0.999, r = 2 sigma. The authors' code (confseq, ``dKelly_cs``) differs: D = 10 evenly spaced
+    bets d / ((D + 1) m) that scale with 1/m (so the capital is not monotone in m and the CS is read off a
+    grid of 1000 m), uniform weights, and the two sides combined as theta K+ + (1 - theta) K- at one
+    alpha; here the grid is geometric and fixed (monotone capitals, exact bounds by a bracket search),
+    reaches down to the bets that matter near a threshold at n_max (d / 11 is too coarse there: the
+    Kelly bet at pA = 0.979 against 0.9772 is 0.08), and each side has its own level (alpha, beta).
 
 The final look (``final_share``, default ``DEFAULT_FINAL_SHARE``; not in the paper): the capital is
 compared with 1 / ((1 - share) alpha) instead of 1 / alpha, and a row that reaches n_max is also judged
@@ -56,7 +62,10 @@ samples on inputs decided before n_max.
     counts so far; the capital is the product over chunks.
 
 Measured (``benchmarks/bench_sequential_bets.py``; n_max = 100,000, alpha = 0.001, n0 = n_min = 100,
-doubling looks): see the table in ``robustops.smoothing.sequential``'s docstring.
+doubling looks): see the table in ``robustops.smoothing.sequential``'s docstring. The paper's text could
+not be retrieved while this was written: the equations above follow its published account (capital
+processes, Ville's inequality, hedged and diversified capital) and the authors' code; its section
+numbers are not checked.
 """
 from __future__ import annotations
 
