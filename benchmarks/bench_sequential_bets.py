@@ -1,7 +1,8 @@
 """The betting confidence sequences of sequential certification against Clopper-Pearson (issue 30, item 2):
 the Bernoulli-oracle simulation (``robustops.smoothing.sequential.simulate``, no network) of one radius
 at r / sigma in {0.5, 1, 2} and pA in {0.9, 0.95, 0.99, 0.999}, plus the near-threshold point pA = 0.979
-at r = 2 sigma (Phi(2) = 0.9772), with n_max = 100,000, alpha = 0.001, n0 = n_min = 100, doubling looks.
+at r = 2 sigma (Phi(2) = 0.9772), with n_max = 100,000, alpha = 0.001, n0 = n_min = 100, the package's
+default look schedule (doubling when this was written).
 Rows: mean samples per input (n0 + estimation) and the certified fraction, for "cp" (the baseline,
 printed beside each figure), the first betting version (plug-in bets, no final look) and the new default
 (pilot-weighted mixture of bets with a Clopper-Pearson final look, ``robustops.smoothing.betting``).
@@ -47,7 +48,7 @@ def main() -> None:
             base = None
             for name, kw in VARIANTS.items():
                 t0 = time.perf_counter()
-                t = simulate(p, trials, seed=1, alpha=0.001, thresholds=[stats.norm.cdf(z)], n_min=100,
+                t = simulate(p, trials, seed=1, n0=100, alpha=0.001, thresholds=[stats.norm.cdf(z)], n_min=100,
                              n_max=100_000, **kw)
                 row = (100 + float(t.n.mean()), float(np.mean(t.decisions[:, 0] == CERTIFIED)))
                 base = base or row
