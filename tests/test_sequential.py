@@ -14,8 +14,10 @@ from scipy import stats
 
 from robustops import smoothing as sm
 from robustops.smoothing import ABSTAINED, CERTIFIED, NOT_CERTIFIED, Smooth
+from robustops.smoothing import betting
 from robustops.smoothing import sequential as seq
-from robustops.smoothing.sequential import SequentialTest, clopper_pearson_upper, look_schedule, simulate
+from robustops.smoothing.sequential import (SequentialTest, clopper_pearson_lower, clopper_pearson_upper, look_schedule,
+                                            simulate)
 
 SIGMA = 0.25
 
@@ -62,6 +64,16 @@ WORST = {}
 SCHEDULE_CASES = [("betting", "geometric", 2.0), ("cp", "geometric", 2.0), ("cp", "threshold", 1.5)]
 
 
+#: the tests' names of the sequential tests: "betting" is the default (pilot-weighted mixture of bets and a
+#: Clopper-Pearson final look), "plugin" the first version's plug-in bets
+VARIANTS = {"betting": {}, "plugin": dict(test="betting", bets="plugin", final_share=0.0), "cp": {}}
+
+
+def variant(test):
+    """simulate / SequentialTest keywords of a test name of VARIANTS."""
+    return VARIANTS[test] or dict(test=test)
+
+
 @pytest.mark.parametrize("test,schedule,growth", SCHEDULE_CASES)
 def test_never_certifies_below_the_threshold_more_than_alpha(test, schedule, growth):
     """10^4 simulated inputs per pA on a grid up to the threshold Phi(r / sigma) (pA = Phi(r / sigma)
@@ -85,6 +97,15 @@ def test_never_certifies_below_the_threshold_more_than_alpha(test, schedule, gro
     s = np.cumsum(rng.binomial(1, p0, size=(2000, 800)), axis=1)
     naive = (s[:, 99::100] / np.arange(100, 801, 100) > p0).any(1).mean()
     assert naive > 5 * limit
+
+
+def test_plugin_bets_are_sound_at_the_hardest_null():
+    """The betting test's other bet (the first version's plug-in bet) at pA = Phi(r / sigma), the hardest
+    null of the grid above: 10^4 trials, wrong certificates <= alpha with binomial slack."""
+    alpha, trials, p0 = 0.05, 10_000, stats.norm.cdf(1.0)
+    limit = stats.binom.ppf(1 - 1e-4, trials, alpha) / trials
+    t = simulate(p0, trials, seed=5, alpha=alpha, thresholds=[p0], n_min=50, n_max=20_000, **VARIANTS["plugin"])
+    assert np.mean(t.decisions[:, 0] == CERTIFIED) <= limit
 
 
 @pytest.mark.parametrize("test,schedule,growth", [("betting", "geometric", 2.0), ("cp", "threshold", 1.5)])
@@ -123,6 +144,39 @@ def test_few_samples_on_easy_inputs(test):
     assert np.all(t.decisions[:, 0] == NOT_CERTIFIED) and t.n.mean() < 1000
 
 
+def test_mixture_capital_is_the_average_of_the_products():
+    """The mixture's capital from the cumulative (s, n) equals the average over its bets of the direct
+    products prod_i (1 + l (X_i - m)) (K+) and prod_i (1 - l (X_i - m)) (K-), uniform or pilot weights."""
+    x = np.array([1, 0, 1, 1, 1, 0, 1, 1, 1, 1])
+    bets, m = np.array([0.1, 0.35, 0.8]), np.array([[0.3, 0.6, 0.85]])
+    w = np.exp(betting.pilot_log_weights([40], [50], [0.6], bets, +1))
+    assert np.isclose(w.sum(), 1.0) and w.min() >= betting.PILOT_FLOOR / 3 - 1e-12
+    for side in (+1, -1):
+        prods = np.prod(1 + side * bets[:, None, None] * (x[None, :, None] - m[0][None, None, :]), axis=1)
+        got = np.exp(betting.mixture_log_capital([x.sum()], [x.size], m, bets, side))
+        assert np.allclose(got[0], prods.mean(0), rtol=1e-12)
+        got = np.exp(betting.mixture_log_capital([x.sum()], [x.size], m, bets, side, np.log(w)))
+        assert np.allclose(got[0], (w[0][:, None] * prods).sum(0), rtol=1e-12)
+    grid = betting.mixture_grid([0.9772], 100_000, 0.001, 0.9)
+    assert grid[-1] == 0.9 and np.allclose(grid[1:] / grid[:-1], betting.GRID_RATIO) and 0.05 < grid[0] < 0.1
+
+
+@pytest.mark.parametrize("test", ["betting", "plugin"])
+def test_betting_bounds_are_monotone_in_the_data(test):
+    """More successes never lower L nor U (same pilot, same looks), L <= U, and at n_max the default's L
+    is at least the final look's Clopper-Pearson bound at final_share * alpha."""
+    t = SequentialTest(401, alpha=0.01, thresholds=[0.5], n_min=400, n_max=400, **variant(test))
+    rows = np.arange(401)
+    t.start(rows, 80, 100)
+    s = np.minimum(rows, t.chunk(rows))  # the first look: the same for every row (same pilot)
+    t.update(rows, s)
+    assert np.all(np.diff(t.lower) >= 0) and np.all(np.diff(t.upper) >= 0) and np.all(t.lower <= t.upper)
+    end = t.n >= t.n_max
+    if test == "betting" and end.any():
+        assert np.all(t.lower[end] >= clopper_pearson_lower(s[end], t.n[end], t.final_share * 0.01))
+        assert np.all(t.upper[end] <= clopper_pearson_upper(s[end], t.n[end], t.final_share * 0.01))
+
+
 def test_unreachable_radius_abstains_without_sampling():
     """A radius that even n_max votes all for cA could not certify is decided at once (ABSTAINED), not
     after n_max samples."""
@@ -142,6 +196,10 @@ def test_sequential_test_rejects_bad_settings():
         SequentialTest(1)
     with pytest.raises(ValueError, match="thresholds"):
         SequentialTest(1, thresholds=[1.5])
+    with pytest.raises(ValueError, match="bets"):
+        SequentialTest(1, thresholds=[0.9], bets="kelly")
+    with pytest.raises(ValueError, match="final_share"):
+        SequentialTest(1, thresholds=[0.9], final_share=1.0)
     t = SequentialTest(1, thresholds=[0.9])
     t.start([0])
     with pytest.raises(ValueError, match="cumulative successes"):

@@ -103,6 +103,7 @@ import numpy as np
 from scipy import special, stats
 
 from .. import _checks
+from . import betting
 
 __all__ = ["SequentialTest", "look_schedule", "simulate", "clopper_pearson_lower", "clopper_pearson_upper", "TESTS",
            "CERTIFIED", "NOT_CERTIFIED", "ABSTAINED", "DEFAULT_TEST", "DEFAULT_N_MIN", "DEFAULT_PRECISION", "DEFAULT_N0",
@@ -126,8 +127,6 @@ SCHEDULE_SHRINK = 0.0
 #: The threshold schedule's share of alpha (and beta) spent at its anchor look; the other looks share the
 #: rest equally (a union bound over the row's looks all the same).
 ANCHOR_SHARE = 0.5
-
-_BISECT = 64  # bisection steps of the betting bounds (2^-64: below float64 resolution)
 
 
 def clopper_pearson_lower(n_a, n, alpha) -> np.ndarray:
@@ -218,10 +217,16 @@ class SequentialTest:
     def __init__(self, rows: int, *, test: str = DEFAULT_TEST, alpha: float = 0.001, beta: Optional[float] = None,
                  n_min: int = DEFAULT_N_MIN, n_max: int = 100_000, thresholds: Optional[Sequence[float]] = None,
                  precision_z: Optional[float] = None, kelly: float = 1.0, max_bet: float = 0.9,
-                 growth: float = DEFAULT_GROWTH, schedule: str = DEFAULT_SCHEDULE):
+                 growth: float = DEFAULT_GROWTH, schedule: str = DEFAULT_SCHEDULE, bets: str = betting.DEFAULT_BETS,
+                 final_share: float = betting.DEFAULT_FINAL_SHARE):
         if test not in TESTS:
             raise ValueError(f"test must be one of {', '.join(map(repr, TESTS))}, got {test!r}")
-        self.test = test
+        if bets not in betting.BETS:
+            raise ValueError(f"bets must be one of {', '.join(map(repr, betting.BETS))}, got {bets!r}")
+        self.test, self.bets = test, bets
+        self.final_share = _checks.check_number(final_share, "final_share", 0.0, maximum=1.0)
+        if self.final_share >= 1.0:
+            raise ValueError(f"final_share must be < 1 (the capital needs a share of alpha), got {final_share!r}")
         self.alpha = _checks.check_probability(alpha, "alpha")
         self.beta = self.alpha if beta is None else _checks.check_probability(beta, "beta")
         if schedule not in SCHEDULES:
@@ -247,6 +252,7 @@ class SequentialTest:
         K = len(look_schedule(1, n_max, self.growth)) if schedule == "threshold" else len(self._base)
         R = self.thresholds.size
         self.K, self.R = K, R
+        self.grid = betting.mixture_grid(self.thresholds, self.n_max, self.alpha, self.max_bet)
         rows = _checks.check_int(rows, "rows", 0)
         self.looks = np.full((rows, K), self.n_max, np.int64)
         self.looks[:, :len(self._base)] = self._base
@@ -262,7 +268,12 @@ class SequentialTest:
         self.done = np.ones(rows, bool)
         # betting: per chunk, successes, failures and the two bets
         self.hist = np.zeros((rows, 4, K))
-        self._log_a, self._log_b = math.log(1.0 / self.alpha), math.log(1.0 / self.beta)
+        self.log_w = np.full((rows, 2, self.grid.size), -math.log(self.grid.size))  # mixture weights (K+, K-)
+        # betting: the capital's levels, and the final look's Clopper-Pearson budget (betting.py)
+        share = self.final_share if test == "betting" else 0.0
+        self._log_a = math.log(1.0 / ((1.0 - share) * self.alpha))
+        self._log_b = math.log(1.0 / ((1.0 - share) * self.beta))
+        self._alpha_f, self._beta_f = share * self.alpha, share * self.beta
         # Clopper-Pearson: the share of alpha and beta of each look of the row (summing to 1 over its looks)
         self.spend = np.zeros((rows, K))
         self.spend[:, :len(self._base)] = 1.0 / len(self._base)
@@ -279,6 +290,7 @@ class SequentialTest:
         self.done[rows] = False
         self.hist[rows] = 0.0
         self._plan(rows)
+        self._weigh(rows)
         self._decide_budget(rows)
         self._bet(rows[~self.done[rows]])
 
@@ -392,8 +404,8 @@ class SequentialTest:
             cert = self.lower[rows, None] >= t
             futile = self.upper[rows, None] < t
         else:  # exact, without the bisection's rounding: K+(p0) >= 1/alpha <=> L >= p0 (K+ decreasing)
-            cert = self._log_capital(rows, t, +1) >= self._log_a
-            futile = self._log_capital(rows, t, -1) >= self._log_b
+            cert = (self._log_capital(rows, t, +1) >= self._log_a) | (self.lower[rows, None] >= t)
+            futile = (self._log_capital(rows, t, -1) >= self._log_b) | (self.upper[rows, None] < t)
         d[open_ & cert] = CERTIFIED
         d[open_ & ~cert & futile] = NOT_CERTIFIED
         self.decisions[rows] = d
@@ -418,8 +430,10 @@ class SequentialTest:
                                          self.alpha * self.spend[rows, self.K_row[rows] - 1])
             reachable = best[:, None] >= t
         else:
-            best = self._log_capital(rows, t, +1) + left[:, None] * np.log1p(self.max_bet * (1.0 - t))
-            reachable = best >= self._log_a
+            reachable = self._best_log_capital(rows, t, left) >= self._log_a
+            if self._alpha_f > 0:  # the final look's Clopper-Pearson bound
+                final = clopper_pearson_lower(self.s[rows] + left, np.full(len(rows), self.n_max), self._alpha_f)
+                reachable |= final[:, None] >= t
         d = self.decisions[rows]
         d[(d == self.UNDECIDED) & ~reachable] = ABSTAINED
         self.decisions[rows] = d
@@ -429,60 +443,72 @@ class SequentialTest:
 
     def _log_capital(self, rows, m: np.ndarray, side: int) -> np.ndarray:
         """log K+(m) (side +1) or log K-(m) (side -1) of rows at candidate means m [len(rows), J] (or
-        broadcastable); returns [len(rows), J]."""
-        used = int(self.k[rows].max()) if len(rows) else 0  # later chunks hold no samples (per-row looks: K is large)
+        broadcastable); returns [len(rows), J]. The capitals are ``betting``'s."""
+        return self._capital(rows, side)(m)
+
+    def _capital(self, rows, side: int):
+        """m -> log capital of rows (see _log_capital), the rows' state gathered once: a bound's search
+        evaluates it ~30 times."""
+        if self.bets == "mixture":
+            s, n, w = self.s[rows], self.n[rows], self.log_w[rows, 0 if side > 0 else 1]
+            return lambda m: betting.mixture_log_capital(s, n, m, self.grid, side, w)
+        used = int(self.k[rows].max(initial=0))  # chunks past every row's last look hold no samples
         h = self.hist[rows, :, :used]  # [r, 4, used]
-        s, f = h[:, 0, :, None], h[:, 1, :, None]
-        m = np.broadcast_to(np.asarray(m, dtype=np.float64), (len(rows), np.shape(m)[-1]))[:, None, :]
-        if side > 0:
-            lam = h[:, 2, :, None]
-            out = s * np.log1p(lam * (1.0 - m)) + f * np.log1p(-lam * m)
-        else:
-            lam = h[:, 3, :, None]
-            out = s * np.log1p(-lam * (1.0 - m)) + f * np.log1p(lam * m)
-        return out.sum(1)
+        succ, fail, bets = h[:, 0], h[:, 1], h[:, 2 if side > 0 else 3]
+        return lambda m: betting.chunked_log_capital(succ, fail, bets, m, side)
+
+    def _best_log_capital(self, rows, t: np.ndarray, left: np.ndarray) -> np.ndarray:
+        """log K+(t) [len(rows), R] if every one of the ``left`` samples still to come were a success
+        (exact for the mixture; the plug-in at its largest bet)."""
+        if self.bets == "mixture":
+            w = self.log_w[rows, 0]
+            return betting.mixture_log_capital(self.s[rows] + left, self.n[rows] + left, t, self.grid, +1, w)
+        return self._log_capital(rows, t, +1) + left[:, None] * np.log1p(self.max_bet * (1.0 - t))
 
     def _betting_bounds(self, rows):
         """(L, U) of the current capitals: L rounded down, U rounded up (bisection over m in [0, 1])."""
-        return self._root(rows, +1, self._log_a), self._root(rows, -1, self._log_b)
-
-    def _root(self, rows, side: int, level: float) -> np.ndarray:
-        """K+ decreases in m: L = inf{m : log K+(m) < level}, the last m still rejected, 0 if even m = 0 is
-        not. K- increases: U = sup{m : log K-(m) < level}, the first m rejected, 1 if even m = 1 is not."""
         r = len(rows)
-        edge = np.full((r, 1), 0.0 if side > 0 else 1.0)
-        ok = self._log_capital(rows, edge, side)[:, 0] >= level
-        a, b = np.zeros(r), np.ones(r)  # side +1: a rejected, b not; side -1: a not rejected, b rejected
-        for _ in range(_BISECT):
-            mid = 0.5 * (a + b)
-            rej = self._log_capital(rows, mid[:, None], side)[:, 0] >= level
-            moves_a = rej if side > 0 else ~rej
-            a, b = np.where(moves_a, mid, a), np.where(moves_a, b, mid)
-        return np.where(ok, a, 0.0) if side > 0 else np.where(ok, b, 1.0)
+        lo = betting.bisect_bound(self._capital(rows, +1), r, +1, self._log_a)
+        hi = betting.bisect_bound(self._capital(rows, -1), r, -1, self._log_b)
+        end = self.n[rows] >= self.n_max
+        if self._alpha_f > 0 and end.any():  # the final look: a fixed-n Clopper-Pearson bound (union bound)
+            s, n = self.s[rows][end], self.n[rows][end]
+            lo[end] = np.maximum(lo[end], clopper_pearson_lower(s, n, self._alpha_f))
+            hi[end] = np.minimum(hi[end], clopper_pearson_upper(s, n, self._beta_f))
+        return lo, hi
+
+    def _targets(self, rows, p):
+        """The means the bets aim at, for an estimate p [len(rows)]: below p, the largest undecided
+        threshold (K+), above p the smallest (K-); full-radius mode: the lower bound fixed-n_max CERTIFY
+        would reach at p, and its mirror image above p."""
+        if not self.R:
+            lo_t = clopper_pearson_lower(self.n_max * p, self.n_max, self.alpha)
+            return lo_t, np.minimum(2.0 * p - lo_t, 1.0)
+        t = np.broadcast_to(self.thresholds, (len(rows), self.R))
+        open_ = self.decisions[rows] == self.UNDECIDED
+        below, above = open_ & (t <= p[:, None]), open_ & (t > p[:, None])
+        lo_t = np.where(below.any(1), np.where(below, t, -np.inf).max(1), np.where(open_, t, np.inf).min(1))
+        hi_t = np.where(above.any(1), np.where(above, t, np.inf).min(1), np.where(open_, t, -np.inf).max(1))
+        return np.where(np.isfinite(lo_t), lo_t, p), np.where(np.isfinite(hi_t), hi_t, p)
+
+    def _weigh(self, rows) -> None:
+        """The mixture's weights of rows from their selection votes alone (fixed for the row's life)."""
+        if self.test != "betting" or self.bets != "mixture" or not len(rows):
+            return
+        s0, n0 = self.s0[rows], self.n0[rows]
+        lo_t, hi_t = self._targets(rows, (s0 + 0.5) / (n0 + 1.0))
+        self.log_w[rows, 0] = betting.pilot_log_weights(s0, n0, lo_t, self.grid, +1)
+        self.log_w[rows, 1] = betting.pilot_log_weights(s0, n0, hi_t, self.grid, -1)
 
     def _bet(self, rows) -> None:
-        """The bets of each row's next chunk, from what is known now (predictable)."""
-        if self.test != "betting" or not len(rows):
+        """The plug-in bets of each row's next chunk, from what is known now (predictable)."""
+        if self.test != "betting" or self.bets != "plugin" or not len(rows):
             return
         p = (self.s[rows] + self.s0[rows] + 0.5) / (self.n[rows] + self.n0[rows] + 1.0)
-        if self.R:
-            t = np.broadcast_to(self.thresholds, (len(rows), self.R))
-            open_ = self.decisions[rows] == self.UNDECIDED
-            below, above = open_ & (t <= p[:, None]), open_ & (t > p[:, None])
-            lo_t = np.where(below.any(1), np.where(below, t, -np.inf).max(1), np.where(open_, t, np.inf).min(1))
-            hi_t = np.where(above.any(1), np.where(above, t, np.inf).min(1), np.where(open_, t, -np.inf).max(1))
-            lo_t = np.where(np.isfinite(lo_t), lo_t, p)
-            hi_t = np.where(np.isfinite(hi_t), hi_t, p)
-        else:
-            lo_t = clopper_pearson_lower(self.n_max * p, self.n_max, self.alpha)
-            hi_t = np.minimum(2.0 * p - lo_t, 1.0)
+        lo_t, hi_t = self._targets(rows, p)
         k = np.minimum(self.k[rows], self.K_row[rows] - 1)
-        self.hist[rows, 2, k] = self._kelly(p - lo_t, lo_t)
-        self.hist[rows, 3, k] = self._kelly(hi_t - p, hi_t)
-
-    def _kelly(self, edge, t):
-        var = np.maximum(t * (1.0 - t), 1e-12)
-        return np.clip(self.kelly * edge / var, 0.0, self.max_bet)
+        self.hist[rows, 2, k] = betting.kelly_bet(p - lo_t, lo_t, self.kelly, self.max_bet)
+        self.hist[rows, 3, k] = betting.kelly_bet(hi_t - p, hi_t, self.kelly, self.max_bet)
 
     # ---------------------------------------------------------------------------------- summaries
 
