@@ -30,13 +30,14 @@ iteration, shared with training), ``pgd`` (PGD / FGSM), ``apgd`` (Auto-PGD), ``f
 ``square`` (Square), ``latent`` (learned perturbation sets), ``graph`` (CUDA-graph replay),
 ``evaluation`` (robust accuracy of one attack or an ensemble), ``suites`` (AutoAttack and the other
 suites of ``robustops evaluate``), ``transfer`` (``Transfer``: examples crafted on a source model, judged by
-the target).
+the target), ``jstm`` (``JSTMAttack``: the joint latent + pixel threat model through a normalising flow).
 """
 from .apgd import APGD, APGDT
 from .base import Attack, madry_step
 from .engine import STARTS, AttackResult, Engine, Recorder
 from .evaluation import robust_accuracy
 from .fab import FAB, FABT, FABResult
+from .jstm import JointEngine, JSTMAttack, JSTMAttackResult, joint_budget
 from .latent import LatentAttackResult, LatentPGD, nearest_member, random_members
 from .pgd import FGSM, PGD, dlr_loss
 from .square import Square, SquareResult, square_p_selection
@@ -45,4 +46,4 @@ from .transfer import Transfer
 
 __all__ = ["Attack", "madry_step", "PGD", "FGSM", "APGD", "APGDT", "LatentPGD", "AttackResult", "LatentAttackResult",
            "robust_accuracy", "dlr_loss", "FAB", "FABT", "FABResult", "Square", "SquareResult", "square_p_selection",
-           "Suite", "Transfer", "Engine", "Recorder", "STARTS", "nearest_member", "random_members"]
+           "Suite", "Transfer", "JSTMAttack", "JSTMAttackResult", "JointEngine", "joint_budget", "Engine", "Recorder", "STARTS", "nearest_member", "random_members"]
