@@ -14,3 +14,4 @@ from . import augrmix  # noqa: F401
 from . import infoat  # noqa: F401
 from . import sat  # noqa: F401
 from . import jsigr  # noqa: F401
+from . import ijsat  # noqa: F401
