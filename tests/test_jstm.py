@@ -171,3 +171,20 @@ def test_bad_ijsat_settings(digits, kw, match):
     ld = DataLoader(Subset(digits[0], range(32)), batch_size=32)
     with pytest.raises(ValueError, match=match):
         rt.fit(tiny_cnn(), ld, "ijsat", epochs=1, progress=False, verbose=False, **kw)
+
+
+def test_jstm_rows_for_evaluate(batch, tmp_path):
+    """cli.attack_rows.jstm_attacks (what `evaluate --threat jstm` runs): bad flags name the flag; a run's
+    rows count the inputs the attack leaves correct."""
+    from robustops.attacks import robust_accuracy
+    from robustops.cli.attack_rows import jstm_attacks
+    from robustops.cli.common import CLIError
+
+    with pytest.raises(CLIError, match="--flow"):
+        jstm_attacks(net(), str(tmp_path / "none.pt"), 0.1, 0.1)
+    with pytest.raises(CLIError, match="--eps-z"):
+        jstm_attacks(net(), "x.pt", 0.1, -1.0)
+    x, y = batch
+    atk = JSTMAttack(net(), OrthoFlow(), eps=0.1, eps_z=0.2, steps=3)
+    res = robust_accuracy(None, [(x, y)], atk, progress=False)
+    assert res["n"] == 48 and res["robust_acc"] <= res["clean_acc"]
