@@ -66,10 +66,6 @@ class IJSAT(Method):
     budget_schedules = True
 
     @classmethod
-    def label(cls, cfg) -> str:
-        return f"IJSAT (JSTM-{cfg.steps}, eps_z={cfg.eps_z:g})"
-
-    @classmethod
     def check_config(cls, cfg) -> None:
         require_linf(cfg, "ijsat", "the joint-space attack takes L-inf steps in both spaces")
         flow = cfg.flow if cfg.flow is not None else cfg.perturbation_model
@@ -87,11 +83,15 @@ class IJSAT(Method):
         if cfg.robust_mixup is None:
             cfg.robust_mixup = 1.0  # IJSAT's interpolation: robust mixup with lam ~ Beta(1, 1)
 
+    @classmethod
+    def label(cls, cfg) -> str:
+        return f"IJSAT (JSTM-{cfg.steps}, eps_z={cfg.eps_z:g})"
+
     def __init__(self, ctx):
         super().__init__(ctx)
-        c = self.cfg
-        self.flow = resolve_flow(c.flow if c.flow is not None else c.perturbation_model, ctx.device)
-        self.engine = JointEngine.like(ctx.engine(c.norm), self.flow)
+        source = self.cfg.flow if self.cfg.flow is not None else self.cfg.perturbation_model
+        self.flow = resolve_flow(source, ctx.device)
+        self.engine = JointEngine.like(ctx.engine(self.cfg.norm), self.flow)
 
     def adversarial(self, x, y):
         """The joint space attack on x (labels or a MixedTarget y) at this minibatch's budget: x_adv."""
