@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 import torch.nn as nn
-from helpers import CrashingLoader, Interrupt, one_thread, resume_matches_uninterrupted, tiny_cnn  # noqa: F401 (one_thread: an autouse fixture)
+from conftest import devices
+from helpers import one_thread, resume_matches_uninterrupted, tiny_cnn  # noqa: F401 (one_thread: an autouse fixture)
 from torch.utils.data import DataLoader, Subset
 
 from robustops import train as rt
@@ -59,13 +60,16 @@ def net(seed=0):
 
 # ------------------------------------------------------------------------------------------ the attack
 
-def test_adversaries_satisfy_both_budgets_per_sample_and_the_box(batch):
-    x, y = batch
-    flow = OrthoFlow()
+@pytest.mark.parametrize("device", devices())
+def test_adversaries_satisfy_both_budgets_per_sample_and_the_box(batch, device):
+    x, y = (t.to(device) for t in batch)
+    flow = OrthoFlow().to(device)
     g = torch.Generator().manual_seed(1)
     eps, eps_z = torch.rand(48, generator=g) * 0.2, torch.rand(48, generator=g) * 0.5
     eps[:4], eps_z[4:8] = 0.0, 0.0
-    res = JSTMAttack(net(), flow, eps=eps, eps_z=eps_z, steps=6, restarts=2, early_stop=True, seed=2).perturb(x, y)
+    eps, eps_z = eps.to(device), eps_z.to(device)
+    res = JSTMAttack(net().to(device), flow, eps=eps, eps_z=eps_z, steps=6, restarts=2, early_stop=True,
+                     seed=2).perturb(x, y)
     assert isinstance(res, JSTMAttackResult) and res.dz.shape == (48, 64) and res.dx.shape == x.shape
     assert (res.dz.abs().amax(1) <= eps_z + 1e-6).all() and (res.dx.flatten(1).abs().amax(1) <= eps + 1e-6).all()
     assert res.x_adv.min() >= 0 and res.x_adv.max() <= 1
@@ -75,11 +79,13 @@ def test_adversaries_satisfy_both_budgets_per_sample_and_the_box(batch):
     assert not flow.scale.requires_grad or flow.scale.grad is None
 
 
-def test_zero_latent_budget_is_pixel_pgd(batch):
-    x, y = batch
+@pytest.mark.parametrize("device", devices())
+def test_zero_latent_budget_is_pixel_pgd(batch, device):
+    x, y = (t.to(device) for t in batch)
+    model, flow = net().to(device), OrthoFlow().to(device)
     for start in (True, False):
-        a = JSTMAttack(net(), OrthoFlow(), eps=0.1, eps_z=0.0, steps=5, seed=7, random_start=start).perturb(x, y)
-        b = PGD(net(), eps=0.1, steps=5, seed=7, random_start=start).perturb(x, y)
+        a = JSTMAttack(model, flow, eps=0.1, eps_z=0.0, steps=5, seed=7, random_start=start).perturb(x, y)
+        b = PGD(model, eps=0.1, steps=5, seed=7, random_start=start).perturb(x, y)
         torch.testing.assert_close(a.x_adv, b.x_adv, atol=1e-5, rtol=0)
         assert torch.equal(a.success, b.success) and (a.dz == 0).all()
 

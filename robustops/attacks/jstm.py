@@ -132,7 +132,10 @@ class JointEngine(Engine):
         return t[:, :D] - centre[:, :D], t[:, D:].reshape(t.shape[0], *self.image_shape)
 
     def _joint_forward(self, t: torch.Tensor, context=None) -> torch.Tensor:
-        x = self.member(t)
+        # The flow runs in float32 even under the engine's autocast: its reconstruction (and so the
+        # budgets the adversary is held to) must not carry bf16 / fp16 rounding; the classifier is autocast.
+        with torch.autocast(device_type=t.device.type, enabled=False):
+            x = self.member(t)
         return self.image_forward(x) if context is None else self.image_forward(x, context)
 
     def _fit_pixels(self, z: torch.Tensor, dx: torch.Tensor, eps_x: torch.Tensor) -> torch.Tensor:
