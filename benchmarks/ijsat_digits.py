@@ -27,7 +27,7 @@ from robustops.train.methods.ijsat import resolve_flow
 from common import add_digits_flags, digits_variant_runs, fit_digits, parser, pgd_accuracy
 
 #: row -> (method, options)
-VARIANTS = {"pgd": ("pgd", {}), "pgd_rmix": ("pgd", {"robust_mixup": 1.0}), "ijsat": ("ijsat", {})}
+VARIANTS = {"pgd": ("pgd", {}), "pgd_rmix": ("pgd", {}), "ijsat": ("ijsat", {}), "pgd_iat": ("pgd", {})}
 
 
 class LinearGaussianFlow(nn.Module):
@@ -59,7 +59,9 @@ class LinearGaussianFlow(nn.Module):
 def main() -> None:
     p = parser(__doc__, "ijsat_digits.csv")
     add_digits_flags(p, VARIANTS)
-    p.add_argument("--eps-z", type=float, default=0.1, help="the latent L-inf budget of ijsat and of JSTM-20")
+    p.add_argument("--eps-z", type=float, default=0.03, help="the latent L-inf budget of ijsat and of JSTM-20")
+    p.add_argument("--mix-alpha", type=float, default=0.2,
+                   help="robust mixup's Beta(ALPHA, ALPHA) of pgd_rmix and ijsat, and IAT's mixup of pgd_iat")
     p.add_argument("--flow", default=None, help="a flow checkpoint (default: the linear Gaussian stand-in)")
     p.add_argument("--quick", action="store_true", help="seed 0, 2 epochs")
     args = p.parse_args()
@@ -80,6 +82,10 @@ def main() -> None:
     def run_one(key, seed, args, train_ds, val_ds, test_loader):
         method, opts = VARIANTS[key]
         flow = flow_for(train_ds)
+        if key in ("pgd_rmix", "ijsat"):
+            opts = dict(opts, robust_mixup=args.mix_alpha)
+        if key == "pgd_iat":
+            opts = dict(opts, mixup=args.mix_alpha)
         if method == "ijsat":
             opts = dict(opts, perturbation_model=flow, eps_z=args.eps_z)
         torch.manual_seed(seed)
@@ -88,7 +94,7 @@ def main() -> None:
         ev = pgd_accuracy(model, test_loader, args, seed, steps=args.attack_steps)
         jstm = attacks.JSTMAttack(model, flow, eps=args.eps, eps_z=args.eps_z, steps=args.attack_steps, seed=seed)
         jev = attacks.robust_accuracy(model, test_loader, jstm, device=args.device, progress=False)
-        return {"variant": key, "method": method, "epochs": args.epochs, "seed": seed, "eps": args.eps,
+        return {"variant": key, "method": method, "mix_alpha": args.mix_alpha, "epochs": args.epochs, "seed": seed, "eps": args.eps,
                 "eps_z": args.eps_z, "flow": args.flow or "linear-gaussian", "attack_steps": args.attack_steps,
                 "clean_acc": ev["clean_acc"], "robust_acc": ev["robust_acc"], "jstm_acc": jev["robust_acc"],
                 "best_epoch": res.best_epoch, "train_s": train_s}

@@ -165,7 +165,7 @@ def test_ijsat_resumes_exactly(digits, tmp_path):
               eps_z=0.2)
     ref, res, crash = resume_matches_uninterrupted("ijsat", sub, val, tmp_path, hp, crash_after=lambda n: n + 1,
                                                    width=8)
-    assert crash["config"]["robust_mixup"] == 1.0 and "mix_gen" in crash["rank_states"][0]
+    assert crash["config"]["robust_mixup"] == 0.2 and "mix_gen" in crash["rank_states"][0]
     assert math.isfinite(ref.history[-1]["train_loss"])
 
 

@@ -25,6 +25,12 @@ choice reweights the draw and does not move its support); the adversity is the m
 the model in eval mode, without gradient (one extra forward of 2B images per batch); one lam and one
 pairing pi per batch, as mixup draws them; the interpolation happens on the clean batch, before any
 attack (the attack then perturbs the chosen interpolation within its ball).
+
+Measured on the digits (PGD-7 AT at the demo's settings, seed 0, one run each; benchmarks/ijsat_digits.py):
+with alpha = 0.2, clean / PGD-20 accuracy 0.97 / 0.51 with the per-sample choice against 0.97 / 0.63 for the
+same interpolations without it (and 0.99 / 0.67 for plain PGD-AT); alpha = 1 costs far more (0.59 / 0.25).
+Near lam = 1/2 the two candidates are almost the same image with opposite targets, and the choice hands the
+model the one it currently gets wrong.
 """
 from __future__ import annotations
 
