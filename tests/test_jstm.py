@@ -194,3 +194,22 @@ def test_jstm_rows_for_evaluate(batch, tmp_path):
     atk = JSTMAttack(net(), OrthoFlow(), eps=0.1, eps_z=0.2, steps=3)
     res = robust_accuracy(None, [(x, y)], atk, progress=False)
     assert res["n"] == 48 and res["robust_acc"] <= res["clean_acc"]
+
+
+def test_with_the_real_flow_when_the_suite_has_one(request, batch):
+    """The same guarantees with robustops.perturbation.Flow (conftest's session-scoped digits_flow, where the
+    suite defines it): both budgets, the box, the rebuilt adversary, and eps_z = 0 as pixel PGD."""
+    try:
+        flow = request.getfixturevalue("digits_flow")
+    except pytest.FixtureLookupError:
+        pytest.skip("no digits_flow fixture in this suite")
+    x, y = batch
+    res = JSTMAttack(net(), flow, eps=0.1, eps_z=0.1, steps=4, seed=1).perturb(x, y)
+    assert res.dz.abs().max() <= 0.1 + 1e-6 and res.dx.abs().max() <= 0.1 + 1e-6
+    assert res.x_adv.min() >= 0 and res.x_adv.max() <= 1
+    with torch.no_grad():
+        rebuilt = (flow.decode(flow.encode(x) + res.dz) + res.dx).clamp(0, 1)
+    torch.testing.assert_close(res.x_adv, rebuilt, atol=1e-5, rtol=0)
+    a = JSTMAttack(net(), flow, eps=0.1, eps_z=0.0, steps=4, seed=1).perturb(x, y)
+    b = PGD(net(), eps=0.1, steps=4, seed=1).perturb(x, y)
+    torch.testing.assert_close(a.x_adv, b.x_adv, atol=1e-4, rtol=0)
