@@ -31,7 +31,8 @@ iteration, shared with training), ``pgd`` (PGD / FGSM), ``apgd`` (Auto-PGD), ``f
 ``evaluation`` (robust accuracy of one attack or an ensemble), ``suites`` (AutoAttack and the other
 suites of ``robustops evaluate``), ``transfer`` (``Transfer``: examples crafted on a source model, judged by
 the target), ``wasserstein`` (``internal_wasserstein``: the internal Wasserstein distance between two images'
-patch distributions) and ``iwd`` (``IWDAttack``: the loss maximised under an IWD budget).
+patch distributions), ``iwd`` (``IWDAttack``: the loss maximised under an IWD budget) and ``jstm``
+(``JSTMAttack``: the joint latent + pixel threat model through a normalising flow).
 """
 from .apgd import APGD, APGDT
 from .base import Attack, madry_step
@@ -39,6 +40,7 @@ from .engine import STARTS, AttackResult, Engine, Recorder
 from .evaluation import robust_accuracy
 from .fab import FAB, FABT, FABResult
 from .iwd import IWDAttack, IWDResult
+from .jstm import JointEngine, JSTMAttack, JSTMAttackResult, joint_budget
 from .latent import LatentAttackResult, LatentPGD, nearest_member, random_members
 from .pgd import FGSM, PGD, dlr_loss
 from .square import Square, SquareResult, square_p_selection
@@ -48,4 +50,5 @@ from .wasserstein import internal_wasserstein
 
 __all__ = ["Attack", "madry_step", "PGD", "FGSM", "APGD", "APGDT", "LatentPGD", "AttackResult", "LatentAttackResult",
            "robust_accuracy", "dlr_loss", "FAB", "FABT", "FABResult", "Square", "SquareResult", "square_p_selection",
-           "Suite", "Transfer", "IWDAttack", "IWDResult", "internal_wasserstein", "Engine", "Recorder", "STARTS", "nearest_member", "random_members"]
+           "Suite", "Transfer", "IWDAttack", "IWDResult", "internal_wasserstein", "JSTMAttack", "JSTMAttackResult",
+           "JointEngine", "joint_budget", "Engine", "Recorder", "STARTS", "nearest_member", "random_members"]

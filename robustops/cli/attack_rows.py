@@ -9,7 +9,7 @@ from .common import CLIError, agree, exclusive, write_summary
 from .rows import ResultsFile, RowWriter
 
 __all__ = ["RESULT_COLUMNS", "result_rows", "save_results", "results_file", "batches", "grid_batches",
-           "evaluate_rows", "stats", "columns_for", "describe", "suite_report", "claim", "finish"]
+           "evaluate_rows", "stats", "columns_for", "describe", "suite_report", "claim", "finish", "jstm_attacks"]
 
 #: Columns of the per-input TSV, in order (target only for targeted attacks, attack only for suites,
 #: queries when Square runs, distance when FAB or the IWD attack runs).
@@ -221,3 +221,22 @@ def finish(results, final, record: dict) -> str:
     if results is not final:
         results.replace(final)
     return final.settings_path
+
+
+def jstm_attacks(model, flow: str, eps: float, eps_z: float, *, steps: int = 20, restarts: int = 1, seed: int = 0,
+                 mean=None, std=None, dtype=None, device="cpu") -> list:
+    """[the joint-space attack] for ``evaluate --threat jstm --flow CKPT --eps-z E --eps E`` (a
+    ``make_attacks`` of :func:`evaluate_rows`, names ["jstm"]): ``attacks.JSTMAttack`` on model with the
+    flow of checkpoint ``flow`` (``perturbation train --kind flow``), the pixel budget eps and the latent
+    budget eps_z (L-inf both); CLIError naming --flow / --eps-z when they do not fit."""
+    from ..attacks import JSTMAttack
+    from ..train.methods.ijsat import resolve_flow
+
+    if not (eps_z >= 0.0 and eps_z < float("inf")):
+        raise CLIError(f"--eps-z must be a finite number >= 0, got {eps_z}")
+    try:
+        net = resolve_flow(flow, device)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        raise CLIError(f"--flow {flow!r}: {e}") from None
+    return [JSTMAttack(model, net, eps=eps, eps_z=eps_z, steps=steps, restarts=restarts, seed=seed, mean=mean,
+                       std=std, dtype=dtype)]

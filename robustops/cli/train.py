@@ -181,6 +181,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="CutMix with lam ~ Beta(ALPHA, ALPHA) per batch: a box of the image from a partner, the "
                         "mixed label attacked and trained on (pgd, trades, fgsm, free, fgsm_sdi, dale, dale_pd, "
                         "augrmix, natural; Rebuffi et al. 2021 use ALPHA 1 with --ema; not with --mixup)")
+    _add_robust_mixup(g)
     _add_coreset(p)
     _add_optimisation(p)
     g = p.add_argument_group("validation, checkpoints")
@@ -203,6 +204,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tensorboard", action="store_true",
                    help="also log every epoch's metrics for TensorBoard in --out/tb (needs the tensorboard package)")
     add_common(p)
+
+
+def _add_robust_mixup(g) -> None:
+    g.add_argument("--robust-mixup", type=float, default=None, metavar="ALPHA",
+                   help="robust mixup with lam ~ Beta(ALPHA, ALPHA) per batch: each sample mixed with a partner "
+                        "the more adverse way, the mixed label attacked and trained on (natural, pgd, trades, "
+                        "ijsat, where it is on at 0.2 by default; Lau et al. 2023; not with --mixup / --cutmix)")
 
 
 def method_hparams(args) -> Dict[str, Any]:
@@ -339,6 +347,7 @@ def run(args) -> int:
               milestones=args.milestones, gamma=args.gamma, grad_clip=args.grad_clip, amp=args.amp, channels_last=args.channels_last,
               seed=args.seed, val_eps=args.val_eps, val_steps=args.val_steps, patience=args.patience,
               select=args.select, keep_all=args.keep_all, awp=args.awp, ema=args.ema, mixup=args.mixup, cutmix=args.cutmix,
+              robust_mixup=args.robust_mixup,
               **schedule_hparams(args), **method_hparams(args))
     given = {k: getattr(args, k) for k in ("coreset_frac", "coreset_every", "coreset_warmup")
              if getattr(args, k) is not None}

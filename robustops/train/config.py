@@ -28,7 +28,8 @@ CERTIFIED_METRICS = ("cert_acc", "acr", "acceps")
 #: The training options that any method may accept: {name: what it is}. A method lists those it
 #: supports in its class attribute ``Method.options`` (a tuple of names); ``ema`` applies to every method.
 OPTIONS = {"awp": "adversarial weight perturbation", "ema": "weight averaging decay",
-           "mixup": "mixup Beta(alpha, alpha)", "cutmix": "CutMix Beta(alpha, alpha)"}
+           "mixup": "mixup Beta(alpha, alpha)", "cutmix": "CutMix Beta(alpha, alpha)",
+           "robust_mixup": "robust mixup Beta(alpha, alpha)"}
 
 
 def method_options(cls) -> tuple:
@@ -45,6 +46,8 @@ def options_label(cfg) -> str:
         parts.append(("IAT" if cfg.method_class.adversarial else "mixup") + f" (alpha={cfg.mixup:g})")
     if getattr(cfg, "cutmix", None) is not None:
         parts.append(f"CutMix (alpha={cfg.cutmix:g})")
+    if getattr(cfg, "robust_mixup", None) is not None:
+        parts.append(f"robust mixup (alpha={cfg.robust_mixup:g})")
     if cfg.ema is not None:
         parts.append(f"EMA ({cfg.ema:g})")
     if getattr(cfg, "coreset", None) is not None:
@@ -135,6 +138,9 @@ class FitConfig:
     # CutMix with lam ~ Beta(alpha, alpha) (robustops.train.cutmix: the adversarial methods that train on a
     # mixed target, and natural); not with mixup
     cutmix: Optional[float] = None
+    # robust mixup with lam ~ Beta(alpha, alpha) (robustops.train.robust_mixup: per sample the more adverse
+    # interpolation with a partner; natural, pgd, trades, ijsat); not with mixup or cutmix
+    robust_mixup: Optional[float] = None
     # attack-budget schedule of the adversarial methods (robustops.train.budget; None: the default):
     # constant | linear | curriculum | adaptive, the first budget as a fraction of eps, the fraction of the
     # run over which it rises, curriculum's levels (None: epochs), adaptive's grid size, epochs between its
@@ -295,6 +301,10 @@ def _validate(c: FitConfig) -> None:
          f"cutmix (Beta(alpha, alpha) of CutMix) must be None or a finite number > 0, got {c.cutmix!r}")
     need(c.cutmix is None or c.mixup is None,
          "cutmix and mixup cannot be combined (each batch is mixed one way): give one of them")
+    need(c.robust_mixup is None or (num(c.robust_mixup) and 0 < c.robust_mixup < float("inf")),
+         f"robust_mixup (Beta(alpha, alpha) of robust mixup) must be None or a finite number > 0, got {c.robust_mixup!r}")
+    need(c.robust_mixup is None or (c.mixup is None and c.cutmix is None),
+         "robust_mixup cannot be combined with mixup or cutmix (each batch is mixed one way): give one of them")
     _validate_coreset(c)
     _validate_ood(c)
     cls = registry.get(c.method)
@@ -341,7 +351,7 @@ def _validate_ood(c: FitConfig) -> None:
         having = [n for n in registry.names() if registry.get(n).ood_data]
         raise ValueError(f"ood_data (OOD images toward the uniform label) is taken by the methods {', '.join(having)}, "
                          f"not by {c.method!r}")
-    for opt in ("mixup", "cutmix", "coreset"):
+    for opt in ("mixup", "cutmix", "robust_mixup", "coreset"):
         if getattr(c, opt) is not None:
             raise ValueError(f"ood_data cannot be combined with {opt} (their batches are built differently)")
     if c.budget_schedule == "adaptive":

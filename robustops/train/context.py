@@ -21,6 +21,7 @@ from ..models import Normalize, video
 from .budget import BudgetSchedule, make_schedule
 from .cutmix import MixedTarget, compose, cutmix_box, target_cross_entropy
 from .registry import StepStats
+from .robust_mixup import robust_interpolation
 
 __all__ = ["MethodContext", "CONTEXT_ATTRIBUTES", "Closure", "weighted_cross_entropy", "bind_model", "prepare_batch",
            "dist_info"]
@@ -32,7 +33,7 @@ Closure = Callable[[nn.Module], Tuple[torch.Tensor, Any]]
 #: The public attributes of a MethodContext: the documented set a method may use (a test keeps them equal).
 CONTEXT_ATTRIBUTES = ("cfg", "device", "forward", "rank", "world_size", "amp_dtype", "weights", "ood", "ood_count",
                       "progress", "epoch", "seed", "autocast", "fmt", "update", "natural_step", "stats", "cross_entropy", "mixed_ce",
-                      "mixup", "cutmix", "engine", "attack", "budget")
+                      "mixup", "cutmix", "robust_mixup", "engine", "attack", "budget")
 
 
 def mean_ce(logits: torch.Tensor, y) -> torch.Tensor:
@@ -139,6 +140,8 @@ class MethodContext:
       cutmix(x, y): (x_mix, target): the CutMix composition of the batch and its mixed target (a
         :class:`~robustops.train.cutmix.MixedTarget`, the ``cutmix`` option), which ``cross_entropy``,
         ``natural_step``, ``stats``, ``budget`` and the engines' default objective take in place of labels.
+      robust_mixup(x, y): (x_mix, target): the robust-mixup batch (:mod:`robustops.train.robust_mixup`, the
+        ``robust_mixup`` option): per sample the more adverse interpolation with its partner, a MixedTarget.
       engine(norm, objective, forward=, step=), attack(x, y, eps, alpha, steps, norm, random_start):
         the projected-gradient engine on the model (run's box, autocast and fp16 loss scaling) and PGD on it.
       budget(x, y): (eps, alpha) to attack this minibatch with (floats, or Tensor[B] per sample): the
@@ -252,6 +255,26 @@ class MethodContext:
             return x, y, y[perm], 1.0
         x_mix = self.fmt(torch.lerp(x[perm], x, lam))  # lam * x + (1 - lam) * x[perm]
         return x_mix, y, y[perm], lam
+
+    def robust_mixup(self, x: torch.Tensor, y: torch.Tensor):
+        """Robust mixup of a minibatch (:mod:`robustops.train.robust_mixup`, Lau et al. 2023): lam ~
+        Beta(alpha, alpha) (alpha = cfg.robust_mixup) and a uniform permutation pi from the run's mixing
+        generator (saved in checkpoints); each sample takes the interpolation with its partner (lam or
+        1 - lam) of larger mixed cross-entropy under the model in eval mode (the mode is restored).
+        Returns (x_mix, MixedTarget(y1, y2, lam)) in the configured layout."""
+        if self._mix_gen is None or self.cfg.robust_mixup is None:
+            raise RuntimeError("robust_mixup: the run has no mixing generator (the robust_mixup option is off)")
+        seed = int(torch.randint(0, 1 << 62, (1,), generator=self._mix_gen))
+        lam = float(np.random.default_rng(seed).beta(self.cfg.robust_mixup, self.cfg.robust_mixup))
+        perm = torch.randperm(x.shape[0], generator=self._mix_gen).to(x.device, non_blocking=True)
+        was_training = self.forward.training
+        self.forward.eval()  # scoring the candidates must not move batch-norm statistics
+        try:
+            with self.autocast():
+                x_mix, target = robust_interpolation(self.forward, x, y, perm, lam)
+        finally:
+            self.forward.train(was_training)
+        return self.fmt(x_mix), target
 
     def cutmix(self, x: torch.Tensor, y: torch.Tensor):
         """CutMix of a minibatch (:mod:`robustops.train.cutmix`: Yun et al. 2019, as Rebuffi et al. 2021

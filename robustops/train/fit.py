@@ -51,7 +51,7 @@ def _scheduled(cfg: FitConfig) -> bool:
 
 # Settings a resumed run must share with the checkpoint (the method's hyperparameters too).
 _RESUME_MUST_MATCH = ("method", "epochs", "eps", "alpha", "steps", "norm", "optimizer", "lr", "schedule", "amp",
-                      "awp", "ema", "mixup", "cutmix", "grad_clip", "coreset", "budget_schedule")
+                      "awp", "ema", "mixup", "cutmix", "robust_mixup", "grad_clip", "coreset", "budget_schedule")
 # and, for a coreset run, its settings (absent from checkpoints written before the option existed)
 _CORESET_MUST_MATCH = ("coreset_frac", "coreset_every", "coreset_warmup")
 
@@ -88,7 +88,7 @@ def _settings_pairs(old: Dict[str, Any], cfg: FitConfig):
     old_params = old.get("params") if isinstance(old.get("params"), dict) else old  # flat in older checkpoints
     if old.get("budget_schedule") is None:  # a checkpoint written before budget schedules ran constant
         old = {**old, "budget_schedule": "constant"}
-    old = {"ood_ratio": 0.0, "ood_weight": 1.0, **old}  # written before OOD data: none
+    old = {"ood_ratio": 0.0, "ood_weight": 1.0, "robust_mixup": None, **old}  # written before OOD data / robust mixup: none
     # and the settings of its schedule and of its coreset
     keys = (_RESUME_MUST_MATCH + ("ood_ratio", "ood_weight") + SCHEDULE_SETTINGS[cfg.budget_schedule]
             + (_CORESET_MUST_MATCH if cfg.coreset is not None else ()))
@@ -435,7 +435,8 @@ def fit(model: nn.Module, train_loader, method: str = "natural", *, val_loader=N
     restore_best, keep_all), the training options (awp=gamma: adversarial weight perturbation, pgd and
     trades; ema=decay: weight averaging, every method; mixup=alpha: mixup, natural, and interpolated
     adversarial training, pgd; cutmix=alpha: CutMix, pgd, trades, fgsm, free, fgsm_sdi and natural,
-    robustops.train.cutmix; see robustops.train.awp / .ema and the methods) and the methods'
+    robustops.train.cutmix; robust_mixup=alpha: robust mixup, natural, pgd, trades and ijsat,
+    robustops.train.robust_mixup; see robustops.train.awp / .ema and the methods) and the methods'
     hyperparameters (m for free, fgsm_init for fgsm, beta for trades, sigma for gaussian, ...; those
     of other methods are ignored); coreset=craig|gradmatch|random with coreset_frac, coreset_every,
     coreset_warmup: adversarial coreset selection (:mod:`robustops.train.coreset`: pgd, fgsm, trades;

@@ -133,7 +133,8 @@ class Trainer:
         # checkpointed with the model; mixup draws from its own generator (saved per rank), so that
         # it leaves the seeds of the attacks as they are without it.
         self.mix_gen = torch.Generator().manual_seed(_rng.derive_seed(self.gen.initial_seed(), 1)) \
-            if cfg.mixup is not None or cfg.cutmix is not None else None  # cutmix: the same stream
+            if cfg.mixup is not None or cfg.cutmix is not None or cfg.robust_mixup is not None \
+            else None  # cutmix, robust_mixup: the same stream
         # the attack-budget schedule (budget_schedule): the context hands it to the method, the trainer
         # checkpoints its state and logs the budgets it gave
         self.budget = make_schedule(cfg)

@@ -15,3 +15,4 @@ from . import infoat  # noqa: F401
 from . import sat  # noqa: F401
 from . import jsigr  # noqa: F401
 from . import iwd  # noqa: F401
+from . import ijsat  # noqa: F401

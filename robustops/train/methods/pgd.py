@@ -22,7 +22,8 @@ their mean weighted by ``ood_weight`` and added to the in-distribution rows' mea
 
 ``cutmix`` (Rebuffi et al. 2021, :mod:`robustops.train.cutmix`): the batch is composed first and PGD
 maximises, and training minimises, the mixed cross-entropy lam CE(f(x'), y) + (1 - lam) CE(f(x'), y[pi])
-of the composed batch's adversarial example x'.
+of the composed batch's adversarial example x'. ``robust_mixup`` (Lau et al. 2023,
+:mod:`robustops.train.robust_mixup`): the same on the batch of the more adverse interpolations.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ from ..registry import Method, register
 class PGDTraining(Method):
     name = "pgd"
     help = "PGD-k adversarial training (Madry et al. 2018)"
-    options = ("awp", "ema", "mixup", "cutmix")
+    options = ("awp", "ema", "mixup", "cutmix", "robust_mixup")
     sample_weights = True
     budget_schedules = True
     ood_data = True
@@ -86,6 +87,8 @@ class PGDTraining(Method):
             return self.ood_step(x, y)
         if c.cutmix is not None:  # the composed batch and its mixed target (robustops.train.cutmix)
             x, y = ctx.cutmix(x, y)
+        elif c.robust_mixup is not None:  # the more adverse interpolations (robustops.train.robust_mixup)
+            x, y = ctx.robust_mixup(x, y)
         x_adv = self.adversarial(x, y)
         if c.mixup is None:
             return ctx.natural_step(x_adv, y)

@@ -10,7 +10,8 @@ the training gradient of that loss is taken at the perturbed weights.
 
 ``cutmix`` (Rebuffi et al. 2021, :mod:`robustops.train.cutmix`): the batch is composed first; the inner
 maximisation is TRADES' own (the KL to the clean prediction on the composed batch, no label; the official
-code targets the mixed label instead) and the natural term is the mixed cross-entropy.
+code targets the mixed label instead) and the natural term is the mixed cross-entropy. ``robust_mixup``
+(:mod:`robustops.train.robust_mixup`): the same on the batch of the more adverse interpolations.
 
 OOD data (``ood_ratio`` > 0, :mod:`robustops.train.ood`, Lee et al. 2021): the inner maximisation covers
 every row (label-free, as always); the natural term is the cross-entropy to the uniform label on the OOD
@@ -36,7 +37,7 @@ class Trades(Method):
     name = "trades"
     help = "TRADES: cross-entropy + beta * KL(clean prediction, adversarial prediction) (Zhang et al. 2019)"
     hyper = (Hyper("beta", 6.0, "TRADES beta", minimum=0.0),)
-    options = ("awp", "ema", "cutmix")
+    options = ("awp", "ema", "cutmix", "robust_mixup")
     budget_schedules = True
     sample_weights = True
     ood_data = True
@@ -89,6 +90,8 @@ class Trades(Method):
             return self.ood_step(x, y)
         if c.cutmix is not None:  # the composed batch and its mixed target (robustops.train.cutmix)
             x, y = ctx.cutmix(x, y)
+        elif c.robust_mixup is not None:  # the more adverse interpolations (robustops.train.robust_mixup)
+            x, y = ctx.robust_mixup(x, y)
         x_adv = self.adversarial(x, y)
         ctx.forward.train()
 
