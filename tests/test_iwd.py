@@ -135,7 +135,7 @@ def test_evaluate_threat_iwd_cli(tmp_path, natural, capsys):
     assert main(base + ["--iwd-patch", "0"]) == 2 and "--iwd-patch must be an int >= 1" in capsys.readouterr().err
     assert main(base[:3] + ["--iwd-method", "sliced", "--device", "cpu"]) == 2
     assert "--iwd-method sets the IWD attack: add --threat iwd" in capsys.readouterr().err
-    assert main(base + ["--norm", "l2"]) == 2 and "--norm: --threat iwd runs the IWD attack" in capsys.readouterr().err
+    assert main(base + ["--norm", "l2"]) == 2 and "--norm: --threat iwd runs its own attack" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "bad.tsv")
 
 

@@ -1,6 +1,7 @@
 """The joint-space threat model (robustops.attacks.jstm: JSTMAttack, JointEngine), robust mixup
 (robustops.train.robust_mixup, the robust_mixup option) and method ijsat (Lau et al. 2023), against a
 small invertible stand-in flow defined here (an orthogonal linear map with the flow protocol)."""
+import json
 import math
 
 import pytest
@@ -196,13 +197,10 @@ def test_jstm_rows_for_evaluate(batch, tmp_path):
     assert res["n"] == 48 and res["robust_acc"] <= res["clean_acc"]
 
 
-def test_with_the_real_flow_when_the_suite_has_one(request, batch):
-    """The same guarantees with robustops.perturbation.Flow (conftest's session-scoped digits_flow, where the
-    suite defines it): both budgets, the box, the rebuilt adversary, and eps_z = 0 as pixel PGD."""
-    try:
-        flow = request.getfixturevalue("digits_flow")
-    except pytest.FixtureLookupError:
-        pytest.skip("no digits_flow fixture in this suite")
+def test_with_the_real_flow(digits_flow, batch):
+    """The same guarantees with robustops.perturbation.Flow (conftest's session-scoped digits_flow): both
+    budgets, the box, the rebuilt adversary, and eps_z = 0 as pixel PGD."""
+    flow = digits_flow
     x, y = batch
     res = JSTMAttack(net(), flow, eps=0.1, eps_z=0.1, steps=4, seed=1).perturb(x, y)
     assert res.dz.abs().max() <= 0.1 + 1e-6 and res.dx.abs().max() <= 0.1 + 1e-6
@@ -213,3 +211,24 @@ def test_with_the_real_flow_when_the_suite_has_one(request, batch):
     a = JSTMAttack(net(), flow, eps=0.1, eps_z=0.0, steps=4, seed=1).perturb(x, y)
     b = PGD(net(), eps=0.1, steps=4, seed=1).perturb(x, y)
     torch.testing.assert_close(a.x_adv, b.x_adv, atol=1e-4, rtol=0)
+
+
+def test_evaluate_threat_jstm_cli(digits_flow_path, tmp_path, capsys):
+    """`robustops evaluate --threat jstm --flow CKPT --eps-z E --eps E` end to end: one row per input, the
+    summary's settings, robust <= clean; the flags it needs or refuses name themselves."""
+    from robustops.cli import main
+    from robustops.models import get_model, save_checkpoint
+
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(str(tmp_path / "m.pt"), get_model("small_cnn"), "small_cnn", {}, method="natural")
+    out = tmp_path / "jstm.tsv"
+    base = ["evaluate", "--checkpoint", ckpt, "--threat", "jstm", "--eps", "0.1", "--steps", "2", "--max-samples",
+            "16", "--batch-size", "8", "--no-progress", "--device", "cpu"]
+    assert main(base + ["--flow", digits_flow_path, "--eps-z", "0.05", "-o", str(out)]) == 0
+    assert "JSTM attack: JSTM-2 (latent L-inf eps_z 0.05" in capsys.readouterr().out
+    assert len(out.read_text().splitlines()) == 17
+    s = json.loads(open(str(out) + ".json").read())
+    assert s["suite"] == "jstm" and s["settings"]["eps_z"] == 0.05 and s["robust_acc"] <= s["clean_acc"]
+    assert main(base) == 2 and "--flow is required with --threat jstm" in capsys.readouterr().err
+    assert main(base[:3] + ["--eps-z", "0.1", "--device", "cpu"]) == 2
+    assert "--eps-z sets the JSTM attack: add --threat jstm" in capsys.readouterr().err

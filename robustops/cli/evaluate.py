@@ -17,7 +17,7 @@ import importlib
 import math
 import os
 
-from . import evaluate_corruptions, evaluate_iwd
+from . import evaluate_corruptions, evaluate_threat
 from .attack import input_transform, threat_model
 from .attack_rows import claim, columns_for, evaluate_rows, finish, results_file, suite_report
 from .common import (
@@ -79,7 +79,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "else linf)")
     p.add_argument("--eps", type=fraction("eps"), default=None, help="radius, e.g. 8/255 (None: the checkpoint's "
                    "training eps, else 8/255 for linf and 0.5 for l2)")
-    p.add_argument("--steps", type=int, default=None, help="iterations of APGD / FAB (None: 100; pgd and --threat iwd: 10)")
+    p.add_argument("--steps", type=int, default=None, help="iterations of APGD / FAB (None: 100; pgd and --threat iwd / jstm: 10)")
     p.add_argument("--n-queries", type=int, default=5000, help="Square's query budget")
     p.add_argument("--n-target-classes", type=int, default=9, help="targets of APGD-T / FAB-T (capped at classes - 1)")
     p.add_argument("--restarts", type=int, default=None, help="restarts (None: the version's, 1 or 5 for plus)")
@@ -97,7 +97,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue an interrupted run: keep its rows, attack the "
                    "rest (refused when a setting that changes the rows differs)")
     evaluate_corruptions.add_arguments(p)
-    evaluate_iwd.add_arguments(p)
+    evaluate_threat.add_arguments(p)
     add_common(p, workers=False)
 
 
@@ -201,21 +201,21 @@ def _load(args):
     dataset, info = load_data(args.data, args.split, validate=False)
     model, meta = load_model_flags(args)
     info = model_classes(model, dataset, info, args.data, args.split)
-    norm, eps, source = evaluate_iwd.threat(args) if args.threat == "iwd" else threat_model(args, meta)
+    norm, eps, source = evaluate_threat.threat(args) if args.threat != "lp" else threat_model(args, meta)
     return model, dataset, info, norm, eps, source
 
 
 def _suite(args, model, info, norm, eps, source=None):
     """The suite on model; with a source model (--transfer-from), built on the source and transferred to model.
-    --threat iwd: the IWD attack (cli/evaluate_iwd.py)."""
+    --threat iwd / jstm: the IWD or the JSTM attack (cli/evaluate_threat.py)."""
     from ..attacks.suites import Suite
 
     if args.mean is not None:
         mean, std, amp = args.mean, args.std, input_transform(args, info)[2]
     else:
         mean, std, amp = input_transform(args, info)
-    if args.threat == "iwd":
-        return evaluate_iwd.IWDSuite(model, eps, args, mean, std, amp)
+    if args.threat != "lp":
+        return evaluate_threat.ThreatSuite(model, eps, args, mean, std, amp, device=next(model.parameters()).device)
     suite = Suite(model if source is None else source, eps, norm, args.suite, args.version, steps=args.steps,
                   n_queries=args.n_queries,
                   n_target_classes=min(args.n_target_classes, max(int(info["num_classes"]) - 1, 1)),
@@ -252,8 +252,8 @@ def _settings(args, norm, eps) -> dict:
                weights=args.weights and os.path.abspath(args.weights))
     if args.transfer_from is not None:  # only then: the settings of earlier runs' files stay as they were
         out["transfer_from"] = os.path.abspath(args.transfer_from)
-    if args.threat == "iwd":  # likewise
-        out.update(evaluate_iwd.settings(args))
+    if args.threat != "lp":  # likewise
+        out.update(evaluate_threat.settings(args))
     return out
 
 
@@ -266,11 +266,11 @@ def run(args) -> int:
                            "(--suite pgd, apgd, autoattack, ...), not corruptions")
         return evaluate_corruptions.run(args, load_model_flags)
     evaluate_corruptions.refuse_corruption_flags(args)
-    evaluate_iwd.check(args)
+    evaluate_threat.check(args)
     model, dataset, info, norm, eps, source = _load(args)
     src_model = load_source(args, info)
     setup_run(args, sample_numel=math.prod(info["input_shape"]))
-    names = evaluate_iwd.IWDSuite.names if args.threat == "iwd" else suite_names(args.suite, args.version)
+    names = (args.threat,) if args.threat != "lp" else suite_names(args.suite, args.version)
     final = results_file(args.out, columns_for(names)) if args.out else None
     results = final.aside() if final is not None and args.force else final
     stop = len(dataset) if args.n is None else min(args.n, len(dataset))
@@ -294,7 +294,7 @@ def _report(args, info, norm, eps, source, d, stats, suite, results, final) -> N
     n, clean, robust, elapsed = stats[:4]
     what = suite.describe()
     title = "AutoAttack (" + args.version + ")" if args.suite == "autoattack" else args.suite
-    title = "IWD attack" if args.threat == "iwd" else title
+    title = f"{args.threat.upper()} attack" if args.threat != "lp" else title
     if args.transfer_from is not None:
         title = f"transfer {title} from {os.path.basename(args.transfer_from)}"
     print(f"{title}: {what}, {norm} eps={eps:.6g} (from {source}) on {info['name']}/{args.split} ({n} inputs, "
@@ -304,7 +304,7 @@ def _report(args, info, norm, eps, source, d, stats, suite, results, final) -> N
           f"robust_correct {robust}")
     if results is None:
         return
-    record = {"command": "evaluate", "suite": "iwd" if args.threat == "iwd" else args.suite, "version": args.version, "attacks": list(suite.names),
+    record = {"command": "evaluate", "suite": args.threat if args.threat != "lp" else args.suite, "version": args.version, "attacks": list(suite.names),
               "description": what, "transfer_from": args.transfer_from and os.path.abspath(args.transfer_from),
               "norm": norm, "eps": eps, "eps_source": source, "data": args.data,
               "split": args.split, "n": n, "clean_acc": clean / max(n, 1), "robust_acc": robust / max(n, 1),
