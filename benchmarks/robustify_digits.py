@@ -40,7 +40,7 @@ def test_images(test_loader, n: int, device):
 
 def attack_rows(model, x, y, args, stamp) -> list:
     """PGD-AT model: robustify at eps_pre = eps_adv = args.eps (L-inf), then the adversary's suites."""
-    from robustops.robustify import robustify, robustify_evaluation
+    from robustops.preemptive import robustify, robustify_evaluation
 
     t0 = time.perf_counter()
     r = robustify(model, x, args.eps, args.eps, steps=args.steps, inner_steps=args.inner_steps, seed=0)
@@ -66,7 +66,7 @@ def attack_rows(model, x, y, args, stamp) -> list:
 
 def smoothing_rows(model, x, y, args, stamp) -> list:
     """Gaussian model: the smoothed L2 variant at eps_pre = eps_adv = args.l2_eps, certified before / after."""
-    from robustops.robustify import robustify, robustify_evaluation
+    from robustops.preemptive import robustify, robustify_evaluation
 
     t0 = time.perf_counter()
     r = robustify(model, x, args.l2_eps, args.l2_eps, norm="l2", smooth=args.sigma, steps=args.steps,

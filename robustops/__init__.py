@@ -9,13 +9,13 @@ import sys as _sys
 
 __version__ = "0.1.0"
 
-__all__ = ["build_info", "evaluate", "ops", "reference", "pgd_step_", "random_init", "recycle_step_", "langevin_step_",
+__all__ = ["build_info", "evaluate", "robustify", "ops", "reference", "pgd_step_", "random_init", "recycle_step_", "langevin_step_",
            "gaussian_noise", "count_votes_", "gaussian_noise_rows", "count_votes_segments_"]
 
 _OPS = ("pgd_step_", "random_init", "recycle_step_", "langevin_step_", "gaussian_noise", "count_votes_",
         "gaussian_noise_rows", "count_votes_segments_")
 _SUBMODULES = ("ops", "attacks", "smoothing", "train", "data", "models", "cli", "reference", "bounds",
-               "perturbation", "proxy", "robustify")
+               "perturbation", "proxy", "preemptive")
 
 
 def build_info() -> dict:
@@ -42,6 +42,8 @@ def __getattr__(name):
         return getattr(importlib.import_module(".ops", __name__), name)
     if name == "evaluate":  # robustops.evaluate(model, data, suite="autoattack", eps=..., norm=...)
         return importlib.import_module(".attacks.suites", __name__).evaluate
+    if name == "robustify":  # robustops.robustify(model, x, eps_pre, eps_adv, ...): preemptive robustification
+        return importlib.import_module(".preemptive", __name__).robustify
     raise AttributeError(f"module 'robustops' has no attribute {name!r}")
 
 

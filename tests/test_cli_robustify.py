@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import robustops.robustify as rrob
+import robustops.preemptive as rrob
 from robustops.cli import main
 from robustops.data import load_digits
 from robustops.models import get_model

@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from robustops.data import load_digits
-from robustops.robustify import distance, robustify, robustify_evaluation
+from robustops.preemptive import distance, robustify, robustify_evaluation
 from robustops.smoothing import Smooth
 
 D = 12

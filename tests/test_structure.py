@@ -263,7 +263,7 @@ ORDER = [
     ("robustops.perturbation.protocol", "robustops.train", "the protocol is below training"),
     ("robustops.corruptions", lambda m: under(m, "robustops.attacks") or under(m, "robustops.train"),
      "corruptions sit below attacks/ and train/ (which may use them)"),
-    (lambda m: under(m, "robustops.attacks") or under(m, "robustops.smoothing"), "robustops.robustify",
+    (lambda m: under(m, "robustops.attacks") or under(m, "robustops.smoothing"), "robustops.preemptive",
      "robustify runs the attacks and smoothing: they know nothing of it"),
 ]
 

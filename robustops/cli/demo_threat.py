@@ -134,7 +134,7 @@ def robustification(args, model, data, dev) -> dict:
     """Preemptive robustification (robustops.robustify) of the first --robustify-max test digits for
     ``model``, within --eps-pre, against the PGD-20 adversary at --eps-adv: clean and PGD-20 accuracy of
     the originals and of the robustified images, and the ratio of their errors under PGD-20."""
-    from ..robustify import robustify, robustify_evaluation
+    from ..preemptive import robustify, robustify_evaluation
 
     x, y = _test_images(data, args.robustify_max, dev)
     res = robustify(model, x, args.eps_pre, args.eps_adv, seed=args.seed)
@@ -209,7 +209,7 @@ def picture(args, model, flow, robust, data, dev, path: str) -> List[str]:
     pgd = attacks.PGD(model, eps=args.eps, steps=args.attack_steps, norm="linf", random_start=True, seed=args.seed)
     rows[f"L-inf {args.eps:g}"] = pgd(x, y)
     for name, atk in threat_attacks(args, model, flow).items():
-        rows[name.upper() + (f" {args.threat_iwd_eps:g}" if name == "iwd" else "")] = atk(x, y)
+        rows[f"IWD {args.threat_iwd_eps:g}" if name == "iwd" else f"JSTM {args.threat_eps_z:g} / {args.eps:g}"] = atk(x, y)
     if robust is not None:
         rows[f"robustified {args.eps_pre:g}"] = robust["x_pre"][:6]
     return plot_image_grid(path, {k: [img[0].detach().cpu().numpy() for img in v] for k, v in rows.items()},

@@ -127,7 +127,7 @@ def _robustify_batches(args, model, dataset, stop, eps_pre, mean, std, device, r
     import numpy as np
     import torch
 
-    from ..robustify import robustify
+    from ..preemptive import robustify
 
     done = results.done() if results is not None else set()
     folder = _images_dir(results) if results is not None else None
@@ -197,7 +197,7 @@ def run(args) -> int:
 
 
 def _evaluate(args, model, x, x_pre, y, suites, mean, std, device) -> dict:
-    from ..robustify import robustify_evaluation
+    from ..preemptive import robustify_evaluation
 
     ev = robustify_evaluation(model, x.to(device), x_pre.to(device), y.to(device), args.eps_adv, norm=args.norm,
                               suites=suites, steps=args.attack_steps, smooth=args.sigma, n0=args.n0,

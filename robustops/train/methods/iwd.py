@@ -46,7 +46,8 @@ class IWDTraining(Method):
 
     @classmethod
     def label(cls, cfg) -> str:
-        return f"IWD-AT (eps {cfg.iwd_eps:g}, {cfg.iwd_patch}x{cfg.iwd_patch})"
+        solver = "" if cfg.iwd_method == "auto" else f", {cfg.iwd_method}"
+        return f"IWD-AT (eps {cfg.iwd_eps:g}, {cfg.iwd_patch}x{cfg.iwd_patch}{solver})"
 
     def __init__(self, ctx):
         super().__init__(ctx)

@@ -1,5 +1,6 @@
 """Preemptive image robustification (Moon, An & Song, "Preemptive image robustification for protecting
-users against man-in-the-middle adversarial attacks", AAAI 2022, arXiv 2112.05634).
+users against man-in-the-middle adversarial attacks", AAAI 2022, arXiv 2112.05634); ``robustify`` is
+also ``robustops.robustify``.
 
 A user who uploads an image x fears a man-in-the-middle who perturbs it within eps_adv before the
 classifier f sees it. Before uploading, the user moves x within eps_pre to a point x' around which f
