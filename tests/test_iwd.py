@@ -54,12 +54,12 @@ def test_zero_for_identical_images_symmetric_and_differentiable():
     g = torch.Generator().manual_seed(2)
     x = torch.rand(3, 1, 8, 8, generator=g)
     x2 = (x + 0.1 * torch.randn(x.shape, generator=g)).clamp(0, 1)
-    for method in ("exact", "sliced"):
+    for method in ("exact", "sinkhorn", "sliced"):  # Sinkhorn: the divergence, its entropic bias removed
         xa = x.clone().requires_grad_(True)
         d = internal_wasserstein(x, xa, method=method)
         d.sum().backward()
         assert torch.equal(d.detach(), torch.zeros(3)) and torch.isfinite(xa.grad).all(), method
-    # Sinkhorn's plan meets one marginal exactly and the other to its convergence: symmetric to 1e-3
+    # Sinkhorn's plans meet one marginal exactly and the other to its convergence: symmetric to 1e-3
     for method, tol in (("exact", 1e-5), ("sinkhorn", 1e-3), ("sliced", 1e-5)):
         torch.testing.assert_close(internal_wasserstein(x, x2, method=method),
                                    internal_wasserstein(x2, x, method=method), rtol=tol, atol=1e-6)
@@ -73,9 +73,9 @@ def test_sinkhorn_and_sliced_approach_exact():
     x = torch.rand(4, 1, 8, 8, generator=g)
     x2 = (x + 0.15 * torch.randn(x.shape, generator=g)).clamp(0, 1)
     exact = internal_wasserstein(x, x2, method="exact")
-    # entropic OT's transport cost at blur 0.003 of the largest cost: within 0.5 % of exact (and above it)
+    # the Sinkhorn divergence at blur 0.003 of the largest cost: within 0.5 % of exact
     sk = internal_wasserstein(x, x2, method="sinkhorn", blur=0.003)
-    assert ((sk - exact) / exact).abs().max() < 5e-3 and (sk >= exact * (1 - 1e-4)).all()
+    assert ((sk - exact) / exact).abs().max() < 5e-3
     # one value per patch (d = 1): every projection is the identity up to sign, so sliced is exact
     e1 = internal_wasserstein(x, x2, patch=1, method="exact")
     torch.testing.assert_close(internal_wasserstein(x, x2, patch=1, method="sliced", projections=4), e1,
@@ -90,8 +90,10 @@ def test_attack_never_exceeds_a_per_sample_budget_and_stays_in_the_box(digits, n
         d = internal_wasserstein(x, res.x_adv, method=method)
         assert (d <= eps).all() and torch.equal(d, res.distance), method
         assert res.x_adv.min() >= 0.0 and res.x_adv.max() <= 1.0
-    res = IWDAttack(natural, eps[:12], steps=1, method="sinkhorn", seed=0).perturb(x[:12], y[:12])
-    assert (internal_wasserstein(x[:12], res.x_adv, method="sinkhorn") <= eps[:12]).all()
+    for e in (eps[:12], 0.01):  # 0.01: below the plain entropic cost of identical images (~0.02 on digits)
+        res = IWDAttack(natural, e, steps=1, method="sinkhorn", seed=0).perturb(x[:12], y[:12])
+        d = internal_wasserstein(x[:12], res.x_adv, method="sinkhorn")
+        assert (d <= e).all() and torch.equal(d, res.distance) and (res.x_adv != x[:12]).any()
     clip = (0.1, 0.9)
     xc = x.clamp(*clip)
     res = IWDAttack(natural, 0.3, steps=2, clip=clip, seed=0).perturb(xc, y)
