@@ -209,22 +209,24 @@ def _inner(model, smooth, x, mean, std, eps_adv, inner_alpha, inner_steps, norm,
 
 
 def robustify(model, x: torch.Tensor, eps_pre: Param, eps_adv: Param, *, norm: Optional[str] = None,
-              steps: int = 20, inner_steps: int = 10, alpha: Optional[Param] = None, inner_alpha: Optional[Param] = None,
-              lo: float = 0.0, hi: float = 1.0, labels: Optional[torch.Tensor] = None, smooth=None,
-              noise_samples: int = 8, label_samples: int = 100, restarts: int = 1, keep: str = "last",
-              seed: Optional[int] = None, offset: int = 0, mean=None, std=None) -> RobustifyResult:
+              steps: int = 20, inner_steps: int = 10, alpha: Optional[Param] = None,
+              inner_alpha: Optional[Param] = None, lo: float = 0.0, hi: float = 1.0,
+              labels: Optional[torch.Tensor] = None, smooth=None, noise_samples: int = 8, label_samples: int = 100,
+              restarts: int = 1, keep: str = "last", seed: Optional[int] = None, offset: int = 0, mean=None,
+              std=None) -> RobustifyResult:
     """Preemptively robustified images of x [B, ...] (in [lo, hi]) for ``model`` (see the module docstring).
 
     eps_pre: the user's budget, eps_adv: the adversary's (floats or Tensor[B], in the norm: "linf" or
-    "l2"; None: "l2" with smooth, the smoothed variant's only norm, else "linf"). steps: outer steps; inner_steps: the adversary's PGD steps; alpha / inner_alpha: their step
-    sizes (default 2.5 eps / steps). labels: the labels to protect (default the model's prediction at
-    x, or the smoothed classifier's vote). smooth: None, a noise level sigma, or a
-    ``robustops.smoothing.Smooth`` (its base classifier, sigma and normalisation are used; model may
-    then be None) for the smoothed variant, with ``noise_samples`` noise draws per estimate and
-    ``label_samples`` noisy votes for the labels. restarts: the inner PGD's random restarts (plain
-    classifier). keep: "last" or "best" (:data:`KEEP`). seed / offset: the random streams (offset: the
-    index of x[0] in the data, so that any split of a data set into batches draws the same numbers).
-    mean / std: the model's input normalisation (the images stay in pixels).
+    "l2"; None: "l2" with smooth, the smoothed variant's only norm, else "linf"). steps: outer steps;
+    inner_steps: the adversary's PGD steps; alpha / inner_alpha: their step sizes (default 2.5 eps /
+    steps). labels: the labels to protect (default the model's prediction at x, or the smoothed
+    classifier's vote). smooth: None, a noise level sigma, or a ``robustops.smoothing.Smooth`` (its base
+    classifier, sigma and normalisation are used; model may then be None) for the smoothed variant, with
+    ``noise_samples`` noise draws per estimate and ``label_samples`` noisy votes for the labels.
+    restarts: the inner PGD's random restarts (plain classifier). keep: "last" or "best" (:data:`KEEP`).
+    seed / offset: the random streams (offset: the index of x[0] in the data, so that any split of a data
+    set into batches draws the same numbers). mean / std: the model's input normalisation (the images
+    stay in pixels).
     """
     lo, hi = _checks.check_number(lo, "lo"), _checks.check_number(hi, "hi")
     if not lo < hi:
