@@ -13,7 +13,8 @@ from torch.utils.data import DataLoader, Subset
 
 from robustops import train as rt
 from robustops.attacks import IWDAttack, internal_wasserstein
-from robustops.attacks.wasserstein import patch_cost, patch_sets
+from robustops.attacks.iwd import project_iwd
+from robustops.attacks.wasserstein import IWD, patch_cost, patch_sets
 from robustops.data import load_digits
 
 pytest.importorskip("ot")
@@ -98,6 +99,22 @@ def test_attack_never_exceeds_a_per_sample_budget_and_stays_in_the_box(digits, n
     xc = x.clamp(*clip)
     res = IWDAttack(natural, 0.3, steps=2, clip=clip, seed=0).perturb(xc, y)
     assert res.x_adv.min() >= 0.1 and res.x_adv.max() <= 0.9 and (res.distance <= 0.3).all()
+
+
+def test_masked_projection_and_training_examples_match_the_synced_path(digits, natural):
+    # the device path (all rows searched, torch.where; no host sync) gives the rows of the selecting one
+    x, y = digits
+    z = (x + 0.3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(5))).clamp(0, 1)
+    z[:8] = x[:8] + 0.01 * (z[:8] - x[:8])  # feasible rows, left as they are
+    eps = torch.linspace(0.05, 0.3, x.shape[0])
+    for method in ("exact", "sliced"):
+        dist = IWD(method=method)
+        ref = project_iwd(x, z, eps, dist)
+        assert torch.equal(project_iwd(x, z, eps, dist, masked=True), ref) and torch.equal(ref[:8], z[:8]), method
+    # training's call (IWDAttack.examples: no input checks) is perturb(..., evaluate=False) at that seed
+    atk = IWDAttack(natural, 0.2, steps=2, method="sliced", seed=7)
+    torch.testing.assert_close(atk.examples(x, y, 7), atk.perturb(x, y, offset=0, evaluate=False).x_adv, rtol=0,
+                               atol=0)
 
 
 def test_attack_lowers_accuracy_of_a_digits_model(digits, natural):

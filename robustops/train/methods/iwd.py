@@ -57,9 +57,9 @@ class IWDTraining(Method):
                                 clip=(c.lo, c.hi), train_mode=True, dtype=ctx.amp_dtype)
 
     def adversarial_examples(self, x, y):
-        """The IWD attack's examples for the batch (model in train mode, seed from the run's generator)."""
-        self.attack.seed = self.ctx.seed()
-        return self.ctx.fmt(self.attack.perturb(x, y, offset=0, evaluate=False).x_adv)
+        """The IWD attack's examples for the batch (model in train mode, seed from the run's generator;
+        ``IWDAttack.examples``: no host sync on a device where the distance runs there)."""
+        return self.ctx.fmt(self.attack.examples(x, y, self.ctx.seed()))
 
     def step(self, x, y):
         ctx, w = self.ctx, self.cfg.iwd_clean_weight
