@@ -52,11 +52,15 @@ from .base import Attack, Param, step_params
 from .engine import AttackResult, Recorder, batch_view_shape
 from .wasserstein import IWD
 
-__all__ = ["IWDAttack", "IWDResult", "IWDStep", "project_iwd", "MARGIN"]
+__all__ = ["IWDAttack", "IWDResult", "IWDStep", "project_iwd", "MARGIN", "DEFAULT_EPS"]
 
 #: The projection aims at eps * (1 - MARGIN), so that float rounding between evaluations of the distance
 #: (a sample alone or in a batch) does not put a projected point over eps.
 MARGIN = 1e-4
+#: The IWD budget by default where one is not given: method ``iwd``'s ``iwd_eps``, ``evaluate --threat iwd``
+#: without --eps and the threat-models demo's IWD column (a digits setting, the demo's L-inf eps: the exact
+#: IWD ball of radius 0.2 holds the L-inf ball of radius 0.2).
+DEFAULT_EPS = 0.2
 
 
 @dataclass

@@ -23,7 +23,7 @@ the safe choice).
 """
 from __future__ import annotations
 
-from ...attacks.iwd import IWDAttack
+from ...attacks.iwd import DEFAULT_EPS, IWDAttack
 from ...attacks.wasserstein import METHODS
 from ..registry import Hyper, Method, register
 
@@ -34,7 +34,7 @@ class IWDTraining(Method):
     help = "adversarial training against the internal-Wasserstein (IWD) attack (Wang et al. 2021)"
     options = ("awp", "ema")
     hyper = (
-        Hyper("iwd_eps", 0.2, "IWD training budget (IWD_2 of the patch distributions, per-value scale)", minimum=0.0,
+        Hyper("iwd_eps", DEFAULT_EPS, "IWD training budget (IWD_2 of the patch distributions, per-value scale)", minimum=0.0,
               strict=True),
         Hyper("iwd_patch", 3, "IWD patch size in pixels", kind="int", minimum=1),
         Hyper("iwd_stride", 1, "IWD patch stride in pixels", kind="int", minimum=1),
