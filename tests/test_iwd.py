@@ -151,11 +151,38 @@ def test_evaluate_threat_iwd_cli(tmp_path, natural, capsys):
     s = json.loads(open(str(out) + ".json").read())
     assert s["suite"] == "iwd" and s["settings"]["iwd_patch"] == 3 and s["eps"] == 0.2
     assert s["robust_acc"] < s["clean_acc"]
+    strided = str(tmp_path / "strided.tsv")
+    assert main(base[:-7] + ["--max-samples", "6", "--no-progress", "--device", "cpu", "--iwd-stride", "2",
+                             "--iwd-method", "sliced", "-o", strided]) == 0
+    assert "IWD-2 (3x3 patches, stride 2, sliced OT)" in capsys.readouterr().out
+    assert json.loads(open(strided + ".json").read())["settings"]["iwd_stride"] == 2
     assert main(base + ["--iwd-patch", "0"]) == 2 and "--iwd-patch must be an int >= 1" in capsys.readouterr().err
     assert main(base[:3] + ["--iwd-method", "sliced", "--device", "cpu"]) == 2
     assert "--iwd-method sets the IWD attack: add --threat iwd" in capsys.readouterr().err
     assert main(base + ["--norm", "l2"]) == 2 and "--norm: --threat iwd runs its own attack" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "bad.tsv")
+
+
+def test_train_iwd_cli_with_its_flags(tmp_path):
+    # a real `robustops train --method iwd` on 48 digits, every iwd flag given: the clean-weight branch and the
+    # Lagrangian term of the attack run
+    import numpy as np
+
+    from robustops.cli import main
+
+    x, y = load_digits("train").tensors
+    data = tmp_path / "d.npz"
+    np.savez(data, x_train=x[:48].numpy(), y_train=y[:48].numpy(), x_test=x[48:64].numpy(), y_test=y[48:64].numpy())
+    out = tmp_path / "run"
+    assert main(["train", "--method", "iwd", "--data", str(data), "--epochs", "1", "--batch-size", "24", "--steps",
+                 "1", "--test-steps", "0", "--val-size", "0", "--no-progress", "-o", str(out), "--iwd-eps", "0.15",
+                 "--iwd-patch", "2", "--iwd-stride", "2", "--iwd-method", "sliced", "--iwd-lam", "0.5",
+                 "--iwd-clean-weight", "0.3"]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["label"] == "IWD-AT (eps 0.15, 2x2, sliced)"
+    assert s["config"]["params"] == dict(iwd_eps=0.15, iwd_patch=2, iwd_stride=2, iwd_method="sliced", iwd_lam=0.5,
+                                         iwd_clean_weight=0.3)
+    assert s["epochs_run"] == 1 and (out / "summary.json").exists()
 
 
 def test_bad_arguments_name_themselves(natural):
