@@ -27,7 +27,8 @@ The algorithm (the paper's, and its official code's):
 The smoothed variant (``smooth=sigma`` or a ``Smooth``): the classifier is the smoothed soft classifier
 G(x) = E[softmax(f(x + sigma n))], n ~ N(0, I), and L = -log G_y, estimated with ``noise_samples``
 noise draws (``smoothing.soft``: one ``gaussian_noise`` call, the SmoothAdv estimate). The adversary
-attacks G (L2 PGD on -log G_y, as SmoothAdv), the outer step descends the same loss at its point; y is
+attacks G (L2 PGD on -log G_y, as SmoothAdv: the smoothed variant runs in L2 only, the norm of its
+certified radius), the outer step descends the same loss at its point; y is
 the smoothed classifier's vote (the top class of ``label_samples`` noisy forwards, ``Smooth.predict``'s
 counts).
 
@@ -67,7 +68,8 @@ from .models import Normalize
 from .smoothing.smooth import Smooth
 from .smoothing.soft import add_noise, draw_noise, smoothed_nll
 
-__all__ = ["robustify", "RobustifyResult", "robustify_evaluation", "distance", "as_smooth", "KEEP", "EVAL_SUITES"]
+__all__ = ["robustify", "RobustifyResult", "robustify_evaluation", "distance", "as_smooth", "smoothed_norm", "KEEP",
+           "EVAL_SUITES"]
 
 Param = Union[float, torch.Tensor]
 
@@ -184,6 +186,19 @@ def _check_images(x, lo: float, hi: float) -> torch.Tensor:
     return x.detach()
 
 
+def smoothed_norm(norm: Optional[str], smooth) -> str:
+    """The norm of the budgets: norm checked ("linf" or "l2"), None resolved ("l2" with smooth, else
+    "linf"); with smooth only "l2" (the smoothed classifier's certificate is an L2 radius, and its
+    adversary SmoothAdv's L2 PGD)."""
+    if norm is None:
+        return "linf" if smooth is None else "l2"
+    if norm not in ("linf", "l2"):
+        raise ValueError(f'norm must be "linf" or "l2", got {norm!r}')
+    if smooth is not None and norm != "l2":
+        raise ValueError(f'norm must be "l2" with smooth (the smoothed classifier is certified in L2), got {norm!r}')
+    return norm
+
+
 def _inner(model, smooth, x, mean, std, eps_adv, inner_alpha, inner_steps, norm, lo, hi, restarts, noise_samples,
            label_samples):
     if smooth is None:
@@ -193,30 +208,31 @@ def _inner(model, smooth, x, mean, std, eps_adv, inner_alpha, inner_steps, norm,
                           _checks.check_int(label_samples, "label_samples", 1))
 
 
-def robustify(model, x: torch.Tensor, eps_pre: Param, eps_adv: Param, *, norm: str = "linf", steps: int = 20,
-              inner_steps: int = 10, alpha: Optional[Param] = None, inner_alpha: Optional[Param] = None,
-              lo: float = 0.0, hi: float = 1.0, labels: Optional[torch.Tensor] = None, smooth=None,
-              noise_samples: int = 8, label_samples: int = 100, restarts: int = 1, keep: str = "last",
-              seed: Optional[int] = None, offset: int = 0, mean=None, std=None) -> RobustifyResult:
+def robustify(model, x: torch.Tensor, eps_pre: Param, eps_adv: Param, *, norm: Optional[str] = None,
+              steps: int = 20, inner_steps: int = 10, alpha: Optional[Param] = None,
+              inner_alpha: Optional[Param] = None, lo: float = 0.0, hi: float = 1.0,
+              labels: Optional[torch.Tensor] = None, smooth=None, noise_samples: int = 8, label_samples: int = 100,
+              restarts: int = 1, keep: str = "last", seed: Optional[int] = None, offset: int = 0, mean=None,
+              std=None) -> RobustifyResult:
     """Preemptively robustified images of x [B, ...] (in [lo, hi]) for ``model`` (see the module docstring).
 
     eps_pre: the user's budget, eps_adv: the adversary's (floats or Tensor[B], in the norm: "linf" or
-    "l2"). steps: outer steps; inner_steps: the adversary's PGD steps; alpha / inner_alpha: their step
-    sizes (default 2.5 eps / steps). labels: the labels to protect (default the model's prediction at
-    x, or the smoothed classifier's vote). smooth: None, a noise level sigma, or a
-    ``robustops.smoothing.Smooth`` (its base classifier, sigma and normalisation are used; model may
-    then be None) for the smoothed variant, with ``noise_samples`` noise draws per estimate and
-    ``label_samples`` noisy votes for the labels. restarts: the inner PGD's random restarts (plain
-    classifier). keep: "last" or "best" (:data:`KEEP`). seed / offset: the random streams (offset: the
-    index of x[0] in the data, so that any split of a data set into batches draws the same numbers).
-    mean / std: the model's input normalisation (the images stay in pixels).
+    "l2"; None: "l2" with smooth, the smoothed variant's only norm, else "linf"). steps: outer steps;
+    inner_steps: the adversary's PGD steps; alpha / inner_alpha: their step sizes (default 2.5 eps /
+    steps). labels: the labels to protect (default the model's prediction at x, or the smoothed
+    classifier's vote). smooth: None, a noise level sigma, or a ``robustops.smoothing.Smooth`` (its base
+    classifier, sigma and normalisation are used; model may then be None) for the smoothed variant, with
+    ``noise_samples`` noise draws per estimate and ``label_samples`` noisy votes for the labels.
+    restarts: the inner PGD's random restarts (plain classifier). keep: "last" or "best" (:data:`KEEP`).
+    seed / offset: the random streams (offset: the index of x[0] in the data, so that any split of a data
+    set into batches draws the same numbers). mean / std: the model's input normalisation (the images
+    stay in pixels).
     """
     lo, hi = _checks.check_number(lo, "lo"), _checks.check_number(hi, "hi")
     if not lo < hi:
         raise ValueError(f"lo must be < hi, got lo={lo}, hi={hi}")
     x = _check_images(x, lo, hi)
-    if norm not in ("linf", "l2"):
-        raise ValueError(f'norm must be "linf" or "l2", got {norm!r}')
+    norm = smoothed_norm(norm, smooth)
     if keep not in KEEP:
         raise ValueError(f"keep must be one of {', '.join(KEEP)}, got {keep!r}")
     steps, inner_steps = _checks.check_int(steps, "steps", 1), _checks.check_int(inner_steps, "inner_steps", 1)
@@ -290,11 +306,12 @@ def _certified(smooth: Smooth, x, y, *, n0, n, alpha, seed, offset, batch_size) 
 
 
 def robustify_evaluation(model, x: torch.Tensor, x_pre: torch.Tensor, y: torch.Tensor, eps_adv: float, *,
-                         norm: str = "linf", suites=EVAL_SUITES, steps: Optional[int] = None, smooth=None,
+                         norm: Optional[str] = None, suites=EVAL_SUITES, steps: Optional[int] = None, smooth=None,
                          n0: int = 100, n: int = 1000, alpha: float = 0.001, seed: int = 0, offset: int = 0,
                          mean=None, std=None, batch_size: int = 256) -> dict:
     """Robustified images x_pre against the originals x (both [B, ...] in [0, 1]; y [B] the true labels):
-    for each, clean accuracy, robust accuracy under each suite of ``suites`` at eps_adv in ``norm``
+    for each, clean accuracy, robust accuracy under each suite of ``suites`` at eps_adv in ``norm`` ("linf"
+    or "l2"; None: "l2" with smooth, else "linf"; with smooth only "l2", the radii's norm)
     (``robustops.evaluate``: "pgd", "apgd", "autoattack", ...; steps: the suite's, None for its
     default), and with ``smooth`` (a sigma or a Smooth) the smoothed classifier's certified radii
     (CERTIFY with n0 / n / alpha; radius 0 where it abstains or is wrong), their mean (ACR) and the
@@ -308,6 +325,7 @@ def robustify_evaluation(model, x: torch.Tensor, x_pre: torch.Tensor, y: torch.T
         raise ValueError(f"x_pre must have x's shape {list(x.shape)}, got {list(x_pre.shape)}")
     y = _checks.check_labels(y, x.shape[0], x.device, "y")
     eps_adv = _checks.check_number(eps_adv, "eps_adv", 0.0, strict=True)
+    norm = smoothed_norm(norm, smooth)
     if isinstance(suites, str):
         suites = (suites,)
     sm = None if smooth is None else as_smooth(smooth, model, x, mean, std)

@@ -16,6 +16,9 @@ from robustops.models import get_model
 
 ARGS = ["robustify", "--model", "small_cnn", "--n", "24", "--eps-adv", "0.1", "--steps", "3", "--inner-steps", "2",
         "--batch-size", "8", "--suites", "pgd", "--attack-steps", "3", "--no-progress"]
+# the smoothed run: --norm left out (l2, the smoothed variant's norm), the iterate kept and CERTIFY's settings given
+SMOOTHED = ["--sigma", "0.25", "--n-certify", "50", "--keep", "best", "--noise-samples", "4", "--n0", "20",
+            "--alpha", "0.01"]
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +41,7 @@ def weights(tmp_path_factory):
 @pytest.fixture(scope="module")
 def full_run(weights, tmp_path_factory):
     out = tmp_path_factory.mktemp("full") / "r.tsv"
-    assert main(ARGS + ["--weights", weights, "--sigma", "0.25", "--n-certify", "50", "-o", str(out)]) == 0
+    assert main(ARGS + ["--weights", weights] + SMOOTHED + ["-o", str(out)]) == 0
     return out
 
 
@@ -49,11 +52,16 @@ def test_writes_rows_images_and_summary(full_run, capsys):
     arrays = np.load(str(out) + ".npz")
     x, x_pre = arrays["x"], arrays["x_pre"]
     assert x.shape == x_pre.shape == (24, 1, 8, 8)
-    assert np.abs(x_pre - x).max() <= 0.1 + 1e-6 and x_pre.min() >= 0 and x_pre.max() <= 1
+    assert np.sqrt(((x_pre - x) ** 2).reshape(24, -1).sum(1)).max() <= 0.1 + 1e-5
+    assert x_pre.min() >= 0 and x_pre.max() <= 1
     summary = json.loads(open(str(out) + ".json").read())
     for key in ("original", "robustified"):
         assert {"clean_acc", "pgd_acc", "acr", "certified_acc_at_eps"} <= set(summary[key])
-    assert summary["eps_pre"] == 0.1 and summary["n"] == 24
+    assert summary["eps_pre"] == 0.1 and summary["n"] == 24 and summary["norm"] == "l2"
+    assert summary["robustified"]["certified_acc_at_eps"] <= summary["robustified"]["certified_acc"]
+    rows = [ln.split("\t") for ln in lines[1:]]
+    dist = np.sqrt(((x_pre - x) ** 2).reshape(24, -1).sum(1))
+    np.testing.assert_allclose([float(r[-1]) for r in rows], dist, rtol=1e-4, atol=1e-6)
     assert not (out.parent / "r.tsv.images").exists()
 
 
@@ -66,7 +74,7 @@ def test_resume_after_a_kill_gives_the_same_result(full_run, weights, tmp_path, 
             raise KeyboardInterrupt
         return real(*a, offset=offset, **kw)
 
-    args = ARGS + ["--weights", weights, "--sigma", "0.25", "--n-certify", "50", "-o", str(out)]
+    args = ARGS + ["--weights", weights] + SMOOTHED + ["-o", str(out)]
     monkeypatch.setattr(rrob, "robustify", dies_on_the_third_batch)
     with pytest.raises(KeyboardInterrupt):
         main(args)
@@ -85,6 +93,8 @@ def test_resume_after_a_kill_gives_the_same_result(full_run, weights, tmp_path, 
     (["--steps", "0"], "--steps"),
     (["--suites", "pgd,bogus"], "--suites"),
     (["--sigma", "-0.5"], "--sigma"),
+    (["--sigma", "0.25", "--norm", "linf"], "--norm linf: --sigma"),
+    (["--alpha", "1"], "--alpha"),
     (["--resume"], "--resume"),
 ])
 def test_bad_flags_name_themselves(weights, flags, message, capsys):

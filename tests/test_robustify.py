@@ -128,6 +128,7 @@ def test_smoothed_variant_raises_the_certified_radius(linear):
     (dict(labels=torch.tensor([0, 1])), "labels"),
     (dict(smooth=-0.25), "smooth"),
     (dict(smooth=0.25, noise_samples=0), "noise_samples"),
+    (dict(smooth=0.25, norm="linf"), 'norm must be "l2" with smooth'),
 ])
 def test_bad_arguments_name_themselves(linear, kwargs, match):
     lin, x, y, s = linear

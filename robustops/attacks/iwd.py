@@ -47,16 +47,20 @@ from typing import Callable, Optional, Union
 
 import torch
 
-from .. import _checks, ops
+from .. import _checks, _rng, ops
 from .base import Attack, Param, step_params
 from .engine import AttackResult, Recorder, batch_view_shape
 from .wasserstein import IWD
 
-__all__ = ["IWDAttack", "IWDResult", "IWDStep", "project_iwd", "MARGIN"]
+__all__ = ["IWDAttack", "IWDResult", "IWDStep", "project_iwd", "MARGIN", "DEFAULT_EPS"]
 
 #: The projection aims at eps * (1 - MARGIN), so that float rounding between evaluations of the distance
 #: (a sample alone or in a batch) does not put a projected point over eps.
 MARGIN = 1e-4
+#: The IWD budget by default where one is not given: method ``iwd``'s ``iwd_eps``, ``evaluate --threat iwd``
+#: without --eps and the threat-models demo's IWD column (a digits setting, the demo's L-inf eps: the exact
+#: IWD ball of radius 0.2 holds the L-inf ball of radius 0.2).
+DEFAULT_EPS = 0.2
 
 
 @dataclass
@@ -70,22 +74,31 @@ def _rows(p, idx):
     return p[idx] if isinstance(p, torch.Tensor) and p.dim() == 1 else p
 
 
-def project_iwd(x: torch.Tensor, z: torch.Tensor, eps, distance: Callable, search: int = 4) -> torch.Tensor:
+def project_iwd(x: torch.Tensor, z: torch.Tensor, eps, distance: Callable, search: int = 4, *,
+                masked: bool = False) -> torch.Tensor:
     """z moved toward x until IWD(x, z) <= eps (1 - MARGIN): x + t (z - x) with t in [0, 1] found by
     ``search`` steps of false position on the bracket [t_lo, t_hi] (t_lo feasible, from 0; t_hi
     infeasible, from 1; see the module docstring). x, z [B, ...]; eps a float or a Tensor[B];
-    distance(x, z) -> Tensor[B]. Returns a new tensor; rows already feasible are z's."""
+    distance(x, z) -> Tensor[B]. Returns a new tensor; rows already feasible are z's.
+
+    masked: search on all rows and keep the feasible ones' z with ``torch.where`` (no host sync: for a
+    distance on an accelerator), instead of selecting the infeasible rows (one sync, the distance
+    evaluated on those rows only). Both give the same rows (up to the distance's rounding between batch
+    sizes, which the attack's final budget check covers)."""
     out = z.detach().clone()
     with torch.no_grad():
         target = eps * (1.0 - MARGIN)
         d_z = distance(x, out)
-        bad = (d_z > target).nonzero().squeeze(1)
-        if bad.numel() == 0:
-            return out
-        xb, delta, tb = x[bad], (z[bad] - x[bad]), _rows(target, bad)
+        if masked:
+            bad, rows = d_z > target, slice(None)
+        else:
+            bad = rows = (d_z > target).nonzero().squeeze(1)
+            if bad.numel() == 0:
+                return out
+        xb, delta, tb = x[rows], (z[rows] - x[rows]), _rows(target, rows)
         view = batch_view_shape(xb)
-        t_lo, d_lo = torch.zeros_like(d_z[bad]), torch.zeros_like(d_z[bad])
-        t_hi, d_hi = torch.ones_like(t_lo), d_z[bad]
+        t_lo, d_lo = torch.zeros_like(d_z[rows]), torch.zeros_like(d_z[rows])
+        t_hi, d_hi = torch.ones_like(t_lo), d_z[rows]
         for _ in range(search):
             # the secant through the bracket's ends (exact where the IWD grows linearly along the segment),
             # kept strictly inside the bracket so that it always shrinks
@@ -95,7 +108,10 @@ def project_iwd(x: torch.Tensor, z: torch.Tensor, eps, distance: Callable, searc
             ok = d <= tb
             t_lo, d_lo = torch.where(ok, t, t_lo), torch.where(ok, d, d_lo)
             t_hi, d_hi = torch.where(ok, t_hi, t), torch.where(ok, d_hi, d)
-        out[bad] = (xb + t_lo.view(view) * delta).to(out.dtype)
+        moved = (xb + t_lo.view(view) * delta).to(out.dtype)
+        if masked:
+            return torch.where(bad.view(view), moved, out)
+        out[bad] = moved
     return out
 
 
@@ -117,7 +133,7 @@ class IWDStep:
         alpha_t = alpha.view(batch_view_shape(x)) if alpha.dim() else alpha
         z = (x_adv.float() + alpha_t.to(x_adv.device) * g.sign()).clamp_(lo, hi)
         e = eps.to(x.device) if eps.dim() else float(eps)
-        return x_adv.copy_(project_iwd(x.float(), z, e, self.distance, self.search))
+        return x_adv.copy_(project_iwd(x.float(), z, e, self.distance, self.search, masked=x.device.type != "cpu"))
 
 
 class IWDAttack(Attack):
@@ -169,6 +185,15 @@ class IWDAttack(Attack):
         return super().perturb(images, labels, targets, offset=offset, skip=skip, evaluate=evaluate, eps=eps,
                                alpha=alpha)
 
+    def examples(self, x: torch.Tensor, y: torch.Tensor, seed: int, offset: int = 0) -> torch.Tensor:
+        """The final iterate for (x, y) from ``seed`` (training's call, as ``perturb(..., evaluate=False)``
+        with the attack's seed set to seed): without perturb's input checks, whose range check syncs the
+        host; x a float batch in clip, y labels on its device (untargeted)."""
+        x = x.detach()
+        with self.model_state():
+            return self.attack(x, y, None, seed=_rng.resolve_seed(seed), offset=offset, skip=None, evaluate=False,
+                               **self.prepare(x)).x_adv
+
     def prepare(self, x: torch.Tensor, eps: Optional[Param] = None, alpha: Optional[Param] = None) -> dict:
         """eps / alpha per sample on x's device (alpha by default 2.5 eps / steps); x must be [B, C, H, W]."""
         if x.dim() != 4:
@@ -187,7 +212,7 @@ class IWDAttack(Attack):
             return x.float().clone()
         lo, hi = self.clip
         z = ops.random_init(x.float(), eps, "linf", lo, hi, seed=seed, offset=offset)
-        return project_iwd(x.float(), z, eps, self.distance, self.search).contiguous()
+        return project_iwd(x.float(), z, eps, self.distance, self.search, masked=x.device.type != "cpu").contiguous()
 
     def attack(self, x, y, targets, *, seed, offset, skip, evaluate, eps, alpha) -> IWDResult:
         """The engine's loop with the IWD step from a feasible start (recording each sample's first
@@ -205,12 +230,14 @@ class IWDAttack(Attack):
         with torch.no_grad():
             dist = self.distance(xf, x_adv.float())
             over = dist > eps
-            if bool(over.any()):  # rounding put a point over budget: x itself is always feasible
+            if recorder is None:  # training's path: no host sync (x itself is always feasible)
                 x_adv = torch.where(over.view(batch_view_shape(x)), x, x_adv)
                 dist = torch.where(over, torch.zeros_like(dist), dist)
-                if recorder is not None:
-                    _, res.success, res.loss, res.pred = self.engine.evaluate(x_adv, yt)
-                    res.success_step = torch.where(over, torch.where(res.success, 0, -1), res.success_step)
+            elif bool(over.any()):  # rounding put a point over budget: x itself is always feasible
+                x_adv = torch.where(over.view(batch_view_shape(x)), x, x_adv)
+                dist = torch.where(over, torch.zeros_like(dist), dist)
+                _, res.success, res.loss, res.pred = self.engine.evaluate(x_adv, yt)
+                res.success_step = torch.where(over, torch.where(res.success, 0, -1), res.success_step)
         restart = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
         success = res.success if skip is None or res.success is None else res.success | skip
         return IWDResult(x_adv, success, res.success_step, restart, res.loss, res.pred, distance=dist)

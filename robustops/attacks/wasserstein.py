@@ -26,12 +26,14 @@ gradient of the exact OT cost, and a subgradient where the plan is not unique):
   one call per sample on the float64 cost matrix. For equal-size uniform sets the optimum is an
   optimal assignment, so the cost is also ``scipy.optimize.linear_sum_assignment``'s mean cost (the
   tests check this).
-- "sinkhorn": entropic OT in the log domain (Cuturi 2013), all samples in one batched torch
-  computation (POT's ``ot.sinkhorn2`` solves one problem at a time): ``iters`` alternating updates of
-  the dual potentials at regularisation reg_b = ``blur`` * max_ij C_b[i, j] (relative, so one blur fits
-  any image scale), then the transport cost sum_ij T_ij C_ij of the entropic plan (not the regularised
-  objective): it is >= the exact cost and tends to it as blur -> 0 (with more iterations). Identical
-  images do not give 0 (the entropic plan spreads mass): use "exact" or "sliced" where that matters.
+- "sinkhorn": the Sinkhorn divergence (Feydy et al. 2019, geomloss's definition)
+  S(x, x') = OT_reg(x, x') - (OT_reg(x, x) + OT_reg(x', x')) / 2, OT_reg the entropic OT objective
+  (Cuturi 2013) solved in the log domain, the three problems of all samples in one batched torch
+  computation (POT's ``ot.sinkhorn2`` solves one problem at a time): at most ``iters`` alternating updates
+  of the dual potentials, stopping once the plan's marginal error is below SINKHORN_TOL, at the
+  regularisation reg_b = ``blur`` * max_ij C_b[i, j] of the cross term (relative, so one blur fits any
+  image scale). The self-terms remove the entropic bias (the plain entropic cost of identical images is
+  about blur, not 0): S is 0 for identical images, symmetric, and tends to the exact cost as blur -> 0.
 - "sliced": the sliced Wasserstein distance, batched in torch: ``projections`` fixed random unit
   directions theta (a torch generator seeded with ``seed``, so the distance is a deterministic function,
   as the attack's bisection needs), each pair of projected patch sets sorted (1-D OT is the sorted
@@ -65,6 +67,10 @@ METHODS = ("auto", "exact", "sinkhorn", "sliced")
 EXACT_MAX = 128
 #: "auto" uses batched Sinkhorn up to this many patches (B * n^2 cost entries), sliced beyond.
 SINKHORN_MAX = 1024
+#: Sinkhorn stops once the plan's a-marginal L1 error is below this in every problem (or after ``iters``).
+SINKHORN_TOL = 1e-6
+#: Sinkhorn checks its convergence every this many iterations (one host sync per check).
+CHECK_EVERY = 10
 
 
 def patch_sets(x: torch.Tensor, patch: int, stride: int) -> torch.Tensor:
@@ -99,19 +105,40 @@ def _exact(c: torch.Tensor) -> torch.Tensor:
     return (plan * c).sum((1, 2))
 
 
-def _sinkhorn(c: torch.Tensor, blur: float, iters: int) -> torch.Tensor:
-    B, n, m = c.shape
+def _entropic(cd: torch.Tensor, reg: torch.Tensor, iters: int, tol: float):
+    # log-domain Sinkhorn on the float64 costs cd [B, n, m] at regularisation reg [B, 1, 1]: the plan and the
+    # regularised objective OT_reg = <a, f> + <b, g> (the dual value at the potentials); stops once the
+    # a-marginal's L1 error is below tol in every problem (checked every CHECK_EVERY iterations: one host
+    # sync each), the b-marginal being exact after each g update
+    B, n, m = cd.shape
+    log_a, log_b = -float(np.log(n)), -float(np.log(m))
+    f, g = cd.new_zeros(B, n, 1), cd.new_zeros(B, 1, m)
+    for it in range(iters):
+        f = reg * (log_a - torch.logsumexp((g - cd) / reg, dim=2, keepdim=True))
+        g = reg * (log_b - torch.logsumexp((f - cd) / reg, dim=1, keepdim=True))
+        if (it + 1) % CHECK_EVERY == 0 and it + 1 < iters:
+            err = (torch.exp((f + g - cd) / reg).sum(2).squeeze(-1) - 1.0 / n).abs().sum(1)
+            if bool((err < tol).all()):
+                break
+    plan = torch.exp((f + g - cd) / reg)
+    return plan, f.squeeze(-1).sum(1) / n + g.squeeze(1).sum(1) / m
+
+
+def _sinkhorn(c: torch.Tensor, cxx: torch.Tensor, cyy: torch.Tensor, blur: float, iters: int,
+              tol: float) -> torch.Tensor:
+    # the Sinkhorn divergence S = OT_reg(x, y) - (OT_reg(x, x) + OT_reg(y, y)) / 2 (Feydy et al. 2019;
+    # geomloss's definition), the three problems in one batch at the cross term's regularisation; its
+    # gradient through each cost matrix is that problem's plan (the envelope theorem; reg held fixed)
+    B = c.shape[0]
     with torch.no_grad():
-        cd = c.detach().double()
-        reg = (blur * cd.amax((1, 2))).clamp_min(1e-12)[:, None, None]
-        log_a, log_b = -torch.log(torch.tensor(float(n))), -torch.log(torch.tensor(float(m)))
-        f = cd.new_zeros(B, n, 1)
-        g = cd.new_zeros(B, 1, m)
-        for _ in range(iters):
-            f = reg * (log_a - torch.logsumexp((g - cd) / reg, dim=2, keepdim=True))
-            g = reg * (log_b - torch.logsumexp((f - cd) / reg, dim=1, keepdim=True))
-        plan = torch.exp((f + g - cd) / reg).to(c.dtype)
-    return (plan * c).sum((1, 2))
+        cd = torch.cat([c, cxx, cyy]).detach().double()
+        reg = (blur * cd[:B].amax((1, 2))).clamp_min(1e-12)[:, None, None].repeat(3, 1, 1)
+        plan, value = _entropic(cd, reg, iters, tol)
+        plan = plan.to(c.dtype)
+        lin = (plan * cd.to(c.dtype)).sum((1, 2))
+        rest = (value.to(c.dtype) - lin)  # the entropic term: a constant offset for the gradient
+    terms = (plan * torch.cat([c, cxx, cyy])).sum((1, 2)) + rest
+    return terms[:B] - 0.5 * (terms[B:2 * B] + terms[2 * B:])
 
 
 def _sliced(u: torch.Tensor, v: torch.Tensor, p: float, projections: int, seed: int) -> torch.Tensor:
@@ -173,7 +200,9 @@ class IWD:
         if method == "sliced":
             return _sliced(u, v, self.p, self.projections, self.seed)
         c = patch_cost(u, v, self.p)
-        return _exact(c) if method == "exact" else _sinkhorn(c, self.blur, self.iters)
+        if method == "exact":
+            return _exact(c)
+        return _sinkhorn(c, patch_cost(u, u, self.p), patch_cost(v, v, self.p), self.blur, self.iters, SINKHORN_TOL)
 
     def __call__(self, x: torch.Tensor, x_adv: torch.Tensor) -> torch.Tensor:
         """IWD_p(x, x_adv) per sample: Tensor[B] float32, differentiable in x_adv (and x)."""

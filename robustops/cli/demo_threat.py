@@ -40,10 +40,12 @@ ATTACK_STEPS = 20
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The section's flags (epochs, eps, steps, learning rate, seed and threads are the demo's)."""
+    from ..attacks.iwd import DEFAULT_EPS
+
     g = p.add_argument_group("--section threat-models")
     g.add_argument("--threat-rows", default=",".join(ROWS),
                    help="comma-separated rows of the threat-models section")
-    g.add_argument("--threat-iwd-eps", type=fraction("threat-iwd-eps"), default=0.2,
+    g.add_argument("--threat-iwd-eps", type=fraction("threat-iwd-eps"), default=DEFAULT_EPS,
                    help="the IWD attack's budget of the IWD column (the exact internal Wasserstein distance of 3x3 "
                         "patches)")
     g.add_argument("--threat-eps-z", type=fraction("threat-eps-z"), default=0.03,

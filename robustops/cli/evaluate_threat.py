@@ -12,8 +12,6 @@ import argparse
 
 from .common import CLIError
 
-#: The IWD budget when --eps is not given: the ``iwd`` training method's default (a digits setting).
-DEFAULT_EPS = 0.2
 #: The JSTM pixel budget when --eps is not given: the digits demo's L-inf eps.
 DEFAULT_JSTM_EPS = 0.2
 THREATS = ("lp", "iwd", "jstm")
@@ -106,6 +104,8 @@ def threat(args):
         return args.threat, args.eps, "--eps"
     if args.threat == "jstm":
         return "jstm", DEFAULT_JSTM_EPS, "the digits demo's eps"
+    from ..attacks.iwd import DEFAULT_EPS  # the IWD budget by default (method iwd's)
+
     return "iwd", DEFAULT_EPS, "the IWD default"
 
 

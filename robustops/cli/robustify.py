@@ -37,7 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    '"imagefolder:DIR"')
     p.add_argument("--split", default="test", choices=["train", "test"])
     p.add_argument("--n", type=int, default=None, help="robustify the first N inputs (None: all)")
-    p.add_argument("--norm", default="linf", choices=["linf", "l2"], help="the norm of both budgets")
+    p.add_argument("--norm", default=None, choices=["linf", "l2"],
+                   help="the norm of both budgets (default: l2 with --sigma, which needs it, else linf)")
     p.add_argument("--eps-pre", type=fraction("eps-pre"), default=None,
                    help="the user's budget (None: --eps-adv, as the paper sets them)")
     p.add_argument("--eps-adv", type=fraction("eps-adv"), default=0.2,
@@ -47,7 +48,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep", default="last", choices=["last", "best"],
                    help="the iterate kept: the last, or the one whose inner attack reached the lowest loss")
     p.add_argument("--sigma", type=float, default=None,
-                   help="robustify the smoothed classifier at this noise level, and certify before / after")
+                   help="robustify the smoothed classifier at this noise level, and certify before / after "
+                   "(L2 budgets: the certified radius's norm)")
     p.add_argument("--noise-samples", type=int, default=8, help="noise draws per estimate of the smoothed loss")
     p.add_argument("--suites", default="pgd,autoattack",
                    help=f"the adversary's attacks, comma-separated, each of {', '.join(SUITE_NAMES)} ('' for none)")
@@ -86,6 +88,10 @@ def _check_flags(args) -> tuple:
         raise CLIError(f"--sigma must be a finite number > 0, got {args.sigma}")
     if not 0.0 < args.alpha < 1.0:
         raise CLIError(f"--alpha must be in (0, 1), got {args.alpha}")
+    if args.sigma is not None and args.norm == "linf":
+        raise CLIError("--norm linf: --sigma robustifies and certifies the smoothed classifier in L2 (its certified "
+                       "radius's norm); leave --norm out or give --norm l2")
+    args.norm = args.norm or ("linf" if args.sigma is None else "l2")
     return _suites(args.suites)
 
 
@@ -116,9 +122,15 @@ def _save_batch(path: str, x_pre, protected) -> None:
     os.replace(tmp, path)
 
 
-def _row(i: int, label: int, r, k: int) -> str:
-    return "\t".join([str(i), str(label), str(int(r.labels[k])), str(int(r.robust_start[k])), str(int(r.robust[k])),
-                      f"{float(r.loss_start[k]):.6g}", f"{float(r.loss[k]):.6g}", f"{float(r.distance[k]):.6g}"])
+def _columns(r) -> list:
+    """The result's per-image columns of a row, each moved to the CPU once (not one sync per value)."""
+    return [c.cpu().tolist() for c in (r.labels, r.robust_start, r.robust, r.loss_start, r.loss, r.distance)]
+
+
+def _row(i: int, label: int, cols: list, k: int) -> str:
+    protected, robust_start, robust, loss_start, loss, dist = (c[k] for c in cols)
+    return "\t".join([str(i), str(label), str(int(protected)), str(int(robust_start)), str(int(robust)),
+                      f"{loss_start:.6g}", f"{loss:.6g}", f"{dist:.6g}"])
 
 
 def _robustify_batches(args, model, dataset, stop, eps_pre, mean, std, device, results) -> tuple:
@@ -152,9 +164,10 @@ def _robustify_batches(args, model, dataset, stop, eps_pre, mean, std, device, r
                           noise_samples=args.noise_samples, seed=args.seed, offset=s, mean=mean, std=std)
             if path is not None:
                 _save_batch(path, r.x_pre, r.labels)
-            for k, i in enumerate(idx):
-                if out is not None:
-                    writer.write(_row(i, int(y[k]), r, k))
+            if out is not None:
+                cols, labels = _columns(r), y.tolist()
+                for k, i in enumerate(idx):
+                    writer.write(_row(i, labels[k], cols, k))
             writer.tick(len(idx))
             xs.append(x), ys.append(y), pres.append(r.x_pre.cpu()), prots.append(r.labels.cpu())
     finally:
@@ -197,14 +210,13 @@ def run(args) -> int:
 
 
 def _evaluate(args, model, x, x_pre, y, suites, mean, std, device) -> dict:
-    from ..preemptive import robustify_evaluation
+    from ..preemptive import distance, robustify_evaluation
 
     ev = robustify_evaluation(model, x.to(device), x_pre.to(device), y.to(device), args.eps_adv, norm=args.norm,
                               suites=suites, steps=args.attack_steps, smooth=args.sigma, n0=args.n0,
                               n=args.n_certify, alpha=args.alpha, seed=args.seed, mean=mean, std=std,
                               batch_size=args.batch_size)
-    moved = (x_pre.float() - x.float()).flatten(1)
-    dist = moved.abs().amax(1) if args.norm == "linf" else moved.norm(dim=1)
+    dist = distance(x_pre, x, args.norm)
     return {"command": "robustify", "n": int(x.shape[0]), "norm": args.norm, "eps_adv": args.eps_adv,
             "steps": args.steps, "inner_steps": args.inner_steps, "sigma": args.sigma, "suites": list(suites),
             "original": ev["original"], "robustified": ev["robustified"], "max_distance": float(dist.max())}

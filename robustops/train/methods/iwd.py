@@ -23,7 +23,7 @@ the safe choice).
 """
 from __future__ import annotations
 
-from ...attacks.iwd import IWDAttack
+from ...attacks.iwd import DEFAULT_EPS, IWDAttack
 from ...attacks.wasserstein import METHODS
 from ..registry import Hyper, Method, register
 
@@ -34,7 +34,7 @@ class IWDTraining(Method):
     help = "adversarial training against the internal-Wasserstein (IWD) attack (Wang et al. 2021)"
     options = ("awp", "ema")
     hyper = (
-        Hyper("iwd_eps", 0.2, "IWD training budget (IWD_2 of the patch distributions, per-value scale)", minimum=0.0,
+        Hyper("iwd_eps", DEFAULT_EPS, "IWD training budget (IWD_2 of the patch distributions, per-value scale)", minimum=0.0,
               strict=True),
         Hyper("iwd_patch", 3, "IWD patch size in pixels", kind="int", minimum=1),
         Hyper("iwd_stride", 1, "IWD patch stride in pixels", kind="int", minimum=1),
@@ -57,9 +57,9 @@ class IWDTraining(Method):
                                 clip=(c.lo, c.hi), train_mode=True, dtype=ctx.amp_dtype)
 
     def adversarial_examples(self, x, y):
-        """The IWD attack's examples for the batch (model in train mode, seed from the run's generator)."""
-        self.attack.seed = self.ctx.seed()
-        return self.ctx.fmt(self.attack.perturb(x, y, offset=0, evaluate=False).x_adv)
+        """The IWD attack's examples for the batch (model in train mode, seed from the run's generator;
+        ``IWDAttack.examples``: no host sync on a device where the distance runs there)."""
+        return self.ctx.fmt(self.attack.examples(x, y, self.ctx.seed()))
 
     def step(self, x, y):
         ctx, w = self.ctx, self.cfg.iwd_clean_weight
