@@ -516,6 +516,23 @@ def test_threshold_schedule_places_its_looks_as_documented():
     assert np.all(np.diff(looks) > 0) and looks[-1] == 100_000
 
 
+@pytest.mark.parametrize("growth,n_min", [(1.02, 50), (1.02, 2), (1.05, 1), (1.5, 1), (1.5, 2), (2.0, 1), (3.0, 1)])
+def test_anchored_schedule_terminates_with_small_growth_or_n_min(growth, n_min):
+    """Regression (review of issue 30): stepping down from the anchor by ceil(x / growth) stalls where
+    ceil(x / growth) = x (x <= ~growth / (growth - 1)), so growth 1.02 or n_min 1-2 hung in start. The
+    looks must be strictly increasing, reach down to min(anchor, n_min), and fit the table's K columns
+    (an anchored plan can have one look more than the geometric looks from 1)."""
+    p0 = stats.norm.cdf(1.0)
+    t = SequentialTest(1, alpha=0.001, thresholds=[p0], n_min=n_min, n_max=2000, growth=growth)
+    for n1 in (1, 2, 3, 7, 44, 1999):
+        looks = t.anchored_schedule(n1)
+        assert np.all(np.diff(looks) > 0) and looks[-1] == 2000 and n1 in looks and len(looks) <= t.K
+        assert looks[0] >= min(n1, n_min)
+    sim = simulate(0.9, 10, seed=0, n0=50, test="cp", alpha=0.001, thresholds=[p0], n_min=n_min, n_max=2000,
+                   growth=growth)
+    assert sim.done.all() and np.all(sim.n <= 2000)
+
+
 @pytest.mark.parametrize("test,trials,ps", [("cp", 10_000, (-0.003, 0.0)), ("betting", 2000, (-0.003, 0.0))])
 def test_threshold_schedule_sound_whatever_the_selection(test, trials, ps):
     """The threshold schedule depends on the selection samples only, so the guarantee must hold for ANY

@@ -248,8 +248,10 @@ class SequentialTest:
             if t.size == 0 or not np.all((t > 0) & (t <= 1)):
                 raise ValueError(f"thresholds must be a non-empty list of probabilities in (0, 1], got {t.tolist()}")
             self.thresholds, self.precision_z = t, None
-        # K: the most looks a row can have (the columns of looks and hist); K_row: the row's own looks
-        K = len(look_schedule(1, n_max, self.growth)) if schedule == "threshold" else len(self._base)
+        # K: the most looks a row can have (the columns of looks and hist); K_row: the row's own looks. An
+        # anchored plan can have one look more than the geometric looks from 1 (the ceilings round up on
+        # both sides of the anchor: measured for growth 1.02 to 10, n_min 1 to 50)
+        K = len(look_schedule(1, n_max, self.growth)) + 1 if schedule == "threshold" else len(self._base)
         R = self.thresholds.size
         self.K, self.R = K, R
         self.grid = betting.mixture_grid(self.thresholds, self.n_max, self.alpha, self.max_bet)
@@ -372,9 +374,14 @@ class SequentialTest:
         the first look >= n_min (or n1 itself when n1 < n_min), then n_max."""
         g, lo = self.growth, min(n1, int(self._base[0]))
         down = [n1]
-        while math.ceil(down[-1] / g - 1e-9) >= lo and down[-1] > 1:
-            down.append(math.ceil(down[-1] / g - 1e-9))
-        looks = sorted(set(down)) + [int(v) for v in look_schedule(n1, self.n_max, g)[1:]]
+        while down[-1] > 1:  # at least one less each step: ceil(x / g) = x for x <= ~g / (g - 1)
+            nx = min(math.ceil(down[-1] / g - 1e-9), down[-1] - 1)
+            if nx < lo:
+                break
+            down.append(nx)
+        looks = down[::-1] + [int(v) for v in look_schedule(n1, self.n_max, g)[1:]]
+        if len(looks) > self.K:
+            raise RuntimeError(f"anchored schedule of {len(looks)} looks exceeds the table's {self.K} columns")
         return np.array(looks, dtype=np.int64)
 
     def first_looks(self, s0, n0) -> np.ndarray:
