@@ -496,8 +496,8 @@ def test_at_most_one_host_sync_per_forward_pass(monkeypatch):
 def test_threshold_schedule_places_its_looks_as_documented():
     """An input whose selection votes all went to cA (p_hat = 1) is anchored where the bound at
     ANCHOR_SHARE * alpha with all successes clears Phi(r / sigma); its looks are the geometric ones through
-    the anchor (growth apart, down to n_min), the anchor spends ANCHOR_SHARE of alpha and the others share the
-    rest; an input whose selection rate is not above the threshold keeps the geometric looks from n_min."""
+    the anchor (growth apart, down to n_min), the anchor spends ANCHOR_SHARE of alpha, n_max FINAL_SHARE and the
+    others share the rest; an input whose selection rate is not above the threshold keeps the geometric looks from n_min."""
     alpha, n0, p0 = 0.001, 50, stats.norm.cdf(1.0)
     t = SequentialTest(3, alpha=alpha, thresholds=[p0], n_min=50, n_max=100_000, growth=1.5, schedule="threshold")
     t.start([0, 1, 2], [50, 40, 46], n0)
@@ -507,6 +507,8 @@ def test_threshold_schedule_places_its_looks_as_documented():
     expect = [n1] + [math.ceil(n1 * 1.5 ** k - 1e-9) for k in range(1, K - 1)] + [100_000]
     assert t.looks[0, :K].tolist() == expect and expect[-2] < 100_000 <= math.ceil(n1 * 1.5 ** (K - 1))
     assert t.spend[0, 0] == seq.ANCHOR_SHARE and math.isclose(t.spend[0].sum(), 1.0)
+    assert t.spend[0, K - 1] == seq.FINAL_SHARE  # n_max, where inputs near the threshold end
+    assert np.allclose(t.spend[0, 1:K - 1], (1 - seq.ANCHOR_SHARE - seq.FINAL_SHARE) / (K - 2))
     assert t.looks[1, :t.K_row[1]].tolist() == look_schedule(50, 100_000, 1.5).tolist()  # 0.8 < p0: geometric
     assert np.allclose(t.spend[1, :t.K_row[1]], 1.0 / t.K_row[1])
     # 0.92: the anchor is further on and the looks below it go down to n_min
