@@ -366,10 +366,12 @@ def test_constant_classifier_stops_at_the_first_look():
     x = torch.rand(4, 1, 4, 4)
     # the threshold schedule's first look: all n0 selection votes for cA, so the anchor for p_hat = 1
     first = int(seq.clearing_n(1.0, stats.norm.cdf(1.0), 0.001 * seq.ANCHOR_SHARE, 100_000))
-    # betting's capital with all successes, (1 + max_bet (1 - p0))^n, reaches 1 / alpha at n = 52: the look after
-    looks = SequentialTest(1, thresholds=[0.5]).anchored_schedule(first)
-    stop = {"cp": first, "betting": int(looks[looks >= math.log(1000) / math.log1p(0.9 * (1 - stats.norm.cdf(1)))][0])}
-    assert stop["betting"] == 66
+    # betting's anchor: where its mixture capital with all successes reaches its level (it does there, at
+    # the first look: the estimation votes are all successes, as the selection's)
+    b = SequentialTest(1, test="betting", thresholds=[stats.norm.cdf(1.0)])
+    b.start([0], [seq.DEFAULT_N0], seq.DEFAULT_N0)
+    stop = {"cp": first, "betting": int(b.first_looks([seq.DEFAULT_N0], [seq.DEFAULT_N0], b.log_w[:1, 0])[0])}
+    assert b.looks[0, 0] == stop["betting"] == 55
     for test in ("betting", "cp"):
         res = smooth.certify_radius(x, 0.25, 0.001, 1000, test=test, seed=0)
         assert res.samples.tolist() == [seq.DEFAULT_N0 + stop[test]] * 4 and res.prediction.tolist() == [1] * 4
@@ -516,6 +518,13 @@ def test_threshold_schedule_places_its_looks_as_documented():
     looks = t.looks[2, :t.K_row[2]]
     assert n1 in looks and looks[0] >= 50 and looks[0] < 75 and t.spend[2, list(looks).index(n1)] == seq.ANCHOR_SHARE
     assert np.all(np.diff(looks) > 0) and looks[-1] == 100_000
+    # the mixture betting test aims at where ITS capital with the expected successes reaches its level
+    b = SequentialTest(1, test="betting", alpha=alpha, thresholds=[p0], n_min=50, n_max=100_000, growth=1.5)
+    b.start([0], [46], n0)
+    n1 = int(b.first_looks([46], [n0], b.log_w[:1, 0])[0])
+    cap = [betting.mixture_log_capital([n * 0.92], [n], [[p0]], b.grid, +1, b.log_w[:1, 0])[0, 0] for n in (n1 - 1, n1)]
+    level = -math.log((1 - betting.DEFAULT_FINAL_SHARE) * alpha)
+    assert cap[0] < level <= cap[1] and n1 in b.looks[0, :b.K_row[0]]
 
 
 @pytest.mark.parametrize("growth,n_min", [(1.02, 50), (1.02, 2), (1.05, 1), (1.5, 1), (1.5, 2), (2.0, 1), (3.0, 1)])

@@ -33,10 +33,10 @@ simultaneous confidence sequence, and the family-wise error (any radius wrongly 
 The per-threshold alternative (one test per radius at alpha / R, the union bound) is strictly weaker.
 
 Two confidence sequences, both selectable (``test``; "cp" is the default: in simulation it needs fewer
-samples than the betting sequence at most points, e.g. a mean of 701 against 772 estimation samples at
-pA = 0.9, r = sigma, alpha = 0.001, with the default schedule; betting needed fewer at r = sigma,
-pA = 0.95 (171 against 179) and at r = sigma / 2, pA = 0.9 (78 against 81): benchmarks/sequential_oracle.py
-has the table per pA bin):
+samples than the betting sequence at most points, e.g. a mean of 705 against 774 estimation samples at
+pA = 0.9, r = sigma, alpha = 0.001, with the default schedule, 10^4 trials; betting needed fewer at
+r = sigma, pA = 0.95 (176 against 179) and at r = sigma / 2, pA = 0.9 (78 against 82):
+benchmarks/results/sequential_oracle.csv has the table per pA bin):
 
 ``"cp"`` -- Clopper-Pearson at the row's looks n_1 < ... < n_K = n_max: L_k = the one-sided
     (1 - w_k alpha) Clopper-Pearson lower bound, U_k = the (1 - w_k beta) upper bound, L = max over looks
@@ -47,7 +47,8 @@ Look schedules (``schedule``, ``growth``):
 
 ``"geometric"`` -- n_k = ceil(n_min * growth^k) below n_max (strictly increasing), then n_max; the same for
     every row, w_k = 1/K. growth = 2 was the old default; 1.5 needs fewer samples with both tests in
-    simulation (e.g. cp at r = sigma: 2.11x -> 2.00x the oracle at pA = 0.9, 2.06x -> 1.89x at 0.95).
+    simulation (e.g. cp at r = sigma: 2.14x the oracle with doubling from n0 = n_min = 100, 1.99x with 1.5
+    from 50 / 50 at pA = 0.9; 2.09x -> 1.88x at 0.95: sequential_oracle.csv).
 
 ``"threshold"`` (the default) -- per row, from its SELECTION counts (s0 of n0 votes for cA): p_hat = s0 / n0
     (less SCHEDULE_SHRINK standard errors; 0: the measured best), t = the largest threshold below p_hat,
@@ -62,7 +63,10 @@ Look schedules (``schedule``, ``growth``):
     at pA = 0.979, r = 2 sigma (50% with doubling looks); with 0.07, 49% (10^4 trials), for +0.5% samples
     at r = sigma, pA = 0.9 (0.1 gave 51% for +1.8%). Fallback to the geometric looks when no threshold is below p_hat
     (p_hat at or below the threshold: nothing to aim at), when n* >= n_max, and in full-radius mode (no
-    threshold). Why the guarantee holds: the selection samples are independent of the estimation
+    threshold). The mixture betting test anchors instead at the smallest n where its own capital K+(t)
+    with n * p_hat successes reaches its level (``capital_clearing_n``: later than cp's anchor; fewer
+    wasted looks, e.g. 80 -> 72 samples at r = sigma, pA = 0.99, 68 -> 57 at 0.999, 766 -> 774 at 0.9);
+    its bounds need no union bound over the looks. Why the guarantee holds: the selection samples are independent of the estimation
     samples (separate noise: Smooth.certify's SELECTION and ESTIMATION keys), and the looks and shares
     are a function of the selection counts alone, fixed at ``start`` before any estimation sample.
     Conditionally on the selection counts the looks are therefore fixed numbers, the estimation samples
@@ -297,8 +301,8 @@ class SequentialTest:
         self.decisions[rows] = self.UNDECIDED
         self.done[rows] = False
         self.hist[rows] = 0.0
-        self._plan(rows)
         self._weigh(rows)
+        self._plan(rows)
         self._decide_budget(rows)
         self._bet(rows[~self.done[rows]])
 
@@ -363,7 +367,7 @@ class SequentialTest:
         self.spend[rows, :len(self._base)] = 1.0 / len(self._base)
         if self.schedule != "threshold" or not self.R or not len(rows):
             return
-        first = self.first_looks(self.s0[rows], self.n0[rows])
+        first = self.first_looks(self.s0[rows], self.n0[rows], self.log_w[rows, 0])
         for n1 in np.unique(first[first > 0]):
             plan = self.anchored_schedule(int(n1))
             sel, K = rows[first == n1], len(plan)
@@ -403,22 +407,38 @@ class SequentialTest:
         w[a] = ANCHOR_SHARE
         return w
 
-    def first_looks(self, s0, n0) -> np.ndarray:
+    def first_looks(self, s0, n0, log_w=None) -> np.ndarray:
         """The threshold schedule's anchor per row from its selection counts (s0 of n0 for cA): the
         smallest n whose Clopper-Pearson bound at ANCHOR_SHARE * alpha with n * p_c expected successes
         clears the largest threshold below p_c (p_c = s0 / n0 less SCHEDULE_SHRINK standard errors);
         0 (fall back to the geometric looks) where no threshold is below p_c or the anchor would not
-        come before n_max."""
+        come before n_max. The mixture betting test given its weights log_w [rows, J] (K+'s) aims instead
+        at the smallest n where its own capital with n * p_c successes reaches its level (capital_clearing_n)."""
         s0, n0 = np.asarray(s0, np.float64), np.asarray(n0, np.float64)
         p = np.divide(s0, n0, out=np.zeros_like(s0), where=n0 > 0)
         p_c = p - SCHEDULE_SHRINK * np.sqrt(p * (1.0 - p) / np.maximum(n0, 1.0))
         t = np.where(self.thresholds[None, :] < p_c[:, None], self.thresholds[None, :], -1.0).max(1)
         ok = (t > 0) & (n0 > 0)
         first = np.zeros(len(p), np.int64)
-        if ok.any():
+        if ok.any() and log_w is not None and self.test == "betting" and self.bets == "mixture":
+            n1 = self.capital_clearing_n(p_c[ok], t[ok], np.asarray(log_w)[ok])
+            first[ok] = np.where(n1 < self.n_max, n1, 0)
+        elif ok.any():
             n1 = clearing_n(p_c[ok], t[ok], self.alpha * ANCHOR_SHARE, self.n_max)
             first[ok] = np.where(n1 < self.n_max, n1, 0)
         return first
+
+    def capital_clearing_n(self, p, t, log_w) -> np.ndarray:
+        """The smallest n in [1, n_max] where the mixture capital K+(t) with weights log_w [rows, J] and the
+        expected successes n * p reaches the test's level 1 / ((1 - final_share) alpha); n_max + 1 where none
+        does. Bisection: log K+ is convex in n and 0 at n = 0, so once above the level it stays there."""
+        p, t = np.asarray(p, np.float64), np.asarray(t, np.float64)
+        lo, hi = np.zeros(p.shape, np.int64), np.full(p.shape, self.n_max + 1, np.int64)
+        while np.any(hi - lo > 1):
+            mid = (lo + hi) // 2
+            ok = betting.mixture_log_capital(mid * p, mid, t[:, None], self.grid, +1, log_w)[:, 0] >= self._log_a
+            hi, lo = np.where(ok, mid, hi), np.where(ok, lo, mid)
+        return hi
 
     # ------------------------------------------------------------------------------------ decisions
 
