@@ -544,6 +544,16 @@ def test_anchored_schedule_terminates_with_small_growth_or_n_min(growth, n_min):
     assert sim.done.all() and np.all(sim.n <= 2000)
 
 
+def test_cp_does_not_abstain_while_a_look_ahead_can_still_certify():
+    """Abstention is judged at every look still ahead with its own share, not at n_max's alone: with n_max
+    just past the anchor (44 for p_hat = 1 at r = sigma), all-successes at n_max with FINAL_SHARE cannot
+    clear Phi(1), but the anchor with ANCHOR_SHARE can: the input is certified there, not abstained."""
+    p0 = stats.norm.cdf(1.0)
+    t = simulate(1.0, 3, seed=0, n0=50, test="cp", alpha=0.001, thresholds=[p0], n_min=10, n_max=50)
+    assert clopper_pearson_lower(50, 50, 0.001 * seq.FINAL_SHARE) < p0
+    assert t.decisions[:, 0].tolist() == [CERTIFIED] * 3 and t.n.tolist() == [44] * 3
+
+
 @pytest.mark.parametrize("test,trials,ps", [("cp", 10_000, (-0.003, 0.0)), ("betting", 2000, (-0.003, 0.0))])
 def test_threshold_schedule_sound_whatever_the_selection(test, trials, ps):
     """The threshold schedule depends on the selection samples only, so the guarantee must hold for ANY

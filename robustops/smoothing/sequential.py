@@ -472,9 +472,7 @@ class SequentialTest:
         left = (self.n_max - self.n[rows]).astype(np.float64)
         t = self.thresholds[None, :]
         if self.test == "cp":
-            best = clopper_pearson_lower(self.s[rows] + left, np.full(len(rows), self.n_max),
-                                         self.alpha * self.spend[rows, self.K_row[rows] - 1])
-            reachable = best[:, None] >= t
+            reachable = self._cp_reachable(rows, left, t)
         else:
             reachable = self._best_log_capital(rows, t, left) >= self._log_a
             if self._alpha_f > 0:  # the final look's Clopper-Pearson bound
@@ -484,6 +482,26 @@ class SequentialTest:
         d[(d == self.UNDECIDED) & ~reachable] = ABSTAINED
         self.decisions[rows] = d
         self.done[rows] = ~(d == self.UNDECIDED).any(1)
+
+    def _cp_reachable(self, rows, left: np.ndarray, t: np.ndarray) -> np.ndarray:
+        """[len(rows), R]: could all-successes from now on certify t at some look still ahead? First at n_max
+        with its share; the undecided rows that cannot there are checked at the looks ahead with a larger
+        share (an anchor ahead spends far more than n_max; a look with fewer samples and no larger share
+        cannot reach further than n_max)."""
+        last = self.spend[rows, self.K_row[rows] - 1]
+        best = clopper_pearson_lower(self.s[rows] + left, np.full(len(rows), self.n_max), self.alpha * last)
+        reachable = best[:, None] >= t
+        short = np.nonzero((~reachable & (self.decisions[rows] == self.UNDECIDED)).any(1))[0]
+        if len(short):
+            r = rows[short]
+            ahead = (np.arange(self.K)[None, :] >= self.k[r][:, None]) & (self.spend[r] > last[short, None])
+            i, k = np.nonzero(ahead)
+            n_k = self.looks[r[i], k].astype(np.float64)
+            lo = clopper_pearson_lower(self.s[r[i]] + n_k - self.n[r[i]], n_k, self.alpha * self.spend[r[i], k])
+            best = np.zeros(len(r))
+            np.maximum.at(best, i, lo)
+            reachable[short] |= best[:, None] >= t
+        return reachable
 
     # -------------------------------------------------------------------------------------- betting
 
