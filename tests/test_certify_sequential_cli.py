@@ -12,6 +12,7 @@ import pytest
 from helpers import ROOT, digits_checkpoint, torchrun_certify, one_thread, subprocess_env, train_digits_model  # noqa: F401 (one_thread: a fixture)
 from helpers import run_certify as run
 from robustops import smoothing as sm
+from robustops.smoothing import sequential as seq
 from robustops.cli import certify as certify_cli
 from robustops.cli.certifiers import results_file
 from robustops.data import load_digits
@@ -76,7 +77,7 @@ def smooth(ckpt):
     return sm.Smooth(ckpt[1], 10, SIGMA)
 
 
-def test_fixed_radius_matches_certify_radius(ckpt, data, radius_run):
+def test_fixed_radius_matches_certify_radius(ckpt, data, radius_run, tmp_path):
     out, wall = radius_run
     t = table(out)
     assert all(len(f) == 8 for f in t)
@@ -102,6 +103,25 @@ def test_fixed_radius_matches_certify_radius(ckpt, data, radius_run):
     assert s["mode"] == "fixed-radius" and s["test"] == "cp" and s["beta"] == ALPHA  # cp: Smooth's default
     assert s["radii"] == [{"radius": 1 / 3, "certified_accuracy": pytest.approx(float((cert & (correct == 1)).mean())),
                            "certified": dec.count("c"), "not_certified": dec.count("n"), "abstained": dec.count("a")}]
+    # --schedule geometric --growth 2 without --n0: the sequential default n0 (50), every stop at a look
+    # n0 + n_min * 2^k (or n0 + N), the settings and the ratio against the n0 used; fixed CERTIFY keeps 100
+    out, few = tmp_path / "geo.tsv", IDX[:5]
+    no_n0 = [a for i, a in enumerate(COMMON) if a != "--N0" and (i == 0 or COMMON[i - 1] != "--N0")]
+    assert run(["--checkpoint", ckpt[0], "-o", out, "--sequential", "--radius", "1/3", "--schedule", "geometric",
+                "--growth", "2", "--max", "100"] + no_n0) == 0
+    samples = [int(f[6]) for f in table(out)]
+    assert set(samples) <= {seq.DEFAULT_N0 + int(n) for n in seq.look_schedule(50, N, 2.0)} and len(samples) == len(few)
+    res = smooth(ckpt).certify_radius(data[0][:5], 1 / 3, ALPHA, BATCH, n_max=N, seed=SEED, indices=few,
+                                      schedule="geometric", growth=2.0)
+    assert res.samples.tolist() == samples
+    s = summary(out)
+    assert s["settings"]["growth"] == 2.0 and s["settings"]["schedule"] == "geometric" and s["settings"]["n0"] == 50
+    s = s["summary"]
+    assert s["growth"] == 2.0 and s["schedule"] == "geometric" and s["n0"] == seq.DEFAULT_N0 == 50
+    assert s["sample_ratio"] == pytest.approx((50 + N) / np.mean(samples))
+    fixed = tmp_path / "fixed.tsv"
+    assert run(["--checkpoint", ckpt[0], "-o", fixed, "--max", "1"] + no_n0) == 0
+    assert summary(fixed)["summary"]["n0"] == summary(fixed)["settings"]["n0"] == 100
 
 
 def test_grid_mode_decisions_summary_and_plot(ckpt, data, grid_run, tmp_path, capsys):
@@ -279,13 +299,13 @@ def test_help_states_the_api_defaults(capsys):
     """--help names the defaults of the sequential modes as robustops.smoothing.sequential defines them (the
     help cannot import them: `robustops --help` stays torch-free)."""
     from robustops.cli import main
-    from robustops.smoothing.sequential import (DEFAULT_GROWTH, DEFAULT_N_MIN, DEFAULT_PRECISION, DEFAULT_SCHEDULE,
-                                                DEFAULT_TEST)
+    from robustops.smoothing.sequential import (DEFAULT_GROWTH, DEFAULT_N0, DEFAULT_N_MIN, DEFAULT_PRECISION,
+                                                DEFAULT_SCHEDULE, DEFAULT_TEST)
 
     with pytest.raises(SystemExit):
         main(["certify", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     for words in (f"(None: {DEFAULT_PRECISION:g})", f"None: {DEFAULT_TEST}, as in the Smooth methods",
                   f"first look (None: {DEFAULT_N_MIN})", f"> 1 (None: {DEFAULT_GROWTH:g})",
-                  f"{DEFAULT_SCHEDULE} (None: per input"):
+                  f"{DEFAULT_SCHEDULE} (None: per input", f"(None: 100; with --sequential {DEFAULT_N0},"):
         assert words in text, words

@@ -366,10 +366,12 @@ def test_constant_classifier_stops_at_the_first_look():
     x = torch.rand(4, 1, 4, 4)
     # the threshold schedule's first look: all n0 selection votes for cA, so the anchor for p_hat = 1
     first = int(seq.clearing_n(1.0, stats.norm.cdf(1.0), 0.001 * seq.ANCHOR_SHARE, 100_000))
-    # betting's capital with all successes, (1 + max_bet (1 - p0))^n, reaches 1 / alpha at n = 52: the look after
-    looks = SequentialTest(1, thresholds=[0.5]).anchored_schedule(first)
-    stop = {"cp": first, "betting": int(looks[looks >= math.log(1000) / math.log1p(0.9 * (1 - stats.norm.cdf(1)))][0])}
-    assert stop["betting"] == 66
+    # betting's anchor: where its mixture capital with all successes reaches its level (it does there, at
+    # the first look: the estimation votes are all successes, as the selection's)
+    b = SequentialTest(1, test="betting", thresholds=[stats.norm.cdf(1.0)])
+    b.start([0], [seq.DEFAULT_N0], seq.DEFAULT_N0)
+    stop = {"cp": first, "betting": int(b.first_looks([seq.DEFAULT_N0], [seq.DEFAULT_N0], b.log_w[:1, 0])[0])}
+    assert b.looks[0, 0] == stop["betting"] == 55
     for test in ("betting", "cp"):
         res = smooth.certify_radius(x, 0.25, 0.001, 1000, test=test, seed=0)
         assert res.samples.tolist() == [seq.DEFAULT_N0 + stop[test]] * 4 and res.prediction.tolist() == [1] * 4
@@ -496,8 +498,8 @@ def test_at_most_one_host_sync_per_forward_pass(monkeypatch):
 def test_threshold_schedule_places_its_looks_as_documented():
     """An input whose selection votes all went to cA (p_hat = 1) is anchored where the bound at
     ANCHOR_SHARE * alpha with all successes clears Phi(r / sigma); its looks are the geometric ones through
-    the anchor (growth apart, down to n_min), the anchor spends ANCHOR_SHARE of alpha and the others share the
-    rest; an input whose selection rate is not above the threshold keeps the geometric looks from n_min."""
+    the anchor (growth apart, down to n_min), the anchor spends ANCHOR_SHARE of alpha, n_max FINAL_SHARE and the
+    others share the rest; an input whose selection rate is not above the threshold keeps the geometric looks from n_min."""
     alpha, n0, p0 = 0.001, 50, stats.norm.cdf(1.0)
     t = SequentialTest(3, alpha=alpha, thresholds=[p0], n_min=50, n_max=100_000, growth=1.5, schedule="threshold")
     t.start([0, 1, 2], [50, 40, 46], n0)
@@ -507,6 +509,8 @@ def test_threshold_schedule_places_its_looks_as_documented():
     expect = [n1] + [math.ceil(n1 * 1.5 ** k - 1e-9) for k in range(1, K - 1)] + [100_000]
     assert t.looks[0, :K].tolist() == expect and expect[-2] < 100_000 <= math.ceil(n1 * 1.5 ** (K - 1))
     assert t.spend[0, 0] == seq.ANCHOR_SHARE and math.isclose(t.spend[0].sum(), 1.0)
+    assert t.spend[0, K - 1] == seq.FINAL_SHARE  # n_max, where inputs near the threshold end
+    assert np.allclose(t.spend[0, 1:K - 1], (1 - seq.ANCHOR_SHARE - seq.FINAL_SHARE) / (K - 2))
     assert t.looks[1, :t.K_row[1]].tolist() == look_schedule(50, 100_000, 1.5).tolist()  # 0.8 < p0: geometric
     assert np.allclose(t.spend[1, :t.K_row[1]], 1.0 / t.K_row[1])
     # 0.92: the anchor is further on and the looks below it go down to n_min
@@ -514,6 +518,40 @@ def test_threshold_schedule_places_its_looks_as_documented():
     looks = t.looks[2, :t.K_row[2]]
     assert n1 in looks and looks[0] >= 50 and looks[0] < 75 and t.spend[2, list(looks).index(n1)] == seq.ANCHOR_SHARE
     assert np.all(np.diff(looks) > 0) and looks[-1] == 100_000
+    # the mixture betting test aims at where ITS capital with the expected successes reaches its level
+    b = SequentialTest(1, test="betting", alpha=alpha, thresholds=[p0], n_min=50, n_max=100_000, growth=1.5)
+    b.start([0], [46], n0)
+    n1 = int(b.first_looks([46], [n0], b.log_w[:1, 0])[0])
+    cap = [betting.mixture_log_capital([n * 0.92], [n], [[p0]], b.grid, +1, b.log_w[:1, 0])[0, 0] for n in (n1 - 1, n1)]
+    level = -math.log((1 - betting.DEFAULT_FINAL_SHARE) * alpha)
+    assert cap[0] < level <= cap[1] and n1 in b.looks[0, :b.K_row[0]]
+
+
+@pytest.mark.parametrize("growth,n_min", [(1.02, 50), (1.02, 2), (1.05, 1), (1.5, 1), (1.5, 2), (2.0, 1), (3.0, 1)])
+def test_anchored_schedule_terminates_with_small_growth_or_n_min(growth, n_min):
+    """Regression (review of issue 30): stepping down from the anchor by ceil(x / growth) stalls where
+    ceil(x / growth) = x (x <= ~growth / (growth - 1)), so growth 1.02 or n_min 1-2 hung in start. The
+    looks must be strictly increasing, reach down to min(anchor, n_min), and fit the table's K columns
+    (an anchored plan can have one look more than the geometric looks from 1)."""
+    p0 = stats.norm.cdf(1.0)
+    t = SequentialTest(1, alpha=0.001, thresholds=[p0], n_min=n_min, n_max=2000, growth=growth)
+    for n1 in (1, 2, 3, 7, 44, 1999):
+        looks = t.anchored_schedule(n1)
+        assert np.all(np.diff(looks) > 0) and looks[-1] == 2000 and n1 in looks and len(looks) <= t.K
+        assert looks[0] >= min(n1, n_min)
+    sim = simulate(0.9, 10, seed=0, n0=50, test="cp", alpha=0.001, thresholds=[p0], n_min=n_min, n_max=2000,
+                   growth=growth)
+    assert sim.done.all() and np.all(sim.n <= 2000)
+
+
+def test_cp_does_not_abstain_while_a_look_ahead_can_still_certify():
+    """Abstention is judged at every look still ahead with its own share, not at n_max's alone: with n_max
+    just past the anchor (44 for p_hat = 1 at r = sigma), all-successes at n_max with FINAL_SHARE cannot
+    clear Phi(1), but the anchor with ANCHOR_SHARE can: the input is certified there, not abstained."""
+    p0 = stats.norm.cdf(1.0)
+    t = simulate(1.0, 3, seed=0, n0=50, test="cp", alpha=0.001, thresholds=[p0], n_min=10, n_max=50)
+    assert clopper_pearson_lower(50, 50, 0.001 * seq.FINAL_SHARE) < p0
+    assert t.decisions[:, 0].tolist() == [CERTIFIED] * 3 and t.n.tolist() == [44] * 3
 
 
 @pytest.mark.parametrize("test,trials,ps", [("cp", 10_000, (-0.003, 0.0)), ("betting", 2000, (-0.003, 0.0))])

@@ -79,7 +79,8 @@ def add_arguments(p: argparse.ArgumentParser, mode: str = "certify") -> None:
     g.add_argument("--sigma", type=fraction("sigma"), default=None,
                    help="noise level (None: the sigma the checkpoint was trained with)")
     if mode == "certify":
-        g.add_argument("--n0", type=int, default=100, help="selection samples per input")
+        g.add_argument("--n0", type=int, default=None, help="selection samples per input (None: 100; with "
+                       "--sequential 50, the sequential modes' default)")
         alias(g, "--N0", dest="n0", type=int)
     g.add_argument("--n", "--num-samples", dest="n", type=int, default=100_000, help="estimation samples per input "
                    "(--num-samples: the spelling torchrun accepts)")

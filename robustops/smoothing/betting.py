@@ -54,11 +54,12 @@ the binomial tail is smaller than exp(-n KL) by a factor ~ 1 / (z sqrt(2 pi))): 
 r = 2 sigma the mixture alone certifies 45%, with a 0.1 share 53%, cp 50%; the share costs ~1% more
 samples on inputs decided before n_max.
 
-With the threshold-aimed look schedule of issue 30 (looks anchored where a Clopper-Pearson bound first
-clears the threshold, growth 1.5, n0 = n_min = 50; these bets measured on it before the merge) cp gains
-more than betting, whose looks it does not aim at: mean samples cp / betting (default) 746 / 806 at
-r = sigma, pA = 0.9; 227 / 227 at 0.95; 2,348 / 2,445 at r = 2 sigma, pA = 0.99; 521 / 578 at 0.999;
-certified at pA = 0.979, r = 2 sigma: 44% / 52%.
+With the threshold-aimed look schedule of issue 30 (growth 1.5, n0 = n_min = 50; cp anchored where its
+Clopper-Pearson bound first clears the threshold, the mixture where its own capital does), mean
+estimation samples cp / betting (default), 10^4 trials (benchmarks/sequential_oracle.py, its CSV for
+r <= sigma): 705 / 774 at r = sigma, pA = 0.9; 179 / 176 at 0.95; 69 / 72 at 0.99; 47 / 57 at 0.999;
+2,362 / 2,436 at r = 2 sigma, pA = 0.99; 471 / 482 at 0.999; certified at pA = 0.979, r = 2 sigma:
+49% / 52%.
 
 ``"plugin"`` -- the predictable plug-in bet of the first version: constant within a chunk between two
     looks (chosen before the chunk: predictable), Kelly's bet for a Bernoulli(p_hat) against the next

@@ -140,6 +140,13 @@ class SequentialCertifier(SmoothingCertifier):
     def resolve(self, args, ckpt: Checkpoint, s: SmoothingSettings, extra) -> SequentialSettings:
         return SequentialSettings(s.model, s.mean, s.std, s.sigma, options=sequential_options(args))
 
+    def n0(self, args) -> int:
+        """The selection samples per input: --n0, else the sequential modes' DEFAULT_N0 (50, as in the Smooth
+        methods: fixed-n CERTIFY keeps 100)."""
+        from ...smoothing.sequential import DEFAULT_N0
+
+        return DEFAULT_N0 if args.n0 is None else args.n0
+
     def settings(self, args, s: SequentialSettings) -> dict:
         out = super().settings(args, s)
         o = s.options
@@ -152,7 +159,7 @@ class SequentialCertifier(SmoothingCertifier):
         decide = f"precision {o.precision:g}" if o.grid is None else \
             ("radius " if args.radius is not None else "radii ") + ",".join(f"{r:g}" for r in o.grid)
         return (f"sigma {s.sigma:g}, sequential ({decide}, test {o.test}, {o.schedule} looks x{o.growth:g}), n0 "
-                f"{args.n0}, n {o.n_min}..{args.n}, "
+                f"{self.n0(args)}, n {o.n_min}..{args.n}, "
                 f"alpha {args.alpha:g}, beta {o.beta:g}, batch {args.batch_size}")
 
     def inputs_per_call(self, args, s: SequentialSettings) -> None:
@@ -163,7 +170,7 @@ class SequentialCertifier(SmoothingCertifier):
         smooth, o = self.smoother(args, s, info, device), s.options
         return lambda pairs: smooth.certify_stream(
             pairs, args.alpha, args.batch_size, radii=o.grid, precision=None if o.grid else o.precision,
-            test=o.test, n0=args.n0, n_max=args.n, n_min=o.n_min, beta=o.beta, seed=args.seed,
+            test=o.test, n0=self.n0(args), n_max=args.n, n_min=o.n_min, beta=o.beta, seed=args.seed,
             max_active=args.max_active, growth=o.growth, schedule=o.schedule)
 
     def run(self, args, s: SequentialSettings, step, inputs: Inputs, rows: Rows) -> None:
@@ -197,9 +204,9 @@ class SequentialCertifier(SmoothingCertifier):
         the counts of each decision (full-radius mode: as fixed-n certify)."""
         o, summary = s.options, self.base_summary(args, s, fields, threads)
         mean = sum(int(f[6]) for f in fields) / len(fields) if fields else 0.0
-        fixed = args.n0 + args.n
+        fixed = self.n0(args) + args.n  # fixed-n CERTIFY with the selection samples this run used
         what = "full-radius" if o.grid is None else "fixed-radius" if args.radius is not None else "grid"
-        summary.update(sequential=True, mode=what, test=o.test, n0=args.n0, n_max=args.n, n_min=o.n_min,
+        summary.update(sequential=True, mode=what, test=o.test, n0=self.n0(args), n_max=args.n, n_min=o.n_min,
                        beta=o.beta, growth=o.growth, schedule=o.schedule, mean_samples=mean, fixed_samples=fixed, sample_ratio=fixed / mean if mean else None)
         print(f"sequential {what} ({o.test}): {mean:.1f} samples per input on average, against n0 + n = {fixed}"
               + (f" ({fixed / mean:.2f}x)" if mean else ""))

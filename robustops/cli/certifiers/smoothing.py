@@ -11,6 +11,9 @@ from typing import Any, List
 from ..common import CLIError, check_model_accepts
 from .base import Certifier, Checkpoint, Settings, certified_table, radius_correct
 
+#: Fixed-n CERTIFY's selection samples per input when --n0 is not given (Cohen et al. 2019's n0)
+FIXED_N0 = 100
+
 __all__ = ["SmoothingCertifier", "LatentCertifier", "SmoothingSettings", "LatentSettings"]
 
 
@@ -85,13 +88,19 @@ class SmoothingCertifier(Certifier):
         """The last step of check: s, completed with what check_threat returned (extra)."""
         return s
 
+    def n0(self, args) -> int:
+        """The selection samples per input: --n0, else fixed-n CERTIFY's FIXED_N0 (Cohen et al.'s 100)."""
+        return FIXED_N0 if getattr(args, "n0", None) is None else args.n0
+
     def settings(self, args, s: SmoothingSettings) -> dict:
         out = super().settings(args, s)
         out["sigma"] = float(s.sigma)
+        if self.command == "certify":
+            out["n0"] = self.n0(args)  # resolved: a run of the default records the number it used
         return out
 
     def describe(self, args, s: SmoothingSettings) -> str:
-        n0 = f"n0 {args.n0}, " if self.command == "certify" else ""
+        n0 = f"n0 {self.n0(args)}, " if self.command == "certify" else ""
         return f"sigma {s.sigma:g}, {n0}n {args.n}, alpha {args.alpha:g}, batch {args.batch_size}"
 
     def smoother(self, args, s: SmoothingSettings, info: dict, device):
@@ -107,7 +116,7 @@ class SmoothingCertifier(Certifier):
 
         def step(x, ids):
             if self.command == "certify":
-                res = smooth.certify(x, args.n0, args.n, args.alpha, args.batch_size, seed=args.seed, indices=ids)
+                res = smooth.certify(x, self.n0(args), args.n, args.alpha, args.batch_size, seed=args.seed, indices=ids)
                 return res.prediction, res.radius, res.nan_votes + res.selection_nan_votes, res.finite_input
             res = smooth.predict(x, args.n, args.alpha, args.batch_size, seed=args.seed, indices=ids,
                                  return_details=True)
@@ -117,7 +126,7 @@ class SmoothingCertifier(Certifier):
 
     def inputs_per_call(self, args, s: Settings) -> int:
         """--inputs-per-call, else enough inputs for about 4 forward passes."""
-        per_input = (getattr(args, "n0", 0) or 0) + args.n
+        per_input = (self.n0(args) if self.command == "certify" else 0) + args.n
         return args.inputs_per_call or max(1, min(256, math.ceil(4 * args.batch_size / per_input)))
 
     def base_summary(self, args, s: SmoothingSettings, fields: List[List[str]], threads: int) -> dict:
@@ -150,7 +159,7 @@ class SmoothingCertifier(Certifier):
         table, line = certified_table(radius, correct, radii, "g")
         if len(radii) < len(STANDARD_RADII):
             line += f"  (no radius past {largest:.3g} can be certified with {self.samples(args)}, alpha={args.alpha:g})"
-        summary.update(n0=args.n0, acr=acr(radius, correct), largest_certifiable_radius=largest,
+        summary.update(n0=self.n0(args), acr=acr(radius, correct), largest_certifiable_radius=largest,
                        certified_accuracy=table)
         summary.update(self.curve_extras(args, s, radius, correct))
         print(f"ACR {summary['acr']:.4f}")
