@@ -247,3 +247,43 @@ def section_rows(section: str, seed: int, out: str, epochs: int, rows_flag: str,
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     with open(os.path.join(out, section, "results.json")) as fh:
         return json.load(fh)["rows"]
+
+
+def seed_means(rows: list, cols) -> dict:
+    """Rows of several seeds (each with "row", "label" and the columns cols) -> {row: {"label", "n", and per
+    column its mean over the seeds that measured it (None when none did) and "<column>_sd"}}."""
+    import statistics
+
+    by: dict = {}
+    for r in rows:
+        by.setdefault(r["row"], []).append(r)
+    out = {}
+    for k, v in by.items():
+        m = {"label": v[0]["label"], "n": len(v), "row": k}
+        for c in cols:
+            vals = [r[c] for r in v if r.get(c) is not None]
+            m[c] = statistics.mean(vals) if vals else None
+            m[c + "_sd"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        out[k] = m
+    return out
+
+
+def seed_table(means: dict, cols, names, baseline: str, baseline_label: str, percent=None) -> list:
+    """The Markdown table of :func:`seed_means`: mean (sd over seeds) [gap to the baseline row] per column;
+    ``percent`` (default all) the columns shown as percentages (the others with 3 decimals)."""
+    base = means.get(baseline)
+    percent = set(cols) if percent is None else set(percent)
+    out = ["| row | seeds | " + " | ".join(names) + " |", "|---|---:|" + "---:|" * len(cols)]
+    for k, r in means.items():
+        cells = []
+        for c in cols:
+            if r[c] is None:
+                cells.append("-")
+                continue
+            f, fmt = (100.0, "{:.1f}") if c in percent else (1.0, "{:.3f}")
+            cell = f"{fmt.format(f * r[c])} ({fmt.format(f * r[c + '_sd'])})"
+            if base is not None and k != baseline and base[c] is not None:
+                cell += " [" + ("{:+.1f}" if c in percent else "{:+.3f}").format(f * (r[c] - base[c])) + "]"
+            cells.append(cell)
+        out.append(f"| {r['label']} | {r['n']} | " + " | ".join(cells) + " |")
+    return out + ["", f"mean (sd over seeds) [gap to {baseline_label}]; accuracies in %"]

@@ -16,7 +16,7 @@ import statistics
 import sys
 import tempfile
 
-from common import append_csv, section_rows
+from common import append_csv, section_rows, seed_means, seed_table
 
 FAMILIES = ("noise", "blur", "weather", "digital")
 NOISE = ("gaussian_noise", "shot_noise", "impulse_noise")
@@ -57,25 +57,8 @@ def verdicts(rows: list) -> list:
 
 def summary(rows: list) -> list:
     """Markdown: mean (sd) per row over the seeds, with each figure's gap to natural."""
-    by = {}
-    for r in rows:
-        by.setdefault(r["row"], []).append(r)
     cols = ("clean_acc", "mca") + FAMILIES + ("ece_corrupted",)
-    nat = {k: statistics.mean(r[k] for r in by["natural"]) for k in cols} if "natural" in by else None
-    out = ["| row | seeds | " + " | ".join(cols) + " |", "|---|---:|" + "---:|" * len(cols)]
-    for name, rs in by.items():
-        cells = []
-        for k in cols:
-            vals = [r[k] for r in rs]
-            m = statistics.mean(vals)
-            sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
-            pct = k != "ece_corrupted"
-            cell = f"{100 * m:.1f} ({100 * sd:.1f})" if pct else f"{m:.3f} ({sd:.3f})"
-            if nat is not None and name != "natural":
-                cell += f" [{100 * (m - nat[k]):+.1f}]" if pct else f" [{m - nat[k]:+.3f}]"
-            cells.append(cell)
-        out.append(f"| {rs[0]['label']} | {len(rs)} | " + " | ".join(cells) + " |")
-    return out + ["", "mean (sd over seeds) [gap to natural]; accuracies in %"]
+    return seed_table(seed_means(rows, cols), cols, cols, "natural", "natural", percent=cols[:-1])
 
 
 def main(argv=None) -> int:

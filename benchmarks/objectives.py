@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
 
-from common import append_csv, section_rows
+from common import append_csv, section_rows, seed_means, seed_table
 
 COLS = ("clean_acc", "robust_acc", "aa_acc", "transfer_acc")
 
@@ -24,30 +23,6 @@ COLS = ("clean_acc", "robust_acc", "aa_acc", "transfer_acc")
 def run_seed(seed: int, args, out: str) -> list:
     """One `robustops demo --section objectives` run; its rows from results.json."""
     return section_rows("objectives", seed, out, args.epochs, "--objectives-rows", args.rows)
-
-
-def means(rows: list) -> dict:
-    """row -> {column: mean over seeds} (and "label", "n")."""
-    by = {}
-    for r in rows:
-        by.setdefault(r["row"], []).append(r)
-    return {k: {"label": v[0]["label"], "n": len(v), **{c: statistics.mean(r[c] for r in v) for c in COLS},
-                **{c + "_sd": (statistics.stdev(r[c] for r in v) if len(v) > 1 else 0.0) for c in COLS}}
-            for k, v in by.items()}
-
-
-def summary(m: dict) -> list:
-    base = m.get("pgd")
-    out = ["| row | seeds | clean | PGD-20 | AutoAttack | transfer |", "|---|---:|---:|---:|---:|---:|"]
-    for k, r in m.items():
-        cells = []
-        for c in COLS:
-            cell = f"{100 * r[c]:.1f} ({100 * r[c + '_sd']:.1f})"
-            if base is not None and k != "pgd":
-                cell += f" [{100 * (r[c] - base[c]):+.1f}]"
-            cells.append(cell)
-        out.append(f"| {r['label']} | {r['n']} | " + " | ".join(cells) + " |")
-    return out + ["", "mean (sd over seeds) [gap to PGD-7 AT]; accuracies in %"]
 
 
 def main(argv=None) -> int:
@@ -69,8 +44,9 @@ def main(argv=None) -> int:
             all_rows += rows
             path = append_csv("objectives_quick.csv" if args.quick else "objectives.csv", rows)
             print(f"seed {seed} done ({path})", flush=True)
-    m = means(all_rows)
-    print("\n".join(summary(m) + [""] + targets(m)))  # the section's own verdicts, on the means over seeds
+    m = seed_means(all_rows, COLS)
+    print("\n".join(seed_table(m, COLS, ("clean", "PGD-20", "AutoAttack", "transfer"), "pgd", "PGD-7 AT") + [""]
+                    + targets(m)))  # the section's own verdicts, on the means over seeds
     return 0
 
 

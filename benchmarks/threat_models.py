@@ -17,43 +17,10 @@ import statistics
 import sys
 import tempfile
 
-from common import append_csv, section_rows
+from common import append_csv, section_rows, seed_means, seed_table
 
 COLS = ("clean_acc", "robust_acc", "aa_acc", "iwd_acc", "jstm_acc", "mca")
 NAMES = ("clean", "PGD-20", "AutoAttack", "IWD attack", "JSTM", "digits-C")
-
-
-def means(rows: list) -> dict:
-    """row -> {column: mean over seeds} (and "label", "n", "<column>_sd")."""
-    by = {}
-    for r in rows:
-        by.setdefault(r["row"], []).append(r)
-    out = {}
-    for k, v in by.items():
-        m = {"label": v[0]["label"], "n": len(v), "method": k}
-        for c in COLS:
-            vals = [r[c] for r in v if r.get(c) is not None]
-            m[c] = statistics.mean(vals) if vals else None
-            m[c + "_sd"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
-        out[k] = m
-    return out
-
-
-def summary(m: dict) -> list:
-    base = m.get("pgd")
-    out = ["| row | seeds | " + " | ".join(NAMES) + " |", "|---|---:|" + "---:|" * len(COLS)]
-    for k, r in m.items():
-        cells = []
-        for c in COLS:
-            if r[c] is None:
-                cells.append("-")
-                continue
-            cell = f"{100 * r[c]:.1f} ({100 * r[c + '_sd']:.1f})"
-            if base is not None and k != "pgd" and base[c] is not None:
-                cell += f" [{100 * (r[c] - base[c]):+.1f}]"
-            cells.append(cell)
-        out.append(f"| {r['label']} | {r['n']} | " + " | ".join(cells) + " |")
-    return out + ["", "mean (sd over seeds) [gap to PGD-7 AT]; accuracies in %"]
 
 
 def main(argv=None) -> int:
@@ -84,7 +51,7 @@ def main(argv=None) -> int:
             all_rows += rows
             path = append_csv("threat_models_quick.csv" if args.quick else "threat_models.csv", rows)
             print(f"seed {seed} done ({path})", flush=True)
-    m = means([r for r in all_rows if r["row"] != "robustify"])
+    m = seed_means([r for r in all_rows if r["row"] != "robustify"], COLS)
     rob_mean = None
     if robust:
         rob_mean = {k: {c: statistics.mean(r[k][c] for r in robust) for c in ("clean_acc", "pgd_acc")}
@@ -92,7 +59,7 @@ def main(argv=None) -> int:
         print(f"robustification (mean over {len(robust)} seeds): PGD-20 accuracy "
               f"{100 * rob_mean['original']['pgd_acc']:.1f}% -> {100 * rob_mean['robustified']['pgd_acc']:.1f}%, "
               f"clean {100 * rob_mean['original']['clean_acc']:.1f}% -> {100 * rob_mean['robustified']['clean_acc']:.1f}%")
-    print("\n".join(summary(m) + [""] + targets(m, rob_mean)))  # the section's verdicts, on the means
+    print("\n".join(seed_table(m, COLS, NAMES, "pgd", "PGD-7 AT") + [""] + targets(m, rob_mean)))  # the section's verdicts, on the means
     return 0
 
 
