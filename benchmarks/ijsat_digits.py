@@ -60,12 +60,13 @@ def main() -> None:
     p = parser(__doc__, "ijsat_digits.csv")
     add_digits_flags(p, VARIANTS)
     p.add_argument("--eps-z", type=float, default=0.03, help="the latent L-inf budget of ijsat and of JSTM-20")
-    p.add_argument("--mix-alpha", type=float, default=0.2,
+    p.add_argument("--mix-alpha", type=float, default=0.1,
                    help="robust mixup's Beta(ALPHA, ALPHA) of pgd_rmix and ijsat, and IAT's mixup of pgd_iat")
-    p.add_argument("--ijsat-clean", type=float, default=0.5,
-                   help="ijsat's weight of the clean mixed loss (IAT's 0.5; 0: the adversarial term alone)")
-    p.add_argument("--ijsat-mix", default="before", choices=("before", "after"),
-                   help="ijsat's robust mixup of the clean inputs before the attack or of the adversaries after it")
+    p.add_argument("--ijsat-clean", type=float, default=0.2,
+                   help="ijsat's weight of the clean robust-mixup loss (IAT's 0.5; 0: the adversarial term alone)")
+    p.add_argument("--ijsat-mix", default="clean", choices=("before", "after", "clean"),
+                   help="ijsat's robust mixup: of the inputs before the attack, of the adversaries after it, or of "
+                        "the clean term's inputs only (ijsat's default)")
     p.add_argument("--flow", default=None, help="a flow checkpoint (default: the linear Gaussian stand-in)")
     p.add_argument("--quick", action="store_true", help="seed 0, 2 epochs")
     args = p.parse_args()
