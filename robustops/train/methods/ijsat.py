@@ -47,6 +47,8 @@ same figures):
     w = 1/2, "clean",  alpha 0.1                              98.9 / 58.3 / 47.5 / 92.1
     w = 0.3, "clean",  alpha 0.1                              97.5 / 63.6 / 53.3 / 90.4
     w = 0.1, "clean",  alpha 0.1                              97.5 / 63.6 / 55.0 / 90.0
+    w = 0.25, "clean", alpha 0.1                              98.3 / 61.4 / 51.7 / 91.0
+    w = 0.2, "clean",  alpha 0.2                              98.1 / 61.4 / 54.4 / 90.5
     w = 0.2, "clean",  alpha 0.1 (the default)                98.3 / 62.5 / 53.6 / 90.7
 
 The clean term is what restores clean and corruption accuracy; robust-mixup interpolations inside the
