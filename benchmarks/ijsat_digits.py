@@ -60,8 +60,13 @@ def main() -> None:
     p = parser(__doc__, "ijsat_digits.csv")
     add_digits_flags(p, VARIANTS)
     p.add_argument("--eps-z", type=float, default=0.03, help="the latent L-inf budget of ijsat and of JSTM-20")
-    p.add_argument("--mix-alpha", type=float, default=0.2,
+    p.add_argument("--mix-alpha", type=float, default=0.1,
                    help="robust mixup's Beta(ALPHA, ALPHA) of pgd_rmix and ijsat, and IAT's mixup of pgd_iat")
+    p.add_argument("--ijsat-clean", type=float, default=0.2,
+                   help="ijsat's weight of the clean robust-mixup loss (IAT's 0.5; 0: the adversarial term alone)")
+    p.add_argument("--ijsat-mix", default="clean", choices=("before", "after", "clean"),
+                   help="ijsat's robust mixup: of the inputs before the attack, of the adversaries after it, or of "
+                        "the clean term's inputs only (ijsat's default)")
     p.add_argument("--flow", default=None, help="a flow checkpoint (default: the linear Gaussian stand-in)")
     p.add_argument("--quick", action="store_true", help="seed 0, 2 epochs")
     args = p.parse_args()
@@ -87,14 +92,16 @@ def main() -> None:
         if key == "pgd_iat":
             opts = dict(opts, mixup=args.mix_alpha)
         if method == "ijsat":
-            opts = dict(opts, perturbation_model=flow, eps_z=args.eps_z)
+            opts = dict(opts, perturbation_model=flow, eps_z=args.eps_z, ijsat_clean=args.ijsat_clean,
+                        ijsat_mix=args.ijsat_mix)
         torch.manual_seed(seed)
         model = models.get_model("small_cnn", **DIGITS_MODEL).to(args.device)
         res, train_s = fit_digits(model, method, train_ds, val_ds, args, seed, **opts)
         ev = pgd_accuracy(model, test_loader, args, seed, steps=args.attack_steps)
         jstm = attacks.JSTMAttack(model, flow, eps=args.eps, eps_z=args.eps_z, steps=args.attack_steps, seed=seed)
         jev = attacks.robust_accuracy(model, test_loader, jstm, device=args.device, progress=False)
-        return {"variant": key, "method": method, "mix_alpha": args.mix_alpha, "epochs": args.epochs, "seed": seed, "eps": args.eps,
+        return {"variant": key, "method": method, "mix_alpha": args.mix_alpha, "ijsat_clean": args.ijsat_clean,
+                "ijsat_mix": args.ijsat_mix, "epochs": args.epochs, "seed": seed, "eps": args.eps,
                 "eps_z": args.eps_z, "flow": args.flow or "linear-gaussian", "attack_steps": args.attack_steps,
                 "clean_acc": ev["clean_acc"], "robust_acc": ev["robust_acc"], "jstm_acc": jev["robust_acc"],
                 "best_epoch": res.best_epoch, "train_s": train_s}

@@ -166,14 +166,52 @@ def test_ijsat_resumes_exactly(digits, tmp_path):
               eps_z=0.2)
     ref, res, crash = resume_matches_uninterrupted("ijsat", sub, val, tmp_path, hp, crash_after=lambda n: n + 1,
                                                    width=8)
-    assert crash["config"]["robust_mixup"] == 0.2 and "mix_gen" in crash["rank_states"][0]
+    assert crash["config"]["robust_mixup"] == 0.1 and "mix_gen" in crash["rank_states"][0]
     assert math.isfinite(ref.history[-1]["train_loss"])
+
+
+def test_ijsat_at_zero_budgets_is_robust_mixup_training(digits):
+    """With eps = eps_z = 0 the joint adversary is its input (up to the flow's rounding), so IAT's two terms
+    coincide: any ijsat_clean trains the model as ijsat_clean=0 (the adversarial term alone) does."""
+    ld = DataLoader(Subset(digits[0], range(64)), batch_size=32)
+    params = []
+    for w in (0.0, 0.5):
+        model = tiny_cnn(seed=1, width=8)
+        rt.fit(model, ld, "ijsat", epochs=1, eps=0.0, eps_z=0.0, steps=2, seed=0, perturbation_model=OrthoFlow(),
+               ijsat_clean=w, ijsat_mix="before", progress=False, verbose=False)
+        params.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    torch.testing.assert_close(params[0], params[1], atol=1e-5, rtol=1e-4)
+
+
+def test_ijsat_with_the_clean_term_alone_is_natural_training_on_robust_mixup(digits):
+    """ijsat_clean = 1, "clean" (the default order): the step is the clean robust-mixup loss alone, so the model
+    trains as ``natural`` with the same robust_mixup does (the same mixing draws, the attack's weight 0)."""
+    ld = DataLoader(Subset(digits[0], range(64)), batch_size=32)
+    params = []
+    for method, kw in (("ijsat", dict(ijsat_clean=1.0, perturbation_model=OrthoFlow())), ("natural", {})):
+        model = tiny_cnn(seed=1, width=8)
+        rt.fit(model, ld, method, epochs=1, eps=EPS, steps=2, seed=0, robust_mixup=0.1, progress=False,
+               verbose=False, **kw)
+        params.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    torch.testing.assert_close(params[0], params[1])
+
+
+@pytest.mark.parametrize("mix", ["after", "clean"])
+def test_ijsat_attacking_the_unmixed_batch_resumes_exactly(digits, tmp_path, mix):
+    sub = Subset(digits[0], list(range(64)))
+    hp = dict(epochs=2, eps=EPS, steps=2, seed=5, progress=False, verbose=False, perturbation_model=OrthoFlow(),
+              eps_z=0.2, ijsat_mix=mix, ijsat_clean=0.3)
+    ref, res, crash = resume_matches_uninterrupted("ijsat", sub, None, tmp_path, hp, crash_after=lambda n: n + 1,
+                                                   width=8)
+    assert crash["config"]["params"]["ijsat_mix"] == mix and math.isfinite(ref.history[-1]["train_loss"])
 
 
 @pytest.mark.parametrize("kw, match", [(dict(), "flow is required"), (dict(flow="/no/such.pt"), "no normalising-flow"),
                                        (dict(perturbation_model=nn.Linear(2, 2)), "flow protocol"),
                                        (dict(perturbation_model=OrthoFlow(), eps_z=-1.0), "eps_z"),
-                                       (dict(perturbation_model=OrthoFlow(), norm="l2"), "norm")])
+                                       (dict(perturbation_model=OrthoFlow(), norm="l2"), "norm"),
+                                       (dict(perturbation_model=OrthoFlow(), ijsat_clean=1.5), "ijsat_clean"),
+                                       (dict(perturbation_model=OrthoFlow(), ijsat_mix="during"), "ijsat_mix")])
 def test_bad_ijsat_settings(digits, kw, match):
     ld = DataLoader(Subset(digits[0], range(32)), batch_size=32)
     with pytest.raises(ValueError, match=match):

@@ -210,7 +210,7 @@ def _add_robust_mixup(g) -> None:
     g.add_argument("--robust-mixup", type=float, default=None, metavar="ALPHA",
                    help="robust mixup with lam ~ Beta(ALPHA, ALPHA) per batch: each sample mixed with a partner "
                         "the more adverse way, the mixed label attacked and trained on (natural, pgd, trades, "
-                        "ijsat, where it is on at 0.2 by default; Lau et al. 2023; not with --mixup / --cutmix)")
+                        "ijsat, where it is on at 0.1 by default; Lau et al. 2023; not with --mixup / --cutmix)")
 
 
 def method_hparams(args) -> Dict[str, Any]:
