@@ -23,7 +23,8 @@ import torch.nn as nn
 
 from robustops import attacks, models
 from robustops.cli.common import DIGITS_MODEL
-from robustops.train.methods.ijsat import resolve_flow
+from robustops.perturbation import frozen_model
+from robustops.perturbation.protocol import check_flow
 from common import add_digits_flags, digits_variant_runs, fit_digits, parser, pgd_accuracy
 
 #: row -> (method, options)
@@ -78,7 +79,7 @@ def main() -> None:
         key = id(train_ds)
         if key not in flows:
             if args.flow is not None:
-                flows[key] = resolve_flow(args.flow, args.device)
+                flows[key] = frozen_model(args.flow, args.device, check=check_flow)
             else:
                 x = torch.stack([train_ds[i][0] for i in range(len(train_ds))])
                 flows[key] = LinearGaussianFlow(x).to(args.device)

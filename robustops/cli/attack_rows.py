@@ -230,12 +230,13 @@ def jstm_attacks(model, flow: str, eps: float, eps_z: float, *, steps: int = 20,
     flow of checkpoint ``flow`` (``perturbation train --kind flow``), the pixel budget eps and the latent
     budget eps_z (L-inf both); CLIError naming --flow / --eps-z when they do not fit."""
     from ..attacks import JSTMAttack
-    from ..train.methods.ijsat import resolve_flow
+    from .. import perturbation
+    from ..perturbation.protocol import check_flow
 
     if not (eps_z >= 0.0 and eps_z < float("inf")):
         raise CLIError(f"--eps-z must be a finite number >= 0, got {eps_z}")
     try:
-        net = resolve_flow(flow, device)
+        net = perturbation.frozen_model(flow, device, check=check_flow)
     except (ValueError, TypeError, FileNotFoundError) as e:
         raise CLIError(f"--flow {flow!r}: {e}") from None
     return [JSTMAttack(model, net, eps=eps, eps_z=eps_z, steps=steps, restarts=restarts, seed=seed, mean=mean,

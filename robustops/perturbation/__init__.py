@@ -47,11 +47,11 @@ __all__ = ["prior_scale", "member", "check_perturbation_model", "DigitsPairs", "
            "sample", "plot_perturbations", "CHECKPOINT_FORMAT", "prior_member_error", "likelihood_bound",
            "truncated_prior"]
 from .autoencoder import CorruptionAE, PriorMeanDecoder, is_autoencoder  # noqa: E402
-from .fit import corruption_network  # noqa: E402
+from .fit import corruption_network, frozen_model  # noqa: E402
 from .cifar_c import CifarCPairs  # noqa: E402
 from .flow import Flow, is_flow  # noqa: E402
 from .fit import FLOW_LOG_COLUMNS  # noqa: E402
 from .families import PerturbedImages, held_out_split, pair_accuracy  # noqa: E402
 
 __all__ += ["Flow", "is_flow", "FLOW_LOG_COLUMNS"]
-__all__ += ["CorruptionAE", "PriorMeanDecoder", "corruption_network", "is_autoencoder", "CifarCPairs", "PerturbedImages", "held_out_split", "pair_accuracy"]
+__all__ += ["CorruptionAE", "PriorMeanDecoder", "corruption_network", "frozen_model", "is_autoencoder", "CifarCPairs", "PerturbedImages", "held_out_split", "pair_accuracy"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -26,7 +26,7 @@ from .flow import Flow, is_flow
 from .pairs import batch_pairs, pairs_per_epoch, set_pairs_epoch
 from .protocol import check_perturbation_model
 
-__all__ = ["corruption_network", "fit_perturbation", "PerturbationFit", "save_perturbation_model", "load_perturbation_model",
+__all__ = ["frozen_model", "corruption_network", "fit_perturbation", "PerturbationFit", "save_perturbation_model", "load_perturbation_model",
            "CHECKPOINT_FORMAT", "LOG_COLUMNS", "FLOW_LOG_COLUMNS"]
 
 CHECKPOINT_FORMAT = "robustops.perturbation/1"
@@ -99,6 +99,22 @@ def load_perturbation_model(path: str, device="cpu", model: Optional[nn.Module] 
     return model.to(device).eval()
 
 
+def frozen_model(source, device="cpu", check: Optional[Callable[[nn.Module], Any]] = None) -> nn.Module:
+    """The module of ``source`` (an nn.Module, a run config's recorded module, or a checkpoint path of
+    :func:`save_perturbation_model` / fit_perturbation) on device, in eval mode, its parameters frozen: what
+    every method and command that perturbs through a perturbation model, a corruption network or a flow
+    holds it as. ``check(module)`` (e.g. ``protocol.check_flow``) may refuse it before it is moved."""
+    module = getattr(source, "module", source)  # a run config's recorded module (a str with .module)
+    if isinstance(module, (str, os.PathLike)):
+        module = load_perturbation_model(os.fspath(module), device)
+    if check is not None:
+        check(module)
+    module = module.to(device).eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module
+
+
 def corruption_network(source, device="cpu") -> nn.Module:
     """The corruption network of ``source``: a checkpoint path (``robustops perturbation train``, either
     kind), a :class:`CorruptionAE`, a CVAE (wrapped in :class:`PriorMeanDecoder`) or any other nn.Module
@@ -110,16 +126,12 @@ def corruption_network(source, device="cpu") -> nn.Module:
             source = load_perturbation_model(os.fspath(source), device)
         except (FileNotFoundError, ValueError) as e:
             raise ValueError(f"not a corruption network: {e}") from None
-    module = source
-    if not isinstance(module, nn.Module):
+    if not isinstance(source, nn.Module):
         raise ValueError(f"a corruption network must be an nn.Module (image -> image) or a checkpoint path, got "
-                         f"{type(module).__name__}")
-    if hasattr(module, "prior") and hasattr(module, "decode") and not isinstance(module, PriorMeanDecoder):
-        module = PriorMeanDecoder(module)
-    module = module.to(device).eval()
-    for p in module.parameters():
-        p.requires_grad_(False)
-    return module
+                         f"{type(source).__name__}")
+    if hasattr(source, "prior") and hasattr(source, "decode") and not isinstance(source, PriorMeanDecoder):
+        source = PriorMeanDecoder(source)
+    return frozen_model(source, device)
 
 
 def _checked_settings(model, epochs, lr, beta, warmup, schedule, weight_decay, amp, grad_clip,

@@ -71,7 +71,6 @@ from __future__ import annotations
 import os
 
 import torch
-import torch.nn as nn
 
 from ... import perturbation
 from ...perturbation import protocol
@@ -79,20 +78,7 @@ from ...attacks.base import madry_step
 from ...attacks.jstm import JointEngine, joint_budget
 from ..registry import Hyper, Method, register, require_linf
 
-__all__ = ["IJSAT", "resolve_flow"]
-
-
-def resolve_flow(source, device) -> nn.Module:
-    """The flow of a config value (a module, a config's model object, or a checkpoint path) on device, in
-    eval mode, with no parameter requiring gradients; a TypeError when it lacks the flow protocol."""
-    module = getattr(source, "module", source)
-    if isinstance(module, (str, os.PathLike)):
-        module = perturbation.load_perturbation_model(os.fspath(module), device)
-    protocol.check_flow(module, "flow")
-    module = module.to(device).eval()
-    for p in module.parameters():
-        p.requires_grad_(False)
-    return module
+__all__ = ["IJSAT"]
 
 
 @register
@@ -135,7 +121,7 @@ class IJSAT(Method):
     def __init__(self, ctx):
         super().__init__(ctx)
         source = self.cfg.flow if self.cfg.flow is not None else self.cfg.perturbation_model
-        self.flow = resolve_flow(source, ctx.device)
+        self.flow = perturbation.frozen_model(source, ctx.device, check=protocol.check_flow)
         self.engine = JointEngine.like(ctx.engine(self.cfg.norm), self.flow)
 
     def adversarial(self, x, y):

@@ -64,7 +64,7 @@ from ... import ops, perturbation
 from ...attacks.latent import LatentPGD
 from ..registry import Hyper, Method, register
 
-__all__ = ["LearnedSet", "LearnedAugmentation", "LearnedNoise", "resolve_perturbation_model", "set_accuracy",
+__all__ = ["LearnedSet", "LearnedAugmentation", "LearnedNoise", "set_accuracy",
            "max_set_loss", "SET_LOSSES", "DRAWS"]
 
 #: the losses of ``learned`` (--set-loss): the reference code's per-sample max(clean, adversarial), or the
@@ -97,18 +97,6 @@ def _check_source(cfg, method: str) -> None:
         raise ValueError(str(e)) from None
 
 
-def resolve_perturbation_model(source, device) -> nn.Module:
-    """The perturbation model of a config value (module, ModelObject or checkpoint path) on device, in eval
-    mode, with no parameter requiring gradients."""
-    module = getattr(source, "module", source)
-    if isinstance(module, (str, os.PathLike)):
-        module = perturbation.load_perturbation_model(os.fspath(module), device)
-    module = module.to(device).eval()
-    for p in module.parameters():
-        p.requires_grad_(False)
-    return module
-
-
 class _LearnedBase(Method):
     select = "set_acc"
     val_metrics = ("set_acc",)
@@ -128,7 +116,7 @@ class _LearnedBase(Method):
 
     def __init__(self, ctx):
         super().__init__(ctx)
-        self.pm = resolve_perturbation_model(self.cfg.perturbation_model, ctx.device)
+        self.pm = perturbation.frozen_model(self.cfg.perturbation_model, ctx.device)
         self._checked = False
 
     def validation_counts(self, x: torch.Tensor, y: torch.Tensor) -> Dict[str, torch.Tensor]:
@@ -296,7 +284,7 @@ def set_accuracy(model: nn.Module, perturbation_model: nn.Module, loader, eps: f
     if device is None:
         p = next(model.parameters(), None)
         device = p.device if p is not None else torch.device("cpu")
-    pm = resolve_perturbation_model(perturbation_model, device)
+    pm = perturbation.frozen_model(perturbation_model, device)
     atk = LatentPGD(model, pm, eps=eps, alpha=alpha, steps=steps, restarts=restarts, seed=seed, lo=lo, hi=hi)
     res = robust_accuracy(model, loader, atk, device=device, progress=False)
     return {"clean_acc": res["clean_acc"], "set_acc": res["robust_acc"], "n": res["n"]}
