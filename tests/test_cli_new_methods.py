@@ -102,3 +102,21 @@ def test_issue27_train_command(tmp_path, method, request):
     assert s["method"] == method and s["epochs_run"] == 1
     for k, v in expect.items():
         assert s["config"]["params"][k] == v, k
+
+
+def test_issue29_ijsat_and_robust_mixup_train_commands(tmp_path, digits_flow_path):
+    """`robustops train --method ijsat --flow F --eps-z E --ijsat-clean W --ijsat-mix M --robust-mixup A` and
+    `--method pgd --robust-mixup A`: one epoch each, every flag recorded in the run's summary."""
+    runs = {"ijsat": ["--method", "ijsat", "--flow", digits_flow_path, "--eps-z", "0.02", "--ijsat-clean", "0.3",
+                      "--ijsat-mix", "after", "--robust-mixup", "0.3"],
+            "pgd": ["--method", "pgd", "--robust-mixup", "0.3"]}
+    for name, flags in runs.items():
+        out = str(tmp_path / name)
+        assert main(["train", "--data", "digits", "--epochs", "1", "--batch-size", "2048", "--steps", "1",
+                     "--test-steps", "0", "--val-size", "32", "-o", out, "--no-progress"] + flags) == 0
+        with open(os.path.join(out, "summary.json")) as fh:
+            s = json.load(fh)
+        assert s["method"] == name and s["epochs_run"] == 1 and s["config"]["robust_mixup"] == 0.3
+    with open(os.path.join(str(tmp_path / "ijsat"), "summary.json")) as fh:
+        p = json.load(fh)["config"]["params"]
+    assert p["eps_z"] == 0.02 and p["ijsat_clean"] == 0.3 and p["ijsat_mix"] == "after" and p["flow"]
