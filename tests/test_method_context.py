@@ -133,7 +133,7 @@ def test_options_and_perturbation_model_are_declared_on_the_method():
     reg = rt.registry
     assert all(isinstance(reg.get(n).options, tuple) for n in rt.METHODS)
     assert [n for n in rt.METHODS if reg.get(n).uses_perturbation_model] == ["learned", "learned_aug", "learned_noise", "ada"]
-    assert [n for n in rt.METHODS if "awp" in reg.get(n).options] == ["pgd", "trades"]
+    assert [n for n in rt.METHODS if "awp" in reg.get(n).options] == ["pgd", "trades", "iwd"]
 
     class WithAWP(rt.Method):
         name = "test_with_awp"

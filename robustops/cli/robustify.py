@@ -36,7 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="digits", help='"digits" (embedded), a .npz file, "cifar10:DIR" or '
                    '"imagefolder:DIR"')
     p.add_argument("--split", default="test", choices=["train", "test"])
-    p.add_argument("--n", type=int, default=None, help="robustify the first N inputs (None: all)")
+    p.add_argument("--n", "--max-samples", dest="n", type=int, default=None, help="robustify the first N inputs (None: all)")
     p.add_argument("--norm", default=None, choices=["linf", "l2"],
                    help="the norm of both budgets (default: l2 with --sigma, which needs it, else linf)")
     p.add_argument("--eps-pre", type=fraction("eps-pre"), default=None,
