@@ -48,7 +48,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threat-iwd-eps", type=fraction("threat-iwd-eps"), default=DEFAULT_EPS,
                    help="the IWD attack's budget of the IWD column (the exact internal Wasserstein distance of 3x3 "
                         "patches)")
-    g.add_argument("--threat-eps-z", type=fraction("threat-eps-z"), default=0.03,
+    from ..train.methods.ijsat import DEFAULT_EPS_Z
+
+    g.add_argument("--threat-eps-z", type=fraction("threat-eps-z"), default=DEFAULT_EPS_Z,
                    help="the JSTM column's latent L-inf budget (ijsat's default; its pixel budget is --eps)")
     g.add_argument("--threat-flow-epochs", type=int, default=20,
                    help="epochs of the section's normalising flow (ijsat's and the JSTM column's)")

@@ -36,7 +36,7 @@ from .common import (
 )
 
 HELP = ("robust accuracy of any model under AutoAttack (standard / plus / rand) or one attack, or its accuracy "
-        "under common corruptions (--suite corruptions), resumable")
+        "under common corruptions (--suite corruptions) or beyond the L_p ball (--threat iwd|jstm), resumable")
 
 SUITES = ("autoattack", "apgd", "pgd", "fab", "square", "corruptions")
 

@@ -32,8 +32,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "then sliced)")
     p.add_argument("--flow", default=None, metavar="CKPT",
                    help="--threat jstm: the normalising flow (a `perturbation train --kind flow` checkpoint)")
+    from ..train.methods.ijsat import DEFAULT_EPS_Z
+
     p.add_argument("--eps-z", type=float, default=None,
-                   help="--threat jstm: the latent L-inf budget (None: ijsat's default 0.03)")
+                   help=f"--threat jstm: the latent L-inf budget (None: ijsat's default {DEFAULT_EPS_Z:g})")
 
 
 def check(args) -> None:
@@ -75,7 +77,7 @@ class ThreatSuite:
         if self.threat == "jstm":
             from .attack_rows import jstm_attacks
 
-            self.eps_z = 0.03 if args.eps_z is None else args.eps_z
+            self.eps_z = eps_z(args)
             self.attack = jstm_attacks(model, args.flow, eps, self.eps_z, steps=steps,
                                        restarts=args.restarts or 1, seed=args.seed, mean=mean, std=std, dtype=dtype,
                                        device=device)[0]
@@ -98,6 +100,13 @@ class ThreatSuite:
         return f"IWD-{a.steps} ({d.patch}x{d.patch} patches, stride {d.stride}, {d.method} OT)"
 
 
+def eps_z(args) -> float:
+    """--threat jstm's latent budget: --eps-z, or ijsat's default."""
+    from ..train.methods.ijsat import DEFAULT_EPS_Z
+
+    return DEFAULT_EPS_Z if args.eps_z is None else args.eps_z
+
+
 def threat(args):
     """(norm label, eps, where eps came from) of --threat iwd / jstm."""
     if args.eps is not None:
@@ -114,5 +123,5 @@ def settings(args) -> dict:
     if args.threat == "jstm":
         import os
 
-        return {"threat": "jstm", "flow": os.path.abspath(args.flow), "eps_z": 0.03 if args.eps_z is None else args.eps_z}
+        return {"threat": "jstm", "flow": os.path.abspath(args.flow), "eps_z": eps_z(args)}
     return {"threat": "iwd", "iwd_patch": args.iwd_patch, "iwd_stride": args.iwd_stride, "iwd_method": args.iwd_method}

@@ -78,7 +78,10 @@ from ...attacks.base import madry_step
 from ...attacks.jstm import JointEngine, joint_budget
 from ..registry import Hyper, Method, register, require_linf
 
-__all__ = ["IJSAT"]
+__all__ = ["IJSAT", "DEFAULT_EPS_Z"]
+
+#: ijsat's latent L-inf budget (--eps-z), also the default of `evaluate --threat jstm` and the demo's JSTM column
+DEFAULT_EPS_Z = 0.03
 
 
 @register
@@ -87,7 +90,7 @@ class IJSAT(Method):
     help = ("interpolated joint space AT: IAT's weighted clean robust-mixup + latent (flow) and pixel adversarial "
             "losses (Lau et al. 2023)")
     hyper = (Hyper("flow", None, "ijsat's normalising-flow checkpoint (perturbation train --kind flow)", kind="path"),
-             Hyper("eps_z", 0.03, "ijsat's latent L-inf budget through the flow", minimum=0.0),
+             Hyper("eps_z", DEFAULT_EPS_Z, "ijsat's latent L-inf budget through the flow", minimum=0.0),
              Hyper("ijsat_clean", 0.2, "ijsat's weight of the clean robust-mixup loss (IAT: 0.5; 0: adversarial only)",
                    minimum=0.0, maximum=1.0),
              Hyper("ijsat_mix", "clean", "ijsat's robust mixup: of the inputs before the attack, of the adversaries "
