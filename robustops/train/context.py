@@ -234,6 +234,19 @@ class MethodContext:
             return self.cross_entropy(logits, y)
         return lam * self.cross_entropy(logits, y) + (1.0 - lam) * self.cross_entropy(logits, y2)
 
+    def _mix_draw(self, option: str):
+        """(numpy generator, lam ~ Beta(a, a)) of a batch-mixing option (a = cfg.<option>), both seeded from the
+        run's mixing generator (saved in checkpoints): the draw mixup, robust mixup and CutMix share."""
+        alpha = getattr(self.cfg, option)
+        if self._mix_gen is None or alpha is None:
+            raise RuntimeError(f"{option}: the run has no mixing generator (the {option} option is off)")
+        rng = np.random.default_rng(int(torch.randint(0, 1 << 62, (1,), generator=self._mix_gen)))
+        return rng, float(rng.beta(alpha, alpha))
+
+    def _mix_perm(self, x: torch.Tensor) -> torch.Tensor:
+        """A uniform permutation of the batch (the partners) from the run's mixing generator, on x's device."""
+        return torch.randperm(x.shape[0], generator=self._mix_gen).to(x.device, non_blocking=True)
+
     def mixup(self, x: torch.Tensor, y: torch.Tensor):
         """Mixup of a minibatch (Zhang et al. 2018): lam ~ Beta(alpha, alpha) once per batch
         (alpha = cfg.mixup), folded to max(lam, 1 - lam) so that every mixed sample is dominated by
@@ -245,12 +258,9 @@ class MethodContext:
         symmetric and pi^-1 is as uniform as pi) and makes lam = 1 return x itself: as alpha -> 0
         mixup turns into no mixup exactly. lam and pi come from the run's mixup generator (saved in
         checkpoints). Returns (x_mix, y, y[pi], lam), lam a Python float (no host synchronisation)."""
-        if self._mix_gen is None or self.cfg.mixup is None:
-            raise RuntimeError("mixup: the run has no mixup generator (the mixup option is off)")
-        seed = int(torch.randint(0, 1 << 62, (1,), generator=self._mix_gen))
-        lam = float(np.random.default_rng(seed).beta(self.cfg.mixup, self.cfg.mixup))
+        _, lam = self._mix_draw("mixup")
         lam = max(lam, 1.0 - lam)
-        perm = torch.randperm(x.shape[0], generator=self._mix_gen).to(x.device, non_blocking=True)
+        perm = self._mix_perm(x)
         if lam == 1.0:
             return x, y, y[perm], 1.0
         x_mix = self.fmt(torch.lerp(x[perm], x, lam))  # lam * x + (1 - lam) * x[perm]
@@ -262,11 +272,8 @@ class MethodContext:
         generator (saved in checkpoints); each sample takes the interpolation with its partner (lam or
         1 - lam) of larger mixed cross-entropy under the model in eval mode (the mode is restored).
         Returns (x_mix, MixedTarget(y1, y2, lam)) in the configured layout."""
-        if self._mix_gen is None or self.cfg.robust_mixup is None:
-            raise RuntimeError("robust_mixup: the run has no mixing generator (the robust_mixup option is off)")
-        seed = int(torch.randint(0, 1 << 62, (1,), generator=self._mix_gen))
-        lam = float(np.random.default_rng(seed).beta(self.cfg.robust_mixup, self.cfg.robust_mixup))
-        perm = torch.randperm(x.shape[0], generator=self._mix_gen).to(x.device, non_blocking=True)
+        _, lam = self._mix_draw("robust_mixup")
+        perm = self._mix_perm(x)
         was_training = self.forward.training
         self.forward.eval()  # scoring the candidates must not move batch-norm statistics
         try:
@@ -283,14 +290,11 @@ class MethodContext:
         box's pixels come from x[pi] and lam is recomputed from the box. Returns (x_mix, MixedTarget(y,
         y[pi], lam)); x_mix is x itself when the box is empty. All draws come from the run's mixing
         generator (saved in checkpoints); lam is a Python float (no host synchronisation)."""
-        if self._mix_gen is None or self.cfg.cutmix is None:
-            raise RuntimeError("cutmix: the run has no CutMix generator (the cutmix option is off)")
         H, W = x.shape[-2:]
-        rng = np.random.default_rng(int(torch.randint(0, 1 << 62, (1,), generator=self._mix_gen)))
-        lam = float(rng.beta(self.cfg.cutmix, self.cfg.cutmix))
+        rng, lam = self._mix_draw("cutmix")
         cy, cx = int(rng.integers(H)), int(rng.integers(W))
         y1, y2, x1, x2, lam = cutmix_box(lam, cy, cx, H, W)
-        perm = torch.randperm(x.shape[0], generator=self._mix_gen).to(x.device, non_blocking=True)
+        perm = self._mix_perm(x)
         return self.fmt(compose(x, x[perm], (y1, y2, x1, x2))), MixedTarget(y, y[perm], lam)
 
     # ---- the projected-gradient engine
