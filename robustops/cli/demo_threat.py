@@ -122,25 +122,13 @@ def evaluate_row(args, row: dict, data, dev, flow) -> None:
                                                      progress=False)["robust_acc"]
 
 
-def _test_images(data, n: int, dev):
-    import torch
-
-    xs, ys = [], []
-    for x, y in data.test_loader:
-        xs.append(x)
-        ys.append(y)
-        if sum(len(v) for v in ys) >= n:
-            break
-    return torch.cat(xs)[:n].to(dev), torch.cat(ys)[:n].to(dev)
-
-
 def robustification(args, model, data, dev) -> dict:
     """Preemptive robustification (robustops.robustify) of the first --robustify-max test digits for
     ``model``, within --eps-pre, against the PGD-20 adversary at --eps-adv: clean and PGD-20 accuracy of
     the originals and of the robustified images, and the ratio of their errors under PGD-20."""
     from ..preemptive import robustify, robustify_evaluation
 
-    x, y = _test_images(data, args.robustify_max, dev)
+    x, y = data.x_test[:args.robustify_max].to(dev), data.y_test[:args.robustify_max].to(dev)
     res = robustify(model, x, args.eps_pre, args.eps_adv, seed=args.seed)
     ev = robustify_evaluation(model, x, res.x_pre, y, args.eps_adv, suites=("pgd",), steps=args.attack_steps,
                               seed=args.seed)
@@ -208,7 +196,7 @@ def picture(args, model, flow, robust, data, dev, path: str) -> List[str]:
     from .. import attacks
     from ..plotting import plot_image_grid
 
-    x, y = _test_images(data, 6, dev)
+    x, y = data.x_test[:6].to(dev), data.y_test[:6].to(dev)
     rows = {"original": x}
     pgd = attacks.PGD(model, eps=args.eps, steps=args.attack_steps, norm="linf", random_start=True, seed=args.seed)
     rows[f"L-inf {args.eps:g}"] = pgd(x, y)
